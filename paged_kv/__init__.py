@@ -1,0 +1,49 @@
+"""paged_kv: a paged-block KV cache manager for LLM serving on JAX.
+
+Host side (numpy): `KVCacheManager` decides which blocks each sequence holds and
+hands the device one `StepMetadata` per step. Device side (jitted JAX): views write
+the step's keys/values into the pages and give attention contiguous keys/values.
+"""
+
+from paged_kv.allocator import BlockPool, KVCacheManager, PageTable
+from paged_kv.cache import PagedKVCache
+from paged_kv.errors import (
+    BatchTooLargeError,
+    DuplicateSequenceError,
+    InvalidTokenCountError,
+    OutOfBlocksError,
+    PagedKVError,
+    SequenceTooLongError,
+    ShapeError,
+    SpecError,
+    TraceError,
+    UnknownSequenceError,
+)
+from paged_kv.metadata import StepMetadata, bucket
+from paged_kv.spec import NULL_BLOCK, CacheSpec
+from paged_kv.views import AttentionMask, TransformerCacheView
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionMask",
+    "BatchTooLargeError",
+    "BlockPool",
+    "CacheSpec",
+    "DuplicateSequenceError",
+    "InvalidTokenCountError",
+    "KVCacheManager",
+    "NULL_BLOCK",
+    "OutOfBlocksError",
+    "PageTable",
+    "PagedKVCache",
+    "PagedKVError",
+    "SequenceTooLongError",
+    "ShapeError",
+    "SpecError",
+    "StepMetadata",
+    "TraceError",
+    "TransformerCacheView",
+    "UnknownSequenceError",
+    "bucket",
+]

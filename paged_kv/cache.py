@@ -1,0 +1,50 @@
+"""`PagedKVCache`: the device pytree of every layer's view."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from paged_kv.errors import ShapeError
+from paged_kv.spec import CacheSpec
+from paged_kv.views.transformer import TransformerCacheView
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """One view per layer. Pass it through your jitted step with ``donate_argnums`` so
+    the pages are updated in place, and keep the cache the step returns."""
+
+    views: tuple
+
+    @classmethod
+    def init(cls, spec: CacheSpec, device=None) -> "PagedKVCache":
+        return cls(tuple(TransformerCacheView.init(spec, i, device) for i in range(spec.num_layers)))
+
+    @property
+    def spec(self) -> CacheSpec:
+        return self.views[0].spec
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, layer: int):
+        return self.views[layer]
+
+    def replace(self, layer: int, view) -> "PagedKVCache":
+        """A cache with ``view`` as layer ``layer`` (functional: the old cache is unchanged)."""
+        if not 0 <= layer < len(self.views):
+            raise ShapeError(f"layer={layer} out of range for a {len(self.views)}-layer cache")
+        views = list(self.views)
+        views[layer] = view
+        return PagedKVCache(tuple(views))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+
+jax.tree_util.register_dataclass(PagedKVCache, data_fields=["views"], meta_fields=[])
+
+__all__ = ["PagedKVCache"]

@@ -1,0 +1,74 @@
+"""Typed errors. Every failure of the public API raises a subclass of `PagedKVError`.
+
+Each subclass also derives from the builtin a caller would naturally catch
+(`ValueError`, `KeyError`, `MemoryError`), so code written against plain Python
+exceptions keeps working. Messages name the offending values and, where there is
+one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class PagedKVError(Exception):
+    """Base class of every error paged_kv raises on purpose."""
+
+
+class SpecError(PagedKVError, ValueError):
+    """A `CacheSpec` field is missing, out of range or inconsistent with another."""
+
+
+class OutOfBlocksError(PagedKVError, MemoryError):
+    """The pool has fewer free blocks than a call needs. Nothing was allocated."""
+
+    def __init__(self, needed: int, free: int, what: str = ""):
+        self.needed, self.free = int(needed), int(free)
+        where = f" for {what}" if what else ""
+        super().__init__(
+            f"need {self.needed} free blocks{where} but only {self.free} are free; "
+            "release or preempt a sequence, or build the cache with more num_blocks"
+        )
+
+
+class SequenceTooLongError(PagedKVError, ValueError):
+    """A sequence would exceed `max_blocks_per_seq` blocks. Nothing was allocated."""
+
+
+class UnknownSequenceError(PagedKVError, KeyError):
+    """A sequence id that the manager does not hold."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateSequenceError(PagedKVError, ValueError):
+    """A sequence id that is already admitted, or appears twice in one call."""
+
+
+class InvalidTokenCountError(PagedKVError, ValueError):
+    """A token count that is negative, not an integer, or of the wrong shape."""
+
+
+class BatchTooLargeError(PagedKVError, ValueError):
+    """More sequences in one step than `max_batch_slots`."""
+
+
+class ShapeError(PagedKVError, ValueError):
+    """A device array whose shape or dtype does not match the spec or the step metadata."""
+
+
+class TraceError(PagedKVError, ValueError):
+    """A request trace file that is missing, truncated or holds invalid values."""
+
+
+__all__ = [
+    "PagedKVError",
+    "SpecError",
+    "OutOfBlocksError",
+    "SequenceTooLongError",
+    "UnknownSequenceError",
+    "DuplicateSequenceError",
+    "InvalidTokenCountError",
+    "BatchTooLargeError",
+    "ShapeError",
+    "TraceError",
+]

@@ -1,0 +1,94 @@
+"""Device ops: pure functions over page arrays, plus jitted, donating entry points.
+
+Pages are stored as unsigned integers of the float's width (see
+`paged_kv.spec.storage_dtype`); these functions bit-cast at the boundary so callers
+only ever see the compute dtype.
+
+Cost model (the reason for each choice):
+- `scatter_tokens` writes ``B*T`` rows into the flattened pages with ``mode='drop'``;
+  padding tokens carry an out-of-range slot and vanish. With the pages donated the
+  update is in place: O(tokens written), never O(pool).
+- `gather_blocks` reads whole blocks by table, one contiguous ``block_size*H*D`` run
+  each, and zeroes positions at or beyond each row's length so a view never shows
+  bytes left in a reused block by its previous owner.
+- On CPU a fresh multi-MiB output costs more in page faults than the copy itself;
+  `gather_blocks_into` writes into a donated workspace instead (see the benchmark).
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from paged_kv.errors import ShapeError
+
+
+def _to_storage(x: jax.Array, storage) -> jax.Array:
+    return lax.bitcast_convert_type(x, storage)
+
+
+def scatter_tokens(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, compute_dtype) -> jax.Array:
+    """Write ``new[b, t]`` into flat slot ``slot_mapping[b, t]`` of ``pages``.
+
+    pages: [num_blocks, block_size, H, D] (storage dtype); new: [B, T, H, D];
+    slot_mapping: [B, T] int32, out-of-range entries dropped.
+    """
+    nb, bs, h, d = pages.shape
+    if new.ndim != 4 or new.shape[2:] != (h, d) or new.shape[:2] != slot_mapping.shape:
+        raise ShapeError(
+            f"new keys/values of shape {tuple(new.shape)} do not fit pages [*, *, {h}, {d}] "
+            f"with slot_mapping {tuple(slot_mapping.shape)}; expected [{slot_mapping.shape[0]}, "
+            f"{slot_mapping.shape[1]}, {h}, {d}]"
+        )
+    if new.dtype != compute_dtype:
+        new = new.astype(compute_dtype)
+    rows = _to_storage(new, pages.dtype).reshape(-1, h, d)
+    flat = pages.reshape(nb * bs, h, d)
+    flat = flat.at[slot_mapping.reshape(-1)].set(rows, mode="drop")
+    return flat.reshape(pages.shape)
+
+
+def gather_blocks(pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array, compute_dtype) -> jax.Array:
+    """Contiguous ``[B, W*block_size, H, D]`` of each row's blocks, zero past ``kv_lens``."""
+    nb, bs, h, d = pages.shape
+    b, w = block_tables.shape
+    blocks = pages.at[block_tables].get(mode="promise_in_bounds")  # [B, W, bs, H, D]
+    view = blocks.reshape(b, w * bs, h, d)
+    live = jnp.arange(w * bs, dtype=jnp.int32)[None, :] < kv_lens[:, None]
+    view = jnp.where(live[:, :, None, None], view, jnp.zeros((), view.dtype))
+    return lax.bitcast_convert_type(view, compute_dtype)
+
+
+def gather_blocks_into(out: jax.Array, pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array) -> jax.Array:
+    """`gather_blocks` written into ``out`` (same shape and dtype as the result).
+
+    Jitted with ``out`` donated, XLA writes the gather straight into its buffer.
+    """
+    view = gather_blocks(pages, block_tables, kv_lens, out.dtype)
+    if view.shape != out.shape:
+        raise ShapeError(f"workspace shape {tuple(out.shape)} != view shape {tuple(view.shape)}")
+    return lax.dynamic_update_slice(out, view, (0, 0, 0, 0))
+
+
+def copy_blocks(pages: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+    """Copy whole blocks ``src[i] -> dst[i]`` (copy-on-write, compaction). In place when donated."""
+    return pages.at[dst].set(pages.at[src].get(mode="promise_in_bounds"), mode="drop")
+
+
+# Jitted entry points for callers outside a model's own jit. Pages and workspaces are
+# donated: the caller must use the returned arrays and drop the ones passed in.
+write_pages = jax.jit(scatter_tokens, static_argnames="compute_dtype", donate_argnums=0)
+gather_pages = jax.jit(gather_blocks, static_argnames="compute_dtype")
+gather_pages_into = jax.jit(gather_blocks_into, donate_argnums=0)
+
+__all__ = [
+    "scatter_tokens",
+    "gather_blocks",
+    "gather_blocks_into",
+    "copy_blocks",
+    "write_pages",
+    "gather_pages",
+    "gather_pages_into",
+]
