@@ -1,0 +1,229 @@
+"""Trace loading and the continuous-batching replay over `KVCacheManager`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from paged_kv import CacheSpec, TraceError
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.cli import main
+from paged_kv.sim import PROGRESS_EVERY, SimulationError, Trace, load_trace, simulate
+
+# `paged_kv.sim.simulate` names the function (re-exported by the package), so reach
+# the module that defines it through the import system.
+simulate_module = importlib.import_module("paged_kv.sim.simulate")
+
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Trace:
+    return load_trace()
+
+
+def small_spec(num_blocks: int, max_blocks_per_seq: int, block_size: int = 16, max_batch_slots: int = 64) -> CacheSpec:
+    return CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", num_blocks=num_blocks,
+                     block_size=block_size, max_blocks_per_seq=max_blocks_per_seq, max_batch_slots=max_batch_slots)
+
+
+@pytest.fixture
+def spy_manager(monkeypatch):
+    """Capture the manager `simulate` builds and count its `append` calls."""
+
+    instances = []
+
+    class SpyManager(KVCacheManager):
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.append_calls = 0
+            instances.append(self)
+
+        def append(self, seq_ids, num_tokens=1):
+            self.append_calls += 1
+            return super().append(seq_ids, num_tokens)
+
+    monkeypatch.setattr(simulate_module, "KVCacheManager", SpyManager)
+    return instances
+
+
+# ---- trace -----------------------------------------------------------------------
+
+def test_bundled_trace_loads(bundled):
+    assert len(bundled) > 19000
+    assert (bundled.context_tokens[0], bundled.generated_tokens[0]) == (374, 44)
+    assert bundled.arrival_s[0] == 0.0
+    assert bundled.context_tokens.dtype == np.int64 and bundled.arrival_s.dtype == np.float64
+    # Timestamps have 7 fractional digits: rows 1 and 2 are 4.3145790 s apart.
+    assert bundled.arrival_s[1] == pytest.approx(4.314579, abs=1e-9)
+    assert np.all(np.diff(bundled.arrival_s) >= 0)
+
+
+def test_head(bundled):
+    head = bundled.head(10)
+    assert len(head) == 10
+    np.testing.assert_array_equal(head.context_tokens, bundled.context_tokens[:10])
+    assert len(bundled.head(10**9)) == len(bundled)
+    with pytest.raises(TraceError):
+        bundled.head(-1)
+
+
+def test_csv_round_trip(bundled, tmp_path):
+    path = tmp_path / "trace.csv"
+    bundled.head(500).to_csv(path)
+    back = load_trace(path)
+    assert path.read_text().splitlines()[1] == "2023-11-16 18:15:46.6805900,374,44"
+    np.testing.assert_array_equal(back.arrival_s, bundled.arrival_s[:500])
+    np.testing.assert_array_equal(back.context_tokens, bundled.context_tokens[:500])
+    np.testing.assert_array_equal(back.generated_tokens, bundled.generated_tokens[:500])
+    assert back.start == bundled.start
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("TIMESTAMP,ContextTokens\n2023-11-16 18:15:46.6805900,374\n", ["line 1", "GeneratedTokens"]),
+        (HEADER + "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:47.0000000,-5,10\n",
+         ["line 3", "ContextTokens", "'-5'"]),
+        (HEADER + "2023-11-16 18:15:46.6805900,374,NaN\n", ["line 2", "GeneratedTokens", "'NaN'"]),
+        (HEADER + "2023-11-16 18:15:46.6805900,374,4.5\n", ["line 2", "GeneratedTokens", "'4.5'"]),
+        (HEADER + "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:4", ["line 3", "1 fields", "truncated"]),
+        (HEADER + "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:4,1,2\n", ["line 3", "TIMESTAMP"]),
+        (HEADER + "2023-11-16 18:15:46.6805900,0,44\n", ["line 2", "ContextTokens", ">= 1"]),
+        ("", ["empty file"]),
+    ],
+    ids=["missing-column", "negative", "nan", "non-integer", "truncated-row", "bad-timestamp", "no-prompt", "empty"],
+)
+def test_bad_trace_files(tmp_path, body, expected):
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    message = str(info.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message
+
+
+def test_empty_trace_round_trip(tmp_path):
+    path = tmp_path / "empty.csv"
+    Trace([], [], []).to_csv(path)
+    assert len(load_trace(path)) == 0
+
+
+def test_missing_trace_file(tmp_path):
+    path = tmp_path / "nope.csv"
+    with pytest.raises(TraceError, match="nope.csv"):
+        load_trace(path)
+
+
+def test_trace_arrays_must_match():
+    with pytest.raises(TraceError, match="one length"):
+        Trace([0.0, 1.0], [1, 2], [1])
+
+
+# ---- simulate --------------------------------------------------------------------
+
+def test_simulate_under_memory_pressure(bundled, spy_manager):
+    trace = bundled.head(300)
+    longest = int((trace.context_tokens + trace.generated_tokens).max())
+    spec = small_spec(num_blocks=600, max_blocks_per_seq=-(-longest // 16))
+    seen = []
+    report = simulate(trace, spec, check=True, progress=lambda steps, served: seen.append((steps, served)))
+
+    assert report.requests_served == 300 and report.skipped == 0 and report.truncated == 0
+    assert report.preemptions > 0
+    assert report.tokens_generated == int(trace.generated_tokens.sum())
+    # Recompute re-prefills preempted sequences, so prefill exceeds the prompts.
+    assert report.prefill_tokens > int(trace.context_tokens.sum())
+    assert 0.0 < report.time_avg_utilization <= 1.0
+    assert 0 < report.peak_blocks_in_use <= spec.usable_blocks
+    assert 0 < report.mean_blocks_in_use <= report.peak_blocks_in_use
+    assert 0 < report.mean_running <= report.peak_running <= spec.max_batch_slots
+    # Every request decodes one token a step, so the run takes at least its longest output.
+    assert report.steps >= int(trace.generated_tokens.max())
+    assert seen and seen[0][0] == PROGRESS_EVERY
+
+    (manager,) = spy_manager
+    assert len(manager) == 0 and manager.num_used_blocks == 0
+    assert manager.num_free_blocks == spec.usable_blocks
+    manager.check_integrity()
+    # One batched append per step, plus one retry per preemption.
+    assert manager.append_calls == report.steps + report.preemptions
+
+
+def test_simulate_batch_limit(bundled):
+    spec = small_spec(num_blocks=4096, max_blocks_per_seq=1024, max_batch_slots=8)
+    report = simulate(bundled.head(40), spec, max_batch=4)
+    assert report.peak_running == 4 and report.preemptions == 0 and report.requests_served == 40
+
+
+def test_simulate_truncates_skips_and_prefill_only(spy_manager):
+    # max_seq_len = 4 blocks x 4 tokens = 16.
+    spec = small_spec(num_blocks=64, max_blocks_per_seq=4, block_size=4)
+    trace = Trace(np.zeros(4), context_tokens=[10, 20, 5, 16], generated_tokens=[10, 3, 0, 0])
+    report = simulate(trace, spec, check=True)
+    assert report.truncated == 1  # 10 + 10 > 16: output cut to 6 tokens
+    assert report.skipped == 1  # a 20-token prompt cannot be held at all
+    assert report.requests_served == 3  # the two prefill-only requests included
+    assert report.tokens_generated == 6
+    assert report.steps == 6
+    assert spy_manager[0].num_used_blocks == 0
+
+
+def test_simulate_empty_trace():
+    report = simulate(Trace([], [], []), small_spec(num_blocks=8, max_blocks_per_seq=4))
+    assert report.steps == 0 and report.requests_served == 0 and report.time_avg_utilization == 0.0
+
+
+def test_simulate_rejects_bad_settings(bundled):
+    spec = small_spec(num_blocks=64, max_blocks_per_seq=16, max_batch_slots=8)
+    with pytest.raises(SimulationError, match="max_batch"):
+        simulate(bundled.head(5), spec, max_batch=9)
+    with pytest.raises(SimulationError, match="watermark"):
+        simulate(bundled.head(5), spec, watermark=1.0)
+
+
+def test_report_format_and_dict(bundled):
+    report = simulate(bundled.head(20), small_spec(num_blocks=1024, max_blocks_per_seq=512))
+    assert report.as_dict()["requests_served"] == 20
+    lines = report.format().splitlines()
+    assert len(lines) == len(report.as_dict()) - 1  # usable_blocks is shown beside the block figures
+    assert len({len(line) for line in lines}) == 1  # aligned
+
+
+# ---- command line ----------------------------------------------------------------
+
+def test_cli_json(capsys):
+    assert main(["simulate", "--limit", "200", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    assert result["requests"] == 200 and result["requests_served"] == 200
+    assert result["pool_bytes"] == 8192 * 16 * 32 * 2 * 8 * 128 * 2
+    assert 0.0 < result["time_avg_utilization"] <= 1.0
+
+
+def test_cli_table_has_attribution(capsys):
+    assert main(["simulate", "--limit", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "CC-BY 4.0" in out and "Splitwise" in out
+    assert "requests served" in out and "GiB" in out
+
+
+def test_cli_bad_trace_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text(HEADER + "2023-11-16 18:15:46.6805900,374,-1\n")
+    assert main(["simulate", "--trace", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "GeneratedTokens" in err
+
+
+@pytest.mark.parametrize("argv", [["simulate", "--limit", "0"], ["simulate", "--num-blocks", "100"], []])
+def test_cli_bad_arguments(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
