@@ -20,42 +20,64 @@ def bucket(n: int, cap: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupMetadata:
+    """Tables of one layer group (see `CacheSpec.groups`) for one step.
+
+    ``block_tables[b]`` lists the blocks the view gathers for row ``b``, starting at
+    logical token ``start[b]`` (0 for full attention; for a sliding window, the first
+    block any of this step's queries can see). ``slot_mapping[b, t]`` is the flat
+    page slot of new token ``t`` in this group's pages.
+    """
+
+    block_tables: np.ndarray  # int32 [B, W]
+    slot_mapping: np.ndarray  # int32 [B, T]
+    start: np.ndarray  # int32 [B]
+
+
+@dataclasses.dataclass(frozen=True)
 class StepMetadata:
     """Where this step's tokens go and what each batch row may attend to.
 
     Shapes: ``B`` batch rows (bucketed), ``T`` new tokens per row (bucketed),
-    ``W`` block-table width (bucketed). Padding rows have ``kv_lens == 0`` and a
-    table of null blocks; padding tokens have ``slot_mapping == num_blocks *
-    block_size``, an out-of-range slot the write drops.
+    ``W`` block-table width (bucketed per group). Padding rows have ``kv_lens == 0``
+    and tables of null blocks; padding tokens have an out-of-range slot the write
+    drops. ``groups[g]`` serves the layers of ``spec.groups[g]``.
     """
 
-    block_tables: np.ndarray  # int32 [B, W]
-    kv_lens: np.ndarray  # int32 [B]   tokens held after this step's write
-    query_lens: np.ndarray  # int32 [B]   new tokens this step
+    kv_lens: np.ndarray  # int32 [B]    tokens held after this step's write
+    query_lens: np.ndarray  # int32 [B]    new tokens this step
     positions: np.ndarray  # int32 [B, T] logical position of each new token
-    slot_mapping: np.ndarray  # int32 [B, T] flat page slot of each new token
+    groups: tuple  # GroupMetadata per layer group
 
     @property
     def batch_size(self) -> int:
-        return self.block_tables.shape[0]
+        return self.kv_lens.shape[0]
 
     @property
     def query_len(self) -> int:
         return self.positions.shape[1]
 
+    # The first group's tables: full attention's when the model has any full layer.
+    @property
+    def block_tables(self) -> np.ndarray:
+        return self.groups[0].block_tables
+
+    @property
+    def slot_mapping(self) -> np.ndarray:
+        return self.groups[0].slot_mapping
+
     @property
     def table_width(self) -> int:
-        return self.block_tables.shape[1]
+        return self.groups[0].block_tables.shape[1]
 
     def to_device(self, device=None) -> "StepMetadata":
-        """One transfer of all five arrays (a pytree ``device_put``)."""
+        """One transfer of every array (a pytree ``device_put``)."""
         return jax.device_put(self, device)
 
 
+jax.tree_util.register_dataclass(GroupMetadata, data_fields=["block_tables", "slot_mapping", "start"], meta_fields=[])
 jax.tree_util.register_dataclass(
-    StepMetadata,
-    data_fields=["block_tables", "kv_lens", "query_lens", "positions", "slot_mapping"],
-    meta_fields=[],
+    StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=[]
 )
 
-__all__ = ["StepMetadata", "bucket"]
+__all__ = ["GroupMetadata", "StepMetadata", "bucket"]

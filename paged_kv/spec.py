@@ -60,6 +60,10 @@ class CacheSpec:
     value_heads: int | None = attrs.field(default=None, validator=_optional_positive)
     key_dim: int | None = attrs.field(default=None, validator=_optional_positive)
     value_dim: int | None = attrs.field(default=None, validator=_optional_positive)
+    sliding_window: int | None = attrs.field(default=None, validator=_optional_positive)
+    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    sliding_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
+    _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 
     def __attrs_post_init__(self) -> None:
         for name, shortcut in (("key_heads", "num_kv_heads"), ("value_heads", "num_kv_heads"),
@@ -80,6 +84,61 @@ class CacheSpec:
                 f"max_blocks_per_seq={self.max_blocks_per_seq} exceeds the {self.num_blocks - 1} "
                 f"usable blocks of num_blocks={self.num_blocks}"
             )
+        self._check_sliding()
+
+    def _check_sliding(self) -> None:
+        layers = self.sliding_layers
+        if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in layers):
+            raise SpecError(f"sliding_layers={layers!r} must be layer indices")
+        if len(set(layers)) != len(layers) or any(not 0 <= x < self.num_layers for x in layers):
+            raise SpecError(f"sliding_layers={layers!r} must be distinct indices in [0, {self.num_layers})")
+        if layers and self.sliding_window is None:
+            raise SpecError(f"sliding_layers={layers!r} given without sliding_window")
+        if self.sliding_window is not None and not layers:
+            raise SpecError(f"sliding_window={self.sliding_window} given but sliding_layers is empty")
+        if self.sliding_window is not None and self.sliding_window < self.block_size:
+            raise SpecError(
+                f"sliding_window={self.sliding_window} is smaller than block_size={self.block_size}; "
+                "a window must span at least one block"
+            )
+        if self.sliding_num_blocks is not None:
+            if not layers:
+                raise SpecError(f"sliding_num_blocks={self.sliding_num_blocks} given but no layer is sliding")
+            if self.sliding_num_blocks < 2 or self.sliding_num_blocks * self.block_size >= 2**31:
+                raise SpecError(f"sliding_num_blocks={self.sliding_num_blocks} must be in [2, 2**31 / block_size)")
+        object.__setattr__(self, "sliding_layers", tuple(sorted(int(x) for x in layers)))
+        object.__setattr__(self, "_groups", self._make_groups())
+
+    # ---- layer groups ------------------------------------------------------------------
+    @property
+    def groups(self) -> tuple["LayerGroup", ...]:
+        """Layers that share block tables: full-attention layers first (if any), then the
+        sliding-window layers. Each group has its own pool of blocks and page table."""
+        return self._groups
+
+    def _make_groups(self) -> tuple["LayerGroup", ...]:
+        full = tuple(i for i in range(self.num_layers) if i not in self.sliding_layers)
+        out = []
+        if full:
+            out.append(LayerGroup(layers=full, window=None, num_blocks=self.num_blocks))
+        if self.sliding_layers:
+            out.append(LayerGroup(layers=self.sliding_layers, window=self.sliding_window,
+                                  num_blocks=self.sliding_num_blocks or self.num_blocks))
+        return tuple(out)
+
+    def group_of(self, layer: int) -> int:
+        """Index into `groups` (and into `StepMetadata.groups`) of ``layer``'s group."""
+        for g, group in enumerate(self.groups):
+            if layer in group.layers:
+                return g
+        raise SpecError(f"layer={layer} out of range for num_layers={self.num_layers}")
+
+    def window_blocks(self, num_new_tokens: int = 1) -> int:
+        """Most blocks a sliding layer holds per sequence while writing ``num_new_tokens``:
+        ceil(W / block_size) + 1 for decode."""
+        if self.sliding_window is None:
+            raise SpecError("window_blocks() asked of a spec with no sliding layers")
+        return -(-(self.sliding_window - 1 + num_new_tokens) // self.block_size) + 1
 
     # ---- memory arithmetic ------------------------------------------------------
     @property
@@ -98,13 +157,17 @@ class CacheSpec:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one block holds across all layers (the unit the allocator hands out)."""
+        """Bytes of one block of ``block_size`` tokens across all layers."""
         return self.bytes_per_token * self.block_size
 
     @property
     def pool_bytes(self) -> int:
-        """Device bytes of the whole pool, null block included."""
-        return self.bytes_per_block * self.num_blocks
+        """Device bytes of every group's pages, null blocks included."""
+        return sum(self.group_bytes_per_block(g) * grp.num_blocks for g, grp in enumerate(self.groups))
+
+    def group_bytes_per_block(self, group: int) -> int:
+        """Bytes one block of ``group`` holds across that group's layers."""
+        return self.bytes_per_token_per_layer * len(self.groups[group].layers) * self.block_size
 
     @property
     def usable_blocks(self) -> int:
@@ -136,6 +199,15 @@ class CacheSpec:
         )
 
 
+@attrs.frozen
+class LayerGroup:
+    """Layers sharing one pool and one page table. ``window=None``: full attention."""
+
+    layers: tuple[int, ...]
+    window: int | None
+    num_blocks: int
+
+
 def _resolve(name: str):
     import ml_dtypes
 
@@ -158,4 +230,4 @@ def compute_dtype(spec: CacheSpec):
     return _resolve(spec.dtype)
 
 
-__all__ = ["CacheSpec", "NULL_BLOCK", "storage_dtype", "compute_dtype"]
+__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "storage_dtype", "compute_dtype"]

@@ -26,10 +26,10 @@ def slots_of(m: pk.KVCacheManager, seq, positions):
 @pytest.mark.parametrize("prompt", [1, 3, 4, 5, 8, 9])
 def test_admit_and_append_slot_mappings(prompt):
     m = pk.KVCacheManager(spec())
-    got = m.admit(7, prompt)
+    got = m.admit(7, prompt)[0]
     assert got.tolist() == slots_of(m, 7, range(prompt))
     assert m.block_table(7).size == -(-prompt // 4)
-    got = m.append([7], 3)
+    got = m.append([7], 3)[0]
     assert got.tolist() == slots_of(m, 7, range(prompt, prompt + 3))
     m.check_integrity()
 
@@ -38,7 +38,7 @@ def test_batched_append_orders_slots_by_sequence():
     m = pk.KVCacheManager(spec())
     for s, n in [(1, 4), (2, 1), (3, 7)]:
         m.admit(s, n)
-    got = m.append([3, 1, 2], [2, 1, 5])
+    got = m.append([3, 1, 2], [2, 1, 5])[0]
     want = slots_of(m, 3, [7, 8]) + slots_of(m, 1, [4]) + slots_of(m, 2, range(1, 6))
     assert got.tolist() == want
     m.check_integrity()
@@ -149,9 +149,9 @@ def test_random_operations_keep_invariants(ops):
         try:
             if kind == "admit":
                 got = m.admit(a, b)
-                model.slots[a] = got.tolist()
+                model.slots[a] = got[0].tolist()
             elif kind == "append":
-                got = m.append(a, b).tolist()
+                got = m.append(a, b)[0].tolist()
                 for s in a:
                     model.slots[s] += got[:b]
                     got = got[b:]

@@ -23,7 +23,7 @@ from paged_kv.errors import (
     SequenceTooLongError,
     UnknownSequenceError,
 )
-from paged_kv.metadata import StepMetadata, bucket
+from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 from paged_kv.spec import NULL_BLOCK, CacheSpec
 
 SeqId = NewType("SeqId", int)
@@ -43,20 +43,55 @@ def _segment_offsets(counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
+class _Group:
+    """Host state of one layer group: its own pool and page table.
+
+    A sequence has the same row in every group's table (rows are added and removed
+    in lockstep), so one row index serves all groups.
+    """
+
+    def __init__(self, spec: CacheSpec, index: int):
+        layer_group = spec.groups[index]
+        self.window = layer_group.window
+        self.pool = BlockPool(layer_group.num_blocks)
+        self.table = PageTable(spec.max_blocks_per_seq)
+        # Flat slot the write drops: one past the last token slot of this group's pages.
+        self.pad_slot = layer_group.num_blocks * spec.block_size
+
+    def keep_from(self, rows: np.ndarray, first_query: np.ndarray, block_size: int) -> np.ndarray:
+        """First logical block any query at or after ``first_query`` can still see."""
+        if self.window is None:
+            return self.table.first_block[rows].astype(np.int64)
+        return np.maximum(np.maximum(first_query - self.window + 1, 0) // block_size, self.table.first_block[rows])
+
+
 class KVCacheManager:
     """Maps each sequence's token positions to blocks of the device pages.
 
     ``append`` and ``step_metadata`` take many sequences at once and do their work
     in numpy over the whole batch; the only per-sequence Python is the id lookup.
+    Layers with a sliding window form their own group (`CacheSpec.groups`) whose
+    blocks behind the window go back to that group's pool as the sequence grows.
     """
 
     def __init__(self, spec: CacheSpec):
         self.spec = spec
-        self.pool = BlockPool(spec.num_blocks)
-        self.table = PageTable(spec.max_blocks_per_seq)
+        self.groups = [_Group(spec, g) for g in range(len(spec.groups))]
         self._rows: dict[int, int] = {}
-        # Flat slot the write drops: one past the last token slot of the pages.
-        self.pad_slot = spec.num_blocks * spec.block_size
+
+    @property
+    def pool(self) -> BlockPool:
+        """The first group's pool (the only one unless some layers slide)."""
+        return self.groups[0].pool
+
+    @property
+    def table(self) -> PageTable:
+        """The first group's page table; it holds every sequence's length."""
+        return self.groups[0].table
+
+    @property
+    def pad_slot(self) -> int:
+        return self.groups[0].pad_slot
 
     # ---- queries -------------------------------------------------------------------
     def __contains__(self, seq_id) -> bool:
@@ -71,18 +106,25 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.pool.num_free
+        """Free blocks of the scarcest group (the one that limits admission)."""
+        return min(g.pool.num_free for g in self.groups)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.pool.num_used
+        """Blocks in use, summed over groups."""
+        return sum(g.pool.num_used for g in self.groups)
+
+    @property
+    def used_bytes(self) -> int:
+        """Device bytes of the blocks in use, all groups and layers."""
+        return sum(g.pool.num_used * self.spec.group_bytes_per_block(i) for i, g in enumerate(self.groups))
 
     def kv_len(self, seq_id) -> int:
         return int(self.table.kv_lens[self._row(seq_id)])
 
-    def block_table(self, seq_id) -> np.ndarray:
-        """The sequence's block ids in logical order (a copy)."""
-        return self.table.blocks_of(self._row(seq_id)).copy()
+    def block_table(self, seq_id, group: int = 0) -> np.ndarray:
+        """The blocks ``seq_id`` holds in ``group``, in logical order (a copy)."""
+        return self.groups[group].table.blocks_of(self._row(seq_id)).copy()
 
     def num_tokens_stored(self) -> int:
         return int(self.table.kv_lens.sum())
@@ -90,8 +132,14 @@ class KVCacheManager:
     # ---- predicates ----------------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:
         """Whether ``admit(new_id, num_tokens)`` would succeed now."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+            return False
         blocks = self.spec.blocks_for(num_tokens)
-        return num_tokens >= 1 and blocks <= self.spec.max_blocks_per_seq and self.pool.can_allocate(blocks)
+        return (
+            num_tokens >= 1
+            and blocks <= self.spec.max_blocks_per_seq
+            and all(g.pool.can_allocate(blocks) for g in self.groups)
+        )
 
     def can_append(self, seq_ids: Sequence[int], num_tokens=1) -> bool:
         """Whether ``append(seq_ids, num_tokens)`` would succeed now."""
@@ -99,15 +147,18 @@ class KVCacheManager:
             rows, counts = self._rows_and_counts(seq_ids, num_tokens)
         except (UnknownSequenceError, DuplicateSequenceError, InvalidTokenCountError):
             return False
-        new_blocks, needed = self._blocks_after(rows, counts)
-        return bool(np.all(new_blocks <= self.spec.max_blocks_per_seq)) and self.pool.can_allocate(int(needed.sum()))
+        try:
+            self._plan(rows, counts, list(seq_ids))
+        except (SequenceTooLongError, OutOfBlocksError):
+            return False
+        return True
 
     # ---- actions -------------------------------------------------------------------
     def admit(self, seq_id, num_tokens: int) -> np.ndarray:
         """Register ``seq_id`` holding its first ``num_tokens`` tokens (the prompt).
 
         Returns the flat page slot of each of those tokens, in order, for the prefill
-        write. Raises `DuplicateSequenceError`, `InvalidTokenCountError`,
+        write: ``[num_groups, num_tokens]`` (one row per layer group). Raises `DuplicateSequenceError`, `InvalidTokenCountError`,
         `SequenceTooLongError` or `OutOfBlocksError`, changing nothing.
         """
         seq_id = _check_seq_id(seq_id)
@@ -122,38 +173,33 @@ class KVCacheManager:
                 f"seq_id={seq_id} with {n} tokens needs {blocks} blocks > max_blocks_per_seq="
                 f"{self.spec.max_blocks_per_seq} (max_seq_len={self.spec.max_seq_len})"
             )
-        if not self.pool.can_allocate(blocks):
-            raise OutOfBlocksError(blocks, self.pool.num_free, f"admit(seq_id={seq_id}, num_tokens={n})")
-        row = self.table.add_row()
+        for g in self.groups:
+            if not g.pool.can_allocate(blocks):
+                raise OutOfBlocksError(blocks, g.pool.num_free, f"admit(seq_id={seq_id}, num_tokens={n})")
+        rows = {g.table.add_row() for g in self.groups}
+        assert len(rows) == 1, "page-table rows fell out of lockstep"
+        row = rows.pop()
         self._rows[seq_id] = row
-        return self._grow(np.array([row]), np.array([n]))
+        return self._grow(np.array([row]), np.array([n]), self._plan(np.array([row]), np.array([n]), [seq_id]))
 
     def append(self, seq_ids: Sequence[int], num_tokens=1) -> np.ndarray:
         """Grow each sequence by ``num_tokens`` (an int, or one count per sequence).
 
-        Allocates the blocks the batch needs in one pool call. Returns the flat page
-        slot of every new token, sequence by sequence in the order given (the
-        concatenation vLLM calls ``slot_mapping``). All or nothing.
+        Allocates the blocks the batch needs in one call per group; a sliding group
+        first returns the blocks behind its window. Returns the flat page slot of
+        every new token, sequence by sequence in the order given (the concatenation
+        vLLM calls ``slot_mapping``), one row per layer group: ``[num_groups,
+        sum(num_tokens)]``. All or nothing.
         """
+        seq_ids = list(seq_ids)
         rows, counts = self._rows_and_counts(seq_ids, num_tokens)
-        new_blocks, needed = self._blocks_after(rows, counts)
-        too_long = new_blocks > self.spec.max_blocks_per_seq
-        if np.any(too_long):
-            i = int(np.flatnonzero(too_long)[0])
-            raise SequenceTooLongError(
-                f"seq_id={list(seq_ids)[i]} would hold {int(self.table.kv_lens[rows[i]] + counts[i])} tokens = "
-                f"{int(new_blocks[i])} blocks > max_blocks_per_seq={self.spec.max_blocks_per_seq}"
-            )
-        total = int(needed.sum())
-        if not self.pool.can_allocate(total):
-            raise OutOfBlocksError(total, self.pool.num_free, f"append to {len(rows)} sequences")
-        return self._grow(rows, counts)
+        return self._grow(rows, counts, self._plan(rows, counts, seq_ids))
 
     def release(self, seq_id) -> int:
         """Forget ``seq_id`` and drop its hold on its blocks; returns how many became free."""
         row = self._row(seq_id)
         del self._rows[int(seq_id)]
-        return int(self.pool.free(self.table.remove_row(row)).size)
+        return sum(int(g.pool.free(g.table.remove_row(row)).size) for g in self.groups)
 
     # ---- step metadata ----------------------------------------------------------------
     def step_metadata(self, seq_ids: Sequence[int], num_new_tokens=1) -> StepMetadata:
@@ -162,6 +208,7 @@ class KVCacheManager:
 
         Pure: reads the tables, changes nothing. Shapes are bucketed (see `bucket`).
         """
+        seq_ids = list(seq_ids)
         rows, q = self._rows_and_counts(seq_ids, num_new_tokens)
         n = rows.size
         if n > self.spec.max_batch_slots:
@@ -170,31 +217,44 @@ class KVCacheManager:
         if np.any(q > kv):
             i = int(np.flatnonzero(q > kv)[0])
             raise InvalidTokenCountError(
-                f"seq_id={list(seq_ids)[i]} has {int(kv[i])} tokens, fewer than num_new_tokens={int(q[i])}; "
+                f"seq_id={seq_ids[i]} has {int(kv[i])} tokens, fewer than num_new_tokens={int(q[i])}; "
                 "admit or append them first"
             )
-        nblk = self.table.num_blocks[rows]
         B = bucket(n, self.spec.max_batch_slots)
-        W = bucket(int(nblk.max(initial=1)), self.spec.max_blocks_per_seq)
         T = bucket(int(q.max(initial=1)), self.spec.max_seq_len)
-        bs = self.spec.block_size
-
-        block_tables = np.full((B, W), NULL_BLOCK, dtype=np.int32)
-        block_tables[:n] = self.table.block_tables[rows, :W]
         kv_lens = np.zeros(B, dtype=np.int32)
         kv_lens[:n] = kv
         query_lens = np.zeros(B, dtype=np.int32)
         query_lens[:n] = q
-
         t = np.arange(T, dtype=np.int32)[None, :]
-        start = (kv_lens - query_lens)[:, None]
         valid = t < query_lens[:, None]
         # Padding tokens sit at the row's last real position so a causal mask built
         # from `positions` never leaves a padding query with nothing to attend to.
-        positions = np.where(valid, start + t, np.maximum(kv_lens[:, None] - 1, 0)).astype(np.int32)
-        blk = np.take_along_axis(block_tables, np.minimum(positions // bs, W - 1), axis=1)
-        slot_mapping = np.where(valid, blk * bs + positions % bs, self.pad_slot).astype(np.int32)
-        return StepMetadata(block_tables, kv_lens, query_lens, positions, slot_mapping)
+        positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
+        positions = positions.astype(np.int32)
+        groups = tuple(self._group_metadata(g, rows, kv - q, positions[:n], valid[:n], B) for g in self.groups)
+        return StepMetadata(kv_lens, query_lens, positions, groups)
+
+    def _group_metadata(self, g: _Group, rows, first_query, positions, valid, B) -> GroupMetadata:
+        """The tables one group's views need: the blocks from the first one this
+        step's queries can see to the last one held."""
+        bs = self.spec.block_size
+        n = rows.size
+        table = g.table
+        first = g.keep_from(rows, first_query, bs) if g.window is not None else np.zeros(n, np.int64)
+        width = table.num_blocks[rows] - first
+        W = bucket(int(width.max(initial=1)), self.spec.max_blocks_per_seq)
+        cols = first[:, None] + np.arange(W)[None, :]
+        held = cols < table.num_blocks[rows][:, None]
+        full_rows = table.block_tables[rows]
+        block_tables = np.full((B, W), NULL_BLOCK, dtype=np.int32)
+        block_tables[:n] = np.where(held, np.take_along_axis(full_rows, np.minimum(cols, table.max_blocks_per_seq - 1), axis=1), NULL_BLOCK)
+        blk = np.take_along_axis(full_rows, positions // bs, axis=1).astype(np.int64)
+        slot_mapping = np.full((B, positions.shape[1]), g.pad_slot, dtype=np.int32)
+        slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, g.pad_slot)
+        start = np.zeros(B, dtype=np.int32)
+        start[:n] = first * bs
+        return GroupMetadata(block_tables, slot_mapping, start)
 
     # ---- integrity -----------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -205,25 +265,39 @@ class KVCacheManager:
         ceil(len / block_size) blocks and null padding after them; rows in use are the
         rows of admitted sequences.
         """
-        self.pool.check_integrity()
-        self.table.check_integrity(self.spec.block_size)
         rows = np.array(sorted(self._rows.values()), dtype=np.int64)
-        if not np.array_equal(rows, np.flatnonzero(self.table.in_use)):
-            raise AssertionError("admitted sequences and page-table rows in use disagree")
-        held = np.concatenate([self.table.blocks_of(r) for r in rows]) if rows.size else np.empty(0, np.int32)
-        refs = np.bincount(held, minlength=self.spec.num_blocks).astype(np.int32)
-        if not np.array_equal(refs, self.pool.ref_counts):
-            bad = np.flatnonzero(refs != self.pool.ref_counts)
-            raise AssertionError(f"blocks {bad.tolist()}: table references {refs[bad].tolist()} != ref counts {self.pool.ref_counts[bad].tolist()}")
+        bs = self.spec.block_size
+        for i, g in enumerate(self.groups):
+            g.pool.check_integrity()
+            g.table.check_integrity(bs)
+            if not np.array_equal(rows, np.flatnonzero(g.table.in_use)):
+                raise AssertionError(f"group {i}: admitted sequences and page-table rows in use disagree")
+            if not np.array_equal(g.table.kv_lens, self.table.kv_lens):
+                raise AssertionError(f"group {i}: lengths differ from group 0")
+            held = np.concatenate([g.table.blocks_of(r) for r in rows]) if rows.size else np.empty(0, np.int32)
+            refs = np.bincount(held, minlength=g.pool.num_blocks).astype(np.int32)
+            if not np.array_equal(refs, g.pool.ref_counts):
+                bad = np.flatnonzero(refs != g.pool.ref_counts)
+                raise AssertionError(
+                    f"group {i} blocks {bad.tolist()}: table references {refs[bad].tolist()} "
+                    f"!= ref counts {g.pool.ref_counts[bad].tolist()}"
+                )
+            if g.window is not None and rows.size:
+                # Never trimmed a block the next query (at position kv_len) can still see.
+                limit = np.maximum(g.table.kv_lens[rows] - g.window, 0) // bs
+                if np.any(g.table.first_block[rows] > limit):
+                    raise AssertionError(f"group {i}: a block inside the window was returned to the pool")
 
     def snapshot(self) -> tuple:
         """A comparable copy of all host state (tests check a failed call left it unchanged)."""
         rows = sorted(self._rows.items())
         return (
             tuple(rows),
-            tuple((sid, self.table.blocks_of(r).tobytes(), int(self.table.kv_lens[r])) for sid, r in rows),
-            self.pool.ref_counts.tobytes(),
-            self.pool.num_free,
+            tuple(
+                (sid, int(self.table.kv_lens[r]), tuple(g.table.block_tables[r].tobytes() for g in self.groups))
+                for sid, r in rows
+            ),
+            tuple((g.pool.ref_counts.tobytes(), g.pool.num_free) for g in self.groups),
         )
 
     # ---- internals -----------------------------------------------------------------
@@ -258,27 +332,59 @@ class KVCacheManager:
             counts = counts.astype(np.int64)
         return rows, counts
 
-    def _blocks_after(self, rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        bs = self.spec.block_size
-        new_blocks = -(-(self.table.kv_lens[rows].astype(np.int64) + counts) // bs)
-        return new_blocks, new_blocks - self.table.num_blocks[rows]
+    def _plan(self, rows: np.ndarray, counts: np.ndarray, seq_ids: list) -> list:
+        """Per group: (first block kept, logical blocks after, blocks to allocate).
 
-    def _grow(self, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Allocate and record blocks for ``counts`` more tokens per row (already validated)."""
+        Raises `SequenceTooLongError` / `OutOfBlocksError` without changing anything.
+        Blocks a sliding group returns in the same call count as free.
+        """
         bs = self.spec.block_size
-        table = self.table
-        new_blocks, needed = self._blocks_after(rows, counts)
-        ids = self.pool.allocate(int(needed.sum()))
-        if ids.size:
-            block_rows = np.repeat(rows, needed)
-            block_cols = np.repeat(table.num_blocks[rows], needed) + _segment_offsets(needed)
-            table.block_tables[block_rows, block_cols] = ids
-        old_lens = table.kv_lens[rows].astype(np.int64)
-        table.kv_lens[rows] = old_lens + counts
-        table.num_blocks[rows] = new_blocks
+        old = self.table.kv_lens[rows].astype(np.int64)
+        new_blocks = -(-(old + counts) // bs)
+        too_long = new_blocks > self.spec.max_blocks_per_seq
+        if np.any(too_long):
+            i = int(np.flatnonzero(too_long)[0])
+            raise SequenceTooLongError(
+                f"seq_id={seq_ids[i]} would hold {int(old[i] + counts[i])} tokens = {int(new_blocks[i])} "
+                f"blocks > max_blocks_per_seq={self.spec.max_blocks_per_seq}"
+            )
+        plan = []
+        for g in self.groups:
+            keep = g.keep_from(rows, old, bs)
+            keep = np.minimum(keep, new_blocks)
+            needed = new_blocks - g.table.num_blocks[rows]
+            trimmed = int((keep - g.table.first_block[rows]).sum())
+            total = int(needed.sum())
+            if total > g.pool.num_free + trimmed:
+                raise OutOfBlocksError(total, g.pool.num_free + trimmed, f"append to {len(rows)} sequences")
+            plan.append((keep, new_blocks, needed))
+        return plan
+
+    def _grow(self, rows: np.ndarray, counts: np.ndarray, plan: list) -> np.ndarray:
+        """Apply a validated `_plan`: trim, allocate, record; return slots per group."""
+        bs = self.spec.block_size
+        old_lens = self.table.kv_lens[rows].astype(np.int64)
         tok_rows = np.repeat(rows, counts)
         pos = np.repeat(old_lens, counts) + _segment_offsets(counts)
-        return (table.block_tables[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs).astype(np.int32)
+        slots = np.empty((len(self.groups), pos.size), dtype=np.int32)
+        for i, (g, (keep, new_blocks, needed)) in enumerate(zip(self.groups, plan)):
+            table = g.table
+            drop = keep - table.first_block[rows]
+            if drop.any():
+                drop_rows = np.repeat(rows, drop)
+                drop_cols = np.repeat(table.first_block[rows], drop) + _segment_offsets(drop)
+                g.pool.free(table.block_tables[drop_rows, drop_cols])
+                table.block_tables[drop_rows, drop_cols] = NULL_BLOCK
+                table.first_block[rows] = keep
+            ids = g.pool.allocate(int(needed.sum()))
+            if ids.size:
+                block_rows = np.repeat(rows, needed)
+                block_cols = np.repeat(table.num_blocks[rows], needed) + _segment_offsets(needed)
+                table.block_tables[block_rows, block_cols] = ids
+            table.kv_lens[rows] = old_lens + counts
+            table.num_blocks[rows] = new_blocks
+            slots[i] = table.block_tables[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs
+        return slots
 
 
 __all__ = ["KVCacheManager", "SeqId"]

@@ -15,6 +15,11 @@ from paged_kv.spec import NULL_BLOCK
 class PageTable:
     """Block tables ``[rows, max_blocks_per_seq]`` padded with the null block, plus lengths.
 
+    Column ``j`` of a row is the sequence's logical block ``j`` (tokens ``j*block_size``
+    onward). A sliding-window group returns blocks that fall behind the window to the
+    pool; their entries become the null block and ``first_block`` moves past them, so
+    a row holds columns ``[first_block, num_blocks)``.
+
     Rows are recycled through a free stack and the arrays double when full, so the
     number of sequences tracked at once has no fixed limit and adding one is O(1)
     amortized.
@@ -25,6 +30,7 @@ class PageTable:
         self.block_tables = np.full((initial_rows, self.max_blocks_per_seq), NULL_BLOCK, dtype=np.int32)
         self.kv_lens = np.zeros(initial_rows, dtype=np.int32)
         self.num_blocks = np.zeros(initial_rows, dtype=np.int32)
+        self.first_block = np.zeros(initial_rows, dtype=np.int32)
         self.in_use = np.zeros(initial_rows, dtype=bool)
         self._free_rows = list(range(initial_rows - 1, -1, -1))
 
@@ -45,12 +51,14 @@ class PageTable:
         self.block_tables[row, : self.num_blocks[row]] = NULL_BLOCK
         self.kv_lens[row] = 0
         self.num_blocks[row] = 0
+        self.first_block[row] = 0
         self.in_use[row] = False
         self._free_rows.append(row)
         return blocks
 
     def blocks_of(self, row: int) -> np.ndarray:
-        return self.block_tables[row, : self.num_blocks[row]]
+        """The blocks a row holds, in logical order (a view)."""
+        return self.block_tables[row, self.first_block[row] : self.num_blocks[row]]
 
     def _grow(self) -> None:
         old = self.capacity
@@ -60,6 +68,7 @@ class PageTable:
         self.block_tables = table
         self.kv_lens = np.concatenate([self.kv_lens, np.zeros(old, np.int32)])
         self.num_blocks = np.concatenate([self.num_blocks, np.zeros(old, np.int32)])
+        self.first_block = np.concatenate([self.first_block, np.zeros(old, np.int32)])
         self.in_use = np.concatenate([self.in_use, np.zeros(old, bool)])
         self._free_rows.extend(range(new - 1, old - 1, -1))
 
@@ -72,7 +81,7 @@ class PageTable:
             bad = np.flatnonzero(self.num_blocks != expected)
             raise AssertionError(f"rows {bad.tolist()} hold {self.num_blocks[bad].tolist()} blocks for lengths {self.kv_lens[bad].tolist()}")
         cols = np.arange(self.max_blocks_per_seq)
-        held = cols[None, :] < self.num_blocks[:, None]
+        held = (cols[None, :] < self.num_blocks[:, None]) & (cols[None, :] >= self.first_block[:, None])
         if np.any((self.block_tables == NULL_BLOCK) & held):
             raise AssertionError("a held block-table entry is the null block")
         if np.any((self.block_tables != NULL_BLOCK) & ~held):
