@@ -19,9 +19,9 @@ from paged_kv.errors import (
     TraceError,
     UnknownSequenceError,
 )
-from paged_kv.metadata import StepMetadata, bucket
-from paged_kv.spec import NULL_BLOCK, CacheSpec
-from paged_kv.views import AttentionMask, TransformerCacheView
+from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
+from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
+from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView
 
 __version__ = "0.1.0"
 
@@ -31,8 +31,10 @@ __all__ = [
     "BlockPool",
     "CacheSpec",
     "DuplicateSequenceError",
+    "GroupMetadata",
     "InvalidTokenCountError",
     "KVCacheManager",
+    "LayerGroup",
     "NULL_BLOCK",
     "OutOfBlocksError",
     "PageTable",
@@ -41,6 +43,7 @@ __all__ = [
     "SequenceTooLongError",
     "ShapeError",
     "SpecError",
+    "SlidingWindowCacheView",
     "StepMetadata",
     "TraceError",
     "TransformerCacheView",

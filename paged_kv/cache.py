@@ -8,6 +8,7 @@ import jax
 
 from paged_kv.errors import ShapeError
 from paged_kv.spec import CacheSpec
+from paged_kv.views.sliding import SlidingWindowCacheView
 from paged_kv.views.transformer import TransformerCacheView
 
 
@@ -20,7 +21,12 @@ class PagedKVCache:
 
     @classmethod
     def init(cls, spec: CacheSpec, device=None) -> "PagedKVCache":
-        return cls(tuple(TransformerCacheView.init(spec, i, device) for i in range(spec.num_layers)))
+        """Zeroed pages for every layer: a sliding view for ``spec.sliding_layers``, else full."""
+        def view(layer):
+            kind = SlidingWindowCacheView if layer in spec.sliding_layers else TransformerCacheView
+            return kind.init(spec, layer, device)
+
+        return cls(tuple(view(i) for i in range(spec.num_layers)))
 
     @property
     def spec(self) -> CacheSpec:

@@ -17,10 +17,13 @@ EDGE_LENGTHS = [1, 15, 16, 17, 31, 32, 33]
 class Driver:
     """Runs serving steps for many sequences and keeps every logit it produced."""
 
-    def __init__(self, dtype: str, num_blocks: int = 40):
+    def __init__(self, dtype: str, num_blocks: int = 40, **spec_kw):
         self.spec = pk.CacheSpec(
             num_layers=CFG.num_layers, num_blocks=num_blocks, block_size=BLOCK, max_blocks_per_seq=8,
-            max_batch_slots=8, num_kv_heads=CFG.kv_heads, head_dim=CFG.head_dim, dtype=dtype,
+            max_batch_slots=8, num_kv_heads=CFG.kv_heads, head_dim=CFG.head_dim, dtype=dtype, **spec_kw,
+        )
+        self.windows = tuple(
+            self.spec.sliding_window if i in self.spec.sliding_layers else None for i in range(CFG.num_layers)
         )
         self.manager = pk.KVCacheManager(self.spec)
         self.cache = pk.PagedKVCache.init(self.spec)
@@ -58,14 +61,22 @@ class Driver:
 
     def assert_matches_recompute(self, seq_ids, kv_dtype, atol) -> None:
         for s in seq_ids:
-            ref = np.asarray(forward_full(CFG, self.params, jnp.asarray([self.tokens[s]]), kv_dtype, None))[0]
+            ref = np.asarray(forward_full(CFG, self.params, jnp.asarray([self.tokens[s]]), kv_dtype, self.windows))[0]
             got = np.stack([self.logits[s][p] for p in range(len(self.tokens[s]))])
             np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=f"sequence {s}")
 
 
+LAYOUTS = {
+    "full": {},
+    "all-sliding": dict(sliding_window=20, sliding_layers=(0, 1), sliding_num_blocks=24),
+    "mixed": dict(sliding_window=16, sliding_layers=(1,), sliding_num_blocks=24),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype,kv_dtype,atol", [("float32", jnp.float32, 2e-4), ("bfloat16", jnp.bfloat16, 2e-3)])
-def test_decode_through_pages_equals_recompute(dtype, kv_dtype, atol):
-    d = Driver(dtype)
+def test_decode_through_pages_equals_recompute(layout, dtype, kv_dtype, atol):
+    d = Driver(dtype, **LAYOUTS[layout])
     # Batched prefill of prompts at every block edge, one step for all of them.
     d.step({i: d.random_tokens(n) for i, n in enumerate(EDGE_LENGTHS)})
     live = list(range(len(EDGE_LENGTHS)))
@@ -79,14 +90,19 @@ def test_decode_through_pages_equals_recompute(dtype, kv_dtype, atol):
             d.step({100: d.random_tokens(13)})
             live.append(100)
         d.step({s: d.random_tokens(1) for s in live})
+        if d.spec.sliding_layers:
+            # A decoding sequence holds at most ceil(W / block) + 1 blocks of a sliding layer.
+            g = len(d.spec.groups) - 1
+            assert max(d.manager.block_table(s, g).size for s in live) <= d.spec.window_blocks(1)
     d.assert_matches_recompute(live, kv_dtype, atol)
     lengths = sorted(len(d.tokens[s]) for s in live)
     assert lengths == sorted([1 + 20, 15 + 20, 17 + 20, 31 + 20, 32 + 20, 33 + 20, 33 + 14])
 
 
-def test_mixed_prefill_and_decode_in_one_step():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixed_prefill_and_decode_in_one_step(layout):
     """A chunked-prefill step: one row decodes 1 token while another prefills 9."""
-    d = Driver("float32")
+    d = Driver("float32", **LAYOUTS[layout])
     d.step({0: d.random_tokens(16), 1: d.random_tokens(5)})
     d.step({0: d.random_tokens(1), 1: d.random_tokens(9)})
     d.step({0: d.random_tokens(1), 1: d.random_tokens(1), 2: d.random_tokens(17)})

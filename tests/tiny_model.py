@@ -84,19 +84,20 @@ def forward_cached(cfg: TinyConfig, params, cache, tokens, metadata):
 
 
 @partial(jax.jit, static_argnums=(0, 3, 4))
-def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, window=None):
-    """No cache: full causal attention over tokens [1, L]; logits [1, L, V].
+def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, windows=None):
+    """No cache: causal attention over tokens [1, L]; logits [1, L, V].
 
+    ``windows[i]``: layer i attends to the last windows[i] tokens only (None: all).
     Keys/values are rounded through ``kv_dtype`` exactly as the cache stores them.
     """
     length = tokens.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)[None]
     x = params["embed"][tokens]
     s = jnp.arange(length)
-    mask = (s[None, :] <= s[:, None])
-    if window is not None:
-        mask &= s[None, :] > s[:, None] - window
-    for layer in params["layers"]:
+    causal = s[None, :] <= s[:, None]
+    for i, layer in enumerate(params["layers"]):
+        window = windows[i] if windows is not None else None
+        mask = causal if window is None else causal & (s[None, :] > s[:, None] - window)
         q, k, v = _qkv(cfg, layer, x, positions)
         k, v = k.astype(kv_dtype), v.astype(kv_dtype)
         x = x + attention(q, k, v, mask[None]) @ layer["wo"]

@@ -33,17 +33,22 @@ class TransformerCacheView:
     def init(cls, spec: CacheSpec, layer_index: int = 0, device=None) -> "TransformerCacheView":
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
         store = storage_dtype(spec)
-        kshape = (spec.num_blocks, spec.block_size, spec.key_heads, spec.key_dim)
-        vshape = (spec.num_blocks, spec.block_size, spec.value_heads, spec.value_dim)
+        kshape, vshape = _page_shapes(spec, layer_index)
         return cls(jnp.zeros(kshape, store, device=device), jnp.zeros(vshape, store, device=device), spec, layer_index)
+
+    @property
+    def group(self) -> int:
+        """Index of this layer's group in `CacheSpec.groups` and `StepMetadata.groups`."""
+        return self.spec.group_of(self.layer_index)
+
+    @property
+    def window(self) -> int | None:
+        return self.spec.groups[self.group].window
 
     def check_pages(self) -> None:
         """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
         s = self.spec
-        want = {
-            "key_pages": (s.num_blocks, s.block_size, s.key_heads, s.key_dim),
-            "value_pages": (s.num_blocks, s.block_size, s.value_heads, s.value_dim),
-        }
+        want = dict(zip(("key_pages", "value_pages"), _page_shapes(s, self.layer_index)))
         for name, shape in want.items():
             arr = getattr(self, name)
             if tuple(arr.shape) != shape or arr.dtype != storage_dtype(s):
@@ -54,18 +59,32 @@ class TransformerCacheView:
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "TransformerCacheView":
         """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages."""
         dt = compute_dtype(self.spec)
+        slots = metadata.groups[self.group].slot_mapping
         return dataclasses.replace(
             self,
-            key_pages=scatter_tokens(self.key_pages, key, metadata.slot_mapping, dt),
-            value_pages=scatter_tokens(self.value_pages, value, metadata.slot_mapping, dt),
+            key_pages=scatter_tokens(self.key_pages, key, slots, dt),
+            value_pages=scatter_tokens(self.value_pages, value, slots, dt),
         )
 
     def read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
-        """Contiguous keys and values ``[B, W*block_size, heads, dim]``, zero past each length."""
+        """Contiguous keys and values ``[B, W*block_size, heads, dim]``, zero past each length.
+
+        Key ``s`` of row ``b`` is the sequence's token ``mask.start[b] + s``: 0 for full
+        attention, the first block the window can reach for a sliding layer.
+        """
         dt = compute_dtype(self.spec)
-        keys = gather_blocks(self.key_pages, metadata.block_tables, metadata.kv_lens, dt)
-        values = gather_blocks(self.value_pages, metadata.block_tables, metadata.kv_lens, dt)
+        tables = metadata.groups[self.group]
+        lens = metadata.kv_lens - tables.start
+        keys = gather_blocks(self.key_pages, tables.block_tables, lens, dt)
+        values = gather_blocks(self.value_pages, tables.block_tables, lens, dt)
         return keys, values
+
+    def mask(self, metadata: StepMetadata) -> AttentionMask:
+        """Lengths and query positions relative to the keys `read` returns."""
+        start = metadata.groups[self.group].start
+        return AttentionMask(
+            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window
+        )
 
     def concatenate_to_cache(
         self,
@@ -80,14 +99,23 @@ class TransformerCacheView:
         the b-th sequence given to `KVCacheManager.step_metadata`, token t its t-th new
         token). Keys and values come back in ``query.dtype`` when a query is given, as
         EasyDeL's cache does, else in the spec's dtype. Works for prefill (T > 1) and
-        decode (T == 1) alike.
+        decode (T == 1) alike, and for sliding-window layers, whose keys start at the
+        first block the window reaches (the mask's lengths and positions are relative
+        to it and carry the window).
         """
         view = self.write(key, value, metadata)
         keys, values = view.read(metadata)
         if query is not None:
             keys, values = keys.astype(query.dtype), values.astype(query.dtype)
-        mask = AttentionMask(metadata.kv_lens, metadata.positions, metadata.query_lens)
-        return keys, values, mask, view
+        return keys, values, view.mask(metadata), view
+
+
+def _page_shapes(spec: CacheSpec, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    nb = spec.groups[spec.group_of(layer)].num_blocks
+    return (
+        (nb, spec.block_size, spec.key_heads, spec.key_dim),
+        (nb, spec.block_size, spec.value_heads, spec.value_dim),
+    )
 
 
 jax.tree_util.register_dataclass(
