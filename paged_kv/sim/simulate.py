@@ -42,6 +42,9 @@ class SimReport:
     preemptions: int
     peak_blocks_in_use: int
     mean_blocks_in_use: float
+    mean_group_blocks: tuple[float, ...]
+    mean_used_bytes: float
+    peak_used_bytes: int
     usable_blocks: int
     time_avg_utilization: float
     peak_running: int
@@ -63,6 +66,9 @@ class SimReport:
             ("preemptions", f"{self.preemptions:,}"),
             ("peak blocks in use", f"{self.peak_blocks_in_use:,} / {self.usable_blocks:,}"),
             ("mean blocks in use", f"{self.mean_blocks_in_use:,.1f} / {self.usable_blocks:,}"),
+            ("mean blocks per layer group", " / ".join(f"{b:,.1f}" for b in self.mean_group_blocks)),
+            ("mean KV bytes held", f"{self.mean_used_bytes / 2**30:,.2f} GiB"),
+            ("peak KV bytes held", f"{self.peak_used_bytes / 2**30:,.2f} GiB"),
             ("time-avg utilization (tokens/slots)", f"{self.time_avg_utilization:.4f}"),
             ("peak running", f"{self.peak_running:,}"),
             ("mean running", f"{self.mean_running:.1f}"),
@@ -133,8 +139,9 @@ def simulate(
     running: list[int] = []
     remaining = np.empty(0, dtype=np.int64)
 
-    steps = served = preemptions = prefill_tokens = peak_blocks = peak_running = 0
-    sum_blocks = sum_tokens = sum_running = 0
+    steps = served = preemptions = prefill_tokens = peak_blocks = peak_running = peak_bytes = 0
+    sum_blocks = sum_tokens = sum_running = sum_bytes = 0
+    sum_group_blocks = np.zeros(len(manager.groups), dtype=np.int64)
     while queue or running:
         # (a) admission
         admitted: list[int] = []
@@ -144,6 +151,7 @@ def simulate(
             if not manager.can_admit(prompt):
                 break
             if (running or admitted) and manager.num_free_blocks - spec.blocks_for(prompt) < reserve:
+                # num_free_blocks is the scarcest group's, so the headroom holds for every group.
                 break
             queue.popleft()
             manager.admit(i, prompt)
@@ -180,9 +188,15 @@ def simulate(
             done[running] += 1
 
         steps += 1
-        blocks = manager.num_used_blocks
+        # Blocks and utilization are the first group's (all layers unless some slide);
+        # bytes count every group.
+        blocks = manager.pool.num_used
+        used_bytes = manager.used_bytes
         n = len(running)
         sum_blocks += blocks
+        sum_bytes += used_bytes
+        peak_bytes = max(peak_bytes, used_bytes)
+        sum_group_blocks += [g.pool.num_used for g in manager.groups]
         sum_tokens += manager.num_tokens_stored()
         sum_running += n
         peak_blocks = max(peak_blocks, blocks)
@@ -214,6 +228,9 @@ def simulate(
         preemptions=preemptions,
         peak_blocks_in_use=peak_blocks,
         mean_blocks_in_use=sum_blocks / steps if steps else 0.0,
+        mean_group_blocks=tuple((sum_group_blocks / max(steps, 1)).tolist()),
+        mean_used_bytes=sum_bytes / steps if steps else 0.0,
+        peak_used_bytes=peak_bytes,
         usable_blocks=spec.usable_blocks,
         time_avg_utilization=sum_tokens / slots if slots else 0.0,
         peak_running=peak_running,
