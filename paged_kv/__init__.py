@@ -5,7 +5,7 @@ hands the device one `StepMetadata` per step. Device side (jitted JAX): views wr
 the step's keys/values into the pages and give attention contiguous keys/values.
 """
 
-from paged_kv.allocator import BlockPool, KVCacheManager, PageTable
+from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, slot_step_metadata
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import (
     BatchTooLargeError,
@@ -15,10 +15,12 @@ from paged_kv.errors import (
     PagedKVError,
     SequenceTooLongError,
     ShapeError,
+    SlotError,
     SpecError,
     TraceError,
     UnknownSequenceError,
 )
+from paged_kv.insertion import insert_prefill
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
 from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView
@@ -30,6 +32,7 @@ __all__ = [
     "BatchTooLargeError",
     "BlockPool",
     "CacheSpec",
+    "DecodeSlots",
     "DuplicateSequenceError",
     "GroupMetadata",
     "InvalidTokenCountError",
@@ -42,6 +45,7 @@ __all__ = [
     "PagedKVError",
     "SequenceTooLongError",
     "ShapeError",
+    "SlotError",
     "SpecError",
     "SlidingWindowCacheView",
     "StepMetadata",
@@ -49,4 +53,6 @@ __all__ = [
     "TransformerCacheView",
     "UnknownSequenceError",
     "bucket",
+    "insert_prefill",
+    "slot_step_metadata",
 ]

@@ -52,6 +52,10 @@ class BatchTooLargeError(PagedKVError, ValueError):
     """More sequences in one step than `max_batch_slots`."""
 
 
+class SlotError(PagedKVError, ValueError):
+    """A decode slot that is out of range, already taken, or empty when it must not be."""
+
+
 class ShapeError(PagedKVError, ValueError):
     """A device array whose shape or dtype does not match the spec or the step metadata."""
 
@@ -70,5 +74,6 @@ __all__ = [
     "InvalidTokenCountError",
     "BatchTooLargeError",
     "ShapeError",
+    "SlotError",
     "TraceError",
 ]

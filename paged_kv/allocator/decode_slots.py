@@ -1,0 +1,297 @@
+"""`DecodeSlots`: a fixed-size decode batch that sequences move in and out of.
+
+Continuous batching keeps a decode batch of ``B`` slots running while requests
+finish at different times: a finished sequence leaves its slot, a freshly
+prefilled one takes it. With a paged cache a sequence's keys and values never
+move: it keeps its page-table row from `KVCacheManager.admit` to
+`KVCacheManager.release`, so binding it to a slot only records *which row is in
+which slot* (host bookkeeping, no device copy). EasyDeL's contiguous
+``TransformerCache.insert(other, slot)`` copies ``other``'s whole cache into the
+slot's ``max_seq_len`` rows instead.
+
+Every step's `StepMetadata` has exactly ``B`` rows, row ``b`` being slot ``b``;
+an empty slot is a padding row (``kv_len`` 0, null block tables, dropped write
+slots), which attends to nothing and writes nothing. The batch shape is therefore
+fixed and a jitted decode step compiles once per block-table-width bucket, never
+once per number of running sequences.
+
+Every action validates first and mutates last: a call that raises leaves the slots
+(and the manager) exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from paged_kv.errors import (
+    DuplicateSequenceError,
+    InvalidTokenCountError,
+    PagedKVError,
+    SlotError,
+    SpecError,
+    UnknownSequenceError,
+)
+from paged_kv.metadata import GroupMetadata, StepMetadata
+from paged_kv.spec import NULL_BLOCK
+
+
+def _pad_slot(spec, group: int) -> int:
+    """The flat slot a write drops for ``group``: one past its last token slot."""
+    return spec.groups[group].num_blocks * spec.block_size
+
+
+def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> StepMetadata:
+    """`StepMetadata` with one row per slot: row ``b`` describes ``slot_seq_ids[b]``.
+
+    ``slot_seq_ids`` has one entry per slot, ``None`` for an empty slot (a padding
+    row: ``kv_len`` 0, ``query_len`` 0, null block tables, write slots the scatter
+    drops). ``num_new_tokens``: an int for every occupied slot, or one count per
+    slot (entries of empty slots are ignored). The batch size is ``len(slot_seq_ids)``
+    whatever the number of occupied slots; the token count ``T`` and each group's
+    table width ``W`` are bucketed from the occupied rows exactly as
+    `KVCacheManager.step_metadata` buckets them (it builds the occupied rows; they
+    are then placed in slot order). Pure: reads the manager, changes nothing.
+    """
+    spec = manager.spec
+    slot_seq_ids = list(slot_seq_ids)
+    num_slots = len(slot_seq_ids)
+    if num_slots < 1:
+        raise SlotError("slot_step_metadata needs at least one slot")
+    occupied = [b for b, s in enumerate(slot_seq_ids) if s is not None]
+    ids = [slot_seq_ids[b] for b in occupied]
+    if np.ndim(num_new_tokens) == 0:
+        counts = num_new_tokens
+    else:
+        per_slot = np.asarray(num_new_tokens)
+        if per_slot.shape != (num_slots,):
+            raise InvalidTokenCountError(
+                f"num_new_tokens has shape {per_slot.shape}; need one count per slot ({num_slots},) or an int"
+            )
+        counts = per_slot[occupied]
+    n = len(ids)
+    if n:
+        meta = manager.step_metadata(ids, counts)
+        T = meta.query_len
+    else:
+        meta, T = None, 1
+    rows = np.asarray(occupied, dtype=np.int64)
+
+    def place(name: str, shape, fill, group: int | None = None) -> np.ndarray:
+        out = np.full((num_slots, *shape), fill, dtype=np.int32)
+        if meta is not None:
+            src = meta if group is None else meta.groups[group]
+            out[rows] = getattr(src, name)[:n]
+        return out
+
+    groups = []
+    for g in range(len(spec.groups)):
+        W = meta.groups[g].block_tables.shape[1] if meta is not None else 1
+        groups.append(
+            GroupMetadata(
+                block_tables=place("block_tables", (W,), NULL_BLOCK, g),
+                slot_mapping=place("slot_mapping", (T,), _pad_slot(spec, g), g),
+                start=place("start", (), 0, g),
+            )
+        )
+    return StepMetadata(
+        kv_lens=place("kv_lens", (), 0),
+        query_lens=place("query_lens", (), 0),
+        positions=place("positions", (T,), 0),
+        groups=tuple(groups),
+    )
+
+
+class DecodeSlots:
+    """Which admitted sequence occupies each of the ``num_slots`` decode-batch slots.
+
+    ``num_slots`` defaults to ``spec.max_batch_slots`` (and may not exceed it). The
+    manager stays the owner of every sequence's blocks: `insert` and `remove` never
+    allocate or free; `release` is `remove` followed by `KVCacheManager.release`.
+    """
+
+    def __init__(self, manager, num_slots: int | None = None):
+        cap = manager.spec.max_batch_slots
+        if num_slots is None:
+            num_slots = cap
+        if isinstance(num_slots, bool) or not isinstance(num_slots, (int, np.integer)) or not 1 <= num_slots <= cap:
+            raise SpecError(f"num_slots={num_slots!r} must be an integer in [1, max_batch_slots={cap}]")
+        self.manager = manager
+        self._seqs: list[int | None] = [None] * int(num_slots)
+        self._slot_of: dict[int, int] = {}
+
+    # ---- queries -------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return len(self._seqs)
+
+    def __len__(self) -> int:
+        """Number of occupied slots."""
+        return len(self._slot_of)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._slot_of
+
+    def free_slots(self) -> list[int]:
+        """Empty slots, lowest first."""
+        return [b for b, s in enumerate(self._seqs) if s is None]
+
+    def occupied(self) -> list[tuple[int, int]]:
+        """``(slot, seq_id)`` of every occupied slot, in slot order."""
+        return [(b, s) for b, s in enumerate(self._seqs) if s is not None]
+
+    def seq_ids(self) -> list[int | None]:
+        """One entry per slot: its sequence, or ``None`` (the row layout of `step_metadata`)."""
+        return list(self._seqs)
+
+    def active_mask(self) -> np.ndarray:
+        """bool ``[num_slots]``: True where a slot holds a sequence."""
+        return np.array([s is not None for s in self._seqs], dtype=bool)
+
+    def seq_at(self, slot) -> int | None:
+        """The sequence in ``slot``, or ``None`` if it is empty."""
+        return self._seqs[self._check_slot(slot)]
+
+    def slot_of(self, seq_id) -> int:
+        """The slot ``seq_id`` occupies; `UnknownSequenceError` if it is in none."""
+        try:
+            return self._slot_of[seq_id]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(
+                f"seq_id={seq_id!r} is in no decode slot (occupied: {self.occupied()})"
+            ) from None
+
+    # ---- predicates ----------------------------------------------------------------
+    def can_insert(self, seq_id, slot=None) -> bool:
+        """Whether ``insert(seq_id, slot)`` would succeed now."""
+        try:
+            self._check_insert(seq_id, slot)
+        except PagedKVError:
+            return False
+        return True
+
+    def can_decode(self) -> bool:
+        """Whether `decode_step` would succeed now (every occupied sequence can grow by one)."""
+        ids = [s for s in self._seqs if s is not None]
+        return not ids or self.manager.can_append(ids, 1)
+
+    # ---- actions -------------------------------------------------------------------
+    def insert(self, seq_id, slot=None) -> int:
+        """Bind admitted ``seq_id`` to ``slot`` (default: the lowest free slot); returns the slot.
+
+        No keys or values move: the sequence keeps its page-table row. Raises
+        `SlotError` (slot out of range, taken, or no slot free),
+        `UnknownSequenceError` (not admitted) or `DuplicateSequenceError` (already
+        in a slot), changing nothing.
+        """
+        seq_id, slot = self._check_insert(seq_id, slot)
+        self._seqs[slot] = seq_id
+        self._slot_of[seq_id] = slot
+        return slot
+
+    def remove(self, slot) -> int:
+        """Empty ``slot`` and return the sequence that was in it; its blocks stay held."""
+        slot = self._check_slot(slot)
+        seq_id = self._seqs[slot]
+        if seq_id is None:
+            raise SlotError(f"slot={slot} is empty; occupied slots: {[b for b, _ in self.occupied()]}")
+        self._seqs[slot] = None
+        del self._slot_of[seq_id]
+        return seq_id
+
+    def release(self, slot) -> int:
+        """Empty ``slot`` and release its sequence's blocks; returns the sequence id."""
+        slot = self._check_slot(slot)
+        seq_id = self._seqs[slot]
+        if seq_id is None:
+            raise SlotError(f"slot={slot} is empty; occupied slots: {[b for b, _ in self.occupied()]}")
+        if seq_id not in self.manager:
+            raise UnknownSequenceError(
+                f"slot={slot} holds seq_id={seq_id}, which the manager no longer holds; remove({slot}) it instead"
+            )
+        self.remove(slot)
+        self.manager.release(seq_id)
+        return seq_id
+
+    def step_metadata(self, num_new_tokens=1) -> StepMetadata:
+        """Metadata for a step over all slots (row ``b`` = slot ``b``) whose last
+        ``num_new_tokens`` tokens per occupied slot are already appended. Pure."""
+        return slot_step_metadata(self.manager, self._seqs, num_new_tokens)
+
+    def decode_step(self) -> StepMetadata:
+        """Append one token to every occupied slot's sequence and describe the step.
+
+        One batched `KVCacheManager.append` (all or nothing: `OutOfBlocksError` or
+        `SequenceTooLongError` leave everything unchanged), then `step_metadata`:
+        ``num_slots`` rows whatever the number of running sequences, so the decode
+        step's shapes change only with the table-width bucket. Feed row ``b`` the
+        next token of ``seq_at(b)`` (anything for an empty slot).
+        """
+        ids = [s for s in self._seqs if s is not None]
+        if ids:
+            self.manager.append(ids, 1)
+        return self.step_metadata(1)
+
+    def insert_prefill(self, cache, seq_id, keys, values, slot=None):
+        """`paged_kv.insertion.insert_prefill` then `insert` into ``slot``; returns
+        ``(new cache, slot)``. The slot is checked first: nothing changes on failure."""
+        from paged_kv.insertion import insert_prefill
+
+        slot = self._check_free_slot(slot)
+        if seq_id in self._slot_of:
+            raise DuplicateSequenceError(f"seq_id={seq_id} already occupies slot {self._slot_of[seq_id]}")
+        cache = insert_prefill(cache, self.manager, seq_id, keys, values)
+        return cache, self.insert(seq_id, slot)
+
+    # ---- integrity -----------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every occupied slot holds a distinct admitted sequence
+        and the slot -> sequence and sequence -> slot maps agree."""
+        occupied = self.occupied()
+        seqs = [s for _, s in occupied]
+        if len(set(seqs)) != len(seqs):
+            raise AssertionError(f"a sequence occupies two slots: {occupied}")
+        if dict((s, b) for b, s in occupied) != self._slot_of:
+            raise AssertionError(f"slot map {occupied} and sequence map {self._slot_of} disagree")
+        missing = [(b, s) for b, s in occupied if s not in self.manager]
+        if missing:
+            raise AssertionError(f"slots hold sequences the manager does not hold: {missing}")
+
+    def snapshot(self) -> tuple:
+        """A comparable copy of the slot state."""
+        return tuple(self._seqs)
+
+    # ---- internals -----------------------------------------------------------------
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+            raise SlotError(f"slot={slot!r} must be an integer (got {type(slot).__name__})")
+        if not 0 <= slot < len(self._seqs):
+            raise SlotError(f"slot={slot} is out of range [0, {len(self._seqs)})")
+        return int(slot)
+
+    def _check_free_slot(self, slot) -> int:
+        if slot is None:
+            free = self.free_slots()
+            if not free:
+                raise SlotError(f"all {len(self._seqs)} slots are occupied; remove or release one first")
+            return free[0]
+        slot = self._check_slot(slot)
+        if self._seqs[slot] is not None:
+            raise SlotError(
+                f"slot={slot} is taken by seq_id={self._seqs[slot]}; free slots: {self.free_slots()}"
+            )
+        return slot
+
+    def _check_insert(self, seq_id, slot) -> tuple[int, int]:
+        if slot is not None:
+            self._check_slot(slot)
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)) or seq_id not in self.manager:
+            raise UnknownSequenceError(f"seq_id={seq_id!r} is not admitted; admit (and prefill) it before insert")
+        seq_id = int(seq_id)
+        if seq_id in self._slot_of:
+            raise DuplicateSequenceError(f"seq_id={seq_id} already occupies slot {self._slot_of[seq_id]}")
+        return seq_id, self._check_free_slot(slot)
+
+
+__all__ = ["DecodeSlots", "SlotError", "slot_step_metadata"]
