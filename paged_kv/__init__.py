@@ -23,7 +23,7 @@ from paged_kv.errors import (
 from paged_kv.insertion import insert_prefill
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
-from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView
+from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView, UnifiedCacheView
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "StepMetadata",
     "TraceError",
     "TransformerCacheView",
+    "UnifiedCacheView",
     "UnknownSequenceError",
     "bucket",
     "insert_prefill",

@@ -6,10 +6,13 @@ import dataclasses
 
 import jax
 
-from paged_kv.errors import ShapeError
+from paged_kv.errors import ShapeError, SpecError
 from paged_kv.spec import CacheSpec
 from paged_kv.views.sliding import SlidingWindowCacheView
 from paged_kv.views.transformer import TransformerCacheView
+from paged_kv.views.unified import UnifiedCacheView
+
+_LAYOUTS = ("split", "unified")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +23,21 @@ class PagedKVCache:
     views: tuple
 
     @classmethod
-    def init(cls, spec: CacheSpec, device=None) -> "PagedKVCache":
-        """Zeroed pages for every layer: a sliding view for ``spec.sliding_layers``, else full."""
+    def init(cls, spec: CacheSpec, device=None, layout: str = "split") -> "PagedKVCache":
+        """Zeroed pages for every layer.
+
+        ``layout="split"``: separate key and value pages per layer, a sliding view for
+        ``spec.sliding_layers``, else full. ``layout="unified"``: one `UnifiedCacheView`
+        (keys and values in one page tensor) for every layer, sliding layers included.
+        """
+        if layout not in _LAYOUTS:
+            raise SpecError(f"layout={layout!r} is not one of {_LAYOUTS}")
+
         def view(layer):
-            kind = SlidingWindowCacheView if layer in spec.sliding_layers else TransformerCacheView
+            if layout == "unified":
+                kind = UnifiedCacheView
+            else:
+                kind = SlidingWindowCacheView if layer in spec.sliding_layers else TransformerCacheView
             return kind.init(spec, layer, device)
 
         return cls(tuple(view(i) for i in range(spec.num_layers)))

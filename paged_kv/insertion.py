@@ -18,7 +18,6 @@ compiles once per distinct ``L`` (the write itself still compiles per bucket).
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -28,24 +27,13 @@ import numpy as np
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError, SpecError
 from paged_kv.metadata import bucket
-from paged_kv.ops import scatter_tokens
 from paged_kv.spec import compute_dtype
 
 
 @partial(jax.jit, donate_argnums=0)
 def _write_prefill(cache: PagedKVCache, keys: jax.Array, values: jax.Array, slots: jax.Array) -> PagedKVCache:
     """keys/values ``[num_layers, Lp, H, D]``; slots ``[num_groups, Lp]`` (padding dropped)."""
-    dt = compute_dtype(cache.spec)
-    views = []
-    for i, view in enumerate(cache.views):
-        s = slots[view.group][None]
-        views.append(
-            dataclasses.replace(
-                view,
-                key_pages=scatter_tokens(view.key_pages, keys[i][None], s, dt),
-                value_pages=scatter_tokens(view.value_pages, values[i][None], s, dt),
-            )
-        )
+    views = [view.write_slots(keys[i][None], values[i][None], slots[view.group][None]) for i, view in enumerate(cache.views)]
     return PagedKVCache(tuple(views))
 
 
@@ -147,7 +135,7 @@ def insert_prefill(cache: PagedKVCache, manager, seq_id, keys, values) -> PagedK
         raise InvalidTokenCountError(f"insert_prefill(seq_id={seq_id!r}) got L=0 tokens; a sequence starts with >= 1")
     for i, view in enumerate(cache.views):
         view.check_pages()
-        if view.key_pages.is_deleted() or view.value_pages.is_deleted():
+        if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(view)):
             raise ShapeError(f"layer {i} pages were donated to an earlier call; pass the cache that call returned")
 
     if length > spec.max_seq_len:

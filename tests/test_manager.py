@@ -165,3 +165,15 @@ def test_random_operations_keep_invariants(ops):
         m.release(s)
     assert m.num_free_blocks == m.spec.usable_blocks
     m.check_integrity()
+
+
+def test_zero_token_append_on_sliding_group_changes_nothing():
+    m = pk.KVCacheManager(spec(sliding_window=6, sliding_layers=(0,), num_layers=2))
+    m.admit(0, 9)
+    before = m.snapshot()
+    m.append([0], 0)
+    assert m.snapshot() == before
+    m.check_integrity()
+    m.append([0], 1)  # the first real token trims the block behind the window
+    assert m.block_table(0, 1).size == 2
+    m.check_integrity()

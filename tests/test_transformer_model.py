@@ -17,7 +17,7 @@ EDGE_LENGTHS = [1, 15, 16, 17, 31, 32, 33]
 class Driver:
     """Runs serving steps for many sequences and keeps every logit it produced."""
 
-    def __init__(self, dtype: str, num_blocks: int = 40, **spec_kw):
+    def __init__(self, dtype: str, num_blocks: int = 40, layout: str = "split", **spec_kw):
         self.spec = pk.CacheSpec(
             num_layers=CFG.num_layers, num_blocks=num_blocks, block_size=BLOCK, max_blocks_per_seq=8,
             max_batch_slots=8, num_kv_heads=CFG.kv_heads, head_dim=CFG.head_dim, dtype=dtype, **spec_kw,
@@ -26,7 +26,7 @@ class Driver:
             self.spec.sliding_window if i in self.spec.sliding_layers else None for i in range(CFG.num_layers)
         )
         self.manager = pk.KVCacheManager(self.spec)
-        self.cache = pk.PagedKVCache.init(self.spec)
+        self.cache = pk.PagedKVCache.init(self.spec, layout=layout)
         self.params = init_params(CFG)
         self.tokens: dict[int, list[int]] = {}
         self.logits: dict[int, dict[int, np.ndarray]] = {}

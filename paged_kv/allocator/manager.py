@@ -350,8 +350,8 @@ class KVCacheManager:
             )
         plan = []
         for g in self.groups:
-            keep = g.keep_from(rows, old, bs)
-            keep = np.minimum(keep, new_blocks)
+            # Appending no tokens to a row changes nothing for it: no trim either.
+            keep = np.where(counts > 0, np.minimum(g.keep_from(rows, old, bs), new_blocks), g.table.first_block[rows])
             needed = new_blocks - g.table.num_blocks[rows]
             trimmed = int((keep - g.table.first_block[rows]).sum())
             total = int(needed.sum())

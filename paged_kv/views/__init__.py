@@ -2,6 +2,7 @@
 
 from paged_kv.views.mask import AttentionMask
 from paged_kv.views.sliding import SlidingWindowCacheView
-from paged_kv.views.transformer import TransformerCacheView
+from paged_kv.views.transformer import PagedLayerView, TransformerCacheView
+from paged_kv.views.unified import UnifiedCacheView
 
-__all__ = ["AttentionMask", "SlidingWindowCacheView", "TransformerCacheView"]
+__all__ = ["AttentionMask", "PagedLayerView", "SlidingWindowCacheView", "TransformerCacheView", "UnifiedCacheView"]

@@ -20,8 +20,61 @@ from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
 from paged_kv.views.mask import AttentionMask
 
 
+class PagedLayerView:
+    """What every paged layer view shares, whatever its page layout.
+
+    A subclass is a frozen dataclass with ``spec`` and ``layer_index`` fields and its
+    own ``write_slots(key, value, slot_mapping)`` and ``read(metadata)``; the group,
+    window, mask, `write` and `concatenate_to_cache` follow from those and are
+    defined once, here.
+    """
+
+    def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":
+        """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages."""
+        return self.write_slots(key, value, metadata.groups[self.group].slot_mapping)
+
+    @property
+    def group(self) -> int:
+        """Index of this layer's group in `CacheSpec.groups` and `StepMetadata.groups`."""
+        return self.spec.group_of(self.layer_index)
+
+    @property
+    def window(self) -> int | None:
+        return self.spec.groups[self.group].window
+
+    def mask(self, metadata: StepMetadata) -> AttentionMask:
+        """Lengths and query positions relative to the keys `read` returns."""
+        start = metadata.groups[self.group].start
+        return AttentionMask(
+            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window
+        )
+
+    def concatenate_to_cache(
+        self,
+        query: jax.Array | None,
+        key: jax.Array,
+        value: jax.Array,
+        metadata: StepMetadata,
+    ) -> tuple[jax.Array, jax.Array, AttentionMask, "PagedLayerView"]:
+        """Write this step's keys/values, then return (keys, values, mask, new view).
+
+        ``key``/``value``: ``[B, T, heads, dim]`` laid out like ``metadata`` (row b is
+        the b-th sequence given to `KVCacheManager.step_metadata`, token t its t-th new
+        token). Keys and values come back in ``query.dtype`` when a query is given, as
+        EasyDeL's cache does, else in the spec's dtype. Works for prefill (T > 1) and
+        decode (T == 1) alike, and for sliding-window layers, whose keys start at the
+        first block the window reaches (the mask's lengths and positions are relative
+        to it and carry the window).
+        """
+        view = self.write(key, value, metadata)
+        keys, values = view.read(metadata)
+        if query is not None:
+            keys, values = keys.astype(query.dtype), values.astype(query.dtype)
+        return keys, values, view.mask(metadata), view
+
+
 @dataclasses.dataclass(frozen=True)
-class TransformerCacheView:
+class TransformerCacheView(PagedLayerView):
     """Key and value pages of one layer: ``[num_blocks, block_size, heads, dim]`` each."""
 
     key_pages: jax.Array
@@ -36,15 +89,6 @@ class TransformerCacheView:
         kshape, vshape = _page_shapes(spec, layer_index)
         return cls(jnp.zeros(kshape, store, device=device), jnp.zeros(vshape, store, device=device), spec, layer_index)
 
-    @property
-    def group(self) -> int:
-        """Index of this layer's group in `CacheSpec.groups` and `StepMetadata.groups`."""
-        return self.spec.group_of(self.layer_index)
-
-    @property
-    def window(self) -> int | None:
-        return self.spec.groups[self.group].window
-
     def check_pages(self) -> None:
         """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
         s = self.spec
@@ -56,10 +100,9 @@ class TransformerCacheView:
                     f"layer {self.layer_index} {name} is {tuple(arr.shape)} {arr.dtype}; spec wants {shape} {storage_dtype(s)}"
                 )
 
-    def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "TransformerCacheView":
-        """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages."""
+    def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "TransformerCacheView":
+        """Scatter ``key``/``value`` ``[B, T, heads, dim]`` into flat page slots ``slots`` ``[B, T]``."""
         dt = compute_dtype(self.spec)
-        slots = metadata.groups[self.group].slot_mapping
         return dataclasses.replace(
             self,
             key_pages=scatter_tokens(self.key_pages, key, slots, dt),
@@ -79,36 +122,6 @@ class TransformerCacheView:
         values = gather_blocks(self.value_pages, tables.block_tables, lens, dt)
         return keys, values
 
-    def mask(self, metadata: StepMetadata) -> AttentionMask:
-        """Lengths and query positions relative to the keys `read` returns."""
-        start = metadata.groups[self.group].start
-        return AttentionMask(
-            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window
-        )
-
-    def concatenate_to_cache(
-        self,
-        query: jax.Array | None,
-        key: jax.Array,
-        value: jax.Array,
-        metadata: StepMetadata,
-    ) -> tuple[jax.Array, jax.Array, AttentionMask, "TransformerCacheView"]:
-        """Write this step's keys/values, then return (keys, values, mask, new view).
-
-        ``key``/``value``: ``[B, T, heads, dim]`` laid out like ``metadata`` (row b is
-        the b-th sequence given to `KVCacheManager.step_metadata`, token t its t-th new
-        token). Keys and values come back in ``query.dtype`` when a query is given, as
-        EasyDeL's cache does, else in the spec's dtype. Works for prefill (T > 1) and
-        decode (T == 1) alike, and for sliding-window layers, whose keys start at the
-        first block the window reaches (the mask's lengths and positions are relative
-        to it and carry the window).
-        """
-        view = self.write(key, value, metadata)
-        keys, values = view.read(metadata)
-        if query is not None:
-            keys, values = keys.astype(query.dtype), values.astype(query.dtype)
-        return keys, values, view.mask(metadata), view
-
 
 def _page_shapes(spec: CacheSpec, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     nb = spec.groups[spec.group_of(layer)].num_blocks
@@ -122,4 +135,4 @@ jax.tree_util.register_dataclass(
     TransformerCacheView, data_fields=["key_pages", "value_pages"], meta_fields=["spec", "layer_index"]
 )
 
-__all__ = ["TransformerCacheView"]
+__all__ = ["PagedLayerView", "TransformerCacheView"]
