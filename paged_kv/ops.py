@@ -83,11 +83,6 @@ def gather_blocks_into(out: jax.Array, pages: jax.Array, block_tables: jax.Array
     return lax.dynamic_update_slice(out, view, (0,) * out.ndim)
 
 
-def copy_blocks(pages: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
-    """Copy whole blocks ``src[i] -> dst[i]`` (copy-on-write, compaction). In place when donated."""
-    return pages.at[dst].set(pages.at[src].get(mode="promise_in_bounds"), mode="drop")
-
-
 # Jitted entry points for callers outside a model's own jit. Pages and workspaces are
 # donated: the caller must use the returned arrays and drop the ones passed in.
 write_pages = jax.jit(scatter_tokens, static_argnames="compute_dtype", donate_argnums=0)
@@ -98,7 +93,6 @@ __all__ = [
     "scatter_tokens",
     "gather_blocks",
     "gather_blocks_into",
-    "copy_blocks",
     "write_pages",
     "gather_pages",
     "gather_pages_into",

@@ -177,3 +177,26 @@ def test_zero_token_append_on_sliding_group_changes_nothing():
     m.append([0], 1)  # the first real token trims the block behind the window
     assert m.block_table(0, 1).size == 2
     m.check_integrity()
+
+
+@pytest.mark.parametrize("window", [4, 6, 8, 13])
+def test_sliding_group_gives_blocks_back(window):
+    """After every decode token a sliding layer holds <= ceil(W / block) + 1 blocks per
+    sequence, and its pool's free count shows the blocks it returned."""
+    s = spec(num_layers=2, sliding_window=window, sliding_layers=(1,), num_blocks=33,
+             max_blocks_per_seq=32, sliding_num_blocks=12)
+    m = pk.KVCacheManager(s)
+    m.admit(0, 3)
+    m.admit(1, 1)
+    bound = -(-window // s.block_size) + 1
+    for _ in range(60):
+        m.append([0, 1], 1)
+        m.check_integrity()
+        held = [m.block_table(q, 1).size for q in (0, 1)]
+        assert max(held) <= bound == s.window_blocks(1)
+        assert m.groups[1].pool.num_free == s.sliding_num_blocks - 1 - sum(held)
+        # The full-attention group keeps every block.
+        assert m.block_table(0, 0).size == s.blocks_for(m.kv_len(0))
+    m.release(0)
+    m.release(1)
+    assert m.groups[1].pool.num_free == s.sliding_num_blocks - 1

@@ -73,27 +73,37 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype,kv_dtype,atol", [("float32", jnp.float32, 2e-4), ("bfloat16", jnp.bfloat16, 2e-3)])
-def test_decode_through_pages_equals_recompute(layout, dtype, kv_dtype, atol):
-    d = Driver(dtype, **LAYOUTS[layout])
-    # Batched prefill of prompts at every block edge, one step for all of them.
+def edge_scenario(d: Driver, steps: int, release_at: int, after_step=None) -> list[int]:
+    """Batched prefill of prompts at every block edge, then ``steps`` decode steps; at
+    step ``release_at`` one sequence finishes and a new request, prefilled in two
+    chunks, gets its blocks (stale keys must not leak into it). Returns the live ids."""
     d.step({i: d.random_tokens(n) for i, n in enumerate(EDGE_LENGTHS)})
     live = list(range(len(EDGE_LENGTHS)))
-    for step in range(20):
-        if step == 6:
-            # A sequence finishes; its blocks go back to the pool and a new request,
-            # prefilled in two chunks, gets them (stale keys must not leak into it).
+    for step in range(steps):
+        if step == release_at:
             d.manager.release(2)
             live.remove(2)
             d.step({100: d.random_tokens(20)})
             d.step({100: d.random_tokens(13)})
             live.append(100)
         d.step({s: d.random_tokens(1) for s in live})
+        if after_step is not None:
+            after_step(live)
+    return live
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype,kv_dtype,atol", [("float32", jnp.float32, 2e-4), ("bfloat16", jnp.bfloat16, 2e-3)])
+def test_decode_through_pages_equals_recompute(layout, dtype, kv_dtype, atol):
+    d = Driver(dtype, **LAYOUTS[layout])
+
+    def sliding_bound(live):
         if d.spec.sliding_layers:
             # A decoding sequence holds at most ceil(W / block) + 1 blocks of a sliding layer.
             g = len(d.spec.groups) - 1
             assert max(d.manager.block_table(s, g).size for s in live) <= d.spec.window_blocks(1)
+
+    live = edge_scenario(d, steps=20, release_at=6, after_step=sliding_bound)
     d.assert_matches_recompute(live, kv_dtype, atol)
     lengths = sorted(len(d.tokens[s]) for s in live)
     assert lengths == sorted([1 + 20, 15 + 20, 17 + 20, 31 + 20, 32 + 20, 33 + 20, 33 + 14])

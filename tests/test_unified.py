@@ -10,7 +10,7 @@ import pytest
 import paged_kv as pk
 from paged_kv.spec import compute_dtype
 from paged_kv.views.unified import UnifiedCacheView
-from test_transformer_model import EDGE_LENGTHS, LAYOUTS, Driver
+from test_transformer_model import EDGE_LENGTHS, LAYOUTS, Driver, edge_scenario
 
 # key_heads, value_heads, key_dim, value_dim
 SHAPES = {
@@ -144,22 +144,6 @@ def test_unified_equals_split_bit_for_bit(dtype, shape):
         assert not np.any(up[pk.NULL_BLOCK])
 
 
-def _decode_scenario(d: Driver) -> list[int]:
-    """Batched prefill at block edges, decode, a release and a two-chunk prefill into
-    the freed blocks, more decode."""
-    d.step({i: d.random_tokens(n) for i, n in enumerate(EDGE_LENGTHS)})
-    live = list(range(len(EDGE_LENGTHS)))
-    for step in range(8):
-        if step == 3:
-            d.manager.release(2)
-            live.remove(2)
-            d.step({100: d.random_tokens(20)})
-            d.step({100: d.random_tokens(13)})
-            live.append(100)
-        d.step({s: d.random_tokens(1) for s in live})
-    return live
-
-
 TOL = {"float32": (jnp.float32, 2e-4), "bfloat16": (jnp.bfloat16, 2e-3)}
 
 
@@ -170,13 +154,13 @@ def test_tiny_transformer_through_unified_cache(layout, dtype):
     kv_dtype, atol = TOL[dtype]
     unified = Driver(dtype, layout="unified", **LAYOUTS[layout])
     assert all(type(v) is UnifiedCacheView for v in unified.cache.views)
-    live = _decode_scenario(unified)
+    live = edge_scenario(unified, steps=8, release_at=3)
     # Recompute (one compile per length) for the block-edge prompts 1, 16 and 33 and
     # for the sequence prefilled into released blocks; the rest match bit for bit below.
     unified.assert_matches_recompute([0, 3, 6, 100], kv_dtype, atol)
     # The same steps through split pages give bit-identical logits.
     split = Driver(dtype, layout="split", **LAYOUTS[layout])
-    assert _decode_scenario(split) == live
+    assert edge_scenario(split, steps=8, release_at=3) == live
     assert split.tokens == unified.tokens
     for s in split.logits:
         assert split.logits[s].keys() == unified.logits[s].keys()
