@@ -190,22 +190,24 @@ class DecodeSlots:
         self._slot_of[seq_id] = slot
         return slot
 
-    def remove(self, slot) -> int:
-        """Empty ``slot`` and return the sequence that was in it; its blocks stay held."""
+    def _occupant(self, slot) -> tuple[int, int]:
+        """The checked slot and the sequence in it; `SlotError` if it is empty."""
         slot = self._check_slot(slot)
         seq_id = self._seqs[slot]
         if seq_id is None:
             raise SlotError(f"slot={slot} is empty; occupied slots: {[b for b, _ in self.occupied()]}")
+        return slot, seq_id
+
+    def remove(self, slot) -> int:
+        """Empty ``slot`` and return the sequence that was in it; its blocks stay held."""
+        slot, seq_id = self._occupant(slot)
         self._seqs[slot] = None
         del self._slot_of[seq_id]
         return seq_id
 
     def release(self, slot) -> int:
         """Empty ``slot`` and release its sequence's blocks; returns the sequence id."""
-        slot = self._check_slot(slot)
-        seq_id = self._seqs[slot]
-        if seq_id is None:
-            raise SlotError(f"slot={slot} is empty; occupied slots: {[b for b, _ in self.occupied()]}")
+        slot, seq_id = self._occupant(slot)
         if seq_id not in self.manager:
             raise UnknownSequenceError(
                 f"slot={slot} holds seq_id={seq_id}, which the manager no longer holds; remove({slot}) it instead"

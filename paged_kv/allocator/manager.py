@@ -246,10 +246,12 @@ class KVCacheManager:
         W = bucket(int(width.max(initial=1)), self.spec.max_blocks_per_seq)
         cols = first[:, None] + np.arange(W)[None, :]
         held = cols < table.num_blocks[rows][:, None]
-        full_rows = table.block_tables[rows]
+        # Index only the columns used (W per row, T per row), never whole rows of
+        # max_blocks_per_seq: the step's host cost stays O(batch x (W + T)).
         block_tables = np.full((B, W), NULL_BLOCK, dtype=np.int32)
-        block_tables[:n] = np.where(held, np.take_along_axis(full_rows, np.minimum(cols, table.max_blocks_per_seq - 1), axis=1), NULL_BLOCK)
-        blk = np.take_along_axis(full_rows, positions // bs, axis=1).astype(np.int64)
+        picked = table.block_tables[rows[:, None], np.minimum(cols, table.max_blocks_per_seq - 1)]
+        block_tables[:n] = np.where(held, picked, NULL_BLOCK)
+        blk = table.block_tables[rows[:, None], positions // bs].astype(np.int64)
         slot_mapping = np.full((B, positions.shape[1]), g.pad_slot, dtype=np.int32)
         slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, g.pad_slot)
         start = np.zeros(B, dtype=np.int32)
