@@ -59,7 +59,7 @@ BAD_CALLS = [
     ("admit float count", None, lambda m: m.admit(9, 2.0), pk.InvalidTokenCountError, "2.0"),
     ("admit str id", None, lambda m: m.admit("a", 2), pk.InvalidTokenCountError, "'a'"),
     ("append unknown", None, lambda m: m.append([1, 42], 1), pk.UnknownSequenceError, "seq_id=42"),
-    ("append duplicate", None, lambda m: m.append([1, 1], 1), pk.DuplicateSequenceError, r"\[1, 1\]"),
+    ("append duplicate", None, lambda m: m.append([1, 1], 1), pk.DuplicateSequenceError, "seq_id=1 appears twice"),
     ("append negative", None, lambda m: m.append([1, 2], [1, -1]), pk.InvalidTokenCountError, "-1"),
     ("append wrong shape", None, lambda m: m.append([1, 2], [1, 1, 1]), pk.InvalidTokenCountError, "shape"),
     ("append over limit", None, lambda m: m.append([1, 2], [1, 30]), pk.SequenceTooLongError, "seq_id=2"),

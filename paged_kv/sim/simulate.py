@@ -1,82 +1,181 @@
-"""Replay a request trace through a `KVCacheManager` with continuous batching.
+"""Replay a request trace through the paged manager, and through the contiguous
+caches it replaces at equal memory.
 
-The point is to measure the allocator under a realistic mix of prompt and output
-lengths: how full the pool runs, how much of what is allocated holds tokens, and
-how often memory pressure forces a preemption. No model runs and no device memory
-is touched; one step is one decode iteration of a vLLM-style scheduler.
+No model runs and no device memory is touched: this measures the allocator under a
+realistic mix of prompt and output lengths, how full memory runs, how much of what
+is allocated holds tokens, and how many sequences fit at once.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable
 
 import attrs
 import numpy as np
 
-from paged_kv.allocator.manager import KVCacheManager
-from paged_kv.errors import OutOfBlocksError, PagedKVError
+from paged_kv.sim.backends import (
+    Backend,
+    ContiguousMaxLenBackend,
+    FirstFitBackend,
+    PagedBackend,
+    equal_memory_slots,
+)
+from paged_kv.sim.profile import StepSeries
+from paged_kv.sim.scheduler import PROGRESS_EVERY, ScheduleResult, SchedulerConfig, SimulationError, run_schedule
 from paged_kv.sim.trace import Trace
 from paged_kv.spec import CacheSpec
 
-PROGRESS_EVERY = 1000
-"""Steps between two calls of the ``progress`` callback."""
-
-
-class SimulationError(PagedKVError, ValueError):
-    """`simulate` was given settings it cannot run with (batch size, watermark)."""
+BASELINES = ("contiguous-max-len", "contiguous-first-fit")
 
 
 @attrs.frozen(kw_only=True)
 class SimReport:
-    """What one `simulate` run measured. Per-step figures are taken after the step's
-    decode append, when the step's forward pass would hold the most tokens."""
+    """What one replay measured over one backend. Per-step figures are taken after
+    the step's appends, when its forward pass holds the most tokens; "blocks" are
+    the paged pool's, or slots / block_size for a contiguous backend."""
 
+    backend: str
     requests_served: int
+    cancelled: int
     skipped: int
     truncated: int
     steps: int
+    idle_steps: int
     tokens_generated: int
     prefill_tokens: int
+    admissions: int
     preemptions: int
+    queue_delay_mean: float
+    queue_delay_p50: float
+    queue_delay_p99: float
+    capacity_slots: int
+    usable_blocks: int
     peak_blocks_in_use: int
     mean_blocks_in_use: float
     mean_group_blocks: tuple[float, ...]
     mean_used_bytes: float
     peak_used_bytes: int
-    usable_blocks: int
     time_avg_utilization: float
+    p1_utilization: float
+    p50_utilization: float
+    p99_utilization: float
+    mean_internal_fragmentation: float
+    mean_free_run_ratio: float
+    min_free_run_ratio: float
     peak_running: int
     mean_running: float
+    mean_waiting: float
     wall_s: float
+    series: StepSeries = attrs.field(repr=False)
+
+    @classmethod
+    def from_result(cls, backend: Backend, result: ScheduleResult) -> "SimReport":
+        s = result.series.summary()
+        bs = backend.block_size
+        delays = result.queue_delay_steps
+        mean_blocks = s["mean_slots_allocated"] / bs
+        groups = (mean_blocks,)
+        if isinstance(backend, PagedBackend) and len(backend.manager.groups) > 1:
+            groups = (mean_blocks, s["mean_sliding_blocks"])
+        return cls(
+            backend=backend.name,
+            requests_served=result.requests_served,
+            cancelled=result.cancelled,
+            skipped=result.skipped,
+            truncated=result.truncated,
+            steps=result.steps,
+            idle_steps=result.idle_steps,
+            tokens_generated=result.tokens_generated,
+            prefill_tokens=result.prefill_tokens,
+            admissions=result.admissions,
+            preemptions=result.preemptions,
+            queue_delay_mean=float(delays.mean()) if delays.size else 0.0,
+            queue_delay_p50=float(np.percentile(delays, 50)) if delays.size else 0.0,
+            queue_delay_p99=float(np.percentile(delays, 99)) if delays.size else 0.0,
+            capacity_slots=backend.capacity_slots,
+            usable_blocks=backend.capacity_slots // bs,
+            peak_blocks_in_use=-(-s["peak_slots_allocated"] // bs),
+            mean_blocks_in_use=mean_blocks,
+            mean_group_blocks=groups,
+            mean_used_bytes=s["mean_used_bytes"],
+            peak_used_bytes=s["peak_used_bytes"],
+            time_avg_utilization=s["time_avg_utilization"],
+            p1_utilization=s["p1_utilization"],
+            p50_utilization=s["p50_utilization"],
+            p99_utilization=s["p99_utilization"],
+            mean_internal_fragmentation=s["mean_internal_fragmentation"],
+            mean_free_run_ratio=s["mean_free_run_ratio"],
+            min_free_run_ratio=s["min_free_run_ratio"],
+            peak_running=s["peak_running"],
+            mean_running=s["mean_running"],
+            mean_waiting=s["mean_waiting"],
+            wall_s=result.wall_s,
+            series=result.series,
+        )
 
     def as_dict(self) -> dict:
-        return attrs.asdict(self)
+        """Every figure (not the series) as plain JSON-ready values."""
+        return attrs.asdict(self, filter=lambda a, _: a.name != "series")
 
-    def format(self) -> str:
-        """An aligned two-column text table, one figure per line."""
-        rows = [
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for a terminal table."""
+        return [
             ("requests served", f"{self.requests_served:,}"),
+            ("cancelled by client", f"{self.cancelled:,}"),
             ("skipped (prompt > max_seq_len)", f"{self.skipped:,}"),
             ("truncated (output cut to max_seq_len)", f"{self.truncated:,}"),
             ("steps", f"{self.steps:,}"),
             ("tokens generated", f"{self.tokens_generated:,}"),
             ("prefill tokens (incl. recompute)", f"{self.prefill_tokens:,}"),
+            ("admissions", f"{self.admissions:,}"),
             ("preemptions", f"{self.preemptions:,}"),
+            ("queue delay mean / p50 / p99 (steps)",
+             f"{self.queue_delay_mean:,.0f} / {self.queue_delay_p50:,.0f} / {self.queue_delay_p99:,.0f}"),
             ("peak blocks in use", f"{self.peak_blocks_in_use:,} / {self.usable_blocks:,}"),
             ("mean blocks in use", f"{self.mean_blocks_in_use:,.1f} / {self.usable_blocks:,}"),
             ("mean blocks per layer group", " / ".join(f"{b:,.1f}" for b in self.mean_group_blocks)),
             ("mean KV bytes held", f"{self.mean_used_bytes / 2**30:,.2f} GiB"),
             ("peak KV bytes held", f"{self.peak_used_bytes / 2**30:,.2f} GiB"),
             ("time-avg utilization (tokens/slots)", f"{self.time_avg_utilization:.4f}"),
+            ("utilization p1 / p50 / p99",
+             f"{self.p1_utilization:.3f} / {self.p50_utilization:.3f} / {self.p99_utilization:.3f}"),
+            ("mean empty slots allocated", f"{self.mean_internal_fragmentation:,.0f}"),
+            ("largest free run / free (mean, min)", f"{self.mean_free_run_ratio:.3f}, {self.min_free_run_ratio:.3f}"),
             ("peak running", f"{self.peak_running:,}"),
             ("mean running", f"{self.mean_running:.1f}"),
             ("wall time", f"{self.wall_s:.2f} s"),
         ]
-        width = max(len(k) for k, _ in rows)
-        vwidth = max(len(v) for _, v in rows)
-        return "\n".join(f"{k:<{width}}  {v:>{vwidth}}" for k, v in rows)
+
+    def format(self) -> str:
+        """An aligned two-column text table, one figure per line."""
+        return format_table([self])
+
+
+def format_table(reports: list[SimReport]) -> str:
+    """Reports side by side: one row per figure, one column per backend."""
+    labels = [label for label, _ in reports[0].rows()]
+    columns = [[value for _, value in r.rows()] for r in reports]
+    header = ["", *(r.backend for r in reports)] if len(reports) > 1 else None
+    width = max(len(x) for x in labels)
+    widths = [max(len(v) for v in [r.backend, *col]) for r, col in zip(reports, columns)]
+    lines = []
+    if header:
+        lines.append("  ".join([" " * width, *(h.rjust(w) for h, w in zip(header[1:], widths))]))
+    for i, label in enumerate(labels):
+        lines.append("  ".join([label.ljust(width), *(col[i].rjust(w) for col, w in zip(columns, widths))]))
+    return "\n".join(lines)
+
+
+def _config(config: SchedulerConfig | None, max_batch, watermark, spec: CacheSpec) -> SchedulerConfig:
+    if config is None:
+        max_batch = spec.max_batch_slots if max_batch is None else max_batch
+        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or not 1 <= max_batch <= spec.max_batch_slots:
+            raise SimulationError(f"max_batch={max_batch!r} must be an integer in [1, max_batch_slots={spec.max_batch_slots}]")
+        config = SchedulerConfig(max_batch=int(max_batch), watermark=watermark,
+                                 token_budget=max(SchedulerConfig().token_budget, int(max_batch)))
+    elif config.max_batch > spec.max_batch_slots:
+        raise SimulationError(f"max_batch={config.max_batch} > the spec's max_batch_slots={spec.max_batch_slots}")
+    return config
 
 
 def simulate(
@@ -86,157 +185,47 @@ def simulate(
     watermark: float = 0.01,
     progress: Callable[[int, int], None] | None = None,
     check: bool = False,
+    config: SchedulerConfig | None = None,
 ) -> SimReport:
     """Serve every request of ``trace`` from a fresh `KVCacheManager` built from ``spec``.
 
-    Offline replay: all requests are queued in trace order at step 0 and
-    ``trace.arrival_s`` is not used yet, so the pool runs as full as admission
-    allows; this measures allocator behaviour under sustained load, not latency.
-
-    Each step:
-
-    (a) admit from the queue head, first come first served, while the prompt fits
-        (``can_admit``), at least ``watermark * usable_blocks`` blocks stay free
-        afterwards (headroom so running sequences can grow without an immediate
-        preemption; waived when nothing runs, so a big prompt cannot stall the
-        queue) and fewer than ``max_batch`` sequences run. Admission allocates the
-        whole prompt at once: that is its prefill.
-    (b) append one token to every running sequence in one batched ``append``. If
-        the pool is short, the newest running sequence is preempted by recompute:
-        released and put back at the queue front, to be re-prefilled later with
-        its prompt plus the tokens it had generated; then the append is retried.
-    (c) release every sequence that has generated all its tokens.
-
-    A newly admitted sequence decodes in the step that admitted it, as in vLLM
-    where the prefill pass emits the first output token. A request longer than
-    ``spec.max_seq_len`` has its output cut to fit (counted in ``truncated``);
-    one whose prompt alone leaves no room for an output token is not run
-    (counted in ``skipped``); one with no output is released as soon as it is
-    admitted. ``progress(steps, requests_served)`` is called every
-    `PROGRESS_EVERY` steps; ``check=True`` runs the manager's integrity check
-    after every step (slow; for tests).
+    ``config`` sets the scheduler (see `SchedulerConfig`); without it, ``max_batch``
+    (default: the spec's ``max_batch_slots``) and ``watermark`` are used with the
+    other defaults: offline arrivals, an 8192-token step budget.
+    ``progress(done, total)`` is called every `PROGRESS_EVERY` steps with requests
+    finished so far; ``check=True`` runs the manager's integrity check after every
+    step (slow; for tests).
     """
-    max_batch = spec.max_batch_slots if max_batch is None else max_batch
-    if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or not 1 <= max_batch <= spec.max_batch_slots:
-        raise SimulationError(f"max_batch={max_batch!r} must be an integer in [1, max_batch_slots={spec.max_batch_slots}]")
-    if not 0.0 <= watermark < 1.0:
-        raise SimulationError(f"watermark={watermark!r} must be a fraction of the pool in [0, 1)")
-
-    started = time.perf_counter()
-    manager = KVCacheManager(spec)
-    reserve = watermark * spec.usable_blocks
-    context = trace.context_tokens
-    fits = context + np.minimum(trace.generated_tokens, 1) <= spec.max_seq_len
-    # Output each request will produce: cut so prompt + output <= max_seq_len.
-    target = np.where(fits, np.minimum(trace.generated_tokens, spec.max_seq_len - context), 0)
-    truncated = int(np.count_nonzero(fits & (target < trace.generated_tokens)))
-    done = np.zeros(len(trace), dtype=np.int64)  # tokens generated so far, kept across preemptions
-
-    queue = deque(int(i) for i in np.flatnonzero(fits))
-    # Running sequences in admission order (the last is the newest, the one to
-    # preempt), with their remaining output in a parallel array so that a step's
-    # bookkeeping is a few vectorized operations, not a loop over the batch.
-    running: list[int] = []
-    remaining = np.empty(0, dtype=np.int64)
-
-    steps = served = preemptions = prefill_tokens = peak_blocks = peak_running = peak_bytes = 0
-    sum_blocks = sum_tokens = sum_running = sum_bytes = 0
-    sum_group_blocks = np.zeros(len(manager.groups), dtype=np.int64)
-    while queue or running:
-        # (a) admission
-        admitted: list[int] = []
-        while queue and len(running) + len(admitted) < max_batch:
-            i = queue[0]
-            prompt = int(context[i] + done[i])
-            if not manager.can_admit(prompt):
-                break
-            if (running or admitted) and manager.num_free_blocks - spec.blocks_for(prompt) < reserve:
-                # num_free_blocks is the scarcest group's, so the headroom holds for every group.
-                break
-            queue.popleft()
-            manager.admit(i, prompt)
-            prefill_tokens += prompt
-            if target[i] == done[i]:
-                # Nothing to generate: the prefill was all the work it needed.
-                manager.release(i)
-                served += 1
-            else:
-                admitted.append(i)
-        if admitted:
-            running.extend(admitted)
-            remaining = np.concatenate([remaining, target[admitted] - done[admitted]])
-        if not running:
-            if queue:
-                # Unreachable while max_blocks_per_seq <= usable blocks (CacheSpec enforces
-                # it) and prompts fit max_seq_len (filtered above); guards an endless loop.
-                raise SimulationError(f"request {queue[0]} cannot be admitted into an empty pool")
-            break  # the last requests had no output to generate
-
-        # (b) one decode token per running sequence, preempting the newest on shortage
-        while True:
-            try:
-                manager.append(running, 1)
-                break
-            except OutOfBlocksError:
-                victim = running.pop()
-                remaining = remaining[:-1]
-                manager.release(victim)
-                queue.appendleft(victim)
-                preemptions += 1
-        remaining -= 1
-        if running:
-            done[running] += 1
-
-        steps += 1
-        # Blocks and utilization are the first group's (all layers unless some slide);
-        # bytes count every group.
-        blocks = manager.pool.num_used
-        used_bytes = manager.used_bytes
-        n = len(running)
-        sum_blocks += blocks
-        sum_bytes += used_bytes
-        peak_bytes = max(peak_bytes, used_bytes)
-        sum_group_blocks += [g.pool.num_used for g in manager.groups]
-        sum_tokens += manager.num_tokens_stored()
-        sum_running += n
-        peak_blocks = max(peak_blocks, blocks)
-        peak_running = max(peak_running, n)
-
-        # (c) release finished sequences
-        finished = remaining <= 0
-        if finished.any():
-            for k in np.flatnonzero(finished).tolist():
-                manager.release(running[k])
-            served += int(np.count_nonzero(finished))
-            keep = ~finished
-            running = [s for s, k in zip(running, keep.tolist()) if k]
-            remaining = remaining[keep]
-
-        if check:
-            manager.check_integrity()
-        if progress is not None and steps % PROGRESS_EVERY == 0:
-            progress(steps, served)
-
-    slots = sum_blocks * spec.block_size
-    return SimReport(
-        requests_served=served,
-        skipped=int(np.count_nonzero(~fits)),
-        truncated=truncated,
-        steps=steps,
-        tokens_generated=int(done.sum()),
-        prefill_tokens=prefill_tokens,
-        preemptions=preemptions,
-        peak_blocks_in_use=peak_blocks,
-        mean_blocks_in_use=sum_blocks / steps if steps else 0.0,
-        mean_group_blocks=tuple((sum_group_blocks / max(steps, 1)).tolist()),
-        mean_used_bytes=sum_bytes / steps if steps else 0.0,
-        peak_used_bytes=peak_bytes,
-        usable_blocks=spec.usable_blocks,
-        time_avg_utilization=sum_tokens / slots if slots else 0.0,
-        peak_running=peak_running,
-        mean_running=sum_running / steps if steps else 0.0,
-        wall_s=time.perf_counter() - started,
-    )
+    config = _config(config, max_batch, watermark, spec)
+    backend = PagedBackend(spec, config.watermark)
+    return SimReport.from_result(backend, run_schedule(trace, backend, config, spec.max_seq_len, progress, check))
 
 
-__all__ = ["PROGRESS_EVERY", "SimReport", "SimulationError", "simulate"]
+def baseline_backends(spec: CacheSpec) -> list[Backend]:
+    """The contiguous caches paged_kv replaces, given the bytes of ``spec``'s pool."""
+    slots = equal_memory_slots(spec)
+    return [ContiguousMaxLenBackend(spec, slots), FirstFitBackend(spec, slots)]
+
+
+def compare(
+    trace: Trace,
+    spec: CacheSpec,
+    config: SchedulerConfig | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    check: bool = False,
+) -> list[SimReport]:
+    """Replay ``trace`` over the paged manager and each baseline at equal memory,
+    under one scheduler: reports in the order paged, `BASELINES`.
+
+    ``progress(backend_name, done, total)`` reports each replay's progress.
+    """
+    config = _config(config, None, 0.01, spec)
+    reports = []
+    for backend in [PagedBackend(spec, config.watermark), *baseline_backends(spec)]:
+        tick = None if progress is None else (lambda d, t, name=backend.name: progress(name, d, t))
+        reports.append(SimReport.from_result(backend, run_schedule(trace, backend, config, spec.max_seq_len, tick, check)))
+    return reports
+
+
+__all__ = ["BASELINES", "PROGRESS_EVERY", "SimReport", "SimulationError", "baseline_backends", "compare",
+           "format_table", "simulate"]

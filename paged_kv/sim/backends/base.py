@@ -1,0 +1,86 @@
+"""What the scheduler simulator asks of a memory backend.
+
+The scheduler decides *who* runs (FCFS, batch limit, token budget); a backend decides
+*whether memory allows it* and reports what it holds. Keeping that split lets the
+paged manager and the contiguous baselines be compared on the same trace with the
+same admission order, so every difference in the figures is the allocator's.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import attrs
+import numpy as np
+
+from paged_kv.spec import CacheSpec
+
+
+@attrs.frozen
+class Sample:
+    """A backend's memory state after one step, in token slots (one slot holds one
+    token's keys and values in every layer)."""
+
+    slots_allocated: int
+    """Slots reserved by running sequences, whether or not a token is in them yet."""
+    free_slots: int
+    largest_free_run: int
+    """The biggest reservation that could be made now. Paged: all free slots (any free
+    block serves any sequence); an arena: its longest contiguous free run."""
+    sliding_blocks: int = 0
+    """Blocks held by sliding-window layer groups (paged only)."""
+    used_bytes: int = 0
+
+
+def equal_memory_slots(spec: CacheSpec) -> int:
+    """Token slots a contiguous cache gets from the bytes of ``spec``'s usable blocks.
+
+    Contiguous caches keep every layer at full length, so with sliding layers the
+    same bytes hold fewer all-layer slots than the paged full-attention group has.
+    """
+    usable_bytes = sum((g.num_blocks - 1) * spec.group_bytes_per_block(i) for i, g in enumerate(spec.groups))
+    return usable_bytes // spec.bytes_per_token
+
+
+class Backend(abc.ABC):
+    """Memory for the sequences the scheduler runs, addressed by request index.
+
+    Calls mirror `KVCacheManager`: ``admit`` the first tokens of a sequence,
+    ``append`` tokens to running ones (raising `OutOfBlocksError`, changing nothing,
+    when memory is short), ``release`` a finished or preempted one.
+    """
+
+    name: str
+    reserves_ahead: bool = False
+    """True when ``admit`` reserves everything a sequence will ever hold, so ``append``
+    never allocates or fails. The scheduler then skips ahead over steps in which
+    nothing but decoding happens (their figures are exact, recorded as one span)."""
+
+    def __init__(self, spec: CacheSpec, capacity_slots: int):
+        self.spec = spec
+        self.capacity_slots = int(capacity_slots)
+        self.block_size = spec.block_size
+
+    @abc.abstractmethod
+    def can_admit(self, seq: int, tokens: int, final_tokens: int, busy: bool) -> bool:
+        """Whether ``admit`` would succeed and leave enough headroom. ``final_tokens`` is
+        the length the sequence will reach (used only by exact-length reservation);
+        ``busy`` says whether other sequences are running."""
+
+    @abc.abstractmethod
+    def admit(self, seq: int, tokens: int, final_tokens: int) -> None: ...
+
+    @abc.abstractmethod
+    def append(self, seqs: list[int], counts: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def release(self, seq: int) -> None: ...
+
+    @abc.abstractmethod
+    def sample(self) -> Sample: ...
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if the backend's bookkeeping is inconsistent."""
+
+
+__all__ = ["Backend", "Sample", "equal_memory_slots"]

@@ -1,0 +1,130 @@
+"""Fragmentation profiler: a per-step record of what memory holds, and its summary.
+
+One row per scheduler step, or per span of steps in which only decoding happened
+(backends that reserve ahead are skipped over such spans; the row's ``steps`` is
+its weight and its ``tokens_stored`` the mean over the span, so every average below
+is exact). Rows are appended to Python lists, one tuple per step, and turned into
+numpy columns once at the end: cheaper per step than growing arrays.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import attrs
+import numpy as np
+
+COLUMNS = (
+    "step",  # scheduler clock at the row's first step
+    "steps",  # steps the row stands for (1, or a skipped-over decode span)
+    "running",
+    "waiting",
+    "tokens_stored",  # tokens held by running sequences (mean over the span)
+    "slots_allocated",  # token slots reserved: blocks x block_size when paged
+    "free_slots",
+    "largest_free_run",  # biggest reservation possible now, in slots
+    "sliding_blocks",  # blocks held by sliding-window layer groups
+    "used_bytes",  # device bytes of everything reserved, all layers
+)
+
+
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of ``values`` where each counts ``weights`` times (lower value, no interpolation)."""
+    if values.size == 0:
+        return 0.0
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    i = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    return float(values[order][min(i, values.size - 1)])
+
+
+@attrs.frozen(eq=False)
+class StepSeries:
+    """The profiler's columns (see `COLUMNS`) as numpy arrays of equal length."""
+
+    columns: dict[str, np.ndarray]
+    block_size: int
+    capacity_slots: int
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple], block_size: int, capacity_slots: int) -> "StepSeries":
+        data = np.array(rows, dtype=np.float64).reshape(len(rows), len(COLUMNS))
+        cols = {name: data[:, i] if name == "tokens_stored" else data[:, i].astype(np.int64)
+                for i, name in enumerate(COLUMNS)}
+        return cls(cols, block_size, capacity_slots)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def __len__(self) -> int:
+        return int(self.columns["step"].size)
+
+    @property
+    def utilization(self) -> np.ndarray:
+        """Tokens stored / slots allocated per row (1.0 where nothing is allocated)."""
+        slots = self["slots_allocated"]
+        return np.divide(self["tokens_stored"], slots, out=np.ones(len(self)), where=slots > 0)
+
+    def summary(self) -> dict:
+        """Time-averaged figures, each step weighted equally."""
+        w = self["steps"].astype(np.float64)
+        total = w.sum()
+        if total == 0:
+            return dict(time_avg_utilization=0.0, p1_utilization=0.0, p50_utilization=0.0, p99_utilization=0.0,
+                        mean_slots_allocated=0.0, peak_slots_allocated=0, mean_internal_fragmentation=0.0,
+                        mean_free_run_ratio=1.0, min_free_run_ratio=1.0, mean_running=0.0, peak_running=0,
+                        mean_waiting=0.0, mean_used_bytes=0.0, peak_used_bytes=0, mean_sliding_blocks=0.0)
+        slots = self["slots_allocated"]
+        tokens = self["tokens_stored"]
+        busy = slots > 0
+        util = self.utilization
+        free = self["free_slots"]
+        has_free = free > 0
+        ratio = np.divide(self["largest_free_run"], free, out=np.ones(len(self)), where=has_free)
+        return dict(
+            time_avg_utilization=float((w * tokens).sum() / (w * slots).sum()) if busy.any() else 0.0,
+            p1_utilization=weighted_quantile(util[busy], w[busy], 0.01),
+            p50_utilization=weighted_quantile(util[busy], w[busy], 0.50),
+            p99_utilization=weighted_quantile(util[busy], w[busy], 0.99),
+            mean_slots_allocated=float((w * slots).sum() / total),
+            peak_slots_allocated=int(slots.max()),
+            mean_internal_fragmentation=float((w * (slots - tokens)).sum() / total),
+            mean_free_run_ratio=float((w * ratio)[has_free].sum() / w[has_free].sum()) if has_free.any() else 1.0,
+            min_free_run_ratio=float(ratio[has_free].min()) if has_free.any() else 1.0,
+            mean_running=float((w * self["running"]).sum() / total),
+            peak_running=int(self["running"].max()),
+            mean_waiting=float((w * self["waiting"]).sum() / total),
+            mean_used_bytes=float((w * self["used_bytes"]).sum() / total),
+            peak_used_bytes=int(self["used_bytes"].max()),
+            mean_sliding_blocks=float((w * self["sliding_blocks"]).sum() / total),
+        )
+
+    def as_lists(self) -> dict:
+        out = {name: col.tolist() for name, col in self.columns.items()}
+        out["utilization"] = self.utilization.round(6).tolist()
+        return out
+
+
+def write_series(path: str | os.PathLike, series: dict[str, StepSeries]) -> None:
+    """Write the series of several backends to ``path``: JSON (``{backend: {column:
+    [...]}}``) if it ends in ``.json``, else CSV in long form (a ``backend`` column
+    first, then `COLUMNS` and ``utilization``)."""
+    path = os.fspath(path)
+    if path.endswith(".json"):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({name: s.as_lists() for name, s in series.items()}, f)
+        return
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("backend", *COLUMNS, "utilization"))
+        for name, s in series.items():
+            cols = [s[c] for c in COLUMNS]
+            cols[COLUMNS.index("tokens_stored")] = np.round(cols[COLUMNS.index("tokens_stored")], 3)
+            util = s.utilization.round(6)
+            for i in range(len(s)):
+                writer.writerow((name, *(c[i] for c in cols), util[i]))
+
+
+__all__ = ["COLUMNS", "StepSeries", "weighted_quantile", "write_series"]
