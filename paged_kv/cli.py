@@ -40,18 +40,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _number(low: float, high: float | None, closed_high: bool = False):
-    def parse(text: str) -> float:
+def _number(low: float, high: float | None = None):
+    """An argparse type: a float in [low, high), or >= low when ``high`` is None."""
+
+    def number(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        above = value > high if closed_high else value >= high
-        if not value >= low or (high is not None and above) or value != value:
-            bound = f"[{low}, {high}{']' if closed_high else ')'}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{value} must be in {bound}")
+        if not (value >= low and (high is None or value < high)):  # NaN fails both
+            bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
         return value
-    return parse
+
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of the pool admission keeps free for running sequences to grow")
     sim.add_argument("--arrivals", choices=ARRIVALS, default="offline",
                      help="offline: all requests wait at step 0 (sustained load); trace: at their arrival times")
-    sim.add_argument("--step-ms", type=_number(1e-6, None), default=25.0,
+    sim.add_argument("--step-ms", type=_number(1e-6), default=25.0,
                      help="model time of one step, for --arrivals trace")
-    sim.add_argument("--speedup", type=_number(1e-6, None), default=1.0,
+    sim.add_argument("--speedup", type=_number(1e-6), default=1.0,
                      help="divide arrival times by this, for --arrivals trace")
     sim.add_argument("--compare", action="store_true",
                      help="also replay over contiguous max-length buffers and a first-fit exact-length arena "

@@ -15,7 +15,6 @@ from paged_kv.sim import PROGRESS_EVERY, SimulationError, Trace, load_trace, sim
 
 # `paged_kv.sim.simulate` names the function (re-exported by the package), so reach
 # the module that defines it through the import system.
-simulate_module = importlib.import_module("paged_kv.sim.simulate")
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
@@ -28,26 +27,6 @@ def bundled() -> Trace:
 def small_spec(num_blocks: int, max_blocks_per_seq: int, block_size: int = 16, max_batch_slots: int = 64) -> CacheSpec:
     return CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", num_blocks=num_blocks,
                      block_size=block_size, max_blocks_per_seq=max_blocks_per_seq, max_batch_slots=max_batch_slots)
-
-
-@pytest.fixture
-def spy_manager(monkeypatch):
-    """Capture the manager `simulate` builds and count its `append` calls."""
-
-    instances = []
-
-    class SpyManager(KVCacheManager):
-        def __init__(self, spec):
-            super().__init__(spec)
-            self.append_calls = 0
-            instances.append(self)
-
-        def append(self, seq_ids, num_tokens=1):
-            self.append_calls += 1
-            return super().append(seq_ids, num_tokens)
-
-    monkeypatch.setattr(simulate_module, "KVCacheManager", SpyManager)
-    return instances
 
 
 # ---- trace -----------------------------------------------------------------------
@@ -123,76 +102,6 @@ def test_missing_trace_file(tmp_path):
 def test_trace_arrays_must_match():
     with pytest.raises(TraceError, match="one length"):
         Trace([0.0, 1.0], [1, 2], [1])
-
-
-# ---- simulate --------------------------------------------------------------------
-
-def test_simulate_under_memory_pressure(bundled, spy_manager):
-    trace = bundled.head(300)
-    longest = int((trace.context_tokens + trace.generated_tokens).max())
-    spec = small_spec(num_blocks=600, max_blocks_per_seq=-(-longest // 16))
-    seen = []
-    report = simulate(trace, spec, check=True, progress=lambda steps, served: seen.append((steps, served)))
-
-    assert report.requests_served == 300 and report.skipped == 0 and report.truncated == 0
-    assert report.preemptions > 0
-    assert report.tokens_generated == int(trace.generated_tokens.sum())
-    # Recompute re-prefills preempted sequences, so prefill exceeds the prompts.
-    assert report.prefill_tokens > int(trace.context_tokens.sum())
-    assert 0.0 < report.time_avg_utilization <= 1.0
-    assert 0 < report.peak_blocks_in_use <= spec.usable_blocks
-    assert 0 < report.mean_blocks_in_use <= report.peak_blocks_in_use
-    assert 0 < report.mean_running <= report.peak_running <= spec.max_batch_slots
-    # Every request decodes one token a step, so the run takes at least its longest output.
-    assert report.steps >= int(trace.generated_tokens.max())
-    assert seen and seen[0][0] == PROGRESS_EVERY
-
-    (manager,) = spy_manager
-    assert len(manager) == 0 and manager.num_used_blocks == 0
-    assert manager.num_free_blocks == spec.usable_blocks
-    manager.check_integrity()
-    # One batched append per step, plus one retry per preemption.
-    assert manager.append_calls == report.steps + report.preemptions
-
-
-def test_simulate_batch_limit(bundled):
-    spec = small_spec(num_blocks=4096, max_blocks_per_seq=1024, max_batch_slots=8)
-    report = simulate(bundled.head(40), spec, max_batch=4)
-    assert report.peak_running == 4 and report.preemptions == 0 and report.requests_served == 40
-
-
-def test_simulate_truncates_skips_and_prefill_only(spy_manager):
-    # max_seq_len = 4 blocks x 4 tokens = 16.
-    spec = small_spec(num_blocks=64, max_blocks_per_seq=4, block_size=4)
-    trace = Trace(np.zeros(4), context_tokens=[10, 20, 5, 16], generated_tokens=[10, 3, 0, 0])
-    report = simulate(trace, spec, check=True)
-    assert report.truncated == 1  # 10 + 10 > 16: output cut to 6 tokens
-    assert report.skipped == 1  # a 20-token prompt cannot be held at all
-    assert report.requests_served == 3  # the two prefill-only requests included
-    assert report.tokens_generated == 6
-    assert report.steps == 6
-    assert spy_manager[0].num_used_blocks == 0
-
-
-def test_simulate_empty_trace():
-    report = simulate(Trace([], [], []), small_spec(num_blocks=8, max_blocks_per_seq=4))
-    assert report.steps == 0 and report.requests_served == 0 and report.time_avg_utilization == 0.0
-
-
-def test_simulate_rejects_bad_settings(bundled):
-    spec = small_spec(num_blocks=64, max_blocks_per_seq=16, max_batch_slots=8)
-    with pytest.raises(SimulationError, match="max_batch"):
-        simulate(bundled.head(5), spec, max_batch=9)
-    with pytest.raises(SimulationError, match="watermark"):
-        simulate(bundled.head(5), spec, watermark=1.0)
-
-
-def test_report_format_and_dict(bundled):
-    report = simulate(bundled.head(20), small_spec(num_blocks=1024, max_blocks_per_seq=512))
-    assert report.as_dict()["requests_served"] == 20
-    lines = report.format().splitlines()
-    assert len(lines) == len(report.as_dict()) - 1  # usable_blocks is shown beside the block figures
-    assert len({len(line) for line in lines}) == 1  # aligned
 
 
 # ---- command line ----------------------------------------------------------------

@@ -252,13 +252,19 @@ class KVCacheManager:
         first = g.keep_from(rows, first_query, bs) if g.window is not None else np.zeros(n, np.int64)
         width = table.num_blocks[rows] - first
         W = bucket(int(width.max(initial=1)), self.spec.max_blocks_per_seq)
-        cols = first[:, None] + np.arange(W)[None, :]
-        held = cols < table.num_blocks[rows][:, None]
         # Index only the columns used (W per row, T per row), never whole rows of
         # max_blocks_per_seq: the step's host cost stays O(batch x (W + T)).
         block_tables = np.full((B, W), NULL_BLOCK, dtype=np.int32)
-        picked = table.block_tables[rows[:, None], np.minimum(cols, table.max_blocks_per_seq - 1)]
-        block_tables[:n] = np.where(held, picked, NULL_BLOCK)
+        if g.window is None:
+            # Rows are already null past their last block (check_integrity holds the
+            # table to it), so the first W columns are the answer: one row gather
+            # instead of building [B, W] index arrays, which dominated the step.
+            block_tables[:n] = table.block_tables[rows, :W]
+        else:
+            cols = first[:, None] + np.arange(W)[None, :]
+            held = cols < table.num_blocks[rows][:, None]
+            picked = table.block_tables[rows[:, None], np.minimum(cols, table.max_blocks_per_seq - 1)]
+            block_tables[:n] = np.where(held, picked, NULL_BLOCK)
         blk = table.block_tables[rows[:, None], positions // bs].astype(np.int64)
         slot_mapping = np.full((B, positions.shape[1]), g.pad_slot, dtype=np.int32)
         slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, g.pad_slot)

@@ -67,6 +67,21 @@ class StepSeries:
         slots = self["slots_allocated"]
         return np.divide(self["tokens_stored"], slots, out=np.ones(len(self)), where=slots > 0)
 
+    def step_utilization(self) -> np.ndarray:
+        """Utilization of every single step, spans expanded (for exact percentiles).
+
+        In a skipped span every running sequence decodes, so tokens grow by
+        ``running`` per step around the stored mean; slots stay fixed.
+        """
+        k = self["steps"]
+        n = self["running"].astype(np.float64)
+        first = self["tokens_stored"] - n * (k - 1) / 2
+        offsets = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+        tokens = np.repeat(first, k) + np.repeat(n, k) * offsets
+        slots = np.repeat(self["slots_allocated"], k)
+        busy = slots > 0
+        return tokens[busy] / slots[busy]
+
     def summary(self) -> dict:
         """Time-averaged figures, each step weighted equally."""
         w = self["steps"].astype(np.float64)
@@ -79,15 +94,16 @@ class StepSeries:
         slots = self["slots_allocated"]
         tokens = self["tokens_stored"]
         busy = slots > 0
-        util = self.utilization
+        util = self.step_utilization()
+        ones = np.ones(util.size)
         free = self["free_slots"]
         has_free = free > 0
         ratio = np.divide(self["largest_free_run"], free, out=np.ones(len(self)), where=has_free)
         return dict(
             time_avg_utilization=float((w * tokens).sum() / (w * slots).sum()) if busy.any() else 0.0,
-            p1_utilization=weighted_quantile(util[busy], w[busy], 0.01),
-            p50_utilization=weighted_quantile(util[busy], w[busy], 0.50),
-            p99_utilization=weighted_quantile(util[busy], w[busy], 0.99),
+            p1_utilization=weighted_quantile(util, ones, 0.01),
+            p50_utilization=weighted_quantile(util, ones, 0.50),
+            p99_utilization=weighted_quantile(util, ones, 0.99),
             mean_slots_allocated=float((w * slots).sum() / total),
             peak_slots_allocated=int(slots.max()),
             mean_internal_fragmentation=float((w * (slots - tokens)).sum() / total),

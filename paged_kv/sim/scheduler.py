@@ -128,12 +128,9 @@ def run_schedule(
     fits = context + np.minimum(gen, 1) <= max_seq_len
     target = np.where(fits, np.minimum(gen, max_seq_len - context), 0)
     truncated = int(np.count_nonzero(fits & (target < gen)))
-    cancel_after = getattr(trace, "cancel_after", None)
-    if cancel_after is None:
-        cancels = np.zeros(n_req, dtype=bool)
-    else:
-        cancels = fits & (cancel_after >= 0) & (cancel_after < target)
-        target = np.where(cancels, cancel_after, target)
+    # A client that cancels stops its request early: that is its output length.
+    cancels = fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
+    target = np.where(cancels, trace.cancel_after, target)
     final = context + target
     if config.arrivals == "offline":
         arrival_step = np.zeros(n_req, dtype=np.int64)
