@@ -41,11 +41,7 @@ What is measured, and why:
 
 Times are medians (µs) of per-step ``perf_counter_ns`` deltas, gc disabled while
 timing, after warm-up steps. The machine has few cores and is shared: the final
-JSON line records the load average and cpu count. ``step_metadata`` builds
-several int64 temporaries of batch x table-width elements (MiB-sized at block
-8-16); whether glibc hands them out from the heap or from fresh, page-faulting
-mmaps depends on its dynamic mmap threshold, i.e. on what ran before, so its
-figures (and the sweep's at small blocks) can shift by ~2x between runs.
+JSON line records the load average and cpu count.
 
 Usage: python benchmarks/bench_allocator.py [--quick] [--seed N]
 """
