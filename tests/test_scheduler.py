@@ -411,3 +411,12 @@ def test_cli_progress_bar(capsys):
     assert main(["simulate", "--limit", "60", "--progress", "on"]) == 0
     err = capsys.readouterr().err
     assert "paged [" in err and "60/60 requests" in err and err.endswith("\n")
+
+
+def test_series_derived_columns(bundled):
+    report = simulate(bundled.head(40), small_spec(num_blocks=2048, max_blocks_per_seq=1024))
+    d = report.series.derived()
+    s = report.series
+    np.testing.assert_allclose(d["internal_fragmentation"], s["slots_allocated"] - s["tokens_stored"])
+    np.testing.assert_array_equal(d["blocks_used"] + d["blocks_free"], 2047)
+    assert (d["utilization"] > 0.5).all()

@@ -29,6 +29,9 @@ COLUMNS = (
     "used_bytes",  # device bytes of everything reserved, all layers
 )
 
+DERIVED = ("utilization", "internal_fragmentation", "blocks_used", "blocks_free")
+"""Columns `StepSeries.derived` computes and the output files carry after `COLUMNS`."""
+
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     """The ``q`` quantile of ``values`` where each counts ``weights`` times (lower value, no interpolation)."""
@@ -117,16 +120,27 @@ class StepSeries:
             mean_sliding_blocks=float((w * self["sliding_blocks"]).sum() / total),
         )
 
+    def derived(self) -> dict[str, np.ndarray]:
+        """Columns computed from `COLUMNS`, written beside them: utilization, internal
+        fragmentation (slots allocated that hold no token) and blocks used / free."""
+        bs = self.block_size
+        return {
+            "utilization": self.utilization.round(6),
+            "internal_fragmentation": np.round(self["slots_allocated"] - self["tokens_stored"], 3),
+            "blocks_used": -(-self["slots_allocated"] // bs),
+            "blocks_free": self["free_slots"] // bs,
+        }
+
     def as_lists(self) -> dict:
         out = {name: col.tolist() for name, col in self.columns.items()}
-        out["utilization"] = self.utilization.round(6).tolist()
+        out.update({name: col.tolist() for name, col in self.derived().items()})
         return out
 
 
 def write_series(path: str | os.PathLike, series: dict[str, StepSeries]) -> None:
     """Write the series of several backends to ``path``: JSON (``{backend: {column:
     [...]}}``) if it ends in ``.json``, else CSV in long form (a ``backend`` column
-    first, then `COLUMNS` and ``utilization``)."""
+    first, then `COLUMNS` and `DERIVED`)."""
     path = os.fspath(path)
     if path.endswith(".json"):
         with open(path, "w", encoding="utf-8") as f:
@@ -134,13 +148,12 @@ def write_series(path: str | os.PathLike, series: dict[str, StepSeries]) -> None
         return
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("backend", *COLUMNS, "utilization"))
+        writer.writerow(("backend", *COLUMNS, *DERIVED))
         for name, s in series.items():
             cols = [s[c] for c in COLUMNS]
             cols[COLUMNS.index("tokens_stored")] = np.round(cols[COLUMNS.index("tokens_stored")], 3)
-            util = s.utilization.round(6)
-            for i in range(len(s)):
-                writer.writerow((name, *(c[i] for c in cols), util[i]))
+            cols += list(s.derived().values())
+            writer.writerows(zip([name] * len(s), *(c.tolist() for c in cols)))
 
 
-__all__ = ["COLUMNS", "StepSeries", "weighted_quantile", "write_series"]
+__all__ = ["COLUMNS", "DERIVED", "StepSeries", "weighted_quantile", "write_series"]
