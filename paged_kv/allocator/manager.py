@@ -15,6 +15,7 @@ import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.page_table import PageTable
+from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import (
     BatchTooLargeError,
     DuplicateSequenceError,
@@ -208,6 +209,68 @@ class KVCacheManager:
         row = self._row(seq_id)
         del self._rows[int(seq_id)]
         return sum(int(g.pool.free(g.table.remove_row(row)).size) for g in self.groups)
+
+    # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
+    def swap_record(self, seq_id) -> SwapRecord:
+        """What `swap_out` would return, without releasing anything: the blocks to copy."""
+        row = self._row(seq_id)
+        return SwapRecord(
+            seq_id=int(seq_id),
+            num_tokens=int(self.table.kv_lens[row]),
+            first_blocks=tuple(int(g.table.first_block[row]) for g in self.groups),
+            blocks=tuple(g.table.blocks_of(row).copy() for g in self.groups),
+        )
+
+    def swap_out(self, seq_id) -> SwapRecord:
+        """Release ``seq_id`` and return the record `swap_in` needs to bring it back.
+
+        Host bookkeeping only: copy the record's blocks off the device before anything
+        else is written to the pool (`paged_kv.swap.swap_out` does both in order).
+        """
+        record = self.swap_record(seq_id)
+        self.release(seq_id)
+        return record
+
+    def can_swap_in(self, record: SwapRecord) -> bool:
+        """Whether ``swap_in(record)`` would succeed now."""
+        return record.seq_id not in self._rows and all(
+            g.pool.can_allocate(n) for g, n in zip(self.groups, record.num_blocks)
+        )
+
+    def swap_in(self, record: SwapRecord) -> tuple[np.ndarray, ...]:
+        """Re-admit a swapped-out sequence into fresh blocks, one set per group.
+
+        Returns the new block ids per group, in logical order, for the copy back in.
+        The sequence resumes with its length, and a sliding group with the same first
+        block as before. Raises `DuplicateSequenceError` or `OutOfBlocksError`,
+        changing nothing.
+        """
+        if not isinstance(record, SwapRecord) or len(record.blocks) != len(self.groups):
+            raise InvalidTokenCountError(f"swap_in needs a SwapRecord from a manager with {len(self.groups)} groups; got {record!r}")
+        if record.seq_id in self._rows:
+            raise DuplicateSequenceError(f"seq_id={record.seq_id} is admitted again; release it before swapping the old one in")
+        total = self.spec.blocks_for(record.num_tokens)
+        if total > self.spec.max_blocks_per_seq or any(
+            n != total - first for n, first in zip(record.num_blocks, record.first_blocks)
+        ):
+            raise InvalidTokenCountError(
+                f"swap_in(seq_id={record.seq_id}): {record.num_tokens} tokens need blocks "
+                f"{record.first_blocks}..{total} per group, the record holds {record.num_blocks}"
+            )
+        for g, n in zip(self.groups, record.num_blocks):
+            if not g.pool.can_allocate(n):
+                raise OutOfBlocksError(n, g.pool.num_free, f"swap_in(seq_id={record.seq_id})")
+        row = {g.table.add_row() for g in self.groups}.pop()
+        self._rows[record.seq_id] = row
+        new = []
+        for g, first, n in zip(self.groups, record.first_blocks, record.num_blocks):
+            ids = g.pool.allocate(n)
+            g.table.block_tables[row, first:total] = ids
+            g.table.first_block[row] = first
+            g.table.num_blocks[row] = total
+            g.table.kv_lens[row] = record.num_tokens
+            new.append(ids)
+        return tuple(new)
 
     # ---- step metadata ----------------------------------------------------------------
     def step_metadata(self, seq_ids: Sequence[int], num_new_tokens=1) -> StepMetadata:

@@ -1,0 +1,134 @@
+"""Preemption without loss: move a sequence's blocks to host memory and back.
+
+Recompute preemption throws a sequence's keys and values away and prefills them
+again later; swapping keeps them, at the cost of a device -> host copy out and a
+host -> device copy back in, and of host memory while the sequence waits. Both
+copies are one jitted call over every layer's pages (keys and values, any layout),
+and they move the pages' storage bits, so a round trip is bit-exact for every
+dtype, bfloat16 included.
+
+Shapes: a sequence's block count is padded to a power of two (gathering the null
+block, scattering to an out-of-range id that is dropped), so sequences of
+similar lengths share one compilation.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import attrs
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.allocator.swap_record import SwapRecord
+from paged_kv.cache import PagedKVCache
+from paged_kv.errors import ShapeError, SpecError
+from paged_kv.metadata import bucket
+from paged_kv.spec import NULL_BLOCK
+
+
+@attrs.frozen(eq=False)
+class SwappedSequence:
+    """A sequence in host memory: its `SwapRecord` and, per layer, the host copy of
+    each page array's blocks (``pages[layer][k]``: ``[blocks of the layer's group,
+    block_size, ...]`` in the pages' storage dtype)."""
+
+    record: SwapRecord
+    pages: tuple[tuple[np.ndarray, ...], ...]
+
+    @property
+    def seq_id(self) -> int:
+        return self.record.seq_id
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held, which is also the bytes each direction of the swap moves."""
+        return sum(a.nbytes for layer in self.pages for a in layer)
+
+
+def _padded_ids(blocks: tuple[np.ndarray, ...], pad: tuple[int, ...], cap: int) -> tuple[np.ndarray, ...]:
+    out = []
+    for ids, fill in zip(blocks, pad):
+        n = bucket(max(ids.size, 1), max(cap, 1))
+        padded = np.full(max(n, ids.size), fill, dtype=np.int32)
+        padded[: ids.size] = ids
+        out.append(padded)
+    return tuple(out)
+
+
+@jax.jit
+def _gather(cache: PagedKVCache, ids: tuple) -> tuple:
+    return tuple(tuple(leaf[ids[view.group]] for leaf in jax.tree_util.tree_leaves(view)) for view in cache.views)
+
+
+@partial(jax.jit, donate_argnums=0)
+def _scatter(cache: PagedKVCache, ids: tuple, pages: tuple) -> PagedKVCache:
+    views = []
+    for view, data in zip(cache.views, pages):
+        leaves, treedef = jax.tree_util.tree_flatten(view)
+        # mode="drop": padding ids are out of range, so padding rows write nothing.
+        leaves = [leaf.at[ids[view.group]].set(d, mode="drop") for leaf, d in zip(leaves, data)]
+        views.append(jax.tree_util.tree_unflatten(treedef, leaves))
+    return PagedKVCache(tuple(views))
+
+
+def _check_spec(cache: PagedKVCache, manager: KVCacheManager) -> None:
+    if cache.spec != manager.spec:
+        raise SpecError(f"the cache was built for {cache.spec.describe()} but the manager for {manager.spec.describe()}")
+
+
+def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id) -> SwappedSequence:
+    """Copy ``seq_id``'s blocks (every layer, keys and values) to host memory in one
+    jitted gather, then release its device blocks. Returns what `swap_in` needs.
+
+    The copy completes before the release, so a failure leaves the manager as it
+    was. The cache itself is not changed (the freed blocks keep their bytes until
+    reused, and views never show bytes past a sequence's length).
+    """
+    _check_spec(cache, manager)
+    record = manager.swap_record(seq_id)
+    cap = manager.spec.max_blocks_per_seq
+    ids = _padded_ids(record.blocks, (NULL_BLOCK,) * len(record.blocks), cap)
+    fetched = jax.device_get(_gather(cache, tuple(jnp.asarray(i) for i in ids)))
+    pages = tuple(
+        tuple(np.asarray(a)[: record.blocks[view.group].size] for a in layer)
+        for view, layer in zip(cache.views, fetched)
+    )
+    manager.swap_out(seq_id)
+    return SwappedSequence(record, pages)
+
+
+def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequence) -> PagedKVCache:
+    """Allocate fresh blocks for a swapped-out sequence, scatter its pages back in one
+    jitted call (the cache is donated: pass it and keep the one returned), and
+    rebind the sequence under its id. Raises `OutOfBlocksError` (see
+    `KVCacheManager.can_swap_in`) or `ShapeError`, changing nothing."""
+    _check_spec(cache, manager)
+    record = swapped.record
+    if len(swapped.pages) != len(cache.views):
+        raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {len(swapped.pages)} layers, the cache {len(cache.views)}")
+    for layer, (view, data) in enumerate(zip(cache.views, swapped.pages)):
+        leaves = jax.tree_util.tree_leaves(view)
+        want = [(record.blocks[view.group].size, *leaf.shape[1:]) for leaf in leaves]
+        got = [tuple(a.shape) for a in data]
+        if got != want or any(a.dtype != leaf.dtype for a, leaf in zip(data, leaves)):
+            raise ShapeError(f"swapped seq_id={record.seq_id} layer {layer}: pages {got} "
+                             f"{[a.dtype.name for a in data]}, the cache needs {want} {[leaf.dtype.name for leaf in leaves]}")
+    new_ids = manager.swap_in(record)  # validates and allocates, all or nothing
+    spec = manager.spec
+    cap = spec.max_blocks_per_seq
+    out_of_range = tuple(g.num_blocks for g in spec.groups)
+    ids = _padded_ids(new_ids, out_of_range, cap)
+
+    def pad(a: np.ndarray, n: int) -> np.ndarray:
+        return a if a.shape[0] == n else np.concatenate([a, np.zeros((n - a.shape[0], *a.shape[1:]), a.dtype)])
+
+    pages = tuple(
+        tuple(pad(a, ids[view.group].size) for a in layer) for view, layer in zip(cache.views, swapped.pages)
+    )
+    return _scatter(cache, tuple(jnp.asarray(i) for i in ids), pages)
+
+
+__all__ = ["SwappedSequence", "swap_in", "swap_out"]
