@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model time of one step, for --arrivals trace")
     sim.add_argument("--speedup", type=_number(1e-6), default=1.0,
                      help="divide arrival times by this, for --arrivals trace")
+    sim.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
+                     help="when memory runs short, drop the newest sequence's blocks (recompute them later) "
+                     "or copy them to host memory and back (swap)")
     sim.add_argument("--compare", action="store_true",
                      help="also replay over contiguous max-length buffers and a first-fit exact-length arena "
                      "with the same bytes")
@@ -124,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          max_blocks_per_seq=-(-args.max_seq_len // args.block_size),
                          max_batch_slots=args.max_batch, **MODEL)
         config = SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
-                                 arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup)
+                                 arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup,
+                                 preemption=args.preemption)
     except (SpecError, SimulationError) as exc:
         args.subparser.error(str(exc))  # exits 2 with the usage line, like any other bad option
     if args.plot:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import attrs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError, SpecError
 from paged_kv.metadata import bucket
-from paged_kv.spec import compute_dtype
+from paged_kv.spec import CacheSpec, compute_dtype
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -120,8 +121,13 @@ def insert_prefill(cache: PagedKVCache, manager, seq_id, keys, values) -> PagedK
     if not isinstance(cache, PagedKVCache):
         raise ShapeError(f"cache is a {type(cache).__name__}; expected a PagedKVCache")
     spec = cache.spec
-    if manager.spec != spec:
-        raise SpecError(f"the manager's spec ({manager.spec.describe()}) is not the cache's ({spec.describe()})")
+    other = getattr(manager, "spec", None)
+    if not isinstance(other, CacheSpec):
+        raise SpecError(f"manager is a {type(manager).__name__}; expected a KVCacheManager with a CacheSpec")
+    if other != spec:
+        diff = [f"{f.name}={getattr(other, f.name)!r} vs {getattr(spec, f.name)!r}"
+                for f in attrs.fields(CacheSpec) if f.eq and getattr(other, f.name) != getattr(spec, f.name)]
+        raise SpecError(f"the manager's spec is not the cache's (manager vs cache): {', '.join(diff)}")
     if len(cache) != spec.num_layers:
         raise ShapeError(f"cache has {len(cache)} layers; its spec has num_layers={spec.num_layers}")
     dt = compute_dtype(spec)

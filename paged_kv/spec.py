@@ -19,6 +19,9 @@ handed out, so its page stays all zeros and a padded read can never see a real t
 def _canonical_dtype(value) -> str:
     import ml_dtypes  # ships with jax; knows bfloat16 and the fp8 types
 
+    if value is None:  # np.dtype(None) is float64: never a silent default
+        raise SpecError("dtype=None is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'")
+
     try:
         dt = np.dtype(getattr(ml_dtypes, value) if isinstance(value, str) and hasattr(ml_dtypes, value) else value)
     except TypeError as exc:

@@ -420,3 +420,26 @@ def test_series_derived_columns(bundled):
     np.testing.assert_allclose(d["internal_fragmentation"], s["slots_allocated"] - s["tokens_stored"])
     np.testing.assert_array_equal(d["blocks_used"] + d["blocks_free"], 2047)
     assert (d["utilization"] > 0.5).all()
+
+
+def test_swap_preemption_loses_nothing(bundled):
+    trace = bundled.head(300)
+    spec = pressure_spec(trace, 600)
+    recompute = simulate(trace, spec, check=True)
+    swapped = simulate(trace, spec, check=True, config=SchedulerConfig(max_batch=64, preemption="swap"))
+    assert swapped.preemptions > 0 and swapped.swap_ins == swapped.preemptions
+    # Nothing is prefilled twice: the prompts are all the prefill there is.
+    assert swapped.prefill_tokens == int(trace.context_tokens.sum()) < recompute.prefill_tokens
+    assert swapped.tokens_generated == recompute.tokens_generated == int(trace.generated_tokens.sum())
+    assert swapped.bytes_swapped_out == swapped.bytes_swapped_in > 0
+    assert swapped.bytes_swapped_out % spec.bytes_per_block == 0
+    assert 0 < swapped.peak_swapped_bytes <= swapped.bytes_swapped_out
+    assert recompute.bytes_swapped_out == 0 and recompute.preemption == "recompute"
+    assert "swap" in swapped.format()
+
+
+def test_cli_swap_preemption(capsys):
+    assert main(["simulate", "--limit", "400", "--num-blocks", "1100", "--preemption", "swap", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["preemption"] == "swap" and result["preemptions"] > 0
+    assert result["bytes_swapped_out"] == result["bytes_swapped_in"] > 0

@@ -37,6 +37,11 @@ from paged_kv.metadata import GroupMetadata, StepMetadata
 from paged_kv.spec import NULL_BLOCK
 
 
+def _is_seq_id(seq_id) -> bool:
+    """Python or numpy integer, not bool (bools and floats hash like the ints they equal)."""
+    return not isinstance(seq_id, bool) and isinstance(seq_id, (int, np.integer))
+
+
 def _pad_slot(spec, group: int) -> int:
     """The flat slot a write drops for ``group``: one past its last token slot."""
     return spec.groups[group].num_blocks * spec.block_size
@@ -61,10 +66,13 @@ def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> Ste
         raise SlotError("slot_step_metadata needs at least one slot")
     occupied = [b for b, s in enumerate(slot_seq_ids) if s is not None]
     ids = [slot_seq_ids[b] for b in occupied]
-    if np.ndim(num_new_tokens) == 0:
+    try:
+        per_slot = np.asarray(num_new_tokens)
+    except (ValueError, TypeError):  # a ragged nested list
+        raise InvalidTokenCountError(f"num_new_tokens={num_new_tokens!r} is not an int or one count per slot") from None
+    if per_slot.ndim == 0:
         counts = num_new_tokens
     else:
-        per_slot = np.asarray(num_new_tokens)
         if per_slot.shape != (num_slots,):
             raise InvalidTokenCountError(
                 f"num_new_tokens has shape {per_slot.shape}; need one count per slot ({num_slots},) or an int"
@@ -131,7 +139,7 @@ class DecodeSlots:
         return len(self._slot_of)
 
     def __contains__(self, seq_id) -> bool:
-        return seq_id in self._slot_of
+        return _is_seq_id(seq_id) and seq_id in self._slot_of
 
     def free_slots(self) -> list[int]:
         """Empty slots, lowest first."""
@@ -156,6 +164,8 @@ class DecodeSlots:
     def slot_of(self, seq_id) -> int:
         """The slot ``seq_id`` occupies; `UnknownSequenceError` if it is in none."""
         try:
+            if not _is_seq_id(seq_id):  # True == 1.0 == 1 hash alike: never alias seq 1
+                raise KeyError(seq_id)
             return self._slot_of[seq_id]
         except (KeyError, TypeError):
             raise UnknownSequenceError(
@@ -241,6 +251,8 @@ class DecodeSlots:
         from paged_kv.insertion import insert_prefill
 
         slot = self._check_free_slot(slot)
+        if not _is_seq_id(seq_id):
+            raise InvalidTokenCountError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
         if seq_id in self._slot_of:
             raise DuplicateSequenceError(f"seq_id={seq_id} already occupies slot {self._slot_of[seq_id]}")
         cache = insert_prefill(cache, self.manager, seq_id, keys, values)

@@ -381,6 +381,12 @@ class KVCacheManager:
 
     # ---- internals -----------------------------------------------------------------
     def _row(self, seq_id) -> int:
+        # True == 1 == 1.0 hash alike: without this check release(True) or kv_len(1.0)
+        # would silently act on seq 1.
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+            raise UnknownSequenceError(
+                f"seq_id={seq_id!r} is not admitted: sequence ids are integers, not {type(seq_id).__name__}"
+            )
         try:
             return self._rows[seq_id]
         except (KeyError, TypeError):
@@ -391,10 +397,15 @@ class KVCacheManager:
             raise InvalidTokenCountError(f"{name}={value!r} must be an integer")
         if value < 0:
             raise InvalidTokenCountError(f"{name}={value} must be >= 0")
+        if value > 2**31 - 1:
+            raise InvalidTokenCountError(f"{name}={value} exceeds any cache's token slots (< 2**31)")
         return int(value)
 
     def _rows_and_counts(self, seq_ids: Iterable[int], num_tokens) -> tuple[np.ndarray, np.ndarray]:
         seq_ids = seq_ids if isinstance(seq_ids, list) else list(seq_ids)
+        if not set(map(type, seq_ids)) <= {int, np.int64, np.int32}:
+            for s in seq_ids:
+                self._row(s)  # bool/float ids hash like ints (True == 1.0 == 1): reject, never alias
         try:
             # map over the dict's bound __getitem__ runs the lookups in C: 3x faster
             # than calling _row per id, which matters at hundreds of ids per step.
@@ -409,16 +420,21 @@ class KVCacheManager:
             raise DuplicateSequenceError(
                 f"seq_id={next(s for s in seq_ids if self._rows[s] == dup)} appears twice in one call of {len(seq_ids)} ids"
             )
-        if np.ndim(num_tokens) == 0:
+        try:
+            counts = np.asarray(num_tokens)
+        except (ValueError, TypeError):  # a ragged nested list
+            raise InvalidTokenCountError(f"num_tokens={num_tokens!r} is not an int or one count per sequence") from None
+        if counts.ndim == 0:
             counts = np.full(rows.size, self._check_count(num_tokens, "num_tokens"), dtype=np.int64)
         else:
-            counts = np.asarray(num_tokens)
             if counts.shape != rows.shape or not np.issubdtype(counts.dtype, np.integer):
                 raise InvalidTokenCountError(
                     f"num_tokens has shape {counts.shape} dtype {counts.dtype}; need {rows.size} integers"
                 )
             if np.any(counts < 0):
                 raise InvalidTokenCountError(f"num_tokens={counts.tolist()} has negative counts")
+            if np.any(counts > 2**31 - 1):
+                raise InvalidTokenCountError(f"num_tokens={counts.tolist()} has counts >= 2**31, more than any cache holds")
             counts = counts.astype(np.int64)
         return rows, counts
 

@@ -6,9 +6,11 @@ One step is one forward pass of a vLLM-v1-style engine:
 2. Running sequences are scheduled oldest first: each decoding sequence gets one
    token, then prefilling sequences get prompt chunks while the step's token
    budget lasts. All their tokens go to the backend in one batched ``append``. If
-   memory is short, the newest running sequence is preempted (released and put
-   back at the queue front, to be prefilled again with its prompt plus the tokens
-   it had generated: recompute) and the step is planned again.
+   memory is short, the newest running sequence is preempted and put back at the
+   queue front, and the step is planned again. Preemption by *recompute* releases
+   its blocks; it is prefilled again later with its prompt plus the tokens it had
+   generated. By *swap* its blocks go to host memory and come back unchanged when
+   it is readmitted (bytes moved are counted; no token is recomputed).
 3. With the budget left, waiting requests are admitted from the queue head while
    the batch has room and the backend accepts (the paged one keeps a watermark of
    free blocks while others run). Admission takes the first prompt chunk.
@@ -40,6 +42,7 @@ PROGRESS_EVERY = 1000
 """Rows between two calls of the ``progress`` callback."""
 
 ARRIVALS = ("offline", "trace")
+PREEMPTION = ("recompute", "swap")
 
 
 class SimulationError(PagedKVError, ValueError):
@@ -69,6 +72,9 @@ class SchedulerConfig:
     """Model time of one step, turning trace arrival times into steps."""
     speedup: float = 1.0
     """Divides trace arrival times: 4 replays the trace's requests four times as fast."""
+    preemption: str = "recompute"
+    """What a preempted sequence loses: ``recompute`` (its blocks; prefilled again) or
+    ``swap`` (nothing; its blocks are copied to host memory and back)."""
 
     def __attrs_post_init__(self) -> None:
         _check_int("max_batch", self.max_batch, 1)
@@ -82,6 +88,8 @@ class SchedulerConfig:
             raise SimulationError(f"watermark={self.watermark!r} must be a fraction of the pool in [0, 1)")
         if self.arrivals not in ARRIVALS:
             raise SimulationError(f"arrivals={self.arrivals!r} must be one of {ARRIVALS}")
+        if self.preemption not in PREEMPTION:
+            raise SimulationError(f"preemption={self.preemption!r} must be one of {PREEMPTION}")
         for name in ("step_s", "speedup"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
@@ -102,6 +110,10 @@ class ScheduleResult:
     prefill_tokens: int
     admissions: int
     preemptions: int
+    swap_ins: int
+    bytes_swapped_out: int
+    bytes_swapped_in: int
+    peak_swapped_bytes: int
     queue_delay_steps: np.ndarray  # per request run: first admission step - arrival step
     series: StepSeries
     wall_s: float
@@ -152,6 +164,10 @@ def run_schedule(
     prompt_left = np.empty(0, dtype=np.int64)  # prompt tokens not yet prefilled
     remaining = np.empty(0, dtype=np.int64)  # output tokens still to generate
     held = np.empty(0, dtype=np.int64)  # tokens the backend holds for the sequence
+
+    swap = config.preemption == "swap"
+    swapped: dict[int, tuple[int, int, int, int]] = {}  # seq -> (prompt_left, remaining, held, bytes)
+    swap_ins = bytes_out = bytes_in = swapped_bytes = peak_swapped = 0
 
     rows: list[tuple] = []
     step = ptr = steps = served = cancelled = preemptions = admissions = 0
@@ -217,7 +233,14 @@ def run_schedule(
                 break
             except OutOfBlocksError:
                 victim = running.pop()
-                backend.release(victim)
+                if swap:
+                    moved = backend.swap_out(victim)
+                    swapped[victim] = (int(prompt_left[-1]), int(remaining[-1]), int(held[-1]), moved)
+                    bytes_out += moved
+                    swapped_bytes += moved
+                    peak_swapped = max(peak_swapped, swapped_bytes)
+                else:
+                    backend.release(victim)
                 stored -= int(held[-1])
                 prompt_left, remaining, held = prompt_left[:-1], remaining[:-1], held[:-1]
                 waiting.appendleft(victim)
@@ -238,6 +261,19 @@ def run_schedule(
         new_state: list[tuple[int, int, int]] = []
         while waiting and len(running) + len(new_ids) < max_batch and budget_left > 0:
             i = waiting[0]
+            if i in swapped:
+                # Back from host memory as it was: no prefill, no budget spent.
+                if not backend.can_swap_in(i, bool(running or new_ids)):
+                    break
+                waiting.popleft()
+                left, rest, h, moved = swapped.pop(i)
+                bytes_in += backend.swap_in(i)
+                swapped_bytes -= moved
+                swap_ins += 1
+                new_ids.append(i)
+                new_state.append((left, rest, h))
+                stored += h
+                continue
             tokens, final_i = _first_chunk(i, context, done, target, budget_left)
             if not backend.can_admit(i, tokens, final_i, bool(running or new_ids)):
                 break
@@ -310,6 +346,10 @@ def run_schedule(
         prefill_tokens=prefill_tokens,
         admissions=admissions,
         preemptions=preemptions,
+        swap_ins=swap_ins,
+        bytes_swapped_out=bytes_out,
+        bytes_swapped_in=bytes_in,
+        peak_swapped_bytes=peak_swapped,
         queue_delay_steps=(first_step - arrival_step)[ran],
         series=series,
         wall_s=time.perf_counter() - started,
@@ -348,4 +388,4 @@ def _plan_running(prompt_left: np.ndarray, remaining: np.ndarray, budget: int):
     return counts, granted, gen_now, used
 
 
-__all__ = ["ARRIVALS", "PROGRESS_EVERY", "ScheduleResult", "SchedulerConfig", "SimulationError", "run_schedule"]
+__all__ = ["ARRIVALS", "PREEMPTION", "PROGRESS_EVERY", "ScheduleResult", "SchedulerConfig", "SimulationError", "run_schedule"]

@@ -45,6 +45,11 @@ class SimReport:
     prefill_tokens: int
     admissions: int
     preemptions: int
+    preemption: str
+    swap_ins: int
+    bytes_swapped_out: int
+    bytes_swapped_in: int
+    peak_swapped_bytes: int
     queue_delay_mean: float
     queue_delay_p50: float
     queue_delay_p99: float
@@ -69,7 +74,7 @@ class SimReport:
     series: StepSeries = attrs.field(repr=False)
 
     @classmethod
-    def from_result(cls, backend: Backend, result: ScheduleResult) -> "SimReport":
+    def from_result(cls, backend: Backend, result: ScheduleResult, preemption: str = "recompute") -> "SimReport":
         s = result.series.summary()
         bs = backend.block_size
         delays = result.queue_delay_steps
@@ -89,6 +94,11 @@ class SimReport:
             prefill_tokens=result.prefill_tokens,
             admissions=result.admissions,
             preemptions=result.preemptions,
+            preemption=preemption,
+            swap_ins=result.swap_ins,
+            bytes_swapped_out=result.bytes_swapped_out,
+            bytes_swapped_in=result.bytes_swapped_in,
+            peak_swapped_bytes=result.peak_swapped_bytes,
             queue_delay_mean=float(delays.mean()) if delays.size else 0.0,
             queue_delay_p50=float(np.percentile(delays, 50)) if delays.size else 0.0,
             queue_delay_p99=float(np.percentile(delays, 99)) if delays.size else 0.0,
@@ -128,7 +138,9 @@ class SimReport:
             ("tokens generated", f"{self.tokens_generated:,}"),
             ("prefill tokens (incl. recompute)", f"{self.prefill_tokens:,}"),
             ("admissions", f"{self.admissions:,}"),
-            ("preemptions", f"{self.preemptions:,}"),
+            ("preemptions", f"{self.preemptions:,} ({self.preemption})"),
+            ("swapped out / in / peak held", f"{self.bytes_swapped_out / 2**30:,.2f} / "
+             f"{self.bytes_swapped_in / 2**30:,.2f} / {self.peak_swapped_bytes / 2**30:,.2f} GiB"),
             ("queue delay mean / p50 / p99 (steps)",
              f"{self.queue_delay_mean:,.0f} / {self.queue_delay_p50:,.0f} / {self.queue_delay_p99:,.0f}"),
             ("peak blocks in use", f"{self.peak_blocks_in_use:,} / {self.usable_blocks:,}"),
@@ -198,7 +210,8 @@ def simulate(
     """
     config = _config(config, max_batch, watermark, spec)
     backend = PagedBackend(spec, config.watermark)
-    return SimReport.from_result(backend, run_schedule(trace, backend, config, spec.max_seq_len, progress, check))
+    result = run_schedule(trace, backend, config, spec.max_seq_len, progress, check)
+    return SimReport.from_result(backend, result, config.preemption)
 
 
 def baseline_backends(spec: CacheSpec) -> list[Backend]:
@@ -223,7 +236,8 @@ def compare(
     reports = []
     for backend in [PagedBackend(spec, config.watermark), *baseline_backends(spec)]:
         tick = None if progress is None else (lambda d, t, name=backend.name: progress(name, d, t))
-        reports.append(SimReport.from_result(backend, run_schedule(trace, backend, config, spec.max_seq_len, tick, check)))
+        result = run_schedule(trace, backend, config, spec.max_seq_len, tick, check)
+        reports.append(SimReport.from_result(backend, result, config.preemption))
     return reports
 
 

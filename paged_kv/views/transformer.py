@@ -29,6 +29,26 @@ class PagedLayerView:
     defined once, here.
     """
 
+    def _check_step(self, key, value, slots) -> None:
+        """Raise `ShapeError` unless ``key``/``value`` are float arrays ``[B, T, heads, dim]``
+        with ``[B, T]`` the shape of ``slots``. Shapes and dtypes are static, so under jit
+        this raises at trace time, before any write."""
+        s = self.spec
+        bt = tuple(getattr(slots, "shape", ()))
+        for name, x, heads, dim in (("keys", key, s.key_heads, s.key_dim), ("values", value, s.value_heads, s.value_dim)):
+            want = (*bt, heads, dim)
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                raise ShapeError(f"layer {self.layer_index}: {name} is a {type(x).__name__}; expected an array {want}")
+            if tuple(x.shape) != want:
+                raise ShapeError(
+                    f"layer {self.layer_index}: {name} have shape {tuple(x.shape)}; expected {want} "
+                    f"(slot_mapping {bt}, then {heads} heads x {dim} dims)"
+                )
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise ShapeError(
+                    f"layer {self.layer_index}: {name} have dtype {x.dtype}; expected a float dtype (pages hold {s.dtype})"
+                )
+
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":
         """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages."""
         return self.write_slots(key, value, metadata.groups[self.group].slot_mapping)
@@ -102,6 +122,7 @@ class TransformerCacheView(PagedLayerView):
 
     def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "TransformerCacheView":
         """Scatter ``key``/``value`` ``[B, T, heads, dim]`` into flat page slots ``slots`` ``[B, T]``."""
+        self._check_step(key, value, slots)
         dt = compute_dtype(self.spec)
         return dataclasses.replace(
             self,

@@ -89,6 +89,7 @@ class UnifiedCacheView(PagedLayerView):
     def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "UnifiedCacheView":
         """Scatter ``key`` ``[B, T, key_heads, key_dim]`` and ``value`` ``[B, T, value_heads,
         value_dim]`` into flat page slots ``slots`` ``[B, T]`` with a single scatter."""
+        self._check_step(key, value, slots)
         dt = compute_dtype(self.spec)
         rows = self._combine(key, value, slots.shape, dt)
         return dataclasses.replace(self, kv_pages=scatter_tokens(self.kv_pages, rows, slots, dt))

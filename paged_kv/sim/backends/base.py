@@ -79,6 +79,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sample(self) -> Sample: ...
 
+    def swap_out(self, seq: int) -> int:
+        """Move ``seq``'s memory to the host and free it; return the bytes moved."""
+        raise NotImplementedError(f"the {self.name} backend never preempts, so it has no swap")
+
+    def can_swap_in(self, seq: int, busy: bool) -> bool:
+        raise NotImplementedError(f"the {self.name} backend never preempts, so it has no swap")
+
+    def swap_in(self, seq: int) -> int:
+        """Bring a swapped-out ``seq`` back; return the bytes moved."""
+        raise NotImplementedError(f"the {self.name} backend never preempts, so it has no swap")
+
     def check_integrity(self) -> None:
         """Raise AssertionError if the backend's bookkeeping is inconsistent."""
 

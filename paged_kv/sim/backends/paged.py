@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.sim.backends.base import Backend, Sample
 from paged_kv.spec import CacheSpec
 
@@ -21,6 +22,7 @@ class PagedBackend(Backend):
         super().__init__(spec, spec.usable_blocks * spec.block_size)
         self.manager = KVCacheManager(spec)
         self.reserve = watermark * spec.usable_blocks
+        self.swapped: dict[int, SwapRecord] = {}
 
     def can_admit(self, seq: int, tokens: int, final_tokens: int, busy: bool) -> bool:
         m = self.manager
@@ -37,6 +39,25 @@ class PagedBackend(Backend):
 
     def release(self, seq: int) -> None:
         self.manager.release(seq)
+
+    def _record_bytes(self, record: SwapRecord) -> int:
+        return sum(n * self.spec.group_bytes_per_block(g) for g, n in enumerate(record.num_blocks))
+
+    def swap_out(self, seq: int) -> int:
+        record = self.manager.swap_out(seq)
+        self.swapped[seq] = record
+        return self._record_bytes(record)
+
+    def can_swap_in(self, seq: int, busy: bool) -> bool:
+        record = self.swapped[seq]
+        if not self.manager.can_swap_in(record):
+            return False
+        return not busy or self.manager.num_free_blocks - max(record.num_blocks) >= self.reserve
+
+    def swap_in(self, seq: int) -> int:
+        record = self.swapped.pop(seq)
+        self.manager.swap_in(record)
+        return self._record_bytes(record)
 
     def sample(self) -> Sample:
         m = self.manager
