@@ -1,0 +1,333 @@
+"""Stateful stress tests: Hypothesis drives every public operation of the host
+manager, the decode slots and swapping in random orders, against a model.
+
+Two machines:
+
+* `HostMachine`: host bookkeeping only (fast), shadowed by each live sequence's
+  length. CI runs it for most of the step budget.
+* `DeviceMachine`: the same rules, but every token written gets distinct random
+  keys and values (bfloat16, stored as uint16 bits) through the views, and after
+  every rule each live sequence is read back through the views and compared, bit
+  for bit, with a dense numpy shadow of what was written to it; positions past a
+  sequence's length must read as zero. Split and unified layouts, a full and a
+  sliding-window layer.
+
+After every rule: `check_integrity()` of the manager (free xor referenced, ref
+counts equal table references, no block in two tables, free + used == total,
+lengths within capacity) and of the slots. Failing rules print the steps that
+led there as Python calls (Hypothesis' replayable trace) and a reproduce blob.
+
+Step budget: CI runs at least `MIN_CI_STEPS` rule executions in total (counted,
+and asserted, so a change cannot silently make it run nothing). Set
+``PAGED_KV_SOAK=N`` to multiply the examples by N for a long soak.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import paged_kv as pk
+from paged_kv.swap import swap_in, swap_out
+
+SOAK = int(os.environ.get("PAGED_KV_SOAK", "1"))
+MIN_CI_STEPS = 100_000
+BLOCK = 4
+WINDOW = 6
+
+
+def make_spec() -> pk.CacheSpec:
+    # Layer 0 full, layer 1 sliding: small pools so that running out, preemption and
+    # block reuse happen within a few rules. max_seq_len = 6 blocks x 4 = 24 tokens.
+    return pk.CacheSpec(num_layers=2, num_blocks=14, block_size=BLOCK, max_blocks_per_seq=6, max_batch_slots=4,
+                        num_kv_heads=1, head_dim=2, dtype="bfloat16", sliding_window=WINDOW, sliding_layers=(1,),
+                        sliding_num_blocks=10)
+
+
+class HostMachine(RuleBasedStateMachine):
+    """Manager + DecodeSlots + host-side swap against a model of lengths."""
+
+    steps = 0  # rule executions, over all examples (class-wide, read by the tests)
+    device = False
+
+    live = Bundle("live")
+
+    def __init__(self):
+        super().__init__()
+        self.spec = make_spec()
+        self.manager = pk.KVCacheManager(self.spec)
+        self.slots = pk.DecodeSlots(self.manager, num_slots=3)
+        self.lengths: dict[int, int] = {}  # the model: every live sequence's length
+        self.swapped: dict[int, object] = {}  # seq -> SwapRecord (host) or SwappedSequence (device)
+        self.next_id = 0
+        self.rng = np.random.default_rng(0)
+
+    # ---- helpers ------------------------------------------------------------------
+    def _count(self):
+        type(self).steps += 1
+
+    def _unchanged(self, call, error):
+        """``call`` must raise ``error`` and leave every piece of state as it was."""
+        before = (self.manager.snapshot(), self.slots.snapshot())
+        with pytest.raises(error):
+            call()
+        assert (self.manager.snapshot(), self.slots.snapshot()) == before
+
+    def write(self, seq_ids, counts, metadata) -> None:
+        """Device machine: write the new tokens' keys/values. Host machine: nothing."""
+
+    # ---- rules ---------------------------------------------------------------------
+    @rule(target=live, n=st.integers(1, 26))
+    def admit(self, n):
+        self._count()
+        seq = self.next_id
+        self.next_id += 1
+        if self.manager.can_admit(n):
+            self.manager.admit(seq, n)
+            self.lengths[seq] = 0
+            self.write([seq], [n], self.manager.step_metadata([seq], n))
+            self.lengths[seq] = n
+            return seq
+        error = pk.SequenceTooLongError if self.spec.blocks_for(n) > self.spec.max_blocks_per_seq else pk.OutOfBlocksError
+        self._unchanged(lambda: self.manager.admit(seq, n), error)
+        return multiple()
+
+    @rule(data=st.data())
+    def append(self, data):
+        self._count()
+        ids = [s for s in self.lengths if s not in self.slots]
+        if not ids:
+            return
+        # At most max_batch_slots: one step's batch (the device machine writes it as one).
+        chosen = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=min(len(ids), 4), unique=True))
+        counts = data.draw(st.lists(st.integers(0, 7), min_size=len(chosen), max_size=len(chosen)))
+        if self.manager.can_append(chosen, counts):
+            self.manager.append(chosen, counts)
+            self.write(chosen, counts, self.manager.step_metadata(chosen, counts))
+            for s, c in zip(chosen, counts):
+                self.lengths[s] += c
+        else:
+            self._unchanged(lambda: self.manager.append(chosen, counts), (pk.OutOfBlocksError, pk.SequenceTooLongError))
+
+    @rule(seq=consumes(live))
+    def release(self, seq):
+        self._count()
+        if seq in self.swapped:
+            del self.swapped[seq]  # dropping a swapped-out request frees only host memory
+            return
+        if seq in self.slots:
+            self.slots.release(self.slots.slot_of(seq))
+        else:
+            self.manager.release(seq)
+        del self.lengths[seq]
+        self._unchanged(lambda: self.manager.release(seq), pk.UnknownSequenceError)
+
+    @rule(seq=live, slot=st.integers(0, 2))
+    def insert_slot(self, seq, slot):
+        self._count()
+        if seq in self.lengths and self.slots.can_insert(seq, slot):
+            assert self.slots.insert(seq, slot) == slot
+        elif seq in self.lengths:
+            self._unchanged(lambda: self.slots.insert(seq, slot), (pk.SlotError, pk.DuplicateSequenceError))
+
+    @rule(slot=st.integers(0, 2))
+    def remove_slot(self, slot):
+        self._count()
+        if self.slots.seq_at(slot) is not None:
+            seq = self.slots.seq_at(slot)
+            assert self.slots.remove(slot) == seq and seq in self.manager
+        else:
+            self._unchanged(lambda: self.slots.remove(slot), pk.SlotError)
+
+    @rule()
+    def decode_step(self):
+        """One token for every slotted sequence: the continuous-batching decode step
+        (it also advances each sliding window by a token)."""
+        self._count()
+        ids = [s for s in self.slots.seq_ids() if s is not None]
+        if not self.slots.can_decode():
+            self._unchanged(self.slots.decode_step, (pk.OutOfBlocksError, pk.SequenceTooLongError))
+            return
+        meta = self.slots.decode_step()
+        self.write(self.slots.seq_ids(), [1 if s is not None else 0 for s in self.slots.seq_ids()], meta)
+        for s in ids:
+            self.lengths[s] += 1
+
+    @rule(seq=live)
+    def swap_out(self, seq):
+        self._count()
+        if seq not in self.lengths or seq in self.slots:
+            return
+        self.swapped[seq] = self.do_swap_out(seq)
+        del self.lengths[seq]
+        assert seq not in self.manager
+
+    @rule(seq=live)
+    def swap_in(self, seq):
+        self._count()
+        if seq not in self.swapped:
+            return
+        record = self.record_of(self.swapped[seq])
+        if self.manager.can_swap_in(record):
+            self.do_swap_in(self.swapped.pop(seq))
+            self.lengths[seq] = record.num_tokens
+        else:
+            self._unchanged(lambda: self.manager.swap_in(record), pk.OutOfBlocksError)
+
+    @rule(seq=st.integers(-3, 1000))
+    def bad_ids(self, seq):
+        """Operations on ids that are not live must fail typed and change nothing."""
+        self._count()
+        if seq in self.lengths:
+            self._unchanged(lambda: self.manager.admit(seq, 1), pk.DuplicateSequenceError)
+        else:
+            self._unchanged(lambda: self.manager.append([seq], 1), pk.UnknownSequenceError)
+            self._unchanged(lambda: self.manager.release(seq), pk.UnknownSequenceError)
+
+    # ---- swap, host flavour ----------------------------------------------------------
+    def do_swap_out(self, seq):
+        return self.manager.swap_out(seq)
+
+    def do_swap_in(self, swapped):
+        self.manager.swap_in(swapped)
+
+    def record_of(self, swapped):
+        return swapped
+
+    # ---- invariants --------------------------------------------------------------------
+    @invariant()
+    def integrity(self):
+        self.manager.check_integrity()
+        self.slots.check_integrity()
+        assert {s: self.manager.kv_len(s) for s in self.manager.seq_ids} == self.lengths
+        used = sum(g.pool.num_used for g in self.manager.groups)
+        free = sum(g.pool.num_free for g in self.manager.groups)
+        assert used + free == sum(g.num_blocks - 1 for g in self.spec.groups)
+        if not self.lengths:
+            assert used == 0
+
+
+class DeviceMachine(HostMachine):
+    """The host machine, with every token's keys/values written to the device pages
+    and every live sequence read back and compared after every rule."""
+
+    device = True
+    layout = "split"
+
+    def __init__(self):
+        super().__init__()
+        self.cache = pk.PagedKVCache.init(self.spec, layout=self.layout)
+        self.shadow: dict[int, np.ndarray] = {}  # seq -> [len, layers, 2, heads, dim] as uint16 bits
+
+    def write(self, seq_ids, counts, metadata) -> None:
+        B, T = metadata.batch_size, metadata.query_len
+        # Distinct random bfloat16 bit patterns (finite, never zero) per token, layer, K/V.
+        bits = self.rng.integers(0x3C00, 0x4700, size=(B, T, 2, 2, 1, 2), dtype=np.uint16)
+        for b, (s, c) in enumerate(zip(seq_ids, counts)):
+            if s is None or c == 0:
+                continue
+            old = self.shadow.get(s, np.empty((0, 2, 2, 1, 2), np.uint16))
+            self.shadow[s] = np.concatenate([old[: self.lengths[s]], bits[b, :c]])
+        k = jax.lax.bitcast_convert_type(bits[:, :, :, 0], jax.numpy.bfloat16)
+        v = jax.lax.bitcast_convert_type(bits[:, :, :, 1], jax.numpy.bfloat16)
+        self.cache = _write_all(self.cache, k, v, metadata.to_device())
+
+    def do_swap_out(self, seq):
+        return swap_out(self.cache, self.manager, seq)
+
+    def do_swap_in(self, swapped):
+        self.cache = swap_in(self.cache, self.manager, swapped)
+
+    def record_of(self, swapped):
+        return swapped.record
+
+    @invariant()
+    def pages_match_shadow(self):
+        ids = self.manager.seq_ids
+        for i in range(0, len(ids), self.spec.max_batch_slots):
+            self._check_batch(ids[i : i + self.spec.max_batch_slots])
+
+    def _check_batch(self, ids):
+        meta = self.manager.step_metadata(ids, 0)
+        keys, values = jax.device_get(_read_all(self.cache, meta.to_device()))
+        for layer, view in enumerate(self.cache.views):
+            start = np.asarray(meta.groups[view.group].start)
+            for b, s in enumerate(ids):
+                n = self.lengths[s]
+                first = int(start[b])
+                # A sliding layer must still show every token the next query (at
+                # position n) attends to: the last WINDOW - 1.
+                assert first <= (max(n - WINDOW + 1, 0) if view.window else 0)
+                want = self.shadow[s][first:n, layer]
+                got_k = keys[layer][b].view(np.uint16)
+                got_v = values[layer][b].view(np.uint16)
+                assert np.array_equal(got_k[: n - first], want[:, 0]), f"seq {s} layer {layer} keys"
+                assert np.array_equal(got_v[: n - first], want[:, 1]), f"seq {s} layer {layer} values"
+                assert not got_k[n - first :].any() and not got_v[n - first :].any(), f"seq {s}: bytes past its length"
+            # Padding rows of the batch read nothing either.
+            assert not keys[layer][len(ids) :].view(np.uint16).any()
+
+
+class UnifiedDeviceMachine(DeviceMachine):
+    layout = "unified"
+
+
+@jax.jit
+def _write_all(cache, k, v, meta):
+    return pk.PagedKVCache(tuple(view.write(k[:, :, i], v[:, :, i], meta) for i, view in enumerate(cache.views)))
+
+
+@jax.jit
+def _read_all(cache, meta):
+    kv = [view.read(meta) for view in cache.views]
+    return tuple(k for k, _ in kv), tuple(v for _, v in kv)
+
+
+def _run(machine, examples: int, step_count: int) -> int:
+    machine.steps = 0
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=examples * SOAK, stateful_step_count=step_count, deadline=None, print_blob=True,
+        suppress_health_check=list(HealthCheck), database=None,
+    ))
+    return machine.steps
+
+
+# Budget: host ~100k + device 2 x ~4.5k rule executions (counted; the last test checks the sum).
+def test_host_state_machine():
+    steps = _run(HostMachine, examples=1150, step_count=100)
+    assert steps >= 90_000 * SOAK, steps
+    test_host_state_machine.steps = steps
+
+
+@pytest.mark.parametrize("machine", [DeviceMachine, UnifiedDeviceMachine], ids=["split", "unified"])
+def test_device_state_machine(machine):
+    steps = _run(machine, examples=50, step_count=100)
+    assert steps >= 3_500 * SOAK, steps
+    _DEVICE_STEPS.append(steps)
+
+
+_DEVICE_STEPS: list[int] = []
+
+
+def test_total_steps_meet_the_ci_budget():
+    """Runs last in this file: the machines above together ran >= MIN_CI_STEPS rules."""
+    total = getattr(test_host_state_machine, "steps", 0) + sum(_DEVICE_STEPS)
+    if total == 0:
+        pytest.skip("the state-machine tests were deselected")
+    print(f"\nstate-machine rule executions: host {test_host_state_machine.steps:,}, device {_DEVICE_STEPS}, total {total:,}")
+    assert total >= MIN_CI_STEPS * SOAK, total
