@@ -7,8 +7,10 @@ the step's keys/values into the pages and give attention contiguous keys/values.
 
 from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, slot_step_metadata
 from paged_kv.cache import PagedKVCache
+from paged_kv.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from paged_kv.errors import (
     BatchTooLargeError,
+    CheckpointError,
     DuplicateSequenceError,
     InvalidTokenCountError,
     OutOfBlocksError,
@@ -21,6 +23,8 @@ from paged_kv.errors import (
     UnknownSequenceError,
 )
 from paged_kv.insertion import insert_prefill
+from paged_kv.allocator.swap_record import SwapRecord
+from paged_kv.swap import SwappedSequence, swap_in, swap_out
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
 from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView, UnifiedCacheView
@@ -32,6 +36,8 @@ __all__ = [
     "BatchTooLargeError",
     "BlockPool",
     "CacheSpec",
+    "Checkpoint",
+    "CheckpointError",
     "DecodeSlots",
     "DuplicateSequenceError",
     "GroupMetadata",
@@ -49,11 +55,17 @@ __all__ = [
     "SpecError",
     "SlidingWindowCacheView",
     "StepMetadata",
+    "SwapRecord",
+    "SwappedSequence",
     "TraceError",
     "TransformerCacheView",
     "UnifiedCacheView",
     "UnknownSequenceError",
     "bucket",
     "insert_prefill",
+    "load_checkpoint",
+    "save_checkpoint",
     "slot_step_metadata",
+    "swap_in",
+    "swap_out",
 ]

@@ -77,3 +77,12 @@ __all__ = [
     "SlotError",
     "TraceError",
 ]
+
+
+class CheckpointError(PagedKVError, ValueError):
+    """A checkpoint that cannot be saved or loaded: missing, truncated, corrupt (digest
+    mismatch), of an unknown format version, or built for another spec. Nothing was
+    written over the target (save) and nothing half-restored was returned (load)."""
+
+
+__all__ += ["CheckpointError"]

@@ -34,7 +34,18 @@ SeqId = NewType("SeqId", int)
 def _check_seq_id(seq_id) -> int:
     if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
         raise InvalidTokenCountError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
+    if seq_id < 0:
+        raise InvalidTokenCountError(f"seq_id={seq_id} must be >= 0")
     return int(seq_id)
+
+
+def _id_list(seq_ids) -> list:
+    """``seq_ids`` as a list; a bare id or another non-iterable is a typed error."""
+    if isinstance(seq_ids, list):
+        return seq_ids
+    if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
+        raise UnknownSequenceError(f"seq_ids={seq_ids!r} must be a list of sequence ids (wrap a single id: [{seq_ids!r}])")
+    return list(seq_ids)
 
 
 def _expand(rows: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +115,8 @@ class KVCacheManager:
 
     # ---- queries -------------------------------------------------------------------
     def __contains__(self, seq_id) -> bool:
-        return seq_id in self._rows
+        # bool and float hash like ints (True == 1.0 == 1): never alias them to an id.
+        return not isinstance(seq_id, (bool, float, np.floating)) and seq_id in self._rows
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -153,11 +165,12 @@ class KVCacheManager:
     def can_append(self, seq_ids: Sequence[int], num_tokens=1) -> bool:
         """Whether ``append(seq_ids, num_tokens)`` would succeed now."""
         try:
+            seq_ids = _id_list(seq_ids)
             rows, counts = self._rows_and_counts(seq_ids, num_tokens)
         except (UnknownSequenceError, DuplicateSequenceError, InvalidTokenCountError):
             return False
         try:
-            self._plan(rows, counts, list(seq_ids))
+            self._plan(rows, counts, seq_ids)
         except (SequenceTooLongError, OutOfBlocksError):
             return False
         return True
@@ -200,7 +213,7 @@ class KVCacheManager:
         vLLM calls ``slot_mapping``), one row per layer group: ``[num_groups,
         sum(num_tokens)]``. All or nothing.
         """
-        seq_ids = list(seq_ids)
+        seq_ids = _id_list(seq_ids)
         rows, counts = self._rows_and_counts(seq_ids, num_tokens)
         return self._grow(rows, counts, self._plan(rows, counts, seq_ids))
 
@@ -279,7 +292,7 @@ class KVCacheManager:
 
         Pure: reads the tables, changes nothing. Shapes are bucketed (see `bucket`).
         """
-        seq_ids = list(seq_ids)
+        seq_ids = _id_list(seq_ids)
         rows, q = self._rows_and_counts(seq_ids, num_new_tokens)
         n = rows.size
         if n > self.spec.max_batch_slots:
@@ -402,7 +415,7 @@ class KVCacheManager:
         return int(value)
 
     def _rows_and_counts(self, seq_ids: Iterable[int], num_tokens) -> tuple[np.ndarray, np.ndarray]:
-        seq_ids = seq_ids if isinstance(seq_ids, list) else list(seq_ids)
+        seq_ids = _id_list(seq_ids)
         if not set(map(type, seq_ids)) <= {int, np.int64, np.int32}:
             for s in seq_ids:
                 self._row(s)  # bool/float ids hash like ints (True == 1.0 == 1): reject, never alias

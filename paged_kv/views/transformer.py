@@ -35,7 +35,8 @@ class PagedLayerView:
         this raises at trace time, before any write."""
         s = self.spec
         bt = tuple(getattr(slots, "shape", ()))
-        for name, x, heads, dim in (("keys", key, s.key_heads, s.key_dim), ("values", value, s.value_heads, s.value_dim)):
+        checks = (("keys", key, s.key_heads, s.key_dim), ("values", value, s.value_heads, s.value_dim))
+        for name, x, heads, dim in checks:
             want = (*bt, heads, dim)
             if not (hasattr(x, "shape") and hasattr(x, "dtype")):
                 raise ShapeError(f"layer {self.layer_index}: {name} is a {type(x).__name__}; expected an array {want}")
@@ -46,7 +47,8 @@ class PagedLayerView:
                 )
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 raise ShapeError(
-                    f"layer {self.layer_index}: {name} have dtype {x.dtype}; expected a float dtype (pages hold {s.dtype})"
+                    f"layer {self.layer_index}: {name} have dtype {x.dtype}; "
+                    f"expected a float dtype (pages hold {s.dtype})"
                 )
 
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":

@@ -37,6 +37,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
@@ -121,11 +122,18 @@ class UnifiedCacheView(PagedLayerView):
                 f"layer {self.layer_index}: keys {tuple(key.shape)} and values {tuple(value.shape)} do not fit "
                 f"slot_mapping {bt}; expected keys {want_k} and values {want_v}"
             )
-        key, value = key.astype(dt), value.astype(dt)
+        # Combine the storage bits, not the floats: XLA on CPU canonicalizes NaN payloads
+        # when it stacks or concatenates bfloat16, which would break bit-identity with
+        # the split layout.
+        store = storage_dtype(s)
+        key = lax.bitcast_convert_type(key.astype(dt), store)
+        value = lax.bitcast_convert_type(value.astype(dt), store)
         if self.interleaved:
             # [B, T, H, 2, D] -> [B, T, 2H, D]: k0, v0, k1, v1, ...
-            return jnp.stack([key, value], axis=3).reshape(*bt, 2 * s.key_heads, s.key_dim)
-        return jnp.concatenate([key.reshape(*bt, -1), value.reshape(*bt, -1)], axis=-1)
+            rows = jnp.stack([key, value], axis=3).reshape(*bt, 2 * s.key_heads, s.key_dim)
+        else:
+            rows = jnp.concatenate([key.reshape(*bt, -1), value.reshape(*bt, -1)], axis=-1)
+        return lax.bitcast_convert_type(rows, dt)
 
 
 jax.tree_util.register_dataclass(UnifiedCacheView, data_fields=["kv_pages"], meta_fields=["spec", "layer_index"])
