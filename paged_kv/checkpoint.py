@@ -69,7 +69,9 @@ FORMAT_VERSION = 1
 # Attributes captured per class. Anything else on a saved object is state this
 # module would drop: `save_checkpoint` refuses it (see MAINTENANCE above).
 _KNOWN_STATE: dict[type, frozenset[str]] = {
-    KVCacheManager: frozenset({"spec", "groups", "_rows"}),
+    # _pending_copies is transient (appends -> the next step_metadata); saving
+    # requires it empty, and a restored manager starts with it empty.
+    KVCacheManager: frozenset({"spec", "groups", "_rows", "_pending_copies"}),
     _Group: frozenset({"window", "pool", "table", "pad_slot"}),  # window, pad_slot follow from the spec
     BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free"}),
     PageTable: frozenset(
@@ -127,6 +129,11 @@ def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: D
             )
     for obj in _state_objects(manager, slots):
         _check_known_state(obj, path)
+    if manager.num_pending_copies:
+        raise CheckpointError(
+            f"cannot save {path!r}: {manager.num_pending_copies} copy-on-write block copies are pending; run the "
+            "step (its step_metadata carries them) before saving, so the pages hold what the tables say"
+        )
     try:
         manager.check_integrity()
         if slots is not None:

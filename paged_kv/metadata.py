@@ -32,6 +32,10 @@ class GroupMetadata:
     block_tables: np.ndarray  # int32 [B, W]
     slot_mapping: np.ndarray  # int32 [B, T]
     start: np.ndarray  # int32 [B]
+    # Copy-on-write: block copy_src[i] is copied to copy_dst[i] in every layer of the
+    # group before this step's write (padding: null block -> out-of-range id, dropped).
+    copy_src: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
+    copy_dst: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,9 @@ class StepMetadata:
         return jax.device_put(self, device)
 
 
-jax.tree_util.register_dataclass(GroupMetadata, data_fields=["block_tables", "slot_mapping", "start"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst"], meta_fields=[]
+)
 jax.tree_util.register_dataclass(
     StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=[]
 )

@@ -408,3 +408,20 @@ def test_failed_write_leaves_the_old_file(tmp_path, saved, monkeypatch):
         pk.save_checkpoint(path, cache, manager)
     assert path.read_bytes() == saved[0].read_bytes() and os.listdir(tmp_path) == ["ck.npz"]
     assert pk.load_checkpoint(path).manager.snapshot() != manager.snapshot()  # still the old checkpoint
+
+
+def test_save_refuses_pending_copy_on_write(tmp_path):
+    spec = pk.CacheSpec(num_layers=1, num_blocks=8, block_size=4, max_blocks_per_seq=4, num_kv_heads=1,
+                        head_dim=2, dtype="float32")
+    m = pk.KVCacheManager(spec)
+    cache = pk.PagedKVCache.init(spec)
+    m.admit(0, 3)
+    m.fork(0, 1)
+    m.append([1], 1)
+    with pytest.raises(pk.CheckpointError, match="1 copy-on-write block copies are pending"):
+        pk.save_checkpoint(tmp_path / "c.npz", cache, m)
+    assert not (tmp_path / "c.npz").exists()
+    m.step_metadata([1], 1)  # hands the copy to the step
+    pk.save_checkpoint(tmp_path / "c.npz", cache, m)
+    restored = pk.load_checkpoint(tmp_path / "c.npz")
+    assert restored.manager.snapshot() == m.snapshot()

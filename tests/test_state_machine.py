@@ -1,7 +1,10 @@
 """Stateful stress tests: Hypothesis drives every public operation of the host
 manager, the decode slots and swapping in random orders, against a model.
 
-Two machines:
+Rules: admit, append (batched, with per-sequence counts), release, fork (children
+share blocks; writes into a shared partial block copy it first), slot insert and
+remove, a decode step over the slots (which also advances each sliding window),
+swap out and in, and operations on ids that are not live. Two machines:
 
 * `HostMachine`: host bookkeeping only (fast), shadowed by each live sequence's
   length. CI runs it for most of the step budget.
@@ -123,6 +126,23 @@ class HostMachine(RuleBasedStateMachine):
                 self.lengths[s] += c
         else:
             self._unchanged(lambda: self.manager.append(chosen, counts), (pk.OutOfBlocksError, pk.SequenceTooLongError))
+
+    @rule(target=live, parent=live)
+    def fork(self, parent):
+        """A child sharing all the parent's blocks (parallel sampling); later writes
+        into a shared partial block go through copy-on-write."""
+        self._count()
+        if parent not in self.lengths:
+            return multiple()
+        child = self.next_id
+        self.next_id += 1
+        self.manager.fork(parent, child)
+        self.lengths[child] = self.lengths[parent]
+        self.on_fork(parent, child)
+        return child
+
+    def on_fork(self, parent, child) -> None:
+        """Device machine: the child's shadow starts as the parent's."""
 
     @rule(seq=consumes(live))
     def release(self, seq):
@@ -246,6 +266,9 @@ class DeviceMachine(HostMachine):
         k = jax.lax.bitcast_convert_type(bits[:, :, :, 0], jax.numpy.bfloat16)
         v = jax.lax.bitcast_convert_type(bits[:, :, :, 1], jax.numpy.bfloat16)
         self.cache = _write_all(self.cache, k, v, metadata.to_device())
+
+    def on_fork(self, parent, child) -> None:
+        self.shadow[child] = self.shadow[parent].copy()
 
     def do_swap_out(self, seq):
         return swap_out(self.cache, self.manager, seq)

@@ -101,6 +101,7 @@ def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> Ste
                 block_tables=place("block_tables", (W,), NULL_BLOCK, g),
                 slot_mapping=place("slot_mapping", (T,), _pad_slot(spec, g), g),
                 start=place("start", (), 0, g),
+                **({} if meta is None else dict(copy_src=meta.groups[g].copy_src, copy_dst=meta.groups[g].copy_dst)),
             )
         )
     return StepMetadata(

@@ -98,6 +98,9 @@ class KVCacheManager:
         self.spec = spec
         self.groups = [_Group(spec, g) for g in range(len(spec.groups))]
         self._rows: dict[int, int] = {}
+        # Copy-on-write block copies (src, dst) per group made by appends and not yet
+        # handed to a step: `step_metadata` moves them into the metadata, once.
+        self._pending_copies: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.groups]
 
     @property
     def pool(self) -> BlockPool:
@@ -223,6 +226,45 @@ class KVCacheManager:
         del self._rows[int(seq_id)]
         return sum(int(g.pool.free(g.table.remove_row(row)).size) for g in self.groups)
 
+    def fork(self, parent, child) -> None:
+        """Register ``child`` sharing every block ``parent`` holds (parallel sampling,
+        beam search). No block is allocated or copied now: the first write into a
+        shared, partially filled last block copies that block (see `append`), and a
+        block returns to the pool when its last holder is released.
+        Raises `UnknownSequenceError` / `DuplicateSequenceError`, changing nothing."""
+        prow = self._row(parent)
+        child = _check_seq_id(child)
+        if child in self._rows:
+            raise DuplicateSequenceError(f"fork(parent={parent}, child={child}): seq_id={child} is already admitted")
+        rows = {g.table.add_row() for g in self.groups}
+        assert len(rows) == 1, "page-table rows fell out of lockstep"
+        row = rows.pop()
+        self._rows[child] = row
+        for g in self.groups:
+            t = g.table
+            t.block_tables[row] = t.block_tables[prow]
+            t.kv_lens[row], t.num_blocks[row], t.first_block[row] = t.kv_lens[prow], t.num_blocks[prow], t.first_block[prow]
+            g.pool.incref(t.blocks_of(row))
+
+    @property
+    def num_pending_copies(self) -> int:
+        """Copy-on-write block copies waiting for the next `step_metadata`."""
+        return sum(src.size for pending in self._pending_copies for src, _ in pending)
+
+    def _take_copies(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        pending = self._pending_copies[g]
+        if not pending:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        src = np.concatenate([s for s, _ in pending]).astype(np.int32)
+        dst = np.concatenate([d for _, d in pending]).astype(np.int32)
+        pending.clear()
+        # Bucketed so the step compiles once per bucket; padding copies the null block
+        # to an out-of-range id, which the scatter drops.
+        n = bucket(src.size, max(self.spec.max_batch_slots, src.size))
+        pad = n - src.size
+        return (np.concatenate([src, np.full(pad, NULL_BLOCK, np.int32)]),
+                np.concatenate([dst, np.full(pad, self.spec.groups[g].num_blocks, np.int32)]))
+
     # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
     def swap_record(self, seq_id) -> SwapRecord:
         """What `swap_out` would return, without releasing anything: the blocks to copy."""
@@ -316,10 +358,13 @@ class KVCacheManager:
         # from `positions` never leaves a padding query with nothing to attend to.
         positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
         positions = positions.astype(np.int32)
-        groups = tuple(self._group_metadata(g, rows, kv - q, positions[:n], valid[:n], B) for g in self.groups)
+        groups = tuple(
+            self._group_metadata(g, rows, kv - q, positions[:n], valid[:n], B, *self._take_copies(i))
+            for i, g in enumerate(self.groups)
+        )
         return StepMetadata(kv_lens, query_lens, positions, groups)
 
-    def _group_metadata(self, g: _Group, rows, first_query, positions, valid, B) -> GroupMetadata:
+    def _group_metadata(self, g: _Group, rows, first_query, positions, valid, B, copy_src, copy_dst) -> GroupMetadata:
         """The tables one group's views need: the blocks from the first one this
         step's queries can see to the last one held."""
         bs = self.spec.block_size
@@ -346,7 +391,7 @@ class KVCacheManager:
         slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, g.pad_slot)
         start = np.zeros(B, dtype=np.int32)
         start[:n] = first * bs
-        return GroupMetadata(block_tables, slot_mapping, start)
+        return GroupMetadata(block_tables, slot_mapping, start, copy_src, copy_dst)
 
     # ---- integrity -----------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -470,14 +515,48 @@ class KVCacheManager:
         plan = []
         for g in self.groups:
             # Appending no tokens to a row changes nothing for it: no trim either.
-            keep = np.where(counts > 0, np.minimum(g.keep_from(rows, old, bs), new_blocks), g.table.first_block[rows])
+            first = g.table.first_block[rows]
+            keep = np.where(counts > 0, np.minimum(g.keep_from(rows, old, bs), new_blocks), first)
             needed = new_blocks - g.table.num_blocks[rows]
-            trimmed = int((keep - g.table.first_block[rows]).sum())
-            total = int(needed.sum())
+            cow = self._copy_on_write_rows(g, rows, counts, old)
+            trimmed = 0
+            drop = keep - first
+            if drop.any():
+                # A trimmed block is freed only if every holder drops it in this call.
+                drop_rows, drop_cols = _expand(rows, drop, first)
+                ids, times = np.unique(g.table.block_tables[drop_rows, drop_cols], return_counts=True)
+                trimmed = int(np.count_nonzero(g.pool.ref_counts[ids] == times))
+            total = int(needed.sum()) + int(cow.sum())
             if total > g.pool.num_free + trimmed:
                 raise OutOfBlocksError(total, g.pool.num_free + trimmed, f"append to {len(rows)} sequences")
-            plan.append((keep, new_blocks, needed))
+            plan.append((keep, new_blocks, needed, cow))
         return plan
+
+    def _copy_on_write_rows(self, g: _Group, rows, counts, old) -> np.ndarray:
+        """Rows whose write lands in a shared, partially filled last block: each gets a
+        copy of that block first. Full shared blocks are never written, so never copied.
+
+        When every holder of a block writes in the same call, the last of them keeps
+        the original (nobody else needs it), so k writers of a block held k times make
+        k - 1 copies.
+        """
+        bs = self.spec.block_size
+        cow = np.zeros(rows.size, dtype=bool)
+        partial = (counts > 0) & (old % bs != 0)
+        if not partial.any():
+            return cow
+        idx = np.flatnonzero(partial)
+        last = g.table.block_tables[rows[idx], old[idx] // bs]
+        shared = g.pool.ref_counts[last] > 1
+        if not shared.any():
+            return cow
+        idx, last = idx[shared], last[shared]
+        order = np.argsort(last, kind="stable")
+        blocks, starts, writers = np.unique(last[order], return_index=True, return_counts=True)
+        copies = np.where(writers >= g.pool.ref_counts[blocks], writers - 1, writers)
+        rank = np.arange(idx.size) - np.repeat(starts, writers)
+        cow[idx[order[rank < np.repeat(copies, writers)]]] = True
+        return cow
 
     def _grow(self, rows: np.ndarray, counts: np.ndarray, plan: list) -> np.ndarray:
         """Apply a validated `_plan`: trim, allocate, record; return slots per group."""
@@ -485,7 +564,7 @@ class KVCacheManager:
         old_lens = self.table.kv_lens[rows].astype(np.int64)
         tok_rows, pos = _expand(rows, counts, old_lens)
         slots = np.empty((len(self.groups), pos.size), dtype=np.int32)
-        for i, (g, (keep, new_blocks, needed)) in enumerate(zip(self.groups, plan)):
+        for i, (g, (keep, new_blocks, needed, cow)) in enumerate(zip(self.groups, plan)):
             table = g.table
             drop = keep - table.first_block[rows]
             if drop.any():
@@ -493,6 +572,13 @@ class KVCacheManager:
                 g.pool.free(table.block_tables[drop_rows, drop_cols])
                 table.block_tables[drop_rows, drop_cols] = NULL_BLOCK
                 table.first_block[rows] = keep
+            if cow.any():
+                cow_rows, cow_cols = rows[cow], old_lens[cow] // bs
+                src = table.block_tables[cow_rows, cow_cols].copy()
+                dst = g.pool.allocate(src.size)
+                table.block_tables[cow_rows, cow_cols] = dst
+                g.pool.free(src)  # drops this row's reference; other holders keep the block
+                self._pending_copies[i].append((src, dst))
             ids = g.pool.allocate(int(needed.sum()))
             if ids.size:
                 block_rows, block_cols = _expand(rows, needed, table.num_blocks[rows])

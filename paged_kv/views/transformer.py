@@ -52,8 +52,18 @@ class PagedLayerView:
                 )
 
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":
-        """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages."""
-        return self.write_slots(key, value, metadata.groups[self.group].slot_mapping)
+        """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages,
+        after the step's copy-on-write block copies."""
+        group = metadata.groups[self.group]
+        return self.copy_blocks(group.copy_src, group.copy_dst).write_slots(key, value, group.slot_mapping)
+
+    def copy_blocks(self, src: jax.Array, dst: jax.Array) -> "PagedLayerView":
+        """Copy whole blocks ``src[i] -> dst[i]`` in every page array of this layer
+        (out-of-range ``dst`` entries are dropped). O(blocks copied), in place when
+        the pages are donated."""
+        if src.shape[0] == 0:
+            return self
+        return jax.tree_util.tree_map(lambda pages: pages.at[dst].set(pages[src], mode="drop"), self)
 
     @property
     def group(self) -> int:
