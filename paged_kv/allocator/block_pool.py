@@ -9,6 +9,7 @@ from typing import NewType
 
 import numpy as np
 
+from paged_kv.allocator.prefix_cache import PrefixCache
 from paged_kv.errors import OutOfBlocksError, PagedKVError
 from paged_kv.spec import NULL_BLOCK
 
@@ -30,10 +31,13 @@ class BlockPool:
     reaches zero.
     """
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, prefix_cache: bool = False):
         if num_blocks < 2:
             raise PagedKVError(f"num_blocks={num_blocks}: need the null block plus at least one usable block")
         self.num_blocks = int(num_blocks)
+        # With a prefix cache, a block whose last owner leaves keeps its content (and
+        # its key) while it waits, evictable, until an allocation needs it.
+        self.cache = PrefixCache(self.num_blocks) if prefix_cache else None
         self.ref_counts = np.zeros(self.num_blocks, dtype=np.int32)
         # Usable ids, popped from the end; reversed so block 1 is handed out first.
         self._free = np.arange(self.num_blocks - 1, NULL_BLOCK, -1, dtype=np.int32)
@@ -42,28 +46,44 @@ class BlockPool:
     # ---- predicates -------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return self._num_free
+        """Blocks an allocation can take: never used, or cached and evictable."""
+        return self._num_free + self.num_cached
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks nobody holds whose content the prefix cache keeps (evictable)."""
+        return len(self.cache.evictable) if self.cache is not None else 0
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - 1 - self._num_free
+        return self.num_blocks - 1 - self.num_free
 
     def can_allocate(self, n: int) -> bool:
-        return 0 <= n <= self._num_free
+        return 0 <= n <= self.num_free
 
     # ---- actions ----------------------------------------------------------------
     def allocate(self, n: int) -> np.ndarray:
         """Take ``n`` free blocks (ref count 1 each). All or nothing."""
         n = int(n)
-        if n > self._num_free:
-            raise OutOfBlocksError(n, self._num_free)
+        if n > self.num_free:
+            raise OutOfBlocksError(n, self.num_free)
         if n <= 0:
             return np.empty(0, dtype=np.int32)
+        if n > self._num_free:
+            self._push(self.cache.evict(n - self._num_free))  # least recently used first
         top = self._num_free
         ids = self._free[top - n : top][::-1].copy()
         self._num_free = top - n
         self.ref_counts[ids] = 1
         return ids
+
+    def revive(self, ids: np.ndarray) -> None:
+        """Take cached blocks (prefix-cache hits) into use: evictable ones leave the
+        evictable set; every one gains an owner."""
+        for b in np.asarray(ids).tolist():
+            if self.ref_counts[b] == 0:
+                self.cache.revive(b)
+        np.add.at(self.ref_counts, np.asarray(ids, dtype=np.int32), 1)
 
     def incref(self, ids: np.ndarray) -> None:
         """Add one owner to each block in ``ids`` (each must be in use)."""
@@ -80,11 +100,21 @@ class BlockPool:
         if np.any(ids == NULL_BLOCK) or np.any(self.ref_counts[ids] <= 0):
             raise PagedKVError(f"double free or free of the null block among {ids.tolist()}")
         np.subtract.at(self.ref_counts, ids, 1)
-        released = np.unique(ids[self.ref_counts[ids] == 0]) if ids.size > 1 else ids[self.ref_counts[ids] == 0]
-        k = released.size
-        self._free[self._num_free : self._num_free + k] = released[::-1]
-        self._num_free += k
+        released = ids[self.ref_counts[ids] == 0]
+        if released.size > 1:
+            # Unique, in the order given: the prefix cache's eviction order depends on it.
+            _, first = np.unique(released, return_index=True)
+            released = released[np.sort(first)]
+        if self.cache is not None and released.size:
+            self._push(released[~self.cache.retain(released)])
+        else:
+            self._push(released)
         return released
+
+    def _push(self, ids: np.ndarray) -> None:
+        k = ids.size
+        self._free[self._num_free : self._num_free + k] = ids[::-1]
+        self._num_free += k
 
     # ---- checks -----------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -99,8 +129,14 @@ class BlockPool:
         if np.any(self.ref_counts < 0):
             raise AssertionError("negative ref count")
         used = np.count_nonzero(self.ref_counts)
-        if used + self._num_free != self.num_blocks - 1:
-            raise AssertionError(f"used {used} + free {self._num_free} != usable {self.num_blocks - 1}")
+        cached = self.num_cached
+        if used + self._num_free + cached != self.num_blocks - 1:
+            raise AssertionError(f"used {used} + free {self._num_free} + cached {cached} != usable {self.num_blocks - 1}")
+        if self.cache is not None:
+            self.cache.check_integrity(self.ref_counts)
+            hashed_free = [b for b in free.tolist() if self.cache.hash_of[b] != 0]
+            if hashed_free:
+                raise AssertionError(f"blocks on the free list still carry a cache key: {hashed_free}")
 
 
 __all__ = ["BlockPool", "BlockId"]
