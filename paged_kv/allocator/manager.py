@@ -15,6 +15,7 @@ import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.page_table import PageTable
+from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
 from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import (
     BatchTooLargeError,
@@ -22,6 +23,7 @@ from paged_kv.errors import (
     InvalidTokenCountError,
     OutOfBlocksError,
     SequenceTooLongError,
+    SpecError,
     UnknownSequenceError,
 )
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
@@ -70,10 +72,10 @@ class _Group:
     in lockstep), so one row index serves all groups.
     """
 
-    def __init__(self, spec: CacheSpec, index: int):
+    def __init__(self, spec: CacheSpec, index: int, prefix_cache: bool = False):
         layer_group = spec.groups[index]
         self.window = layer_group.window
-        self.pool = BlockPool(layer_group.num_blocks)
+        self.pool = BlockPool(layer_group.num_blocks, prefix_cache=prefix_cache)
         self.table = PageTable(spec.max_blocks_per_seq)
         # Flat slot the write drops: one past the last token slot of this group's pages.
         self.pad_slot = layer_group.num_blocks * spec.block_size
@@ -94,9 +96,17 @@ class KVCacheManager:
     blocks behind the window go back to that group's pool as the sequence grows.
     """
 
-    def __init__(self, spec: CacheSpec):
+    def __init__(self, spec: CacheSpec, prefix_cache: bool = False):
+        """``prefix_cache=True`` keeps released full blocks keyed by their token
+        prefix for `admit_prompt` to reuse (not with sliding-window layers: a hit
+        would need only the blocks inside the window, which this cache does not model)."""
+        if prefix_cache and len(spec.groups) > 1:
+            raise SpecError(
+                f"prefix_cache=True with sliding-window layers {spec.sliding_layers} is not supported: build the "
+                "manager without it, or without sliding layers"
+            )
         self.spec = spec
-        self.groups = [_Group(spec, g) for g in range(len(spec.groups))]
+        self.groups = [_Group(spec, g, prefix_cache) for g in range(len(spec.groups))]
         self._rows: dict[int, int] = {}
         # Copy-on-write block copies (src, dst) per group made by appends and not yet
         # handed to a step: `step_metadata` moves them into the metadata, once.
@@ -221,10 +231,112 @@ class KVCacheManager:
         return self._grow(rows, counts, self._plan(rows, counts, seq_ids))
 
     def release(self, seq_id) -> int:
-        """Forget ``seq_id`` and drop its hold on its blocks; returns how many became free."""
+        """Forget ``seq_id`` and drop its hold on its blocks; returns how many no sequence holds now
+        (free, or cached for reuse when the prefix cache keeps them)."""
         row = self._row(seq_id)
         del self._rows[int(seq_id)]
-        return sum(int(g.pool.free(g.table.remove_row(row)).size) for g in self.groups)
+        # Tail first: the prefix cache then evicts a chain's tail before its parents.
+        return sum(int(g.pool.free(g.table.remove_row(row)[::-1]).size) for g in self.groups)
+
+    # ---- prefix cache --------------------------------------------------------------------
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (stats, events, subscribe), or None when disabled."""
+        return self.groups[0].pool.cache
+
+    def _prompt(self, token_ids, cache_key) -> tuple[np.ndarray, list[int], list[int]]:
+        """Validated tokens, their full blocks' keys, and the cached blocks a prompt would reuse."""
+        cache = self.prefix_cache
+        if cache is None:
+            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 1 or tokens.size < 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise InvalidTokenCountError(
+                f"token_ids must be a non-empty 1-D sequence of integers; got shape {tokens.shape} dtype {tokens.dtype}"
+            )
+        bs = self.spec.block_size
+        blocks = self.spec.blocks_for(tokens.size)
+        if blocks > self.spec.max_blocks_per_seq:
+            raise SequenceTooLongError(
+                f"a prompt of {tokens.size} tokens needs {blocks} blocks > max_blocks_per_seq={self.spec.max_blocks_per_seq}"
+            )
+        hashes = chain_hashes(tokens, bs, tokens.size // bs, cache_key)
+        # The last token is always computed (its logits start decoding), so a hit
+        # covers at most the full blocks before it.
+        hits = cache.match(hashes[: (tokens.size - 1) // bs])
+        return tokens, hashes, hits
+
+    def _prompt_shortfall(self, tokens, hits) -> tuple[int, int]:
+        pool = self.groups[0].pool
+        revived = sum(1 for b in hits if pool.ref_counts[b] == 0)
+        return self.spec.blocks_for(tokens.size) - len(hits), pool.num_free - revived
+
+    def can_admit_prompt(self, token_ids, cache_key=None) -> bool:
+        """Whether ``admit_prompt(new_id, token_ids, cache_key)`` would succeed now."""
+        try:
+            tokens, _, hits = self._prompt(token_ids, cache_key)
+        except (SpecError, InvalidTokenCountError, SequenceTooLongError):
+            return False
+        need, free = self._prompt_shortfall(tokens, hits)
+        return need <= free
+
+    def admit_prompt(self, seq_id, token_ids, cache_key=None) -> int:
+        """Admit ``seq_id`` with prompt ``token_ids``, reusing the longest cached chain of
+        full blocks with the same tokens (and the same ``cache_key``: an adapter name,
+        a tenant salt). Returns how many leading tokens are cached; compute the rest:
+        ``step_metadata([seq_id], len(token_ids) - cached)``. The prompt's other full
+        blocks are keyed at once, so requests in the same step can share them.
+        All or nothing: `DuplicateSequenceError`, `InvalidTokenCountError`,
+        `SequenceTooLongError`, `OutOfBlocksError`, `SpecError` (cache off)."""
+        seq_id = _check_seq_id(seq_id)
+        if seq_id in self._rows:
+            raise DuplicateSequenceError(f"seq_id={seq_id} is already admitted; release it first or pick a new id")
+        tokens, hashes, hits = self._prompt(token_ids, cache_key)
+        need, free = self._prompt_shortfall(tokens, hits)
+        if need > free:
+            raise OutOfBlocksError(need, free, f"admit_prompt(seq_id={seq_id}, {tokens.size} tokens, {len(hits)} cached blocks)")
+        g = self.groups[0]
+        cache, table = g.pool.cache, g.table
+        row = table.add_row()
+        self._rows[seq_id] = row
+        h = len(hits)
+        g.pool.revive(np.asarray(hits, dtype=np.int32))
+        total = self.spec.blocks_for(tokens.size)
+        table.block_tables[row, :h] = hits
+        table.block_tables[row, h:total] = g.pool.allocate(need)
+        table.kv_lens[row], table.num_blocks[row], table.first_block[row] = tokens.size, total, 0
+        self._key_blocks(row, hashes, start=h)
+        cache.queries += 1
+        cache.query_tokens += int(tokens.size)
+        cache.hit_tokens += h * self.spec.block_size
+        cache.blocks_reused += h
+        return h * self.spec.block_size
+
+    def cache_tokens(self, seq_id, token_ids, cache_key=None) -> int:
+        """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
+        later prompt that continues this conversation hits them after release (multi-
+        turn chat). ``token_ids`` must be the sequence's tokens, ``kv_len`` of them.
+        Returns how many blocks were newly keyed."""
+        row = self._row(seq_id)
+        tokens = np.asarray(token_ids)
+        n = int(self.table.kv_lens[row])
+        if tokens.ndim != 1 or tokens.size != n or not np.issubdtype(tokens.dtype, np.integer):
+            raise InvalidTokenCountError(
+                f"cache_tokens(seq_id={seq_id}): token_ids has shape {tokens.shape} dtype {tokens.dtype}; "
+                f"need the sequence's {n} integer tokens"
+            )
+        if self.prefix_cache is None:
+            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
+        hashes = chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key)
+        return self._key_blocks(row, hashes, start=0)
+
+    def _key_blocks(self, row: int, hashes: list[int], start: int) -> int:
+        cache, table = self.prefix_cache, self.table
+        stored = 0
+        for i in range(start, len(hashes)):
+            parent = hashes[i - 1] if i else NO_HASH
+            stored += cache.store(int(table.block_tables[row, i]), hashes[i], parent)
+        return stored
 
     def fork(self, parent, child) -> None:
         """Register ``child`` sharing every block ``parent`` holds (parallel sampling,
@@ -435,6 +547,10 @@ class KVCacheManager:
                 for sid, r in rows
             ),
             tuple((g.pool.ref_counts.tobytes(), g.pool.num_free) for g in self.groups),
+            tuple(
+                (tuple(sorted(g.pool.cache.block_of.items())), tuple(g.pool.cache.evictable))
+                for g in self.groups if g.pool.cache is not None
+            ),
         )
 
     # ---- internals -----------------------------------------------------------------
