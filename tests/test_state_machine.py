@@ -54,12 +54,12 @@ BLOCK = 4
 WINDOW = 6
 
 
-def make_spec() -> pk.CacheSpec:
+def make_spec(sliding: bool = True) -> pk.CacheSpec:
     # Layer 0 full, layer 1 sliding: small pools so that running out, preemption and
     # block reuse happen within a few rules. max_seq_len = 6 blocks x 4 = 24 tokens.
+    window = dict(sliding_window=WINDOW, sliding_layers=(1,), sliding_num_blocks=10) if sliding else {}
     return pk.CacheSpec(num_layers=2, num_blocks=14, block_size=BLOCK, max_blocks_per_seq=6, max_batch_slots=4,
-                        num_kv_heads=1, head_dim=2, dtype="bfloat16", sliding_window=WINDOW, sliding_layers=(1,),
-                        sliding_num_blocks=10)
+                        num_kv_heads=1, head_dim=2, dtype="bfloat16", **window)
 
 
 class HostMachine(RuleBasedStateMachine):
@@ -70,10 +70,12 @@ class HostMachine(RuleBasedStateMachine):
 
     live = Bundle("live")
 
+    prefix_cache = False
+
     def __init__(self):
         super().__init__()
-        self.spec = make_spec()
-        self.manager = pk.KVCacheManager(self.spec)
+        self.spec = make_spec(sliding=not self.prefix_cache)
+        self.manager = pk.KVCacheManager(self.spec, prefix_cache=self.prefix_cache)
         self.slots = pk.DecodeSlots(self.manager, num_slots=3)
         self.lengths: dict[int, int] = {}  # the model: every live sequence's length
         self.swapped: dict[int, object] = {}  # seq -> SwapRecord (host) or SwappedSequence (device)
@@ -306,6 +308,37 @@ class DeviceMachine(HostMachine):
             assert not keys[layer][len(ids) :].view(np.uint16).any()
 
 
+class PrefixHostMachine(HostMachine):
+    """The host machine with the prefix cache on (full-attention layers only) and
+    admissions through it: prompts share one of a few prefixes, so hits, revivals
+    of released blocks and evictions interleave with every other rule."""
+
+    prefix_cache = True
+    PREFIXES = [np.arange(k * 100, k * 100 + 24) for k in range(3)]
+
+    @rule(target=HostMachine.live, prefix=st.integers(0, 2), shared=st.integers(1, 22), tail=st.integers(0, 6))
+    def admit_prompt(self, prefix, shared, tail):
+        self._count()
+        seq = self.next_id
+        self.next_id += 1
+        tokens = np.concatenate([self.PREFIXES[prefix][:shared], np.arange(tail) + 1000 + seq])
+        if self.manager.can_admit_prompt(tokens):
+            cached = self.manager.admit_prompt(seq, tokens)
+            assert cached % BLOCK == 0 and cached < tokens.size
+            self.lengths[seq] = tokens.size
+            self.manager.step_metadata([seq], tokens.size - cached)
+            return seq
+        self._unchanged(lambda: self.manager.admit_prompt(seq, tokens), (pk.OutOfBlocksError, pk.SequenceTooLongError))
+        return multiple()
+
+    @invariant()
+    def cache_accounting(self):
+        pool = self.manager.pool
+        held = pool.ref_counts > 0
+        assert pool.num_used == int(held.sum())
+        assert pool.num_cached == len(pool.cache.evictable)
+
+
 class UnifiedDeviceMachine(DeviceMachine):
     layout = "unified"
 
@@ -330,11 +363,18 @@ def _run(machine, examples: int, step_count: int) -> int:
     return machine.steps
 
 
-# Budget: host ~100k + device 2 x ~4.5k rule executions (counted; the last test checks the sum).
+# Budget: host ~80k + prefix ~20k + device 2 x ~4.5k rule executions (counted; the
+# last test checks the sum).
 def test_host_state_machine():
-    steps = _run(HostMachine, examples=1150, step_count=100)
-    assert steps >= 90_000 * SOAK, steps
+    steps = _run(HostMachine, examples=900, step_count=100)
+    assert steps >= 70_000 * SOAK, steps
     test_host_state_machine.steps = steps
+
+
+def test_prefix_state_machine():
+    steps = _run(PrefixHostMachine, examples=250, step_count=100)
+    assert steps >= 20_000 * SOAK, steps
+    test_prefix_state_machine.steps = steps
 
 
 @pytest.mark.parametrize("machine", [DeviceMachine, UnifiedDeviceMachine], ids=["split", "unified"])
@@ -349,8 +389,10 @@ _DEVICE_STEPS: list[int] = []
 
 def test_total_steps_meet_the_ci_budget():
     """Runs last in this file: the machines above together ran >= MIN_CI_STEPS rules."""
-    total = getattr(test_host_state_machine, "steps", 0) + sum(_DEVICE_STEPS)
+    total = getattr(test_host_state_machine, "steps", 0) + getattr(test_prefix_state_machine, "steps", 0)
+    total += sum(_DEVICE_STEPS)
     if total == 0:
         pytest.skip("the state-machine tests were deselected")
-    print(f"\nstate-machine rule executions: host {test_host_state_machine.steps:,}, device {_DEVICE_STEPS}, total {total:,}")
+    print(f"\nstate-machine rule executions: host {getattr(test_host_state_machine, 'steps', 0):,}, prefix "
+          f"{getattr(test_prefix_state_machine, 'steps', 0):,}, device {_DEVICE_STEPS}, total {total:,}")
     assert total >= MIN_CI_STEPS * SOAK, total
