@@ -23,6 +23,7 @@ from paged_kv.errors import (
     UnknownSequenceError,
 )
 from paged_kv.insertion import insert_prefill
+from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
 from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.swap import SwappedSequence, swap_in, swap_out
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
@@ -54,6 +55,9 @@ __all__ = [
     "SlotError",
     "SpecError",
     "SlidingWindowCacheView",
+    "PrefixCache",
+    "PrefixEvent",
+    "PrefixStats",
     "StepMetadata",
     "SwapRecord",
     "SwappedSequence",
