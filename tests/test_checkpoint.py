@@ -373,9 +373,9 @@ def test_save_refuses_mismatched_or_foreign_state(tmp_path, saved):
     assert_save_refused(tmp_path / "fresh.npz", cache, manager, DecodeSlots(KVCacheManager(spec)),
                         match="belong to another")
 
-    manager.prefix_cache = {}  # state this module does not know about: refuse rather than drop it
-    assert_save_refused(path, cache, manager, match=r"KVCacheManager has state .*\['prefix_cache'\]")
-    del manager.prefix_cache
+    manager.future_state = {}  # state this module does not know about: refuse rather than drop it
+    assert_save_refused(path, cache, manager, match=r"KVCacheManager has state .*\['future_state'\]")
+    del manager.future_state
 
     donated = _write(cache, *Server(cache, manager, None)._kv(np.random.default_rng(0), 1, 1),
                      manager.step_metadata([1], 1))
@@ -425,3 +425,13 @@ def test_save_refuses_pending_copy_on_write(tmp_path):
     pk.save_checkpoint(tmp_path / "c.npz", cache, m)
     restored = pk.load_checkpoint(tmp_path / "c.npz")
     assert restored.manager.snapshot() == m.snapshot()
+
+
+def test_save_refuses_a_prefix_cache(tmp_path):
+    spec = pk.CacheSpec(num_layers=1, num_blocks=8, block_size=4, max_blocks_per_seq=4, num_kv_heads=1,
+                        head_dim=2, dtype="float32")
+    m = pk.KVCacheManager(spec, prefix_cache=True)
+    m.admit_prompt(0, np.arange(6))
+    with pytest.raises(pk.CheckpointError, match="prefix cache, which checkpoints do not capture yet"):
+        pk.save_checkpoint(tmp_path / "c.npz", pk.PagedKVCache.init(spec), m)
+    assert not (tmp_path / "c.npz").exists()
