@@ -7,6 +7,7 @@ import dataclasses
 import jax
 
 from paged_kv.errors import ShapeError, SpecError
+from paged_kv.sharding import page_sharding
 from paged_kv.spec import CacheSpec
 from paged_kv.views.sliding import SlidingWindowCacheView
 from paged_kv.views.transformer import TransformerCacheView
@@ -23,15 +24,23 @@ class PagedKVCache:
     views: tuple
 
     @classmethod
-    def init(cls, spec: CacheSpec, device=None, layout: str = "split") -> "PagedKVCache":
+    def init(cls, spec: CacheSpec, device=None, layout: str = "split", mesh=None, head_axis=None) -> "PagedKVCache":
         """Zeroed pages for every layer.
 
         ``layout="split"``: separate key and value pages per layer, a sliding view for
         ``spec.sliding_layers``, else full. ``layout="unified"``: one `UnifiedCacheView`
         (keys and values in one page tensor) for every layer, sliding layers included.
+        ``mesh`` and ``head_axis``: shard every page tensor's head axis over that mesh
+        axis (tensor parallelism; see `paged_kv.sharding`), created sharded.
         """
         if layout not in _LAYOUTS:
             raise SpecError(f"layout={layout!r} is not one of {_LAYOUTS}")
+        if (mesh is None) != (head_axis is None):
+            raise SpecError(f"mesh={mesh!r} and head_axis={head_axis!r}: give both to shard the pages, or neither")
+        if mesh is not None:
+            if device is not None:
+                raise SpecError("give device= or mesh=/head_axis=, not both")
+            device = page_sharding(spec, mesh, head_axis, layout)
 
         def view(layer):
             if layout == "unified":

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens
+from paged_kv.sharding import zeros
 from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
 from paged_kv.views.mask import AttentionMask
 
@@ -119,7 +120,7 @@ class TransformerCacheView(PagedLayerView):
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
         store = storage_dtype(spec)
         kshape, vshape = _page_shapes(spec, layer_index)
-        return cls(jnp.zeros(kshape, store, device=device), jnp.zeros(vshape, store, device=device), spec, layer_index)
+        return cls(zeros(kshape, store, device), zeros(vshape, store, device), spec, layer_index)
 
     def check_pages(self) -> None:
         """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""

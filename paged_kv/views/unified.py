@@ -42,6 +42,7 @@ from jax import lax
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens
+from paged_kv.sharding import zeros
 from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
 from paged_kv.views.transformer import PagedLayerView
 
@@ -70,7 +71,7 @@ class UnifiedCacheView(PagedLayerView):
     @classmethod
     def init(cls, spec: CacheSpec, layer_index: int = 0, device=None) -> "UnifiedCacheView":
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
-        return cls(jnp.zeros(unified_page_shape(spec, layer_index), storage_dtype(spec), device=device), spec, layer_index)
+        return cls(zeros(unified_page_shape(spec, layer_index), storage_dtype(spec), device), spec, layer_index)
 
     @property
     def interleaved(self) -> bool:
