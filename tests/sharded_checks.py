@@ -111,15 +111,20 @@ def scenario(runs: list[Run], rng) -> dict:
     both([1, 10], 1)
     prefill = rng.integers(0x3C00, 0x4700, (SPEC.num_layers, 7, HEADS, DIM), dtype=np.uint16)
     keys = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(prefill), jnp.bfloat16))
+    def donating(r: Run, call) -> None:
+        old = jax.tree_util.tree_leaves(r.cache)
+        r.cache = call()
+        r.donated &= all(x.is_deleted() for x in old)
+
     for r in runs:  # slot insertion of a sequence prefilled elsewhere
-        r.cache = pk.insert_prefill(r.cache, r.manager, 20, keys, keys[::-1].copy())
+        donating(r, lambda r=r: pk.insert_prefill(r.cache, r.manager, 20, keys, keys[::-1].copy()))
     both([20], 0)  # read the inserted sequence back
     gone = [swap_module.swap_out(r.cache, r.manager, 2) for r in runs]
     for r in runs:
         r.manager.admit(30, 9)  # takes blocks seq 2 left
     both([30], 9)
     for r, g in zip(runs, gone):
-        r.cache = swap_module.swap_in(r.cache, r.manager, g)
+        donating(r, lambda r=r, g=g: swap_module.swap_in(r.cache, r.manager, g))
     live = [0, 1, 2, 3, 10, 20, 30]
     for _ in range(3):
         for r in runs:
