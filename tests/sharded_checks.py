@@ -142,7 +142,12 @@ def shard_report(run: Run, layout: str) -> dict:
     full = leaves[0].shape[head_axis]
     local = {s.data.shape[head_axis] for x in leaves for s in x.addressable_shards}
     swap_hlo = swap_module._gather.lower(run.cache, tuple(jnp.zeros(4, jnp.int32) for _ in SPEC.groups)).compile().as_text()
+    from paged_kv.insertion import _write_prefill
+
+    kv = jnp.zeros((SPEC.num_layers, 8, HEADS, DIM), jnp.bfloat16)
+    insert_hlo = _write_prefill.lower(run.cache, kv, kv, jnp.zeros((len(SPEC.groups), 8), jnp.int32)).compile().as_text()
     return {
+        "insert_collectives": collectives(insert_hlo),
         "page_specs_ok": all(isinstance(x.sharding, NamedSharding) and x.sharding.spec == want for x in leaves),
         "devices_per_page": sorted({len(x.sharding.device_set) for x in leaves}),
         "full_head_axis": full,

@@ -51,6 +51,7 @@ def test_no_collective_touches_the_pages(report):
     for layout in ("split", "unified"):
         assert report[layout]["step_collectives"] == []
         assert report[layout]["swap_gather_collectives"] == []
+        assert report[layout]["insert_collectives"] == []
 
 
 def test_two_data_parallel_replicas(report):
