@@ -59,8 +59,9 @@ from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager, _Group
 from paged_kv.allocator.page_table import PageTable
+from paged_kv.allocator.prefix_cache import PrefixCache
 from paged_kv.cache import _LAYOUTS, PagedKVCache
-from paged_kv.errors import CheckpointError, PagedKVError
+from paged_kv.errors import CheckpointError, PagedKVError, SpecError
 from paged_kv.spec import CacheSpec
 
 FORMAT_NAME = "paged_kv.checkpoint"
@@ -73,12 +74,15 @@ _KNOWN_STATE: dict[type, frozenset[str]] = {
     # requires it empty, and a restored manager starts with it empty.
     KVCacheManager: frozenset({"spec", "groups", "_rows", "_pending_copies"}),
     _Group: frozenset({"window", "pool", "table", "pad_slot"}),  # window, pad_slot follow from the spec
-    # cache: the prefix cache, which checkpoints do not capture yet (saving refuses it).
+    # cache: the prefix cache (or None), captured as the prefix.* arrays.
     BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"}),
     PageTable: frozenset(
         {"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use", "_free_rows"}
     ),
     DecodeSlots: frozenset({"manager", "_seqs", "_slot_of"}),
+    # _events and _subscribers belong to the running process: not saved.
+    PrefixCache: frozenset({"block_of", "hash_of", "parent_of", "evictable", "queries", "query_tokens", "hit_tokens",
+                            "blocks_reused", "blocks_stored", "blocks_evicted", "_events", "_subscribers"}),
 }
 
 _RESERVED = ("header", "digest")
@@ -130,11 +134,6 @@ def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: D
             )
     for obj in _state_objects(manager, slots):
         _check_known_state(obj, path)
-    if any(g.pool.cache is not None for g in manager.groups):
-        raise CheckpointError(
-            f"cannot save {path!r}: the manager has a prefix cache, which checkpoints do not capture yet; "
-            "save a manager built without prefix_cache=True"
-        )
     if manager.num_pending_copies:
         raise CheckpointError(
             f"cannot save {path!r}: {manager.num_pending_copies} copy-on-write block copies are pending; run the "
@@ -161,6 +160,7 @@ def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: D
         "version": FORMAT_VERSION,
         "spec": _spec_fields(spec),
         "layout": layout,
+        "prefix_cache": manager.prefix_cache is not None,
         "slots": None if slots is None else {"num_slots": slots.num_slots},
         "arrays": [
             {"name": n, "shape": list(a.shape), "dtype": a.dtype.str, "sha256": _sha256(a)} for n, a in arrays.items()
@@ -202,7 +202,10 @@ def load_checkpoint(path, device=None, *, spec: CacheSpec | None = None) -> Chec
     has_slots = slots_info is not None
 
     expected, treedef = _expected_pages(saved_spec, layout)
-    wanted = set(expected) | set(_manager_names(saved_spec)) | ({"slots.slot_of"} if has_slots else set())
+    prefix = header.get("prefix_cache", False)
+    if not isinstance(prefix, bool):
+        raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
+    wanted = set(expected) | set(_manager_names(saved_spec, prefix)) | ({"slots.slot_of"} if has_slots else set())
     missing = [n for n in sorted(wanted) if n not in arrays]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks arrays {missing}; it was written by another tool or edited")
@@ -220,7 +223,7 @@ def load_checkpoint(path, device=None, *, spec: CacheSpec | None = None) -> Chec
                 f"({saved_spec.describe()}, layout={layout!r}) needs {want.shape} {np.dtype(want.dtype).name}"
             )
 
-    manager = _restore_manager(saved_spec, arrays, path)
+    manager = _restore_manager(saved_spec, arrays, path, prefix)
     slots = _restore_slots(manager, slots_info, arrays, path) if has_slots else None
 
     pages = jax.device_put([arrays[n] for n in expected], device)
@@ -256,17 +259,36 @@ def _manager_state(manager: KVCacheManager) -> dict[str, np.ndarray]:
         state[pre + "table.free_rows"] = np.array(table._free_rows, np.int64)
     # (seq_id, row) in admission order: `seq_ids` reports sequences in that order.
     state["manager.rows"] = np.array(list(manager._rows.items()), np.int64).reshape(-1, 2)
+    cache = manager.prefix_cache
+    if cache is not None:
+        # 128-bit keys as (low, high) uint64 pairs; the evictable blocks in LRU order,
+        # so eviction after a restore picks the same blocks; the counters. Events and
+        # subscribers belong to the running process and are not saved.
+        state["prefix.hash"] = _u128(cache.hash_of)
+        state["prefix.parent"] = _u128(cache.parent_of)
+        state["prefix.evictable"] = np.array(list(cache.evictable), np.int64)
+        state["prefix.stats"] = np.array([cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused,
+                                          cache.blocks_stored, cache.blocks_evicted], np.int64)
     return state
 
 
-def _manager_names(spec: CacheSpec) -> list[str]:
+def _u128(values: list[int]) -> np.ndarray:
+    return np.array([[v & 0xFFFFFFFFFFFFFFFF, v >> 64] for v in values], np.uint64).reshape(-1, 2)
+
+
+def _from_u128(pairs: np.ndarray) -> list[int]:
+    return [int(lo) | (int(hi) << 64) for lo, hi in pairs.tolist()]
+
+
+def _manager_names(spec: CacheSpec, prefix: bool = False) -> list[str]:
     """Array names `_manager_state` writes for ``spec`` (what a loader must find)."""
     fields = ("pool.ref_counts", "pool.free_stack", "pool.num_free", "table.block_tables", "table.kv_lens",
               "table.num_blocks", "table.first_block", "table.in_use", "table.free_rows")
-    return [f"group{g}.{f}" for g in range(len(spec.groups)) for f in fields] + ["manager.rows"]
+    names = [f"group{g}.{f}" for g in range(len(spec.groups)) for f in fields] + ["manager.rows"]
+    return names + (["prefix.hash", "prefix.parent", "prefix.evictable", "prefix.stats"] if prefix else [])
 
 
-def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str) -> KVCacheManager:
+def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str, prefix: bool = False) -> KVCacheManager:
     """A `KVCacheManager` holding the saved state, checked by ``check_integrity``.
 
     Shapes and dtypes are checked per array first so that a forged or mis-written
@@ -283,7 +305,10 @@ def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str) 
             )
         return np.array(a, dtype=dtype, copy=True)  # owned and writable: the manager mutates it
 
-    manager = KVCacheManager(spec)
+    try:
+        manager = KVCacheManager(spec, prefix_cache=prefix)
+    except SpecError as exc:
+        raise CheckpointError(f"checkpoint {path!r}: {exc}") from exc
     capacity = None
     for g, group in enumerate(manager.groups):
         nb, pre = spec.groups[g].num_blocks, f"group{g}."
@@ -316,6 +341,18 @@ def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str) 
     bad = [int(r) for r in seq_rows[:, 1] if not 0 <= r < capacity]
     if bad:
         raise CheckpointError(f"checkpoint {path!r}: manager.rows points at rows {bad} outside [0, {capacity})")
+    if prefix:
+        nb = spec.groups[0].num_blocks
+        cache = manager.prefix_cache
+        cache.hash_of = _from_u128(take("prefix.hash", np.uint64, (nb, 2)))
+        cache.parent_of = _from_u128(take("prefix.parent", np.uint64, (nb, 2)))
+        cache.block_of = {h: b for b, h in enumerate(cache.hash_of) if h != 0}
+        evictable = take("prefix.evictable", np.int64, (None,))
+        if np.any((evictable < 1) | (evictable >= nb)):
+            raise CheckpointError(f"checkpoint {path!r}: prefix.evictable names blocks outside [1, {nb})")
+        cache.evictable.update((int(b), None) for b in evictable)
+        (cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused, cache.blocks_stored,
+         cache.blocks_evicted) = (int(x) for x in take("prefix.stats", np.int64, (6,)))
     try:
         manager.check_integrity()
     except (AssertionError, IndexError, ValueError) as exc:
@@ -358,7 +395,7 @@ def _restore_slots(manager: KVCacheManager, info, arrays: dict[str, np.ndarray],
 def _state_objects(manager: KVCacheManager, slots: DecodeSlots | None) -> list:
     objs = [manager]
     for group in manager.groups:
-        objs += [group, group.pool, group.table]
+        objs += [group, group.pool, group.table] + ([group.pool.cache] if group.pool.cache is not None else [])
     return objs + ([slots] if slots is not None else [])
 
 

@@ -427,11 +427,28 @@ def test_save_refuses_pending_copy_on_write(tmp_path):
     assert restored.manager.snapshot() == m.snapshot()
 
 
-def test_save_refuses_a_prefix_cache(tmp_path):
-    spec = pk.CacheSpec(num_layers=1, num_blocks=8, block_size=4, max_blocks_per_seq=4, num_kv_heads=1,
+def test_prefix_cache_round_trip(tmp_path):
+    """Cached chains, their LRU order and the counters survive; the restored manager
+    hits, evicts and keys blocks exactly like the original."""
+    spec = pk.CacheSpec(num_layers=1, num_blocks=20, block_size=4, max_blocks_per_seq=8, num_kv_heads=1,
                         head_dim=2, dtype="float32")
+    cache = pk.PagedKVCache.init(spec)
     m = pk.KVCacheManager(spec, prefix_cache=True)
-    m.admit_prompt(0, np.arange(6))
-    with pytest.raises(pk.CheckpointError, match="prefix cache, which checkpoints do not capture yet"):
-        pk.save_checkpoint(tmp_path / "c.npz", pk.PagedKVCache.init(spec), m)
-    assert not (tmp_path / "c.npz").exists()
+    m.admit_prompt(0, np.arange(13))
+    m.admit_prompt(1, np.arange(100, 109))
+    m.admit_prompt(2, np.arange(13))  # a hit
+    m.release(0)
+    m.release(1)
+    pk.save_checkpoint(tmp_path / "c.npz", cache, m)
+    r = pk.load_checkpoint(tmp_path / "c.npz").manager
+    assert r.snapshot() == m.snapshot()
+    assert r.prefix_cache.stats() == m.prefix_cache.stats()
+    for mgr in (m, r):  # the same continuation: eviction order, hits and new keys
+        mgr.admit(5, 32)
+        mgr.admit(7, 24)  # 14 blocks: the 13 free ones, then the least recent cached one (seq 1's tail)
+        assert mgr.prefix_cache.stats().blocks_evicted == 1
+        mgr.release(7)
+        assert mgr.admit_prompt(6, np.arange(100, 109)) == 4  # the chain's head is still cached
+        mgr.cache_tokens(5, np.arange(300, 332))
+    assert r.snapshot() == m.snapshot() and r.prefix_cache.stats() == m.prefix_cache.stats()
+    r.check_integrity()
