@@ -25,9 +25,8 @@ Prints a final JSON line. Trace: Azure/AzurePublicDataset (CC-BY 4.0), Patel et 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
+
+from _report import finish_report, start_report
 
 from paged_kv import CacheSpec
 from paged_kv.sim import BUNDLED_ATTRIBUTION, SchedulerConfig, compare, load_trace, simulate
@@ -59,9 +58,7 @@ def main() -> None:
     trace = load_trace()
     if args.quick:
         trace = trace.head(3000)
-    started = time.perf_counter()
-    out: dict = {"trace": BUNDLED_ATTRIBUTION, "requests": len(trace), "quick": args.quick,
-                 "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    out = start_report(trace=BUNDLED_ATTRIBUTION, requests=len(trace), quick=args.quick)
 
     # 1. offline, three backends at equal memory
     spec = spec_for(16)
@@ -98,9 +95,7 @@ def main() -> None:
     out["block_size_sweep"] = sweep
     out["aims"] = {"utilization_ge_0.98": paged.time_avg_utilization >= 0.98,
                    "concurrency_over_max_len_ge_4": out["ratios"]["concurrency_paged_over_max_len"] >= 4}
-    out["host"]["loadavg_end"] = os.getloadavg()
-    out["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(out))
+    finish_report(out)
 
 
 if __name__ == "__main__":

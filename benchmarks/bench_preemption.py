@@ -16,14 +16,14 @@ Prints a final JSON line. Trace: Azure/AzurePublicDataset (CC-BY 4.0), Patel et 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import numpy as np
 
 import paged_kv as pk
+from _report import finish_report, start_report
+
 from paged_kv.sim import BUNDLED_ATTRIBUTION, SchedulerConfig, load_trace, simulate
 from paged_kv.swap import swap_in, swap_out
 
@@ -82,9 +82,7 @@ def main() -> None:
     trace = load_trace()
     if args.quick:
         trace = trace.head(3000)
-    started = time.perf_counter()
-    out: dict = {"trace": BUNDLED_ATTRIBUTION, "requests": len(trace), "quick": args.quick,
-                 "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    out = start_report(trace=BUNDLED_ATTRIBUTION, requests=len(trace), quick=args.quick)
     for gib, blocks in ((16, 8192), (8, 4096)):
         for policy in ("recompute", "swap"):
             fig = replay(trace, blocks, policy)
@@ -95,9 +93,7 @@ def main() -> None:
     out["device_swap_1024_tokens"] = dev = device_swap(5 if args.quick else 15)
     print(f"device: swap out {dev['swap_out_ms']} ms, in {dev['swap_in_ms']} ms for {dev['mib']} MiB; "
           f"numpy copy {dev['numpy_copy_ms']} ms ({dev['swap_out_over_memcpy']}x / {dev['swap_in_over_memcpy']}x memcpy speed)")
-    out["host"]["loadavg_end"] = os.getloadavg()
-    out["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(out))
+    finish_report(out)
 
 
 if __name__ == "__main__":

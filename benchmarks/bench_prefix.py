@@ -26,8 +26,6 @@ Prints a final JSON line. Trace: Azure/AzurePublicDataset (CC-BY 4.0), Patel et 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from collections import deque
@@ -35,6 +33,8 @@ from collections import deque
 import numpy as np
 
 import paged_kv as pk
+from _report import finish_report, start_report
+
 from paged_kv.sim import BUNDLED_ATTRIBUTION, load_trace
 
 MODEL = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -93,8 +93,8 @@ def serve(requests: list[tuple[np.ndarray, list[int]]], mode: str) -> dict:
                     del remaining[s]
                 queue.appendleft(victim)
                 preemptions += 1
-        if mode == "fork":
-            m.step_metadata(list(remaining), 1) if len(remaining) <= MAX_BATCH else None  # hands over COW copies
+        if mode == "fork" and remaining:
+            m.step_metadata(list(remaining), 1)  # hands the step's copy-on-write copies over, as an engine would
         steps += 1
         sum_blocks += m.num_used_blocks
         sum_seqs += len(remaining)
@@ -173,9 +173,7 @@ def main() -> None:
     args = ap.parse_args()
     n = 500 if args.quick else 3000
     rng = np.random.default_rng(0)
-    started = time.perf_counter()
-    out: dict = {"trace": BUNDLED_ATTRIBUTION, "quick": args.quick,
-                 "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    out = start_report(trace=BUNDLED_ATTRIBUTION, quick=args.quick)
     out["system_prompts"] = sp = compare(system_prompt_workload(n, rng))
     print(f"system prompts: blocks in use {sp['plain']['mean_blocks_in_use']} -> {sp['shared']['mean_blocks_in_use']} "
           f"({sp['blocks_shared_over_plain']}x), requests running {sp['plain']['mean_requests_running']} -> "
@@ -189,9 +187,7 @@ def main() -> None:
     out["lookup"] = lk = lookup_cost(rng, 50 if args.quick else 300)
     print(f"lookup: admit_prompt {lk['admit_prompt_us']} us for {lk['prompt_tokens']} tokens "
           f"({lk['admit_prompt_ns_per_token']} ns/token), plain admit {lk['admit_us']} us")
-    out["host"]["loadavg_end"] = os.getloadavg()
-    out["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(out))
+    finish_report(out)
 
 
 if __name__ == "__main__":

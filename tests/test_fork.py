@@ -10,6 +10,13 @@ import paged_kv as pk
 from test_transformer_model import LAYOUTS, Driver
 
 
+def tiny_manager(num_blocks: int, max_blocks_per_seq: int) -> pk.KVCacheManager:
+    """One layer, one head of dim 2, blocks of 4 tokens: bookkeeping-only tests."""
+    return pk.KVCacheManager(pk.CacheSpec(num_layers=1, num_blocks=num_blocks, block_size=4,
+                                          max_blocks_per_seq=max_blocks_per_seq, num_kv_heads=1, head_dim=2,
+                                          dtype="float32"))
+
+
 def fork(d: Driver, parent: int, child: int) -> None:
     d.manager.fork(parent, child)
     d.tokens[child] = list(d.tokens[parent])
@@ -32,9 +39,7 @@ def test_decoding_after_fork_equals_recompute(layout, spec_kw):
 
 
 def test_copy_on_write_copies_one_block_per_diverging_writer():
-    spec = pk.CacheSpec(num_layers=1, num_blocks=32, block_size=4, max_blocks_per_seq=8, num_kv_heads=1,
-                        head_dim=2, dtype="float32")
-    m = pk.KVCacheManager(spec)
+    m = tiny_manager(num_blocks=32, max_blocks_per_seq=8)
     m.admit(0, 9)  # blocks: 4 | 4 | 1 (last partially filled)
     for c in (1, 2, 3):
         m.fork(0, c)
@@ -52,7 +57,7 @@ def test_copy_on_write_copies_one_block_per_diverging_writer():
     assert len(tails) == 4 and int(shared[2]) in tails
     meta = m.step_metadata([0, 1, 2, 3], [1, 1, 1, 1])
     src, dst = meta.groups[0].copy_src, meta.groups[0].copy_dst
-    real = dst < spec.num_blocks
+    real = dst < m.spec.num_blocks
     assert (src[real] == shared[2]).all() and sorted(dst[real].tolist()) == sorted(tails - {int(shared[2])})
     assert m.num_pending_copies == 0  # handed over once
     assert m.step_metadata([0], 1).groups[0].copy_src.size == 0
@@ -67,9 +72,7 @@ def test_copy_on_write_copies_one_block_per_diverging_writer():
 
 
 def test_release_frees_only_unshared_blocks():
-    spec = pk.CacheSpec(num_layers=1, num_blocks=32, block_size=4, max_blocks_per_seq=8, num_kv_heads=1,
-                        head_dim=2, dtype="float32")
-    m = pk.KVCacheManager(spec)
+    m = tiny_manager(num_blocks=32, max_blocks_per_seq=8)
     m.admit(0, 10)
     m.fork(0, 1)
     m.append([1], 5)  # copies block 2, adds one more
@@ -81,9 +84,7 @@ def test_release_frees_only_unshared_blocks():
 
 
 def test_fork_errors_change_nothing():
-    spec = pk.CacheSpec(num_layers=1, num_blocks=8, block_size=4, max_blocks_per_seq=4, num_kv_heads=1,
-                        head_dim=2, dtype="float32")
-    m = pk.KVCacheManager(spec)
+    m = tiny_manager(num_blocks=8, max_blocks_per_seq=4)
     m.admit(0, 3)
     m.admit(1, 3)
     before = m.snapshot()
@@ -97,9 +98,7 @@ def test_fork_errors_change_nothing():
 
 
 def test_copy_on_write_when_the_pool_is_short():
-    spec = pk.CacheSpec(num_layers=1, num_blocks=4, block_size=4, max_blocks_per_seq=3, num_kv_heads=1,
-                        head_dim=2, dtype="float32")
-    m = pk.KVCacheManager(spec)
+    m = tiny_manager(num_blocks=4, max_blocks_per_seq=3)
     m.admit(0, 6)  # blocks A (full) and B (2 tokens); 1 of 3 usable blocks left
     m.fork(0, 1)
     m.append([0], 1)  # 0 copies B into the last free block

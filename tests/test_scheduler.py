@@ -17,7 +17,6 @@ from paged_kv.sim import (
     ContiguousMaxLenBackend,
     FirstFitArena,
     FirstFitBackend,
-    PagedBackend,
     SchedulerConfig,
     SimulationError,
     StepSeries,

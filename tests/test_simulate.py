@@ -1,20 +1,15 @@
-"""Trace loading and the continuous-batching replay over `KVCacheManager`."""
+"""Trace loading and the command line (the replay itself: tests/test_scheduler.py)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import numpy as np
 import pytest
 
 from paged_kv import CacheSpec, TraceError
-from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cli import main
-from paged_kv.sim import PROGRESS_EVERY, SimulationError, Trace, load_trace, simulate
-
-# `paged_kv.sim.simulate` names the function (re-exported by the package), so reach
-# the module that defines it through the import system.
+from paged_kv.sim import Trace, load_trace
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 

@@ -40,7 +40,6 @@ from hypothesis.stateful import (
     consumes,
     invariant,
     multiple,
-    precondition,
     rule,
     run_state_machine_as_test,
 )

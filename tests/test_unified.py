@@ -10,7 +10,7 @@ import pytest
 import paged_kv as pk
 from paged_kv.spec import compute_dtype
 from paged_kv.views.unified import UnifiedCacheView
-from test_transformer_model import EDGE_LENGTHS, LAYOUTS, Driver, edge_scenario
+from test_transformer_model import LAYOUTS, Driver, edge_scenario
 
 # key_heads, value_heads, key_dim, value_dim
 SHAPES = {

@@ -244,11 +244,14 @@ class KVCacheManager:
         """The prefix cache (stats, events, subscribe), or None when disabled."""
         return self.groups[0].pool.cache
 
+    def _require_prefix_cache(self) -> PrefixCache:
+        if self.prefix_cache is None:
+            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
+        return self.prefix_cache
+
     def _prompt(self, token_ids, cache_key) -> tuple[np.ndarray, list[int], list[int]]:
         """Validated tokens, their full blocks' keys, and the cached blocks a prompt would reuse."""
-        cache = self.prefix_cache
-        if cache is None:
-            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
+        cache = self._require_prefix_cache()
         tokens = np.asarray(token_ids)
         if tokens.ndim != 1 or tokens.size < 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise InvalidTokenCountError(
@@ -325,8 +328,7 @@ class KVCacheManager:
                 f"cache_tokens(seq_id={seq_id}): token_ids has shape {tokens.shape} dtype {tokens.dtype}; "
                 f"need the sequence's {n} integer tokens"
             )
-        if self.prefix_cache is None:
-            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
+        self._require_prefix_cache()
         hashes = chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key)
         return self._key_blocks(row, hashes, start=0)
 

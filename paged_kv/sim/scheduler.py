@@ -97,8 +97,9 @@ class SchedulerConfig:
 
 
 @attrs.frozen(kw_only=True)
-class ScheduleResult:
-    """Counts of one replay plus its per-step series (see `StepSeries`)."""
+class ReplayCounts:
+    """What one replay counted, whatever the backend (shared by `ScheduleResult` and
+    `paged_kv.sim.simulate.SimReport`)."""
 
     requests_served: int
     cancelled: int
@@ -114,6 +115,12 @@ class ScheduleResult:
     bytes_swapped_out: int
     bytes_swapped_in: int
     peak_swapped_bytes: int
+
+
+@attrs.frozen(kw_only=True)
+class ScheduleResult(ReplayCounts):
+    """Counts of one replay plus its per-step series (see `StepSeries`)."""
+
     queue_delay_steps: np.ndarray  # per request run: first admission step - arrival step
     series: StepSeries
     wall_s: float
@@ -143,7 +150,6 @@ def run_schedule(
     # A client that cancels stops its request early: that is its output length.
     cancels = fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
     target = np.where(cancels, trace.cancel_after, target)
-    final = context + target
     if config.arrivals == "offline":
         arrival_step = np.zeros(n_req, dtype=np.int64)
     else:
@@ -388,4 +394,4 @@ def _plan_running(prompt_left: np.ndarray, remaining: np.ndarray, budget: int):
     return counts, granted, gen_now, used
 
 
-__all__ = ["ARRIVALS", "PREEMPTION", "PROGRESS_EVERY", "ScheduleResult", "SchedulerConfig", "SimulationError", "run_schedule"]
+__all__ = ["ARRIVALS", "PREEMPTION", "PROGRESS_EVERY", "ReplayCounts", "ScheduleResult", "SchedulerConfig", "SimulationError", "run_schedule"]

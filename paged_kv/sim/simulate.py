@@ -21,7 +21,7 @@ from paged_kv.sim.backends import (
     equal_memory_slots,
 )
 from paged_kv.sim.profile import StepSeries
-from paged_kv.sim.scheduler import PROGRESS_EVERY, ScheduleResult, SchedulerConfig, SimulationError, run_schedule
+from paged_kv.sim.scheduler import PROGRESS_EVERY, ReplayCounts, ScheduleResult, SchedulerConfig, SimulationError, run_schedule
 from paged_kv.sim.trace import Trace
 from paged_kv.spec import CacheSpec
 
@@ -29,27 +29,14 @@ BASELINES = ("contiguous-max-len", "contiguous-first-fit")
 
 
 @attrs.frozen(kw_only=True)
-class SimReport:
-    """What one replay measured over one backend. Per-step figures are taken after
-    the step's appends, when its forward pass holds the most tokens; "blocks" are
-    the paged pool's, or slots / block_size for a contiguous backend."""
+class SimReport(ReplayCounts):
+    """What one replay measured over one backend: the `ReplayCounts` plus the profile's
+    summary. Per-step figures are taken after the step's appends, when its forward
+    pass holds the most tokens; "blocks" are the paged pool's, or slots / block_size
+    for a contiguous backend."""
 
     backend: str
-    requests_served: int
-    cancelled: int
-    skipped: int
-    truncated: int
-    steps: int
-    idle_steps: int
-    tokens_generated: int
-    prefill_tokens: int
-    admissions: int
-    preemptions: int
     preemption: str
-    swap_ins: int
-    bytes_swapped_out: int
-    bytes_swapped_in: int
-    peak_swapped_bytes: int
     queue_delay_mean: float
     queue_delay_p50: float
     queue_delay_p99: float
@@ -83,22 +70,9 @@ class SimReport:
         if isinstance(backend, PagedBackend) and len(backend.manager.groups) > 1:
             groups = (mean_blocks, s["mean_sliding_blocks"])
         return cls(
+            **{a.name: getattr(result, a.name) for a in attrs.fields(ReplayCounts)},
             backend=backend.name,
-            requests_served=result.requests_served,
-            cancelled=result.cancelled,
-            skipped=result.skipped,
-            truncated=result.truncated,
-            steps=result.steps,
-            idle_steps=result.idle_steps,
-            tokens_generated=result.tokens_generated,
-            prefill_tokens=result.prefill_tokens,
-            admissions=result.admissions,
-            preemptions=result.preemptions,
             preemption=preemption,
-            swap_ins=result.swap_ins,
-            bytes_swapped_out=result.bytes_swapped_out,
-            bytes_swapped_in=result.bytes_swapped_in,
-            peak_swapped_bytes=result.peak_swapped_bytes,
             queue_delay_mean=float(delays.mean()) if delays.size else 0.0,
             queue_delay_p50=float(np.percentile(delays, 50)) if delays.size else 0.0,
             queue_delay_p99=float(np.percentile(delays, 99)) if delays.size else 0.0,
