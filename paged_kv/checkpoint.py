@@ -72,7 +72,8 @@ FORMAT_VERSION = 1
 _KNOWN_STATE: dict[type, frozenset[str]] = {
     # _pending_copies is transient (appends -> the next step_metadata); saving
     # requires it empty, and a restored manager starts with it empty.
-    KVCacheManager: frozenset({"spec", "groups", "_rows", "_pending_copies"}),
+    # _forked is derived on restore (any block with two holders).
+    KVCacheManager: frozenset({"spec", "groups", "_rows", "_pending_copies", "_forked"}),
     _Group: frozenset({"window", "pool", "table", "pad_slot"}),  # window, pad_slot follow from the spec
     # cache: the prefix cache (or None), captured as the prefix.* arrays.
     BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"}),
@@ -341,6 +342,7 @@ def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str, 
     bad = [int(r) for r in seq_rows[:, 1] if not 0 <= r < capacity]
     if bad:
         raise CheckpointError(f"checkpoint {path!r}: manager.rows points at rows {bad} outside [0, {capacity})")
+    manager._forked = any(bool((g.pool.ref_counts > 1).any()) for g in manager.groups)
     if prefix:
         nb = spec.groups[0].num_blocks
         cache = manager.prefix_cache

@@ -111,6 +111,10 @@ class KVCacheManager:
         # Copy-on-write block copies (src, dst) per group made by appends and not yet
         # handed to a step: `step_metadata` moves them into the metadata, once.
         self._pending_copies: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.groups]
+        # Only a fork shares a partially filled block (the prefix cache shares full
+        # ones), so until a fork the copy-on-write check is skipped: appends pay
+        # nothing for it. Cleared when the last sequence leaves.
+        self._forked = False
 
     @property
     def pool(self) -> BlockPool:
@@ -235,6 +239,7 @@ class KVCacheManager:
         (free, or cached for reuse when the prefix cache keeps them)."""
         row = self._row(seq_id)
         del self._rows[int(seq_id)]
+        self._forked &= bool(self._rows)
         # Tail first: the prefix cache then evicts a chain's tail before its parents.
         return sum(int(g.pool.free(g.table.remove_row(row)[::-1]).size) for g in self.groups)
 
@@ -354,6 +359,7 @@ class KVCacheManager:
         assert len(rows) == 1, "page-table rows fell out of lockstep"
         row = rows.pop()
         self._rows[child] = row
+        self._forked = True
         for g in self.groups:
             t = g.table
             t.block_tables[row] = t.block_tables[prow]
@@ -660,6 +666,8 @@ class KVCacheManager:
         """
         bs = self.spec.block_size
         cow = np.zeros(rows.size, dtype=bool)
+        if not self._forked:
+            return cow
         partial = (counts > 0) & (old % bs != 0)
         if not partial.any():
             return cow
