@@ -60,20 +60,27 @@ from paged_kv.allocator.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager, _Group
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import PrefixCache
+from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.cache import _LAYOUTS, PagedKVCache
 from paged_kv.errors import CheckpointError, PagedKVError, SpecError
 from paged_kv.spec import CacheSpec
 
 FORMAT_NAME = "paged_kv.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added the prefix cache's written-block state (``written.*``); a version 1
+file restores with none (nothing uncommitted: its keyed blocks were keyed at admission)."""
 
 # Attributes captured per class. Anything else on a saved object is state this
 # module would drop: `save_checkpoint` refuses it (see MAINTENANCE above).
 _KNOWN_STATE: dict[type, frozenset[str]] = {
-    # _pending_copies is transient (appends -> the next step_metadata); saving
-    # requires it empty, and a restored manager starts with it empty.
-    # _forked is derived on restore (any block with two holders).
-    KVCacheManager: frozenset({"spec", "groups", "_rows", "_pending_copies", "_forked"}),
+    # _copies (pending copy-on-write copies): saving requires none, and a restored
+    # manager starts with none. _forked is derived on restore (any block with two
+    # holders); _slotted is rebuilt by restoring the slots. _written: the written.* arrays.
+    KVCacheManager: frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted"}),
+    # issued: what the last step described but nobody committed; dropped (a restored
+    # manager keys those blocks at their next committed step instead).
+    WrittenBlocks: frozenset({"issued", "written", "hashes", "keyed"}),
     _Group: frozenset({"window", "pool", "table", "pad_slot"}),  # window, pad_slot follow from the spec
     # cache: the prefix cache (or None), captured as the prefix.* arrays.
     BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"}),
@@ -138,7 +145,7 @@ def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: D
     if manager.num_pending_copies:
         raise CheckpointError(
             f"cannot save {path!r}: {manager.num_pending_copies} copy-on-write block copies are pending; run the "
-            "step (its step_metadata carries them) before saving, so the pages hold what the tables say"
+            "step that carries them and commit it (manager.commit) before saving, so the pages hold what the tables say"
         )
     try:
         manager.check_integrity()
@@ -207,6 +214,8 @@ def load_checkpoint(path, device=None, *, spec: CacheSpec | None = None) -> Chec
     if not isinstance(prefix, bool):
         raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
     wanted = set(expected) | set(_manager_names(saved_spec, prefix)) | ({"slots.slot_of"} if has_slots else set())
+    if header.get("version") == 1:
+        wanted = {n for n in wanted if not n.startswith("written.")}
     missing = [n for n in sorted(wanted) if n not in arrays]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks arrays {missing}; it was written by another tool or edited")
@@ -270,7 +279,39 @@ def _manager_state(manager: KVCacheManager) -> dict[str, np.ndarray]:
         state["prefix.evictable"] = np.array(list(cache.evictable), np.int64)
         state["prefix.stats"] = np.array([cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused,
                                           cache.blocks_stored, cache.blocks_evicted], np.int64)
+        state.update(_written_state(manager._written))
     return state
+
+
+def _written_state(written: WrittenBlocks) -> dict[str, np.ndarray]:
+    """Per row: tokens committed, blocks keyed, and the chain hashes still to key."""
+    hashes = [(row, i, h) for row, chain in written.hashes.items() for i, h in enumerate(chain)]
+    return {
+        "written.lengths": np.array(sorted(written.written.items()), np.int64).reshape(-1, 2),
+        "written.keyed": np.array(sorted(written.keyed.items()), np.int64).reshape(-1, 2),
+        "written.hash_index": np.array([(r, i) for r, i, _ in hashes], np.int64).reshape(-1, 2),
+        "written.hash_value": _u128([h for *_, h in hashes]),
+    }
+
+
+def _restore_written(manager: KVCacheManager, take, path: str) -> None:
+    """Inverse of `_written_state`, every row checked to be a row in use."""
+    written = manager._written
+    lengths, keyed = take("written.lengths", np.int64, (None, 2)), take("written.keyed", np.int64, (None, 2))
+    index, values = take("written.hash_index", np.int64, (None, 2)), take("written.hash_value", np.uint64, (None, 2))
+    if index.shape[0] != values.shape[0]:
+        raise CheckpointError(f"checkpoint {path!r}: written.hash_index and written.hash_value differ in length")
+    live = set(manager._rows.values())
+    rows = set(lengths[:, 0].tolist()) | set(keyed[:, 0].tolist()) | set(index[:, 0].tolist())
+    if not rows <= live:
+        raise CheckpointError(f"checkpoint {path!r}: written.* names rows {sorted(rows - live)} no sequence holds")
+    written.written = {int(r): int(n) for r, n in lengths.tolist()}
+    written.keyed = {int(r): int(n) for r, n in keyed.tolist()}
+    for (row, i), h in zip(index.tolist(), _from_u128(values)):
+        chain = written.hashes.setdefault(int(row), [])
+        if i != len(chain):
+            raise CheckpointError(f"checkpoint {path!r}: written.hash_index row {row} skips to index {i}")
+        chain.append(h)
 
 
 def _u128(values: list[int]) -> np.ndarray:
@@ -286,7 +327,8 @@ def _manager_names(spec: CacheSpec, prefix: bool = False) -> list[str]:
     fields = ("pool.ref_counts", "pool.free_stack", "pool.num_free", "table.block_tables", "table.kv_lens",
               "table.num_blocks", "table.first_block", "table.in_use", "table.free_rows")
     names = [f"group{g}.{f}" for g in range(len(spec.groups)) for f in fields] + ["manager.rows"]
-    return names + (["prefix.hash", "prefix.parent", "prefix.evictable", "prefix.stats"] if prefix else [])
+    written = ["written.lengths", "written.keyed", "written.hash_index", "written.hash_value"]
+    return names + (["prefix.hash", "prefix.parent", "prefix.evictable", "prefix.stats"] + written if prefix else [])
 
 
 def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str, prefix: bool = False) -> KVCacheManager:
@@ -355,6 +397,8 @@ def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str, 
         cache.evictable.update((int(b), None) for b in evictable)
         (cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused, cache.blocks_stored,
          cache.blocks_evicted) = (int(x) for x in take("prefix.stats", np.int64, (6,)))
+        if "written.lengths" in arrays:  # absent from version 1 files
+            _restore_written(manager, take, path)
     try:
         manager.check_integrity()
     except (AssertionError, IndexError, ValueError) as exc:
@@ -385,8 +429,10 @@ def _restore_slots(manager: KVCacheManager, info, arrays: dict[str, np.ndarray],
                 f"checkpoint {path!r}: slots.slot_of puts seq_id={seq_id} in slot {slot}, which is out of range "
                 f"[0, {slots.num_slots}), taken, or a second slot of that sequence"
             )
-        slots._seqs[slot] = seq_id
-        slots._slot_of[seq_id] = slot
+        try:
+            slots.insert(seq_id, slot)
+        except PagedKVError as exc:
+            raise CheckpointError(f"checkpoint {path!r}: slots.slot_of cannot be restored: {exc}") from exc
     try:
         slots.check_integrity()
     except AssertionError as exc:
@@ -596,7 +642,7 @@ def _read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
             raise CheckpointError(f"checkpoint {path!r}: format={fmt!r} is not {FORMAT_NAME!r}; not a paged_kv checkpoint")
         # The version is checked before the digest: a later version may hash differently.
         version = header.get("version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"checkpoint {path!r} has format version {version!r}; this paged_kv reads version {FORMAT_VERSION}. "
                 "Load it with the paged_kv release that wrote it"

@@ -48,6 +48,27 @@ class InvalidTokenCountError(PagedKVError, ValueError):
     """A token count that is negative, not an integer, or of the wrong shape."""
 
 
+class InvalidSequenceIdError(InvalidTokenCountError):
+    """A sequence id that is not a non-negative integer (a bool, float, string, ...).
+
+    Derives from `InvalidTokenCountError`, which older versions raised for it."""
+
+
+class InvalidTokenIdError(InvalidTokenCountError):
+    """Token ids that are not a 1-D array of integers in ``[0, 2**63)`` (prefix-cache keys
+    hash them as int64: a negative or larger id would alias another one)."""
+
+
+class InvalidArgumentError(PagedKVError, ValueError):
+    """An argument of the wrong type or out of range that no more specific error covers
+    (a layer-group index, a device, a record field)."""
+
+
+class StateError(PagedKVError, RuntimeError):
+    """A valid call made in a state that does not allow it yet, e.g. swapping a sequence
+    whose copy-on-write copy has not run: commit the step first."""
+
+
 class BatchTooLargeError(PagedKVError, ValueError):
     """More sequences in one step than `max_batch_slots`."""
 
@@ -72,6 +93,10 @@ __all__ = [
     "UnknownSequenceError",
     "DuplicateSequenceError",
     "InvalidTokenCountError",
+    "InvalidSequenceIdError",
+    "InvalidTokenIdError",
+    "InvalidArgumentError",
+    "StateError",
     "BatchTooLargeError",
     "ShapeError",
     "SlotError",

@@ -157,10 +157,12 @@ def insert_prefill(cache: PagedKVCache, manager, seq_id, keys, values) -> PagedK
         slots[g] = spec.groups[g].num_blocks * spec.block_size  # dropped by the scatter
     slots[:, :length] = slot_rows
     try:
-        return _write_prefill(cache, k, v, slots)
+        cache = _write_prefill(cache, k, v, slots)
     except Exception:
         manager.release(seq_id)
         raise
+    manager.commit([seq_id], length)  # written: JAX orders every later read after this write
+    return cache
 
 
 __all__ = ["insert_prefill"]

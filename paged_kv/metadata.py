@@ -32,10 +32,12 @@ class GroupMetadata:
     block_tables: np.ndarray  # int32 [B, W]
     slot_mapping: np.ndarray  # int32 [B, T]
     start: np.ndarray  # int32 [B]
-    # Copy-on-write: block copy_src[i] is copied to copy_dst[i] in every layer of the
-    # group before this step's write (padding: null block -> out-of-range id, dropped).
+    # Copy-on-write: the first copy_len[i] token slots of block copy_src[i] are copied
+    # into block copy_dst[i] in every layer of the group before this step's write, in
+    # order (padding: length 0). See `paged_kv.allocator.pending_copies` for why partial.
     copy_src: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
     copy_dst: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
+    copy_len: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class StepMetadata:
     query_lens: np.ndarray  # int32 [B]    new tokens this step
     positions: np.ndarray  # int32 [B, T] logical position of each new token
     groups: tuple  # GroupMetadata per layer group
+    # Static: `CacheSpec.pool_signature()` of the manager that built it. Views refuse
+    # metadata built for other pages (its block ids would be dropped or read out of
+    # range: zeros on CPU, undefined on accelerators).
+    built_for: tuple | None = None
 
     @property
     def batch_size(self) -> int:
@@ -80,10 +86,11 @@ class StepMetadata:
 
 
 jax.tree_util.register_dataclass(
-    GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst"], meta_fields=[]
+    GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len"],
+    meta_fields=[],
 )
 jax.tree_util.register_dataclass(
-    StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=[]
+    StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=["built_for"]
 )
 
 __all__ = ["GroupMetadata", "StepMetadata", "bucket"]

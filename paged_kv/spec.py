@@ -28,7 +28,27 @@ def _canonical_dtype(value) -> str:
         raise SpecError(f"dtype={value!r} is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'") from exc
     if not (np.issubdtype(dt, np.floating) or dt.name in {"bfloat16"} or dt.name.startswith("float8")):
         raise SpecError(f"dtype={dt.name!r} is not a floating dtype; keys and values are floats")
+    if dt.itemsize > 4:
+        # JAX without jax_enable_x64 silently stores float64 as float32, so the pages
+        # would hold half the bits `pool_bytes` counts and values would be cut.
+        raise SpecError(
+            f"dtype={dt.name!r}: pages hold at most 32-bit floats (JAX stores float64 as float32 unless "
+            "jax_enable_x64 is set, which paged_kv does not support); use 'float32', 'bfloat16' or 'float16'"
+        )
     return dt.name
+
+
+def _layer_indices(value) -> tuple:
+    """``sliding_layers`` as a tuple; anything that is not a collection of indices is a `SpecError`."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise SpecError(f"sliding_layers={value!r} must be a tuple of layer indices, e.g. (1, 3)")
+    return tuple(value)
+
+
+MAX_POOL_BYTES = 2**47
+"""128 TiB: more than any accelerator system holds. A larger pool is a typo in a head
+count or dimension, refused when the spec is built rather than as an out-of-memory
+error deep inside JAX when the pages are allocated."""
 
 
 def _positive(instance, attribute, value) -> None:
@@ -41,7 +61,7 @@ def _optional_positive(instance, attribute, value) -> None:
         _positive(instance, attribute, value)
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, init=False)
 class CacheSpec:
     """Shape, dtype and limits of a paged KV cache.
 
@@ -64,9 +84,23 @@ class CacheSpec:
     key_dim: int | None = attrs.field(default=None, validator=_optional_positive)
     value_dim: int | None = attrs.field(default=None, validator=_optional_positive)
     sliding_window: int | None = attrs.field(default=None, validator=_optional_positive)
-    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=_layer_indices)
     sliding_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
     _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
+
+    def __init__(self, *args, **fields) -> None:
+        """Keyword fields only (see the class docstring); unknown or positional ones are a `SpecError`."""
+        if args:
+            raise SpecError(f"CacheSpec takes keyword fields only; got positional {args!r}")
+        known = {a.name for a in attrs.fields(type(self)) if a.init}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise SpecError(f"CacheSpec has no field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted(a.name for a in attrs.fields(type(self))
+                         if a.init and a.default is attrs.NOTHING and a.name not in fields)
+        if missing:
+            raise SpecError(f"CacheSpec needs field(s) {missing}")
+        self.__attrs_init__(**fields)
 
     def __attrs_post_init__(self) -> None:
         for name, shortcut in (("key_heads", "num_kv_heads"), ("value_heads", "num_kv_heads"),
@@ -88,6 +122,12 @@ class CacheSpec:
                 f"usable blocks of num_blocks={self.num_blocks}"
             )
         self._check_sliding()
+        if self.pool_bytes > MAX_POOL_BYTES:
+            raise SpecError(
+                f"this spec's pages take {self.pool_bytes:,} bytes ({self.pool_bytes / 2**40:,.1f} TiB), more than any "
+                f"accelerator holds (limit {MAX_POOL_BYTES / 2**40:.0f} TiB): check num_kv_heads/head_dim/num_blocks, "
+                "or size the pool with CacheSpec.for_memory(bytes, ...)"
+            )
 
     def _check_sliding(self) -> None:
         layers = self.sliding_layers
@@ -184,9 +224,20 @@ class CacheSpec:
         """Blocks needed to hold ``num_tokens`` tokens of one sequence."""
         return -(-int(num_tokens) // self.block_size)
 
+    def pool_signature(self) -> tuple:
+        """What step metadata must have been built for to address these pages: the
+        block size and each group's block count and window. Views refuse metadata whose
+        signature differs (a write would be dropped, a read undefined off CPU)."""
+        return (self.block_size, tuple((g.num_blocks, g.window) for g in self.groups))
+
     @classmethod
     def for_memory(cls, pool_bytes: int, **fields) -> "CacheSpec":
         """A spec whose pool fits in ``pool_bytes``: ``num_blocks`` is derived, the rest given."""
+        if isinstance(pool_bytes, bool) or not isinstance(pool_bytes, (int, np.integer, float, np.floating)) \
+                or not np.isfinite(pool_bytes) or pool_bytes <= 0:
+            raise SpecError(f"pool_bytes={pool_bytes!r} must be a positive finite number of bytes, e.g. 16 * 2**30")
+        if "num_blocks" in fields:
+            raise SpecError("for_memory derives num_blocks from pool_bytes; do not pass num_blocks")
         probe = cls(num_blocks=2, max_blocks_per_seq=1, **{k: v for k, v in fields.items() if k != "max_blocks_per_seq"})
         num_blocks = int(pool_bytes) // probe.bytes_per_block
         if num_blocks < 2:

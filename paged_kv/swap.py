@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.allocator.manager import KVCacheManager
-from paged_kv.allocator.swap_record import SwapRecord
+from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.cache import PagedKVCache
-from paged_kv.errors import ShapeError, SpecError
+from paged_kv.errors import InvalidArgumentError, ShapeError, SpecError
 from paged_kv.metadata import bucket
 from paged_kv.spec import NULL_BLOCK
 
@@ -75,6 +75,10 @@ def _scatter(cache: PagedKVCache, ids: tuple, pages: tuple) -> PagedKVCache:
 
 
 def _check_spec(cache: PagedKVCache, manager: KVCacheManager) -> None:
+    if not isinstance(cache, PagedKVCache):
+        raise ShapeError(f"cache is a {type(cache).__name__}; expected a PagedKVCache")
+    if not isinstance(manager, KVCacheManager):
+        raise SpecError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
     if cache.spec != manager.spec:
         raise SpecError(f"the cache was built for {cache.spec.describe()} but the manager for {manager.spec.describe()}")
 
@@ -106,8 +110,11 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     rebind the sequence under its id. Raises `OutOfBlocksError` (see
     `KVCacheManager.can_swap_in`) or `ShapeError`, changing nothing."""
     _check_spec(cache, manager)
+    if not isinstance(swapped, SwappedSequence):
+        raise InvalidArgumentError(f"swap_in needs the SwappedSequence swap_out returned; got {type(swapped).__name__}")
     record = swapped.record
-    if len(swapped.pages) != len(cache.views):
+    check_record(record, manager.spec)  # a record from another spec must not index past its groups
+    if not isinstance(swapped.pages, (tuple, list)) or len(swapped.pages) != len(cache.views):
         raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {len(swapped.pages)} layers, the cache {len(cache.views)}")
     for layer, (view, data) in enumerate(zip(cache.views, swapped.pages)):
         leaves = jax.tree_util.tree_leaves(view)
@@ -128,7 +135,9 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     pages = tuple(
         tuple(pad(a, ids[view.group].size) for a in layer) for view, layer in zip(cache.views, swapped.pages)
     )
-    return _scatter(cache, tuple(jnp.asarray(i) for i in ids), pages)
+    cache = _scatter(cache, tuple(jnp.asarray(i) for i in ids), pages)
+    manager.commit([record.seq_id], record.num_tokens)  # its bytes are back: written
+    return cache
 
 
 __all__ = ["SwappedSequence", "swap_in", "swap_out"]

@@ -421,7 +421,10 @@ def test_save_refuses_pending_copy_on_write(tmp_path):
     with pytest.raises(pk.CheckpointError, match="1 copy-on-write block copies are pending"):
         pk.save_checkpoint(tmp_path / "c.npz", cache, m)
     assert not (tmp_path / "c.npz").exists()
-    m.step_metadata([1], 1)  # hands the copy to the step
+    m.step_metadata([1], 1)  # the step carries the copy, but it may not have run yet
+    with pytest.raises(pk.CheckpointError, match="1 copy-on-write block copies are pending"):
+        pk.save_checkpoint(tmp_path / "c.npz", cache, m)
+    m.commit([1])  # the step ran
     pk.save_checkpoint(tmp_path / "c.npz", cache, m)
     restored = pk.load_checkpoint(tmp_path / "c.npz")
     assert restored.manager.snapshot() == m.snapshot()
@@ -435,7 +438,9 @@ def test_prefix_cache_round_trip(tmp_path):
     cache = pk.PagedKVCache.init(spec)
     m = pk.KVCacheManager(spec, prefix_cache=True)
     m.admit_prompt(0, np.arange(13))
+    m.commit([0], 13)  # written: its full blocks become hittable
     m.admit_prompt(1, np.arange(100, 109))
+    m.commit([1], 9)
     m.admit_prompt(2, np.arange(13))  # a hit
     m.release(0)
     m.release(1)
@@ -449,6 +454,26 @@ def test_prefix_cache_round_trip(tmp_path):
         assert mgr.prefix_cache.stats().blocks_evicted == 1
         mgr.release(7)
         assert mgr.admit_prompt(6, np.arange(100, 109)) == 4  # the chain's head is still cached
+        mgr.commit([5], 32)
         mgr.cache_tokens(5, np.arange(300, 332))
     assert r.snapshot() == m.snapshot() and r.prefix_cache.stats() == m.prefix_cache.stats()
     r.check_integrity()
+
+
+def test_uncommitted_prompt_keys_round_trip(tmp_path):
+    """A prompt admitted but not yet written is saved as such: after the restore its
+    blocks are not hittable, and committing its step keys them as it would have."""
+    spec = pk.CacheSpec(num_layers=1, num_blocks=20, block_size=4, max_blocks_per_seq=8, num_kv_heads=1,
+                        head_dim=2, dtype="float32")
+    m = pk.KVCacheManager(spec, prefix_cache=True)
+    m.admit_prompt(0, np.arange(13), chunk=6)  # chunked prefill: 6 tokens held
+    m.commit([0], 6)  # one full block written
+    pk.save_checkpoint(tmp_path / "c.npz", pk.PagedKVCache.init(spec), m)
+    r = pk.load_checkpoint(tmp_path / "c.npz").manager
+    assert r.snapshot() == m.snapshot()
+    for mgr in (m, r):
+        assert not mgr.can_admit_prompt(np.arange(13)) or mgr.admit_prompt(1, np.arange(13)) == 4
+        mgr.append([0], 7)  # the rest of the prompt
+        mgr.commit([0], 13)
+        assert mgr.admit_prompt(2, np.arange(13)) == 12
+    assert r.snapshot() == m.snapshot() and r.prefix_cache.stats() == m.prefix_cache.stats()

@@ -52,14 +52,20 @@ def test_copy_on_write_copies_one_block_per_diverging_writer():
     assert m.block_table(1)[:2].tolist() == shared[:2].tolist() and m.block_table(1)[2] != shared[2]
     m.append([0, 2, 3], 1)  # the three remaining holders all write: two copies, the last keeps it
     assert m.num_pending_copies == 3 and m.num_used_blocks == 6
-    assert m.pool.ref_counts[shared].tolist() == [4, 4, 1]
+    # One holder left; each pending copy pins the source until its step is committed.
+    assert m.pool.ref_counts[shared].tolist() == [4, 4, 1 + 3]
     tails = {int(m.block_table(s)[2]) for s in range(4)}
     assert len(tails) == 4 and int(shared[2]) in tails
     meta = m.step_metadata([0, 1, 2, 3], [1, 1, 1, 1])
-    src, dst = meta.groups[0].copy_src, meta.groups[0].copy_dst
+    src, dst, length = meta.groups[0].copy_src, meta.groups[0].copy_dst, meta.groups[0].copy_len
     real = dst < m.spec.num_blocks
     assert (src[real] == shared[2]).all() and sorted(dst[real].tolist()) == sorted(tails - {int(shared[2])})
-    assert m.num_pending_copies == 0  # handed over once
+    assert (length[real] == 1).all() and (length[~real] == 0).all()  # only the shared token slot
+    # Describing the step again (a retry) carries the same copies: nothing is lost.
+    again = m.step_metadata([0, 1, 2, 3], [1, 1, 1, 1]).groups[0]
+    assert np.array_equal(again.copy_dst, meta.groups[0].copy_dst) and m.num_pending_copies == 3
+    m.commit([0, 1, 2, 3])  # the step ran: copies retire, the source loses its pins
+    assert m.num_pending_copies == 0 and m.pool.ref_counts[shared].tolist() == [4, 4, 1]
     assert m.step_metadata([0], 1).groups[0].copy_src.size == 0
     m.check_integrity()
 
@@ -76,7 +82,10 @@ def test_release_frees_only_unshared_blocks():
     m.admit(0, 10)
     m.fork(0, 1)
     m.append([1], 5)  # copies block 2, adds one more
-    assert m.release(0) == 1  # only its last block: 1 copied it before writing, and holds the rest
+    assert m.release(0) == 0  # its last block stays pinned until 1's copy of it has run
+    m.check_integrity()
+    m.step_metadata([1], 5)
+    m.commit([1])  # the copy ran: the pin goes and the block is free
     m.check_integrity()
     assert m.num_used_blocks == 4
     assert m.release(1) == 4 and m.num_used_blocks == 0
@@ -112,7 +121,8 @@ def test_copy_on_write_when_the_pool_is_short():
     with pytest.raises(pk.OutOfBlocksError, match="need 1 free blocks"):
         m.append([2], 1)  # its copy needs a block the pool does not have
     assert m.snapshot() == before and m.num_pending_copies == 1
-    m.release(0)  # frees 0's copy of B: now the copy fits
+    m.release(0)  # frees 0's copy of B (its pending copy dies with it): now 2's copy fits
+    assert m.num_pending_copies == 0
     m.append([2], 1)
-    assert m.num_pending_copies == 2
+    assert m.num_pending_copies == 1
     m.check_integrity()

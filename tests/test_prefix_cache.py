@@ -18,6 +18,14 @@ def small(num_blocks=32, prefix_cache=True, max_blocks_per_seq=8, **kw) -> pk.KV
     return pk.KVCacheManager(spec, prefix_cache=prefix_cache)
 
 
+def prefilled(m: pk.KVCacheManager, seq: int, token_ids, **kw) -> int:
+    """`admit_prompt`, then describe and commit its prefill step (host only: no device)."""
+    cached = m.admit_prompt(seq, np.asarray(token_ids), **kw)
+    m.step_metadata([seq], m.kv_len(seq) - cached)
+    m.commit([seq])
+    return cached
+
+
 def admit_cached(d: Driver, seq: int, prompt: list[int], source: int | None = None) -> int:
     """Admit through the prefix cache and run the uncached tail; cached positions take
     their logits from ``source`` (a sequence that computed the same prefix)."""
@@ -56,19 +64,19 @@ def test_decoding_after_a_prefix_hit_equals_recompute():
 def test_last_token_is_always_computed():
     m = small()
     prompt = np.arange(8)  # exactly 2 full blocks
-    assert m.admit_prompt(0, prompt) == 0
-    assert m.admit_prompt(1, prompt) == 4  # only the first block: the last token is recomputed
-    assert m.admit_prompt(2, np.arange(9)) == 8
+    assert prefilled(m, 0, prompt) == 0
+    assert prefilled(m, 1, prompt) == 4  # only the first block: the last token is recomputed
+    assert prefilled(m, 2, np.arange(9)) == 8
     m.check_integrity()
 
 
 def test_cache_key_and_chain_separate_contents():
     m = small()
-    m.admit_prompt(0, np.arange(9))
-    assert m.admit_prompt(1, np.arange(9), cache_key="adapter-b") == 0
+    prefilled(m, 0, np.arange(9))
+    assert prefilled(m, 1, np.arange(9), cache_key="adapter-b") == 0
     other = np.arange(9)
     other[1] = 99  # first block differs: its successors' keys differ too (chained)
-    assert m.admit_prompt(2, other) == 0
+    assert prefilled(m, 2, other) == 0
     assert chain_hashes(np.arange(8), 4, 2)[1] != chain_hashes(other[:8], 4, 2)[1]
     m.check_integrity()
 
@@ -77,8 +85,8 @@ def test_eviction_is_lru_tail_first_and_events_stream():
     m = small(num_blocks=9)  # 8 usable blocks
     seen = []
     m.prefix_cache.subscribe(seen.append)
-    m.admit_prompt(0, np.arange(13))  # 4 blocks, 3 full keyed
-    m.admit_prompt(1, np.arange(100, 113))  # 4 blocks, 3 full keyed
+    prefilled(m, 0, np.arange(13))  # 4 blocks, 3 full keyed
+    prefilled(m, 1, np.arange(100, 113))  # 4 blocks, 3 full keyed
     stored = [e for e in m.prefix_cache.drain_events() if e.kind == "stored"]
     assert len(stored) == 6 and stored[1].parent_hash == stored[0].block_hash
     chain0 = m.block_table(0)[:3].tolist()
@@ -100,10 +108,13 @@ def test_eviction_is_lru_tail_first_and_events_stream():
 def test_multi_turn_reuses_the_conversation():
     m = small(num_blocks=40)
     prompt = np.arange(10)
-    m.admit_prompt(0, prompt)
+    prefilled(m, 0, prompt)
     m.append([0], 7)  # 7 generated tokens
     conversation = np.concatenate([prompt, np.arange(500, 507)])
-    assert m.cache_tokens(0, conversation) == 4 - 2  # blocks 2 and 3 are newly full and keyed
+    assert m.cache_tokens(0, conversation) == 0  # blocks 2 and 3 are full, but not written yet
+    m.step_metadata([0], 7)
+    m.commit([0])  # their decode steps ran: now they are keyed
+    assert m.prefix_cache.stats().blocks_stored == 4
     m.release(0)
     follow_up = np.concatenate([conversation, np.arange(900, 905)])
     assert m.admit_prompt(1, follow_up) == 16
@@ -112,7 +123,7 @@ def test_multi_turn_reuses_the_conversation():
 
 def test_prefix_cache_failures_change_nothing():
     m = small(num_blocks=6, max_blocks_per_seq=5)  # 5 usable
-    m.admit_prompt(0, np.arange(9))  # 3 blocks
+    prefilled(m, 0, np.arange(9))  # 3 blocks, 2 keyed once committed
     before = m.snapshot()
     with pytest.raises(pk.OutOfBlocksError, match="need 4 free blocks"):
         m.admit_prompt(1, np.arange(50, 63))

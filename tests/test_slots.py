@@ -117,22 +117,28 @@ def test_full_batch_and_failed_decode_change_nothing():
         DecodeSlots(m, num_slots=3)
 
 
-def test_release_of_sequence_the_manager_dropped():
+def test_a_slotted_sequence_cannot_be_released_behind_the_slots_back():
     m = pk.KVCacheManager(host_spec())
     m.admit(5, 2)
     slots = DecodeSlots(m)
     slots.insert(5, 1)
-    m.release(5)  # behind the slots' back
-    with pytest.raises(AssertionError, match=r"\(1, 5\)"):
-        slots.check_integrity()
     before = full_state(slots)
-    with pytest.raises(pk.UnknownSequenceError, match="seq_id=5"):
-        slots.release(1)
-    with pytest.raises(pk.UnknownSequenceError):
-        slots.decode_step()
+    # Released directly, the slot would keep id 5 and later decode whoever reuses it.
+    with pytest.raises(pk.SlotError, match=r"seq_id=5\): it occupies decode slot 1; use slots.release\(1\)"):
+        m.release(5)
+    with pytest.raises(pk.SlotError, match="decode slot 1"):
+        m.swap_out(5)
     assert full_state(slots) == before
-    assert slots.remove(1) == 5
+    other = DecodeSlots(m)  # a second batch over the same manager may not take it either
+    with pytest.raises(pk.DuplicateSequenceError, match="another DecodeSlots"):
+        other.insert(5, 0)
+    assert other.seq_ids() == [None] * other.num_slots
+    assert slots.remove(1) == 5  # out of the slot, the manager may release it
+    m.release(5)
+    m.admit(5, 3)  # the id is reused: no slot decodes it by accident
+    assert 5 not in slots and slots.seq_ids() == [None] * slots.num_slots
     slots.check_integrity()
+    m.check_integrity()
 
 
 # ---- (b) fixed-B metadata, inert padding rows ---------------------------------------------------

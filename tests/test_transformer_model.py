@@ -49,6 +49,7 @@ class Driver:
         for b, s in enumerate(ids):
             tok[b, : counts[b]] = new_tokens[s]
         logits, self.cache = forward_cached(CFG, self.params, self.cache, jnp.asarray(tok), meta.to_device())
+        self.manager.commit(ids)  # the step ran: its blocks may now be hit, its copies retire
         logits = np.asarray(logits)
         for b, s in enumerate(ids):
             for t, token in enumerate(new_tokens[s]):

@@ -27,6 +27,7 @@ import numpy as np
 
 from paged_kv.errors import (
     DuplicateSequenceError,
+    InvalidSequenceIdError,
     InvalidTokenCountError,
     PagedKVError,
     SlotError,
@@ -101,7 +102,8 @@ def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> Ste
                 block_tables=place("block_tables", (W,), NULL_BLOCK, g),
                 slot_mapping=place("slot_mapping", (T,), _pad_slot(spec, g), g),
                 start=place("start", (), 0, g),
-                **({} if meta is None else dict(copy_src=meta.groups[g].copy_src, copy_dst=meta.groups[g].copy_dst)),
+                **({} if meta is None else dict(copy_src=meta.groups[g].copy_src, copy_dst=meta.groups[g].copy_dst,
+                                                copy_len=meta.groups[g].copy_len)),
             )
         )
     return StepMetadata(
@@ -109,6 +111,7 @@ def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> Ste
         query_lens=place("query_lens", (), 0),
         positions=place("positions", (T,), 0),
         groups=tuple(groups),
+        built_for=spec.pool_signature(),
     )
 
 
@@ -121,6 +124,10 @@ class DecodeSlots:
     """
 
     def __init__(self, manager, num_slots: int | None = None):
+        from paged_kv.allocator.manager import KVCacheManager
+
+        if not isinstance(manager, KVCacheManager):
+            raise SpecError(f"DecodeSlots needs a KVCacheManager; got {type(manager).__name__}")
         cap = manager.spec.max_batch_slots
         if num_slots is None:
             num_slots = cap
@@ -197,6 +204,7 @@ class DecodeSlots:
         in a slot), changing nothing.
         """
         seq_id, slot = self._check_insert(seq_id, slot)
+        self.manager._claim(seq_id, self)
         self._seqs[slot] = seq_id
         self._slot_of[seq_id] = slot
         return slot
@@ -214,6 +222,7 @@ class DecodeSlots:
         slot, seq_id = self._occupant(slot)
         self._seqs[slot] = None
         del self._slot_of[seq_id]
+        self.manager._unclaim(seq_id)
         return seq_id
 
     def release(self, slot) -> int:
@@ -246,6 +255,11 @@ class DecodeSlots:
             self.manager.append(ids, 1)
         return self.step_metadata(1)
 
+    def commit(self) -> None:
+        """`KVCacheManager.commit` for every occupied slot: call it after the decode step
+        ran (it retires copy-on-write copies and lets the prefix cache key what was written)."""
+        self.manager.commit([s for s in self._seqs if s is not None])
+
     def insert_prefill(self, cache, seq_id, keys, values, slot=None):
         """`paged_kv.insertion.insert_prefill` then `insert` into ``slot``; returns
         ``(new cache, slot)``. The slot is checked first: nothing changes on failure."""
@@ -253,7 +267,7 @@ class DecodeSlots:
 
         slot = self._check_free_slot(slot)
         if not _is_seq_id(seq_id):
-            raise InvalidTokenCountError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
+            raise InvalidSequenceIdError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
         if seq_id in self._slot_of:
             raise DuplicateSequenceError(f"seq_id={seq_id} already occupies slot {self._slot_of[seq_id]}")
         cache = insert_prefill(cache, self.manager, seq_id, keys, values)

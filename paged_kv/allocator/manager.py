@@ -16,14 +16,22 @@ import numpy as np
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
-from paged_kv.allocator.swap_record import SwapRecord
+from paged_kv.allocator.pending_copies import PendingCopies
+from paged_kv.allocator.swap_record import SwapRecord, check_record
+from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.errors import (
+    PagedKVError,
     BatchTooLargeError,
     DuplicateSequenceError,
+    InvalidArgumentError,
+    InvalidSequenceIdError,
     InvalidTokenCountError,
+    InvalidTokenIdError,
     OutOfBlocksError,
     SequenceTooLongError,
+    SlotError,
     SpecError,
+    StateError,
     UnknownSequenceError,
 )
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
@@ -32,13 +40,34 @@ from paged_kv.spec import NULL_BLOCK, CacheSpec
 SeqId = NewType("SeqId", int)
 """The caller's name for a request: any non-negative Python or numpy integer."""
 
+MAX_TOKEN_ID = 2**63 - 1
+"""Largest token id a prompt may hold: keys hash ids as int64, so a larger (or a
+negative) id would alias another and two different prompts could share a key."""
+
 
 def _check_seq_id(seq_id) -> int:
     if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
-        raise InvalidTokenCountError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
+        raise InvalidSequenceIdError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
     if seq_id < 0:
-        raise InvalidTokenCountError(f"seq_id={seq_id} must be >= 0")
+        raise InvalidSequenceIdError(f"seq_id={seq_id} must be >= 0")
     return int(seq_id)
+
+
+def check_token_ids(token_ids, what: str) -> np.ndarray:
+    """``token_ids`` as a non-empty 1-D int64 array of ids in ``[0, 2**63)``, or `InvalidTokenIdError`."""
+    try:
+        tokens = np.asarray(token_ids)
+    except (ValueError, TypeError):  # ragged nesting
+        raise InvalidTokenIdError(f"{what}: token_ids={token_ids!r} is not a 1-D sequence of integers") from None
+    if tokens.ndim != 1 or tokens.size < 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise InvalidTokenIdError(
+            f"{what}: token_ids must be a non-empty 1-D sequence of integers; got shape {tokens.shape} dtype {tokens.dtype}"
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high > MAX_TOKEN_ID:
+        bad = low if low < 0 else high
+        raise InvalidTokenIdError(f"{what}: token id {bad} is outside [0, 2**63); token ids are vocabulary indices")
+    return tokens.astype(np.int64, copy=False)
 
 
 def _id_list(seq_ids) -> list:
@@ -100,6 +129,10 @@ class KVCacheManager:
         """``prefix_cache=True`` keeps released full blocks keyed by their token
         prefix for `admit_prompt` to reuse (not with sliding-window layers: a hit
         would need only the blocks inside the window, which this cache does not model)."""
+        if not isinstance(spec, CacheSpec):
+            raise SpecError(f"KVCacheManager needs a paged_kv.CacheSpec; got {type(spec).__name__} {spec!r:.80}")
+        if not isinstance(prefix_cache, (bool, np.bool_)):
+            raise InvalidArgumentError(f"prefix_cache={prefix_cache!r} must be True or False")
         if prefix_cache and len(spec.groups) > 1:
             raise SpecError(
                 f"prefix_cache=True with sliding-window layers {spec.sliding_layers} is not supported: build the "
@@ -108,9 +141,13 @@ class KVCacheManager:
         self.spec = spec
         self.groups = [_Group(spec, g, prefix_cache) for g in range(len(spec.groups))]
         self._rows: dict[int, int] = {}
-        # Copy-on-write block copies (src, dst) per group made by appends and not yet
-        # handed to a step: `step_metadata` moves them into the metadata, once.
-        self._pending_copies: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.groups]
+        # Copy-on-write copies per group, carried by every step until committed.
+        self._copies = [PendingCopies() for _ in self.groups]
+        # What each row has on the device, so the prefix cache keys only written blocks.
+        self._written = WrittenBlocks()
+        # seq_id -> the DecodeSlots whose slot holds it: releasing it under the slots
+        # would leave a dangling slot that later decodes whoever reuses the id.
+        self._slotted: dict[int, object] = {}
         # Only a fork shares a partially filled block (the prefix cache shares full
         # ones), so until a fork the copy-on-write check is skipped: appends pay
         # nothing for it. Cleared when the last sequence leaves.
@@ -162,7 +199,16 @@ class KVCacheManager:
 
     def block_table(self, seq_id, group: int = 0) -> np.ndarray:
         """The blocks ``seq_id`` holds in ``group``, in logical order (a copy)."""
-        return self.groups[group].table.blocks_of(self._row(seq_id)).copy()
+        g = self._check_group(group)
+        return self.groups[g].table.blocks_of(self._row(seq_id)).copy()
+
+    def _check_group(self, group) -> int:
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or not 0 <= group < len(self.groups):
+            raise InvalidArgumentError(
+                f"group={group!r} is not a layer-group index: this spec has groups 0..{len(self.groups) - 1} "
+                "(see CacheSpec.groups)"
+            )
+        return int(group)
 
     def num_tokens_stored(self) -> int:
         return int(self.table.kv_lens.sum())
@@ -236,12 +282,71 @@ class KVCacheManager:
 
     def release(self, seq_id) -> int:
         """Forget ``seq_id`` and drop its hold on its blocks; returns how many no sequence holds now
-        (free, or cached for reuse when the prefix cache keeps them)."""
+        (free, or cached for reuse when the prefix cache keeps them). A sequence in a
+        decode slot is released through its `DecodeSlots` (`SlotError` here)."""
         row = self._row(seq_id)
+        self._check_not_slotted(seq_id, "release")
         del self._rows[int(seq_id)]
         self._forked &= bool(self._rows)
+        self._written.forget(row)
         # Tail first: the prefix cache then evicts a chain's tail before its parents.
-        return sum(int(g.pool.free(g.table.remove_row(row)[::-1]).size) for g in self.groups)
+        freed = sum(int(g.pool.free(g.table.remove_row(row)[::-1]).size) for g in self.groups)
+        self._drop_dead_copies()
+        return freed
+
+    def _check_not_slotted(self, seq_id, what: str) -> None:
+        owner = self._slotted.get(int(seq_id))
+        if owner is not None:
+            slot = owner.slot_of(int(seq_id))
+            raise SlotError(
+                f"{what}(seq_id={seq_id}): it occupies decode slot {slot}; use slots.release({slot}) "
+                f"(or slots.remove({slot}) first) so the slot does not keep a dangling id"
+            )
+
+    def _claim(self, seq_id: int, owner) -> None:
+        """`DecodeSlots` registers a sequence it puts in a slot (see `_check_not_slotted`)."""
+        if self._slotted.get(seq_id, owner) is not owner:
+            raise DuplicateSequenceError(f"seq_id={seq_id} already occupies a slot of another DecodeSlots")
+        self._slotted[seq_id] = owner
+
+    def _unclaim(self, seq_id: int) -> None:
+        self._slotted.pop(seq_id, None)
+
+    # ---- commit: the device has run a step ------------------------------------------------
+    def commit(self, seq_ids, num_tokens=None) -> None:
+        """Tell the manager the step last described for ``seq_ids`` (by `step_metadata`
+        or `DecodeSlots`) has run: their keys and values are in the pages.
+
+        Call it after every forward pass. It retires that step's copy-on-write copies
+        and, with the prefix cache, makes the sequences' newly written full blocks
+        hittable: no block is ever offered to another request before it is written.
+        Skipping it is safe but wasteful (copies are re-run, nothing gets cached).
+        ``num_tokens`` (an int or one per sequence) instead says how many leading
+        tokens are written, for pages filled outside a step (your own kernel, a
+        contiguous prefill). `UnknownSequenceError` / `InvalidTokenCountError`,
+        changing nothing.
+        """
+        seq_ids = _id_list(seq_ids)
+        rows = [self._row(s) for s in seq_ids]
+        lengths = [None] * len(rows)
+        if num_tokens is not None:
+            _, counts = self._rows_and_counts(seq_ids, num_tokens)
+            kv = self.table.kv_lens[np.asarray(rows, np.int64)] if rows else np.zeros(0, np.int32)
+            if np.any(counts > kv):
+                i = int(np.flatnonzero(counts > kv)[0])
+                raise InvalidTokenCountError(
+                    f"commit(seq_id={seq_ids[i]}, num_tokens={int(counts[i])}): it holds only {int(kv[i])} tokens"
+                )
+            lengths = counts.tolist()
+        done = set(rows)
+        for g, copies in zip(self.groups, self._copies):
+            unpin = copies.retire(done)
+            if unpin:
+                g.pool.free(np.asarray(unpin, np.int32))
+        if self.prefix_cache is not None:
+            for row, length in zip(rows, lengths):
+                self._written.commit(row, length)
+                self._key_written(row)
 
     # ---- prefix cache --------------------------------------------------------------------
     @property
@@ -257,11 +362,7 @@ class KVCacheManager:
     def _prompt(self, token_ids, cache_key) -> tuple[np.ndarray, list[int], list[int]]:
         """Validated tokens, their full blocks' keys, and the cached blocks a prompt would reuse."""
         cache = self._require_prefix_cache()
-        tokens = np.asarray(token_ids)
-        if tokens.ndim != 1 or tokens.size < 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise InvalidTokenCountError(
-                f"token_ids must be a non-empty 1-D sequence of integers; got shape {tokens.shape} dtype {tokens.dtype}"
-            )
+        tokens = check_token_ids(token_ids, "admit_prompt")
         bs = self.spec.block_size
         blocks = self.spec.blocks_for(tokens.size)
         if blocks > self.spec.max_blocks_per_seq:
@@ -274,33 +375,48 @@ class KVCacheManager:
         hits = cache.match(hashes[: (tokens.size - 1) // bs])
         return tokens, hashes, hits
 
-    def _prompt_shortfall(self, tokens, hits) -> tuple[int, int]:
+    def _prompt_plan(self, tokens, hits, chunk) -> tuple[int, int, int]:
+        """(tokens to hold now, blocks to allocate, blocks an allocation can take)."""
+        cached = len(hits) * self.spec.block_size
+        if chunk is None:
+            hold = tokens.size
+        else:
+            chunk = self._check_count(chunk, "chunk")
+            if chunk < 1:
+                raise InvalidTokenCountError(f"chunk={chunk}: a prefill chunk computes at least 1 token")
+            hold = cached + min(chunk, tokens.size - cached)
         pool = self.groups[0].pool
         revived = sum(1 for b in hits if pool.ref_counts[b] == 0)
-        return self.spec.blocks_for(tokens.size) - len(hits), pool.num_free - revived
+        return hold, self.spec.blocks_for(hold) - len(hits), pool.num_free - revived
 
-    def can_admit_prompt(self, token_ids, cache_key=None) -> bool:
-        """Whether ``admit_prompt(new_id, token_ids, cache_key)`` would succeed now."""
+    def can_admit_prompt(self, token_ids, cache_key=None, chunk=None) -> bool:
+        """Whether ``admit_prompt(new_id, token_ids, cache_key, chunk)`` would succeed now."""
         try:
             tokens, _, hits = self._prompt(token_ids, cache_key)
+            _, need, free = self._prompt_plan(tokens, hits, chunk)
         except (SpecError, InvalidTokenCountError, SequenceTooLongError):
             return False
-        need, free = self._prompt_shortfall(tokens, hits)
         return need <= free
 
-    def admit_prompt(self, seq_id, token_ids, cache_key=None) -> int:
+    def admit_prompt(self, seq_id, token_ids, cache_key=None, chunk=None) -> int:
         """Admit ``seq_id`` with prompt ``token_ids``, reusing the longest cached chain of
         full blocks with the same tokens (and the same ``cache_key``: an adapter name,
         a tenant salt). Returns how many leading tokens are cached; compute the rest:
-        ``step_metadata([seq_id], len(token_ids) - cached)``. The prompt's other full
-        blocks are keyed at once, so requests in the same step can share them.
-        All or nothing: `DuplicateSequenceError`, `InvalidTokenCountError`,
-        `SequenceTooLongError`, `OutOfBlocksError`, `SpecError` (cache off)."""
+        ``step_metadata([seq_id], kv_len(seq_id) - cached)``, then `commit`.
+
+        Only blocks whose writing step was committed are ever hit, and this prompt's
+        own full blocks become hittable when its step is committed (see
+        `paged_kv.allocator.written`). ``chunk``: hold only the cached tokens plus the
+        next ``chunk`` prompt tokens now and `append` the rest later (chunked
+        prefill); the prompt's keys are kept, so each committed chunk's full blocks are
+        cached. All or nothing: `DuplicateSequenceError`, `InvalidTokenIdError`,
+        `InvalidTokenCountError`, `SequenceTooLongError`, `OutOfBlocksError`,
+        `SpecError` (cache off)."""
         seq_id = _check_seq_id(seq_id)
         if seq_id in self._rows:
             raise DuplicateSequenceError(f"seq_id={seq_id} is already admitted; release it first or pick a new id")
         tokens, hashes, hits = self._prompt(token_ids, cache_key)
-        need, free = self._prompt_shortfall(tokens, hits)
+        hold, need, free = self._prompt_plan(tokens, hits, chunk)
         if need > free:
             raise OutOfBlocksError(need, free, f"admit_prompt(seq_id={seq_id}, {tokens.size} tokens, {len(hits)} cached blocks)")
         g = self.groups[0]
@@ -309,11 +425,11 @@ class KVCacheManager:
         self._rows[seq_id] = row
         h = len(hits)
         g.pool.revive(np.asarray(hits, dtype=np.int32))
-        total = self.spec.blocks_for(tokens.size)
+        total = self.spec.blocks_for(hold)
         table.block_tables[row, :h] = hits
         table.block_tables[row, h:total] = g.pool.allocate(need)
-        table.kv_lens[row], table.num_blocks[row], table.first_block[row] = tokens.size, total, 0
-        self._key_blocks(row, hashes, start=h)
+        table.kv_lens[row], table.num_blocks[row], table.first_block[row] = hold, total, 0
+        self._written.start(row, hashes, h, self.spec.block_size)
         cache.queries += 1
         cache.query_tokens += int(tokens.size)
         cache.hit_tokens += h * self.spec.block_size
@@ -324,25 +440,32 @@ class KVCacheManager:
         """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
         later prompt that continues this conversation hits them after release (multi-
         turn chat). ``token_ids`` must be the sequence's tokens, ``kv_len`` of them.
-        Returns how many blocks were newly keyed."""
+        Blocks already written (committed) are keyed now, the rest when their step is
+        committed. Returns how many blocks were newly keyed now."""
         row = self._row(seq_id)
-        tokens = np.asarray(token_ids)
-        n = int(self.table.kv_lens[row])
-        if tokens.ndim != 1 or tokens.size != n or not np.issubdtype(tokens.dtype, np.integer):
-            raise InvalidTokenCountError(
-                f"cache_tokens(seq_id={seq_id}): token_ids has shape {tokens.shape} dtype {tokens.dtype}; "
-                f"need the sequence's {n} integer tokens"
-            )
         self._require_prefix_cache()
-        hashes = chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key)
-        return self._key_blocks(row, hashes, start=0)
+        n = int(self.table.kv_lens[row])
+        tokens = check_token_ids(token_ids, f"cache_tokens(seq_id={seq_id})")
+        if tokens.size != n:
+            raise InvalidTokenCountError(
+                f"cache_tokens(seq_id={seq_id}): token_ids holds {tokens.size} tokens; need the sequence's {n} tokens "
+                "(append generated tokens with manager.append before caching them)"
+            )
+        self._written.hashes[row] = chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key)
+        self._written.keyed[row] = 0  # blocks keyed before keep their keys: store() skips them
+        return self._key_written(row)
 
-    def _key_blocks(self, row: int, hashes: list[int], start: int) -> int:
-        cache, table = self.prefix_cache, self.table
+    def _key_written(self, row: int) -> int:
+        """Key ``row``'s full, written, hashed blocks not keyed yet; returns how many were new."""
+        start, stop = self._written.keyable(row, self.spec.block_size)
+        if stop <= start:
+            return 0
+        cache, table, hashes = self.prefix_cache, self.table, self._written.hashes[row]
         stored = 0
-        for i in range(start, len(hashes)):
+        for i in range(start, stop):
             parent = hashes[i - 1] if i else NO_HASH
             stored += cache.store(int(table.block_tables[row, i]), hashes[i], parent)
+        self._written.keyed[row] = stop
         return stored
 
     def fork(self, parent, child) -> None:
@@ -365,30 +488,34 @@ class KVCacheManager:
             t.block_tables[row] = t.block_tables[prow]
             t.kv_lens[row], t.num_blocks[row], t.first_block[row] = t.kv_lens[prow], t.num_blocks[prow], t.first_block[prow]
             g.pool.incref(t.blocks_of(row))
+        if self.prefix_cache is not None:
+            self._written.fork(prow, row, int(self.table.kv_lens[prow]), self.spec.block_size)
 
     @property
     def num_pending_copies(self) -> int:
-        """Copy-on-write block copies waiting for the next `step_metadata`."""
-        return sum(src.size for pending in self._pending_copies for src, _ in pending)
+        """Copy-on-write block copies not yet committed (every step carries them until then)."""
+        return sum(len(c) for c in self._copies)
 
-    def _take_copies(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        pending = self._pending_copies[g]
-        if not pending:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32)
-        src = np.concatenate([s for s, _ in pending]).astype(np.int32)
-        dst = np.concatenate([d for _, d in pending]).astype(np.int32)
-        pending.clear()
-        # Bucketed so the step compiles once per bucket; padding copies the null block
-        # to an out-of-range id, which the scatter drops.
-        n = bucket(src.size, max(self.spec.max_batch_slots, src.size))
-        pad = n - src.size
-        return (np.concatenate([src, np.full(pad, NULL_BLOCK, np.int32)]),
-                np.concatenate([dst, np.full(pad, self.spec.groups[g].num_blocks, np.int32)]))
+    def _drop_dead_copies(self) -> None:
+        """Forget copies into blocks nobody holds any more (see `PendingCopies.drop_dead`)."""
+        for g, copies in zip(self.groups, self._copies):
+            if len(copies):
+                unpin = copies.drop_dead(g.pool.ref_counts)
+                if unpin:
+                    g.pool.free(np.asarray(unpin, np.int32))
 
     # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
     def swap_record(self, seq_id) -> SwapRecord:
-        """What `swap_out` would return, without releasing anything: the blocks to copy."""
+        """What `swap_out` would return, without releasing anything: the blocks to copy.
+        `StateError` while a copy-on-write copy into one of them has not been committed
+        (the pages do not hold those tokens yet)."""
         row = self._row(seq_id)
+        for g, copies in zip(self.groups, self._copies):
+            if len(copies) and copies.touches(g.table.blocks_of(row)):
+                raise StateError(
+                    f"swap(seq_id={seq_id}): a copy-on-write copy into its blocks has not run yet; run and commit "
+                    "the step that carries it (manager.commit) before swapping it out"
+                )
         return SwapRecord(
             seq_id=int(seq_id),
             num_tokens=int(self.table.kv_lens[row]),
@@ -402,48 +529,48 @@ class KVCacheManager:
         Host bookkeeping only: copy the record's blocks off the device before anything
         else is written to the pool (`paged_kv.swap.swap_out` does both in order).
         """
+        self._row(seq_id)
+        self._check_not_slotted(seq_id, "swap_out")
         record = self.swap_record(seq_id)
         self.release(seq_id)
         return record
 
     def can_swap_in(self, record: SwapRecord) -> bool:
         """Whether ``swap_in(record)`` would succeed now."""
-        return record.seq_id not in self._rows and all(
-            g.pool.can_allocate(n) for g, n in zip(self.groups, record.num_blocks)
-        )
+        try:
+            seq_id, _, _, counts = check_record(record, self.spec)
+        except PagedKVError:
+            return False
+        return seq_id not in self._rows and all(g.pool.can_allocate(n) for g, n in zip(self.groups, counts))
 
     def swap_in(self, record: SwapRecord) -> tuple[np.ndarray, ...]:
         """Re-admit a swapped-out sequence into fresh blocks, one set per group.
 
         Returns the new block ids per group, in logical order, for the copy back in.
         The sequence resumes with its length, and a sliding group with the same first
-        block as before. Raises `DuplicateSequenceError` or `OutOfBlocksError`,
-        changing nothing.
+        block as before. The record is checked against this manager's spec first
+        (`check_record`: `InvalidArgumentError`, `InvalidSequenceIdError`,
+        `InvalidTokenCountError`, `SequenceTooLongError`); then `DuplicateSequenceError`
+        or `OutOfBlocksError`. Any failure changes nothing. The blocks count as written
+        once the bytes are back: `paged_kv.swap_in` commits them; a caller copying
+        the bytes itself calls ``commit([seq_id], num_tokens)``.
         """
-        if not isinstance(record, SwapRecord) or len(record.blocks) != len(self.groups):
-            raise InvalidTokenCountError(f"swap_in needs a SwapRecord from a manager with {len(self.groups)} groups; got {record!r}")
-        if record.seq_id in self._rows:
-            raise DuplicateSequenceError(f"seq_id={record.seq_id} is admitted again; release it before swapping the old one in")
-        total = self.spec.blocks_for(record.num_tokens)
-        if total > self.spec.max_blocks_per_seq or any(
-            n != total - first for n, first in zip(record.num_blocks, record.first_blocks)
-        ):
-            raise InvalidTokenCountError(
-                f"swap_in(seq_id={record.seq_id}): {record.num_tokens} tokens need blocks "
-                f"{record.first_blocks}..{total} per group, the record holds {record.num_blocks}"
-            )
-        for g, n in zip(self.groups, record.num_blocks):
+        seq_id, num_tokens, firsts, counts = check_record(record, self.spec)
+        if seq_id in self._rows:
+            raise DuplicateSequenceError(f"seq_id={seq_id} is admitted again; release it before swapping the old one in")
+        for g, n in zip(self.groups, counts):
             if not g.pool.can_allocate(n):
-                raise OutOfBlocksError(n, g.pool.num_free, f"swap_in(seq_id={record.seq_id})")
+                raise OutOfBlocksError(n, g.pool.num_free, f"swap_in(seq_id={seq_id})")
         row = {g.table.add_row() for g in self.groups}.pop()
-        self._rows[record.seq_id] = row
+        self._rows[seq_id] = row
+        total = self.spec.blocks_for(num_tokens)
         new = []
-        for g, first, n in zip(self.groups, record.first_blocks, record.num_blocks):
+        for g, first, n in zip(self.groups, firsts, counts):
             ids = g.pool.allocate(n)
             g.table.block_tables[row, first:total] = ids
             g.table.first_block[row] = first
             g.table.num_blocks[row] = total
-            g.table.kv_lens[row] = record.num_tokens
+            g.table.kv_lens[row] = num_tokens
             new.append(ids)
         return tuple(new)
 
@@ -452,7 +579,10 @@ class KVCacheManager:
         """Describe a forward pass over ``seq_ids`` whose last ``num_new_tokens`` tokens
         (already added by `admit`/`append`) are written this step.
 
-        Pure: reads the tables, changes nothing. Shapes are bucketed (see `bucket`).
+        Changes no allocation: calling it twice (a retried step) describes the same
+        step, and it carries every copy-on-write copy not yet committed. It notes what
+        it described, so that `commit` after the step knows which tokens are on the
+        device. Shapes are bucketed (see `bucket`).
         """
         seq_ids = _id_list(seq_ids)
         rows, q = self._rows_and_counts(seq_ids, num_new_tokens)
@@ -479,12 +609,23 @@ class KVCacheManager:
         positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
         positions = positions.astype(np.int32)
         groups = tuple(
-            self._group_metadata(g, rows, kv - q, positions[:n], valid[:n], B, *self._take_copies(i))
+            self._group_metadata(g, rows, kv - q, positions[:n], valid[:n], B, *self._issue_copies(i))
             for i, g in enumerate(self.groups)
         )
-        return StepMetadata(kv_lens, query_lens, positions, groups)
+        if self.prefix_cache is not None:
+            self._written.describe(rows.tolist(), kv.tolist())
+        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature())
 
-    def _group_metadata(self, g: _Group, rows, first_query, positions, valid, B, copy_src, copy_dst) -> GroupMetadata:
+    def _issue_copies(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pending copy of group ``g`` (bucketed; see `PendingCopies.issue`)."""
+        copies = self._copies[g]
+        if not len(copies):
+            empty = np.zeros(0, np.int32)
+            return empty, empty, empty
+        return copies.issue(self.spec.groups[g].num_blocks, 1)
+
+    def _group_metadata(self, g: _Group, rows, first_query, positions, valid, B, copy_src, copy_dst,
+                        copy_len) -> GroupMetadata:
         """The tables one group's views need: the blocks from the first one this
         step's queries can see to the last one held."""
         bs = self.spec.block_size
@@ -511,7 +652,7 @@ class KVCacheManager:
         slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, g.pad_slot)
         start = np.zeros(B, dtype=np.int32)
         start[:n] = first * bs
-        return GroupMetadata(block_tables, slot_mapping, start, copy_src, copy_dst)
+        return GroupMetadata(block_tables, slot_mapping, start, copy_src, copy_dst, copy_len)
 
     # ---- integrity -----------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -532,6 +673,8 @@ class KVCacheManager:
             if not np.array_equal(g.table.kv_lens, self.table.kv_lens):
                 raise AssertionError(f"group {i}: lengths differ from group 0")
             held = np.concatenate([g.table.blocks_of(r) for r in rows]) if rows.size else np.empty(0, np.int32)
+            # A pending copy keeps its writer's reference on the source block (a pin).
+            held = np.concatenate([held, np.asarray(self._copies[i].pinned(), np.int32)])
             refs = np.bincount(held, minlength=g.pool.num_blocks).astype(np.int32)
             if not np.array_equal(refs, g.pool.ref_counts):
                 bad = np.flatnonzero(refs != g.pool.ref_counts)
@@ -539,6 +682,9 @@ class KVCacheManager:
                     f"group {i} blocks {bad.tolist()}: table references {refs[bad].tolist()} "
                     f"!= ref counts {g.pool.ref_counts[bad].tolist()}"
                 )
+            for src, dst, length, row in self._copies[i].state():
+                if g.pool.ref_counts[dst] < 1 or not g.table.in_use[row] or not 0 < length < bs:
+                    raise AssertionError(f"group {i}: pending copy {src}->{dst} ({length} slots, row {row}) is stale")
             if g.window is not None and rows.size:
                 # Never trimmed a block the next query (at position kv_len) can still see.
                 limit = np.maximum(g.table.kv_lens[rows] - g.window, 0) // bs
@@ -559,6 +705,9 @@ class KVCacheManager:
                 (tuple(sorted(g.pool.cache.block_of.items())), tuple(g.pool.cache.evictable))
                 for g in self.groups if g.pool.cache is not None
             ),
+            tuple(c.state() for c in self._copies),
+            self._written.state(),
+            tuple(sorted(self._slotted)),
         )
 
     # ---- internals -----------------------------------------------------------------
@@ -642,7 +791,7 @@ class KVCacheManager:
             first = g.table.first_block[rows]
             keep = np.where(counts > 0, np.minimum(g.keep_from(rows, old, bs), new_blocks), first)
             needed = new_blocks - g.table.num_blocks[rows]
-            cow = self._copy_on_write_rows(g, rows, counts, old)
+            cow = self._copy_on_write_rows(len(plan), rows, counts, old)
             trimmed = 0
             drop = keep - first
             if drop.any():
@@ -656,14 +805,16 @@ class KVCacheManager:
             plan.append((keep, new_blocks, needed, cow))
         return plan
 
-    def _copy_on_write_rows(self, g: _Group, rows, counts, old) -> np.ndarray:
+    def _copy_on_write_rows(self, gi: int, rows, counts, old) -> np.ndarray:
         """Rows whose write lands in a shared, partially filled last block: each gets a
         copy of that block first. Full shared blocks are never written, so never copied.
 
         When every holder of a block writes in the same call, the last of them keeps
         the original (nobody else needs it), so k writers of a block held k times make
-        k - 1 copies.
+        k - 1 copies. Pins of pending copies are references but not holders: a block
+        whose only other reference is a pin is the writer's own.
         """
+        g = self.groups[gi]
         bs = self.spec.block_size
         cow = np.zeros(rows.size, dtype=bool)
         if not self._forked:
@@ -673,13 +824,15 @@ class KVCacheManager:
             return cow
         idx = np.flatnonzero(partial)
         last = g.table.block_tables[rows[idx], old[idx] // bs]
-        shared = g.pool.ref_counts[last] > 1
+        holders = g.pool.ref_counts[last] - self._copies[gi].pins(last)
+        shared = holders > 1
         if not shared.any():
             return cow
         idx, last = idx[shared], last[shared]
         order = np.argsort(last, kind="stable")
         blocks, starts, writers = np.unique(last[order], return_index=True, return_counts=True)
-        copies = np.where(writers >= g.pool.ref_counts[blocks], writers - 1, writers)
+        holders = g.pool.ref_counts[blocks] - self._copies[gi].pins(blocks)
+        copies = np.where(writers >= holders, writers - 1, writers)
         rank = np.arange(idx.size) - np.repeat(starts, writers)
         cow[idx[order[rank < np.repeat(copies, writers)]]] = True
         return cow
@@ -703,8 +856,8 @@ class KVCacheManager:
                 src = table.block_tables[cow_rows, cow_cols].copy()
                 dst = g.pool.allocate(src.size)
                 table.block_tables[cow_rows, cow_cols] = dst
-                g.pool.free(src)  # drops this row's reference; other holders keep the block
-                self._pending_copies[i].append((src, dst))
+                # The row's reference on src becomes the copy's pin (released at commit).
+                self._copies[i].add(src, dst, old_lens[cow] % bs, cow_rows)
             ids = g.pool.allocate(int(needed.sum()))
             if ids.size:
                 block_rows, block_cols = _expand(rows, needed, table.num_blocks[rows])
@@ -712,6 +865,7 @@ class KVCacheManager:
             table.kv_lens[rows] = old_lens + counts
             table.num_blocks[rows] = new_blocks
             slots[i] = table.block_tables[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs
+        self._drop_dead_copies()  # a sliding trim may have freed a pending copy's destination
         return slots
 
 

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
@@ -52,19 +53,71 @@ class PagedLayerView:
                     f"expected a float dtype (pages hold {s.dtype})"
                 )
 
+    def check_metadata(self, metadata) -> None:
+        """Raise `ShapeError` unless ``metadata`` is a `StepMetadata` built (by a manager's
+        `step_metadata` or `DecodeSlots`) for pages of this spec: same block size, same
+        groups, same blocks per group. Static, so under jit it raises at trace time."""
+        if not isinstance(metadata, StepMetadata):
+            raise ShapeError(
+                f"layer {self.layer_index}: metadata is a {type(metadata).__name__}; pass the StepMetadata from "
+                "KVCacheManager.step_metadata or DecodeSlots.decode_step"
+            )
+        want = self.spec.pool_signature()
+        if metadata.built_for != want:
+            raise ShapeError(
+                f"layer {self.layer_index}: metadata was built for pages {metadata.built_for} (block_size, "
+                f"(num_blocks, window) per group), these pages are {want}; use the metadata of the manager "
+                "built from this cache's spec"
+            )
+
+    def check_query(self, query, metadata: StepMetadata) -> None:
+        """Raise `ShapeError` unless ``query`` is a float array ``[B, T, q_heads, key_dim]``
+        laid out like ``metadata``, with ``q_heads`` a multiple of the key heads (GQA/MQA)."""
+        s = self.spec
+        bt = tuple(metadata.positions.shape)
+        if not (hasattr(query, "shape") and hasattr(query, "dtype")):
+            raise ShapeError(f"layer {self.layer_index}: query is a {type(query).__name__}; expected an array [B, T, heads, dim]")
+        shape = tuple(query.shape)
+        if len(shape) != 4 or shape[:2] != bt or shape[3] != s.key_dim or shape[2] % s.key_heads:
+            raise ShapeError(
+                f"layer {self.layer_index}: query has shape {shape}; expected ({bt[0]}, {bt[1]}, q_heads, {s.key_dim}) "
+                f"with q_heads a multiple of the {s.key_heads} key heads"
+            )
+        if not jnp.issubdtype(query.dtype, jnp.floating):
+            raise ShapeError(f"layer {self.layer_index}: query has dtype {query.dtype}; expected a float dtype")
+
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":
         """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages,
         after the step's copy-on-write block copies."""
+        self.check_metadata(metadata)
         group = metadata.groups[self.group]
-        return self.copy_blocks(group.copy_src, group.copy_dst).write_slots(key, value, group.slot_mapping)
+        self._check_step(key, value, group.slot_mapping)
+        view = self.copy_blocks(group.copy_src, group.copy_dst, group.copy_len)
+        return view.write_slots(key, value, group.slot_mapping)
 
-    def copy_blocks(self, src: jax.Array, dst: jax.Array) -> "PagedLayerView":
-        """Copy whole blocks ``src[i] -> dst[i]`` in every page array of this layer
-        (out-of-range ``dst`` entries are dropped). O(blocks copied), in place when
-        the pages are donated."""
+    def copy_blocks(self, src: jax.Array, dst: jax.Array, length: jax.Array) -> "PagedLayerView":
+        """Copy the first ``length[i]`` token slots of block ``src[i]`` into block ``dst[i]``,
+        one copy after another, in every page array of this layer (an out-of-range
+        ``dst`` copies nothing). Slots past ``length[i]`` keep what the writer put there,
+        so running a copy twice changes nothing. O(blocks copied), in place when the
+        pages are donated."""
         if src.shape[0] == 0:
             return self
-        return jax.tree_util.tree_map(lambda pages: pages.at[dst].set(pages[src], mode="drop"), self)
+        bs = self.spec.block_size
+
+        def copy_all(pages):
+            def copy_one(i, pages):
+                inside = dst[i] < pages.shape[0]
+                d = jnp.where(inside, dst[i], 0)
+                old = lax.dynamic_index_in_dim(pages, d, keepdims=False)
+                new = lax.dynamic_index_in_dim(pages, src[i], keepdims=False)
+                take = (jnp.arange(bs) < length[i]) & inside
+                merged = jnp.where(take.reshape(bs, *([1] * (pages.ndim - 2))), new, old)
+                return lax.dynamic_update_index_in_dim(pages, merged, d, 0)
+
+            return lax.fori_loop(0, src.shape[0], copy_one, pages)
+
+        return jax.tree_util.tree_map(copy_all, self)
 
     @property
     def group(self) -> int:
@@ -99,6 +152,8 @@ class PagedLayerView:
         first block the window reaches (the mask's lengths and positions are relative
         to it and carry the window).
         """
+        if query is not None:
+            self.check_query(query, metadata)
         view = self.write(key, value, metadata)
         keys, values = view.read(metadata)
         if query is not None:
@@ -149,6 +204,7 @@ class TransformerCacheView(PagedLayerView):
         Key ``s`` of row ``b`` is the sequence's token ``mask.start[b] + s``: 0 for full
         attention, the first block the window can reach for a sliding layer.
         """
+        self.check_metadata(metadata)
         dt = compute_dtype(self.spec)
         tables = metadata.groups[self.group]
         lens = metadata.kv_lens - tables.start

@@ -100,6 +100,7 @@ class UnifiedCacheView(PagedLayerView):
         """One gather, then split: keys ``[B, S, key_heads, key_dim]`` and values
         ``[B, S, value_heads, value_dim]`` with ``S = W*block_size``, zero past each
         length, exactly as `TransformerCacheView.read` returns them."""
+        self.check_metadata(metadata)
         s = self.spec
         tables = metadata.groups[self.group]
         lens = metadata.kv_lens - tables.start

@@ -1,0 +1,103 @@
+"""`PendingCopies`: copy-on-write block copies of one layer group, kept until committed.
+
+After a fork, the first write into a shared, partially filled block gives the
+writer a fresh block that must first receive the shared block's tokens. The host
+cannot copy device bytes, so the copy rides in the step metadata and every layer's
+write performs it before its scatter.
+
+Why copies stay pending until `KVCacheManager.commit` rather than being handed out
+once: a step can be described twice (a retry) or abandoned; a copy handed to a step
+that never ran would be lost and the writer would read whatever its fresh block
+held. So every step carries every pending copy, and copies are made *idempotent*:
+a copy writes only the ``length`` token slots that were shared (``dst[:length] =
+src[:length]``), never the slots the writer has since filled, so running it again
+changes nothing. The source's first ``length`` slots never change either (every
+holder writes only past its own length, which is at least ``length``), and the
+copy keeps the writer's reference on the source block (a *pin*) so the block
+cannot be freed and reused while the copy may still run. Copies run in the order
+they were made, so a copy out of a block that is itself a pending copy's
+destination sees that block's bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paged_kv.spec import NULL_BLOCK
+
+
+class PendingCopies:
+    """Ordered pending copies ``(src, dst, length, row, issued)`` of one group.
+
+    ``issued`` is set when a step's metadata carries the copy; `retire` drops the
+    issued copies of committed rows and returns their pinned sources to unpin.
+    """
+
+    def __init__(self):
+        self._items: list[list] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> None:
+        """Record copies made by one append (the caller's references on ``src`` become pins)."""
+        for s, d, n, r in zip(src.tolist(), dst.tolist(), lengths.tolist(), rows.tolist()):
+            self._items.append([s, d, n, r, False])
+
+    def pins(self, blocks: np.ndarray) -> np.ndarray:
+        """How many references on each of ``blocks`` are pins of pending copies (not holders)."""
+        if not self._items:
+            return np.zeros(len(blocks), np.int32)
+        count: dict[int, int] = {}
+        for s, *_ in self._items:
+            count[s] = count.get(s, 0) + 1
+        return np.fromiter((count.get(b, 0) for b in np.asarray(blocks).tolist()), np.int32, len(blocks))
+
+    def pinned(self) -> list[int]:
+        """Every pinned source block, once per pin."""
+        return [s for s, *_ in self._items]
+
+    def issue(self, pad_dst: int, min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(src, dst, length)`` of every pending copy, oldest first, marked issued.
+
+        Padded to a bucket (a power of two, at least ``min_size``) so the step compiles
+        once per bucket; padding copies nothing (length 0, from the null block to
+        ``pad_dst``, an id past the pool that the write drops).
+        """
+        n = len(self._items)
+        size = 1 << max(n - 1, 0).bit_length() if n else 0
+        size = max(size, min_size) if n else 0
+        src = np.full(size, NULL_BLOCK, np.int32)
+        dst = np.full(size, pad_dst, np.int32)
+        length = np.zeros(size, np.int32)
+        for i, item in enumerate(self._items):
+            src[i], dst[i], length[i] = item[0], item[1], item[2]
+            item[4] = True
+        return src, dst, length
+
+    def retire(self, rows: set[int]) -> list[int]:
+        """Drop issued copies made for ``rows`` (their step ran); return their sources to unpin."""
+        done = [item for item in self._items if item[4] and item[3] in rows]
+        if done:
+            self._items = [item for item in self._items if not (item[4] and item[3] in rows)]
+        return [item[0] for item in done]
+
+    def drop_dead(self, ref_counts: np.ndarray) -> list[int]:
+        """Drop copies whose destination no sequence holds any more (freed: the copy must
+        never land in a block handed to someone else); return their sources to unpin."""
+        dead = [item for item in self._items if ref_counts[item[1]] == 0]
+        if dead:
+            self._items = [item for item in self._items if ref_counts[item[1]] != 0]
+        return [item[0] for item in dead]
+
+    def touches(self, blocks: np.ndarray) -> bool:
+        """Whether a pending copy writes into any of ``blocks``."""
+        held = set(np.asarray(blocks).tolist())
+        return any(item[1] in held for item in self._items)
+
+    def state(self) -> tuple:
+        """A comparable copy (for snapshots): ``(src, dst, length, row)`` in order."""
+        return tuple(tuple(item[:4]) for item in self._items)
+
+
+__all__ = ["PendingCopies"]
