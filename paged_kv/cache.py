@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -33,6 +34,8 @@ class PagedKVCache:
         ``mesh`` and ``head_axis``: shard every page tensor's head axis over that mesh
         axis (tensor parallelism; see `paged_kv.sharding`), created sharded.
         """
+        if not isinstance(spec, CacheSpec):
+            raise SpecError(f"PagedKVCache.init needs a paged_kv.CacheSpec; got {type(spec).__name__}")
         if layout not in _LAYOUTS:
             raise SpecError(f"layout={layout!r} is not one of {_LAYOUTS}")
         if (mesh is None) != (head_axis is None):
@@ -41,6 +44,8 @@ class PagedKVCache:
             if device is not None:
                 raise SpecError("give device= or mesh=/head_axis=, not both")
             device = page_sharding(spec, mesh, head_axis, layout)
+        else:
+            _check_fits(spec, _device(device))
 
         def view(layer):
             if layout == "unified":
@@ -72,6 +77,41 @@ class PagedKVCache:
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+
+def _device(device):
+    """``device`` as a JAX device or sharding; anything else (a string, say) is a `SpecError`."""
+    if device is None:
+        return jax.devices()[0]
+    if isinstance(device, (jax.Device, jax.sharding.Sharding)):
+        return device
+    raise SpecError(
+        f"device={device!r} is not a JAX device or sharding; pass e.g. jax.devices('cpu')[0], "
+        "or mesh= and head_axis= to shard the pages"
+    )
+
+
+def _check_fits(spec: CacheSpec, device) -> None:
+    """Refuse pages larger than the device's memory (its allocator's limit where JAX
+    reports one, else the host's RAM), naming the bytes: cheaper than an
+    out-of-memory error from deep inside the allocator after minutes of work."""
+    if not isinstance(device, jax.Device):
+        return  # a sharding spreads the pages; each device's share is checked by JAX itself
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - backends without memory stats raise various errors
+        limit = None
+    if limit is None:
+        try:
+            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+    if spec.pool_bytes > limit:
+        raise SpecError(
+            f"the pages take {spec.pool_bytes:,} bytes ({spec.pool_bytes / 2**30:,.1f} GiB) but {device} has "
+            f"{limit:,} bytes: lower num_blocks (CacheSpec.for_memory(bytes, ...) sizes the pool), or shard the "
+            "pages over a mesh"
+        )
 
 
 jax.tree_util.register_dataclass(PagedKVCache, data_fields=["views"], meta_fields=[])

@@ -50,6 +50,7 @@ import json
 import os
 import uuid
 import zipfile
+import zlib
 
 import attrs
 import jax
@@ -77,7 +78,9 @@ _KNOWN_STATE: dict[type, frozenset[str]] = {
     # _copies (pending copy-on-write copies): saving requires none, and a restored
     # manager starts with none. _forked is derived on restore (any block with two
     # holders); _slotted is rebuilt by restoring the slots. _written: the written.* arrays.
-    KVCacheManager: frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted"}),
+    # _descriptions/_described only order pending copies, so with none they are moot.
+    KVCacheManager: frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted",
+                               "_descriptions", "_described"}),
     # issued: what the last step described but nobody committed; dropped (a restored
     # manager keys those blocks at their next committed step instead).
     WrittenBlocks: frozenset({"issued", "written", "hashes", "keyed"}),
@@ -121,7 +124,7 @@ def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: D
     The cache is only read (one ``jax.device_get`` of every page array), so it stays
     usable. Call this between steps, not while a donated step is in flight.
     """
-    path = os.fspath(path)
+    path = _fspath(path, "save")
     if not isinstance(manager, KVCacheManager):
         raise CheckpointError(f"cannot save {path!r}: manager is a {type(manager).__name__}, not a KVCacheManager")
     if not isinstance(cache, PagedKVCache):
@@ -195,7 +198,9 @@ def load_checkpoint(path, device=None, *, spec: CacheSpec | None = None) -> Chec
     restored manager's ``check_integrity``. Any failure raises `CheckpointError`
     naming ``path`` and the problem.
     """
-    path = os.fspath(path)
+    path = _fspath(path, "load")
+    if spec is not None and not isinstance(spec, CacheSpec):
+        raise CheckpointError(f"load_checkpoint(spec=...) must be a CacheSpec or None; got {type(spec).__name__}")
     header, arrays = _read(path)
     saved_spec = _spec_from_header(header, path)
     if spec is not None and spec != saved_spec:
@@ -579,7 +584,18 @@ def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
         os.close(fd)
 
 
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
+# RuntimeError: zipfile's answer to a flipped flag bit ("File is encrypted");
+# NotImplementedError: an unknown compression method; zlib.error: a corrupt stream.
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError,
+                zlib.error)
+
+
+def _fspath(path, what: str) -> str:
+    """``path`` as a string, or `CheckpointError` for anything that is not a path."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise CheckpointError(f"cannot {what} checkpoint: path={path!r} is not a file path (str or os.PathLike)") from None
 
 
 def _read(path: str) -> tuple[dict, dict[str, np.ndarray]]:

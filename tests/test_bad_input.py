@@ -12,6 +12,7 @@ a unified cache) and asserts:
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from functools import partial
 
@@ -44,8 +45,10 @@ def make_env(tmp_path) -> types.SimpleNamespace:
     slots = DecodeSlots(m)
     slots.insert(1, 0)
     meta = m.step_metadata([1, 2], [5, 3])  # B=2, T=8
+    pm = pk.KVCacheManager(make_spec(sliding_window=None, sliding_layers=()), prefix_cache=True)
+    pm.admit_prompt(1, np.arange(5))
     return types.SimpleNamespace(
-        spec=spec, m=m, slots=slots, meta=meta, B=meta.batch_size, T=meta.query_len, tmp=tmp_path,
+        spec=spec, m=m, slots=slots, meta=meta, B=meta.batch_size, T=meta.query_len, tmp=tmp_path, pm=pm,
         cache=pk.PagedKVCache.init(spec), ucache=pk.PagedKVCache.init(spec, layout="unified"),
     )
 
@@ -83,6 +86,49 @@ def _jit_concat(view, key, value, meta):
 
 def C(id, call, error, match, setup=None):
     return pytest.param(setup, call, error, match, id=id)
+
+
+def record(e, seq_id=9, num_tokens=5, firsts=(0, 0), sizes=(2, 2)):
+    """A hand-built `SwapRecord` (untrusted: the manager must check every field)."""
+    return pk.SwapRecord(seq_id, num_tokens, tuple(firsts), tuple(np.arange(n, dtype=np.int32) for n in sizes))
+
+
+def foreign_record(e):
+    """A genuine record from a manager of another spec (full attention only: one group)."""
+    other = pk.KVCacheManager(make_spec(sliding_window=None, sliding_layers=()))
+    other.admit(9, 5)
+    return other.swap_out(9)
+
+
+def full_only_metadata(e):
+    """Metadata from a manager with no sliding group, for a cache that has one."""
+    other = pk.KVCacheManager(make_spec(sliding_window=None, sliding_layers=()))
+    other.admit(1, 5)
+    other.admit(2, 3)
+    return other.step_metadata([1, 2], [5, 3])
+
+
+def bigger_pool_metadata(e):
+    other = pk.KVCacheManager(make_spec(num_blocks=64, sliding_num_blocks=64))
+    other.admit(1, 5)
+    other.admit(2, 3)
+    return other.step_metadata([1, 2], [5, 3])
+
+
+def query(e, heads=H, dim=D, dtype=jnp.float32, t_extra=0):
+    return jnp.ones((e.B, e.T + t_extra, heads, dim), dtype)
+
+
+def flip_zip_flag(e) -> str:
+    """A saved checkpoint with one general-purpose flag bit (bit 0: "encrypted") set in
+    its zip central directory."""
+    path = e.tmp / "flag.ckpt"
+    pk.save_checkpoint(path, e.cache, e.m, e.slots)
+    data = bytearray(path.read_bytes())
+    central = data.find(b"PK\x01\x02")
+    data[central + 8] |= 1
+    path.write_bytes(bytes(data))
+    return str(path)
 
 
 CASES = [
@@ -227,6 +273,127 @@ CASES = [
     C("spec-unknown-dtype", lambda e: make_spec(dtype="float99"), pk.SpecError, r"dtype='float99' is not a dtype"),
     C("spec-integer-dtype", lambda e: make_spec(dtype="int8"), pk.SpecError, r"dtype='int8' is not a floating"),
     C("spec-None-dtype", lambda e: make_spec(dtype=None), pk.SpecError, r"dtype=None"),
+    # ---- swap_in: a SwapRecord is untrusted input --------------------------------------------
+    C("swap-in-not-a-record", lambda e: e.m.swap_in({"seq_id": 9}), pk.InvalidArgumentError, r"got dict"),
+    C("swap-in-str-id", lambda e: e.m.swap_in(record(e, seq_id="9")), pk.InvalidSequenceIdError, r"seq_id='9'"),
+    C("swap-in-negative-id", lambda e: e.m.swap_in(record(e, seq_id=-1)), pk.InvalidSequenceIdError, r"seq_id=-1"),
+    C("swap-in-bool-id", lambda e: e.m.swap_in(record(e, seq_id=True)), pk.InvalidSequenceIdError, r"seq_id=True"),
+    C("swap-in-zero-tokens", lambda e: e.m.swap_in(record(e, num_tokens=0, sizes=(0, 0))), pk.InvalidTokenCountError,
+      r"num_tokens=0"),
+    C("swap-in-float-tokens", lambda e: e.m.swap_in(record(e, num_tokens=3.5)), pk.InvalidTokenCountError,
+      r"num_tokens=3\.5"),
+    C("swap-in-too-long", lambda e: e.m.swap_in(record(e, num_tokens=25, sizes=(7, 7))), pk.SequenceTooLongError,
+      r"25 tokens need 7 blocks"),
+    C("swap-in-full-group-first-block", lambda e: e.m.swap_in(record(e, num_tokens=20, firsts=(2, 0), sizes=(3, 5))),
+      pk.InvalidArgumentError, r"first_blocks\[0\]=2 is impossible .*full-attention group starts at block 0"),
+    C("swap-in-sliding-first-block-inside-window",
+      lambda e: e.m.swap_in(record(e, num_tokens=20, firsts=(0, 4), sizes=(5, 1))),
+      pk.InvalidArgumentError, r"first_blocks\[1\]=4 .*window of 8 keeps every block from 3 on"),
+    C("swap-in-negative-first-block", lambda e: e.m.swap_in(record(e, firsts=(0, -1))),
+      pk.InvalidArgumentError, r"first_blocks\[1\]=-1"),
+    C("swap-in-block-count-mismatch", lambda e: e.m.swap_in(record(e, sizes=(2, 3))), pk.InvalidArgumentError,
+      r"blocks\[1\] must be .* of 2 block ids"),
+    C("swap-in-groups-mismatch", lambda e: e.m.swap_in(record(e, firsts=(0,), sizes=(2,))), pk.InvalidArgumentError,
+      r"first_blocks=\(0,\) needs one entry per layer group \(2\)"),
+    C("swap-in-record-of-another-spec", lambda e: e.m.swap_in(foreign_record(e)), pk.InvalidArgumentError,
+      r"another spec"),
+    C("device-swap-in-record-of-another-spec",
+      lambda e: pk.swap_in(e.cache, e.m, pk.SwappedSequence(foreign_record(e), ())), pk.InvalidArgumentError,
+      r"another spec"),
+    C("device-swap-in-not-swapped", lambda e: pk.swap_in(e.cache, e.m, "seq"), pk.InvalidArgumentError, r"got str"),
+    C("swap-in-duplicate", lambda e: e.m.swap_in(record(e, seq_id=1)), pk.DuplicateSequenceError, r"seq_id=1"),
+    C("swap-out-slotted", lambda e: e.m.swap_out(1), pk.SlotError, r"decode slot 0"),
+    # ---- groups, slots and commit ------------------------------------------------------------
+    C("block-table-group-out-of-range", lambda e: e.m.block_table(1, group=5), pk.InvalidArgumentError, r"group=5"),
+    C("block-table-group-negative", lambda e: e.m.block_table(1, group=-1), pk.InvalidArgumentError, r"group=-1"),
+    C("block-table-group-float", lambda e: e.m.block_table(1, group=0.0), pk.InvalidArgumentError, r"group=0\.0"),
+    C("block-table-group-bool", lambda e: e.m.block_table(1, group=True), pk.InvalidArgumentError, r"group=True"),
+    C("release-slotted", lambda e: e.m.release(1), pk.SlotError, r"release\(seq_id=1\): it occupies decode slot 0"),
+    C("second-slots-same-seq", lambda e: DecodeSlots(e.m).insert(1, 0), pk.DuplicateSequenceError,
+      r"seq_id=1 already occupies a slot of another DecodeSlots"),
+    C("slots-over-a-dict", lambda e: DecodeSlots({}), pk.SpecError, r"needs a KVCacheManager; got dict"),
+    C("commit-unknown-id", lambda e: e.m.commit([1, 42]), pk.UnknownSequenceError, r"seq_id=42"),
+    C("commit-more-than-held", lambda e: e.m.commit([2], 4), pk.InvalidTokenCountError,
+      r"commit\(seq_id=2, num_tokens=4\): it holds only 3"),
+    C("commit-bare-id", lambda e: e.m.commit(1), pk.UnknownSequenceError, r"seq_ids=1 must be a list"),
+    # ---- views: the query and the metadata ----------------------------------------------------
+    C("view-int-query", lambda e: e.cache[0].concatenate_to_cache(query(e, dtype=jnp.int32), step_kv(e), step_kv(e),
+                                                                 e.meta), pk.ShapeError, r"query has dtype int32"),
+    C("view-query-wrong-dim", lambda e: e.cache[0].concatenate_to_cache(query(e, dim=5), step_kv(e), step_kv(e), e.meta),
+      pk.ShapeError, r"query has shape \(2, 8, 2, 5\)"),
+    C("view-query-heads-not-multiple", lambda e: e.ucache[0].concatenate_to_cache(query(e, heads=3), step_kv(e),
+                                                                                 step_kv(e), e.meta),
+      pk.ShapeError, r"multiple of the 2 key heads"),
+    C("view-query-wrong-length-jit",
+      lambda e: jax.jit(lambda v, q, k, m: v.concatenate_to_cache(q, k, k, m))(e.cache[1], query(e, t_extra=1),
+                                                                                step_kv(e), e.meta.to_device()),
+      pk.ShapeError, r"query has shape \(2, 9, 2, 4\)"),
+    C("view-query-list", lambda e: e.cache[0].concatenate_to_cache([[1.0]], step_kv(e), step_kv(e), e.meta),
+      pk.ShapeError, r"query is a list"),
+    C("view-metadata-dict", lambda e: e.cache[0].write(step_kv(e), step_kv(e), {"kv_lens": 1}), pk.ShapeError,
+      r"metadata is a dict"),
+    C("view-read-metadata-dict", lambda e: e.ucache[0].read({"kv_lens": 1}), pk.ShapeError, r"metadata is a dict"),
+    C("view-metadata-of-bigger-pool", lambda e: e.cache[0].write(step_kv(e), step_kv(e), bigger_pool_metadata(e)),
+      pk.ShapeError, r"built for pages \(4, \(\(64, None\), \(64, 8\)\)\)"),
+    C("sliding-view-metadata-of-full-only-manager",
+      lambda e: e.cache[1].concatenate_to_cache(None, step_kv(e), step_kv(e), full_only_metadata(e)),
+      pk.ShapeError, r"built for pages \(4, \(\(17, None\),\)\)"),
+    C("unified-view-metadata-of-bigger-pool-jit",
+      lambda e: _jit_concat(e.ucache[0], step_kv(e), step_kv(e), bigger_pool_metadata(e).to_device()),
+      pk.ShapeError, r"built for pages"),
+    C("view-hand-built-metadata",
+      lambda e: e.cache[0].write(step_kv(e), step_kv(e), dataclasses.replace(e.meta, built_for=None)),
+      pk.ShapeError, r"built for pages None"),
+    # ---- token ids ----------------------------------------------------------------------------
+    C("prefix-negative-token", lambda e: e.pm.admit_prompt(9, [1, -1, 2]), pk.InvalidTokenIdError,
+      r"token id -1 is outside \[0, 2\*\*63\)"),
+    C("prefix-uint64-max-token", lambda e: e.pm.admit_prompt(9, np.array([1, 2**64 - 1], np.uint64)),
+      pk.InvalidTokenIdError, r"token id 18446744073709551615"),
+    C("prefix-huge-python-token", lambda e: e.pm.admit_prompt(9, [1, 2**70]), pk.InvalidTokenIdError,
+      r"dtype object"),
+    C("prefix-float-tokens", lambda e: e.pm.admit_prompt(9, [1.0, 2.0]), pk.InvalidTokenIdError, r"dtype float64"),
+    C("prefix-bool-tokens", lambda e: e.pm.admit_prompt(9, [True, False]), pk.InvalidTokenIdError, r"dtype bool"),
+    C("prefix-ragged-tokens", lambda e: e.pm.admit_prompt(9, [[1], [2, 3]]), pk.InvalidTokenIdError, r"token_ids"),
+    C("prefix-str-tokens", lambda e: e.pm.admit_prompt(9, "abc"), pk.InvalidTokenIdError, r"dtype <U3"),
+    C("prefix-cache-tokens-negative", lambda e: e.pm.cache_tokens(1, [0, 1, 2, 3, -4]), pk.InvalidTokenIdError,
+      r"token id -4"),
+    C("prefix-chunk-zero", lambda e: e.pm.admit_prompt(9, [1, 2, 3], chunk=0), pk.InvalidTokenCountError,
+      r"chunk=0"),
+    C("prefix-chunk-float", lambda e: e.pm.admit_prompt(9, [1, 2, 3], chunk=1.5), pk.InvalidTokenCountError,
+      r"chunk=1\.5"),
+    # ---- construction: specs, managers, caches ------------------------------------------------
+    C("spec-sliding-layers-None", lambda e: make_spec(sliding_layers=None), pk.SpecError, r"sliding_layers=None"),
+    C("spec-sliding-layers-int", lambda e: make_spec(sliding_layers=1), pk.SpecError, r"sliding_layers=1 must be a tuple"),
+    C("spec-sliding-layers-str", lambda e: make_spec(sliding_layers="1"), pk.SpecError, r"sliding_layers='1'"),
+    C("spec-unknown-field", lambda e: make_spec(num_heads=4), pk.SpecError, r"no field\(s\) \['num_heads'\]"),
+    C("spec-positional", lambda e: pk.CacheSpec(2, 17), pk.SpecError, r"keyword fields only"),
+    C("spec-missing-field", lambda e: pk.CacheSpec(num_layers=2), pk.SpecError, r"needs field\(s\) \['block_size'"),
+    C("spec-float64", lambda e: make_spec(dtype="float64"), pk.SpecError, r"dtype='float64'.*jax_enable_x64"),
+    C("spec-huge-pool", lambda e: make_spec(num_kv_heads=2**30, head_dim=2**20), pk.SpecError,
+      r"pages take [\d,]+ bytes .*more than any accelerator"),
+    C("spec-for-memory-nan", lambda e: pk.CacheSpec.for_memory(float("nan"), num_layers=2, block_size=4, num_kv_heads=1,
+                                                               head_dim=2), pk.SpecError, r"pool_bytes=nan"),
+    C("spec-for-memory-inf", lambda e: pk.CacheSpec.for_memory(float("inf"), num_layers=2, block_size=4, num_kv_heads=1,
+                                                               head_dim=2), pk.SpecError, r"pool_bytes=inf"),
+    C("spec-for-memory-str", lambda e: pk.CacheSpec.for_memory("1e9", num_layers=2, block_size=4, num_kv_heads=1,
+                                                               head_dim=2), pk.SpecError, r"pool_bytes='1e9'"),
+    C("manager-of-a-dict", lambda e: pk.KVCacheManager({"num_layers": 2}), pk.SpecError, r"needs a paged_kv.CacheSpec"),
+    C("manager-prefix-cache-str", lambda e: pk.KVCacheManager(e.spec, prefix_cache="yes"), pk.InvalidArgumentError,
+      r"prefix_cache='yes'"),
+    C("cache-device-str", lambda e: pk.PagedKVCache.init(e.spec, device="cpu"), pk.SpecError, r"device='cpu'"),
+    C("cache-of-a-dict", lambda e: pk.PagedKVCache.init({}), pk.SpecError, r"got dict"),
+    C("cache-larger-than-memory",
+      lambda e: pk.PagedKVCache.init(make_spec(num_blocks=2**26, num_kv_heads=64, head_dim=256, sliding_window=None,
+                                               sliding_layers=())),
+      pk.SpecError, r"pages take [\d,]+ bytes .* but cpu:0 has"),
+    # ---- checkpoints --------------------------------------------------------------------------
+    C("checkpoint-save-path-None", lambda e: pk.save_checkpoint(None, e.cache, e.m), pk.CheckpointError, r"path=None"),
+    C("checkpoint-save-path-int", lambda e: pk.save_checkpoint(3, e.cache, e.m), pk.CheckpointError, r"path=3"),
+    C("checkpoint-load-path-None", lambda e: pk.load_checkpoint(None), pk.CheckpointError, r"path=None"),
+    C("checkpoint-load-spec-dict", lambda e: pk.load_checkpoint(e.tmp / "x", spec={"num_layers": 2}),
+      pk.CheckpointError, r"spec=\.\.\.\) must be a CacheSpec"),
+    C("checkpoint-zip-flag-bit", lambda e: pk.load_checkpoint(flip_zip_flag(e)), pk.CheckpointError,
+      r"not a readable \.npz file|cannot be read"),
     # ---- trace CSV ---------------------------------------------------------------------------
     C("trace-nan-context-tokens", lambda e: load_trace(csv(e, HEADER + ROW + "2023-11-16 18:15:47.0,nan,3\n")),
       pk.TraceError, r"line 3: ContextTokens='nan'"),
@@ -253,13 +420,13 @@ def test_bad_input_is_typed_names_the_value_and_changes_nothing(tmp_path, setup,
     e = make_env(tmp_path)
     if setup is not None:
         setup(e)
-    before = (e.m.snapshot(), e.slots.snapshot())
+    before = (e.m.snapshot(), e.slots.snapshot(), e.pm.snapshot())
     pages = _pages(e)
     with pytest.raises(pk.PagedKVError) as info:
         call(e)
     assert type(info.value) is error, f"raised {type(info.value).__name__}: {info.value}"
     info.match(match)
-    assert (e.m.snapshot(), e.slots.snapshot()) == before
+    assert (e.m.snapshot(), e.slots.snapshot(), e.pm.snapshot()) == before
     for got, want in zip(_pages(e), pages):
         np.testing.assert_array_equal(got, want)
     e.m.check_integrity()

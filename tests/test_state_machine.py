@@ -45,6 +45,7 @@ from hypothesis.stateful import (
 )
 
 import paged_kv as pk
+from paged_kv.allocator.swap_record import check_record
 from paged_kv.swap import swap_in, swap_out
 
 SOAK = int(os.environ.get("PAGED_KV_SOAK", "1"))
@@ -95,6 +96,18 @@ class HostMachine(RuleBasedStateMachine):
     def write(self, seq_ids, counts, metadata) -> None:
         """Device machine: write the new tokens' keys/values. Host machine: nothing."""
 
+    def step(self, seq_ids, counts, metadata) -> None:
+        """Run a described step (`write`), then commit it most of the time: an engine
+        that skips a commit must lose nothing but caching."""
+        self.write(seq_ids, counts, metadata)
+        ids = [s for s in seq_ids if s is not None]
+        if ids and self.rng.random() < 0.7:
+            self.before_commit(ids)
+            self.manager.commit(ids)
+
+    def before_commit(self, ids) -> None:
+        """Prefix machine: record which blocks the commit makes written."""
+
     # ---- rules ---------------------------------------------------------------------
     @rule(target=live, n=st.integers(1, 26))
     def admit(self, n):
@@ -104,7 +117,7 @@ class HostMachine(RuleBasedStateMachine):
         if self.manager.can_admit(n):
             self.manager.admit(seq, n)
             self.lengths[seq] = 0
-            self.write([seq], [n], self.manager.step_metadata([seq], n))
+            self.step([seq], [n], self.manager.step_metadata([seq], n))
             self.lengths[seq] = n
             return seq
         error = pk.SequenceTooLongError if self.spec.blocks_for(n) > self.spec.max_blocks_per_seq else pk.OutOfBlocksError
@@ -122,7 +135,7 @@ class HostMachine(RuleBasedStateMachine):
         counts = data.draw(st.lists(st.integers(0, 7), min_size=len(chosen), max_size=len(chosen)))
         if self.manager.can_append(chosen, counts):
             self.manager.append(chosen, counts)
-            self.write(chosen, counts, self.manager.step_metadata(chosen, counts))
+            self.step(chosen, counts, self.manager.step_metadata(chosen, counts))
             for s, c in zip(chosen, counts):
                 self.lengths[s] += c
         else:
@@ -185,14 +198,22 @@ class HostMachine(RuleBasedStateMachine):
             self._unchanged(self.slots.decode_step, (pk.OutOfBlocksError, pk.SequenceTooLongError))
             return
         meta = self.slots.decode_step()
-        self.write(self.slots.seq_ids(), [1 if s is not None else 0 for s in self.slots.seq_ids()], meta)
+        self.step(self.slots.seq_ids(), [1 if s is not None else 0 for s in self.slots.seq_ids()], meta)
         for s in ids:
             self.lengths[s] += 1
 
     @rule(seq=live)
     def swap_out(self, seq):
         self._count()
-        if seq not in self.lengths or seq in self.slots:
+        if seq not in self.lengths:
+            return
+        if seq in self.slots:  # must go through the slots: the manager refuses it
+            self._unchanged(lambda: self.do_swap_out(seq), pk.SlotError)
+            return
+        try:
+            self.manager.swap_record(seq)
+        except pk.StateError:  # a copy into its blocks has not been committed
+            self._unchanged(lambda: self.do_swap_out(seq), pk.StateError)
             return
         self.swapped[seq] = self.do_swap_out(seq)
         del self.lengths[seq]
@@ -209,6 +230,35 @@ class HostMachine(RuleBasedStateMachine):
             self.lengths[seq] = record.num_tokens
         else:
             self._unchanged(lambda: self.manager.swap_in(record), pk.OutOfBlocksError)
+
+    @rule(data=st.data())
+    def swap_in_foreign_record(self, data):
+        """A hand-built or foreign `SwapRecord` is untrusted: refused, nothing changed."""
+        self._count()
+        groups = len(self.spec.groups)
+        seq = data.draw(st.one_of(st.integers(-2, 3), st.just(True), st.just("7"), st.just(self.next_id + 50)))
+        num_tokens = data.draw(st.one_of(st.integers(-1, 40), st.just(3.5), st.just(False)))
+        firsts = tuple(data.draw(st.lists(st.integers(-1, 7), min_size=groups - 1, max_size=groups + 1)))
+        sizes = data.draw(st.lists(st.integers(0, 8), min_size=len(firsts), max_size=len(firsts)))
+        blocks = tuple(np.arange(n, dtype=np.int32) for n in sizes)
+        record = pk.SwapRecord(seq, num_tokens, firsts, blocks)
+        try:
+            check_record(record, self.spec)
+        except pk.PagedKVError:
+            self._unchanged(lambda: self.manager.swap_in(record), pk.PagedKVError)
+            assert not self.manager.can_swap_in(record)
+            return
+        # A record that fits the spec is a valid request to swap a new sequence in.
+        if record.seq_id in self.lengths or record.seq_id in self.swapped or record.seq_id < self.next_id:
+            return
+        if self.manager.can_swap_in(record):
+            self.manager.swap_in(record)
+            self.on_foreign_swap_in(record)
+            self.lengths[record.seq_id] = record.num_tokens
+            self.next_id = record.seq_id + 1
+
+    def on_foreign_swap_in(self, record) -> None:
+        """Device machine: the foreign sequence's pages hold whatever the blocks held."""
 
     @rule(seq=st.integers(-3, 1000))
     def bad_ids(self, seq):
@@ -271,6 +321,11 @@ class DeviceMachine(HostMachine):
     def on_fork(self, parent, child) -> None:
         self.shadow[child] = self.shadow[parent].copy()
 
+    def on_foreign_swap_in(self, record) -> None:
+        # The host half alone moves no bytes: the caller copies them in, here as one write.
+        self.lengths[record.seq_id] = 0
+        self.step([record.seq_id], [record.num_tokens], self.manager.step_metadata([record.seq_id], record.num_tokens))
+
     def do_swap_out(self, seq):
         return swap_out(self.cache, self.manager, seq)
 
@@ -315,6 +370,24 @@ class PrefixHostMachine(HostMachine):
     prefix_cache = True
     PREFIXES = [np.arange(k * 100, k * 100 + 24) for k in range(3)]
 
+    def __init__(self):
+        super().__init__()
+        # The model of "written": full blocks whose tokens a committed step put on the
+        # device. A block leaves it when it is freed unkeyed or evicted (then reused).
+        self.written: set[int] = set()
+        self.manager.prefix_cache.subscribe(self._on_event)
+
+    def _on_event(self, event) -> None:
+        if event.kind == "stored":  # the security property: only written blocks are ever keyed
+            assert event.block_id in self.written, f"block {event.block_id} keyed before it was written"
+        else:
+            self.written.discard(event.block_id)
+
+    def before_commit(self, ids) -> None:
+        for s in ids:
+            table = self.manager.block_table(s)
+            self.written.update(int(b) for b in table[: self.manager.kv_len(s) // BLOCK])
+
     @rule(target=HostMachine.live, prefix=st.integers(0, 2), shared=st.integers(1, 22), tail=st.integers(0, 6))
     def admit_prompt(self, prefix, shared, tail):
         self._count()
@@ -324,11 +397,43 @@ class PrefixHostMachine(HostMachine):
         if self.manager.can_admit_prompt(tokens):
             cached = self.manager.admit_prompt(seq, tokens)
             assert cached % BLOCK == 0 and cached < tokens.size
+            hit = self.manager.block_table(seq)[: cached // BLOCK]
+            assert all(int(b) in self.written for b in hit), "a hit on a block nobody wrote"
             self.lengths[seq] = tokens.size
-            self.manager.step_metadata([seq], tokens.size - cached)
+            self.step([seq], [tokens.size - cached], self.manager.step_metadata([seq], tokens.size - cached))
             return seq
         self._unchanged(lambda: self.manager.admit_prompt(seq, tokens), (pk.OutOfBlocksError, pk.SequenceTooLongError))
         return multiple()
+
+    @rule(prefix=st.integers(0, 2), copies=st.integers(2, 3))
+    def identical_prompts_in_one_step(self, prefix, copies):
+        """Requests with the same prompt admitted before any of them is written: none may
+        hit another's blocks; after the shared step commits, a later one hits them."""
+        self._count()
+        tokens = self.PREFIXES[prefix][:17]
+        ids = []
+        for _ in range(copies):
+            if not self.manager.can_admit_prompt(tokens):
+                break
+            seq = self.next_id
+            self.next_id += 1
+            cached = self.manager.admit_prompt(seq, tokens)
+            assert all(int(b) in self.written for b in self.manager.block_table(seq)[: cached // BLOCK])
+            self.lengths[seq] = tokens.size
+            ids.append((seq, cached))
+        if ids:
+            first_cached = ids[0][1]
+            assert all(c == first_cached for _, c in ids), "a same-step request hit an unwritten block"
+            self.step([s for s, _ in ids], [tokens.size - c for _, c in ids],
+                      self.manager.step_metadata([s for s, _ in ids], [tokens.size - c for _, c in ids]))
+        for seq, _ in ids:  # cancelled or finished: back to the pool (cached only if written)
+            self.manager.release(seq)
+            del self.lengths[seq]
+
+    @invariant()
+    def written_model(self):
+        pool = self.manager.pool
+        self.written = {b for b in self.written if pool.ref_counts[b] > 0 or b in pool.cache.evictable}
 
     @invariant()
     def cache_accounting(self):

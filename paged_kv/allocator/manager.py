@@ -143,6 +143,10 @@ class KVCacheManager:
         self._rows: dict[int, int] = {}
         # Copy-on-write copies per group, carried by every step until committed.
         self._copies = [PendingCopies() for _ in self.groups]
+        # Step descriptions so far, and the last one that carried copies for each row:
+        # committing that row's step retires exactly the copies it carried.
+        self._descriptions = 0
+        self._described: dict[int, int] = {}
         # What each row has on the device, so the prefix cache keys only written blocks.
         self._written = WrittenBlocks()
         # seq_id -> the DecodeSlots whose slot holds it: releasing it under the slots
@@ -289,6 +293,7 @@ class KVCacheManager:
         del self._rows[int(seq_id)]
         self._forked &= bool(self._rows)
         self._written.forget(row)
+        self._described.pop(row, None)
         # Tail first: the prefix cache then evicts a chain's tail before its parents.
         freed = sum(int(g.pool.free(g.table.remove_row(row)[::-1]).size) for g in self.groups)
         self._drop_dead_copies()
@@ -338,9 +343,9 @@ class KVCacheManager:
                     f"commit(seq_id={seq_ids[i]}, num_tokens={int(counts[i])}): it holds only {int(kv[i])} tokens"
                 )
             lengths = counts.tolist()
-        done = set(rows)
+        ran = max((self._described.pop(row, 0) for row in rows), default=0)
         for g, copies in zip(self.groups, self._copies):
-            unpin = copies.retire(done)
+            unpin = copies.retire(ran) if ran else None
             if unpin:
                 g.pool.free(np.asarray(unpin, np.int32))
         if self.prefix_cache is not None:
@@ -608,6 +613,9 @@ class KVCacheManager:
         # from `positions` never leaves a padding query with nothing to attend to.
         positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
         positions = positions.astype(np.int32)
+        self._descriptions += 1
+        if self.num_pending_copies:
+            self._described.update(dict.fromkeys(rows.tolist(), self._descriptions))
         groups = tuple(
             self._group_metadata(g, rows, kv - q, positions[:n], valid[:n], B, *self._issue_copies(i))
             for i, g in enumerate(self.groups)
@@ -622,7 +630,7 @@ class KVCacheManager:
         if not len(copies):
             empty = np.zeros(0, np.int32)
             return empty, empty, empty
-        return copies.issue(self.spec.groups[g].num_blocks, 1)
+        return copies.issue(self._descriptions, self.spec.groups[g].num_blocks, 1)
 
     def _group_metadata(self, g: _Group, rows, first_query, positions, valid, B, copy_src, copy_dst,
                         copy_len) -> GroupMetadata:
@@ -682,9 +690,9 @@ class KVCacheManager:
                     f"group {i} blocks {bad.tolist()}: table references {refs[bad].tolist()} "
                     f"!= ref counts {g.pool.ref_counts[bad].tolist()}"
                 )
-            for src, dst, length, row in self._copies[i].state():
-                if g.pool.ref_counts[dst] < 1 or not g.table.in_use[row] or not 0 < length < bs:
-                    raise AssertionError(f"group {i}: pending copy {src}->{dst} ({length} slots, row {row}) is stale")
+            for src, dst, length in self._copies[i].state():
+                if g.pool.ref_counts[dst] < 1 or g.pool.ref_counts[src] < 1 or not 0 < length < bs:
+                    raise AssertionError(f"group {i}: pending copy {src}->{dst} ({length} slots) is stale")
             if g.window is not None and rows.size:
                 # Never trimmed a block the next query (at position kv_len) can still see.
                 limit = np.maximum(g.table.kv_lens[rows] - g.window, 0) // bs
@@ -857,7 +865,7 @@ class KVCacheManager:
                 dst = g.pool.allocate(src.size)
                 table.block_tables[cow_rows, cow_cols] = dst
                 # The row's reference on src becomes the copy's pin (released at commit).
-                self._copies[i].add(src, dst, old_lens[cow] % bs, cow_rows)
+                self._copies[i].add(src, dst, old_lens[cow] % bs)
             ids = g.pool.allocate(int(needed.sum()))
             if ids.size:
                 block_rows, block_cols = _expand(rows, needed, table.num_blocks[rows])

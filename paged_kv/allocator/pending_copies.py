@@ -27,10 +27,12 @@ from paged_kv.spec import NULL_BLOCK
 
 
 class PendingCopies:
-    """Ordered pending copies ``(src, dst, length, row, issued)`` of one group.
+    """Ordered pending copies ``(src, dst, length, issued_at)`` of one group.
 
-    ``issued`` is set when a step's metadata carries the copy; `retire` drops the
-    issued copies of committed rows and returns their pinned sources to unpin.
+    ``issued_at`` is the number of the first step description that carried the copy
+    (0: none yet). Every description carries every pending copy, so when a step
+    described at ``t`` has run, every copy with ``0 < issued_at <= t`` has run:
+    `retire` drops those and returns their pinned sources to unpin.
     """
 
     def __init__(self):
@@ -39,10 +41,10 @@ class PendingCopies:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> None:
+    def add(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
         """Record copies made by one append (the caller's references on ``src`` become pins)."""
-        for s, d, n, r in zip(src.tolist(), dst.tolist(), lengths.tolist(), rows.tolist()):
-            self._items.append([s, d, n, r, False])
+        for s, d, n in zip(src.tolist(), dst.tolist(), lengths.tolist()):
+            self._items.append([s, d, n, 0])
 
     def pins(self, blocks: np.ndarray) -> np.ndarray:
         """How many references on each of ``blocks`` are pins of pending copies (not holders)."""
@@ -57,8 +59,8 @@ class PendingCopies:
         """Every pinned source block, once per pin."""
         return [s for s, *_ in self._items]
 
-    def issue(self, pad_dst: int, min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(src, dst, length)`` of every pending copy, oldest first, marked issued.
+    def issue(self, step: int, pad_dst: int, min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(src, dst, length)`` of every pending copy, oldest first, for step description ``step``.
 
         Padded to a bucket (a power of two, at least ``min_size``) so the step compiles
         once per bucket; padding copies nothing (length 0, from the null block to
@@ -72,14 +74,14 @@ class PendingCopies:
         length = np.zeros(size, np.int32)
         for i, item in enumerate(self._items):
             src[i], dst[i], length[i] = item[0], item[1], item[2]
-            item[4] = True
+            item[3] = item[3] or step
         return src, dst, length
 
-    def retire(self, rows: set[int]) -> list[int]:
-        """Drop issued copies made for ``rows`` (their step ran); return their sources to unpin."""
-        done = [item for item in self._items if item[4] and item[3] in rows]
+    def retire(self, step: int) -> list[int]:
+        """Drop the copies a step described at ``step`` carried (it ran); return their sources to unpin."""
+        done = [item for item in self._items if 0 < item[3] <= step]
         if done:
-            self._items = [item for item in self._items if not (item[4] and item[3] in rows)]
+            self._items = [item for item in self._items if not 0 < item[3] <= step]
         return [item[0] for item in done]
 
     def drop_dead(self, ref_counts: np.ndarray) -> list[int]:
@@ -96,8 +98,8 @@ class PendingCopies:
         return any(item[1] in held for item in self._items)
 
     def state(self) -> tuple:
-        """A comparable copy (for snapshots): ``(src, dst, length, row)`` in order."""
-        return tuple(tuple(item[:4]) for item in self._items)
+        """A comparable copy (for snapshots): ``(src, dst, length)`` in order."""
+        return tuple(tuple(item[:3]) for item in self._items)
 
 
 __all__ = ["PendingCopies"]
