@@ -12,9 +12,14 @@ import dataclasses
 import jax
 import numpy as np
 
+from paged_kv.errors import InvalidArgumentError
+
 
 def bucket(n: int, cap: int) -> int:
     """Smallest power of two >= n, clipped to ``cap`` (which is itself a bucket)."""
+    for name, value in (("n", n), ("cap", cap)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgumentError(f"bucket({name}={value!r}): sizes are integers")
     n = max(int(n), 1)
     return min(1 << (n - 1).bit_length(), int(cap))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from paged_kv.errors import SpecError
+from paged_kv.errors import InvalidTokenCountError, SpecError
 
 NULL_BLOCK = 0
 """Block id 0 is reserved: padding entries of block tables point at it and it is never
@@ -38,6 +38,13 @@ def _canonical_dtype(value) -> str:
     return dt.name
 
 
+def _count(value, name: str) -> int:
+    """A token count as a Python int in ``[0, 2**31)``, or `InvalidTokenCountError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**31:
+        raise InvalidTokenCountError(f"{name}={value!r} must be an integer in [0, 2**31)")
+    return int(value)
+
+
 def _layer_indices(value) -> tuple:
     """``sliding_layers`` as a tuple; anything that is not a collection of indices is a `SpecError`."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -52,8 +59,11 @@ error deep inside JAX when the pages are allocated."""
 
 
 def _positive(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise SpecError(f"{attribute.name}={value!r} must be a positive integer")
+    # < 2**31: every count here ends up in int32 tables or slot ids, and numpy integers
+    # past that would overflow silently in the arithmetic below.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < 2**31:
+        raise SpecError(f"{attribute.name}={value!r} must be a positive integer below 2**31")
+    object.__setattr__(instance, attribute.name, int(value))
 
 
 def _optional_positive(instance, attribute, value) -> None:
@@ -181,6 +191,7 @@ class CacheSpec:
         ceil(W / block_size) + 1 for decode."""
         if self.sliding_window is None:
             raise SpecError("window_blocks() asked of a spec with no sliding layers")
+        num_new_tokens = _count(num_new_tokens, "num_new_tokens")
         return -(-(self.sliding_window - 1 + num_new_tokens) // self.block_size) + 1
 
     # ---- memory arithmetic ------------------------------------------------------
@@ -222,7 +233,7 @@ class CacheSpec:
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens of one sequence."""
-        return -(-int(num_tokens) // self.block_size)
+        return -(-_count(num_tokens, "num_tokens") // self.block_size)
 
     def pool_signature(self) -> tuple:
         """What step metadata must have been built for to address these pages: the
@@ -234,7 +245,7 @@ class CacheSpec:
     def for_memory(cls, pool_bytes: int, **fields) -> "CacheSpec":
         """A spec whose pool fits in ``pool_bytes``: ``num_blocks`` is derived, the rest given."""
         if isinstance(pool_bytes, bool) or not isinstance(pool_bytes, (int, np.integer, float, np.floating)) \
-                or not np.isfinite(pool_bytes) or pool_bytes <= 0:
+                or (isinstance(pool_bytes, (float, np.floating)) and not np.isfinite(pool_bytes)) or pool_bytes <= 0:
             raise SpecError(f"pool_bytes={pool_bytes!r} must be a positive finite number of bytes, e.g. 16 * 2**30")
         if "num_blocks" in fields:
             raise SpecError("for_memory derives num_blocks from pool_bytes; do not pass num_blocks")

@@ -60,7 +60,13 @@ def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> Ste
     `KVCacheManager.step_metadata` buckets them (it builds the occupied rows; they
     are then placed in slot order). Pure: reads the manager, changes nothing.
     """
+    from paged_kv.allocator.manager import KVCacheManager
+
+    if not isinstance(manager, KVCacheManager):
+        raise SpecError(f"slot_step_metadata needs a KVCacheManager; got {type(manager).__name__}")
     spec = manager.spec
+    if isinstance(slot_seq_ids, (str, bytes)) or not hasattr(slot_seq_ids, "__iter__"):
+        raise SlotError(f"slot_seq_ids={slot_seq_ids!r} must be one entry per slot: a sequence id or None")
     slot_seq_ids = list(slot_seq_ids)
     num_slots = len(slot_seq_ids)
     if num_slots < 1:
