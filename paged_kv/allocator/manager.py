@@ -512,9 +512,11 @@ class KVCacheManager:
     # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
     def swap_record(self, seq_id) -> SwapRecord:
         """What `swap_out` would return, without releasing anything: the blocks to copy.
-        `StateError` while a copy-on-write copy into one of them has not been committed
-        (the pages do not hold those tokens yet)."""
+        `SlotError` while it is in a decode slot; `StateError` while a copy-on-write
+        copy into one of its blocks has not been committed (the pages do not hold
+        those tokens yet)."""
         row = self._row(seq_id)
+        self._check_not_slotted(seq_id, "swap_out")
         for g, copies in zip(self.groups, self._copies):
             if len(copies) and copies.touches(g.table.blocks_of(row)):
                 raise StateError(
@@ -534,8 +536,6 @@ class KVCacheManager:
         Host bookkeeping only: copy the record's blocks off the device before anything
         else is written to the pool (`paged_kv.swap.swap_out` does both in order).
         """
-        self._row(seq_id)
-        self._check_not_slotted(seq_id, "swap_out")
         record = self.swap_record(seq_id)
         self.release(seq_id)
         return record
