@@ -292,7 +292,7 @@ class DecodeSlots:
         missing = [(b, s) for b, s in occupied if s not in self.manager]
         if missing:
             raise AssertionError(f"slots hold sequences the manager does not hold: {missing}")
-        unclaimed = [(b, s) for b, s in occupied if self.manager._slotted.get(s) is not self]
+        unclaimed = [(b, s) for b, s in occupied if self.manager._slot_owner(s) is not self]
         if unclaimed:
             raise AssertionError(f"the manager does not know these slots hold {unclaimed}: it could release them")
 

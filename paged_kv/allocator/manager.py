@@ -9,6 +9,7 @@ block.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import weakref
 from typing import NewType
 
 import numpy as np
@@ -149,9 +150,10 @@ class KVCacheManager:
         self._described: dict[int, int] = {}
         # What each row has on the device, so the prefix cache keys only written blocks.
         self._written = WrittenBlocks()
-        # seq_id -> the DecodeSlots whose slot holds it: releasing it under the slots
-        # would leave a dangling slot that later decodes whoever reuses the id.
-        self._slotted: dict[int, object] = {}
+        # seq_id -> (a weak reference to) the DecodeSlots whose slot holds it: releasing
+        # it under the slots would leave a dangling slot that later decodes whoever
+        # reuses the id.
+        self._slotted: dict[int, weakref.ref] = {}
         # Only a fork shares a partially filled block (the prefix cache shares full
         # ones), so until a fork the copy-on-write check is skipped: appends pay
         # nothing for it. Cleared when the last sequence leaves.
@@ -300,7 +302,7 @@ class KVCacheManager:
         return freed
 
     def _check_not_slotted(self, seq_id, what: str) -> None:
-        owner = self._slotted.get(int(seq_id))
+        owner = self._slot_owner(int(seq_id))
         if owner is not None:
             slot = owner.slot_of(int(seq_id))
             raise SlotError(
@@ -308,11 +310,21 @@ class KVCacheManager:
                 f"(or slots.remove({slot}) first) so the slot does not keep a dangling id"
             )
 
+    def _slot_owner(self, seq_id: int):
+        """The live `DecodeSlots` holding ``seq_id``, or None (a dropped DecodeSlots holds nothing)."""
+        ref = self._slotted.get(seq_id)
+        owner = ref() if ref is not None else None
+        if owner is None and ref is not None:
+            del self._slotted[seq_id]
+        return owner
+
     def _claim(self, seq_id: int, owner) -> None:
-        """`DecodeSlots` registers a sequence it puts in a slot (see `_check_not_slotted`)."""
-        if self._slotted.get(seq_id, owner) is not owner:
+        """`DecodeSlots` registers a sequence it puts in a slot (see `_check_not_slotted`).
+        Held weakly: slots the caller dropped do not pin their sequences forever."""
+        held = self._slot_owner(seq_id)
+        if held is not None and held is not owner:
             raise DuplicateSequenceError(f"seq_id={seq_id} already occupies a slot of another DecodeSlots")
-        self._slotted[seq_id] = owner
+        self._slotted[seq_id] = weakref.ref(owner)
 
     def _unclaim(self, seq_id: int) -> None:
         self._slotted.pop(seq_id, None)
@@ -343,7 +355,9 @@ class KVCacheManager:
                     f"commit(seq_id={seq_ids[i]}, num_tokens={int(counts[i])}): it holds only {int(kv[i])} tokens"
                 )
             lengths = counts.tolist()
-        ran = max((self._described.pop(row, 0) for row in rows), default=0)
+        # Explicit lengths say what some writer put in the pages, not that the last
+        # described step (and its copies) ran: only a plain commit retires copies.
+        ran = max((self._described.pop(row, 0) for row in rows), default=0) if num_tokens is None else 0
         for g, copies in zip(self.groups, self._copies):
             unpin = copies.retire(ran) if ran else None
             if unpin:
@@ -715,7 +729,7 @@ class KVCacheManager:
             ),
             tuple(c.state() for c in self._copies),
             self._written.state(),
-            tuple(sorted(self._slotted)),
+            tuple(sorted(s for s in list(self._slotted) if self._slot_owner(s) is not None)),
         )
 
     # ---- internals -----------------------------------------------------------------
