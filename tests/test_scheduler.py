@@ -147,6 +147,18 @@ def test_truncates_skips_and_prefill_only(spy_manager):
     assert spy_manager[0].num_used_blocks == 0
 
 
+def test_prefill_only_requests_take_their_prefill_steps():
+    # Alone in the trace, a request with no output still costs the steps that
+    # prefill it: one, or one per prompt chunk when the prompt exceeds the budget.
+    spec = small_spec(num_blocks=64, max_blocks_per_seq=16)
+    one = simulate(Trace([0.0], [40], [0]), spec, check=True)
+    assert (one.steps, one.prefill_tokens, one.requests_served, one.tokens_generated) == (1, 40, 1, 0)
+    assert one.series["tokens_stored"].tolist() == [40]  # its blocks are held during that step
+    chunked = simulate(Trace([0.0], [100], [0]), spec, check=True,
+                       config=SchedulerConfig(max_batch=4, token_budget=32))
+    assert (chunked.steps, chunked.prefill_tokens) == (4, 100)
+
+
 def test_cancellations_release_early(spy_manager):
     spec = small_spec(num_blocks=64, max_blocks_per_seq=16)
     trace = Trace(np.zeros(3), [20, 20, 20], [50, 50, 50], cancel_after=[-1, 10, 0])

@@ -19,9 +19,11 @@ One step is one forward pass of a vLLM-v1-style engine:
 
 A prompt's final chunk also yields the first output token, in the same step, and
 that token is held from then on; so a request holds ``context + output`` tokens at
-its end, one slot per token it produced. A request longer than ``max_seq_len`` has
-its output cut to fit (``truncated``); one whose prompt alone leaves no room for an
-output token is not run (``skipped``).
+its end, one slot per token it produced. A request with no output tokens is
+prefill only: it runs for the steps its prompt chunks take and is then released.
+A request longer than ``max_seq_len`` has its output cut to fit (``truncated``);
+one whose prompt alone leaves no room for an output token is not run
+(``skipped``).
 """
 
 from __future__ import annotations
@@ -296,10 +298,9 @@ def run_schedule(
             budget_left -= chunk
             done[i] += first
             generated += first
-            if chunk == prompt and rest == 0:
-                backend.release(i)  # nothing to generate: the prefill was all its work
-                finish(i)
-                continue
+            # A request with nothing to generate (prefill only) runs too: it holds its
+            # blocks for the step that prefills it, which is profiled and counted, and
+            # is released with the step's finished sequences.
             new_ids.append(i)
             new_state.append((prompt - chunk, rest - first, tokens))
             stored += tokens
