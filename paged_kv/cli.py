@@ -1,7 +1,9 @@
 """Command line: ``paged-kv simulate`` (or ``python -m paged_kv simulate``).
 
-The defaults model one serving replica of an 8B-class model (32 layers, 8 KV heads
-of dim 128, bfloat16: 128 KiB of KV per token) with a 16 GiB KV pool. That pool
+The defaults model one serving replica of an 8B-class model (``--model llama3-8b``:
+32 layers, 8 KV heads of dim 128, bfloat16: 128 KiB of KV per token) with a 16 GiB
+KV pool; ``--model`` picks another preset and ``--num-layers``, ``--num-kv-heads``,
+``--head-dim``, ``--kv-dtype`` override its fields. That pool
 holds ~131k tokens, fewer than 256 of the trace's average requests need, so memory
 rather than the batch limit decides how many sequences run: the regime where the
 allocator matters.
@@ -13,18 +15,30 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from paged_kv import __version__
 from paged_kv.errors import PagedKVError, SpecError, TraceError
-from paged_kv.sim.progress import ProgressBar
+from paged_kv.sim.models import DEFAULT_MODEL, MODELS, model_shape
+from paged_kv.sim.output_path import OutputPathError, check_writable
+from paged_kv.sim.profile import write_series
+from paged_kv.sim.progress import ProgressBar, ProgressLog
 from paged_kv.sim.scheduler import ARRIVALS, SchedulerConfig, SimulationError
 from paged_kv.sim.simulate import compare, format_table, simulate
-from paged_kv.sim.trace import BUNDLED_ATTRIBUTION, load_trace
+from paged_kv.sim.trace import BUNDLED_ATTRIBUTION, Trace, load_trace
 from paged_kv.spec import CacheSpec
 
-# The model shape only sets how many bytes the pool stands for; the simulation
-# itself is host-only bookkeeping and allocates no device memory.
-MODEL = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_NUM_BLOCKS = 8192
+KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
+
+MAX_POOL_BYTES = 2**40
+"""Pools above 1 TiB are refused without ``--force``: larger than any one serving
+replica's accelerator memory today, so far more likely a typo in ``--block-size`` or
+``--num-blocks`` than an intended run (which would report meaningless figures)."""
+
+PROGRESS_LOG_S = 10.0
+"""Seconds between two progress lines when stderr is not a terminal."""
 
 BUNDLED = "azure-conv"
 SYNTHETIC = "synthetic"
@@ -57,27 +71,51 @@ def _number(low: float, high: float | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``paged-kv`` argument parser: ``--version`` and one subparser per command."""
     parser = argparse.ArgumentParser(prog="paged-kv", description="Paged-block KV cache manager tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_simulate_parser(commands)
+    return parser
+
+
+def _add_simulate_parser(commands) -> None:
+    default = MODELS[DEFAULT_MODEL]
     sim = commands.add_parser(
         "simulate",
         help="replay a request trace through the block allocator",
         description="Replay a request trace through a KVCacheManager with continuous batching and "
         "profile memory: utilization, fragmentation, concurrency, preemptions. With --compare, "
-        "replay it over contiguous caches at equal memory too.",
+        "replay it over contiguous caches at equal memory too. No model runs and no device memory "
+        "is allocated: the model shape only sets how many bytes a block stands for. By default that "
+        f"is {DEFAULT_MODEL} ({default.describe()}), so the default pool of {DEFAULT_NUM_BLOCKS} blocks "
+        f"of {DEFAULT_BLOCK_SIZE} tokens is "
+        f"{DEFAULT_NUM_BLOCKS * DEFAULT_BLOCK_SIZE * default.bytes_per_token / 2**30:g} GiB.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sim.add_argument("--trace", default=BUNDLED, metavar="azure-conv|synthetic|FILE",
                      help="the bundled Azure LLM conversation trace 2023, a seeded synthetic trace "
                      "(bursts, long outliers, cancellations), or a CSV file (TIMESTAMP,ContextTokens,"
-                     "GeneratedTokens[,CancelAfterTokens])")
+                     "GeneratedTokens[,CancelAfterTokens]); a request with GeneratedTokens=0 is prefill only")
     sim.add_argument("--requests", type=_positive_int, default=5000, help="requests in a synthetic trace")
     sim.add_argument("--seed", type=int, default=0, help="seed of a synthetic trace")
     sim.add_argument("--limit", type=_positive_int, metavar="N", help="replay only the first N requests")
-    sim.add_argument("--block-size", type=_positive_int, default=16, help="tokens per block")
-    sim.add_argument("--num-blocks", type=_positive_int, default=8192, help="blocks in the pool, null block included")
-    sim.add_argument("--max-seq-len", type=_positive_int, default=16384,
-                     help="tokens one sequence may hold (rounded up to whole blocks)")
+    shape = sim.add_argument_group("model shape (sizes the pool in bytes)")
+    shape.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, metavar="NAME",
+                       help=f"a preset KV shape: {', '.join(MODELS)}")
+    shape.add_argument("--num-layers", type=_positive_int, help="override the preset's layer count")
+    shape.add_argument("--num-kv-heads", type=_positive_int, help="override the preset's KV heads")
+    shape.add_argument("--head-dim", type=_positive_int, help="override the preset's head dimension")
+    shape.add_argument("--kv-dtype", choices=KV_DTYPES, help="override the preset's KV dtype (bfloat16)")
+    pool = sim.add_argument_group("KV pool")
+    pool.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
+    pool.add_argument("--num-blocks", type=_positive_int, default=DEFAULT_NUM_BLOCKS,
+                      help="blocks in the pool, null block included")
+    pool.add_argument("--max-seq-len", type=_positive_int, default=16384,
+                      help="tokens one sequence may hold (rounded up to whole blocks)")
+    pool.add_argument("--force", action="store_true",
+                      help=f"run a pool larger than {MAX_POOL_BYTES // 2**40} TiB, which is refused otherwise "
+                      "as a likely typo")
     sim.add_argument("--max-batch", type=_positive_int, default=256, help="most sequences in one step")
     sim.add_argument("--token-budget", type=_positive_int, default=8192,
                      help="tokens one step may process: decodes plus prefill chunks")
@@ -99,82 +137,85 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--series", metavar="CSV|JSON", help="write the per-step profile (.json, else CSV)")
     sim.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     sim.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                     help="progress bar on stderr (auto: when stderr is a terminal)")
+                     help="progress on stderr: auto is a bar on a terminal and otherwise a line every "
+                     f"{PROGRESS_LOG_S:g} s; on is always the bar")
     # So that an inconsistent option combination is reported with this
     # subcommand's usage line, as argparse reports a single bad option.
     sim.set_defaults(subparser=sim)
-    return parser
 
 
-def _load(args) -> tuple:
-    """The trace the arguments name and the credit line to print with its results."""
+def _load(args: argparse.Namespace) -> tuple[Trace, str]:
+    """The trace the arguments name (cut to ``--limit``) and the credit line to print
+    with its results; `TraceError` if it has no request to replay."""
     if args.trace == BUNDLED:
-        return load_trace(), BUNDLED_ATTRIBUTION
-    if args.trace == SYNTHETIC:
+        trace, source = load_trace(), BUNDLED_ATTRIBUTION
+    elif args.trace == SYNTHETIC:
         from paged_kv.sim.synthetic import synthetic_trace
 
         trace = synthetic_trace(args.requests, seed=args.seed, max_total_tokens=args.max_seq_len)
-        return trace, f"Trace: synthetic ({args.requests:,} requests, seed {args.seed})"
-    return load_trace(args.trace), f"Trace: {args.trace}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, as for bad arguments)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        spec = CacheSpec(num_blocks=args.num_blocks, block_size=args.block_size,
-                         max_blocks_per_seq=-(-args.max_seq_len // args.block_size),
-                         max_batch_slots=args.max_batch, **MODEL)
-        config = SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
-                                 arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup,
-                                 preemption=args.preemption)
-    except (SpecError, SimulationError) as exc:
-        args.subparser.error(str(exc))  # exits 2 with the usage line, like any other bad option
-    if args.plot:
-        from paged_kv.sim.plot import PlotUnavailableError, require_matplotlib
-
-        try:
-            require_matplotlib()  # before a long replay, not after it
-        except PlotUnavailableError as exc:
-            print(f"paged-kv: error: --plot: {exc}", file=sys.stderr)
-            return 2
-    try:
-        trace, source = _load(args)
-    except TraceError as exc:
-        print(f"paged-kv: error: {exc}", file=sys.stderr)
-        return 2
+        source = f"Trace: synthetic ({args.requests:,} requests, seed {args.seed})"
+    else:
+        trace, source = load_trace(args.trace), f"Trace: {args.trace}"
+        if len(trace) == 0:
+            raise TraceError(f"{args.trace}: no requests (a header line and no rows); nothing to replay")
     if args.limit is not None:
         trace = trace.head(args.limit)
+    return trace, source
 
-    show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    bars: dict[str, ProgressBar] = {}
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse ``--plot``/``--series`` paths that could not be written, before the replay."""
+    if args.plot:
+        from paged_kv.sim.plot import check_plot_path
+
+        check_plot_path(args.plot)  # also checks that matplotlib is installed
+    if args.series:
+        check_writable(args.series, "--series")
+
+
+def _progress(mode: str) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+    """``(progress(backend, done, total), close())`` for ``--progress``: a bar per
+    backend on a terminal, periodic plain lines otherwise, or nothing."""
+    if mode == "off":
+        return None, lambda: None
+    bar = mode == "on" or sys.stderr.isatty()
+    shown: dict[str, ProgressBar | ProgressLog] = {}
+
+    def close() -> None:
+        if shown:
+            list(shown.values())[-1].close()
 
     def progress(name: str, done: int, total: int) -> None:
-        if name not in bars:
-            if bars:
-                list(bars.values())[-1].close()  # one line per backend's replay
-            bars[name] = ProgressBar(f"{name:>20}")
-        bars[name](done, total)
+        if name not in shown:
+            close()  # one line per backend's replay
+            shown[name] = ProgressBar(f"{name:>20}") if bar else ProgressLog(f"paged-kv simulate: {name}",
+                                                                             every_s=PROGRESS_LOG_S)
+        shown[name](done, total)
 
+    return progress, close
+
+
+def _replay(args: argparse.Namespace, trace: Trace, spec: CacheSpec, config: SchedulerConfig) -> list:
+    """The paged replay's report, then the baselines' with ``--compare``."""
+    progress, close = _progress(args.progress)
     try:
         if args.compare:
-            reports = compare(trace, spec, config, progress=progress if show else None)
+            reports = compare(trace, spec, config, progress=progress)
         else:
             reports = [simulate(trace, spec, config=config,
-                                progress=(lambda d, t: progress("paged", d, t)) if show else None)]
-    except (SimulationError, PagedKVError) as exc:
-        print(f"paged-kv: error: {exc}", file=sys.stderr)
-        return 2
+                                progress=(lambda d, t: progress("paged", d, t)) if progress else None)]
     finally:
-        if bars:
-            list(bars.values())[-1].close()
+        close()
+    if reports[0].skipped == len(trace):
+        raise SimulationError(f"all {len(trace):,} requests are longer than --max-seq-len {args.max_seq_len}; "
+                              "nothing ran: raise --max-seq-len")
+    return reports
 
+
+def _write_outputs(args: argparse.Namespace, reports: list, trace: Trace, spec: CacheSpec, source: str) -> None:
     series = {r.backend: r.series for r in reports}
     try:
         if args.series:
-            from paged_kv.sim.profile import write_series
-
             write_series(args.series, series)
         if args.plot:
             from paged_kv.sim.plot import plot_series
@@ -183,25 +224,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_series(series, args.plot, title=f"{credit}: {len(trace):,} requests, "
                         f"{spec.pool_bytes / 2**30:.1f} GiB KV pool, block size {spec.block_size}")
     except OSError as exc:
-        print(f"paged-kv: error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 2
+        raise OutputPathError(f"cannot write {exc.filename}: {exc.strerror}") from exc
 
+
+def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: CacheSpec, source: str) -> None:
     paged = reports[0]
     ratios = {f"mean_running_paged_over_{r.backend}": paged.mean_running / r.mean_running
               for r in reports[1:] if r.mean_running}
     # CC-BY 4.0 asks for the credit wherever results from the bundled trace appear.
     if args.json:
-        out = {"trace": source, "requests": len(trace), "block_size": spec.block_size,
+        out = {"trace": source, "requests": len(trace), "model": args.model, "block_size": spec.block_size,
                "num_blocks": spec.num_blocks, "pool_bytes": spec.pool_bytes, **paged.as_dict()}
         if args.compare:
             out["baselines"] = {r.backend: r.as_dict() for r in reports[1:]}
             out["ratios"] = ratios
         print(json.dumps(out))
-        return 0
+        return
     print(source)
     print(f"Requests: {len(trace):,}   max_seq_len: {spec.max_seq_len:,}   max batch: {args.max_batch}   "
           f"token budget: {args.token_budget:,}   arrivals: {args.arrivals}")
-    print(f"KV pool: {spec.describe()} ({spec.pool_bytes / 2**30:.2f} GiB, {spec.usable_blocks * spec.block_size:,} token slots)")
+    overridden = any(getattr(args, k) is not None for k in ("num_layers", "num_kv_heads", "head_dim", "kv_dtype"))
+    print(f"Model shape: {args.model}{' with overrides' if overridden else ''} ({spec.num_layers} layers, "
+          f"{spec.key_heads} KV heads x {spec.key_dim}, {spec.dtype}; only sizes the pool)")
+    print(f"KV pool: {spec.describe()} ({spec.pool_bytes / 2**30:.2f} GiB, "
+          f"{spec.usable_blocks * spec.block_size:,} token slots)")
     print()
     print(format_table(reports))
     if ratios:
@@ -211,7 +257,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     for what, path in (("profile", args.series), ("plot", args.plot)):
         if path:
             print(f"{what} written to {os.fspath(path)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for bad input, as for bad arguments)."""
+    args = build_parser().parse_args(argv)
+    return _simulate(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """``paged-kv simulate``: check everything it can before the replay, replay, report."""
+    try:
+        spec = _spec(args)
+        config = SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
+                                 arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup,
+                                 preemption=args.preemption)
+    except (SpecError, SimulationError) as exc:
+        args.subparser.error(str(exc))  # exits 2 with the usage line, like any other bad option
+    try:
+        _check_outputs(args)  # before a long replay, not after it
+        trace, source = _load(args)
+        reports = _replay(args, trace, spec, config)
+        _write_outputs(args, reports, trace, spec, source)
+    except (PagedKVError, SimulationError) as exc:
+        print(f"paged-kv: error: {exc}", file=sys.stderr)
+        return 2
+    _print_results(args, reports, trace, spec, source)
     return 0
+
+
+def _spec(args: argparse.Namespace) -> CacheSpec:
+    """The pool the arguments describe; `SpecError` in terms of their flags when it is
+    inconsistent or implausibly large (a likely typo, e.g. ``--block-size 100000``)."""
+    shape = model_shape(args.model, num_layers=args.num_layers, num_kv_heads=args.num_kv_heads,
+                        head_dim=args.head_dim, dtype=args.kv_dtype)
+    bs, max_len = args.block_size, args.max_seq_len
+    if bs > max_len:
+        raise SpecError(f"--block-size {bs} exceeds --max-seq-len {max_len}: every sequence would hold one "
+                        f"mostly empty block; blocks are typically 8 to 128 tokens")
+    per_seq = -(-max_len // bs)
+    if args.num_blocks - 1 < per_seq:
+        raise SpecError(
+            f"--num-blocks {args.num_blocks} leaves {args.num_blocks - 1} usable block(s) (block 0 is reserved), "
+            f"fewer than the {per_seq} blocks of --block-size {bs} one --max-seq-len {max_len} sequence needs; "
+            f"use --num-blocks {per_seq + 1} or more, or a smaller --max-seq-len"
+        )
+    pool = args.num_blocks * bs * shape.bytes_per_token
+    if pool > MAX_POOL_BYTES and not args.force:
+        raise SpecError(
+            f"--num-blocks {args.num_blocks} x --block-size {bs} tokens of {args.model} ({shape.describe()}) is a {pool / 2**30:,.0f} GiB KV pool, more than "
+            f"{MAX_POOL_BYTES // 2**40} TiB; check --num-blocks and --block-size, or pass --force"
+        )
+    return CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
+                     max_batch_slots=args.max_batch, **shape.spec_fields())
 
 
 __all__ = ["build_parser", "main"]

@@ -1,4 +1,6 @@
-"""A one-line text progress bar for long replays, redrawn in place on a terminal."""
+"""Progress of long replays on stderr: a bar redrawn in place on a terminal, or a
+plain line every few seconds when stderr is a log file or a pipe (where a redrawn
+bar would print nothing readable, and printing nothing looks like a hang)."""
 
 from __future__ import annotations
 
@@ -40,4 +42,33 @@ class ProgressBar:
             self.stream.flush()
 
 
-__all__ = ["ProgressBar"]
+class ProgressLog:
+    """``log(done, total)`` writes ``label: 8,131/19,366 requests (42%), 10.0 s`` at most
+    once every ``every_s`` seconds, one line at a time, plus a last line at the end."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, every_s: float = 10.0):
+        self.label = label
+        self.stream = sys.stderr if stream is None else stream
+        self.every_s = every_s
+        self.started = self._last = time.perf_counter()
+        self._final: tuple[int, int] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self._final = (done, total)
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._write(done, total, now)
+
+    def close(self) -> None:
+        """Write the final count, if the replay ran long enough to print anything."""
+        if self._final is not None and self._last > self.started:
+            self._write(*self._final, time.perf_counter())
+
+    def _write(self, done: int, total: int, now: float) -> None:
+        frac = done / total if total else 1.0
+        self.stream.write(f"{self.label}: {done:,}/{total:,} requests ({frac:.0%}), {now - self.started:.1f} s\n")
+        self.stream.flush()
+
+
+__all__ = ["ProgressBar", "ProgressLog"]
