@@ -90,7 +90,7 @@ class Server:
 
     def decode(self, rng):
         meta = self.slots.decode_step()
-        self._write_step(rng, self.slots.seq_ids(), [1] * self.slots.num_slots, meta)
+        self._write_step(rng, self.slots.seq_ids, [1] * self.slots.num_slots, meta)
         return meta
 
     def release(self, seq_id):

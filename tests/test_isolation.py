@@ -200,7 +200,7 @@ def test_reused_blocks_never_expose_previous_owner(layout, dtype):
             slots.insert(s, b)
     for _ in range(6):  # far enough for the sliding layer to read from an offset
         meta = slots.decode_step()
-        seq_at = slots.seq_ids()
+        seq_at = slots.seq_ids
         assert meta.batch_size == slots.num_slots and seq_at == layout_of_slots
         outs = w.step(meta, seq_at, [1 if s is not None else 0 for s in seq_at])
         w.check_reads(outs, meta, seq_at)

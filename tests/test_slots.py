@@ -45,8 +45,13 @@ def test_insert_remove_release_semantics():
     assert slots.insert(10) == 0  # lowest free slot
     assert slots.occupied() == [(0, 10), (2, 11)] and slots.free_slots() == [1, 3]
     assert slots.slot_of(11) == 2 and slots.seq_at(2) == 11 and slots.seq_at(1) is None
-    assert slots.seq_ids() == [10, None, 11, None] and slots.active_mask().tolist() == [True, False, True, False]
+    assert slots.seq_ids == [10, None, 11, None] and slots.active_mask().tolist() == [True, False, True, False]
     assert 11 in slots and 12 not in slots and len(slots) == 2
+    ids = slots.seq_ids  # a property, like KVCacheManager.seq_ids, and a fresh list
+    ids[1] = 99
+    assert slots.seq_ids == [10, None, 11, None]
+    with pytest.warns(DeprecationWarning, match="property"):
+        assert slots.seq_ids() == [10, None, 11, None]  # the old method form still answers
     assert np.array_equal(m.block_table(11), blocks)  # binding a slot touches no table
     slots.check_integrity()
 
@@ -132,11 +137,11 @@ def test_a_slotted_sequence_cannot_be_released_behind_the_slots_back():
     other = DecodeSlots(m)  # a second batch over the same manager may not take it either
     with pytest.raises(pk.DuplicateSequenceError, match="another DecodeSlots"):
         other.insert(5, 0)
-    assert other.seq_ids() == [None] * other.num_slots
+    assert other.seq_ids == [None] * other.num_slots
     assert slots.remove(1) == 5  # out of the slot, the manager may release it
     m.release(5)
     m.admit(5, 3)  # the id is reused: no slot decodes it by accident
-    assert 5 not in slots and slots.seq_ids() == [None] * slots.num_slots
+    assert 5 not in slots and slots.seq_ids == [None] * slots.num_slots
     slots.check_integrity()
     m.check_integrity()
     slots.insert(5, 0)

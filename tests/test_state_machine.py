@@ -193,12 +193,12 @@ class HostMachine(RuleBasedStateMachine):
         """One token for every slotted sequence: the continuous-batching decode step
         (it also advances each sliding window by a token)."""
         self._count()
-        ids = [s for s in self.slots.seq_ids() if s is not None]
+        ids = [s for s in self.slots.seq_ids if s is not None]
         if not self.slots.can_decode():
             self._unchanged(self.slots.decode_step, (pk.OutOfBlocksError, pk.SequenceTooLongError))
             return
         meta = self.slots.decode_step()
-        self.step(self.slots.seq_ids(), [1 if s is not None else 0 for s in self.slots.seq_ids()], meta)
+        self.step(self.slots.seq_ids, [1 if s is not None else 0 for s in self.slots.seq_ids], meta)
         for s in ids:
             self.lengths[s] += 1
 

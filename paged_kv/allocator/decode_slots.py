@@ -21,6 +21,7 @@ Every action validates first and mutates last: a call that raises leaves the slo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -121,6 +122,15 @@ def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> Ste
     )
 
 
+class _SlotSeqIds(list):
+    """`DecodeSlots.seq_ids`: a plain list that can also be called, as the method it was."""
+
+    def __call__(self) -> list[int | None]:
+        warnings.warn("DecodeSlots.seq_ids is a property now; write slots.seq_ids, not slots.seq_ids",
+                      DeprecationWarning, stacklevel=2)
+        return list(self)
+
+
 class DecodeSlots:
     """Which admitted sequence occupies each of the ``num_slots`` decode-batch slots.
 
@@ -163,9 +173,14 @@ class DecodeSlots:
         """``(slot, seq_id)`` of every occupied slot, in slot order."""
         return [(b, s) for b, s in enumerate(self._seqs) if s is not None]
 
+    @property
     def seq_ids(self) -> list[int | None]:
-        """One entry per slot: its sequence, or ``None`` (the row layout of `step_metadata`)."""
-        return list(self._seqs)
+        """One entry per slot: its sequence, or ``None`` (the row layout of `step_metadata`).
+
+        A property, like `KVCacheManager.seq_ids`; a fresh list each time. The old
+        method form ``slots.seq_ids`` still works and warns (`DeprecationWarning`).
+        """
+        return _SlotSeqIds(self._seqs)
 
     def active_mask(self) -> np.ndarray:
         """bool ``[num_slots]``: True where a slot holds a sequence."""
