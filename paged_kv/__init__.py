@@ -1,8 +1,16 @@
 """paged_kv: a paged-block KV cache manager for LLM serving on JAX.
 
 Host side (numpy): `KVCacheManager` decides which blocks each sequence holds and
-hands the device one `StepMetadata` per step. Device side (jitted JAX): views write
-the step's keys/values into the pages and give attention contiguous keys/values.
+hands the device one `StepMetadata` per step; `DecodeSlots` keeps a fixed decode
+batch. Device side (jitted JAX): `PagedKVCache` holds one view per layer, whose
+``concatenate_to_cache`` writes the step's keys/values into the pages and gives
+attention contiguous keys/values. `swap_out`/`swap_in` and
+`save_checkpoint`/`load_checkpoint` move a sequence's or the whole cache's bytes.
+
+Submodules: `paged_kv.sim` replays request traces through the allocator (and
+through contiguous caches at equal memory) to measure utilization, concurrency
+and preemptions without running a model (``paged-kv simulate`` on the command
+line); `paged_kv.sharding` places pages on a device mesh.
 """
 
 from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, slot_step_metadata

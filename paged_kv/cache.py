@@ -12,6 +12,7 @@ from paged_kv.sharding import page_sharding
 from paged_kv.spec import CacheSpec
 from paged_kv.views.sliding import SlidingWindowCacheView
 from paged_kv.views.transformer import TransformerCacheView
+from paged_kv.views.transformer import PagedLayerView
 from paged_kv.views.unified import UnifiedCacheView
 
 _LAYOUTS = ("split", "unified")
@@ -25,7 +26,8 @@ class PagedKVCache:
     views: tuple
 
     @classmethod
-    def init(cls, spec: CacheSpec, device=None, layout: str = "split", mesh=None, head_axis=None) -> "PagedKVCache":
+    def init(cls, spec: CacheSpec, device: jax.Device | jax.sharding.Sharding | None = None, layout: str = "split",
+             mesh: jax.sharding.Mesh | None = None, head_axis: str | None = None) -> "PagedKVCache":
         """Zeroed pages for every layer.
 
         ``layout="split"``: separate key and value pages per layer, a sliding view for
@@ -58,6 +60,7 @@ class PagedKVCache:
 
     @property
     def spec(self) -> CacheSpec:
+        """The spec every layer's view was built for."""
         return self.views[0].spec
 
     def __len__(self) -> int:
@@ -66,7 +69,7 @@ class PagedKVCache:
     def __getitem__(self, layer: int):
         return self.views[layer]
 
-    def replace(self, layer: int, view) -> "PagedKVCache":
+    def replace(self, layer: int, view: PagedLayerView) -> "PagedKVCache":
         """A cache with ``view`` as layer ``layer`` (functional: the old cache is unchanged)."""
         if not 0 <= layer < len(self.views):
             raise ShapeError(f"layer={layer} out of range for a {len(self.views)}-layer cache")
@@ -76,6 +79,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
+        """Device bytes of every layer's pages."""
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 

@@ -112,7 +112,7 @@ class Checkpoint:
 
 
 # ---- public API ------------------------------------------------------------------------
-def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: DecodeSlots | None = None) -> None:
+def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCacheManager, slots: DecodeSlots | None = None) -> None:
     """Write ``cache``'s pages, ``manager``'s host state and (optionally) ``slots`` to ``path``.
 
     ``path`` is used as given (no ``.npz`` is appended). Everything is checked
@@ -186,7 +186,7 @@ def save_checkpoint(path, cache: PagedKVCache, manager: KVCacheManager, slots: D
     })
 
 
-def load_checkpoint(path, device=None, *, spec: CacheSpec | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.Sharding | None = None, *, spec: CacheSpec | None = None) -> Checkpoint:
     """Restore what `save_checkpoint` wrote to ``path``.
 
     ``device``: where the pages go (a device or a sharding, as for

@@ -18,7 +18,9 @@ compiles once per distinct ``L`` (the write itself still compiles per bucket).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING, Union
 
 import attrs
 import jax
@@ -28,6 +30,12 @@ import numpy as np
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError, SpecError
 from paged_kv.metadata import bucket
+
+if TYPE_CHECKING:  # annotations only: the manager does not import this module, but keep it light
+    from paged_kv.allocator.manager import KVCacheManager
+
+LayerArrays = Union[Sequence[Union[jax.Array, np.ndarray]], jax.Array, np.ndarray]
+"""One ``[L, heads, dim]`` array per layer, or one stacked ``[num_layers, L, heads, dim]`` array."""
 from paged_kv.spec import CacheSpec, compute_dtype
 
 
@@ -102,7 +110,8 @@ def _padded(x, layers, padded_len: int, dtype):
     return _pad_stack_on_device(tuple(jnp.asarray(a) for a in layers), padded_len)
 
 
-def insert_prefill(cache: PagedKVCache, manager, seq_id, keys, values) -> PagedKVCache:
+def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, keys: LayerArrays,
+                   values: LayerArrays) -> PagedKVCache:
     """Admit ``seq_id`` with the ``L`` tokens of ``keys``/``values`` and write them into its blocks.
 
     ``keys``: one ``[L, key_heads, key_dim]`` array per layer (or one stacked

@@ -66,26 +66,31 @@ class StepMetadata:
 
     @property
     def batch_size(self) -> int:
+        """Rows ``B`` of this step, padding rows included (a bucket)."""
         return self.kv_lens.shape[0]
 
     @property
     def query_len(self) -> int:
+        """New tokens per row ``T``, padded (a bucket): feed tokens shaped ``[batch_size, query_len]``."""
         return self.positions.shape[1]
 
     # The first group's tables: full attention's when the model has any full layer.
     @property
     def block_tables(self) -> np.ndarray:
+        """The first group's ``[B, W]`` block tables (full attention's if the model has a full layer)."""
         return self.groups[0].block_tables
 
     @property
     def slot_mapping(self) -> np.ndarray:
+        """The first group's ``[B, T]`` flat write slots; padding tokens get an out-of-range slot."""
         return self.groups[0].slot_mapping
 
     @property
     def table_width(self) -> int:
+        """Block-table width ``W`` of the first group (a bucket)."""
         return self.groups[0].block_tables.shape[1]
 
-    def to_device(self, device=None) -> "StepMetadata":
+    def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> "StepMetadata":
         """One transfer of every array (a pytree ``device_put``)."""
         return jax.device_put(self, device)
 

@@ -197,6 +197,7 @@ class CacheSpec:
     # ---- memory arithmetic ------------------------------------------------------
     @property
     def itemsize(self) -> int:
+        """Bytes of one key or value element in ``dtype``."""
         return np.dtype(_resolve(self.dtype)).itemsize
 
     @property
@@ -225,10 +226,12 @@ class CacheSpec:
 
     @property
     def usable_blocks(self) -> int:
+        """Blocks sequences can hold: ``num_blocks`` less the null block."""
         return self.num_blocks - 1
 
     @property
     def max_seq_len(self) -> int:
+        """Most tokens one sequence may hold: ``max_blocks_per_seq * block_size``."""
         return self.max_blocks_per_seq * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -257,6 +260,7 @@ class CacheSpec:
         return cls(num_blocks=num_blocks, max_blocks_per_seq=min(max_blocks, num_blocks - 1), **fields)
 
     def describe(self) -> str:
+        """One line: layers, blocks, heads, dtype, bytes per block and of the pool."""
         return (
             f"{self.num_layers} layers x {self.num_blocks} blocks x {self.block_size} tokens, "
             f"K {self.key_heads}x{self.key_dim} V {self.value_heads}x{self.value_dim} {self.dtype}: "

@@ -40,6 +40,7 @@ class SwappedSequence:
 
     @property
     def seq_id(self) -> int:
+        """The sequence swapped out; `swap_in` brings it back under the same id."""
         return self.record.seq_id
 
     @property
@@ -83,7 +84,7 @@ def _check_spec(cache: PagedKVCache, manager: KVCacheManager) -> None:
         raise SpecError(f"the cache was built for {cache.spec.describe()} but the manager for {manager.spec.describe()}")
 
 
-def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id) -> SwappedSequence:
+def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> SwappedSequence:
     """Copy ``seq_id``'s blocks (every layer, keys and values) to host memory in one
     jitted gather, then release its device blocks. Returns what `swap_in` needs.
 

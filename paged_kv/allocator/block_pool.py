@@ -56,9 +56,11 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
+        """Blocks handed out and not yet freed (the null block is never counted)."""
         return self.num_blocks - 1 - self.num_free
 
     def can_allocate(self, n: int) -> bool:
+        """Whether ``allocate(n)`` would succeed now (cached blocks count as free)."""
         return 0 <= n <= self.num_free
 
     # ---- actions ----------------------------------------------------------------

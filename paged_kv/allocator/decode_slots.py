@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,11 @@ from paged_kv.errors import (
 from paged_kv.metadata import GroupMetadata, StepMetadata
 from paged_kv.spec import NULL_BLOCK
 
+if TYPE_CHECKING:  # annotations only: both import this module
+    from paged_kv.allocator.manager import KVCacheManager
+    from paged_kv.cache import PagedKVCache
+    from paged_kv.insertion import LayerArrays
+
 
 def _is_seq_id(seq_id) -> bool:
     """Python or numpy integer, not bool (bools and floats hash like the ints they equal)."""
@@ -49,7 +55,8 @@ def _pad_slot(spec, group: int) -> int:
     return spec.groups[group].num_blocks * spec.block_size
 
 
-def slot_step_metadata(manager, slot_seq_ids: Sequence, num_new_tokens=1) -> StepMetadata:
+def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | None],
+                       num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
     """`StepMetadata` with one row per slot: row ``b`` describes ``slot_seq_ids[b]``.
 
     ``slot_seq_ids`` has one entry per slot, ``None`` for an empty slot (a padding
@@ -139,7 +146,7 @@ class DecodeSlots:
     allocate or free; `release` is `remove` followed by `KVCacheManager.release`.
     """
 
-    def __init__(self, manager, num_slots: int | None = None):
+    def __init__(self, manager: KVCacheManager, num_slots: int | None = None):
         from paged_kv.allocator.manager import KVCacheManager
 
         if not isinstance(manager, KVCacheManager):
@@ -156,6 +163,7 @@ class DecodeSlots:
     # ---- queries -------------------------------------------------------------------
     @property
     def num_slots(self) -> int:
+        """Rows of every decode step's metadata, occupied or not."""
         return len(self._seqs)
 
     def __len__(self) -> int:
@@ -186,11 +194,11 @@ class DecodeSlots:
         """bool ``[num_slots]``: True where a slot holds a sequence."""
         return np.array([s is not None for s in self._seqs], dtype=bool)
 
-    def seq_at(self, slot) -> int | None:
+    def seq_at(self, slot: int) -> int | None:
         """The sequence in ``slot``, or ``None`` if it is empty."""
         return self._seqs[self._check_slot(slot)]
 
-    def slot_of(self, seq_id) -> int:
+    def slot_of(self, seq_id: int) -> int:
         """The slot ``seq_id`` occupies; `UnknownSequenceError` if it is in none."""
         try:
             if not _is_seq_id(seq_id):  # True == 1.0 == 1 hash alike: never alias seq 1
@@ -202,7 +210,7 @@ class DecodeSlots:
             ) from None
 
     # ---- predicates ----------------------------------------------------------------
-    def can_insert(self, seq_id, slot=None) -> bool:
+    def can_insert(self, seq_id: int, slot: int | None = None) -> bool:
         """Whether ``insert(seq_id, slot)`` would succeed now."""
         try:
             self._check_insert(seq_id, slot)
@@ -216,7 +224,7 @@ class DecodeSlots:
         return not ids or self.manager.can_append(ids, 1)
 
     # ---- actions -------------------------------------------------------------------
-    def insert(self, seq_id, slot=None) -> int:
+    def insert(self, seq_id: int, slot: int | None = None) -> int:
         """Bind admitted ``seq_id`` to ``slot`` (default: the lowest free slot); returns the slot.
 
         No keys or values move: the sequence keeps its page-table row. Raises
@@ -238,7 +246,7 @@ class DecodeSlots:
             raise SlotError(f"slot={slot} is empty; occupied slots: {[b for b, _ in self.occupied()]}")
         return slot, seq_id
 
-    def remove(self, slot) -> int:
+    def remove(self, slot: int) -> int:
         """Empty ``slot`` and return the sequence that was in it; its blocks stay held."""
         slot, seq_id = self._occupant(slot)
         self._seqs[slot] = None
@@ -246,7 +254,7 @@ class DecodeSlots:
         self.manager._unclaim(seq_id)
         return seq_id
 
-    def release(self, slot) -> int:
+    def release(self, slot: int) -> int:
         """Empty ``slot`` and release its sequence's blocks; returns the sequence id."""
         slot, seq_id = self._occupant(slot)
         if seq_id not in self.manager:
@@ -257,7 +265,7 @@ class DecodeSlots:
         self.manager.release(seq_id)
         return seq_id
 
-    def step_metadata(self, num_new_tokens=1) -> StepMetadata:
+    def step_metadata(self, num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Metadata for a step over all slots (row ``b`` = slot ``b``) whose last
         ``num_new_tokens`` tokens per occupied slot are already appended. Pure."""
         return slot_step_metadata(self.manager, self._seqs, num_new_tokens)
@@ -281,7 +289,8 @@ class DecodeSlots:
         ran (it retires copy-on-write copies and lets the prefix cache key what was written)."""
         self.manager.commit([s for s in self._seqs if s is not None])
 
-    def insert_prefill(self, cache, seq_id, keys, values, slot=None):
+    def insert_prefill(self, cache: PagedKVCache, seq_id: int, keys: LayerArrays, values: LayerArrays,
+                       slot: int | None = None) -> tuple[PagedKVCache, int]:
         """`paged_kv.insertion.insert_prefill` then `insert` into ``slot``; returns
         ``(new cache, slot)``. The slot is checked first: nothing changes on failure."""
         from paged_kv.insertion import insert_prefill

@@ -8,8 +8,8 @@ block.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 import weakref
+from collections.abc import Hashable, Iterable, Sequence
 from typing import NewType
 
 import numpy as np
@@ -171,6 +171,7 @@ class KVCacheManager:
 
     @property
     def pad_slot(self) -> int:
+        """The flat slot padding tokens write to: one past the first group's last slot (dropped)."""
         return self.groups[0].pad_slot
 
     # ---- queries -------------------------------------------------------------------
@@ -183,6 +184,7 @@ class KVCacheManager:
 
     @property
     def seq_ids(self) -> list[int]:
+        """Every admitted sequence, in admission order (a fresh list)."""
         return list(self._rows)
 
     @property
@@ -200,10 +202,11 @@ class KVCacheManager:
         """Device bytes of the blocks in use, all groups and layers."""
         return sum(g.pool.num_used * self.spec.group_bytes_per_block(i) for i, g in enumerate(self.groups))
 
-    def kv_len(self, seq_id) -> int:
+    def kv_len(self, seq_id: int) -> int:
+        """Tokens ``seq_id`` holds: its prompt and output so far."""
         return int(self.table.kv_lens[self._row(seq_id)])
 
-    def block_table(self, seq_id, group: int = 0) -> np.ndarray:
+    def block_table(self, seq_id: int, group: int = 0) -> np.ndarray:
         """The blocks ``seq_id`` holds in ``group``, in logical order (a copy)."""
         g = self._check_group(group)
         return self.groups[g].table.blocks_of(self._row(seq_id)).copy()
@@ -217,6 +220,7 @@ class KVCacheManager:
         return int(group)
 
     def num_tokens_stored(self) -> int:
+        """Tokens held by all admitted sequences together."""
         return int(self.table.kv_lens.sum())
 
     # ---- predicates ----------------------------------------------------------------
@@ -231,7 +235,7 @@ class KVCacheManager:
             and all(g.pool.can_allocate(blocks) for g in self.groups)
         )
 
-    def can_append(self, seq_ids: Sequence[int], num_tokens=1) -> bool:
+    def can_append(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray = 1) -> bool:
         """Whether ``append(seq_ids, num_tokens)`` would succeed now."""
         try:
             seq_ids = _id_list(seq_ids)
@@ -245,7 +249,7 @@ class KVCacheManager:
         return True
 
     # ---- actions -------------------------------------------------------------------
-    def admit(self, seq_id, num_tokens: int) -> np.ndarray:
+    def admit(self, seq_id: int, num_tokens: int) -> np.ndarray:
         """Register ``seq_id`` holding its first ``num_tokens`` tokens (the prompt).
 
         Returns the flat page slot of each of those tokens, in order, for the prefill
@@ -273,7 +277,7 @@ class KVCacheManager:
         self._rows[seq_id] = row
         return self._grow(np.array([row]), np.array([n]), self._plan(np.array([row]), np.array([n]), [seq_id]))
 
-    def append(self, seq_ids: Sequence[int], num_tokens=1) -> np.ndarray:
+    def append(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray = 1) -> np.ndarray:
         """Grow each sequence by ``num_tokens`` (an int, or one count per sequence).
 
         Allocates the blocks the batch needs in one call per group; a sliding group
@@ -286,7 +290,7 @@ class KVCacheManager:
         rows, counts = self._rows_and_counts(seq_ids, num_tokens)
         return self._grow(rows, counts, self._plan(rows, counts, seq_ids))
 
-    def release(self, seq_id) -> int:
+    def release(self, seq_id: int) -> int:
         """Forget ``seq_id`` and drop its hold on its blocks; returns how many no sequence holds now
         (free, or cached for reuse when the prefix cache keeps them). A sequence in a
         decode slot is released through its `DecodeSlots` (`SlotError` here)."""
@@ -330,7 +334,7 @@ class KVCacheManager:
         self._slotted.pop(seq_id, None)
 
     # ---- commit: the device has run a step ------------------------------------------------
-    def commit(self, seq_ids, num_tokens=None) -> None:
+    def commit(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray | None = None) -> None:
         """Tell the manager the step last described for ``seq_ids`` (by `step_metadata`
         or `DecodeSlots`) has run: their keys and values are in the pages.
 
@@ -408,7 +412,8 @@ class KVCacheManager:
         revived = sum(1 for b in hits if pool.ref_counts[b] == 0)
         return hold, self.spec.blocks_for(hold) - len(hits), pool.num_free - revived
 
-    def can_admit_prompt(self, token_ids, cache_key=None, chunk=None) -> bool:
+    def can_admit_prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
+                         chunk: int | None = None) -> bool:
         """Whether ``admit_prompt(new_id, token_ids, cache_key, chunk)`` would succeed now."""
         try:
             tokens, _, hits = self._prompt(token_ids, cache_key)
@@ -417,7 +422,8 @@ class KVCacheManager:
             return False
         return need <= free
 
-    def admit_prompt(self, seq_id, token_ids, cache_key=None, chunk=None) -> int:
+    def admit_prompt(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
+                     chunk: int | None = None) -> int:
         """Admit ``seq_id`` with prompt ``token_ids``, reusing the longest cached chain of
         full blocks with the same tokens (and the same ``cache_key``: an adapter name,
         a tenant salt). Returns how many leading tokens are cached; compute the rest:
@@ -455,7 +461,7 @@ class KVCacheManager:
         cache.blocks_reused += h
         return h * self.spec.block_size
 
-    def cache_tokens(self, seq_id, token_ids, cache_key=None) -> int:
+    def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None) -> int:
         """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
         later prompt that continues this conversation hits them after release (multi-
         turn chat). ``token_ids`` must be the sequence's tokens, ``kv_len`` of them.
@@ -487,7 +493,7 @@ class KVCacheManager:
         self._written.keyed[row] = stop
         return stored
 
-    def fork(self, parent, child) -> None:
+    def fork(self, parent: int, child: int) -> None:
         """Register ``child`` sharing every block ``parent`` holds (parallel sampling,
         beam search). No block is allocated or copied now: the first write into a
         shared, partially filled last block copies that block (see `append`), and a
@@ -524,7 +530,7 @@ class KVCacheManager:
                     g.pool.free(np.asarray(unpin, np.int32))
 
     # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
-    def swap_record(self, seq_id) -> SwapRecord:
+    def swap_record(self, seq_id: int) -> SwapRecord:
         """What `swap_out` would return, without releasing anything: the blocks to copy.
         `SlotError` while it is in a decode slot; `StateError` while a copy-on-write
         copy into one of its blocks has not been committed (the pages do not hold
@@ -544,7 +550,7 @@ class KVCacheManager:
             blocks=tuple(g.table.blocks_of(row).copy() for g in self.groups),
         )
 
-    def swap_out(self, seq_id) -> SwapRecord:
+    def swap_out(self, seq_id: int) -> SwapRecord:
         """Release ``seq_id`` and return the record `swap_in` needs to bring it back.
 
         Host bookkeeping only: copy the record's blocks off the device before anything
@@ -594,7 +600,7 @@ class KVCacheManager:
         return tuple(new)
 
     # ---- step metadata ----------------------------------------------------------------
-    def step_metadata(self, seq_ids: Sequence[int], num_new_tokens=1) -> StepMetadata:
+    def step_metadata(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Describe a forward pass over ``seq_ids`` whose last ``num_new_tokens`` tokens
         (already added by `admit`/`append`) are written this step.
 

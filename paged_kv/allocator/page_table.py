@@ -36,9 +36,11 @@ class PageTable:
 
     @property
     def capacity(self) -> int:
+        """Rows allocated so far (in use or free); doubles when rows run out."""
         return self.kv_lens.shape[0]
 
     def add_row(self) -> int:
+        """A free row, emptied, for a new sequence; grows the table if none is free."""
         if not self._free_rows:
             self._grow()
         row = self._free_rows.pop()
@@ -73,6 +75,7 @@ class PageTable:
         self._free_rows.extend(range(new - 1, old - 1, -1))
 
     def check_integrity(self, block_size: int) -> None:
+        """Raise AssertionError unless free and used rows, lengths and block counts agree."""
         rows = np.flatnonzero(self.in_use)
         if sorted(self._free_rows) != sorted(set(range(self.capacity)) - set(rows.tolist())):
             raise AssertionError("free rows and rows in use disagree")

@@ -43,6 +43,7 @@ class PrefixEvent:
 
 @attrs.frozen
 class PrefixStats:
+    """What the prefix cache has done: lookups, tokens looked up and hit, blocks reused / stored / evicted."""
     queries: int
     query_tokens: int
     hit_tokens: int
@@ -135,6 +136,7 @@ class PrefixCache:
 
     # ---- stats and events -----------------------------------------------------------------
     def stats(self) -> PrefixStats:
+        """Counters since the cache was made: queries, tokens hit, blocks reused, stored and evicted."""
         return PrefixStats(self.queries, self.query_tokens, self.hit_tokens, self.blocks_reused,
                            self.blocks_stored, self.blocks_evicted)
 
@@ -154,6 +156,7 @@ class PrefixCache:
             callback(event)
 
     def check_integrity(self, ref_counts: np.ndarray) -> None:
+        """Raise AssertionError unless the key maps agree and only unreferenced blocks are evictable."""
         for h, b in self.block_of.items():
             if self.hash_of[b] != h:
                 raise AssertionError(f"cached hash of block {b} disagrees with the hash map")

@@ -53,6 +53,7 @@ class StepSeries:
 
     @classmethod
     def from_rows(cls, rows: list[tuple], block_size: int, capacity_slots: int) -> "StepSeries":
+        """Columns from the scheduler's row tuples (in `COLUMNS` order)."""
         data = np.array(rows, dtype=np.float64).reshape(len(rows), len(COLUMNS))
         cols = {name: data[:, i] if name == "tokens_stored" else data[:, i].astype(np.int64)
                 for i, name in enumerate(COLUMNS)}
@@ -132,6 +133,7 @@ class StepSeries:
         }
 
     def as_lists(self) -> dict:
+        """Every column, derived ones included, as plain lists (for JSON)."""
         out = {name: col.tolist() for name, col in self.columns.items()}
         out.update({name: col.tolist() for name, col in self.derived().items()})
         return out

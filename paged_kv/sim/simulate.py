@@ -62,6 +62,7 @@ class SimReport(ReplayCounts):
 
     @classmethod
     def from_result(cls, backend: Backend, result: ScheduleResult, preemption: str = "recompute") -> "SimReport":
+        """The report of one `run_schedule` over ``backend``: its counts plus the profile's summary."""
         s = result.series.summary()
         bs = backend.block_size
         delays = result.queue_delay_steps

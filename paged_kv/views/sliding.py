@@ -25,7 +25,7 @@ class SlidingWindowCacheView(TransformerCacheView):
     """`TransformerCacheView` of a layer in ``spec.sliding_layers``."""
 
     @classmethod
-    def init(cls, spec: CacheSpec, layer_index: int = 0, device=None) -> "SlidingWindowCacheView":
+    def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "SlidingWindowCacheView":
         if layer_index not in spec.sliding_layers:
             raise SpecError(
                 f"layer {layer_index} is not in sliding_layers={spec.sliding_layers}; use TransformerCacheView"

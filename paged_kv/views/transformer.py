@@ -171,7 +171,7 @@ class TransformerCacheView(PagedLayerView):
     layer_index: int = 0
 
     @classmethod
-    def init(cls, spec: CacheSpec, layer_index: int = 0, device=None) -> "TransformerCacheView":
+    def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "TransformerCacheView":
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
         store = storage_dtype(spec)
         kshape, vshape = _page_shapes(spec, layer_index)

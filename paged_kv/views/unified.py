@@ -69,7 +69,7 @@ class UnifiedCacheView(PagedLayerView):
     layer_index: int = 0
 
     @classmethod
-    def init(cls, spec: CacheSpec, layer_index: int = 0, device=None) -> "UnifiedCacheView":
+    def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "UnifiedCacheView":
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
         return cls(zeros(unified_page_shape(spec, layer_index), storage_dtype(spec), device), spec, layer_index)
 

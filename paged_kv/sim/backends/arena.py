@@ -33,13 +33,16 @@ class FirstFitArena:
 
     @property
     def free(self) -> int:
+        """Free slots, in all runs together."""
         return self.capacity - self.used
 
     @property
     def largest_free_run(self) -> int:
+        """Slots of the longest free run: the biggest reservation possible now."""
         return int(self.lengths.max()) if self.lengths.size else 0
 
     def can_allocate(self, n: int) -> bool:
+        """Whether some free run holds ``n`` slots."""
         return bool(self.lengths.size) and bool((self.lengths >= n).any())
 
     def allocate(self, n: int) -> int:
@@ -78,6 +81,7 @@ class FirstFitArena:
         self.used -= n
 
     def check_integrity(self) -> None:
+        """Raise AssertionError unless runs are sorted, disjoint, merged and sum to `free`."""
         if self.starts.size:
             ends = self.starts + self.lengths
             if np.any(self.lengths <= 0) or np.any(ends[:-1] >= self.starts[1:]):
@@ -89,6 +93,7 @@ class FirstFitArena:
 
 
 class FirstFitBackend(Backend):
+    """Each sequence reserves exactly its final length in a first-fit arena (told every output length in advance)."""
     name = "contiguous-first-fit"
     reserves_ahead = True
 

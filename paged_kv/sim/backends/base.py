@@ -68,22 +68,27 @@ class Backend(abc.ABC):
         ``busy`` says whether other sequences are running."""
 
     @abc.abstractmethod
-    def admit(self, seq: int, tokens: int, final_tokens: int) -> None: ...
+    def admit(self, seq: int, tokens: int, final_tokens: int) -> None:
+        """Reserve memory for request ``seq`` holding ``tokens`` now (``final_tokens`` at its end)."""
 
     @abc.abstractmethod
-    def append(self, seqs: list[int], counts: np.ndarray) -> None: ...
+    def append(self, seqs: list[int], counts: np.ndarray) -> None:
+        """Grow each of ``seqs`` by its count, all or nothing; `OutOfBlocksError` when memory is short."""
 
     @abc.abstractmethod
-    def release(self, seq: int) -> None: ...
+    def release(self, seq: int) -> None:
+        """Free everything ``seq`` holds."""
 
     @abc.abstractmethod
-    def sample(self) -> Sample: ...
+    def sample(self) -> Sample:
+        """The memory state now, for the step's profile row."""
 
     def swap_out(self, seq: int) -> int:
         """Move ``seq``'s memory to the host and free it; return the bytes moved."""
         raise NotImplementedError(f"the {self.name} backend never preempts, so it has no swap")
 
     def can_swap_in(self, seq: int, busy: bool) -> bool:
+        """Whether `swap_in` would succeed now and leave enough headroom (``busy``: others run)."""
         raise NotImplementedError(f"the {self.name} backend never preempts, so it has no swap")
 
     def swap_in(self, seq: int) -> int:

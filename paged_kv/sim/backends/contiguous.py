@@ -16,6 +16,7 @@ from paged_kv.spec import CacheSpec
 
 
 class ContiguousMaxLenBackend(Backend):
+    """One ``max_seq_len`` buffer per running sequence, as the contiguous caches paged_kv replaces reserve."""
     name = "contiguous-max-len"
     reserves_ahead = True
 

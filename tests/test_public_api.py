@@ -1,0 +1,69 @@
+"""The public API documents itself: every public name and member has a docstring,
+public parameters are annotated, the package ships ``py.typed``, and
+``help(paged_kv)`` leads to the simulator."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+import paged_kv
+import paged_kv.sim
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = (paged_kv, paged_kv.sim)
+
+
+def public_members():
+    """``(qualified name, function or class, owner class or None)`` of every public
+    name in the modules' ``__all__`` and the public methods/properties of classes."""
+    seen = set()
+    for module in MODULES:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if id(obj) in seen or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            seen.add(id(obj))
+            yield f"{module.__name__}.{name}", obj, None
+            if inspect.isclass(obj):
+                for attr, value in vars(obj).items():
+                    if attr.startswith("_"):
+                        continue
+                    func = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                    if inspect.isfunction(func):
+                        yield f"{module.__name__}.{name}.{attr}", func, obj
+
+
+def test_every_public_member_has_a_docstring():
+    missing = []
+    for qualname, obj, owner in public_members():
+        # A method documented on the base class it overrides is documented.
+        doc = inspect.getdoc(getattr(owner, qualname.rsplit(".", 1)[1])) if owner else obj.__doc__
+        if not (doc or "").strip():
+            missing.append(qualname)
+    assert not missing, f"public members without a docstring: {missing}"
+
+
+def test_public_parameters_are_annotated():
+    missing = []
+    for qualname, obj, _ in public_members():
+        if not inspect.isfunction(obj):
+            continue
+        for p in inspect.signature(obj).parameters.values():
+            if p.name not in ("self", "cls") and p.kind is not p.VAR_KEYWORD and p.annotation is p.empty:
+                missing.append(f"{qualname}({p.name})")
+    assert not missing, f"public parameters without a type annotation: {missing}"
+
+
+def test_package_is_marked_typed():
+    assert (ROOT / "paged_kv" / "py.typed").is_file()
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["paged_kv"]
+
+
+def test_help_leads_to_the_simulator():
+    assert "paged_kv.sim" in paged_kv.__doc__ and "paged-kv simulate" in paged_kv.__doc__
+    assert paged_kv.sim.__doc__ and "simulate" in paged_kv.sim.__all__
