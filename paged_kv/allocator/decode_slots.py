@@ -247,7 +247,11 @@ class DecodeSlots:
         return slot, seq_id
 
     def remove(self, slot: int) -> int:
-        """Empty ``slot`` and return the sequence that was in it; its blocks stay held."""
+        """Empty ``slot`` and return the sequence that was in it.
+
+        Only the slot changes: the sequence stays admitted with its blocks and its
+        length, so it can be inserted again, swapped out or released with
+        `KVCacheManager.release`. To finish a sequence, use `release` instead."""
         slot, seq_id = self._occupant(slot)
         self._seqs[slot] = None
         del self._slot_of[seq_id]
@@ -255,7 +259,8 @@ class DecodeSlots:
         return seq_id
 
     def release(self, slot: int) -> int:
-        """Empty ``slot`` and release its sequence's blocks; returns the sequence id."""
+        """Empty ``slot`` and release its sequence: `remove` then `KVCacheManager.release`,
+        which forgets the sequence and frees its blocks. Returns the sequence id."""
         slot, seq_id = self._occupant(slot)
         if seq_id not in self.manager:
             raise UnknownSequenceError(
