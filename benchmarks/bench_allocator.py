@@ -61,8 +61,10 @@ import numpy as np
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.page_table import PageTable
-from paged_kv.cli import MODEL
+from paged_kv.sim.models import DEFAULT_MODEL, MODELS
 from paged_kv.spec import CacheSpec
+
+MODEL = MODELS[DEFAULT_MODEL].spec_fields()  # the shape `paged-kv simulate` assumes by default
 
 N_SEQS = 256
 EPISODE = 128  # steps between rebuilds; a multiple of every block size swept
