@@ -50,7 +50,7 @@ def test_insert_remove_release_semantics():
     ids = slots.seq_ids  # a property, like KVCacheManager.seq_ids, and a fresh list
     ids[1] = 99
     assert slots.seq_ids == [10, None, 11, None]
-    with pytest.warns(DeprecationWarning, match="property"):
+    with pytest.warns(DeprecationWarning, match=r"not slots\.seq_ids\(\)"):
         assert slots.seq_ids() == [10, None, 11, None]  # the old method form still answers
     assert np.array_equal(m.block_table(11), blocks)  # binding a slot touches no table
     slots.check_integrity()

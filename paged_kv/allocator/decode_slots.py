@@ -133,7 +133,7 @@ class _SlotSeqIds(list):
     """`DecodeSlots.seq_ids`: a plain list that can also be called, as the method it was."""
 
     def __call__(self) -> list[int | None]:
-        warnings.warn("DecodeSlots.seq_ids is a property now; write slots.seq_ids, not slots.seq_ids",
+        warnings.warn("DecodeSlots.seq_ids is a property now; write slots.seq_ids, not slots.seq_ids()",
                       DeprecationWarning, stacklevel=2)
         return list(self)
 
