@@ -153,7 +153,7 @@ def test_write_check_leaves_nothing_behind(tmp_path):
 
 
 def test_progress_log_prints_plain_lines(monkeypatch):
-    clock = iter([0.0, 5.0, 11.0, 12.0, 25.0, 26.0])
+    clock = iter([0.0, 5.0, 11.0, 12.0, 25.0, 25.5, 26.0])
     monkeypatch.setattr("paged_kv.sim.progress.time.perf_counter", lambda: next(clock))
     out = io.StringIO()
     log = ProgressLog("paged", stream=out, every_s=10.0)  # started at 0
@@ -161,12 +161,23 @@ def test_progress_log_prints_plain_lines(monkeypatch):
     log(40, 100)  # 11 s: a line
     log(50, 100)  # 12 s: quiet
     log(90, 100)  # 25 s: a line
+    log(100, 100)  # 25.5 s: quiet
     log.close()  # 26 s: the final count
     assert out.getvalue().splitlines() == [
         "paged: 40/100 requests (40%), 11.0 s",
         "paged: 90/100 requests (90%), 25.0 s",
-        "paged: 90/100 requests (90%), 26.0 s",
+        "paged: 100/100 requests (100%), 26.0 s",
     ]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr("paged_kv.cli.PROGRESS_LOG_S", 0.0)  # a line at every progress call
+    assert main(["simulate", "--limit", "60", "--compare", "--json"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    for backend in ("paged", "contiguous-max-len", "contiguous-first-fit"):
+        mine = [line for line in lines if line.startswith(f"paged-kv simulate: {backend}: ")]
+        assert mine and mine[-1].startswith(f"paged-kv simulate: {backend}: 60/60 requests (100%)")
+    assert not any("\r" in line for line in lines)  # plain lines, no redrawn bar
 
 
 def test_short_replay_with_stderr_not_a_terminal_prints_no_progress(capsys):

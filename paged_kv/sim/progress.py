@@ -44,31 +44,34 @@ class ProgressBar:
 
 class ProgressLog:
     """``log(done, total)`` writes ``label: 8,131/19,366 requests (42%), 10.0 s`` at most
-    once every ``every_s`` seconds, one line at a time, plus a last line at the end."""
+    once every ``every_s`` seconds, one line at a time; `close` adds the final count
+    if a line was written and the count moved on since (a short replay stays quiet)."""
 
     def __init__(self, label: str, stream: TextIO | None = None, every_s: float = 10.0):
         self.label = label
         self.stream = sys.stderr if stream is None else stream
         self.every_s = every_s
         self.started = self._last = time.perf_counter()
-        self._final: tuple[int, int] | None = None
+        self._latest: tuple[int, int] | None = None
+        self._written: tuple[int, int] | None = None
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
-        self._final = (done, total)
+        self._latest = (done, total)
         if now - self._last >= self.every_s:
             self._last = now
             self._write(done, total, now)
 
     def close(self) -> None:
-        """Write the final count, if the replay ran long enough to print anything."""
-        if self._final is not None and self._last > self.started:
-            self._write(*self._final, time.perf_counter())
+        """Write the final count, if lines were written and it is not the last one shown."""
+        if self._written is not None and self._latest != self._written:
+            self._write(*self._latest, time.perf_counter())
 
     def _write(self, done: int, total: int, now: float) -> None:
         frac = done / total if total else 1.0
         self.stream.write(f"{self.label}: {done:,}/{total:,} requests ({frac:.0%}), {now - self.started:.1f} s\n")
         self.stream.flush()
+        self._written = (done, total)
 
 
 __all__ = ["ProgressBar", "ProgressLog"]
