@@ -2,7 +2,7 @@
 
 Every ```python block runs, in order, in one fresh interpreter (one namespace, so a
 block may use what an earlier one defined; its own process, so JAX starts clean), in
-a scratch folder. Every ```bash block is checked command by command without
+a scratch folder; a failure's traceback names the README line. Every ```bash block is checked command by command without
 installing anything: ``pip install`` names only extras pyproject.toml defines, the
 ``paged-kv`` / ``python -m paged_kv`` arguments parse, ``python -m pytest`` selects
 only registered markers, and scripts it runs exist. CI (``.ci/run``) must run the
@@ -11,6 +11,7 @@ README's test command verbatim.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -41,16 +42,24 @@ def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
+# Runs the blocks in one namespace; each is compiled as README.md with its real line
+# numbers, so a traceback points at the README line that failed.
+RUNNER = """
+import json, sys
+namespace = {"__name__": "__main__"}
+for line, code in json.load(open(sys.argv[1])):
+    exec(compile("\\n" * (line - 1) + code, "README.md", "exec"), namespace)
+"""
+
+
 def test_python_blocks_run_as_written(tmp_path):
     blocks = code_blocks("python")
     assert len(blocks) >= 5, "README.md lost its python examples"
-    script = "\n".join(f"# ---- README.md line {line} ----\n{code}" for line, code in blocks)
-    (tmp_path / "readme_blocks.py").write_text(script, encoding="utf-8")
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks), encoding="utf-8")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "readme_blocks.py"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-c", RUNNER, "blocks.json"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
-    # The script's comments name the README line each block starts at.
     assert result.returncode == 0, f"README python blocks failed:\n{result.stderr[-6000:]}"
 
 
