@@ -103,10 +103,16 @@ def _add_simulate_parser(commands) -> None:
     shape = sim.add_argument_group("model shape (sizes the pool in bytes)")
     shape.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                        help=f"a preset KV shape: {', '.join(MODELS)}")
-    shape.add_argument("--num-layers", type=_positive_int, help="override the preset's layer count")
-    shape.add_argument("--num-kv-heads", type=_positive_int, help="override the preset's KV heads")
-    shape.add_argument("--head-dim", type=_positive_int, help="override the preset's head dimension")
-    shape.add_argument("--kv-dtype", choices=KV_DTYPES, help="override the preset's KV dtype (bfloat16)")
+    # SUPPRESS: an override left out is absent from the namespace (and from the
+    # "(default: ...)" help text), so the preset's value stands.
+    shape.add_argument("--num-layers", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+                       help="override the preset's layer count")
+    shape.add_argument("--num-kv-heads", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+                       help="override the preset's KV heads")
+    shape.add_argument("--head-dim", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+                       help="override the preset's head dimension")
+    shape.add_argument("--kv-dtype", choices=KV_DTYPES, default=argparse.SUPPRESS,
+                       help="override the preset's KV dtype (every preset is bfloat16)")
     pool = sim.add_argument_group("KV pool")
     pool.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
     pool.add_argument("--num-blocks", type=_positive_int, default=DEFAULT_NUM_BLOCKS,
@@ -243,8 +249,7 @@ def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: 
     print(source)
     print(f"Requests: {len(trace):,}   max_seq_len: {spec.max_seq_len:,}   max batch: {args.max_batch}   "
           f"token budget: {args.token_budget:,}   arrivals: {args.arrivals}")
-    overridden = any(getattr(args, k) is not None for k in ("num_layers", "num_kv_heads", "head_dim", "kv_dtype"))
-    print(f"Model shape: {args.model}{' with overrides' if overridden else ''} ({spec.num_layers} layers, "
+    print(f"Model shape: {args.model}{' with overrides' if _overrides(args) else ''} ({spec.num_layers} layers, "
           f"{spec.key_heads} KV heads x {spec.key_dim}, {spec.dtype}; only sizes the pool)")
     print(f"KV pool: {spec.describe()} ({spec.pool_bytes / 2**30:.2f} GiB, "
           f"{spec.usable_blocks * spec.block_size:,} token slots)")
@@ -286,11 +291,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """The model-shape fields given on the command line, by `ModelShape` field name."""
+    flags = {"num_layers": "num_layers", "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "kv_dtype": "dtype"}
+    return {field: getattr(args, flag) for flag, field in flags.items() if hasattr(args, flag)}
+
+
 def _spec(args: argparse.Namespace) -> CacheSpec:
     """The pool the arguments describe; `SpecError` in terms of their flags when it is
     inconsistent or implausibly large (a likely typo, e.g. ``--block-size 100000``)."""
-    shape = model_shape(args.model, num_layers=args.num_layers, num_kv_heads=args.num_kv_heads,
-                        head_dim=args.head_dim, dtype=args.kv_dtype)
+    shape = model_shape(args.model, **_overrides(args))
     bs, max_len = args.block_size, args.max_seq_len
     if bs > max_len:
         raise SpecError(f"--block-size {bs} exceeds --max-seq-len {max_len}: every sequence would hold one "
