@@ -26,9 +26,6 @@ from paged_kv.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; the checks below need pyproject.toml parsed
-
-
 def code_blocks(lang: str) -> list[tuple[int, str]]:
     """``(first line number, text)`` of every fenced block of ``lang`` in README.md."""
     text = README.read_text(encoding="utf-8")
@@ -39,6 +36,7 @@ def code_blocks(lang: str) -> list[tuple[int, str]]:
 
 
 def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 

@@ -1,5 +1,20 @@
 """Trace replay: request traces, a continuous-batching scheduler over the paged
-manager or a contiguous baseline, and the fragmentation profile of each run."""
+manager or a contiguous baseline, and the fragmentation profile of each run.
+
+No model runs and no device memory is allocated: a `CacheSpec` only says how many
+bytes a block stands for. ``paged-kv simulate`` is the command-line front end.
+
+    from paged_kv import CacheSpec, sim
+
+    trace = sim.load_trace().head(300)              # or sim.synthetic_trace(n, seed=0)
+    spec = CacheSpec.for_memory(2 * 2**30, block_size=16, max_blocks_per_seq=1024,
+                                num_layers=32, num_kv_heads=8, head_dim=128)
+    report = sim.simulate(trace, spec, config=sim.SchedulerConfig(max_batch=64))
+    print(sim.format_table(sim.compare(trace, spec)))  # paged vs contiguous caches
+
+`SimReport` holds the figures (``report.series`` the per-step profile, written by
+`write_series`); `paged_kv.sim.plot.plot_series` draws it (needs matplotlib).
+"""
 
 from paged_kv.sim.backends import (
     Backend,
