@@ -2,10 +2,9 @@
 
 This is the layout of the contiguous caches paged_kv replaces: a plain numpy KV
 cache (``[batch, heads, max_seq_len, dim]`` per layer) and EasyDeL's
-``TransformerCache`` (``[batch,
-sequence_length, heads, dim]``) both preallocate the full length for every slot, so
-at equal memory they run ``capacity // max_seq_len`` sequences however short those
-are. Both have the same memory arithmetic; this backend stands for both.
+``TransformerCache`` (``[batch, sequence_length, heads, dim]``) both preallocate
+the full length for every slot, so at equal memory they run
+``capacity // max_seq_len`` sequences however short those are. Both have the same memory arithmetic; this backend stands for both.
 """
 
 from __future__ import annotations
