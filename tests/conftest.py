@@ -7,8 +7,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Tests marked `slow`, by file and function (every parametrization): together about
 # nine tenths of the suite's time. Measured with `python -m pytest --durations=60` on
-# 2 shared CPU cores: the whole suite took 19 min of wall time, these ~18 min;
-# `-m "not slow"` runs the rest in 65 s of CPU (87 s of wall time). Kept in one list rather than as decorators so
+# 2 shared CPU cores: the whole suite took 462 s of CPU (15 to 19 min of wall time),
+# these ~85 % of it; `-m "not slow"` runs the rest in 64 s of CPU (93 s of wall time). Kept in one list rather than as decorators so
 # the selection and its reason sit in one place; a name that no longer matches a
 # test is an error, so the list cannot go stale silently.
 SLOW = {
