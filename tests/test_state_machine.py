@@ -476,7 +476,7 @@ def test_host_state_machine():
 
 
 def test_prefix_state_machine():
-    steps = _run(PrefixHostMachine, examples=250, step_count=100)
+    steps = _run(PrefixHostMachine, examples=280, step_count=100)
     assert steps >= 20_000 * SOAK, steps
     test_prefix_state_machine.steps = steps
 
