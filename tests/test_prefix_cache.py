@@ -148,3 +148,23 @@ def test_sliding_layers_refuse_prefix_caching():
         pk.KVCacheManager(pk.CacheSpec(num_layers=2, num_blocks=8, block_size=4, max_blocks_per_seq=4,
                                        num_kv_heads=1, head_dim=2, dtype="float32", sliding_window=4,
                                        sliding_layers=(1,), sliding_num_blocks=4), prefix_cache=True)
+
+
+def test_a_sliding_only_model_never_caches_the_null_block():
+    """One group with a window (Mistral): blocks the window returned are null entries;
+    caching the conversation afterwards keys only blocks still held."""
+    m = pk.KVCacheManager(pk.CacheSpec(num_layers=1, num_blocks=16, block_size=4, max_blocks_per_seq=8,
+                                       num_kv_heads=1, head_dim=2, dtype="float32", sliding_window=4,
+                                       sliding_layers=(0,)), prefix_cache=True)
+    prompt = np.arange(8)
+    m.admit_prompt(0, prompt)
+    m.commit([0], 8)
+    m.append([0], 12)  # the window has moved on: the first blocks went back to the pool
+    m.commit([0], 20)
+    assert m.block_table(0).size < 5
+    m.cache_tokens(0, np.arange(20))
+    assert m.prefix_cache.hash_of[pk.NULL_BLOCK] == 0
+    m.release(0)
+    m.check_integrity()
+    assert m.admit_prompt(1, prompt) == 4  # the prompt's head block was keyed before it left the window
+    m.check_integrity()

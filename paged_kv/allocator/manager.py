@@ -487,7 +487,10 @@ class KVCacheManager:
             return 0
         cache, table, hashes = self.prefix_cache, self.table, self._written.hashes[row]
         stored = 0
-        for i in range(start, stop):
+        # A sliding window may already have returned the first blocks (their entries are
+        # the null block): those cannot be keyed now, and a chain missing its head is
+        # never matched, so the rest are keyed only for their own record.
+        for i in range(max(start, int(table.first_block[row])), stop):
             parent = hashes[i - 1] if i else NO_HASH
             stored += cache.store(int(table.block_tables[row, i]), hashes[i], parent)
         self._written.keyed[row] = stop

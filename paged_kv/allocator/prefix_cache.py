@@ -100,6 +100,8 @@ class PrefixCache:
     # ---- changes (the pool and the manager call these) ------------------------------------
     def store(self, block: int, block_hash: int, parent_hash: int) -> bool:
         """Key a freshly computed full block; False if that content is already cached."""
+        if block == 0:  # the null block (NULL_BLOCK) holds nobody's tokens: never a hit
+            raise AssertionError("the null block was offered to the prefix cache")
         if block_hash in self.block_of or self.hash_of[block] != NO_HASH:
             return False
         self.block_of[block_hash] = block
