@@ -136,11 +136,6 @@ def make(name: str, out_dir: pathlib.Path) -> dict:
     init_weights(model, spec["seed"])
     target = out_dir / name
     target.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
-    for extra in target.iterdir():
-        if extra.name not in ("config.json", "model.safetensors"):
-            extra.unlink()
-    model.float()
     arrays, worst = {}, 0.0
     for i, prompt in enumerate(spec["prompts"]):
         tokens, logits = greedy_with_cache(model, prompt)
@@ -148,6 +143,12 @@ def make(name: str, out_dir: pathlib.Path) -> dict:
         arrays[f"tokens_{i}"] = np.asarray(tokens, np.int32)
         arrays[f"logits_{i}"] = logits.astype(np.float32)
     np.savez_compressed(target / "reference.npz", **arrays)
+    # Only after the reference: .to() also casts the rotary inv_freq buffer, which
+    # would put bfloat16-rounded frequencies into a float32 reference.
+    model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
+    for extra in target.iterdir():
+        if extra.name not in ("config.json", "model.safetensors", "reference.npz"):
+            extra.unlink()
     if name == "llama":
         byte_tokenizer(target / "tokenizer.json")
     info = dict(
