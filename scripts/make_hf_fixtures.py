@@ -60,14 +60,14 @@ MODELS = {
                            rope_parameters=dict(rope_type="llama3", rope_theta=50000.0, factor=8.0,
                                                 low_freq_factor=1.0, high_freq_factor=4.0,
                                                 original_max_position_embeddings=64)),
-        prompts=prompts(1, (13, 15, 7, 21), shared=9),
+        prompts=prompts(1, (13, 15, 7, 21, 9, 11), shared=9),
         seed=11,
     ),
     "mistral": dict(
         cls=MistralForCausalLM,
         config=MistralConfig(**{k: v for k, v in SHAPE.items() if k != "attention_bias"}, tie_word_embeddings=False,
                              sliding_window=10, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
-        prompts=prompts(2, (13, 15, 7, 23), shared=9),
+        prompts=prompts(2, (13, 15, 7, 23, 11, 12), shared=9),
         seed=12,
     ),
 }
@@ -81,7 +81,11 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+                # Tied embeddings also unembed: at unit scale each token's own embedding
+                # would dominate the residual stream and greedy decoding would only
+                # repeat the last token.
+                scale = 0.1 if model.config.tie_word_embeddings else 1.0
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
             p.copy_(p.to(torch.bfloat16).float())

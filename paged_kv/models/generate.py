@@ -1,0 +1,343 @@
+"""Greedy generation for a batch of prompts with continuous batching over the paged cache.
+
+One loop, as a serving engine runs it:
+
+- admission: while a decode slot is free and the pool keeps one block of headroom
+  per running sequence, the next waiting request is admitted (`admit_prompt`, which
+  reuses the longest cached prefix of full blocks, or `admit`) and all requests
+  admitted in a step are prefilled in one batched forward pass;
+- decode: every running sequence is bound to a `DecodeSlots` slot, so one jitted
+  step of a fixed batch shape decodes them all; finished ones release their blocks
+  and their slot takes the next request mid-run;
+- preemption: when the running sequences cannot all grow by a token, the newest is
+  released (recompute: it goes back to the head of the queue with the tokens it
+  has, and its prefill later recomputes them, hitting whatever the prefix cache
+  still holds).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_kv.allocator.decode_slots import DecodeSlots
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.cache import PagedKVCache
+from paged_kv.errors import OutOfBlocksError, PagedKVError, SequenceTooLongError
+from paged_kv.models.llama import LlamaConfig, forward
+from paged_kv.spec import CacheSpec
+
+
+class GenerationError(PagedKVError, ValueError):
+    """A request the generator cannot serve: an empty prompt, a token id outside the
+    vocabulary, a non-positive ``max_new_tokens``, a duplicate request id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt (token ids) to extend by up to ``max_new_tokens`` greedy tokens."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    request_id: int | None = None  # default: the request's index
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one request produced. ``logits[p]``: float32 logits at position ``p`` as
+    first computed (recorded only with ``record_logits``); ``recomputed``: ``(p,
+    logits)`` for positions computed again after a preemption."""
+
+    request_id: int
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str  # "length" or "eos"
+    preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache, summed over admissions
+    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    recomputed: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counters and figures of one `Generator.generate` call."""
+
+    requests: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0  # tokens the prefill computed (recomputations included)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served instead
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0  # decode steps that did not compile
+    decode_tokens: int = 0  # tokens those steps produced
+    compilations: int = 0
+    kv_usage_sum: float = 0.0
+    kv_usage_peak: float = 0.0
+    joined_mid_run: int = 0  # requests admitted while others were decoding
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per wall-clock second, compilation included."""
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode steps that did not compile (the steady state)."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def kv_usage_mean(self) -> float:
+        """Mean over steps of the fraction of the pool's usable blocks in use."""
+        steps = self.prefill_steps + self.decode_steps
+        return self.kv_usage_sum / steps if steps else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.requests} requests, {self.generated_tokens} tokens generated in {self.seconds:.2f} s: "
+                f"{self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} tokens/s in decode steps "
+                f"after compilation); KV cache usage mean {self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
+                f"{self.prefill_steps} prefill / {self.decode_steps} decode steps, {self.compilations} compilations; "
+                f"prefill computed {self.prefill_tokens} tokens, prefix cache served {self.cached_tokens}; "
+                f"{self.preemptions} preemptions; {self.joined_mid_run} requests joined mid-run")
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+                   kv_usage_mean=self.kv_usage_mean)
+        return out
+
+
+@dataclasses.dataclass
+class _Seq:
+    """A request in flight: its tokens so far (prompt, then generated)."""
+
+    request_id: int
+    prompt: list[int]
+    max_new_tokens: int
+    tokens: list[int]
+    admitted_at: int = -1
+    completion: Completion | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+class Generator:
+    """Greedy continuous-batching generation of one model over one paged cache.
+
+    ``spec``: the cache (see `paged_kv.models.llama.cache_spec`); its
+    ``max_batch_slots`` is the decode batch. ``prefix_cache``: reuse cached prompt
+    blocks. ``record_logits``: keep every position's logits in the completions
+    (the prefill then computes logits for all its tokens, not only the last).
+    """
+
+    def __init__(self, cfg: LlamaConfig, params: dict, spec: CacheSpec, *, prefix_cache: bool = True,
+                 eos_token_id: int | None = None, record_logits: bool = False):
+        self.cfg, self.params, self.spec = cfg, params, spec
+        self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
+        self.slots = DecodeSlots(self.manager)
+        self.cache = PagedKVCache.init(spec)
+        self.eos_token_id = eos_token_id
+        self.record_logits = record_logits
+        self._traces = 0
+
+        def step(params, cache, tokens, metadata):
+            self._traces += 1  # runs only while tracing: counts compilations
+            return forward(cfg, params, cache, tokens, metadata, last_only=not record_logits)
+
+        self._step = jax.jit(step, donate_argnums=1)
+
+    # ---- requests --------------------------------------------------------------------
+    def _sequences(self, requests: Sequence[Request]) -> list[_Seq]:
+        seqs, seen = [], set()
+        for i, r in enumerate(requests):
+            rid = i if r.request_id is None else r.request_id
+            prompt = [int(t) for t in r.prompt]
+            if rid in seen:
+                raise GenerationError(f"request_id={rid} appears twice")
+            if not prompt or min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+                raise GenerationError(f"request {rid}: prompt must be 1+ token ids in [0, {self.cfg.vocab_size}); "
+                                      f"got {prompt[:8]}{'...' if len(prompt) > 8 else ''}")
+            if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+                raise GenerationError(f"request {rid}: max_new_tokens={r.max_new_tokens!r} must be an int >= 1")
+            self._check_fits(rid, len(prompt) + r.max_new_tokens)
+            seen.add(rid)
+            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt)))
+        return seqs
+
+    def _check_fits(self, rid: int, total: int) -> None:
+        """A request longer than a sequence or the pool could never finish: refuse it up front."""
+        if total > self.spec.max_seq_len:
+            raise SequenceTooLongError(f"request {rid}: prompt + max_new_tokens = {total} tokens > max_seq_len="
+                                       f"{self.spec.max_seq_len}; build the spec with a larger max_seq_len")
+        blocks = self.spec.blocks_for(total)
+        for g in self.spec.groups:
+            if blocks > g.num_blocks - 1:
+                raise OutOfBlocksError(blocks, g.num_blocks - 1, f"request {rid} alone ({total} tokens)")
+
+    # ---- the loop --------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request],
+                 progress: Callable[[int, int, GenerationStats], None] | None = None
+                 ) -> tuple[list[Completion], GenerationStats]:
+        """Run every request to completion; returns completions in request order and stats."""
+        seqs = self._sequences(requests)
+        self._by_id = {s.request_id: s for s in seqs}
+        self.stats = GenerationStats(requests=len(seqs))
+        waiting = collections.deque(seqs)
+        finished = 0
+        start, traces = time.perf_counter(), self._traces
+        while waiting or len(self.slots):
+            batch = self._admit(waiting)
+            if batch:
+                finished += self._prefill(batch)
+            elif not len(self.slots):
+                raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
+                                       f"request {waiting[0].request_id} with nothing running")
+            if len(self.slots):
+                self._make_room(waiting)
+                finished += self._decode()
+            if progress is not None:
+                self.stats.seconds = time.perf_counter() - start
+                progress(finished, len(seqs), self.stats)
+        self.stats.seconds = time.perf_counter() - start
+        self.stats.compilations = self._traces - traces
+        return [s.completion for s in seqs], self.stats
+
+    def _run(self, tokens: np.ndarray, metadata) -> np.ndarray:
+        logits, self.cache = self._step(self.params, self.cache, jnp.asarray(tokens), metadata.to_device())
+        logits = np.asarray(logits)  # waits for the step
+        used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
+        self.stats.kv_usage_sum += used
+        self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
+        return logits
+
+    def _admit(self, waiting: collections.deque) -> list[tuple[_Seq, int]]:
+        """Admit waiting requests in order while a slot is free and the pool keeps one
+        block of headroom per running sequence (so the next decode step fits)."""
+        batch: list[tuple[_Seq, int]] = []
+        free_slots = len(self.slots.free_slots())
+        while waiting and len(batch) < free_slots:
+            seq = waiting[0]
+            # Upper bound: prefix-cache hits only lower what the prompt takes from the pool.
+            need = self.spec.blocks_for(len(seq.tokens))
+            if self.manager.num_free_blocks < need + len(self.slots) + len(batch):
+                break
+            waiting.popleft()
+            if self.manager.prefix_cache is not None:
+                cached = self.manager.admit_prompt(seq.request_id, seq.tokens)
+            else:
+                self.manager.admit(seq.request_id, len(seq.tokens))
+                cached = 0
+            seq.admitted_at = self.stats.prefill_steps
+            batch.append((seq, cached))
+        return batch
+
+    def _prefill(self, batch: list[tuple[_Seq, int]]) -> int:
+        """One forward pass over the admitted prompts' uncached tokens; binds each to a
+        slot (or finishes it). Returns how many finished."""
+        ids = [s.request_id for s, _ in batch]
+        counts = [len(s.tokens) - cached for s, cached in batch]
+        meta = self.manager.step_metadata(ids, counts)
+        tokens = np.zeros((meta.batch_size, meta.query_len), np.int32)
+        for b, (s, cached) in enumerate(batch):
+            tokens[b, : counts[b]] = s.tokens[cached:]
+        self.stats.joined_mid_run += len(batch) if len(self.slots) else 0
+        logits = self._run(tokens, meta)
+        self.stats.prefill_steps += 1
+        done = 0
+        for b, (s, cached) in enumerate(batch):
+            self.stats.prefill_tokens += counts[b]
+            self.stats.cached_tokens += cached
+            self._completion(s).cached_tokens += cached
+            if self.record_logits:
+                self._record(s, range(cached, len(s.tokens)), logits[b, : counts[b]])
+                last = logits[b, counts[b] - 1]
+            else:
+                last = logits[b]
+            if self._emit(s, last):
+                self.manager.release(s.request_id)
+                done += 1
+            else:
+                self.slots.insert(s.request_id)
+        return done
+
+    def _decode(self) -> int:
+        """One decode step over every slot; releases finished sequences. Returns how many finished."""
+        meta = self.slots.decode_step()
+        occupied = self.slots.occupied()
+        tokens = np.zeros((self.slots.num_slots, 1), np.int32)
+        for b, rid in occupied:
+            tokens[b, 0] = self._by_id[rid].tokens[-1]
+        traces, t0 = self._traces, time.perf_counter()
+        logits = self._run(tokens, meta)
+        if self._traces == traces:
+            self.stats.decode_seconds += time.perf_counter() - t0
+            self.stats.decode_tokens += len(occupied)
+        self.stats.decode_steps += 1
+        done = 0
+        for b, rid in occupied:
+            s = self._by_id[rid]
+            if self.record_logits:
+                self._record(s, [len(s.tokens) - 1], logits[b])
+            if self._emit(s, logits[b, 0] if self.record_logits else logits[b]):
+                self.slots.release(b)
+                done += 1
+        return done
+
+    def _make_room(self, waiting: collections.deque) -> None:
+        """Preempt the newest running sequences until every other one can grow by a token."""
+        while len(self.slots) and not self.slots.can_decode():
+            slot, rid = max(self.slots.occupied(), key=lambda o: self._by_id[o[1]].admitted_at)
+            s = self._by_id[rid]
+            if self.manager.prefix_cache is not None and len(self.spec.groups) == 1 and not self.spec.sliding_layers:
+                # Key the blocks it computed so its recomputation hits them if they survive.
+                self.manager.cache_tokens(rid, s.tokens[: self.manager.kv_len(rid)])
+            self.slots.release(slot)
+            self._completion(s).preemptions += 1
+            self.stats.preemptions += 1
+            waiting.appendleft(s)
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    def _completion(self, s: _Seq) -> Completion:
+        if s.completion is None:
+            s.completion = Completion(s.request_id, s.prompt, [], finish_reason="")
+        return s.completion
+
+    def _record(self, s: _Seq, positions, logits: np.ndarray) -> None:
+        c = self._completion(s)
+        for p, row in zip(positions, np.atleast_2d(logits)):
+            if p in c.logits:
+                c.recomputed.append((p, row.copy()))
+            else:
+                c.logits[p] = row.copy()
+
+    def _emit(self, s: _Seq, logits: np.ndarray) -> bool:
+        """Append the greedy token; True when the sequence is finished."""
+        token = int(np.argmax(logits))
+        s.tokens.append(token)
+        self.stats.generated_tokens += 1
+        c = self._completion(s)
+        c.tokens = s.tokens[len(s.prompt):]
+        if self.eos_token_id is not None and token == self.eos_token_id:
+            c.finish_reason = "eos"
+        elif s.generated >= s.max_new_tokens:
+            c.finish_reason = "length"
+        return bool(c.finish_reason)
+
+
+def generate(cfg: LlamaConfig, params: dict, spec: CacheSpec, requests: Sequence[Request], **kw):
+    """``Generator(cfg, params, spec, **kw).generate(requests)``."""
+    progress = kw.pop("progress", None)
+    return Generator(cfg, params, spec, **kw).generate(requests, progress=progress)
+
+
+__all__ = ["Completion", "GenerationError", "GenerationStats", "Generator", "Request", "generate"]
