@@ -21,12 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("safetensors")
-
-import paged_kv as pk  # noqa: E402
-from paged_kv.models import llama  # noqa: E402
-from paged_kv.models.generate import Generator, Request  # noqa: E402
-from paged_kv.models.loader import load_model  # noqa: E402
+import paged_kv as pk
+from paged_kv.models import llama
+from paged_kv.models.generate import Generator, Request
+from paged_kv.models.loader import load_model
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 # Compile time dominates a 2-layer model's test on CPU; XLA's backend optimizations

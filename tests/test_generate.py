@@ -1,0 +1,100 @@
+"""The generator's request checks, EOS handling, and ``paged-kv generate`` end to end."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import paged_kv as pk
+from paged_kv.cli import main
+from paged_kv.models import llama
+from paged_kv.models.generate import GenerationError, Generator, Request
+from paged_kv.models.loader import load_model
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def reference_tokens(name: str, i: int) -> tuple[list[int], list[int]]:
+    prompt = json.loads((FIXTURES / name / "reference.json").read_text())["prompts"][i]
+    tokens = np.load(FIXTURES / name / "reference.npz")[f"tokens_{i}"].tolist()
+    return prompt, tokens[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(FIXTURES / "llama")
+
+
+def generator(model, **kw) -> Generator:
+    cfg, params = model
+    spec = llama.cache_spec(cfg, num_blocks=20, block_size=4, max_seq_len=40, max_batch_slots=2)
+    return Generator(cfg, params, spec, compiler_options=FAST_COMPILE, **kw)
+
+
+@pytest.mark.parametrize("request_,error,named", [
+    (Request([], 4), GenerationError, "prompt must be 1+ token ids"),
+    (Request([1, 256], 4), GenerationError, "in [0, 256)"),
+    (Request([1, -1], 4), GenerationError, "in [0, 256)"),
+    (Request([1, 2], 0), GenerationError, "max_new_tokens=0"),
+    (Request([1, 2], 4, arrival_step=-1), GenerationError, "arrival_step=-1"),
+    (Request([1] * 30, 11), pk.SequenceTooLongError, "41 tokens > max_seq_len=40"),
+])
+def test_bad_requests_raise_before_anything_runs(model, request_, error, named):
+    gen = generator(model)
+    before = gen.manager.snapshot()
+    with pytest.raises(error) as err:
+        gen.generate([Request([5, 6, 7], 2), request_])
+    assert named in str(err.value)
+    assert gen.manager.snapshot() == before and len(gen.manager) == 0
+
+
+def test_duplicate_ids_and_a_pool_too_small_for_one_request(model):
+    gen = generator(model)
+    with pytest.raises(GenerationError, match="request_id=3 appears twice"):
+        gen.generate([Request([1], 2, request_id=3), Request([2], 2, request_id=3)])
+    # A sliding pool smaller than one prompt: its prefill needs every prompt block at once.
+    cfg, params = load_model(FIXTURES / "mistral")
+    tiny = llama.cache_spec(cfg, num_blocks=11, sliding_num_blocks=5, block_size=4, max_seq_len=40, max_batch_slots=2)
+    with pytest.raises(pk.OutOfBlocksError, match=r"need 8 free blocks for request 0 alone \(30 tokens\)"):
+        Generator(cfg, params, tiny).generate([Request([1] * 22, 8)])
+    with pytest.raises(GenerationError, match="headroom=-1"):
+        generator(model, headroom=-1)
+
+
+def test_eos_ends_a_sequence_and_frees_its_blocks(model):
+    prompt, want = reference_tokens("llama", 2)
+    gen = generator(model, eos_token_id=want[3], prefix_cache=False)
+    (done,), stats = gen.generate([Request(prompt, 20)])
+    assert done.tokens == want[: want.index(want[3]) + 1] and done.finish_reason == "eos"
+    assert gen.manager.num_used_blocks == 0 and stats.generated_tokens == len(done.tokens)
+
+
+def test_cli_generate_on_a_fixture_gives_transformers_tokens(capsys):
+    prompts = [reference_tokens("mistral", i) for i in (0, 3)]
+    argv = ["generate", "--checkpoint", str(FIXTURES / "mistral"), "--max-new-tokens", "20", "--ignore-eos",
+            "--block-size", "4", "--max-batch", "2", "--json", "--progress", "off"]
+    for prompt, _ in prompts:
+        argv += ["--prompt-ids", ",".join(map(str, prompt))]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["tokens"] for c in out["completions"]] == [want for _, want in prompts]
+    stats = out["stats"]
+    assert stats["generated_tokens"] == 40 and stats["tokens_per_s"] > 0 and 0 < stats["kv_usage_peak"] <= 1
+
+
+def test_cli_text_prompts_and_errors(capsys, tmp_path):
+    assert main(["generate", "--checkpoint", str(FIXTURES / "llama"), "--prompt", "paged", "--prompt", "kv",
+                 "--max-new-tokens", "3", "--progress", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] 5 prompt tokens -> 3" in out and "[1] 2 prompt tokens -> " in out and "tokens/s" in out
+    assert main(["generate", "--checkpoint", str(FIXTURES / "mistral"), "--prompt", "x"]) == 2
+    assert "tokenizer.json; give --prompt-ids instead" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1"]) == 2
+    assert "config.json: not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,x"])
+    assert exit_.value.code == 2 and "not a list of integer token ids" in capsys.readouterr().err
