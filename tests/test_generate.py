@@ -67,10 +67,25 @@ def test_duplicate_ids_and_a_pool_too_small_for_one_request(model):
 
 def test_eos_ends_a_sequence_and_frees_its_blocks(model):
     prompt, want = reference_tokens("llama", 2)
-    gen = generator(model, eos_token_id=want[3], prefix_cache=False)
+    never = next(t for t in range(256) if t not in want)
+    gen = generator(model, eos_token_ids=[never, want[3]], prefix_cache=False)
     (done,), stats = gen.generate([Request(prompt, 20)])
     assert done.tokens == want[: want.index(want[3]) + 1] and done.finish_reason == "eos"
     assert gen.manager.num_used_blocks == 0 and stats.generated_tokens == len(done.tokens)
+
+
+def test_a_second_run_of_the_same_shapes_compiles_nothing(model):
+    """Step shapes depend on buckets, not on how many sequences run or which slots they hold."""
+    rng = np.random.default_rng(0)
+    lengths = [3, 9, 5, 14, 2]
+
+    def run(gen):
+        reqs = [Request(rng.integers(3, 256, n).tolist(), 6, arrival_step=i) for i, n in enumerate(lengths)]
+        return gen.generate(reqs)[1]
+
+    gen = generator(model, prefix_cache=False)
+    first = run(gen)
+    assert first.compilations >= 2 and run(gen).compilations == 0
 
 
 def test_cli_generate_on_a_fixture_gives_transformers_tokens(capsys):

@@ -151,6 +151,15 @@ def test_unreadable_directories(checkpoint, damage):
     assert isinstance(err.value, (pk.CheckpointError, ValueError))
 
 
+def test_eos_ids_from_generation_config(checkpoint):
+    assert load_config(checkpoint).eos_token_ids == (2,)
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert load_config(checkpoint).eos_token_ids == (7, 9)
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json: key 'eos_token_id' is 'x'"):
+        load_config(checkpoint)
+
+
 def test_bad_dtype_is_a_spec_error(checkpoint):
     cfg = load_config(checkpoint)
     with pytest.raises(pk.SpecError, match="dtype='float16'"):

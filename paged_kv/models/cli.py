@@ -119,7 +119,7 @@ def run(args) -> int:
         prompts, tokenizer = _prompts(args, directory)
         spec = _spec(args, cfg, prompts)
         generator = Generator(cfg, params, spec, prefix_cache=not args.no_prefix_cache,
-                              eos_token_id=None if args.ignore_eos else cfg.eos_token_id)
+                              eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids)
         show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         progress, bar = _progress(show)
         try:

@@ -142,8 +142,10 @@ class Generator:
 
     ``spec``: the cache (see `paged_kv.models.llama.cache_spec`); its
     ``max_batch_slots`` is the decode batch. ``prefix_cache``: reuse cached prompt
-    blocks. ``record_logits``: keep every position's logits in the completions
-    (the prefill then computes logits for all its tokens, not only the last).
+    blocks. ``eos_token_ids``: tokens that end a sequence (e.g. ``cfg.eos_token_ids``;
+    none by default: every request generates ``max_new_tokens``). ``record_logits``:
+    keep every position's logits in the completions (the prefill then computes
+    logits for all its tokens, not only the last).
     ``headroom``: blocks kept free per running sequence when admitting (a watermark:
     0 admits whenever the prompt fits and preempts more often).
     ``compiler_options``: XLA options for the step's compilation (e.g.
@@ -151,13 +153,13 @@ class Generator:
     """
 
     def __init__(self, cfg: LlamaConfig, params: dict, spec: CacheSpec, *, prefix_cache: bool = True,
-                 eos_token_id: int | None = None, record_logits: bool = False,
+                 eos_token_ids: Sequence[int] = (), record_logits: bool = False,
                  compiler_options: dict | None = None, headroom: int = 1):
         self.cfg, self.params, self.spec = cfg, params, spec
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
         self.slots = DecodeSlots(self.manager)
         self.cache = PagedKVCache.init(spec)
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
             raise GenerationError(f"headroom={headroom!r} must be an int >= 0 (blocks per running sequence)")
         self.headroom = headroom
@@ -349,7 +351,7 @@ class Generator:
         self.stats.generated_tokens += 1
         c = self._completion(s)
         c.tokens = s.tokens[len(s.prompt):]
-        if self.eos_token_id is not None and token == self.eos_token_id:
+        if token in self.eos_token_ids:
             c.finish_reason = "eos"
         elif s.generated >= s.max_new_tokens:
             c.finish_reason = "length"

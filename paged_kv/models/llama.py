@@ -57,7 +57,7 @@ class LlamaConfig:
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # any of them ends generation (Llama 3 lists several)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

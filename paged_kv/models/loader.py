@@ -106,16 +106,30 @@ def _check_supported(data: dict, path) -> None:
             raise ModelLoadError(f"{path}: {key}=true is not supported (Llama/Mistral projections have no bias)")
 
 
-def _token_id(data: dict, key: str) -> int | None:
+def _token_ids(data: dict, key: str, path) -> tuple[int, ...]:
+    """An id or a list of ids (Llama 3 lists several end-of-turn ids) as a tuple."""
     value = data.get(key)
-    if isinstance(value, list):  # Llama 3 lists several end-of-turn ids; the first ends generation
-        value = value[0] if value else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a token id or a list of them")
+    return tuple(values)
+
+
+def _eos_ids(directory: pathlib.Path, data: dict, path) -> tuple[int, ...]:
+    """End-of-sequence ids: generation_config.json's when it has them (chat models
+    list their end-of-turn ids there), else config.json's."""
+    gen_path = directory / "generation_config.json"
+    if gen_path.is_file():
+        ids = _token_ids(_read_json(gen_path), "eos_token_id", gen_path)
+        if ids:
+            return ids
+    return _token_ids(data, "eos_token_id", path)
 
 
 def load_config(checkpoint_dir) -> LlamaConfig:
     """`LlamaConfig` from ``checkpoint_dir/config.json``; `ModelLoadError` naming the key on a bad one."""
-    path = pathlib.Path(checkpoint_dir) / "config.json"
+    directory = pathlib.Path(checkpoint_dir)
+    path = directory / "config.json"
     data = _read_json(path)
     _check_supported(data, path)
     hidden = _field(data, "hidden_size", int, path, required=True)
@@ -135,8 +149,8 @@ def load_config(checkpoint_dir) -> LlamaConfig:
             rope_scaling=scaling,
             sliding_window=_field(data, "sliding_window", int, path) if data.get("use_sliding_window", True) else None,
             tie_word_embeddings=_field(data, "tie_word_embeddings", bool, path, False),
-            bos_token_id=_token_id(data, "bos_token_id"),
-            eos_token_id=_token_id(data, "eos_token_id"),
+            bos_token_id=(_token_ids(data, "bos_token_id", path) or (None,))[0],
+            eos_token_ids=_eos_ids(directory, data, path),
         )
     except SpecError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
