@@ -36,7 +36,9 @@ def generator(model, **kw) -> Generator:
 
 
 @pytest.mark.parametrize("request_,error,named", [
-    (Request([], 4), GenerationError, "prompt must be 1+ token ids"),
+    (Request([], 4), GenerationError, "prompt must be 1+ integer token ids"),
+    (Request([1, 2.5], 4), GenerationError, "prompt must be 1+ integer token ids"),
+    (Request([True], 4), GenerationError, "prompt must be 1+ integer token ids"),
     (Request([1, 256], 4), GenerationError, "in [0, 256)"),
     (Request([1, -1], 4), GenerationError, "in [0, 256)"),
     (Request([1, 2], 0), GenerationError, "max_new_tokens=0"),

@@ -177,12 +177,14 @@ class Generator:
         seqs, seen = [], set()
         for i, r in enumerate(requests):
             rid = i if r.request_id is None else r.request_id
-            prompt = [int(t) for t in r.prompt]
+            prompt = list(r.prompt)
             if rid in seen:
                 raise GenerationError(f"request_id={rid} appears twice")
-            if not prompt or min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
-                raise GenerationError(f"request {rid}: prompt must be 1+ token ids in [0, {self.cfg.vocab_size}); "
-                                      f"got {prompt[:8]}{'...' if len(prompt) > 8 else ''}")
+            ints = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
+            if not prompt or not ints or min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+                raise GenerationError(f"request {rid}: prompt must be 1+ integer token ids in [0, "
+                                      f"{self.cfg.vocab_size}); got {prompt[:8]}{'...' if len(prompt) > 8 else ''}")
+            prompt = [int(t) for t in prompt]
             for name in ("max_new_tokens", "arrival_step"):
                 value, low = getattr(r, name), 1 if name == "max_new_tokens" else 0
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:
