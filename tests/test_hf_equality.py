@@ -42,16 +42,17 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # std, RoPE's Llama-3 scaling dropped by 2.8x.
 TOL = 1e-4
 
-# Per model: the requests as (fixture prompt, arrival step, new tokens), prompt 1
-# sharing 9 tokens with prompt 0; a pool small enough that the running sequences
-# outgrow it (a preemption) after they have decoded (a real recomputation); the
-# generator's options. A decoding Mistral sequence holds only its window's 3-4
-# blocks, so there admission keeps no headroom and more sequences run at once.
+# Per model: the requests as (fixture prompt, arrival step, new tokens, prefilled
+# elsewhere and inserted), prompt 1 sharing 9 tokens with prompt 0; a pool small
+# enough that the running sequences outgrow it (a preemption) after they have
+# decoded (a real recomputation); the generator's options. A decoding Mistral
+# sequence holds only its window's 3-4 blocks, so there admission keeps no headroom
+# and more sequences run at once.
 SERVING = {
-    "llama": ([(0, 0, 20), (1, 3, 17), (2, 0, 20), (3, 5, 18), (4, 8, 19), (5, 12, 20)],
-              dict(num_blocks=16, max_batch_slots=3), dict(headroom=1)),
-    "mistral": ([(0, 0, 20), (1, 1, 17), (2, 0, 20), (3, 6, 18), (4, 2, 19), (5, 2, 20)],
-                dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4), dict(headroom=0)),
+    "llama": ([(0, 0, 20, False), (1, 3, 17, False), (2, 0, 20, True), (3, 5, 18, False), (4, 8, 19, True),
+               (5, 12, 20, False)], dict(num_blocks=16, max_batch_slots=3), dict(headroom=1)),
+    "mistral": ([(0, 0, 20, False), (1, 1, 17, False), (2, 0, 20, True), (3, 6, 18, False), (4, 2, 19, False),
+                 (5, 2, 20, True)], dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4), dict(headroom=0)),
 }
 
 
@@ -83,7 +84,8 @@ def served(request):
     spec = llama.cache_spec(cfg, block_size=4, max_seq_len=48, **pool)
     gen = Generator(cfg, params, spec, record_logits=True, compiler_options=FAST_COMPILE, **options)
     prompts = ref.info["prompts"]
-    requests = [Request(prompts[p], new, request_id=p, arrival_step=t) for p, t, new in schedule]
+    requests = [Request(prompts[p], new, request_id=p, arrival_step=t, prefill_elsewhere=e)
+                for p, t, new, e in schedule]
     completions, stats = gen.generate(requests)
     gen.manager.check_integrity()
     assert gen.manager.num_used_blocks == 0 or gen.manager.prefix_cache is not None
@@ -93,6 +95,7 @@ def served(request):
 def test_schedule_covers_batching_prefix_hits_and_preemption(served):
     name, completions, stats, _ = served
     assert stats.joined_mid_run >= 2, stats.summary()
+    assert stats.inserted_prefills >= 2, stats.summary()
     assert stats.cached_tokens >= 8, stats.summary()  # request 1 reuses request 0's first two blocks
     assert stats.preemptions >= 1, stats.summary()
     assert any(c.recomputed for c in completions), "no position computed before a preemption was recomputed"
@@ -102,7 +105,7 @@ def test_schedule_covers_batching_prefix_hits_and_preemption(served):
 def test_every_logit_and_token_equals_transformers(served):
     name, completions, stats, ref = served
     worst = 0.0
-    for (p, _, new), c in zip(SERVING[name][0], completions):
+    for (p, _, new, _), c in zip(SERVING[name][0], completions):
         want_tokens = ref.tokens[p][len(ref.info["prompts"][p]):][:new]
         assert c.tokens == want_tokens, f"{name} request {p}: greedy tokens differ from transformers'"
         rows = list(c.logits.items()) + c.recomputed

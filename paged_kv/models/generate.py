@@ -31,7 +31,8 @@ from paged_kv.allocator.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import OutOfBlocksError, PagedKVError, SequenceTooLongError
-from paged_kv.models.llama import LlamaConfig, forward
+from paged_kv.metadata import bucket
+from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
 from paged_kv.spec import CacheSpec
 
 
@@ -46,12 +47,16 @@ class Request:
 
     ``arrival_step``: the loop iteration before which the request is not admitted
     (requests joining a running batch); requests are served first come, first served.
+    ``prefill_elsewhere``: prefill the prompt outside the paged cache (a contiguous
+    forward, as a separate prefill worker would) and insert its keys and values into
+    fresh blocks (`DecodeSlots.insert_prefill`); it takes no prefix-cache hit.
     """
 
     prompt: Sequence[int]
     max_new_tokens: int
     request_id: int | None = None  # default: the request's index
     arrival_step: int = 0
+    prefill_elsewhere: bool = False
 
 
 @dataclasses.dataclass
@@ -78,7 +83,8 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_tokens: int = 0  # tokens the prefill computed (recomputations included)
     cached_tokens: int = 0  # prompt tokens the prefix cache served instead
-    prefill_steps: int = 0
+    prefill_steps: int = 0  # paged prefill steps and contiguous prefills inserted
+    inserted_prefills: int = 0  # prompts prefilled elsewhere and inserted into blocks
     decode_steps: int = 0
     preemptions: int = 0
     seconds: float = 0.0
@@ -110,7 +116,8 @@ class GenerationStats:
                 f"{self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} tokens/s in decode steps "
                 f"after compilation); KV cache usage mean {self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
                 f"{self.prefill_steps} prefill / {self.decode_steps} decode steps, {self.compilations} compilations; "
-                f"prefill computed {self.prefill_tokens} tokens, prefix cache served {self.cached_tokens}; "
+                f"prefill computed {self.prefill_tokens} tokens ({self.inserted_prefills} prompts prefilled "
+                f"elsewhere and inserted), prefix cache served {self.cached_tokens}; "
                 f"{self.preemptions} preemptions; {self.joined_mid_run} requests joined mid-run")
 
     def as_dict(self) -> dict:
@@ -129,6 +136,7 @@ class _Seq:
     max_new_tokens: int
     tokens: list[int]
     arrival_step: int = 0
+    elsewhere: bool = False
     admitted_at: int = -1
     completion: Completion | None = None
 
@@ -172,6 +180,12 @@ class Generator:
 
         self._step = jax.jit(step, donate_argnums=1, compiler_options=compiler_options)
 
+        def contiguous(params, tokens):
+            self._traces += 1
+            return forward_contiguous(cfg, params, tokens)
+
+        self._contiguous = jax.jit(contiguous, compiler_options=compiler_options)
+
     # ---- requests --------------------------------------------------------------------
     def _sequences(self, requests: Sequence[Request]) -> list[_Seq]:
         seqs, seen = [], set()
@@ -191,7 +205,7 @@ class Generator:
                     raise GenerationError(f"request {rid}: {name}={value!r} must be an int >= {low}")
             self._check_fits(rid, len(prompt) + r.max_new_tokens)
             seen.add(rid)
-            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step))
+            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere)))
         return seqs
 
     def _check_fits(self, rid: int, total: int) -> None:
@@ -219,10 +233,12 @@ class Generator:
         while waiting or len(self.slots):
             if not len(self.slots) and waiting:
                 self._clock = max(self._clock, waiting[0].arrival_step)  # idle: skip to the next arrival
-            batch = self._admit(waiting)
+            batch, elsewhere = self._admit(waiting)
+            for seq in elsewhere:
+                finished += self._insert(seq)
             if batch:
                 finished += self._prefill(batch)
-            elif not len(self.slots):
+            elif not elsewhere and not len(self.slots):
                 raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
                                        f"request {waiting[0].request_id} with nothing running")
             if len(self.slots):
@@ -244,26 +260,33 @@ class Generator:
         self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
         return logits
 
-    def _admit(self, waiting: collections.deque) -> list[tuple[_Seq, int]]:
+    def _admit(self, waiting: collections.deque) -> tuple[list[tuple[_Seq, int]], list[_Seq]]:
         """Admit arrived requests in order while a slot is free and the pool keeps
-        `headroom` blocks per running sequence (one: the next decode step fits)."""
+        `headroom` blocks per running sequence (one: the next decode step fits).
+        Returns the prompts admitted for a paged prefill (with their cached token
+        counts) and those to prefill elsewhere (admitted when inserted)."""
         batch: list[tuple[_Seq, int]] = []
+        elsewhere: list[_Seq] = []
+        reserved = 0  # blocks the prompts to insert will take
         free_slots = len(self.slots.free_slots())
-        while waiting and len(batch) < free_slots and waiting[0].arrival_step <= self._clock:
+        while waiting and len(batch) + len(elsewhere) < free_slots and waiting[0].arrival_step <= self._clock:
             seq = waiting[0]
             # Upper bound: prefix-cache hits only lower what the prompt takes from the pool.
             need = self.spec.blocks_for(len(seq.tokens))
-            if self.manager.num_free_blocks < need + self.headroom * (len(self.slots) + len(batch)):
+            running = len(self.slots) + len(batch) + len(elsewhere)
+            if self.manager.num_free_blocks - reserved < need + self.headroom * running:
                 break
             waiting.popleft()
-            if self.manager.prefix_cache is not None:
-                cached = self.manager.admit_prompt(seq.request_id, seq.tokens)
+            seq.admitted_at = self.stats.prefill_steps
+            if seq.elsewhere:
+                elsewhere.append(seq)
+                reserved += need
+            elif self.manager.prefix_cache is not None:
+                batch.append((seq, self.manager.admit_prompt(seq.request_id, seq.tokens)))
             else:
                 self.manager.admit(seq.request_id, len(seq.tokens))
-                cached = 0
-            seq.admitted_at = self.stats.prefill_steps
-            batch.append((seq, cached))
-        return batch
+                batch.append((seq, 0))
+        return batch, elsewhere
 
     def _prefill(self, batch: list[tuple[_Seq, int]]) -> int:
         """One forward pass over the admitted prompts' uncached tokens; binds each to a
@@ -294,6 +317,27 @@ class Generator:
             else:
                 self.slots.insert(s.request_id)
         return done
+
+    def _insert(self, s: _Seq) -> int:
+        """Prefill ``s`` with no cache, write its keys and values into fresh blocks and
+        bind it to a slot (or finish it). Returns 1 if it finished."""
+        n = len(s.tokens)
+        tokens = np.zeros((1, bucket(n, self.spec.max_seq_len)), np.int32)
+        tokens[0, :n] = s.tokens
+        logits, keys, values = self._contiguous(self.params, jnp.asarray(tokens))
+        self.stats.joined_mid_run += 1 if len(self.slots) else 0
+        self.cache, slot = self.slots.insert_prefill(self.cache, s.request_id, [k[0, :n] for k in keys],
+                                                     [v[0, :n] for v in values])
+        logits = np.asarray(logits)[0, :n]
+        self.stats.prefill_steps += 1
+        self.stats.inserted_prefills += 1
+        self.stats.prefill_tokens += n
+        if self.record_logits:
+            self._record(s, range(n), logits)
+        if self._emit(s, logits[-1]):
+            self.slots.release(slot)
+            return 1
+        return 0
 
     def _decode(self) -> int:
         """One decode step over every slot; releases finished sequences. Returns how many finished."""

@@ -136,17 +136,25 @@ def attention(view, q: jax.Array, k: jax.Array, v: jax.Array, metadata: StepMeta
     return dense_attention(q, keys, values, mask.dense(keys.shape[1])), view
 
 
-def _layer(cfg: LlamaConfig, layer: dict, view, x, cos, sin, metadata):
+def _layer(cfg: LlamaConfig, layer: dict, x, cos, sin, attend):
+    """One decoder layer; ``attend(q, k, v) -> (out, aux)`` does the attention (through
+    the cache, or over the step's own keys); returns the new residual stream and ``aux``."""
     b, t, _ = x.shape
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
     q = (h @ layer["wq"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = (h @ layer["wk"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = (h @ layer["wv"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    out, view = attention(view, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, metadata)
+    out, aux = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     x = x + out.reshape(b, t, -1) @ layer["wo"]
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
     x = x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
-    return x, view
+    return x, aux
+
+
+def _logits(cfg: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
+    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return (x @ head).astype(jnp.float32)
 
 
 def forward(cfg: LlamaConfig, params: dict, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
@@ -161,14 +169,34 @@ def forward(cfg: LlamaConfig, params: dict, cache: PagedKVCache, tokens: jax.Arr
     cos, sin = rope_tables(metadata.positions, rope_inv_freq(cfg))
     views = []
     for i, layer in enumerate(params["layers"]):
-        x, view = _layer(cfg, layer, cache[i], x, cos, sin, metadata)
+        x, view = _layer(cfg, layer, x, cos, sin, lambda q, k, v, view=cache[i]: attention(view, q, k, v, metadata))
         views.append(view)
     if last_only:
         last = jnp.maximum(metadata.query_lens - 1, 0)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return (x @ head).astype(jnp.float32), PagedKVCache(tuple(views))
+    return _logits(cfg, params, x), PagedKVCache(tuple(views))
+
+
+def forward_contiguous(cfg: LlamaConfig, params: dict, tokens: jax.Array):
+    """A prefill with no cache: ``tokens [B, T]`` (padding after each prompt is harmless:
+    attention is causal) -> float32 logits ``[B, T, vocab]`` and each layer's rotated
+    keys and values ``[B, T, kv_heads, head_dim]``: the contiguous cache a separate
+    prefill worker hands over (`paged_kv.insert_prefill` writes it into blocks).
+    """
+    t = tokens.shape[1]
+    s = jnp.arange(t)
+    mask = s[None, :] <= s[:, None]
+    if cfg.sliding_window is not None:
+        mask &= s[None, :] > s[:, None] - cfg.sliding_window
+    mask = jnp.broadcast_to(mask, (tokens.shape[0], t, t))
+    x = params["embed"][tokens]
+    cos, sin = rope_tables(jnp.broadcast_to(s, tokens.shape), rope_inv_freq(cfg))
+    keys, values = [], []
+    for layer in params["layers"]:
+        x, (k, v) = _layer(cfg, layer, x, cos, sin, lambda q, k, v: (dense_attention(q, k, v, mask), (k, v)))
+        keys.append(k)
+        values.append(v)
+    return _logits(cfg, params, x), tuple(keys), tuple(values)
 
 
 def cache_spec(cfg: LlamaConfig, *, num_blocks: int, block_size: int, max_seq_len: int, max_batch_slots: int,
@@ -188,4 +216,5 @@ def cache_spec(cfg: LlamaConfig, *, num_blocks: int, block_size: int, max_seq_le
 
 
 __all__ = ["LlamaConfig", "RopeScaling", "ROPE_TYPES", "attention", "cache_spec", "dense_attention", "forward",
+           "forward_contiguous",
            "rope_inv_freq", "rms_norm"]
