@@ -43,6 +43,7 @@ def generator(model, **kw) -> Generator:
     (Request([1, -1], 4), GenerationError, "in [0, 256)"),
     (Request([1, 2], 0), GenerationError, "max_new_tokens=0"),
     (Request([1, 2], 4, arrival_step=-1), GenerationError, "arrival_step=-1"),
+    (Request([1, 2], 4, request_id="a"), GenerationError, "request_id='a' must be an int >= 0"),
     (Request([1] * 30, 11), pk.SequenceTooLongError, "41 tokens > max_seq_len=40"),
 ])
 def test_bad_requests_raise_before_anything_runs(model, request_, error, named):

@@ -192,6 +192,8 @@ class Generator:
         for i, r in enumerate(requests):
             rid = i if r.request_id is None else r.request_id
             prompt = list(r.prompt)
+            if isinstance(rid, bool) or not isinstance(rid, (int, np.integer)) or rid < 0:
+                raise GenerationError(f"request_id={rid!r} must be an int >= 0 (it is the cache's sequence id)")
             if rid in seen:
                 raise GenerationError(f"request_id={rid} appears twice")
             ints = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
