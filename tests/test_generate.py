@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -116,3 +119,44 @@ def test_cli_text_prompts_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,x"])
     assert exit_.value.code == 2 and "not a list of integer token ids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,pool", [
+    ("llama", dict(num_blocks=14, max_batch_slots=4)),
+    ("mistral", dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4)),
+])
+def test_random_schedules_equal_a_cacheless_recompute(name, pool):
+    """Two rounds of random requests on one generator (its prefix cache and pages
+    carry over): prompts sharing random prefixes, random arrivals, some prefilled
+    elsewhere, a pool that forces preemptions. Every logit it computed equals a
+    cacheless forward over the sequence's final tokens."""
+    cfg, params = load_model(FIXTURES / name)
+    spec = llama.cache_spec(cfg, block_size=4, max_seq_len=40, **pool)
+    gen = Generator(cfg, params, spec, record_logits=True, compiler_options=FAST_COMPILE, headroom=0)
+    full = jax.jit(functools.partial(llama.forward_contiguous, cfg), compiler_options=FAST_COMPILE)
+    rng = np.random.default_rng(7)
+    stem = rng.integers(3, 256, 16).tolist()
+    preempted = inserted = 0
+    for round_ in range(2):
+        reqs = []
+        for i in range(6):
+            shared = int(rng.integers(0, 13))
+            prompt = stem[:shared] + rng.integers(3, 256, int(rng.integers(1, 12))).tolist()
+            reqs.append(Request(prompt, int(rng.integers(1, 40 - len(prompt) + 1)), request_id=10 * round_ + i,
+                                arrival_step=int(rng.integers(0, 8)), prefill_elsewhere=bool(rng.random() < 0.3)))
+        completions, stats = gen.generate(reqs)
+        preempted += stats.preemptions
+        inserted += stats.inserted_prefills
+        for c in completions:
+            tokens = np.zeros((1, spec.max_seq_len), np.int32)
+            seq = c.prompt + c.tokens
+            tokens[0, : len(seq)] = seq
+            want = np.asarray(full(params, jnp.asarray(tokens))[0])[0]
+            tol = 1e-4 * float(want.std())
+            for p, token in enumerate(c.tokens, start=len(c.prompt) - 1):
+                assert want[p, token] >= want[p].max() - tol, f"request {c.request_id}: token {token} not greedy"
+            for p, row in list(c.logits.items()) + c.recomputed:
+                np.testing.assert_allclose(row, want[p], atol=tol, rtol=0,
+                                           err_msg=f"{name} round {round_} request {c.request_id} position {p}")
+        gen.manager.check_integrity()
+    assert preempted >= 1 and inserted >= 1 and gen.manager.prefix_cache.stats().hit_tokens > 0
