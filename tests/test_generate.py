@@ -160,3 +160,11 @@ def test_random_schedules_equal_a_cacheless_recompute(name, pool):
                                            err_msg=f"{name} round {round_} request {c.request_id} position {p}")
         gen.manager.check_integrity()
     assert preempted >= 1 and inserted >= 1 and gen.manager.prefix_cache.stats().hit_tokens > 0
+
+
+def test_cache_spec_slides_only_when_the_window_can_bind():
+    cfg, _ = load_model(FIXTURES / "mistral")  # sliding_window=10
+    spec = llama.cache_spec(cfg, num_blocks=20, block_size=4, max_seq_len=40, max_batch_slots=2)
+    assert spec.sliding_window == 10 and spec.sliding_layers == (0, 1) and len(spec.groups) == 1
+    short = llama.cache_spec(cfg, num_blocks=20, block_size=4, max_seq_len=10, max_batch_slots=2)
+    assert short.sliding_layers == () and short.groups[0].window is None
