@@ -97,7 +97,7 @@ def test_a_second_run_of_the_same_shapes_compiles_nothing(model):
 def test_cli_generate_on_a_fixture_gives_transformers_tokens(capsys):
     prompts = [reference_tokens("mistral", i) for i in (0, 3)]
     argv = ["generate", "--checkpoint", str(FIXTURES / "mistral"), "--max-new-tokens", "20", "--ignore-eos",
-            "--block-size", "4", "--max-batch", "2", "--json", "--progress", "off"]
+            "--block-size", "4", "--max-batch", "2", "--prefill-chunk", "7", "--json", "--progress", "off"]
     for prompt, _ in prompts:
         argv += ["--prompt-ids", ",".join(map(str, prompt))]
     assert main(argv) == 0
@@ -121,18 +121,20 @@ def test_cli_text_prompts_and_errors(capsys, tmp_path):
     assert exit_.value.code == 2 and "not a list of integer token ids" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,pool", [
-    ("llama", dict(num_blocks=14, max_batch_slots=4)),
-    ("mistral", dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4)),
+@pytest.mark.parametrize("name,pool,chunk", [
+    ("llama", dict(num_blocks=14, max_batch_slots=4), 6),
+    ("mistral", dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4), 5),
 ])
-def test_random_schedules_equal_a_cacheless_recompute(name, pool):
+def test_random_schedules_equal_a_cacheless_recompute(name, pool, chunk):
     """Two rounds of random requests on one generator (its prefix cache and pages
     carry over): prompts sharing random prefixes, random arrivals, some prefilled
-    elsewhere, a pool that forces preemptions. Every logit it computed equals a
-    cacheless forward over the sequence's final tokens."""
+    elsewhere, chunked prefill (chunks not a multiple of the block), a pool that
+    forces preemptions. Every logit it computed equals a cacheless forward over the
+    sequence's final tokens. (Whole-prompt prefill: the transformers test.)"""
     cfg, params = load_model(FIXTURES / name)
     spec = llama.cache_spec(cfg, block_size=4, max_seq_len=40, **pool)
-    gen = Generator(cfg, params, spec, record_logits=True, compiler_options=FAST_COMPILE, headroom=0)
+    gen = Generator(cfg, params, spec, record_logits=True, compiler_options=FAST_COMPILE, headroom=0,
+                    prefill_chunk=chunk)
     full = jax.jit(functools.partial(llama.forward_contiguous, cfg), compiler_options=FAST_COMPILE)
     rng = np.random.default_rng(7)
     stem = rng.integers(3, 256, 16).tolist()
@@ -160,6 +162,7 @@ def test_random_schedules_equal_a_cacheless_recompute(name, pool):
                                            err_msg=f"{name} round {round_} request {c.request_id} position {p}")
         gen.manager.check_integrity()
     assert preempted >= 1 and inserted >= 1 and gen.manager.prefix_cache.stats().hit_tokens > 0
+    assert not gen._prefilling and len(gen.manager) == 0
 
 
 def test_cache_spec_slides_only_when_the_window_can_bind():

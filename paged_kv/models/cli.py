@@ -58,6 +58,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     gen.add_argument("--num-blocks", type=_positive, metavar="N",
                      help="blocks in the pool, null block included (default: every prompt's full length at once)")
     gen.add_argument("--max-batch", type=_positive, default=8, help="decode slots: sequences decoded together")
+    gen.add_argument("--prefill-chunk", type=_positive, metavar="N",
+                     help="compute at most N prompt tokens of a sequence per step (default: whole prompts)")
     gen.add_argument("--no-prefix-cache", action="store_true", help="do not reuse cached prompt blocks")
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     gen.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
@@ -119,7 +121,8 @@ def run(args) -> int:
         prompts, tokenizer = _prompts(args, directory)
         spec = _spec(args, cfg, prompts)
         generator = Generator(cfg, params, spec, prefix_cache=not args.no_prefix_cache,
-                              eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids)
+                              eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids,
+                              prefill_chunk=args.prefill_chunk)
         show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         progress, bar = _progress(show)
         try:

@@ -138,6 +138,7 @@ class _Seq:
     arrival_step: int = 0
     elsewhere: bool = False
     admitted_at: int = -1
+    done: int = 0  # tokens whose keys and values are in the pages (this admission)
     completion: Completion | None = None
 
     @property
@@ -155,14 +156,16 @@ class Generator:
     keep every position's logits in the completions (the prefill then computes
     logits for all its tokens, not only the last).
     ``headroom``: blocks kept free per running sequence when admitting (a watermark:
-    0 admits whenever the prompt fits and preempts more often).
+    0 admits whenever the prompt fits and preempts more often). ``prefill_chunk``:
+    compute at most this many prompt tokens of a sequence per step (chunked prefill:
+    bounded steps, fewer step shapes); None: whole prompts.
     ``compiler_options``: XLA options for the step's compilation (e.g.
     ``{"xla_backend_optimization_level": 0}`` compiles a tiny model ~3x faster on CPU).
     """
 
     def __init__(self, cfg: LlamaConfig, params: dict, spec: CacheSpec, *, prefix_cache: bool = True,
                  eos_token_ids: Sequence[int] = (), record_logits: bool = False,
-                 compiler_options: dict | None = None, headroom: int = 1):
+                 compiler_options: dict | None = None, headroom: int = 1, prefill_chunk: int | None = None):
         self.cfg, self.params, self.spec = cfg, params, spec
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
         self.slots = DecodeSlots(self.manager)
@@ -171,6 +174,11 @@ class Generator:
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
             raise GenerationError(f"headroom={headroom!r} must be an int >= 0 (blocks per running sequence)")
         self.headroom = headroom
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise GenerationError(f"prefill_chunk={prefill_chunk!r} must be None or an int >= 1")
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: list[_Seq] = []  # admitted, prompt not fully in the pages yet
         self.record_logits = record_logits
         self._traces = 0
 
@@ -232,17 +240,16 @@ class Generator:
         finished = 0
         start, traces = time.perf_counter(), self._traces
         self._clock = 0
-        while waiting or len(self.slots):
-            if not len(self.slots) and waiting:
+        while waiting or len(self.slots) or self._prefilling:
+            if not len(self.slots) and not self._prefilling:
                 self._clock = max(self._clock, waiting[0].arrival_step)  # idle: skip to the next arrival
-            batch, elsewhere = self._admit(waiting)
+            elsewhere = self._admit(waiting)
             for seq in elsewhere:
                 finished += self._insert(seq)
-            if batch:
-                finished += self._prefill(batch)
-            elif not elsewhere and not len(self.slots):
-                raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
-                                       f"request {waiting[0].request_id} with nothing running")
+            done, progressed = self._prefill()
+            finished += done
+            if not (progressed or elsewhere or len(self.slots)):
+                self._unblock(waiting)
             if len(self.slots):
                 self._make_room(waiting)
                 finished += self._decode()
@@ -262,63 +269,86 @@ class Generator:
         self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
         return logits
 
-    def _admit(self, waiting: collections.deque) -> tuple[list[tuple[_Seq, int]], list[_Seq]]:
+    def _admit(self, waiting: collections.deque) -> list[_Seq]:
         """Admit arrived requests in order while a slot is free and the pool keeps
         `headroom` blocks per running sequence (one: the next decode step fits).
-        Returns the prompts admitted for a paged prefill (with their cached token
-        counts) and those to prefill elsewhere (admitted when inserted)."""
-        batch: list[tuple[_Seq, int]] = []
+        Paged ones join the prefilling set; returns those to prefill elsewhere
+        (admitted when inserted)."""
         elsewhere: list[_Seq] = []
         reserved = 0  # blocks the prompts to insert will take
-        free_slots = len(self.slots.free_slots())
-        while waiting and len(batch) + len(elsewhere) < free_slots and waiting[0].arrival_step <= self._clock:
+        free_slots = len(self.slots.free_slots()) - len(self._prefilling)
+        while waiting and len(elsewhere) < free_slots and waiting[0].arrival_step <= self._clock:
             seq = waiting[0]
-            # Upper bound: prefix-cache hits only lower what the prompt takes from the pool.
+            # Upper bound: prefix-cache hits and chunking only lower what the prompt takes.
             need = self.spec.blocks_for(len(seq.tokens))
-            running = len(self.slots) + len(batch) + len(elsewhere)
+            running = len(self.slots) + len(self._prefilling) + len(elsewhere)
             if self.manager.num_free_blocks - reserved < need + self.headroom * running:
                 break
             waiting.popleft()
             seq.admitted_at = self.stats.prefill_steps
+            self.stats.joined_mid_run += 1 if len(self.slots) else 0
             if seq.elsewhere:
                 elsewhere.append(seq)
                 reserved += need
-            elif self.manager.prefix_cache is not None:
-                batch.append((seq, self.manager.admit_prompt(seq.request_id, seq.tokens)))
+                continue
+            free_slots -= 1
+            hold = len(seq.tokens) if self.prefill_chunk is None else min(len(seq.tokens), self.prefill_chunk)
+            if self.manager.prefix_cache is not None:
+                seq.done = self.manager.admit_prompt(seq.request_id, seq.tokens, chunk=self.prefill_chunk)
             else:
-                self.manager.admit(seq.request_id, len(seq.tokens))
-                batch.append((seq, 0))
-        return batch, elsewhere
+                self.manager.admit(seq.request_id, hold)
+                seq.done = 0
+            self.stats.cached_tokens += seq.done
+            self._completion(seq).cached_tokens += seq.done
+            self._prefilling.append(seq)
+        return elsewhere
 
-    def _prefill(self, batch: list[tuple[_Seq, int]]) -> int:
-        """One forward pass over the admitted prompts' uncached tokens; binds each to a
-        slot (or finishes it). Returns how many finished."""
-        ids = [s.request_id for s, _ in batch]
-        counts = [len(s.tokens) - cached for s, cached in batch]
-        meta = self.manager.step_metadata(ids, counts)
+    def _next_chunks(self) -> list[tuple[_Seq, int]]:
+        """The prefilling sequences that can compute tokens this step, with how many:
+        the tokens admitted and not computed, after appending the next chunk to those
+        whose last chunk was computed (a sequence the pool cannot grow waits)."""
+        rows = []
+        for s in self._prefilling:
+            rid, held = s.request_id, self.manager.kv_len(s.request_id)
+            if held == s.done:  # only when chunking: unchunked prompts are held whole from admission
+                k = min(self.prefill_chunk, len(s.tokens) - held)
+                if not self.manager.can_append([rid], k):
+                    continue
+                self.manager.append([rid], k)
+                held += k
+            rows.append((s, held - s.done))
+        return rows
+
+    def _prefill(self) -> tuple[int, bool]:
+        """One forward pass over the prefilling sequences' next tokens; a sequence whose
+        prompt is complete is bound to a slot (or finishes). Returns (how many
+        finished, whether any token was computed)."""
+        rows = self._next_chunks()
+        if not rows:
+            return 0, False
+        ids = [s.request_id for s, _ in rows]
+        meta = self.manager.step_metadata(ids, [c for _, c in rows])
         tokens = np.zeros((meta.batch_size, meta.query_len), np.int32)
-        for b, (s, cached) in enumerate(batch):
-            tokens[b, : counts[b]] = s.tokens[cached:]
-        self.stats.joined_mid_run += len(batch) if len(self.slots) else 0
+        for b, (s, c) in enumerate(rows):
+            tokens[b, :c] = s.tokens[s.done: s.done + c]
         logits = self._run(tokens, meta)
         self.manager.commit(ids)  # the step ran: its full prompt blocks become hittable
         self.stats.prefill_steps += 1
-        done = 0
-        for b, (s, cached) in enumerate(batch):
-            self.stats.prefill_tokens += counts[b]
-            self.stats.cached_tokens += cached
-            self._completion(s).cached_tokens += cached
+        finished = 0
+        for b, (s, c) in enumerate(rows):
+            self.stats.prefill_tokens += c
             if self.record_logits:
-                self._record(s, range(cached, len(s.tokens)), logits[b, : counts[b]])
-                last = logits[b, counts[b] - 1]
-            else:
-                last = logits[b]
-            if self._emit(s, last):
+                self._record(s, range(s.done, s.done + c), logits[b, :c])
+            s.done += c
+            if s.done < len(s.tokens):
+                continue
+            self._prefilling.remove(s)
+            if self._emit(s, logits[b, c - 1] if self.record_logits else logits[b]):
                 self.manager.release(s.request_id)
-                done += 1
+                finished += 1
             else:
                 self.slots.insert(s.request_id)
-        return done
+        return finished, True
 
     def _insert(self, s: _Seq) -> int:
         """Prefill ``s`` with no cache, write its keys and values into fresh blocks and
@@ -366,17 +396,37 @@ class Generator:
         return done
 
     def _make_room(self, waiting: collections.deque) -> None:
-        """Preempt the newest running sequences until every other one can grow by a token."""
+        """Preempt the newest sequences (decoding or prefilling) until every decoding one
+        can grow by a token."""
         while len(self.slots) and not self.slots.can_decode():
-            slot, rid = max(self.slots.occupied(), key=lambda o: self._by_id[o[1]].admitted_at)
-            s = self._by_id[rid]
-            if self.manager.prefix_cache is not None and len(self.spec.groups) == 1 and not self.spec.sliding_layers:
-                # Key the blocks it computed so its recomputation hits them if they survive.
-                self.manager.cache_tokens(rid, s.tokens[: self.manager.kv_len(rid)])
-            self.slots.release(slot)
-            self._completion(s).preemptions += 1
-            self.stats.preemptions += 1
-            waiting.appendleft(s)
+            running = [self._by_id[rid] for _, rid in self.slots.occupied()] + self._prefilling
+            self._preempt(max(running, key=lambda s: s.admitted_at), waiting)
+
+    def _unblock(self, waiting: collections.deque) -> None:
+        """Nothing decodes and no prefilling sequence could grow: release the newest of
+        them so the others can (it recomputes later)."""
+        if self._prefilling:
+            self._preempt(max(self._prefilling, key=lambda s: s.admitted_at), waiting)
+        elif waiting:  # unreachable after _check_fits: an idle pool holds any request
+            raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
+                                   f"request {waiting[0].request_id} with nothing running")
+
+    def _preempt(self, s: _Seq, waiting: collections.deque) -> None:
+        """Release ``s`` (recompute preemption) and put it at the head of the queue."""
+        rid = s.request_id
+        if self.manager.prefix_cache is not None and not self.spec.sliding_layers:
+            # Key the blocks it computed so its recomputation hits them if they survive
+            # (not on sliding layers, whose rows no longer hold the blocks behind the window).
+            self.manager.cache_tokens(rid, s.tokens[: self.manager.kv_len(rid)])
+        if rid in self.slots:
+            self.slots.release(self.slots.slot_of(rid))
+        else:
+            self._prefilling.remove(s)
+            self.manager.release(rid)
+        s.done = 0
+        self._completion(s).preemptions += 1
+        self.stats.preemptions += 1
+        waiting.appendleft(s)
 
     # ---- bookkeeping -----------------------------------------------------------------
     def _completion(self, s: _Seq) -> Completion:
