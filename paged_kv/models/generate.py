@@ -232,7 +232,14 @@ class Generator:
     def generate(self, requests: Sequence[Request],
                  progress: Callable[[int, int, GenerationStats], None] | None = None
                  ) -> tuple[list[Completion], GenerationStats]:
-        """Run every request to completion; returns completions in request order and stats."""
+        """Run every request to completion; returns completions in request order and stats.
+
+        Requests are checked before anything runs (`GenerationError`,
+        `SequenceTooLongError`, `OutOfBlocksError`). Cached prefix blocks and
+        compiled steps carry over to the next call."""
+        if len(self.manager) or self._prefilling:
+            raise GenerationError(f"{len(self.manager)} sequences are still held from a call that failed mid-run; "
+                                  "build a new Generator")
         seqs = self._sequences(requests)
         self._by_id = {s.request_id: s for s in seqs}
         self.stats = GenerationStats(requests=len(seqs))
