@@ -1,4 +1,5 @@
-"""Command line: ``paged-kv simulate`` (or ``python -m paged_kv simulate``).
+"""Command line: ``paged-kv simulate`` (or ``python -m paged_kv simulate``); ``paged-kv generate``
+(`paged_kv.models.cli`) runs a Hugging Face checkpoint through the cache.
 
 The defaults model one serving replica of an 8B-class model (``--model llama3-8b``:
 32 layers, 8 KV heads of dim 128, bfloat16: 128 KiB of KV per token) with a 16 GiB
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate_parser(commands)
+    from paged_kv.models.cli import add_parser as add_generate  # argparse only: the model loads when it runs
+
+    add_generate(commands)
     return parser
 
 
@@ -267,6 +271,10 @@ def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad input, as for bad arguments)."""
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        from paged_kv.models.cli import run
+
+        return run(args)
     return _simulate(args)
 
 

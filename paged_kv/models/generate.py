@@ -1,0 +1,472 @@
+"""Greedy generation for a batch of prompts with continuous batching over the paged cache.
+
+One loop, as a serving engine runs it:
+
+- admission: while a decode slot is free and the pool keeps one block of headroom
+  per running sequence, the next waiting request is admitted (`admit_prompt`, which
+  reuses the longest cached prefix of full blocks, or `admit`) and all requests
+  admitted in a step are prefilled in one batched forward pass;
+- decode: every running sequence is bound to a `DecodeSlots` slot, so one jitted
+  step of a fixed batch shape decodes them all; finished ones release their blocks
+  and their slot takes the next request mid-run;
+- preemption: when the running sequences cannot all grow by a token, the newest is
+  released (recompute: it goes back to the head of the queue with the tokens it
+  has, and its prefill later recomputes them, hitting whatever the prefix cache
+  still holds).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_kv.allocator.decode_slots import DecodeSlots
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.cache import PagedKVCache
+from paged_kv.errors import OutOfBlocksError, PagedKVError, SequenceTooLongError
+from paged_kv.metadata import bucket
+from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
+from paged_kv.spec import CacheSpec
+
+
+class GenerationError(PagedKVError, ValueError):
+    """A request the generator cannot serve: an empty prompt, a token id outside the
+    vocabulary, a non-positive ``max_new_tokens``, a duplicate request id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt (token ids) to extend by up to ``max_new_tokens`` greedy tokens.
+
+    ``arrival_step``: the loop iteration before which the request is not admitted
+    (requests joining a running batch); requests are served first come, first served.
+    ``prefill_elsewhere``: prefill the prompt outside the paged cache (a contiguous
+    forward, as a separate prefill worker would) and insert its keys and values into
+    fresh blocks (`DecodeSlots.insert_prefill`); it takes no prefix-cache hit.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    request_id: int | None = None  # default: the request's index
+    arrival_step: int = 0
+    prefill_elsewhere: bool = False
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one request produced. ``logits[p]``: float32 logits at position ``p`` as
+    first computed (recorded only with ``record_logits``); ``recomputed``: ``(p,
+    logits)`` for positions computed again after a preemption."""
+
+    request_id: int
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str  # "length" or "eos"
+    preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache, summed over admissions
+    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    recomputed: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counters and figures of one `Generator.generate` call."""
+
+    requests: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0  # tokens the prefill computed (recomputations included)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served instead
+    prefill_steps: int = 0  # paged prefill steps and contiguous prefills inserted
+    inserted_prefills: int = 0  # prompts prefilled elsewhere and inserted into blocks
+    decode_steps: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0  # decode steps that did not compile
+    decode_tokens: int = 0  # tokens those steps produced
+    compilations: int = 0
+    kv_usage_sum: float = 0.0
+    kv_usage_peak: float = 0.0
+    joined_mid_run: int = 0  # requests admitted while others were decoding
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per wall-clock second, compilation included."""
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode steps that did not compile (the steady state)."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def kv_usage_mean(self) -> float:
+        """Mean over steps of the fraction of the pool's usable blocks in use."""
+        steps = self.prefill_steps + self.decode_steps
+        return self.kv_usage_sum / steps if steps else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.requests} requests, {self.generated_tokens} tokens generated in {self.seconds:.2f} s: "
+                f"{self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} tokens/s in decode steps "
+                f"after compilation); KV cache usage mean {self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
+                f"{self.prefill_steps} prefill / {self.decode_steps} decode steps, {self.compilations} compilations; "
+                f"prefill computed {self.prefill_tokens} tokens ({self.inserted_prefills} prompts prefilled "
+                f"elsewhere and inserted), prefix cache served {self.cached_tokens}; "
+                f"{self.preemptions} preemptions; {self.joined_mid_run} requests joined mid-run")
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+                   kv_usage_mean=self.kv_usage_mean)
+        return out
+
+
+@dataclasses.dataclass
+class _Seq:
+    """A request in flight: its tokens so far (prompt, then generated)."""
+
+    request_id: int
+    prompt: list[int]
+    max_new_tokens: int
+    tokens: list[int]
+    arrival_step: int = 0
+    elsewhere: bool = False
+    admitted_at: int = -1
+    done: int = 0  # tokens whose keys and values are in the pages (this admission)
+    completion: Completion | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+class Generator:
+    """Greedy continuous-batching generation of one model over one paged cache.
+
+    ``spec``: the cache (see `paged_kv.models.llama.cache_spec`); its
+    ``max_batch_slots`` is the decode batch. ``prefix_cache``: reuse cached prompt
+    blocks. ``eos_token_ids``: tokens that end a sequence (e.g. ``cfg.eos_token_ids``;
+    none by default: every request generates ``max_new_tokens``). ``record_logits``:
+    keep every position's logits in the completions (the prefill then computes
+    logits for all its tokens, not only the last).
+    ``headroom``: blocks kept free per running sequence when admitting (a watermark:
+    0 admits whenever the prompt fits and preempts more often). ``prefill_chunk``:
+    compute at most this many prompt tokens of a sequence per step (chunked prefill:
+    bounded steps, fewer step shapes); None: whole prompts.
+    ``compiler_options``: XLA options for the step's compilation (e.g.
+    ``{"xla_backend_optimization_level": 0}`` compiles a tiny model ~3x faster on CPU).
+    """
+
+    def __init__(self, cfg: LlamaConfig, params: dict, spec: CacheSpec, *, prefix_cache: bool = True,
+                 eos_token_ids: Sequence[int] = (), record_logits: bool = False,
+                 compiler_options: dict | None = None, headroom: int = 1, prefill_chunk: int | None = None):
+        self.cfg, self.params, self.spec = cfg, params, spec
+        self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
+        self.slots = DecodeSlots(self.manager)
+        self.cache = PagedKVCache.init(spec)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
+            raise GenerationError(f"headroom={headroom!r} must be an int >= 0 (blocks per running sequence)")
+        self.headroom = headroom
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise GenerationError(f"prefill_chunk={prefill_chunk!r} must be None or an int >= 1")
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: list[_Seq] = []  # admitted, prompt not fully in the pages yet
+        self.record_logits = record_logits
+        self._traces = 0
+
+        def step(params, cache, tokens, metadata):
+            self._traces += 1  # runs only while tracing: counts compilations
+            return forward(cfg, params, cache, tokens, metadata, last_only=not record_logits)
+
+        self._step = jax.jit(step, donate_argnums=1, compiler_options=compiler_options)
+
+        def contiguous(params, tokens):
+            self._traces += 1
+            return forward_contiguous(cfg, params, tokens)
+
+        self._contiguous = jax.jit(contiguous, compiler_options=compiler_options)
+
+    # ---- requests --------------------------------------------------------------------
+    def _sequences(self, requests: Sequence[Request]) -> list[_Seq]:
+        seqs, seen = [], set()
+        for i, r in enumerate(requests):
+            rid = i if r.request_id is None else r.request_id
+            prompt = list(r.prompt)
+            if isinstance(rid, bool) or not isinstance(rid, (int, np.integer)) or rid < 0:
+                raise GenerationError(f"request_id={rid!r} must be an int >= 0 (it is the cache's sequence id)")
+            if rid in seen:
+                raise GenerationError(f"request_id={rid} appears twice")
+            ints = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
+            if not prompt or not ints or min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+                raise GenerationError(f"request {rid}: prompt must be 1+ integer token ids in [0, "
+                                      f"{self.cfg.vocab_size}); got {prompt[:8]}{'...' if len(prompt) > 8 else ''}")
+            prompt = [int(t) for t in prompt]
+            for name in ("max_new_tokens", "arrival_step"):
+                value, low = getattr(r, name), 1 if name == "max_new_tokens" else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise GenerationError(f"request {rid}: {name}={value!r} must be an int >= {low}")
+            self._check_fits(rid, len(prompt) + r.max_new_tokens)
+            seen.add(rid)
+            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere)))
+        return seqs
+
+    def _check_fits(self, rid: int, total: int) -> None:
+        """A request longer than a sequence or the pool could never finish: refuse it up front."""
+        if total > self.spec.max_seq_len:
+            raise SequenceTooLongError(f"request {rid}: prompt + max_new_tokens = {total} tokens > max_seq_len="
+                                       f"{self.spec.max_seq_len}; build the spec with a larger max_seq_len")
+        blocks = self.spec.blocks_for(total)
+        for g in self.spec.groups:
+            if blocks > g.num_blocks - 1:
+                raise OutOfBlocksError(blocks, g.num_blocks - 1, f"request {rid} alone ({total} tokens)")
+
+    # ---- the loop --------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request],
+                 progress: Callable[[int, int, GenerationStats], None] | None = None
+                 ) -> tuple[list[Completion], GenerationStats]:
+        """Run every request to completion; returns completions in request order and stats.
+
+        Requests are checked before anything runs (`GenerationError`,
+        `SequenceTooLongError`, `OutOfBlocksError`). Cached prefix blocks and
+        compiled steps carry over to the next call."""
+        if len(self.manager) or self._prefilling:
+            raise GenerationError(f"{len(self.manager)} sequences are still held from a call that failed mid-run; "
+                                  "build a new Generator")
+        seqs = self._sequences(requests)
+        self._by_id = {s.request_id: s for s in seqs}
+        self.stats = GenerationStats(requests=len(seqs))
+        waiting = collections.deque(sorted(seqs, key=lambda s: s.arrival_step))
+        finished = 0
+        start, traces = time.perf_counter(), self._traces
+        self._clock = 0
+        while waiting or len(self.slots) or self._prefilling:
+            if not len(self.slots) and not self._prefilling:
+                self._clock = max(self._clock, waiting[0].arrival_step)  # idle: skip to the next arrival
+            elsewhere = self._admit(waiting)
+            for seq in elsewhere:
+                finished += self._insert(seq)
+            done, progressed = self._prefill()
+            finished += done
+            if not (progressed or elsewhere or len(self.slots)):
+                self._unblock(waiting)
+            if len(self.slots):
+                self._make_room(waiting)
+                finished += self._decode()
+            self._clock += 1
+            if progress is not None:
+                self.stats.seconds = time.perf_counter() - start
+                progress(finished, len(seqs), self.stats)
+        self.stats.seconds = time.perf_counter() - start
+        self.stats.compilations = self._traces - traces
+        return [s.completion for s in seqs], self.stats
+
+    def _run(self, tokens: np.ndarray, metadata) -> np.ndarray:
+        logits, self.cache = self._step(self.params, self.cache, jnp.asarray(tokens), metadata.to_device())
+        logits = np.asarray(logits)  # waits for the step
+        used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
+        self.stats.kv_usage_sum += used
+        self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
+        return logits
+
+    def _admit(self, waiting: collections.deque) -> list[_Seq]:
+        """Admit arrived requests in order while a slot is free and the pool keeps
+        `headroom` blocks per running sequence (one: the next decode step fits).
+        Paged ones join the prefilling set; returns those to prefill elsewhere
+        (admitted when inserted)."""
+        elsewhere: list[_Seq] = []
+        reserved = 0  # blocks the prompts to insert will take
+        free_slots = len(self.slots.free_slots()) - len(self._prefilling)
+        while waiting and len(elsewhere) < free_slots and waiting[0].arrival_step <= self._clock:
+            seq = waiting[0]
+            # Upper bound: prefix-cache hits and chunking only lower what the prompt takes.
+            need = self.spec.blocks_for(len(seq.tokens))
+            running = len(self.slots) + len(self._prefilling) + len(elsewhere)
+            if self.manager.num_free_blocks - reserved < need + self.headroom * running:
+                break
+            waiting.popleft()
+            seq.admitted_at = self.stats.prefill_steps
+            self.stats.joined_mid_run += 1 if len(self.slots) else 0
+            if seq.elsewhere:
+                elsewhere.append(seq)
+                reserved += need
+                continue
+            free_slots -= 1
+            hold = len(seq.tokens) if self.prefill_chunk is None else min(len(seq.tokens), self.prefill_chunk)
+            if self.manager.prefix_cache is not None:
+                seq.done = self.manager.admit_prompt(seq.request_id, seq.tokens, chunk=self.prefill_chunk)
+            else:
+                self.manager.admit(seq.request_id, hold)
+                seq.done = 0
+            self.stats.cached_tokens += seq.done
+            self._completion(seq).cached_tokens += seq.done
+            self._prefilling.append(seq)
+        return elsewhere
+
+    def _next_chunks(self) -> list[tuple[_Seq, int]]:
+        """The prefilling sequences that can compute tokens this step, with how many:
+        the tokens admitted and not computed, after appending the next chunk to those
+        whose last chunk was computed (a sequence the pool cannot grow waits)."""
+        rows = []
+        for s in self._prefilling:
+            rid, held = s.request_id, self.manager.kv_len(s.request_id)
+            if held == s.done:  # only when chunking: unchunked prompts are held whole from admission
+                k = min(self.prefill_chunk, len(s.tokens) - held)
+                if not self.manager.can_append([rid], k):
+                    continue
+                self.manager.append([rid], k)
+                held += k
+            rows.append((s, held - s.done))
+        return rows
+
+    def _prefill(self) -> tuple[int, bool]:
+        """One forward pass over the prefilling sequences' next tokens; a sequence whose
+        prompt is complete is bound to a slot (or finishes). Returns (how many
+        finished, whether any token was computed)."""
+        rows = self._next_chunks()
+        if not rows:
+            return 0, False
+        ids = [s.request_id for s, _ in rows]
+        meta = self.manager.step_metadata(ids, [c for _, c in rows])
+        tokens = np.zeros((meta.batch_size, meta.query_len), np.int32)
+        for b, (s, c) in enumerate(rows):
+            tokens[b, :c] = s.tokens[s.done: s.done + c]
+        logits = self._run(tokens, meta)
+        self.manager.commit(ids)  # the step ran: its full prompt blocks become hittable
+        self.stats.prefill_steps += 1
+        finished = 0
+        for b, (s, c) in enumerate(rows):
+            self.stats.prefill_tokens += c
+            if self.record_logits:
+                self._record(s, range(s.done, s.done + c), logits[b, :c])
+            s.done += c
+            if s.done < len(s.tokens):
+                continue
+            self._prefilling.remove(s)
+            if self._emit(s, logits[b, c - 1] if self.record_logits else logits[b]):
+                self.manager.release(s.request_id)
+                finished += 1
+            else:
+                self.slots.insert(s.request_id)
+        return finished, True
+
+    def _insert(self, s: _Seq) -> int:
+        """Prefill ``s`` with no cache, write its keys and values into fresh blocks and
+        bind it to a slot (or finish it). Returns 1 if it finished."""
+        n = len(s.tokens)
+        tokens = np.zeros((1, bucket(n, self.spec.max_seq_len)), np.int32)
+        tokens[0, :n] = s.tokens
+        logits, keys, values = self._contiguous(self.params, jnp.asarray(tokens))
+        self.stats.joined_mid_run += 1 if len(self.slots) else 0
+        self.cache, slot = self.slots.insert_prefill(self.cache, s.request_id, [k[0, :n] for k in keys],
+                                                     [v[0, :n] for v in values])
+        logits = np.asarray(logits)[0, :n]
+        self.stats.prefill_steps += 1
+        self.stats.inserted_prefills += 1
+        self.stats.prefill_tokens += n
+        if self.record_logits:
+            self._record(s, range(n), logits)
+        if self._emit(s, logits[-1]):
+            self.slots.release(slot)
+            return 1
+        return 0
+
+    def _decode(self) -> int:
+        """One decode step over every slot; releases finished sequences. Returns how many finished."""
+        meta = self.slots.decode_step()
+        occupied = self.slots.occupied()
+        tokens = np.zeros((self.slots.num_slots, 1), np.int32)
+        for b, rid in occupied:
+            tokens[b, 0] = self._by_id[rid].tokens[-1]
+        traces, t0 = self._traces, time.perf_counter()
+        logits = self._run(tokens, meta)
+        self.slots.commit()
+        if self._traces == traces:
+            self.stats.decode_seconds += time.perf_counter() - t0
+            self.stats.decode_tokens += len(occupied)
+        self.stats.decode_steps += 1
+        done = 0
+        for b, rid in occupied:
+            s = self._by_id[rid]
+            if self.record_logits:
+                self._record(s, [len(s.tokens) - 1], logits[b])
+            if self._emit(s, logits[b, 0] if self.record_logits else logits[b]):
+                self.slots.release(b)
+                done += 1
+        return done
+
+    def _make_room(self, waiting: collections.deque) -> None:
+        """Preempt the newest sequences (decoding or prefilling) until every decoding one
+        can grow by a token."""
+        while len(self.slots) and not self.slots.can_decode():
+            running = [self._by_id[rid] for _, rid in self.slots.occupied()] + self._prefilling
+            self._preempt(max(running, key=lambda s: s.admitted_at), waiting)
+
+    def _unblock(self, waiting: collections.deque) -> None:
+        """Nothing decodes and no prefilling sequence could grow: release the newest of
+        them so the others can (it recomputes later)."""
+        if self._prefilling:
+            self._preempt(max(self._prefilling, key=lambda s: s.admitted_at), waiting)
+        elif waiting:  # unreachable after _check_fits: an idle pool holds any request
+            raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
+                                   f"request {waiting[0].request_id} with nothing running")
+
+    def _preempt(self, s: _Seq, waiting: collections.deque) -> None:
+        """Release ``s`` (recompute preemption) and put it at the head of the queue."""
+        rid = s.request_id
+        if self.manager.prefix_cache is not None and not self.spec.sliding_layers:
+            # Key the blocks it computed so its recomputation hits them if they survive
+            # (not on sliding layers, whose rows no longer hold the blocks behind the window).
+            self.manager.cache_tokens(rid, s.tokens[: self.manager.kv_len(rid)])
+        if rid in self.slots:
+            self.slots.release(self.slots.slot_of(rid))
+        else:
+            self._prefilling.remove(s)
+            self.manager.release(rid)
+        s.done = 0
+        self._completion(s).preemptions += 1
+        self.stats.preemptions += 1
+        waiting.appendleft(s)
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    def _completion(self, s: _Seq) -> Completion:
+        if s.completion is None:
+            s.completion = Completion(s.request_id, s.prompt, [], finish_reason="")
+        return s.completion
+
+    def _record(self, s: _Seq, positions, logits: np.ndarray) -> None:
+        c = self._completion(s)
+        for p, row in zip(positions, np.atleast_2d(logits)):
+            if p in c.logits:
+                c.recomputed.append((p, row.copy()))
+            else:
+                c.logits[p] = row.copy()
+
+    def _emit(self, s: _Seq, logits: np.ndarray) -> bool:
+        """Append the greedy token; True when the sequence is finished."""
+        token = int(np.argmax(logits))
+        s.tokens.append(token)
+        self.stats.generated_tokens += 1
+        c = self._completion(s)
+        c.tokens = s.tokens[len(s.prompt):]
+        if token in self.eos_token_ids:
+            c.finish_reason = "eos"
+        elif s.generated >= s.max_new_tokens:
+            c.finish_reason = "length"
+        return bool(c.finish_reason)
+
+
+def generate(cfg: LlamaConfig, params: dict, spec: CacheSpec, requests: Sequence[Request], **kw):
+    """``Generator(cfg, params, spec, **kw).generate(requests)``."""
+    progress = kw.pop("progress", None)
+    return Generator(cfg, params, spec, **kw).generate(requests, progress=progress)
+
+
+__all__ = ["Completion", "GenerationError", "GenerationStats", "Generator", "Request", "generate"]
