@@ -54,6 +54,9 @@ def test_python_blocks_run_as_written(tmp_path):
     blocks = code_blocks("python")
     assert len(blocks) >= 5, "README.md lost its python examples"
     (tmp_path / "blocks.json").write_text(json.dumps(blocks), encoding="utf-8")
+    # A newcomer runs the blocks from the checkout's root; the files they write go to
+    # a scratch directory that sees the checkout's fixtures under the same name.
+    (tmp_path / "tests").symlink_to(ROOT / "tests", target_is_directory=True)
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", RUNNER, "blocks.json"], cwd=tmp_path, env=env,
