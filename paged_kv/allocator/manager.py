@@ -128,16 +128,18 @@ class KVCacheManager:
 
     def __init__(self, spec: CacheSpec, prefix_cache: bool = False):
         """``prefix_cache=True`` keeps released full blocks keyed by their token
-        prefix for `admit_prompt` to reuse (not with sliding-window layers: a hit
-        would need only the blocks inside the window, which this cache does not model)."""
+        prefix for `admit_prompt` to reuse. Not for models mixing full and sliding
+        layers (one group would need the whole chain, the other only its window tail,
+        which this cache does not model yet); a model whose layers all slide is one
+        group and shares whole chains."""
         if not isinstance(spec, CacheSpec):
             raise SpecError(f"KVCacheManager needs a paged_kv.CacheSpec; got {type(spec).__name__} {spec!r:.80}")
         if not isinstance(prefix_cache, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefix_cache={prefix_cache!r} must be True or False")
         if prefix_cache and len(spec.groups) > 1:
             raise SpecError(
-                f"prefix_cache=True with sliding-window layers {spec.sliding_layers} is not supported: build the "
-                "manager without it, or without sliding layers"
+                f"prefix_cache=True with sliding-window layers {spec.sliding_layers} mixed with full layers is not "
+                "supported yet: build the manager without it, or with every layer full or every layer sliding"
             )
         self.spec = spec
         self.groups = [_Group(spec, g, prefix_cache) for g in range(len(spec.groups))]
