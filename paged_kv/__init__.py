@@ -14,8 +14,8 @@ line); `paged_kv.sharding` places pages on a device mesh.
 """
 
 from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, slot_step_metadata
-from paged_kv.cache import PagedKVCache
-from paged_kv.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
+from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import (
     BatchTooLargeError,
     CheckpointError,
@@ -34,13 +34,42 @@ from paged_kv.errors import (
     TraceError,
     UnknownSequenceError,
 )
-from paged_kv.insertion import insert_prefill
-from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
-from paged_kv.allocator.swap_record import SwapRecord
-from paged_kv.swap import SwappedSequence, swap_in, swap_out
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
-from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView, UnifiedCacheView
+
+# Device-side names import JAX (about a second, more on a loaded machine). A host-only
+# user -- a scheduler process, the simulator -- never touches them, so they are
+# imported on first use (PEP 562 module __getattr__) instead of with the package.
+_DEVICE_NAMES = {
+    "PagedKVCache": "paged_kv.cache",
+    "Checkpoint": "paged_kv.checkpoint",
+    "load_checkpoint": "paged_kv.checkpoint",
+    "save_checkpoint": "paged_kv.checkpoint",
+    "insert_prefill": "paged_kv.insertion",
+    "SwappedSequence": "paged_kv.swap",
+    "swap_in": "paged_kv.swap",
+    "swap_out": "paged_kv.swap",
+    "AttentionMask": "paged_kv.views",
+    "SlidingWindowCacheView": "paged_kv.views",
+    "TransformerCacheView": "paged_kv.views",
+    "UnifiedCacheView": "paged_kv.views",
+}
+
+
+def __getattr__(name: str):
+    module = _DEVICE_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'paged_kv' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_DEVICE_NAMES))
+
 
 __version__ = "0.1.0"
 

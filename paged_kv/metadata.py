@@ -8,11 +8,15 @@ per bucket instead of once per batch size, query length or table width.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from paged_kv.errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # annotations only: importing JAX here would cost every host-only user
+    import jax
 
 
 def bucket(n: int, cap: int) -> int:
@@ -90,17 +94,48 @@ class StepMetadata:
         """Block-table width ``W`` of the first group (a bucket)."""
         return self.groups[0].block_tables.shape[1]
 
+    def __post_init__(self) -> None:
+        _register_if_jax()
+
     def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> "StepMetadata":
         """One transfer of every array (a pytree ``device_put``)."""
+        register_pytrees()
+        import jax
+
         return jax.device_put(self, device)
 
 
-jax.tree_util.register_dataclass(
-    GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len"],
-    meta_fields=[],
-)
-jax.tree_util.register_dataclass(
-    StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=["built_for"]
-)
+_registered = False
 
-__all__ = ["GroupMetadata", "StepMetadata", "bucket"]
+
+def register_pytrees() -> None:
+    """Make the metadata classes JAX pytrees (idempotent).
+
+    Deferred so that the host side (allocator, simulator) never imports JAX: it runs
+    when a device module is imported (`paged_kv.ops`), on `to_device`, and when
+    metadata is built in a process that has already imported JAX.
+    """
+    global _registered
+    if _registered:
+        return
+    import jax
+
+    jax.tree_util.register_dataclass(
+        GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len"],
+        meta_fields=[],
+    )
+    jax.tree_util.register_dataclass(
+        StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=["built_for"]
+    )
+    _registered = True
+
+
+def _register_if_jax() -> None:
+    # One flag and one dict lookup per metadata object: cheap beside its arrays.
+    if not _registered and "jax" in sys.modules:
+        register_pytrees()
+
+
+_register_if_jax()
+
+__all__ = ["GroupMetadata", "StepMetadata", "bucket", "register_pytrees"]

@@ -23,6 +23,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from paged_kv.errors import ShapeError
+from paged_kv.metadata import register_pytrees
+
+# Every device module reaches the ops: from here on `StepMetadata` is a pytree.
+register_pytrees()
 
 
 def _to_storage(x: jax.Array, storage) -> jax.Array:
