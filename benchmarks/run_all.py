@@ -1,0 +1,196 @@
+"""Rerun every benchmark and regenerate the README's figures from what they print.
+
+Each benchmark prints a final JSON line; this runs them one after another (quick
+settings where a benchmark has them, so the whole run stays within ~15 minutes on
+2 cores), collects those lines into one JSON file with the CPU model and the load
+average before and after each, and rewrites the README section between
+``<!-- figures:begin -->`` and ``<!-- figures:end -->`` from it. Every speed figure
+there is a ratio against a baseline or peer measured in the same process, with
+the machine and its load beside it, so a rerun on another machine reproduces the
+ratios rather than the absolute times.
+
+    python benchmarks/run_all.py                      # run all, write results.json, rewrite README
+    python benchmarks/run_all.py --render-only        # README from an existing results.json
+    python benchmarks/run_all.py --only bench_vs_vllm --vllm-python /work/vllm-peer/bin/python
+
+``bench_vs_vllm.py`` needs vLLM v1 importable (a benchmark-only dependency; see
+../shared/peers/README.md): give its interpreter with ``--vllm-python`` (or the
+``VLLM_PYTHON`` environment variable); without one it records why it was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
+
+# name -> extra arguments (quick settings). Order: host benchmarks first.
+BENCHMARKS = {
+    "bench_vs_vllm": ["--quick"],
+    "bench_allocator": ["--quick"],
+    "bench_prefix": ["--quick"],
+    "bench_fragmentation": ["--quick"],
+    "bench_preemption": ["--quick"],
+    "bench_sliding": ["--limit", "3000"],
+    "bench_device_ops": ["--quick"],
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_one(name: str, args: list[str], python: str, timeout: int) -> dict:
+    """Run one benchmark; its last JSON line, or why there is none."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run([python, str(HERE / f"{name}.py"), *args], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "args": args}
+    meta = {"args": args, "python": python, "run_s": round(time.perf_counter() - t0, 1),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return {**meta, "result": json.loads(line)}
+    tail = (out.stdout + out.stderr).strip().splitlines()[-3:]
+    return {**meta, "error": f"exit {out.returncode}, no JSON line: {' | '.join(tail)}"[:400]}
+
+
+def get(results: dict, path: str):
+    """``results['bench']['result'][...]`` along a dotted path, or None."""
+    bench, _, rest = path.partition(":")
+    node = results.get(bench, {}).get("result")
+    for key in rest.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _x(v) -> str:
+    return f"**{v:.2f}×**" if isinstance(v, (int, float)) else "—"
+
+
+def rows(r: dict) -> list[tuple[str, str, str]]:
+    """(what, figure, baseline in the same run) for every figure the results hold."""
+    out = []
+    vs = "bench_vs_vllm:"
+    for b in ("1", "4", "16", "64", "256"):
+        d = get(r, vs + f"decode_step.{b}")
+        if d:
+            out.append((f"host decode step, {b} running (grow one token + metadata) vs vLLM v1 `KVCacheManager` "
+                        "(`bench_vs_vllm.py`)", f"vLLM ÷ paged_kv {_x(d['ratio'])}",
+                        f"vLLM {d['vllm_us']:,} µs, paged_kv {d['paged_kv_us']:,} µs"))
+    for mode, label in (("offline", "all queued at once"), ("arrival", "by arrival, 20 ms a step")):
+        d = get(r, vs + f"replay.{mode}")
+        if d:
+            out.append((f"manager time of a replay of the Azure trace ({d['requests']:,} requests, {label}, "
+                        f"~{d['mean_running']:.0f} running), identical schedules", f"vLLM ÷ paged_kv {_x(d['ratio'])}",
+                        f"vLLM {d['vllm']['manager_s']} s, paged_kv {d['paged_kv']['manager_s']} s"))
+    d = get(r, vs + "admit_release")
+    if d:
+        out.append(("admit / release of a 1,024-token sequence", f"vLLM ÷ paged_kv {_x(d['admit_ratio'])} / {_x(d['release_ratio'])}",
+                    f"vLLM {d['vllm']['admit_us']} / {d['vllm']['release_us']} µs, paged_kv "
+                    f"{d['paged_kv']['admit_us']} / {d['paged_kv']['release_us']} µs"))
+    d = get(r, vs + "prefix_admit")
+    if d:
+        out.append(("prefix admit, 4 shared 2,048-token system prompts (cache warm, same hits)",
+                    f"vLLM ÷ paged_kv {_x(d['ratio'])}", f"vLLM {d['vllm_us']} µs, paged_kv {d['paged_kv_us']} µs"))
+    d = get(r, "bench_allocator:decode")
+    if d:
+        out.append(("host decode step of 256 sequences, batched `append` + `step_metadata` (`bench_allocator.py`)",
+                    f"{_x(d['ratio_per_seq_api_over_batched_meta'])} cheaper than the public API once per sequence",
+                    f"append alone {d['us']['batched']} µs, with metadata {d['us']['batched_meta']} µs"))
+    d = get(r, "bench_prefix:system_prompts")
+    if d:
+        out.append(("3,000 requests sharing 4 system prompts of 2,048 tokens (`bench_prefix.py`)",
+                    f"{_x(d['requests_running_shared_over_plain'])} the requests running at once",
+                    "no sharing, same loop and pool"))
+    d = get(r, "bench_fragmentation:ratios")
+    if d:
+        out.append(("sequences running at once, equal memory, offline load (`bench_fragmentation.py`)",
+                    f"{_x(d['concurrency_paged_over_max_len'])} max-length buffers, "
+                    f"{_x(d['concurrency_paged_over_first_fit'])} first-fit arena", "same trace and scheduler"))
+    d = get(r, "bench_sliding:bytes_held_hybrid_over_full_mean")
+    if d is not None:
+        out.append(("half the layers sliding at W = 1,024 vs all full (`bench_sliding.py`)",
+                    f"{_x(d)} the KV bytes held", "same trace, same schedule"))
+    return out
+
+
+def render(results: dict) -> str:
+    host = results["host"]
+    lines = [BEGIN, "",
+             f"Generated by `python benchmarks/run_all.py` ({host['when']}; CPU: {host['cpu_model']}, "
+             f"{host['cpus']} cores; load average {host['loadavg_start']} at the start, "
+             f"{host['loadavg_end']} at the end). Ratios are against a baseline or the peer measured in the "
+             "same process; absolute times are this machine's.", "",
+             "| what | figure | baseline in the same run |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(results["benchmarks"])]
+    skipped = [f"`{k}` ({v['error']})" for k, v in results["benchmarks"].items() if "error" in v]
+    if skipped:
+        lines += ["", "Not in this run: " + "; ".join(skipped)]
+    return "\n".join(lines + ["", END])
+
+
+def write_readme(results: dict, readme: Path) -> bool:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    readme.write_text(pattern.sub(lambda _: render(results), text, count=1))
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these (others kept from --out)")
+    ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", sys.executable),
+                    help="interpreter that can import vLLM, for bench_vs_vllm.py")
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per benchmark")
+    args = ap.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"benchmarks": {}}
+    if not args.render_only:
+        results["host"] = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+        for name in args.only or BENCHMARKS:
+            python = args.vllm_python if name == "bench_vs_vllm" else sys.executable
+            print(f"running {name} {' '.join(BENCHMARKS[name])} ...", flush=True)
+            results["benchmarks"][name] = res = run_one(name, BENCHMARKS[name], python, args.timeout)
+            print(f"    {res.get('error') or 'ok'} ({res.get('run_s', '?')} s)", flush=True)
+        results["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if write_readme(results, args.readme):
+        print(f"rewrote the figures section of {args.readme}")
+    else:
+        print(f"{args.readme} has no {BEGIN} ... {END} section; nothing rewritten")
+        print(render(results))
+
+
+if __name__ == "__main__":
+    main()
