@@ -29,7 +29,7 @@ def vllm_available() -> str | None:
 
 
 class PagedKVManager:
-    """paged_kv: batched `append` and `step_metadata` over the step's sequence ids."""
+    """paged_kv: one batched `append` and one `StepBatch.step` (persistent metadata) per step."""
 
     name = "paged_kv"
 
@@ -37,6 +37,7 @@ class PagedKVManager:
         spec = pk.CacheSpec(num_layers=32, num_blocks=num_blocks, block_size=block_size,
                             max_blocks_per_seq=max_len // block_size, max_batch_slots=max_seqs, **MODEL)
         self.m = pk.KVCacheManager(spec, prefix_cache=prefix)
+        self.batch = pk.StepBatch(self.m)  # the persistent batch: a step rewrites only what changed
         self._prompts: dict[int, np.ndarray] = {}
 
     def handle(self, rid: int, tokens, length: int = 1) -> int:
@@ -59,7 +60,7 @@ class PagedKVManager:
         self.m.append(hs, 1)
 
     def export(self, hs: list, counts) -> object:
-        return self.m.step_metadata(hs, counts)
+        return self.batch.step(hs, counts)
 
     def release(self, h) -> None:
         self.m.release(h)

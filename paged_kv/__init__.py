@@ -13,7 +13,7 @@ and preemptions without running a model (``paged-kv simulate`` on the command
 line); `paged_kv.sharding` places pages on a device mesh.
 """
 
-from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, slot_step_metadata
+from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, StepBatch, slot_step_metadata
 from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
 from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import (
@@ -103,6 +103,7 @@ __all__ = [
     "PrefixCache",
     "PrefixEvent",
     "PrefixStats",
+    "StepBatch",
     "StepMetadata",
     "SwapRecord",
     "SwappedSequence",

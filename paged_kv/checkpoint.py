@@ -87,8 +87,9 @@ _KNOWN_STATE: dict[type, frozenset[str]] = {
     _Group: frozenset({"window", "pool", "table", "pad_slot"}),  # window, pad_slot follow from the spec
     # cache: the prefix cache (or None), captured as the prefix.* arrays.
     BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"}),
+    # epoch is transient (a change counter for cached batch layouts): a restored table starts at 0.
     PageTable: frozenset(
-        {"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use", "_free_rows"}
+        {"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use", "_free_rows", "epoch"}
     ),
     DecodeSlots: frozenset({"manager", "_seqs", "_slot_of"}),
     # _events and _subscribers belong to the running process: not saved.

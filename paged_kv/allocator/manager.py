@@ -15,6 +15,7 @@ from typing import NewType
 import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
+from paged_kv.allocator.fast_append import fast_append
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
 from paged_kv.allocator.pending_copies import PendingCopies
@@ -176,6 +177,11 @@ class KVCacheManager:
         """The flat slot padding tokens write to: one past the first group's last slot (dropped)."""
         return self.groups[0].pad_slot
 
+    @property
+    def membership_epoch(self) -> int:
+        """Changes whenever a sequence is added or removed (admit, fork, swap in, release)."""
+        return self.groups[0].table.epoch
+
     # ---- queries -------------------------------------------------------------------
     def __contains__(self, seq_id) -> bool:
         # bool and float hash like ints (True == 1.0 == 1): never alias them to an id.
@@ -288,6 +294,9 @@ class KVCacheManager:
         vLLM calls ``slot_mapping``), one row per layer group: ``[num_groups,
         sum(num_tokens)]``. All or nothing.
         """
+        slots = fast_append(self, seq_ids, num_tokens)  # the common decode step; None: not that case
+        if slots is not None:
+            return slots
         seq_ids = _id_list(seq_ids)
         rows, counts = self._rows_and_counts(seq_ids, num_tokens)
         return self._grow(rows, counts, self._plan(rows, counts, seq_ids))

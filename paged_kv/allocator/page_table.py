@@ -33,6 +33,9 @@ class PageTable:
         self.first_block = np.zeros(initial_rows, dtype=np.int32)
         self.in_use = np.zeros(initial_rows, dtype=bool)
         self._free_rows = list(range(initial_rows - 1, -1, -1))
+        # Bumped whenever a row is added or removed: a cached batch layout (see
+        # `StepBatch`) is still valid while it has not moved.
+        self.epoch = 0
 
     @property
     def capacity(self) -> int:
@@ -45,6 +48,7 @@ class PageTable:
             self._grow()
         row = self._free_rows.pop()
         self.in_use[row] = True
+        self.epoch += 1
         return row
 
     def remove_row(self, row: int) -> np.ndarray:
@@ -55,6 +59,7 @@ class PageTable:
         self.num_blocks[row] = 0
         self.first_block[row] = 0
         self.in_use[row] = False
+        self.epoch += 1
         self._free_rows.append(row)
         return blocks
 

@@ -1,0 +1,158 @@
+"""`StepBatch`: step metadata kept across steps, rewritten only where a step changed it.
+
+A serving loop asks for metadata every step, mostly for the same sequences, each one
+token longer. `KVCacheManager.step_metadata` builds every array afresh: its cost
+grows with batch x table width even when a single block changed. A `StepBatch` keeps
+the previous step's arrays (vLLM's model runner keeps a persistent input batch the
+same way) and, when the same sequences decode one token each, writes only what
+moved: each row's length, position and write slot, and the table entries of rows
+that gained a block. Anything else (sequences joining or leaving, prefill rows,
+a different table-width bucket, forked sequences with copy-on-write, sliding-window
+groups) rebuilds through `step_metadata`, so the result is always exactly what
+`step_metadata` would return.
+
+The state is kept per layer group (`_GroupState`), and the step loops over groups:
+each group's tables are updated from its own page table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paged_kv.metadata import StepMetadata, bucket
+
+SMALL_BATCH = 12
+"""Up to this many rows a step is updated element by element in Python: below it,
+numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
+
+
+class _GroupState:
+    """One layer group's view of the batch: its page table and the blocks each row held."""
+
+    __slots__ = ("table", "pad_slot", "num_blocks", "nb_list")
+
+    def __init__(self, group, rows: np.ndarray):
+        self.table = group.table
+        self.pad_slot = group.pad_slot
+        self.num_blocks = group.table.num_blocks[rows]  # per batch row, at the last step
+        self.nb_list = self.num_blocks.tolist()
+
+
+class StepBatch:
+    """A persistent batch over one `KVCacheManager`: `step` returns what
+    `manager.step_metadata` would, reusing the previous step's arrays.
+
+    The returned metadata's arrays belong to the batch and are overwritten by the
+    next `step`: hand them to the device (``meta.to_device()`` copies them) before
+    asking for the next step. `step_metadata` itself is unchanged (fresh arrays).
+    """
+
+    def __init__(self, manager):
+        self.manager = manager
+        self._meta: StepMetadata | None = None
+        self._ids: list | None = None
+        self._rows: np.ndarray | None = None
+        self._row_list: list = []
+        self._epoch = -1
+        self._groups: list[_GroupState] = []
+        self._decode = False  # the last step was a decode step (T == 1, every query_len 1)
+
+    def step(self, seq_ids, num_new_tokens=1) -> StepMetadata:
+        """Metadata for a forward pass over ``seq_ids`` writing their last
+        ``num_new_tokens`` tokens (see `KVCacheManager.step_metadata`)."""
+        if (
+            num_new_tokens == 1
+            and type(num_new_tokens) is int
+            and type(seq_ids) is list
+            and self._decode
+            and self._epoch == self.manager.membership_epoch
+            and seq_ids == self._ids
+            and self._advance()
+        ):
+            return self._meta
+        return self._rebuild(seq_ids, num_new_tokens)
+
+    # ---- rebuild -------------------------------------------------------------------
+    def _rebuild(self, seq_ids, num_new_tokens) -> StepMetadata:
+        m = self.manager
+        meta = m.step_metadata(seq_ids, num_new_tokens)  # validates; raises changing nothing
+        self._meta = meta
+        self._decode = False
+        if type(seq_ids) is not list or not self._incremental_ok():
+            self._ids = None
+            return meta
+        self._ids = list(seq_ids)
+        self._row_list = [m._rows[s] for s in seq_ids]
+        self._rows = np.array(self._row_list, dtype=np.int64)
+        self._epoch = m.membership_epoch
+        self._groups = [_GroupState(g, self._rows) for g in m.groups]
+        self._decode = meta.query_len == 1 and bool(np.all(meta.query_lens[: len(seq_ids)] == 1))
+        return meta
+
+    def _incremental_ok(self) -> bool:
+        """Whether the next decode step may be patched in place: full-attention groups
+        only, and no fork (whose copy-on-write copies ride in the metadata)."""
+        m = self.manager
+        return not m._forked and m.spec.sliding_window is None
+
+    # ---- in-place decode step ---------------------------------------------------------
+    def _advance(self) -> bool:
+        """Patch the last metadata for one more decode step; False: rebuild instead."""
+        if not self._incremental_ok():
+            return False
+        if len(self._row_list) <= SMALL_BATCH:
+            return self._advance_small()
+        return self._advance_vector()
+
+    def _advance_vector(self) -> bool:
+        m, meta, rows = self.manager, self._meta, self._rows
+        n = rows.size
+        bs = m.spec.block_size
+        W = meta.groups[0].block_tables.shape[1]
+        held = [st.table.num_blocks[rows] for st in self._groups]
+        if any(bucket(int(nb.max()), m.spec.max_blocks_per_seq) != W for nb in held):
+            return False
+        kv = m.groups[0].table.kv_lens[rows]
+        meta.kv_lens[:n] = kv
+        pos = kv.astype(np.int64) - 1
+        meta.positions[:n, 0] = pos
+        col, off = pos // bs, pos % bs
+        for st, gm, nb in zip(self._groups, meta.groups, held):
+            grew = np.flatnonzero(nb != st.num_blocks)
+            if grew.size:
+                # Only rows that gained a block since the last step get their table rewritten.
+                gm.block_tables[grew] = st.table.block_tables[rows[grew], :W]
+                st.num_blocks = nb
+            gm.slot_mapping[:n, 0] = st.table.block_tables[rows, col] * bs + off
+        return True
+
+    def _advance_small(self) -> bool:
+        # One group (no sliding layers); element by element, fewest numpy scalar accesses.
+        m, meta = self.manager, self._meta
+        spec = m.spec
+        bs = spec.block_size
+        (st,) = self._groups
+        (gm,) = meta.groups
+        t = st.table
+        kvl, nbl, bt = t.kv_lens, t.num_blocks, t.block_tables
+        tables, slots, kv_out, pos_out = gm.block_tables, gm.slot_mapping, meta.kv_lens, meta.positions
+        W = tables.shape[1]
+        held = st.nb_list
+        widest = 0
+        for b, r in enumerate(self._row_list):
+            kv = int(kvl[r])
+            kv_out[b] = kv
+            pos_out[b, 0] = kv - 1
+            nb = int(nbl[r])
+            if nb != held[b]:
+                if nb > W:
+                    return False  # wider than the table bucket: rebuild
+                tables[b] = bt[r, :W]
+                held[b] = nb
+            widest = nb if nb > widest else widest
+            slots[b, 0] = int(bt[r, (kv - 1) // bs]) * bs + (kv - 1) % bs
+        # The same bucket step_metadata would choose (it shrinks only when rows leave).
+        return bucket(widest, spec.max_blocks_per_seq) == W
+
+
+__all__ = ["SMALL_BATCH", "StepBatch"]
