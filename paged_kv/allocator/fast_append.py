@@ -23,12 +23,18 @@ MAX_TOKENS = 4
 """Tokens per sequence the fast path takes (decode, short speculative drafts)."""
 
 
+def plain(m) -> bool:
+    """No fork, no pending copy-on-write copy, no sliding group: appends and steps touch
+    nothing but lengths, new blocks and slots."""
+    return not m._forked and m.spec.sliding_window is None and not len(m._copies[0])
+
+
 def fast_append(m, seq_ids, num_tokens):
     """Grow each of ``seq_ids`` by ``num_tokens`` like `KVCacheManager.append`, or
     return None (changing nothing) when this case is not the common one."""
     if type(num_tokens) is not int or not 0 < num_tokens <= MAX_TOKENS or type(seq_ids) is not list:
         return None
-    if m._forked or m.spec.sliding_window is not None or not seq_ids:
+    if not seq_ids or not plain(m):
         return None
     rows_of = m._rows
     try:
@@ -132,4 +138,4 @@ def _vector_decode(m, rows: np.ndarray):
     return slots
 
 
-__all__ = ["MAX_TOKENS", "SMALL_APPEND", "fast_append"]
+__all__ = ["MAX_TOKENS", "SMALL_APPEND", "fast_append", "plain"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from paged_kv.allocator.fast_append import plain
 from paged_kv.metadata import StepMetadata, bucket
 
 SMALL_BATCH = 12
@@ -92,17 +93,19 @@ class StepBatch:
     def _incremental_ok(self) -> bool:
         """Whether the next decode step may be patched in place: full-attention groups
         only, and no fork (whose copy-on-write copies ride in the metadata)."""
-        m = self.manager
-        return not m._forked and m.spec.sliding_window is None
+        return plain(self.manager)
 
     # ---- in-place decode step ---------------------------------------------------------
     def _advance(self) -> bool:
         """Patch the last metadata for one more decode step; False: rebuild instead."""
         if not self._incremental_ok():
             return False
-        if len(self._row_list) <= SMALL_BATCH:
-            return self._advance_small()
-        return self._advance_vector()
+        if not (self._advance_small() if len(self._row_list) <= SMALL_BATCH else self._advance_vector()):
+            return False
+        m = self.manager
+        if m.prefix_cache is not None:  # as step_metadata does: commit() learns what this step wrote
+            m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
+        return True
 
     def _advance_vector(self) -> bool:
         m, meta, rows = self.manager, self._meta, self._rows
