@@ -98,11 +98,14 @@ class StepMetadata:
         _register_if_jax()
 
     def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> "StepMetadata":
-        """One transfer of every array (a pytree ``device_put``)."""
+        """One transfer of every array (a pytree ``device_put``).
+
+        The arrays are copied first: on CPU ``device_put`` may alias a numpy buffer,
+        and a `StepBatch` rewrites its buffers in place on the next step."""
         register_pytrees()
         import jax
 
-        return jax.device_put(self, device)
+        return jax.device_put(jax.tree_util.tree_map(np.array, self), device)
 
 
 _registered = False

@@ -113,6 +113,24 @@ class BlockPool:
             self._push(released)
         return released
 
+    def free_distinct(self, ids: np.ndarray) -> np.ndarray:
+        """`free` for ids known to be distinct (one row's blocks): a plain fancy-index
+        decrement instead of ``np.subtract.at`` and ``np.unique``, a few µs per release."""
+        if ids.size == 0:
+            return ids
+        rc = self.ref_counts
+        before = rc[ids]
+        if before.min() <= 0:  # the null block never has an owner, so this catches it too
+            raise PagedKVError(f"double free or free of the null block among {ids.tolist()}")
+        after = before - 1
+        rc[ids] = after
+        released = ids[after == 0]
+        if self.cache is not None and released.size:
+            self._push(released[~self.cache.retain(released)])
+        else:
+            self._push(released)
+        return released
+
     def _push(self, ids: np.ndarray) -> None:
         k = ids.size
         self._free[self._num_free : self._num_free + k] = ids[::-1]

@@ -15,7 +15,7 @@ from typing import NewType
 import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
-from paged_kv.allocator.fast_append import fast_append
+from paged_kv.allocator.hot_path import fast_append, fill_new_row
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
 from paged_kv.allocator.pending_copies import PendingCopies
@@ -283,7 +283,7 @@ class KVCacheManager:
         assert len(rows) == 1, "page-table rows fell out of lockstep"
         row = rows.pop()
         self._rows[seq_id] = row
-        return self._grow(np.array([row]), np.array([n]), self._plan(np.array([row]), np.array([n]), [seq_id]))
+        return fill_new_row(self, row, n, blocks)
 
     def append(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray = 1) -> np.ndarray:
         """Grow each sequence by ``num_tokens`` (an int, or one count per sequence).
@@ -312,7 +312,7 @@ class KVCacheManager:
         self._written.forget(row)
         self._described.pop(row, None)
         # Tail first: the prefix cache then evicts a chain's tail before its parents.
-        freed = sum(int(g.pool.free(g.table.remove_row(row)[::-1]).size) for g in self.groups)
+        freed = sum(int(g.pool.free_distinct(g.table.remove_row(row)[::-1]).size) for g in self.groups)
         self._drop_dead_copies()
         return freed
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_kv.allocator.fast_append import plain
+from paged_kv.allocator.hot_path import plain
 from paged_kv.metadata import StepMetadata, bucket
 
 SMALL_BATCH = 12

@@ -1,5 +1,6 @@
-"""The common `KVCacheManager.append`: every sequence of a step grows by the same few
-tokens, nothing forked, full-attention groups only.
+"""Hot paths of `KVCacheManager`: the common append (every sequence of a step grows by
+the same few tokens, nothing forked, full-attention groups only) and the fill of a
+freshly admitted row.
 
 The general path plans per group with numpy over the whole batch (trims, copy-on-
 write, ragged counts): ~20 numpy calls, tens of µs even for one sequence. Here a
@@ -138,4 +139,22 @@ def _vector_decode(m, rows: np.ndarray):
     return slots
 
 
-__all__ = ["MAX_TOKENS", "SMALL_APPEND", "fast_append", "plain"]
+def fill_new_row(m, row: int, n: int, blocks: int) -> np.ndarray:
+    """Give a new (validated, empty) row ``blocks`` fresh blocks per group holding ``n``
+    tokens; returns their slots ``[num_groups, n]``. What `_plan` + `_grow` do for a
+    row that holds nothing yet -- no trim, no copy-on-write -- without their batch
+    machinery, so an admit costs a few µs."""
+    bs = m.spec.block_size
+    slots = np.empty((len(m.groups), n), dtype=np.int32)
+    offsets = np.arange(bs, dtype=np.int32)
+    for i, g in enumerate(m.groups):
+        ids = g.pool.allocate(blocks)
+        t = g.table
+        t.block_tables[row, :blocks] = ids
+        t.kv_lens[row] = n
+        t.num_blocks[row] = blocks
+        slots[i] = (ids[:, None] * bs + offsets).ravel()[:n]
+    return slots
+
+
+__all__ = ["MAX_TOKENS", "fill_new_row", "SMALL_APPEND", "fast_append", "plain"]
