@@ -4,7 +4,8 @@ loop once: paged_kv's `KVCacheManager` and vLLM v1's `KVCacheManager`.
 Each adapter turns the loop's requests into the manager's own calls, the way that
 manager's scheduler makes them. Everything an adapter method does is what the
 benchmark times for that manager, except `handle` and `after_step` (building a
-request object, the engine's per-token bookkeeping), which run untimed.
+request object, the engine's per-token bookkeeping), which run untimed. paged_kv's
+`commit` (after every forward pass) is timed with the step's export.
 
 vLLM is a benchmark dependency only: import this module's `VllmManager` only when
 `vllm_available()` says so (see ../shared/peers/README.md for a CPU install).
@@ -66,6 +67,10 @@ class PagedKVManager:
         self.m.release(h)
 
     preempt = release
+
+    def commit(self, hs: list) -> None:
+        # The forward pass ran: copy-on-write copies retire, written blocks become hittable.
+        self.m.commit(hs)
 
     def after_step(self, hs: list, counts) -> None:
         pass
@@ -142,6 +147,9 @@ class VllmManager:
         self.m.free(req)
         req.status = self._Status.PREEMPTED
         req.num_computed_tokens = 0
+
+    def commit(self, reqs: list) -> None:
+        pass  # vLLM caches a request's blocks inside allocate_slots (timed there)
 
     def after_step(self, reqs: list, counts) -> None:
         # The engine's bookkeeping after the forward pass: tokens computed, one sampled.

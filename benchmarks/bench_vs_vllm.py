@@ -10,7 +10,8 @@ be identical, so both managers did exactly the same work. Only the managers'
 calls are timed (vLLM: ``new_step_starts``, ``get_computed_blocks`` +
 ``allocate_slots`` per admitted request, ``allocate_slots(req, 1)`` per decoding
 request, ``get_block_ids`` of what they return, ``free``; paged_kv: ``admit``,
-one ``append``, one ``step_metadata``, ``release``). paged_kv's metadata does
+one ``append``, one step's metadata (`StepBatch.step`), ``commit`` after the
+forward pass, ``release``). paged_kv's metadata does
 more than vLLM's block-id export (block tables, slot mapping, positions: work
 vLLM's model runner does later), so the comparison leans towards vLLM.
 
@@ -153,6 +154,7 @@ def serve(mgr, reqs: list[Req], by_arrival: bool, step_s: float = 0.02, budget: 
         t0 = time.perf_counter_ns()
         if hs:
             mgr.export(hs, counts)
+            mgr.commit(hs)  # after the forward pass
         clock.ns["export"] += time.perf_counter_ns() - t0
         mgr.after_step(hs, counts if admitted else [1] * len(hs))
         done = []
@@ -188,6 +190,7 @@ def decode_step_us(make, contexts: np.ndarray, batch: int, episodes: int, steps:
         for h, n in zip(hs, lengths):
             mgr.admit(h, int(n))
         mgr.export(hs, [int(n) for n in lengths])
+        mgr.commit(hs)
         mgr.after_step(hs, [int(n) for n in lengths])
         gc.collect()
         gc.disable()
@@ -196,6 +199,7 @@ def decode_step_us(make, contexts: np.ndarray, batch: int, episodes: int, steps:
                 t0 = time.perf_counter_ns()
                 mgr.decode(hs)
                 mgr.export(hs, 1)
+                mgr.commit(hs)
                 t1 = time.perf_counter_ns()
                 mgr.after_step(hs, [1] * batch)
                 if s >= 2:  # the first steps warm caches and lazily built state
@@ -245,9 +249,11 @@ def prefix_prompts(count: int, seed: int) -> list[np.ndarray]:
 
 def prefix_admit_us(make, prompts: list[np.ndarray]) -> dict:
     mgr = make(8192, prefix=True)
-    for i, p in enumerate(prompts[:4]):  # warm: one request per system prompt, then released
+    for i, p in enumerate(prompts[:4]):  # warm: one request per system prompt, prefilled, then released
         h = mgr.handle(i, p)
         mgr.admit(h, p.size)
+        mgr.export([h], [p.size])
+        mgr.commit([h])
         mgr.release(h)
     hs = [mgr.handle(100 + i, p) for i, p in enumerate(prompts[4:])]
     times, hits = [], []

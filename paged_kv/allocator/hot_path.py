@@ -157,4 +157,20 @@ def fill_new_row(m, row: int, n: int, blocks: int) -> np.ndarray:
     return slots
 
 
-__all__ = ["MAX_TOKENS", "fill_new_row", "SMALL_APPEND", "fast_append", "plain"]
+def nothing_to_commit(m, seq_ids) -> bool:
+    """True when `commit(seq_ids)` has nothing to do -- no copy pending in any group, no
+    prefix cache -- and every id is a plain int the manager holds (anything else:
+    False, and the full commit raises the typed error)."""
+    if m.prefix_cache is not None or type(seq_ids) is not list:
+        return False
+    for copies in m._copies:
+        if len(copies):
+            return False
+    rows_of = m._rows
+    for s in seq_ids:
+        if type(s) is not int or s not in rows_of:
+            return False
+    return True
+
+
+__all__ = ["MAX_TOKENS", "fill_new_row", "nothing_to_commit", "SMALL_APPEND", "fast_append", "plain"]

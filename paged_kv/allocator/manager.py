@@ -15,7 +15,7 @@ from typing import NewType
 import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
-from paged_kv.allocator.hot_path import fast_append, fill_new_row
+from paged_kv.allocator.hot_path import fast_append, fill_new_row, nothing_to_commit
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
 from paged_kv.allocator.pending_copies import PendingCopies
@@ -358,6 +358,8 @@ class KVCacheManager:
         contiguous prefill). `UnknownSequenceError` / `InvalidTokenCountError`,
         changing nothing.
         """
+        if num_tokens is None and nothing_to_commit(self, seq_ids):
+            return  # no copy pending, no prefix cache: a valid commit changes nothing
         seq_ids = _id_list(seq_ids)
         rows = [self._row(s) for s in seq_ids]
         lengths = [None] * len(rows)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from paged_kv.allocator.hot_path import plain
-from paged_kv.metadata import StepMetadata, bucket
+from paged_kv.errors import PagedKVError
+from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
 SMALL_BATCH = 12
 """Up to this many rows a step is updated element by element in Python: below it,
@@ -76,7 +77,9 @@ class StepBatch:
     # ---- rebuild -------------------------------------------------------------------
     def _rebuild(self, seq_ids, num_new_tokens) -> StepMetadata:
         m = self.manager
-        meta = m.step_metadata(seq_ids, num_new_tokens)  # validates; raises changing nothing
+        meta = self._build(seq_ids, num_new_tokens) if self._incremental_ok() else None
+        if meta is None:  # copies, sliding groups, bad input: step_metadata (raises the typed error)
+            meta = m.step_metadata(seq_ids, num_new_tokens)
         self._meta = meta
         self._decode = False
         if type(seq_ids) is not list or not self._incremental_ok():
@@ -89,6 +92,47 @@ class StepBatch:
         self._groups = [_GroupState(g, self._rows) for g in m.groups]
         self._decode = meta.query_len == 1 and bool(np.all(meta.query_lens[: len(seq_ids)] == 1))
         return meta
+
+    def _build(self, seq_ids, num_new_tokens) -> StepMetadata | None:
+        """`step_metadata` for a plain manager (no copies, no sliding group) in O(B x W)
+        gathers plus O(tokens) writes: the [B, T] arrays of a mixed prefill + decode
+        step are filled with their padding in one pass and only real tokens written.
+        None when the input is bad (the caller lets `step_metadata` raise)."""
+        m = self.manager
+        spec = m.spec
+        try:
+            rows, q = m._rows_and_counts(seq_ids, num_new_tokens)
+        except PagedKVError:
+            return None
+        n = rows.size
+        kv = m.groups[0].table.kv_lens[rows]
+        if n > spec.max_batch_slots or np.count_nonzero(q > kv):
+            return None
+        B = bucket(n, spec.max_batch_slots)
+        T = bucket(int(q.max()) if n else 1, spec.max_seq_len)
+        kv_lens = np.zeros(B, dtype=np.int32)
+        kv_lens[:n] = kv
+        query_lens = np.zeros(B, dtype=np.int32)
+        query_lens[:n] = q
+        positions = np.empty((B, T), dtype=np.int32)
+        positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
+        tok_b, pos = _tokens(q, kv)
+        tok_t = pos - (kv - q)[tok_b]
+        positions[tok_b, tok_t] = pos
+        bs = spec.block_size
+        groups = []
+        for g in m.groups:
+            t = g.table
+            W = bucket(int(t.num_blocks[rows].max()) if n else 1, spec.max_blocks_per_seq)
+            tables = np.zeros((B, W), dtype=np.int32)
+            tables[:n] = t.block_tables[rows, :W]
+            slots = np.full((B, T), g.pad_slot, dtype=np.int32)
+            slots[tok_b, tok_t] = t.block_tables[rows[tok_b], pos // bs] * bs + pos % bs
+            empty = np.zeros(0, dtype=np.int32)
+            groups.append(GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty))
+        if m.prefix_cache is not None:  # as step_metadata does: commit() learns what this step wrote
+            m._written.describe(rows.tolist(), kv.tolist())
+        return StepMetadata(kv_lens, query_lens, positions, tuple(groups), spec.pool_signature())
 
     def _incremental_ok(self) -> bool:
         """Whether the next decode step may be patched in place: full-attention groups
@@ -156,6 +200,16 @@ class StepBatch:
             slots[b, 0] = int(bt[r, (kv - 1) // bs]) * bs + (kv - 1) % bs
         # The same bucket step_metadata would choose (it shrinks only when rows leave).
         return bucket(widest, spec.max_blocks_per_seq) == W
+
+
+def _tokens(q: np.ndarray, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batch row and position of every new token: row b's last q[b] of its kv[b]."""
+    if q.size and int(q.max()) <= 1:  # decode rows: at most one token each
+        b = np.flatnonzero(q)
+        return b, kv[b].astype(np.int64) - 1
+    b = np.repeat(np.arange(q.size), q)
+    first = np.repeat(np.cumsum(q) - q, q)
+    return b, np.repeat(kv.astype(np.int64) - q, q) + (np.arange(b.size) - first)
 
 
 __all__ = ["SMALL_BATCH", "StepBatch"]
