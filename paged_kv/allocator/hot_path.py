@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SMALL_APPEND = 8
+SMALL_APPEND = 20
 """Up to this many sequences the append runs per element in Python."""
 MAX_TOKENS = 4
 """Tokens per sequence the fast path takes (decode, short speculative drafts)."""
@@ -48,8 +48,43 @@ def fast_append(m, seq_ids, num_tokens):
     if len(rows) > 1 and len(set(rows)) != len(rows):
         return None  # duplicates: the general path names them
     if len(rows) <= SMALL_APPEND:
-        return _small(m, rows, num_tokens)
+        return _small_decode(m, rows) if num_tokens == 1 else _small(m, rows, num_tokens)
     return _vector(m, np.array(rows, dtype=np.int64), num_tokens)
+
+
+def _small_decode(m, rows: list):
+    """One token each, element by element: a row takes a block when its length is a
+    block multiple. Blocks go to rows in the order given, as in the general path."""
+    spec = m.spec
+    bs, limit = spec.block_size, spec.max_seq_len
+    (g,) = m.groups  # no sliding layers: one full-attention group
+    t = g.table
+    kv, bt, nbl = t.kv_lens, t.block_tables, t.num_blocks
+    old = [kv.item(r) for r in rows]
+    need = 0
+    for o in old:
+        if o >= limit:
+            return None
+        if o % bs == 0:
+            need += 1
+    if need:
+        if need > g.pool.num_free:
+            return None
+        ids = g.pool.allocate(need).tolist()
+        k = 0
+    out = []
+    for r, o in zip(rows, old):
+        kv[r] = o + 1
+        off = o % bs
+        if off:
+            out.append(bt.item(r, o // bs) * bs + off)
+        else:
+            b = ids[k]
+            k += 1
+            bt[r, o // bs] = b
+            nbl[r] = o // bs + 1
+            out.append(b * bs)
+    return np.array([out], dtype=np.int32)
 
 
 def _small(m, rows: list, n: int):

@@ -23,7 +23,7 @@ from paged_kv.allocator.hot_path import plain
 from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
-SMALL_BATCH = 12
+SMALL_BATCH = 24
 """Up to this many rows a step is updated element by element in Python: below it,
 numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
 
@@ -96,7 +96,8 @@ class StepBatch:
     def _build(self, seq_ids, num_new_tokens) -> StepMetadata | None:
         """`step_metadata` for a plain manager (no copies, no sliding group) in O(B x W)
         gathers plus O(tokens) writes: the [B, T] arrays of a mixed prefill + decode
-        step are filled with their padding in one pass and only real tokens written.
+        step are filled with their padding in one pass, decode rows are written
+        vectorized and each prefill row as one contiguous run.
         None when the input is bad (the caller lets `step_metadata` raise)."""
         m = self.manager
         spec = m.spec
@@ -116,10 +117,12 @@ class StepBatch:
         query_lens[:n] = q
         positions = np.empty((B, T), dtype=np.int32)
         positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
-        tok_b, pos = _tokens(q, kv)
-        tok_t = pos - (kv - q)[tok_b]
-        positions[tok_b, tok_t] = pos
+        one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
+        many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
+        last = kv.astype(np.int64) - 1
+        positions[one, 0] = last[one]
         bs = spec.block_size
+        offsets = np.arange(bs, dtype=np.int64)
         groups = []
         for g in m.groups:
             t = g.table
@@ -127,9 +130,17 @@ class StepBatch:
             tables = np.zeros((B, W), dtype=np.int32)
             tables[:n] = t.block_tables[rows, :W]
             slots = np.full((B, T), g.pad_slot, dtype=np.int32)
-            slots[tok_b, tok_t] = t.block_tables[rows[tok_b], pos // bs] * bs + pos % bs
+            slots[one, 0] = t.block_tables[rows[one], last[one] // bs] * bs + last[one] % bs
+            for b in many:
+                qb, first = int(q[b]), int(kv[b]) - int(q[b])
+                blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
+                run = (blocks[:, None] * bs + offsets).ravel()
+                slots[b, :qb] = run[first % bs : first % bs + qb]
             empty = np.zeros(0, dtype=np.int32)
             groups.append(GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty))
+        for b in many:
+            first = int(kv[b]) - int(q[b])
+            positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
         if m.prefix_cache is not None:  # as step_metadata does: commit() learns what this step wrote
             m._written.describe(rows.tolist(), kv.tolist())
         return StepMetadata(kv_lens, query_lens, positions, tuple(groups), spec.pool_signature())
@@ -187,29 +198,20 @@ class StepBatch:
         held = st.nb_list
         widest = 0
         for b, r in enumerate(self._row_list):
-            kv = int(kvl[r])
+            kv = kvl.item(r)
             kv_out[b] = kv
             pos_out[b, 0] = kv - 1
-            nb = int(nbl[r])
+            nb = nbl.item(r)
             if nb != held[b]:
                 if nb > W:
                     return False  # wider than the table bucket: rebuild
                 tables[b] = bt[r, :W]
                 held[b] = nb
-            widest = nb if nb > widest else widest
-            slots[b, 0] = int(bt[r, (kv - 1) // bs]) * bs + (kv - 1) % bs
+            if nb > widest:
+                widest = nb
+            slots[b, 0] = bt.item(r, (kv - 1) // bs) * bs + (kv - 1) % bs
         # The same bucket step_metadata would choose (it shrinks only when rows leave).
         return bucket(widest, spec.max_blocks_per_seq) == W
-
-
-def _tokens(q: np.ndarray, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Batch row and position of every new token: row b's last q[b] of its kv[b]."""
-    if q.size and int(q.max()) <= 1:  # decode rows: at most one token each
-        b = np.flatnonzero(q)
-        return b, kv[b].astype(np.int64) - 1
-    b = np.repeat(np.arange(q.size), q)
-    first = np.repeat(np.cumsum(q) - q, q)
-    return b, np.repeat(kv.astype(np.int64) - q, q) + (np.arange(b.size) - first)
 
 
 __all__ = ["SMALL_BATCH", "StepBatch"]
