@@ -1,0 +1,266 @@
+"""The host hot path gives exactly what the general path gives.
+
+`StepBatch.step` must equal `KVCacheManager.step_metadata` array for array, and the
+fast `append` / `admit` / `release` / `commit` must leave the manager exactly as the
+general code would (same slots, same block ids in the same order, same free list),
+raise the same typed errors and change nothing when they raise. Each comparison
+runs with the small-batch (per-element) and the vectorized variants forced.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+import paged_kv as pk
+from paged_kv.allocator import hot_path, manager as manager_mod, step_batch
+
+FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len")
+
+
+def spec(sliding: bool = False, num_blocks: int = 3000) -> pk.CacheSpec:
+    extra = dict(sliding_window=8, sliding_layers=(1,)) if sliding else {}
+    return pk.CacheSpec(num_layers=2, num_blocks=num_blocks, block_size=4, max_blocks_per_seq=64,
+                        max_batch_slots=64, num_kv_heads=1, head_dim=8, **extra)
+
+
+def assert_same_metadata(a: pk.StepMetadata, b: pk.StepMetadata) -> None:
+    assert a.built_for == b.built_for
+    for name in ("kv_lens", "query_lens", "positions"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y), name
+    assert len(a.groups) == len(b.groups)
+    for ga, gb in zip(a.groups, b.groups):
+        for name in FIELDS:
+            x, y = getattr(ga, name), getattr(gb, name)
+            assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+@pytest.fixture(params=["small", "vector"])
+def variant(request, monkeypatch):
+    """Force the per-element or the vectorized variant of every fast path."""
+    size = 10**6 if request.param == "small" else 0
+    monkeypatch.setattr(hot_path, "SMALL_APPEND", size)
+    monkeypatch.setattr(step_batch, "SMALL_BATCH", size)
+    return request.param
+
+
+def _random_steps(m: pk.KVCacheManager, rng: random.Random, steps: int, fork: bool = False):
+    """Yield (seq_ids, counts) for a churning continuous batch, mutating ``m``."""
+    ids: list[int] = []
+    nxt = 0
+    for _ in range(steps):
+        r = rng.random()
+        counts = 1
+        if r < 0.06 and len(ids) < 40:
+            m.admit(nxt, rng.randint(1, 30))
+            m.append(ids, 1)
+            ids.append(nxt)
+            counts = [1] * (len(ids) - 1) + [m.kv_len(nxt)]
+            nxt += 1
+        elif r < 0.09 and ids:
+            m.release(ids.pop(rng.randrange(len(ids))))
+            continue
+        elif r < 0.11 and ids:
+            counts = [rng.randint(0, 3) for _ in ids]
+            m.append(ids, counts)
+        elif fork and r < 0.12 and ids and m.num_free_blocks > 100:
+            m.fork(rng.choice(ids), nxt)
+            ids.append(nxt)
+            nxt += 1
+            continue
+        else:
+            if not ids:
+                continue
+            for s in [s for s in ids if m.kv_len(s) > 200]:
+                ids.remove(s)
+                m.release(s)
+            if not ids:
+                continue
+            m.append(ids, 1)
+        yield list(ids), counts
+
+
+@pytest.mark.parametrize("kind", ["plain", "prefix", "sliding", "fork"])
+def test_step_batch_equals_step_metadata(kind, variant):
+    rng = random.Random(hash((kind, variant)) & 0xFFFF)
+    m = pk.KVCacheManager(spec(sliding=kind == "sliding"), prefix_cache=kind == "prefix")
+    batch = pk.StepBatch(m)
+    advanced = 0
+    for ids, counts in _random_steps(m, rng, 700, fork=kind == "fork"):
+        before = batch._meta
+        expected = m.step_metadata(ids, counts)
+        got = batch.step(ids, counts)
+        assert_same_metadata(got, expected)
+        advanced += got is before
+        m.commit(ids)
+        m.check_integrity()
+    if kind in ("plain", "prefix"):
+        assert advanced > 200, "the in-place decode step was never taken"
+
+
+def test_step_batch_reuses_its_buffers_and_rebuilds_on_change():
+    m = pk.KVCacheManager(spec())
+    batch = pk.StepBatch(m)
+    for s in range(3):
+        m.admit(s, 9 + s)  # 3 blocks of 4 each, 4 after the appends: one table-width bucket
+    first = batch.step([0, 1, 2], [9, 10, 11])
+    m.append([0, 1, 2], 1)
+    decode = batch.step([0, 1, 2], 1)  # prefill -> decode: new shapes
+    m.append([0, 1, 2], 1)
+    again = batch.step([0, 1, 2], 1)
+    assert again is decode and decode is not first  # same buffers, patched in place
+    m.release(1)
+    m.admit(1, 3)  # same id, another row: the layout is stale
+    m.append([0, 2], 1)
+    after = batch.step([0, 1, 2], [1, 1, 3])
+    assert after is not decode
+    assert_same_metadata(after, m.step_metadata([0, 1, 2], [1, 1, 3]))
+
+
+def test_step_batch_bad_input_raises_like_step_metadata():
+    m = pk.KVCacheManager(spec())
+    batch = pk.StepBatch(m)
+    m.admit(0, 4)
+    for ids, n, err in (([9], 1, pk.UnknownSequenceError), ([0, 0], 1, pk.DuplicateSequenceError),
+                        ([0], 5, pk.InvalidTokenCountError), ([True], 1, pk.UnknownSequenceError),
+                        ([0], -1, pk.InvalidTokenCountError)):
+        with pytest.raises(err):
+            m.step_metadata(ids, n)
+        with pytest.raises(err):
+            batch.step(ids, n)
+
+
+def test_to_device_copies_persistent_buffers():
+    jax = pytest.importorskip("jax")
+    m = pk.KVCacheManager(spec())
+    batch = pk.StepBatch(m)
+    m.admit(0, 5)
+    batch.step([0], 5)
+    m.append([0], 1)
+    meta = batch.step([0], 1)
+    on_device = meta.to_device()
+    m.append([0], 1)
+    assert batch.step([0], 1) is meta and int(meta.kv_lens[0]) == 7  # patched in place
+    assert int(jax.device_get(on_device.kv_lens)[0]) == 6  # the device copy kept its step
+
+
+def _general_only(monkeypatch):
+    monkeypatch.setattr(manager_mod, "fast_append", lambda *args: None)
+
+
+def _twin_managers(monkeypatch, prefix=False):
+    """Two identical managers; the second always takes the general append path."""
+    fast, slow = pk.KVCacheManager(spec(num_blocks=400), prefix_cache=prefix), pk.KVCacheManager(
+        spec(num_blocks=400), prefix_cache=prefix)  # small pools: appends run out of blocks too
+    general = manager_mod.KVCacheManager.append
+
+    def slow_append(self, seq_ids, num_tokens=1):
+        with monkeypatch.context() as mp:
+            _general_only(mp)
+            return general(self, seq_ids, num_tokens)
+
+    slow.append = slow_append.__get__(slow)
+    return fast, slow
+
+
+def _state(m):
+    return m.snapshot(), m.pool._free[: m.pool._num_free].tobytes()
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_fast_append_matches_the_general_path(variant, monkeypatch, prefix):
+    fast, slow = _twin_managers(monkeypatch, prefix)
+    rng = random.Random(7)
+    ids: list[int] = []
+    for step in range(600):
+        if rng.random() < 0.08 or not ids:
+            n = rng.randint(1, 40)
+            if fast.can_admit(n) and len(ids) < 30:
+                for m in (fast, slow):
+                    m.admit(step, n)
+                ids.append(step)
+            continue
+        if rng.random() < 0.06:
+            s = ids.pop(rng.randrange(len(ids)))
+            for m in (fast, slow):
+                m.release(s)
+            continue
+        batch = rng.sample(ids, rng.randint(1, len(ids)))
+        n = rng.choice([1, 1, 1, 2, 4])
+        outcome = []
+        for m in (fast, slow):
+            try:
+                outcome.append(m.append(batch, n))
+            except pk.PagedKVError as exc:
+                outcome.append(type(exc))
+        if isinstance(outcome[0], type):
+            assert outcome[0] is outcome[1]
+            s = max(ids, key=fast.kv_len)
+            ids.remove(s)
+            for m in (fast, slow):
+                m.release(s)
+        else:
+            assert np.array_equal(outcome[0], outcome[1]) and outcome[0].dtype == outcome[1].dtype
+        assert _state(fast) == _state(slow)
+        fast.check_integrity()
+
+
+@pytest.mark.parametrize("bad", [[7], [0, 0], [True], [0.0], np.array([0])])
+def test_fast_append_bad_ids_raise_the_general_errors(bad, variant):
+    m = pk.KVCacheManager(spec())
+    m.admit(0, 3)
+    before = _state(m)
+    expected = {7: pk.UnknownSequenceError}
+    if isinstance(bad, np.ndarray):
+        m.append(bad, 1)  # numpy ids are valid: the general path takes them
+        assert m.kv_len(0) == 4
+        return
+    with pytest.raises(pk.PagedKVError) as info:
+        m.append(bad, 1)
+    assert isinstance(info.value, expected.get(bad[0], pk.PagedKVError))
+    assert _state(m) == before
+
+
+def test_fast_append_out_of_blocks_and_too_long_change_nothing(variant):
+    m = pk.KVCacheManager(pk.CacheSpec(num_layers=1, num_blocks=9, block_size=4, max_blocks_per_seq=8,
+                                       num_kv_heads=1, head_dim=8))  # 8 usable blocks of 4 tokens
+    m.admit(0, 16)
+    m.admit(1, 16)
+    before = _state(m)
+    with pytest.raises(pk.OutOfBlocksError):
+        m.append([0, 1], 1)  # both need a block, none is free
+    assert _state(m) == before
+    big = pk.KVCacheManager(pk.CacheSpec(num_layers=1, num_blocks=64, block_size=4, max_blocks_per_seq=2,
+                                         num_kv_heads=1, head_dim=8))
+    big.admit(0, 8)
+    before = _state(big)
+    with pytest.raises(pk.SequenceTooLongError):
+        big.append([0], 1)
+    assert _state(big) == before
+
+
+def test_admit_and_release_keep_block_order_and_integrity():
+    m = pk.KVCacheManager(spec(num_blocks=65))
+    slots = m.admit(0, 10)
+    table = m.block_table(0)
+    assert np.array_equal(slots[0], (table[:, None] * 4 + np.arange(4)).ravel()[:10])
+    m.admit(1, 7)
+    free_before = m.pool._free[: m.pool._num_free].copy()
+    assert m.release(0) == 3
+    # Released tail first, as the general free does: the last block is handed out last.
+    assert np.array_equal(m.pool._free[: m.pool._num_free], np.concatenate([free_before, table]))
+    m.check_integrity()
+    with pytest.raises(pk.UnknownSequenceError):
+        m.release(0)
+
+
+def test_commit_fast_check_still_rejects_bad_ids():
+    m = pk.KVCacheManager(spec())
+    m.admit(0, 3)
+    m.commit([0])
+    for bad, err in (([5], pk.UnknownSequenceError), ([True], pk.UnknownSequenceError)):
+        with pytest.raises(err):
+            m.commit(bad)
