@@ -30,7 +30,7 @@ def vllm_available() -> str | None:
 
 
 class PagedKVManager:
-    """paged_kv: one batched `append` and one `StepBatch.step` (persistent metadata) per step."""
+    """paged_kv: a persistent `StepBatch`: `decode` (append + metadata in one pass), `step` when rows join."""
 
     name = "paged_kv"
 
@@ -40,6 +40,7 @@ class PagedKVManager:
         self.m = pk.KVCacheManager(spec, prefix_cache=prefix)
         self.batch = pk.StepBatch(self.m)  # the persistent batch: a step rewrites only what changed
         self._prompts: dict[int, np.ndarray] = {}
+        self._decoded = None
 
     def handle(self, rid: int, tokens, length: int = 1) -> int:
         if tokens is not None:
@@ -58,10 +59,14 @@ class PagedKVManager:
         return self.m.admit_prompt(h, tokens)
 
     def decode(self, hs: list) -> None:
-        self.m.append(hs, 1)
+        # Append one token each and describe that step (one fused pass when the batch is unchanged).
+        self._decoded = self.batch.decode(hs)
 
     def export(self, hs: list, counts) -> object:
-        return self.batch.step(hs, counts)
+        meta, self._decoded = self._decoded, None
+        if counts == 1 and meta is not None:
+            return meta  # nobody joined: the decode step's metadata is the step's
+        return self.batch.step(hs, counts)  # prefill rows joined: describe the mixed step
 
     def release(self, h) -> None:
         self.m.release(h)

@@ -264,3 +264,45 @@ def test_commit_fast_check_still_rejects_bad_ids():
     for bad, err in (([5], pk.UnknownSequenceError), ([True], pk.UnknownSequenceError)):
         with pytest.raises(err):
             m.commit(bad)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_fused_decode_equals_append_then_step_metadata(variant, prefix):
+    rng = random.Random(11)
+    fused = pk.KVCacheManager(spec(num_blocks=500), prefix_cache=prefix)
+    plain = pk.KVCacheManager(spec(num_blocks=500), prefix_cache=prefix)
+    batch = pk.StepBatch(fused)
+    ids: list[int] = []
+    for step in range(800):
+        if rng.random() < 0.05 and len(ids) < 30 and fused.can_admit(20):
+            n = rng.randint(1, 20)
+            for m in (fused, plain):
+                m.admit(step, n)
+            ids.append(step)
+            assert_same_metadata(batch.step(list(ids), [1] * (len(ids) - 1) + [n]),
+                                 plain.step_metadata(list(ids), [1] * (len(ids) - 1) + [n]))
+            continue
+        if not ids:
+            continue
+        outcome = []
+        try:
+            outcome.append(batch.decode(list(ids)))
+        except pk.PagedKVError as exc:
+            outcome.append(type(exc))
+        try:
+            plain.append(list(ids), 1)
+            outcome.append(plain.step_metadata(list(ids), 1))
+        except pk.PagedKVError as exc:
+            outcome.append(type(exc))
+        if isinstance(outcome[0], type):
+            assert outcome[0] is outcome[1]
+            s = max(ids, key=fused.kv_len)
+            ids.remove(s)
+            for m in (fused, plain):
+                m.release(s)
+        else:
+            assert_same_metadata(*outcome)
+        for m in (fused, plain):
+            m.commit(list(ids))
+        assert _state(fused) == _state(plain)
+        fused.check_integrity()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_kv.allocator.hot_path import plain
+from paged_kv.allocator.hot_path import _vector_decode, plain
 from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
@@ -73,6 +73,77 @@ class StepBatch:
         ):
             return self._meta
         return self._rebuild(seq_ids, num_new_tokens)
+
+    def decode(self, seq_ids) -> StepMetadata:
+        """``manager.append(seq_ids, 1)`` then ``step(seq_ids, 1)``, in one pass when the
+        batch is the last step's: rows known, no id lookups, each row's length, new
+        block and metadata written together. All or nothing like `append`."""
+        m = self.manager
+        if (
+            type(seq_ids) is list
+            and self._decode
+            and self._epoch == m.membership_epoch
+            and seq_ids == self._ids
+            and self._incremental_ok()
+        ):
+            if len(self._row_list) <= SMALL_BATCH:
+                grown = self._decode_small()
+            else:
+                grown = None if _vector_decode(m, self._rows) is None else self._advance_vector()
+            if grown is not None:  # the append happened; False: patch impossible, rebuild
+                if grown and m.prefix_cache is not None:
+                    m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
+                return self._meta if grown else self._rebuild(seq_ids, 1)
+        m.append(seq_ids, 1)
+        return self.step(seq_ids, 1)
+
+    def _decode_small(self) -> bool | None:
+        """Fused small decode; None: not possible (nothing changed), False: appended but
+        the table outgrew its width bucket (the caller rebuilds)."""
+        m, meta = self.manager, self._meta
+        spec = m.spec
+        bs, limit = spec.block_size, spec.max_seq_len
+        (g,) = m.groups
+        (st,) = self._groups
+        (gm,) = meta.groups
+        t = g.table
+        kvl, nbl, bt = t.kv_lens, t.num_blocks, t.block_tables
+        rows = self._row_list
+        old = [kvl.item(r) for r in rows]
+        need = 0
+        for o in old:
+            if o >= limit:
+                return None
+            if o % bs == 0:
+                need += 1
+        if need:
+            if need > g.pool.num_free:
+                return None
+            ids = g.pool.allocate(need).tolist()
+            k = 0
+        tables, slots, kv_out, pos_out = gm.block_tables, gm.slot_mapping, meta.kv_lens, meta.positions
+        W = tables.shape[1]
+        held = st.nb_list
+        fits = True
+        for b, (r, o) in enumerate(zip(rows, old)):
+            kvl[r] = o + 1
+            col, off = divmod(o, bs)
+            if off:
+                blk = bt.item(r, col)
+            else:  # a new block, as append hands them out: in row order
+                blk = ids[k]
+                k += 1
+                bt[r, col] = blk
+                nbl[r] = col + 1
+                held[b] = col + 1
+                if col < W:
+                    tables[b, col] = blk
+                else:
+                    fits = False
+            kv_out[b] = o + 1
+            pos_out[b, 0] = o
+            slots[b, 0] = blk * bs + off
+        return fits
 
     # ---- rebuild -------------------------------------------------------------------
     def _rebuild(self, seq_ids, num_new_tokens) -> StepMetadata:
