@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_kv.allocator.hot_path import _vector_decode, plain
+from paged_kv.allocator.hot_path import plain
 from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
@@ -89,7 +89,7 @@ class StepBatch:
             if len(self._row_list) <= SMALL_BATCH:
                 grown = self._decode_small()
             else:
-                grown = None if _vector_decode(m, self._rows) is None else self._advance_vector()
+                grown = self._decode_vector()
             if grown is not None:  # the append happened; False: patch impossible, rebuild
                 if grown and m.prefix_cache is not None:
                     m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
@@ -143,6 +143,42 @@ class StepBatch:
             kv_out[b] = o + 1
             pos_out[b, 0] = o
             slots[b, 0] = blk * bs + off
+        return fits
+
+    def _decode_vector(self) -> bool | None:
+        """Fused decode over many rows, vectorized (same contract as `_decode_small`)."""
+        m, meta, rows = self.manager, self._meta, self._rows
+        spec = m.spec
+        bs = spec.block_size
+        (g,) = m.groups
+        (st,) = self._groups
+        (gm,) = meta.groups
+        t = g.table
+        old = t.kv_lens[rows]
+        if np.count_nonzero(old >= spec.max_seq_len):
+            return None
+        col, off = np.divmod(old, bs)
+        grew = (off == 0).nonzero()[0]
+        fits = True
+        if grew.size:
+            if grew.size > g.pool.num_free:
+                return None
+            ids = g.pool.allocate(grew.size)
+            at, cols = rows[grew], col[grew]
+            t.block_tables[at, cols] = ids
+            t.num_blocks[at] = cols + 1
+            st.num_blocks[grew] = cols + 1
+            W = gm.block_tables.shape[1]
+            if np.count_nonzero(cols >= W):
+                fits = False
+            else:
+                gm.block_tables[grew, cols] = ids
+        new = old + 1
+        t.kv_lens[rows] = new
+        n = rows.size
+        meta.kv_lens[:n] = new
+        meta.positions[:n, 0] = old
+        gm.slot_mapping[:n, 0] = t.block_tables[rows, col] * bs + off
         return fits
 
     # ---- rebuild -------------------------------------------------------------------
