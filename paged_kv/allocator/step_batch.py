@@ -233,9 +233,9 @@ class StepBatch:
         groups = []
         for g in m.groups:
             t = g.table
-            W = bucket(int(t.num_blocks[rows].max()) if n else 1, spec.max_blocks_per_seq)
-            tables = np.zeros((B, W), dtype=np.int32)
-            tables[:n] = t.block_tables[rows, :W]
+            widest = int(t.num_blocks[rows].max()) if n else 0
+            tables = np.zeros((B, bucket(widest, spec.max_blocks_per_seq)), dtype=np.int32)
+            tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
             slots = np.full((B, T), g.pad_slot, dtype=np.int32)
             slots[one, 0] = t.block_tables[rows[one], last[one] // bs] * bs + last[one] % bs
             for b in many:
