@@ -189,7 +189,11 @@ def test_fast_append_matches_the_general_path(variant, monkeypatch, prefix):
                 m.release(s)
             continue
         batch = rng.sample(ids, rng.randint(1, len(ids)))
-        n = rng.choice([1, 1, 1, 2, 4])
+        n = rng.choice([1, 1, 1, 2, 4, "array", "ragged"])
+        if n == "array":  # one count repeated, as a simulator passes it
+            n = np.full(len(batch), rng.choice([1, 2]), dtype=np.int64)
+        elif n == "ragged":
+            n = np.array([rng.randint(0, 3) for _ in batch])
         outcome = []
         for m in (fast, slow):
             try:

@@ -30,10 +30,23 @@ def plain(m) -> bool:
     return not m._forked and m.spec.sliding_window is None and not len(m._copies[0])
 
 
+def _uniform_count(counts, n: int) -> int | None:
+    """The one count a per-sequence integer array repeats (a simulator's decode step
+    passes ``[1] * n`` as an array), else None."""
+    if not isinstance(counts, np.ndarray) or counts.shape != (n,) or counts.dtype.kind not in "iu" or not n:
+        return None
+    first = counts.item(0)
+    return None if np.count_nonzero(counts != first) else int(first)
+
+
 def fast_append(m, seq_ids, num_tokens):
     """Grow each of ``seq_ids`` by ``num_tokens`` like `KVCacheManager.append`, or
     return None (changing nothing) when this case is not the common one."""
-    if type(num_tokens) is not int or not 0 < num_tokens <= MAX_TOKENS or type(seq_ids) is not list:
+    if type(seq_ids) is not list:
+        return None
+    if type(num_tokens) is not int:
+        num_tokens = _uniform_count(num_tokens, len(seq_ids))
+    if num_tokens is None or not 0 < num_tokens <= MAX_TOKENS:
         return None
     if not seq_ids or not plain(m):
         return None
