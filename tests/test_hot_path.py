@@ -310,3 +310,17 @@ def test_fused_decode_equals_append_then_step_metadata(variant, prefix):
             m.commit(list(ids))
         assert _state(fused) == _state(plain)
         fused.check_integrity()
+
+
+def test_a_bool_id_equal_to_the_last_batch_never_aliases():
+    m = pk.KVCacheManager(spec())
+    batch = pk.StepBatch(m)
+    m.admit(1, 5)
+    batch.step([1], 5)
+    m.append([1], 1)
+    batch.step([1], 1)
+    before = _state(m)
+    for call in (lambda: batch.step([True], 1), lambda: batch.decode([True]), lambda: m.append([True], 1)):
+        with pytest.raises(pk.UnknownSequenceError):
+            call()
+        assert _state(m) == before

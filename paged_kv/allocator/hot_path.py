@@ -16,6 +16,8 @@ small path serves the one-group case (no sliding layers), the one that is hot.
 
 from __future__ import annotations
 
+from operator import is_
+
 import numpy as np
 
 SMALL_APPEND = 20
@@ -28,6 +30,21 @@ def plain(m) -> bool:
     """No fork, no pending copy-on-write copy, no sliding group: appends and steps touch
     nothing but lengths, new blocks and slots."""
     return not m._forked and m.spec.sliding_window is None and not len(m._copies[0])
+
+
+def same_ids(ids: list, last: list | None) -> bool:
+    """``ids`` names exactly the sequences ``last`` named, element for element.
+
+    ``==`` alone is not enough: ``[True] == [1]`` (and ``1.0 == 1``), and an alias
+    must reach the general path's typed error, never act on sequence 1. The same
+    int objects (a scheduler reusing its ids) pass by identity; otherwise every
+    element must be a plain int.
+    """
+    return (
+        last is not None
+        and ids == last
+        and (all(map(is_, ids, last)) or set(map(type, ids)) <= {int})
+    )
 
 
 def _uniform_count(counts, n: int) -> int | None:
@@ -221,4 +238,4 @@ def nothing_to_commit(m, seq_ids) -> bool:
     return True
 
 
-__all__ = ["MAX_TOKENS", "fill_new_row", "nothing_to_commit", "SMALL_APPEND", "fast_append", "plain"]
+__all__ = ["MAX_TOKENS", "fill_new_row", "nothing_to_commit", "same_ids", "SMALL_APPEND", "fast_append", "plain"]

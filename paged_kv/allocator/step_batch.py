@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from paged_kv.allocator.hot_path import plain
+from paged_kv.allocator.hot_path import plain, same_ids
 from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
@@ -68,7 +68,7 @@ class StepBatch:
             and type(seq_ids) is list
             and self._decode
             and self._epoch == self.manager.membership_epoch
-            and seq_ids == self._ids
+            and same_ids(seq_ids, self._ids)
             and self._advance()
         ):
             return self._meta
@@ -83,7 +83,7 @@ class StepBatch:
             type(seq_ids) is list
             and self._decode
             and self._epoch == m.membership_epoch
-            and seq_ids == self._ids
+            and same_ids(seq_ids, self._ids)
             and self._incremental_ok()
         ):
             if len(self._row_list) <= SMALL_BATCH:
