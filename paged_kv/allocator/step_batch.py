@@ -24,6 +24,9 @@ from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
 SMALL_BATCH = 24
+SCALAR_ROWS = 6
+"""Up to this many rows the small decode writes numpy scalars one by one; above it,
+Python lists written in one call per array."""
 """Up to this many rows a step is updated element by element in Python: below it,
 numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
 
@@ -56,21 +59,15 @@ class StepBatch:
         self._rows: np.ndarray | None = None
         self._row_list: list = []
         self._epoch = -1
+        self._table0 = manager.groups[0].table
+        self._hot: tuple = ()
         self._groups: list[_GroupState] = []
         self._decode = False  # the last step was a decode step (T == 1, every query_len 1)
 
     def step(self, seq_ids, num_new_tokens=1) -> StepMetadata:
         """Metadata for a forward pass over ``seq_ids`` writing their last
         ``num_new_tokens`` tokens (see `KVCacheManager.step_metadata`)."""
-        if (
-            num_new_tokens == 1
-            and type(num_new_tokens) is int
-            and type(seq_ids) is list
-            and self._decode
-            and self._epoch == self.manager.membership_epoch
-            and same_ids(seq_ids, self._ids)
-            and self._advance()
-        ):
+        if num_new_tokens == 1 and type(num_new_tokens) is int and self._same_batch(seq_ids) and self._advance():
             return self._meta
         return self._rebuild(seq_ids, num_new_tokens)
 
@@ -78,72 +75,119 @@ class StepBatch:
         """``manager.append(seq_ids, 1)`` then ``step(seq_ids, 1)``, in one pass when the
         batch is the last step's: rows known, no id lookups, each row's length, new
         block and metadata written together. All or nothing like `append`."""
-        m = self.manager
-        if (
-            type(seq_ids) is list
-            and self._decode
-            and self._epoch == m.membership_epoch
-            and same_ids(seq_ids, self._ids)
-            and self._incremental_ok()
-        ):
-            if len(self._row_list) <= SMALL_BATCH:
-                grown = self._decode_small()
-            else:
-                grown = self._decode_vector()
+        if self._same_batch(seq_ids):
+            grown = self._decode_small() if len(self._row_list) <= SMALL_BATCH else self._decode_vector()
             if grown is not None:  # the append happened; False: patch impossible, rebuild
+                m = self.manager
                 if grown and m.prefix_cache is not None:
                     m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
                 return self._meta if grown else self._rebuild(seq_ids, 1)
-        m.append(seq_ids, 1)
+        self.manager.append(seq_ids, 1)
         return self.step(seq_ids, 1)
+
+    def _same_batch(self, seq_ids) -> bool:
+        """``seq_ids`` is the last step's batch, nobody joined or left the manager since,
+        and the metadata is in decode shape (converted from a prefill step if need be).
+
+        The layout is kept only for a plain manager (`hot_path.plain`), and it stays
+        plain while no row is added: only a fork makes copies, and a fork adds a row.
+        """
+        if type(seq_ids) is not list or self._table0.epoch != self._epoch or not same_ids(seq_ids, self._ids):
+            return False
+        if not self._decode:
+            self._to_decode()
+        return True
+
+    def _to_decode(self) -> None:
+        """The last step had prefill rows (T > 1): the same rows decoding need [B, 1]
+        positions and slots; tables, lengths and starts carry over."""
+        meta = self._meta
+        n, B = len(self._row_list), meta.batch_size
+        query_lens = np.zeros(B, dtype=np.int32)
+        query_lens[:n] = 1
+        groups = tuple(
+            GroupMetadata(gm.block_tables, np.full((B, 1), g.pad_slot, dtype=np.int32), gm.start, gm.copy_src,
+                          gm.copy_dst, gm.copy_len)
+            for g, gm in zip(self.manager.groups, meta.groups)
+        )
+        # Real rows' positions and slots are written by the advance; padding rows stay 0 / dropped.
+        self._meta = StepMetadata(meta.kv_lens, query_lens, np.zeros((B, 1), dtype=np.int32), groups, meta.built_for)
+        self._decode = True
+        self._hot = self._hot_refs()
 
     def _decode_small(self) -> bool | None:
         """Fused small decode; None: not possible (nothing changed), False: appended but
         the table outgrew its width bucket (the caller rebuilds)."""
+        kvl, bt, kv_out, pos_col, slot_col, bs, limit = self._hot
+        rows = self._row_list
+        n = len(rows)
+        old = [kvl.item(r) for r in rows] if n <= SCALAR_ROWS else kvl[self._rows].tolist()
+        for o in old:
+            if o % bs == 0 or o >= limit:  # a new block (or too long): the slower variant
+                return self._decode_small_new_blocks(old)
+        if n <= SCALAR_ROWS:  # a few rows: numpy scalar writes beat building arrays
+            b = 0
+            for r, o in zip(rows, old):
+                kvl[r] = o + 1
+                kv_out[b] = o + 1
+                pos_col[b] = o
+                slot_col[b] = bt.item(r, o // bs) * bs + o % bs
+                b += 1
+            return True
+        new = [o + 1 for o in old]  # more rows: Python arithmetic, then one bulk write per array
+        kvl[self._rows] = new
+        kv_out[:n] = new
+        pos_col[:n] = old
+        slot_col[:n] = [bt.item(r, o // bs) * bs + o % bs for r, o in zip(rows, old)]
+        return True
+
+    def _hot_refs(self) -> tuple:
+        """What the small decode touches, looked up once per layout (a rebuild or a
+        reshape), not once per step: the page table's arrays are replaced only when a
+        row is added, which changes the epoch and forces a rebuild."""
+        meta, t, spec = self._meta, self.manager.groups[0].table, self.manager.spec
+        return (t.kv_lens, t.block_tables, meta.kv_lens, meta.positions[:, 0], meta.groups[0].slot_mapping[:, 0],
+                spec.block_size, spec.max_seq_len)
+
+    def _decode_small_new_blocks(self, old: list) -> bool | None:
+        """`_decode_small` when some row starts a block (or may be too long)."""
         m, meta = self.manager, self._meta
         spec = m.spec
-        bs, limit = spec.block_size, spec.max_seq_len
-        (g,) = m.groups
-        (st,) = self._groups
-        (gm,) = meta.groups
-        t = g.table
-        kvl, nbl, bt = t.kv_lens, t.num_blocks, t.block_tables
-        rows = self._row_list
-        old = [kvl.item(r) for r in rows]
-        need = 0
-        for o in old:
-            if o >= limit:
-                return None
-            if o % bs == 0:
-                need += 1
-        if need:
-            if need > g.pool.num_free:
-                return None
-            ids = g.pool.allocate(need).tolist()
-            k = 0
-        tables, slots, kv_out, pos_out = gm.block_tables, gm.slot_mapping, meta.kv_lens, meta.positions
+        bs = spec.block_size
+        need = sum(1 for o in old if o % bs == 0)
+        g = m.groups[0]
+        if max(old) >= spec.max_seq_len or need > g.pool.num_free:
+            return None
+        ids = g.pool.allocate(need).tolist()  # handed to rows in order, as append does
+        kvl, bt, kv_out, pos_col, slot_col, _, _ = self._hot
+        nbl = g.table.num_blocks
+        tables = meta.groups[0].block_tables
         W = tables.shape[1]
-        held = st.nb_list
-        fits = True
+        held = self._groups[0].nb_list
+        rows = self._row_list
+        slots, grown, k = [], [], 0
         for b, (r, o) in enumerate(zip(rows, old)):
-            kvl[r] = o + 1
             col, off = divmod(o, bs)
             if off:
-                blk = bt.item(r, col)
-            else:  # a new block, as append hands them out: in row order
+                slots.append(bt.item(r, col) * bs + off)
+            else:
                 blk = ids[k]
                 k += 1
-                bt[r, col] = blk
-                nbl[r] = col + 1
+                grown.append((b, r, col, blk))
                 held[b] = col + 1
-                if col < W:
-                    tables[b, col] = blk
-                else:
-                    fits = False
-            kv_out[b] = o + 1
-            pos_out[b, 0] = o
-            slots[b, 0] = blk * bs + off
-        return fits
+                slots.append(blk * bs)
+        for b, r, col, blk in grown:
+            bt[r, col] = blk
+            nbl[r] = col + 1
+            if col < W:
+                tables[b, col] = blk
+        n = len(rows)
+        new = [o + 1 for o in old]
+        kvl[self._rows] = new
+        kv_out[:n] = new
+        pos_col[:n] = old
+        slot_col[:n] = slots
+        return all(col < W for _, _, col, _ in grown)
 
     def _decode_vector(self) -> bool | None:
         """Fused decode over many rows, vectorized (same contract as `_decode_small`)."""
@@ -195,9 +239,11 @@ class StepBatch:
         self._ids = list(seq_ids)
         self._row_list = [m._rows[s] for s in seq_ids]
         self._rows = np.array(self._row_list, dtype=np.int64)
-        self._epoch = m.membership_epoch
+        self._table0 = m.groups[0].table
+        self._epoch = self._table0.epoch
         self._groups = [_GroupState(g, self._rows) for g in m.groups]
         self._decode = meta.query_len == 1 and bool(np.all(meta.query_lens[: len(seq_ids)] == 1))
+        self._hot = self._hot_refs()
         return meta
 
     def _build(self, seq_ids, num_new_tokens) -> StepMetadata | None:
@@ -260,8 +306,6 @@ class StepBatch:
     # ---- in-place decode step ---------------------------------------------------------
     def _advance(self) -> bool:
         """Patch the last metadata for one more decode step; False: rebuild instead."""
-        if not self._incremental_ok():
-            return False
         if not (self._advance_small() if len(self._row_list) <= SMALL_BATCH else self._advance_vector()):
             return False
         m = self.manager
