@@ -78,10 +78,10 @@ class StepBatch:
         if self._same_batch(seq_ids):
             grown = self._decode_small() if len(self._row_list) <= SMALL_BATCH else self._decode_vector()
             if grown is not None:  # the append happened; False: patch impossible, rebuild
-                m = self.manager
-                if grown and m.prefix_cache is not None:
-                    m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
-                return self._meta if grown else self._rebuild(seq_ids, 1)
+                if grown:
+                    self._noted()
+                    return self._meta
+                return self._rebuild(seq_ids, 1)
         self.manager.append(seq_ids, 1)
         return self.step(seq_ids, 1)
 
@@ -294,7 +294,8 @@ class StepBatch:
         for b in many:
             first = int(kv[b]) - int(q[b])
             positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
-        if m.prefix_cache is not None:  # as step_metadata does: commit() learns what this step wrote
+        m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
+        if m.prefix_cache is not None:  # commit() learns what this step wrote
             m._written.describe(rows.tolist(), kv.tolist())
         return StepMetadata(kv_lens, query_lens, positions, tuple(groups), spec.pool_signature())
 
@@ -308,10 +309,16 @@ class StepBatch:
         """Patch the last metadata for one more decode step; False: rebuild instead."""
         if not (self._advance_small() if len(self._row_list) <= SMALL_BATCH else self._advance_vector()):
             return False
-        m = self.manager
-        if m.prefix_cache is not None:  # as step_metadata does: commit() learns what this step wrote
-            m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
+        self._noted()
         return True
+
+    def _noted(self) -> None:
+        """What step_metadata records of a step it describes: one more description, and
+        with the prefix cache each row's length, so that `commit` knows what was written."""
+        m = self.manager
+        m._descriptions += 1
+        if m.prefix_cache is not None:
+            m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
 
     def _advance_vector(self) -> bool:
         m, meta, rows = self.manager, self._meta, self._rows
