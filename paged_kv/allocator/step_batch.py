@@ -6,10 +6,12 @@ grows with batch x table width even when a single block changed. A `StepBatch` k
 the previous step's arrays (vLLM's model runner keeps a persistent input batch the
 same way) and, when the same sequences decode one token each, writes only what
 moved: each row's length, position and write slot, and the table entries of rows
-that gained a block. Anything else (sequences joining or leaving, prefill rows,
-a different table-width bucket, forked sequences with copy-on-write, sliding-window
-groups) rebuilds through `step_metadata`, so the result is always exactly what
-`step_metadata` would return.
+that gained a block. `decode` also does the step's append in the same pass.
+Sequences joining or leaving, prefill rows or a different table-width bucket
+rebuild the arrays (in O(B x W) gathers plus O(tokens) writes); forked sequences
+with copy-on-write copies and sliding-window groups go through `step_metadata`
+itself. Either way the result is exactly what `step_metadata` would return
+(`tests/test_hot_path.py` compares them array for array).
 
 The state is kept per layer group (`_GroupState`), and the step loops over groups:
 each group's tables are updated from its own page table.
@@ -24,11 +26,11 @@ from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
 
 SMALL_BATCH = 24
+"""Up to this many rows a step is updated in Python rather than in vectorized numpy:
+below it, numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
 SCALAR_ROWS = 6
 """Up to this many rows the small decode writes numpy scalars one by one; above it,
 Python lists written in one call per array."""
-"""Up to this many rows a step is updated element by element in Python: below it,
-numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
 
 
 class _GroupState:
@@ -190,7 +192,8 @@ class StepBatch:
         return all(col < W for _, _, col, _ in grown)
 
     def _decode_vector(self) -> bool | None:
-        """Fused decode over many rows, vectorized (same contract as `_decode_small`)."""
+        """Fused decode over many rows, vectorized: one gather and one divmod, new blocks
+        written straight into the persistent table (same contract as `_decode_small`)."""
         m, meta, rows = self.manager, self._meta, self._rows
         spec = m.spec
         bs = spec.block_size
@@ -272,32 +275,35 @@ class StepBatch:
         positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
         one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
         many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
-        last = kv.astype(np.int64) - 1
-        positions[one, 0] = last[one]
-        bs = spec.block_size
-        offsets = np.arange(bs, dtype=np.int64)
-        groups = []
-        for g in m.groups:
-            t = g.table
-            widest = int(t.num_blocks[rows].max()) if n else 0
-            tables = np.zeros((B, bucket(widest, spec.max_blocks_per_seq)), dtype=np.int32)
-            tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
-            slots = np.full((B, T), g.pad_slot, dtype=np.int32)
-            slots[one, 0] = t.block_tables[rows[one], last[one] // bs] * bs + last[one] % bs
-            for b in many:
-                qb, first = int(q[b]), int(kv[b]) - int(q[b])
-                blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
-                run = (blocks[:, None] * bs + offsets).ravel()
-                slots[b, :qb] = run[first % bs : first % bs + qb]
-            empty = np.zeros(0, dtype=np.int32)
-            groups.append(GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty))
+        positions[one, 0] = kv[one] - 1
+        groups = tuple(self._build_group(g, rows, q, kv, one, many, B, T) for g in m.groups)
         for b in many:
             first = int(kv[b]) - int(q[b])
             positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
         m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
         if m.prefix_cache is not None:  # commit() learns what this step wrote
             m._written.describe(rows.tolist(), kv.tolist())
-        return StepMetadata(kv_lens, query_lens, positions, tuple(groups), spec.pool_signature())
+        return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
+
+    def _build_group(self, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMetadata:
+        """One full-attention group's tables and slots for `_build`."""
+        spec = self.manager.spec
+        bs = spec.block_size
+        t = g.table
+        n = rows.size
+        widest = int(t.num_blocks[rows].max()) if n else 0
+        tables = np.zeros((B, bucket(widest, spec.max_blocks_per_seq)), dtype=np.int32)
+        tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
+        slots = np.full((B, T), g.pad_slot, dtype=np.int32)
+        last = kv[one].astype(np.int64) - 1
+        slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
+        offsets = np.arange(bs, dtype=np.int64)
+        for b in many:
+            qb, first = int(q[b]), int(kv[b]) - int(q[b])
+            blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
+            slots[b, :qb] = (blocks[:, None] * bs + offsets).ravel()[first % bs : first % bs + qb]
+        empty = np.zeros(0, dtype=np.int32)
+        return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty)
 
     def _incremental_ok(self) -> bool:
         """Whether the next decode step may be patched in place: full-attention groups
