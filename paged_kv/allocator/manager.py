@@ -15,7 +15,8 @@ from typing import NewType
 import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
-from paged_kv.allocator.hot_path import fast_append, fill_new_row, nothing_to_commit
+from paged_kv.allocator.hot_path import fast_append, fill_new_row, nothing_to_commit, plain
+from paged_kv.allocator.step_batch import plain_step_metadata
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
 from paged_kv.allocator.pending_copies import PendingCopies
@@ -625,6 +626,10 @@ class KVCacheManager:
         it described, so that `commit` after the step knows which tokens are on the
         device. Shapes are bucketed (see `bucket`).
         """
+        if plain(self):  # the common case, in fewer passes (same arrays; see `StepBatch` to reuse them)
+            meta = plain_step_metadata(self, seq_ids, num_new_tokens)
+            if meta is not None:
+                return meta
         seq_ids = _id_list(seq_ids)
         rows, q = self._rows_and_counts(seq_ids, num_new_tokens)
         n = rows.size

@@ -250,60 +250,7 @@ class StepBatch:
         return meta
 
     def _build(self, seq_ids, num_new_tokens) -> StepMetadata | None:
-        """`step_metadata` for a plain manager (no copies, no sliding group) in O(B x W)
-        gathers plus O(tokens) writes: the [B, T] arrays of a mixed prefill + decode
-        step are filled with their padding in one pass, decode rows are written
-        vectorized and each prefill row as one contiguous run.
-        None when the input is bad (the caller lets `step_metadata` raise)."""
-        m = self.manager
-        spec = m.spec
-        try:
-            rows, q = m._rows_and_counts(seq_ids, num_new_tokens)
-        except PagedKVError:
-            return None
-        n = rows.size
-        kv = m.groups[0].table.kv_lens[rows]
-        if n > spec.max_batch_slots or np.count_nonzero(q > kv):
-            return None
-        B = bucket(n, spec.max_batch_slots)
-        T = bucket(int(q.max()) if n else 1, spec.max_seq_len)
-        kv_lens = np.zeros(B, dtype=np.int32)
-        kv_lens[:n] = kv
-        query_lens = np.zeros(B, dtype=np.int32)
-        query_lens[:n] = q
-        positions = np.empty((B, T), dtype=np.int32)
-        positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
-        one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
-        many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
-        positions[one, 0] = kv[one] - 1
-        groups = tuple(self._build_group(g, rows, q, kv, one, many, B, T) for g in m.groups)
-        for b in many:
-            first = int(kv[b]) - int(q[b])
-            positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
-        m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
-        if m.prefix_cache is not None:  # commit() learns what this step wrote
-            m._written.describe(rows.tolist(), kv.tolist())
-        return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
-
-    def _build_group(self, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMetadata:
-        """One full-attention group's tables and slots for `_build`."""
-        spec = self.manager.spec
-        bs = spec.block_size
-        t = g.table
-        n = rows.size
-        widest = int(t.num_blocks[rows].max()) if n else 0
-        tables = np.zeros((B, bucket(widest, spec.max_blocks_per_seq)), dtype=np.int32)
-        tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
-        slots = np.full((B, T), g.pad_slot, dtype=np.int32)
-        last = kv[one].astype(np.int64) - 1
-        slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
-        offsets = np.arange(bs, dtype=np.int64)
-        for b in many:
-            qb, first = int(q[b]), int(kv[b]) - int(q[b])
-            blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
-            slots[b, :qb] = (blocks[:, None] * bs + offsets).ravel()[first % bs : first % bs + qb]
-        empty = np.zeros(0, dtype=np.int32)
-        return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty)
+        return plain_step_metadata(self.manager, seq_ids, num_new_tokens)
 
     def _incremental_ok(self) -> bool:
         """Whether the next decode step may be patched in place: full-attention groups
@@ -378,4 +325,61 @@ class StepBatch:
         return bucket(widest, spec.max_blocks_per_seq) == W
 
 
-__all__ = ["SMALL_BATCH", "StepBatch"]
+def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
+    """`KVCacheManager.step_metadata` of a plain manager (no copies, no sliding group),
+    fresh arrays, in O(B x W) gathers plus O(tokens) writes: the [B, T] arrays of a
+    mixed prefill + decode step are filled with their padding in one pass, decode rows
+    are written vectorized and each prefill row as one contiguous run. None when the
+    input is bad (the caller lets the general path raise the typed error)."""
+    spec = m.spec
+    try:
+        rows, q = m._rows_and_counts(seq_ids, num_new_tokens)
+    except PagedKVError:
+        return None
+    n = rows.size
+    kv = m.groups[0].table.kv_lens[rows]
+    if n > spec.max_batch_slots or np.count_nonzero(q > kv):
+        return None
+    B = bucket(n, spec.max_batch_slots)
+    T = bucket(int(q.max()) if n else 1, spec.max_seq_len)
+    kv_lens = np.zeros(B, dtype=np.int32)
+    kv_lens[:n] = kv
+    query_lens = np.zeros(B, dtype=np.int32)
+    query_lens[:n] = q
+    positions = np.empty((B, T), dtype=np.int32)
+    positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
+    one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
+    many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
+    positions[one, 0] = kv[one] - 1
+    groups = tuple(_build_group(m, g, rows, q, kv, one, many, B, T) for g in m.groups)
+    for b in many:
+        first = int(kv[b]) - int(q[b])
+        positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
+    m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
+    if m.prefix_cache is not None:  # commit() learns what this step wrote
+        m._written.describe(rows.tolist(), kv.tolist())
+    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
+
+
+def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMetadata:
+    """One full-attention group's tables and slots for `plain_step_metadata`."""
+    spec = m.spec
+    bs = spec.block_size
+    t = g.table
+    n = rows.size
+    widest = int(t.num_blocks[rows].max()) if n else 0
+    tables = np.zeros((B, bucket(widest, spec.max_blocks_per_seq)), dtype=np.int32)
+    tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
+    slots = np.full((B, T), g.pad_slot, dtype=np.int32)
+    last = kv[one].astype(np.int64) - 1
+    slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
+    offsets = np.arange(bs, dtype=np.int64)
+    for b in many:
+        qb, first = int(q[b]), int(kv[b]) - int(q[b])
+        blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
+        slots[b, :qb] = (blocks[:, None] * bs + offsets).ravel()[first % bs : first % bs + qb]
+    empty = np.zeros(0, dtype=np.int32)
+    return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty)
+
+
+__all__ = ["SCALAR_ROWS", "SMALL_BATCH", "StepBatch", "plain_step_metadata"]
