@@ -118,9 +118,10 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                     f"vLLM ÷ paged_kv {_x(d['ratio'])}", f"vLLM {d['vllm_us']} µs, paged_kv {d['paged_kv_us']} µs"))
     d = get(r, "bench_allocator:decode")
     if d:
-        out.append(("host decode step of 256 sequences, batched `append` + `step_metadata` (`bench_allocator.py`)",
-                    f"{_x(d['ratio_per_seq_api_over_batched_meta'])} cheaper than the public API once per sequence",
-                    f"append alone {d['us']['batched']} µs, with metadata {d['us']['batched_meta']} µs"))
+        out.append(("host decode step of 256 sequences: one batched `append` (`bench_allocator.py`)",
+                    f"{_x(d['ratio_per_seq_api_over_batched'])} cheaper than `append([s], 1)` once per sequence",
+                    f"append {d['us']['batched']} µs; with fresh `step_metadata` arrays {d['us']['batched_meta']} µs "
+                    f"(table width {d['table_widths']})"))
     d = get(r, "bench_prefix:system_prompts")
     if d:
         out.append(("3,000 requests sharing 4 system prompts of 2,048 tokens (`bench_prefix.py`)",
