@@ -19,11 +19,17 @@ each group's tables are updated from its own page table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from paged_kv.allocator.hot_path import plain, same_ids
 from paged_kv.errors import PagedKVError
 from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
+
+if TYPE_CHECKING:  # annotations only: the manager imports this module
+    from paged_kv.allocator.manager import KVCacheManager
 
 SMALL_BATCH = 24
 """Up to this many rows a step is updated in Python rather than in vectorized numpy:
@@ -54,7 +60,7 @@ class StepBatch:
     asking for the next step. `step_metadata` itself is unchanged (fresh arrays).
     """
 
-    def __init__(self, manager):
+    def __init__(self, manager: KVCacheManager):
         self.manager = manager
         self._meta: StepMetadata | None = None
         self._ids: list | None = None
@@ -66,14 +72,14 @@ class StepBatch:
         self._groups: list[_GroupState] = []
         self._decode = False  # the last step was a decode step (T == 1, every query_len 1)
 
-    def step(self, seq_ids, num_new_tokens=1) -> StepMetadata:
+    def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Metadata for a forward pass over ``seq_ids`` writing their last
         ``num_new_tokens`` tokens (see `KVCacheManager.step_metadata`)."""
         if num_new_tokens == 1 and type(num_new_tokens) is int and self._same_batch(seq_ids) and self._advance():
             return self._meta
         return self._rebuild(seq_ids, num_new_tokens)
 
-    def decode(self, seq_ids) -> StepMetadata:
+    def decode(self, seq_ids: Sequence[int]) -> StepMetadata:
         """``manager.append(seq_ids, 1)`` then ``step(seq_ids, 1)``, in one pass when the
         batch is the last step's: rows known, no id lookups, each row's length, new
         block and metadata written together. All or nothing like `append`."""
