@@ -93,8 +93,11 @@ def serve(requests: list[tuple[np.ndarray, list[int]]], mode: str) -> dict:
                     del remaining[s]
                 queue.appendleft(victim)
                 preemptions += 1
-        if mode == "fork" and remaining:
-            m.step_metadata(list(remaining), 1)  # hands the step's copy-on-write copies over, as an engine would
+        if remaining:
+            # The step runs, then is committed, as an engine would: copy-on-write copies
+            # retire and (prefix mode) the prompts' written blocks become hittable.
+            m.step_metadata(list(remaining), 1)
+            m.commit(list(remaining))
         steps += 1
         sum_blocks += m.num_used_blocks
         sum_seqs += len(remaining)
@@ -147,6 +150,7 @@ def lookup_cost(rng, reps: int) -> dict:
     m = pk.KVCacheManager(SPEC, prefix_cache=True)
     system = rng.integers(0, 32000, 2048)
     m.admit_prompt(0, np.concatenate([system, rng.integers(0, 32000, 200)]))
+    m.commit([0], 2248)  # its prefill ran: the system prompt's blocks are hittable
     cached, plain = [], []
     for i in range(reps):
         prompt = np.concatenate([system, rng.integers(0, 32000, 200)])
