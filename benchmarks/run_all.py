@@ -42,7 +42,8 @@ BENCHMARKS = {
     "bench_fragmentation": ["--quick"],
     "bench_preemption": ["--quick"],
     "bench_sliding": ["--limit", "3000"],
-    "bench_device_ops": ["--quick"],
+    "bench_device_ops": [],
+    "bench_generate": ["--repeats", "2"],
 }
 
 
@@ -80,7 +81,7 @@ def get(results: dict, path: str):
     """``results['bench']['result'][...]`` along a dotted path, or None."""
     bench, _, rest = path.partition(":")
     node = results.get(bench, {}).get("result")
-    for key in rest.split("."):
+    for key in filter(None, rest.split(".")):
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
@@ -91,15 +92,20 @@ def _x(v) -> str:
     return f"**{v:.2f}×**" if isinstance(v, (int, float)) else "—"
 
 
-def rows(r: dict) -> list[tuple[str, str, str]]:
-    """(what, figure, baseline in the same run) for every figure the results hold."""
-    out = []
-    vs = "bench_vs_vllm:"
+def _pct(v) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "—"
+
+
+Row = tuple[str, str, str]
+
+
+def _vs_vllm_rows(r: dict) -> list[Row]:
+    out, vs = [], "bench_vs_vllm:"
     for b in ("1", "4", "16", "64", "256"):
         d = get(r, vs + f"decode_step.{b}")
         if d:
-            out.append((f"host decode step, {b} running (grow one token + metadata) vs vLLM v1 `KVCacheManager` "
-                        "(`bench_vs_vllm.py`)", f"vLLM ÷ paged_kv {_x(d['ratio'])}",
+            out.append((f"host decode step, {b} running (grow one token + metadata + commit) vs vLLM v1 "
+                        "`KVCacheManager` (`bench_vs_vllm.py`)", f"vLLM ÷ paged_kv {_x(d['ratio'])}",
                         f"vLLM {d['vllm_us']:,} µs, paged_kv {d['paged_kv_us']:,} µs"))
     for mode, label in (("offline", "all queued at once"), ("arrival", "by arrival, 20 ms a step")):
         d = get(r, vs + f"replay.{mode}")
@@ -116,27 +122,106 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
     if d:
         out.append(("prefix admit, 4 shared 2,048-token system prompts (cache warm, same hits)",
                     f"vLLM ÷ paged_kv {_x(d['ratio'])}", f"vLLM {d['vllm_us']} µs, paged_kv {d['paged_kv_us']} µs"))
+    return out
+
+
+def _allocator_rows(r: dict) -> list[Row]:
+    out = []
     d = get(r, "bench_allocator:decode")
     if d:
         out.append(("host decode step of 256 sequences: one batched `append` (`bench_allocator.py`)",
                     f"{_x(d['ratio_per_seq_api_over_batched'])} cheaper than `append([s], 1)` once per sequence",
                     f"append {d['us']['batched']} µs; with fresh `step_metadata` arrays {d['us']['batched_meta']} µs "
                     f"(table width {d['table_widths']})"))
-    d = get(r, "bench_prefix:system_prompts")
+    d = get(r, "bench_allocator:sweep.by_block_size")
     if d:
-        out.append(("3,000 requests sharing 4 system prompts of 2,048 tokens (`bench_prefix.py`)",
-                    f"{_x(d['requests_running_shared_over_plain'])} the requests running at once",
-                    "no sharing, same loop and pool"))
-    d = get(r, "bench_fragmentation:ratios")
+        sizes = sorted(d, key=int)
+        out.append(("decode step (append + metadata, 256 sequences) by block size " + " / ".join(sizes),
+                    " / ".join(f"{d[b]['step_us']:.0f}" for b in sizes) + " µs", "same token capacity (2^20 slots)"))
+    d = get(r, "bench_device_ops:")
     if d:
-        out.append(("sequences running at once, equal memory, offline load (`bench_fragmentation.py`)",
-                    f"{_x(d['concurrency_paged_over_max_len'])} max-length buffers, "
-                    f"{_x(d['concurrency_paged_over_first_fit'])} first-fit arena", "same trace and scheduler"))
-    d = get(r, "bench_sliding:bytes_held_hybrid_over_full_mean")
-    if d is not None:
-        out.append(("half the layers sliding at W = 1,024 vs all full (`bench_sliding.py`)",
-                    f"{_x(d)} the KV bytes held", "same trace, same schedule"))
+        out.append(("decode write of 256 tokens, bf16, pool 1 GiB ÷ pool 64 MiB (`bench_device_ops.py`)",
+                    f"{_x(d['write_ratio_1g_over_64m'])} ({d['write_us_1g']} vs {d['write_us_64m']} µs): in place, O(tokens)",
+                    f"naive bf16-stored, undonated write: {d['naive_bf16_write_ms']} ms, {d['naive_over_ours_write']:,.0f}× slower"))
+        out.append((f"gather of a {d['gather_view_mib']:.0f} MiB view into a donated workspace / a fresh output",
+                    f"{_x(d['gather_into_over_memcpy'])} / {_x(d['gather_fresh_over_memcpy'])} numpy memcpy speed",
+                    f"memcpy {d['memcpy_ms']} ms; `np.take` {_x(d['np_take_over_memcpy'])}"))
     return out
+
+
+def _memory_rows(r: dict) -> list[Row]:
+    out = []
+    d = get(r, "bench_fragmentation:")
+    if d:
+        o, n = d["offline"], d["requests"]
+        out.append((f"utilization on the Azure trace ({n:,} requests), block 16 (`bench_fragmentation.py`)",
+                    f"paged **{_pct(o['paged']['time_avg_utilization'])}** of allocated slots hold a token",
+                    f"max-length buffers {_pct(o['contiguous-max-len']['time_avg_utilization'])}; exact-length "
+                    f"first-fit arena {_pct(o['contiguous-first-fit']['time_avg_utilization'])}"))
+        out.append(("sequences running at once, equal memory, offline load",
+                    f"{_x(d['ratios']['concurrency_paged_over_max_len'])} max-length buffers, "
+                    f"{_x(d['ratios']['concurrency_paged_over_first_fit'])} first-fit arena "
+                    f"(paged {o['paged']['mean_running']:.1f})", "same trace and scheduler; the arena knows every output length"))
+        q = d["online_3x"]
+        out.append(("queueing delay at 3× the trace's arrival rate, p50 / p99 steps",
+                    f"paged {q['paged']['queue_delay_p50']:.0f} / {q['paged']['queue_delay_p99']:.0f}",
+                    f"first-fit {q['contiguous-first-fit']['queue_delay_p50']:,.0f} / "
+                    f"{q['contiguous-first-fit']['queue_delay_p99']:,.0f}; max-length "
+                    f"{q['contiguous-max-len']['queue_delay_p50']:,.0f} / {q['contiguous-max-len']['queue_delay_p99']:,.0f}"))
+    d = get(r, "bench_preemption:")
+    if d:
+        out.append((f"preemption, {d['requests']:,} requests, 16 GiB / 8 GiB pool (`bench_preemption.py`)",
+                    f"recompute: {d['16gib_recompute']['preemptions']} / {d['8gib_recompute']['preemptions']} "
+                    f"preemptions, {d['16gib_recompute']['recomputed_prefill_tokens']:,} / "
+                    f"{d['8gib_recompute']['recomputed_prefill_tokens']:,} prompt tokens prefilled again",
+                    f"swap: {d['16gib_swap']['preemptions']} / {d['8gib_swap']['preemptions']} preemptions, "
+                    f"{d['16gib_swap']['gib_swapped_out']} / {d['8gib_swap']['gib_swapped_out']} GiB moved each way"))
+        s = d["device_swap_1024_tokens"]
+        out.append((f"swap of one 1,024-token sequence ({s['mib']:.0f} MiB)",
+                    f"out {_x(s['swap_out_over_memcpy'])}, in {_x(s['swap_in_over_memcpy'])} numpy memcpy speed",
+                    f"out {s['swap_out_ms']} ms, in {s['swap_in_ms']} ms, memcpy {s['numpy_copy_ms']} ms"))
+    d = get(r, "bench_sliding:")
+    if d:
+        out.append((f"half the layers sliding at W = {d['window']:,} vs all full (`bench_sliding.py`)",
+                    f"{_x(d['bytes_held_hybrid_over_full_mean'])} the KV bytes held; at equal memory "
+                    f"{_x(d['concurrency_hybrid_over_full'])} the running sequences", "same trace, same schedule"))
+    return out
+
+
+def _sharing_rows(r: dict) -> list[Row]:
+    out = []
+    d = get(r, "bench_prefix:")
+    if d:
+        sp, ps = d["system_prompts"], d["parallel_sampling_n4"]
+        out.append(("requests sharing 4 system prompts of 2,048 tokens (`bench_prefix.py`)",
+                    f"prefix cache: hit rate {_pct(sp['shared']['hit_rate'])}, "
+                    f"{_x(sp['requests_running_shared_over_plain'])} the requests running at once",
+                    "no sharing, same loop and pool"))
+        out.append(("parallel sampling n = 4 on the Azure trace",
+                    f"fork: {_x(ps['requests_running_shared_over_plain'])} the requests running",
+                    f"4 independent sequences per request ({ps['plain']['steps']:,} vs {ps['shared']['steps']:,} steps)"))
+        lk = d["lookup"]
+        out.append((f"prefix lookup of a {lk['prompt_tokens']:,}-token prompt, {lk['cached_tokens']:,} cached",
+                    f"{lk['admit_prompt_us']} µs ({lk['admit_prompt_ns_per_token']} ns per prompt token)",
+                    f"plain `admit` of the same length: {lk['admit_us']} µs"))
+    return out
+
+
+def _model_rows(r: dict) -> list[Row]:
+    out = []
+    d = get(r, "bench_generate:runs")
+    if d:
+        top, base = d[-1], d[0]
+        out.append((f"greedy generation, fixture Llama, decode batch {top['batch']} (`bench_generate.py`)",
+                    f"{_x(top['speedup_tokens_per_s'])} the tokens/s of batch {base['batch']}; KV usage mean "
+                    f"{_pct(top['kv_usage_mean'])}", f"{top['tokens_per_s']:,.0f} vs {base['tokens_per_s']:,.0f} "
+                    "tokens/s (a tiny model: dispatch and host work per step, not FLOPs)"))
+    return out
+
+
+def rows(r: dict) -> list[Row]:
+    """(what, figure, baseline in the same run) for every figure the results hold."""
+    return _vs_vllm_rows(r) + _allocator_rows(r) + _memory_rows(r) + _sharing_rows(r) + _model_rows(r)
 
 
 def render(results: dict) -> str:
