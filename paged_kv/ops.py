@@ -76,6 +76,16 @@ def gather_blocks(pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array,
     return lax.bitcast_convert_type(view, compute_dtype)
 
 
+def take_blocks(pages: jax.Array, block_ids: jax.Array, compute_dtype) -> jax.Array:
+    """Blocks ``block_ids`` ``[B, C]`` of ``pages`` as ``[B, C*block_size, *row]`` in the
+    compute dtype, NOT zeroed past any length: for attention that masks by length
+    itself (`paged_kv.attention`), reading a chunk of the table at a time."""
+    nb, bs, *row = pages.shape
+    b, c = block_ids.shape
+    blocks = pages.at[block_ids].get(mode="promise_in_bounds")  # [B, C, bs, *row]
+    return lax.bitcast_convert_type(blocks.reshape(b, c * bs, *row), compute_dtype)
+
+
 def gather_blocks_into(out: jax.Array, pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array) -> jax.Array:
     """`gather_blocks` written into ``out`` (same shape and dtype as the result).
 
@@ -97,6 +107,7 @@ __all__ = [
     "scatter_tokens",
     "gather_blocks",
     "gather_blocks_into",
+    "take_blocks",
     "write_pages",
     "gather_pages",
     "gather_pages_into",

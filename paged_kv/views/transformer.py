@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from paged_kv.attention import paged_attention
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
-from paged_kv.ops import gather_blocks, scatter_tokens
+from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
 from paged_kv.sharding import zeros
 from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
 from paged_kv.views.mask import AttentionMask
@@ -26,8 +27,9 @@ class PagedLayerView:
     """What every paged layer view shares, whatever its page layout.
 
     A subclass is a frozen dataclass with ``spec`` and ``layer_index`` fields and its
-    own ``write_slots(key, value, slot_mapping)`` and ``read(metadata)``; the group,
-    window, mask, `write` and `concatenate_to_cache` follow from those and are
+    own ``write_slots(key, value, slot_mapping)``, ``read(metadata)`` and
+    ``read_blocks(block_ids)``; the group, window, mask, `write`,
+    `concatenate_to_cache`, `attend` and `attention` follow from those and are
     defined once, here.
     """
 
@@ -135,6 +137,45 @@ class PagedLayerView:
             metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window
         )
 
+    def attention(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        metadata: StepMetadata,
+        *,
+        scale: float | None = None,
+        soft_cap: float | None = None,
+        impl: str = "auto",
+    ) -> tuple[jax.Array, "PagedLayerView"]:
+        """Write this step's keys/values, then attend to the pages in place: returns
+        ``(output [B, T, q_heads, value_dim], new view)``.
+
+        The hot path of a model layer: no contiguous copy of the sequences is made
+        (`paged_kv.attention.paged_attention` reads the blocks through the table a
+        chunk at a time). Causal within the step's new tokens, so prefill, decode and
+        mixed chunked-prefill batches share it; sliding layers apply their window.
+        ``scale`` defaults to ``1/sqrt(key_dim)``; ``soft_cap`` caps the logits;
+        ``impl``: ``"auto"`` (a Pallas kernel where the platform and layout have one,
+        else XLA), ``"xla"``, or a kernel name (see `paged_kv.attention`).
+        """
+        view = self.write(key, value, metadata)
+        out = view.attend(query, metadata, scale=scale, soft_cap=soft_cap, impl=impl)
+        return out, view
+
+    def attend(
+        self,
+        query: jax.Array,
+        metadata: StepMetadata,
+        *,
+        scale: float | None = None,
+        soft_cap: float | None = None,
+        impl: str = "auto",
+    ) -> jax.Array:
+        """Attention of ``query`` ``[B, T, q_heads, key_dim]`` over what the pages hold
+        now (no write): ``[B, T, q_heads, value_dim]`` in ``query.dtype``."""
+        return paged_attention(query, self, metadata, scale=scale, soft_cap=soft_cap, impl=impl)
+
     def concatenate_to_cache(
         self,
         query: jax.Array | None,
@@ -143,6 +184,10 @@ class PagedLayerView:
         metadata: StepMetadata,
     ) -> tuple[jax.Array, jax.Array, AttentionMask, "PagedLayerView"]:
         """Write this step's keys/values, then return (keys, values, mask, new view).
+
+        The seed-compatible path: it gathers every live token of every row into a
+        contiguous ``[B, W*block_size, heads, dim]`` copy. A model that only needs the
+        attention output should call `attention`, which reads the pages in place.
 
         ``key``/``value``: ``[B, T, heads, dim]`` laid out like ``metadata`` (row b is
         the b-th sequence given to `KVCacheManager.step_metadata`, token t its t-th new
@@ -211,6 +256,13 @@ class TransformerCacheView(PagedLayerView):
         keys = gather_blocks(self.key_pages, tables.block_tables, lens, dt)
         values = gather_blocks(self.value_pages, tables.block_tables, lens, dt)
         return keys, values
+
+
+    def read_blocks(self, block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys ``[B, C*block_size, key_heads, key_dim]`` and values of blocks ``block_ids``
+        ``[B, C]``, in the compute dtype, not zeroed (the attention masks by length)."""
+        dt = compute_dtype(self.spec)
+        return take_blocks(self.key_pages, block_ids, dt), take_blocks(self.value_pages, block_ids, dt)
 
 
 def _page_shapes(spec: CacheSpec, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -41,7 +41,7 @@ from jax import lax
 
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
-from paged_kv.ops import gather_blocks, scatter_tokens
+from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
 from paged_kv.sharding import zeros
 from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
 from paged_kv.views.transformer import PagedLayerView
@@ -104,7 +104,16 @@ class UnifiedCacheView(PagedLayerView):
         s = self.spec
         tables = metadata.groups[self.group]
         lens = metadata.kv_lens - tables.start
-        kv = gather_blocks(self.kv_pages, tables.block_tables, lens, compute_dtype(s))
+        return self._split(gather_blocks(self.kv_pages, tables.block_tables, lens, compute_dtype(s)))
+
+    def read_blocks(self, block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of blocks ``block_ids`` ``[B, C]`` (one gather, then split), in
+        the compute dtype, not zeroed (the attention masks by length)."""
+        return self._split(take_blocks(self.kv_pages, block_ids, compute_dtype(self.spec)))
+
+    def _split(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Unified rows ``[B, S, *row]`` -> keys ``[B, S, Hk, Dk]``, values ``[B, S, Hv, Dv]``."""
+        s = self.spec
         b, n = kv.shape[:2]
         if self.interleaved:
             kv = kv.reshape(b, n, s.key_heads, 2, s.key_dim)

@@ -1,0 +1,83 @@
+"""`paged_attention`: one layer's attention over its pages, choosing the kernel.
+
+``impl="auto"`` picks, in order: jax's TPU ``ragged_paged_attention`` when running
+on a TPU with a unified, interleaved layout (its native page layout) and float
+pages; otherwise the XLA online-softmax path (`paged_kv.attention.reference`), which
+runs everywhere and is what the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+from paged_kv.attention.pallas_tpu import ragged_paged_attention_tpu
+from paged_kv.attention.reference import DEFAULT_CHUNK_BLOCKS, check_query, paged_attention_xla
+from paged_kv.errors import ShapeError
+from paged_kv.spec import compute_dtype
+
+IMPLS = ("auto", "xla", "pallas_tpu_ragged")
+
+
+def paged_attention(
+    query: jax.Array,
+    view,
+    metadata,
+    *,
+    scale: float | None = None,
+    soft_cap: float | None = None,
+    impl: str = "auto",
+    chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
+) -> jax.Array:
+    """Attention of ``query`` ``[B, T, q_heads, key_dim]`` over layer ``view``'s pages
+    (any `paged_kv.views.PagedLayerView`) for the step ``metadata`` describes; returns
+    ``[B, T, q_heads, value_dim]`` in ``query.dtype``. Reads the pages in place.
+
+    Causal inside the step's new tokens, bounded by each row's kv length, windowed for
+    sliding layers (lengths and positions relative to the group's ``start``). GQA/MQA:
+    query head ``h`` uses key head ``h // (q_heads // key_heads)``. ``scale`` defaults to
+    ``1/sqrt(key_dim)``; ``soft_cap`` caps logits as ``cap * tanh(logit / cap)``.
+    """
+    s = view.spec
+    check_query(query, s.key_heads, s.key_dim, s.value_heads, what=f"layer {view.layer_index}: query")
+    group = metadata.groups[view.group]
+    b, t = group.slot_mapping.shape
+    if tuple(query.shape[:2]) != (b, t):
+        raise ShapeError(
+            f"layer {view.layer_index}: query has shape {tuple(query.shape)}; the step metadata has B={b}, T={t}"
+        )
+    kv_lens = metadata.kv_lens - group.start
+    chosen = _choose(view, impl)
+    if chosen == "pallas_tpu_ragged":
+        pages = view.kv_pages
+        if pages.dtype != compute_dtype(s):
+            pages = lax.bitcast_convert_type(pages, compute_dtype(s))
+        return ragged_paged_attention_tpu(query, pages, group.block_tables, kv_lens, metadata.query_lens,
+                                          window=view.window, scale=scale, soft_cap=soft_cap)
+    positions = metadata.positions - group.start[:, None]
+    return paged_attention_xla(query, view.read_blocks, group.block_tables, kv_lens, positions,
+                               block_size=s.block_size, window=view.window, scale=scale, soft_cap=soft_cap,
+                               chunk_blocks=chunk_blocks)
+
+
+def ragged_kernel_fits(view) -> bool:
+    """True when ``view``'s pages are the TPU ragged kernel's layout: unified, keys and
+    values interleaved by head."""
+    return getattr(view, "interleaved", False) and hasattr(view, "kv_pages")
+
+
+def _choose(view, impl: str) -> str:
+    if impl not in IMPLS:
+        raise ShapeError(f"impl={impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        on_tpu = jax.default_backend() == "tpu"
+        return "pallas_tpu_ragged" if on_tpu and ragged_kernel_fits(view) else "xla"
+    if impl == "pallas_tpu_ragged" and not ragged_kernel_fits(view):
+        raise ShapeError(
+            f"impl='pallas_tpu_ragged' needs a unified, interleaved layout; layer {view.layer_index} is "
+            f"{type(view).__name__} (use PagedKVCache.init(spec, layout='unified') with key/value shapes equal)"
+        )
+    return impl
+
+
+__all__ = ["IMPLS", "paged_attention", "ragged_kernel_fits"]

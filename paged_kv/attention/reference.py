@@ -1,0 +1,130 @@
+"""Paged attention in plain XLA: online softmax over chunks of the block table.
+
+The reference and fallback for every kernel in this package. Nothing the size of a
+sequence is ever built: each iteration gathers ``chunk`` columns of the block table,
+``[B, chunk*block_size, heads, dim]``, scores them against the step's queries and
+folds them into a running max ``m``, normaliser ``l`` and accumulator (all f32), as
+flash attention does. The loop runs only as many chunks as the longest row of the
+batch needs (a dynamic trip count from ``kv_lens``), so a batch whose rows are short
+reads few blocks even when its table bucket is wide.
+
+Mask (the contract of `paged_kv.views.mask.AttentionMask.dense`): key ``s`` is
+visible to query ``t`` of row ``b`` iff ``s <= positions[b, t]``, ``s < kv_lens[b]``
+and, with a window, ``s > positions[b, t] - window``. Lengths and positions are
+relative to the first key of the table (a sliding group's ``start``). A query that
+sees no key (a padding row, ``kv_len == 0``) gets zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from paged_kv.errors import ShapeError
+
+DEFAULT_CHUNK_BLOCKS = 8
+"""Blocks per iteration: large enough that each step's matmuls amortise the loop,
+small enough that the chunk stays O(B x chunk x heads x dim) (benchmarks/bench_decode_step.py)."""
+
+_NEG = -1e30  # finite: exp(_NEG - _NEG) is 1, never NaN, when a row has seen no key yet
+
+ReadBlocks = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+"""``read(block_ids [B, C]) -> (keys [B, C*bs, Hk, Dk], values [B, C*bs, Hv, Dv])``."""
+
+
+def check_query(query: jax.Array, key_heads: int, key_dim: int, value_heads: int, what: str = "query") -> None:
+    """Raise `ShapeError` unless ``query`` is a float ``[B, T, q_heads, key_dim]`` whose
+    heads are a multiple of the key and value heads (GQA/MQA grouping)."""
+    shape = tuple(getattr(query, "shape", ()))
+    if len(shape) != 4 or shape[3] != key_dim:
+        raise ShapeError(f"{what} has shape {shape}; expected [B, T, q_heads, {key_dim}] (key_dim={key_dim})")
+    if shape[2] % key_heads or shape[2] % value_heads:
+        raise ShapeError(
+            f"{what} has {shape[2]} heads; expected a multiple of key_heads={key_heads} and value_heads={value_heads}"
+        )
+    if not jnp.issubdtype(query.dtype, jnp.floating):
+        raise ShapeError(f"{what} has dtype {query.dtype}; expected a float dtype")
+
+
+def paged_attention_xla(
+    query: jax.Array,
+    read: ReadBlocks,
+    block_tables: jax.Array,
+    kv_lens: jax.Array,
+    positions: jax.Array,
+    *,
+    block_size: int,
+    window: int | None = None,
+    scale: float | None = None,
+    soft_cap: float | None = None,
+    chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
+) -> jax.Array:
+    """Attention of ``query`` ``[B, T, Hq, Dk]`` over the blocks ``block_tables`` ``[B, W]``
+    name, read through ``read``; returns ``[B, T, Hq, Dv]`` in ``query.dtype``.
+
+    ``kv_lens`` ``[B]`` and ``positions`` ``[B, T]`` are relative to the table's first
+    key. ``scale`` defaults to ``1/sqrt(Dk)``; ``soft_cap`` caps logits as
+    ``cap * tanh(logit / cap)``.
+    """
+    b, w = block_tables.shape
+    c = max(1, min(int(chunk_blocks), w))
+    if w % c:  # pad the table with null blocks: they sit past every length
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, c - w % c)))
+        w = block_tables.shape[1]
+    span = c * block_size
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q = query.astype(jnp.float32) * scale
+    needed = (jnp.max(kv_lens, initial=0) + span - 1) // span  # chunks the longest row reaches
+    state = _init_state(query, read, block_tables[:, :c])
+
+    def body(i, state):
+        ids = lax.dynamic_slice_in_dim(block_tables, i * c, c, axis=1)
+        keys, values = read(ids)
+        return _fold(state, q, keys, values, i * span, kv_lens, positions, window, soft_cap)
+
+    _, l, acc = lax.fori_loop(0, jnp.minimum(needed, w // c), body, state)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [B, Hq, T, Dv]
+    return out.transpose(0, 2, 1, 3).astype(query.dtype)
+
+
+def _init_state(query, read, ids):
+    """Running max, normaliser and accumulator, shaped from one chunk's abstract read."""
+    b, t, hq, _ = query.shape
+    _, values = jax.eval_shape(read, ids)
+    dv = values.shape[-1]
+    return (
+        jnp.full((b, hq, t), _NEG, jnp.float32),
+        jnp.zeros((b, hq, t), jnp.float32),
+        jnp.zeros((b, hq, t, dv), jnp.float32),
+    )
+
+
+def _fold(state, q, keys, values, first, kv_lens, positions, window, soft_cap):
+    """One online-softmax update with keys ``first .. first + S - 1``."""
+    m, l, acc = state
+    b, t, hq, dk = q.shape
+    hk, hv, s = keys.shape[2], values.shape[2], keys.shape[1]
+    idx = first + jnp.arange(s, dtype=jnp.int32)
+    live = idx[None, :] < kv_lens[:, None]  # [B, S]
+    ok = live[:, None, :] & (idx[None, None, :] <= positions[:, :, None])  # [B, T, S]
+    if window is not None:
+        ok &= idx[None, None, :] > positions[:, :, None] - window
+    qg = q.reshape(b, t, hk, hq // hk, dk)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)).reshape(b, hq, t, s)
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    ok = ok[:, None]  # [B, 1, T, S]
+    m_new = jnp.maximum(m, jnp.max(jnp.where(ok, logits, _NEG), axis=-1))
+    p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    # Keys past a row's length may hold a previous owner's bytes, NaN or inf included:
+    # zero them so that 0 * stale never reaches the accumulator.
+    values = jnp.where(live[:, :, None, None], values.astype(jnp.float32), 0.0)
+    pv = jnp.einsum("bvgts,bsvd->bvgtd", p.reshape(b, hv, hq // hv, t, s), values).reshape(b, hq, t, -1)
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
+__all__ = ["DEFAULT_CHUNK_BLOCKS", "ReadBlocks", "check_query", "paged_attention_xla"]
