@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from paged_kv.attention import paged_attention
+from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, paged_attention
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
@@ -147,6 +147,7 @@ class PagedLayerView:
         scale: float | None = None,
         soft_cap: float | None = None,
         impl: str = "auto",
+        chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
     ) -> tuple[jax.Array, "PagedLayerView"]:
         """Write this step's keys/values, then attend to the pages in place: returns
         ``(output [B, T, q_heads, value_dim], new view)``.
@@ -157,10 +158,11 @@ class PagedLayerView:
         mixed chunked-prefill batches share it; sliding layers apply their window.
         ``scale`` defaults to ``1/sqrt(key_dim)``; ``soft_cap`` caps the logits;
         ``impl``: ``"auto"`` (a Pallas kernel where the platform and layout have one,
-        else XLA), ``"xla"``, or a kernel name (see `paged_kv.attention`).
+        else XLA), ``"xla"``, or a kernel name (see `paged_kv.attention`);
+        ``chunk_blocks``: blocks per iteration of the XLA path.
         """
         view = self.write(key, value, metadata)
-        out = view.attend(query, metadata, scale=scale, soft_cap=soft_cap, impl=impl)
+        out = view.attend(query, metadata, scale=scale, soft_cap=soft_cap, impl=impl, chunk_blocks=chunk_blocks)
         return out, view
 
     def attend(
@@ -171,10 +173,12 @@ class PagedLayerView:
         scale: float | None = None,
         soft_cap: float | None = None,
         impl: str = "auto",
+        chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
     ) -> jax.Array:
         """Attention of ``query`` ``[B, T, q_heads, key_dim]`` over what the pages hold
         now (no write): ``[B, T, q_heads, value_dim]`` in ``query.dtype``."""
-        return paged_attention(query, self, metadata, scale=scale, soft_cap=soft_cap, impl=impl)
+        return paged_attention(query, self, metadata, scale=scale, soft_cap=soft_cap, impl=impl,
+                               chunk_blocks=chunk_blocks)
 
     def concatenate_to_cache(
         self,
