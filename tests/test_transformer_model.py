@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import paged_kv as pk
-from tiny_model import TinyConfig, forward_cached, forward_full, init_params
+from tiny_model import TinyConfig, forward_cached, forward_full, forward_gathered, init_params
 
 CFG = TinyConfig()
 BLOCK = 16
@@ -17,7 +17,8 @@ EDGE_LENGTHS = [1, 15, 16, 17, 31, 32, 33]
 class Driver:
     """Runs serving steps for many sequences and keeps every logit it produced."""
 
-    def __init__(self, dtype: str, num_blocks: int = 40, layout: str = "split", **spec_kw):
+    def __init__(self, dtype: str, num_blocks: int = 40, layout: str = "split", forward=forward_cached, **spec_kw):
+        self.forward = forward
         self.spec = pk.CacheSpec(
             num_layers=CFG.num_layers, num_blocks=num_blocks, block_size=BLOCK, max_blocks_per_seq=8,
             max_batch_slots=8, num_kv_heads=CFG.kv_heads, head_dim=CFG.head_dim, dtype=dtype, **spec_kw,
@@ -48,7 +49,7 @@ class Driver:
         tok = np.zeros((meta.batch_size, meta.query_len), np.int32)
         for b, s in enumerate(ids):
             tok[b, : counts[b]] = new_tokens[s]
-        logits, self.cache = forward_cached(CFG, self.params, self.cache, jnp.asarray(tok), meta.to_device())
+        logits, self.cache = self.forward(CFG, self.params, self.cache, jnp.asarray(tok), meta.to_device())
         self.manager.commit(ids)  # the step ran: its blocks may now be hit, its copies retire
         logits = np.asarray(logits)
         for b, s in enumerate(ids):
@@ -118,3 +119,10 @@ def test_mixed_prefill_and_decode_in_one_step(layout):
     d.step({0: d.random_tokens(1), 1: d.random_tokens(9)})
     d.step({0: d.random_tokens(1), 1: d.random_tokens(1), 2: d.random_tokens(17)})
     d.assert_matches_recompute([0, 1, 2], jnp.float32, 2e-4)
+
+
+def test_gathered_view_path_equals_recompute():
+    """The seed-compatible path (`concatenate_to_cache` + dense attention) stays exact."""
+    d = Driver("bfloat16", forward=forward_gathered, **LAYOUTS["mixed"])
+    live = edge_scenario(d, steps=6, release_at=2)
+    d.assert_matches_recompute(live, jnp.bfloat16, 2e-3)

@@ -1,8 +1,10 @@
 """A tiny attention-only transformer (GQA, RoPE) used to prove the cache is exact.
 
-`forward_cached` runs one step through a `PagedKVCache`; `forward_full` recomputes
-full causal attention over a whole sequence with no cache. Both share every weight
-and the same attention arithmetic, so their logits must agree.
+`forward_cached` runs one step through a `PagedKVCache` with the in-place path
+(`view.attention`: write, then attend to the pages); `forward_gathered` runs it
+through the seed-compatible gathered view (`concatenate_to_cache` + dense
+attention); `forward_full` recomputes full causal attention over a whole sequence
+with no cache. All share every weight, so their logits must agree.
 """
 
 from __future__ import annotations
@@ -72,7 +74,21 @@ def _qkv(cfg, layer, x, positions):
 
 @partial(jax.jit, static_argnums=0, donate_argnums=2)
 def forward_cached(cfg: TinyConfig, params, cache, tokens, metadata):
-    """One serving step: tokens [B, T] at metadata.positions -> logits [B, T, V], new cache."""
+    """One serving step: tokens [B, T] at metadata.positions -> logits [B, T, V], new cache.
+    Attention reads the pages in place."""
+    x = params["embed"][tokens]
+    views = []
+    for i, layer in enumerate(params["layers"]):
+        q, k, v = _qkv(cfg, layer, x, metadata.positions)
+        out, view = cache[i].attention(q, k, v, metadata)
+        views.append(view)
+        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
+    return x @ params["unembed"], type(cache)(tuple(views))
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=2)
+def forward_gathered(cfg: TinyConfig, params, cache, tokens, metadata):
+    """`forward_cached` through the gathered view: contiguous keys/values, dense mask."""
     x = params["embed"][tokens]
     views = []
     for i, layer in enumerate(params["layers"]):
