@@ -81,14 +81,17 @@ def attend(q, keys, values, mask):
 
 
 def forward_paged(cfg, params, cache, tokens, metadata):
-    """One step through the paged cache: tokens [B, T] -> logits [B, T, V], new cache."""
+    """One step through the paged cache: tokens [B, T] -> logits [B, T, V], new cache.
+
+    ``view.attention`` writes the step's keys/values and attends to the pages in
+    place (no contiguous copy of the sequences); sliding layers apply their window."""
     x = params["embed"][tokens]
     views = []
     for i, layer in enumerate(params["layers"]):
         q, k, v = qkv(cfg, layer, x, metadata.positions)
-        keys, values, mask, view = cache[i].concatenate_to_cache(q, k, v, metadata)
+        out, view = cache[i].attention(q, k, v, metadata)
         views.append(view)
-        x = x + attend(q, keys, values, mask.dense(keys.shape[1])) @ layer["wo"]
+        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
     return x @ params["unembed"], pk.PagedKVCache(tuple(views))
 
 
