@@ -1,0 +1,290 @@
+"""One decode step of a small transformer: attention read from the pages in place vs
+the gathered view vs a seed-style dense cache.
+
+Model: 4 layers, d_model 512, 8 query heads; KV heads x head_dim of 2 x 64 and
+8 x 128; bfloat16 cache, f32 activations. Batch B and max context L vary; each
+row's length is drawn uniformly from [0.2 L, L] (mean 0.6 L), and the paged pool
+holds B * L tokens, so it is ~60 % full, the same bytes as the dense cache.
+
+(a) paged, in place: `view.attention` (write, then online softmax over chunks of
+    the block table; the loop stops at the longest row's blocks).
+(b) paged, gathered: `concatenate_to_cache` (contiguous ``[B, W*bs, H, D]`` copy,
+    zero past each length) + dense masked attention.
+(c) dense: a ``[B, L, H, D]`` cache per layer written with a per-row
+    ``dynamic_update_slice`` (stored as uint16 bits so that XLA on CPU updates it in
+    place) + dense masked attention over all L keys, as the seed caches do.
+
+The three run on the same weights and hidden states, interleaved, cache donated;
+figures are medians. Transient memory is XLA's compiled ``temp_size_in_bytes``.
+Also measured: (a) with the loop over the whole table (no dynamic trip count) on a
+batch whose longest row is about half its table bucket, and a chunk-size sweep.
+
+``--quick``: a small grid for a smoke run. Prints a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paged_kv as pk  # noqa: E402
+from _report import finish_report, start_report  # noqa: E402
+from paged_kv.attention import paged_attention_xla  # noqa: E402
+
+LAYERS, D_MODEL, Q_HEADS, BLOCK = 4, 512, 8, 16
+HEADS = {"kv2_d64": (2, 64), "kv8_d128": (8, 128)}
+MEMORY_CAP = 2 * 2**30  # paged pool + dense cache of one point, bytes: skip larger points
+
+
+def make_params(kv_heads: int, dim: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return jnp.asarray(rng.normal(0, shape[0] ** -0.5, size=shape), jnp.float32)
+
+    return [dict(wq=w(D_MODEL, Q_HEADS * dim), wk=w(D_MODEL, kv_heads * dim), wv=w(D_MODEL, kv_heads * dim),
+                 wo=w(Q_HEADS * dim, D_MODEL)) for _ in range(LAYERS)]
+
+
+def qkv(layer, x, kv_heads, dim):
+    b, t, _ = x.shape
+    return ((x @ layer["wq"]).reshape(b, t, Q_HEADS, dim), (x @ layer["wk"]).reshape(b, t, kv_heads, dim),
+            (x @ layer["wv"]).reshape(b, t, kv_heads, dim))
+
+
+def dense_attention(q, keys, values, mask):
+    """q [B,T,Hq,D] f32, keys/values [B,S,H,D], mask [B,T,S] -> [B,T,Hq*D]."""
+    b, t, hq, d = q.shape
+    h = keys.shape[2]
+    qg = q.reshape(b, t, h, hq // h, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)) * d**-0.5
+    p = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -1e30), axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, values.astype(jnp.float32))
+    return out.reshape(b, t, hq * d)
+
+
+def step_paged(params, cache, x, meta, kv_heads, dim):
+    views = []
+    for i, layer in enumerate(params):
+        q, k, v = qkv(layer, x, kv_heads, dim)
+        out, view = cache[i].attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta)
+        views.append(view)
+        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
+    return x, pk.PagedKVCache(tuple(views))
+
+
+def step_paged_static(params, cache, x, meta, kv_heads, dim):
+    """(a) with the chunk loop over the whole table (no dynamic trip count)."""
+    views = []
+    for i, layer in enumerate(params):
+        q, k, v = qkv(layer, x, kv_heads, dim)
+        view = cache[i].write(k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta)
+        out = paged_attention_xla(q, view.read_blocks, meta.block_tables, meta.kv_lens, meta.positions,
+                                  block_size=BLOCK, live_bound=False)
+        views.append(view)
+        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
+    return x, pk.PagedKVCache(tuple(views))
+
+
+def step_paged_chunk(params, cache, x, meta, kv_heads, dim, chunk_blocks):
+    views = []
+    for i, layer in enumerate(params):
+        q, k, v = qkv(layer, x, kv_heads, dim)
+        out, view = cache[i].attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta,
+                                       chunk_blocks=chunk_blocks)
+        views.append(view)
+        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
+    return x, pk.PagedKVCache(tuple(views))
+
+
+def step_gathered(params, cache, x, meta, kv_heads, dim):
+    views = []
+    for i, layer in enumerate(params):
+        q, k, v = qkv(layer, x, kv_heads, dim)
+        keys, values, mask, view = cache[i].concatenate_to_cache(None, k.astype(jnp.bfloat16),
+                                                                 v.astype(jnp.bfloat16), meta)
+        views.append(view)
+        x = x + dense_attention(q, keys, values, mask.dense(keys.shape[1])) @ layer["wo"]
+    return x, pk.PagedKVCache(tuple(views))
+
+
+def step_dense(params, cache, x, pos, kv_heads, dim):
+    """cache: per layer (keys, values) uint16 [B, L, H, D]; pos [B]: the new token's index."""
+    new = []
+    length = cache[0][0].shape[1]
+    mask = (jnp.arange(length)[None, :] <= pos[:, None])[:, None, :]  # [B, 1, L]
+    write = jax.vmap(lambda c, row, p: jax.lax.dynamic_update_slice(c, row, (p, 0, 0)))
+    for (kc, vc), layer in zip(cache, params):
+        q, k, v = qkv(layer, x, kv_heads, dim)
+        bits = lambda a: jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16)  # noqa: E731
+        kc, vc = write(kc, bits(k), pos), write(vc, bits(v), pos)
+        keys = jax.lax.bitcast_convert_type(kc, jnp.bfloat16)
+        values = jax.lax.bitcast_convert_type(vc, jnp.bfloat16)
+        x = x + dense_attention(q, keys, values, mask) @ layer["wo"]
+        new.append((kc, vc))
+    return x, tuple(new)
+
+
+class Point:
+    """One (heads, B, L) configuration: weights, hidden states, a paged cache + manager,
+    a dense cache, each variant jitted with the cache donated."""
+
+    def __init__(self, heads: str, batch: int, max_len: int, lengths: np.ndarray, seed: int = 0):
+        self.kv_heads, self.dim = HEADS[heads]
+        self.params = make_params(self.kv_heads, self.dim, seed)
+        blocks_per_seq = max_len // BLOCK
+        self.spec = pk.CacheSpec(num_layers=LAYERS, num_blocks=batch * blocks_per_seq + 1, block_size=BLOCK,
+                                 max_blocks_per_seq=blocks_per_seq, max_batch_slots=batch,
+                                 num_kv_heads=self.kv_heads, head_dim=self.dim, dtype="bfloat16")
+        manager = pk.KVCacheManager(self.spec)
+        for s, n in enumerate(lengths):
+            manager.admit(s, int(n) - 1)
+        manager.append(list(range(batch)), 1)
+        self.meta = manager.step_metadata(list(range(batch)), 1).to_device()
+        self.pos = jnp.asarray(lengths - 1, jnp.int32)
+        rng = np.random.default_rng(seed + 1)
+        self.x = jnp.asarray(rng.normal(size=(batch, 1, D_MODEL)), jnp.float32)
+        self.caches = {"paged": pk.PagedKVCache.init(self.spec), "dense": self._dense_cache(batch, max_len, rng)}
+        kw = dict(kv_heads=self.kv_heads, dim=self.dim)
+        self.fns = {
+            "a_in_place": (jax.jit(partial(step_paged, **kw), donate_argnums=1), "paged", self.meta),
+            "b_gathered": (jax.jit(partial(step_gathered, **kw), donate_argnums=1), "paged", self.meta),
+            "c_dense": (jax.jit(partial(step_dense, **kw), donate_argnums=1), "dense", self.pos),
+        }
+
+    def _dense_cache(self, batch, max_len, rng):
+        # Random bits where the rows hold tokens, as a filled cache would.
+        shape = (batch, max_len, self.kv_heads, self.dim)
+        fill = jnp.asarray(rng.integers(0x3C00, 0x4000, size=shape[1:], dtype=np.uint16))
+        return tuple((jnp.broadcast_to(fill, shape) + 0, jnp.broadcast_to(fill, shape) + 0) for _ in range(LAYERS))
+
+    def add(self, name: str, fn) -> None:
+        self.fns[name] = (jax.jit(partial(fn, kv_heads=self.kv_heads, dim=self.dim), donate_argnums=1), "paged",
+                          self.meta)
+
+    def temp_bytes(self, name: str) -> int:
+        fn, which, arg = self.fns[name]
+        return int(fn.lower(self.params, self.caches[which], self.x, arg).compile().memory_analysis().temp_size_in_bytes)
+
+    def run(self, name: str) -> float:
+        fn, which, arg = self.fns[name]
+        t0 = time.perf_counter()
+        out, self.caches[which] = fn(self.params, self.caches[which], self.x, arg)
+        out.block_until_ready()
+        return time.perf_counter() - t0
+
+    def outputs_agree(self) -> float:
+        """Max |a - b| of the step's output: both read the same pages (the dense cache
+        holds other bytes, so c is not compared)."""
+        outs = []
+        for name in ("a_in_place", "b_gathered"):
+            fn, which, arg = self.fns[name]
+            out, self.caches[which] = fn(self.params, self.caches[which], self.x, arg)
+            outs.append(np.asarray(out))
+        return float(np.abs(outs[0] - outs[1]).max())
+
+
+def measure(point: Point, names, reps: int) -> dict:
+    for name in names:  # compile + warm up
+        point.run(name)
+    times = {n: [] for n in names}
+    for _ in range(reps):  # interleaved
+        for name in names:
+            times[name].append(point.run(name))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def pool_and_dense_bytes(heads: str, batch: int, max_len: int) -> int:
+    h, d = HEADS[heads]
+    return 2 * batch * max_len * h * d * 2 * 2 * LAYERS  # (pool + dense) x K,V x bf16 x layers
+
+
+def grid_point(heads: str, batch: int, max_len: int, reps: int, rng) -> dict:
+    lengths = rng.integers(int(0.2 * max_len), max_len + 1, size=batch)
+    point = Point(heads, batch, max_len, lengths)
+    names = ["a_in_place", "b_gathered", "c_dense"]
+    med = measure(point, names, reps)
+    mem = {n: point.temp_bytes(n) for n in names}
+    out = dict(heads=heads, batch=batch, max_len=max_len, fill=round(float(lengths.mean() / max_len), 3),
+               ms={n: round(1e3 * t, 3) for n, t in med.items()}, temp_bytes=mem,
+               a_over_c=round(med["a_in_place"] / med["c_dense"], 3),
+               b_over_c=round(med["b_gathered"] / med["c_dense"], 3),
+               a_over_b=round(med["a_in_place"] / med["b_gathered"], 3),
+               temp_a_over_b=round(mem["a_in_place"] / max(mem["b_gathered"], 1), 4),
+               max_abs_a_minus_b=point.outputs_agree())
+    print(f"{heads} B={batch:4d} L={max_len:5d}: a {out['ms']['a_in_place']:8.2f} ms  b {out['ms']['b_gathered']:8.2f}"
+          f"  c {out['ms']['c_dense']:8.2f}  a/c {out['a_over_c']:.2f}  b/c {out['b_over_c']:.2f}  "
+          f"temp a/b {out['temp_a_over_b']:.4f}", flush=True)
+    return out
+
+
+def trip_count_point(heads: str, batch: int, max_len: int, reps: int, rng) -> dict:
+    """The longest row just over L/2: the table bucket is L, the live width about half."""
+    lengths = rng.integers(int(0.1 * max_len), max_len // 2, size=batch)
+    lengths[0] = max_len // 2 + BLOCK + 1
+    point = Point(heads, batch, max_len, lengths)
+    point.add("a_static_trip", step_paged_static)
+    med = measure(point, ["a_in_place", "a_static_trip"], reps)
+    return dict(heads=heads, batch=batch, max_len=max_len, longest=int(lengths.max()),
+                table_tokens=int(point.meta.block_tables.shape[1] * BLOCK),
+                ms={n: round(1e3 * t, 3) for n, t in med.items()},
+                dynamic_over_static=round(med["a_in_place"] / med["a_static_trip"], 3))
+
+
+def chunk_sweep(heads: str, batch: int, max_len: int, reps: int, rng, chunks=(2, 4, 8, 16, 32)) -> dict:
+    lengths = rng.integers(int(0.2 * max_len), max_len + 1, size=batch)
+    point = Point(heads, batch, max_len, lengths)
+    names = []
+    for c in chunks:
+        point.add(f"chunk{c}", partial(step_paged_chunk, chunk_blocks=c))
+        names.append(f"chunk{c}")
+    med = measure(point, names, reps)
+    return dict(heads=heads, batch=batch, max_len=max_len, ms={n: round(1e3 * t, 3) for n, t in med.items()},
+                temp_bytes={n: point.temp_bytes(n) for n in names})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small grid (smoke run)")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    if args.quick:
+        grid = [("kv2_d64", b, n) for b in (8, 32) for n in (512, 2048)]
+        reps = args.reps or 3
+    else:
+        grid = [(h, b, n) for h in HEADS for b in (8, 32, 128) for n in (512, 1024, 2048, 4096, 8192)]
+        reps = args.reps or 5
+    report = start_report(benchmark="decode_step", device=str(jax.devices()[0]), layers=LAYERS, d_model=D_MODEL,
+                          q_heads=Q_HEADS, block_size=BLOCK, reps=reps, quick=args.quick)
+    points, skipped = [], []
+    for heads, b, n in grid:
+        if pool_and_dense_bytes(heads, b, n) > MEMORY_CAP:
+            skipped.append(dict(heads=heads, batch=b, max_len=n, why=f"pool + dense cache over {MEMORY_CAP >> 30} GiB"))
+            continue
+        points.append(grid_point(heads, b, n, reps, rng))
+    report["points"], report["skipped"] = points, skipped
+    report["trip_count"] = trip_count_point("kv2_d64", 32, 2048 if args.quick else 4096, reps, rng)
+    report["chunk_sweep"] = chunk_sweep("kv2_d64", 32, 2048, reps, rng, (4, 8, 16) if args.quick else (2, 4, 8, 16, 32))
+    ratios = [p["a_over_c"] for p in points]
+    report["summary"] = dict(
+        a_over_c_median=round(statistics.median(ratios), 3), a_over_c_max=max(ratios), a_over_c_min=min(ratios),
+        temp_a_over_b_max=max(p["temp_a_over_b"] for p in points),
+        points_meeting_a_over_c_0_6=sum(r <= 0.6 for r in ratios), points=len(ratios),
+    )
+    finish_report(report)
+
+
+if __name__ == "__main__":
+    main()
