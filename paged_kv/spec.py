@@ -71,6 +71,14 @@ def _optional_positive(instance, attribute, value) -> None:
         _positive(instance, attribute, value)
 
 
+PAGE_STORAGE = ("auto", "bits", "float")
+
+
+def _page_storage(instance, attribute, value) -> None:
+    if value not in PAGE_STORAGE:
+        raise SpecError(f"page_storage={value!r} is not one of {PAGE_STORAGE}")
+
+
 @attrs.frozen(kw_only=True, init=False)
 class CacheSpec:
     """Shape, dtype and limits of a paged KV cache.
@@ -78,7 +86,10 @@ class CacheSpec:
     Heads and dims may be given once as ``num_kv_heads`` / ``head_dim`` or separately
     as ``key_heads``/``value_heads`` and ``key_dim``/``value_dim`` (MLA-style models
     have key_dim != value_dim). ``num_blocks`` counts the reserved null block, so
-    ``num_blocks - 1`` blocks are usable.
+    ``num_blocks - 1`` blocks are usable. ``page_storage``: how pages hold the floats
+    (see `storage_dtype`): ``"bits"`` (default: unsigned ints of the same width),
+    ``"float"`` (the dtype itself, what Pallas kernels read), ``"auto"`` (bits on CPU,
+    float on TPU/GPU).
     """
 
     num_layers: int = attrs.field(validator=_positive)
@@ -96,6 +107,7 @@ class CacheSpec:
     sliding_window: int | None = attrs.field(default=None, validator=_optional_positive)
     sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=_layer_indices)
     sliding_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
+    page_storage: str = attrs.field(default="bits", validator=_page_storage)
     _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 
     def __init__(self, *args, **fields) -> None:
@@ -284,14 +296,33 @@ def _resolve(name: str):
 
 
 def storage_dtype(spec: CacheSpec) -> np.dtype:
-    """The unsigned integer dtype pages are stored in: same width as ``spec.dtype``.
+    """The dtype pages are stored in: the unsigned integer of ``spec.dtype``'s width
+    (``page_storage="bits"``, the default), or ``spec.dtype`` itself (``"float"``;
+    ``"auto"``: float on TPU and GPU, bits on CPU).
 
-    Why: XLA on CPU lowers a bfloat16 scatter out of place (a full pool copy per
-    write, ~220 ms for 134 MB) but an integer scatter in place (~50 us). Storing the
-    bits and bit-casting at the write and the read costs nothing and keeps every
-    write O(tokens written) for every float dtype on every backend.
+    Why bits on CPU: XLA on CPU lowers a bfloat16 scatter out of place (a full pool
+    copy per write, ~220 ms for 134 MB) but an integer scatter in place (~50 us);
+    bit-casting at the write and the read costs nothing there. Why floats elsewhere:
+    TPU and GPU scatter floats in place, and a Pallas kernel reads the pool as it is
+    (a bit-cast of the whole pool before a kernel call may be materialised as a
+    copy). The default stays "bits" everywhere for now because checkpoints write
+    pages with numpy, which cannot round-trip bfloat16/fp8 arrays (use "bits" for a
+    cache you will checkpoint).
     """
+    if spec.page_storage == "float" or (spec.page_storage == "auto" and _platform() != "cpu"):
+        return np.dtype(_resolve(spec.dtype))
+    return bits_dtype(spec)
+
+
+def bits_dtype(spec: CacheSpec) -> np.dtype:
+    """The unsigned integer of ``spec.dtype``'s width (what "bits" storage holds)."""
     return np.dtype(f"uint{8 * spec.itemsize}")
+
+
+def _platform() -> str:
+    import jax  # the host side of paged_kv does not need jax; only page storage asks
+
+    return jax.default_backend()
 
 
 def compute_dtype(spec: CacheSpec):
@@ -299,4 +330,4 @@ def compute_dtype(spec: CacheSpec):
     return _resolve(spec.dtype)
 
 
-__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "storage_dtype", "compute_dtype"]
+__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "PAGE_STORAGE", "bits_dtype", "storage_dtype", "compute_dtype"]

@@ -43,7 +43,7 @@ from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
 from paged_kv.sharding import zeros
-from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
+from paged_kv.spec import CacheSpec, bits_dtype, compute_dtype, storage_dtype
 from paged_kv.views.transformer import PagedLayerView
 
 
@@ -136,7 +136,7 @@ class UnifiedCacheView(PagedLayerView):
         # Combine the storage bits, not the floats: XLA on CPU canonicalizes NaN payloads
         # when it stacks or concatenates bfloat16, which would break bit-identity with
         # the split layout.
-        store = storage_dtype(s)
+        store = bits_dtype(s)
         key = lax.bitcast_convert_type(key.astype(dt), store)
         value = lax.bitcast_convert_type(value.astype(dt), store)
         if self.interleaved:
