@@ -3,14 +3,16 @@
 Host side (numpy): `KVCacheManager` decides which blocks each sequence holds and
 hands the device one `StepMetadata` per step; `DecodeSlots` keeps a fixed decode
 batch. Device side (jitted JAX): `PagedKVCache` holds one view per layer, whose
-``concatenate_to_cache`` writes the step's keys/values into the pages and gives
-attention contiguous keys/values. `swap_out`/`swap_in` and
+``attention`` writes the step's keys/values into the pages and attends to them in
+place (`paged_attention`), and whose ``concatenate_to_cache`` (the seed-compatible
+path) gives attention contiguous keys/values instead. `swap_out`/`swap_in` and
 `save_checkpoint`/`load_checkpoint` move a sequence's or the whole cache's bytes.
 
 Submodules: `paged_kv.sim` replays request traces through the allocator (and
 through contiguous caches at equal memory) to measure utilization, concurrency
 and preemptions without running a model (``paged-kv simulate`` on the command
-line); `paged_kv.sharding` places pages on a device mesh.
+line); `paged_kv.sharding` places pages on a device mesh; `paged_kv.attention`
+holds the attention over the pages and the Pallas kernel adapters.
 """
 
 from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, StepBatch, slot_step_metadata
@@ -53,6 +55,7 @@ _DEVICE_NAMES = {
     "SlidingWindowCacheView": "paged_kv.views",
     "TransformerCacheView": "paged_kv.views",
     "UnifiedCacheView": "paged_kv.views",
+    "paged_attention": "paged_kv.attention",
 }
 
 
@@ -114,6 +117,7 @@ __all__ = [
     "bucket",
     "insert_prefill",
     "load_checkpoint",
+    "paged_attention",
     "save_checkpoint",
     "slot_step_metadata",
     "swap_in",

@@ -42,6 +42,17 @@ def step(cache, k, v, meta):
     return pk.PagedKVCache(tuple(views)), tuple(outs)
 
 
+@partial(jax.jit, donate_argnums=0)
+def attention_step(cache, q, k, v, meta):
+    """Every layer's fused write + in-place attention (`view.attention`)."""
+    outs, views = [], []
+    for i, view in enumerate(cache.views):
+        out, new = view.attention(q[i], k[i], v[i], meta)
+        outs.append(out)
+        views.append(new)
+    return pk.PagedKVCache(tuple(views)), tuple(outs)
+
+
 def collectives(hlo: str) -> list[str]:
     return sorted({c for c in COLLECTIVES if re.search(rf"\b{c}(-start)?\(", hlo) or f" {c}" in hlo})
 
@@ -190,6 +201,46 @@ def data_parallel(rng) -> dict:
             "replica_devices": [sorted(set(h)) for h in homes]}
 
 
+def attention_check(layout: str, mesh: Mesh, rng) -> dict:
+    """The fused attention step on sharded pages (queries split by head like the pages)
+    and on one device: outputs compared, and the compiled step searched for collectives."""
+    runs = [Run(layout, mesh=mesh), Run(layout, device=jax.devices()[0])]
+    q_place = [NamedSharding(mesh, PartitionSpec(None, None, None, "tp", None)), jax.devices()[0]]
+    hlo, steps, bit_equal, max_diff = None, 0, 0, 0.0
+    history = [({0: 1, 1: 3, 2: 4, 3: 5, 4: 9}, None), ({s: 1 for s in range(5)}, None), ({1: 1, 10: 1}, (1, 10))]
+    for new, fork in history:
+        qb = rng.normal(size=(SPEC.num_layers, 8, 16, 2 * HEADS, DIM)).astype(np.float32)
+        bits = random_bits(rng)
+        outs = []
+        for r, qp in zip(runs, q_place):
+            if fork is not None:
+                r.manager.fork(*fork)
+            known = [s for s in new if s in r.manager]
+            for s in new:
+                if s not in r.manager:
+                    r.manager.admit(s, new[s])
+            if known:
+                r.manager.append(known, [new[s] for s in known])
+            meta = r.manager.step_metadata(list(new), list(new.values()))
+            b, t = meta.batch_size, meta.query_len
+            q = jax.device_put(jnp.asarray(qb[:, :b, :t]), qp)
+            k = jax.device_put(jax.lax.bitcast_convert_type(jnp.asarray(bits["k"][:, :b, :t]), jnp.bfloat16), r.kv_place)
+            v = jax.device_put(jax.lax.bitcast_convert_type(jnp.asarray(bits["v"][:, :b, :t]), jnp.bfloat16), r.kv_place)
+            dmeta = meta.to_device(r.meta_place)
+            if r.mesh is not None and hlo is None:
+                hlo = attention_step.lower(r.cache, q, k, v, dmeta).compile().as_text()
+            r.cache, out = attention_step(r.cache, q, k, v, dmeta)
+            outs.append([np.asarray(o) for o in out])
+        steps += 1
+        bit_equal += all(np.array_equal(a, b) for a, b in zip(*outs))
+        # Relative: the random bf16 keys reach 2**15, so logits and outputs are large.
+        max_diff = max(max_diff, max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) for a, b in zip(*outs)))
+    sharded_out = runs[0].cache.views[0]
+    return {"steps": steps, "steps_bit_equal": bit_equal, "max_rel_diff": max_diff,
+            "collectives": collectives(hlo), "finite": bool(np.isfinite(max_diff)),
+            "pages_sharded": len(jax.tree_util.tree_leaves(sharded_out)[0].sharding.device_set) == 8}
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("tp",))
@@ -201,6 +252,7 @@ def main() -> None:
         out[layout].update(shard_report(sharded, layout))
         sharded.manager.check_integrity()
     out["data_parallel"] = data_parallel(np.random.default_rng(11))
+    out["attention"] = {layout: attention_check(layout, mesh, np.random.default_rng(13)) for layout in ("split", "unified")}
     # The detector itself: gathering sharded pages onto every device must show up.
     pages = jax.tree_util.tree_leaves(Run("split", mesh=mesh).cache)[0]
     gathered = jax.jit(lambda x: x * 1, out_shardings=replicated(mesh)).lower(pages).compile().as_text()
