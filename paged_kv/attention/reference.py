@@ -87,8 +87,11 @@ def paged_attention_xla(
         keys, values = read(ids)
         return _fold(state, q, keys, values, i * span, kv_lens, positions, window, soft_cap)
 
-    trips = jnp.minimum(needed, w // c) if live_bound else w // c
-    _, l, acc = lax.fori_loop(0, trips, body, state)
+    if w == c:  # one chunk: no loop (simpler to compile; nothing to skip)
+        _, l, acc = body(0, state)
+    else:
+        trips = jnp.minimum(needed, w // c) if live_bound else w // c
+        _, l, acc = lax.fori_loop(0, trips, body, state)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [B, Hq, T, Dv]
     return out.transpose(0, 2, 1, 3).astype(query.dtype)
 
