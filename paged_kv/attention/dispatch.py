@@ -39,13 +39,8 @@ def paged_attention(
     ``1/sqrt(key_dim)``; ``soft_cap`` caps logits as ``cap * tanh(logit / cap)``.
     """
     s = view.spec
-    check_query(query, s.key_heads, s.key_dim, s.value_heads, what=f"layer {view.layer_index}: query")
+    check_attention_query(query, view, metadata)
     group = metadata.groups[view.group]
-    b, t = group.slot_mapping.shape
-    if tuple(query.shape[:2]) != (b, t):
-        raise ShapeError(
-            f"layer {view.layer_index}: query has shape {tuple(query.shape)}; the step metadata has B={b}, T={t}"
-        )
     kv_lens = metadata.kv_lens - group.start
     chosen = _choose(view, impl)
     if chosen == "pallas_tpu_ragged":
@@ -58,6 +53,18 @@ def paged_attention(
     return paged_attention_xla(query, view.read_blocks, group.block_tables, kv_lens, positions,
                                block_size=s.block_size, window=view.window, scale=scale, soft_cap=soft_cap,
                                chunk_blocks=chunk_blocks)
+
+
+def check_attention_query(query: jax.Array, view, metadata) -> None:
+    """Raise `ShapeError` unless ``query`` is ``[B, T, q_heads, key_dim]`` for this step
+    and layer (static: under jit it raises at trace time, before any write)."""
+    s = view.spec
+    check_query(query, s.key_heads, s.key_dim, s.value_heads, what=f"layer {view.layer_index}: query")
+    b, t = metadata.groups[view.group].slot_mapping.shape
+    if tuple(query.shape[:2]) != (b, t):
+        raise ShapeError(
+            f"layer {view.layer_index}: query has shape {tuple(query.shape)}; the step metadata has B={b}, T={t}"
+        )
 
 
 def ragged_kernel_fits(view) -> bool:
@@ -80,4 +87,4 @@ def _choose(view, impl: str) -> str:
     return impl
 
 
-__all__ = ["IMPLS", "paged_attention", "ragged_kernel_fits"]
+__all__ = ["IMPLS", "check_attention_query", "paged_attention", "ragged_kernel_fits"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, paged_attention
+from paged_kv.attention.dispatch import check_attention_query
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
@@ -161,6 +162,7 @@ class PagedLayerView:
         else XLA), ``"xla"``, or a kernel name (see `paged_kv.attention`);
         ``chunk_blocks``: blocks per iteration of the XLA path.
         """
+        check_attention_query(query, self, metadata)  # before the write: a bad call writes nothing
         view = self.write(key, value, metadata)
         out = view.attend(query, metadata, scale=scale, soft_cap=soft_cap, impl=impl, chunk_blocks=chunk_blocks)
         return out, view
