@@ -110,6 +110,7 @@ class Shadow:
         k, kn = self.rand(2, b, t, s.key_heads, s.key_dim)
         v, vn = self.rand(2, b, t, s.value_heads, s.value_dim)
         self.cache, out = fused_step(self.cache, q, k, v, meta.to_device(), scale=scale, soft_cap=soft_cap)
+        self.manager.commit(ids)  # the step ran: its blocks may be hit, its copies retire
         out = np.asarray(out.astype(jnp.float32))
         assert np.isfinite(out).all()
         assert not out[:, len(ids):].any(), "padding rows must attend to nothing: zeros"
@@ -181,19 +182,11 @@ def test_prefix_cache_hits(layout):
     prompt = list(range(100, 107))  # 7 tokens: one full block can be cached
     sh.manager.admit_prompt(0, prompt)
     sh.step({0: len(prompt)})
-    _commit(sh.manager, [0])
     cached = sh.manager.admit_prompt(1, prompt + [5, 6])
     assert cached == BS
     sh.copy_hist(0, 1, upto=cached)
     sh.step({1: len(prompt) + 2 - cached, 0: 1})
     sh.step({1: 1, 0: 1})
-
-
-def _commit(manager, ids):
-    """Mark the step that wrote ``ids`` as run (a no-op on managers without `commit`)."""
-    commit = getattr(manager, "commit", None)
-    if commit is not None:
-        commit(ids)
 
 
 def test_stale_nan_bytes_in_reused_blocks_never_reach_the_output():
@@ -266,8 +259,8 @@ def test_bad_query_raises_shape_error_and_writes_nothing():
     b, t = meta.positions.shape
     k = jnp.ones((b, t, 2, 8), jnp.float32)
     before = [np.asarray(x) for x in jax.tree_util.tree_leaves(sh.cache)]
-    for shape, match in (((b, t, 3, 8), "multiple of key_heads"), ((b, t, 4, 6), "key_dim=8"),
-                         ((b + 1, t, 4, 8), "B=")):
+    for shape, match in (((b, t, 3, 8), "multiple of the 2 key heads"), ((b, t, 4, 6), "q_heads, 8"),
+                         ((b + 1, t, 4, 8), r"expected \(\d+, \d+, q_heads")):
         with pytest.raises(pk.ShapeError, match=match):
             sh.cache[0].attention(jnp.ones(shape, jnp.float32), k, k, meta)
     with pytest.raises(pk.ShapeError, match="impl="):

@@ -8,12 +8,18 @@ runs everywhere and is what the kernels are tested against.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 from jax import lax
 
 from paged_kv.attention.pallas_tpu import ragged_paged_attention_tpu
-from paged_kv.attention.reference import DEFAULT_CHUNK_BLOCKS, check_query, paged_attention_xla
+from paged_kv.attention.reference import DEFAULT_CHUNK_BLOCKS, paged_attention_xla
 from paged_kv.errors import ShapeError
+from paged_kv.metadata import StepMetadata
+
+if TYPE_CHECKING:  # the views import this module
+    from paged_kv.views.transformer import PagedLayerView
 from paged_kv.spec import compute_dtype
 
 IMPLS = ("auto", "xla", "pallas_tpu_ragged")
@@ -21,8 +27,8 @@ IMPLS = ("auto", "xla", "pallas_tpu_ragged")
 
 def paged_attention(
     query: jax.Array,
-    view,
-    metadata,
+    view: "PagedLayerView",
+    metadata: StepMetadata,
     *,
     scale: float | None = None,
     soft_cap: float | None = None,
@@ -55,19 +61,20 @@ def paged_attention(
                                chunk_blocks=chunk_blocks)
 
 
-def check_attention_query(query: jax.Array, view, metadata) -> None:
-    """Raise `ShapeError` unless ``query`` is ``[B, T, q_heads, key_dim]`` for this step
-    and layer (static: under jit it raises at trace time, before any write)."""
-    s = view.spec
-    check_query(query, s.key_heads, s.key_dim, s.value_heads, what=f"layer {view.layer_index}: query")
-    b, t = metadata.groups[view.group].slot_mapping.shape
-    if tuple(query.shape[:2]) != (b, t):
+def check_attention_query(query: jax.Array, view: "PagedLayerView", metadata: StepMetadata) -> None:
+    """Raise `ShapeError` unless ``metadata`` was built for ``view``'s pages and ``query``
+    is a float ``[B, T, q_heads, key_dim]`` for this step, with ``q_heads`` a multiple of
+    the key and value heads. Static: under jit it raises at trace time, before any write."""
+    view.check_metadata(metadata)
+    view.check_query(query, metadata)
+    heads = view.spec.value_heads
+    if query.shape[2] % heads:
         raise ShapeError(
-            f"layer {view.layer_index}: query has shape {tuple(query.shape)}; the step metadata has B={b}, T={t}"
+            f"layer {view.layer_index}: query has {query.shape[2]} heads; expected a multiple of the {heads} value heads"
         )
 
 
-def ragged_kernel_fits(view) -> bool:
+def ragged_kernel_fits(view: "PagedLayerView") -> bool:
     """True when ``view``'s pages are the TPU ragged kernel's layout: unified, keys and
     values interleaved by head."""
     return getattr(view, "interleaved", False) and hasattr(view, "kv_pages")

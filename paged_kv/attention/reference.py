@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from paged_kv.errors import ShapeError
 
 DEFAULT_CHUNK_BLOCKS = 8
 """Blocks per iteration: large enough that each step's matmuls amortise the loop,
@@ -33,20 +32,6 @@ _NEG = -1e30  # finite: exp(_NEG - _NEG) is 1, never NaN, when a row has seen no
 
 ReadBlocks = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 """``read(block_ids [B, C]) -> (keys [B, C*bs, Hk, Dk], values [B, C*bs, Hv, Dv])``."""
-
-
-def check_query(query: jax.Array, key_heads: int, key_dim: int, value_heads: int, what: str = "query") -> None:
-    """Raise `ShapeError` unless ``query`` is a float ``[B, T, q_heads, key_dim]`` whose
-    heads are a multiple of the key and value heads (GQA/MQA grouping)."""
-    shape = tuple(getattr(query, "shape", ()))
-    if len(shape) != 4 or shape[3] != key_dim:
-        raise ShapeError(f"{what} has shape {shape}; expected [B, T, q_heads, {key_dim}] (key_dim={key_dim})")
-    if shape[2] % key_heads or shape[2] % value_heads:
-        raise ShapeError(
-            f"{what} has {shape[2]} heads; expected a multiple of key_heads={key_heads} and value_heads={value_heads}"
-        )
-    if not jnp.issubdtype(query.dtype, jnp.floating):
-        raise ShapeError(f"{what} has dtype {query.dtype}; expected a float dtype")
 
 
 def paged_attention_xla(
@@ -133,4 +118,4 @@ def _fold(state, q, keys, values, first, kv_lens, positions, window, soft_cap):
     return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
 
-__all__ = ["DEFAULT_CHUNK_BLOCKS", "ReadBlocks", "check_query", "paged_attention_xla"]
+__all__ = ["DEFAULT_CHUNK_BLOCKS", "ReadBlocks", "paged_attention_xla"]

@@ -128,12 +128,12 @@ def dense_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.
 def attention(view, q: jax.Array, k: jax.Array, v: jax.Array, metadata: StepMetadata):
     """One layer's attention through its cache view: returns (out ``[B, T, H, D]``, new view).
 
-    The single place the model touches the cache: write this step's keys/values and
-    attend over the view's gathered keys/values with its mask (sliding layers' masks
-    carry the window).
+    The single place the model touches the cache: `view.attention` writes this step's
+    keys/values and attends to the pages in place (no gathered copy; sliding layers
+    apply their window).
     """
-    keys, values, mask, view = view.concatenate_to_cache(q, k, v, metadata)
-    return dense_attention(q, keys, values, mask.dense(keys.shape[1])), view
+    out, view = view.attention(q, k, v, metadata)
+    return out, view
 
 
 def _layer(cfg: LlamaConfig, layer: dict, x, cos, sin, attend):
