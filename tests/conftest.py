@@ -16,14 +16,16 @@ SLOW = {
     "test_unified.py": ("test_unified_equals_split_bit_for_bit", "test_tiny_transformer_through_unified_cache"),
     "test_swap.py": ("test_swap_round_trip_is_bit_exact_and_decoding_continues",),
     "test_fork.py": ("test_decoding_after_fork_equals_recompute",),
-    "test_transformer_model.py": ("test_decode_through_pages_equals_recompute", "test_mixed_prefill_and_decode_in_one_step"),
+    "test_transformer_model.py": ("test_decode_through_pages_equals_recompute", "test_mixed_prefill_and_decode_in_one_step",
+                                  "test_gathered_view_path_equals_recompute"),
+    "test_paged_attention.py": ("test_block_edges_mixed_and_chunked_prefill", "test_fork_copy_on_write_swap_and_reuse"),
     "test_device_roundtrip.py": ("test_random_writes_then_gather_equal_dense_model",),
     "test_slots.py": ("test_continuous_batching_equals_recompute_and_compiles_per_width_bucket",),
     "test_scheduler.py": ("test_swap_preemption_loses_nothing",),
     "test_isolation.py": ("test_reused_blocks_never_expose_previous_owner",),
     # These share one subprocess that compiles every step on 8 fake devices (~70 s).
     "test_sharding.py": ("test_sharded_pages_equal_single_device_bit_for_bit", "test_no_collective_touches_the_pages",
-                         "test_two_data_parallel_replicas"),
+                         "test_two_data_parallel_replicas", "test_in_place_attention_on_sharded_pages"),
 }
 
 
