@@ -261,7 +261,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     if args.quick:
-        grid = [("kv2_d64", b, n) for b in (8, 32) for n in (512, 2048)]
+        grid = [("kv2_d64", 8, 512), ("kv2_d64", 32, 2048), ("kv2_d64", 32, 4096), ("kv8_d128", 8, 2048)]
         reps = args.reps or 3
     else:
         grid = [(h, b, n) for h in HEADS for b in (8, 32, 128) for n in (512, 1024, 2048, 4096, 8192)]

@@ -43,6 +43,7 @@ BENCHMARKS = {
     "bench_preemption": ["--quick"],
     "bench_sliding": ["--limit", "3000"],
     "bench_device_ops": [],
+    "bench_decode_step": ["--quick"],
     "bench_generate": ["--repeats", "2"],
 }
 
@@ -219,9 +220,33 @@ def _model_rows(r: dict) -> list[Row]:
     return out
 
 
+def _attention_rows(r: dict) -> list[Row]:
+    points = get(r, "bench_decode_step:points")
+    if not points:
+        return []
+    big = max(points, key=lambda p: p["batch"] * p["max_len"])
+    where = f"B={big['batch']}, context {big['max_len']}, {big['heads']}"
+    ms, temp = big["ms"], big["temp_bytes"]
+    out = [(f"decode step, 4 layers: attention in place over the pages ÷ a dense max-length cache, ~60 % full "
+            f"(`bench_decode_step.py`, {where})",
+            f"{_x(big['a_over_c'])} ({ms['a_in_place']:.1f} vs {ms['c_dense']:.1f} ms); over all "
+            f"{len(points)} points median {_x(get(r, 'bench_decode_step:summary.a_over_c_median'))}",
+            f"gathered view + dense attention: {_x(big['b_over_c'])} the dense cache's time"),
+           ("transient memory of that step, in place ÷ gathered view",
+            f"{_x(big['temp_a_over_b'])} ({temp['a_in_place'] / 2**20:.1f} vs {temp['b_gathered'] / 2**20:.1f} MiB)",
+            "XLA's compiled temp_size_in_bytes of each")]
+    trip = get(r, "bench_decode_step:trip_count")
+    if trip:
+        out.append(("in-place attention stopping at the longest row vs looping over the whole table bucket "
+                    f"(longest row {trip['longest']} of {trip['table_tokens']} table tokens)",
+                    _x(trip["dynamic_over_static"]), f"{trip['ms']['a_static_trip']:.1f} ms looping over the table"))
+    return out
+
+
 def rows(r: dict) -> list[Row]:
     """(what, figure, baseline in the same run) for every figure the results hold."""
-    return _vs_vllm_rows(r) + _allocator_rows(r) + _memory_rows(r) + _sharing_rows(r) + _model_rows(r)
+    return (_vs_vllm_rows(r) + _allocator_rows(r) + _memory_rows(r) + _attention_rows(r) + _sharing_rows(r)
+            + _model_rows(r))
 
 
 def render(results: dict) -> str:
