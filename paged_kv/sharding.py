@@ -9,6 +9,9 @@ replica serves all of its devices with the same block ids, and XLA's SPMD
 partitioner runs every write, gather, copy-on-write copy and swap locally per
 device: no collective touches the pages (tests/test_sharding.py checks the HLO).
 
+Int8 layers' scales ``[num_blocks, block_size, heads]`` (``2*heads`` unified) shard
+on the same axis (`for_rank`), so each device dequantizes its own heads locally.
+
 Layouts: split pages ``[num_blocks, block_size, heads, dim]`` shard on ``heads``;
 unified interleaved pages ``[num_blocks, block_size, 2*heads, dim]`` shard on
 ``2*heads``, and since head ``h``'s keys and values sit at ``2h, 2h+1``, every
@@ -54,12 +57,24 @@ def page_sharding(spec: CacheSpec, mesh: Mesh, head_axis: str, layout: str = "sp
     return NamedSharding(mesh, PartitionSpec(None, None, head_axis, None))
 
 
+def for_rank(placement, ndim: int):
+    """``placement`` for an array of rank ``ndim``: a `NamedSharding` of the pages
+    ``(blocks, tokens, heads, dim)`` keeps its first ``ndim`` axes, so an int8 layer's
+    scales ``(blocks, tokens, heads)`` are split over the same mesh axis as its heads
+    and every device holds the scales of exactly its own heads. Anything else is
+    returned as given."""
+    if isinstance(placement, NamedSharding) and len(placement.spec) > ndim:
+        return NamedSharding(placement.mesh, PartitionSpec(*tuple(placement.spec)[:ndim]))
+    return placement
+
+
 def zeros(shape: tuple, dtype, placement=None) -> jax.Array:
     """Zeroed array on ``placement`` (a device, a sharding or None). A sharding is
     honoured at creation, so no device ever holds more than its own shard."""
+    placement = for_rank(placement, len(shape))
     if isinstance(placement, jax.sharding.Sharding):
         return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placement)()
     return jnp.zeros(shape, dtype, device=placement)
 
 
-__all__ = ["page_sharding", "replicated", "zeros"]
+__all__ = ["for_rank", "page_sharding", "replicated", "zeros"]

@@ -27,7 +27,9 @@ def _canonical_dtype(value) -> str:
     except TypeError as exc:
         raise SpecError(f"dtype={value!r} is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'") from exc
     if not (np.issubdtype(dt, np.floating) or dt.name in {"bfloat16"} or dt.name.startswith("float8")):
-        raise SpecError(f"dtype={dt.name!r} is not a floating dtype; keys and values are floats")
+        raise SpecError(f"dtype={dt.name!r} is not a floating dtype; keys and values are floats "
+                        "(dtype is the compute dtype; for int8 or fp8 pages give e.g. dtype='bfloat16', "
+                        "kv_format='int8' or kv_format='fp8')")
     if dt.itemsize > 4:
         # JAX without jax_enable_x64 silently stores float64 as float32, so the pages
         # would hold half the bits `pool_bytes` counts and values would be cut.
@@ -49,6 +51,27 @@ def _layer_indices(value) -> tuple:
     """``sliding_layers`` as a tuple; anything that is not a collection of indices is a `SpecError`."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise SpecError(f"sliding_layers={value!r} must be a tuple of layer indices, e.g. (1, 3)")
+    return tuple(value)
+
+
+def _fp8_scales_converter(value):
+    """``kv_fp8_scales`` with lists made tuples and numbers made floats (a JSON round trip
+    gives lists back); its shape is checked against the spec in `paged_kv.quant`."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if hasattr(value, "__iter__"):
+        return tuple(_fp8_scales_converter(x) for x in value)
+    return value
+
+
+def _full_precision_converter(value):
+    """``kv_full_precision_layers`` as a tuple (or the word "sliding", resolved in `paged_kv.quant`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes) or not hasattr(value, "__iter__"):
+        raise SpecError(f"kv_full_precision_layers={value!r} must be a tuple of layer indices, e.g. (0, 5), or 'sliding'")
     return tuple(value)
 
 
@@ -90,6 +113,14 @@ class CacheSpec:
     (see `storage_dtype`): ``"bits"`` (default: unsigned ints of the same width),
     ``"float"`` (the dtype itself, what Pallas kernels read), ``"auto"`` (bits on CPU,
     float on TPU/GPU).
+
+    Quantized pages (`paged_kv.quant`): ``kv_format="int8"`` stores int8 keys/values
+    with a per-token, per-head absmax scale (``kv_scale_dtype`` "float32" or
+    "bfloat16") beside the pages; ``kv_format="fp8"`` stores float8_e4m3fn with fixed
+    per-head scales ``kv_fp8_scales`` (None: 1.0; one float: per-tensor; per layer a
+    ``(key, value)`` pair of a float or one float per head). ``dtype`` stays the
+    compute dtype. Layers in ``kv_full_precision_layers`` (indices, or "sliding" for
+    every sliding-window layer) keep ``dtype`` pages.
     """
 
     num_layers: int = attrs.field(validator=_positive)
@@ -108,6 +139,10 @@ class CacheSpec:
     sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=_layer_indices)
     sliding_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
     page_storage: str = attrs.field(default="bits", validator=_page_storage)
+    kv_format: str = attrs.field(default="none")
+    kv_scale_dtype: str = attrs.field(default="float32")
+    kv_fp8_scales: object = attrs.field(default=None, converter=_fp8_scales_converter)
+    kv_full_precision_layers: object = attrs.field(default=(), converter=_full_precision_converter)
     _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 
     def __init__(self, *args, **fields) -> None:
@@ -144,6 +179,7 @@ class CacheSpec:
                 f"usable blocks of num_blocks={self.num_blocks}"
             )
         self._check_sliding()
+        self._check_format()
         if self.pool_bytes > MAX_POOL_BYTES:
             raise SpecError(
                 f"this spec's pages take {self.pool_bytes:,} bytes ({self.pool_bytes / 2**40:,.1f} TiB), more than any "
@@ -173,6 +209,11 @@ class CacheSpec:
                 raise SpecError(f"sliding_num_blocks={self.sliding_num_blocks} must be in [2, 2**31 / block_size)")
         object.__setattr__(self, "sliding_layers", tuple(sorted(int(x) for x in layers)))
         object.__setattr__(self, "_groups", self._make_groups())
+
+    def _check_format(self) -> None:
+        from paged_kv import quant  # the formats' rules live with their arithmetic
+
+        quant.check_spec_format(self)
 
     # ---- layer groups ------------------------------------------------------------------
     @property
@@ -214,13 +255,29 @@ class CacheSpec:
 
     @property
     def bytes_per_token_per_layer(self) -> int:
-        """Key and value bytes one token occupies in one layer."""
-        return (self.key_heads * self.key_dim + self.value_heads * self.value_dim) * self.itemsize
+        """Key and value bytes (scales included) one token occupies in one layer stored in
+        ``kv_format``; a layer in ``kv_full_precision_layers`` costs `layer_bytes_per_token`."""
+        return self._format_bytes_per_token(self.kv_format)
+
+    def layer_bytes_per_token(self, layer: int) -> int:
+        """Key and value bytes, scales included, one token occupies in layer ``layer``."""
+        return self._format_bytes_per_token(self.layer_format(layer))
+
+    def _format_bytes_per_token(self, fmt: str) -> int:
+        from paged_kv import quant
+
+        return quant.bytes_per_token(self, fmt)
+
+    def layer_format(self, layer: int) -> str:
+        """How layer ``layer``'s pages are stored: ``"none"`` (``dtype``), ``"int8"`` or ``"fp8"``."""
+        if not (isinstance(layer, (int, np.integer)) and 0 <= layer < self.num_layers):
+            raise SpecError(f"layer={layer!r} out of range for num_layers={self.num_layers}")
+        return "none" if layer in self.kv_full_precision_layers else self.kv_format
 
     @property
     def bytes_per_token(self) -> int:
-        """Key and value bytes one token occupies across all layers."""
-        return self.bytes_per_token_per_layer * self.num_layers
+        """Key and value bytes (scales included) one token occupies across all layers."""
+        return sum(self.layer_bytes_per_token(i) for i in range(self.num_layers))
 
     @property
     def bytes_per_block(self) -> int:
@@ -233,8 +290,8 @@ class CacheSpec:
         return sum(self.group_bytes_per_block(g) * grp.num_blocks for g, grp in enumerate(self.groups))
 
     def group_bytes_per_block(self, group: int) -> int:
-        """Bytes one block of ``group`` holds across that group's layers."""
-        return self.bytes_per_token_per_layer * len(self.groups[group].layers) * self.block_size
+        """Bytes one block of ``group`` holds across that group's layers, scales included."""
+        return sum(self.layer_bytes_per_token(i) for i in self.groups[group].layers) * self.block_size
 
     @property
     def usable_blocks(self) -> int:
@@ -275,7 +332,8 @@ class CacheSpec:
         """One line: layers, blocks, heads, dtype, bytes per block and of the pool."""
         return (
             f"{self.num_layers} layers x {self.num_blocks} blocks x {self.block_size} tokens, "
-            f"K {self.key_heads}x{self.key_dim} V {self.value_heads}x{self.value_dim} {self.dtype}: "
+            f"K {self.key_heads}x{self.key_dim} V {self.value_heads}x{self.value_dim} {self.dtype}"
+            f"{'' if self.kv_format == 'none' else ' in ' + self.kv_format + ' pages'}: "
             f"{self.bytes_per_block / 2**10:.1f} KiB/block, {self.pool_bytes / 2**20:.1f} MiB pool"
         )
 
@@ -298,7 +356,8 @@ def _resolve(name: str):
 def storage_dtype(spec: CacheSpec) -> np.dtype:
     """The dtype pages are stored in: the unsigned integer of ``spec.dtype``'s width
     (``page_storage="bits"``, the default), or ``spec.dtype`` itself (``"float"``;
-    ``"auto"``: float on TPU and GPU, bits on CPU).
+    ``"auto"``: float on TPU and GPU, bits on CPU) of full-precision layers;
+    quantized layers (`paged_kv.quant`) always store unsigned bits.
 
     Why bits on CPU: XLA on CPU lowers a bfloat16 scatter out of place (a full pool
     copy per write, ~220 ms for 134 MB) but an integer scatter in place (~50 us);

@@ -76,8 +76,10 @@ def check_attention_query(query: jax.Array, view: "PagedLayerView", metadata: St
 
 def ragged_kernel_fits(view: "PagedLayerView") -> bool:
     """True when ``view``'s pages are the TPU ragged kernel's layout: unified, keys and
-    values interleaved by head."""
-    return getattr(view, "interleaved", False) and hasattr(view, "kv_pages")
+    values interleaved by head, in full precision (quantized pages are dequantized by
+    the XLA path, chunk by chunk)."""
+    return (getattr(view, "interleaved", False) and hasattr(view, "kv_pages")
+            and view.spec.layer_format(view.layer_index) == "none")
 
 
 def _choose(view, impl: str) -> str:
@@ -88,8 +90,8 @@ def _choose(view, impl: str) -> str:
         return "pallas_tpu_ragged" if on_tpu and ragged_kernel_fits(view) else "xla"
     if impl == "pallas_tpu_ragged" and not ragged_kernel_fits(view):
         raise ShapeError(
-            f"impl='pallas_tpu_ragged' needs a unified, interleaved layout; layer {view.layer_index} is "
-            f"{type(view).__name__} (use PagedKVCache.init(spec, layout='unified') with key/value shapes equal)"
+            f"impl='pallas_tpu_ragged' needs a unified, interleaved, full-precision layout; layer {view.layer_index} is "
+            f"{type(view).__name__} (use PagedKVCache.init(spec, layout='unified') with key/value shapes equal and kv_format='none')"
         )
     return impl
 

@@ -18,7 +18,7 @@ import jax
 
 from paged_kv.errors import SpecError
 from paged_kv.spec import CacheSpec
-from paged_kv.views.transformer import TransformerCacheView
+from paged_kv.views.transformer import _FIELDS, TransformerCacheView
 
 
 class SlidingWindowCacheView(TransformerCacheView):
@@ -33,8 +33,6 @@ class SlidingWindowCacheView(TransformerCacheView):
         return super().init(spec, layer_index, device)
 
 
-jax.tree_util.register_dataclass(
-    SlidingWindowCacheView, data_fields=["key_pages", "value_pages"], meta_fields=["spec", "layer_index"]
-)
+jax.tree_util.register_dataclass(SlidingWindowCacheView, data_fields=_FIELDS, meta_fields=["spec", "layer_index"])
 
 __all__ = ["SlidingWindowCacheView"]

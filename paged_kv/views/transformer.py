@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, paged_attention
@@ -19,20 +20,55 @@ from paged_kv.attention.dispatch import check_attention_query
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
+from paged_kv.quant import PageCodec, codecs
 from paged_kv.sharding import zeros
-from paged_kv.spec import CacheSpec, compute_dtype, storage_dtype
+from paged_kv.spec import CacheSpec
 from paged_kv.views.mask import AttentionMask
 
 
 class PagedLayerView:
     """What every paged layer view shares, whatever its page layout.
 
-    A subclass is a frozen dataclass with ``spec`` and ``layer_index`` fields and its
-    own ``write_slots(key, value, slot_mapping)``, ``read(metadata)`` and
-    ``read_blocks(block_ids)``; the group, window, mask, `write`,
+    A subclass is a frozen dataclass pytree with ``spec`` and ``layer_index`` fields, its
+    page arrays (and, for int8 layers, scale arrays) as leaves, and its own
+    ``write_slots(key, value, slot_mapping)`` and ``decode_gathered(gathered)``; the
+    reads (`read`, `read_blocks`), group, window, mask, `write`,
     `concatenate_to_cache`, `attend` and `attention` follow from those and are
     defined once, here.
     """
+
+    @property
+    def codecs(self) -> tuple[PageCodec, PageCodec]:
+        """How this layer stores keys and values (`paged_kv.quant.PageCodec`): plain bits
+        of the compute dtype, int8 with per-token scales, or fp8 with fixed scales."""
+        return codecs(self.spec, self.layer_index)
+
+    def gather(self, block_tables: jax.Array, kv_lens: jax.Array) -> "PagedLayerView":
+        """This view's pytree with every page (and scale) array replaced by the blocks of
+        ``block_tables`` ``[B, W]`` laid end to end, ``[B, W*block_size, *row]`` storage
+        bits, zero at and past ``kv_lens`` ``[B]``: what `decode_gathered` takes. An
+        attention kernel may gather chunks of blocks the same way and decode each."""
+        return jax.tree_util.tree_map(lambda p: gather_blocks(p, block_tables, kv_lens, p.dtype), self)
+
+    def read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
+        """Contiguous keys and values ``[B, W*block_size, heads, dim]`` in the compute dtype
+        (dequantized for int8/fp8 layers), zero past each length.
+
+        Key ``s`` of row ``b`` is the sequence's token ``mask.start[b] + s``: 0 for full
+        attention, the first block the window can reach for a sliding layer.
+        """
+        self.check_metadata(metadata)
+        tables = metadata.groups[self.group]
+        return self.decode_gathered(self.gather(tables.block_tables, metadata.kv_lens - tables.start))
+
+    def read_blocks(self, block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys ``[B, C*block_size, key_heads, key_dim]`` and values of blocks ``block_ids``
+        ``[B, C]`` in the compute dtype, not zeroed (the attention masks by length): each
+        page (and scale) array's blocks taken as stored, then decoded (dequantized for an
+        int8/fp8 layer) by `decode_gathered`, so an attention loop dequantizes one chunk
+        at a time. Slots past a row's length may decode to garbage or NaN (stale bits,
+        stale scales): the attention must select them away, never multiply them by 0."""
+        return self.decode_gathered(jax.tree_util.tree_map(lambda p: take_blocks(p, block_ids, p.dtype), self))
 
     def _check_step(self, key, value, slots) -> None:
         """Raise `ShapeError` unless ``key``/``value`` are float arrays ``[B, T, heads, dim]``
@@ -214,73 +250,69 @@ class PagedLayerView:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerCacheView(PagedLayerView):
-    """Key and value pages of one layer: ``[num_blocks, block_size, heads, dim]`` each."""
+    """Key and value pages of one layer: ``[num_blocks, block_size, heads, dim]`` each;
+    for an int8 layer also ``key_scales``/``value_scales`` ``[num_blocks, block_size,
+    heads]`` (None otherwise), leaves of the pytree so they move with the pages."""
 
     key_pages: jax.Array
     value_pages: jax.Array
     spec: CacheSpec
     layer_index: int = 0
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
 
     @classmethod
     def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "TransformerCacheView":
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
-        store = storage_dtype(spec)
-        kshape, vshape = _page_shapes(spec, layer_index)
-        return cls(zeros(kshape, store, device), zeros(vshape, store, device), spec, layer_index)
+        arrays = {name: None if want is None else zeros(*want, device)
+                  for name, want in _page_arrays(spec, layer_index).items()}
+        return cls(spec=spec, layer_index=layer_index, **arrays)
 
     def check_pages(self) -> None:
         """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
-        s = self.spec
-        want = dict(zip(("key_pages", "value_pages"), _page_shapes(s, self.layer_index)))
-        for name, shape in want.items():
-            arr = getattr(self, name)
-            if tuple(arr.shape) != shape or arr.dtype != storage_dtype(s):
-                raise ShapeError(
-                    f"layer {self.layer_index} {name} is {tuple(arr.shape)} {arr.dtype}; spec wants {shape} {storage_dtype(s)}"
-                )
+        for name, want in _page_arrays(self.spec, self.layer_index).items():
+            _check_array(self, name, getattr(self, name), want)
 
     def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "TransformerCacheView":
-        """Scatter ``key``/``value`` ``[B, T, heads, dim]`` into flat page slots ``slots`` ``[B, T]``."""
+        """Scatter ``key``/``value`` ``[B, T, heads, dim]`` into flat page slots ``slots`` ``[B, T]``
+        (quantized first for an int8/fp8 layer; scales go to the same slots)."""
         self._check_step(key, value, slots)
-        dt = compute_dtype(self.spec)
-        return dataclasses.replace(
-            self,
-            key_pages=scatter_tokens(self.key_pages, key, slots, dt),
-            value_pages=scatter_tokens(self.value_pages, value, slots, dt),
-        )
+        (kc, vc), out = self.codecs, {}
+        for part, codec, x in (("key", kc, key), ("value", vc, value)):
+            bits, scales = codec.encode(x)
+            out[f"{part}_pages"] = scatter_tokens(getattr(self, f"{part}_pages"), bits, slots, bits.dtype)
+            if scales is not None:
+                out[f"{part}_scales"] = scatter_tokens(getattr(self, f"{part}_scales"), scales, slots, scales.dtype)
+        return dataclasses.replace(self, **out)
 
-    def read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
-        """Contiguous keys and values ``[B, W*block_size, heads, dim]``, zero past each length.
-
-        Key ``s`` of row ``b`` is the sequence's token ``mask.start[b] + s``: 0 for full
-        attention, the first block the window can reach for a sliding layer.
-        """
-        self.check_metadata(metadata)
-        dt = compute_dtype(self.spec)
-        tables = metadata.groups[self.group]
-        lens = metadata.kv_lens - tables.start
-        keys = gather_blocks(self.key_pages, tables.block_tables, lens, dt)
-        values = gather_blocks(self.value_pages, tables.block_tables, lens, dt)
-        return keys, values
+    def decode_gathered(self, gathered: "TransformerCacheView") -> tuple[jax.Array, jax.Array]:
+        """Keys and values in the compute dtype from `gather`'s result (or a chunk of it)."""
+        kc, vc = self.codecs
+        return kc.decode(gathered.key_pages, gathered.key_scales), vc.decode(gathered.value_pages, gathered.value_scales)
 
 
-    def read_blocks(self, block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys ``[B, C*block_size, key_heads, key_dim]`` and values of blocks ``block_ids``
-        ``[B, C]``, in the compute dtype, not zeroed (the attention masks by length)."""
-        dt = compute_dtype(self.spec)
-        return take_blocks(self.key_pages, block_ids, dt), take_blocks(self.value_pages, block_ids, dt)
-
-
-def _page_shapes(spec: CacheSpec, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _page_arrays(spec: CacheSpec, layer: int) -> dict:
+    """``{field: (shape, storage dtype) or None}`` of layer ``layer``'s split view."""
     nb = spec.groups[spec.group_of(layer)].num_blocks
-    return (
-        (nb, spec.block_size, spec.key_heads, spec.key_dim),
-        (nb, spec.block_size, spec.value_heads, spec.value_dim),
-    )
+    kc, vc = codecs(spec, layer)
+    out = {}
+    for part, codec, heads, dim in (("key", kc, spec.key_heads, spec.key_dim), ("value", vc, spec.value_heads, spec.value_dim)):
+        out[f"{part}_pages"] = ((nb, spec.block_size, heads, dim), codec.page_storage)
+        out[f"{part}_scales"] = None if codec.scale_storage is None else ((nb, spec.block_size, heads), codec.scale_storage)
+    return out
 
 
-jax.tree_util.register_dataclass(
-    TransformerCacheView, data_fields=["key_pages", "value_pages"], meta_fields=["spec", "layer_index"]
-)
+def _check_array(view, name: str, arr, want) -> None:
+    """`ShapeError` unless ``arr`` has the ``(shape, dtype)`` ``want`` (or both are None)."""
+    if want is None and arr is None:
+        return
+    got = None if arr is None else f"{tuple(arr.shape)} {arr.dtype}"
+    expected = None if want is None else f"{want[0]} {np.dtype(want[1])}"
+    if got != expected:
+        raise ShapeError(f"layer {view.layer_index} {name} is {got}; spec wants {expected}")
+
+
+_FIELDS = ["key_pages", "value_pages", "key_scales", "value_scales"]
+jax.tree_util.register_dataclass(TransformerCacheView, data_fields=_FIELDS, meta_fields=["spec", "layer_index"])
 
 __all__ = ["PagedLayerView", "TransformerCacheView"]

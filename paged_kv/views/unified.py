@@ -37,14 +37,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
-from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
+from paged_kv.ops import scatter_tokens
+from paged_kv.quant import codecs
 from paged_kv.sharding import zeros
-from paged_kv.spec import CacheSpec, bits_dtype, compute_dtype, storage_dtype
-from paged_kv.views.transformer import PagedLayerView
+from paged_kv.spec import CacheSpec
+from paged_kv.views.transformer import PagedLayerView, _check_array
 
 
 def is_interleaved(spec: CacheSpec) -> bool:
@@ -60,18 +60,34 @@ def unified_page_shape(spec: CacheSpec, layer: int) -> tuple[int, ...]:
     return (nb, spec.block_size, spec.key_heads * spec.key_dim + spec.value_heads * spec.value_dim)
 
 
+def _page_arrays(spec: CacheSpec, layer: int) -> dict:
+    """``{field: (shape, storage dtype) or None}``: the pages, and an int8 layer's scales
+    ``[num_blocks, block_size, 2H]`` (interleaved like the heads) or ``[.., Hk + Hv]``."""
+    kc, _ = codecs(spec, layer)
+    shape = unified_page_shape(spec, layer)
+    scales = None
+    if kc.scale_storage is not None:
+        scales = ((*shape[:2], 2 * spec.key_heads if is_interleaved(spec) else spec.key_heads + spec.value_heads),
+                  kc.scale_storage)
+    return {"kv_pages": (shape, kc.page_storage), "kv_scales": scales}
+
+
 @dataclasses.dataclass(frozen=True)
 class UnifiedCacheView(PagedLayerView):
-    """Keys and values of one layer in one page tensor ``kv_pages`` (layout: module doc)."""
+    """Keys and values of one layer in one page tensor ``kv_pages`` (layout: module doc);
+    an int8 layer's per-token scales in ``kv_scales`` (None otherwise), laid out alike."""
 
     kv_pages: jax.Array
     spec: CacheSpec
     layer_index: int = 0
+    kv_scales: jax.Array | None = None
 
     @classmethod
     def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "UnifiedCacheView":
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
-        return cls(zeros(unified_page_shape(spec, layer_index), storage_dtype(spec), device), spec, layer_index)
+        arrays = {name: None if want is None else zeros(*want, device)
+                  for name, want in _page_arrays(spec, layer_index).items()}
+        return cls(spec=spec, layer_index=layer_index, **arrays)
 
     @property
     def interleaved(self) -> bool:
@@ -80,51 +96,36 @@ class UnifiedCacheView(PagedLayerView):
 
     def check_pages(self) -> None:
         """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
-        s = self.spec
-        shape, store = unified_page_shape(s, self.layer_index), storage_dtype(s)
-        if tuple(self.kv_pages.shape) != shape or self.kv_pages.dtype != store:
-            raise ShapeError(
-                f"layer {self.layer_index} kv_pages is {tuple(self.kv_pages.shape)} {self.kv_pages.dtype}; "
-                f"spec wants {shape} {store}"
-            )
+        for name, want in _page_arrays(self.spec, self.layer_index).items():
+            _check_array(self, name, getattr(self, name), want)
 
     def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "UnifiedCacheView":
         """Scatter ``key`` ``[B, T, key_heads, key_dim]`` and ``value`` ``[B, T, value_heads,
-        value_dim]`` into flat page slots ``slots`` ``[B, T]`` with a single scatter."""
+        value_dim]`` into flat page slots ``slots`` ``[B, T]`` with a single scatter (two for
+        an int8 layer: pages and scales)."""
         self._check_step(key, value, slots)
-        dt = compute_dtype(self.spec)
-        rows = self._combine(key, value, slots.shape, dt)
-        return dataclasses.replace(self, kv_pages=scatter_tokens(self.kv_pages, rows, slots, dt))
+        self._check_shapes(key, value, slots.shape)
+        kc, vc = self.codecs
+        (kbits, kscale), (vbits, vscale) = kc.encode(key), vc.encode(value)
+        rows = self._combine(kbits, vbits)
+        out = {"kv_pages": scatter_tokens(self.kv_pages, rows, slots, rows.dtype)}
+        if kscale is not None:
+            scales = self._combine(kscale[..., None], vscale[..., None])
+            out["kv_scales"] = scatter_tokens(self.kv_scales, scales.reshape(scales.shape[:3]), slots, scales.dtype)
+        return dataclasses.replace(self, **out)
 
-    def read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
-        """One gather, then split: keys ``[B, S, key_heads, key_dim]`` and values
-        ``[B, S, value_heads, value_dim]`` with ``S = W*block_size``, zero past each
-        length, exactly as `TransformerCacheView.read` returns them."""
-        self.check_metadata(metadata)
-        s = self.spec
-        tables = metadata.groups[self.group]
-        lens = metadata.kv_lens - tables.start
-        return self._split(gather_blocks(self.kv_pages, tables.block_tables, lens, compute_dtype(s)))
+    def decode_gathered(self, gathered: "UnifiedCacheView") -> tuple[jax.Array, jax.Array]:
+        """Split, then decode: keys ``[B, S, key_heads, key_dim]`` and values ``[B, S,
+        value_heads, value_dim]`` in the compute dtype from `gather`'s result (or a chunk
+        of it), exactly as `TransformerCacheView` returns them."""
+        kc, vc = self.codecs
+        kbits, vbits = self._split(gathered.kv_pages)
+        kscale = vscale = None
+        if gathered.kv_scales is not None:
+            kscale, vscale = self._split_scales(gathered.kv_scales)
+        return kc.decode(kbits, kscale), vc.decode(vbits, vscale)
 
-    def read_blocks(self, block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of blocks ``block_ids`` ``[B, C]`` (one gather, then split), in
-        the compute dtype, not zeroed (the attention masks by length)."""
-        return self._split(take_blocks(self.kv_pages, block_ids, compute_dtype(self.spec)))
-
-    def _split(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Unified rows ``[B, S, *row]`` -> keys ``[B, S, Hk, Dk]``, values ``[B, S, Hv, Dv]``."""
-        s = self.spec
-        b, n = kv.shape[:2]
-        if self.interleaved:
-            kv = kv.reshape(b, n, s.key_heads, 2, s.key_dim)
-            return kv[:, :, :, 0], kv[:, :, :, 1]
-        split = s.key_heads * s.key_dim
-        keys = kv[:, :, :split].reshape(b, n, s.key_heads, s.key_dim)
-        values = kv[:, :, split:].reshape(b, n, s.value_heads, s.value_dim)
-        return keys, values
-
-    def _combine(self, key: jax.Array, value: jax.Array, bt: tuple, dt) -> jax.Array:
-        """This step's keys and values as unified rows ``[B, T, *row]`` in the compute dtype."""
+    def _check_shapes(self, key, value, bt) -> None:
         s = self.spec
         bt = tuple(bt)
         want_k, want_v = (*bt, s.key_heads, s.key_dim), (*bt, s.value_heads, s.value_dim)
@@ -133,20 +134,36 @@ class UnifiedCacheView(PagedLayerView):
                 f"layer {self.layer_index}: keys {tuple(key.shape)} and values {tuple(value.shape)} do not fit "
                 f"slot_mapping {bt}; expected keys {want_k} and values {want_v}"
             )
-        # Combine the storage bits, not the floats: XLA on CPU canonicalizes NaN payloads
-        # when it stacks or concatenates bfloat16, which would break bit-identity with
-        # the split layout.
-        store = bits_dtype(s)
-        key = lax.bitcast_convert_type(key.astype(dt), store)
-        value = lax.bitcast_convert_type(value.astype(dt), store)
+
+    def _combine(self, key: jax.Array, value: jax.Array) -> jax.Array:
+        """Storage bits ``[B, T, Hk, X]`` and ``[B, T, Hv, Y]`` as unified rows: ``[B, T, 2H, X]``
+        interleaved (k0, v0, k1, v1, ...), else ``[B, T, Hk*X + Hv*Y]``. Bits, not floats:
+        XLA on CPU canonicalizes NaN payloads when it stacks or concatenates bfloat16,
+        which would break bit-identity with the split layout."""
+        bt = key.shape[:2]
         if self.interleaved:
-            # [B, T, H, 2, D] -> [B, T, 2H, D]: k0, v0, k1, v1, ...
-            rows = jnp.stack([key, value], axis=3).reshape(*bt, 2 * s.key_heads, s.key_dim)
-        else:
-            rows = jnp.concatenate([key.reshape(*bt, -1), value.reshape(*bt, -1)], axis=-1)
-        return lax.bitcast_convert_type(rows, dt)
+            return jnp.stack([key, value], axis=3).reshape(*bt, 2 * key.shape[2], key.shape[3])
+        return jnp.concatenate([key.reshape(*bt, -1), value.reshape(*bt, -1)], axis=-1)
+
+    def _split(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Inverse of `_combine` on gathered rows ``[B, S, ...]``: keys, values ``[B, S, H, X]``."""
+        s = self.spec
+        b, n = rows.shape[:2]
+        if self.interleaved:
+            pairs = rows.reshape(b, n, s.key_heads, 2, rows.shape[-1])
+            return pairs[:, :, :, 0], pairs[:, :, :, 1]
+        split = s.key_heads * s.key_dim
+        return rows[:, :, :split].reshape(b, n, s.key_heads, -1), rows[:, :, split:].reshape(b, n, s.value_heads, -1)
+
+    def _split_scales(self, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Gathered scales ``[B, S, 2H]`` (or ``[B, S, Hk + Hv]``) -> key and value scales ``[B, S, H]``."""
+        s = self.spec
+        if self.interleaved:
+            pairs = scales.reshape(*scales.shape[:2], s.key_heads, 2)
+            return pairs[..., 0], pairs[..., 1]
+        return scales[..., : s.key_heads], scales[..., s.key_heads:]
 
 
-jax.tree_util.register_dataclass(UnifiedCacheView, data_fields=["kv_pages"], meta_fields=["spec", "layer_index"])
+jax.tree_util.register_dataclass(UnifiedCacheView, data_fields=["kv_pages", "kv_scales"], meta_fields=["spec", "layer_index"])
 
 __all__ = ["UnifiedCacheView", "is_interleaved", "unified_page_shape"]
