@@ -23,7 +23,9 @@ File format (``FORMAT_NAME``, version ``FORMAT_VERSION``): one uncompressed ``.n
     two-level digest: each byte is hashed once, and a mismatch names the array).
 ``layer{i}.key_pages``, ``layer{i}.value_pages`` (split) or ``layer{i}.kv_pages`` (unified)
     Each layer's pages in their *storage* dtype (the float's bits as uint, see
-    `paged_kv.spec.storage_dtype`), so bfloat16 and fp8 round-trip bit for bit.
+    `paged_kv.spec.storage_dtype`), so bfloat16 and fp8 round-trip bit for bit; an
+    int8 layer (`paged_kv.quant`) adds ``layer{i}.key_scales``/``value_scales`` (or
+    ``kv_scales``), its per-token scales' bits. Fixed fp8 scales are in the spec.
 ``group{g}.pool.*``, ``group{g}.table.*``, ``manager.rows``
     The manager's host state (`_manager_state`).
 ``slots.slot_of``
@@ -64,6 +66,7 @@ from paged_kv.allocator.prefix_cache import PrefixCache
 from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.cache import _LAYOUTS, PagedKVCache
 from paged_kv.errors import CheckpointError, PagedKVError, SpecError
+from paged_kv.sharding import for_rank
 from paged_kv.spec import CacheSpec
 
 FORMAT_NAME = "paged_kv.checkpoint"
@@ -242,7 +245,11 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     manager = _restore_manager(saved_spec, arrays, path, prefix)
     slots = _restore_slots(manager, slots_info, arrays, path) if has_slots else None
 
-    pages = jax.device_put([arrays[n] for n in expected], device)
+    # One placement per array: a page sharding given as ``device`` fits int8 scales
+    # (one axis fewer) only once cut to their rank (`paged_kv.sharding.for_rank`).
+    pages = [arrays[n] for n in expected]
+    pages = jax.device_put(pages, [for_rank(device, a.ndim) for a in pages]) if device is not None \
+        else jax.device_put(pages)
     cache = jax.tree_util.tree_unflatten(treedef, pages)
     try:
         for view in cache.views:

@@ -104,7 +104,9 @@ def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, windows=
     """No cache: causal attention over tokens [1, L]; logits [1, L, V].
 
     ``windows[i]``: layer i attends to the last windows[i] tokens only (None: all).
-    Keys/values are rounded through ``kv_dtype`` exactly as the cache stores them.
+    Keys/values are rounded through ``kv_dtype`` exactly as the cache stores them; for
+    quantized pages ``kv_dtype`` is one (key, value) pair of `paged_kv.quant.PageCodec`
+    per layer, and each goes through its codec's encode and decode.
     """
     length = tokens.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)[None]
@@ -115,6 +117,10 @@ def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, windows=
         window = windows[i] if windows is not None else None
         mask = causal if window is None else causal & (s[None, :] > s[:, None] - window)
         q, k, v = _qkv(cfg, layer, x, positions)
-        k, v = k.astype(kv_dtype), v.astype(kv_dtype)
+        if isinstance(kv_dtype, tuple):
+            (kc, vc) = kv_dtype[i]
+            k, v = kc.decode(*kc.encode(k)), vc.decode(*vc.encode(v))
+        else:
+            k, v = k.astype(kv_dtype), v.astype(kv_dtype)
         x = x + attention(q, k, v, mask[None]) @ layer["wo"]
     return x @ params["unembed"]

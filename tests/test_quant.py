@@ -1,0 +1,334 @@
+"""Quantized pages (int8 with per-token scales, fp8 with fixed per-head scales).
+
+Tolerances come from the formats, not from measurements: int8 absmax rounding is off
+by at most half a scale step per element; float8_e4m3fn keeps 3 mantissa bits, so
+rounding is off by at most 2**-4 of the value (normal range) or 2**-10 of the scale
+(subnormals). Movement of pages (swap, checkpoints, copy-on-write, insertion) must
+be bit-exact for pages and scales alike, and no read may expose an old value or an
+old scale of a reused block.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import paged_kv as pk
+from paged_kv import quant
+from paged_kv.insertion import insert_prefill
+from test_transformer_model import LAYOUTS, Driver
+from tiny_model import TinyConfig, forward_full
+
+BS, H, D = 4, 2, 8
+EDGES = [1, BS - 1, BS, BS + 1, 2 * BS]
+
+
+def outlier_values(rng, shape, outliers=2, factor=30.0) -> np.ndarray:
+    """Normal values with a few channels ``factor`` times larger, as real LLM keys have."""
+    x = rng.normal(size=shape).astype(np.float32)
+    x[..., rng.choice(shape[-1], outliers, replace=False)] *= factor
+    return x
+
+
+def int8_bound(x: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """Per-element bound: half the step of the stored scale (bf16 scales may be
+    rounded up by 2**-8), plus float32 rounding."""
+    step = np.abs(x).max(-1, keepdims=True) / 127 * (1 + (2**-8 if scale_dtype == "bfloat16" else 0))
+    return 0.5 * step * (1 + 1e-5) + 1e-6 * np.abs(x)
+
+
+def fp8_bound(x: np.ndarray, head_scale: np.ndarray) -> np.ndarray:
+    s = head_scale[:, None]
+    return np.maximum(2**-4 * np.abs(x), 2**-10 * s) * (1 + 1e-6)
+
+
+def roundtrip(codec, x):
+    return np.asarray(codec.decode(*codec.encode(jnp.asarray(x))))
+
+
+# ---- the pure functions ------------------------------------------------------------------
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_int8_error_is_at_most_half_a_scale_step(scale_dtype):
+    rng = np.random.default_rng(0)
+    x = outlier_values(rng, (64, 4, 32))
+    x[3, 1] = 0.0  # an all-zero head: scale 0, decodes to exact zeros
+    codec = quant.PageCodec("int8", "float32", scale_dtype)
+    bits, scales = codec.encode(jnp.asarray(x))
+    assert bits.dtype == np.uint8 and bits.shape == x.shape and scales.shape == x.shape[:2]
+    assert scales.dtype == codec.scale_storage
+    got = np.asarray(codec.decode(bits, scales))
+    assert (np.abs(got - x) <= int8_bound(x, scale_dtype)).all()
+    assert not got[3, 1].any()
+    q = np.asarray(bits).view(np.int8)
+    assert q.min() >= -127 and (np.abs(q).max(-1)[x.any(-1)] >= 126).all()  # the range is used
+
+
+def test_fp8_error_is_relative_and_saturates():
+    rng = np.random.default_rng(1)
+    head_scale = np.array([0.5, 4.0], np.float32)
+    x = outlier_values(rng, (128, 2, 16))
+    codec = quant.PageCodec("fp8", "float32", head_scales=tuple(float(s) for s in head_scale))
+    got = roundtrip(codec, x)
+    assert (np.abs(got - x) <= fp8_bound(x, head_scale)).all()
+    big = np.full((1, 2, 16), 1e6, np.float32)  # beyond 448 * scale: clipped, never NaN
+    np.testing.assert_array_equal(roundtrip(codec, big), np.broadcast_to(448 * head_scale[:, None], big.shape))
+    # 1.3 read back as 1.25 by a plain cast; a scale of 1/64 keeps more of it.
+    fine = quant.PageCodec("fp8", "float32", head_scales=(1 / 64, 1 / 64))
+    one = np.full((1, 2, 16), 1.3, np.float32)
+    assert abs(roundtrip(fine, one)[0, 0, 0] - 1.3) < abs(1.25 - 1.3)
+
+
+# ---- spec: memory arithmetic and typed errors ---------------------------------------------
+def spec(**kw):
+    base = dict(num_layers=4, num_blocks=33, block_size=BS, max_blocks_per_seq=8, max_batch_slots=8,
+                num_kv_heads=H, head_dim=D, dtype="float32")
+    base.update(kw)
+    return pk.CacheSpec(**base)
+
+
+@pytest.mark.parametrize("layout", ["split", "unified"])
+@pytest.mark.parametrize("kw, per_layer", [
+    (dict(), 2 * H * D * 4),
+    (dict(kv_format="int8"), 2 * H * D + 2 * H * 4),
+    (dict(kv_format="int8", kv_scale_dtype="bfloat16"), 2 * H * D + 2 * H * 2),
+    (dict(kv_format="fp8"), 2 * H * D),
+    (dict(kv_format="int8", num_kv_heads=None, head_dim=None, key_heads=2, value_heads=1, key_dim=8, value_dim=4),
+     2 * 8 + 4 + 3 * 4),
+])
+def test_memory_arithmetic_counts_scales_as_allocated(layout, kw, per_layer):
+    s = spec(**kw)
+    assert s.bytes_per_token_per_layer == per_layer
+    assert s.bytes_per_token == 4 * per_layer and s.pool_bytes == 33 * BS * 4 * per_layer
+    assert pk.PagedKVCache.init(s, layout=layout).nbytes == s.pool_bytes  # what is counted is what exists
+
+
+def test_full_precision_layers_cost_full_precision():
+    s = spec(kv_format="int8", sliding_window=8, sliding_layers=(1, 3), sliding_num_blocks=9,
+             kv_full_precision_layers="sliding")
+    assert s.kv_full_precision_layers == (1, 3)
+    assert [s.layer_format(i) for i in range(4)] == ["int8", "none", "int8", "none"]
+    full, q = 2 * H * D * 4, 2 * H * D + 2 * H * 4
+    assert s.group_bytes_per_block(0) == 2 * q * BS and s.group_bytes_per_block(1) == 2 * full * BS
+    assert pk.PagedKVCache.init(s).nbytes == s.pool_bytes == 33 * 2 * q * BS + 9 * 2 * full * BS
+
+
+def test_for_memory_fits_twice_the_blocks_in_int8():
+    model = dict(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+    bf16 = pk.CacheSpec.for_memory(2**34, **model)
+    int8 = pk.CacheSpec.for_memory(2**34, kv_format="int8", **model)
+    fp8 = pk.CacheSpec.for_memory(2**34, kv_format="fp8", **model)
+    assert int8.pool_bytes <= 2**34 and fp8.pool_bytes <= 2**34
+    assert int8.num_blocks == 2**34 // (16 * 32 * 2 * 8 * (128 + 4))
+    assert 1.93 < int8.num_blocks / bf16.num_blocks < 1.94 and fp8.num_blocks // bf16.num_blocks == 2
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(kv_format="int4"), r"kv_format='int4' is not supported; use one of \('none', 'int8', 'fp8'\)"),
+    (dict(kv_format="int8", dtype="float8_e4m3fn"), r"dtype='float8_e4m3fn'.*use one of"),
+    (dict(kv_format="int8", kv_scale_dtype="float16"), r"kv_scale_dtype='float16'.*'float32', 'bfloat16'"),
+    (dict(kv_format="fp8", kv_scale_dtype="bfloat16"), r"kv_scale_dtype='bfloat16' is for kv_format='int8'"),
+    (dict(kv_format="int8", kv_fp8_scales=2.0), r"kv_fp8_scales given with kv_format='int8'"),
+    (dict(kv_format="fp8", kv_fp8_scales=-1.0), r"-1.0 is not a positive finite scale"),
+    (dict(kv_format="fp8", kv_fp8_scales=[(1.0, 1.0)]), r"one \(key, value\) pair per layer"),
+    (dict(kv_format="fp8", kv_fp8_scales=[(1.0, (1.0, 2.0, 3.0))] * 4), r"2 key / 2 value per-head"),
+    (dict(kv_format="fp8", kv_fp8_scales="big"), r"kv_fp8_scales='big'"),
+    (dict(kv_full_precision_layers=(0,)), r"kv_full_precision_layers=\(0,\) given with kv_format='none'"),
+    (dict(kv_format="int8", kv_full_precision_layers=(4,)), r"kv_full_precision_layers=\(4,\).*\[0, 4\)"),
+    (dict(kv_format="int8", kv_full_precision_layers="sliding"), r"no sliding_layers"),
+    (dict(kv_format="int8", kv_full_precision_layers=3), r"kv_full_precision_layers=3"),
+    (dict(dtype="int8"), r"kv_format='int8'"),
+])
+def test_unsupported_combinations_are_typed_spec_errors(kw, fragment):
+    with pytest.raises(pk.SpecError, match=fragment):
+        spec(**kw)
+
+
+def test_fp8_scales_round_trip_through_json_fields():
+    s = spec(kv_format="fp8", kv_fp8_scales=[(0.5, [1, 2]), (1, 1), (2.0, 2.0), (np.float32(0.25), 0.125)])
+    assert s.kv_fp8_scales[0] == (0.5, (1.0, 2.0)) and quant.fp8_head_scales(s, 0) == ((0.5, 0.5), (1.0, 2.0))
+    as_lists = [[0.5, [1.0, 2.0]], [1.0, 1.0], [2.0, 2.0], [0.25, 0.125]]
+    assert spec(kv_format="fp8", kv_fp8_scales=as_lists) == s and hash(spec(kv_format="fp8", kv_fp8_scales=as_lists)) == hash(s)
+
+
+# ---- through a model: dense reference ------------------------------------------------------
+CFG = TinyConfig()
+
+
+def codecs_of(spec_):
+    return tuple(quant.codecs(spec_, i) for i in range(spec_.num_layers))
+
+
+@pytest.mark.parametrize("fmt, layout, kw", [
+    ("int8", "split", LAYOUTS["mixed"]),
+    ("int8", "unified", {}),
+    ("fp8", "split", dict(LAYOUTS["mixed"], kv_full_precision_layers="sliding")),
+    ("int8", "split", dict(kv_scale_dtype="bfloat16")),
+])
+def test_decode_equals_dense_reference_with_the_same_rounding(fmt, layout, kw):
+    """Paging is exact: the logits equal a no-cache recompute whose keys and values go
+    through the same quantization; and quantization costs what the format predicts."""
+    d = Driver("float32", layout=layout, kv_format=fmt, **kw)
+    live = [0, 1]
+    d.step({0: d.random_tokens(13), 1: d.random_tokens(6)})  # a block-edge-crossing, chunked prefill
+    d.step({0: d.random_tokens(1), 1: d.random_tokens(8)})
+    for _ in range(4):
+        d.step({s: d.random_tokens(1) for s in live})
+    assert [len(d.tokens[s]) for s in live] == [18, 18]  # one length: one compilation of each reference
+    d.assert_matches_recompute(live, codecs_of(d.spec), 2e-4)
+    # Against unquantized keys/values: the per-element error bound of the format, carried
+    # through attention, moves the logits by less than twice it (relative L2): measured
+    # 0.6x for int8 and 0.2-0.3x for fp8 (errors average out over tokens and channels).
+    unit = {"int8": 1 / 254, "fp8": 2**-4}[fmt]
+    for s in live:
+        ref = np.asarray(forward_full(CFG, d.params, jnp.asarray([d.tokens[s]]), jnp.float32, d.windows))[0]
+        got = np.stack([d.logits[s][p] for p in range(len(d.tokens[s]))])
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert 0 < rel < 2 * unit, (s, rel)
+
+
+# ---- isolation, copy-on-write, swap, checkpoints: pages and scales -----------------------
+@partial(jax.jit, donate_argnums=0)
+def _step(cache, ks, vs, meta):
+    outs, views = [], []
+    for i, view in enumerate(cache.views):
+        keys, values, _, new = view.concatenate_to_cache(None, ks[i], vs[i], meta)
+        g = meta.groups[new.group]
+        outs.append((keys, values, new.gather(g.block_tables, meta.kv_lens - g.start)))
+        views.append(new)
+    return tuple(outs), pk.PagedKVCache(tuple(views))
+
+
+SENTINEL = {np.dtype(np.uint8): 0xA5, np.dtype(np.uint16): 0x7FA5, np.dtype(np.uint32): 0x7FA5A5A5}
+
+
+def poisoned(cache: pk.PagedKVCache) -> pk.PagedKVCache:
+    """Every block but the null block full of stale bits: NaN scales, garbage int8/fp8."""
+    def fill(leaf):
+        a = np.full(leaf.shape, SENTINEL[np.dtype(leaf.dtype)], leaf.dtype)
+        a[pk.NULL_BLOCK] = 0
+        return jnp.asarray(a)
+    return jax.tree_util.tree_map(fill, cache)
+
+
+class World:
+    """Quantized cache + manager + the float values each live sequence was given."""
+
+    def __init__(self, fmt: str, layout: str):
+        self.spec = pk.CacheSpec(num_layers=2, num_blocks=17, block_size=BS, max_blocks_per_seq=8, max_batch_slots=8,
+                                 num_kv_heads=H, head_dim=D, dtype="float32", sliding_window=6, sliding_layers=(1,),
+                                 kv_format=fmt, kv_fp8_scales=[(0.5, (0.25, 1.0)), (1.0, 2.0)] if fmt == "fp8" else None)
+        self.m = pk.KVCacheManager(self.spec)
+        self.cache = poisoned(pk.PagedKVCache.init(self.spec, layout=layout))
+        self.ref: dict[int, list] = {}
+        self.rng = np.random.default_rng(0)
+
+    def step(self, ids, counts):
+        meta = self.m.step_metadata(ids, counts)
+        B, T = meta.batch_size, meta.query_len
+        ks, vs = [], []
+        for layer in range(2):
+            k, v = np.full((2, B, T, H, D), np.nan, np.float32)  # padding tokens: NaN, must be dropped
+            for b, (s, n) in enumerate(zip(ids, counts)):
+                new = outlier_values(self.rng, (2, n, H, D), factor=20.0)
+                k[b, :n], v[b, :n] = new
+                self.ref[s][layer] = [np.concatenate([old, x]) for old, x in zip(self.ref[s][layer], new)]
+            ks.append(jnp.asarray(k))
+            vs.append(jnp.asarray(v))
+        outs, self.cache = _step(self.cache, tuple(ks), tuple(vs), meta.to_device())
+        self.m.commit(ids)
+        self.check(outs, meta, ids)
+        return outs
+
+    def admit(self, s, n):
+        self.m.admit(s, n)
+        self.ref[s] = [[np.zeros((0, H, D), np.float32)] * 2 for _ in range(2)]
+
+    def check(self, outs, meta, ids):
+        for layer, (keys, values, raw) in enumerate(outs):
+            kc, vc = quant.codecs(self.spec, layer)
+            start = meta.groups[self.spec.group_of(layer)].start
+            for b in range(meta.batch_size):
+                first, n = int(start[b]), int(meta.kv_lens[b])
+                for part, (got, codec) in enumerate(((keys, kc), (values, vc))):
+                    got = np.asarray(got)[b]
+                    assert not np.isnan(got).any(), f"layer {layer}: a stale value or scale was exposed"
+                    assert not got[n - first:].any(), f"layer {layer} row {b}: nonzero past its length"
+                    if b >= len(ids):
+                        continue
+                    own = self.ref[ids[b]][layer][part][first:n]
+                    bound = (int8_bound(own, "float32") if codec.fmt == "int8"
+                             else fp8_bound(own, np.asarray(codec.head_scales)))
+                    assert (np.abs(got[: n - first] - own) <= bound).all(), f"layer {layer} seq {ids[b]}"
+            for leaf in jax.tree_util.tree_leaves(raw):  # gathered bits, scales included: zero past each length
+                leaf = np.asarray(leaf)
+                for b in range(meta.batch_size):
+                    n = int(meta.kv_lens[b] - start[b]) if b < len(ids) else 0
+                    assert not leaf[b, n:].any(), f"layer {layer}: stale bits past the length of row {b}"
+
+
+def gathered_bits(w: World, seq_id) -> list:
+    """The bits of every page and scale array in ``seq_id``'s blocks (whole blocks), per layer."""
+    out = []
+    for view in w.cache.views:
+        table = w.m.block_table(seq_id, view.group)
+        g = view.gather(jnp.asarray(table)[None], jnp.asarray([table.size * BS], jnp.int32))
+        out.append([np.asarray(a) for a in jax.tree_util.tree_leaves(g)])
+    return out
+
+
+@pytest.mark.parametrize("fmt, layout", [("int8", "split"), ("int8", "unified"), ("fp8", "split")])
+def test_isolation_fork_swap_and_checkpoint_of_quantized_pages(fmt, layout, tmp_path):
+    w = World(fmt, layout)
+    ids = list(range(len(EDGES)))
+    for s, n in zip(ids, EDGES):
+        w.admit(s, n)
+    w.step(ids, EDGES)  # prefill into blocks full of stale bits and NaN scales
+    for s in (0, 2):
+        w.m.release(s)
+        del w.ref[s]
+    w.admit(10, 2 * BS + 1)  # takes the released blocks, partly
+    w.step([10], [2 * BS + 1])
+    # Fork in a partly filled block, then both write: the copy-on-write copy moves the scales too.
+    w.m.fork(3, 11)
+    w.ref[11] = [list(x) for x in w.ref[3]]
+    live = [1, 3, 4, 10, 11]
+    w.m.append(live, 1)
+    w.step(live, [1] * len(live))
+    # Swap out, let another sequence reuse the blocks, swap back: bit for bit.
+    before = gathered_bits(w, 4)
+    gone = pk.swap_out(w.cache, w.m, 4)
+    w.admit(12, 3 * BS)
+    w.step([12], [3 * BS])
+    w.cache = pk.swap_in(w.cache, w.m, gone)
+    for a, b in zip(sum(before, []), sum(gathered_bits(w, 4), []), strict=True):
+        np.testing.assert_array_equal(a, b)
+    live = [1, 3, 4, 10, 11, 12]
+    w.m.append(live, 1)
+    w.step(live, [1] * len(live))
+    # Checkpoint: every leaf (pages and scales) bit for bit, and decoding goes on alike.
+    pk.save_checkpoint(tmp_path / "q.ckpt", w.cache, w.m)
+    ck = pk.load_checkpoint(tmp_path / "q.ckpt", spec=w.spec)
+    names = [str(p) for p, _ in jax.tree_util.tree_flatten_with_path(w.cache)[0]]
+    assert any("scales" in n for n in names) == (fmt == "int8")
+    for a, b in zip(jax.tree_util.tree_leaves(w.cache), jax.tree_util.tree_leaves(ck.cache), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("layout", ["split", "unified"])
+def test_insert_prefill_quantizes_like_the_write(layout):
+    s = spec(kv_format="int8", num_layers=2)
+    m = pk.KVCacheManager(s)
+    cache = pk.PagedKVCache.init(s, layout=layout)
+    rng = np.random.default_rng(3)
+    keys, values = outlier_values(rng, (2, 7, H, D)), outlier_values(rng, (2, 7, H, D))
+    cache = insert_prefill(cache, m, 5, keys, values)
+    for layer, view in enumerate(cache.views):
+        kc, vc = view.codecs
+        got_k, got_v = view.decode_gathered(view.gather(jnp.asarray(m.block_table(5, 0))[None], jnp.asarray([7])))
+        np.testing.assert_array_equal(np.asarray(got_k)[0, :7], roundtrip(kc, keys[layer]))
+        np.testing.assert_array_equal(np.asarray(got_v)[0, :7], roundtrip(vc, values[layer]))
