@@ -164,9 +164,7 @@ def codecs_of(spec_):
 
 @pytest.mark.parametrize("fmt, layout, kw", [
     ("int8", "split", LAYOUTS["mixed"]),
-    ("int8", "unified", {}),
-    ("fp8", "split", dict(LAYOUTS["mixed"], kv_full_precision_layers="sliding")),
-    ("int8", "split", dict(kv_scale_dtype="bfloat16")),
+    ("fp8", "unified", dict(LAYOUTS["mixed"], kv_full_precision_layers="sliding")),
 ])
 def test_decode_equals_dense_reference_with_the_same_rounding(fmt, layout, kw):
     """Paging is exact: the logits equal a no-cache recompute whose keys and values go
@@ -332,3 +330,26 @@ def test_insert_prefill_quantizes_like_the_write(layout):
         got_k, got_v = view.decode_gathered(view.gather(jnp.asarray(m.block_table(5, 0))[None], jnp.asarray([7])))
         np.testing.assert_array_equal(np.asarray(got_k)[0, :7], roundtrip(kc, keys[layer]))
         np.testing.assert_array_equal(np.asarray(got_v)[0, :7], roundtrip(vc, values[layer]))
+
+
+def test_int8_scales_shard_with_their_heads_over_8_devices():
+    """Sharded over a mesh, scales split on the heads axis like the pages, no collective
+    in a step, and every step's keys/values and the final pages equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    done = subprocess.run([sys.executable, str(here / "sharded_quant_checks.py")], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(here.parent)),
+                          cwd=here)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["device_count"] == 8
+    for layout, local, leaves in (("split", 1, 6), ("unified", 2, 3)):
+        r = report[layout]
+        assert r["steps"] == r["steps_bit_equal"] >= 10 and r["pages_bit_equal"], r
+        assert r["scale_leaves"] == leaves and r["scale_specs_ok"] and r["local_scale_heads"] == [local], r
+        assert r["step_collectives"] == [] and r["donated"], r
