@@ -144,6 +144,7 @@ class CacheSpec:
     kv_fp8_scales: object = attrs.field(default=None, converter=_fp8_scales_converter)
     kv_full_precision_layers: object = attrs.field(default=(), converter=_full_precision_converter)
     _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
+    _layer_bytes: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 
     def __init__(self, *args, **fields) -> None:
         """Keyword fields only (see the class docstring); unknown or positional ones are a `SpecError`."""
@@ -214,6 +215,9 @@ class CacheSpec:
         from paged_kv import quant  # the formats' rules live with their arithmetic
 
         quant.check_spec_format(self)
+        # Per-layer bytes per token, once: the simulator asks for group sizes every step.
+        object.__setattr__(self, "_layer_bytes", tuple(quant.bytes_per_token(self, self.layer_format(i))
+                                                        for i in range(self.num_layers)))
 
     # ---- layer groups ------------------------------------------------------------------
     @property
@@ -261,7 +265,8 @@ class CacheSpec:
 
     def layer_bytes_per_token(self, layer: int) -> int:
         """Key and value bytes, scales included, one token occupies in layer ``layer``."""
-        return self._format_bytes_per_token(self.layer_format(layer))
+        self.layer_format(layer)  # checks the index
+        return self._layer_bytes[layer]
 
     def _format_bytes_per_token(self, fmt: str) -> int:
         from paged_kv import quant
@@ -277,7 +282,7 @@ class CacheSpec:
     @property
     def bytes_per_token(self) -> int:
         """Key and value bytes (scales included) one token occupies across all layers."""
-        return sum(self.layer_bytes_per_token(i) for i in range(self.num_layers))
+        return sum(self._layer_bytes)
 
     @property
     def bytes_per_block(self) -> int:
@@ -291,7 +296,7 @@ class CacheSpec:
 
     def group_bytes_per_block(self, group: int) -> int:
         """Bytes one block of ``group`` holds across that group's layers, scales included."""
-        return sum(self.layer_bytes_per_token(i) for i in self.groups[group].layers) * self.block_size
+        return sum(self._layer_bytes[i] for i in self.groups[group].layers) * self.block_size
 
     @property
     def usable_blocks(self) -> int:
