@@ -23,6 +23,8 @@ SLOW = {
     "test_slots.py": ("test_continuous_batching_equals_recompute_and_compiles_per_width_bucket",),
     "test_scheduler.py": ("test_swap_preemption_loses_nothing",),
     "test_isolation.py": ("test_reused_blocks_never_expose_previous_owner",),
+    "test_quant.py": ("test_decode_equals_dense_reference_with_the_same_rounding",
+                      "test_int8_scales_shard_with_their_heads_over_8_devices"),
     # These share one subprocess that compiles every step on 8 fake devices (~70 s).
     "test_sharding.py": ("test_sharded_pages_equal_single_device_bit_for_bit", "test_no_collective_touches_the_pages",
                          "test_two_data_parallel_replicas", "test_in_place_attention_on_sharded_pages"),
