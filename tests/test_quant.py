@@ -76,10 +76,15 @@ def test_fp8_error_is_relative_and_saturates():
     assert (np.abs(got - x) <= fp8_bound(x, head_scale)).all()
     big = np.full((1, 2, 16), 1e6, np.float32)  # beyond 448 * scale: clipped, never NaN
     np.testing.assert_array_equal(roundtrip(codec, big), np.broadcast_to(448 * head_scale[:, None], big.shape))
-    # 1.3 read back as 1.25 by a plain cast; a scale of 1/64 keeps more of it.
-    fine = quant.PageCodec("fp8", "float32", head_scales=(1 / 64, 1 / 64))
-    one = np.full((1, 2, 16), 1.3, np.float32)
-    assert abs(roundtrip(fine, one)[0, 0, 0] - 1.3) < abs(1.25 - 1.3)
+    # The scale places the range, not the precision (why fp8 scales can be fixed):
+    # 1000 saturates at scale 1 but not at scale 4; 1e-4 is lost at scale 1 but not at
+    # 2**-12; and a power-of-two scale rounds exactly as scale 1 does.
+    unit, wide, narrow = (quant.PageCodec("fp8", "float32", head_scales=(s, s)) for s in (1.0, 4.0, 2.0**-12))
+    assert roundtrip(unit, np.full((1, 2, 1), 1000.0, np.float32)).max() == 448
+    assert abs(roundtrip(wide, np.full((1, 2, 1), 1000.0, np.float32)).max() - 1000) <= 1000 * 2**-4
+    assert roundtrip(unit, np.full((1, 2, 1), 1e-4, np.float32)).max() == 0
+    assert abs(roundtrip(narrow, np.full((1, 2, 1), 1e-4, np.float32)).max() - 1e-4) <= 1e-4 * 2**-4
+    np.testing.assert_array_equal(roundtrip(wide, 4 * x[:, :, :4]), 4 * roundtrip(unit, x[:, :, :4]))
 
 
 # ---- spec: memory arithmetic and typed errors ---------------------------------------------
@@ -353,3 +358,19 @@ def test_int8_scales_shard_with_their_heads_over_8_devices():
         assert r["steps"] == r["steps_bit_equal"] >= 10 and r["pages_bit_equal"], r
         assert r["scale_leaves"] == leaves and r["scale_specs_ok"] and r["local_scale_heads"] == [local], r
         assert r["step_collectives"] == [] and r["donated"], r
+
+
+def test_simulator_sizes_pools_and_bytes_by_format():
+    """At equal memory the simulator's int8 pool holds ~1.94x the blocks, its bytes in use
+    count the scales, and the contiguous baselines get the same bytes in int8 tokens."""
+    from paged_kv.sim import load_trace, simulate
+    from paged_kv.sim.backends import equal_memory_slots
+
+    model = dict(num_layers=4, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16", max_batch_slots=64,
+                 max_blocks_per_seq=256)
+    bf16, int8 = (pk.CacheSpec.for_memory(2**26, **model, **kw) for kw in ({}, dict(kv_format="int8")))
+    assert equal_memory_slots(int8) == (int8.num_blocks - 1) * 16
+    trace = load_trace().head(150)
+    a, b = simulate(trace, bf16), simulate(trace, int8)
+    assert b.peak_used_bytes <= int8.pool_bytes and b.peak_used_bytes % int8.bytes_per_block == 0
+    assert b.mean_running > 1.5 * a.mean_running
