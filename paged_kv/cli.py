@@ -32,6 +32,9 @@ from paged_kv.spec import CacheSpec
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_NUM_BLOCKS = 8192
 KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
+KV_FORMATS = ("int8", "fp8")
+"""``--kv-dtype`` values that quantize the pages (`CacheSpec.kv_format`, scales counted)
+and keep the preset's dtype for compute."""
 
 MAX_POOL_BYTES = 2**40
 """Pools above 1 TiB are refused without ``--force``: larger than any one serving
@@ -115,8 +118,9 @@ def _add_simulate_parser(commands) -> None:
                        help="override the preset's KV heads")
     shape.add_argument("--head-dim", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
                        help="override the preset's head dimension")
-    shape.add_argument("--kv-dtype", choices=KV_DTYPES, default=argparse.SUPPRESS,
-                       help="override the preset's KV dtype (every preset is bfloat16)")
+    shape.add_argument("--kv-dtype", choices=KV_DTYPES + KV_FORMATS, default=argparse.SUPPRESS,
+                       help="override the preset's KV dtype (every preset is bfloat16); int8 (per-token scales "
+                       "included) and fp8 quantize the pages, the preset's dtype stays the compute dtype")
     pool = sim.add_argument_group("KV pool")
     pool.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
     pool.add_argument("--num-blocks", type=_positive_int, default=DEFAULT_NUM_BLOCKS,
@@ -302,7 +306,10 @@ def _simulate(args: argparse.Namespace) -> int:
 def _overrides(args: argparse.Namespace) -> dict:
     """The model-shape fields given on the command line, by `ModelShape` field name."""
     flags = {"num_layers": "num_layers", "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "kv_dtype": "dtype"}
-    return {field: getattr(args, flag) for flag, field in flags.items() if hasattr(args, flag)}
+    out = {field: getattr(args, flag) for flag, field in flags.items() if hasattr(args, flag)}
+    if out.get("dtype") in KV_FORMATS:  # quantized pages: a storage format, not a compute dtype
+        out["kv_format"] = out.pop("dtype")
+    return out
 
 
 def _spec(args: argparse.Namespace) -> CacheSpec:

@@ -374,3 +374,13 @@ def test_simulator_sizes_pools_and_bytes_by_format():
     a, b = simulate(trace, bf16), simulate(trace, int8)
     assert b.peak_used_bytes <= int8.pool_bytes and b.peak_used_bytes % int8.bytes_per_block == 0
     assert b.mean_running > 1.5 * a.mean_running
+
+
+def test_cli_kv_dtype_int8_sizes_the_pool_with_scales(capsys):
+    import json
+
+    from paged_kv.cli import main
+
+    assert main(["simulate", "--limit", "20", "--kv-dtype", "int8", "--json", "--progress", "off"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["pool_bytes"] == 8192 * 16 * 32 * (2 * 8 * 128 + 2 * 8 * 4)  # llama3-8b, int8 + f32 scales

@@ -22,6 +22,9 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     dtype: str = "bfloat16"
+    kv_format: str = "none"
+    """Pages stored as ``dtype`` ("none"), or quantized: "int8" (per-token scales
+    counted) or "fp8" (`paged_kv.quant`); ``dtype`` stays the compute dtype."""
 
     def spec_fields(self) -> dict:
         """Keyword arguments for `paged_kv.CacheSpec`."""
@@ -35,8 +38,9 @@ class ModelShape:
         return CacheSpec(num_blocks=2, block_size=1, max_blocks_per_seq=1, **self.spec_fields()).bytes_per_token
 
     def describe(self) -> str:
-        """``32 layers, 8 KV heads x 128, bfloat16: 128 KiB per token``."""
-        return (f"{self.num_layers} layers, {self.num_kv_heads} KV heads x {self.head_dim}, {self.dtype}: "
+        """``32 layers, 8 KV heads x 128, bfloat16: 128 KiB per token`` (``int8 pages`` when quantized)."""
+        pages = self.dtype if self.kv_format == "none" else f"{self.kv_format} pages"
+        return (f"{self.num_layers} layers, {self.num_kv_heads} KV heads x {self.head_dim}, {pages}: "
                 f"{self.bytes_per_token / 2**10:g} KiB per token")
 
 
