@@ -22,8 +22,9 @@ What is measured, and why:
     tokens, one layer, per format, timed interleaved against bf16 pages in the same
     process (medians); and the quantized decode write into a 1 GiB vs a 64 MiB pool:
     a ratio near 1 means the write is still in place, O(tokens).
-(d) If the real-model fixtures and model code exist (paged_kv.models), greedy-decode
-    token agreement with bf16 pages over 64 steps.
+(d) Greedy decode of the real-model fixtures (tests/fixtures/hf: tiny random Llama
+    and Mistral checkpoints made by transformers, through `paged_kv.models`) for 64
+    steps: token agreement of int8 and fp8 pages with bf16 pages.
 
 Usage: PYTHONPATH=. python benchmarks/bench_quant.py [--quick]. Prints a final JSON line.
 """
@@ -272,12 +273,52 @@ def write_in_place(small_mib: int, big_mib: int, tokens: int, repeats: int, rng)
 
 
 # ---- (d) real model --------------------------------------------------------------------------
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf")
+
+
 def real_model_agreement(steps: int) -> dict:
+    """Greedy decode of the fixtures' prompts (tiny random Llama and Mistral checkpoints)
+    for ``steps`` tokens with bf16 pages and with each quantized format: the fraction
+    of generated tokens equal to bf16's, and the step of the first difference."""
     try:
-        from paged_kv import models  # noqa: F401  (the real-model code lands with issue 14)
-    except ImportError:
-        return {"skipped": "paged_kv.models and the real-model fixtures are not on this branch"}
-    return {"skipped": "real-model greedy agreement not wired up on this branch"}
+        import attrs
+
+        from paged_kv.models import llama
+        from paged_kv.models.generate import Generator, Request
+        from paged_kv.models.loader import load_model
+    except ImportError as exc:
+        return {"skipped": f"real-model code unavailable: {exc}"}
+    out = {}
+    for name in sorted(os.listdir(FIXTURES)) if os.path.isdir(FIXTURES) else []:
+        import json
+
+        path = os.path.join(FIXTURES, name)
+        prompts = json.load(open(os.path.join(path, "reference.json")))["prompts"]
+        cfg, params = load_model(path, "bfloat16")
+        base = llama.cache_spec(cfg, num_blocks=256, block_size=8, max_seq_len=max(map(len, prompts)) + steps,
+                                max_batch_slots=8, dtype="bfloat16")
+        runs = {}
+        first_logits = {}
+        for fmt in ("none", "int8", "fp8"):
+            done, _ = Generator(cfg, params, attrs.evolve(base, kv_format=fmt), prefix_cache=False,
+                                record_logits=True).generate([Request(p, max_new_tokens=steps) for p in prompts])
+            runs[fmt] = [c.tokens[len(c.prompt):] for c in done]
+            # The logits of the first generated token: same inputs for every format.
+            first_logits[fmt] = np.stack([c.logits[len(c.prompt) - 1] for c in done])
+        row = {}
+        for fmt in ("int8", "fp8"):
+            ref = first_logits["none"]
+            rel = float(np.linalg.norm(first_logits[fmt] - ref) / np.linalg.norm(ref - ref.mean(-1, keepdims=True)))
+            row[f"{fmt}_first_logits_rel_l2"] = round(rel, 5)
+            same = [np.mean(np.equal(a, b)) for a, b in zip(runs[fmt], runs["none"])]
+            first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), steps)
+                     for a, b in zip(runs[fmt], runs["none"])]
+            row[fmt] = {"first_logits_rel_l2": row.pop(f"{fmt}_first_logits_rel_l2"), "token_agreement": round(float(np.mean(same)), 4), "first_difference_steps": first}
+        out[name] = {"prompts": len(prompts), "steps": steps, **row}
+        print(f"{name}: " + ", ".join(f"{f} logits rel {r['first_logits_rel_l2']:.2%} agreement {r['token_agreement']:.1%} "
+                                      f"first diff {r['first_difference_steps']}"
+                                      for f, r in row.items()), file=sys.stderr)
+    return out or {"skipped": "no fixtures under tests/fixtures/hf"}
 
 
 def main() -> None:
