@@ -37,13 +37,13 @@ an attention kernel that gathers chunks of pages itself decodes them the same wa
 from __future__ import annotations
 
 import attrs
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax import lax
 
 from paged_kv.errors import SpecError
+
+# JAX is imported inside the device functions: building a spec (which checks the
+# format and counts its bytes here) must not import JAX in a host-only process.
 
 FORMATS = ("none", "int8", "fp8")
 SCALE_DTYPES = ("float32", "bfloat16")
@@ -55,13 +55,16 @@ FP8_MIN_NORMAL = float(ml_dtypes.finfo(FP8).smallest_normal)  # 2**-6
 
 
 # ---- pure functions ----------------------------------------------------------------------
-def quantize_int8(x: jax.Array, scale_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def quantize_int8(x: jax.Array, scale_dtype=None) -> tuple[jax.Array, jax.Array]:
     """``x [..., D]`` -> (int8 ``[..., D]``, scale ``[...]`` in ``scale_dtype``) with
     ``x ~= q * scale`` and ``scale = max|x| / 127`` over the last axis.
 
     The int8 values are computed against the scale as stored (rounded to
     ``scale_dtype``), so ``|x - q * scale| <= scale / 2`` holds for the stored scale; an
     all-zero vector gets scale 0 and q 0."""
+    import jax.numpy as jnp
+
+    scale_dtype = jnp.float32 if scale_dtype is None else scale_dtype
     xf = x.astype(jnp.float32)
     scale = (jnp.max(jnp.abs(xf), axis=-1) / INT8_MAX).astype(scale_dtype)
     sf = scale.astype(jnp.float32)[..., None]
@@ -72,17 +75,23 @@ def quantize_int8(x: jax.Array, scale_dtype=jnp.float32) -> tuple[jax.Array, jax
 
 def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     """``q [..., D]`` int8 times ``scale [...]``, in float32, returned in ``dtype``."""
+    import jax.numpy as jnp
+
     return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
 
 
 def quantize_fp8(x: jax.Array, head_scale: jax.Array) -> jax.Array:
     """``x [..., H, D]`` -> float8_e4m3fn of ``x / head_scale[h]``, saturated at +-448."""
+    import jax.numpy as jnp
+
     y = x.astype(jnp.float32) / head_scale.astype(jnp.float32)[:, None]
     return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(FP8)
 
 
 def dequantize_fp8(q: jax.Array, head_scale: jax.Array, dtype) -> jax.Array:
     """float8 ``q [..., H, D]`` times ``head_scale[h]``, in float32, returned in ``dtype``."""
+    import jax.numpy as jnp
+
     return (q.astype(jnp.float32) * head_scale.astype(jnp.float32)[:, None]).astype(dtype)
 
 
@@ -125,6 +134,9 @@ class PageCodec:
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """``x [..., H, D]`` -> (page bits ``[..., H, D]``, scale bits ``[..., H]`` or None)."""
+        import jax.numpy as jnp
+        from jax import lax
+
         if self.fmt == "int8":
             q, scale = quantize_int8(x, _resolve(self.scale_dtype))
             return lax.bitcast_convert_type(q, jnp.uint8), lax.bitcast_convert_type(scale, self.scale_storage)
@@ -138,6 +150,9 @@ class PageCodec:
     def decode(self, bits: jax.Array, scale_bits: jax.Array | None = None) -> jax.Array:
         """Page bits ``[..., H, D]`` (and scale bits ``[..., H]``) -> values in the compute
         dtype. Zeroed bits and scales decode to exact zeros."""
+        import jax.numpy as jnp
+        from jax import lax
+
         dt = self.compute_dtype
         if self.fmt == "int8":
             q = lax.bitcast_convert_type(bits, jnp.int8)
