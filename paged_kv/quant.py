@@ -117,6 +117,7 @@ class PageCodec:
 
     @property
     def compute_dtype(self) -> np.dtype:
+        """The dtype keys and values are encoded from and decoded to."""
         return _resolve(self.compute)
 
     @property
