@@ -45,6 +45,7 @@ BENCHMARKS = {
     "bench_device_ops": [],
     "bench_decode_step": ["--quick"],
     "bench_generate": ["--repeats", "2"],
+    "bench_quant": ["--quick"],
 }
 
 
@@ -243,10 +244,37 @@ def _attention_rows(r: dict) -> list[Row]:
     return out
 
 
+def _quant_rows(r: dict) -> list[Row]:
+    out = []
+    m = get(r, "bench_quant:memory")
+    if m:
+        c, f = m["concurrency_over_bf16"], m["formats"]
+        out.append((f"quantized pages, sequences running at once on the Azure trace ({m['requests']:,} requests, "
+                    f"{m['pool_gib']:g} GiB) (`bench_quant.py`)",
+                    f"int8 {_x(c['int8'])}, fp8 {_x(c['fp8'])} bf16 pages",
+                    f"bf16 {f['bf16']['mean_running']:.1f} running; {f['bf16']['bytes_per_token'] // 1024} KiB vs "
+                    f"{f['int8']['bytes_per_token'] / 1024:.0f} / {f['fp8']['bytes_per_token'] // 1024} KiB per token, "
+                    "int8 scales included"))
+    a = get(r, "bench_quant:accuracy_worst_rel_l2")
+    if a and "offset/logit_std_1" in a:
+        flat, sharp = a["offset/logit_std_1"], a["offset/logit_std_3"]
+        out.append(("attention-output error vs bf16 pages (relative L2, worst context), keys with outlier channels "
+                    "10-50×, logit spread 1 / 3",
+                    f"int8 {_pct(flat['int8'])} / {_pct(sharp['int8'])}, fp8 {_pct(flat['fp8_calibrated'])} / "
+                    f"{_pct(sharp['fp8_calibrated'])}",
+                    f"bf16 vs float32 pages {_pct(flat['bf16_vs_f32'])} / {_pct(sharp['bf16_vs_f32'])}"))
+    sp, wr = get(r, "bench_quant:speed"), get(r, "bench_quant:write_in_place")
+    if sp and wr:
+        out.append((f"decode step with quantized pages (write, read, attention; {sp['batch']} × {sp['context']:,} tokens)",
+                    f"int8 {_x(sp['over_bf16']['int8'])}, fp8 {_x(sp['over_bf16']['fp8'])} the time of bf16 pages",
+                    f"int8 decode write, large ÷ small pool {_x(wr['big_over_small'])}: in place"))
+    return out
+
+
 def rows(r: dict) -> list[Row]:
     """(what, figure, baseline in the same run) for every figure the results hold."""
     return (_vs_vllm_rows(r) + _allocator_rows(r) + _memory_rows(r) + _attention_rows(r) + _sharing_rows(r)
-            + _model_rows(r))
+            + _model_rows(r) + _quant_rows(r))
 
 
 def render(results: dict) -> str:
