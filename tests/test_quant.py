@@ -384,3 +384,46 @@ def test_cli_kv_dtype_int8_sizes_the_pool_with_scales(capsys):
     assert main(["simulate", "--limit", "20", "--kv-dtype", "int8", "--json", "--progress", "off"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pool_bytes"] == 8192 * 16 * 32 * (2 * 8 * 128 + 2 * 8 * 4)  # llama3-8b, int8 + f32 scales
+
+
+@partial(jax.jit, donate_argnums=0)
+def _attend_step(cache, qs, ks, vs, meta):
+    """Per layer: the in-place attention output, and the same attention over `read`."""
+    from tiny_model import attention
+
+    outs, views = [], []
+    for i, view in enumerate(cache.views):
+        out, new = view.attention(qs[i], ks[i], vs[i], meta, chunk_blocks=1)
+        keys, values = new.read(meta)
+        dense = attention(qs[i], keys, values, new.mask(meta).dense(keys.shape[1]))
+        outs.append((out.reshape(dense.shape), dense))
+        views.append(new)
+    return tuple(outs), pk.PagedKVCache(tuple(views))
+
+
+@pytest.mark.parametrize("fmt, layout", [("int8", "split"), ("int8", "unified"), ("fp8", "split")])
+def test_in_place_attention_dequantizes_each_chunk(fmt, layout):
+    """`view.attention` (chunks gathered from the pages, decoded one by one, f32
+    accumulation) equals attention over the dequantized `read`, in pools whose every
+    stale slot holds garbage and NaN scales."""
+    w = World(fmt, layout)
+    rng = np.random.default_rng(5)
+    lengths = {0: 1, 1: BS + 1, 2: 2 * BS, 3: 3 * BS + 2}
+    for s, n in lengths.items():
+        w.admit(s, n)
+    ids, counts = list(lengths), list(lengths.values())
+    for step in range(3):
+        meta = w.m.step_metadata(ids, counts)
+        shape = (2, meta.batch_size, meta.query_len)
+        qs = jnp.asarray(rng.normal(size=(*shape, 2 * H, D)) * 0.1, jnp.float32)  # logits O(1..10)
+        ks, vs = (jnp.asarray(outlier_values(rng, (*shape, H, D))) for _ in range(2))
+        outs, w.cache = _attend_step(w.cache, tuple(qs), tuple(ks), tuple(vs), meta.to_device())
+        w.m.commit(ids)
+        for layer, (out, dense) in enumerate(outs):
+            out, dense = np.asarray(out), np.asarray(dense)
+            assert np.isfinite(out).all(), f"layer {layer}: a stale value or scale reached the output"
+            for b, n in enumerate(counts):  # real queries only; padding queries are undefined in the reference
+                # Same dequantized keys and values, float32 sums in another order.
+                np.testing.assert_allclose(out[b, :n], dense[b, :n], rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+        w.m.append(ids, 1)
+        counts = [1] * len(ids)
