@@ -20,7 +20,9 @@ What is measured, and why:
     (16 GiB pools sized by `CacheSpec.for_memory`, batch limit 1024 so memory binds).
 (c) Speed: one jitted decode step (write, read, attention) of B sequences x 1,024
     tokens, one layer, per format, timed interleaved against bf16 pages in the same
-    process (medians); and the quantized decode write into a 1 GiB vs a 64 MiB pool:
+    process (medians), through the gathered view (`concatenate_to_cache` + dense
+    attention) and through `view.attention` (pages read in place, dequantized chunk
+    by chunk); and the quantized decode write into a 1 GiB vs a 64 MiB pool:
     a ratio near 1 means the write is still in place, O(tokens).
 (d) Greedy decode of the real-model fixtures (tests/fixtures/hf: tiny random Llama
     and Mistral checkpoints made by transformers, through `paged_kv.models`) for 64
@@ -117,6 +119,13 @@ def decode_step(cache, q, k, v, meta):
     return attention(q, keys, values, meta.kv_lens), pk.PagedKVCache((view,))
 
 
+@partial(jax.jit, donate_argnums=0)
+def decode_step_in_place(cache, q, k, v, meta):
+    """The same step through `view.attention`: the pages read in place, chunk by chunk."""
+    out, view = cache[0].attention(q[:, None], k, v, meta)
+    return out[:, 0], pk.PagedKVCache((view,))
+
+
 # ---- (a) accuracy --------------------------------------------------------------------------
 def layer_spec(fmt: str, num_blocks: int, dtype="bfloat16", batch=1, **kw) -> pk.CacheSpec:
     return pk.CacheSpec(num_layers=1, num_blocks=num_blocks, block_size=BLOCK, max_blocks_per_seq=num_blocks - 1,
@@ -206,40 +215,47 @@ def memory(limit: int | None, pool_gib: float, max_batch: int) -> dict:
 
 # ---- (c) speed ----------------------------------------------------------------------------
 def step_speed(batch: int, context: int, repeats: int, rng) -> dict:
-    """Median decode-step time per format, timed interleaved in one process."""
+    """Median decode-step time per format and path (gathered view + dense attention, or
+    attention in place), timed interleaved in one process."""
     nb = batch * (context // BLOCK + 1) + 1
-    state = {}
-    k_all, v_all = outlier_kv(rng, context)
+    k_all, _ = outlier_kv(rng, context)
     q = jnp.asarray(queries(rng, k_all, 3.0, batch), jnp.bfloat16)
+    kv = jnp.asarray(rng.normal(size=(batch, 1, HEADS, DIM)), jnp.bfloat16)
+    steps = {"gathered": decode_step, "in_place": decode_step_in_place}
+    state = {}
     for name, kw in FORMATS.items():
         spec = layer_spec(kw.get("kv_format", "none"), nb, batch=batch,
                           **{k: v for k, v in kw.items() if k != "kv_format"})
-        m = pk.KVCacheManager(spec)
-        cache = pk.PagedKVCache.init(spec)
-        keys = np.broadcast_to(k_all[None, :-1], (1, context - 1, HEADS, DIM))
-        for s in range(batch):
-            cache = insert_prefill(cache, m, s, keys.astype(jnp.bfloat16), keys.astype(jnp.bfloat16))
-        m.append(list(range(batch)), 1)
-        meta = m.step_metadata(list(range(batch)), 1).to_device()
-        kv = jnp.asarray(rng.normal(size=(batch, 1, HEADS, DIM)), jnp.bfloat16)
-        for _ in range(3):
-            out, cache = decode_step(cache, q, kv, kv, meta)
-        jax.block_until_ready(out)
-        state[name] = [cache, meta, kv]
-    times = {n: [] for n in state}
-    names = list(state)
+        for path, step in steps.items():
+            m = pk.KVCacheManager(spec)
+            cache = pk.PagedKVCache.init(spec)
+            keys = k_all[None, :-1].astype(jnp.bfloat16)
+            for s in range(batch):
+                cache = insert_prefill(cache, m, s, keys, keys)
+            m.append(list(range(batch)), 1)
+            meta = m.step_metadata(list(range(batch)), 1).to_device()
+            for _ in range(3):
+                out, cache = step(cache, q, kv, kv, meta)
+            jax.block_until_ready(out)
+            state[(name, path)] = [cache, meta, step]
+    times = {key: [] for key in state}
+    keys_ = list(state)
     for i in range(repeats):
-        for j in range(len(names)):
-            name = names[(i + j) % len(names)]
-            cache, meta, kv = state[name]
+        for j in range(len(keys_)):  # rotate the order each round: none always runs first
+            key = keys_[(i + j) % len(keys_)]
+            cache, meta, step = state[key]
             t0 = time.perf_counter()
-            out, cache = decode_step(cache, q, kv, kv, meta)
+            out, cache = step(cache, q, kv, kv, meta)
             jax.block_until_ready((out, cache))
-            times[name].append(time.perf_counter() - t0)
-            state[name][0] = cache
-    med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
-    return {"batch": batch, "context": context, "layers": 1, "median_ms": {n: round(v, 3) for n, v in med.items()},
-            "over_bf16": {n: round(v / med["bf16"], 3) for n, v in med.items()}}
+            times[key].append(time.perf_counter() - t0)
+            state[key][0] = cache
+    med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+    out = {"batch": batch, "context": context, "layers": 1}
+    for path in steps:
+        base = med[("bf16", path)]
+        out[path] = {"median_ms": {n: round(med[(n, path)], 3) for n in FORMATS},
+                     "over_bf16": {n: round(med[(n, path)] / base, 3) for n in FORMATS}}
+    return out
 
 
 @partial(jax.jit, donate_argnums=0)
