@@ -75,7 +75,7 @@ class PagedKVManager:
 
     def commit(self, hs: list) -> None:
         # The forward pass ran: copy-on-write copies retire, written blocks become hittable.
-        self.m.commit(hs)
+        self.batch.commit()  # the persistent batch commits the step it described
 
     def after_step(self, hs: list, counts) -> None:
         pass

@@ -337,3 +337,34 @@ def test_a_bool_id_equal_to_the_last_batch_never_aliases():
         with pytest.raises(pk.UnknownSequenceError):
             call()
         assert _state(m) == before
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_step_batch_commit_is_manager_commit_of_the_ids_it_described(prefix):
+    # A fork makes a copy-on-write copy pending; a sequence released before the commit
+    # has nothing left to commit. batch.commit() must equal manager.commit(live ids).
+    batched, direct = (pk.KVCacheManager(spec(num_blocks=200), prefix_cache=prefix) for _ in range(2))
+    batch = pk.StepBatch(batched)
+    for m in (batched, direct):
+        m.admit(0, 40)
+        m.admit(1, 5)
+        m.fork(1, 2)
+    for step in range(3):
+        batch.decode([0, 1, 2])
+        direct.append([0, 1, 2], 1)
+        direct.step_metadata([0, 1, 2], 1)
+        if step == 1:
+            for m in (batched, direct):
+                m.release(0)
+            batch.decode([1, 2])
+            direct.append([1, 2], 1)
+            direct.step_metadata([1, 2], 1)
+            batch.commit()
+            direct.commit([1, 2])
+            assert batched.snapshot() == direct.snapshot()
+            break
+        assert batched.num_pending_copies > 0 or step
+        batch.commit()
+        direct.commit([0, 1, 2])
+        assert batched.snapshot() == direct.snapshot()
+    batched.check_integrity()

@@ -20,6 +20,7 @@ each group's tables are updated from its own page table.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import is_
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # annotations only: the manager imports this module
 SMALL_BATCH = 24
 """Up to this many rows a step is updated in Python rather than in vectorized numpy:
 below it, numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
+_INT = {int}
 SCALAR_ROWS = 6
 """Up to this many rows the small decode writes numpy scalars one by one; above it,
 Python lists written in one call per array."""
@@ -71,6 +73,9 @@ class StepBatch:
         self._hot: tuple = ()
         self._groups: list[_GroupState] = []
         self._decode = False  # the last step was a decode step (T == 1, every query_len 1)
+        self._cache = manager.prefix_cache  # fixed for the manager's life
+        self._tiny: tuple | None = None  # see `_tiny_refs`
+        self._described_ids: list = []
 
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Metadata for a forward pass over ``seq_ids`` writing their last
@@ -83,15 +88,53 @@ class StepBatch:
         """``manager.append(seq_ids, 1)`` then ``step(seq_ids, 1)``, in one pass when the
         batch is the last step's: rows known, no id lookups, each row's length, new
         block and metadata written together. All or nothing like `append`."""
+        tiny = self._tiny
+        if tiny is not None and type(seq_ids) is list and seq_ids == self._ids:
+            # A few rows: fixed costs dominate, so the whole step is inline, with every
+            # reference prefetched. A row that starts a block undoes the rows before it
+            # and leaves the step to the general path (the metadata is rewritten there).
+            kvl, bt, kv_out, pos_col, slot_col, bs, limit, rows, table, epoch = tiny
+            if table.epoch == epoch and (all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT):
+                b = 0
+                for r in rows:
+                    o = kvl.item(r)
+                    if o % bs == 0 or o >= limit:  # a new block (or too long): the path below
+                        for done in rows[:b]:
+                            kvl[done] -= 1  # undo: the path below starts from the same lengths
+                        break
+                    kvl[r] = kv_out[b] = o + 1
+                    pos_col[b] = o
+                    slot_col[b] = bt.item(r, o // bs) * bs + o % bs
+                    b += 1
+                else:
+                    if self._cache is not None:
+                        self._noted()
+                    return self._meta
         if self._same_batch(seq_ids):
-            grown = self._decode_small() if len(self._row_list) <= SMALL_BATCH else self._decode_vector()
+            rows = self._row_list
+            if len(rows) <= SCALAR_ROWS:
+                grown = self._decode_small_new_blocks([self._hot[0].item(r) for r in rows])
+            else:
+                grown = self._decode_small() if len(rows) <= SMALL_BATCH else self._decode_vector()
             if grown is not None:  # the append happened; False: patch impossible, rebuild
                 if grown:
-                    self._noted()
+                    self._note()
                     return self._meta
                 return self._rebuild(seq_ids, 1)
         self.manager.append(seq_ids, 1)
         return self.step(seq_ids, 1)
+
+    def commit(self) -> None:
+        """``manager.commit(ids)`` for the ids of the step this batch last described:
+        call it after that step ran. With no copy pending and no prefix cache (and
+        so nothing to record) it returns at once."""
+        if self._cache is None and self._ids is not None and self._table0.epoch == self._epoch:
+            return  # a plain layout, nobody forked since: no copy can be pending
+        m = self.manager
+        if self._cache is None and not m.num_pending_copies:
+            return
+        # Sequences released since the step was described have nothing left to commit.
+        m.commit([s for s in self._described_ids if s in m])
 
     def _same_batch(self, seq_ids) -> bool:
         """``seq_ids`` is the last step's batch, nobody joined or left the manager since,
@@ -122,27 +165,20 @@ class StepBatch:
         self._meta = StepMetadata(meta.kv_lens, query_lens, np.zeros((B, 1), dtype=np.int32), groups, meta.built_for)
         self._decode = True
         self._hot = self._hot_refs()
+        self._tiny = self._tiny_refs()
 
     def _decode_small(self) -> bool | None:
-        """Fused small decode; None: not possible (nothing changed), False: appended but
-        the table outgrew its width bucket (the caller rebuilds)."""
+        """Fused decode of a batch above `SCALAR_ROWS` rows; None: not possible (nothing
+        changed), False: appended but the table outgrew its width bucket (the caller
+        rebuilds). Python arithmetic, then one bulk write per array."""
         kvl, bt, kv_out, pos_col, slot_col, bs, limit = self._hot
         rows = self._row_list
         n = len(rows)
-        old = [kvl.item(r) for r in rows] if n <= SCALAR_ROWS else kvl[self._rows].tolist()
+        old = kvl[self._rows].tolist()
         for o in old:
             if o % bs == 0 or o >= limit:  # a new block (or too long): the slower variant
                 return self._decode_small_new_blocks(old)
-        if n <= SCALAR_ROWS:  # a few rows: numpy scalar writes beat building arrays
-            b = 0
-            for r, o in zip(rows, old):
-                kvl[r] = o + 1
-                kv_out[b] = o + 1
-                pos_col[b] = o
-                slot_col[b] = bt.item(r, o // bs) * bs + o % bs
-                b += 1
-            return True
-        new = [o + 1 for o in old]  # more rows: Python arithmetic, then one bulk write per array
+        new = [o + 1 for o in old]
         kvl[self._rows] = new
         kv_out[:n] = new
         pos_col[:n] = old
@@ -156,6 +192,13 @@ class StepBatch:
         meta, t, spec = self._meta, self.manager.groups[0].table, self.manager.spec
         return (t.kv_lens, t.block_tables, meta.kv_lens, meta.positions[:, 0], meta.groups[0].slot_mapping[:, 0],
                 spec.block_size, spec.max_seq_len)
+
+    def _tiny_refs(self) -> tuple | None:
+        """`_hot_refs` plus the rows and the epoch, for `decode`'s inline path: set only
+        while the layout is a decode layout of at most `SCALAR_ROWS` rows."""
+        if not self._decode or len(self._row_list) > SCALAR_ROWS:
+            return None
+        return (*self._hot, self._row_list, self._table0, self._epoch)
 
     def _decode_small_new_blocks(self, old: list) -> bool | None:
         """`_decode_small` when some row starts a block (or may be too long)."""
@@ -242,6 +285,8 @@ class StepBatch:
             meta = m.step_metadata(seq_ids, num_new_tokens)
         self._meta = meta
         self._decode = False
+        self._tiny = None
+        self._described_ids = list(seq_ids)  # valid ids: the step was described
         if type(seq_ids) is not list or not self._incremental_ok():
             self._ids = None
             return meta
@@ -253,6 +298,7 @@ class StepBatch:
         self._groups = [_GroupState(g, self._rows) for g in m.groups]
         self._decode = meta.query_len == 1 and bool(np.all(meta.query_lens[: len(seq_ids)] == 1))
         self._hot = self._hot_refs()
+        self._tiny = self._tiny_refs()
         return meta
 
     def _build(self, seq_ids, num_new_tokens) -> StepMetadata | None:
@@ -268,16 +314,18 @@ class StepBatch:
         """Patch the last metadata for one more decode step; False: rebuild instead."""
         if not (self._advance_small() if len(self._row_list) <= SMALL_BATCH else self._advance_vector()):
             return False
-        self._noted()
+        self._note()
         return True
 
-    def _noted(self) -> None:
+    def _note(self) -> None:
         """What step_metadata records of a step it describes: one more description, and
         with the prefix cache each row's length, so that `commit` knows what was written."""
-        m = self.manager
-        m._descriptions += 1
-        if m.prefix_cache is not None:
-            m._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
+        self.manager._descriptions += 1
+        if self._cache is not None:
+            self._noted()
+
+    def _noted(self) -> None:
+        self.manager._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
 
     def _advance_vector(self) -> bool:
         m, meta, rows = self.manager, self._meta, self._rows
