@@ -161,21 +161,26 @@ def test_to_device_copies_persistent_buffers():
 
 
 def _general_only(monkeypatch):
-    monkeypatch.setattr(manager_mod, "fast_append", lambda *args: None)
+    for fast in ("fast_append", "fast_admit", "fast_release"):
+        monkeypatch.setattr(manager_mod, fast, lambda *args: None)
 
 
 def _twin_managers(monkeypatch, prefix=False):
-    """Two identical managers; the second always takes the general append path."""
+    """Two identical managers; the second always takes the general append, admit and release paths."""
     fast, slow = pk.KVCacheManager(spec(num_blocks=400), prefix_cache=prefix), pk.KVCacheManager(
         spec(num_blocks=400), prefix_cache=prefix)  # small pools: appends run out of blocks too
-    general = manager_mod.KVCacheManager.append
 
-    def slow_append(self, seq_ids, num_tokens=1):
-        with monkeypatch.context() as mp:
-            _general_only(mp)
-            return general(self, seq_ids, num_tokens)
+    def general(name):
+        method = getattr(manager_mod.KVCacheManager, name)
 
-    slow.append = slow_append.__get__(slow)
+        def call(self, *args):
+            with monkeypatch.context() as mp:
+                _general_only(mp)
+                return method(self, *args)
+        return call.__get__(slow)
+
+    for name in ("append", "admit", "release"):
+        setattr(slow, name, general(name))
     return fast, slow
 
 
@@ -192,14 +197,13 @@ def test_fast_append_matches_the_general_path(variant, monkeypatch, prefix):
         if rng.random() < 0.08 or not ids:
             n = rng.randint(1, 40)
             if fast.can_admit(n) and len(ids) < 30:
-                for m in (fast, slow):
-                    m.admit(step, n)
+                a, b = (m.admit(step, n) for m in (fast, slow))
+                assert np.array_equal(a, b) and a.dtype == b.dtype and a.shape == b.shape == (1, n)
                 ids.append(step)
             continue
         if rng.random() < 0.06:
             s = ids.pop(rng.randrange(len(ids)))
-            for m in (fast, slow):
-                m.release(s)
+            assert fast.release(s) == slow.release(s)
             continue
         batch = rng.sample(ids, rng.randint(1, len(ids)))
         n = rng.choice([1, 1, 1, 2, 4, "array", "ragged"])

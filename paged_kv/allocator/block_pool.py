@@ -66,6 +66,12 @@ class BlockPool:
     # ---- actions ----------------------------------------------------------------
     def allocate(self, n: int) -> np.ndarray:
         """Take ``n`` free blocks (ref count 1 each). All or nothing."""
+        top = self._num_free
+        if 0 < n <= top:  # the common case, first: no eviction, fewest Python steps
+            ids = self._free[top - n : top][::-1].copy()
+            self._num_free = top - n
+            self.ref_counts[ids] = 1
+            return ids
         n = int(n)
         if n > self.num_free:
             raise OutOfBlocksError(n, self.num_free)
@@ -130,6 +136,18 @@ class BlockPool:
         else:
             self._push(released)
         return released
+
+    def free_unshared(self, ids: np.ndarray) -> None:
+        """`free` for blocks the caller knows have exactly one owner, itself, and that
+        no prefix cache keeps (one row's blocks in a manager that never forked and has
+        no prefix cache): every one becomes free, with no count arithmetic. Pushed so
+        that the last of ``ids`` is handed out first, as `free_distinct` of ``ids[::-1]``
+        does (a release frees a row tail first)."""
+        k = ids.size
+        top = self._num_free
+        self._free[top : top + k] = ids
+        self._num_free = top + k
+        self.ref_counts[ids] = 0
 
     def _push(self, ids: np.ndarray) -> None:
         k = ids.size

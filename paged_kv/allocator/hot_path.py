@@ -222,6 +222,50 @@ def fill_new_row(m, row: int, n: int, blocks: int) -> np.ndarray:
     return slots
 
 
+def fast_admit(m, seq_id, n):
+    """`KVCacheManager.admit` of a new sequence into a manager with one full-attention
+    group and no prefix cache, in a few numpy calls; None (nothing changed) for
+    anything else -- a bad or taken id, a bad count, too long, too few free blocks --
+    and the general path raises the typed error."""
+    if type(seq_id) is not int or type(n) is not int or seq_id < 0 or n < 1 or seq_id in m._rows:
+        return None
+    groups = m.groups
+    if len(groups) != 1:
+        return None
+    g = groups[0]
+    pool, t, bs = g.pool, g.table, g.block_size
+    blocks = (n + bs - 1) // bs
+    if blocks > t.max_blocks_per_seq or pool.cache is not None or not 0 < blocks <= pool.num_free:
+        return None
+    row = t.add_row()
+    m._rows[seq_id] = row
+    ids = pool.allocate(blocks)
+    t.block_tables[row, :blocks] = ids
+    t.kv_lens[row] = n
+    t.num_blocks[row] = blocks
+    # [blocks, bs] slots, flattened: a view of one fresh array, no second copy.
+    return (ids[:, None] * bs + g.offsets).reshape(1, -1)[:, :n]
+
+
+def fast_release(m, seq_id) -> int | None:
+    """`KVCacheManager.release` when no block can be shared -- one full-attention group,
+    never forked, no prefix cache, no copy pending -- so every block of the row has
+    exactly one owner and goes straight back to the free list; None (nothing changed)
+    otherwise, or for an id that is not a plain admitted int or sits in a decode slot."""
+    if type(seq_id) is not int or m._forked or len(m.groups) != 1 or (m._slotted and seq_id in m._slotted):
+        return None
+    g = m.groups[0]
+    if g.pool.cache is not None or len(m._copies[0]):
+        return None
+    row = m._rows.pop(seq_id, None)
+    if row is None:
+        return None
+    m._described.pop(row, None)
+    blocks = g.table.remove_row(row)
+    g.pool.free_unshared(blocks)
+    return int(blocks.size)
+
+
 def nothing_to_commit(m, seq_ids) -> bool:
     """True when `commit(seq_ids)` has nothing to do -- no copy pending in any group, no
     prefix cache -- and every id is a plain int the manager holds (anything else:
@@ -238,4 +282,4 @@ def nothing_to_commit(m, seq_ids) -> bool:
     return True
 
 
-__all__ = ["MAX_TOKENS", "fill_new_row", "nothing_to_commit", "same_ids", "SMALL_APPEND", "fast_append", "plain"]
+__all__ = ["MAX_TOKENS", "fast_admit", "fast_release", "fill_new_row", "nothing_to_commit", "same_ids", "SMALL_APPEND", "fast_append", "plain"]

@@ -15,7 +15,7 @@ from typing import NewType
 import numpy as np
 
 from paged_kv.allocator.block_pool import BlockPool
-from paged_kv.allocator.hot_path import fast_append, fill_new_row, nothing_to_commit, plain
+from paged_kv.allocator.hot_path import fast_admit, fast_append, fast_release, fill_new_row, nothing_to_commit, plain
 from paged_kv.allocator.step_batch import plain_step_metadata
 from paged_kv.allocator.page_table import PageTable
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache, chain_hashes
@@ -111,6 +111,8 @@ class _Group:
         self.table = PageTable(spec.max_blocks_per_seq)
         # Flat slot the write drops: one past the last token slot of this group's pages.
         self.pad_slot = layer_group.num_blocks * spec.block_size
+        self.block_size = spec.block_size
+        self.offsets = np.arange(spec.block_size, dtype=np.int32)  # slot offsets inside a block
 
     def keep_from(self, rows: np.ndarray, first_query: np.ndarray, block_size: int) -> np.ndarray:
         """First logical block any query at or after ``first_query`` can still see."""
@@ -265,6 +267,9 @@ class KVCacheManager:
         write: ``[num_groups, num_tokens]`` (one row per layer group). Raises `DuplicateSequenceError`, `InvalidTokenCountError`,
         `SequenceTooLongError` or `OutOfBlocksError`, changing nothing.
         """
+        slots = fast_admit(self, seq_id, num_tokens)  # one group, no cache; None: not that case
+        if slots is not None:
+            return slots
         seq_id = _check_seq_id(seq_id)
         if seq_id in self._rows:
             raise DuplicateSequenceError(f"seq_id={seq_id} is already admitted; release it first or pick a new id")
@@ -306,6 +311,9 @@ class KVCacheManager:
         """Forget ``seq_id`` and drop its hold on its blocks; returns how many no sequence holds now
         (free, or cached for reuse when the prefix cache keeps them). A sequence in a
         decode slot is released through its `DecodeSlots` (`SlotError` here)."""
+        freed = fast_release(self, seq_id)  # nothing shared: no counting; None: not that case
+        if freed is not None:
+            return freed
         row = self._row(seq_id)
         self._check_not_slotted(seq_id, "release")
         del self._rows[int(seq_id)]

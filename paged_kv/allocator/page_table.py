@@ -53,8 +53,9 @@ class PageTable:
 
     def remove_row(self, row: int) -> np.ndarray:
         """Forget a row; returns the block ids it held (the caller frees them)."""
-        blocks = self.blocks_of(row).copy()
-        self.block_tables[row, : self.num_blocks[row]] = NULL_BLOCK
+        first, held = self.first_block.item(row), self.num_blocks.item(row)  # Python ints: cheap slicing
+        blocks = self.block_tables[row, first:held].copy()
+        self.block_tables[row, first:held] = NULL_BLOCK  # the columns before first are null already
         self.kv_lens[row] = 0
         self.num_blocks[row] = 0
         self.first_block[row] = 0
