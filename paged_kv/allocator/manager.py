@@ -138,6 +138,11 @@ class KVCacheManager:
             raise SpecError(f"KVCacheManager needs a paged_kv.CacheSpec; got {type(spec).__name__} {spec!r:.80}")
         if not isinstance(prefix_cache, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefix_cache={prefix_cache!r} must be True or False")
+        if prefix_cache and spec.chunked_layers:
+            raise SpecError(
+                f"prefix_cache=True with chunked layers {spec.chunked_layers} is not supported yet: a hit would need "
+                "only the blocks of the current chunk, which this cache does not model; build the manager without it"
+            )
         if prefix_cache and len(spec.groups) > 1:
             raise SpecError(
                 f"prefix_cache=True with sliding-window layers {spec.sliding_layers} mixed with full layers is not "
