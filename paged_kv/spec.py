@@ -428,7 +428,7 @@ class LayerGroup:
         tables start past the blocks no query can see any more, which go back to its pool."""
         return self.window is not None or self.chunk is not None
 
-    def first_visible(self, position):
+    def first_visible(self, position: int | np.ndarray) -> int | np.ndarray:
         """First position a query at ``position`` (an int or an integer array), or any
         later query, can see: 0 for full attention, ``position - window + 1`` for a
         sliding window, the first position of its chunk for chunked attention. The host
