@@ -87,8 +87,8 @@ _KNOWN_STATE: dict[type, frozenset[str]] = {
     # issued: what the last step described but nobody committed; dropped (a restored
     # manager keys those blocks at their next committed step instead).
     WrittenBlocks: frozenset({"issued", "written", "hashes", "keyed"}),
-    # window, pad_slot, block_size, offsets follow from the spec.
-    _Group: frozenset({"window", "pool", "table", "pad_slot", "block_size", "offsets"}),
+    # All but pool and table follow from the spec.
+    _Group: frozenset({"window", "spec_group", "pool", "table", "pad_slot", "block_size", "offsets"}),
     # cache: the prefix cache (or None), captured as the prefix.* arrays.
     BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"}),
     # epoch is transient (a change counter for cached batch layouts): a restored table starts at 0.

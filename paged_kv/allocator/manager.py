@@ -106,6 +106,7 @@ class _Group:
 
     def __init__(self, spec: CacheSpec, index: int, prefix_cache: bool = False):
         layer_group = spec.groups[index]
+        self.spec_group = layer_group  # its kind: full, sliding or chunked (`LayerGroup.first_visible`)
         self.window = layer_group.window
         self.pool = BlockPool(layer_group.num_blocks, prefix_cache=prefix_cache)
         self.table = PageTable(spec.max_blocks_per_seq)
@@ -114,11 +115,18 @@ class _Group:
         self.block_size = spec.block_size
         self.offsets = np.arange(spec.block_size, dtype=np.int32)  # slot offsets inside a block
 
+    @property
+    def local(self) -> bool:
+        """Sliding or chunked: the group returns blocks no query can see any more."""
+        return self.spec_group.local
+
     def keep_from(self, rows: np.ndarray, first_query: np.ndarray, block_size: int) -> np.ndarray:
-        """First logical block any query at or after ``first_query`` can still see."""
-        if self.window is None:
+        """First logical block any query at or after ``first_query`` can still see. A
+        block straddling the edge (of a window, or of a chunk not a multiple of the
+        block size) holds a visible position, so it is kept."""
+        if not self.local:
             return self.table.first_block[rows].astype(np.int64)
-        return np.maximum(np.maximum(first_query - self.window + 1, 0) // block_size, self.table.first_block[rows])
+        return np.maximum(self.spec_group.first_visible(first_query) // block_size, self.table.first_block[rows])
 
 
 class KVCacheManager:
@@ -126,8 +134,10 @@ class KVCacheManager:
 
     ``append`` and ``step_metadata`` take many sequences at once and do their work
     in numpy over the whole batch; the only per-sequence Python is the id lookup.
-    Layers with a sliding window form their own group (`CacheSpec.groups`) whose
-    blocks behind the window go back to that group's pool as the sequence grows.
+    Layers with a sliding window, and chunked layers, form their own groups
+    (`CacheSpec.groups`) whose blocks no query can see any more (behind the window,
+    in earlier chunks: `LayerGroup.first_visible`) go back to that group's pool as the
+    sequence grows.
     """
 
     def __init__(self, spec: CacheSpec, prefix_cache: bool = False):
@@ -140,6 +150,11 @@ class KVCacheManager:
             raise SpecError(f"KVCacheManager needs a paged_kv.CacheSpec; got {type(spec).__name__} {spec!r:.80}")
         if not isinstance(prefix_cache, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefix_cache={prefix_cache!r} must be True or False")
+        if prefix_cache and spec.chunked_layers:
+            raise SpecError(
+                f"prefix_cache=True with chunked layers {spec.chunked_layers} is not supported yet: a hit would need "
+                "only the blocks of the current chunk, which this cache does not model; build the manager without it"
+            )
         if prefix_cache and len(spec.groups) > 1:
             raise SpecError(
                 f"prefix_cache=True with sliding-window layers {spec.sliding_layers} mixed with full layers is not "
@@ -294,8 +309,8 @@ class KVCacheManager:
     def append(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray = 1) -> np.ndarray:
         """Grow each sequence by ``num_tokens`` (an int, or one count per sequence).
 
-        Allocates the blocks the batch needs in one call per group; a sliding group
-        first returns the blocks behind its window. Returns the flat page slot of
+        Allocates the blocks the batch needs in one call per group; a sliding or chunked
+        group first returns the blocks its new tokens cannot see. Returns the flat page slot of
         every new token, sequence by sequence in the order given (the concatenation
         vLLM calls ``slot_mapping``), one row per layer group: ``[num_groups,
         sum(num_tokens)]``. All or nothing.
@@ -597,8 +612,8 @@ class KVCacheManager:
         """Re-admit a swapped-out sequence into fresh blocks, one set per group.
 
         Returns the new block ids per group, in logical order, for the copy back in.
-        The sequence resumes with its length, and a sliding group with the same first
-        block as before. The record is checked against this manager's spec first
+        The sequence resumes with its length, and a sliding or chunked group with the
+        same first block as before. The record is checked against this manager's spec first
         (`check_record`: `InvalidArgumentError`, `InvalidSequenceIdError`,
         `InvalidTokenCountError`, `SequenceTooLongError`); then `DuplicateSequenceError`
         or `OutOfBlocksError`. Any failure changes nothing. The blocks count as written
@@ -688,13 +703,13 @@ class KVCacheManager:
         bs = self.spec.block_size
         n = rows.size
         table = g.table
-        first = g.keep_from(rows, first_query, bs) if g.window is not None else np.zeros(n, np.int64)
+        first = g.keep_from(rows, first_query, bs) if g.local else np.zeros(n, np.int64)
         width = table.num_blocks[rows] - first
         W = bucket(int(width.max(initial=1)), self.spec.max_blocks_per_seq)
         # Index only the columns used (W per row, T per row), never whole rows of
         # max_blocks_per_seq: the step's host cost stays O(batch x (W + T)).
         block_tables = np.full((B, W), NULL_BLOCK, dtype=np.int32)
-        if g.window is None:
+        if not g.local:
             # Rows are already null past their last block (check_integrity holds the
             # table to it), so the first W columns are the answer: one row gather
             # instead of building [B, W] index arrays, which dominated the step.
@@ -742,11 +757,12 @@ class KVCacheManager:
             for src, dst, length in self._copies[i].state():
                 if g.pool.ref_counts[dst] < 1 or g.pool.ref_counts[src] < 1 or not 0 < length < bs:
                     raise AssertionError(f"group {i}: pending copy {src}->{dst} ({length} slots) is stale")
-            if g.window is not None and rows.size:
-                # Never trimmed a block the next query (at position kv_len) can still see.
-                limit = np.maximum(g.table.kv_lens[rows] - g.window, 0) // bs
+            if g.local and rows.size:
+                # Never trimmed a block the last token held (a step may still describe
+                # it as a query) can see: inside its window or its chunk.
+                limit = g.spec_group.first_visible(np.maximum(g.table.kv_lens[rows].astype(np.int64) - 1, 0)) // bs
                 if np.any(g.table.first_block[rows] > limit):
-                    raise AssertionError(f"group {i}: a block inside the window was returned to the pool")
+                    raise AssertionError(f"group {i}: a block a {g.spec_group.kind} query can see was returned to the pool")
 
     def snapshot(self) -> tuple:
         """A comparable copy of all host state (tests check a failed call left it unchanged)."""
@@ -830,7 +846,7 @@ class KVCacheManager:
         """Per group: (first block kept, logical blocks after, blocks to allocate).
 
         Raises `SequenceTooLongError` / `OutOfBlocksError` without changing anything.
-        Blocks a sliding group returns in the same call count as free.
+        Blocks a sliding or chunked group returns in the same call count as free.
         """
         bs = self.spec.block_size
         old = self.table.kv_lens[rows].astype(np.int64)
@@ -922,7 +938,7 @@ class KVCacheManager:
             table.kv_lens[rows] = old_lens + counts
             table.num_blocks[rows] = new_blocks
             slots[i] = table.block_tables[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs
-        self._drop_dead_copies()  # a sliding trim may have freed a pending copy's destination
+        self._drop_dead_copies()  # a local group's trim may have freed a pending copy's destination
         return slots
 
 
