@@ -386,10 +386,13 @@ def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
     are written vectorized and each prefill row as one contiguous run. None when the
     input is bad (the caller lets the general path raise the typed error)."""
     spec = m.spec
-    try:
-        rows, q = m._rows_and_counts(seq_ids, num_new_tokens)
-    except PagedKVError:
-        return None
+    picked = _plain_rows_and_counts(m, seq_ids, num_new_tokens)
+    if picked is None:
+        try:
+            picked = m._rows_and_counts(seq_ids, num_new_tokens)
+        except PagedKVError:
+            return None
+    rows, q = picked
     n = rows.size
     kv = m.groups[0].table.kv_lens[rows]
     if n > spec.max_batch_slots or np.count_nonzero(q > kv):
@@ -413,6 +416,32 @@ def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
     if m.prefix_cache is not None:  # commit() learns what this step wrote
         m._written.describe(rows.tolist(), kv.tolist())
     return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
+
+
+def _plain_rows_and_counts(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] | None:
+    """`KVCacheManager._rows_and_counts` for the shapes a serving loop passes -- a list
+    of distinct admitted plain-int ids, an int count or a list of int counts -- with
+    C-level checks instead of numpy sorting; None for anything else (the general
+    check then runs and names the problem)."""
+    if type(seq_ids) is not list or not set(map(type, seq_ids)) <= _INT:
+        return None
+    rows_of = m._rows
+    try:
+        rows = [rows_of[s] for s in seq_ids]
+    except KeyError:
+        return None
+    n = len(rows)
+    if len(set(rows)) != n:
+        return None
+    if type(counts) is int:
+        if not 0 <= counts < 2**31:
+            return None
+        return np.array(rows, dtype=np.int64), np.full(n, counts, dtype=np.int64)
+    if type(counts) is not list or len(counts) != n or not set(map(type, counts)) <= _INT:
+        return None
+    if n and not (0 <= min(counts) and max(counts) < 2**31):
+        return None
+    return np.array(rows, dtype=np.int64), np.array(counts, dtype=np.int64)
 
 
 def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMetadata:
