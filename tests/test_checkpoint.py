@@ -477,3 +477,45 @@ def test_uncommitted_prompt_keys_round_trip(tmp_path):
         mgr.commit([0], 13)
         assert mgr.admit_prompt(2, np.arange(13)) == 12
     assert r.snapshot() == m.snapshot() and r.prefix_cache.stats() == m.prefix_cache.stats()
+
+
+# ---- files of earlier format versions ------------------------------------------------------
+OLD = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints")
+
+
+def _old(name: str):
+    with open(os.path.join(OLD, "expected.json")) as f:
+        return pk.load_checkpoint(os.path.join(OLD, f"{name}.npz")), json.load(f)[name]
+
+
+def test_version_2_hybrid_with_slots_loads_and_continues():
+    """Written by the single-class manager (tests/fixtures/checkpoints/make_fixtures.py): the
+    restored allocator hands out the block ids the writer's process handed out next."""
+    ck, want = _old("v2_hybrid_slots")
+    m = ck.manager
+    assert m.seq_ids == want["seq_ids"] and [m.kv_len(s) for s in m.seq_ids] == want["kv_lens"]
+    assert {str(s): [m.block_table(s, g).tolist() for g in range(2)] for s in m.seq_ids} == want["tables"]
+    assert list(ck.slots.seq_ids) == want["slots"]
+    keys, _ = ck.cache[0].read(m.step_metadata([3], 0).to_device())
+    assert np.allclose(np.asarray(keys)[0, :7, 0], want["seq3_layer0_keys"])
+    assert m.admit(9, 6).tolist() == want["next_admit"]
+    assert m.append([3, 5], [2, 5]).tolist() == want["next_append"]
+    m.check_integrity()
+
+
+@pytest.mark.parametrize("name", ["v2_prefix", "v1_prefix"])
+def test_prefix_checkpoints_of_versions_1_and_2_load_and_hit(name):
+    ck, want = _old(name)
+    m = ck.manager
+    assert m.seq_ids == want["seq_ids"]
+    assert m.admit_prompt(6, np.arange(100, 109)) == want["hit_100"]
+    assert m.block_table(6).tolist() == want["table_6"]
+    if name == "v1_prefix":  # version 1 kept no written state: its keys were all committed
+        assert m.admit_prompt(7, np.arange(13)) == want["hit_13"]
+    else:  # version 2: the uncommitted chunk of seq 4 is not hittable until it is committed
+        assert m.admit_prompt(7, np.arange(200, 213)) == want["hit_200_before_commit"]
+        m.append([4], 7)
+        m.commit([4], 13)
+        assert m.admit_prompt(8, np.arange(200, 213)) == want["hit_200_after_commit"]
+    assert m.admit(9, 5).tolist() == want["next_admit"]
+    m.check_integrity()
