@@ -337,7 +337,7 @@ def test_page_shapes_that_do_not_match_the_spec(tmp_path, saved):
 def test_expected_spec_differs(saved):
     path, spec = saved
     msg = load_error(path, spec=attrs.evolve(spec, num_blocks=64, dtype="float32"))
-    assert "num_blocks: checkpoint 32, expected 64" in msg and "dtype: checkpoint 'bfloat16', expected 'float32'" in msg
+    assert "checkpoint vs expected: num_blocks=32 vs 64" in msg and "dtype='bfloat16' vs 'float32'" in msg
     assert pk.load_checkpoint(path, spec=spec).spec == spec
 
 
@@ -368,7 +368,7 @@ def test_save_refuses_mismatched_or_foreign_state(tmp_path, saved):
     path.write_bytes(saved[0].read_bytes())  # an existing checkpoint that must survive
 
     other = attrs.evolve(spec, num_blocks=16)
-    assert_save_refused(path, PagedKVCache.init(other), manager, match=r"num_blocks: cache 16, manager 32")
+    assert_save_refused(path, PagedKVCache.init(other), manager, match=r"manager vs cache: num_blocks=32 vs 16")
     assert_save_refused(path, cache, manager, DecodeSlots(KVCacheManager(spec)), match="belong to another")
     assert_save_refused(tmp_path / "fresh.npz", cache, manager, DecodeSlots(KVCacheManager(spec)),
                         match="belong to another")
