@@ -519,3 +519,33 @@ def test_prefix_checkpoints_of_versions_1_and_2_load_and_hit(name):
         assert m.admit_prompt(8, np.arange(200, 213)) == want["hit_200_after_commit"]
     assert m.admit(9, 5).tolist() == want["next_admit"]
     m.check_integrity()
+
+
+def test_hybrid_prefix_cache_round_trip(tmp_path):
+    """Each layer group's cache (keys, both eviction tiers in order, counters) survives; the
+    restored manager hits, evicts and keys exactly like the original."""
+    spec = pk.CacheSpec(num_layers=2, num_blocks=24, block_size=4, max_blocks_per_seq=10, num_kv_heads=1,
+                        head_dim=2, dtype="float32", sliding_window=6, sliding_layers=(1,), sliding_num_blocks=12)
+    m = pk.KVCacheManager(spec, prefix_cache=True)
+    m.admit_prompt(0, np.arange(9))
+    m.commit([0], 9)
+    m.append([0], 12)  # the window sheds keyed blocks (the behind tier)
+    m.commit([0], 21)
+    m.cache_tokens(0, np.arange(21))
+    m.admit_prompt(1, np.arange(100, 113), chunk=6)  # a chunk committed, the rest not yet written
+    m.commit([1], 6)
+    m.release(0)  # its window tail waits in the cache
+    sliding = m.groups[1].cache
+    assert sliding.behind and sliding.evictable
+    pk.save_checkpoint(tmp_path / "c.npz", pk.PagedKVCache.init(spec), m)
+    r = pk.load_checkpoint(tmp_path / "c.npz").manager
+    assert r.snapshot() == m.snapshot()
+    assert [g.cache.stats() for g in r.groups] == [g.cache.stats() for g in m.groups]
+    for mgr in (m, r):
+        assert mgr.admit_prompt(2, np.arange(23)) == 20  # the conversation's next turn
+        mgr.append([1], 7)
+        mgr.commit([1], 13)
+        mgr.admit(3, 4 * 4)  # the sliding pool evicts: the behind tier first
+    assert sliding.stats().blocks_evicted > 0 and r.snapshot() == m.snapshot()
+    assert [g.cache.stats() for g in r.groups] == [g.cache.stats() for g in m.groups]
+    r.check_integrity()

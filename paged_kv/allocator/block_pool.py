@@ -121,7 +121,7 @@ class BlockPool:
             self._push(released)
         return released
 
-    def free_distinct(self, ids: np.ndarray) -> np.ndarray:
+    def free_distinct(self, ids: np.ndarray, behind: np.ndarray | None = None) -> np.ndarray:
         """`free` for ids known to be distinct (one row's blocks): a plain fancy-index
         decrement instead of ``np.subtract.at`` and ``np.unique``, a few µs per release."""
         if ids.size == 0:
@@ -132,9 +132,10 @@ class BlockPool:
             raise PagedKVError(f"double free or free of the null block among {ids.tolist()}")
         after = before - 1
         rc[ids] = after
-        released = ids[after == 0]
+        zero = after == 0
+        released = ids[zero]
         if self.cache is not None and released.size:
-            self._push(released[~self.cache.retain(released)])
+            self._push(released[~self.cache.retain(released, None if behind is None else behind[zero])])
         else:
             self._push(released)
         return released

@@ -15,7 +15,6 @@ growth, the group's metadata, integrity, saved state -- belongs to one
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Hashable, Iterable, Sequence
 from typing import NewType
 
@@ -27,8 +26,10 @@ from paged_kv.allocator.groups import GroupAllocator, group_class
 from paged_kv.allocator.hot_path import fast_append, fill_new_row, nothing_to_commit, plain
 from paged_kv.allocator.page_table import PageTable, expand_runs
 from paged_kv.allocator.prefix_cache import PrefixCache, chain_hashes
+from paged_kv.allocator.prompts import PromptPlan, plan_prompt
 from paged_kv.allocator.saved_state import check_captured, prefixed, scoped, take
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
+from paged_kv.allocator.slot_claims import SlotClaims
 from paged_kv.allocator.step_batch import plain_step_metadata
 from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.allocator.written import WrittenBlocks
@@ -41,7 +42,6 @@ from paged_kv.errors import (
     OutOfBlocksError,
     PagedKVError,
     SequenceTooLongError,
-    SlotError,
     SpecError,
     StateError,
 )
@@ -76,16 +76,6 @@ class KVCacheManager:
             raise SpecError(f"KVCacheManager needs a paged_kv.CacheSpec; got {type(spec).__name__} {spec!r:.80}")
         if not isinstance(prefix_cache, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefix_cache={prefix_cache!r} must be True or False")
-        if prefix_cache and spec.chunked_layers:
-            raise SpecError(
-                f"prefix_cache=True with chunked layers {spec.chunked_layers} is not supported yet: a hit would need "
-                "only the blocks of the current chunk, which this cache does not model; build the manager without it"
-            )
-        if prefix_cache and len(spec.groups) > 1:
-            raise SpecError(
-                f"prefix_cache=True with sliding-window layers {spec.sliding_layers} mixed with full layers is not "
-                "supported yet: build the manager without it, or with every layer full or every layer sliding"
-            )
         self.spec = spec
         self.groups: list[GroupAllocator] = [group_class(lg)(spec, i, bool(prefix_cache))
                                              for i, lg in enumerate(spec.groups)]
@@ -97,10 +87,8 @@ class KVCacheManager:
         self._described: dict[int, int] = {}
         # What each row has on the device, so the prefix cache keys only written blocks.
         self._written = WrittenBlocks()
-        # seq_id -> (a weak reference to) the DecodeSlots whose slot holds it: releasing
-        # it under the slots would leave a dangling slot that later decodes whoever
-        # reuses the id.
-        self._slotted: dict[int, weakref.ref] = {}
+        # Which DecodeSlots hold which ids (releasing one under its slot is refused).
+        self._slotted = SlotClaims()
         # Only a fork shares a partially filled block (the prefix cache shares full
         # ones), so until a fork the copy-on-write check is skipped: appends pay
         # nothing for it. Cleared when the last sequence leaves.
@@ -239,9 +227,10 @@ class KVCacheManager:
         self._check_not_slotted(seq_id, "release")
         del self._rows[int(seq_id)]
         self._forked &= bool(self._rows)
+        end = self._written.keyed_end(row)  # the chain's keyed end: the retention rule
         self._written.forget(row)
         self._described.pop(row, None)
-        freed = sum(g.release_row(row) for g in self.groups)
+        freed = sum(g.release_row(row, end) for g in self.groups)
         for g in self.groups:
             g.drop_dead_copies()
         return freed
@@ -324,8 +313,12 @@ class KVCacheManager:
         a tenant salt). Returns how many leading tokens are cached; compute the rest:
         ``step_metadata([seq_id], kv_len(seq_id) - cached)``, then `commit`.
 
-        Only blocks whose writing step was committed are ever hit, and this prompt's
-        own full blocks become hittable when its step is committed (see
+        With several layer groups the hit is the longest every group can serve: a
+        full-attention group needs the whole chain up to it, a sliding-window group only
+        the blocks covering the ``W - 1`` positions before it, a chunked group only the
+        current chunk's (the row's earlier entries are null, as after a trim). Only
+        blocks whose writing step was committed are ever hit, and this prompt's own
+        full blocks become hittable when its step is committed (see
         `paged_kv.allocator.written`). ``chunk``: hold only the cached tokens plus the
         next ``chunk`` prompt tokens now and `append` the rest later (chunked
         prefill); the prompt's keys are kept, so each committed chunk's full blocks are
@@ -345,40 +338,13 @@ class KVCacheManager:
         self._written.start(row, hashes, hit, self.spec.block_size)
         return hit * self.spec.block_size
 
-    def _prompt(self, token_ids, cache_key, chunk) -> tuple[np.ndarray, list[int], int, int, int]:
-        """(tokens, their full blocks' keys, blocks hit, tokens to hold now, blocks they need)."""
+    def _prompt(self, token_ids, cache_key, chunk) -> PromptPlan:
+        self._require_cache()
+        return plan_prompt(self.spec, self.groups, token_ids, cache_key, chunk)
+
+    def _require_cache(self) -> None:
         if self.prefix_cache is None:
             raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
-        tokens = check_token_ids(token_ids, "admit_prompt")
-        bs, limit = self.spec.block_size, self.spec.max_blocks_per_seq
-        if self.spec.blocks_for(tokens.size) > limit:
-            raise SequenceTooLongError(f"a prompt of {tokens.size} tokens needs {self.spec.blocks_for(tokens.size)} "
-                                       f"blocks > max_blocks_per_seq={limit}")
-        hashes = chain_hashes(tokens, bs, tokens.size // bs, cache_key)
-        # The last token is always computed (its logits start decoding), so a hit
-        # covers at most the full blocks before it.
-        hit = self._common_hit(hashes, (tokens.size - 1) // bs)
-        hold = tokens.size
-        if chunk is not None:
-            chunk = check_count(chunk, "chunk")
-            if chunk < 1:
-                raise InvalidTokenCountError(f"chunk={chunk}: a prefill chunk computes at least 1 token")
-            hold = min(hit * bs + chunk, tokens.size)
-        return tokens, hashes, hit, hold, self.spec.blocks_for(hold)
-
-    def _common_hit(self, hashes: list[int], limit: int) -> int:
-        """The longest hit every group can serve: each group in turn proposes its longest
-        hit no longer than the current candidate, until a whole round changes nothing (a
-        fixed point, as vLLM's hybrid coordinator finds it). Each proposal is the longest
-        valid one below the candidate, so no common hit longer than the result exists."""
-        hit, changed = limit, True
-        while changed:
-            changed = False
-            for g in self.groups:
-                proposal = g.longest_hit(hashes, hit)
-                changed |= proposal != hit
-                hit = proposal
-        return hit
 
     def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None) -> int:
         """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
@@ -387,8 +353,7 @@ class KVCacheManager:
         Blocks already written (committed) are keyed now, the rest when their step is
         committed. Returns how many blocks were newly keyed now (in the first group)."""
         row = self._row(seq_id)
-        if self.prefix_cache is None:
-            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
+        self._require_cache()
         n = int(self.table.kv_lens[row])
         tokens = check_token_ids(token_ids, f"cache_tokens(seq_id={seq_id})")
         if tokens.size != n:
@@ -544,7 +509,7 @@ class KVCacheManager:
             tuple(g.cache.snapshot() for g in self.groups if g.cache is not None),
             tuple(c.snapshot() for c in self._copies),
             self._written.snapshot(),
-            tuple(sorted(s for s in list(self._slotted) if self._slot_owner(s) is not None)),
+            self._slotted.snapshot(),
         )
 
     def state(self) -> dict[str, np.ndarray]:
@@ -589,31 +554,16 @@ class KVCacheManager:
 
     # ---- decode-slot claims (`DecodeSlots` registers the ids it holds) ----------------
     def _check_not_slotted(self, seq_id, what: str) -> None:
-        owner = self._slot_owner(int(seq_id))
-        if owner is not None:
-            slot = owner.slot_of(int(seq_id))
-            raise SlotError(
-                f"{what}(seq_id={seq_id}): it occupies decode slot {slot}; use slots.release({slot}) "
-                f"(or slots.remove({slot}) first) so the slot does not keep a dangling id"
-            )
+        self._slotted.check_free(seq_id, what)
 
     def _slot_owner(self, seq_id: int):
-        """The live `DecodeSlots` holding ``seq_id``, or None (a dropped DecodeSlots holds nothing)."""
-        ref = self._slotted.get(seq_id)
-        owner = ref() if ref is not None else None
-        if owner is None and ref is not None:
-            del self._slotted[seq_id]
-        return owner
+        return self._slotted.owner(seq_id)
 
     def _claim(self, seq_id: int, owner) -> None:
-        """Held weakly: slots the caller dropped do not pin their sequences forever."""
-        held = self._slot_owner(seq_id)
-        if held is not None and held is not owner:
-            raise DuplicateSequenceError(f"seq_id={seq_id} already occupies a slot of another DecodeSlots")
-        self._slotted[seq_id] = weakref.ref(owner)
+        self._slotted.claim(seq_id, owner)
 
     def _unclaim(self, seq_id: int) -> None:
-        self._slotted.pop(seq_id, None)
+        self._slotted.unclaim(seq_id)
 
     # ---- internals -----------------------------------------------------------------
     def _row(self, seq_id) -> int:

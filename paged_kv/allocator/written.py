@@ -81,6 +81,10 @@ class WrittenBlocks:
         """``row``'s first ``stop`` blocks are keyed (or were hits)."""
         self.keyed[row] = stop
 
+    def keyed_end(self, row: int) -> int:
+        """Blocks of ``row``'s chain keyed (or hit)."""
+        return self.keyed.get(row, 0)
+
     def keyed_ends(self, rows: np.ndarray) -> np.ndarray:
         """Blocks keyed per row, for ``rows`` (the retention rule's chain ends)."""
         get = self.keyed.get

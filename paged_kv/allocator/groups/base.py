@@ -91,10 +91,16 @@ class GroupAllocator:
         return self.pool.cache
 
     # ---- rows -------------------------------------------------------------------------
-    def release_row(self, row: int) -> int:
+    def release_row(self, row: int, keyed_end: int = 0) -> int:
         """Forget ``row`` and drop its hold on its blocks; returns how many no row holds now.
-        Tail first: a full group's cache then evicts a chain's tail before its parents."""
-        return int(self.pool.free_distinct(self.table.remove_row(row)[::-1]).size)
+        Tail first: a full group's cache then evicts a chain's tail before its parents.
+        ``keyed_end``: blocks of the row's chain keyed (the retention rule, `retire_behind`)."""
+        first = int(self.table.first_block[row])
+        blocks = self.table.remove_row(row)[::-1]
+        behind = None
+        if keyed_end and self.local and self.cache is not None:
+            behind = np.arange(first + blocks.size - 1, first - 1, -1) < self.hit_start(keyed_end)
+        return int(self.pool.free_distinct(blocks, behind).size)
 
     def fork_row(self, parent: int, child: int) -> None:
         """``child`` (a new row) shares every block ``parent`` holds."""
