@@ -301,10 +301,11 @@ class KVCacheManager:
                          chunk: int | None = None) -> bool:
         """Whether ``admit_prompt(new_id, token_ids, cache_key, chunk)`` would succeed now."""
         try:
-            _, hashes, hit, _, total = self._prompt(token_ids, cache_key, chunk)
+            plan = self._prompt(token_ids, cache_key, chunk)
         except (SpecError, InvalidTokenCountError, SequenceTooLongError):
             return False
-        return all(need <= free for need, free in (g.prompt_needs(hashes, hit, total) for g in self.groups))
+        return all(need <= free for need, free in (g.prompt_needs(h, plan.hit, plan.total)
+                                                   for g, h in zip(self.groups, plan.hits)))
 
     def admit_prompt(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
                      chunk: int | None = None) -> int:
@@ -326,15 +327,15 @@ class KVCacheManager:
         `InvalidTokenCountError`, `SequenceTooLongError`, `OutOfBlocksError`,
         `SpecError` (cache off)."""
         seq_id = self._new_id(seq_id)
-        tokens, hashes, hit, hold, total = self._prompt(token_ids, cache_key, chunk)
-        for g in self.groups:
-            need, free = g.prompt_needs(hashes, hit, total)
+        tokens, hashes, hit, hits, hold, total = self._prompt(token_ids, cache_key, chunk)
+        for g, h in zip(self.groups, hits):
+            need, free = g.prompt_needs(h, hit, total)
             if need > free:
                 raise OutOfBlocksError(need, free, f"admit_prompt(seq_id={seq_id}, {tokens.size} tokens, {hit} cached "
                                                    f"blocks; layer group {g.index})")
         row = self._add_row(seq_id)
-        for g in self.groups:
-            g.admit_prompt_row(row, hashes, hit, total, hold, tokens.size)
+        for g, h in zip(self.groups, hits):
+            g.admit_prompt_row(row, h, hit, total, hold, tokens.size)
         self._written.start(row, hashes, hit, self.spec.block_size)
         return hit * self.spec.block_size
 

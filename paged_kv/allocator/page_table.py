@@ -113,10 +113,11 @@ class PageTable:
 
     def extend(self, rows: np.ndarray, counts: np.ndarray, ids: np.ndarray) -> None:
         """Append ``counts[i]`` of ``ids`` (in order) after the last block of ``rows[i]``."""
+        start = self.num_blocks[rows]
         if ids.size:
-            block_rows, block_cols = expand_runs(rows, counts, self.num_blocks[rows])
+            block_rows, block_cols = expand_runs(rows, counts, start)
             self.block_tables[block_rows, block_cols] = ids
-        self.num_blocks[rows] += counts.astype(np.int32)
+        self.num_blocks[rows] = start + counts
 
     def set_lengths(self, rows: np.ndarray, kv_lens: np.ndarray) -> None:
         """Record that ``rows`` hold ``kv_lens`` tokens (their blocks already cover them)."""

@@ -82,15 +82,20 @@ def from_u128(pairs: np.ndarray) -> list[int]:
 
 
 def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int, extra_key=None) -> list[int]:
-    """Keys of the first ``num_blocks`` full blocks of ``token_ids``."""
+    """Keys of the first ``num_blocks`` full blocks of ``token_ids``.
+
+    Each key is BLAKE2b-128 over (parent key, the block's int64 token bytes, salt). The
+    tokens are turned into bytes once and sliced as a memoryview (no numpy slice and
+    copy per block): hashing is most of an admission's host time."""
     salt = b"" if extra_key is None else repr(extra_key).encode()
-    tokens = np.ascontiguousarray(token_ids[: num_blocks * block_size], dtype=np.int64)
-    out, parent = [], NO_HASH
-    for i in range(num_blocks):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(parent.to_bytes(16, "little"))
-        h.update(tokens[i * block_size : (i + 1) * block_size].tobytes())
-        h.update(salt)
+    data = memoryview(np.ascontiguousarray(token_ids[: num_blocks * block_size], dtype=np.int64)).cast("B")
+    step = 8 * block_size
+    blake2b, out, parent = hashlib.blake2b, [], NO_HASH
+    for start in range(0, num_blocks * step, step):
+        h = blake2b(parent.to_bytes(16, "little"), digest_size=16)
+        h.update(data[start : start + step])
+        if salt:
+            h.update(salt)
         parent = int.from_bytes(h.digest(), "little") or 1  # never NO_HASH
         out.append(parent)
     return out
@@ -150,9 +155,13 @@ class PrefixCache:
         as evictable (in the ``behind`` tier where the mask ``behind`` says so); return a
         mask of those kept."""
         keep = np.fromiter((self.hash_of[b] != NO_HASH for b in released.tolist()), bool, released.size)
-        tiers = np.zeros(released.size, bool) if behind is None else behind
-        for b, back in zip(released[keep].tolist(), tiers[keep].tolist()):
-            (self.behind if back else self.evictable)[b] = None
+        tiers = (self.evictable,) if behind is None else (self.evictable, self.behind)
+        if behind is None:
+            for b in released[keep].tolist():
+                self.evictable[b] = None
+        else:
+            for b, back in zip(released[keep].tolist(), behind[keep].tolist()):
+                tiers[back][b] = None
         return keep
 
     def demote(self, block: int) -> None:
@@ -163,9 +172,7 @@ class PrefixCache:
 
     def revive(self, block: int) -> None:
         """A hit on an evictable block: it is in use again."""
-        if block in self.evictable:
-            del self.evictable[block]
-        else:
+        if self.evictable.pop(block, NO_HASH) is NO_HASH:  # stored values are None: absent
             del self.behind[block]
 
     def evict(self, n: int) -> np.ndarray:

@@ -22,12 +22,14 @@ from paged_kv.spec import CacheSpec
 
 
 class PromptPlan(NamedTuple):
-    """A validated prompt: its tokens, its full blocks' keys, the blocks hit, the tokens
-    held now (all of them, or the hit plus one chunk) and the blocks those need."""
+    """A validated prompt: its tokens, its full blocks' keys, the blocks hit, per group the
+    cached blocks that hit revives, the tokens held now (all of them, or the hit plus one
+    chunk) and the blocks those need."""
 
     tokens: np.ndarray
     hashes: list[int]
     hit: int
+    hits: tuple[np.ndarray, ...]
     hold: int
     total: int
 
@@ -39,13 +41,11 @@ def common_hit(groups: Sequence, hashes: list[int], limit: int) -> int:
     until a whole round changes nothing (a fixed point, as vLLM's hybrid coordinator
     finds it). Each proposal is the longest valid one below the candidate, so no hit
     longer than the result is valid for every group."""
-    hit, changed = limit, True
-    while changed:
-        changed = False
-        for g in groups:
-            proposal = g.longest_hit(hashes, hit)
-            changed |= proposal != hit
-            hit = proposal
+    hit, agreed, i = limit, 0, 0
+    while agreed < len(groups):  # until every group in a row accepts the candidate
+        proposal = groups[i % len(groups)].longest_hit(hashes, hit)
+        agreed = agreed + 1 if proposal == hit else 1  # a group accepts its own proposal
+        hit, i = proposal, i + 1
     return hit
 
 
@@ -53,22 +53,21 @@ def plan_prompt(spec: CacheSpec, groups: Sequence, token_ids: Sequence[int] | np
                 cache_key: Hashable | None, chunk: int | None) -> PromptPlan:
     """Validate a prompt and find its hit; typed errors, nothing changed."""
     tokens = check_token_ids(token_ids, "admit_prompt")
-    bs, limit = spec.block_size, spec.max_blocks_per_seq
-    if spec.blocks_for(tokens.size) > limit:
-        raise SequenceTooLongError(
-            f"a prompt of {tokens.size} tokens needs {spec.blocks_for(tokens.size)} blocks > max_blocks_per_seq={limit}"
-        )
+    bs, limit, blocks = spec.block_size, spec.max_blocks_per_seq, spec.blocks_for(tokens.size)
+    if blocks > limit:
+        raise SequenceTooLongError(f"a prompt of {tokens.size} tokens needs {blocks} blocks > max_blocks_per_seq={limit}")
     hashes = chain_hashes(tokens, bs, tokens.size // bs, cache_key)
     # The last token is always computed (its logits start decoding), so a hit covers
     # at most the full blocks before it.
     hit = common_hit(groups, hashes, (tokens.size - 1) // bs)
-    hold = tokens.size
+    hold, total = tokens.size, blocks
     if chunk is not None:
         chunk = check_count(chunk, "chunk")
         if chunk < 1:
             raise InvalidTokenCountError(f"chunk={chunk}: a prefill chunk computes at least 1 token")
         hold = min(hit * bs + chunk, tokens.size)
-    return PromptPlan(tokens, hashes, hit, hold, spec.blocks_for(hold))
+        total = spec.blocks_for(hold)
+    return PromptPlan(tokens, hashes, hit, tuple(g.hit_blocks(hashes, hit) for g in groups), hold, total)
 
 
 __all__ = ["PromptPlan", "common_hit", "plan_prompt"]

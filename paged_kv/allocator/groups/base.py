@@ -83,7 +83,8 @@ class GroupAllocator:
 
     def keep_from(self, rows: np.ndarray, first_query: np.ndarray) -> np.ndarray:
         """First logical block any query at or after ``first_query`` can still see."""
-        return np.maximum(self.first_visible(first_query), self.table.first_block[rows]).astype(np.int64)
+        # int64 like ``first_query`` (no astype: this runs on every general append).
+        return np.maximum(self.first_visible(first_query), self.table.first_block[rows])
 
     @property
     def cache(self) -> PrefixCache | None:
@@ -95,12 +96,12 @@ class GroupAllocator:
         """Forget ``row`` and drop its hold on its blocks; returns how many no row holds now.
         Tail first: a full group's cache then evicts a chain's tail before its parents.
         ``keyed_end``: blocks of the row's chain keyed (the retention rule, `retire_behind`)."""
-        first = int(self.table.first_block[row])
-        blocks = self.table.remove_row(row)[::-1]
-        behind = None
         if keyed_end and self.local and self.cache is not None:
+            first = int(self.table.first_block[row])
+            blocks = self.table.remove_row(row)[::-1]
             behind = np.arange(first + blocks.size - 1, first - 1, -1) < self.hit_start(keyed_end)
-        return int(self.pool.free_distinct(blocks, behind).size)
+            return int(self.pool.free_distinct(blocks, behind).size)
+        return int(self.pool.free_distinct(self.table.remove_row(row)[::-1]).size)
 
     def fork_row(self, parent: int, child: int) -> None:
         """``child`` (a new row) shares every block ``parent`` holds."""
@@ -175,9 +176,10 @@ class GroupAllocator:
         new tokens' slots in this group. ``keyed_ends``: per row, how many leading blocks
         of its chain are keyed (the retention rule of `retire_behind`; None without a cache)."""
         bs, table = self.block_size, self.table
-        drop = plan.keep - table.first_block[rows]
-        if drop.any():
-            self._trim(rows, plan.keep, drop, keyed_ends)
+        if self.local:
+            drop = plan.keep - table.first_block[rows]
+            if drop.any():
+                self._trim(rows, plan.keep, drop, keyed_ends)
         if plan.cow.any():
             cow_rows, cow_cols = rows[plan.cow], old[plan.cow] // bs
             dst = self.pool.allocate(cow_rows.size)
@@ -192,15 +194,13 @@ class GroupAllocator:
 
     def _trim(self, rows, keep, drop, keyed_ends) -> None:
         """Return the blocks before ``keep`` to the pool (keyed ones stay cached)."""
-        cols = expand_runs(rows, drop, self.table.first_block[rows])[1]
-        dropped = self.table.trim(rows, keep)
         behind = None
         if keyed_ends is not None and self.cache is not None:
             # Retention: a block behind the window of its chain's latest keyed end is
             # evicted before the blocks a continuation of that chain needs.
-            ends = np.repeat(keyed_ends, drop)
-            behind = cols < self.first_visible(ends * self.block_size)
-        self.pool.free(dropped, behind=behind)
+            cols = expand_runs(rows, drop, self.table.first_block[rows])[1]
+            behind = cols < self.first_visible(np.repeat(keyed_ends, drop) * self.block_size)
+        self.pool.free(self.table.trim(rows, keep), behind=behind)
 
     # ---- copy-on-write copies ---------------------------------------------------------
     def issue_copies(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,22 +275,24 @@ class GroupAllocator:
             h, j = j, j - 1
         return 0
 
-    def prompt_needs(self, hashes: list[int], hit: int, total: int) -> tuple[int, int]:
-        """(blocks a prompt hitting ``hit`` blocks and holding ``total`` allocates here,
-        blocks an allocation can take once its cached hits are revived)."""
-        block_of, refs = self.cache.block_of, self.pool.ref_counts
-        revived = sum(1 for i in range(self.hit_start(hit), hit) if refs[block_of[hashes[i]]] == 0)
+    def hit_blocks(self, hashes: list[int], hit: int) -> np.ndarray:
+        """Ids of the cached blocks ``[hit_start(hit), hit)`` a hit of ``hit`` blocks revives here."""
+        chain = hashes[self.hit_start(hit):hit]
+        return np.fromiter(map(self.cache.block_of.__getitem__, chain), np.int32, len(chain))
+
+    def prompt_needs(self, hits: np.ndarray, hit: int, total: int) -> tuple[int, int]:
+        """(blocks a prompt hitting ``hit`` blocks (ids ``hits`` here) and holding ``total``
+        allocates here, blocks an allocation can take once its cached hits are revived)."""
+        revived = int(np.count_nonzero(self.pool.ref_counts[hits] == 0))
         return total - hit, self.pool.num_free - revived
 
-    def admit_prompt_row(self, row: int, hashes: list[int], hit: int, total: int, num_tokens: int,
+    def admit_prompt_row(self, row: int, hits: np.ndarray, hit: int, total: int, num_tokens: int,
                          prompt_tokens: int) -> None:
         """A new row holding ``num_tokens`` of a ``prompt_tokens`` prompt: its cached blocks
-        ``[hit_start(hit), hit)`` revived, fresh ones up to ``total``. Checked by
-        `prompt_needs` first. Every group records the query; blocks reused are its own."""
-        start = self.hit_start(hit)
-        hits = np.array([self.cache.block_of[hashes[i]] for i in range(start, hit)], dtype=np.int32)
+        ``hits`` (logical ``[hit_start(hit), hit)``) revived, fresh ones up to ``total``.
+        Checked by `prompt_needs` first. Every group records the query; blocks reused are its own."""
         self.pool.revive(hits)
-        self.table.fill_row(row, start, np.concatenate([hits, self.pool.allocate(total - hit)]), num_tokens)
+        self.table.fill_row(row, hit - hits.size, np.concatenate([hits, self.pool.allocate(total - hit)]), num_tokens)
         self.cache.record_query(prompt_tokens, hit * self.block_size, int(hits.size))
 
     def key_blocks(self, row: int, hashes: list[int], start: int, stop: int) -> int:

@@ -32,7 +32,11 @@ class FullAttentionGroup(GroupAllocator):
 
     def longest_hit(self, hashes: list[int], limit: int) -> int:
         """The longest cached prefix of the chain, at most ``limit`` blocks (a hit needs all of it)."""
-        return len(self.cache.match(hashes[:limit]))
+        block_of = self.cache.block_of
+        for i, h in enumerate(hashes[:limit]):
+            if h not in block_of:
+                return i
+        return min(limit, len(hashes))
 
 
 __all__ = ["FullAttentionGroup"]
