@@ -422,6 +422,23 @@ class LayerGroup:
         """``"full"``, ``"sliding"`` or ``"chunked"``."""
         return "sliding" if self.window is not None else "chunked" if self.chunk is not None else "full"
 
+    @property
+    def local(self) -> bool:
+        """Whether a query sees only recent positions (sliding or chunked): the group's
+        tables start past the blocks no query can see any more, which go back to its pool."""
+        return self.window is not None or self.chunk is not None
+
+    def first_visible(self, position: int | np.ndarray) -> int | np.ndarray:
+        """First position a query at ``position`` (an int or an integer array), or any
+        later query, can see: 0 for full attention, ``position - window + 1`` for a
+        sliding window, the first position of its chunk for chunked attention. The host
+        rule of every kind: blocks wholly before it can go back to the pool."""
+        if self.window is not None:
+            return np.maximum(position - self.window + 1, 0)
+        if self.chunk is not None:
+            return position // self.chunk * self.chunk
+        return position * 0
+
 
 def spec_difference(a: CacheSpec, b: CacheSpec, a_name: str, b_name: str) -> str:
     """``"a_name vs b_name: field=x vs y, ..."`` for every constructor field that differs."""

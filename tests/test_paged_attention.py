@@ -4,7 +4,8 @@ sequence's whole history (a numpy/f32 reference kept beside the cache).
 Every step writes random keys/values through `view.attention` (the fused write +
 attend call) in every layer and compares each real query's output with softmax
 attention over that sequence's keys so far, computed in numpy. Layer 0 is full
-attention, layer 1 a sliding window of 6 tokens over blocks of 4 (not a multiple).
+attention, layer 1 a sliding window of 6 tokens over blocks of 4 (not a multiple),
+or chunked local attention (chunks of 8 or 6 tokens: a multiple of the block, or not).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ BS = 4
 WINDOW = 6
 
 
-def dense_reference(q, keys, values, pos, window, scale, soft_cap):
-    """q [Hq, Dk] at position ``pos`` over keys [L, Hk, Dk] / values [L, Hv, Dv] -> [Hq, Dv]."""
+def dense_reference(q, keys, values, pos, window, scale, soft_cap, chunk=None):
+    """q [Hq, Dk] at position ``pos`` over keys [L, Hk, Dk] / values [L, Hv, Dv] -> [Hq, Dv];
+    with a window the last ``window`` positions, with a chunk those of ``pos``'s chunk."""
     lo = 0 if window is None else max(0, pos - window + 1)
+    if chunk is not None:
+        lo = pos // chunk * chunk
     k, v = keys[lo : pos + 1].astype(np.float64), values[lo : pos + 1].astype(np.float64)
     hq = q.shape[0]
     out = np.zeros((hq, v.shape[-1]))
@@ -57,13 +61,16 @@ class Shadow:
     """A manager, a cache and, per sequence and layer, every key/value it holds (numpy)."""
 
     def __init__(self, layout="split", dtype="float32", q_heads=4, key_heads=2, value_heads=2, key_dim=8,
-                 value_dim=8, sliding=True, prefix_cache=False, num_blocks=64, seed=0):
+                 value_dim=8, sliding=True, prefix_cache=False, num_blocks=64, seed=0, chunk=None):
         kw = dict(sliding_window=WINDOW, sliding_layers=(1,), sliding_num_blocks=48) if sliding else {}
+        if chunk is not None:  # layer 1 is chunked instead
+            kw = dict(attention_chunk_size=chunk, chunked_layers=(1,), chunked_num_blocks=48)
         self.spec = pk.CacheSpec(num_layers=2, num_blocks=num_blocks, block_size=BS, max_blocks_per_seq=16,
                                  max_batch_slots=8, key_heads=key_heads, value_heads=value_heads, key_dim=key_dim,
                                  value_dim=value_dim, dtype=dtype, **kw)
         self.q_heads = q_heads
         self.windows = [WINDOW if i in self.spec.sliding_layers else None for i in range(2)]
+        self.chunks = [chunk if i in self.spec.chunked_layers else None for i in range(2)]
         self.manager = pk.KVCacheManager(self.spec, prefix_cache=prefix_cache)
         self.cache = pk.PagedKVCache.init(self.spec, layout=layout)
         self.hist: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # (seq, layer) -> (keys, values)
@@ -123,7 +130,8 @@ class Shadow:
                 self.hist[(seq, layer)] = (hk, hv)
                 for tok in range(n):
                     pos = int(meta.positions[row, tok])
-                    want = dense_reference(qn[layer, row, tok], hk, hv, pos, self.windows[layer], scale, soft_cap)
+                    want = dense_reference(qn[layer, row, tok], hk, hv, pos, self.windows[layer], scale, soft_cap,
+                                           self.chunks[layer])
                     np.testing.assert_allclose(out[layer, row, tok], want, atol=atol, rtol=atol,
                                                err_msg=f"layer {layer} seq {seq} token {tok} (position {pos})")
                     self.checked += 1
@@ -154,6 +162,43 @@ def test_block_edges_mixed_and_chunked_prefill(heads, layout):
     sh.step({0: 1, 1: 6, 2: 1, 3: 8, 4: 1, 5: 1})
     sh.step({s: 1 for s in range(6)})
     assert sh.checked == 2 * (21 + 12 + 28 + 18 + 6)  # every real token of both layers
+
+
+@pytest.mark.parametrize("chunk,layout", [(8, "split"), (6, "unified")])
+def test_chunked_layer_at_block_and_chunk_edges(chunk, layout):
+    """Layer 1 chunked: every query sees only its own chunk. Prefill at block edges,
+    then mixed steps whose prefills and decodes cross chunk edges (B=8, T=8 each);
+    the host keeps only the blocks from the step's first chunk on, and the gathered
+    path (`concatenate_to_cache` + `mask.dense`) agrees with the in-place one."""
+    sh = Shadow(layout, chunk=chunk)
+    sh.step({0: 1, 1: BS - 1, 2: BS, 3: BS + 1, 4: 2 * BS})
+    sh.step({0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 7})
+    sh.step({0: 8, 1: 1, 2: 3, 3: 1, 4: 7, 5: 8})
+    sh.step({0: 1, 1: 6, 2: 1, 3: 8, 4: 1, 5: 1})
+    sh.step({s: 1 for s in range(6)})
+    assert sh.checked == 2 * (21 + 12 + 28 + 18 + 6)
+    for seq in range(6):  # what a chunked row holds: from the block of its last token's chunk start
+        first_visible = (sh.length(seq) - 1) // chunk * chunk
+        assert sh.manager.groups[1].table.first_block[sh.manager._rows[seq]] <= first_visible // BS
+        assert sh.manager.block_table(seq, 1).size <= -(-(chunk - 1 + 8) // BS) + 1
+    if layout == "split":
+        return  # one gathered check (a compilation) is enough: the chunk not a block multiple
+    sh.grow({0: 1, 1: 1, 2: 5})
+    meta = sh.manager.step_metadata([0, 1, 2], [1, 1, 5]).to_device()
+    b, t = meta.positions.shape
+    q = jnp.asarray(sh.rng.normal(size=(b, t, 4, 8)), jnp.float32)
+    k = jnp.asarray(sh.rng.normal(size=(b, t, 2, 8)), jnp.float32)
+    out, dense = _in_place_and_gathered(sh.cache[1], q, k, meta)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-6)
+
+
+def test_chunked_layer_refuses_kernels_without_a_chunk():
+    sh = Shadow("unified", chunk=8)
+    sh.grow({0: 3})
+    meta = sh.manager.step_metadata([0], 3).to_device()
+    b, t = meta.positions.shape
+    with pytest.raises(pk.ShapeError, match="impl='pallas_tpu_ragged' has no chunked local attention"):
+        sh.cache[1].attend(jnp.ones((b, t, 4, 8)), meta, impl="pallas_tpu_ragged")
 
 
 def test_bfloat16_pages_scale_and_soft_cap():
@@ -281,17 +326,19 @@ def test_in_place_path_equals_gathered_view_path():
     q = jnp.asarray(sh.rng.normal(size=(b, t, 4, 8)), jnp.float32)
     k = jnp.asarray(sh.rng.normal(size=(b, t, 2, 8)), jnp.float32)
 
-    @jax.jit
-    def both(view, q, k, meta):
-        keys, values, mask, _ = view.concatenate_to_cache(q, k, k, meta)
-        rep = lambda x: jnp.repeat(x, 2, axis=2)  # noqa: E731
-        logits = jnp.einsum("bthd,bshd->bhts", q, rep(keys)) / np.sqrt(8)
-        p = jax.nn.softmax(jnp.where(mask.dense(keys.shape[1])[:, None], logits, -1e30), axis=-1)
-        return view.attention(q, k, k, meta)[0], jnp.einsum("bhts,bshd->bthd", p, rep(values))
-
     for layer in range(2):
-        out, dense = both(sh.cache[layer], q, k, meta)
+        out, dense = _in_place_and_gathered(sh.cache[layer], q, k, meta)
         np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-6)
+
+
+@jax.jit
+def _in_place_and_gathered(view, q, k, meta):
+    """`view.attention` and dense attention over `concatenate_to_cache` for the same step."""
+    keys, values, mask, _ = view.concatenate_to_cache(q, k, k, meta)
+    rep = lambda x: jnp.repeat(x, 2, axis=2)  # noqa: E731
+    logits = jnp.einsum("bthd,bshd->bhts", q, rep(keys)) / np.sqrt(8)
+    p = jax.nn.softmax(jnp.where(mask.dense(keys.shape[1])[:, None], logits, -1e30), axis=-1)
+    return view.attention(q, k, k, meta)[0], jnp.einsum("bhts,bshd->bthd", p, rep(values))
 
 
 # ---- kernels -----------------------------------------------------------------------------

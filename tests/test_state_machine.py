@@ -3,17 +3,26 @@ manager, the decode slots and swapping in random orders, against a model.
 
 Rules: admit, append (batched, with per-sequence counts), release, fork (children
 share blocks; writes into a shared partial block copy it first), slot insert and
-remove, a decode step over the slots (which also advances each sliding window),
-swap out and in, and operations on ids that are not live. Two machines:
+remove, a decode step over the slots (which also advances each sliding window and
+crosses chunk edges),
+swap out and in, and operations on ids that are not live. Machines:
 
 * `HostMachine`: host bookkeeping only (fast), shadowed by each live sequence's
-  length. CI runs it for most of the step budget.
+  length. CI runs it for most of the step budget, a third of it as
+  `ChunkedHostMachine` (full, sliding and chunked layers in one manager).
 * `DeviceMachine`: the same rules, but every token written gets distinct random
   keys and values (bfloat16, stored as uint16 bits) through the views, and after
   every rule each live sequence is read back through the views and compared, bit
   for bit, with a dense numpy shadow of what was written to it; positions past a
-  sequence's length must read as zero. Split and unified layouts, a full and a
-  sliding-window layer.
+  sequence's length must read as zero. Split layout with a full and a
+  sliding-window layer; unified layout with a full and a chunked layer (chunks of 6
+  over blocks of 4).
+
+* `PrefixHostMachine`: the host machine with the prefix cache on, admitting through
+  it (shared prompt prefixes, identical prompts in one step, conversations keyed with
+  `cache_tokens`), checking that no block is keyed or hit before it is written, in
+  every layer group; `HybridPrefixHostMachine` runs it over full, sliding and chunked
+  layers, whose caches must agree on every hit.
 
 After every rule: `check_integrity()` of the manager (free xor referenced, ref
 counts equal table references, no block in two tables, free + used == total,
@@ -54,12 +63,20 @@ BLOCK = 4
 WINDOW = 6
 
 
-def make_spec(sliding: bool = True) -> pk.CacheSpec:
-    # Layer 0 full, layer 1 sliding: small pools so that running out, preemption and
-    # block reuse happen within a few rules. max_seq_len = 6 blocks x 4 = 24 tokens.
-    window = dict(sliding_window=WINDOW, sliding_layers=(1,), sliding_num_blocks=10) if sliding else {}
-    return pk.CacheSpec(num_layers=2, num_blocks=14, block_size=BLOCK, max_blocks_per_seq=6, max_batch_slots=4,
-                        num_kv_heads=1, head_dim=2, dtype="bfloat16", **window)
+CHUNK = 6  # not a multiple of BLOCK: blocks straddle chunk edges
+SLIDING = dict(sliding_window=WINDOW, sliding_num_blocks=10)
+CHUNKED = dict(attention_chunk_size=CHUNK, chunked_num_blocks=9)
+
+
+def make_spec(local: str = "sliding") -> pk.CacheSpec:
+    """Layer 0 full, then ``local``: "sliding" (layer 1), "chunked" (layer 1), "both"
+    (layer 1 sliding, layer 2 chunked: three groups, one manager) or "none". Small
+    pools so that running out, preemption and block reuse happen within a few rules;
+    max_seq_len = 6 blocks x 4 = 24 tokens (four chunks)."""
+    kinds = {"none": {}, "sliding": dict(SLIDING, sliding_layers=(1,)), "chunked": dict(CHUNKED, chunked_layers=(1,)),
+             "both": dict(SLIDING, sliding_layers=(1,), **CHUNKED, chunked_layers=(2,))}[local]
+    return pk.CacheSpec(num_layers=3 if local == "both" else 2, num_blocks=14, block_size=BLOCK, max_blocks_per_seq=6,
+                        max_batch_slots=4, num_kv_heads=1, head_dim=2, dtype="bfloat16", **kinds)
 
 
 class HostMachine(RuleBasedStateMachine):
@@ -71,11 +88,11 @@ class HostMachine(RuleBasedStateMachine):
     live = Bundle("live")
 
     prefix_cache = False
-    sliding = True
+    local = "sliding"  # the layer kinds beside the full layer (`make_spec`)
 
     def __init__(self):
         super().__init__()
-        self.spec = make_spec(sliding=self.sliding)
+        self.spec = make_spec(self.local)
         self.manager = pk.KVCacheManager(self.spec, prefix_cache=self.prefix_cache)
         self.slots = pk.DecodeSlots(self.manager, num_slots=3)
         self.lengths: dict[int, int] = {}  # the model: every live sequence's length
@@ -307,13 +324,13 @@ class DeviceMachine(HostMachine):
         self.shadow: dict[int, np.ndarray] = {}  # seq -> [len, layers, 2, heads, dim] as uint16 bits
 
     def write(self, seq_ids, counts, metadata) -> None:
-        B, T = metadata.batch_size, metadata.query_len
+        B, T, L = metadata.batch_size, metadata.query_len, self.spec.num_layers
         # Distinct random bfloat16 bit patterns (finite, never zero) per token, layer, K/V.
-        bits = self.rng.integers(0x3C00, 0x4700, size=(B, T, 2, 2, 1, 2), dtype=np.uint16)
+        bits = self.rng.integers(0x3C00, 0x4700, size=(B, T, L, 2, 1, 2), dtype=np.uint16)
         for b, (s, c) in enumerate(zip(seq_ids, counts)):
             if s is None or c == 0:
                 continue
-            old = self.shadow.get(s, np.empty((0, 2, 2, 1, 2), np.uint16))
+            old = self.shadow.get(s, np.empty((0, L, 2, 1, 2), np.uint16))
             self.shadow[s] = np.concatenate([old[: self.lengths[s]], bits[b, :c]])
         k = jax.lax.bitcast_convert_type(bits[:, :, :, 0], jax.numpy.bfloat16)
         v = jax.lax.bitcast_convert_type(bits[:, :, :, 1], jax.numpy.bfloat16)
@@ -350,9 +367,9 @@ class DeviceMachine(HostMachine):
             for b, s in enumerate(ids):
                 n = self.lengths[s]
                 first = int(start[b])
-                # A sliding layer must still show every token the next query (at
-                # position n) attends to: the last WINDOW - 1.
-                assert first <= (max(n - WINDOW + 1, 0) if view.window else 0)
+                # A sliding or chunked layer must still show every token the next
+                # query (at position n) attends to: the last WINDOW - 1, or its chunk.
+                assert first <= int(self.spec.groups[view.group].first_visible(n))
                 want = self.shadow[s][first:n, layer]
                 got_k = keys[layer][b].view(np.uint16)
                 got_v = values[layer][b].view(np.uint16)
@@ -369,7 +386,7 @@ class PrefixHostMachine(HostMachine):
     of released blocks and evictions interleave with every other rule."""
 
     prefix_cache = True
-    sliding = False
+    local = "none"
     PREFIXES = [np.arange(k * 100, k * 100 + 24) for k in range(3)]
 
     def __init__(self):
@@ -466,15 +483,25 @@ class PrefixHostMachine(HostMachine):
 
 
 class HybridPrefixHostMachine(PrefixHostMachine):
-    """The prefix machine on a model mixing a full and a sliding-window layer: each group
-    keeps its own cache, hits are the longest both serve, and the sliding group's windows
-    move (and shed keyed blocks) on every append and decode step."""
+    """The prefix machine on a model mixing full, sliding-window and chunked layers: each
+    group keeps its own cache, hits are the longest all three serve, and the local groups
+    shed keyed blocks (windows move, chunks end) on every append and decode step."""
 
-    sliding = True
+    local = "both"
+
+
+class ChunkedHostMachine(HostMachine):
+    """The host machine over full, sliding and chunked layers in one manager."""
+
+    local = "both"
 
 
 class UnifiedDeviceMachine(DeviceMachine):
+    """Unified pages, and the second layer chunked instead of sliding (two groups, as
+    the split machine, so the same few compilations)."""
+
     layout = "unified"
+    local = "chunked"
 
 
 @jax.jit
@@ -497,19 +524,26 @@ def _run(machine, examples: int, step_count: int) -> int:
     return machine.steps
 
 
-# Budget: host ~80k + prefix (full-only and hybrid) ~23k + device 2 x ~4.5k rule
-# executions (counted; the last test checks the sum).
-def test_host_state_machine():
-    steps = _run(HostMachine, examples=900, step_count=100)
-    assert steps >= 70_000 * SOAK, steps
-    test_host_state_machine.steps = steps
+# Budget: host ~75k (560 examples full + sliding, 250 full + sliding + chunked, whose
+# third group makes a rule ~1.35x dearer: the time of the 900 two-group examples this
+# replaced) + prefix ~22k (full-only and full + sliding + chunked) + device 2 x ~4.5k
+# rule executions (counted; the last test checks the sum).
+@pytest.mark.parametrize("machine,examples", [(HostMachine, 560), (ChunkedHostMachine, 250)],
+                         ids=["sliding", "sliding+chunked"])
+def test_host_state_machine(machine, examples):
+    steps = _run(machine, examples=examples, step_count=100)
+    assert steps >= 70_000 * examples // 900 * SOAK, steps
+    _HOST_STEPS.append(steps)
+
+
+_HOST_STEPS: list[int] = []
 
 
 def test_prefix_state_machine():
-    # The 280 examples are split between the full-only and the hybrid model (a hybrid
-    # example costs ~1.3x: its appends and steps take the general path).
-    steps = _run(PrefixHostMachine, examples=160, step_count=100)
-    steps += _run(HybridPrefixHostMachine, examples=120, step_count=100)
+    # The time of the 280 full-only examples this replaced, split: 180 full-only, 80 over
+    # full + sliding + chunked layers (~1.6x dearer each: three groups, general paths).
+    steps = _run(PrefixHostMachine, examples=180, step_count=100)
+    steps += _run(HybridPrefixHostMachine, examples=80, step_count=100)
     assert steps >= 20_000 * SOAK, steps
     test_prefix_state_machine.steps = steps
 
@@ -526,10 +560,10 @@ _DEVICE_STEPS: list[int] = []
 
 def test_total_steps_meet_the_ci_budget():
     """Runs last in this file: the machines above together ran >= MIN_CI_STEPS rules."""
-    total = getattr(test_host_state_machine, "steps", 0) + getattr(test_prefix_state_machine, "steps", 0)
+    total = sum(_HOST_STEPS) + getattr(test_prefix_state_machine, "steps", 0)
     total += sum(_DEVICE_STEPS)
     if total == 0:
         pytest.skip("the state-machine tests were deselected")
-    print(f"\nstate-machine rule executions: host {getattr(test_host_state_machine, 'steps', 0):,}, prefix "
+    print(f"\nstate-machine rule executions: host {_HOST_STEPS}, prefix "
           f"{getattr(test_prefix_state_machine, 'steps', 0):,}, device {_DEVICE_STEPS}, total {total:,}")
     assert total >= MIN_CI_STEPS * SOAK, total

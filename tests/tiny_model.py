@@ -99,11 +99,13 @@ def forward_gathered(cfg: TinyConfig, params, cache, tokens, metadata):
     return x @ params["unembed"], type(cache)(tuple(views))
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, windows=None):
-    """No cache: causal attention over tokens [1, L]; logits [1, L, V].
+@partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, windows=None, chunks=None):
+    """No cache: causal attention over tokens [B, L]; logits [B, L, V] (a row padded at
+    its end gives its real positions' logits: attention is causal).
 
     ``windows[i]``: layer i attends to the last windows[i] tokens only (None: all).
+    ``chunks[i]``: layer i attends only within its chunk of chunks[i] positions (Llama 4).
     Keys/values are rounded through ``kv_dtype`` exactly as the cache stores them; for
     quantized pages ``kv_dtype`` is one (key, value) pair of `paged_kv.quant.PageCodec`
     per layer, and each goes through its codec's encode and decode.
@@ -116,6 +118,9 @@ def forward_full(cfg: TinyConfig, params, tokens, kv_dtype=jnp.float32, windows=
     for i, layer in enumerate(params["layers"]):
         window = windows[i] if windows is not None else None
         mask = causal if window is None else causal & (s[None, :] > s[:, None] - window)
+        chunk = chunks[i] if chunks is not None else None
+        if chunk is not None:
+            mask &= s[None, :] // chunk == s[:, None] // chunk
         q, k, v = _qkv(cfg, layer, x, positions)
         if isinstance(kv_dtype, tuple):
             (kc, vc) = kv_dtype[i]

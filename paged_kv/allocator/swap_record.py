@@ -14,8 +14,8 @@ class SwapRecord:
     """A sequence's place in every layer group at the moment it left the device.
 
     ``blocks[g]`` are the device blocks it held in group ``g`` (logical blocks
-    ``first_blocks[g]`` onward; a sliding group has already returned the ones
-    before): the blocks to copy out, and how many to allocate again on the way
+    ``first_blocks[g]`` onward; a sliding or chunked group has already returned the
+    ones before): the blocks to copy out, and how many to allocate again on the way
     back in. The ids themselves are stale once the sequence is released.
     """
 
@@ -46,10 +46,9 @@ def check_record(record, spec) -> tuple[int, int, tuple[int, ...], tuple[int, ..
     manager of another spec. Everything `KVCacheManager.swap_in` relies on is checked
     here, before it changes anything: the id, the length, one first block and one
     block array per layer group, first blocks a group could really have (0 for full
-    attention; no further than its window allows for a sliding group), and block
+    attention; no further than its window or chunk allows for a sliding or chunked group), and block
     counts that cover exactly the tokens from the first block on.
     """
-    from paged_kv.allocator.groups import group_class  # the groups import this module's users
     if not isinstance(record, SwapRecord):
         raise InvalidArgumentError(f"swap_in needs a SwapRecord (from swap_out or swap_record); got {type(record).__name__}")
     seq_id = check_seq_id(record.seq_id, "SwapRecord ")
@@ -75,11 +74,12 @@ def check_record(record, spec) -> tuple[int, int, tuple[int, ...], tuple[int, ..
     firsts, counts = [], []
     for g, (group, first, blocks) in enumerate(zip(groups, record.first_blocks, record.blocks)):
         first = _record_int(first, f"first_blocks[{g}]", record)
-        # The last token's query must still see every block from `first` on.
-        limit = int(group_class(group).visible_from(group, num_tokens - 1, spec.block_size))
+        # Its last token (a step may still query it) sees from first_visible on.
+        limit = int(group.first_visible(num_tokens - 1)) // spec.block_size
         if not 0 <= first <= limit:
-            reach = {"sliding": f"a window of {group.window}", "chunked": f"a chunk of {group.chunk}"}.get(group.kind)
-            kind = f"{reach} keeps every block from {limit} on" if reach else "a full-attention group starts at block 0"
+            kind = {"full": "a full-attention group starts at block 0",
+                    "sliding": f"a window of {group.window} keeps every block from {limit} on",
+                    "chunked": f"a chunk of {group.chunk} keeps every block from {limit} on"}[group.kind]
             raise InvalidArgumentError(
                 f"SwapRecord seq_id={seq_id}: first_blocks[{g}]={first} is impossible for {num_tokens} tokens: {kind}"
             )

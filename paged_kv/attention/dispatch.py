@@ -2,7 +2,7 @@
 
 ``impl="auto"`` picks, in order: jax's TPU ``ragged_paged_attention`` when running
 on a TPU with a unified, interleaved layout (its native page layout) and float
-pages; otherwise the XLA online-softmax path (`paged_kv.attention.reference`), which
+pages, for full and sliding layers (it has no chunked mask); otherwise the XLA online-softmax path (`paged_kv.attention.reference`), which
 runs everywhere and is what the kernels are tested against.
 """
 
@@ -40,7 +40,8 @@ def paged_attention(
     ``[B, T, q_heads, value_dim]`` in ``query.dtype``. Reads the pages in place.
 
     Causal inside the step's new tokens, bounded by each row's kv length, windowed for
-    sliding layers (lengths and positions relative to the group's ``start``). GQA/MQA:
+    sliding layers, within the query's chunk for chunked layers (lengths and positions
+    relative to the group's ``start``). GQA/MQA:
     query head ``h`` uses key head ``h // (q_heads // key_heads)``. ``scale`` defaults to
     ``1/sqrt(key_dim)``; ``soft_cap`` caps logits as ``cap * tanh(logit / cap)``.
     """
@@ -57,7 +58,8 @@ def paged_attention(
                                           window=view.window, scale=scale, soft_cap=soft_cap)
     positions = metadata.positions - group.start[:, None]
     return paged_attention_xla(query, view.read_blocks, group.block_tables, kv_lens, positions,
-                               block_size=s.block_size, window=view.window, scale=scale, soft_cap=soft_cap,
+                               block_size=s.block_size, window=view.window, chunk=view.chunk, start=group.start,
+                               scale=scale, soft_cap=soft_cap,
                                chunk_blocks=chunk_blocks)
 
 
@@ -86,8 +88,14 @@ def _choose(view, impl: str) -> str:
     if impl not in IMPLS:
         raise ShapeError(f"impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
+        # The ragged kernel knows windows, not chunks: chunked layers take the XLA path.
         on_tpu = jax.default_backend() == "tpu"
-        return "pallas_tpu_ragged" if on_tpu and ragged_kernel_fits(view) else "xla"
+        return "pallas_tpu_ragged" if on_tpu and ragged_kernel_fits(view) and view.chunk is None else "xla"
+    if impl != "xla" and view.chunk is not None:
+        raise ShapeError(
+            f"impl={impl!r} has no chunked local attention; layer {view.layer_index} is chunked "
+            f"(attention_chunk_size={view.chunk}): use impl='xla' or 'auto'"
+        )
     if impl == "pallas_tpu_ragged" and not ragged_kernel_fits(view):
         raise ShapeError(
             f"impl='pallas_tpu_ragged' needs a unified, interleaved, full-precision layout; layer {view.layer_index} is "

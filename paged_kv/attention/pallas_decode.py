@@ -3,8 +3,8 @@ argument packing for pages laid out head-major.
 
 Both of jax's decode kernels read ``k_pages``/``v_pages`` as ``[kv_heads,
 total_pages, page_size, head_dim]``, one query token per row, masked by length
-only (no window, no causal mask inside the step: with one new token per row
-there is nothing to mask). paged_kv's pools are token-major (``[total_pages,
+only (no window, no chunk, no causal mask inside the step: with one new token
+per row there is nothing to mask; do not use them for sliding or chunked layers). paged_kv's pools are token-major (``[total_pages,
 page_size, heads, dim]``) because every other device op (scatter, copy-on-write,
 swap, checkpoint, sharding) is written for it; transposing the pool per step would
 cost more than the attention saves, so `paged_kv.attention.paged_attention` does

@@ -10,8 +10,10 @@ reads few blocks even when its table bucket is wide.
 
 Mask (the contract of `paged_kv.views.mask.AttentionMask.dense`): key ``s`` is
 visible to query ``t`` of row ``b`` iff ``s <= positions[b, t]``, ``s < kv_lens[b]``
-and, with a window, ``s > positions[b, t] - window``. Lengths and positions are
-relative to the first key of the table (a sliding group's ``start``). A query that
+and, with a window, ``s > positions[b, t] - window``; with a chunk, ``s`` lies in the
+chunk of ``positions[b, t]`` (chunk edges at multiples of ``chunk`` in sequence
+positions; key 0 is sequence position ``start[b]``). Lengths and positions are
+relative to the first key of the table (a sliding or chunked group's ``start``). A query that
 sees no key (a padding row, ``kv_len == 0``) gets zeros, never NaN.
 """
 
@@ -22,6 +24,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from paged_kv.attention.local_mask import lowest_key
 
 
 DEFAULT_CHUNK_BLOCKS = 8
@@ -43,6 +47,8 @@ def paged_attention_xla(
     *,
     block_size: int,
     window: int | None = None,
+    chunk: int | None = None,
+    start: jax.Array | None = None,
     scale: float | None = None,
     soft_cap: float | None = None,
     chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
@@ -52,7 +58,8 @@ def paged_attention_xla(
     name, read through ``read``; returns ``[B, T, Hq, Dv]`` in ``query.dtype``.
 
     ``kv_lens`` ``[B]`` and ``positions`` ``[B, T]`` are relative to the table's first
-    key. ``scale`` defaults to ``1/sqrt(Dk)``; ``soft_cap`` caps logits as
+    key, which is sequence position ``start`` ``[B]`` (None: 0; chunked attention needs
+    it to find chunk edges). ``scale`` defaults to ``1/sqrt(Dk)``; ``soft_cap`` caps logits as
     ``cap * tanh(logit / cap)``. ``live_bound=False`` loops over the whole table
     instead of stopping at the longest row (for the benchmark's comparison).
     """
@@ -66,11 +73,12 @@ def paged_attention_xla(
     q = query.astype(jnp.float32) * scale
     needed = (jnp.max(kv_lens, initial=0) + span - 1) // span  # chunks the longest row reaches
     state = _init_state(query, read, block_tables[:, :c])
+    lowest = lowest_key(positions, window, chunk, start)
 
     def body(i, state):
         ids = lax.dynamic_slice_in_dim(block_tables, i * c, c, axis=1)
         keys, values = read(ids)
-        return _fold(state, q, keys, values, i * span, kv_lens, positions, window, soft_cap)
+        return _fold(state, q, keys, values, i * span, kv_lens, positions, lowest, soft_cap)
 
     if w == c:  # one chunk: no loop (simpler to compile; nothing to skip)
         _, l, acc = body(0, state)
@@ -93,16 +101,17 @@ def _init_state(query, read, ids):
     )
 
 
-def _fold(state, q, keys, values, first, kv_lens, positions, window, soft_cap):
-    """One online-softmax update with keys ``first .. first + S - 1``."""
+def _fold(state, q, keys, values, first, kv_lens, positions, lowest, soft_cap):
+    """One online-softmax update with keys ``first .. first + S - 1``; ``lowest``
+    ``[B, T]`` (or None): each query's first visible key (window or chunk)."""
     m, l, acc = state
     b, t, hq, dk = q.shape
     hk, hv, s = keys.shape[2], values.shape[2], keys.shape[1]
     idx = first + jnp.arange(s, dtype=jnp.int32)
     live = idx[None, :] < kv_lens[:, None]  # [B, S]
     ok = live[:, None, :] & (idx[None, None, :] <= positions[:, :, None])  # [B, T, S]
-    if window is not None:
-        ok &= idx[None, None, :] > positions[:, :, None] - window
+    if lowest is not None:
+        ok &= idx[None, None, :] >= lowest[:, :, None]
     qg = q.reshape(b, t, hk, hq // hk, dk)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)).reshape(b, hq, t, s)
     if soft_cap is not None:

@@ -55,7 +55,8 @@ class PagedLayerView:
         (dequantized for int8/fp8 layers), zero past each length.
 
         Key ``s`` of row ``b`` is the sequence's token ``mask.start[b] + s``: 0 for full
-        attention, the first block the window can reach for a sliding layer.
+        attention, the first block the window (or the step's first chunk) can reach for a
+        sliding (chunked) layer.
         """
         self.check_metadata(metadata)
         tables = metadata.groups[self.group]
@@ -165,13 +166,21 @@ class PagedLayerView:
 
     @property
     def window(self) -> int | None:
+        """Sliding window of this layer's group, or None."""
         return self.spec.groups[self.group].window
 
+    @property
+    def chunk(self) -> int | None:
+        """Chunk size of this layer's group (chunked local attention), or None."""
+        return self.spec.groups[self.group].chunk
+
     def mask(self, metadata: StepMetadata) -> AttentionMask:
-        """Lengths and query positions relative to the keys `read` returns."""
+        """Lengths and query positions relative to the keys `read` returns; a chunked
+        layer's mask also carries ``start``, where its chunk edges are measured from."""
         start = metadata.groups[self.group].start
         return AttentionMask(
-            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window
+            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window,
+            self.chunk, None if self.chunk is None else start,
         )
 
     def attention(
@@ -192,7 +201,8 @@ class PagedLayerView:
         The hot path of a model layer: no contiguous copy of the sequences is made
         (`paged_kv.attention.paged_attention` reads the blocks through the table a
         chunk at a time). Causal within the step's new tokens, so prefill, decode and
-        mixed chunked-prefill batches share it; sliding layers apply their window.
+        mixed chunked-prefill batches share it; sliding layers apply their window,
+        chunked layers their chunk.
         ``scale`` defaults to ``1/sqrt(key_dim)``; ``soft_cap`` caps the logits;
         ``impl``: ``"auto"`` (a Pallas kernel where the platform and layout have one,
         else XLA), ``"xla"``, or a kernel name (see `paged_kv.attention`);
@@ -235,9 +245,9 @@ class PagedLayerView:
         the b-th sequence given to `KVCacheManager.step_metadata`, token t its t-th new
         token). Keys and values come back in ``query.dtype`` when a query is given, as
         EasyDeL's cache does, else in the spec's dtype. Works for prefill (T > 1) and
-        decode (T == 1) alike, and for sliding-window layers, whose keys start at the
-        first block the window reaches (the mask's lengths and positions are relative
-        to it and carry the window).
+        decode (T == 1) alike, and for sliding-window and chunked layers, whose keys
+        start at the first block the window or the step's first chunk reaches (the
+        mask's lengths and positions are relative to it and carry the window or chunk).
         """
         if query is not None:
             self.check_query(query, metadata)

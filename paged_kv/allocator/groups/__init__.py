@@ -1,7 +1,9 @@
 """Group allocators: one class per attention kind, the unit `KVCacheManager` coordinates.
 
-A kind is one file here (`base.GroupAllocator` explains what a kind decides); adding
-one means a subclass and an entry in `KINDS`.
+A kind's rule -- the first position a query can still see -- is
+`LayerGroup.first_visible` in the spec, shared with the device mask; everything the
+allocator derives from it is in `base.GroupAllocator`. Adding a kind means that rule,
+a subclass here (its own file) and an entry in `KINDS`.
 """
 
 from __future__ import annotations

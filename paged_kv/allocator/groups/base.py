@@ -12,7 +12,8 @@ its share of each step's metadata, checks its own integrity and saves its own st
 What a kind decides, and nothing else (vLLM v1 has one manager subclass per
 attention kind the same way, `single_type_kv_cache_manager.py`):
 
-* `visible_from`: the first logical block a query at position ``p`` can still see.
+* `visible_from`: the first logical block a query at position ``p`` can still see
+  (the block of `LayerGroup.first_visible`, the rule the device mask applies too).
   Blocks before it go back to the pool as the sequence grows (a trim), and step
   metadata starts the group's tables there.
 * what a prefix hit of ``h`` blocks needs: the blocks from ``visible_from(h *
@@ -74,8 +75,9 @@ class GroupAllocator:
     # ---- the kind's rule ------------------------------------------------------------
     @classmethod
     def visible_from(cls, layer_group: LayerGroup, positions, block_size: int):
-        """First logical block a query at ``positions`` (an int or an array) can see."""
-        raise NotImplementedError
+        """First logical block a query at ``positions`` (an int or an array) can see: the
+        block holding `LayerGroup.first_visible` (the one rule the device mask uses too)."""
+        return layer_group.first_visible(positions) // block_size
 
     def first_visible(self, positions):
         """`visible_from` for this group."""
@@ -343,7 +345,7 @@ class GroupAllocator:
             # Never trimmed a block the last written token's query can still see.
             reach = self.first_visible(np.maximum(table.kv_lens[rows].astype(np.int64) - 1, 0))
             if np.any(table.first_block[rows] > reach):
-                raise AssertionError(f"{name}: a block a query can still see was returned to the pool")
+                raise AssertionError(f"{name}: a block a {self.kind} query can see was returned to the pool")
 
     def state(self) -> dict[str, np.ndarray]:
         """Saved arrays: ``pool.*``, ``table.*`` and, with a cache, ``prefix.*``. Pending

@@ -7,7 +7,6 @@ hit at ``p`` needs the blocks of ``p``'s chunk before ``p``: none at a chunk edg
 from __future__ import annotations
 
 from paged_kv.allocator.groups.base import GroupAllocator
-from paged_kv.spec import LayerGroup
 
 
 class ChunkedLocalGroup(GroupAllocator):
@@ -15,12 +14,6 @@ class ChunkedLocalGroup(GroupAllocator):
 
     kind = "chunked"
     local = True
-
-    @classmethod
-    def visible_from(cls, layer_group: LayerGroup, positions, block_size: int):
-        """The block holding the first position of ``p``'s chunk."""
-        chunk = layer_group.chunk
-        return positions // chunk * chunk // block_size
 
 
 __all__ = ["ChunkedLocalGroup"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from paged_kv.allocator.groups.base import GroupAllocator
-from paged_kv.spec import LayerGroup
 
 
 class FullAttentionGroup(GroupAllocator):
@@ -14,11 +13,6 @@ class FullAttentionGroup(GroupAllocator):
 
     kind = "full"
     local = False
-
-    @classmethod
-    def visible_from(cls, layer_group: LayerGroup, positions, block_size: int):
-        """Block 0, whatever the position."""
-        return positions * 0
 
     def keep_from(self, rows: np.ndarray, first_query: np.ndarray) -> np.ndarray:
         """Block 0 (rows of a full group always start there)."""

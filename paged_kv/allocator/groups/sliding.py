@@ -4,10 +4,7 @@ hit at ``p`` needs only the blocks covering the ``W - 1`` positions before it.""
 
 from __future__ import annotations
 
-import numpy as np
-
 from paged_kv.allocator.groups.base import GroupAllocator
-from paged_kv.spec import LayerGroup
 
 
 class SlidingWindowGroup(GroupAllocator):
@@ -15,11 +12,6 @@ class SlidingWindowGroup(GroupAllocator):
 
     kind = "sliding"
     local = True
-
-    @classmethod
-    def visible_from(cls, layer_group: LayerGroup, positions, block_size: int):
-        """The block holding position ``p - W + 1`` (block 0 while ``p < W``)."""
-        return np.maximum(positions - layer_group.window + 1, 0) // block_size
 
 
 __all__ = ["SlidingWindowGroup"]
