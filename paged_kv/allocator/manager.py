@@ -45,7 +45,7 @@ from paged_kv.errors import (
     SpecError,
     StateError,
 )
-from paged_kv.metadata import StepMetadata, bucket
+from paged_kv.metadata import StepMetadata, step_layout
 from paged_kv.spec import CacheSpec
 
 SeqId = NewType("SeqId", int)
@@ -465,18 +465,8 @@ class KVCacheManager:
                 f"seq_id={seq_ids[i]} has {int(kv[i])} tokens, fewer than num_new_tokens={int(q[i])}; "
                 "admit or append them first"
             )
-        B = bucket(n, self.spec.max_batch_slots)
-        T = bucket(int(q.max(initial=1)), self.spec.max_seq_len)
-        kv_lens = np.zeros(B, dtype=np.int32)
-        kv_lens[:n] = kv
-        query_lens = np.zeros(B, dtype=np.int32)
-        query_lens[:n] = q
-        t = np.arange(T, dtype=np.int32)[None, :]
-        valid = t < query_lens[:, None]
-        # Padding tokens sit at the row's last real position so a causal mask built
-        # from `positions` never leaves a padding query with nothing to attend to.
-        positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
-        positions = positions.astype(np.int32)
+        kv_lens, query_lens, positions, valid = step_layout(kv, q, self.spec)
+        B = kv_lens.size
         self._descriptions += 1
         if self.num_pending_copies:
             self._described.update(dict.fromkeys(rows.tolist(), self._descriptions))
