@@ -19,6 +19,31 @@ if TYPE_CHECKING:  # annotations only: importing JAX here would cost every host-
     import jax
 
 
+def pad_slot(spec, group: int) -> int:
+    """The flat slot padding tokens of layer group ``group`` write to: one past the group's
+    last token slot (``num_blocks * block_size``). Every write scatters with
+    ``mode="drop"``, so a padding token lands nowhere; this is the only definition."""
+    return spec.groups[group].num_blocks * spec.block_size
+
+
+def step_layout(kv: np.ndarray, q: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(kv_lens [B], query_lens [B], positions [B, T], valid [B, T])`` of a step whose
+    rows hold ``kv`` tokens, the last ``q`` of them new: ``B`` and ``T`` bucketed, padding
+    rows empty, ``valid`` marking real tokens."""
+    n = kv.size
+    B, T = bucket(n, spec.max_batch_slots), bucket(int(q.max(initial=1)), spec.max_seq_len)
+    kv_lens = np.zeros(B, dtype=np.int32)
+    kv_lens[:n] = kv
+    query_lens = np.zeros(B, dtype=np.int32)
+    query_lens[:n] = q
+    t = np.arange(T, dtype=np.int32)[None, :]
+    valid = t < query_lens[:, None]
+    # Padding tokens sit at the row's last real position so a causal mask built from
+    # `positions` never leaves a padding query with nothing to attend to.
+    positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
+    return kv_lens, query_lens, positions.astype(np.int32), valid
+
+
 def bucket(n: int, cap: int) -> int:
     """Smallest power of two >= n, clipped to ``cap`` (which is itself a bucket)."""
     for name, value in (("n", n), ("cap", cap)):
@@ -141,4 +166,4 @@ def _register_if_jax() -> None:
 
 _register_if_jax()
 
-__all__ = ["GroupMetadata", "StepMetadata", "bucket", "register_pytrees"]
+__all__ = ["GroupMetadata", "StepMetadata", "bucket", "pad_slot", "register_pytrees", "step_layout"]

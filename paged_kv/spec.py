@@ -440,6 +440,28 @@ class LayerGroup:
         return position * 0
 
 
+def spec_difference(a: CacheSpec, b: CacheSpec, a_name: str, b_name: str) -> str:
+    """``"a_name vs b_name: field=x vs y, ..."`` for every constructor field that differs."""
+    fa, fb = (attrs.asdict(s, filter=lambda f, _: f.init) for s in (a, b))
+    diffs = [f"{k}={fa[k]!r} vs {fb[k]!r}" for k in fa if fa[k] != fb[k]]
+    return f"{a_name} vs {b_name}: {', '.join(diffs) or 'equal fields'}"
+
+
+def require_same_spec(a, b, a_name: str, b_name: str, error: type = SpecError) -> None:
+    """Raise ``error`` unless ``a`` and ``b`` (specs, or objects with a ``spec``) are equal specs.
+
+    The one agreement check between a manager and the pages it addresses (insert_prefill,
+    swap, checkpoints): a table built for other pages writes into blocks that do not
+    exist there or reads another layout. The message names every field that differs."""
+    sa, sb = (x if isinstance(x, CacheSpec) else getattr(x, "spec", None) for x in (a, b))
+    for name, s in ((a_name, sa), (b_name, sb)):
+        if not isinstance(s, CacheSpec):
+            raise error(f"the {name} has no CacheSpec (got {type(s).__name__}); pass the object paged_kv built")
+    if sa != sb:
+        raise error(f"the {a_name} and the {b_name} were built for different specs "
+                    f"({spec_difference(sa, sb, a_name, b_name)}); build both from one CacheSpec")
+
+
 def _resolve(name: str):
     import ml_dtypes
 
@@ -482,4 +504,5 @@ def compute_dtype(spec: CacheSpec):
     return _resolve(spec.dtype)
 
 
-__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "PAGE_STORAGE", "bits_dtype", "storage_dtype", "compute_dtype"]
+__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "PAGE_STORAGE", "bits_dtype", "compute_dtype", "require_same_spec",
+           "spec_difference", "storage_dtype"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from paged_kv.errors import InvalidArgumentError, InvalidSequenceIdError, InvalidTokenCountError, SequenceTooLongError
+from paged_kv.allocator.seq_ids import check_seq_id
+from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, SequenceTooLongError
 
 
 @attrs.frozen(eq=False)
@@ -50,9 +51,7 @@ def check_record(record, spec) -> tuple[int, int, tuple[int, ...], tuple[int, ..
     """
     if not isinstance(record, SwapRecord):
         raise InvalidArgumentError(f"swap_in needs a SwapRecord (from swap_out or swap_record); got {type(record).__name__}")
-    seq_id = record.seq_id
-    if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)) or seq_id < 0:
-        raise InvalidSequenceIdError(f"SwapRecord seq_id={seq_id!r} must be an integer >= 0")
+    seq_id = check_seq_id(record.seq_id, "SwapRecord ")
     num_tokens = record.num_tokens
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or not 1 <= num_tokens < 2**31:
         raise InvalidTokenCountError(f"SwapRecord num_tokens={num_tokens!r} must be an integer in [1, 2**31)")
