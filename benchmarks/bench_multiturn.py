@@ -54,7 +54,7 @@ def model_figures(report) -> dict:
         steps=report.steps,
         mean_running=round(report.mean_running, 2),
         groups=dict(
-            windows=list(report.group_windows),
+            kinds=list(report.group_kinds),
             mean_blocks_held=[round(b, 1) for b in report.mean_group_blocks],
             peak_blocks_held=list(report.peak_group_blocks),
             mean_cached_blocks=[round(b, 1) for b in report.mean_group_cached],

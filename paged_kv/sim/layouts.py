@@ -75,10 +75,4 @@ def demand_share(spec: CacheSpec, mean_group_blocks: tuple[float, ...]) -> float
     return slide / (full + slide)
 
 
-def layout_name(spec: CacheSpec) -> str:
-    """``full``, ``sliding`` or ``hybrid``: what ``spec``'s groups are."""
-    windows = [g.window for g in spec.groups]
-    return "full" if windows == [None] else "sliding" if None not in windows else "hybrid"
-
-
-__all__ = ["LAYOUTS", "demand_share", "layout_name", "sliding_layers", "spec_at_memory"]
+__all__ = ["LAYOUTS", "demand_share", "sliding_layers", "spec_at_memory"]

@@ -38,6 +38,7 @@ def multiturn_workload(
     sessions_per_s: float = 1.0,
     max_total_tokens: int | None = None,
     trace: Trace | None = None,
+    source: str | None = None,
 ) -> Workload:
     """``num_sessions`` chat sessions of up to ``turns`` turns each, rows session by session.
 
@@ -55,6 +56,8 @@ def multiturn_workload(
         trace: Where the (user-input, output) lengths come from: one row per turn,
             ``ContextTokens`` as the new user tokens, ``GeneratedTokens`` (at least 1)
             as the output. Default: the bundled Azure conversation trace.
+        source: The credit line of ``trace`` (default: the bundled trace's, or
+            "Trace: user-given").
 
     Raises:
         TraceError: a parameter out of range, naming it.
@@ -67,9 +70,9 @@ def multiturn_workload(
     if max_total_tokens is not None:
         _check_int("max_total_tokens", max_total_tokens, 2)
     if trace is None:
-        trace, source = load_trace(), BUNDLED_ATTRIBUTION
+        trace, source = load_trace(), source or BUNDLED_ATTRIBUTION
     else:
-        source = "Trace: user-given"
+        source = source or "Trace: user-given"
     if len(trace) == 0:
         raise TraceError("multiturn_workload: the trace has no rows to draw lengths from")
     rng = dict(zip(_STREAMS, (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))

@@ -48,7 +48,7 @@ import numpy as np
 
 from paged_kv.errors import OutOfBlocksError, PagedKVError
 from paged_kv.sim.backends.base import Backend
-from paged_kv.sim.profile import StepSeries
+from paged_kv.sim.profile import StepSeries, live_tokens
 from paged_kv.sim.trace import Trace
 from paged_kv.sim.workload import Workload
 
@@ -208,7 +208,7 @@ class _Replay:
         self.n_runnable = int(np.count_nonzero(self.fits))
         self.tokens = backend.caches_prefixes
         self._last_ids: tuple = (None, None, None)
-        self.windows = backend.group_windows
+        self.kinds = backend.group_kinds
 
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
@@ -404,9 +404,10 @@ class _Replay:
         rest = int(self.target[i] - self.done[i])
         if self.tokens:
             ids = self._ids(i, prompt)
-            if not backend.can_admit_prompt(i, ids, budget_left, rest > 0, busy):
+            chunk = min(prompt, budget_left)  # the most it can compute now, whatever it hits
+            if not backend.can_admit_prompt(i, ids, chunk, rest > 0, busy):
                 return None
-            cached = backend.admit_prompt(i, ids, budget_left, rest > 0)
+            cached = backend.admit_prompt(i, ids, chunk, rest > 0)
             if cached is None:
                 return None
         else:
@@ -527,13 +528,13 @@ class _Replay:
                           s.free_slots, s.largest_free_run, s.sliding_blocks, s.used_bytes))
         blocks = s.group_blocks or (s.slots_allocated / self.backend.block_size,)
         cached = s.group_cached or (0,) * len(blocks)
-        self.group_rows.append((*blocks, *cached, *(_window_tokens(self.held, w, span, tokens) for w in self.windows)))
+        self.group_rows.append((*blocks, *cached, *(live_tokens(self.held, kind, span, tokens) for kind in self.kinds)))
 
     def _result(self) -> ScheduleResult:
         c = self.c
         ran = self.first_step >= 0
         series = StepSeries.from_rows(self.rows, self.backend.block_size, self.backend.capacity_slots,
-                                      self.group_rows, self.windows)
+                                      self.group_rows, self.kinds)
         return ScheduleResult(
             requests_served=c["served"], cancelled=c["cancelled"], skipped=int(np.count_nonzero(~self.fits)),
             truncated=self.truncated, steps=c["steps"], idle_steps=c["step"] - c["steps"],
@@ -544,19 +545,6 @@ class _Replay:
             queue_delay_steps=(self.first_step - self.arrival_step)[ran], series=series,
             wall_s=time.perf_counter() - self.started,
         )
-
-
-def _window_tokens(held: np.ndarray, window: int | None, span: int, full_tokens: float) -> float:
-    """Tokens a layer group keeps live for the running sequences: all of them for full
-    attention (``full_tokens``, the row's figure), the last ``window`` for a sliding
-    group. Over a decode span of ``span`` steps (every sequence +1 a step), the mean."""
-    if window is None:
-        return full_tokens
-    if not span:
-        return float(np.minimum(held, window).sum())
-    # sum_{j=1..span} min(h + j, w) = m*h + m(m+1)/2 + (span - m)*w, m = clip(w - h, 0, span)
-    m = np.clip(window - held, 0, span)
-    return float((m * held + m * (m + 1) / 2 + (span - m) * window).sum() / span)
 
 
 def _first_chunk(i: int, context, done, target, budget_left: int) -> tuple[int, int]:

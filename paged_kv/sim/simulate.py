@@ -53,7 +53,7 @@ class SimReport(ReplayCounts):
     peak_group_blocks: tuple[int, ...]
     mean_group_cached: tuple[float, ...]
     group_utilization: tuple[float, ...]
-    group_windows: tuple[int | None, ...]
+    group_kinds: tuple[str, ...]
     token_hit_rate: float
     mean_used_bytes: float
     peak_used_bytes: int
@@ -93,7 +93,7 @@ class SimReport(ReplayCounts):
             peak_group_blocks=tuple(g["peak_blocks"]),
             mean_group_cached=tuple(g["mean_cached_blocks"]),
             group_utilization=tuple(g["utilization"]),
-            group_windows=tuple(g["windows"]),
+            group_kinds=tuple(g["kinds"]),
             token_hit_rate=result.token_hit_rate,
             mean_used_bytes=s["mean_used_bytes"],
             peak_used_bytes=s["peak_used_bytes"],

@@ -90,9 +90,9 @@ class Backend(abc.ABC):
         """The memory state now, for the step's profile row."""
 
     @property
-    def group_windows(self) -> tuple[int | None, ...]:
-        """Each layer group's window (None: full attention); contiguous caches are one full group."""
-        return (None,)
+    def group_kinds(self) -> tuple[str, ...]:
+        """Each layer group's attention (`paged_kv.sim.profile.group_kind`); contiguous caches are one full group."""
+        return ("full",)
 
     def can_admit_prompt(self, seq: int, token_ids: np.ndarray, chunk: int, first: bool, busy: bool) -> bool:
         """Whether `admit_prompt` would succeed now and leave enough headroom (prefix-caching backends)."""

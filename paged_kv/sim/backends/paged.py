@@ -10,6 +10,7 @@ from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import OutOfBlocksError
 from paged_kv.sim.backends.base import Backend, Sample
+from paged_kv.sim.profile import group_kind
 from paged_kv.spec import CacheSpec
 
 
@@ -38,11 +39,11 @@ class PagedBackend(Backend):
         self.caches_prefixes = bool(prefix_cache)
         self.reserve = watermark * spec.usable_blocks
         self.swapped: dict[int, SwapRecord] = {}
-        self._windows = tuple(g.window for g in spec.groups)
+        self._kinds = tuple(group_kind(g) for g in spec.groups)
 
     @property
-    def group_windows(self) -> tuple[int | None, ...]:
-        return self._windows
+    def group_kinds(self) -> tuple[str, ...]:
+        return self._kinds
 
     def can_admit(self, seq: int, tokens: int, final_tokens: int, busy: bool) -> bool:
         m = self.manager
