@@ -184,32 +184,12 @@ class _Replay:
                  progress, check: bool):
         self.started = time.perf_counter()
         self.work, self.backend, self.config, self.progress, self.check = work, backend, config, progress, check
-        trace = work.trace
-        n = len(work)
-        context, gen = trace.context_tokens, trace.generated_tokens
-        self.fits = context + np.minimum(gen, 1) <= max_seq_len
-        target = np.where(self.fits, np.minimum(gen, max_seq_len - context), 0)
-        self.truncated = int(np.count_nonzero(self.fits & (target < gen)))
-        # A client that cancels stops its request early: that is its output length.
-        cancels = self.fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
-        target = np.where(cancels, trace.cancel_after, target)
-        self._sequences(work, context, target, cancels)
-        if config.arrivals == "offline":
-            self.earliest = np.zeros(n, dtype=np.int64)
-        else:
-            self.earliest = np.floor(trace.arrival_s / config.speedup / config.step_s).astype(np.int64)
-        self.think_steps = np.floor(work.think_s / config.speedup / config.step_s).astype(np.int64)
-        self.followers: dict[int, list[int]] = {}
-        for j in np.flatnonzero(work.follows >= 0).tolist():
-            self.followers.setdefault(int(work.follows[j]), []).append(j)
-        self.arrival_step = self.earliest.copy()
-        self.first_step = np.full(n, -1, dtype=np.int64)
-        self.heap: list[tuple[int, int]] = []
-        self.n_runnable = int(np.count_nonzero(self.fits))
-        self.tokens = backend.caches_prefixes
-        self._last_ids: tuple = (None, None, None)
+        self.tokens = backend.caches_prefixes  # admission by token ids
         self.kinds = backend.group_kinds
-
+        self._last_ids: tuple = (None, None, None)
+        self.tally = dict.fromkeys(("step", "steps", "served", "cancelled", "preemptions", "admissions", "prefill",
+                                    "generated", "stored", "finished", "swap_ins", "bytes_out", "bytes_in",
+                                    "swapped_bytes", "peak_swapped", "prompt", "cached", "saved", "forks"), 0)
         self.waiting: deque[int] = deque()
         self.running: list[int] = []
         self.prompt_left = np.empty(0, dtype=np.int64)  # prompt tokens not yet prefilled
@@ -218,19 +198,46 @@ class _Replay:
         self.swapped: dict[int, tuple[int, int, int, int]] = {}  # seq -> (prompt_left, remaining, held, bytes)
         self.rows: list[tuple] = []
         self.group_rows: list[tuple] = []
-        self.c = dict.fromkeys(("step", "steps", "served", "cancelled", "preemptions", "admissions", "prefill",
-                                "generated", "stored", "finished", "swap_ins", "bytes_out", "bytes_in",
-                                "swapped_bytes", "peak_swapped", "prompt", "cached", "saved", "forks"), 0)
-        for i in range(n):
-            if work.follows[i] < 0:
-                if self.fits[i]:
-                    self.heap.append((int(self.earliest[i]), i))
-                else:
-                    self._request_done(i, int(self.earliest[i]))  # never runs; its followers still come
+        self._sequences(work, *self._targets(work.trace, max_seq_len))
+        self._arrivals(work, config)
+
+    def _targets(self, trace: Trace, max_seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which requests fit, and each one's prompt and output length after truncation
+        and cancellation."""
+        context, gen = trace.context_tokens, trace.generated_tokens
+        self.fits = context + np.minimum(gen, 1) <= max_seq_len
+        target = np.where(self.fits, np.minimum(gen, max_seq_len - context), 0)
+        self.truncated = int(np.count_nonzero(self.fits & (target < gen)))
+        # A client that cancels stops its request early: that is its output length.
+        cancels = self.fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
+        return context, np.where(cancels, trace.cancel_after, target), cancels
+
+    def _arrivals(self, work: Workload, config: SchedulerConfig) -> None:
+        """The arrival heap of (step, request): requests that follow none go in now, the
+        others when the request they follow finishes (`_request_done`)."""
+        n = len(work)
+        if config.arrivals == "offline":
+            self.earliest = np.zeros(n, dtype=np.int64)
+        else:
+            self.earliest = np.floor(work.trace.arrival_s / config.speedup / config.step_s).astype(np.int64)
+        self.think_steps = np.floor(work.think_s / config.speedup / config.step_s).astype(np.int64)
+        self.followers: dict[int, list[int]] = {}
+        for j in np.flatnonzero(work.follows >= 0).tolist():
+            self.followers.setdefault(int(work.follows[j]), []).append(j)
+        self.arrival_step = self.earliest.copy()
+        self.first_step = np.full(n, -1, dtype=np.int64)
+        self.n_runnable = int(np.count_nonzero(self.fits))
+        self.heap: list[tuple[int, int]] = []
+        for i in np.flatnonzero(work.follows < 0).tolist():
+            if self.fits[i]:
+                self.heap.append((int(self.earliest[i]), i))
+            else:
+                self._request_done(i, int(self.earliest[i]))  # never runs; its followers still come
         heapq.heapify(self.heap)
 
     def _sequences(self, work: Workload, context, target, cancels) -> None:
-        """Per-sequence arrays: requests first, then their extra samples."""
+        """Per-sequence arrays: requests first, then their extra samples (a request that
+        generates nothing has none)."""
         n = len(work)
         extra = np.where(self.fits & (target > 0), work.samples - 1, 0)
         self.first_child = n + np.cumsum(extra) - extra
@@ -248,7 +255,7 @@ class _Replay:
 
     # ---- the loop -------------------------------------------------------------------
     def run(self) -> ScheduleResult:
-        c = self.c
+        c = self.tally
         while True:
             self._arrive()
             if not self.running and not self.waiting:
@@ -274,7 +281,7 @@ class _Replay:
         return self._result()
 
     def _arrive(self) -> None:
-        step = self.c["step"]
+        step = self.tally["step"]
         while self.heap and self.heap[0][0] <= step:
             at, i = heapq.heappop(self.heap)
             self.arrival_step[i] = at
@@ -287,7 +294,7 @@ class _Replay:
         """Nothing can change until a sequence finishes or a request arrives: appends
         never fail, and admission is refused now and stays refused until a release.
         Replay that span as one row (backends that reserve ahead only)."""
-        c, running = self.c, self.running
+        c, running = self.tally, self.running
         n_run = len(running)
         if not n_run or self.prompt_left.any():
             return False
@@ -319,7 +326,7 @@ class _Replay:
     def _run_running(self) -> tuple[int, np.ndarray]:
         """Schedule the running sequences, preempting the newest on shortage; returns
         the budget they used and the tokens each got."""
-        c = self.c
+        c = self.tally
         while True:
             counts, granted, gen_now, used = _plan_running(self.prompt_left, self.remaining, self.config.token_budget)
             if not self.running:
@@ -340,7 +347,7 @@ class _Replay:
         return used, counts
 
     def _preempt(self) -> None:
-        c = self.c
+        c = self.tally
         victim = self.running.pop()
         if self.config.preemption == "swap":
             moved = self.backend.swap_out(victim)
@@ -358,27 +365,13 @@ class _Replay:
     # ---- (3) admission ---------------------------------------------------------------
     def _admit(self, budget_used: int) -> list[int]:
         """Admit from the queue head while the batch, the budget and the backend allow."""
-        c = self.c
         budget_left = self.config.token_budget - budget_used
         new_ids: list[int] = []
         new_state: list[tuple[int, int, int, int]] = []
         while self.waiting and len(self.running) + len(new_ids) < self.config.max_batch and budget_left > 0:
             i = self.waiting[0]
             busy = bool(self.running or new_ids)
-            if i in self.swapped:
-                # Back from host memory as it was: no prefill, no budget spent.
-                if not self.backend.can_swap_in(i, busy):
-                    break
-                self.waiting.popleft()
-                left, rest, h, moved = self.swapped.pop(i)
-                c["bytes_in"] += self.backend.swap_in(i)
-                c["swapped_bytes"] -= moved
-                c["swap_ins"] += 1
-                new_ids.append(i)
-                new_state.append((left, rest, h, 0))
-                c["stored"] += h
-                continue
-            admitted = self._admit_one(i, budget_left, busy)
+            admitted = self._swap_in(i, busy) if i in self.swapped else self._admit_one(i, budget_left, busy)
             if admitted is None:
                 break
             chunk, state = admitted
@@ -396,10 +389,24 @@ class _Replay:
             self._new_added = np.empty(0, dtype=np.int64)
         return new_ids
 
+    def _swap_in(self, i: int, busy: bool) -> tuple[int, tuple] | None:
+        """Bring swapped-out ``i`` back from host memory as it was: no prefill, no budget
+        spent. None if the backend has no room for it yet."""
+        if not self.backend.can_swap_in(i, busy):
+            return None
+        c = self.tally
+        self.waiting.popleft()
+        left, rest, h, moved = self.swapped.pop(i)
+        c["bytes_in"] += self.backend.swap_in(i)
+        c["swapped_bytes"] -= moved
+        c["swap_ins"] += 1
+        c["stored"] += h
+        return 0, (left, rest, h, 0)
+
     def _admit_one(self, i: int, budget_left: int, busy: bool) -> tuple[int, tuple] | None:
         """Admit sequence ``i`` with its first prompt chunk, or None if the backend refuses.
         Returns the prompt tokens computed and its (prompt left, remaining, held, added)."""
-        c, backend = self.c, self.backend
+        c, backend = self.tally, self.backend
         prompt = int(self.context[i] + self.done[i])
         rest = int(self.target[i] - self.done[i])
         if self.tokens:
@@ -441,7 +448,7 @@ class _Replay:
 
     # ---- (4) the step ran ---------------------------------------------------------------
     def _end_step(self, added: np.ndarray) -> None:
-        c = self.c
+        c = self.tally
         added = np.concatenate([added, self._new_added]) if self._new_added.size else added
         self.backend.end_step(self.running, self.held, added)
         if self.to_fork:
@@ -484,14 +491,14 @@ class _Replay:
                 else:
                     # No room now: it waits to be prefilled like a preempted sequence.
                     self.waiting.appendleft(child)
-            self.c["forks"] += len(joined)
+            self.tally["forks"] += len(joined)
             if joined:
                 m = len(joined)
                 self.running.extend(joined)
                 self.prompt_left = np.concatenate([self.prompt_left, np.zeros(m, np.int64)])
                 self.remaining = np.concatenate([self.remaining, self.target[joined] - self.done[joined]])
                 self.held = np.concatenate([self.held, np.full(m, tokens, np.int64)])
-                self.c["stored"] += m * tokens
+                self.tally["stored"] += m * tokens
 
     def _ids(self, seq: int, stop: int) -> np.ndarray | None:
         """Token ids of ``seq``'s first ``stop`` tokens, when the backend matches tokens.
@@ -506,11 +513,11 @@ class _Replay:
         r = int(self.request_of[s])
         self.open[r] -= 1
         if not self.open[r]:
-            self._request_done(r, self.c["step"])
+            self._request_done(r, self.tally["step"])
 
     def _request_done(self, r: int, step: int) -> None:
         """Request ``r`` finished (or was skipped) at ``step``: count it, release its followers."""
-        c = self.c
+        c = self.tally
         if self.fits[r]:
             c["finished"] += 1
             if self.cancels[r]:
@@ -523,7 +530,7 @@ class _Replay:
     # ---- profile and result ----------------------------------------------------------------
     def _profile(self, steps: int, tokens: float, span: int = 0) -> None:
         s = self.backend.sample()
-        c = self.c
+        c = self.tally
         self.rows.append((c["step"], steps, len(self.running), len(self.waiting), tokens, s.slots_allocated,
                           s.free_slots, s.largest_free_run, s.sliding_blocks, s.used_bytes))
         blocks = s.group_blocks or (s.slots_allocated / self.backend.block_size,)
@@ -531,7 +538,7 @@ class _Replay:
         self.group_rows.append((*blocks, *cached, *(live_tokens(self.held, kind, span, tokens) for kind in self.kinds)))
 
     def _result(self) -> ScheduleResult:
-        c = self.c
+        c = self.tally
         ran = self.first_step >= 0
         series = StepSeries.from_rows(self.rows, self.backend.block_size, self.backend.capacity_slots,
                                       self.group_rows, self.kinds)
