@@ -257,7 +257,8 @@ class _Replay:
     def run(self) -> ScheduleResult:
         c = self.tally
         while True:
-            self._arrive()
+            if self.heap and self.heap[0][0] <= c["step"]:
+                self._arrive()
             if not self.running and not self.waiting:
                 if not self.heap:
                     break
@@ -459,7 +460,7 @@ class _Replay:
         if ended.any():
             for k in np.flatnonzero(ended).tolist():
                 s = self.running[k]
-                self.backend.finish(s, self._ids(s, int(self.held[k])))
+                self.backend.finish(s, self._ids(s, int(self.held[k])) if self.tokens else None)
                 self._sequence_done(s)
             c["stored"] -= int(self.held[ended].sum())
             keep = ~ended
@@ -535,7 +536,10 @@ class _Replay:
                           s.free_slots, s.largest_free_run, s.sliding_blocks, s.used_bytes))
         blocks = s.group_blocks or (s.slots_allocated / self.backend.block_size,)
         cached = s.group_cached or (0,) * len(blocks)
-        self.group_rows.append((*blocks, *cached, *(live_tokens(self.held, kind, span, tokens) for kind in self.kinds)))
+        if self.kinds == ("full",):  # the common case, without the per-kind call
+            self.group_rows.append((*blocks, *cached, tokens))
+        else:
+            self.group_rows.append((*blocks, *cached, *(live_tokens(self.held, k, span, tokens) for k in self.kinds)))
 
     def _result(self) -> ScheduleResult:
         c = self.tally

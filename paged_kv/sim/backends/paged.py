@@ -39,7 +39,9 @@ class PagedBackend(Backend):
         self.caches_prefixes = bool(prefix_cache)
         self.reserve = watermark * spec.usable_blocks
         self.swapped: dict[int, SwapRecord] = {}
+        self._forked = False  # a fork queues copy-on-write copies that only a commit retires
         self._kinds = tuple(group_kind(g) for g in spec.groups)
+        self._group_bytes = tuple(spec.group_bytes_per_block(g) for g in range(len(spec.groups)))
 
     @property
     def group_kinds(self) -> tuple[str, ...]:
@@ -82,6 +84,8 @@ class PagedBackend(Backend):
         self.manager.append(seqs, counts)
 
     def end_step(self, seqs: list[int], held: np.ndarray, added: np.ndarray) -> None:
+        if not (self.caches_prefixes or self._forked):
+            return  # nothing to key, no copy to retire: a commit would change nothing
         m = self.manager
         if m.num_pending_copies:
             # A plain commit of a described step is what retires copy-on-write copies.
@@ -109,6 +113,7 @@ class PagedBackend(Backend):
 
     def fork(self, parent: int, child: int, tokens: int, final_tokens: int) -> None:
         self.manager.fork(parent, child)
+        self._forked = True
 
     def _record_bytes(self, record: SwapRecord) -> int:
         return sum(n * self.spec.group_bytes_per_block(g) for g, n in enumerate(record.num_blocks))
@@ -132,18 +137,18 @@ class PagedBackend(Backend):
         return self._record_bytes(record)
 
     def sample(self) -> Sample:
-        m = self.manager
         bs = self.block_size
-        pools = [g.pool for g in m.groups]
-        pool = pools[0]
+        pools = [g.pool for g in self.manager.groups]
+        used = tuple(p.num_used for p in pools)
+        free = pools[0].num_free * bs
         return Sample(
-            slots_allocated=pool.num_used * bs,
-            free_slots=pool.num_free * bs,
-            largest_free_run=pool.num_free * bs,
-            sliding_blocks=sum(p.num_used for p in pools[1:]),
-            used_bytes=m.used_bytes,
-            group_blocks=tuple(p.num_used for p in pools),
-            group_cached=tuple(p.num_cached for p in pools),
+            slots_allocated=used[0] * bs,
+            free_slots=free,
+            largest_free_run=free,
+            sliding_blocks=sum(used[1:]),
+            used_bytes=sum(n * b for n, b in zip(used, self._group_bytes)),
+            group_blocks=used,
+            group_cached=tuple(p.num_cached for p in pools) if self.caches_prefixes else (0,) * len(used),
         )
 
     def check_integrity(self) -> None:
