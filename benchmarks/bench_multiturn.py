@@ -36,9 +36,9 @@ from _report import finish_report, start_report
 from paged_kv import SpecError
 from paged_kv.sim import SchedulerConfig, multiturn_workload, simulate
 from paged_kv.sim.layouts import LAYOUTS, demand_share, spec_at_memory
-from paged_kv.sim.models import ModelShape
+from paged_kv.sim.models import MODELS
 
-SHAPE = ModelShape(num_layers=48, num_kv_heads=8, head_dim=256)  # Gemma 3 12B's KV shape
+SHAPE = MODELS["gemma3-12b"]  # Gemma 3 12B's KV shape
 WINDOW, FULL_EVERY, BLOCK, MAX_LEN, MAX_BATCH = 1024, 6, 16, 16384, 64
 
 

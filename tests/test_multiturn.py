@@ -239,3 +239,16 @@ def test_compare_with_samples_runs_every_backend(bundled):
     reports = compare(Workload.from_trace(t, samples=2), spec, SchedulerConfig(max_batch=32))
     assert [r.tokens_generated for r in reports] == [int(2 * t.generated_tokens.sum() - len(t))] * 3
     assert reports[0].forks > 0
+
+
+def test_cli_hybrid_layout(capsys):
+    assert main(["simulate", "--limit", "20", "--model", "gemma3-12b", "--layout", "hybrid", "--sliding-blocks",
+                 "2048", "--json", "--progress", "off"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layout"] == "hybrid" and out["group_kinds"] == ["full", "sliding:1024"]
+    per_token_layer = 2 * 8 * 256 * 2
+    assert out["pool_bytes"] == 16 * per_token_layer * (8192 * 8 + 2048 * 40)
+    assert out["mean_group_blocks"][1] < out["mean_group_blocks"][0]
+    with pytest.raises(SystemExit) as exit_:  # only a hybrid has a second pool
+        main(["simulate", "--sliding-blocks", "64"])
+    assert exit_.value.code == 2 and "--layout hybrid" in capsys.readouterr().err
