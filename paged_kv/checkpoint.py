@@ -14,9 +14,10 @@ File format (``FORMAT_NAME``, version ``FORMAT_VERSION``): one uncompressed ``.n
 
 ``header``
     uint8: UTF-8 JSON ``{"format", "version", "spec": {CacheSpec init fields},
-    "layout": "split" | "unified", "slots": null | {"num_slots": n}, "arrays":
-    [{"name", "shape", "dtype", "sha256"}, ...]}``. The manifest lists every other
-    array with its shape, dtype (numpy ``dtype.str``) and the SHA-256 of its bytes.
+    "layout": "split" | "unified", "prefix_cache": bool, "slots": null |
+    {"num_slots": n}, "arrays": [{"name", "shape", "dtype", "sha256"}, ...]}``. The
+    manifest lists every other array with its shape, dtype (numpy ``dtype.str``) and
+    the SHA-256 of its bytes.
 ``digest``
     uint8: the hex SHA-256 of the header's bytes. Since the header holds every
     array's digest, this one value covers the header and every array's bytes (a
@@ -26,23 +27,23 @@ File format (``FORMAT_NAME``, version ``FORMAT_VERSION``): one uncompressed ``.n
     `paged_kv.spec.storage_dtype`), so bfloat16 and fp8 round-trip bit for bit; an
     int8 layer (`paged_kv.quant`) adds ``layer{i}.key_scales``/``value_scales`` (or
     ``kv_scales``), its per-token scales' bits. Fixed fp8 scales are in the spec.
-``group{g}.pool.*``, ``group{g}.table.*``, ``manager.rows``
-    The manager's host state (`_manager_state`).
+``group{g}.pool.*``, ``group{g}.table.*``, ``group{g}.prefix.*``, ``manager.rows``, ``written.*``
+    The manager's host state: `KVCacheManager.state`, which asks each layer group,
+    pool, table and prefix cache for its own (``group{g}.prefix.*`` only with the
+    prefix cache on).
 ``slots.slot_of``
-    Only when `DecodeSlots` were saved: ``[(seq_id, slot), ...]`` in insertion order.
+    Only when `DecodeSlots` were saved: `DecodeSlots.state`.
 
 The file is written to a temporary name in the target's directory and renamed over
 the target (``os.replace``, atomic on POSIX and Windows), so a crash or a full disk
 mid-write leaves the previous file at ``path`` (or none) and never half a checkpoint.
 
-MAINTENANCE: `_manager_state` / `_restore_manager` (and `_slots_state` /
-`_restore_slots`) are the only code that knows the allocator's internals. A new
-piece of manager state (the prefix cache of a later issue, say) must be captured
-and restored there, with ``FORMAT_VERSION`` bumped (keep reading older versions
-where the new state has an obvious empty value). `_KNOWN_STATE` lists the attributes
-this module captures; saving an object with any other attribute raises
-`CheckpointError`, so forgetting this step fails loudly instead of writing a
-checkpoint that silently drops state.
+MAINTENANCE: this module knows the file format only; every object saves and
+restores its own fields (``state()`` / ``from_state()``). An object with an
+attribute its ``state()`` does not cover refuses to be saved
+(`paged_kv.allocator.saved_state.check_captured`), so new allocator state fails
+loudly until it is saved; a change of the arrays' names or meaning bumps
+``FORMAT_VERSION``, and `_upgrade` maps older files onto the current names.
 """
 
 from __future__ import annotations
@@ -58,47 +59,21 @@ import attrs
 import jax
 import numpy as np
 
-from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.decode_slots import DecodeSlots
-from paged_kv.allocator.manager import KVCacheManager, _Group
-from paged_kv.allocator.page_table import PageTable
-from paged_kv.allocator.prefix_cache import PrefixCache
-from paged_kv.allocator.written import WrittenBlocks
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.allocator.saved_state import prefixed, scoped
 from paged_kv.cache import _LAYOUTS, PagedKVCache
 from paged_kv.errors import CheckpointError, PagedKVError, SpecError
 from paged_kv.sharding import for_rank
-from paged_kv.spec import CacheSpec
+from paged_kv.spec import CacheSpec, require_same_spec, spec_difference
 
 FORMAT_NAME = "paged_kv.checkpoint"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 """Version 2 added the prefix cache's written-block state (``written.*``); a version 1
-file restores with none (nothing uncommitted: its keyed blocks were keyed at admission)."""
-
-# Attributes captured per class. Anything else on a saved object is state this
-# module would drop: `save_checkpoint` refuses it (see MAINTENANCE above).
-_KNOWN_STATE: dict[type, frozenset[str]] = {
-    # _copies (pending copy-on-write copies): saving requires none, and a restored
-    # manager starts with none. _forked is derived on restore (any block with two
-    # holders); _slotted is rebuilt by restoring the slots. _written: the written.* arrays.
-    # _descriptions/_described only order pending copies, so with none they are moot.
-    KVCacheManager: frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted",
-                               "_descriptions", "_described"}),
-    # issued: what the last step described but nobody committed; dropped (a restored
-    # manager keys those blocks at their next committed step instead).
-    WrittenBlocks: frozenset({"issued", "written", "hashes", "keyed"}),
-    _Group: frozenset({"window", "pool", "table", "pad_slot"}),  # window, pad_slot follow from the spec
-    # cache: the prefix cache (or None), captured as the prefix.* arrays.
-    BlockPool: frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"}),
-    # epoch is transient (a change counter for cached batch layouts): a restored table starts at 0.
-    PageTable: frozenset(
-        {"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use", "_free_rows", "epoch"}
-    ),
-    DecodeSlots: frozenset({"manager", "_seqs", "_slot_of"}),
-    # _events and _subscribers belong to the running process: not saved.
-    PrefixCache: frozenset({"block_of", "hash_of", "parent_of", "evictable", "queries", "query_tokens", "hit_tokens",
-                            "blocks_reused", "blocks_stored", "blocks_evicted", "_events", "_subscribers"}),
-}
+file restores with none (nothing uncommitted: its keyed blocks were keyed at admission).
+Version 3 keeps a prefix cache per layer group (``group{g}.prefix.*``, with the
+``behind`` eviction tier) where versions 1 and 2 had one (``prefix.*``), for group 0."""
 
 _RESERVED = ("header", "digest")
 
@@ -134,11 +109,10 @@ def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCac
     if not isinstance(cache, PagedKVCache):
         raise CheckpointError(f"cannot save {path!r}: cache is a {type(cache).__name__}, not a PagedKVCache")
     spec = manager.spec
-    if cache.spec != spec:
-        raise CheckpointError(
-            f"cannot save {path!r}: the cache was built for a different spec than the manager "
-            f"({_spec_diff(cache.spec, spec, 'cache', 'manager')}); save the cache its manager allocates for"
-        )
+    try:
+        require_same_spec(manager, cache, "manager", "cache", CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot save {path!r}: {exc}; save the cache its manager allocates for") from None
     if slots is not None:
         if not isinstance(slots, DecodeSlots):
             raise CheckpointError(f"cannot save {path!r}: slots is a {type(slots).__name__}, not DecodeSlots")
@@ -147,8 +121,6 @@ def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCac
                 f"cannot save {path!r}: the DecodeSlots belong to another KVCacheManager; pass the slots "
                 "built on this manager (DecodeSlots(manager)), or slots=None"
             )
-    for obj in _state_objects(manager, slots):
-        _check_known_state(obj, path)
     if manager.num_pending_copies:
         raise CheckpointError(
             f"cannot save {path!r}: {manager.num_pending_copies} copy-on-write block copies are pending; run the "
@@ -160,16 +132,18 @@ def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCac
             slots.check_integrity()
     except AssertionError as exc:
         raise CheckpointError(f"refusing to save {path!r}: the allocator state is inconsistent ({exc})") from exc
-
-    layout, names, leaves = _pages_of(cache, spec, path)
-    arrays = dict(zip(names, (np.asarray(a) for a in jax.device_get(leaves))))
     try:
-        arrays.update(_manager_state(manager))
+        state = manager.state()
         if slots is not None:
-            arrays.update(_slots_state(slots))
+            state.update(prefixed("slots.", slots.state()))
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot save {path!r}: {exc}") from None
     except OverflowError as exc:  # a seq_id outside int64
         raise CheckpointError(f"cannot save {path!r}: a sequence id does not fit in int64 ({exc})") from exc
 
+    layout, names, leaves = _pages_of(cache, spec, path)
+    arrays = dict(zip(names, (np.asarray(a) for a in jax.device_get(leaves))))
+    arrays.update(state)
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -209,41 +183,23 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     saved_spec = _spec_from_header(header, path)
     if spec is not None and spec != saved_spec:
         raise CheckpointError(
-            f"checkpoint {path!r} was saved for a different spec: {_spec_diff(saved_spec, spec, 'checkpoint', 'expected')}; "
+            f"checkpoint {path!r} was saved for a different spec ({spec_difference(saved_spec, spec, 'checkpoint', 'expected')}); "
             "build the cache with the checkpoint's spec (load without spec= to see it) or load another checkpoint"
         )
     layout = header.get("layout")
     if layout not in _LAYOUTS:
         raise CheckpointError(f"checkpoint {path!r}: layout={layout!r} is not one of {_LAYOUTS}")
     slots_info = header.get("slots")
-    has_slots = slots_info is not None
-
-    expected, treedef = _expected_pages(saved_spec, layout)
     prefix = header.get("prefix_cache", False)
     if not isinstance(prefix, bool):
         raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
-    wanted = set(expected) | set(_manager_names(saved_spec, prefix)) | ({"slots.slot_of"} if has_slots else set())
-    if header.get("version") == 1:
-        wanted = {n for n in wanted if not n.startswith("written.")}
-    missing = [n for n in sorted(wanted) if n not in arrays]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} lacks arrays {missing}; it was written by another tool or edited")
-    unknown = sorted(set(arrays) - wanted)
-    if unknown:
-        raise CheckpointError(
-            f"checkpoint {path!r} holds arrays version {FORMAT_VERSION} does not know: {unknown}; "
-            "it was written by another tool or edited"
-        )
-    for name, want in expected.items():
-        got = arrays[name]
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise CheckpointError(
-                f"checkpoint {path!r}: {name} is {got.shape} {got.dtype.name} but its spec "
-                f"({saved_spec.describe()}, layout={layout!r}) needs {want.shape} {np.dtype(want.dtype).name}"
-            )
-
-    manager = _restore_manager(saved_spec, arrays, path, prefix)
-    slots = _restore_slots(manager, slots_info, arrays, path) if has_slots else None
+    expected, treedef = _expected_pages(saved_spec, layout)
+    arrays = _upgrade(arrays, header.get("version"), prefix)
+    manager = _restore(path, "manager", lambda: _manager_of(saved_spec, prefix, arrays, expected, slots_info, path))
+    slots = None
+    if slots_info is not None:
+        num_slots = slots_info.get("num_slots") if isinstance(slots_info, dict) else None
+        slots = _restore(path, "slots", lambda: DecodeSlots.from_state(manager, num_slots, scoped(arrays, "slots.")))
 
     # One placement per array: a page sharding given as ``device`` fits int8 scales
     # (one axis fewer) only once cut to their rank (`paged_kv.sharding.for_rank`).
@@ -259,215 +215,51 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     return Checkpoint(spec=saved_spec, cache=cache, manager=manager, slots=slots, layout=layout)
 
 
-# ---- manager and slot state (the only code that knows the allocator's internals) --------
-def _manager_state(manager: KVCacheManager) -> dict[str, np.ndarray]:
-    """Every piece of host state a restored manager needs to continue exactly (copies).
-
-    The free stack is saved whole with its top so the next ``allocate`` pops the same
-    ids in the same order; the page table's free rows likewise (as a list, in order).
-    ``window`` and ``pad_slot`` of a group follow from the spec and are not saved.
-    """
-    state: dict[str, np.ndarray] = {}
-    for g, group in enumerate(manager.groups):
-        pool, table = group.pool, group.table
-        pre = f"group{g}."
-        state[pre + "pool.ref_counts"] = pool.ref_counts.copy()
-        state[pre + "pool.free_stack"] = pool._free.copy()
-        state[pre + "pool.num_free"] = np.array(pool._num_free, np.int64)
-        state[pre + "table.block_tables"] = table.block_tables.copy()
-        state[pre + "table.kv_lens"] = table.kv_lens.copy()
-        state[pre + "table.num_blocks"] = table.num_blocks.copy()
-        state[pre + "table.first_block"] = table.first_block.copy()
-        state[pre + "table.in_use"] = table.in_use.copy()
-        state[pre + "table.free_rows"] = np.array(table._free_rows, np.int64)
-    # (seq_id, row) in admission order: `seq_ids` reports sequences in that order.
-    state["manager.rows"] = np.array(list(manager._rows.items()), np.int64).reshape(-1, 2)
-    cache = manager.prefix_cache
-    if cache is not None:
-        # 128-bit keys as (low, high) uint64 pairs; the evictable blocks in LRU order,
-        # so eviction after a restore picks the same blocks; the counters. Events and
-        # subscribers belong to the running process and are not saved.
-        state["prefix.hash"] = _u128(cache.hash_of)
-        state["prefix.parent"] = _u128(cache.parent_of)
-        state["prefix.evictable"] = np.array(list(cache.evictable), np.int64)
-        state["prefix.stats"] = np.array([cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused,
-                                          cache.blocks_stored, cache.blocks_evicted], np.int64)
-        state.update(_written_state(manager._written))
-    return state
+# ---- the allocator's arrays ------------------------------------------------------------
+def _upgrade(arrays: dict[str, np.ndarray], version: int, prefix: bool) -> dict[str, np.ndarray]:
+    """Arrays of a version 1 or 2 file under the current names: the one prefix cache
+    (``prefix.*``) becomes group 0's, with an empty ``behind`` tier; version 1 files,
+    which kept no written-block state, restore with none."""
+    if version == FORMAT_VERSION or not prefix:
+        return arrays
+    arrays = {("group0." + k if k.startswith("prefix.") else k): v for k, v in arrays.items()}
+    arrays["group0.prefix.behind"] = np.zeros(0, np.int64)
+    if version == 1:
+        empty = {"lengths": (0, 2), "keyed": (0, 2), "hash_index": (0, 2)}
+        arrays.update({f"written.{k}": np.zeros(shape, np.int64) for k, shape in empty.items()})
+        arrays["written.hash_value"] = np.zeros((0, 2), np.uint64)
+    return arrays
 
 
-def _written_state(written: WrittenBlocks) -> dict[str, np.ndarray]:
-    """Per row: tokens committed, blocks keyed, and the chain hashes still to key."""
-    hashes = [(row, i, h) for row, chain in written.hashes.items() for i, h in enumerate(chain)]
-    return {
-        "written.lengths": np.array(sorted(written.written.items()), np.int64).reshape(-1, 2),
-        "written.keyed": np.array(sorted(written.keyed.items()), np.int64).reshape(-1, 2),
-        "written.hash_index": np.array([(r, i) for r, i, _ in hashes], np.int64).reshape(-1, 2),
-        "written.hash_value": _u128([h for *_, h in hashes]),
-    }
-
-
-def _restore_written(manager: KVCacheManager, take, path: str) -> None:
-    """Inverse of `_written_state`, every row checked to be a row in use."""
-    written = manager._written
-    lengths, keyed = take("written.lengths", np.int64, (None, 2)), take("written.keyed", np.int64, (None, 2))
-    index, values = take("written.hash_index", np.int64, (None, 2)), take("written.hash_value", np.uint64, (None, 2))
-    if index.shape[0] != values.shape[0]:
-        raise CheckpointError(f"checkpoint {path!r}: written.hash_index and written.hash_value differ in length")
-    live = set(manager._rows.values())
-    rows = set(lengths[:, 0].tolist()) | set(keyed[:, 0].tolist()) | set(index[:, 0].tolist())
-    if not rows <= live:
-        raise CheckpointError(f"checkpoint {path!r}: written.* names rows {sorted(rows - live)} no sequence holds")
-    written.written = {int(r): int(n) for r, n in lengths.tolist()}
-    written.keyed = {int(r): int(n) for r, n in keyed.tolist()}
-    for (row, i), h in zip(index.tolist(), _from_u128(values)):
-        chain = written.hashes.setdefault(int(row), [])
-        if i != len(chain):
-            raise CheckpointError(f"checkpoint {path!r}: written.hash_index row {row} skips to index {i}")
-        chain.append(h)
-
-
-def _u128(values: list[int]) -> np.ndarray:
-    return np.array([[v & 0xFFFFFFFFFFFFFFFF, v >> 64] for v in values], np.uint64).reshape(-1, 2)
-
-
-def _from_u128(pairs: np.ndarray) -> list[int]:
-    return [int(lo) | (int(hi) << 64) for lo, hi in pairs.tolist()]
-
-
-def _manager_names(spec: CacheSpec, prefix: bool = False) -> list[str]:
-    """Array names `_manager_state` writes for ``spec`` (what a loader must find)."""
-    fields = ("pool.ref_counts", "pool.free_stack", "pool.num_free", "table.block_tables", "table.kv_lens",
-              "table.num_blocks", "table.first_block", "table.in_use", "table.free_rows")
-    names = [f"group{g}.{f}" for g in range(len(spec.groups)) for f in fields] + ["manager.rows"]
-    written = ["written.lengths", "written.keyed", "written.hash_index", "written.hash_value"]
-    return names + (["prefix.hash", "prefix.parent", "prefix.evictable", "prefix.stats"] + written if prefix else [])
-
-
-def _restore_manager(spec: CacheSpec, arrays: dict[str, np.ndarray], path: str, prefix: bool = False) -> KVCacheManager:
-    """A `KVCacheManager` holding the saved state, checked by ``check_integrity``.
-
-    Shapes and dtypes are checked per array first so that a forged or mis-written
-    file fails with a message naming the array, not an IndexError deep inside.
-    """
-
-    def take(name: str, dtype, shape: tuple) -> np.ndarray:
-        a = arrays[name]
-        ok = a.ndim == len(shape) and all(w is None or w == s for w, s in zip(shape, a.shape))
-        if a.dtype != np.dtype(dtype) or not ok:
-            want = tuple("*" if w is None else w for w in shape)
-            raise CheckpointError(
-                f"checkpoint {path!r}: {name} is {a.shape} {a.dtype.name}; expected {want} {np.dtype(dtype).name}"
-            )
-        return np.array(a, dtype=dtype, copy=True)  # owned and writable: the manager mutates it
-
+def _manager_of(spec: CacheSpec, prefix: bool, arrays: dict, expected: dict, slots_info, path: str) -> KVCacheManager:
+    """The manager the arrays describe, after checking the file holds exactly the arrays
+    this spec's pages, manager and slots need (`KVCacheManager.state` names them)."""
     try:
-        manager = KVCacheManager(spec, prefix_cache=prefix)
+        wanted = set(KVCacheManager(spec, prefix_cache=prefix).state())
     except SpecError as exc:
-        raise CheckpointError(f"checkpoint {path!r}: {exc}") from exc
-    capacity = None
-    for g, group in enumerate(manager.groups):
-        nb, pre = spec.groups[g].num_blocks, f"group{g}."
-        ref_counts = take(pre + "pool.ref_counts", np.int32, (nb,))
-        free_stack = take(pre + "pool.free_stack", np.int32, (nb - 1,))
-        num_free = int(take(pre + "pool.num_free", np.int64, ()))
-        if not 0 <= num_free <= nb - 1:
-            raise CheckpointError(f"checkpoint {path!r}: {pre}pool.num_free={num_free} is outside [0, {nb - 1}]")
-        block_tables = take(pre + "table.block_tables", np.int32, (None, spec.max_blocks_per_seq))
-        rows = block_tables.shape[0]
-        if capacity is not None and rows != capacity:
-            raise CheckpointError(
-                f"checkpoint {path!r}: group {g}'s page table has {rows} rows, group 0's {capacity}; "
-                "the groups' tables grow in lockstep"
-            )
-        capacity = rows
-        pool, table = group.pool, group.table
-        pool.ref_counts, pool._free, pool._num_free = ref_counts, free_stack, num_free
-        table.block_tables = block_tables
-        table.kv_lens = take(pre + "table.kv_lens", np.int32, (rows,))
-        table.num_blocks = take(pre + "table.num_blocks", np.int32, (rows,))
-        table.first_block = take(pre + "table.first_block", np.int32, (rows,))
-        table.in_use = take(pre + "table.in_use", np.bool_, (rows,))
-        table._free_rows = [int(r) for r in take(pre + "table.free_rows", np.int64, (None,))]
+        raise CheckpointError(str(exc)) from exc
+    wanted |= set(expected) | ({"slots.slot_of"} if slots_info is not None else set())
+    missing = [n for n in sorted(wanted) if n not in arrays]
+    if missing:
+        raise CheckpointError(f"lacks arrays {missing}; it was written by another tool or edited")
+    unknown = sorted(set(arrays) - wanted)
+    if unknown:
+        raise CheckpointError(f"holds arrays version {FORMAT_VERSION} does not know: {unknown}; "
+                              "it was written by another tool or edited")
+    for name, want in expected.items():
+        got = arrays[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(f"{name} is {got.shape} {got.dtype.name} but its spec ({spec.describe()}) needs "
+                                  f"{want.shape} {np.dtype(want.dtype).name}")
+    return KVCacheManager.from_state(spec, prefix, arrays)
 
-    seq_rows = take("manager.rows", np.int64, (None, 2))
-    manager._rows = {int(s): int(r) for s, r in seq_rows}
-    if len(manager._rows) != seq_rows.shape[0]:
-        raise CheckpointError(f"checkpoint {path!r}: manager.rows names a sequence id twice")
-    bad = [int(r) for r in seq_rows[:, 1] if not 0 <= r < capacity]
-    if bad:
-        raise CheckpointError(f"checkpoint {path!r}: manager.rows points at rows {bad} outside [0, {capacity})")
-    manager._forked = any(bool((g.pool.ref_counts > 1).any()) for g in manager.groups)
-    if prefix:
-        nb = spec.groups[0].num_blocks
-        cache = manager.prefix_cache
-        cache.hash_of = _from_u128(take("prefix.hash", np.uint64, (nb, 2)))
-        cache.parent_of = _from_u128(take("prefix.parent", np.uint64, (nb, 2)))
-        cache.block_of = {h: b for b, h in enumerate(cache.hash_of) if h != 0}
-        evictable = take("prefix.evictable", np.int64, (None,))
-        if np.any((evictable < 1) | (evictable >= nb)):
-            raise CheckpointError(f"checkpoint {path!r}: prefix.evictable names blocks outside [1, {nb})")
-        cache.evictable.update((int(b), None) for b in evictable)
-        (cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused, cache.blocks_stored,
-         cache.blocks_evicted) = (int(x) for x in take("prefix.stats", np.int64, (6,)))
-        if "written.lengths" in arrays:  # absent from version 1 files
-            _restore_written(manager, take, path)
+
+def _restore(path: str, what: str, build):
+    """``build()``, with a `CheckpointError` it raises naming ``path``."""
     try:
-        manager.check_integrity()
-    except (AssertionError, IndexError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path!r}: the restored allocator state is inconsistent: {exc}") from exc
-    return manager
-
-
-def _slots_state(slots: DecodeSlots) -> dict[str, np.ndarray]:
-    """``(seq_id, slot)`` pairs in insertion order; ``num_slots`` goes in the header."""
-    return {"slots.slot_of": np.array(list(slots._slot_of.items()), np.int64).reshape(-1, 2)}
-
-
-def _restore_slots(manager: KVCacheManager, info, arrays: dict[str, np.ndarray], path: str) -> DecodeSlots:
-    num_slots = info.get("num_slots") if isinstance(info, dict) else None
-    if isinstance(num_slots, bool) or not isinstance(num_slots, int):
-        # Never fall back to DecodeSlots' default size: that would change the batch shape.
-        raise CheckpointError(f"checkpoint {path!r}: the header's slots entry {info!r} has no integer num_slots")
-    try:
-        slots = DecodeSlots(manager, num_slots)
-    except PagedKVError as exc:
-        raise CheckpointError(f"checkpoint {path!r}: saved slots num_slots={num_slots!r} are invalid: {exc}") from exc
-    pairs = arrays["slots.slot_of"]
-    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype != np.int64:
-        raise CheckpointError(f"checkpoint {path!r}: slots.slot_of is {pairs.shape} {pairs.dtype.name}; expected (*, 2) int64")
-    for seq_id, slot in pairs.tolist():
-        if not 0 <= slot < slots.num_slots or slots._seqs[slot] is not None or seq_id in slots._slot_of:
-            raise CheckpointError(
-                f"checkpoint {path!r}: slots.slot_of puts seq_id={seq_id} in slot {slot}, which is out of range "
-                f"[0, {slots.num_slots}), taken, or a second slot of that sequence"
-            )
-        try:
-            slots.insert(seq_id, slot)
-        except PagedKVError as exc:
-            raise CheckpointError(f"checkpoint {path!r}: slots.slot_of cannot be restored: {exc}") from exc
-    try:
-        slots.check_integrity()
-    except AssertionError as exc:
-        raise CheckpointError(f"checkpoint {path!r}: the restored decode slots are inconsistent: {exc}") from exc
-    return slots
-
-
-def _state_objects(manager: KVCacheManager, slots: DecodeSlots | None) -> list:
-    objs = [manager]
-    for group in manager.groups:
-        objs += [group, group.pool, group.table] + ([group.pool.cache] if group.pool.cache is not None else [])
-    return objs + ([slots] if slots is not None else [])
-
-
-def _check_known_state(obj, path: str) -> None:
-    known = next((names for cls, names in _KNOWN_STATE.items() if isinstance(obj, cls)), None)
-    extra = sorted(set(vars(obj)) - known) if known is not None else sorted(vars(obj))
-    if extra:
-        raise CheckpointError(
-            f"cannot save {path!r}: {type(obj).__name__} has state paged_kv.checkpoint does not capture: {extra}; "
-            "add it to _manager_state/_restore_manager (and _KNOWN_STATE) and bump FORMAT_VERSION"
-        )
+        return build()
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path!r} ({what}): {exc}") from exc
 
 
 # ---- pages -----------------------------------------------------------------------------
@@ -530,12 +322,6 @@ def _spec_from_header(header: dict, path: str) -> CacheSpec:
         return CacheSpec(**fields)
     except (TypeError, PagedKVError) as exc:
         raise CheckpointError(f"checkpoint {path!r}: the saved spec {fields} is not a valid CacheSpec: {exc}") from exc
-
-
-def _spec_diff(a: CacheSpec, b: CacheSpec, a_name: str, b_name: str) -> str:
-    fa, fb = _spec_fields(a), _spec_fields(b)
-    diffs = [f"{k}: {a_name} {fa[k]!r}, {b_name} {fb[k]!r}" for k in fa if fa[k] != fb[k]]
-    return "; ".join(diffs) or "equal fields"
 
 
 # ---- file I/O --------------------------------------------------------------------------

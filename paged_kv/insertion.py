@@ -22,21 +22,20 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Union
 
-import attrs
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.cache import PagedKVCache
-from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError, SpecError
-from paged_kv.metadata import bucket
+from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError
+from paged_kv.metadata import bucket, pad_slot
 
 if TYPE_CHECKING:  # annotations only: the manager does not import this module, but keep it light
     from paged_kv.allocator.manager import KVCacheManager
 
 LayerArrays = Union[Sequence[Union[jax.Array, np.ndarray]], jax.Array, np.ndarray]
 """One ``[L, heads, dim]`` array per layer, or one stacked ``[num_layers, L, heads, dim]`` array."""
-from paged_kv.spec import CacheSpec, compute_dtype
+from paged_kv.spec import compute_dtype, require_same_spec
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -130,13 +129,7 @@ def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, ke
     if not isinstance(cache, PagedKVCache):
         raise ShapeError(f"cache is a {type(cache).__name__}; expected a PagedKVCache")
     spec = cache.spec
-    other = getattr(manager, "spec", None)
-    if not isinstance(other, CacheSpec):
-        raise SpecError(f"manager is a {type(manager).__name__}; expected a KVCacheManager with a CacheSpec")
-    if other != spec:
-        diff = [f"{f.name}={getattr(other, f.name)!r} vs {getattr(spec, f.name)!r}"
-                for f in attrs.fields(CacheSpec) if f.eq and getattr(other, f.name) != getattr(spec, f.name)]
-        raise SpecError(f"the manager's spec is not the cache's (manager vs cache): {', '.join(diff)}")
+    require_same_spec(manager, cache, "manager", "cache")
     if len(cache) != spec.num_layers:
         raise ShapeError(f"cache has {len(cache)} layers; its spec has num_layers={spec.num_layers}")
     dt = compute_dtype(spec)
@@ -163,7 +156,7 @@ def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, ke
     slot_rows = manager.admit(seq_id, length)  # the first state change
     slots = np.empty((len(spec.groups), padded_len), np.int32)
     for g in range(len(spec.groups)):
-        slots[g] = spec.groups[g].num_blocks * spec.block_size  # dropped by the scatter
+        slots[g] = pad_slot(spec, g)  # dropped by the scatter
     slots[:, :length] = slot_rows
     try:
         cache = _write_prefill(cache, k, v, slots)

@@ -19,6 +19,13 @@ if TYPE_CHECKING:  # annotations only: importing JAX here would cost every host-
     import jax
 
 
+def pad_slot(spec, group: int) -> int:
+    """The flat slot padding tokens of layer group ``group`` write to: one past the group's
+    last token slot (``num_blocks * block_size``). Every write scatters with
+    ``mode="drop"``, so a padding token lands nowhere; this is the only definition."""
+    return spec.groups[group].num_blocks * spec.block_size
+
+
 def bucket(n: int, cap: int) -> int:
     """Smallest power of two >= n, clipped to ``cap`` (which is itself a bucket)."""
     for name, value in (("n", n), ("cap", cap)):
@@ -141,4 +148,4 @@ def _register_if_jax() -> None:
 
 _register_if_jax()
 
-__all__ = ["GroupMetadata", "StepMetadata", "bucket", "register_pytrees"]
+__all__ = ["GroupMetadata", "StepMetadata", "bucket", "pad_slot", "register_pytrees"]

@@ -47,11 +47,18 @@ def _count(value, name: str) -> int:
     return int(value)
 
 
-def _layer_indices(value) -> tuple:
-    """``sliding_layers`` as a tuple; anything that is not a collection of indices is a `SpecError`."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise SpecError(f"sliding_layers={value!r} must be a tuple of layer indices, e.g. (1, 3)")
-    return tuple(value)
+def _indices_of(name: str):
+    def convert(value) -> tuple:
+        """``{name}`` as a tuple; anything that is not a collection of indices is a `SpecError`."""
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise SpecError(f"{name}={value!r} must be a tuple of layer indices, e.g. (1, 3)")
+        return tuple(value)
+
+    return convert
+
+
+_layer_indices = _indices_of("sliding_layers")
+_chunked_indices = _indices_of("chunked_layers")
 
 
 def _fp8_scales_converter(value):
@@ -120,7 +127,18 @@ class CacheSpec:
     per-head scales ``kv_fp8_scales`` (None: 1.0; one float: per-tensor; per layer a
     ``(key, value)`` pair of a float or one float per head). ``dtype`` stays the
     compute dtype. Layers in ``kv_full_precision_layers`` (indices, or "sliding" for
-    every sliding-window layer) keep ``dtype`` pages.
+    every sliding-window layer; chunked layers do not count as sliding: list their
+    indices to keep them too) keep ``dtype`` pages.
+
+    Local attention: layers in ``sliding_layers`` see the last ``sliding_window``
+    positions; layers in ``chunked_layers`` (Llama 4's ``attention_chunk_size``) see,
+    causally, only the positions of their own chunk: position ``p`` sees ``s`` iff
+    ``s // attention_chunk_size == p // attention_chunk_size``. Either kind forms its
+    own layer group with its own pool (``sliding_num_blocks`` / ``chunked_num_blocks``
+    blocks, default ``num_blocks``) whose blocks behind what any query can still see
+    go back to the pool as sequences grow. A chunk may be any positive size: the mask
+    and the host rule are exact whether or not it is a multiple of ``block_size`` (a
+    block straddling a chunk edge is kept while the chunk it ends in is current).
     """
 
     num_layers: int = attrs.field(validator=_positive)
@@ -138,6 +156,9 @@ class CacheSpec:
     sliding_window: int | None = attrs.field(default=None, validator=_optional_positive)
     sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=_layer_indices)
     sliding_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
+    attention_chunk_size: int | None = attrs.field(default=None, validator=_optional_positive)
+    chunked_layers: tuple[int, ...] = attrs.field(default=(), converter=_chunked_indices)
+    chunked_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
     page_storage: str = attrs.field(default="bits", validator=_page_storage)
     kv_format: str = attrs.field(default="none")
     kv_scale_dtype: str = attrs.field(default="float32")
@@ -180,6 +201,8 @@ class CacheSpec:
                 f"usable blocks of num_blocks={self.num_blocks}"
             )
         self._check_sliding()
+        self._check_chunked()
+        object.__setattr__(self, "_groups", self._make_groups())
         self._check_format()
         if self.pool_bytes > MAX_POOL_BYTES:
             raise SpecError(
@@ -188,12 +211,24 @@ class CacheSpec:
                 "or size the pool with CacheSpec.for_memory(bytes, ...)"
             )
 
-    def _check_sliding(self) -> None:
-        layers = self.sliding_layers
+    def _check_indices(self, name: str) -> tuple[int, ...]:
+        layers = getattr(self, name)
         if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in layers):
-            raise SpecError(f"sliding_layers={layers!r} must be layer indices")
+            raise SpecError(f"{name}={layers!r} must be layer indices")
         if len(set(layers)) != len(layers) or any(not 0 <= x < self.num_layers for x in layers):
-            raise SpecError(f"sliding_layers={layers!r} must be distinct indices in [0, {self.num_layers})")
+            raise SpecError(f"{name}={layers!r} must be distinct indices in [0, {self.num_layers})")
+        return layers
+
+    def _check_pool_size(self, name: str, kind: str, layers) -> None:
+        value = getattr(self, name)
+        if value is not None:
+            if not layers:
+                raise SpecError(f"{name}={value} given but no layer is {kind}")
+            if value < 2 or value * self.block_size >= 2**31:
+                raise SpecError(f"{name}={value} must be in [2, 2**31 / block_size)")
+
+    def _check_sliding(self) -> None:
+        layers = self._check_indices("sliding_layers")
         if layers and self.sliding_window is None:
             raise SpecError(f"sliding_layers={layers!r} given without sliding_window")
         if self.sliding_window is not None and not layers:
@@ -203,13 +238,27 @@ class CacheSpec:
                 f"sliding_window={self.sliding_window} is smaller than block_size={self.block_size}; "
                 "a window must span at least one block"
             )
-        if self.sliding_num_blocks is not None:
-            if not layers:
-                raise SpecError(f"sliding_num_blocks={self.sliding_num_blocks} given but no layer is sliding")
-            if self.sliding_num_blocks < 2 or self.sliding_num_blocks * self.block_size >= 2**31:
-                raise SpecError(f"sliding_num_blocks={self.sliding_num_blocks} must be in [2, 2**31 / block_size)")
+        self._check_pool_size("sliding_num_blocks", "sliding", layers)
         object.__setattr__(self, "sliding_layers", tuple(sorted(int(x) for x in layers)))
-        object.__setattr__(self, "_groups", self._make_groups())
+
+    def _check_chunked(self) -> None:
+        # Any chunk size >= 1 is accepted (unlike a window, which must span a block):
+        # a chunk smaller than a block only means one block holds several chunk edges,
+        # and the group keeps the block holding the current chunk's first position.
+        layers = self._check_indices("chunked_layers")
+        chunk = self.attention_chunk_size
+        if layers and chunk is None:
+            raise SpecError(f"chunked_layers={layers!r} given without attention_chunk_size")
+        if chunk is not None and not layers:
+            raise SpecError(f"attention_chunk_size={chunk} given but chunked_layers is empty")
+        both = sorted(set(layers) & set(self.sliding_layers))
+        if both:
+            raise SpecError(
+                f"layers {both} are in both sliding_layers and chunked_layers; a layer has one attention kind: "
+                "drop them from one of the two"
+            )
+        self._check_pool_size("chunked_num_blocks", "chunked", layers)
+        object.__setattr__(self, "chunked_layers", tuple(sorted(int(x) for x in layers)))
 
     def _check_format(self) -> None:
         from paged_kv import quant  # the formats' rules live with their arithmetic
@@ -223,17 +272,22 @@ class CacheSpec:
     @property
     def groups(self) -> tuple["LayerGroup", ...]:
         """Layers that share block tables: full-attention layers first (if any), then the
-        sliding-window layers. Each group has its own pool of blocks and page table."""
+        sliding-window layers (if any), then the chunked layers (if any). Each group has
+        its own pool of blocks and page table."""
         return self._groups
 
     def _make_groups(self) -> tuple["LayerGroup", ...]:
-        full = tuple(i for i in range(self.num_layers) if i not in self.sliding_layers)
+        local = set(self.sliding_layers) | set(self.chunked_layers)
+        full = tuple(i for i in range(self.num_layers) if i not in local)
         out = []
         if full:
             out.append(LayerGroup(layers=full, window=None, num_blocks=self.num_blocks))
         if self.sliding_layers:
             out.append(LayerGroup(layers=self.sliding_layers, window=self.sliding_window,
                                   num_blocks=self.sliding_num_blocks or self.num_blocks))
+        if self.chunked_layers:
+            out.append(LayerGroup(layers=self.chunked_layers, window=None, chunk=self.attention_chunk_size,
+                                  num_blocks=self.chunked_num_blocks or self.num_blocks))
         return tuple(out)
 
     def group_of(self, layer: int) -> int:
@@ -314,9 +368,10 @@ class CacheSpec:
 
     def pool_signature(self) -> tuple:
         """What step metadata must have been built for to address these pages: the
-        block size and each group's block count and window. Views refuse metadata whose
-        signature differs (a write would be dropped, a read undefined off CPU)."""
-        return (self.block_size, tuple((g.num_blocks, g.window) for g in self.groups))
+        block size and each group's block count, window and chunk. Views refuse metadata
+        whose signature differs (a write would be dropped, a read undefined off CPU; a
+        chunk or window the tables were not trimmed for would read freed blocks)."""
+        return (self.block_size, tuple((g.num_blocks, g.window, g.chunk) for g in self.groups))
 
     @classmethod
     def for_memory(cls, pool_bytes: int, **fields) -> "CacheSpec":
@@ -334,9 +389,13 @@ class CacheSpec:
         return cls(num_blocks=num_blocks, max_blocks_per_seq=min(max_blocks, num_blocks - 1), **fields)
 
     def describe(self) -> str:
-        """One line: layers, blocks, heads, dtype, bytes per block and of the pool."""
+        """One line: layers (and their local-attention kinds), blocks, heads, dtype, bytes
+        per block and of the pool."""
+        kinds = "".join(f", {len(layers)} {what}" for layers, what in (
+            (self.sliding_layers, f"sliding (window {self.sliding_window})"),
+            (self.chunked_layers, f"chunked (chunk {self.attention_chunk_size})")) if layers)
         return (
-            f"{self.num_layers} layers x {self.num_blocks} blocks x {self.block_size} tokens, "
+            f"{self.num_layers} layers{kinds} x {self.num_blocks} blocks x {self.block_size} tokens, "
             f"K {self.key_heads}x{self.key_dim} V {self.value_heads}x{self.value_dim} {self.dtype}"
             f"{'' if self.kv_format == 'none' else ' in ' + self.kv_format + ' pages'}: "
             f"{self.bytes_per_block / 2**10:.1f} KiB/block, {self.pool_bytes / 2**20:.1f} MiB pool"
@@ -345,11 +404,45 @@ class CacheSpec:
 
 @attrs.frozen
 class LayerGroup:
-    """Layers sharing one pool and one page table. ``window=None``: full attention."""
+    """Layers sharing one pool and one page table, and their attention kind: ``window``
+    (sliding window of that many positions), ``chunk`` (chunked local attention over
+    chunks of that many positions), or neither (full attention); never both."""
 
     layers: tuple[int, ...]
     window: int | None
     num_blocks: int
+    chunk: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.window is not None and self.chunk is not None:
+            raise SpecError(f"LayerGroup(window={self.window}, chunk={self.chunk}): a group is sliding or chunked, not both")
+
+    @property
+    def kind(self) -> str:
+        """``"full"``, ``"sliding"`` or ``"chunked"``."""
+        return "sliding" if self.window is not None else "chunked" if self.chunk is not None else "full"
+
+
+def spec_difference(a: CacheSpec, b: CacheSpec, a_name: str, b_name: str) -> str:
+    """``"a_name vs b_name: field=x vs y, ..."`` for every constructor field that differs."""
+    fa, fb = (attrs.asdict(s, filter=lambda f, _: f.init) for s in (a, b))
+    diffs = [f"{k}={fa[k]!r} vs {fb[k]!r}" for k in fa if fa[k] != fb[k]]
+    return f"{a_name} vs {b_name}: {', '.join(diffs) or 'equal fields'}"
+
+
+def require_same_spec(a, b, a_name: str, b_name: str, error: type = SpecError) -> None:
+    """Raise ``error`` unless ``a`` and ``b`` (specs, or objects with a ``spec``) are equal specs.
+
+    The one agreement check between a manager and the pages it addresses (insert_prefill,
+    swap, checkpoints): a table built for other pages writes into blocks that do not
+    exist there or reads another layout. The message names every field that differs."""
+    sa, sb = (x if isinstance(x, CacheSpec) else getattr(x, "spec", None) for x in (a, b))
+    for name, s in ((a_name, sa), (b_name, sb)):
+        if not isinstance(s, CacheSpec):
+            raise error(f"the {name} has no CacheSpec (got {type(s).__name__}); pass the object paged_kv built")
+    if sa != sb:
+        raise error(f"the {a_name} and the {b_name} were built for different specs "
+                    f"({spec_difference(sa, sb, a_name, b_name)}); build both from one CacheSpec")
 
 
 def _resolve(name: str):
@@ -394,4 +487,5 @@ def compute_dtype(spec: CacheSpec):
     return _resolve(spec.dtype)
 
 
-__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "PAGE_STORAGE", "bits_dtype", "storage_dtype", "compute_dtype"]
+__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "PAGE_STORAGE", "bits_dtype", "compute_dtype", "require_same_spec",
+           "spec_difference", "storage_dtype"]

@@ -26,7 +26,7 @@ from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidArgumentError, ShapeError, SpecError
 from paged_kv.metadata import bucket
-from paged_kv.spec import NULL_BLOCK
+from paged_kv.spec import NULL_BLOCK, require_same_spec
 
 
 @attrs.frozen(eq=False)
@@ -80,8 +80,7 @@ def _check_spec(cache: PagedKVCache, manager: KVCacheManager) -> None:
         raise ShapeError(f"cache is a {type(cache).__name__}; expected a PagedKVCache")
     if not isinstance(manager, KVCacheManager):
         raise SpecError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
-    if cache.spec != manager.spec:
-        raise SpecError(f"the cache was built for {cache.spec.describe()} but the manager for {manager.spec.describe()}")
+    require_same_spec(manager, cache, "manager", "cache")
 
 
 def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> SwappedSequence:

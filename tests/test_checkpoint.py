@@ -337,7 +337,7 @@ def test_page_shapes_that_do_not_match_the_spec(tmp_path, saved):
 def test_expected_spec_differs(saved):
     path, spec = saved
     msg = load_error(path, spec=attrs.evolve(spec, num_blocks=64, dtype="float32"))
-    assert "num_blocks: checkpoint 32, expected 64" in msg and "dtype: checkpoint 'bfloat16', expected 'float32'" in msg
+    assert "checkpoint vs expected: num_blocks=32 vs 64" in msg and "dtype='bfloat16' vs 'float32'" in msg
     assert pk.load_checkpoint(path, spec=spec).spec == spec
 
 
@@ -368,7 +368,7 @@ def test_save_refuses_mismatched_or_foreign_state(tmp_path, saved):
     path.write_bytes(saved[0].read_bytes())  # an existing checkpoint that must survive
 
     other = attrs.evolve(spec, num_blocks=16)
-    assert_save_refused(path, PagedKVCache.init(other), manager, match=r"num_blocks: cache 16, manager 32")
+    assert_save_refused(path, PagedKVCache.init(other), manager, match=r"manager vs cache: num_blocks=32 vs 16")
     assert_save_refused(path, cache, manager, DecodeSlots(KVCacheManager(spec)), match="belong to another")
     assert_save_refused(tmp_path / "fresh.npz", cache, manager, DecodeSlots(KVCacheManager(spec)),
                         match="belong to another")
@@ -477,3 +477,75 @@ def test_uncommitted_prompt_keys_round_trip(tmp_path):
         mgr.commit([0], 13)
         assert mgr.admit_prompt(2, np.arange(13)) == 12
     assert r.snapshot() == m.snapshot() and r.prefix_cache.stats() == m.prefix_cache.stats()
+
+
+# ---- files of earlier format versions ------------------------------------------------------
+OLD = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints")
+
+
+def _old(name: str):
+    with open(os.path.join(OLD, "expected.json")) as f:
+        return pk.load_checkpoint(os.path.join(OLD, f"{name}.npz")), json.load(f)[name]
+
+
+def test_version_2_hybrid_with_slots_loads_and_continues():
+    """Written by the single-class manager (tests/fixtures/checkpoints/make_fixtures.py): the
+    restored allocator hands out the block ids the writer's process handed out next."""
+    ck, want = _old("v2_hybrid_slots")
+    m = ck.manager
+    assert m.seq_ids == want["seq_ids"] and [m.kv_len(s) for s in m.seq_ids] == want["kv_lens"]
+    assert {str(s): [m.block_table(s, g).tolist() for g in range(2)] for s in m.seq_ids} == want["tables"]
+    assert list(ck.slots.seq_ids) == want["slots"]
+    keys, _ = ck.cache[0].read(m.step_metadata([3], 0).to_device())
+    assert np.allclose(np.asarray(keys)[0, :7, 0], want["seq3_layer0_keys"])
+    assert m.admit(9, 6).tolist() == want["next_admit"]
+    assert m.append([3, 5], [2, 5]).tolist() == want["next_append"]
+    m.check_integrity()
+
+
+@pytest.mark.parametrize("name", ["v2_prefix", "v1_prefix"])
+def test_prefix_checkpoints_of_versions_1_and_2_load_and_hit(name):
+    ck, want = _old(name)
+    m = ck.manager
+    assert m.seq_ids == want["seq_ids"]
+    assert m.admit_prompt(6, np.arange(100, 109)) == want["hit_100"]
+    assert m.block_table(6).tolist() == want["table_6"]
+    if name == "v1_prefix":  # version 1 kept no written state: its keys were all committed
+        assert m.admit_prompt(7, np.arange(13)) == want["hit_13"]
+    else:  # version 2: the uncommitted chunk of seq 4 is not hittable until it is committed
+        assert m.admit_prompt(7, np.arange(200, 213)) == want["hit_200_before_commit"]
+        m.append([4], 7)
+        m.commit([4], 13)
+        assert m.admit_prompt(8, np.arange(200, 213)) == want["hit_200_after_commit"]
+    assert m.admit(9, 5).tolist() == want["next_admit"]
+    m.check_integrity()
+
+
+def test_hybrid_prefix_cache_round_trip(tmp_path):
+    """Each layer group's cache (keys, both eviction tiers in order, counters) survives; the
+    restored manager hits, evicts and keys exactly like the original."""
+    spec = pk.CacheSpec(num_layers=2, num_blocks=24, block_size=4, max_blocks_per_seq=10, num_kv_heads=1,
+                        head_dim=2, dtype="float32", sliding_window=6, sliding_layers=(1,), sliding_num_blocks=12)
+    m = pk.KVCacheManager(spec, prefix_cache=True)
+    m.admit_prompt(0, np.arange(9))
+    m.commit([0], 9)
+    m.append([0], 12)  # the window sheds keyed blocks (the behind tier)
+    m.commit([0], 21)
+    m.cache_tokens(0, np.arange(21))
+    m.admit_prompt(1, np.arange(100, 113), chunk=6)  # a chunk committed, the rest not yet written
+    m.commit([1], 6)
+    m.release(0)  # its window tail waits in the cache
+    sliding = m.groups[1].cache
+    assert sliding.behind and sliding.evictable
+    pk.save_checkpoint(tmp_path / "c.npz", pk.PagedKVCache.init(spec), m)
+    r = pk.load_checkpoint(tmp_path / "c.npz").manager
+    assert r.snapshot() == m.snapshot()
+    assert [g.cache.stats() for g in r.groups] == [g.cache.stats() for g in m.groups]
+    for mgr in (m, r):
+        assert mgr.admit_prompt(2, np.arange(23)) == 20  # the conversation's next turn
+        mgr.append([1], 7)
+        mgr.commit([1], 13)
+        mgr.admit(3, 4 * 4)  # the sliding pool evicts: the behind tier first
+    assert sliding.stats().blocks_evicted > 0 and r.snapshot() == m.snapshot()
+    assert [g.cache.stats() for g in r.groups] == [g.cache.stats() for g in m.groups]
+    r.check_integrity()

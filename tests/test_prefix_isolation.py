@@ -7,7 +7,8 @@ any byte of the sentinel, or of another prompt, inside a sequence's length fails
 the comparison. Covered: a request released before its prefill runs, identical
 prompts admitted in one step, a chunked prefill cancelled midway, eviction then a
 re-hit, a second request stepped before the first one's prefill, and a step
-described twice before it runs (a retry); split and unified layouts.
+described twice before it runs (a retry); split and unified layouts, and a model
+mixing full and sliding-window layers (whose hits need only the window's blocks).
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import numpy as np
 import pytest
 
 import paged_kv as pk
-from paged_kv.spec import compute_dtype, storage_dtype
+from paged_kv.allocator.prefix_cache import chain_hashes
+from paged_kv.spec import compute_dtype
 
 BS, H, D = 4, 2, 4
 SENTINEL = 0x7FA5  # a bfloat16 NaN with a payload
 
 
 class Tenant:
-    """A full-attention cache with the prefix cache on, and a model of what it must show."""
+    """A cache with the prefix cache on, and a model of what it must show. ``hybrid``:
+    layer 1 slides (a window of 6 over blocks of 4) in a pool of its own."""
 
-    def __init__(self, layout: str):
-        self.spec = pk.CacheSpec(num_layers=2, num_blocks=13, block_size=BS, max_blocks_per_seq=12,
-                                 max_batch_slots=4, num_kv_heads=H, head_dim=D, dtype="bfloat16")
+    def __init__(self, layout: str, hybrid: bool = False, num_blocks: int = 13, sliding_num_blocks: int = 13):
+        window = dict(sliding_window=6, sliding_layers=(1,), sliding_num_blocks=sliding_num_blocks) if hybrid else {}
+        self.spec = pk.CacheSpec(num_layers=2, num_blocks=num_blocks, block_size=BS, max_blocks_per_seq=12,
+                                 max_batch_slots=4, num_kv_heads=H, head_dim=D, dtype="bfloat16", **window)
         self.m = pk.KVCacheManager(self.spec, prefix_cache=True)
         self.cache = pk.PagedKVCache.init(self.spec, layout=layout)
         self.tokens: dict[int, np.ndarray] = {}
@@ -44,14 +48,8 @@ class Tenant:
         return out
 
     def fill_with_sentinel(self) -> None:
-        """Every usable block holds another tenant's bytes, then goes back to the pool unkeyed."""
-        n = self.spec.usable_blocks * BS
-        self.m.admit(999, n)
-        meta = self.m.step_metadata([999], n)
-        bits = np.full((meta.batch_size, meta.query_len, H, D), SENTINEL, np.uint16)
-        kv = jax.lax.bitcast_convert_type(bits, compute_dtype(self.spec))
-        self.cache = _write(self.cache, kv, kv, meta.to_device())
-        self.m.release(999)  # never committed through the prefix cache: nothing keyed
+        """Every usable block of every pool holds another tenant's bytes (the null block stays zero)."""
+        self.cache = jax.tree_util.tree_map(lambda pages: pages.at[1:].set(SENTINEL), self.cache)
 
     def admit(self, seq: int, tokens, **kw) -> int:
         self.tokens[seq] = np.asarray(tokens)
@@ -70,17 +68,20 @@ class Tenant:
             self.m.commit(ids)
 
     def check(self, ids: list[int]) -> None:
-        """Every live sequence reads exactly its own prefix's keys/values, zeros after."""
+        """Every live sequence reads exactly its own prefix's keys/values (a sliding layer:
+        from its window's first block on), zeros after."""
         meta = self.m.step_metadata(ids, 0)
         for layer in range(self.spec.num_layers):
-            keys, values = jax.device_get(self.cache[layer].read(meta.to_device()))
+            view = self.cache[layer]
+            keys, values = jax.device_get(view.read(meta.to_device()))
+            start = meta.groups[view.group].start
             for b, s in enumerate(ids):
-                n = self.m.kv_len(s)
-                want = self.kv_of(self.tokens[s][:n])
+                n, first = self.m.kv_len(s), int(start[b])
+                want = self.kv_of(self.tokens[s][:n])[first:]
                 got_k, got_v = np.asarray(keys[b], np.float32), np.asarray(values[b], np.float32)
-                assert np.array_equal(got_k[:n], want), f"seq {s} layer {layer}: keys are not its own"
-                assert np.array_equal(got_v[:n], -want), f"seq {s} layer {layer}: values are not its own"
-                assert not got_k[n:].any() and not got_v[n:].any()
+                assert np.array_equal(got_k[: n - first], want), f"seq {s} layer {layer}: keys are not its own"
+                assert np.array_equal(got_v[: n - first], -want), f"seq {s} layer {layer}: values are not its own"
+                assert not got_k[n - first:].any() and not got_v[n - first:].any()
         self.m.check_integrity()
 
 
@@ -92,9 +93,9 @@ def _write(cache, k, v, meta):
 PROMPT = np.arange(10, 23)  # 13 tokens: 3 full blocks, the last token always computed
 
 
-@pytest.fixture(params=["split", "unified"])
+@pytest.fixture(params=["split", "unified", "split-hybrid"])
 def t(request) -> Tenant:
-    tenant = Tenant(request.param)
+    tenant = Tenant(request.param.split("-")[0], hybrid=request.param.endswith("hybrid"))
     tenant.fill_with_sentinel()
     return tenant
 
@@ -162,3 +163,33 @@ def test_a_retried_step_and_copy_on_write_expose_nothing(t):
     assert t.admit(3, np.concatenate([PROMPT, [7, 1, 2, 3]])) == 12
     t.run([3], [5])
     t.check([1, 2, 3])
+
+
+def test_hybrid_hits_after_the_window_moved_and_sliding_evictions_expose_nothing():
+    """Full + sliding layers, the sliding pool smaller: a conversation whose window has
+    left its first blocks is continued (the sliding group hits only its window), then
+    the sliding pool alone is pressed until its cached blocks are reused by another
+    prompt: the full group still has the chain, and the hit must shrink to what both serve."""
+    t = Tenant("split", hybrid=True, num_blocks=25, sliding_num_blocks=9)
+    t.fill_with_sentinel()
+    assert t.admit(1, PROMPT) == 0
+    t.run([1], [13])
+    for _ in range(7):  # decode: the window returns blocks 0..3 (keyed, cached)
+        t.tokens[1] = np.concatenate([t.tokens[1], [len(t.tokens[1])]])
+        t.m.append([1], 1)
+        t.run([1], [1])
+    t.m.cache_tokens(1, t.tokens[1])
+    t.check([1])
+    conversation = t.tokens[1]
+    t.m.release(1)
+    assert t.admit(2, np.concatenate([conversation, [3, 3]])) == 20  # window blocks 3, 4 hit; 0..2 null
+    t.run([2], [2])
+    t.check([2])
+    t.m.release(2)
+    assert t.admit(3, np.arange(300, 332)) == 0  # 8 blocks: the sliding pool evicts all it cached
+    t.run([3], [32])
+    t.m.release(3)
+    assert len(t.m.prefix_cache.match(chain_hashes(conversation, BS, 5))) == 5  # the full group kept the chain
+    assert t.admit(4, np.concatenate([conversation, [4, 4]])) == 0  # but no sliding window: no hit
+    t.run([4], [22])
+    t.check([4])

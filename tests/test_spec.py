@@ -55,3 +55,38 @@ def test_spec_is_frozen_and_hashable():
     with pytest.raises(Exception):
         s.num_layers = 3
     assert hash(s) == hash(make())
+
+
+def test_chunked_layers_form_the_third_group():
+    s = make(num_layers=5, sliding_window=32, sliding_layers=(3, 1), attention_chunk_size=24, chunked_layers=(4, 2),
+             chunked_num_blocks=20)
+    assert [g.kind for g in s.groups] == ["full", "sliding", "chunked"]
+    assert [g.layers for g in s.groups] == [(0,), (1, 3), (2, 4)]
+    assert s.groups[2].chunk == 24 and s.groups[2].window is None and s.groups[1].chunk is None
+    assert [s.group_of(i) for i in range(5)] == [0, 1, 2, 1, 2]
+    assert s.pool_signature() == (16, ((64, None, None), (64, 32, None), (20, None, 24)))
+    assert s.pool_bytes == s.bytes_per_token_per_layer * 16 * (64 * 1 + 64 * 2 + 20 * 2)
+    assert "2 chunked (chunk 24)" in s.describe() and "2 sliding (window 32)" in s.describe()
+    only = make(attention_chunk_size=5, chunked_layers=(0, 1))  # a chunk smaller than a block is exact too
+    assert [g.kind for g in only.groups] == ["chunked"]
+    assert make().pool_signature() != make(attention_chunk_size=16, chunked_layers=(1,)).pool_signature()
+
+
+def test_a_group_is_never_both_sliding_and_chunked():
+    with pytest.raises(pk.SpecError, match="sliding or chunked, not both"):
+        pk.LayerGroup(layers=(0,), window=8, num_blocks=4, chunk=8)
+
+
+def test_chunked_spec_round_trips_through_the_checkpoint_header():
+    """The checkpoint header stores the spec's init fields as JSON: a chunked spec comes
+    back equal, and a header written before the chunk fields existed still loads."""
+    import json
+
+    import paged_kv.checkpoint as ckpt
+
+    s = make(num_layers=3, attention_chunk_size=24, chunked_layers=(2,), chunked_num_blocks=10)
+    header = json.loads(json.dumps({"spec": ckpt._spec_fields(s)}))
+    assert ckpt._spec_from_header(header, "x") == s
+    old = {k: v for k, v in ckpt._spec_fields(make()).items()
+           if k not in ("attention_chunk_size", "chunked_layers", "chunked_num_blocks")}
+    assert ckpt._spec_from_header({"spec": old}, "x") == make()

@@ -10,7 +10,8 @@ from typing import NewType
 import numpy as np
 
 from paged_kv.allocator.prefix_cache import PrefixCache
-from paged_kv.errors import OutOfBlocksError, PagedKVError
+from paged_kv.allocator.saved_state import check_captured, take
+from paged_kv.errors import CheckpointError, OutOfBlocksError, PagedKVError
 from paged_kv.spec import NULL_BLOCK
 
 BlockId = NewType("BlockId", int)
@@ -52,7 +53,8 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         """Blocks nobody holds whose content the prefix cache keeps (evictable)."""
-        return len(self.cache.evictable) if self.cache is not None else 0
+        cache = self.cache
+        return len(cache.evictable) + len(cache.behind) if cache is not None else 0
 
     @property
     def num_used(self) -> int:
@@ -94,26 +96,32 @@ class BlockPool:
             raise PagedKVError(f"incref of blocks that are not in use: {ids[self.ref_counts[ids] <= 0].tolist()}")
         np.add.at(self.ref_counts, ids, 1)
 
-    def free(self, ids: np.ndarray) -> np.ndarray:
-        """Drop one owner of each block in ``ids``; returns the ids that became free."""
+    def free(self, ids: np.ndarray, behind: np.ndarray | None = None) -> np.ndarray:
+        """Drop one owner of each block in ``ids``; returns the ids that became free.
+        ``behind`` (a mask over ``ids``): cached blocks to keep in the prefix cache's
+        first-evicted tier (`PrefixCache.retain`)."""
         ids = np.asarray(ids, dtype=np.int32)
         if ids.size == 0:
             return ids
         if np.any(ids == NULL_BLOCK) or np.any(self.ref_counts[ids] <= 0):
             raise PagedKVError(f"double free or free of the null block among {ids.tolist()}")
         np.subtract.at(self.ref_counts, ids, 1)
-        released = ids[self.ref_counts[ids] == 0]
+        zero = self.ref_counts[ids] == 0
+        released = ids[zero]
+        tiers = None if behind is None else behind[zero]
         if released.size > 1:
             # Unique, in the order given: the prefix cache's eviction order depends on it.
             _, first = np.unique(released, return_index=True)
-            released = released[np.sort(first)]
+            first = np.sort(first)
+            released = released[first]
+            tiers = None if tiers is None else tiers[first]
         if self.cache is not None and released.size:
-            self._push(released[~self.cache.retain(released)])
+            self._push(released[~self.cache.retain(released, tiers)])
         else:
             self._push(released)
         return released
 
-    def free_distinct(self, ids: np.ndarray) -> np.ndarray:
+    def free_distinct(self, ids: np.ndarray, behind: np.ndarray | None = None) -> np.ndarray:
         """`free` for ids known to be distinct (one row's blocks): a plain fancy-index
         decrement instead of ``np.subtract.at`` and ``np.unique``, a few µs per release."""
         if ids.size == 0:
@@ -124,9 +132,10 @@ class BlockPool:
             raise PagedKVError(f"double free or free of the null block among {ids.tolist()}")
         after = before - 1
         rc[ids] = after
-        released = ids[after == 0]
+        zero = after == 0
+        released = ids[zero]
         if self.cache is not None and released.size:
-            self._push(released[~self.cache.retain(released)])
+            self._push(released[~self.cache.retain(released, None if behind is None else behind[zero])])
         else:
             self._push(released)
         return released
@@ -135,6 +144,29 @@ class BlockPool:
         k = ids.size
         self._free[self._num_free : self._num_free + k] = ids[::-1]
         self._num_free += k
+
+    # ---- saved state (paged_kv.checkpoint) ------------------------------------------
+    SAVED_ATTRS = frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"})
+    """Attributes `state` covers (the cache saves its own state)."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Ref counts and the whole free stack with its top, so the next ``allocate``
+        after a restore pops the same ids in the same order."""
+        check_captured(self, self.SAVED_ATTRS)
+        return {"ref_counts": self.ref_counts.copy(), "free_stack": self._free.copy(),
+                "num_free": np.array(self._num_free, np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], num_blocks: int, cache: PrefixCache | None = None) -> "BlockPool":
+        """The pool `state` describes, with ``cache`` (`CheckpointError` naming a malformed array)."""
+        pool = cls(num_blocks)
+        pool.ref_counts = take(state, "ref_counts", np.int32, (num_blocks,))
+        pool._free = take(state, "free_stack", np.int32, (num_blocks - 1,))
+        pool._num_free = int(take(state, "num_free", np.int64, ()))
+        if not 0 <= pool._num_free <= num_blocks - 1:
+            raise CheckpointError(f"pool.num_free={pool._num_free} is outside [0, {num_blocks - 1}]")
+        pool.cache = cache
+        return pool
 
     # ---- checks -----------------------------------------------------------------
     def check_integrity(self) -> None:

@@ -27,32 +27,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from paged_kv.allocator.saved_state import check_captured, take
 from paged_kv.errors import (
+    CheckpointError,
     DuplicateSequenceError,
-    InvalidSequenceIdError,
     InvalidTokenCountError,
     PagedKVError,
     SlotError,
     SpecError,
     UnknownSequenceError,
 )
-from paged_kv.metadata import GroupMetadata, StepMetadata
+from paged_kv.allocator.seq_ids import check_seq_id, is_seq_id
+from paged_kv.metadata import GroupMetadata, StepMetadata, pad_slot
 from paged_kv.spec import NULL_BLOCK
 
 if TYPE_CHECKING:  # annotations only: both import this module
     from paged_kv.allocator.manager import KVCacheManager
     from paged_kv.cache import PagedKVCache
     from paged_kv.insertion import LayerArrays
-
-
-def _is_seq_id(seq_id) -> bool:
-    """Python or numpy integer, not bool (bools and floats hash like the ints they equal)."""
-    return not isinstance(seq_id, bool) and isinstance(seq_id, (int, np.integer))
-
-
-def _pad_slot(spec, group: int) -> int:
-    """The flat slot a write drops for ``group``: one past its last token slot."""
-    return spec.groups[group].num_blocks * spec.block_size
 
 
 def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | None],
@@ -114,7 +106,7 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
         groups.append(
             GroupMetadata(
                 block_tables=place("block_tables", (W,), NULL_BLOCK, g),
-                slot_mapping=place("slot_mapping", (T,), _pad_slot(spec, g), g),
+                slot_mapping=place("slot_mapping", (T,), pad_slot(spec, g), g),
                 start=place("start", (), 0, g),
                 **({} if meta is None else dict(copy_src=meta.groups[g].copy_src, copy_dst=meta.groups[g].copy_dst,
                                                 copy_len=meta.groups[g].copy_len)),
@@ -171,7 +163,7 @@ class DecodeSlots:
         return len(self._slot_of)
 
     def __contains__(self, seq_id) -> bool:
-        return _is_seq_id(seq_id) and seq_id in self._slot_of
+        return is_seq_id(seq_id) and seq_id in self._slot_of
 
     def free_slots(self) -> list[int]:
         """Empty slots, lowest first."""
@@ -201,7 +193,7 @@ class DecodeSlots:
     def slot_of(self, seq_id: int) -> int:
         """The slot ``seq_id`` occupies; `UnknownSequenceError` if it is in none."""
         try:
-            if not _is_seq_id(seq_id):  # True == 1.0 == 1 hash alike: never alias seq 1
+            if not is_seq_id(seq_id):  # True == 1.0 == 1 hash alike: never alias seq 1
                 raise KeyError(seq_id)
             return self._slot_of[seq_id]
         except (KeyError, TypeError):
@@ -301,8 +293,7 @@ class DecodeSlots:
         from paged_kv.insertion import insert_prefill
 
         slot = self._check_free_slot(slot)
-        if not _is_seq_id(seq_id):
-            raise InvalidSequenceIdError(f"seq_id={seq_id!r} must be an integer (got {type(seq_id).__name__})")
+        check_seq_id(seq_id)
         if seq_id in self._slot_of:
             raise DuplicateSequenceError(f"seq_id={seq_id} already occupies slot {self._slot_of[seq_id]}")
         cache = insert_prefill(cache, self.manager, seq_id, keys, values)
@@ -329,6 +320,40 @@ class DecodeSlots:
         """A comparable copy of the slot state."""
         return tuple(self._seqs)
 
+    # ---- saved state (paged_kv.checkpoint) ------------------------------------------
+    SAVED_ATTRS = frozenset({"manager", "_seqs", "_slot_of"})
+    """Attributes `state` covers (``manager`` is the one restored alongside)."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """``slot_of``: ``(seq_id, slot)`` pairs in insertion order (``num_slots`` is the caller's to keep)."""
+        check_captured(self, self.SAVED_ATTRS)
+        return {"slot_of": np.array(list(self._slot_of.items()), np.int64).reshape(-1, 2)}
+
+    @classmethod
+    def from_state(cls, manager: KVCacheManager, num_slots: int, state: dict[str, np.ndarray]) -> DecodeSlots:
+        """Slots over ``manager`` as `state` describes them, checked by `check_integrity`;
+        `CheckpointError` for a malformed or inconsistent state."""
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int):
+            # Never fall back to the default size: that would change the batch shape.
+            raise CheckpointError(f"num_slots={num_slots!r} is not an integer")
+        try:
+            slots = cls(manager, num_slots)
+        except PagedKVError as exc:
+            raise CheckpointError(f"saved slots num_slots={num_slots!r} are invalid: {exc}") from exc
+        for seq_id, slot in take(state, "slot_of", np.int64, (None, 2)).tolist():
+            if not 0 <= slot < slots.num_slots or slots._seqs[slot] is not None or seq_id in slots._slot_of:
+                raise CheckpointError(f"slot_of puts seq_id={seq_id} in slot {slot}, which is out of range "
+                                      f"[0, {slots.num_slots}), taken, or a second slot of that sequence")
+            try:
+                slots.insert(seq_id, slot)
+            except PagedKVError as exc:
+                raise CheckpointError(f"slot_of cannot be restored: {exc}") from exc
+        try:
+            slots.check_integrity()
+        except AssertionError as exc:
+            raise CheckpointError(f"the restored decode slots are inconsistent: {exc}") from exc
+        return slots
+
     # ---- internals -----------------------------------------------------------------
     def _check_slot(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
@@ -353,7 +378,7 @@ class DecodeSlots:
     def _check_insert(self, seq_id, slot) -> tuple[int, int]:
         if slot is not None:
             self._check_slot(slot)
-        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)) or seq_id not in self.manager:
+        if not is_seq_id(seq_id) or seq_id not in self.manager:
             raise UnknownSequenceError(f"seq_id={seq_id!r} is not admitted; admit (and prefill) it before insert")
         seq_id = int(seq_id)
         if seq_id in self._slot_of:

@@ -6,7 +6,7 @@ The general path plans per group with numpy over the whole batch (trims, copy-on
 write, ragged counts): ~20 numpy calls, tens of µs even for one sequence. Here a
 small batch is grown element by element in Python and a large one with a handful
 of vectorized calls. Anything unusual -- a bad id, a duplicate, a sequence too long,
-too few free blocks, a sliding group, a fork -- returns ``None`` before changing
+too few free blocks, a sliding or chunked group, a fork -- returns ``None`` before changing
 anything, and the general path runs instead (and raises the typed error).
 
 Per-group state: the vector path grows each group's pool and page table in a loop
@@ -27,9 +27,11 @@ MAX_TOKENS = 4
 
 
 def plain(m) -> bool:
-    """No fork, no pending copy-on-write copy, no sliding group: appends and steps touch
-    nothing but lengths, new blocks and slots."""
-    return not m._forked and m.spec.sliding_window is None and not len(m._copies[0])
+    """No fork, no pending copy-on-write copy, no sliding or chunked group: appends and
+    steps touch nothing but lengths, new blocks and slots (a local-attention group also
+    returns blocks and starts its tables past them)."""
+    spec = m.spec
+    return not m._forked and spec.sliding_window is None and spec.attention_chunk_size is None and not len(m._copies[0])
 
 
 def same_ids(ids: list, last: list | None) -> bool:

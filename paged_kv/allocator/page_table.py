@@ -9,7 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from paged_kv.allocator.saved_state import check_captured, take
 from paged_kv.spec import NULL_BLOCK
+
+
+def expand_runs(rows: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of ``counts[i]`` consecutive indices from ``starts[i]``, labelled ``rows[i]``.
+
+    rows [7, 9], counts [2, 3], starts [0, 4] -> ([7, 7, 9, 9, 9], [0, 1, 4, 5, 6]).
+    Vectorized; a decode step (every count 0 or 1) takes a mask instead of
+    ``repeat``/``cumsum``, which halves the host cost of the common case.
+    """
+    if counts.size and counts.max() <= 1:
+        keep = counts > 0
+        return rows[keep], starts[keep].astype(np.int64)
+    total = int(counts.sum())
+    offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(rows, counts), np.repeat(starts, counts).astype(np.int64) + offsets
 
 
 class PageTable:
@@ -23,6 +39,10 @@ class PageTable:
     Rows are recycled through a free stack and the arrays double when full, so the
     number of sequences tracked at once has no fixed limit and adding one is O(1)
     amortized.
+
+    Changes go through the methods below (the group allocator calls them); only the
+    host hot path (`hot_path.py`, `step_batch.py`) writes the arrays in place, element
+    by element, because a method call per decode token would cost more than the write.
     """
 
     def __init__(self, max_blocks_per_seq: int, initial_rows: int = 64):
@@ -63,6 +83,50 @@ class PageTable:
         self._free_rows.append(row)
         return blocks
 
+    def fill_row(self, row: int, first: int, ids: np.ndarray, kv_len: int) -> None:
+        """Give an empty ``row`` blocks ``ids`` as its logical blocks ``first`` onward, holding ``kv_len`` tokens."""
+        end = first + len(ids)
+        self.block_tables[row, first:end] = ids
+        self.first_block[row], self.num_blocks[row], self.kv_lens[row] = first, end, kv_len
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """``dst`` (an empty row) names exactly the blocks of ``src`` (a fork)."""
+        self.block_tables[dst] = self.block_tables[src]
+        for a in (self.kv_lens, self.num_blocks, self.first_block):
+            a[dst] = a[src]
+
+    def trim(self, rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Null each row's columns before ``keep`` (a window or chunk moved past them);
+        returns the dropped block ids, row by row in logical order."""
+        first = self.first_block[rows]
+        drop_rows, drop_cols = expand_runs(rows, keep - first, first)
+        dropped = self.block_tables[drop_rows, drop_cols]
+        self.block_tables[drop_rows, drop_cols] = NULL_BLOCK
+        self.first_block[rows] = keep
+        return dropped
+
+    def replace_blocks(self, rows: np.ndarray, cols: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Point ``(rows[i], cols[i])`` at ``ids[i]`` (copy-on-write); returns the blocks named before."""
+        old = self.block_tables[rows, cols].copy()
+        self.block_tables[rows, cols] = ids
+        return old
+
+    def extend(self, rows: np.ndarray, counts: np.ndarray, ids: np.ndarray) -> None:
+        """Append ``counts[i]`` of ``ids`` (in order) after the last block of ``rows[i]``."""
+        if ids.size:
+            block_rows, block_cols = expand_runs(rows, counts, self.num_blocks[rows])
+            self.block_tables[block_rows, block_cols] = ids
+        self.num_blocks[rows] += counts.astype(np.int32)
+
+    def set_lengths(self, rows: np.ndarray, kv_lens: np.ndarray) -> None:
+        """Record that ``rows`` hold ``kv_lens`` tokens (their blocks already cover them)."""
+        self.kv_lens[rows] = kv_lens
+
+    def slots(self, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+        """Flat page slot of token ``positions[i]`` of row ``rows[i]``."""
+        blocks = self.block_tables[rows, positions // block_size].astype(np.int64)
+        return blocks * block_size + positions % block_size
+
     def blocks_of(self, row: int) -> np.ndarray:
         """The blocks a row holds, in logical order (a view)."""
         return self.block_tables[row, self.first_block[row] : self.num_blocks[row]]
@@ -78,6 +142,34 @@ class PageTable:
         self.first_block = np.concatenate([self.first_block, np.zeros(old, np.int32)])
         self.in_use = np.concatenate([self.in_use, np.zeros(old, bool)])
         self._free_rows.extend(range(new - 1, old - 1, -1))
+
+    # ---- saved state (paged_kv.checkpoint) ------------------------------------------
+    SAVED_ATTRS = frozenset({"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use",
+                             "_free_rows", "epoch"})
+    """Attributes `state` covers; ``epoch`` is transient (a change counter for cached
+    batch layouts): a restored table starts at 0."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of every array a restored table needs, free rows in stack order."""
+        check_captured(self, self.SAVED_ATTRS)
+        return {"block_tables": self.block_tables.copy(), "kv_lens": self.kv_lens.copy(),
+                "num_blocks": self.num_blocks.copy(), "first_block": self.first_block.copy(),
+                "in_use": self.in_use.copy(), "free_rows": np.array(self._free_rows, np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], max_blocks_per_seq: int) -> "PageTable":
+        """The table `state` describes (shapes and dtypes checked; consistency is the
+        caller's ``check_integrity``). `CheckpointError` naming the bad array."""
+        block_tables = take(state, "block_tables", np.int32, (None, max_blocks_per_seq))
+        rows = block_tables.shape[0]
+        table = cls(max_blocks_per_seq, initial_rows=rows)
+        table.block_tables = block_tables
+        table.kv_lens = take(state, "kv_lens", np.int32, (rows,))
+        table.num_blocks = take(state, "num_blocks", np.int32, (rows,))
+        table.first_block = take(state, "first_block", np.int32, (rows,))
+        table.in_use = take(state, "in_use", np.bool_, (rows,))
+        table._free_rows = [int(r) for r in take(state, "free_rows", np.int64, (None,))]
+        return table
 
     def check_integrity(self, block_size: int) -> None:
         """Raise AssertionError unless free and used rows, lengths and block counts agree."""
@@ -96,4 +188,4 @@ class PageTable:
             raise AssertionError("padding beyond a row's blocks is not the null block")
 
 
-__all__ = ["PageTable"]
+__all__ = ["PageTable", "expand_runs"]

@@ -97,8 +97,8 @@ class PendingCopies:
         held = set(np.asarray(blocks).tolist())
         return any(item[1] in held for item in self._items)
 
-    def state(self) -> tuple:
-        """A comparable copy (for snapshots): ``(src, dst, length)`` in order."""
+    def snapshot(self) -> tuple:
+        """A comparable copy (for `KVCacheManager.snapshot`): ``(src, dst, length)`` in order."""
         return tuple(tuple(item[:3]) for item in self._items)
 
 

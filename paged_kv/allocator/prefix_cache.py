@@ -13,6 +13,17 @@ Eviction: a cached block whose last holder is released goes to the end of an
 `OrderedDict` (O(1) insert, O(1) removal from the middle on a hit, O(1) pop of
 the least recently used). A sequence's blocks are released tail first, so within
 a chain the tail is evicted before its parents and a cached chain never has a hole.
+
+Retention for sliding-window and chunked groups: a second `OrderedDict`, ``behind``,
+holds cached blocks that lie behind the window of their chain's latest keyed end --
+blocks a request continuing that chain never reads (only a prompt that branches off
+earlier could). They are evicted before any block in ``evictable``, least recently
+freed first. Without this, the blocks a sliding window sheds as a live sequence
+grows (cached, freed every few tokens) are always more recent than the window tails
+of finished turns, so LRU recycles exactly the tails the next turn needs and a
+multi-session workload's hit rate collapses (vLLM issue #48435). The group decides
+what is behind (`GroupAllocator.retire_behind`); a full-attention group never puts
+anything there.
 """
 
 from __future__ import annotations
@@ -23,6 +34,9 @@ from collections.abc import Callable
 
 import attrs
 import numpy as np
+
+from paged_kv.allocator.saved_state import check_captured, take
+from paged_kv.errors import CheckpointError
 
 MAX_EVENTS = 100_000
 """Undrained events kept; older ones are dropped (subscribers see every event)."""
@@ -57,6 +71,16 @@ class PrefixStats:
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
+def to_u128(values: list[int]) -> np.ndarray:
+    """128-bit keys as ``[n, 2]`` uint64 (low, high) pairs (numpy has no 128-bit integer)."""
+    return np.array([[v & 0xFFFFFFFFFFFFFFFF, v >> 64] for v in values], np.uint64).reshape(-1, 2)
+
+
+def from_u128(pairs: np.ndarray) -> list[int]:
+    """Inverse of `to_u128`."""
+    return [int(lo) | (int(hi) << 64) for lo, hi in pairs.tolist()]
+
+
 def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int, extra_key=None) -> list[int]:
     """Keys of the first ``num_blocks`` full blocks of ``token_ids``."""
     salt = b"" if extra_key is None else repr(extra_key).encode()
@@ -80,6 +104,7 @@ class PrefixCache:
         self.hash_of = [NO_HASH] * num_blocks
         self.parent_of = [NO_HASH] * num_blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref count 0, content kept; LRU first
+        self.behind: OrderedDict[int, None] = OrderedDict()  # the same, behind their chain's window: evicted first
         self.queries = self.query_tokens = self.hit_tokens = 0
         self.blocks_reused = self.blocks_stored = self.blocks_evicted = 0
         # Bounded: an engine that never drains must not grow without limit.
@@ -111,23 +136,44 @@ class PrefixCache:
         self._emit(PrefixEvent("stored", block_hash, parent_hash, block))
         return True
 
-    def retain(self, released: np.ndarray) -> np.ndarray:
+    @property
+    def num_evictable(self) -> int:
+        """Cached blocks nobody holds (both tiers): an allocation may take them."""
+        return len(self.evictable) + len(self.behind)
+
+    def is_evictable(self, block: int) -> bool:
+        """Whether ``block`` is cached and held by nobody."""
+        return block in self.evictable or block in self.behind
+
+    def retain(self, released: np.ndarray, behind: np.ndarray | None = None) -> np.ndarray:
         """Of blocks whose last holder just left (in release order), keep the cached ones
-        as evictable; return a mask of those kept."""
+        as evictable (in the ``behind`` tier where the mask ``behind`` says so); return a
+        mask of those kept."""
         keep = np.fromiter((self.hash_of[b] != NO_HASH for b in released.tolist()), bool, released.size)
-        for b in released[keep].tolist():
-            self.evictable[b] = None
+        tiers = np.zeros(released.size, bool) if behind is None else behind
+        for b, back in zip(released[keep].tolist(), tiers[keep].tolist()):
+            (self.behind if back else self.evictable)[b] = None
         return keep
+
+    def demote(self, block: int) -> None:
+        """A cached, unheld block fell behind its chain's window: it goes to the ``behind`` tier."""
+        if block in self.evictable:
+            del self.evictable[block]
+            self.behind[block] = None
 
     def revive(self, block: int) -> None:
         """A hit on an evictable block: it is in use again."""
-        del self.evictable[block]
+        if block in self.evictable:
+            del self.evictable[block]
+        else:
+            del self.behind[block]
 
     def evict(self, n: int) -> np.ndarray:
-        """Forget the ``n`` least recently released cached blocks; return their ids."""
+        """Forget ``n`` cached blocks nobody holds, least recently released first, the
+        ``behind`` tier before the rest; return their ids."""
         out = np.empty(n, dtype=np.int32)
         for i in range(n):
-            b, _ = self.evictable.popitem(last=False)
+            b, _ = (self.behind or self.evictable).popitem(last=False)
             h = self.hash_of[b]
             del self.block_of[h]
             self._emit(PrefixEvent("removed", h, self.parent_of[b], b))
@@ -137,6 +183,13 @@ class PrefixCache:
         return out
 
     # ---- stats and events -----------------------------------------------------------------
+    def record_query(self, query_tokens: int, hit_tokens: int, blocks_reused: int) -> None:
+        """A prompt of ``query_tokens`` was admitted with ``hit_tokens`` served from cache."""
+        self.queries += 1
+        self.query_tokens += int(query_tokens)
+        self.hit_tokens += int(hit_tokens)
+        self.blocks_reused += int(blocks_reused)
+
     def stats(self) -> PrefixStats:
         """Counters since the cache was made: queries, tokens hit, blocks reused, stored and evicted."""
         return PrefixStats(self.queries, self.query_tokens, self.hit_tokens, self.blocks_reused,
@@ -157,6 +210,41 @@ class PrefixCache:
         for callback in self._subscribers:
             callback(event)
 
+    # ---- saved state (paged_kv.checkpoint) --------------------------------------------------
+    SAVED_ATTRS = frozenset({"block_of", "hash_of", "parent_of", "evictable", "behind", "queries", "query_tokens",
+                             "hit_tokens", "blocks_reused", "blocks_stored", "blocks_evicted", "_events",
+                             "_subscribers"})
+    """Attributes `state` covers (events and subscribers belong to the running process)."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Keys as (low, high) uint64 pairs per block, both eviction tiers in LRU order (so
+        eviction after a restore picks the same blocks), and the counters."""
+        check_captured(self, self.SAVED_ATTRS)
+        return {"hash": to_u128(self.hash_of), "parent": to_u128(self.parent_of),
+                "evictable": np.array(list(self.evictable), np.int64), "behind": np.array(list(self.behind), np.int64),
+                "stats": np.array([self.queries, self.query_tokens, self.hit_tokens, self.blocks_reused,
+                                   self.blocks_stored, self.blocks_evicted], np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], num_blocks: int) -> "PrefixCache":
+        """The cache `state` describes (`CheckpointError` naming a malformed array)."""
+        cache = cls(num_blocks)
+        cache.hash_of = from_u128(take(state, "hash", np.uint64, (num_blocks, 2)))
+        cache.parent_of = from_u128(take(state, "parent", np.uint64, (num_blocks, 2)))
+        cache.block_of = {h: b for b, h in enumerate(cache.hash_of) if h != NO_HASH}
+        for name in ("evictable", "behind"):
+            blocks = take(state, name, np.int64, (None,))
+            if np.any((blocks < 1) | (blocks >= num_blocks)):
+                raise CheckpointError(f"{name} names blocks outside [1, {num_blocks})")
+            getattr(cache, name).update((int(b), None) for b in blocks)
+        (cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused, cache.blocks_stored,
+         cache.blocks_evicted) = (int(x) for x in take(state, "stats", np.int64, (6,)))
+        return cache
+
+    def snapshot(self) -> tuple:
+        """A comparable copy of the keys and both eviction tiers (for `KVCacheManager.snapshot`)."""
+        return tuple(sorted(self.block_of.items())), tuple(self.evictable), tuple(self.behind)
+
     def check_integrity(self, ref_counts: np.ndarray) -> None:
         """Raise AssertionError unless the key maps agree and only unreferenced blocks are evictable."""
         for h, b in self.block_of.items():
@@ -165,9 +253,11 @@ class PrefixCache:
         hashed = sum(h != NO_HASH for h in self.hash_of)
         if hashed != len(self.block_of):
             raise AssertionError(f"{hashed} blocks carry a hash, the map has {len(self.block_of)}")
-        for b in self.evictable:
+        if set(self.evictable) & set(self.behind):
+            raise AssertionError(f"blocks {sorted(set(self.evictable) & set(self.behind))} are in both eviction tiers")
+        for b in (*self.evictable, *self.behind):
             if ref_counts[b] != 0 or self.hash_of[b] == NO_HASH:
                 raise AssertionError(f"evictable block {b} has ref count {ref_counts[b]} or no hash")
 
 
-__all__ = ["NO_HASH", "PrefixCache", "PrefixEvent", "PrefixStats", "chain_hashes"]
+__all__ = ["NO_HASH", "PrefixCache", "PrefixEvent", "PrefixStats", "chain_hashes", "from_u128", "to_u128"]

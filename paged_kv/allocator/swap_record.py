@@ -5,7 +5,8 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from paged_kv.errors import InvalidArgumentError, InvalidSequenceIdError, InvalidTokenCountError, SequenceTooLongError
+from paged_kv.allocator.seq_ids import check_seq_id
+from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, SequenceTooLongError
 
 
 @attrs.frozen(eq=False)
@@ -48,11 +49,10 @@ def check_record(record, spec) -> tuple[int, int, tuple[int, ...], tuple[int, ..
     attention; no further than its window allows for a sliding group), and block
     counts that cover exactly the tokens from the first block on.
     """
+    from paged_kv.allocator.groups import group_class  # the groups import this module's users
     if not isinstance(record, SwapRecord):
         raise InvalidArgumentError(f"swap_in needs a SwapRecord (from swap_out or swap_record); got {type(record).__name__}")
-    seq_id = record.seq_id
-    if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)) or seq_id < 0:
-        raise InvalidSequenceIdError(f"SwapRecord seq_id={seq_id!r} must be an integer >= 0")
+    seq_id = check_seq_id(record.seq_id, "SwapRecord ")
     num_tokens = record.num_tokens
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or not 1 <= num_tokens < 2**31:
         raise InvalidTokenCountError(f"SwapRecord num_tokens={num_tokens!r} must be an integer in [1, 2**31)")
@@ -75,10 +75,11 @@ def check_record(record, spec) -> tuple[int, int, tuple[int, ...], tuple[int, ..
     firsts, counts = [], []
     for g, (group, first, blocks) in enumerate(zip(groups, record.first_blocks, record.blocks)):
         first = _record_int(first, f"first_blocks[{g}]", record)
-        limit = 0 if group.window is None else max(num_tokens - group.window, 0) // spec.block_size
+        # The last token's query must still see every block from `first` on.
+        limit = int(group_class(group).visible_from(group, num_tokens - 1, spec.block_size))
         if not 0 <= first <= limit:
-            kind = "a full-attention group starts at block 0" if group.window is None else (
-                f"a window of {group.window} keeps every block from {limit} on")
+            reach = {"sliding": f"a window of {group.window}", "chunked": f"a chunk of {group.chunk}"}.get(group.kind)
+            kind = f"{reach} keeps every block from {limit} on" if reach else "a full-attention group starts at block 0"
             raise InvalidArgumentError(
                 f"SwapRecord seq_id={seq_id}: first_blocks[{g}]={first} is impossible for {num_tokens} tokens: {kind}"
             )

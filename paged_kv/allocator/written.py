@@ -19,6 +19,12 @@ block only once it reports the block's tokens computed.
 
 from __future__ import annotations
 
+import numpy as np
+
+from paged_kv.allocator.prefix_cache import from_u128, to_u128
+from paged_kv.allocator.saved_state import check_captured, take
+from paged_kv.errors import CheckpointError
+
 
 class WrittenBlocks:
     """Per page-table row: tokens described by the last step, tokens committed, the chain
@@ -65,10 +71,65 @@ class WrittenBlocks:
         stop = min(len(self.hashes.get(row, ())), self.written.get(row, 0) // block_size)
         return start, max(start, stop)
 
-    def state(self) -> tuple:
-        """A comparable copy (for snapshots); ``issued`` is a note, not allocation state."""
+    def rehash(self, row: int, hashes: list[int]) -> None:
+        """``row``'s chain is now ``hashes`` (`KVCacheManager.cache_tokens`); keying restarts
+        at block 0 (blocks keyed before keep their keys: the cache skips them)."""
+        self.hashes[row] = hashes
+        self.keyed[row] = 0
+
+    def mark_keyed(self, row: int, stop: int) -> None:
+        """``row``'s first ``stop`` blocks are keyed (or were hits)."""
+        self.keyed[row] = stop
+
+    def keyed_end(self, row: int) -> int:
+        """Blocks of ``row``'s chain keyed (or hit)."""
+        return self.keyed.get(row, 0)
+
+    def keyed_ends(self, rows: np.ndarray) -> np.ndarray:
+        """Blocks keyed per row, for ``rows`` (the retention rule's chain ends)."""
+        get = self.keyed.get
+        return np.fromiter((get(r, 0) for r in rows.tolist()), np.int64, len(rows))
+
+    def snapshot(self) -> tuple:
+        """A comparable copy (for `KVCacheManager.snapshot`); ``issued`` is a note, not allocation state."""
         return (tuple(sorted(self.written.items())), tuple(sorted((r, tuple(h)) for r, h in self.hashes.items())),
                 tuple(sorted(self.keyed.items())))
+
+    # ---- saved state (paged_kv.checkpoint) ------------------------------------------
+    SAVED_ATTRS = frozenset({"issued", "written", "hashes", "keyed"})
+    """Attributes `state` covers. ``issued`` (what the last step described but nobody
+    committed) is dropped: a restored manager keys those blocks at their next commit."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Per row: tokens committed, blocks keyed, and the chain hashes (128-bit, as pairs)."""
+        check_captured(self, self.SAVED_ATTRS)
+        chains = [(row, i, h) for row, chain in self.hashes.items() for i, h in enumerate(chain)]
+        return {
+            "lengths": np.array(sorted(self.written.items()), np.int64).reshape(-1, 2),
+            "keyed": np.array(sorted(self.keyed.items()), np.int64).reshape(-1, 2),
+            "hash_index": np.array([(r, i) for r, i, _ in chains], np.int64).reshape(-1, 2),
+            "hash_value": to_u128([h for *_, h in chains]),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], live_rows: set[int]) -> "WrittenBlocks":
+        """Inverse of `state`, every row checked to be one of ``live_rows`` (`CheckpointError`)."""
+        lengths, keyed = take(state, "lengths", np.int64, (None, 2)), take(state, "keyed", np.int64, (None, 2))
+        index, values = take(state, "hash_index", np.int64, (None, 2)), take(state, "hash_value", np.uint64, (None, 2))
+        if index.shape[0] != values.shape[0]:
+            raise CheckpointError("written.hash_index and written.hash_value differ in length")
+        rows = set(lengths[:, 0].tolist()) | set(keyed[:, 0].tolist()) | set(index[:, 0].tolist())
+        if not rows <= live_rows:
+            raise CheckpointError(f"written.* names rows {sorted(rows - live_rows)} no sequence holds")
+        written = cls()
+        written.written = {int(r): int(n) for r, n in lengths.tolist()}
+        written.keyed = {int(r): int(n) for r, n in keyed.tolist()}
+        for (row, i), h in zip(index.tolist(), from_u128(values)):
+            chain = written.hashes.setdefault(int(row), [])
+            if i != len(chain):
+                raise CheckpointError(f"written.hash_index row {row} skips to index {i}")
+            chain.append(h)
+        return written
 
 
 __all__ = ["WrittenBlocks"]

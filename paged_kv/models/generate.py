@@ -421,9 +421,9 @@ class Generator:
     def _preempt(self, s: _Seq, waiting: collections.deque) -> None:
         """Release ``s`` (recompute preemption) and put it at the head of the queue."""
         rid = s.request_id
-        if self.manager.prefix_cache is not None and not self.spec.sliding_layers:
+        if self.manager.prefix_cache is not None:
             # Key the blocks it computed so its recomputation hits them if they survive
-            # (not on sliding layers, whose rows no longer hold the blocks behind the window).
+            # (a local group keys the blocks its row still holds: a hit needs only those).
             self.manager.cache_tokens(rid, s.tokens[: self.manager.kv_len(rid)])
         if rid in self.slots:
             self.slots.release(self.slots.slot_of(rid))

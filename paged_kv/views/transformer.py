@@ -105,7 +105,7 @@ class PagedLayerView:
         if metadata.built_for != want:
             raise ShapeError(
                 f"layer {self.layer_index}: metadata was built for pages {metadata.built_for} (block_size, "
-                f"(num_blocks, window) per group), these pages are {want}; use the metadata of the manager "
+                f"(num_blocks, window, chunk) per group), these pages are {want}; use the metadata of the manager "
                 "built from this cache's spec"
             )
 
