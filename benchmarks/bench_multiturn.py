@@ -18,7 +18,8 @@ layers' bytes, its full blocks 8). Every model runs with `prefix_cache=True`; a
 model the manager refuses is reported with the error's text.
 
 48 sessions per run; three seeds (one with ``--quick``), hit rates averaged over
-them. Reported per model and seed: token hit rate (cached prompt tokens / prompt
+them. The same comparison at 1 TiB, where every conversation fits and nothing is
+evicted, shows what the layouts' hit rules alone allow. Reported per model and seed: token hit rate (cached prompt tokens / prompt
 tokens, first admissions), prefill tokens saved (cached tokens over all
 admissions), prefill tokens computed, preemptions, steps, blocks held per group
 (mean, peak), cached blocks no one holds per group, and utilization per group (the
@@ -86,20 +87,33 @@ def run_model(work, layout: str, pool_bytes: int, share: float, config: Schedule
 
 
 def compare_layouts(seed: int, sessions: int, args, config: SchedulerConfig) -> dict:
-    """Every layout on one seed's workload: the hybrid's split and each model's figures."""
+    """Every layout on one seed's workload, at ``--pool-gib`` and at ``--roomy-gib``:
+    the hybrid's split and each model's figures."""
     work = multiturn_workload(sessions, turns=args.turns, seed=seed, think_s=args.think_s, max_total_tokens=MAX_LEN)
     share = hybrid_share(work, config)
-    pool_bytes = int(args.pool_gib * 2**30)
-    models = {layout: run_model(work, layout, pool_bytes, share, config) for layout in LAYOUTS}
-    for layout, m in models.items():
-        if "error" in m:
-            print(f"seed {seed} {layout:>8}: not run: {m['error']}")
-            continue
-        g = m["groups"]
-        print(f"seed {seed} {layout:>8}: hit rate {m['token_hit_rate']:.1%}, prefill saved "
-              f"{m['prefill_tokens_saved']:,} tokens, preemptions {m['preemptions']}, blocks held per group "
-              f"{g['mean_blocks_held']} (peak {g['peak_blocks_held']}), utilization {g['utilization']}")
-    return dict(seed=seed, turns=len(work), source=work.source, hybrid_sliding_share=round(share, 4), models=models)
+    out = dict(seed=seed, turns=len(work), source=work.source, hybrid_sliding_share=round(share, 4))
+    for key, gib in (("models", args.pool_gib), ("roomy_models", args.roomy_gib)):
+        out[key] = models = {layout: run_model(work, layout, int(gib * 2**30), share, config) for layout in LAYOUTS}
+        for layout, m in models.items():
+            if "error" in m:
+                print(f"seed {seed} {gib:g} GiB {layout:>8}: not run: {m['error']}")
+                continue
+            g = m["groups"]
+            print(f"seed {seed} {gib:g} GiB {layout:>8}: hit rate {m['token_hit_rate']:.1%}, prefill saved "
+                  f"{m['prefill_tokens_saved']:,} tokens, preemptions {m['preemptions']}, blocks held per group "
+                  f"{g['mean_blocks_held']} (peak {g['peak_blocks_held']}), utilization {g['utilization']}")
+    return out
+
+
+def mean_hit_rates(runs: list[dict], key: str) -> tuple[dict, float | None]:
+    """Per layout the token hit rate averaged over the seeds (None if a layout did not
+    run), and hybrid / all-full."""
+    mean = {}
+    for layout in LAYOUTS:
+        rates = [r[key][layout].get("token_hit_rate") for r in runs]
+        mean[layout] = None if None in rates else round(sum(rates) / len(rates), 4)
+    ratio = round(mean["hybrid"] / mean["full"], 4) if mean["hybrid"] is not None and mean["full"] else None
+    return mean, ratio
 
 
 def main() -> None:
@@ -109,25 +123,22 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6, help="most turns per session")
     ap.add_argument("--think-s", type=float, default=10.0, help="mean think time between turns")
     ap.add_argument("--pool-gib", type=float, default=48.0)
+    ap.add_argument("--roomy-gib", type=float, default=1024.0,
+                    help="a second pool every conversation fits in: the hit rates with nothing evicted")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     args = ap.parse_args()
     seeds = [args.seed] if args.quick else [args.seed + k for k in range(3)]
     config = SchedulerConfig(max_batch=MAX_BATCH)
     out = start_report(quick=args.quick, seeds=seeds, sessions=args.sessions, max_turns=args.turns,
-                       think_s=args.think_s, pool_gib=args.pool_gib,
+                       think_s=args.think_s, pool_gib=args.pool_gib, roomy_gib=args.roomy_gib,
                        model=dict(layers=SHAPE.num_layers, kv_heads=SHAPE.num_kv_heads, head_dim=SHAPE.head_dim,
                                   window=WINDOW, full_every=FULL_EVERY, block_size=BLOCK, max_seq_len=MAX_LEN,
                                   max_batch=MAX_BATCH))
     runs = [compare_layouts(seed, args.sessions, args, config) for seed in seeds]
     out["trace"] = runs[0]["source"]
     out["runs"] = runs
-    out["mean_hit_rate"] = mean = {}
-    for layout in LAYOUTS:
-        rates = [r["models"][layout].get("token_hit_rate") for r in runs]
-        mean[layout] = None if None in rates else round(sum(rates) / len(rates), 4)
-    ratio = None
-    if mean["hybrid"] is not None and mean["full"]:
-        ratio = round(mean["hybrid"] / mean["full"], 4)
+    out["mean_hit_rate"], ratio = mean_hit_rates(runs, "models")
+    out["roomy_mean_hit_rate"], out["roomy_hit_rate_hybrid_over_full"] = mean_hit_rates(runs, "roomy_models")
     out["hit_rate_hybrid_over_full"] = ratio
     out["hit_rate_aim_met"] = None if ratio is None else ratio >= 0.9
     out["hybrid_not_run"] = runs[0]["models"]["hybrid"].get("error")

@@ -224,9 +224,11 @@ def _multiturn_rows(r: dict) -> list[Row]:
     else:
         hybrid = (f"hybrid (5 sliding W = {d['model']['window']:,} per full) {_pct(rate['hybrid'])}, "
                   f"{_x(d['hit_rate_hybrid_over_full'])} all-full's")
+    roomy = d.get("roomy_mean_hit_rate") or {}
     out = [(where + ": token hit rate", hybrid,
-            f"all-full {_pct(rate['full'])}, all-sliding {_pct(rate['sliding'])}; prefill tokens saved all-full "
-            f"{models['full']['prefill_tokens_saved']:,}")]
+            f"all-full {_pct(rate['full'])}, all-sliding {_pct(rate['sliding'])} at equal memory; with room for every "
+            f"conversation ({d.get('roomy_gib', 0):g} GiB) all-full {_pct(roomy.get('full'))}, hybrid "
+            f"{_pct(roomy.get('hybrid'))}")]
     frag = models["hybrid"] if "groups" in models["hybrid"] else models["full"]
     name = "hybrid" if frag is models["hybrid"] else "all-full (hybrid not run)"
     g = frag["groups"]

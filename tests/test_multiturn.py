@@ -104,10 +104,12 @@ def _fields(w: Workload) -> dict:
 
 # ---- the prefix cache in the scheduler --------------------------------------------------
 
-def test_sessions_hit_their_previous_turns(bundled):
+@pytest.mark.parametrize("layers", [{}, dict(sliding_window=64, sliding_layers=(1,))], ids=["full", "hybrid"])
+def test_sessions_hit_their_previous_turns(bundled, layers):
     """With room to spare nothing is evicted, so every later turn hits exactly the
-    full blocks of the conversation before it, and nothing else is ever hit."""
-    spec = tiny_spec()
+    full blocks of the conversation before it, and nothing else is ever hit; a
+    sliding group keeps the window tails a hit needs."""
+    spec = tiny_spec(**layers)
     work = multiturn_workload(6, turns=3, seed=1, think_s=2.0, max_total_tokens=spec.max_seq_len, trace=bundled)
     backend = PagedBackend(spec, prefix_cache=True)
     result = run_schedule(work, backend, SchedulerConfig(max_batch=16), spec.max_seq_len, check=True)
