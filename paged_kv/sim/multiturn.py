@@ -6,7 +6,10 @@ message, so with a prefix cache it only computes the new message, provided the
 previous turn's blocks survived in the cache while the user was thinking and other
 sessions were served. Each turn's new user-input length and output length are one
 row of a request trace (by default the bundled Azure LLM conversation trace),
-drawn with replacement from a seeded stream.
+drawn with replacement from a seeded stream. That trace records whole prompts,
+which probably include earlier turns, so its ``ContextTokens`` as a turn's *new*
+message (median ~1,000 tokens) makes conversations grow fast, about 1,400 tokens a
+turn: a demanding case for the cache rather than a typical chat.
 
 Sessions interleave: their first turns arrive together (offline) or at a Poisson
 rate (``--arrivals trace``), and a session's next turn arrives a think time after its
