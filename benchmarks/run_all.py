@@ -39,6 +39,7 @@ BENCHMARKS = {
     "bench_vs_vllm": ["--quick"],
     "bench_allocator": ["--quick"],
     "bench_prefix": ["--quick"],
+    "bench_multiturn": ["--quick"],
     "bench_fragmentation": ["--quick"],
     "bench_preemption": ["--quick"],
     "bench_sliding": ["--limit", "3000"],
@@ -198,7 +199,7 @@ def _sharing_rows(r: dict) -> list[Row]:
         out.append(("requests sharing 4 system prompts of 2,048 tokens (`bench_prefix.py`)",
                     f"prefix cache: hit rate {_pct(sp['shared']['hit_rate'])}, "
                     f"{_x(sp['requests_running_shared_over_plain'])} the requests running at once",
-                    "no sharing, same loop and pool"))
+                    "no sharing, same scheduler (`run_schedule`) and pool"))
         out.append(("parallel sampling n = 4 on the Azure trace",
                     f"fork: {_x(ps['requests_running_shared_over_plain'])} the requests running",
                     f"4 independent sequences per request ({ps['plain']['steps']:,} vs {ps['shared']['steps']:,} steps)"))
@@ -206,6 +207,35 @@ def _sharing_rows(r: dict) -> list[Row]:
         out.append((f"prefix lookup of a {lk['prompt_tokens']:,}-token prompt, {lk['cached_tokens']:,} cached",
                     f"{lk['admit_prompt_us']} µs ({lk['admit_prompt_ns_per_token']} ns per prompt token)",
                     f"plain `admit` of the same length: {lk['admit_us']} µs"))
+    return out
+
+
+def _multiturn_rows(r: dict) -> list[Row]:
+    d = get(r, "bench_multiturn:")
+    if not d:
+        return []
+    rate, run = d["mean_hit_rate"], d["runs"][0]
+    models = run["models"]
+    where = (f"multi-turn chat, {d['sessions']} sessions of ≤ {d['max_turns']} turns (Azure lengths), "
+             f"{d['model']['layers']} layers, {d['pool_gib']:g} GiB, prefix cache (`bench_multiturn.py`)")
+    if d.get("hybrid_not_run"):
+        reason = d["hybrid_not_run"].split(":")[0]
+        hybrid = f"hybrid (5 sliding W = {d['model']['window']:,} per full) not run ({reason}: see results.json)"
+    else:
+        hybrid = (f"hybrid (5 sliding W = {d['model']['window']:,} per full) {_pct(rate['hybrid'])}, "
+                  f"{_x(d['hit_rate_hybrid_over_full'])} all-full's")
+    roomy = d.get("roomy_mean_hit_rate") or {}
+    out = [(where + ": token hit rate", hybrid,
+            f"all-full {_pct(rate['full'])}, all-sliding {_pct(rate['sliding'])} at equal memory; with room for every "
+            f"conversation ({d.get('roomy_gib', 0):g} GiB) all-full {_pct(roomy.get('full'))}, hybrid "
+            f"{_pct(roomy.get('hybrid'))}")]
+    frag = models["hybrid"] if "groups" in models["hybrid"] else models["full"]
+    name = "hybrid" if frag is models["hybrid"] else "all-full (hybrid not run)"
+    g = frag["groups"]
+    out.append((f"fragmentation per layer group, {name}: live tokens / held slots ({' / '.join(g['kinds'])})",
+                " / ".join(_pct(u) for u in g["utilization"]),
+                "blocks held mean " + " / ".join(f"{b:,.0f}" for b in g["mean_blocks_held"]) + ", peak "
+                + " / ".join(f"{b:,}" for b in g["peak_blocks_held"])))
     return out
 
 
@@ -276,7 +306,7 @@ def _quant_rows(r: dict) -> list[Row]:
 def rows(r: dict) -> list[Row]:
     """(what, figure, baseline in the same run) for every figure the results hold."""
     return (_vs_vllm_rows(r) + _allocator_rows(r) + _memory_rows(r) + _attention_rows(r) + _sharing_rows(r)
-            + _model_rows(r) + _quant_rows(r))
+            + _multiturn_rows(r) + _model_rows(r) + _quant_rows(r))
 
 
 def render(results: dict) -> str:

@@ -20,13 +20,16 @@ from collections.abc import Callable, Sequence
 
 from paged_kv import __version__
 from paged_kv.errors import PagedKVError, SpecError, TraceError
+from paged_kv.sim.layouts import LAYOUTS, sliding_layers
 from paged_kv.sim.models import DEFAULT_MODEL, MODELS, model_shape
+from paged_kv.sim.multiturn import multiturn_workload
 from paged_kv.sim.output_path import OutputPathError, check_writable
 from paged_kv.sim.profile import write_series
 from paged_kv.sim.progress import ProgressBar, ProgressLog
 from paged_kv.sim.scheduler import ARRIVALS, SchedulerConfig, SimulationError
 from paged_kv.sim.simulate import compare, format_table, simulate
 from paged_kv.sim.trace import BUNDLED_ATTRIBUTION, Trace, load_trace
+from paged_kv.sim.workload import Workload
 from paged_kv.spec import CacheSpec
 
 DEFAULT_BLOCK_SIZE = 16
@@ -46,6 +49,9 @@ PROGRESS_LOG_S = 10.0
 
 BUNDLED = "azure-conv"
 SYNTHETIC = "synthetic"
+WORKLOADS = ("requests", "multiturn")
+"""``--workload``: the trace's requests as they are, or chat sessions whose turns'
+lengths are drawn from it (`paged_kv.sim.multiturn_workload`)."""
 
 
 def _positive_int(text: str) -> int:
@@ -107,6 +113,7 @@ def _add_simulate_parser(commands) -> None:
     sim.add_argument("--requests", type=_positive_int, default=5000, help="requests in a synthetic trace")
     sim.add_argument("--seed", type=int, default=0, help="seed of a synthetic trace")
     sim.add_argument("--limit", type=_positive_int, metavar="N", help="replay only the first N requests")
+    _add_workload_arguments(sim)
     shape = sim.add_argument_group("model shape (sizes the pool in bytes)")
     shape.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                        help=f"a preset KV shape: {', '.join(MODELS)}")
@@ -127,6 +134,14 @@ def _add_simulate_parser(commands) -> None:
                       help="blocks in the pool, null block included")
     pool.add_argument("--max-seq-len", type=_positive_int, default=16384,
                       help="tokens one sequence may hold (rounded up to whole blocks)")
+    pool.add_argument("--layout", choices=LAYOUTS, default="full",
+                      help="which layers slide: none, all but one in --full-every (Gemma 3: 6), or all of them")
+    pool.add_argument("--sliding-window", type=_positive_int, default=1024, metavar="W",
+                      help="window of the sliding layers (--layout hybrid|sliding)")
+    pool.add_argument("--full-every", type=_positive_int, default=6, metavar="N",
+                      help="one full-attention layer per N layers (--layout hybrid)")
+    pool.add_argument("--sliding-blocks", type=_positive_int, default=None, metavar="N",
+                      help="blocks of the sliding layers' own pool (--layout hybrid; default: --num-blocks)")
     pool.add_argument("--force", action="store_true",
                       help=f"run a pool larger than {MAX_POOL_BYTES // 2**40} TiB, which is refused otherwise "
                       "as a likely typo")
@@ -158,9 +173,42 @@ def _add_simulate_parser(commands) -> None:
     sim.set_defaults(subparser=sim)
 
 
+def _add_workload_arguments(sim) -> None:
+    work = sim.add_argument_group("workload (token ids: prefix cache, parallel sampling)")
+    work.add_argument("--workload", choices=WORKLOADS, default="requests",
+                      help="requests: the trace's requests; multiturn: chat sessions whose prompts are the "
+                      "conversation so far plus new user tokens, each turn's lengths a row of --trace")
+    work.add_argument("--sessions", type=_positive_int, default=64, help="chat sessions (--workload multiturn)")
+    work.add_argument("--turns", type=_positive_int, default=6, help="most turns per session (--workload multiturn)")
+    work.add_argument("--think-s", type=_number(0.0), default=10.0,
+                      help="mean think time between a turn's answer and the next turn (--workload multiturn)")
+    work.add_argument("--samples", type=_positive_int, default=1,
+                      help="parallel samples per request: prefilled once, then forked (--workload requests)")
+    work.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                      help="admit prompts through the manager's prefix cache (default: on for --workload "
+                      "multiturn, off otherwise)")
+
+
+def _workload(args: argparse.Namespace, trace: Trace, source: str) -> tuple[Trace | Workload, str]:
+    """What the replay serves: the trace itself, or a `Workload` built on it (cut to ``--limit``)."""
+    if args.workload == "multiturn":
+        work = multiturn_workload(args.sessions, turns=args.turns, seed=args.seed, think_s=args.think_s,
+                                  max_total_tokens=args.max_seq_len, trace=trace, source=source)
+        source = work.source
+    elif args.samples > 1 or _prefix_cache(args):
+        work = Workload.from_trace(trace, seed=args.seed, samples=args.samples, source=source)
+    else:
+        work = trace
+    return (work if args.limit is None else work.head(args.limit)), source
+
+
+def _prefix_cache(args: argparse.Namespace) -> bool:
+    return args.workload == "multiturn" if args.prefix_cache is None else args.prefix_cache
+
+
 def _load(args: argparse.Namespace) -> tuple[Trace, str]:
-    """The trace the arguments name (cut to ``--limit``) and the credit line to print
-    with its results; `TraceError` if it has no request to replay."""
+    """The trace the arguments name and the credit line to print with its results;
+    `TraceError` if it has no request to replay."""
     if args.trace == BUNDLED:
         trace, source = load_trace(), BUNDLED_ATTRIBUTION
     elif args.trace == SYNTHETIC:
@@ -172,8 +220,6 @@ def _load(args: argparse.Namespace) -> tuple[Trace, str]:
         trace, source = load_trace(args.trace), f"Trace: {args.trace}"
         if len(trace) == 0:
             raise TraceError(f"{args.trace}: no requests (a header line and no rows); nothing to replay")
-    if args.limit is not None:
-        trace = trace.head(args.limit)
     return trace, source
 
 
@@ -209,14 +255,14 @@ def _progress(mode: str) -> tuple[Callable[[str, int, int], None] | None, Callab
     return progress, close
 
 
-def _replay(args: argparse.Namespace, trace: Trace, spec: CacheSpec, config: SchedulerConfig) -> list:
+def _replay(args: argparse.Namespace, trace: Trace | Workload, spec: CacheSpec, config: SchedulerConfig) -> list:
     """The paged replay's report, then the baselines' with ``--compare``."""
     progress, close = _progress(args.progress)
     try:
         if args.compare:
-            reports = compare(trace, spec, config, progress=progress)
+            reports = compare(trace, spec, config, progress=progress, prefix_cache=_prefix_cache(args))
         else:
-            reports = [simulate(trace, spec, config=config,
+            reports = [simulate(trace, spec, config=config, prefix_cache=_prefix_cache(args),
                                 progress=(lambda d, t: progress("paged", d, t)) if progress else None)]
     finally:
         close()
@@ -247,7 +293,8 @@ def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: 
               for r in reports[1:] if r.mean_running}
     # CC-BY 4.0 asks for the credit wherever results from the bundled trace appear.
     if args.json:
-        out = {"trace": source, "requests": len(trace), "model": args.model, "block_size": spec.block_size,
+        out = {"trace": source, "workload": args.workload, "requests": len(trace), "model": args.model,
+               "layout": args.layout, "prefix_cache": _prefix_cache(args), "block_size": spec.block_size,
                "num_blocks": spec.num_blocks, "pool_bytes": spec.pool_bytes, **paged.as_dict()}
         if args.compare:
             out["baselines"] = {r.backend: r.as_dict() for r in reports[1:]}
@@ -255,8 +302,9 @@ def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: 
         print(json.dumps(out))
         return
     print(source)
-    print(f"Requests: {len(trace):,}   max_seq_len: {spec.max_seq_len:,}   max batch: {args.max_batch}   "
-          f"token budget: {args.token_budget:,}   arrivals: {args.arrivals}")
+    print(f"Requests: {len(trace):,} ({args.workload})   max_seq_len: {spec.max_seq_len:,}   max batch: "
+          f"{args.max_batch}   token budget: {args.token_budget:,}   arrivals: {args.arrivals}   prefix cache: "
+          f"{'on' if _prefix_cache(args) else 'off'}")
     print(f"Model shape: {args.model}{' with overrides' if _overrides(args) else ''} ({spec.num_layers} layers, "
           f"{spec.key_heads} KV heads x {spec.key_dim}, {spec.dtype}; only sizes the pool)")
     print(f"KV pool: {spec.describe()} ({spec.pool_bytes / 2**30:.2f} GiB, "
@@ -294,6 +342,7 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         _check_outputs(args)  # before a long replay, not after it
         trace, source = _load(args)
+        trace, source = _workload(args, trace, source)
         reports = _replay(args, trace, spec, config)
         _write_outputs(args, reports, trace, spec, source)
     except (PagedKVError, SimulationError) as exc:
@@ -333,8 +382,15 @@ def _spec(args: argparse.Namespace) -> CacheSpec:
             f"--num-blocks {args.num_blocks} x --block-size {bs} tokens of {args.model} ({shape.describe()}) is a {pool / 2**30:,.0f} GiB KV pool, more than "
             f"{MAX_POOL_BYTES // 2**40} TiB; check --num-blocks and --block-size, or pass --force"
         )
+    layers = sliding_layers(shape.num_layers, args.layout, args.full_every)
+    slide = dict(sliding_window=args.sliding_window, sliding_layers=layers) if layers else {}
+    if args.layout == "hybrid":
+        slide["sliding_num_blocks"] = args.sliding_blocks
+    elif args.sliding_blocks is not None:
+        raise SpecError(f"--sliding-blocks {args.sliding_blocks} is for --layout hybrid (the sliding layers' own "
+                        f"pool); --layout {args.layout} has one pool of --num-blocks")
     return CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
-                     max_batch_slots=args.max_batch, **shape.spec_fields())
+                     max_batch_slots=args.max_batch, **shape.spec_fields(), **slide)
 
 
 __all__ = ["build_parser", "main"]

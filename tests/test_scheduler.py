@@ -50,8 +50,8 @@ def spy_manager(monkeypatch):
     instances = []
 
     class SpyManager(KVCacheManager):
-        def __init__(self, spec):
-            super().__init__(spec)
+        def __init__(self, spec, **options):
+            super().__init__(spec, **options)
             self.admits, self.appends = [], []
             instances.append(self)
 

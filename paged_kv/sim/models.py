@@ -57,6 +57,8 @@ MODELS: dict[str, ModelShape] = {
     "qwen2-7b": ModelShape(num_layers=28, num_kv_heads=4, head_dim=128),  # also Qwen2.5 7B
     "qwen2.5-72b": ModelShape(num_layers=80, num_kv_heads=8, head_dim=128),
     "phi3-mini": ModelShape(num_layers=32, num_kv_heads=32, head_dim=96),
+    # Gemma 3 12B: five sliding layers (W = 1024) per full one; --layout hybrid gives that pattern.
+    "gemma3-12b": ModelShape(num_layers=48, num_kv_heads=8, head_dim=256),
 }
 """Preset shapes by name; `paged-kv simulate --model NAME` picks one."""
 

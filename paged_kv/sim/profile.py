@@ -32,6 +32,12 @@ COLUMNS = (
 DERIVED = ("utilization", "internal_fragmentation", "blocks_used", "blocks_free")
 """Columns `StepSeries.derived` computes and the output files carry after `COLUMNS`."""
 
+GROUP_COLUMNS = ("blocks", "cached", "tokens", "utilization")
+"""Per layer group g, written as ``blocks_g0``, ...: blocks held by running sequences,
+blocks the prefix cache keeps that no one holds, tokens the group keeps live (all of
+a sequence's for full attention, its last ``window`` for a sliding group; a shared
+block counts for each sharer), and tokens / (blocks x block_size)."""
+
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     """The ``q`` quantile of ``values`` where each counts ``weights`` times (lower value, no interpolation)."""
@@ -43,21 +49,61 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(values[order][min(i, values.size - 1)])
 
 
+def group_kind(group) -> str:
+    """What a layer group's queries read: ``"full"``, ``"sliding:W"`` (the last W
+    positions) or ``"chunked:C"`` (their own chunk of C positions), from a
+    `paged_kv.spec.LayerGroup`."""
+    chunk = getattr(group, "chunk", None)
+    return f"sliding:{group.window}" if group.window is not None else f"chunked:{chunk}" if chunk else "full"
+
+
+def live_tokens(held: np.ndarray, kind: str, span: int, full_tokens: float) -> float:
+    """Tokens a group of ``kind`` keeps live for sequences holding ``held`` tokens: all
+    of them for full attention (``full_tokens``, the row's own figure), the last W
+    for a sliding group, the current chunk's for a chunked one. Over a decode span of
+    ``span`` steps (every sequence one more token a step), the mean of steps 1..span."""
+    if kind == "full":
+        return full_tokens
+    name, size = kind.split(":")
+    size = int(size)
+    if name == "sliding" and span:
+        # sum_{j=1..span} min(h + j, W) = m*h + m(m+1)/2 + (span - m)*W, m = clip(W - h, 0, span)
+        m = np.clip(size - held, 0, span)
+        return float((m * held + m * (m + 1) / 2 + (span - m) * size).sum() / span)
+    if span:
+        lengths = held[:, None] + np.arange(1, span + 1)[None, :]
+        return float(((lengths - 1) % size + 1).sum() / span)
+    if name == "sliding":
+        return float(np.minimum(held, size).sum())
+    return float(np.where(held > 0, (held - 1) % size + 1, 0).sum())
+
+
 @attrs.frozen(eq=False)
 class StepSeries:
-    """The profiler's columns (see `COLUMNS`) as numpy arrays of equal length."""
+    """The profiler's columns (see `COLUMNS`) as numpy arrays of equal length, and the
+    per-layer-group ones (`GROUP_COLUMNS`) as ``[rows, groups]`` arrays."""
 
     columns: dict[str, np.ndarray]
     block_size: int
     capacity_slots: int
+    group_columns: dict[str, np.ndarray] = attrs.field(factory=dict)
+    kinds: tuple = ("full",)
+    """Each group's attention (see `group_kind`)."""
 
     @classmethod
-    def from_rows(cls, rows: list[tuple], block_size: int, capacity_slots: int) -> "StepSeries":
-        """Columns from the scheduler's row tuples (in `COLUMNS` order)."""
+    def from_rows(cls, rows: list[tuple], block_size: int, capacity_slots: int,
+                  group_rows: list[tuple] | None = None, kinds: tuple = ("full",)) -> "StepSeries":
+        """Columns from the scheduler's row tuples (in `COLUMNS` order) and, per row, a
+        tuple of each group's blocks held, then cached blocks, then live tokens."""
         data = np.array(rows, dtype=np.float64).reshape(len(rows), len(COLUMNS))
         cols = {name: data[:, i] if name == "tokens_stored" else data[:, i].astype(np.int64)
                 for i, name in enumerate(COLUMNS)}
-        return cls(cols, block_size, capacity_slots)
+        g = len(kinds)
+        if group_rows is None:  # one full group: the scalar columns say it all
+            group_rows = [(r[5] / block_size, 0, r[4]) for r in rows]
+        per = np.array(group_rows, dtype=np.float64).reshape(len(rows), 3 * g)
+        groups = {"blocks": per[:, :g], "cached": per[:, g:2 * g], "tokens": per[:, 2 * g:]}
+        return cls(cols, block_size, capacity_slots, groups, tuple(kinds))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
@@ -85,6 +131,30 @@ class StepSeries:
         slots = np.repeat(self["slots_allocated"], k)
         busy = slots > 0
         return tokens[busy] / slots[busy]
+
+    @property
+    def group_utilization(self) -> np.ndarray:
+        """``[rows, groups]``: live tokens / (blocks held x block_size), 1.0 where a group holds nothing."""
+        slots = self.group_columns["blocks"] * self.block_size
+        return np.divide(self.group_columns["tokens"], slots, out=np.ones_like(slots), where=slots > 0)
+
+    def group_summary(self) -> dict:
+        """Per layer group, time-averaged (each step weighted equally): blocks held (mean
+        and peak), cached blocks no one holds (mean), live tokens and utilization
+        (total tokens / total slots over the run)."""
+        w = self["steps"].astype(np.float64)
+        total = w.sum() or 1.0
+        blocks, cached, tokens = (self.group_columns[k] for k in ("blocks", "cached", "tokens"))
+        slots = (w[:, None] * blocks).sum(axis=0) * self.block_size
+        live = (w[:, None] * tokens).sum(axis=0)
+        return dict(
+            kinds=list(self.kinds),
+            mean_blocks=((w[:, None] * blocks).sum(axis=0) / total).tolist(),
+            peak_blocks=[int(np.ceil(x)) for x in blocks.max(axis=0, initial=0)],
+            mean_cached_blocks=((w[:, None] * cached).sum(axis=0) / total).tolist(),
+            mean_live_tokens=(live / total).tolist(),
+            utilization=np.divide(live, slots, out=np.zeros_like(live), where=slots > 0).tolist(),
+        )
 
     def summary(self) -> dict:
         """Time-averaged figures, each step weighted equally."""
@@ -132,30 +202,48 @@ class StepSeries:
             "blocks_free": self["free_slots"] // bs,
         }
 
+    def group_table(self) -> dict[str, np.ndarray]:
+        """The per-group columns flattened to ``blocks_g0``, ``cached_g0``, ... (`GROUP_COLUMNS`)."""
+        util = self.group_utilization.round(6)
+        out = {}
+        for g in range(len(self.kinds)):
+            out[f"blocks_g{g}"] = self.group_columns["blocks"][:, g].round(3)
+            out[f"cached_g{g}"] = self.group_columns["cached"][:, g].round(3)
+            out[f"tokens_g{g}"] = self.group_columns["tokens"][:, g].round(3)
+            out[f"utilization_g{g}"] = util[:, g]
+        return out
+
     def as_lists(self) -> dict:
-        """Every column, derived ones included, as plain lists (for JSON)."""
+        """Every column, derived and per-group ones included, as plain lists (for JSON)."""
         out = {name: col.tolist() for name, col in self.columns.items()}
         out.update({name: col.tolist() for name, col in self.derived().items()})
+        out.update({name: col.tolist() for name, col in self.group_table().items()})
         return out
 
 
 def write_series(path: str | os.PathLike, series: dict[str, StepSeries]) -> None:
     """Write the series of several backends to ``path``: JSON (``{backend: {column:
     [...]}}``) if it ends in ``.json``, else CSV in long form (a ``backend`` column
-    first, then `COLUMNS` and `DERIVED`)."""
+    first, then `COLUMNS`, `DERIVED` and the per-group columns of the backend with the
+    most groups; empty where a backend has fewer)."""
     path = os.fspath(path)
     if path.endswith(".json"):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({name: s.as_lists() for name, s in series.items()}, f)
         return
+    groups = max((len(s.kinds) for s in series.values()), default=1)
+    group_names = [f"{c}_g{g}" for g in range(groups) for c in GROUP_COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("backend", *COLUMNS, *DERIVED))
+        writer.writerow(("backend", *COLUMNS, *DERIVED, *group_names))
         for name, s in series.items():
             cols = [s[c] for c in COLUMNS]
             cols[COLUMNS.index("tokens_stored")] = np.round(cols[COLUMNS.index("tokens_stored")], 3)
             cols += list(s.derived().values())
-            writer.writerows(zip([name] * len(s), *(c.tolist() for c in cols)))
+            table = s.group_table()
+            blank = [""] * len(s)
+            cols += [table.get(c, blank) for c in group_names]
+            writer.writerows(zip([name] * len(s), *(c if isinstance(c, list) else c.tolist() for c in cols)))
 
 
-__all__ = ["COLUMNS", "DERIVED", "StepSeries", "weighted_quantile", "write_series"]
+__all__ = ["COLUMNS", "DERIVED", "GROUP_COLUMNS", "StepSeries", "group_kind", "live_tokens", "weighted_quantile", "write_series"]

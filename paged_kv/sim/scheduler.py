@@ -1,8 +1,10 @@
-"""A continuous-batching scheduler that replays a trace over any memory `Backend`.
+"""A continuous-batching scheduler that replays a trace or a `Workload` over any memory `Backend`.
 
 One step is one forward pass of a vLLM-v1-style engine:
 
-1. Requests whose arrival time has come join the waiting queue (FCFS).
+1. Requests whose arrival time has come join the waiting queue (FCFS). A request
+   that follows another (a session's next turn) arrives its think time after that
+   one finished.
 2. Running sequences are scheduled oldest first: each decoding sequence gets one
    token, then prefilling sequences get prompt chunks while the step's token
    budget lasts. All their tokens go to the backend in one batched ``append``. If
@@ -13,9 +15,17 @@ One step is one forward pass of a vLLM-v1-style engine:
    it is readmitted (bytes moved are counted; no token is recomputed).
 3. With the budget left, waiting requests are admitted from the queue head while
    the batch has room and the backend accepts (the paged one keeps a watermark of
-   free blocks while others run). Admission takes the first prompt chunk.
-4. The profiler records the step, then sequences that produced their last token
-   (or reached the point where their client cancels) are released.
+   free blocks while others run). Admission takes the first prompt chunk. With a
+   prefix-caching backend admission goes by token ids: the cached leading tokens are
+   held at once and only the rest is prefilled (chunked as usual).
+4. The backend is told the step ran (the paged one commits what it wrote, so the
+   prefix cache can offer it). A request with parallel samples whose prompt was
+   completed in this step is forked into its samples (they share the prompt and the
+   first output token; a sample that finds no room in the batch waits in the queue
+   and is prefilled like a preempted one). The profiler records the step, then
+   sequences that produced their last token (or reached the point where their client
+   cancels) are released; a prefix-caching backend first keys all their tokens, as it
+   does for a sequence preempted by recompute.
 
 A prompt's final chunk also yields the first output token, in the same step, and
 that token is held from then on; so a request holds ``context + output`` tokens at
@@ -28,6 +38,7 @@ one whose prompt alone leaves no room for an output token is not run
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,8 +48,9 @@ import numpy as np
 
 from paged_kv.errors import OutOfBlocksError, PagedKVError
 from paged_kv.sim.backends.base import Backend
-from paged_kv.sim.profile import StepSeries
+from paged_kv.sim.profile import StepSeries, live_tokens
 from paged_kv.sim.trace import Trace
+from paged_kv.sim.workload import Workload
 
 PROGRESS_EVERY = 1000
 """Rows between two calls of the ``progress`` callback."""
@@ -117,6 +129,20 @@ class ReplayCounts:
     bytes_swapped_out: int
     bytes_swapped_in: int
     peak_swapped_bytes: int
+    prompt_tokens: int = 0
+    """Prompt tokens of every request's first admission (what the workload asks for)."""
+    cached_prompt_tokens: int = 0
+    """Of those, the tokens the prefix cache already held (not computed)."""
+    prefill_tokens_saved: int = 0
+    """Cached tokens over every admission, re-admissions after preemption included."""
+    forks: int = 0
+    """Samples that shared their request's blocks (parallel sampling)."""
+
+    @property
+    def token_hit_rate(self) -> float:
+        """``cached_prompt_tokens / prompt_tokens``: the share of the workload's prompt
+        tokens the prefix cache served (0 without one)."""
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -129,238 +155,407 @@ class ScheduleResult(ReplayCounts):
 
 
 def run_schedule(
-    trace: Trace,
+    trace: Trace | Workload,
     backend: Backend,
     config: SchedulerConfig,
     max_seq_len: int,
     progress: Callable[[int, int], None] | None = None,
     check: bool = False,
 ) -> ScheduleResult:
-    """Serve every request of ``trace`` over ``backend``; see the module docstring.
+    """Serve every request of ``trace`` (a `Trace`, or a `Workload` with token ids,
+    dependencies and parallel samples) over ``backend``; see the module docstring.
 
     ``progress(requests_done, requests_total)`` is called every `PROGRESS_EVERY`
     rows; ``check=True`` runs the backend's integrity check after every step (slow;
     for tests).
     """
-    started = time.perf_counter()
-    n_req = len(trace)
-    context = trace.context_tokens
-    gen = trace.generated_tokens
-    fits = context + np.minimum(gen, 1) <= max_seq_len
-    target = np.where(fits, np.minimum(gen, max_seq_len - context), 0)
-    truncated = int(np.count_nonzero(fits & (target < gen)))
-    # A client that cancels stops its request early: that is its output length.
-    cancels = fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
-    target = np.where(cancels, trace.cancel_after, target)
-    if config.arrivals == "offline":
-        arrival_step = np.zeros(n_req, dtype=np.int64)
-    else:
-        arrival_step = np.floor(trace.arrival_s / config.speedup / config.step_s).astype(np.int64)
-    order = np.flatnonzero(fits)
-    order = order[np.argsort(arrival_step[order], kind="stable")].tolist()
-    first_step = np.full(n_req, -1, dtype=np.int64)
-    done = np.zeros(n_req, dtype=np.int64)  # tokens generated so far, kept across preemptions
+    work = trace if isinstance(trace, Workload) else Workload.from_trace(trace)
+    return _Replay(work, backend, config, max_seq_len, progress, check).run()
 
-    budget = config.token_budget
-    max_batch = config.max_batch
-    skip_ahead = backend.reserves_ahead
-    waiting: deque[int] = deque()
-    # Running sequences in admission order (the last is the newest, the one to
-    # preempt), with per-sequence state in parallel arrays so a step's bookkeeping
-    # is a few vectorized operations, not a loop over the batch.
-    running: list[int] = []
-    prompt_left = np.empty(0, dtype=np.int64)  # prompt tokens not yet prefilled
-    remaining = np.empty(0, dtype=np.int64)  # output tokens still to generate
-    held = np.empty(0, dtype=np.int64)  # tokens the backend holds for the sequence
 
-    swap = config.preemption == "swap"
-    swapped: dict[int, tuple[int, int, int, int]] = {}  # seq -> (prompt_left, remaining, held, bytes)
-    swap_ins = bytes_out = bytes_in = swapped_bytes = peak_swapped = 0
+class _Replay:
+    """One replay's state. Running sequences are kept in admission order (the last is
+    the newest, the one to preempt), with their per-sequence state in parallel numpy
+    arrays so a step's bookkeeping is a few vectorized operations, not a loop over the
+    batch. Sequence ids are request indices; a request's extra samples get ids after
+    the last request's."""
 
-    rows: list[tuple] = []
-    step = ptr = steps = served = cancelled = preemptions = admissions = 0
-    prefill_tokens = generated = stored = 0
-    finished_total = 0
-    n_runnable = len(order)
+    def __init__(self, work: Workload, backend: Backend, config: SchedulerConfig, max_seq_len: int,
+                 progress, check: bool):
+        self.started = time.perf_counter()
+        self.work, self.backend, self.config, self.progress, self.check = work, backend, config, progress, check
+        self.tokens = backend.caches_prefixes  # admission by token ids
+        self.kinds = backend.group_kinds
+        self._last_ids: tuple = (None, None, None)
+        self.tally = dict.fromkeys(("step", "steps", "served", "cancelled", "preemptions", "admissions", "prefill",
+                                    "generated", "stored", "finished", "swap_ins", "bytes_out", "bytes_in",
+                                    "swapped_bytes", "peak_swapped", "prompt", "cached", "saved", "forks"), 0)
+        self.waiting: deque[int] = deque()
+        self.running: list[int] = []
+        self.prompt_left = np.empty(0, dtype=np.int64)  # prompt tokens not yet prefilled
+        self.remaining = np.empty(0, dtype=np.int64)  # output tokens still to generate
+        self.held = np.empty(0, dtype=np.int64)  # tokens the backend holds for the sequence
+        self.swapped: dict[int, tuple[int, int, int, int]] = {}  # seq -> (prompt_left, remaining, held, bytes)
+        self.rows: list[tuple] = []
+        self.group_rows: list[tuple] = []
+        self._sequences(work, *self._targets(work.trace, max_seq_len))
+        self._arrivals(work, config)
 
-    def finish(i: int) -> None:
-        nonlocal served, cancelled, finished_total
-        finished_total += 1
-        if cancels[i]:
-            cancelled += 1
+    def _targets(self, trace: Trace, max_seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which requests fit, and each one's prompt and output length after truncation
+        and cancellation."""
+        context, gen = trace.context_tokens, trace.generated_tokens
+        self.fits = context + np.minimum(gen, 1) <= max_seq_len
+        target = np.where(self.fits, np.minimum(gen, max_seq_len - context), 0)
+        self.truncated = int(np.count_nonzero(self.fits & (target < gen)))
+        # A client that cancels stops its request early: that is its output length.
+        cancels = self.fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
+        return context, np.where(cancels, trace.cancel_after, target), cancels
+
+    def _arrivals(self, work: Workload, config: SchedulerConfig) -> None:
+        """The arrival heap of (step, request): requests that follow none go in now, the
+        others when the request they follow finishes (`_request_done`)."""
+        n = len(work)
+        if config.arrivals == "offline":
+            self.earliest = np.zeros(n, dtype=np.int64)
         else:
-            served += 1
+            self.earliest = np.floor(work.trace.arrival_s / config.speedup / config.step_s).astype(np.int64)
+        self.think_steps = np.floor(work.think_s / config.speedup / config.step_s).astype(np.int64)
+        self.followers: dict[int, list[int]] = {}
+        for j in np.flatnonzero(work.follows >= 0).tolist():
+            self.followers.setdefault(int(work.follows[j]), []).append(j)
+        self.arrival_step = self.earliest.copy()
+        self.first_step = np.full(n, -1, dtype=np.int64)
+        self.n_runnable = int(np.count_nonzero(self.fits))
+        self.heap: list[tuple[int, int]] = []
+        for i in np.flatnonzero(work.follows < 0).tolist():
+            if self.fits[i]:
+                self.heap.append((int(self.earliest[i]), i))
+            else:
+                self._request_done(i, int(self.earliest[i]))  # never runs; its followers still come
+        heapq.heapify(self.heap)
 
-    while True:
-        while ptr < n_runnable and arrival_step[order[ptr]] <= step:
-            waiting.append(order[ptr])
-            ptr += 1
-        if not running and not waiting:
-            if ptr == n_runnable:
-                break
-            step = int(arrival_step[order[ptr]])  # idle until the next arrival
-            continue
+    def _sequences(self, work: Workload, context, target, cancels) -> None:
+        """Per-sequence arrays: requests first, then their extra samples (a request that
+        generates nothing has none)."""
+        n = len(work)
+        extra = np.where(self.fits & (target > 0), work.samples - 1, 0)
+        self.first_child = n + np.cumsum(extra) - extra
+        self.request_of = np.concatenate([np.arange(n), np.repeat(np.arange(n), extra)])
+        total = int(extra.sum())
+        self.sample_of = np.concatenate([np.zeros(n, np.int64),
+                                         np.arange(total) - np.repeat(self.first_child - n, extra) + 1])
+        self.extra = extra
+        self.context = context[self.request_of]
+        self.target = target[self.request_of]
+        self.cancels = cancels[self.request_of]
+        self.done = np.zeros(n + total, dtype=np.int64)  # tokens generated so far, kept across preemptions
+        self.open = 1 + extra  # sequences of each request not finished yet
+        self.to_fork = set(np.flatnonzero(extra > 0).tolist())  # requests whose samples are not forked yet
 
-        n_run = len(running)
-        if skip_ahead and n_run and not prompt_left.any():
-            # Nothing can change until a sequence finishes or a request arrives:
-            # appends never fail, and admission is refused now and stays refused
-            # until a release. Replay that span as one row.
-            head_blocked = (
-                not waiting
-                or n_run >= max_batch
-                or not backend.can_admit(waiting[0], *_first_chunk(waiting[0], context, done, target, budget - n_run), True)
-            )
-            k = int(remaining.min()) - 1
-            if ptr < n_runnable:
-                k = min(k, int(arrival_step[order[ptr]]) - step)
-            if head_blocked and k >= 2:
-                counts = np.full(n_run, k, dtype=np.int64)
-                backend.append(running, counts)
-                # Tokens grow by n_run per step; the row carries their mean over the span.
-                mean_tokens = stored + n_run * (k + 1) / 2
-                s = backend.sample()
-                rows.append((step, k, n_run, len(waiting), mean_tokens, s.slots_allocated, s.free_slots,
-                             s.largest_free_run, s.sliding_blocks, s.used_bytes))
-                held += k
-                remaining -= k
-                done[running] += k
-                stored += n_run * k
-                generated += n_run * k
-                steps += k
-                step += k
-                continue
-
-        # (2) schedule running sequences, preempting the newest on shortage
+    # ---- the loop -------------------------------------------------------------------
+    def run(self) -> ScheduleResult:
+        c = self.tally
         while True:
-            counts, granted, gen_now, used = _plan_running(prompt_left, remaining, budget)
-            if not running:
-                break
+            if self.heap and self.heap[0][0] <= c["step"]:
+                self._arrive()
+            if not self.running and not self.waiting:
+                if not self.heap:
+                    break
+                c["step"] = self.heap[0][0]  # idle until the next arrival
+                continue
+            if self.backend.reserves_ahead and self._skip_decode_span():
+                continue
+            used, added = self._run_running()
+            new_ids = self._admit(used)
+            if not self.running:
+                if self.waiting and not new_ids:
+                    # Unreachable while a lone sequence of max_seq_len fits the backend;
+                    # guards an endless loop.
+                    raise SimulationError(f"request {self.waiting[0]} cannot be admitted into an empty "
+                                          f"{self.backend.name} backend")
+                c["step"] += 1
+                continue
+            self._end_step(added)
+        if self.progress is not None:
+            self.progress(c["finished"], self.n_runnable)
+        return self._result()
+
+    def _arrive(self) -> None:
+        step = self.tally["step"]
+        while self.heap and self.heap[0][0] <= step:
+            at, i = heapq.heappop(self.heap)
+            self.arrival_step[i] = at
+            if self.fits[i]:
+                self.waiting.append(i)
+            else:
+                self._request_done(i, at)
+
+    def _skip_decode_span(self) -> bool:
+        """Nothing can change until a sequence finishes or a request arrives: appends
+        never fail, and admission is refused now and stays refused until a release.
+        Replay that span as one row (backends that reserve ahead only)."""
+        c, running = self.tally, self.running
+        n_run = len(running)
+        if not n_run or self.prompt_left.any():
+            return False
+        waiting = self.waiting
+        head_blocked = (
+            not waiting
+            or n_run >= self.config.max_batch
+            or not self.backend.can_admit(waiting[0], *self._first_chunk(waiting[0], self.config.token_budget - n_run),
+                                          True)
+        )
+        k = int(self.remaining.min()) - 1
+        if self.heap:
+            k = min(k, self.heap[0][0] - c["step"])
+        if not head_blocked or k < 2:
+            return False
+        self.backend.append(running, np.full(n_run, k, dtype=np.int64))
+        # Tokens grow by n_run per step; the row carries their mean over the span.
+        self._profile(k, c["stored"] + n_run * (k + 1) / 2, span=k)
+        self.held += k
+        self.remaining -= k
+        self.done[running] += k
+        c["stored"] += n_run * k
+        c["generated"] += n_run * k
+        c["steps"] += k
+        c["step"] += k
+        return True
+
+    # ---- (2) running sequences -----------------------------------------------------
+    def _run_running(self) -> tuple[int, np.ndarray]:
+        """Schedule the running sequences, preempting the newest on shortage; returns
+        the budget they used and the tokens each got."""
+        c = self.tally
+        while True:
+            counts, granted, gen_now, used = _plan_running(self.prompt_left, self.remaining, self.config.token_budget)
+            if not self.running:
+                return used, counts
             try:
-                backend.append(running, counts)
+                self.backend.append(self.running, counts)
                 break
             except OutOfBlocksError:
-                victim = running.pop()
-                if swap:
-                    moved = backend.swap_out(victim)
-                    swapped[victim] = (int(prompt_left[-1]), int(remaining[-1]), int(held[-1]), moved)
-                    bytes_out += moved
-                    swapped_bytes += moved
-                    peak_swapped = max(peak_swapped, swapped_bytes)
-                else:
-                    backend.release(victim)
-                stored -= int(held[-1])
-                prompt_left, remaining, held = prompt_left[:-1], remaining[:-1], held[:-1]
-                waiting.appendleft(victim)
-                preemptions += 1
-        if running:
-            held += counts
-            stored += int(counts.sum())
-            prompt_left -= granted
-            prefill_tokens += int(granted.sum())
-            if gen_now.any():
-                done[np.asarray(running)[gen_now]] += 1
-                remaining -= gen_now
-                generated += int(gen_now.sum())
-        budget_left = budget - used
+                self._preempt()
+        self.held += counts
+        c["stored"] += int(counts.sum())
+        self.prompt_left -= granted
+        c["prefill"] += int(granted.sum())
+        if gen_now.any():
+            self.done[np.asarray(self.running)[gen_now]] += 1
+            self.remaining -= gen_now
+            c["generated"] += int(gen_now.sum())
+        return used, counts
 
-        # (3) admission from the queue head
+    def _preempt(self) -> None:
+        c = self.tally
+        victim = self.running.pop()
+        if self.config.preemption == "swap":
+            moved = self.backend.swap_out(victim)
+            self.swapped[victim] = (int(self.prompt_left[-1]), int(self.remaining[-1]), int(self.held[-1]), moved)
+            c["bytes_out"] += moved
+            c["swapped_bytes"] += moved
+            c["peak_swapped"] = max(c["peak_swapped"], c["swapped_bytes"])
+        else:
+            self.backend.finish(victim, self._ids(victim, int(self.held[-1])))
+        c["stored"] -= int(self.held[-1])
+        self.prompt_left, self.remaining, self.held = self.prompt_left[:-1], self.remaining[:-1], self.held[:-1]
+        self.waiting.appendleft(victim)
+        c["preemptions"] += 1
+
+    # ---- (3) admission ---------------------------------------------------------------
+    def _admit(self, budget_used: int) -> list[int]:
+        """Admit from the queue head while the batch, the budget and the backend allow."""
+        budget_left = self.config.token_budget - budget_used
         new_ids: list[int] = []
-        new_state: list[tuple[int, int, int]] = []
-        while waiting and len(running) + len(new_ids) < max_batch and budget_left > 0:
-            i = waiting[0]
-            if i in swapped:
-                # Back from host memory as it was: no prefill, no budget spent.
-                if not backend.can_swap_in(i, bool(running or new_ids)):
-                    break
-                waiting.popleft()
-                left, rest, h, moved = swapped.pop(i)
-                bytes_in += backend.swap_in(i)
-                swapped_bytes -= moved
-                swap_ins += 1
-                new_ids.append(i)
-                new_state.append((left, rest, h))
-                stored += h
-                continue
-            tokens, final_i = _first_chunk(i, context, done, target, budget_left)
-            if not backend.can_admit(i, tokens, final_i, bool(running or new_ids)):
+        new_state: list[tuple[int, int, int, int]] = []
+        while self.waiting and len(self.running) + len(new_ids) < self.config.max_batch and budget_left > 0:
+            i = self.waiting[0]
+            busy = bool(self.running or new_ids)
+            admitted = self._swap_in(i, busy) if i in self.swapped else self._admit_one(i, budget_left, busy)
+            if admitted is None:
                 break
-            waiting.popleft()
-            backend.admit(i, tokens, final_i)
-            admissions += 1
-            if first_step[i] < 0:
-                first_step[i] = step
-            prompt = int(context[i] + done[i])
-            rest = int(target[i] - done[i])
-            chunk = min(prompt, budget_left)
-            first = tokens - chunk  # 1 when this chunk ends the prompt and output is due
-            prefill_tokens += chunk
+            chunk, state = admitted
             budget_left -= chunk
-            done[i] += first
-            generated += first
-            # A request with nothing to generate (prefill only) runs too: it holds its
-            # blocks for the step that prefills it, which is profiled and counted, and
-            # is released with the step's finished sequences.
             new_ids.append(i)
-            new_state.append((prompt - chunk, rest - first, tokens))
-            stored += tokens
+            new_state.append(state)
         if new_ids:
-            running.extend(new_ids)
-            state = np.array(new_state, dtype=np.int64).reshape(-1, 3)
-            prompt_left = np.concatenate([prompt_left, state[:, 0]])
-            remaining = np.concatenate([remaining, state[:, 1]])
-            held = np.concatenate([held, state[:, 2]])
-        if not running:
-            if waiting and not new_ids:
-                # Unreachable while a lone sequence of max_seq_len fits the backend;
-                # guards an endless loop.
-                raise SimulationError(f"request {waiting[0]} cannot be admitted into an empty {backend.name} backend")
-            step += 1
-            continue
+            self.running.extend(new_ids)
+            state = np.array(new_state, dtype=np.int64).reshape(-1, 4)
+            self.prompt_left = np.concatenate([self.prompt_left, state[:, 0]])
+            self.remaining = np.concatenate([self.remaining, state[:, 1]])
+            self.held = np.concatenate([self.held, state[:, 2]])
+            self._new_added = state[:, 3]
+        else:
+            self._new_added = np.empty(0, dtype=np.int64)
+        return new_ids
 
-        # (4) profile, then release what finished
-        steps += 1
-        s = backend.sample()
-        rows.append((step, 1, len(running), len(waiting), stored, s.slots_allocated, s.free_slots,
-                     s.largest_free_run, s.sliding_blocks, s.used_bytes))
-        ended = (prompt_left == 0) & (remaining == 0)
+    def _swap_in(self, i: int, busy: bool) -> tuple[int, tuple] | None:
+        """Bring swapped-out ``i`` back from host memory as it was: no prefill, no budget
+        spent. None if the backend has no room for it yet."""
+        if not self.backend.can_swap_in(i, busy):
+            return None
+        c = self.tally
+        self.waiting.popleft()
+        left, rest, h, moved = self.swapped.pop(i)
+        c["bytes_in"] += self.backend.swap_in(i)
+        c["swapped_bytes"] -= moved
+        c["swap_ins"] += 1
+        c["stored"] += h
+        return 0, (left, rest, h, 0)
+
+    def _admit_one(self, i: int, budget_left: int, busy: bool) -> tuple[int, tuple] | None:
+        """Admit sequence ``i`` with its first prompt chunk, or None if the backend refuses.
+        Returns the prompt tokens computed and its (prompt left, remaining, held, added)."""
+        c, backend = self.tally, self.backend
+        prompt = int(self.context[i] + self.done[i])
+        rest = int(self.target[i] - self.done[i])
+        if self.tokens:
+            ids = self._ids(i, prompt)
+            chunk = min(prompt, budget_left)  # the most it can compute now, whatever it hits
+            if not backend.can_admit_prompt(i, ids, chunk, rest > 0, busy):
+                return None
+            cached = backend.admit_prompt(i, ids, chunk, rest > 0)
+            if cached is None:
+                return None
+        else:
+            tokens, final = self._first_chunk(i, budget_left)
+            if not backend.can_admit(i, tokens, final, busy):
+                return None
+            backend.admit(i, tokens, final)
+            cached = 0
+        self.waiting.popleft()
+        c["admissions"] += 1
+        r = int(self.request_of[i])
+        if self.first_step[r] < 0 and i == r:
+            self.first_step[r] = c["step"]
+            c["prompt"] += prompt
+            c["cached"] += cached
+        c["saved"] += cached
+        chunk = min(prompt - cached, budget_left)
+        first = 1 if chunk == prompt - cached and rest > 0 else 0  # this chunk ends the prompt: output is due
+        c["prefill"] += chunk
+        self.done[i] += first
+        c["generated"] += first
+        tokens = cached + chunk + first
+        c["stored"] += tokens
+        # A request with nothing to generate (prefill only) runs too: it holds its
+        # blocks for the step that prefills it, which is profiled and counted, and
+        # is released with the step's finished sequences.
+        return chunk, (prompt - cached - chunk, rest - first, tokens, chunk + first)
+
+    def _first_chunk(self, i: int, budget_left: int) -> tuple[int, int]:
+        return _first_chunk(i, self.context, self.done, self.target, budget_left)
+
+    # ---- (4) the step ran ---------------------------------------------------------------
+    def _end_step(self, added: np.ndarray) -> None:
+        c = self.tally
+        added = np.concatenate([added, self._new_added]) if self._new_added.size else added
+        self.backend.end_step(self.running, self.held, added)
+        if self.to_fork:
+            self._fork_samples()
+        c["steps"] += 1
+        self._profile(1, c["stored"])
+        ended = (self.prompt_left == 0) & (self.remaining == 0)
         if ended.any():
             for k in np.flatnonzero(ended).tolist():
-                backend.release(running[k])
-                finish(running[k])
-            stored -= int(held[ended].sum())
+                s = self.running[k]
+                self.backend.finish(s, self._ids(s, int(self.held[k])) if self.tokens else None)
+                self._sequence_done(s)
+            c["stored"] -= int(self.held[ended].sum())
             keep = ~ended
-            running = [r for r, kept in zip(running, keep.tolist()) if kept]
-            prompt_left, remaining, held = prompt_left[keep], remaining[keep], held[keep]
-        step += 1
-        if check:
-            backend.check_integrity()
-        if progress is not None and len(rows) % PROGRESS_EVERY == 0:
-            progress(finished_total, n_runnable)
+            self.running = [s for s, kept in zip(self.running, keep.tolist()) if kept]
+            self.prompt_left, self.remaining, self.held = self.prompt_left[keep], self.remaining[keep], self.held[keep]
+        c["step"] += 1
+        if self.check:
+            self.backend.check_integrity()
+        if self.progress is not None and len(self.rows) % PROGRESS_EVERY == 0:
+            self.progress(c["finished"], self.n_runnable)
 
-    if progress is not None:
-        progress(finished_total, n_runnable)
-    ran = first_step >= 0
-    series = StepSeries.from_rows(rows, backend.block_size, backend.capacity_slots)
-    return ScheduleResult(
-        requests_served=served,
-        cancelled=cancelled,
-        skipped=int(np.count_nonzero(~fits)),
-        truncated=truncated,
-        steps=steps,
-        idle_steps=step - steps,
-        tokens_generated=generated,
-        prefill_tokens=prefill_tokens,
-        admissions=admissions,
-        preemptions=preemptions,
-        swap_ins=swap_ins,
-        bytes_swapped_out=bytes_out,
-        bytes_swapped_in=bytes_in,
-        peak_swapped_bytes=peak_swapped,
-        queue_delay_steps=(first_step - arrival_step)[ran],
-        series=series,
-        wall_s=time.perf_counter() - started,
-    )
+    def _fork_samples(self) -> None:
+        """Fork every running request whose prompt is done into its samples."""
+        ready = [(k, s) for k, s in enumerate(self.running) if s in self.to_fork and self.done[s] > 0]
+        for k, parent in ready:
+            self.to_fork.discard(parent)
+            first = int(self.first_child[parent])
+            children = range(first, first + int(self.extra[parent]))
+            tokens, final = int(self.held[k]), int(self.context[parent] + self.target[parent])
+            joined = []
+            for child in children:
+                self.done[child] = self.done[parent]
+                if self.done[child] >= self.target[child]:
+                    self._sequence_done(child)  # its one output token is the shared first one
+                elif len(self.running) + len(joined) < self.config.max_batch and \
+                        self.backend.can_fork(parent, child, tokens, final):
+                    self.backend.fork(parent, child, tokens, final)
+                    joined.append(child)
+                else:
+                    # No room now: it waits to be prefilled like a preempted sequence.
+                    self.waiting.appendleft(child)
+            self.tally["forks"] += len(joined)
+            if joined:
+                m = len(joined)
+                self.running.extend(joined)
+                self.prompt_left = np.concatenate([self.prompt_left, np.zeros(m, np.int64)])
+                self.remaining = np.concatenate([self.remaining, self.target[joined] - self.done[joined]])
+                self.held = np.concatenate([self.held, np.full(m, tokens, np.int64)])
+                self.tally["stored"] += m * tokens
+
+    def _ids(self, seq: int, stop: int) -> np.ndarray | None:
+        """Token ids of ``seq``'s first ``stop`` tokens, when the backend matches tokens.
+        The last answer is kept: a queue head the backend refuses is asked again each step."""
+        if not self.tokens:
+            return None
+        if self._last_ids[:2] != (seq, stop):
+            self._last_ids = (seq, stop, self.work.token_ids(int(self.request_of[seq]), stop, int(self.sample_of[seq])))
+        return self._last_ids[2]
+
+    def _sequence_done(self, s: int) -> None:
+        r = int(self.request_of[s])
+        self.open[r] -= 1
+        if not self.open[r]:
+            self._request_done(r, self.tally["step"])
+
+    def _request_done(self, r: int, step: int) -> None:
+        """Request ``r`` finished (or was skipped) at ``step``: count it, release its followers."""
+        c = self.tally
+        if self.fits[r]:
+            c["finished"] += 1
+            if self.cancels[r]:
+                c["cancelled"] += 1
+            else:
+                c["served"] += 1
+        for j in self.followers.get(r, ()):
+            heapq.heappush(self.heap, (max(int(self.earliest[j]), step + 1 + int(self.think_steps[j])), j))
+
+    # ---- profile and result ----------------------------------------------------------------
+    def _profile(self, steps: int, tokens: float, span: int = 0) -> None:
+        s = self.backend.sample()
+        c = self.tally
+        self.rows.append((c["step"], steps, len(self.running), len(self.waiting), tokens, s.slots_allocated,
+                          s.free_slots, s.largest_free_run, s.sliding_blocks, s.used_bytes))
+        blocks = s.group_blocks or (s.slots_allocated / self.backend.block_size,)
+        cached = s.group_cached or (0,) * len(blocks)
+        if self.kinds == ("full",):  # the common case, without the per-kind call
+            self.group_rows.append((*blocks, *cached, tokens))
+        else:
+            self.group_rows.append((*blocks, *cached, *(live_tokens(self.held, k, span, tokens) for k in self.kinds)))
+
+    def _result(self) -> ScheduleResult:
+        c = self.tally
+        ran = self.first_step >= 0
+        series = StepSeries.from_rows(self.rows, self.backend.block_size, self.backend.capacity_slots,
+                                      self.group_rows, self.kinds)
+        return ScheduleResult(
+            requests_served=c["served"], cancelled=c["cancelled"], skipped=int(np.count_nonzero(~self.fits)),
+            truncated=self.truncated, steps=c["steps"], idle_steps=c["step"] - c["steps"],
+            tokens_generated=c["generated"], prefill_tokens=c["prefill"], admissions=c["admissions"],
+            preemptions=c["preemptions"], swap_ins=c["swap_ins"], bytes_swapped_out=c["bytes_out"],
+            bytes_swapped_in=c["bytes_in"], peak_swapped_bytes=c["peak_swapped"], prompt_tokens=c["prompt"],
+            cached_prompt_tokens=c["cached"], prefill_tokens_saved=c["saved"], forks=c["forks"],
+            queue_delay_steps=(self.first_step - self.arrival_step)[ran], series=series,
+            wall_s=time.perf_counter() - self.started,
+        )
 
 
 def _first_chunk(i: int, context, done, target, budget_left: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from paged_kv.sim.backends import (
 from paged_kv.sim.profile import StepSeries
 from paged_kv.sim.scheduler import PROGRESS_EVERY, ReplayCounts, ScheduleResult, SchedulerConfig, SimulationError, run_schedule
 from paged_kv.sim.trace import Trace
+from paged_kv.sim.workload import Workload
 from paged_kv.spec import CacheSpec
 
 BASELINES = ("contiguous-max-len", "contiguous-first-fit")
@@ -33,7 +34,11 @@ class SimReport(ReplayCounts):
     """What one replay measured over one backend: the `ReplayCounts` plus the profile's
     summary. Per-step figures are taken after the step's appends, when its forward
     pass holds the most tokens; "blocks" are the paged pool's, or slots / block_size
-    for a contiguous backend."""
+    for a contiguous backend. ``group_*`` figures have one entry per layer group
+    (`CacheSpec.groups`; a contiguous backend is one full group): blocks held by
+    running sequences, blocks cached for reuse that no one holds, and utilization:
+    the tokens a group keeps live (a sliding group only each sequence's last
+    ``window``) over its held slots, time-averaged."""
 
     backend: str
     preemption: str
@@ -45,6 +50,11 @@ class SimReport(ReplayCounts):
     peak_blocks_in_use: int
     mean_blocks_in_use: float
     mean_group_blocks: tuple[float, ...]
+    peak_group_blocks: tuple[int, ...]
+    mean_group_cached: tuple[float, ...]
+    group_utilization: tuple[float, ...]
+    group_kinds: tuple[str, ...]
+    token_hit_rate: float
     mean_used_bytes: float
     peak_used_bytes: int
     time_avg_utilization: float
@@ -67,9 +77,7 @@ class SimReport(ReplayCounts):
         bs = backend.block_size
         delays = result.queue_delay_steps
         mean_blocks = s["mean_slots_allocated"] / bs
-        groups = (mean_blocks,)
-        if isinstance(backend, PagedBackend) and len(backend.manager.groups) > 1:
-            groups = (mean_blocks, s["mean_sliding_blocks"])
+        g = result.series.group_summary()
         return cls(
             **{a.name: getattr(result, a.name) for a in attrs.fields(ReplayCounts)},
             backend=backend.name,
@@ -81,7 +89,12 @@ class SimReport(ReplayCounts):
             usable_blocks=backend.capacity_slots // bs,
             peak_blocks_in_use=-(-s["peak_slots_allocated"] // bs),
             mean_blocks_in_use=mean_blocks,
-            mean_group_blocks=groups,
+            mean_group_blocks=tuple(g["mean_blocks"]),
+            peak_group_blocks=tuple(g["peak_blocks"]),
+            mean_group_cached=tuple(g["mean_cached_blocks"]),
+            group_utilization=tuple(g["utilization"]),
+            group_kinds=tuple(g["kinds"]),
+            token_hit_rate=result.token_hit_rate,
             mean_used_bytes=s["mean_used_bytes"],
             peak_used_bytes=s["peak_used_bytes"],
             time_avg_utilization=s["time_avg_utilization"],
@@ -104,6 +117,9 @@ class SimReport(ReplayCounts):
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a terminal table."""
+        return self._count_rows() + self._memory_rows()
+
+    def _count_rows(self) -> list[tuple[str, str]]:
         return [
             ("requests served", f"{self.requests_served:,}"),
             ("cancelled by client", f"{self.cancelled:,}"),
@@ -118,9 +134,19 @@ class SimReport(ReplayCounts):
              f"{self.bytes_swapped_in / 2**30:,.2f} / {self.peak_swapped_bytes / 2**30:,.2f} GiB"),
             ("queue delay mean / p50 / p99 (steps)",
              f"{self.queue_delay_mean:,.0f} / {self.queue_delay_p50:,.0f} / {self.queue_delay_p99:,.0f}"),
+            ("prefix cache: token hit rate", f"{self.token_hit_rate:.1%} of {self.prompt_tokens:,} prompt tokens"),
+            ("prefill tokens saved (all admissions)", f"{self.prefill_tokens_saved:,}"),
+            ("parallel samples forked", f"{self.forks:,}"),
+        ]
+
+    def _memory_rows(self) -> list[tuple[str, str]]:
+        return [
             ("peak blocks in use", f"{self.peak_blocks_in_use:,} / {self.usable_blocks:,}"),
             ("mean blocks in use", f"{self.mean_blocks_in_use:,.1f} / {self.usable_blocks:,}"),
             ("mean blocks per layer group", " / ".join(f"{b:,.1f}" for b in self.mean_group_blocks)),
+            ("peak blocks per layer group", " / ".join(f"{b:,}" for b in self.peak_group_blocks)),
+            ("mean cached blocks per group (no holder)", " / ".join(f"{b:,.1f}" for b in self.mean_group_cached)),
+            ("utilization per group (live tokens/slots)", " / ".join(f"{u:.4f}" for u in self.group_utilization)),
             ("mean KV bytes held", f"{self.mean_used_bytes / 2**30:,.2f} GiB"),
             ("peak KV bytes held", f"{self.peak_used_bytes / 2**30:,.2f} GiB"),
             ("time-avg utilization (tokens/slots)", f"{self.time_avg_utilization:.4f}"),
@@ -166,15 +192,18 @@ def _config(config: SchedulerConfig | None, max_batch, watermark, spec: CacheSpe
 
 
 def simulate(
-    trace: Trace,
+    trace: Trace | Workload,
     spec: CacheSpec,
     max_batch: int | None = None,
     watermark: float = 0.01,
     progress: Callable[[int, int], None] | None = None,
     check: bool = False,
     config: SchedulerConfig | None = None,
+    prefix_cache: bool = False,
 ) -> SimReport:
-    """Serve every request of ``trace`` from a fresh `KVCacheManager` built from ``spec``.
+    """Serve every request of ``trace`` (or a `Workload`: token ids, sessions, parallel
+    samples) from a fresh `KVCacheManager` built from ``spec``, with its prefix cache
+    when ``prefix_cache`` (the manager's `SpecError` if it refuses the spec).
 
     ``config`` sets the scheduler (see `SchedulerConfig`); without it, ``max_batch``
     (default: the spec's ``max_batch_slots``) and ``watermark`` are used with the
@@ -184,7 +213,7 @@ def simulate(
     step (slow; for tests).
     """
     config = _config(config, max_batch, watermark, spec)
-    backend = PagedBackend(spec, config.watermark)
+    backend = PagedBackend(spec, config.watermark, prefix_cache=prefix_cache)
     result = run_schedule(trace, backend, config, spec.max_seq_len, progress, check)
     return SimReport.from_result(backend, result, config.preemption)
 
@@ -196,20 +225,23 @@ def baseline_backends(spec: CacheSpec) -> list[Backend]:
 
 
 def compare(
-    trace: Trace,
+    trace: Trace | Workload,
     spec: CacheSpec,
     config: SchedulerConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     check: bool = False,
+    prefix_cache: bool = False,
 ) -> list[SimReport]:
-    """Replay ``trace`` over the paged manager and each baseline at equal memory,
-    under one scheduler: reports in the order paged, `BASELINES`.
+    """Replay ``trace`` over the paged manager (with its prefix cache when
+    ``prefix_cache``) and each baseline at equal memory, under one scheduler: reports
+    in the order paged, `BASELINES`. The contiguous baselines share nothing: a forked
+    sample gets a copy.
 
     ``progress(backend_name, done, total)`` reports each replay's progress.
     """
     config = _config(config, None, 0.01, spec)
     reports = []
-    for backend in [PagedBackend(spec, config.watermark), *baseline_backends(spec)]:
+    for backend in [PagedBackend(spec, config.watermark, prefix_cache=prefix_cache), *baseline_backends(spec)]:
         tick = None if progress is None else (lambda d, t, name=backend.name: progress(name, d, t))
         result = run_schedule(trace, backend, config, spec.max_seq_len, tick, check)
         reports.append(SimReport.from_result(backend, result, config.preemption))

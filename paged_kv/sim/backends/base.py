@@ -30,6 +30,10 @@ class Sample:
     sliding_blocks: int = 0
     """Blocks held by sliding-window layer groups (paged only)."""
     used_bytes: int = 0
+    group_blocks: tuple[int, ...] = ()
+    """Blocks held per layer group (paged; empty: one group of ``slots_allocated``)."""
+    group_cached: tuple[int, ...] = ()
+    """Blocks per group that no sequence holds but the prefix cache keeps (evictable)."""
 
 
 def equal_memory_slots(spec: CacheSpec) -> int:
@@ -51,6 +55,8 @@ class Backend(abc.ABC):
     """
 
     name: str
+    caches_prefixes: bool = False
+    """True when admission goes through `admit_prompt` (token ids, prefix-cache hits)."""
     reserves_ahead: bool = False
     """True when ``admit`` reserves everything a sequence will ever hold, so ``append``
     never allocates or fails. The scheduler then skips ahead over steps in which
@@ -82,6 +88,40 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sample(self) -> Sample:
         """The memory state now, for the step's profile row."""
+
+    @property
+    def group_kinds(self) -> tuple[str, ...]:
+        """Each layer group's attention (`paged_kv.sim.profile.group_kind`); contiguous caches are one full group."""
+        return ("full",)
+
+    def can_admit_prompt(self, seq: int, token_ids: np.ndarray, chunk: int, first: bool, busy: bool) -> bool:
+        """Whether `admit_prompt` would succeed now and leave enough headroom (prefix-caching backends)."""
+        raise NotImplementedError(f"the {self.name} backend has no prefix cache")
+
+    def admit_prompt(self, seq: int, token_ids: np.ndarray, chunk: int, first: bool) -> int | None:
+        """Admit ``seq`` with prompt ``token_ids``, reusing cached leading blocks; hold the
+        cached tokens plus the next ``chunk`` prompt tokens, and the first output token
+        too when that ends the prompt and ``first``. Returns the cached tokens, or None
+        when the admission did not fit after all (then nothing is held)."""
+        raise NotImplementedError(f"the {self.name} backend has no prefix cache")
+
+    def end_step(self, seqs: list[int], held: np.ndarray, added: np.ndarray) -> None:
+        """The step ran: ``seqs`` hold ``held`` tokens, ``added`` of them new this step
+        (the paged backend commits what was written)."""
+
+    def finish(self, seq: int, token_ids: np.ndarray | None) -> None:
+        """``seq`` leaves (done, or preempted by recompute): a prefix-caching backend keys
+        its tokens ``token_ids`` (all it holds) for later requests, then releases it."""
+        self.release(seq)
+
+    def can_fork(self, parent: int, child: int, tokens: int, final_tokens: int) -> bool:
+        """Whether `fork` would succeed now. Default: room for a copy of the parent's ``tokens``."""
+        return self.can_admit(child, tokens, final_tokens, True)
+
+    def fork(self, parent: int, child: int, tokens: int, final_tokens: int) -> None:
+        """``child`` continues from ``parent``'s ``tokens`` (parallel sampling). Default: a
+        copy in memory of its own, as a cache that cannot share blocks must make."""
+        self.admit(child, tokens, final_tokens)
 
     def swap_out(self, seq: int) -> int:
         """Move ``seq``'s memory to the host and free it; return the bytes moved."""
