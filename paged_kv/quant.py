@@ -36,8 +36,7 @@ round every other channel coarsely; ``H`` spreads each outlier over all channels
 its block, so the scale tracks the head's norm, not its largest channel (and fp8
 saturates and underflows less). Rounding error stays per token and head, bounded in
 L2: ``||decode(x) - x||_2 = ||decode'(x H) - x H||_2`` (``H`` preserves norms). The
-transform is a fast Walsh-Hadamard butterfly in float32 (``D log D`` adds, exact on
-every backend, no matmul precision setting involved).
+transform is a float32 matmul at ``Precision.HIGHEST`` with each block of ``H``.
 
 Pages of a quantized layer are stored as ``uint8`` bits and int8 scales as unsigned
 ints of their width, for the same reason every page is stored as unsigned bits
@@ -53,6 +52,8 @@ kernel that gathers chunks of pages itself decodes them the same way.
 """
 
 from __future__ import annotations
+
+import functools
 
 import attrs
 import ml_dtypes
@@ -125,25 +126,35 @@ def rotation_block(dim: int) -> int:
     return dim & -dim
 
 
+@functools.lru_cache(maxsize=None)
+def hadamard_matrix(block: int) -> np.ndarray:
+    """The normalized Sylvester Hadamard matrix of a power-of-two ``block``, float32:
+    ``H[i, j] = (-1) ** popcount(i & j) / sqrt(block)``; symmetric and orthogonal."""
+    if block < 1 or block & (block - 1):
+        raise SpecError(f"a Hadamard block must be a power of two; got {block}")
+    h = np.ones((1, 1))
+    while h.shape[0] < block:
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    out = (h / np.sqrt(block)).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
 def hadamard_transform(x: jax.Array, block: int) -> jax.Array:
-    """``x [..., D]`` times the normalized block-diagonal Hadamard matrix ``H`` (Sylvester
-    order, blocks of ``block`` channels, a power of two dividing ``D``), in float32.
+    """``x [..., D]`` times the block-diagonal matrix whose ``D / block`` blocks are
+    `hadamard_matrix(block)` (``block`` a power of two dividing ``D``), in float32.
 
-    ``H`` is symmetric and orthogonal, so applying it twice returns ``x`` (to float32
-    rounding). A butterfly of ``log2(block)`` add/subtract stages: O(D log D), and
-    exact float32 arithmetic on every backend (a matmul would depend on the platform's
-    default matmul precision, bfloat16 passes on TPU)."""
+    Symmetric and orthogonal, so applying it twice returns ``x`` (to float32 rounding).
+    A matmul at ``Precision.HIGHEST``: float32 products on every backend (TPU's
+    default would round ``x`` to bfloat16 first); on CPU it measured ~2-3x faster
+    than a ``D log D`` add/subtract butterfly, which XLA does not fuse."""
     import jax.numpy as jnp
+    from jax import lax
 
-    x = x.astype(jnp.float32)
     *lead, d = x.shape
-    h = 1
-    while h < block:  # stage h: (a, b) -> (a + b, a - b) for channels i, i + h of each 2h group
-        y = x.reshape(*lead, d // (2 * h), 2, h)
-        a, b = y[..., :1, :], y[..., 1:, :]
-        x = jnp.concatenate([a + b, a - b], axis=-2).reshape(*lead, d)
-        h *= 2
-    return x * np.float32(block**-0.5)
+    blocks = x.astype(jnp.float32).reshape(*lead, d // block, block)
+    out = jnp.einsum("...nb,bc->...nc", blocks, jnp.asarray(hadamard_matrix(block)), precision=lax.Precision.HIGHEST)
+    return out.reshape(*lead, d)
 
 
 def _bits(dtype) -> np.dtype:
@@ -390,6 +401,7 @@ __all__ = [
     "dequantize_fp8",
     "dequantize_int8",
     "fp8_head_scales",
+    "hadamard_matrix",
     "hadamard_transform",
     "quantize_fp8",
     "quantize_int8",

@@ -52,7 +52,7 @@ def _roundtrip(codec, x):
 
 
 def roundtrip(codec, x):
-    """``decode(encode(x))``, jitted: op-by-op the rotation's butterfly dispatches dozens of ops."""
+    """``decode(encode(x))``, jitted (one compilation per codec and shape)."""
     return np.asarray(_roundtrip(codec, jnp.asarray(x)))
 
 
@@ -61,7 +61,7 @@ _hadamard = jax.jit(quant.hadamard_transform, static_argnums=1)
 
 def hadamard_matrix(dim: int, block: int) -> np.ndarray:
     """The normalized block-diagonal Sylvester Hadamard matrix, built here as a matrix
-    (independently of `quant.hadamard_transform`'s butterfly), float64."""
+    (by block recursion, independently of `quant.hadamard_matrix`), float64."""
     h = np.ones((1, 1))
     while h.shape[0] < block:
         h = np.block([[h, h], [h, -h]])
@@ -125,7 +125,7 @@ def test_fp8_error_is_relative_and_saturates():
 
 @pytest.mark.parametrize("dim", [8, 96, 128])
 def test_hadamard_transform_is_the_orthogonal_block_matrix(dim):
-    """The butterfly equals ``x H`` for the normalized block-diagonal Sylvester matrix
+    """The transform equals ``x H`` for the normalized block-diagonal Sylvester matrix
     (blocks: the largest power of two dividing ``dim``), preserves norms, and undoes
     itself (``H`` is symmetric and orthogonal)."""
     block = quant.rotation_block(dim)
