@@ -26,7 +26,7 @@ from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidArgumentError, ShapeError, SpecError
 from paged_kv.metadata import bucket
-from paged_kv.spec import NULL_BLOCK
+from paged_kv.spec import NULL_BLOCK, CacheSpec
 
 
 @attrs.frozen(eq=False)
@@ -37,6 +37,10 @@ class SwappedSequence:
 
     record: SwapRecord
     pages: tuple[tuple[np.ndarray, ...], ...]
+    spec: CacheSpec | None = None
+    """The spec of the cache the pages were copied from (`swap_out` sets it): `swap_in`
+    refuses them into a cache of another spec, where the same bytes would mean other
+    values (another format, fp8 scales or rotation) even with matching shapes."""
 
     @property
     def seq_id(self) -> int:
@@ -102,7 +106,7 @@ def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> Swapp
         for view, layer in zip(cache.views, fetched)
     )
     manager.swap_out(seq_id)
-    return SwappedSequence(record, pages)
+    return SwappedSequence(record, pages, manager.spec)
 
 
 def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequence) -> PagedKVCache:
@@ -114,6 +118,9 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     if not isinstance(swapped, SwappedSequence):
         raise InvalidArgumentError(f"swap_in needs the SwappedSequence swap_out returned; got {type(swapped).__name__}")
     record = swapped.record
+    if swapped.spec is not None and swapped.spec != manager.spec:
+        raise SpecError(f"seq_id={record.seq_id} was swapped out of a cache for {swapped.spec.describe()}; this cache "
+                        f"is for {manager.spec.describe()}: its bytes would be read as other values here")
     check_record(record, manager.spec)  # a record from another spec must not index past its groups
     if not isinstance(swapped.pages, (tuple, list)) or len(swapped.pages) != len(cache.views):
         raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {len(swapped.pages)} layers, the cache {len(cache.views)}")

@@ -590,3 +590,29 @@ def test_checkpoints_written_before_rotation_load_unrotated(tmp_path, monkeypatc
     assert loaded.spec == s and loaded.spec.kv_rotation == "none"
     with pytest.raises(pk.CheckpointError, match="kv_rotation: checkpoint 'none', expected 'auto'"):
         pk.load_checkpoint(tmp_path / "old.ckpt", spec=attrs.evolve(s, kv_rotation="auto"))
+
+
+def test_swap_in_refuses_pages_of_another_encoding():
+    """Same geometry, other rotation: the swapped bytes would decode to other values, so
+    `swap_in` refuses them and changes nothing; into an equal spec they round-trip."""
+    import attrs
+
+    s = spec(kv_format="int8", num_layers=1)
+    x = outlier_values(np.random.default_rng(4), (1, 6, H, D))
+    m = pk.KVCacheManager(s)
+    cache = insert_prefill(pk.PagedKVCache.init(s), m, 0, x, x)
+
+    def bits():
+        view, table = cache[0], jnp.asarray(m.block_table(0, 0))[None]
+        return [np.asarray(a) for a in jax.tree_util.tree_leaves(view.gather(table, jnp.asarray([6])))]
+
+    before = bits()
+    gone = pk.swap_out(cache, m, 0)
+    other = attrs.evolve(s, kv_rotation="none")
+    m2 = pk.KVCacheManager(other)
+    with pytest.raises(pk.SpecError, match=r"swapped out of a cache for .*Hadamard.*\(not rotated\)"):
+        pk.swap_in(pk.PagedKVCache.init(other), m2, gone)
+    assert 0 not in m2 and m2.check_integrity() is None
+    cache = pk.swap_in(cache, m, gone)
+    for a, b in zip(before, bits(), strict=True):
+        np.testing.assert_array_equal(a, b)
