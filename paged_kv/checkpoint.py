@@ -318,6 +318,8 @@ def _spec_from_header(header: dict, path: str) -> CacheSpec:
     fields = header.get("spec")
     if not isinstance(fields, dict):
         raise CheckpointError(f"checkpoint {path!r}: the header has no spec")
+    if "kv_rotation" not in fields:  # written before rotation existed: its quantized pages are not rotated
+        fields = {**fields, "kv_rotation": "none"}
     try:
         return CacheSpec(**fields)
     except (TypeError, PagedKVError) as exc:

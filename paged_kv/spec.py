@@ -128,7 +128,10 @@ class CacheSpec:
     ``(key, value)`` pair of a float or one float per head). ``dtype`` stays the
     compute dtype. Layers in ``kv_full_precision_layers`` (indices, or "sliding" for
     every sliding-window layer; chunked layers do not count as sliding: list their
-    indices to keep them too) keep ``dtype`` pages.
+    indices to keep them too) keep ``dtype`` pages. ``kv_rotation``: "auto" (the
+    default: quantized pages hold each head vector times a normalized Hadamard matrix,
+    which spreads outlier channels before the scale is taken; fp8 scales apply to the
+    rotated values), "hadamard" (the same, required), or "none" (see `paged_kv.quant`).
 
     Local attention: layers in ``sliding_layers`` see the last ``sliding_window``
     positions; layers in ``chunked_layers`` (Llama 4's ``attention_chunk_size``) see,
@@ -164,6 +167,7 @@ class CacheSpec:
     kv_scale_dtype: str = attrs.field(default="float32")
     kv_fp8_scales: object = attrs.field(default=None, converter=_fp8_scales_converter)
     kv_full_precision_layers: object = attrs.field(default=(), converter=_full_precision_converter)
+    kv_rotation: str = attrs.field(default="auto")
     _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
     _layer_bytes: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 
@@ -397,9 +401,15 @@ class CacheSpec:
         return (
             f"{self.num_layers} layers{kinds} x {self.num_blocks} blocks x {self.block_size} tokens, "
             f"K {self.key_heads}x{self.key_dim} V {self.value_heads}x{self.value_dim} {self.dtype}"
-            f"{'' if self.kv_format == 'none' else ' in ' + self.kv_format + ' pages'}: "
+            f"{'' if self.kv_format == 'none' else ' in ' + self.kv_format + ' pages' + self._rotation_note()}: "
             f"{self.bytes_per_block / 2**10:.1f} KiB/block, {self.pool_bytes / 2**20:.1f} MiB pool"
         )
+
+    def _rotation_note(self) -> str:
+        from paged_kv import quant
+
+        blocks = quant.rotation_blocks(self)
+        return f" (Hadamard-rotated, blocks K {blocks[0]} V {blocks[1]})" if max(blocks) > 1 else " (not rotated)"
 
 
 @attrs.frozen

@@ -26,7 +26,8 @@ from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidArgumentError, ShapeError, SpecError
 from paged_kv.metadata import bucket
-from paged_kv.spec import NULL_BLOCK, require_same_spec
+from paged_kv.quant import codecs
+from paged_kv.spec import NULL_BLOCK, CacheSpec, require_same_spec
 
 
 @attrs.frozen(eq=False)
@@ -37,6 +38,10 @@ class SwappedSequence:
 
     record: SwapRecord
     pages: tuple[tuple[np.ndarray, ...], ...]
+    spec: CacheSpec | None = None
+    """The spec of the cache the pages were copied from (`swap_out` sets it): `swap_in`
+    refuses them into a cache of another spec, where the same bytes would mean other
+    values (another format, fp8 scales or rotation) even with matching shapes."""
 
     @property
     def seq_id(self) -> int:
@@ -83,6 +88,19 @@ def _check_spec(cache: PagedKVCache, manager: KVCacheManager) -> None:
     require_same_spec(manager, cache, "manager", "cache")
 
 
+def _check_encoding(swapped: SwappedSequence, spec: CacheSpec) -> None:
+    """`SpecError` when ``swapped``'s bytes were written by another encoding than ``spec``'s
+    (format, scales, fp8 scales, rotation or compute dtype of some layer)."""
+    if swapped.spec is None:  # hand-built: only its shapes can be checked
+        return
+    there, here = (tuple(codecs(s, i) for i in range(s.num_layers)) for s in (swapped.spec, spec))
+    if there != here:
+        layer = next((i for i, (a, b) in enumerate(zip(there, here)) if a != b), min(len(there), len(here)))
+        raise SpecError(f"seq_id={swapped.record.seq_id} was swapped out of a cache for {swapped.spec.describe()}; "
+                        f"this cache is for {spec.describe()}, which stores layer {layer} otherwise, so its bytes "
+                        "would be read as other values: swap it into a cache of the spec it came from")
+
+
 def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> SwappedSequence:
     """Copy ``seq_id``'s blocks (every layer, keys and values) to host memory in one
     jitted gather, then release its device blocks. Returns what `swap_in` needs.
@@ -101,7 +119,7 @@ def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> Swapp
         for view, layer in zip(cache.views, fetched)
     )
     manager.swap_out(seq_id)
-    return SwappedSequence(record, pages)
+    return SwappedSequence(record, pages, manager.spec)
 
 
 def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequence) -> PagedKVCache:
@@ -113,6 +131,7 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     if not isinstance(swapped, SwappedSequence):
         raise InvalidArgumentError(f"swap_in needs the SwappedSequence swap_out returned; got {type(swapped).__name__}")
     record = swapped.record
+    _check_encoding(swapped, manager.spec)
     check_record(record, manager.spec)  # a record from another spec must not index past its groups
     if not isinstance(swapped.pages, (tuple, list)) or len(swapped.pages) != len(cache.views):
         raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {len(swapped.pages)} layers, the cache {len(cache.views)}")

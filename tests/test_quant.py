@@ -46,8 +46,44 @@ def fp8_bound(x: np.ndarray, head_scale: np.ndarray) -> np.ndarray:
     return np.maximum(2**-4 * np.abs(x), 2**-10 * s) * (1 + 1e-6)
 
 
+@partial(jax.jit, static_argnums=0)
+def _roundtrip(codec, x):
+    return codec.decode(*codec.encode(x))
+
+
 def roundtrip(codec, x):
-    return np.asarray(codec.decode(*codec.encode(jnp.asarray(x))))
+    """``decode(encode(x))``, jitted (one compilation per codec and shape)."""
+    return np.asarray(_roundtrip(codec, jnp.asarray(x)))
+
+
+_hadamard = jax.jit(quant.hadamard_transform, static_argnums=1)
+
+
+def hadamard_matrix(dim: int, block: int) -> np.ndarray:
+    """The normalized block-diagonal Sylvester Hadamard matrix, built here as a matrix
+    (by block recursion, independently of `quant.hadamard_matrix`), float64."""
+    h = np.ones((1, 1))
+    while h.shape[0] < block:
+        h = np.block([[h, h], [h, -h]])
+    return np.kron(np.eye(dim // block), h / np.sqrt(block))
+
+
+def stored_basis(codec, x: np.ndarray) -> np.ndarray:
+    """``x`` in the basis ``codec``'s pages hold (``x H`` when it rotates), float64."""
+    x = np.asarray(x, np.float64)
+    return x @ hadamard_matrix(x.shape[-1], codec.rotation_block) if codec.rotated else x
+
+
+def assert_within_format(codec, got: np.ndarray, x: np.ndarray, where: str = "") -> None:
+    """``got`` (decoded) is within the format's per-element bound of ``x`` in the basis
+    the pages hold; the rotation's float32 arithmetic may add ~1e-6 of the vector norm.
+    Equivalently (H is orthogonal) the L2 error per token and head is bounded."""
+    gr, xr = stored_basis(codec, got), stored_basis(codec, x)
+    bound = (int8_bound(xr, codec.scale_dtype) if codec.fmt == "int8"
+             else fp8_bound(xr, np.asarray(codec.head_scales, np.float64)))
+    if codec.rotated:
+        bound = bound + 2e-6 * np.linalg.norm(xr, axis=-1, keepdims=True)
+    assert (np.abs(gr - xr) <= bound).all(), f"{where}: error past the {codec.fmt} bound (rotated={codec.rotated})"
 
 
 # ---- the pure functions ------------------------------------------------------------------
@@ -85,6 +121,37 @@ def test_fp8_error_is_relative_and_saturates():
     assert roundtrip(unit, np.full((1, 2, 1), 1e-4, np.float32)).max() == 0
     assert abs(roundtrip(narrow, np.full((1, 2, 1), 1e-4, np.float32)).max() - 1e-4) <= 1e-4 * 2**-4
     np.testing.assert_array_equal(roundtrip(wide, 4 * x[:, :, :4]), 4 * roundtrip(unit, x[:, :, :4]))
+
+
+@pytest.mark.parametrize("dim", [8, 96, 128])
+def test_hadamard_transform_is_the_orthogonal_block_matrix(dim):
+    """The transform equals ``x H`` for the normalized block-diagonal Sylvester matrix
+    (blocks: the largest power of two dividing ``dim``), preserves norms, and undoes
+    itself (``H`` is symmetric and orthogonal)."""
+    block = quant.rotation_block(dim)
+    assert block == {8: 8, 96: 32, 128: 128}[dim]
+    x = np.random.default_rng(dim).normal(size=(5, 3, dim)).astype(np.float32)
+    hx = np.asarray(_hadamard(jnp.asarray(x), block))
+    np.testing.assert_allclose(hx, x @ hadamard_matrix(dim, block), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(hx, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(_hadamard(jnp.asarray(hx), block)), x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, scale_dtype", [("int8", "float32"), ("int8", "bfloat16"), ("fp8", None)])
+def test_rotated_codec_keeps_the_format_bound_and_spreads_outliers(fmt, scale_dtype):
+    """Rotated pages hold ``x H`` within the format's per-element bound (so the decoded
+    error per token and head is bounded in L2), and on keys with outlier channels the
+    rotation lowers int8's error: the scale follows the head's norm, not its outlier."""
+    rng = np.random.default_rng(7)
+    x = outlier_values(rng, (256, 2, 64), outliers=4, factor=30.0)
+    kw = dict(head_scales=(0.25, 0.5)) if fmt == "fp8" else dict(scale_dtype=scale_dtype)
+    rotated, plain = (quant.PageCodec(fmt, "float32", rotation_block=b, **kw) for b in (64, 1))
+    got = roundtrip(rotated, x)
+    assert_within_format(rotated, got, x)
+    assert_within_format(plain, roundtrip(plain, x), x)
+    if fmt == "int8":  # half a step of max|x H| / 127 per rotated channel, vs of max|x| / 127
+        err_rot, err_plain = (np.linalg.norm(roundtrip(c, x) - x) for c in (rotated, plain))
+        assert err_rot < 0.5 * err_plain, (err_rot, err_plain)
 
 
 # ---- spec: memory arithmetic and typed errors ---------------------------------------------
@@ -146,10 +213,34 @@ def test_for_memory_fits_twice_the_blocks_in_int8():
     (dict(kv_format="int8", kv_full_precision_layers="sliding"), r"no sliding_layers"),
     (dict(kv_format="int8", kv_full_precision_layers=3), r"kv_full_precision_layers=3"),
     (dict(dtype="int8"), r"kv_format='int8'"),
+    (dict(kv_format="int8", kv_rotation="walsh"), r"kv_rotation='walsh' is not supported; use one of \('auto'"),
+    (dict(kv_rotation="hadamard"), r"kv_rotation='hadamard' given with kv_format='none'"),
+    (dict(kv_format="fp8", kv_rotation="hadamard", head_dim=12), r"key_dim=12: its largest power-of-two block is 4"),
+    (dict(kv_format="int8", kv_rotation="hadamard", num_kv_heads=None, head_dim=None, key_heads=2, value_heads=2,
+          key_dim=16, value_dim=6), r"value_dim=6: .* block is 2 channels, fewer than 8"),
 ])
 def test_unsupported_combinations_are_typed_spec_errors(kw, fragment):
     with pytest.raises(pk.SpecError, match=fragment):
         spec(**kw)
+
+
+@pytest.mark.parametrize("kw, blocks", [
+    (dict(kv_format="int8"), (8, 8)),  # "auto": rotated
+    (dict(kv_format="fp8", kv_rotation="hadamard"), (8, 8)),
+    (dict(kv_format="int8", kv_rotation="none"), (1, 1)),
+    (dict(), (1, 1)),  # full precision: nothing to rotate
+    (dict(kv_format="int8", num_kv_heads=None, head_dim=None, key_heads=2, value_heads=1, key_dim=192, value_dim=128),
+     (64, 128)),  # MLA-like: one block per dim
+    (dict(kv_format="int8", head_dim=12), (1, 1)),  # "auto" leaves a block of 4 unrotated
+])
+def test_rotation_blocks_follow_the_spec(kw, blocks):
+    s = spec(**kw)
+    assert quant.rotation_blocks(s) == blocks
+    k, v = quant.codecs(s, 0)
+    assert (k.rotation_block, v.rotation_block) == (blocks if s.kv_format != "none" else (1, 1))
+    full = spec(**kw, kv_full_precision_layers=(1,)) if s.kv_format != "none" else s
+    assert all(c.rotation_block == 1 for c in quant.codecs(full, 1))  # full-precision layers: never rotated
+    assert ("Hadamard" in s.describe()) == (max(blocks) > 1)
 
 
 def test_fp8_scales_round_trip_through_json_fields():
@@ -263,9 +354,7 @@ class World:
                     if b >= len(ids):
                         continue
                     own = self.ref[ids[b]][layer][part][first:n]
-                    bound = (int8_bound(own, "float32") if codec.fmt == "int8"
-                             else fp8_bound(own, np.asarray(codec.head_scales)))
-                    assert (np.abs(got[: n - first] - own) <= bound).all(), f"layer {layer} seq {ids[b]}"
+                    assert_within_format(codec, got[: n - first], own, f"layer {layer} seq {ids[b]}")
             for leaf in jax.tree_util.tree_leaves(raw):  # gathered bits, scales included: zero past each length
                 leaf = np.asarray(leaf)
                 for b in range(meta.batch_size):
@@ -427,3 +516,103 @@ def test_in_place_attention_dequantizes_each_chunk(fmt, layout):
                 np.testing.assert_allclose(out[b, :n], dense[b, :n], rtol=1e-5, atol=1e-5 * np.abs(dense).max())
         w.m.append(ids, 1)
         counts = [1] * len(ids)
+
+
+@pytest.mark.parametrize("layout", ["split", "unified"])
+def test_rotated_attention_with_key_dim_not_value_dim(layout):
+    """MLA-like shapes: keys and values rotated by Hadamard blocks of their own dims
+    (16 and 8). In-place attention (rotated query, un-rotated output) equals attention
+    over the un-rotated `read`, and `read` is within the format bound of what was written."""
+    from tiny_model import attention
+
+    s = pk.CacheSpec(num_layers=1, num_blocks=9, block_size=BS, max_blocks_per_seq=4, max_batch_slots=2,
+                     key_heads=2, value_heads=2, key_dim=16, value_dim=8, dtype="float32", kv_format="int8")
+    assert quant.rotation_blocks(s) == (16, 8)
+    m = pk.KVCacheManager(s)
+    cache = poisoned(pk.PagedKVCache.init(s, layout=layout))
+    lengths = [5, 2 * BS + 1]
+    for i, n in enumerate(lengths):
+        m.admit(i, n)
+    meta = m.step_metadata([0, 1], lengths)
+    rng = np.random.default_rng(11)
+    shape = (meta.batch_size, meta.query_len)
+    q = jnp.asarray(rng.normal(size=(*shape, 4, 16)) * 0.2, jnp.float32)
+    k, v = outlier_values(rng, (*shape, 2, 16)), outlier_values(rng, (*shape, 2, 8))
+
+    @jax.jit
+    def step(cache, q, k, v, meta):
+        out, view = cache[0].attention(q, k, v, meta)
+        keys, values = view.read(meta)
+        return out, keys, values, attention(q, keys, values, view.mask(meta).dense(keys.shape[1]))
+
+    out, keys, values, dense = (np.asarray(a) for a in step(cache, q, jnp.asarray(k), jnp.asarray(v), meta.to_device()))
+    kc, vc = quant.codecs(s, 0)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(out[b, :n].reshape(n, -1), dense[b, :n], rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+        assert_within_format(kc, keys[b, :n], k[b, :n], f"keys of row {b}")
+        assert_within_format(vc, values[b, :n], v[b, :n], f"values of row {b}")
+
+
+def test_a_view_refuses_pages_its_spec_does_not_describe():
+    """bf16 pages under an int8 spec (same block geometry, so metadata fits): every entry
+    point refuses them before writing, instead of scattering uint8 bits into uint16 pages."""
+    import dataclasses
+
+    s8 = spec(kv_format="int8", num_layers=1)
+    view = dataclasses.replace(pk.PagedKVCache.init(spec(num_layers=1))[0], spec=s8)
+    m = pk.KVCacheManager(s8)
+    m.admit(0, 3)
+    meta = m.step_metadata([0], 3).to_device()
+    k = jnp.zeros((1, meta.positions.shape[1], H, D), jnp.float32)
+    q = jnp.zeros((1, meta.positions.shape[1], 2 * H, D), jnp.float32)
+    for call in (lambda: view.write(k, k, meta), lambda: view.read(meta), lambda: view.attention(q, k, k, meta),
+                 lambda: view.concatenate_to_cache(None, k, k, meta)):
+        with pytest.raises(pk.ShapeError, match=r"key_pages is \(33, 4, 2, 8\) uint32; spec wants .* uint8"):
+            call()
+
+
+def test_checkpoints_written_before_rotation_load_unrotated(tmp_path, monkeypatch):
+    """A file whose spec has no kv_rotation (written before it existed) holds unrotated
+    pages: it loads with kv_rotation='none', and asking for the new default is refused."""
+    import attrs
+
+    from paged_kv import checkpoint as ckpt
+
+    s = spec(kv_format="int8", kv_rotation="none", num_layers=1)
+    m = pk.KVCacheManager(s)
+    x = outlier_values(np.random.default_rng(2), (1, 6, H, D))
+    cache = insert_prefill(pk.PagedKVCache.init(s), m, 0, x, x)
+    fields = ckpt._spec_fields
+    monkeypatch.setattr(ckpt, "_spec_fields", lambda sp: {k: v for k, v in fields(sp).items() if k != "kv_rotation"})
+    pk.save_checkpoint(tmp_path / "old.ckpt", cache, m)
+    monkeypatch.undo()
+    loaded = pk.load_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.spec == s and loaded.spec.kv_rotation == "none"
+    with pytest.raises(pk.CheckpointError, match="kv_rotation: checkpoint 'none', expected 'auto'"):
+        pk.load_checkpoint(tmp_path / "old.ckpt", spec=attrs.evolve(s, kv_rotation="auto"))
+
+
+def test_swap_in_refuses_pages_of_another_encoding():
+    """Same geometry, other rotation: the swapped bytes would decode to other values, so
+    `swap_in` refuses them and changes nothing; into an equal spec they round-trip."""
+    import attrs
+
+    s = spec(kv_format="int8", num_layers=1)
+    x = outlier_values(np.random.default_rng(4), (1, 6, H, D))
+    m = pk.KVCacheManager(s)
+    cache = insert_prefill(pk.PagedKVCache.init(s), m, 0, x, x)
+
+    def bits():
+        view, table = cache[0], jnp.asarray(m.block_table(0, 0))[None]
+        return [np.asarray(a) for a in jax.tree_util.tree_leaves(view.gather(table, jnp.asarray([6])))]
+
+    before = bits()
+    gone = pk.swap_out(cache, m, 0)
+    other = attrs.evolve(s, kv_rotation="none")
+    m2 = pk.KVCacheManager(other)
+    with pytest.raises(pk.SpecError, match=r"swapped out of a cache for .*Hadamard.*\(not rotated\)"):
+        pk.swap_in(pk.PagedKVCache.init(other), m2, gone)
+    assert 0 not in m2 and m2.check_integrity() is None
+    cache = pk.swap_in(cache, m, gone)
+    for a, b in zip(before, bits(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -8,6 +8,7 @@ runs everywhere and is what the kernels are tested against.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import jax
@@ -57,16 +58,21 @@ def paged_attention(
         return ragged_paged_attention_tpu(query, pages, group.block_tables, kv_lens, metadata.query_lens,
                                           window=view.window, scale=scale, soft_cap=soft_cap)
     positions = metadata.positions - group.start[:, None]
-    return paged_attention_xla(query, view.read_blocks, group.block_tables, kv_lens, positions,
-                               block_size=s.block_size, window=view.window, chunk=view.chunk, start=group.start,
-                               scale=scale, soft_cap=soft_cap,
-                               chunk_blocks=chunk_blocks)
+    # Rotated pages (`paged_kv.quant`): logits are the same in the rotated basis, so the
+    # query is rotated once and the output un-rotated once, never the keys or values.
+    kc, vc = view.codecs
+    out = paged_attention_xla(kc.rotate(query), partial(view.read_blocks, rotated=True), group.block_tables,
+                              kv_lens, positions, block_size=s.block_size, window=view.window, chunk=view.chunk,
+                              start=group.start, scale=scale, soft_cap=soft_cap, chunk_blocks=chunk_blocks)
+    return vc.unrotate(out).astype(query.dtype)
 
 
 def check_attention_query(query: jax.Array, view: "PagedLayerView", metadata: StepMetadata) -> None:
     """Raise `ShapeError` unless ``metadata`` was built for ``view``'s pages and ``query``
     is a float ``[B, T, q_heads, key_dim]`` for this step, with ``q_heads`` a multiple of
-    the key and value heads. Static: under jit it raises at trace time, before any write."""
+    the key and value heads, and ``view``'s own pages are what its spec describes
+    (`check_pages`). Static: under jit it raises at trace time, before any write."""
+    view.check_pages()
     view.check_metadata(metadata)
     view.check_query(query, metadata)
     heads = view.spec.value_heads

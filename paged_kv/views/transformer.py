@@ -58,18 +58,24 @@ class PagedLayerView:
         attention, the first block the window (or the step's first chunk) can reach for a
         sliding (chunked) layer.
         """
+        self.check_pages()
         self.check_metadata(metadata)
         tables = metadata.groups[self.group]
         return self.decode_gathered(self.gather(tables.block_tables, metadata.kv_lens - tables.start))
 
-    def read_blocks(self, block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def read_blocks(self, block_ids: jax.Array, rotated: bool = False) -> tuple[jax.Array, jax.Array]:
         """Keys ``[B, C*block_size, key_heads, key_dim]`` and values of blocks ``block_ids``
         ``[B, C]`` in the compute dtype, not zeroed (the attention masks by length): each
         page (and scale) array's blocks taken as stored, then decoded (dequantized for an
         int8/fp8 layer) by `decode_gathered`, so an attention loop dequantizes one chunk
         at a time. Slots past a row's length may decode to garbage or NaN (stale bits,
-        stale scales): the attention must select them away, never multiply them by 0."""
-        return self.decode_gathered(jax.tree_util.tree_map(lambda p: take_blocks(p, block_ids, p.dtype), self))
+        stale scales): the attention must select them away, never multiply them by 0.
+
+        ``rotated=True``: as stored instead (`paged_kv.quant.PageCodec.dequantize`:
+        float32, still Hadamard-rotated when the spec rotates), for an attention that
+        rotates its query and un-rotates its output once rather than every key."""
+        taken = jax.tree_util.tree_map(lambda p: take_blocks(p, block_ids, p.dtype), self)
+        return self.decode_gathered(taken, rotated=rotated)
 
     def _check_step(self, key, value, slots) -> None:
         """Raise `ShapeError` unless ``key``/``value`` are float arrays ``[B, T, heads, dim]``
@@ -129,6 +135,7 @@ class PagedLayerView:
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":
         """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages,
         after the step's copy-on-write block copies."""
+        self.check_pages()
         self.check_metadata(metadata)
         group = metadata.groups[self.group]
         self._check_step(key, value, group.slot_mapping)
@@ -295,10 +302,12 @@ class TransformerCacheView(PagedLayerView):
                 out[f"{part}_scales"] = scatter_tokens(getattr(self, f"{part}_scales"), scales, slots, scales.dtype)
         return dataclasses.replace(self, **out)
 
-    def decode_gathered(self, gathered: "TransformerCacheView") -> tuple[jax.Array, jax.Array]:
-        """Keys and values in the compute dtype from `gather`'s result (or a chunk of it)."""
-        kc, vc = self.codecs
-        return kc.decode(gathered.key_pages, gathered.key_scales), vc.decode(gathered.value_pages, gathered.value_scales)
+    def decode_gathered(self, gathered: "TransformerCacheView", rotated: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Keys and values in the compute dtype from `gather`'s result (or a chunk of it);
+        ``rotated=True``: as stored (see `read_blocks`)."""
+        (kc, vc), part = self.codecs, ("dequantize" if rotated else "decode")
+        return (getattr(kc, part)(gathered.key_pages, gathered.key_scales),
+                getattr(vc, part)(gathered.value_pages, gathered.value_scales))
 
 
 def _page_arrays(spec: CacheSpec, layer: int) -> dict:

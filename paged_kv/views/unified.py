@@ -114,16 +114,17 @@ class UnifiedCacheView(PagedLayerView):
             out["kv_scales"] = scatter_tokens(self.kv_scales, scales.reshape(scales.shape[:3]), slots, scales.dtype)
         return dataclasses.replace(self, **out)
 
-    def decode_gathered(self, gathered: "UnifiedCacheView") -> tuple[jax.Array, jax.Array]:
+    def decode_gathered(self, gathered: "UnifiedCacheView", rotated: bool = False) -> tuple[jax.Array, jax.Array]:
         """Split, then decode: keys ``[B, S, key_heads, key_dim]`` and values ``[B, S,
         value_heads, value_dim]`` in the compute dtype from `gather`'s result (or a chunk
-        of it), exactly as `TransformerCacheView` returns them."""
-        kc, vc = self.codecs
+        of it), exactly as `TransformerCacheView` returns them; ``rotated=True``: as
+        stored (see `PagedLayerView.read_blocks`)."""
+        (kc, vc), part = self.codecs, ("dequantize" if rotated else "decode")
         kbits, vbits = self._split(gathered.kv_pages)
         kscale = vscale = None
         if gathered.kv_scales is not None:
             kscale, vscale = self._split_scales(gathered.kv_scales)
-        return kc.decode(kbits, kscale), vc.decode(vbits, vscale)
+        return getattr(kc, part)(kbits, kscale), getattr(vc, part)(vbits, vscale)
 
     def _check_shapes(self, key, value, bt) -> None:
         s = self.spec
