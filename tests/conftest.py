@@ -4,6 +4,12 @@ import pytest
 
 # Tests run on the CPU; keep JAX from probing for accelerators it will not find.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most of the suite's time is XLA compiling small test programs, not running them:
+# the backend's optimization passes (LLVM) then dominate and buy nothing at these
+# sizes. Level 0 halves the model tests' CPU time; results are the same programs'
+# (the tests compare against numpy references with tolerances, never timings).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 # Tests marked `slow`, by file and function (every parametrization): together about
 # nine tenths of the suite's time. Measured with `python -m pytest --durations=60` on

@@ -588,7 +588,7 @@ def test_checkpoints_written_before_rotation_load_unrotated(tmp_path, monkeypatc
     monkeypatch.undo()
     loaded = pk.load_checkpoint(tmp_path / "old.ckpt")
     assert loaded.spec == s and loaded.spec.kv_rotation == "none"
-    with pytest.raises(pk.CheckpointError, match="kv_rotation: checkpoint 'none', expected 'auto'"):
+    with pytest.raises(pk.CheckpointError, match="kv_rotation='none' vs 'auto'"):
         pk.load_checkpoint(tmp_path / "old.ckpt", spec=attrs.evolve(s, kv_rotation="auto"))
 
 
