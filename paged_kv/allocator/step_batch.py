@@ -97,14 +97,14 @@ class StepBatch:
             if table.epoch == epoch and (all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT):
                 b = 0
                 for r in rows:
-                    o = kvl.item(r)
+                    o = kvl[r]
                     if o % bs == 0 or o >= limit:  # a new block (or too long): the path below
                         for done in rows[:b]:
                             kvl[done] -= 1  # undo: the path below starts from the same lengths
                         break
                     kvl[r] = kv_out[b] = o + 1
                     pos_col[b] = o
-                    slot_col[b] = bt.item(r, o // bs) * bs + o % bs
+                    slot_col[b] = bt[r, o // bs] * bs + o % bs
                     b += 1
                 else:
                     if self._cache is not None:
@@ -198,7 +198,13 @@ class StepBatch:
         while the layout is a decode layout of at most `SCALAR_ROWS` rows."""
         if not self._decode or len(self._row_list) > SCALAR_ROWS:
             return None
-        return (*self._hot, self._row_list, self._table0, self._epoch)
+        kvl, bt, kv_out, pos_col, slot_col, bs, limit = self._hot
+        # Memoryviews read and write one element about twice as fast as numpy's scalar
+        # indexing, which is most of a one-row step. They stay valid as long as the
+        # arrays do: the page table replaces its arrays only when it grows (a new epoch)
+        # and the metadata only on a rebuild, and both drop these references.
+        views = tuple(memoryview(a) for a in (kvl, bt, kv_out, pos_col, slot_col))
+        return (*views, bs, limit, self._row_list, self._table0, self._epoch)
 
     def _decode_small_new_blocks(self, old: list) -> bool | None:
         """`_decode_small` when some row starts a block (or may be too long)."""
