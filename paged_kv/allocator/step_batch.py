@@ -37,8 +37,9 @@ SMALL_BATCH = 24
 below it, numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
 _INT = {int}
 SCALAR_ROWS = 6
-"""Up to this many rows the small decode writes numpy scalars one by one; above it,
-Python lists written in one call per array."""
+"""Up to this many rows `decode` runs inline, element by element through memoryviews.
+A row starting a block hands the step to the slower path, and from ~16 rows on some
+row starts one most steps, so larger batches write Python lists in one call per array."""
 
 
 class _GroupState:
