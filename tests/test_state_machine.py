@@ -524,11 +524,12 @@ def _run(machine, examples: int, step_count: int) -> int:
     return machine.steps
 
 
-# Budget: host ~75k (560 examples full + sliding, 250 full + sliding + chunked, whose
-# third group makes a rule ~1.35x dearer: the time of the 900 two-group examples this
-# replaced) + prefix ~22k (full-only and full + sliding + chunked) + device 2 x ~4.5k
-# rule executions (counted; the last test checks the sum).
-@pytest.mark.parametrize("machine,examples", [(HostMachine, 560), (ChunkedHostMachine, 250)],
+# Budget: host ~77k (640 examples full + sliding, 280 full + sliding + chunked, whose
+# third group makes a rule ~1.35x dearer) + prefix ~22k (full-only and full + sliding
+# + chunked) + device 2 x ~4.5k rule executions (counted; the last test checks the
+# sum). Examples draw their lengths at random, so the total varies by a few thousand
+# between runs: a CI run at 560 / 250 once summed 98k, under the 100k floor.
+@pytest.mark.parametrize("machine,examples", [(HostMachine, 640), (ChunkedHostMachine, 280)],
                          ids=["sliding", "sliding+chunked"])
 def test_host_state_machine(machine, examples):
     steps = _run(machine, examples=examples, step_count=100)
