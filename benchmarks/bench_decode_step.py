@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import paged_kv as pk  # noqa: E402
 from _report import finish_report, start_report  # noqa: E402
-from paged_kv.attention import paged_attention_xla  # noqa: E402
+from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, paged_attention_xla  # noqa: E402
 
 LAYERS, D_MODEL, Q_HEADS, BLOCK = 4, 512, 8, 16
 HEADS = {"kv2_d64": (2, 64), "kv8_d128": (8, 128)}
@@ -74,11 +74,13 @@ def dense_attention(q, keys, values, mask):
     return out.reshape(b, t, hq * d)
 
 
-def step_paged(params, cache, x, meta, kv_heads, dim):
+def step_paged(params, cache, x, meta, kv_heads, dim, chunk_blocks=DEFAULT_CHUNK_BLOCKS):
+    """(a) attention in place over the pages, ``chunk_blocks`` table columns at a time."""
     views = []
     for i, layer in enumerate(params):
         q, k, v = qkv(layer, x, kv_heads, dim)
-        out, view = cache[i].attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta)
+        out, view = cache[i].attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta,
+                                       chunk_blocks=chunk_blocks)
         views.append(view)
         x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
     return x, pk.PagedKVCache(tuple(views))
@@ -92,17 +94,6 @@ def step_paged_static(params, cache, x, meta, kv_heads, dim):
         view = cache[i].write(k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta)
         out = paged_attention_xla(q, view.read_blocks, meta.block_tables, meta.kv_lens, meta.positions,
                                   block_size=BLOCK, live_bound=False)
-        views.append(view)
-        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
-    return x, pk.PagedKVCache(tuple(views))
-
-
-def step_paged_chunk(params, cache, x, meta, kv_heads, dim, chunk_blocks):
-    views = []
-    for i, layer in enumerate(params):
-        q, k, v = qkv(layer, x, kv_heads, dim)
-        out, view = cache[i].attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta,
-                                       chunk_blocks=chunk_blocks)
         views.append(view)
         x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
     return x, pk.PagedKVCache(tuple(views))
@@ -247,7 +238,7 @@ def chunk_sweep(heads: str, batch: int, max_len: int, reps: int, rng, chunks=(2,
     point = Point(heads, batch, max_len, lengths)
     names = []
     for c in chunks:
-        point.add(f"chunk{c}", partial(step_paged_chunk, chunk_blocks=c))
+        point.add(f"chunk{c}", partial(step_paged, chunk_blocks=c))
         names.append(f"chunk{c}")
     med = measure(point, names, reps)
     return dict(heads=heads, batch=batch, max_len=max_len, ms={n: round(1e3 * t, 3) for n, t in med.items()},

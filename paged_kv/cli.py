@@ -376,12 +376,6 @@ def _spec(args: argparse.Namespace) -> CacheSpec:
             f"fewer than the {per_seq} blocks of --block-size {bs} one --max-seq-len {max_len} sequence needs; "
             f"use --num-blocks {per_seq + 1} or more, or a smaller --max-seq-len"
         )
-    pool = args.num_blocks * bs * shape.bytes_per_token
-    if pool > MAX_POOL_BYTES and not args.force:
-        raise SpecError(
-            f"--num-blocks {args.num_blocks} x --block-size {bs} tokens of {args.model} ({shape.describe()}) is a {pool / 2**30:,.0f} GiB KV pool, more than "
-            f"{MAX_POOL_BYTES // 2**40} TiB; check --num-blocks and --block-size, or pass --force"
-        )
     layers = sliding_layers(shape.num_layers, args.layout, args.full_every)
     slide = dict(sliding_window=args.sliding_window, sliding_layers=layers) if layers else {}
     if args.layout == "hybrid":
@@ -389,8 +383,16 @@ def _spec(args: argparse.Namespace) -> CacheSpec:
     elif args.sliding_blocks is not None:
         raise SpecError(f"--sliding-blocks {args.sliding_blocks} is for --layout hybrid (the sliding layers' own "
                         f"pool); --layout {args.layout} has one pool of --num-blocks")
-    return CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
+    spec = CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
                      max_batch_slots=args.max_batch, **shape.spec_fields(), **slide)
+    pool = spec.pool_bytes  # every group's pool (a hybrid layout's sliding pool included)
+    if pool > MAX_POOL_BYTES and not args.force:
+        raise SpecError(
+            f"--num-blocks {args.num_blocks} x --block-size {bs} tokens of {args.model} ({shape.describe()}) is a "
+            f"{pool / 2**30:,.0f} GiB KV pool, more than {MAX_POOL_BYTES // 2**40} TiB; check --num-blocks and "
+            "--block-size, or pass --force"
+        )
+    return spec
 
 
 __all__ = ["build_parser", "main"]

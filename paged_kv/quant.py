@@ -60,6 +60,7 @@ import ml_dtypes
 import numpy as np
 
 from paged_kv.errors import SpecError
+from paged_kv.spec import _resolve  # dtype names (ml_dtypes or numpy), resolved one way everywhere
 
 # JAX is imported inside the device functions: building a spec (which checks the
 # format and counts its bytes here) must not import JAX in a host-only process.
@@ -386,10 +387,6 @@ def _check_scale_values(values, hint: str) -> None:
     for x in values:
         if not isinstance(x, float) or not np.isfinite(x) or x <= 0:
             raise SpecError(f"kv_fp8_scales: {x!r} is not a positive finite scale; {hint}")
-
-
-def _resolve(name):
-    return getattr(ml_dtypes, name) if hasattr(ml_dtypes, name) else np.dtype(name)
 
 
 __all__ = [

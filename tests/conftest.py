@@ -38,6 +38,14 @@ SLOW = {
 }
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled Azure conversation trace (paged_kv/data), loaded once per test module."""
+    from paged_kv.sim import load_trace
+
+    return load_trace()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     modules = {}
     for item in items:

@@ -184,6 +184,22 @@ def _twin_managers(monkeypatch, prefix=False):
     return fast, slow
 
 
+def _outcome(call):
+    """What ``call()`` returns, or the type of the `PagedKVError` it raises."""
+    try:
+        return call()
+    except pk.PagedKVError as exc:
+        return type(exc)
+
+
+def _release_longest(ids: list, managers) -> None:
+    """Both managers refused a step alike: make room by releasing the longest sequence from each."""
+    s = max(ids, key=managers[0].kv_len)
+    ids.remove(s)
+    for m in managers:
+        m.release(s)
+
+
 def _state(m):
     return m.snapshot(), m.pool._free[: m.pool._num_free].tobytes()
 
@@ -211,18 +227,10 @@ def test_fast_append_matches_the_general_path(variant, monkeypatch, prefix):
             n = np.full(len(batch), rng.choice([1, 2]), dtype=np.int64)
         elif n == "ragged":
             n = np.array([rng.randint(0, 3) for _ in batch])
-        outcome = []
-        for m in (fast, slow):
-            try:
-                outcome.append(m.append(batch, n))
-            except pk.PagedKVError as exc:
-                outcome.append(type(exc))
+        outcome = [_outcome(lambda: m.append(batch, n)) for m in (fast, slow)]
         if isinstance(outcome[0], type):
             assert outcome[0] is outcome[1]
-            s = max(ids, key=fast.kv_len)
-            ids.remove(s)
-            for m in (fast, slow):
-                m.release(s)
+            _release_longest(ids, (fast, slow))
         else:
             assert np.array_equal(outcome[0], outcome[1]) and outcome[0].dtype == outcome[1].dtype
         assert _state(fast) == _state(slow)
@@ -305,22 +313,14 @@ def test_fused_decode_equals_append_then_step_metadata(variant, prefix):
             continue
         if not ids:
             continue
-        outcome = []
-        try:
-            outcome.append(batch.decode(list(ids)))
-        except pk.PagedKVError as exc:
-            outcome.append(type(exc))
-        try:
+        def general_decode():
             plain.append(list(ids), 1)
-            outcome.append(general_step_metadata(plain, list(ids), 1))
-        except pk.PagedKVError as exc:
-            outcome.append(type(exc))
+            return general_step_metadata(plain, list(ids), 1)
+
+        outcome = [_outcome(lambda: batch.decode(list(ids))), _outcome(general_decode)]
         if isinstance(outcome[0], type):
             assert outcome[0] is outcome[1]
-            s = max(ids, key=fused.kv_len)
-            ids.remove(s)
-            for m in (fused, plain):
-                m.release(s)
+            _release_longest(ids, (fused, plain))
         else:
             assert_same_metadata(*outcome)
         for m in (fused, plain):
@@ -372,3 +372,14 @@ def test_step_batch_commit_is_manager_commit_of_the_ids_it_described(prefix):
         direct.commit([0, 1, 2])
         assert batched.snapshot() == direct.snapshot()
     batched.check_integrity()
+
+
+def test_step_batch_takes_counts_as_an_array_like_step_metadata():
+    # An array of counts compared with == gives an array: it must not reach a bool test.
+    m = pk.KVCacheManager(spec())
+    batch = pk.StepBatch(m)
+    for s, n in ((0, 5), (1, 7)):
+        m.admit(s, n)
+    batch.step([0, 1], [5, 7])
+    m.append([0, 1], 1)
+    assert_same_metadata(batch.step([0, 1], np.array([1, 1])), general_step_metadata(m, [0, 1], np.array([1, 1])))

@@ -19,7 +19,6 @@ from paged_kv.sim import (
     Workload,
     compare,
     demand_share,
-    load_trace,
     multiturn_workload,
     run_schedule,
     simulate,
@@ -28,11 +27,6 @@ from paged_kv.sim import (
 )
 from paged_kv.sim.models import ModelShape
 from paged_kv.sim.profile import live_tokens
-
-
-@pytest.fixture(scope="module")
-def bundled() -> Trace:
-    return load_trace()
 
 
 def tiny_spec(num_blocks: int = 2000, max_blocks_per_seq: int = 256, **extra) -> CacheSpec:

@@ -23,18 +23,12 @@ from paged_kv.sim import (
     Trace,
     compare,
     equal_memory_slots,
-    load_trace,
     run_schedule,
     simulate,
     synthetic_trace,
     write_series,
 )
 from paged_kv.sim.profile import weighted_quantile
-
-
-@pytest.fixture(scope="module")
-def bundled() -> Trace:
-    return load_trace()
 
 
 def small_spec(num_blocks: int, max_blocks_per_seq: int, block_size: int = 16, max_batch_slots: int = 64,

@@ -14,11 +14,6 @@ from paged_kv.sim import Trace, load_trace
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
 
-@pytest.fixture(scope="module")
-def bundled() -> Trace:
-    return load_trace()
-
-
 def small_spec(num_blocks: int, max_blocks_per_seq: int, block_size: int = 16, max_batch_slots: int = 64) -> CacheSpec:
     return CacheSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", num_blocks=num_blocks,
                      block_size=block_size, max_blocks_per_seq=max_blocks_per_seq, max_batch_slots=max_batch_slots)

@@ -81,7 +81,7 @@ class StepBatch:
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Metadata for a forward pass over ``seq_ids`` writing their last
         ``num_new_tokens`` tokens (see `KVCacheManager.step_metadata`)."""
-        if num_new_tokens == 1 and type(num_new_tokens) is int and self._same_batch(seq_ids) and self._advance():
+        if type(num_new_tokens) is int and num_new_tokens == 1 and self._same_batch(seq_ids) and self._advance():
             return self._meta
         return self._rebuild(seq_ids, num_new_tokens)
 
@@ -92,31 +92,26 @@ class StepBatch:
         tiny = self._tiny
         if tiny is not None and type(seq_ids) is list and seq_ids == self._ids:
             # A few rows: fixed costs dominate, so the whole step is inline, with every
-            # reference prefetched. A row that starts a block undoes the rows before it
-            # and leaves the step to the general path (the metadata is rewritten there).
-            kvl, bt, kv_out, pos_col, slot_col, bs, limit, rows, table, epoch = tiny
+            # reference prefetched. Every row is checked before any is written: a row
+            # that starts a block leaves the whole step to the path below, unchanged.
+            kvl, bt, kv_out, pos_col, slot_col, bs, rows, table, epoch = tiny
             if table.epoch == epoch and (all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT):
-                b = 0
                 for r in rows:
-                    o = kvl[r]
-                    if o % bs == 0 or o >= limit:  # a new block (or too long): the path below
-                        for done in rows[:b]:
-                            kvl[done] -= 1  # undo: the path below starts from the same lengths
+                    if kvl[r] % bs == 0:  # a row starts a block (or is at max_seq_len): the path below
                         break
-                    kvl[r] = kv_out[b] = o + 1
-                    pos_col[b] = o
-                    slot_col[b] = bt[r, o // bs] * bs + o % bs
-                    b += 1
                 else:
+                    b = 0
+                    for r in rows:
+                        o = kvl[r]
+                        kvl[r] = kv_out[b] = o + 1
+                        pos_col[b] = o
+                        slot_col[b] = bt[r, o // bs] * bs + o % bs
+                        b += 1
                     if self._cache is not None:
                         self._noted()
                     return self._meta
         if self._same_batch(seq_ids):
-            rows = self._row_list
-            if len(rows) <= SCALAR_ROWS:
-                grown = self._decode_small_new_blocks([self._hot[0].item(r) for r in rows])
-            else:
-                grown = self._decode_small() if len(rows) <= SMALL_BATCH else self._decode_vector()
+            grown = self._decode_small() if len(self._row_list) <= SMALL_BATCH else self._decode_vector()
             if grown is not None:  # the append happened; False: patch impossible, rebuild
                 if grown:
                     self._note()
@@ -169,15 +164,15 @@ class StepBatch:
         self._tiny = self._tiny_refs()
 
     def _decode_small(self) -> bool | None:
-        """Fused decode of a batch above `SCALAR_ROWS` rows; None: not possible (nothing
-        changed), False: appended but the table outgrew its width bucket (the caller
-        rebuilds). Python arithmetic, then one bulk write per array."""
-        kvl, bt, kv_out, pos_col, slot_col, bs, limit = self._hot
+        """Fused decode of up to `SMALL_BATCH` rows; None: not possible (nothing changed),
+        False: appended but the table outgrew its width bucket (the caller rebuilds).
+        Python arithmetic, then one bulk write per array."""
+        kvl, bt, kv_out, pos_col, slot_col, bs, _ = self._hot
         rows = self._row_list
         n = len(rows)
         old = kvl[self._rows].tolist()
         for o in old:
-            if o % bs == 0 or o >= limit:  # a new block (or too long): the slower variant
+            if o % bs == 0:  # a new block (or at max_seq_len, a block multiple): the slower variant
                 return self._decode_small_new_blocks(old)
         new = [o + 1 for o in old]
         kvl[self._rows] = new
@@ -199,13 +194,13 @@ class StepBatch:
         while the layout is a decode layout of at most `SCALAR_ROWS` rows."""
         if not self._decode or len(self._row_list) > SCALAR_ROWS:
             return None
-        kvl, bt, kv_out, pos_col, slot_col, bs, limit = self._hot
+        kvl, bt, kv_out, pos_col, slot_col, bs, _ = self._hot
         # Memoryviews read and write one element about twice as fast as numpy's scalar
         # indexing, which is most of a one-row step. They stay valid as long as the
         # arrays do: the page table replaces its arrays only when it grows (a new epoch)
         # and the metadata only on a rebuild, and both drop these references.
         views = tuple(memoryview(a) for a in (kvl, bt, kv_out, pos_col, slot_col))
-        return (*views, bs, limit, self._row_list, self._table0, self._epoch)
+        return (*views, bs, self._row_list, self._table0, self._epoch)
 
     def _decode_small_new_blocks(self, old: list) -> bool | None:
         """`_decode_small` when some row starts a block (or may be too long)."""
@@ -287,9 +282,7 @@ class StepBatch:
     # ---- rebuild -------------------------------------------------------------------
     def _rebuild(self, seq_ids, num_new_tokens) -> StepMetadata:
         m = self.manager
-        meta = self._build(seq_ids, num_new_tokens) if self._incremental_ok() else None
-        if meta is None:  # copies, sliding groups, bad input: step_metadata (raises the typed error)
-            meta = m.step_metadata(seq_ids, num_new_tokens)
+        meta = m.step_metadata(seq_ids, num_new_tokens)  # plain managers: `plain_step_metadata` inside
         self._meta = meta
         self._decode = False
         self._tiny = None
@@ -307,9 +300,6 @@ class StepBatch:
         self._hot = self._hot_refs()
         self._tiny = self._tiny_refs()
         return meta
-
-    def _build(self, seq_ids, num_new_tokens) -> StepMetadata | None:
-        return plain_step_metadata(self.manager, seq_ids, num_new_tokens)
 
     def _incremental_ok(self) -> bool:
         """Whether the next decode step may be patched in place: full-attention groups
@@ -414,7 +404,6 @@ def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
     positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
     one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
     many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
-    positions[one, 0] = kv[one] - 1
     groups = tuple(_build_group(m, g, rows, q, kv, one, many, B, T) for g in m.groups)
     for b in many:
         first = int(kv[b]) - int(q[b])

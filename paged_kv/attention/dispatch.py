@@ -95,8 +95,11 @@ def _choose(view, impl: str) -> str:
         raise ShapeError(f"impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         # The ragged kernel knows windows, not chunks: chunked layers take the XLA path.
+        # Nor is it chosen for pages stored as unsigned-int bits: it would bit-cast the
+        # whole pool every layer and step, which XLA may copy (O(pool) on the hot path).
         on_tpu = jax.default_backend() == "tpu"
-        return "pallas_tpu_ragged" if on_tpu and ragged_kernel_fits(view) and view.chunk is None else "xla"
+        fits = ragged_kernel_fits(view) and view.chunk is None and view.codecs[0].float_pages
+        return "pallas_tpu_ragged" if on_tpu and fits else "xla"
     if impl != "xla" and view.chunk is not None:
         raise ShapeError(
             f"impl={impl!r} has no chunked local attention; layer {view.layer_index} is chunked "

@@ -16,8 +16,9 @@ and sliding windows. What the adapter does:
   are relative to the table's first block (a sliding group's ``start``);
 - scale: the kernel's ``sm_scale``; soft cap and window pass through;
 - pages: the kernel needs them in the float dtype. With `CacheSpec(page_storage=
-  "float")` (the default off CPU) they are; with unsigned-int bits they are
-  bit-cast first, which XLA may materialise as a copy of the pool.
+  "float")` (or "auto" off CPU) they are; with unsigned-int bits (the default) they
+  are bit-cast first, which XLA may materialise as a copy of the pool, so
+  ``impl="auto"`` picks this kernel only for float pages.
 
 `paged_attention` (jax.experimental.pallas.ops.tpu.paged_attention) is decode-only
 and wants head-major pages ``[kv_heads, total_pages, page_size, head_dim]``; see

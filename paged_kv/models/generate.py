@@ -92,6 +92,7 @@ class GenerationStats:
     decode_tokens: int = 0  # tokens those steps produced
     compilations: int = 0
     kv_usage_sum: float = 0.0
+    kv_usage_samples: int = 0  # paged steps sampled (an inserted prefill runs no paged step)
     kv_usage_peak: float = 0.0
     joined_mid_run: int = 0  # requests admitted while others were decoding
 
@@ -108,8 +109,7 @@ class GenerationStats:
     @property
     def kv_usage_mean(self) -> float:
         """Mean over steps of the fraction of the pool's usable blocks in use."""
-        steps = self.prefill_steps + self.decode_steps
-        return self.kv_usage_sum / steps if steps else 0.0
+        return self.kv_usage_sum / self.kv_usage_samples if self.kv_usage_samples else 0.0
 
     def summary(self) -> str:
         return (f"{self.requests} requests, {self.generated_tokens} tokens generated in {self.seconds:.2f} s: "
@@ -273,6 +273,7 @@ class Generator:
         logits = np.asarray(logits)  # waits for the step
         used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
         self.stats.kv_usage_sum += used
+        self.stats.kv_usage_samples += 1
         self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
         return logits
 
@@ -364,7 +365,6 @@ class Generator:
         tokens = np.zeros((1, bucket(n, self.spec.max_seq_len)), np.int32)
         tokens[0, :n] = s.tokens
         logits, keys, values = self._contiguous(self.params, jnp.asarray(tokens))
-        self.stats.joined_mid_run += 1 if len(self.slots) else 0
         self.cache, slot = self.slots.insert_prefill(self.cache, s.request_id, [k[0, :n] for k in keys],
                                                      [v[0, :n] for v in values])
         logits = np.asarray(logits)[0, :n]

@@ -21,11 +21,10 @@ clipped to fit instead).
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import numpy as np
 
 from paged_kv.errors import TraceError
+from paged_kv.sim.synthetic import _check_int as check_int, _check_real as check_real
 from paged_kv.sim.trace import BUNDLED_ATTRIBUTION, Trace, load_trace
 from paged_kv.sim.workload import ALL_POSITIONS, SESSION, Workload, stream_key
 
@@ -116,14 +115,11 @@ def _conversations(user: np.ndarray, output: np.ndarray, limit: int | None):
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise TraceError(f"multiturn_workload: {name}={value!r} must be an integer >= {minimum}")
+    check_int(name, value, minimum, where="multiturn_workload")
 
 
 def _check_real(name: str, value, strict: bool) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value) and (value > 0 if strict else value >= 0)
-    if not ok:
-        raise TraceError(f"multiturn_workload: {name}={value!r} must be a finite number {'> 0' if strict else '>= 0'}")
+    check_real(name, value, 0, strict=strict, where="multiturn_workload")
 
 
 __all__ = ["multiturn_workload"]

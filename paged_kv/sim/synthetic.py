@@ -215,18 +215,20 @@ def _is_real(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value, minimum: int, *, where: str = "synthetic_trace") -> None:
+    """`TraceError` unless ``value`` is an integer (not a bool) >= ``minimum``; ``where``
+    names the workload builder the argument was given to."""
     if not _is_int(value) or value < minimum:
-        raise TraceError(f"synthetic_trace: {name}={value!r} must be an integer >= {minimum}")
+        raise TraceError(f"{where}: {name}={value!r} must be an integer >= {minimum}")
 
 
-def _check_real(name: str, value, minimum: float, *, strict: bool) -> None:
+def _check_real(name: str, value, minimum: float, *, strict: bool, where: str = "synthetic_trace") -> None:
     # The type check comes first so a string never reaches a comparison. NaN and
     # inf are refused: an infinite rate or duration has no trace to draw.
     rule = f"> {minimum}" if strict else f">= {minimum}"
     ok = _is_real(value) and math.isfinite(value) and (value > minimum if strict else value >= minimum)
     if not ok:
-        raise TraceError(f"synthetic_trace: {name}={value!r} must be a finite number {rule}")
+        raise TraceError(f"{where}: {name}={value!r} must be a finite number {rule}")
 
 
 def _check_fraction(name: str, value) -> None:

@@ -37,6 +37,24 @@ class PagedLayerView:
     defined once, here.
     """
 
+    @staticmethod
+    def page_arrays(spec: CacheSpec, layer: int) -> dict:
+        """Name -> (shape, dtype) of each page leaf of this layout, None where absent."""
+        raise NotImplementedError
+
+    @classmethod
+    def init(cls, spec: CacheSpec, layer_index: int = 0,
+             device: jax.Device | jax.sharding.Sharding | None = None) -> "PagedLayerView":
+        """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
+        arrays = {name: None if want is None else zeros(*want, device)
+                  for name, want in cls.page_arrays(spec, layer_index).items()}
+        return cls(spec=spec, layer_index=layer_index, **arrays)
+
+    def check_pages(self) -> None:
+        """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
+        for name, want in self.page_arrays(self.spec, self.layer_index).items():
+            _check_array(self, name, getattr(self, name), want)
+
     @property
     def codecs(self) -> tuple[PageCodec, PageCodec]:
         """How this layer stores keys and values (`paged_kv.quant.PageCodec`): plain bits
@@ -278,17 +296,10 @@ class TransformerCacheView(PagedLayerView):
     key_scales: jax.Array | None = None
     value_scales: jax.Array | None = None
 
-    @classmethod
-    def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "TransformerCacheView":
-        """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
-        arrays = {name: None if want is None else zeros(*want, device)
-                  for name, want in _page_arrays(spec, layer_index).items()}
-        return cls(spec=spec, layer_index=layer_index, **arrays)
-
-    def check_pages(self) -> None:
-        """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
-        for name, want in _page_arrays(self.spec, self.layer_index).items():
-            _check_array(self, name, getattr(self, name), want)
+    @staticmethod
+    def page_arrays(spec: CacheSpec, layer: int) -> dict:
+        """Name -> (shape, dtype) of each page leaf of the split layout, None where absent."""
+        return _page_arrays(spec, layer)
 
     def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "TransformerCacheView":
         """Scatter ``key``/``value`` ``[B, T, heads, dim]`` into flat page slots ``slots`` ``[B, T]``

@@ -42,9 +42,8 @@ from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import scatter_tokens
 from paged_kv.quant import codecs
-from paged_kv.sharding import zeros
 from paged_kv.spec import CacheSpec
-from paged_kv.views.transformer import PagedLayerView, _check_array
+from paged_kv.views.transformer import PagedLayerView
 
 
 def is_interleaved(spec: CacheSpec) -> bool:
@@ -82,22 +81,15 @@ class UnifiedCacheView(PagedLayerView):
     layer_index: int = 0
     kv_scales: jax.Array | None = None
 
-    @classmethod
-    def init(cls, spec: CacheSpec, layer_index: int = 0, device: jax.Device | jax.sharding.Sharding | None = None) -> "UnifiedCacheView":
-        """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
-        arrays = {name: None if want is None else zeros(*want, device)
-                  for name, want in _page_arrays(spec, layer_index).items()}
-        return cls(spec=spec, layer_index=layer_index, **arrays)
+    @staticmethod
+    def page_arrays(spec: CacheSpec, layer: int) -> dict:
+        """Name -> (shape, dtype) of each page leaf of the unified layout, None where absent."""
+        return _page_arrays(spec, layer)
 
     @property
     def interleaved(self) -> bool:
         """True: ``[num_blocks, block_size, 2H, D]`` (k0, v0, k1, v1, ...); False: ``[.., Hk*Dk + Hv*Dv]``."""
         return is_interleaved(self.spec)
-
-    def check_pages(self) -> None:
-        """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
-        for name, want in _page_arrays(self.spec, self.layer_index).items():
-            _check_array(self, name, getattr(self, name), want)
 
     def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> "UnifiedCacheView":
         """Scatter ``key`` ``[B, T, key_heads, key_dim]`` and ``value`` ``[B, T, value_heads,
