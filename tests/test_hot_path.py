@@ -53,7 +53,7 @@ def variant(request, monkeypatch):
     """Force the per-element or the vectorized variant of every fast path."""
     size = 10**6 if request.param == "small" else 0
     monkeypatch.setattr(hot_path, "SMALL_APPEND", size)
-    monkeypatch.setattr(step_batch, "SMALL_BATCH", size)
+    monkeypatch.setattr(step_batch, "SCALAR_ROWS", size)
     return request.param
 
 
@@ -383,3 +383,90 @@ def test_step_batch_takes_counts_as_an_array_like_step_metadata():
     batch.step([0, 1], [5, 7])
     m.append([0, 1], 1)
     assert_same_metadata(batch.step([0, 1], np.array([1, 1])), general_step_metadata(m, [0, 1], np.array([1, 1])))
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_decode_after_leaves_rejoins_and_outside_appends(variant, prefix):
+    # The persistent batch must notice everything that happened to its rows between
+    # two decodes: rows that finished (a subsequence is decoded next), an id released
+    # and admitted again (same id, maybe the same row, another sequence), and appends
+    # made through the manager rather than the batch (a block the layout never saw).
+    rng = random.Random(23)
+    fused, plain = (pk.KVCacheManager(spec(num_blocks=600), prefix_cache=prefix) for _ in range(2))
+    batch = pk.StepBatch(fused)
+    ids: list[int] = []
+    taken = 0
+    for step in range(900):
+        r = rng.random()
+        if r < 0.06 and len(ids) < 24 and fused.can_admit(20):
+            s = rng.choice([s for s in range(40) if s not in ids])  # ids come back: same id, new sequence
+            n = rng.randint(1, 20)
+            for m in (fused, plain):
+                m.admit(s, n)
+            ids.append(s)
+            counts = [1] * (len(ids) - 1) + [n]
+            for m in (fused, plain):  # the rows already in the batch decode in the same step
+                if len(ids) > 1:
+                    m.append(ids[:-1], 1)
+            assert_same_metadata(batch.step(list(ids), counts), general_step_metadata(plain, list(ids), counts))
+            continue
+        if r < 0.12 and ids:
+            for s in rng.sample(ids, rng.randint(1, min(3, len(ids)))):  # finished or preempted
+                ids.remove(s)
+                for m in (fused, plain):
+                    m.release(s)
+        elif r < 0.16 and ids:
+            outside = rng.sample(ids, rng.randint(1, len(ids)))
+            for m in (fused, plain):  # an append the batch did not make
+                if m.can_append(outside, 1):
+                    m.append(outside, 1)
+        if not ids:
+            continue
+        before = batch._meta
+
+        def general_decode():
+            plain.append(list(ids), 1)
+            return general_step_metadata(plain, list(ids), 1)
+
+        outcome = [_outcome(lambda: batch.decode(list(ids))), _outcome(general_decode)]
+        if isinstance(outcome[0], type):
+            assert outcome[0] is outcome[1]
+            _release_longest(ids, (fused, plain))
+        else:
+            assert_same_metadata(*outcome)
+            taken += outcome[0] is before
+        for m in (fused, plain):
+            m.commit(list(ids))
+        assert _state(fused) == _state(plain)
+        fused.check_integrity()
+    assert taken > 300, "the in-place decode was never taken"
+
+
+def test_decode_of_a_subsequence_keeps_the_layout_and_refuses_a_reused_row():
+    m, ref = (pk.KVCacheManager(spec()) for _ in range(2))
+    batch = pk.StepBatch(m)
+    for s in range(8):
+        for x in (m, ref):
+            x.admit(s, 3 + s)
+    batch.step(list(range(8)), [3 + s for s in range(8)])
+    batch.decode(list(range(8)))
+    ref.append(list(range(8)), 1)
+    for s in (2, 5):  # finished: the rest decode next, in order
+        for x in (m, ref):
+            x.release(s)
+    kept = [0, 1, 3, 4, 6, 7]
+    layout = batch._meta
+    got = batch.decode(kept)
+    ref.append(kept, 1)
+    assert got is layout  # same bucket: the kept rows were laid out in the same buffers
+    assert_same_metadata(got, general_step_metadata(ref, kept, 1))
+    # Id 4 leaves and comes back as a new sequence, on the row it just freed.
+    row = m._rows[4]
+    for x in (m, ref):
+        x.release(4)
+        x.admit(4, 30)
+    assert m._rows[4] == row
+    got = batch.decode([0, 1, 3, 4])
+    ref.append([0, 1, 3, 4], 1)
+    assert_same_metadata(got, general_step_metadata(ref, [0, 1, 3, 4], 1))
+    assert int(got.kv_lens[3]) == 31

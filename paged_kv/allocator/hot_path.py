@@ -102,8 +102,9 @@ def _small_decode(m, rows: list):
     if need:
         if need > g.pool.num_free:
             return None
-        ids = g.pool.allocate(need).tolist()
+        ids = g.pool.take(need)
         k = 0
+    t.version += 1  # rows in use change: a cached batch layout is stale
     out = []
     for r, o in zip(rows, old):
         kv[r] = o + 1
@@ -136,6 +137,7 @@ def _small(m, rows: list, n: int):
         if need > g.pool.num_free:
             return None
         ids = g.pool.allocate(need).tolist()
+    t.version += 1
     out = []
     for r, o in zip(rows, old):
         kv[r] = o + n
@@ -168,6 +170,7 @@ def _vector(m, rows: np.ndarray, n: int):
     slots = np.empty((len(m.groups), pos.size), dtype=np.int32)
     for i, g in enumerate(m.groups):
         t = g.table
+        t.version += 1
         if need:
             ids = g.pool.allocate(need)
             if int(new.max()) == 1:
@@ -197,6 +200,7 @@ def _vector_decode(m, rows: np.ndarray):
     slots = np.empty((len(m.groups), rows.size), dtype=np.int32)
     for i, g in enumerate(m.groups):
         t = g.table
+        t.version += 1
         if grew.size:
             at = rows[grew]
             t.block_tables[at, col[grew]] = g.pool.allocate(grew.size)

@@ -42,7 +42,8 @@ class PageTable:
 
     Changes go through the methods below (the group allocator calls them); only the
     host hot path (`hot_path.py`, `step_batch.py`) writes the arrays in place, element
-    by element, because a method call per decode token would cost more than the write.
+    by element, because a method call per decode token would cost more than the write;
+    it bumps ``version`` as the methods do.
     """
 
     def __init__(self, max_blocks_per_seq: int, initial_rows: int = 64):
@@ -53,9 +54,14 @@ class PageTable:
         self.first_block = np.zeros(initial_rows, dtype=np.int32)
         self.in_use = np.zeros(initial_rows, dtype=bool)
         self._free_rows = list(range(initial_rows - 1, -1, -1))
-        # Bumped whenever a row is added or removed: a cached batch layout (see
-        # `StepBatch`) is still valid while it has not moved.
+        # Change counters for a cached batch layout (`StepBatch`), transient. ``epoch``:
+        # bumped whenever a row is added or removed. ``version``: bumped by every change
+        # to a row already in use (lengths, blocks, trims, copy-on-write), so a layout
+        # built before it cannot miss a block. ``born[row]``: the epoch the row was added
+        # at, which tells a reused row from the sequence that held it before.
         self.epoch = 0
+        self.version = 0
+        self.born = np.zeros(initial_rows, dtype=np.int64)
 
     @property
     def capacity(self) -> int:
@@ -69,6 +75,7 @@ class PageTable:
         row = self._free_rows.pop()
         self.in_use[row] = True
         self.epoch += 1
+        self.born[row] = self.epoch
         return row
 
     def remove_row(self, row: int) -> np.ndarray:
@@ -99,6 +106,7 @@ class PageTable:
     def trim(self, rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Null each row's columns before ``keep`` (a window or chunk moved past them);
         returns the dropped block ids, row by row in logical order."""
+        self.version += 1
         first = self.first_block[rows]
         drop_rows, drop_cols = expand_runs(rows, keep - first, first)
         dropped = self.block_tables[drop_rows, drop_cols]
@@ -108,12 +116,14 @@ class PageTable:
 
     def replace_blocks(self, rows: np.ndarray, cols: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Point ``(rows[i], cols[i])`` at ``ids[i]`` (copy-on-write); returns the blocks named before."""
+        self.version += 1
         old = self.block_tables[rows, cols].copy()
         self.block_tables[rows, cols] = ids
         return old
 
     def extend(self, rows: np.ndarray, counts: np.ndarray, ids: np.ndarray) -> None:
         """Append ``counts[i]`` of ``ids`` (in order) after the last block of ``rows[i]``."""
+        self.version += 1
         start = self.num_blocks[rows]
         if ids.size:
             block_rows, block_cols = expand_runs(rows, counts, start)
@@ -122,6 +132,7 @@ class PageTable:
 
     def set_lengths(self, rows: np.ndarray, kv_lens: np.ndarray) -> None:
         """Record that ``rows`` hold ``kv_lens`` tokens (their blocks already cover them)."""
+        self.version += 1
         self.kv_lens[rows] = kv_lens
 
     def slots(self, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -143,13 +154,14 @@ class PageTable:
         self.num_blocks = np.concatenate([self.num_blocks, np.zeros(old, np.int32)])
         self.first_block = np.concatenate([self.first_block, np.zeros(old, np.int32)])
         self.in_use = np.concatenate([self.in_use, np.zeros(old, bool)])
+        self.born = np.concatenate([self.born, np.zeros(old, np.int64)])
         self._free_rows.extend(range(new - 1, old - 1, -1))
 
     # ---- saved state (paged_kv.checkpoint) ------------------------------------------
     SAVED_ATTRS = frozenset({"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use",
-                             "_free_rows", "epoch"})
-    """Attributes `state` covers; ``epoch`` is transient (a change counter for cached
-    batch layouts): a restored table starts at 0."""
+                             "_free_rows", "epoch", "version", "born"})
+    """Attributes `state` covers; ``epoch``, ``version`` and ``born`` are transient (change
+    counters for cached batch layouts): a restored table starts afresh."""
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of every array a restored table needs, free rows in stack order."""

@@ -1,20 +1,28 @@
-"""`StepBatch`: step metadata kept across steps, rewritten only where a step changed it.
+"""`StepBatch`: a persistent batch -- step metadata kept across steps, rewritten only where a step changed it.
 
 A serving loop asks for metadata every step, mostly for the same sequences, each one
 token longer. `KVCacheManager.step_metadata` builds every array afresh: its cost
-grows with batch x table width even when a single block changed. A `StepBatch` keeps
-the previous step's arrays (vLLM's model runner keeps a persistent input batch the
-same way) and, when the same sequences decode one token each, writes only what
-moved: each row's length, position and write slot, and the table entries of rows
-that gained a block. `decode` also does the step's append in the same pass.
-Sequences joining or leaving, prefill rows or a different table-width bucket
-rebuild the arrays (in O(B x W) gathers plus O(tokens) writes); forked sequences
-with copy-on-write copies and sliding-window groups go through `step_metadata`
-itself. Either way the result is exactly what `step_metadata` would return
-(`tests/test_hot_path.py` compares them array for array).
+grows with batch x table width even when a single block changed, and a mixed
+prefill step's fresh ``[B, T]`` arrays pay page faults on first touch (~200 µs for
+32 rows x 2k tokens). A `StepBatch` keeps its arrays (vLLM's model runner keeps a
+persistent input batch the same way):
 
-The state is kept per layer group (`_GroupState`), and the step loops over groups:
-each group's tables are updated from its own page table.
+- ``decode(ids)`` on the last step's rows appends one token to each and rewrites,
+  in place, only each row's length, position and write slot (the previous slot + 1),
+  plus the table entry of the rows that started a block. A few rows run inline
+  through memoryviews; more take a handful of vectorized calls.
+- ``decode(ids)`` on a subsequence of the last rows (some finished or were preempted)
+  lays the kept rows out again from the page table in O(B x W) copies into the same
+  buffers, without re-validating them, and then decodes.
+- ``step(ids, counts)`` with prefill rows, new rows or anything else describes the step
+  like `step_metadata` into reused buffers; forked layouts (copy-on-write copies ride
+  in the metadata) and local-attention groups go through `step_metadata` itself.
+
+Either way the result is exactly what `step_metadata` would return
+(`tests/test_hot_path.py` compares them array for array). A layout is trusted only
+while the page table says nothing else touched its rows: ``epoch`` (rows added or
+removed), ``version`` (any change to a row in use: an `append` outside the batch)
+and ``born`` (a released row given to a new sequence) -- see `PageTable`.
 """
 
 from __future__ import annotations
@@ -27,75 +35,98 @@ import numpy as np
 
 from paged_kv.allocator.hot_path import plain, same_ids
 from paged_kv.errors import PagedKVError
-from paged_kv.metadata import GroupMetadata, StepMetadata, bucket
+from paged_kv.metadata import GroupMetadata, StepMetadata
+from paged_kv.spec import NULL_BLOCK
 
 if TYPE_CHECKING:  # annotations only: the manager imports this module
     from paged_kv.allocator.manager import KVCacheManager
 
-SMALL_BATCH = 24
-"""Up to this many rows a step is updated in Python rather than in vectorized numpy:
-below it, numpy's fixed cost per call (~1 µs) outweighs its speed per element."""
 _INT = {int}
 SCALAR_ROWS = 6
-"""Up to this many rows `decode` runs inline, element by element through memoryviews.
-A row starting a block hands the step to the slower path, and from ~16 rows on some
-row starts one most steps, so larger batches write Python lists in one call per array."""
+"""Up to this many rows `decode` runs inline, element by element through memoryviews
+(about twice as fast as numpy scalar indexing); more rows take vectorized calls."""
+_EMPTY = np.zeros(0, dtype=np.int32)  # no copy-on-write copies: a plain layout has none
 
 
-class _GroupState:
-    """One layer group's view of the batch: its page table and the blocks each row held."""
+class _Buffers:
+    """Metadata arrays reused step after step, one per (name, shape).
 
-    __slots__ = ("table", "pad_slot", "num_blocks", "nb_list")
+    Why: a fresh array of a few hundred KiB is mmapped and page-faulted on first
+    touch, and a mixed step's ``[B, T]`` positions and slots are that size. Every
+    array handed out is fully overwritten by its user."""
 
-    def __init__(self, group, rows: np.ndarray):
-        self.table = group.table
-        self.pad_slot = group.pad_slot
-        self.num_blocks = group.table.num_blocks[rows]  # per batch row, at the last step
-        self.nb_list = self.num_blocks.tolist()
+    LIMIT = 48  # shapes kept (each bucket pair a loop visits); past it, start over
+
+    def __init__(self):
+        self._arrays: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        a = self._arrays.get((name, shape))
+        if a is None:
+            if len(self._arrays) >= self.LIMIT:
+                self._arrays.clear()
+            a = self._arrays[(name, shape)] = np.empty(shape, dtype=np.int32)
+        return a
+
+
+def _bucket(n: int, cap: int) -> int:
+    """`bucket` for counts already known to be ints (no argument checks: it runs every step)."""
+    return min(1 << (max(n, 1) - 1).bit_length(), cap)
+
+
+def _fresh(name: str, shape: tuple) -> np.ndarray:
+    return np.empty(shape, dtype=np.int32)
 
 
 class StepBatch:
     """A persistent batch over one `KVCacheManager`: `step` returns what
-    `manager.step_metadata` would, reusing the previous step's arrays.
+    `manager.step_metadata` would, reusing the previous step's arrays, and `decode`
+    fuses ``append(ids, 1)`` with it.
 
     The returned metadata's arrays belong to the batch and are overwritten by the
-    next `step`: hand them to the device (``meta.to_device()`` copies them) before
-    asking for the next step. `step_metadata` itself is unchanged (fresh arrays).
+    next `step` or `decode`: hand them to the device (``meta.to_device()`` copies them)
+    before asking for the next step. `step_metadata` itself is unchanged (fresh arrays).
     """
 
     def __init__(self, manager: KVCacheManager):
         self.manager = manager
+        self._buffers = _Buffers()
         self._meta: StepMetadata | None = None
-        self._ids: list | None = None
-        self._rows: np.ndarray | None = None
+        self._ids: list | None = None  # the layout's ids, when it may be patched in place
         self._row_list: list = []
-        self._epoch = -1
-        self._table0 = manager.groups[0].table
-        self._hot: tuple = ()
-        self._groups: list[_GroupState] = []
-        self._decode = False  # the last step was a decode step (T == 1, every query_len 1)
+        self._rows: np.ndarray | None = None
+        self._born: list = []
+        self._table = manager.groups[0].table
+        self._epoch = self._version = -1
+        self._decode = False  # the layout is a decode layout: [B, 1], slot = the last token's
         self._cache = manager.prefix_cache  # fixed for the manager's life
-        self._tiny: tuple | None = None  # see `_tiny_refs`
-        self._described_ids: list = []
+        self._hot: tuple = ()  # see `_hot_refs`
+        self._tiny: tuple | None = None  # see `_hot_refs`
+        self._described: list = []  # the ids of the step last described, for `commit`
+        self._signature = manager.spec.pool_signature()  # the spec is immutable
 
+    # ---- public ----------------------------------------------------------------------
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Metadata for a forward pass over ``seq_ids`` writing their last
         ``num_new_tokens`` tokens (see `KVCacheManager.step_metadata`)."""
-        if type(num_new_tokens) is int and num_new_tokens == 1 and self._same_batch(seq_ids) and self._advance():
+        if type(num_new_tokens) is int and num_new_tokens == 1 and self._same_rows(seq_ids):
+            # The rows appended outside the batch (or not at all): lay them out afresh.
+            self._decode_layout(self._ids, self._row_list)
+            self._note()
             return self._meta
-        return self._rebuild(seq_ids, num_new_tokens)
+        return self._describe(seq_ids, num_new_tokens)
 
     def decode(self, seq_ids: Sequence[int]) -> StepMetadata:
         """``manager.append(seq_ids, 1)`` then ``step(seq_ids, 1)``, in one pass when the
-        batch is the last step's: rows known, no id lookups, each row's length, new
-        block and metadata written together. All or nothing like `append`."""
+        rows are the last step's or some of them. All or nothing like `append`."""
         tiny = self._tiny
         if tiny is not None and type(seq_ids) is list and seq_ids == self._ids:
             # A few rows: fixed costs dominate, so the whole step is inline, with every
             # reference prefetched. Every row is checked before any is written: a row
             # that starts a block leaves the whole step to the path below, unchanged.
-            kvl, bt, kv_out, pos_col, slot_col, bs, rows, table, epoch = tiny
-            if table.epoch == epoch and (all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT):
+            kvl, bt, kv_out, pos_col, slot_col, bs, rows, table, epoch, version = tiny
+            if table.version == version and table.epoch == epoch and (
+                    all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT):
                 for r in rows:
                     if kvl[r] % bs == 0:  # a row starts a block (or is at max_seq_len): the path below
                         break
@@ -105,18 +136,21 @@ class StepBatch:
                         o = kvl[r]
                         kvl[r] = kv_out[b] = o + 1
                         pos_col[b] = o
-                        slot_col[b] = bt[r, o // bs] * bs + o % bs
+                        slot_col[b] += 1
                         b += 1
+                    table.version = version = version + 1
+                    self._version = version
+                    self._tiny = (*tiny[:-1], version)
                     if self._cache is not None:
                         self._noted()
                     return self._meta
-        if self._same_batch(seq_ids):
-            grown = self._decode_small() if len(self._row_list) <= SMALL_BATCH else self._decode_vector()
-            if grown is not None:  # the append happened; False: patch impossible, rebuild
-                if grown:
-                    self._note()
-                    return self._meta
-                return self._rebuild(seq_ids, 1)
+        if self._can_patch(seq_ids) or self._kept(seq_ids):
+            done = self._decode_rows()
+            if done is not None:  # appended; False: a row outgrew the table's width bucket
+                if not done:
+                    self._decode_layout(self._ids, self._row_list)
+                self._note()
+                return self._meta
         self.manager.append(seq_ids, 1)
         return self.step(seq_ids, 1)
 
@@ -124,195 +158,176 @@ class StepBatch:
         """``manager.commit(ids)`` for the ids of the step this batch last described:
         call it after that step ran. With no copy pending and no prefix cache (and
         so nothing to record) it returns at once."""
-        if self._cache is None and self._ids is not None and self._table0.epoch == self._epoch:
+        if self._cache is None and self._ids is not None and self._table.epoch == self._epoch:
             return  # a plain layout, nobody forked since: no copy can be pending
         m = self.manager
         if self._cache is None and not m.num_pending_copies:
             return
         # Sequences released since the step was described have nothing left to commit.
-        m.commit([s for s in self._described_ids if s in m])
+        m.commit([s for s in self._described if s in m])
 
-    def _same_batch(self, seq_ids) -> bool:
-        """``seq_ids`` is the last step's batch, nobody joined or left the manager since,
-        and the metadata is in decode shape (converted from a prefill step if need be).
+    # ---- is the layout still the manager's? -------------------------------------------------
+    def _same_rows(self, seq_ids) -> bool:
+        """``seq_ids`` names the layout's rows and no row was added or removed since."""
+        return (type(seq_ids) is list and self._table.epoch == self._epoch
+                and same_ids(seq_ids, self._ids))
 
-        The layout is kept only for a plain manager (`hot_path.plain`), and it stays
-        plain while no row is added: only a fork makes copies, and a fork adds a row.
-        """
-        if type(seq_ids) is not list or self._table0.epoch != self._epoch or not same_ids(seq_ids, self._ids):
+    def _can_patch(self, seq_ids) -> bool:
+        """`_same_rows`, and nothing touched the rows since the layout was written, so it
+        can be advanced in place (in decode shape: a prefill layout is converted)."""
+        if not (self._same_rows(seq_ids) and self._table.version == self._version):
             return False
         if not self._decode:
-            self._to_decode()
+            self._decode_layout(self._ids, self._row_list)
         return True
 
-    def _to_decode(self) -> None:
-        """The last step had prefill rows (T > 1): the same rows decoding need [B, 1]
-        positions and slots; tables, lengths and starts carry over."""
+    def _kept(self, seq_ids) -> bool:
+        """``seq_ids`` is a subsequence of the layout's ids -- others finished or were
+        preempted -- and each kept row is untouched since: lay the kept rows out in
+        decode shape (no re-validation needed) and return True; else False."""
+        old_ids = self._ids
+        if (type(seq_ids) is not list or old_ids is None or not seq_ids or len(seq_ids) >= len(old_ids)
+                or self._table.version != self._version or not plain(self.manager)):
+            return False
+        rows_of, born = self.manager._rows, self._table.born
+        old_rows, old_born, n_old = self._row_list, self._born, len(old_ids)
+        kept, i = [], 0
+        for s in seq_ids:
+            # Identity, or a plain int equal to it: an alias (True for 1) never matches.
+            while i < n_old and not (old_ids[i] is s or (type(s) is int and old_ids[i] == s)):
+                i += 1
+            if i == n_old:
+                return False
+            r = old_rows[i]
+            if rows_of.get(s) != r or born.item(r) != old_born[i]:
+                return False  # released, and the row (or id) reused since
+            kept.append(r)
+            i += 1
+        self._decode_layout(seq_ids, kept)
+        return True
+
+    # ---- writing a layout ---------------------------------------------------------------
+    def _describe(self, seq_ids, num_new_tokens) -> StepMetadata:
+        """Any step: `step_metadata`'s arrays, into the batch's buffers when the manager is
+        plain (and the layout kept for patching), fresh from `step_metadata` otherwise."""
+        m = self.manager
+        described = plain_described(m, seq_ids, num_new_tokens, self._buffers.get) if plain(m) else None
+        if described is None:
+            self._ids = self._tiny = None
+            self._meta = m.step_metadata(seq_ids, num_new_tokens)  # raises the typed error, if any
+            self._described = list(seq_ids)
+            return self._meta
+        self._meta, rows = described
+        row_list = rows.tolist()
+        self._keep(list(seq_ids), row_list, rows, self._meta.query_len == 1 and bool(
+            np.all(self._meta.query_lens[: len(row_list)] == 1)))
+        return self._meta
+
+    def _decode_layout(self, seq_ids: list, row_list: list) -> None:
+        """The decode-shaped metadata of ``row_list`` (valid rows of a plain manager)
+        from the page table, into the buffers: each row's last token is this step's."""
+        m = self.manager
+        spec = m.spec
+        (g,) = m.groups  # plain: full attention only, one group
+        t, bs = g.table, spec.block_size
+        rows = np.array(row_list, dtype=np.int64)
+        n = rows.size
+        B = _bucket(n, spec.max_batch_slots)
+        W = _bucket(int(t.num_blocks[rows].max()), spec.max_blocks_per_seq)
+        new = self._buffers.get
+        kv = t.kv_lens[rows]
+        last = kv - 1
+        kv_lens, query_lens, positions = new("kv", (B,)), new("q", (B,)), new("pos", (B, 1))
+        tables, slots, start = new("tables", (B, W)), new("slot", (B, 1)), new("start", (B,))
+        kv_lens[:n], kv_lens[n:] = kv, 0
+        query_lens[:n], query_lens[n:] = 1, 0
+        positions[:n, 0], positions[n:] = last, 0
+        slots[:n, 0], slots[n:] = t.block_tables[rows, last // bs] * bs + last % bs, g.pad_slot
+        tables[:n], tables[n:] = t.block_tables[rows, :W], NULL_BLOCK  # past a row's blocks: null already
+        start[:] = 0
         meta = self._meta
-        n, B = len(self._row_list), meta.batch_size
-        query_lens = np.zeros(B, dtype=np.int32)
-        query_lens[:n] = 1
-        groups = tuple(
-            GroupMetadata(gm.block_tables, np.full((B, 1), g.pad_slot, dtype=np.int32), gm.start, gm.copy_src,
-                          gm.copy_dst, gm.copy_len)
-            for g, gm in zip(self.manager.groups, meta.groups)
-        )
-        # Real rows' positions and slots are written by the advance; padding rows stay 0 / dropped.
-        self._meta = StepMetadata(meta.kv_lens, query_lens, np.zeros((B, 1), dtype=np.int32), groups, meta.built_for)
-        self._decode = True
-        self._hot = self._hot_refs()
-        self._tiny = self._tiny_refs()
+        if not (meta is not None and meta.kv_lens is kv_lens and meta.positions is positions
+                and meta.groups[0].block_tables is tables and meta.groups[0].slot_mapping is slots):
+            self._meta = StepMetadata(kv_lens, query_lens, positions, (GroupMetadata(
+                tables, slots, start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
+        self._keep(list(seq_ids), row_list, rows, True)
 
-    def _decode_small(self) -> bool | None:
-        """Fused decode of up to `SMALL_BATCH` rows; None: not possible (nothing changed),
-        False: appended but the table outgrew its width bucket (the caller rebuilds).
-        Python arithmetic, then one bulk write per array."""
-        kvl, bt, kv_out, pos_col, slot_col, bs, _ = self._hot
-        rows = self._row_list
-        n = len(rows)
-        old = kvl[self._rows].tolist()
-        for o in old:
-            if o % bs == 0:  # a new block (or at max_seq_len, a block multiple): the slower variant
-                return self._decode_small_new_blocks(old)
-        new = [o + 1 for o in old]
-        kvl[self._rows] = new
-        kv_out[:n] = new
-        pos_col[:n] = old
-        slot_col[:n] = [bt.item(r, o // bs) * bs + o % bs for r, o in zip(rows, old)]
-        return True
+    def _keep(self, seq_ids: list, row_list: list, rows: np.ndarray, decode: bool) -> None:
+        """Remember the layout just written and the table counters it is valid for."""
+        t = self.manager.groups[0].table
+        self._ids, self._described = seq_ids, seq_ids
+        self._row_list, self._rows = row_list, rows
+        self._born = t.born[rows].tolist()
+        self._table, self._epoch, self._version = t, t.epoch, t.version
+        self._decode = decode
+        self._hot_refs()
 
-    def _hot_refs(self) -> tuple:
-        """What the small decode touches, looked up once per layout (a rebuild or a
-        reshape), not once per step: the page table's arrays are replaced only when a
-        row is added, which changes the epoch and forces a rebuild."""
-        meta, t, spec = self._meta, self.manager.groups[0].table, self.manager.spec
-        return (t.kv_lens, t.block_tables, meta.kv_lens, meta.positions[:, 0], meta.groups[0].slot_mapping[:, 0],
-                spec.block_size, spec.max_seq_len)
+    def _hot_refs(self) -> None:
+        """What `decode` touches, looked up once per layout rather than once per step.
 
-    def _tiny_refs(self) -> tuple | None:
-        """`_hot_refs` plus the rows and the epoch, for `decode`'s inline path: set only
-        while the layout is a decode layout of at most `SCALAR_ROWS` rows."""
-        if not self._decode or len(self._row_list) > SCALAR_ROWS:
-            return None
-        kvl, bt, kv_out, pos_col, slot_col, bs, _ = self._hot
-        # Memoryviews read and write one element about twice as fast as numpy's scalar
-        # indexing, which is most of a one-row step. They stay valid as long as the
-        # arrays do: the page table replaces its arrays only when it grows (a new epoch)
-        # and the metadata only on a rebuild, and both drop these references.
-        views = tuple(memoryview(a) for a in (kvl, bt, kv_out, pos_col, slot_col))
-        return (*views, bs, self._row_list, self._table0, self._epoch)
+        Memoryviews read and write one element about twice as fast as numpy's scalar
+        indexing, which is most of a small step. They stay valid as long as the arrays
+        do: the page table replaces its arrays only when it grows (a new row: a new
+        epoch) and the metadata only when a layout is written, and both rebuild these."""
+        self._tiny = None
+        if not self._decode:
+            return
+        meta, t, n = self._meta, self._table, len(self._row_list)
+        gm = meta.groups[0]
+        numeric = (meta.kv_lens[:n], meta.positions[:n, 0], gm.slot_mapping[:n, 0], np.empty(n, dtype=np.int32))
+        views = tuple(memoryview(a) for a in (t.kv_lens, t.block_tables, t.num_blocks, meta.kv_lens,
+                                              meta.positions[:, 0], gm.slot_mapping[:, 0], gm.block_tables))
+        self._hot = (numeric, views, gm.block_tables.shape[1])
+        if n <= SCALAR_ROWS:
+            kvl, bt, _, kv_out, pos_col, slot_col, _ = views
+            self._tiny = (kvl, bt, kv_out, pos_col, slot_col, self.manager.spec.block_size, self._row_list, t,
+                          self._epoch, self._version)
 
-    def _decode_small_new_blocks(self, old: list) -> bool | None:
-        """`_decode_small` when some row starts a block (or may be too long)."""
-        m, meta = self.manager, self._meta
-        spec = m.spec
-        bs = spec.block_size
-        need = sum(1 for o in old if o % bs == 0)
-        g = m.groups[0]
-        if max(old) >= spec.max_seq_len or need > g.pool.num_free:
-            return None
-        ids = g.pool.allocate(need).tolist()  # handed to rows in order, as append does
-        kvl, bt, kv_out, pos_col, slot_col, _, _ = self._hot
-        nbl = g.table.num_blocks
-        tables = meta.groups[0].block_tables
-        W = tables.shape[1]
-        held = self._groups[0].nb_list
-        rows = self._row_list
-        slots, grown, k = [], [], 0
-        for b, (r, o) in enumerate(zip(rows, old)):
-            col, off = divmod(o, bs)
-            if off:
-                slots.append(bt.item(r, col) * bs + off)
-            else:
-                blk = ids[k]
-                k += 1
-                grown.append((b, r, col, blk))
-                held[b] = col + 1
-                slots.append(blk * bs)
-        for b, r, col, blk in grown:
-            bt[r, col] = blk
-            nbl[r] = col + 1
-            if col < W:
-                tables[b, col] = blk
-        n = len(rows)
-        new = [o + 1 for o in old]
-        kvl[self._rows] = new
-        kv_out[:n] = new
-        pos_col[:n] = old
-        slot_col[:n] = slots
-        return all(col < W for _, _, col, _ in grown)
-
-    def _decode_vector(self) -> bool | None:
-        """Fused decode over many rows, vectorized: one gather and one divmod, new blocks
-        written straight into the persistent table (same contract as `_decode_small`)."""
-        m, meta, rows = self.manager, self._meta, self._rows
-        spec = m.spec
-        bs = spec.block_size
-        (g,) = m.groups
-        (st,) = self._groups
-        (gm,) = meta.groups
-        t = g.table
-        old = t.kv_lens[rows]
-        if np.count_nonzero(old >= spec.max_seq_len):
-            return None
-        col, off = np.divmod(old, bs)
-        grew = (off == 0).nonzero()[0]
+    # ---- the in-place decode step -------------------------------------------------------------
+    def _decode_rows(self) -> bool | None:
+        """Append one token to every row of the decode layout and describe that step, in
+        place: a few vectorized calls, plus Python for the rows that start a block.
+        None: not possible (a row at max_seq_len, too few free blocks), nothing changed;
+        False: done, but a row outgrew the table's width bucket (lay it out again)."""
+        m = self.manager
+        (kv, pos, slot, off), views, width = self._hot
+        bs = m.spec.block_size
+        np.remainder(kv, bs, out=off)  # the new token's offset in its block: 0 starts one
+        grew = np.flatnonzero(off == 0)
         fits = True
         if grew.size:
-            if grew.size > g.pool.num_free:
+            pool, grew, kv_old = m.groups[0].pool, grew.tolist(), views[3]
+            if len(grew) > pool.num_free or max([kv_old[b] for b in grew]) >= m.spec.max_seq_len:
                 return None
-            ids = g.pool.allocate(grew.size)
-            at, cols = rows[grew], col[grew]
-            t.block_tables[at, cols] = ids
-            t.num_blocks[at] = cols + 1
-            st.num_blocks[grew] = cols + 1
-            W = gm.block_tables.shape[1]
-            if np.count_nonzero(cols >= W):
-                fits = False
-            else:
-                gm.block_tables[grew, cols] = ids
-        new = old + 1
-        t.kv_lens[rows] = new
-        n = rows.size
-        meta.kv_lens[:n] = new
-        meta.positions[:n, 0] = old
-        gm.slot_mapping[:n, 0] = t.block_tables[rows, col] * bs + off
+            fits = self._new_blocks(grew, pool.take(len(grew)), views, width, bs)
+        np.copyto(pos, kv)
+        np.add(kv, 1, out=kv)
+        np.add(slot, 1, out=slot)
+        t = self._table
+        t.kv_lens[self._rows] = kv
+        t.version += 1
+        self._version = t.version
+        if self._tiny is not None:
+            self._tiny = (*self._tiny[:-1], t.version)
         return fits
 
-    # ---- rebuild -------------------------------------------------------------------
-    def _rebuild(self, seq_ids, num_new_tokens) -> StepMetadata:
-        m = self.manager
-        meta = m.step_metadata(seq_ids, num_new_tokens)  # plain managers: `plain_step_metadata` inside
-        self._meta = meta
-        self._decode = False
-        self._tiny = None
-        self._described_ids = list(seq_ids)  # valid ids: the step was described
-        if type(seq_ids) is not list or not self._incremental_ok():
-            self._ids = None
-            return meta
-        self._ids = list(seq_ids)
-        self._row_list = [m._rows[s] for s in seq_ids]
-        self._rows = np.array(self._row_list, dtype=np.int64)
-        self._table0 = m.groups[0].table
-        self._epoch = self._table0.epoch
-        self._groups = [_GroupState(g, self._rows) for g in m.groups]
-        self._decode = meta.query_len == 1 and bool(np.all(meta.query_lens[: len(seq_ids)] == 1))
-        self._hot = self._hot_refs()
-        self._tiny = self._tiny_refs()
-        return meta
-
-    def _incremental_ok(self) -> bool:
-        """Whether the next decode step may be patched in place: full-attention groups
-        only, and no fork (whose copy-on-write copies ride in the metadata)."""
-        return plain(self.manager)
-
-    # ---- in-place decode step ---------------------------------------------------------
-    def _advance(self) -> bool:
-        """Patch the last metadata for one more decode step; False: rebuild instead."""
-        if not (self._advance_small() if len(self._row_list) <= SMALL_BATCH else self._advance_vector()):
-            return False
-        self._note()
-        return True
+    def _new_blocks(self, grew: list, ids: list, views: tuple, width: int, bs: int) -> bool:
+        """Give each row in ``grew`` (batch indices, in order) its block from ``ids``, as
+        `append` hands them out; slots are set one short of the block's first (the
+        caller adds 1). False when a row's new column is past the table width."""
+        kvl, bt, nbl, kv_out, _, slot_col, tables = views
+        rows = self._row_list
+        fits = True
+        for b, blk in zip(grew, ids):
+            r, col = rows[b], kv_out[b] // bs
+            bt[r, col] = blk
+            nbl[r] = col + 1
+            slot_col[b] = blk * bs - 1
+            if col < width:
+                tables[b, col] = blk
+            else:
+                fits = False
+        return fits
 
     def _note(self) -> None:
         """What step_metadata records of a step it describes: one more description, and
@@ -324,64 +339,20 @@ class StepBatch:
     def _noted(self) -> None:
         self.manager._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
 
-    def _advance_vector(self) -> bool:
-        m, meta, rows = self.manager, self._meta, self._rows
-        n = rows.size
-        bs = m.spec.block_size
-        W = meta.groups[0].block_tables.shape[1]
-        held = [st.table.num_blocks[rows] for st in self._groups]
-        if any(bucket(int(nb.max()), m.spec.max_blocks_per_seq) != W for nb in held):
-            return False
-        kv = m.groups[0].table.kv_lens[rows]
-        meta.kv_lens[:n] = kv
-        pos = kv.astype(np.int64) - 1
-        meta.positions[:n, 0] = pos
-        col, off = pos // bs, pos % bs
-        for st, gm, nb in zip(self._groups, meta.groups, held):
-            grew = np.flatnonzero(nb != st.num_blocks)
-            if grew.size:
-                # Only rows that gained a block since the last step get their table rewritten.
-                gm.block_tables[grew] = st.table.block_tables[rows[grew], :W]
-                st.num_blocks = nb
-            gm.slot_mapping[:n, 0] = st.table.block_tables[rows, col] * bs + off
-        return True
-
-    def _advance_small(self) -> bool:
-        # One group (no sliding layers); element by element, fewest numpy scalar accesses.
-        m, meta = self.manager, self._meta
-        spec = m.spec
-        bs = spec.block_size
-        (st,) = self._groups
-        (gm,) = meta.groups
-        t = st.table
-        kvl, nbl, bt = t.kv_lens, t.num_blocks, t.block_tables
-        tables, slots, kv_out, pos_out = gm.block_tables, gm.slot_mapping, meta.kv_lens, meta.positions
-        W = tables.shape[1]
-        held = st.nb_list
-        widest = 0
-        for b, r in enumerate(self._row_list):
-            kv = kvl.item(r)
-            kv_out[b] = kv
-            pos_out[b, 0] = kv - 1
-            nb = nbl.item(r)
-            if nb != held[b]:
-                if nb > W:
-                    return False  # wider than the table bucket: rebuild
-                tables[b] = bt[r, :W]
-                held[b] = nb
-            if nb > widest:
-                widest = nb
-            slots[b, 0] = bt.item(r, (kv - 1) // bs) * bs + (kv - 1) % bs
-        # The same bucket step_metadata would choose (it shrinks only when rows leave).
-        return bucket(widest, spec.max_blocks_per_seq) == W
-
 
 def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
-    """`KVCacheManager.step_metadata` of a plain manager (no copies, no sliding group),
-    fresh arrays, in O(B x W) gathers plus O(tokens) writes: the [B, T] arrays of a
-    mixed prefill + decode step are filled with their padding in one pass, decode rows
-    are written vectorized and each prefill row as one contiguous run. None when the
-    input is bad (the caller lets the general path raise the typed error)."""
+    """`KVCacheManager.step_metadata` of a plain manager (no copies, no local group),
+    in fresh arrays; None when the input is bad (the caller lets the general path
+    raise the typed error)."""
+    described = plain_described(m, seq_ids, num_new_tokens, _fresh)
+    return None if described is None else described[0]
+
+
+def plain_described(m, seq_ids, num_new_tokens, new) -> tuple[StepMetadata, np.ndarray] | None:
+    """`plain_step_metadata` into arrays from ``new(name, shape)`` (each fully written
+    here), and the rows it describes. O(B x W) gathers plus O(B x T) fills: the [B, T]
+    arrays of a mixed prefill + decode step get their padding in one pass, decode rows
+    are written vectorized and each prefill row as one contiguous run."""
     spec = m.spec
     picked = _plain_rows_and_counts(m, seq_ids, num_new_tokens)
     if picked is None:
@@ -391,27 +362,26 @@ def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
             return None
     rows, q = picked
     n = rows.size
-    kv = m.groups[0].table.kv_lens[rows]
+    (g,) = m.groups  # plain: full attention only, one group
+    kv = g.table.kv_lens[rows]
     if n > spec.max_batch_slots or np.count_nonzero(q > kv):
         return None
-    B = bucket(n, spec.max_batch_slots)
-    T = bucket(int(q.max()) if n else 1, spec.max_seq_len)
-    kv_lens = np.zeros(B, dtype=np.int32)
-    kv_lens[:n] = kv
-    query_lens = np.zeros(B, dtype=np.int32)
-    query_lens[:n] = q
-    positions = np.empty((B, T), dtype=np.int32)
+    B = _bucket(n, spec.max_batch_slots)
+    T = _bucket(int(q.max()) if n else 1, spec.max_seq_len)
+    kv_lens, query_lens, positions = new("kv", (B,)), new("q", (B,)), new("pos", (B, T))
+    kv_lens[:n], kv_lens[n:] = kv, 0
+    query_lens[:n], query_lens[n:] = q, 0
     positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
     one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
     many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
-    groups = tuple(_build_group(m, g, rows, q, kv, one, many, B, T) for g in m.groups)
+    groups = (_build_group(m, g, rows, q, kv, one, many, B, T, new),)
     for b in many:
         first = int(kv[b]) - int(q[b])
         positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
     m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
     if m.prefix_cache is not None:  # commit() learns what this step wrote
         m._written.describe(rows.tolist(), kv.tolist())
-    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
+    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature()), rows
 
 
 def _plain_rows_and_counts(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] | None:
@@ -440,25 +410,23 @@ def _plain_rows_and_counts(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] 
     return np.array(rows, dtype=np.int64), np.array(counts, dtype=np.int64)
 
 
-def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMetadata:
-    """One full-attention group's tables and slots for `plain_step_metadata`."""
-    spec = m.spec
-    bs = spec.block_size
+def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int, new) -> GroupMetadata:
+    """The full-attention group's tables and slots for `plain_described`."""
+    bs = m.spec.block_size
     t = g.table
     n = rows.size
-    widest = int(t.num_blocks[rows].max()) if n else 0
-    tables = np.zeros((B, bucket(widest, spec.max_blocks_per_seq)), dtype=np.int32)
-    tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
-    slots = np.full((B, T), g.pad_slot, dtype=np.int32)
+    W = _bucket(int(t.num_blocks[rows].max()) if n else 0, m.spec.max_blocks_per_seq)
+    tables, slots, start = new("tables", (B, W)), new("slot", (B, T)), new("start", (B,))
+    tables[:n], tables[n:] = t.block_tables[rows, :W], NULL_BLOCK  # past a row's blocks: null already
+    slots.fill(g.pad_slot)
     last = kv[one].astype(np.int64) - 1
     slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
-    offsets = np.arange(bs, dtype=np.int64)
     for b in many:
         qb, first = int(q[b]), int(kv[b]) - int(q[b])
         blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
-        slots[b, :qb] = (blocks[:, None] * bs + offsets).ravel()[first % bs : first % bs + qb]
-    empty = np.zeros(0, dtype=np.int32)
-    return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), empty, empty, empty)
+        slots[b, :qb] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + qb]
+    start[:] = 0
+    return GroupMetadata(tables, slots, start, _EMPTY, _EMPTY, _EMPTY)
 
 
-__all__ = ["SCALAR_ROWS", "SMALL_BATCH", "StepBatch", "plain_step_metadata"]
+__all__ = ["SCALAR_ROWS", "StepBatch", "plain_described", "plain_step_metadata"]
