@@ -401,12 +401,16 @@ def test_decode_after_leaves_rejoins_and_outside_appends(variant, prefix):
         if r < 0.06 and len(ids) < 24 and fused.can_admit(20):
             s = rng.choice([s for s in range(40) if s not in ids])  # ids come back: same id, new sequence
             n = rng.randint(1, 20)
+            through_batch = ids and rng.random() < 0.5 and fused.can_append(ids, 1)
+            if through_batch:  # as a serving loop does: decode the running rows, admit, one mixed step
+                batch.decode(list(ids))
+                plain.append(list(ids), 1)
             for m in (fused, plain):
                 m.admit(s, n)
             ids.append(s)
-            counts = [1] * (len(ids) - 1) + [n]
-            for m in (fused, plain):  # the rows already in the batch decode in the same step
-                if len(ids) > 1:
+            counts = [1] * (len(ids) - 1) + [rng.randint(1, n) if rng.random() < 0.3 else n]
+            for m in (fused, plain):  # or the rows already in the batch grow outside it
+                if len(ids) > 1 and not through_batch:
                     m.append(ids[:-1], 1)
             assert_same_metadata(batch.step(list(ids), counts), general_step_metadata(plain, list(ids), counts))
             continue

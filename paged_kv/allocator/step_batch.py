@@ -104,6 +104,7 @@ class StepBatch:
         self._tiny: tuple | None = None  # see `_hot_refs`
         self._described: list = []  # the ids of the step last described, for `commit`
         self._signature = manager.spec.pool_signature()  # the spec is immutable
+        self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
 
     # ---- public ----------------------------------------------------------------------
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
@@ -113,6 +114,8 @@ class StepBatch:
             # The rows appended outside the batch (or not at all): lay them out afresh.
             self._decode_layout(self._ids, self._row_list)
             self._note()
+            return self._meta
+        if type(num_new_tokens) is list and self._join(seq_ids, num_new_tokens):
             return self._meta
         return self._describe(seq_ids, num_new_tokens)
 
@@ -178,7 +181,11 @@ class StepBatch:
         if not (self._same_rows(seq_ids) and self._table.version == self._version):
             return False
         if not self._decode:
-            self._decode_layout(self._ids, self._row_list)
+            if self._ready is not None:  # a join kept the decode layout current: O(1)
+                self._meta, self._decode = self._ready, True
+                self._hot_refs()
+            else:
+                self._decode_layout(self._ids, self._row_list)
         return True
 
     def _kept(self, seq_ids) -> bool:
@@ -205,6 +212,93 @@ class StepBatch:
             i += 1
         self._decode_layout(seq_ids, kept)
         return True
+
+    def _join(self, seq_ids, counts: list) -> bool:
+        """Rows joining a decode layout: ``seq_ids`` is the layout's ids, each writing one
+        token, then new rows with their prefill counts, and nothing else happened since
+        (only those rows were added). Writes the new rows into the decode layout --
+        which stays current for the next `decode` -- and the step's own ``[B, T]``
+        positions and slots; the layout's rows are not read again. False (nothing
+        written) for anything else: `_describe` then builds the step."""
+        old, m, t = self._ids, self.manager, self._table
+        if not self._decode or old is None or type(seq_ids) is not list:
+            return False
+        n, total = len(old), len(seq_ids)
+        k = total - n
+        if (k <= 0 or len(counts) != total or t.version != self._version or t.epoch - self._epoch != k
+                or not plain(m) or _bucket(total, m.spec.max_batch_slots) != self._meta.batch_size
+                or total > m.spec.max_batch_slots or not same_ids(seq_ids[:n], old) or counts[:n] != [1] * n):
+            return False
+        new_rows = self._joining(seq_ids[n:], counts[n:])
+        if new_rows is None:
+            return False
+        dec = self._meta
+        self._write_joined(dec, n, new_rows)
+        step = dec if max(counts[n:]) == 1 else self._joined_step(dec, n, new_rows, counts[n:])
+        self._ids = self._described = list(seq_ids)
+        self._row_list = self._row_list + new_rows
+        self._rows = np.array(self._row_list, dtype=np.int64)
+        self._born = self._born + [t.born.item(r) for r in new_rows]
+        self._epoch = t.epoch
+        self._meta, self._decode = step, step is dec
+        self._ready = None if step is dec else dec
+        self._hot_refs()
+        m._descriptions += 1
+        if self._cache is not None:
+            self._noted()
+        return True
+
+    def _joining(self, ids: list, counts: list) -> list | None:
+        """The rows of joining ``ids``: plain int ids admitted after the layout was
+        written, distinct, each count an int from 1 to its length, each row within the
+        table width; None otherwise (the general path validates and names the error)."""
+        rows_of, t, epoch = self.manager._rows, self._table, self._epoch
+        width = self._meta.groups[0].block_tables.shape[1]
+        rows = []
+        for s, c in zip(ids, counts):
+            if type(s) is not int or type(c) is not int:
+                return None
+            r = rows_of.get(s)
+            if r is None or t.born.item(r) <= epoch or not 1 <= c <= t.kv_lens.item(r) or t.num_blocks.item(r) > width:
+                return None
+            rows.append(r)
+        return rows if len(set(rows)) == len(rows) else None
+
+    def _write_joined(self, dec: StepMetadata, n: int, rows: list) -> None:
+        """The decode layout's entries for new rows ``n, n+1, ...``: length, last position,
+        the last token's slot, table (their last prompt token is this step's last)."""
+        t, bs = self._table, self.manager.spec.block_size
+        gm = dec.groups[0]
+        width = gm.block_tables.shape[1]
+        for b, r in enumerate(rows, n):
+            last = t.kv_lens.item(r) - 1
+            dec.kv_lens[b], dec.query_lens[b], dec.positions[b, 0] = last + 1, 1, last
+            gm.slot_mapping[b, 0] = t.block_tables.item(r, last // bs) * bs + last % bs
+            gm.block_tables[b] = t.block_tables[r, :width]
+
+    def _joined_step(self, dec: StepMetadata, n: int, rows: list, counts: list) -> StepMetadata:
+        """The mixed step's metadata: the decode layout's lengths, tables and starts
+        (shared), its own query lengths and ``[B, T]`` positions and slots."""
+        spec, g = self.manager.spec, self.manager.groups[0]
+        B, bs = dec.batch_size, spec.block_size
+        T = _bucket(max(counts), spec.max_seq_len)
+        new = self._buffers.get
+        query_lens, positions, slots = new("mq", (B,)), new("pos", (B, T)), new("slot", (B, T))
+        query_lens[:] = dec.query_lens
+        query_lens[n:n + len(rows)] = counts
+        np.copyto(positions, dec.positions)  # every row's padding sits at its last real position
+        slots.fill(g.pad_slot)
+        slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the decode rows' one slot
+        bt = self._table.block_tables
+        for b, (r, c) in enumerate(zip(rows, counts), n):
+            end = int(dec.kv_lens[b])
+            first = end - c
+            positions[b, :c] = np.arange(first, end, dtype=np.int32)
+            blocks = bt[r, first // bs : (end - 1) // bs + 1].astype(np.int64)
+            slots[b, :c] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + c]
+        gm = dec.groups[0]
+        return StepMetadata(dec.kv_lens, query_lens, positions,
+                            (GroupMetadata(gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
 
     # ---- writing a layout ---------------------------------------------------------------
     def _describe(self, seq_ids, num_new_tokens) -> StepMetadata:
@@ -260,6 +354,7 @@ class StepBatch:
         self._born = t.born[rows].tolist()
         self._table, self._epoch, self._version = t, t.epoch, t.version
         self._decode = decode
+        self._ready = None
         self._hot_refs()
 
     def _hot_refs(self) -> None:
