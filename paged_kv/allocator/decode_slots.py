@@ -38,6 +38,7 @@ from paged_kv.errors import (
     UnknownSequenceError,
 )
 from paged_kv.allocator.seq_ids import check_seq_id, is_seq_id
+from paged_kv.allocator.step_batch import StepBatch
 from paged_kv.metadata import GroupMetadata, StepMetadata, pad_slot
 from paged_kv.spec import NULL_BLOCK
 
@@ -85,12 +86,16 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
                 f"num_new_tokens has shape {per_slot.shape}; need one count per slot ({num_slots},) or an int"
             )
         counts = per_slot[occupied]
-    n = len(ids)
-    if n:
-        meta = manager.step_metadata(ids, counts)
-        T = meta.query_len
-    else:
-        meta, T = None, 1
+    meta = manager.step_metadata(ids, counts) if ids else None
+    return _in_slots(spec, meta, occupied, num_slots)
+
+
+def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: int) -> StepMetadata:
+    """``meta`` (rows in ``occupied`` order, or None: nothing occupied) spread over
+    ``num_slots`` rows, row ``occupied[i]`` holding meta's row ``i``, the rest padding;
+    fresh arrays."""
+    n = len(occupied)
+    T = meta.query_len if meta is not None else 1
     rows = np.asarray(occupied, dtype=np.int64)
 
     def place(name: str, shape, fill, group: int | None = None) -> np.ndarray:
@@ -151,6 +156,7 @@ class DecodeSlots:
         self.manager = manager
         self._seqs: list[int | None] = [None] * int(num_slots)
         self._slot_of: dict[int, int] = {}
+        self._batch = StepBatch(manager)  # transient: the decode step's persistent rows
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -276,10 +282,13 @@ class DecodeSlots:
         step's shapes change only with the table-width bucket. Feed row ``b`` the
         next token of ``seq_at(b)`` (anything for an empty slot).
         """
-        ids = [s for s in self._seqs if s is not None]
-        if ids:
-            self.manager.append(ids, 1)
-        return self.step_metadata(1)
+        occupied = [b for b, s in enumerate(self._seqs) if s is not None]
+        if not occupied:
+            return self.step_metadata(1)
+        # The persistent batch appends and describes the occupied rows in one pass
+        # (in place while the same sequences decode); they are then spread over the slots.
+        meta = self._batch.decode([self._seqs[b] for b in occupied])
+        return _in_slots(self.manager.spec, meta, occupied, len(self._seqs))
 
     def commit(self) -> None:
         """`KVCacheManager.commit` for every occupied slot: call it after the decode step
@@ -321,8 +330,9 @@ class DecodeSlots:
         return tuple(self._seqs)
 
     # ---- saved state (paged_kv.checkpoint) ------------------------------------------
-    SAVED_ATTRS = frozenset({"manager", "_seqs", "_slot_of"})
-    """Attributes `state` covers (``manager`` is the one restored alongside)."""
+    SAVED_ATTRS = frozenset({"manager", "_seqs", "_slot_of", "_batch"})
+    """Attributes `state` covers (``manager`` is the one restored alongside; ``_batch``
+    is transient: a restored one starts empty)."""
 
     def state(self) -> dict[str, np.ndarray]:
         """``slot_of``: ``(seq_id, slot)`` pairs in insertion order (``num_slots`` is the caller's to keep)."""
