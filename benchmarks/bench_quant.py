@@ -20,7 +20,10 @@ What is measured, and why:
     1 / sum(p^2), is reported beside it. A logit error moves the output in
     proportion to the spread. fp8 runs with the default scale 1.0 and with
     per-head scales calibrated on a separate sample (absmax x 1.25 / 448, in the
-    rotated basis when rotated). float32 against bf16 pages is given for scale.
+    rotated basis when rotated). float32 against bf16 pages is given for scale, and
+    each format's own floor: the same keys and values rounded as the format rounds
+    them (rotated), in numpy outside the cache, attention in float64
+    (``*_format_floor``). A cache that adds no error of its own matches its floor.
     Aims: int8 <= 1 %, fp8 <= 3 % relative L2 (the better fp8 scale).
 (b) Memory: bytes per token of an 8B-class model (32 layers, 8 KV heads x 128) per
     format, scales included, and the sequences running at once when the bundled
@@ -209,11 +212,54 @@ def accuracy(contexts, rng, kind: str) -> dict:
         for name, spec in specs.items():
             row[name] = {f"logit_std_{std:g}": errors(attention_through_cache(spec, k, v, jnp.asarray(q)), ref[std])
                          for std, q in qs.items()}
+        for fmt in ("int8", "fp8"):  # the same rounding outside the cache: the format's own error
+            row[f"{fmt}_format_floor"] = {f"logit_std_{std:g}": errors(format_floor(k, v, q, fmt, kind), ref[std])
+                                          for std, q in qs.items()}
         results[str(n)] = row
         print(f"{kind} context {n}: " + ", ".join(
             f"{f} " + "/".join(f"{r['rel_l2']:.2%}" for r in e.values()) for f, e in row.items()
             if f != "effective_tokens"), file=sys.stderr)
     return results
+
+
+# ---- the formats' own floor: the same rounding in numpy, no cache --------------------------
+def _hadamard(n: int) -> np.ndarray:
+    """Normalized Sylvester Hadamard matrix of order ``n`` (a power of two)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def _rounded(x: np.ndarray, fmt: str, head_scale: np.ndarray | None) -> np.ndarray:
+    """``x`` [S, H, D] through ``fmt``'s rounding in the rotated basis, back in the
+    original one: int8 per token and head (absmax / 127), fp8 e4m3 per head."""
+    import ml_dtypes
+
+    block = quant.rotation_block(DIM)
+    rot = np.kron(np.eye(DIM // block), _hadamard(block)) if block > 1 else np.eye(DIM)
+    r = x.astype(jnp.bfloat16).astype(np.float64) @ rot.T  # pages are written from bf16 keys/values
+    if fmt == "int8":
+        scale = np.abs(r).max(-1, keepdims=True) / 127
+        scale[scale == 0] = 1
+        r = np.clip(np.round(r / scale), -127, 127) * scale
+    else:
+        s = head_scale[None, :, None]
+        r = np.clip(r / s, -quant.FP8_MAX, quant.FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * s
+    return r @ rot
+
+
+def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: str) -> np.ndarray:
+    """The attention output a perfect implementation of ``fmt`` gives: keys and values
+    rounded as the format rounds them (rotated, as ``kv_rotation="auto"`` does), attention
+    in float64. What the cache adds to the format's error is the distance to this."""
+    scales = np.asarray(fp8_calibrated_scales(kind, "auto")[0]) if fmt == "fp8" else (None, None)
+    kr, vr = _rounded(k, fmt, scales[0]), _rounded(v, fmt, scales[1])
+    kq, vq = np.repeat(kr, Q_PER_KV, axis=1), np.repeat(vr, Q_PER_KV, axis=1)
+    logits = np.einsum("qhd,shd->qhs", q.astype(np.float64), kq) / np.sqrt(DIM)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("qhs,shd->qhd", p, vq)
 
 
 def errors(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -244,8 +290,8 @@ def summarize(acc: dict) -> tuple[dict, dict]:
 
 def accuracy_table(acc: dict) -> str:
     """Markdown: format x rotation x kind x spread x context, relative L2 (max abs)."""
-    cols = ["int8", "int8_no_rotation", "fp8_calibrated", "fp8_calibrated_no_rotation", "fp8_scale_1",
-            "fp8_scale_1_no_rotation", "int8_bf16_scales", "f32_pages"]
+    cols = ["int8", "int8_format_floor", "int8_no_rotation", "fp8_calibrated", "fp8_format_floor",
+            "fp8_calibrated_no_rotation", "fp8_scale_1", "fp8_scale_1_no_rotation", "int8_bf16_scales", "f32_pages"]
     lines = ["| keys | spread | context | eff. tokens | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
     for kind, by_context in acc.items():
         for std in SPREADS:

@@ -158,3 +158,28 @@ def test_fork_shares_the_chunked_blocks_and_both_trim():
     m.check_integrity()
     assert first_block(m, 0) == first_block(m, 1) == 2
     assert m.groups[2].pool.num_used == 2  # each row's own block 2: shared block 0 and both block 1s went back
+
+
+@pytest.mark.parametrize("kind", ["sliding", "chunked"])
+def test_a_step_older_than_the_last_append_is_refused_when_its_blocks_were_dropped(kind):
+    # Two 1-token appends, then one step describing both tokens: the second append
+    # trimmed what the first token's query needs. Attention would silently run
+    # without those keys, so the step is refused (typed, nothing changed).
+    local = dict(sliding_window=4, sliding_layers=(1,)) if kind == "sliding" else dict(
+        attention_chunk_size=4, chunked_layers=(1,))
+    spec = pk.CacheSpec(num_layers=2, num_blocks=64, block_size=4, max_blocks_per_seq=16, max_batch_slots=4,
+                        num_kv_heads=1, head_dim=8, **local)
+    m = pk.KVCacheManager(spec)
+    m.admit(0, 7)
+    m.step_metadata([0], 7)
+    m.append([0], 1)  # token 7: its query (chunk 4..7, window 4..7) needs block 1
+    m.append([0], 1)  # token 8: block 1 is still visible to the window; the chunk moves to block 2
+    m.append([0], 1)  # token 9: the window (6..9) still needs block 1
+    m.append([0], 3)  # tokens 10..12: the window starts at 9 for token 12, 7 for token 10: block 1 kept
+    m.append([0], 1)  # token 13: the window starts at 10 -> block 1 (tokens 4..7) dropped
+    before = m.snapshot()
+    with pytest.raises(pk.InvalidTokenCountError, match="went back to the pool"):
+        m.step_metadata([0], 7)  # first query at 7: needs block 1
+    assert m.snapshot() == before
+    assert m.step_metadata([0], 1).kv_lens[0] == 14  # the last token alone is fine
+    m.check_integrity()

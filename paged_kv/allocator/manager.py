@@ -471,6 +471,8 @@ class KVCacheManager:
                 f"seq_id={seq_ids[i]} has {int(kv[i])} tokens, fewer than num_new_tokens={int(q[i])}; "
                 "admit or append them first"
             )
+        for g in self.groups:  # a local group may have dropped what an older query needs
+            g.check_visible(seq_ids, rows, kv - q)
         kv_lens, query_lens, positions, valid = step_layout(kv, q, self.spec)
         B = kv_lens.size
         self._descriptions += 1

@@ -37,7 +37,7 @@ from paged_kv.allocator.page_table import PageTable, expand_runs
 from paged_kv.allocator.pending_copies import PendingCopies
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache
 from paged_kv.allocator.saved_state import check_captured, prefixed, scoped
-from paged_kv.errors import CheckpointError, OutOfBlocksError
+from paged_kv.errors import CheckpointError, InvalidTokenCountError, OutOfBlocksError
 from paged_kv.metadata import GroupMetadata, bucket, pad_slot
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
 
@@ -227,6 +227,25 @@ class GroupAllocator:
                 self.pool.free(np.asarray(unpin, np.int32))
 
     # ---- step metadata ----------------------------------------------------------------
+    def check_visible(self, seq_ids: list, rows: np.ndarray, first_query: np.ndarray) -> None:
+        """`InvalidTokenCountError` when a step's first query (at ``first_query``) would
+        see a block this group already returned to the pool. A local group trims when a
+        sequence grows, keeping what the appended tokens' queries see; a step describing
+        tokens appended earlier than the last append may need blocks that trim dropped,
+        and attention would run without them."""
+        if not self.local or not rows.size:
+            return
+        held = self.table.first_block[rows]
+        lost = self.first_visible(first_query) < held
+        if lost.any():
+            i = int(np.flatnonzero(lost)[0])
+            raise InvalidTokenCountError(
+                f"seq_id={seq_ids[i]}: a step whose first new token is at position {int(first_query[i])} needs "
+                f"{self.layer_group.kind} layer group {self.index}'s blocks from logical block "
+                f"{int(self.first_visible(first_query[i]))}, but blocks before {int(held[i])} went back to the pool "
+                "when the sequence grew past them; describe each step (step_metadata) before appending the next "
+                "tokens, or describe fewer new tokens")
+
     def metadata(self, rows: np.ndarray, first_query: np.ndarray, positions: np.ndarray, valid: np.ndarray,
                  batch: int, step: int) -> GroupMetadata:
         """This group's tables for a step: the blocks from the first one this step's
