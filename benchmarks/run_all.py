@@ -306,7 +306,9 @@ def _quant_rows(r: dict) -> list[Row]:
                     "logit spread 1 / 3, Hadamard-rotated pages (the default)",
                     f"int8 {both('int8')}, fp8 {fp8('')}; aims (int8 ≤ 1 %, fp8 ≤ 3 %) met at spread 1 / 3: {aims}",
                     f"not rotated: int8 {both('int8_no_rotation')}, fp8 {fp8('_no_rotation')}; "
-                    f"float32 vs bf16 pages {both('f32_pages')}"))
+                    f"float32 vs bf16 pages {both('f32_pages')}"
+                    + (f"; the formats' own rounding outside the cache (floor): int8 {both('int8_format_floor')}, "
+                       f"fp8 {both('fp8_format_floor')}" if "int8_format_floor" in flat else "")))
     sp, wr = get(r, "bench_quant:speed"), get(r, "bench_quant:write_in_place")
     if sp and wr and "in_place" in sp:
         ip, ga = sp["in_place"]["over_bf16"], sp["gathered"]["over_bf16"]

@@ -42,9 +42,10 @@ if TYPE_CHECKING:  # annotations only: the manager imports this module
     from paged_kv.allocator.manager import KVCacheManager
 
 _INT = {int}
-SCALAR_ROWS = 6
+SCALAR_ROWS = 12
 """Up to this many rows `decode` runs inline, element by element through memoryviews
-(about twice as fast as numpy scalar indexing); more rows take vectorized calls."""
+(about twice as fast as numpy scalar indexing); more rows take vectorized calls,
+whose fixed cost (~1 µs a call) the per-row Python then exceeds."""
 _EMPTY = np.zeros(0, dtype=np.int32)  # no copy-on-write copies: a plain layout has none
 
 
@@ -125,14 +126,21 @@ class StepBatch:
         tiny = self._tiny
         if tiny is not None and type(seq_ids) is list and seq_ids == self._ids:
             # A few rows: fixed costs dominate, so the whole step is inline, with every
-            # reference prefetched. Every row is checked before any is written: a row
-            # that starts a block leaves the whole step to the path below, unchanged.
+            # reference prefetched. Every row is checked before any is written: when a
+            # row starts a block, `_decode_inline` takes the step (or leaves it, unchanged).
             kvl, bt, kv_out, pos_col, slot_col, bs, rows, table, epoch, version = tiny
             if table.version == version and table.epoch == epoch and (
                     all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT):
                 for r in rows:
-                    if kvl[r] % bs == 0:  # a row starts a block (or is at max_seq_len): the path below
-                        break
+                    if kvl[r] % bs == 0:  # a row starts a block (or is at max_seq_len)
+                        done = self._decode_inline()
+                        if done is None:
+                            break  # too few blocks or too long: the general path raises
+                        if not done:
+                            self._decode_layout(self._ids, self._row_list)
+                        if self._cache is not None:
+                            self._noted()
+                        return self._meta
                 else:
                     b = 0
                     for r in rows:
@@ -404,6 +412,41 @@ class StepBatch:
         self._version = t.version
         if self._tiny is not None:
             self._tiny = (*self._tiny[:-1], t.version)
+        return fits
+
+    def _decode_inline(self) -> bool | None:
+        """`_decode_rows` for a few rows, element by element, when some start a block:
+        the rows are checked first, then blocks are handed out in row order as
+        `append` hands them. Same contract: None (nothing changed), True, or False (a row
+        outgrew the table's width bucket)."""
+        m = self.manager
+        spec, pool = m.spec, m.groups[0].pool
+        bs, limit = spec.block_size, spec.max_seq_len
+        (_, views, width) = self._hot
+        kvl, bt, nbl, kv_out, pos_col, slot_col, tables = views
+        rows = self._row_list
+        old = [kvl[r] for r in rows]
+        starts = [b for b, o in enumerate(old) if not o % bs]
+        if len(starts) > pool.num_free or max([old[b] for b in starts], default=0) >= limit:
+            return None
+        for b, (r, o) in enumerate(zip(rows, old)):
+            kvl[r] = kv_out[b] = o + 1
+            pos_col[b] = o
+            slot_col[b] += 1
+        fits = True
+        for b, blk in zip(starts, pool.take(len(starts))):  # blocks in row order, as `append` hands them
+            r, col = rows[b], old[b] // bs
+            bt[r, col] = blk
+            nbl[r] = col + 1
+            slot_col[b] = blk * bs
+            if col < width:
+                tables[b, col] = blk
+            else:
+                fits = False
+        t = self._table
+        t.version += 1
+        self._version = t.version
+        self._tiny = (*self._tiny[:-1], t.version)
         return fits
 
     def _new_blocks(self, grew: list, ids: list, views: tuple, width: int, bs: int) -> bool:
