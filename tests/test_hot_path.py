@@ -474,3 +474,16 @@ def test_decode_of_a_subsequence_keeps_the_layout_and_refuses_a_reused_row():
     ref.append([0, 1, 3, 4], 1)
     assert_same_metadata(got, general_step_metadata(ref, [0, 1, 3, 4], 1))
     assert int(got.kv_lens[3]) == 31
+
+
+def test_empty_steps_and_back():
+    m = pk.KVCacheManager(spec())
+    batch = pk.StepBatch(m)
+    for call in (lambda: batch.step([], 1), lambda: batch.step([], 1), lambda: batch.decode([])):
+        assert_same_metadata(call(), general_step_metadata(m, [], 1))
+    m.admit(0, 3)
+    assert_same_metadata(batch.step([0], 3), general_step_metadata(m, [0], 3))
+    assert_same_metadata(batch.step([], 1), general_step_metadata(m, [], 1))
+    got = batch.decode([0])
+    assert_same_metadata(got, general_step_metadata(m, [0], 1))
+    assert int(got.kv_lens[0]) == 4

@@ -76,7 +76,8 @@ def _bucket(n: int, cap: int) -> int:
 
 
 def _fresh(name: str, shape: tuple) -> np.ndarray:
-    return np.empty(shape, dtype=np.int32)
+    # Zeroed by calloc: pages nobody writes (a table's padding) are never touched.
+    return np.zeros(shape, dtype=np.int32)
 
 
 class StepBatch:
@@ -338,7 +339,8 @@ class StepBatch:
         rows = np.array(row_list, dtype=np.int64)
         n = rows.size
         B = _bucket(n, spec.max_batch_slots)
-        W = _bucket(int(t.num_blocks[rows].max()), spec.max_blocks_per_seq)
+        widest = int(t.num_blocks[rows].max())
+        W = _bucket(widest, spec.max_blocks_per_seq)
         new = self._buffers.get
         kv = t.kv_lens[rows]
         last = kv - 1
@@ -348,7 +350,8 @@ class StepBatch:
         query_lens[:n], query_lens[n:] = 1, 0
         positions[:n, 0], positions[n:] = last, 0
         slots[:n, 0], slots[n:] = t.block_tables[rows, last // bs] * bs + last % bs, g.pad_slot
-        tables[:n], tables[n:] = t.block_tables[rows, :W], NULL_BLOCK  # past a row's blocks: null already
+        tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null
+        tables[:n, widest:], tables[n:] = NULL_BLOCK, NULL_BLOCK
         start[:] = 0
         meta = self._meta
         if not (meta is not None and meta.kv_lens is kv_lens and meta.positions is positions
@@ -360,7 +363,11 @@ class StepBatch:
     def _keep(self, seq_ids: list, row_list: list, rows: np.ndarray, decode: bool) -> None:
         """Remember the layout just written and the table counters it is valid for."""
         t = self.manager.groups[0].table
-        self._ids, self._described = seq_ids, seq_ids
+        self._described = seq_ids
+        if not row_list:  # an empty step: nothing to patch later
+            self._ids = self._tiny = self._ready = None
+            return
+        self._ids = seq_ids
         self._row_list, self._rows = row_list, rows
         self._born = t.born[rows].tolist()
         self._table, self._epoch, self._version = t, t.epoch, t.version
@@ -563,9 +570,12 @@ def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int, new) -> Gro
     bs = m.spec.block_size
     t = g.table
     n = rows.size
-    W = _bucket(int(t.num_blocks[rows].max()) if n else 0, m.spec.max_blocks_per_seq)
-    tables, slots, start = new("tables", (B, W)), new("slot", (B, T)), new("start", (B,))
-    tables[:n], tables[n:] = t.block_tables[rows, :W], NULL_BLOCK  # past a row's blocks: null already
+    widest = int(t.num_blocks[rows].max()) if n else 0
+    tables, slots, start = new("tables", (B, _bucket(widest, m.spec.max_blocks_per_seq))), new("slot", (B, T)), new(
+        "start", (B,))
+    tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
+    if new is not _fresh:  # a reused buffer: null the padding too (fresh arrays are zeroed)
+        tables[:n, widest:], tables[n:] = NULL_BLOCK, NULL_BLOCK
     slots.fill(g.pad_slot)
     last = kv[one].astype(np.int64) - 1
     slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
