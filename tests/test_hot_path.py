@@ -311,22 +311,29 @@ def test_fused_decode_equals_append_then_step_metadata(variant, prefix):
             assert_same_metadata(batch.step(list(ids), [1] * (len(ids) - 1) + [n]),
                                  general_step_metadata(plain, list(ids), [1] * (len(ids) - 1) + [n]))
             continue
-        if not ids:
-            continue
-        def general_decode():
-            plain.append(list(ids), 1)
-            return general_step_metadata(plain, list(ids), 1)
+        if ids:
+            _decode_both(batch, fused, plain, ids)
 
-        outcome = [_outcome(lambda: batch.decode(list(ids))), _outcome(general_decode)]
-        if isinstance(outcome[0], type):
-            assert outcome[0] is outcome[1]
-            _release_longest(ids, (fused, plain))
-        else:
-            assert_same_metadata(*outcome)
-        for m in (fused, plain):
-            m.commit(list(ids))
-        assert _state(fused) == _state(plain)
-        fused.check_integrity()
+
+def _decode_both(batch, fused, plain, ids: list):
+    """``batch.decode(ids)`` on ``fused`` against append + general step_metadata on
+    ``plain``: same metadata or the same error (then both release the longest
+    sequence), same state after the commit. Returns the batch's metadata (or None)."""
+    def general_decode():
+        plain.append(list(ids), 1)
+        return general_step_metadata(plain, list(ids), 1)
+
+    outcome = [_outcome(lambda: batch.decode(list(ids))), _outcome(general_decode)]
+    if isinstance(outcome[0], type):
+        assert outcome[0] is outcome[1]
+        _release_longest(ids, (fused, plain))
+    else:
+        assert_same_metadata(*outcome)
+    for m in (fused, plain):
+        m.commit(list(ids))
+    assert _state(fused) == _state(plain)
+    fused.check_integrity()
+    return None if isinstance(outcome[0], type) else outcome[0]
 
 
 def test_a_bool_id_equal_to_the_last_batch_never_aliases():
@@ -427,22 +434,7 @@ def test_decode_after_leaves_rejoins_and_outside_appends(variant, prefix):
         if not ids:
             continue
         before = batch._meta
-
-        def general_decode():
-            plain.append(list(ids), 1)
-            return general_step_metadata(plain, list(ids), 1)
-
-        outcome = [_outcome(lambda: batch.decode(list(ids))), _outcome(general_decode)]
-        if isinstance(outcome[0], type):
-            assert outcome[0] is outcome[1]
-            _release_longest(ids, (fused, plain))
-        else:
-            assert_same_metadata(*outcome)
-            taken += outcome[0] is before
-        for m in (fused, plain):
-            m.commit(list(ids))
-        assert _state(fused) == _state(plain)
-        fused.check_integrity()
+        taken += _decode_both(batch, fused, plain, ids) is before
     assert taken > 300, "the in-place decode was never taken"
 
 
