@@ -50,34 +50,45 @@ _EMPTY = np.zeros(0, dtype=np.int32)  # no copy-on-write copies: a plain layout 
 
 
 class _Buffers:
-    """Metadata arrays reused step after step, one per (name, shape).
+    """Metadata arrays reused step after step: one flat int32 buffer per name, handed
+    out as a view of the shape asked for (the same view object for the same shape).
 
     Why: a fresh array of a few hundred KiB is mmapped and page-faulted on first
-    touch, and a mixed step's ``[B, T]`` positions and slots are that size. Every
-    array handed out is fully overwritten by its user."""
-
-    LIMIT = 48  # shapes kept (each bucket pair a loop visits); past it, start over
+    touch, and a mixed step's ``[B, T]`` positions and slots are that size. A buffer
+    only grows, so after the first steps of a loop nothing is allocated. Every array
+    handed out is fully overwritten by its user, and arrays of one name are one
+    layout's (the batch holds one decode layout and one mixed step at a time)."""
 
     def __init__(self):
-        self._arrays: dict[tuple, np.ndarray] = {}
+        self._flat: dict[str, np.ndarray] = {}
+        self._views: dict[tuple, np.ndarray] = {}
+        self._memoryviews: dict[tuple, memoryview] = {}
 
     def get(self, name: str, shape: tuple) -> np.ndarray:
-        a = self._arrays.get((name, shape))
-        if a is None:
-            if len(self._arrays) >= self.LIMIT:
-                self._arrays.clear()
-            a = self._arrays[(name, shape)] = np.empty(shape, dtype=np.int32)
-        return a
+        view = self._views.get((name, shape))
+        if view is None:
+            size = int(np.prod(shape))
+            flat = self._flat.get(name)
+            if flat is None or flat.size < size:
+                flat = self._flat[name] = np.empty(max(size, 2 * (0 if flat is None else flat.size)), np.int32)
+                # Views of the old buffer go with it.
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}
+                self._memoryviews = {k: v for k, v in self._memoryviews.items() if k[0] != name}
+            view = self._views[(name, shape)] = flat[:size].reshape(shape)
+        return view
+
+    def memoryview(self, name: str, shape: tuple) -> memoryview:
+        """A memoryview of ``get(name, shape)``, made once: exporting a buffer costs ~0.7 µs.
+        ``shape`` ``(n,)`` of a ``(B, 1)`` array indexes its column (the same bytes)."""
+        mv = self._memoryviews.get((name, shape))
+        if mv is None:
+            mv = self._memoryviews[(name, shape)] = memoryview(self.get(name, shape))
+        return mv
 
 
 def _bucket(n: int, cap: int) -> int:
     """`bucket` for counts already known to be ints (no argument checks: it runs every step)."""
     return min(1 << (max(n, 1) - 1).bit_length(), cap)
-
-
-def _fresh(name: str, shape: tuple) -> np.ndarray:
-    # Zeroed by calloc: pages nobody writes (a table's padding) are never touched.
-    return np.zeros(shape, dtype=np.int32)
 
 
 class StepBatch:
@@ -107,6 +118,7 @@ class StepBatch:
         self._described: list = []  # the ids of the step last described, for `commit`
         self._signature = manager.spec.pool_signature()  # the spec is immutable
         self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
+        self._table_mv: tuple | None = None  # see `_table_views`
 
     # ---- public ----------------------------------------------------------------------
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
@@ -246,7 +258,7 @@ class StepBatch:
             return False
         dec = self._meta
         self._write_joined(dec, n, new_rows)
-        step = dec if max(counts[n:]) == 1 else self._joined_step(dec, n, new_rows, counts[n:])
+        step = dec if max(counts[n:]) == 1 else self._mixed_step(dec, self._row_list + new_rows, counts)
         self._ids = self._described = list(seq_ids)
         self._row_list = self._row_list + new_rows
         self._rows = np.array(self._row_list, dtype=np.int64)
@@ -288,25 +300,32 @@ class StepBatch:
             gm.slot_mapping[b, 0] = t.block_tables.item(r, last // bs) * bs + last % bs
             gm.block_tables[b] = t.block_tables[r, :width]
 
-    def _joined_step(self, dec: StepMetadata, n: int, rows: list, counts: list) -> StepMetadata:
-        """The mixed step's metadata: the decode layout's lengths, tables and starts
-        (shared), its own query lengths and ``[B, T]`` positions and slots."""
+    def _mixed_step(self, dec: StepMetadata, rows: list, counts: list) -> StepMetadata:
+        """A step writing each row's last ``counts[b]`` tokens, from the decode layout
+        ``dec`` of the same rows (shared: lengths, tables, starts): its own query
+        lengths and ``[B, T]`` positions and slots. Padding sits at each row's last
+        position; a one-token row's slot is the layout's, a longer row's a run."""
         spec, g = self.manager.spec, self.manager.groups[0]
-        B, bs = dec.batch_size, spec.block_size
+        B, bs, n = dec.batch_size, spec.block_size, len(rows)
         T = _bucket(max(counts), spec.max_seq_len)
         new = self._buffers.get
-        query_lens, positions, slots = new("mq", (B,)), new("pos", (B, T)), new("slot", (B, T))
-        query_lens[:] = dec.query_lens
-        query_lens[n:n + len(rows)] = counts
+        # Names of its own: at T = 1 the decode layout's buffers have the same shapes.
+        query_lens, positions, slots = new("mq", (B,)), new("mpos", (B, T)), new("mslot", (B, T))
+        query_lens[:n], query_lens[n:] = counts, 0
         np.copyto(positions, dec.positions)  # every row's padding sits at its last real position
         slots.fill(g.pad_slot)
-        slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the decode rows' one slot
+        slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the one-token rows' slot (padding rows: dropped)
         bt = self._table.block_tables
-        for b, (r, c) in enumerate(zip(rows, counts), n):
+        for b, c in enumerate(counts):
+            if c == 1:
+                continue
+            if c == 0:
+                slots[b, 0] = g.pad_slot
+                continue
             end = int(dec.kv_lens[b])
             first = end - c
             positions[b, :c] = np.arange(first, end, dtype=np.int32)
-            blocks = bt[r, first // bs : (end - 1) // bs + 1].astype(np.int64)
+            blocks = bt[rows[b], first // bs : (end - 1) // bs + 1].astype(np.int64)
             slots[b, :c] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + c]
         gm = dec.groups[0]
         return StepMetadata(dec.kv_lens, query_lens, positions,
@@ -314,19 +333,27 @@ class StepBatch:
 
     # ---- writing a layout ---------------------------------------------------------------
     def _describe(self, seq_ids, num_new_tokens) -> StepMetadata:
-        """Any step: `step_metadata`'s arrays, into the batch's buffers when the manager is
-        plain (and the layout kept for patching), fresh from `step_metadata` otherwise."""
+        """Any step. A plain manager: the decode layout of its rows, then (when some row
+        writes other than one token) the step's own arrays beside it, all in the batch's
+        buffers; the layout stays current for the next `decode`. Otherwise, and for
+        bad input (the typed error), `step_metadata` itself."""
         m = self.manager
-        described = plain_described(m, seq_ids, num_new_tokens, self._buffers.get) if plain(m) else None
-        if described is None:
-            self._ids = self._tiny = None
-            self._meta = m.step_metadata(seq_ids, num_new_tokens)  # raises the typed error, if any
-            self._described = list(seq_ids)
-            return self._meta
-        self._meta, rows = described
-        row_list = rows.tolist()
-        self._keep(list(seq_ids), row_list, rows, self._meta.query_len == 1 and bool(
-            np.all(self._meta.query_lens[: len(row_list)] == 1)))
+        picked = _plain_picked(m, seq_ids, num_new_tokens) if plain(m) else None
+        if picked is not None:
+            rows, q = picked
+            kv = m.groups[0].table.kv_lens[rows]
+            if rows.size and rows.size <= m.spec.max_batch_slots and not np.count_nonzero(q > kv):
+                counts = q.tolist()
+                self._decode_layout(list(seq_ids), rows.tolist())
+                if max(counts) != 1 or min(counts) != 1:
+                    dec = self._meta
+                    self._meta, self._decode, self._ready = self._mixed_step(dec, self._row_list, counts), False, dec
+                    self._hot_refs()
+                self._note()
+                return self._meta
+        self._ids = self._tiny = self._ready = None
+        self._meta = m.step_metadata(seq_ids, num_new_tokens)  # raises the typed error, if any
+        self._described = list(seq_ids)
         return self._meta
 
     def _decode_layout(self, seq_ids: list, row_list: list) -> None:
@@ -385,15 +412,27 @@ class StepBatch:
         self._tiny = None
         if not self._decode:
             return
-        meta, t, n = self._meta, self._table, len(self._row_list)
-        gm = meta.groups[0]
-        numeric = (meta.kv_lens[:n], meta.positions[:n, 0], gm.slot_mapping[:n, 0], np.empty(n, dtype=np.int32))
-        views = tuple(memoryview(a) for a in (t.kv_lens, t.block_tables, t.num_blocks, meta.kv_lens,
-                                              meta.positions[:, 0], gm.slot_mapping[:, 0], gm.block_tables))
-        self._hot = (numeric, views, gm.block_tables.shape[1])
+        meta, t, n, buf = self._meta, self._table, len(self._row_list), self._buffers
+        B, W = meta.groups[0].block_tables.shape
+        # The decode layout's arrays are the buffers' "kv", "pos", "slot", "tables"; a
+        # [B, 1] column is the same bytes as a [B] vector.
+        numeric = (buf.get("kv", (B,))[:n], buf.get("pos", (B, 1))[:n, 0], buf.get("slot", (B, 1))[:n, 0],
+                   buf.get("off", (n,)))
+        views = (*self._table_views(t), buf.memoryview("kv", (B,)), buf.memoryview("pos", (B,)),
+                 buf.memoryview("slot", (B,)), buf.memoryview("tables", (B, W)))
+        self._hot = (numeric, views, W)
         if n <= SCALAR_ROWS:
             kvl, _, _, kv_out, pos_col, slot_col, _ = views
             self._tiny = (kvl, kv_out, pos_col, slot_col, self.manager.spec.block_size, self._row_list, t, self._epoch)
+
+    def _table_views(self, t) -> tuple:
+        """Memoryviews of the page table's lengths, blocks and block counts, made again
+        only when the table replaced its arrays (it grew)."""
+        arrays = (t.kv_lens, t.block_tables, t.num_blocks)
+        cached = self._table_mv
+        if cached is None or any(a is not b for a, b in zip(arrays, cached[0])):
+            cached = self._table_mv = (arrays, tuple(memoryview(a) for a in arrays))
+        return cached[1]
 
     # ---- the in-place decode step -------------------------------------------------------------
     def _decode_rows(self) -> bool | None:
@@ -496,25 +535,15 @@ class StepBatch:
 
 
 def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
-    """`KVCacheManager.step_metadata` of a plain manager (no copies, no local group),
-    in fresh arrays; None when the input is bad (the caller lets the general path
-    raise the typed error)."""
-    described = plain_described(m, seq_ids, num_new_tokens, _fresh)
-    return None if described is None else described[0]
-
-
-def plain_described(m, seq_ids, num_new_tokens, new) -> tuple[StepMetadata, np.ndarray] | None:
-    """`plain_step_metadata` into arrays from ``new(name, shape)`` (each fully written
-    here), and the rows it describes. O(B x W) gathers plus O(B x T) fills: the [B, T]
-    arrays of a mixed prefill + decode step get their padding in one pass, decode rows
-    are written vectorized and each prefill row as one contiguous run."""
+    """`KVCacheManager.step_metadata` of a plain manager (no copies, no local group), in
+    fresh arrays, in O(B x W) gathers plus O(B x T) fills: the [B, T] arrays of a mixed
+    prefill + decode step get their padding in one pass, decode rows are written
+    vectorized and each prefill row as one contiguous run. None when the input is bad
+    (the caller lets the general path raise the typed error)."""
     spec = m.spec
-    picked = _plain_rows_and_counts(m, seq_ids, num_new_tokens)
+    picked = _plain_picked(m, seq_ids, num_new_tokens)
     if picked is None:
-        try:
-            picked = m._rows_and_counts(seq_ids, num_new_tokens)
-        except PagedKVError:
-            return None
+        return None
     rows, q = picked
     n = rows.size
     (g,) = m.groups  # plain: full attention only, one group
@@ -523,20 +552,32 @@ def plain_described(m, seq_ids, num_new_tokens, new) -> tuple[StepMetadata, np.n
         return None
     B = _bucket(n, spec.max_batch_slots)
     T = _bucket(int(q.max()) if n else 1, spec.max_seq_len)
-    kv_lens, query_lens, positions = new("kv", (B,)), new("q", (B,)), new("pos", (B, T))
-    kv_lens[:n], kv_lens[n:] = kv, 0
-    query_lens[:n], query_lens[n:] = q, 0
+    kv_lens, query_lens = np.zeros(B, dtype=np.int32), np.zeros(B, dtype=np.int32)
+    kv_lens[:n], query_lens[:n] = kv, q
+    positions = np.empty((B, T), dtype=np.int32)
     positions[:] = np.maximum(kv_lens - 1, 0)[:, None]  # padding sits at the last real position
     one = np.flatnonzero(q == 1)  # decode rows: one token each, vectorized
     many = np.flatnonzero(q > 1).tolist()  # prefill rows: a contiguous run each, row by row
-    groups = (_build_group(m, g, rows, q, kv, one, many, B, T, new),)
+    groups = (_build_group(m, g, rows, q, kv, one, many, B, T),)
     for b in many:
         first = int(kv[b]) - int(q[b])
         positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
     m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
     if m.prefix_cache is not None:  # commit() learns what this step wrote
         m._written.describe(rows.tolist(), kv.tolist())
-    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature()), rows
+    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
+
+
+def _plain_picked(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows and counts of a step, validated (`_plain_rows_and_counts`, else the
+    general check); None for bad input."""
+    picked = _plain_rows_and_counts(m, seq_ids, counts)
+    if picked is None:
+        try:
+            picked = m._rows_and_counts(seq_ids, counts)
+        except PagedKVError:
+            return None
+    return picked
 
 
 def _plain_rows_and_counts(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] | None:
@@ -565,26 +606,23 @@ def _plain_rows_and_counts(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] 
     return np.array(rows, dtype=np.int64), np.array(counts, dtype=np.int64)
 
 
-def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int, new) -> GroupMetadata:
-    """The full-attention group's tables and slots for `plain_described`."""
+def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMetadata:
+    """The full-attention group's tables and slots for `plain_step_metadata`."""
     bs = m.spec.block_size
     t = g.table
     n = rows.size
     widest = int(t.num_blocks[rows].max()) if n else 0
-    tables, slots, start = new("tables", (B, _bucket(widest, m.spec.max_blocks_per_seq))), new("slot", (B, T)), new(
-        "start", (B,))
+    # Zeroed by calloc: a table's padding (past a row's blocks, padding rows) is never touched.
+    tables = np.zeros((B, _bucket(widest, m.spec.max_blocks_per_seq)), dtype=np.int32)
     tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null already
-    if new is not _fresh:  # a reused buffer: null the padding too (fresh arrays are zeroed)
-        tables[:n, widest:], tables[n:] = NULL_BLOCK, NULL_BLOCK
-    slots.fill(g.pad_slot)
+    slots = np.full((B, T), g.pad_slot, dtype=np.int32)
     last = kv[one].astype(np.int64) - 1
     slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
     for b in many:
         qb, first = int(q[b]), int(kv[b]) - int(q[b])
         blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
         slots[b, :qb] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + qb]
-    start[:] = 0
-    return GroupMetadata(tables, slots, start, _EMPTY, _EMPTY, _EMPTY)
+    return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), _EMPTY, _EMPTY, _EMPTY)
 
 
-__all__ = ["SCALAR_ROWS", "StepBatch", "plain_described", "plain_step_metadata"]
+__all__ = ["SCALAR_ROWS", "StepBatch", "plain_step_metadata"]
