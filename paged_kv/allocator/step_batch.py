@@ -250,20 +250,25 @@ class StepBatch:
         n, total = len(old), len(seq_ids)
         k = total - n
         if (k <= 0 or len(counts) != total or t.version != self._version or t.epoch - self._epoch != k
-                or not plain(m) or _bucket(total, m.spec.max_batch_slots) != self._meta.batch_size
-                or total > m.spec.max_batch_slots or not same_ids(seq_ids[:n], old) or counts[:n] != [1] * n):
+                or not plain(m) or total > m.spec.max_batch_slots or not same_ids(seq_ids[:n], old)
+                or counts[:n] != [1] * n):
             return False
         new_rows = self._joining(seq_ids[n:], counts[n:])
         if new_rows is None:
             return False
-        dec = self._meta
-        self._write_joined(dec, n, new_rows)
-        step = dec if max(counts[n:]) == 1 else self._mixed_step(dec, self._row_list + new_rows, counts)
-        self._ids = self._described = list(seq_ids)
-        self._row_list = self._row_list + new_rows
-        self._rows = np.array(self._row_list, dtype=np.int64)
-        self._born = self._born + [t.born.item(r) for r in new_rows]
-        self._epoch = t.epoch
+        dec, rows = self._meta, self._row_list + new_rows
+        width = dec.groups[0].block_tables.shape[1]
+        if _bucket(total, m.spec.max_batch_slots) == dec.batch_size and max(
+                [t.num_blocks.item(r) for r in new_rows]) <= width:
+            self._write_joined(dec, n, new_rows)
+            self._ids = self._described = list(seq_ids)
+            self._row_list, self._rows = rows, np.array(rows, dtype=np.int64)
+            self._born = self._born + [t.born.item(r) for r in new_rows]
+            self._epoch = t.epoch
+        else:  # the batch or the table outgrew its bucket: lay every row out again (validated above)
+            self._decode_layout(list(seq_ids), rows)
+            dec = self._meta
+        step = dec if max(counts[n:]) == 1 else self._mixed_step(dec, rows, counts)
         self._meta, self._decode = step, step is dec
         self._ready = None if step is dec else dec
         self._hot_refs()
@@ -274,16 +279,15 @@ class StepBatch:
 
     def _joining(self, ids: list, counts: list) -> list | None:
         """The rows of joining ``ids``: plain int ids admitted after the layout was
-        written, distinct, each count an int from 1 to its length, each row within the
-        table width; None otherwise (the general path validates and names the error)."""
+        written, distinct, each count an int from 1 to its length; None otherwise (the
+        general path validates and names the error)."""
         rows_of, t, epoch = self.manager._rows, self._table, self._epoch
-        width = self._meta.groups[0].block_tables.shape[1]
         rows = []
         for s, c in zip(ids, counts):
             if type(s) is not int or type(c) is not int:
                 return None
             r = rows_of.get(s)
-            if r is None or t.born.item(r) <= epoch or not 1 <= c <= t.kv_lens.item(r) or t.num_blocks.item(r) > width:
+            if r is None or t.born.item(r) <= epoch or not 1 <= c <= t.kv_lens.item(r):
                 return None
             rows.append(r)
         return rows if len(set(rows)) == len(rows) else None
