@@ -43,6 +43,7 @@ class BlockPool:
         # Usable ids, popped from the end; reversed so block 1 is handed out first.
         self._free = np.arange(self.num_blocks - 1, NULL_BLOCK, -1, dtype=np.int32)
         self._num_free = self.num_blocks - 1
+        self._views: tuple | None = None  # see `take` (transient)
 
     # ---- predicates -------------------------------------------------------------
     @property
@@ -87,14 +88,20 @@ class BlockPool:
         self.ref_counts[ids] = 1
         return ids
 
-    def take(self, n: int) -> list[int]:
-        """`allocate` as a Python list. A decode step usually needs one or two blocks, and
-        for so few, element access beats numpy's fixed cost per call (~1 µs each)."""
+    def take(self, n: int) -> list[int] | None:
+        """`allocate` of blocks from the free stack as a Python list, or None when fewer
+        than ``n`` are there (evicting cached blocks is `allocate`'s work: the caller's
+        general path). A decode step usually needs one or two blocks, and for so few,
+        element access through memoryviews beats numpy's fixed cost per call (~1 µs)."""
         top = self._num_free
-        if not 0 < n <= min(top, 8):
+        if not 0 < n <= top:
+            return [] if n == 0 else None
+        if n > 8:
             return self.allocate(n).tolist()
-        free, refs = self._free, self.ref_counts
-        ids = [free.item(top - 1 - i) for i in range(n)]  # allocate's order: the top of the stack first
+        if self._views is None:  # the stack and the counts are never replaced, only written
+            self._views = (memoryview(self._free), memoryview(self.ref_counts))
+        free, refs = self._views
+        ids = [free[top - 1 - i] for i in range(n)]  # allocate's order: the top of the stack first
         for b in ids:
             refs[b] = 1
         self._num_free = top - n
@@ -177,8 +184,8 @@ class BlockPool:
         self._num_free += k
 
     # ---- saved state (paged_kv.checkpoint) ------------------------------------------
-    SAVED_ATTRS = frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache"})
-    """Attributes `state` covers (the cache saves its own state)."""
+    SAVED_ATTRS = frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache", "_views"})
+    """Attributes `state` covers (the cache saves its own state; ``_views`` is transient)."""
 
     def state(self) -> dict[str, np.ndarray]:
         """Ref counts and the whole free stack with its top, so the next ``allocate``

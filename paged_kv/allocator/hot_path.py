@@ -103,6 +103,8 @@ def _small_decode(m, rows: list):
         if need > g.pool.num_free:
             return None
         ids = g.pool.take(need)
+        if ids is None:  # only cached blocks left: the general path evicts
+            return None
         k = 0
     t.version += 1  # rows in use change: a cached batch layout is stale
     out = []

@@ -119,6 +119,8 @@ class StepBatch:
         self._signature = manager.spec.pool_signature()  # the spec is immutable
         self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
         self._table_mv: tuple | None = None  # see `_table_views`
+        # Fixed for the manager's life, read every step.
+        self._pool, self._block_size, self._max_len = manager.groups[0].pool, manager.spec.block_size, manager.spec.max_seq_len
 
     # ---- public ----------------------------------------------------------------------
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
@@ -172,6 +174,10 @@ class StepBatch:
                     self._noted()
                 return self._meta
         if self._can_patch(seq_ids) or self._kept(seq_ids):
+            if self._tiny is not None and self._tiny is not tiny:
+                # A few rows laid out just now: the inline path above takes them (it
+                # accepts exactly the ids these checks accepted, so this recurses once).
+                return self.decode(seq_ids)
             done = self._decode_rows()
             if done is not None:  # appended; False: a row outgrew the table's width bucket
                 if not done:
@@ -222,7 +228,7 @@ class StepBatch:
             return False
         rows_of, born = self.manager._rows, self._table.born
         old_rows, old_born, n_old = self._row_list, self._born, len(old_ids)
-        kept, i = [], 0
+        kept, at, i = [], [], 0
         for s in seq_ids:
             # Identity, or a plain int equal to it: an alias (True for 1) never matches.
             while i < n_old and not (old_ids[i] is s or (type(s) is int and old_ids[i] == s)):
@@ -233,8 +239,39 @@ class StepBatch:
             if rows_of.get(s) != r or born.item(r) != old_born[i]:
                 return False  # released, and the row (or id) reused since
             kept.append(r)
+            at.append(i)
             i += 1
-        self._decode_layout(seq_ids, kept)
+        if not self._compact(seq_ids, kept, at):
+            self._decode_layout(seq_ids, kept)
+        return True
+
+    def _compact(self, seq_ids: list, kept: list, at: list) -> bool:
+        """Keep only the decode layout's rows ``at`` (batch indices, in order), moved up in
+        the same buffers: rows are contiguous in each flat buffer, so a smaller batch
+        bucket is a shorter view of the same bytes. False (nothing written) when there
+        is no current decode layout or the table's width bucket would shrink."""
+        dec = self._meta if self._decode else self._ready
+        if dec is None:
+            return False
+        spec, g = self.manager.spec, self.manager.groups[0]
+        B0, W = dec.groups[0].block_tables.shape
+        nbl = self._table_views(self._table)[2]
+        if _bucket(max([nbl[r] for r in kept]), spec.max_blocks_per_seq) != W:
+            return False
+        n0, n1 = len(self._row_list), len(kept)
+        get = self._buffers.get
+        kv, pos, slot, tables = get("kv", (B0,)), get("pos", (B0,)), get("slot", (B0,)), get("tables", (B0, W))
+        if at[-1] != n1 - 1:  # rows left before the end: move the rest up
+            sel = np.array(at, dtype=np.int64)
+            kv[:n1], pos[:n1], slot[:n1], tables[:n1] = kv[sel], pos[sel], slot[sel], tables[sel]
+        kv[n1:n0], pos[n1:n0], slot[n1:n0], tables[n1:n0] = 0, 0, g.pad_slot, NULL_BLOCK  # now padding rows
+        get("q", (B0,))[n1:n0] = 0
+        B1 = _bucket(n1, spec.max_batch_slots)
+        if B1 != B0 or dec is not self._meta:
+            self._meta = StepMetadata(get("kv", (B1,)), get("q", (B1,)), get("pos", (B1, 1)), (GroupMetadata(
+                get("tables", (B1, W)), get("slot", (B1, 1)), get("start", (B1,)), _EMPTY, _EMPTY, _EMPTY),),
+                self._signature)
+        self._keep(list(seq_ids), kept, np.array(kept, dtype=np.int64), True)
         return True
 
     def _join(self, seq_ids, counts: list) -> bool:
@@ -451,10 +488,13 @@ class StepBatch:
         grew = np.flatnonzero(off == 0)
         fits = True
         if grew.size:
-            pool, grew, kv_old = m.groups[0].pool, grew.tolist(), views[3]
-            if len(grew) > pool.num_free or max([kv_old[b] for b in grew]) >= m.spec.max_seq_len:
+            grew, kv_old = grew.tolist(), views[3]
+            if max([kv_old[b] for b in grew]) >= m.spec.max_seq_len:
                 return None
-            fits = self._new_blocks(grew, pool.take(len(grew)), views, width, bs)
+            ids = self._pool.take(len(grew))
+            if ids is None:
+                return None
+            fits = self._new_blocks(grew, ids, views, width, bs)
         np.copyto(pos, kv)
         np.add(kv, 1, out=kv)
         np.add(slot, 1, out=slot)
@@ -481,22 +521,22 @@ class StepBatch:
         the rows are checked first, then blocks are handed out in row order as
         `append` hands them. Same contract: None (nothing changed), True, or False (a row
         outgrew the table's width bucket)."""
-        m = self.manager
-        spec, pool = m.spec, m.groups[0].pool
-        bs, limit = spec.block_size, spec.max_seq_len
         (_, views, width) = self._hot
         kvl, bt, nbl, kv_out, pos_col, slot_col, tables = views
-        rows = self._row_list
+        bs, rows = self._block_size, self._row_list
         old = [kvl[r] for r in rows]
         starts = [b for b, o in enumerate(old) if not o % bs]
-        if len(starts) > pool.num_free or max([old[b] for b in starts], default=0) >= limit:
+        if max([old[b] for b in starts]) >= self._max_len:
+            return None
+        ids = self._pool.take(len(starts))
+        if ids is None:
             return None
         for b, (r, o) in enumerate(zip(rows, old)):
             kvl[r] = kv_out[b] = o + 1
             pos_col[b] = o
             slot_col[b] += 1
         fits = True
-        for b, blk in zip(starts, pool.take(len(starts))):  # blocks in row order, as `append` hands them
+        for b, blk in zip(starts, ids):  # blocks in row order, as `append` hands them
             r, col = rows[b], old[b] // bs
             bt[r, col] = blk
             nbl[r] = col + 1
