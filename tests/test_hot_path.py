@@ -479,3 +479,18 @@ def test_empty_steps_and_back():
     got = batch.decode([0])
     assert_same_metadata(got, general_step_metadata(m, [0], 1))
     assert int(got.kv_lens[0]) == 4
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_across_block_edges_and_width_buckets(variant, batch):
+    # A few rows decoding from inside their first block past several block edges and
+    # table-width buckets (1 -> 2 -> 4 -> 8 blocks): every step equals the general path.
+    fused, plain = (pk.KVCacheManager(spec(num_blocks=200)) for _ in range(2))
+    b = pk.StepBatch(fused)
+    ids = list(range(batch))
+    for m in (fused, plain):
+        for s in ids:
+            m.admit(s, 2 + s)
+    b.step(list(ids), [2 + s for s in ids])
+    for _ in range(40):
+        _decode_both(b, fused, plain, ids)

@@ -119,6 +119,7 @@ class StepBatch:
         self._signature = manager.spec.pool_signature()  # the spec is immutable
         self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
         self._table_mv: tuple | None = None  # see `_table_views`
+        self._last_mixed: StepMetadata | None = None  # see `_mixed_step`
         # Fixed for the manager's life, read every step.
         self._pool, self._block_size, self._max_len = manager.groups[0].pool, manager.spec.block_size, manager.spec.max_seq_len
 
@@ -159,7 +160,15 @@ class StepBatch:
                         self._noted()
                     return self._meta
                 if type(s) is int or s is self._ids[0]:
-                    return self._decode_starting_blocks(seq_ids)
+                    done = self._start_block(r, o)  # the row starts a block
+                    if done is None:  # too long, or only cached blocks left: the general path
+                        self.manager.append(seq_ids, 1)
+                        return self.step(seq_ids, 1)
+                    if not done:
+                        self._decode_layout(self._ids, self._row_list)
+                    if self._cache is not None:
+                        self._noted()
+                    return self._meta
             elif all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT:
                 for r in rows:
                     if not kvl[r] % bs:  # a row starts a block (or is at max_seq_len)
@@ -369,8 +378,13 @@ class StepBatch:
             blocks = bt[rows[b], first // bs : (end - 1) // bs + 1].astype(np.int64)
             slots[b, :c] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + c]
         gm = dec.groups[0]
-        return StepMetadata(dec.kv_lens, query_lens, positions,
-                            (GroupMetadata(gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
+        last = self._last_mixed  # the same buffers as the last mixed step: the same object
+        if (last is not None and last.positions is positions and last.kv_lens is dec.kv_lens
+                and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
+            return last
+        self._last_mixed = StepMetadata(dec.kv_lens, query_lens, positions, (GroupMetadata(
+            gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
+        return self._last_mixed
 
     # ---- writing a layout ---------------------------------------------------------------
     def _describe(self, seq_ids, num_new_tokens) -> StepMetadata:
@@ -406,18 +420,26 @@ class StepBatch:
         t, bs = g.table, spec.block_size
         rows = np.array(row_list, dtype=np.int64)
         n = rows.size
+        if n <= SCALAR_ROWS:  # a few rows: Python arithmetic beats numpy's cost per call
+            kvl, btv, nbl = self._table_views(t)
+            kv = [kvl[r] for r in row_list]
+            last = [k - 1 for k in kv]
+            widest = max([nbl[r] for r in row_list])
+            slot = [btv[r, p // bs] * bs + p % bs for r, p in zip(row_list, last)]
+        else:
+            kv = t.kv_lens[rows]
+            last = kv - 1
+            widest = int(t.num_blocks[rows].max())
+            slot = t.block_tables[rows, last // bs] * bs + last % bs
         B = _bucket(n, spec.max_batch_slots)
-        widest = int(t.num_blocks[rows].max())
         W = _bucket(widest, spec.max_blocks_per_seq)
         new = self._buffers.get
-        kv = t.kv_lens[rows]
-        last = kv - 1
         kv_lens, query_lens, positions = new("kv", (B,)), new("q", (B,)), new("pos", (B, 1))
         tables, slots, start = new("tables", (B, W)), new("slot", (B, 1)), new("start", (B,))
         kv_lens[:n], kv_lens[n:] = kv, 0
         query_lens[:n], query_lens[n:] = 1, 0
         positions[:n, 0], positions[n:] = last, 0
-        slots[:n, 0], slots[n:] = t.block_tables[rows, last // bs] * bs + last % bs, g.pad_slot
+        slots[:n, 0], slots[n:] = slot, g.pad_slot
         tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null
         tables[:n, widest:], tables[n:] = NULL_BLOCK, NULL_BLOCK
         start[:] = 0
@@ -515,6 +537,27 @@ class StepBatch:
         if self._cache is not None:
             self._noted()
         return self._meta
+
+    def _start_block(self, r: int, o: int) -> bool | None:
+        """`_decode_inline` of a one-row layout whose row ``r`` (``o`` tokens) starts a block."""
+        if o >= self._max_len:
+            return None
+        ids = self._pool.take(1)
+        if ids is None:
+            return None
+        (_, views, width) = self._hot
+        kvl, bt, nbl, kv_out, pos_col, slot_col, tables = views
+        blk, col = ids[0], o // self._block_size
+        kvl[r] = kv_out[0] = o + 1
+        pos_col[0] = o
+        bt[r, col] = blk
+        nbl[r] = col + 1
+        slot_col[0] = blk * self._block_size
+        if col < width:
+            tables[0, col] = blk
+        t = self._table
+        t.version = self._version = t.version + 1
+        return col < width
 
     def _decode_inline(self) -> bool | None:
         """`_decode_rows` for a few rows, element by element, when some start a block:
