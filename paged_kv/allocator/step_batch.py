@@ -479,8 +479,9 @@ class StepBatch:
         B, W = meta.groups[0].block_tables.shape
         # The decode layout's arrays are the buffers' "kv", "pos", "slot", "tables"; a
         # [B, 1] column is the same bytes as a [B] vector.
-        numeric = (buf.get("kv", (B,))[:n], buf.get("pos", (B, 1))[:n, 0], buf.get("slot", (B, 1))[:n, 0],
-                   buf.get("off", (n,)))
+        # The vectorized step's numpy views; a few rows never take that step (see `decode`).
+        numeric = None if n <= SCALAR_ROWS else (buf.get("kv", (B,))[:n], buf.get("pos", (B, 1))[:n, 0],
+                                                   buf.get("slot", (B, 1))[:n, 0], buf.get("off", (n,)))
         views = (*self._table_views(t), buf.memoryview("kv", (B,)), buf.memoryview("pos", (B,)),
                  buf.memoryview("slot", (B,)), buf.memoryview("tables", (B, W)))
         self._hot = (numeric, views, W)
@@ -504,7 +505,10 @@ class StepBatch:
         None: not possible (a row at max_seq_len, too few free blocks), nothing changed;
         False: done, but a row outgrew the table's width bucket (lay it out again)."""
         m = self.manager
-        (kv, pos, slot, off), views, width = self._hot
+        numeric, views, width = self._hot
+        if numeric is None:  # a few rows: `decode` takes them inline
+            return None
+        kv, pos, slot, off = numeric
         bs = m.spec.block_size
         np.remainder(kv, bs, out=off)  # the new token's offset in its block: 0 starts one
         grew = np.flatnonzero(off == 0)
