@@ -50,6 +50,14 @@ BENCHMARKS = {
 }
 
 
+SETTLE_S = {"bench_device_ops": 30}
+"""Seconds to wait after a benchmark before the next one. Measured: for some tens of
+seconds after `bench_device_ops` (GiB pools allocated and freed), the in-place attention
+of `bench_decode_step` -- scattered block reads -- ran 2.7x slower while its interleaved
+baselines did not (a rerun of the ratio then read 0.85x instead of 0.32x); after 30 s,
+not. The kernel settling its memory is the likely cause, not confirmed."""
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -382,6 +390,8 @@ def main() -> None:
             print(f"running {name} {' '.join(BENCHMARKS[name])} ...", flush=True)
             results["benchmarks"][name] = res = run_one(name, BENCHMARKS[name], python, args.timeout)
             print(f"    {res.get('error') or 'ok'} ({res.get('run_s', '?')} s)", flush=True)
+            if name in SETTLE_S and list(args.only or BENCHMARKS)[-1] != name:
+                time.sleep(SETTLE_S[name])
         run["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         machine = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()}
         if args.only:  # the header keeps the last full run; a partial rerun is listed beside it
