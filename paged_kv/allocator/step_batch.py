@@ -86,6 +86,15 @@ class _Buffers:
         return mv
 
 
+def _fill(view: memoryview, values, pad: int) -> None:
+    """``view[:len(values)] = values`` and the rest ``pad``, element by element."""
+    n = len(values)
+    for b, v in enumerate(values):
+        view[b] = v
+    for b in range(n, len(view)):
+        view[b] = pad
+
+
 def _bucket(n: int, cap: int) -> int:
     """`bucket` for counts already known to be ints (no argument checks: it runs every step)."""
     return min(1 << (max(n, 1) - 1).bit_length(), cap)
@@ -414,41 +423,47 @@ class StepBatch:
     def _decode_layout(self, seq_ids: list, row_list: list) -> None:
         """The decode-shaped metadata of ``row_list`` (valid rows of a plain manager)
         from the page table, into the buffers: each row's last token is this step's."""
-        m = self.manager
-        spec = m.spec
-        (g,) = m.groups  # plain: full attention only, one group
-        t, bs = g.table, spec.block_size
+        spec, g = self.manager.spec, self.manager.groups[0]  # plain: full attention only, one group
+        t = g.table
         rows = np.array(row_list, dtype=np.int64)
         n = rows.size
-        if n <= SCALAR_ROWS:  # a few rows: Python arithmetic beats numpy's cost per call
-            kvl, btv, nbl = self._table_views(t)
-            kv = [kvl[r] for r in row_list]
-            last = [k - 1 for k in kv]
-            widest = max([nbl[r] for r in row_list])
-            slot = [btv[r, p // bs] * bs + p % bs for r, p in zip(row_list, last)]
+        kv, last, slot, widest = self._last_tokens(row_list, rows)
+        B, W = _bucket(n, spec.max_batch_slots), _bucket(widest, spec.max_blocks_per_seq)
+        get, mv = self._buffers.get, self._buffers.memoryview
+        kv_lens, query_lens, positions = get("kv", (B,)), get("q", (B,)), get("pos", (B, 1))
+        tables, slots, start = get("tables", (B, W)), get("slot", (B, 1)), get("start", (B,))
+        if n <= SCALAR_ROWS:  # a few rows: element writes beat numpy's ~1 µs per call
+            for name, values, pad in (("kv", kv, 0), ("q", [1] * n, 0), ("pos", last, 0), ("slot", slot, g.pad_slot),
+                                      ("start", (), 0)):
+                _fill(mv(name, (B,)), values, pad)
         else:
-            kv = t.kv_lens[rows]
-            last = kv - 1
-            widest = int(t.num_blocks[rows].max())
-            slot = t.block_tables[rows, last // bs] * bs + last % bs
-        B = _bucket(n, spec.max_batch_slots)
-        W = _bucket(widest, spec.max_blocks_per_seq)
-        new = self._buffers.get
-        kv_lens, query_lens, positions = new("kv", (B,)), new("q", (B,)), new("pos", (B, 1))
-        tables, slots, start = new("tables", (B, W)), new("slot", (B, 1)), new("start", (B,))
-        kv_lens[:n], kv_lens[n:] = kv, 0
-        query_lens[:n], query_lens[n:] = 1, 0
-        positions[:n, 0], positions[n:] = last, 0
-        slots[:n, 0], slots[n:] = slot, g.pad_slot
+            kv_lens[:n], kv_lens[n:] = kv, 0
+            query_lens[:n], query_lens[n:] = 1, 0
+            positions[:n, 0], positions[n:] = last, 0
+            slots[:n, 0], slots[n:] = slot, g.pad_slot
+            start[:] = 0
         tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null
         tables[:n, widest:], tables[n:] = NULL_BLOCK, NULL_BLOCK
-        start[:] = 0
         meta = self._meta
         if not (meta is not None and meta.kv_lens is kv_lens and meta.positions is positions
                 and meta.groups[0].block_tables is tables and meta.groups[0].slot_mapping is slots):
             self._meta = StepMetadata(kv_lens, query_lens, positions, (GroupMetadata(
                 tables, slots, start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
         self._keep(list(seq_ids), row_list, rows, True)
+
+    def _last_tokens(self, row_list: list, rows: np.ndarray) -> tuple:
+        """Each row's length, last position and that position's slot, and the most blocks
+        a row holds: Python lists for a few rows, numpy arrays for more."""
+        t, bs = self._table, self._block_size
+        if len(row_list) <= SCALAR_ROWS:
+            kvl, btv, nbl = self._table_views(t)
+            kv = [kvl[r] for r in row_list]
+            last = [k - 1 for k in kv]
+            return kv, last, [btv[r, p // bs] * bs + p % bs for r, p in zip(row_list, last)], max(
+                [nbl[r] for r in row_list])
+        kv = t.kv_lens[rows]
+        last = kv - 1
+        return kv, last, t.block_tables[rows, last // bs] * bs + last % bs, int(t.num_blocks[rows].max())
 
     def _keep(self, seq_ids: list, row_list: list, rows: np.ndarray, decode: bool) -> None:
         """Remember the layout just written and the table counters it is valid for."""
