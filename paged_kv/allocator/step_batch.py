@@ -153,7 +153,7 @@ class StepBatch:
             # A few rows: fixed costs dominate, so the whole step is inline (one long
             # function: a call costs ~60 ns of a ~400 ns step), with every reference
             # prefetched. Every row is checked before any is written: when a row starts
-            # a block, `_decode_starting_blocks` takes the step.
+            # a block, `_inline_done` finishes the step.
             kvl, kv_out, pos_col, slot_col, bs, rows, table, epoch = tiny
             if table.version != self._version or table.epoch != epoch:
                 pass  # the rows changed outside the batch: the paths below lay them out again
@@ -169,19 +169,11 @@ class StepBatch:
                         self._noted()
                     return self._meta
                 if type(s) is int or s is self._ids[0]:
-                    done = self._start_block(r, o)  # the row starts a block
-                    if done is None:  # too long, or only cached blocks left: the general path
-                        self.manager.append(seq_ids, 1)
-                        return self.step(seq_ids, 1)
-                    if not done:
-                        self._decode_layout(self._ids, self._row_list)
-                    if self._cache is not None:
-                        self._noted()
-                    return self._meta
+                    return self._inline_done(seq_ids, self._start_block(r, o))  # the row starts a block
             elif all(map(is_, seq_ids, self._ids)) or set(map(type, seq_ids)) <= _INT:
                 for r in rows:
                     if not kvl[r] % bs:  # a row starts a block (or is at max_seq_len)
-                        return self._decode_starting_blocks(seq_ids)
+                        return self._inline_done(seq_ids, self._decode_inline())
                 for b, r in enumerate(rows):
                     o = kvl[r]
                     kvl[r] = kv_out[b] = o + 1
@@ -544,10 +536,10 @@ class StepBatch:
         t.version = self._version = t.version + 1
         return fits
 
-    def _decode_starting_blocks(self, seq_ids: list) -> StepMetadata:
-        """`decode` of a few rows, some starting a block: inline, or when that is not
-        possible (too few blocks, too long) through `append`, which raises."""
-        done = self._decode_inline()
+    def _inline_done(self, seq_ids: list, done: bool | None) -> StepMetadata:
+        """The end of `decode` of a few rows, some starting a block, after `_start_block` /
+        `_decode_inline`: when that was not possible (too few blocks, too long), through
+        `append`, which raises; when a row outgrew the table width, laid out again."""
         if done is None:
             self.manager.append(seq_ids, 1)
             return self.step(seq_ids, 1)
