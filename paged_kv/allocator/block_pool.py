@@ -141,11 +141,7 @@ class BlockPool:
             first = np.sort(first)
             released = released[first]
             tiers = None if tiers is None else tiers[first]
-        if self.cache is not None and released.size:
-            self._push(released[~self.cache.retain(released, tiers)])
-        else:
-            self._push(released)
-        return released
+        return self._released(released, tiers)
 
     def free_distinct(self, ids: np.ndarray, behind: np.ndarray | None = None) -> np.ndarray:
         """`free` for ids known to be distinct (one row's blocks): a plain fancy-index
@@ -159,9 +155,13 @@ class BlockPool:
         after = before - 1
         rc[ids] = after
         zero = after == 0
-        released = ids[zero]
+        return self._released(ids[zero], None if behind is None else behind[zero])
+
+    def _released(self, released: np.ndarray, behind: np.ndarray | None) -> np.ndarray:
+        """Blocks that lost their last owner: to the prefix cache when it keeps them,
+        else onto the free stack. Returns them."""
         if self.cache is not None and released.size:
-            self._push(released[~self.cache.retain(released, None if behind is None else behind[zero])])
+            self._push(released[~self.cache.retain(released, behind)])
         else:
             self._push(released)
         return released
@@ -201,6 +201,7 @@ class BlockPool:
         pool.ref_counts = take(state, "ref_counts", np.int32, (num_blocks,))
         pool._free = take(state, "free_stack", np.int32, (num_blocks - 1,))
         pool._num_free = int(take(state, "num_free", np.int64, ()))
+        pool._views = None  # `take`'s memoryviews were of the arrays just replaced
         if not 0 <= pool._num_free <= num_blocks - 1:
             raise CheckpointError(f"pool.num_free={pool._num_free} is outside [0, {num_blocks - 1}]")
         pool.cache = cache
