@@ -9,14 +9,15 @@ persistent input batch the same way):
 
 - ``decode(ids)`` on the last step's rows appends one token to each and rewrites,
   in place, only each row's length, position and write slot (the previous slot + 1),
-  plus the table entry of the rows that started a block. A few rows run inline
-  through memoryviews; more take a handful of vectorized calls.
+  plus the table entry of the rows that started a block. Up to `SCALAR_ROWS` rows
+  run inline through memoryviews; more take a handful of vectorized calls.
 - ``decode(ids)`` on a subsequence of the last rows (some finished or were preempted)
-  lays the kept rows out again from the page table in O(B x W) copies into the same
-  buffers, without re-validating them, and then decodes.
-- ``step(ids, counts)`` with prefill rows, new rows or anything else describes the step
-  like `step_metadata` into reused buffers; forked layouts (copy-on-write copies ride
-  in the metadata) and local-attention groups go through `step_metadata` itself.
+  moves the kept rows up in the same buffers, without re-validating them, then decodes.
+- ``step(ids, counts)``: the decode layout of its rows (rows joining the last ones are
+  written alone) plus, when some row writes other than one token, the step's own
+  ``[B, T]`` positions and slots beside it; the layout stays current for the next
+  `decode`. Forked layouts (copy-on-write copies ride in the metadata) and
+  local-attention groups go through `step_metadata` itself.
 
 Either way the result is exactly what `step_metadata` would return
 (`tests/test_hot_path.py` compares them array for array). A layout is trusted only
