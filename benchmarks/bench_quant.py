@@ -51,7 +51,7 @@ import os
 import statistics
 import sys
 import time
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +165,7 @@ SPREADS = (1.0, 3.0)
 ROTATIONS = {"": "auto", "_no_rotation": "none"}  # name suffix -> kv_rotation ("auto": Hadamard here)
 
 
+@lru_cache(maxsize=None)  # a 4k-token calibration per (kind, rotation), asked for per context and spread
 def fp8_calibrated_scales(kind: str, rotation: str) -> list:
     """Per-head fp8 scales calibrated on other tokens of the same "model" (its outlier
     channels), absmax x 1.25 / 448, as a serving stack calibrates on a sample of traffic;

@@ -96,6 +96,14 @@ def _fill(view: memoryview, values, pad: int) -> None:
         view[b] = pad
 
 
+def _run_slots(g, row: int, first: int, count: int) -> np.ndarray:
+    """Flat slots of ``row``'s tokens ``first .. first + count`` in group ``g``: one slice
+    of its blocks, each expanded to its ``block_size`` slots (a prefill row's run)."""
+    bs = g.block_size
+    blocks = g.table.block_tables[row, first // bs : (first + count - 1) // bs + 1].astype(np.int64)
+    return (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + count]
+
+
 def _bucket(n: int, cap: int) -> int:
     """`bucket` for counts already known to be ints (no argument checks: it runs every step)."""
     return min(1 << (max(n, 1) - 1).bit_length(), cap)
@@ -270,14 +278,15 @@ class StepBatch:
         if _bucket(max([nbl[r] for r in kept]), spec.max_blocks_per_seq) != W:
             return False
         n0, n1 = len(self._row_list), len(kept)
-        get = self._buffers.get
-        kv, pos, slot, tables = get("kv", (B0,)), get("pos", (B0,)), get("slot", (B0,)), get("tables", (B0, W))
+        gm = dec.groups[0]
+        kv, pos, slot, tables = dec.kv_lens, dec.positions[:, 0], gm.slot_mapping[:, 0], gm.block_tables
         if at[-1] != n1 - 1:  # rows left before the end: move the rest up
             sel = np.array(at, dtype=np.int64)
             kv[:n1], pos[:n1], slot[:n1], tables[:n1] = kv[sel], pos[sel], slot[sel], tables[sel]
         kv[n1:n0], pos[n1:n0], slot[n1:n0], tables[n1:n0] = 0, 0, g.pad_slot, NULL_BLOCK  # now padding rows
-        get("q", (B0,))[n1:n0] = 0
+        dec.query_lens[n1:n0] = 0
         B1 = _bucket(n1, spec.max_batch_slots)
+        get = self._buffers.get  # the layout's arrays are these buffers' views: a shorter view, the same bytes
         if B1 != B0 or dec is not self._meta:
             self._meta = StepMetadata(get("kv", (B1,)), get("q", (B1,)), get("pos", (B1, 1)), (GroupMetadata(
                 get("tables", (B1, W)), get("slot", (B1, 1)), get("start", (B1,)), _EMPTY, _EMPTY, _EMPTY),),
@@ -309,20 +318,10 @@ class StepBatch:
         if _bucket(total, m.spec.max_batch_slots) == dec.batch_size and max(
                 [t.num_blocks.item(r) for r in new_rows]) <= width:
             self._write_joined(dec, n, new_rows)
-            self._ids = self._described = list(seq_ids)
-            self._row_list, self._rows = rows, np.array(rows, dtype=np.int64)
-            self._born = self._born + [t.born.item(r) for r in new_rows]
-            self._epoch = t.epoch
+            self._keep(list(seq_ids), rows, np.array(rows, dtype=np.int64), True)
         else:  # the batch or the table outgrew its bucket: lay every row out again (validated above)
             self._decode_layout(list(seq_ids), rows)
-            dec = self._meta
-        step = dec if max(counts[n:]) == 1 else self._mixed_step(dec, rows, counts)
-        self._meta, self._decode = step, step is dec
-        self._ready = None if step is dec else dec
-        self._hot_refs()
-        m._descriptions += 1
-        if self._cache is not None:
-            self._noted()
+        self._beside_layout(counts)
         return True
 
     def _joining(self, ids: list, counts: list) -> list | None:
@@ -358,7 +357,7 @@ class StepBatch:
         lengths and ``[B, T]`` positions and slots. Padding sits at each row's last
         position; a one-token row's slot is the layout's, a longer row's a run."""
         spec, g = self.manager.spec, self.manager.groups[0]
-        B, bs, n = dec.batch_size, spec.block_size, len(rows)
+        B, n = dec.batch_size, len(rows)
         T = _bucket(max(counts), spec.max_seq_len)
         new = self._buffers.get
         # Names of its own: at T = 1 the decode layout's buffers have the same shapes.
@@ -367,7 +366,6 @@ class StepBatch:
         np.copyto(positions, dec.positions)  # every row's padding sits at its last real position
         slots.fill(g.pad_slot)
         slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the one-token rows' slot (padding rows: dropped)
-        bt = self._table.block_tables
         for b, c in enumerate(counts):
             if c == 1:
                 continue
@@ -375,10 +373,8 @@ class StepBatch:
                 slots[b, 0] = g.pad_slot
                 continue
             end = int(dec.kv_lens[b])
-            first = end - c
-            positions[b, :c] = np.arange(first, end, dtype=np.int32)
-            blocks = bt[rows[b], first // bs : (end - 1) // bs + 1].astype(np.int64)
-            slots[b, :c] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + c]
+            positions[b, :c] = np.arange(end - c, end, dtype=np.int32)
+            slots[b, :c] = _run_slots(g, rows[b], end - c, c)
         gm = dec.groups[0]
         last = self._last_mixed  # the same buffers as the last mixed step: the same object
         if (last is not None and last.positions is positions and last.kv_lens is dec.kv_lens
@@ -387,6 +383,16 @@ class StepBatch:
         self._last_mixed = StepMetadata(dec.kv_lens, query_lens, positions, (GroupMetadata(
             gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
         return self._last_mixed
+
+    def _beside_layout(self, counts: list) -> None:
+        """After the decode layout of a step's rows: the step itself -- that layout when
+        every row writes one token, else its own arrays beside it (the layout stays
+        current for the next `decode`) -- noted as described."""
+        if max(counts) != 1 or min(counts) != 1:
+            dec = self._meta
+            self._meta, self._decode, self._ready = self._mixed_step(dec, self._row_list, counts), False, dec
+            self._hot_refs()
+        self._note()
 
     # ---- writing a layout ---------------------------------------------------------------
     def _describe(self, seq_ids, num_new_tokens) -> StepMetadata:
@@ -400,13 +406,8 @@ class StepBatch:
             rows, q = picked
             kv = m.groups[0].table.kv_lens[rows]
             if rows.size and rows.size <= m.spec.max_batch_slots and not np.count_nonzero(q > kv):
-                counts = q.tolist()
                 self._decode_layout(list(seq_ids), rows.tolist())
-                if max(counts) != 1 or min(counts) != 1:
-                    dec = self._meta
-                    self._meta, self._decode, self._ready = self._mixed_step(dec, self._row_list, counts), False, dec
-                    self._hot_refs()
-                self._note()
+                self._beside_layout(q.tolist())
                 return self._meta
         self._ids = self._tiny = self._ready = None
         self._meta = m.step_metadata(seq_ids, num_new_tokens)  # raises the typed error, if any
@@ -558,18 +559,14 @@ class StepBatch:
         if ids is None:
             return None
         (_, views, width) = self._hot
-        kvl, bt, nbl, kv_out, pos_col, slot_col, tables = views
-        blk, col = ids[0], o // self._block_size
+        fits = self._new_blocks([0], ids, views, width, self._block_size)
+        kvl, _, _, kv_out, pos_col, slot_col, _ = views
         kvl[r] = kv_out[0] = o + 1
         pos_col[0] = o
-        bt[r, col] = blk
-        nbl[r] = col + 1
-        slot_col[0] = blk * self._block_size
-        if col < width:
-            tables[0, col] = blk
+        slot_col[0] += 1
         t = self._table
         t.version = self._version = t.version + 1
-        return col < width
+        return fits
 
     def _decode_inline(self) -> bool | None:
         """`_decode_rows` for a few rows, element by element, when some start a block:
@@ -577,7 +574,7 @@ class StepBatch:
         `append` hands them. Same contract: None (nothing changed), True, or False (a row
         outgrew the table's width bucket)."""
         (_, views, width) = self._hot
-        kvl, bt, nbl, kv_out, pos_col, slot_col, tables = views
+        kvl, _, _, kv_out, pos_col, slot_col, _ = views
         bs, rows = self._block_size, self._row_list
         old = [kvl[r] for r in rows]
         starts = [b for b, o in enumerate(old) if not o % bs]
@@ -586,20 +583,11 @@ class StepBatch:
         ids = self._pool.take(len(starts))
         if ids is None:
             return None
+        fits = self._new_blocks(starts, ids, views, width, bs)  # reads the old lengths: before the loop
         for b, (r, o) in enumerate(zip(rows, old)):
             kvl[r] = kv_out[b] = o + 1
             pos_col[b] = o
             slot_col[b] += 1
-        fits = True
-        for b, blk in zip(starts, ids):  # blocks in row order, as `append` hands them
-            r, col = rows[b], old[b] // bs
-            bt[r, col] = blk
-            nbl[r] = col + 1
-            slot_col[b] = blk * bs
-            if col < width:
-                tables[b, col] = blk
-            else:
-                fits = False
         t = self._table
         t.version = self._version = t.version + 1
         return fits
@@ -718,9 +706,8 @@ def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMet
     last = kv[one].astype(np.int64) - 1
     slots[one, 0] = t.block_tables[rows[one], last // bs] * bs + last % bs
     for b in many:
-        qb, first = int(q[b]), int(kv[b]) - int(q[b])
-        blocks = t.block_tables[rows[b], first // bs : (first + qb - 1) // bs + 1].astype(np.int64)
-        slots[b, :qb] = (blocks[:, None] * bs + g.offsets).ravel()[first % bs : first % bs + qb]
+        qb = int(q[b])
+        slots[b, :qb] = _run_slots(g, int(rows[b]), int(kv[b]) - qb, qb)
     return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), _EMPTY, _EMPTY, _EMPTY)
 
 
