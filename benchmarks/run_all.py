@@ -119,7 +119,8 @@ def _vs_vllm_rows(r: dict) -> list[Row]:
                         "`KVCacheManager` (`bench_vs_vllm.py`)", f"vLLM ÷ paged_kv {_x(d['ratio'])}",
                         f"vLLM {d['vllm_us']:,} µs, paged_kv {d['paged_kv_us']:,} µs"))
     for mode, label in (("offline", "all queued at once"), ("arrival", "by arrival, 20 ms a step"),
-                        ("sparse_arrival", "every 6th request, by arrival")):
+                        ("sparse_arrival", "every 6th request, by arrival"),
+                        ("sparser_arrival", "every 20th request, by arrival")):
         d = get(r, vs + f"replay.{mode}")
         if d:
             out.append((f"manager time of a replay of the Azure trace ({d['requests']:,} requests, {label}, "

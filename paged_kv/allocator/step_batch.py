@@ -3,8 +3,7 @@
 A serving loop asks for metadata every step, mostly for the same sequences, each one
 token longer. `KVCacheManager.step_metadata` builds every array afresh: its cost
 grows with batch x table width even when a single block changed, and a mixed
-prefill step's fresh ``[B, T]`` arrays pay page faults on first touch (~200 µs for
-32 rows x 2k tokens). A `StepBatch` keeps its arrays (vLLM's model runner keeps a
+prefill step's fresh ``[B, T]`` arrays pay page faults on first touch. A `StepBatch` keeps its arrays (vLLM's model runner keeps a
 persistent input batch the same way):
 
 - ``decode(ids)`` on the last step's rows appends one token to each and rewrites,
