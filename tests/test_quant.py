@@ -123,6 +123,19 @@ def test_fp8_error_is_relative_and_saturates():
     np.testing.assert_array_equal(roundtrip(wide, 4 * x[:, :, :4]), 4 * roundtrip(unit, x[:, :, :4]))
 
 
+def test_fp8_bits_decode_like_the_native_convert_for_every_code():
+    """The integer decode (CPU) equals e4m3's own convert for all 256 codes: normals,
+    subnormals, both zeros (signs too), +-448 and NaN."""
+    import ml_dtypes
+
+    codes = np.arange(256, dtype=np.uint8)
+    want = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got = np.asarray(jax.jit(quant.fp8_bits_to_float32)(jnp.asarray(codes)))
+    np.testing.assert_array_equal(got, want)  # NaN where NaN
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+
+
 @pytest.mark.parametrize("dim", [8, 96, 128])
 def test_hadamard_transform_is_the_orthogonal_block_matrix(dim):
     """The transform equals ``x H`` for the normalized block-diagonal Sylvester matrix
