@@ -332,14 +332,33 @@ def memory(limit: int | None, pool_gib: float, max_batch: int) -> dict:
 SPEED_FORMATS = {**FORMATS, "int8_no_rotation": dict(kv_format="int8", kv_rotation="none")}
 
 
+SPEED_PASSES = 2
+
+
 def step_speed(batch: int, context: int, repeats: int, rng) -> dict:
     """Median decode-step time per format and path (gathered view + dense attention, or
-    attention in place), timed interleaved in one process."""
-    nb = batch * (context // BLOCK + 1) + 1
+    attention in place), timed interleaved in one process, in ``SPEED_PASSES`` passes
+    on fresh caches: a figure is the fastest median over the passes (int8's in-place
+    ratio read 1.30x in one call and 0.93x in the next on these shared cores;
+    `bench_decode_step` saw such spells too)."""
     k_all, _ = outlier_kv(rng, context)
     q = jnp.asarray(queries(rng, k_all, 3.0, batch), jnp.bfloat16)
     kv = jnp.asarray(rng.normal(size=(batch, 1, HEADS, DIM)), jnp.bfloat16)
     steps = {"gathered": decode_step, "in_place": decode_step_in_place}
+    passes = [_timed_pass(batch, context, repeats, k_all, q, kv, steps) for _ in range(SPEED_PASSES)]
+    med = {key: min(p[key] for p in passes) for key in passes[0]}
+    out = {"batch": batch, "context": context, "layers": 1, "passes": SPEED_PASSES}
+    for path in steps:
+        base = med[("bf16", path)]
+        out[path] = {"median_ms": {n: round(med[(n, path)], 3) for n in SPEED_FORMATS},
+                     "over_bf16": {n: round(med[(n, path)] / base, 3) for n in SPEED_FORMATS},
+                     "median_ms_per_pass": [{n: round(p[(n, path)], 3) for n in SPEED_FORMATS} for p in passes]}
+    return out
+
+
+def _timed_pass(batch: int, context: int, repeats: int, k_all, q, kv, steps) -> dict:
+    """(format, path) -> median ms of ``repeats`` decode steps, interleaved, fresh caches."""
+    nb = batch * (context // BLOCK + 1) + 1
     state = {}
     for name, kw in SPEED_FORMATS.items():
         spec = layer_spec(kw.get("kv_format", "none"), nb, batch=batch,
@@ -367,13 +386,7 @@ def step_speed(batch: int, context: int, repeats: int, rng) -> dict:
             jax.block_until_ready((out, cache))
             times[key].append(time.perf_counter() - t0)
             state[key][0] = cache
-    med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
-    out = {"batch": batch, "context": context, "layers": 1}
-    for path in steps:
-        base = med[("bf16", path)]
-        out[path] = {"median_ms": {n: round(med[(n, path)], 3) for n in SPEED_FORMATS},
-                     "over_bf16": {n: round(med[(n, path)] / base, 3) for n in SPEED_FORMATS}}
-    return out
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
 
 
 @partial(jax.jit, donate_argnums=0)
