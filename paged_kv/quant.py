@@ -59,6 +59,7 @@ import attrs
 import ml_dtypes
 import numpy as np
 
+from paged_kv import key_offsets
 from paged_kv.errors import SpecError
 from paged_kv.spec import _resolve  # dtype names (ml_dtypes or numpy), resolved one way everywhere
 
@@ -203,6 +204,9 @@ class PageCodec:
     float_pages: bool = False
     """Full precision only: pages hold the compute dtype itself (``page_storage="float"``)."""
     rotation_block: int = 1
+    offset: tuple | None = None
+    """Keys only: ``heads x dim`` floats every token holds (`paged_kv.key_offsets`):
+    pages hold ``x - offset``, and reads add it back."""
 
     @property
     def compute_dtype(self) -> np.dtype:
@@ -243,6 +247,8 @@ class PageCodec:
         import jax.numpy as jnp
         from jax import lax
 
+        if self.offset is not None:
+            x = x.astype(jnp.float32) - jnp.asarray(self.offset, jnp.float32)
         if self.fmt == "int8":
             q, scale = quantize_int8(self.rotate(x), _resolve(self.scale_dtype))
             return lax.bitcast_convert_type(q, jnp.uint8), lax.bitcast_convert_type(scale, self.scale_storage)
@@ -257,22 +263,26 @@ class PageCodec:
         """Page bits ``[..., H, D]`` (and scale bits ``[..., H]``) -> values in the basis they
         are stored in: float32 for a quantized layer (rotated when the codec rotates;
         not rounded to the compute dtype, what the in-place attention folds in), the
-        compute dtype for a full-precision one. Zeroed bits and scales give exact zeros."""
+        compute dtype for a full-precision one. Zeroed bits and scales give exact zeros
+        (the offset, for keys with one: `paged_kv.key_offsets`)."""
         import jax.numpy as jnp
         from jax import lax
 
         if self.fmt == "int8":
             q = lax.bitcast_convert_type(bits, jnp.int8)
-            return dequantize_int8(q, lax.bitcast_convert_type(scale_bits, _resolve(self.scale_dtype)), jnp.float32)
-        if self.fmt == "fp8":
-            head_scales = jnp.asarray(self.head_scales, jnp.float32)[:, None]
-            return fp8_bits_to_float32(bits) * head_scales
-        return lax.bitcast_convert_type(bits, self.compute_dtype)
+            x = dequantize_int8(q, lax.bitcast_convert_type(scale_bits, _resolve(self.scale_dtype)), jnp.float32)
+        elif self.fmt == "fp8":
+            x = fp8_bits_to_float32(bits) * jnp.asarray(self.head_scales, jnp.float32)[:, None]
+        else:
+            return lax.bitcast_convert_type(bits, self.compute_dtype)
+        if self.offset is not None:
+            x = x + jnp.asarray(key_offsets.stored(self.offset, self.rotation_block))
+        return x
 
     def decode(self, bits: jax.Array, scale_bits: jax.Array | None = None) -> jax.Array:
         """Page bits ``[..., H, D]`` (and scale bits ``[..., H]``) -> values in the compute
         dtype, un-rotated: what was written, up to the format's rounding. Zeroed bits and
-        scales decode to exact zeros."""
+        scales decode to exact zeros (to the offset, for keys with one)."""
         return self.unrotate(self.dequantize(bits, scale_bits)).astype(self.compute_dtype)
 
 
@@ -283,12 +293,13 @@ def codecs(spec, layer: int) -> tuple[PageCodec, PageCodec]:
 
     fmt = spec.layer_format(layer)
     kr, vr = rotation_blocks(spec)
+    mu = key_offsets.of_layer(spec, layer)
     if fmt == "int8":
-        return (PageCodec("int8", spec.dtype, spec.kv_scale_dtype, rotation_block=kr),
+        return (PageCodec("int8", spec.dtype, spec.kv_scale_dtype, rotation_block=kr, offset=mu),
                 PageCodec("int8", spec.dtype, spec.kv_scale_dtype, rotation_block=vr))
     if fmt == "fp8":
         k, v = fp8_head_scales(spec, layer)
-        return (PageCodec("fp8", spec.dtype, head_scales=k, rotation_block=kr),
+        return (PageCodec("fp8", spec.dtype, head_scales=k, rotation_block=kr, offset=mu),
                 PageCodec("fp8", spec.dtype, head_scales=v, rotation_block=vr))
     floats = np.dtype(storage_dtype(spec)) != bits_dtype(spec)
     return PageCodec("none", spec.dtype, float_pages=floats), PageCodec("none", spec.dtype, float_pages=floats)
@@ -351,6 +362,7 @@ def check_spec_format(spec) -> None:
     _resolve_full_precision(spec)
     if fmt == "fp8":
         _check_fp8_scales(spec)
+    key_offsets.check(spec)
 
 
 def _check_rotation(spec) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
+from paged_kv import key_offsets
 from paged_kv.errors import InvalidTokenCountError, SpecError
 
 NULL_BLOCK = 0
@@ -132,6 +133,9 @@ class CacheSpec:
     default: quantized pages hold each head vector times a normalized Hadamard matrix,
     which spreads outlier channels before the scale is taken; fp8 scales apply to the
     rotated values), "hadamard" (the same, required), or "none" (see `paged_kv.quant`).
+    ``kv_key_offsets``: per layer None or ``key_heads x key_dim`` floats that quantized
+    keys hold on every token, calibrated (`paged_kv.key_offsets`): pages hold ``k - mu``
+    and reads add ``mu`` back, so rounding is relative to what varies from token to token.
 
     Local attention: layers in ``sliding_layers`` see the last ``sliding_window``
     positions; layers in ``chunked_layers`` (Llama 4's ``attention_chunk_size``) see,
@@ -168,6 +172,8 @@ class CacheSpec:
     kv_fp8_scales: object = attrs.field(default=None, converter=_fp8_scales_converter)
     kv_full_precision_layers: object = attrs.field(default=(), converter=_full_precision_converter)
     kv_rotation: str = attrs.field(default="auto")
+    kv_key_offsets: object = attrs.field(default=None, converter=key_offsets.converter,
+                                  hash=False)  # in eq, not in the hash: a spec is hashed at every jit call
     _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
     _layer_bytes: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 

@@ -10,6 +10,7 @@ old scale of a reused block.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import jax
@@ -78,6 +79,8 @@ def assert_within_format(codec, got: np.ndarray, x: np.ndarray, where: str = "")
     """``got`` (decoded) is within the format's per-element bound of ``x`` in the basis
     the pages hold; the rotation's float32 arithmetic may add ~1e-6 of the vector norm.
     Equivalently (H is orthogonal) the L2 error per token and head is bounded."""
+    if codec.offset is not None:  # pages hold x - offset: the bound is on that
+        got, x = got - np.asarray(codec.offset), x - np.asarray(codec.offset)
     gr, xr = stored_basis(codec, got), stored_basis(codec, x)
     bound = (int8_bound(xr, codec.scale_dtype) if codec.fmt == "int8"
              else fp8_bound(xr, np.asarray(codec.head_scales, np.float64)))
@@ -263,6 +266,53 @@ def test_fp8_scales_round_trip_through_json_fields():
     assert spec(kv_format="fp8", kv_fp8_scales=as_lists) == s and hash(spec(kv_format="fp8", kv_fp8_scales=as_lists)) == hash(s)
 
 
+# ---- key offsets ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_key_offsets_round_the_varying_part_and_give_the_keys_back(fmt):
+    """Keys holding a constant per channel: with that constant as the offset, decode gives
+    the keys back within the format's bound on ``k - mu`` (not on ``k``), which for fp8
+    and int8 is several times smaller here; values are untouched."""
+    from paged_kv import key_offsets
+
+    rng = np.random.default_rng(4)
+    mu = key_offsets_like(rng, 1)[0]
+    keys = (rng.normal(size=(64, H, D)) + mu).astype(np.float32)
+    base = dict(kv_format=fmt, kv_fp8_scales=0.05 if fmt == "fp8" else None)
+    plain, centred = spec(**base), spec(**base, kv_key_offsets=key_offsets.calibrate([keys] * 4))
+    (kc0, vc0), (kc1, vc1) = quant.codecs(plain, 0), quant.codecs(centred, 0)
+    assert kc0.offset is None and vc1.offset is None and kc1.offset is not None
+    got0, got1 = roundtrip(kc0, keys), roundtrip(kc1, keys)
+    assert_within_format(kc1, got1, keys)
+    err0, err1 = (np.linalg.norm(g - keys) for g in (got0, got1))
+    assert err1 < err0 / 3, (err0, err1)
+    zeros = np.zeros((1, H, D), np.uint8)  # a zeroed slot decodes to the offset
+    scales = None if fmt == "fp8" else np.zeros((1, H), np.uint32)
+    np.testing.assert_allclose(np.asarray(kc1.decode(jnp.asarray(zeros), None if scales is None else jnp.asarray(scales)))[0],
+                               np.asarray(kc1.offset, np.float32), rtol=1e-6, atol=1e-5)
+
+
+def test_key_offsets_spec_rules_and_json_round_trip():
+    from paged_kv import key_offsets
+
+    mu = key_offsets_like(np.random.default_rng(1), 4)
+    s = spec(kv_format="int8", kv_key_offsets=[mu[0], None, mu[2], mu[3]])
+    assert s.kv_key_offsets[1] is None and isinstance(s.kv_key_offsets[0][0][0], float)
+    as_lists = json.loads(json.dumps(s.kv_key_offsets))
+    assert spec(kv_format="int8", kv_key_offsets=as_lists) == s
+    assert spec(kv_format="int8", kv_key_offsets=mu) != spec(kv_format="int8", kv_key_offsets=mu + 1)
+    assert quant.codecs(s, 1)[0].offset is None and quant.codecs(s, 2)[0].offset == s.kv_key_offsets[2]
+    full = spec(kv_format="int8", kv_key_offsets=mu, kv_full_precision_layers=(2,))
+    assert quant.codecs(full, 2)[0].offset is None  # a full-precision layer ignores its entry
+    assert s.bytes_per_token == spec(kv_format="int8").bytes_per_token  # the spec holds them, not the pages
+    for bad, fragment in [(mu[:3], "3 entries"), ([mu[0][:, :4]] * 4, "not 2 x 8"), ("x", "a str"),
+                          ([np.full((H, D), np.nan)] * 4, "non-finite"), ([[["a"] * D] * H] * 4, "not 2 x 8")]:
+        with pytest.raises(pk.SpecError, match=fragment):
+            spec(kv_format="fp8", kv_key_offsets=bad)
+    with pytest.raises(pk.SpecError, match="kv_format='none'"):
+        spec(kv_key_offsets=mu)
+    np.testing.assert_allclose(np.asarray(key_offsets.calibrate([mu[:1] + np.zeros((5, 1, 1))])[0]), mu[0])
+
+
 # ---- through a model: dense reference ------------------------------------------------------
 CFG = TinyConfig()
 
@@ -321,13 +371,25 @@ def poisoned(cache: pk.PagedKVCache) -> pk.PagedKVCache:
     return jax.tree_util.tree_map(fill, cache)
 
 
+def key_offsets_like(rng, layers: int) -> np.ndarray:
+    """``[layers, H, D]`` offsets: 2 channels per head of magnitude 10-40, the rest 0."""
+    mu = np.zeros((layers, H, D), np.float32)
+    for layer in range(layers):
+        for h in range(H):
+            mu[layer, h, rng.choice(D, 2, replace=False)] = rng.uniform(10, 40, 2) * rng.choice([-1, 1], 2)
+    return mu
+
+
 class World:
     """Quantized cache + manager + the float values each live sequence was given."""
 
-    def __init__(self, fmt: str, layout: str):
+    def __init__(self, fmt: str, layout: str, offsets: bool = False):
+        # With offsets: every key holds them (plus its noise), as calibrated offsets describe.
+        self.mu = key_offsets_like(np.random.default_rng(9), 2) if offsets else np.zeros((2, H, D), np.float32)
         self.spec = pk.CacheSpec(num_layers=2, num_blocks=17, block_size=BS, max_blocks_per_seq=8, max_batch_slots=8,
                                  num_kv_heads=H, head_dim=D, dtype="float32", sliding_window=6, sliding_layers=(1,),
-                                 kv_format=fmt, kv_fp8_scales=[(0.5, (0.25, 1.0)), (1.0, 2.0)] if fmt == "fp8" else None)
+                                 kv_format=fmt, kv_fp8_scales=[(0.5, (0.25, 1.0)), (1.0, 2.0)] if fmt == "fp8" else None,
+                                 kv_key_offsets=self.mu if offsets else None)
         self.m = pk.KVCacheManager(self.spec)
         self.cache = poisoned(pk.PagedKVCache.init(self.spec, layout=layout))
         self.ref: dict[int, list] = {}
@@ -341,6 +403,7 @@ class World:
             k, v = np.full((2, B, T, H, D), np.nan, np.float32)  # padding tokens: NaN, must be dropped
             for b, (s, n) in enumerate(zip(ids, counts)):
                 new = outlier_values(self.rng, (2, n, H, D), factor=20.0)
+                new[0] += self.mu[layer]
                 k[b, :n], v[b, :n] = new
                 self.ref[s][layer] = [np.concatenate([old, x]) for old, x in zip(self.ref[s][layer], new)]
             ks.append(jnp.asarray(k))
@@ -385,9 +448,11 @@ def gathered_bits(w: World, seq_id) -> list:
     return out
 
 
-@pytest.mark.parametrize("fmt, layout", [("int8", "split"), ("int8", "unified"), ("fp8", "split")])
-def test_isolation_fork_swap_and_checkpoint_of_quantized_pages(fmt, layout, tmp_path):
-    w = World(fmt, layout)
+@pytest.mark.parametrize("fmt, layout, offsets", [("int8", "split", False), ("int8", "unified", False),
+                                                  ("fp8", "split", False), ("fp8", "unified", True),
+                                                  ("int8", "split", True)])
+def test_isolation_fork_swap_and_checkpoint_of_quantized_pages(fmt, layout, offsets, tmp_path):
+    w = World(fmt, layout, offsets)
     ids = list(range(len(EDGES)))
     for s, n in zip(ids, EDGES):
         w.admit(s, n)
@@ -503,12 +568,14 @@ def _attend_step(cache, qs, ks, vs, meta):
     return tuple(outs), pk.PagedKVCache(tuple(views))
 
 
-@pytest.mark.parametrize("fmt, layout", [("int8", "split"), ("int8", "unified"), ("fp8", "split")])
-def test_in_place_attention_dequantizes_each_chunk(fmt, layout):
+@pytest.mark.parametrize("fmt, layout, offsets", [("int8", "split", False), ("int8", "unified", False),
+                                                  ("fp8", "split", False), ("fp8", "unified", True),
+                                                  ("int8", "split", True)])
+def test_in_place_attention_dequantizes_each_chunk(fmt, layout, offsets):
     """`view.attention` (chunks gathered from the pages, decoded one by one, f32
     accumulation) equals attention over the dequantized `read`, in pools whose every
-    stale slot holds garbage and NaN scales."""
-    w = World(fmt, layout)
+    stale slot holds garbage and NaN scales (and key offsets added back on both paths)."""
+    w = World(fmt, layout, offsets)
     rng = np.random.default_rng(5)
     lengths = {0: 1, 1: BS + 1, 2: 2 * BS, 3: 3 * BS + 2}
     for s, n in lengths.items():
@@ -519,6 +586,7 @@ def test_in_place_attention_dequantizes_each_chunk(fmt, layout):
         shape = (2, meta.batch_size, meta.query_len)
         qs = jnp.asarray(rng.normal(size=(*shape, 2 * H, D)) * 0.1, jnp.float32)  # logits O(1..10)
         ks, vs = (jnp.asarray(outlier_values(rng, (*shape, H, D))) for _ in range(2))
+        ks = ks + jnp.asarray(w.mu)[:, None, None]  # the keys' constant part (zero without offsets)
         outs, w.cache = _attend_step(w.cache, tuple(qs), tuple(ks), tuple(vs), meta.to_device())
         w.m.commit(ids)
         for layer, (out, dense) in enumerate(outs):

@@ -79,7 +79,12 @@ class PagedLayerView:
         self.check_pages()
         self.check_metadata(metadata)
         tables = metadata.groups[self.group]
-        return self.decode_gathered(self.gather(tables.block_tables, metadata.kv_lens - tables.start))
+        lens = metadata.kv_lens - tables.start
+        keys, values = self.decode_gathered(self.gather(tables.block_tables, lens))
+        if self.codecs[0].offset is not None:  # zeroed slots decode to the offset: zero them again
+            live = jnp.arange(keys.shape[1])[None, :] < lens[:, None]
+            keys = jnp.where(live[:, :, None, None], keys, jnp.zeros((), keys.dtype))
+        return keys, values
 
     def read_blocks(self, block_ids: jax.Array, rotated: bool = False) -> tuple[jax.Array, jax.Array]:
         """Keys ``[B, C*block_size, key_heads, key_dim]`` and values of blocks ``block_ids``
