@@ -24,7 +24,11 @@ What is measured, and why:
     each format's own floor: the same keys and values rounded as the format rounds
     them (rotated), in numpy outside the cache, attention in float64
     (``*_format_floor``). A cache that adds no error of its own matches its floor.
-    Aims: int8 <= 1 %, fp8 <= 3 % relative L2 (the better fp8 scale).
+    With calibrated key offsets (``*_key_offsets``, `paged_kv.key_offsets`: each head's
+    mean key over the calibration sample, pages holding ``k - mu``; fp8 scales then
+    calibrated on ``k - mu``), and their floors.
+    Aims: int8 <= 1 %, fp8 <= 3 % relative L2 (the better fp8 scale), met or not per
+    kind and spread, for the default pages and with key offsets.
 (b) Memory: bytes per token of an 8B-class model (32 layers, 8 KV heads x 128) per
     format, scales included, and the sequences running at once when the bundled
     Azure conversation trace is replayed (`paged_kv.sim.simulate`) at equal memory
@@ -61,7 +65,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _report import finish_report, start_report  # noqa: E402
 
 import paged_kv as pk  # noqa: E402
-from paged_kv import quant  # noqa: E402
+from paged_kv import key_offsets, quant  # noqa: E402
 from paged_kv.insertion import insert_prefill  # noqa: E402
 from paged_kv.sim import load_trace, simulate  # noqa: E402
 
@@ -165,12 +169,26 @@ SPREADS = (1.0, 3.0)
 ROTATIONS = {"": "auto", "_no_rotation": "none"}  # name suffix -> kv_rotation ("auto": Hadamard here)
 
 
+@lru_cache(maxsize=None)
+def calibration_sample(kind: str) -> tuple:
+    """4k other tokens of the same "model" (its outlier channels), as a serving stack
+    calibrates on a sample of traffic."""
+    return outlier_kv(np.random.default_rng(99), 4096, kind)
+
+
+@lru_cache(maxsize=None)
+def key_offsets_calibrated(kind: str) -> list:
+    """`paged_kv.key_offsets.calibrate` of the calibration sample: each head's mean key."""
+    return list(key_offsets.calibrate([calibration_sample(kind)[0]]))
+
+
 @lru_cache(maxsize=None)  # a 4k-token calibration per (kind, rotation), asked for per context and spread
-def fp8_calibrated_scales(kind: str, rotation: str) -> list:
-    """Per-head fp8 scales calibrated on other tokens of the same "model" (its outlier
-    channels), absmax x 1.25 / 448, as a serving stack calibrates on a sample of traffic;
-    in the basis the pages hold (rotated, when they are)."""
-    cal = outlier_kv(np.random.default_rng(99), 4096, kind)
+def fp8_calibrated_scales(kind: str, rotation: str, offsets: bool = False) -> list:
+    """Per-head fp8 scales calibrated on the calibration sample, absmax x 1.25 / 448, in
+    the basis the pages hold (rotated, when they are; less the key offsets with them)."""
+    cal = list(calibration_sample(kind))
+    if offsets:
+        cal[0] = cal[0] - np.asarray(key_offsets_calibrated(kind)[0], np.float32)
     if rotation != "none":
         cal = [np.asarray(quant.hadamard_transform(jnp.asarray(x), quant.rotation_block(DIM))) for x in cal]
     k, v = (tuple(float(s) for s in np.abs(x).max((0, 2)) * 1.25 / quant.FP8_MAX) for x in cal)
@@ -187,6 +205,10 @@ def accuracy_specs(nb: int, kind: str) -> dict:
         out["fp8_calibrated" + suffix] = layer_spec("fp8", nb, kv_rotation=rot,
                                                     kv_fp8_scales=fp8_calibrated_scales(kind, rot))
     out["int8_bf16_scales"] = layer_spec("int8", nb, kv_scale_dtype="bfloat16")
+    offsets = key_offsets_calibrated(kind)
+    out["int8_key_offsets"] = layer_spec("int8", nb, kv_key_offsets=offsets)
+    out["fp8_calibrated_key_offsets"] = layer_spec("fp8", nb, kv_key_offsets=offsets,
+                                                   kv_fp8_scales=fp8_calibrated_scales(kind, "auto", True))
     return out
 
 
@@ -214,8 +236,9 @@ def accuracy(contexts, rng, kind: str) -> dict:
             row[name] = {f"logit_std_{std:g}": errors(attention_through_cache(spec, k, v, jnp.asarray(q)), ref[std])
                          for std, q in qs.items()}
         for fmt in ("int8", "fp8"):  # the same rounding outside the cache: the format's own error
-            row[f"{fmt}_format_floor"] = {f"logit_std_{std:g}": errors(format_floor(k, v, q, fmt, kind), ref[std])
-                                          for std, q in qs.items()}
+            for offsets, name in ((False, f"{fmt}_format_floor"), (True, f"{fmt}_key_offsets_format_floor")):
+                row[name] = {f"logit_std_{std:g}": errors(format_floor(k, v, q, fmt, kind, offsets), ref[std])
+                             for std, q in qs.items()}
         results[str(n)] = row
         print(f"{kind} context {n}: " + ", ".join(
             f"{f} " + "/".join(f"{r['rel_l2']:.2%}" for r in e.values()) for f, e in row.items()
@@ -250,12 +273,14 @@ def _rounded(x: np.ndarray, fmt: str, head_scale: np.ndarray | None) -> np.ndarr
     return r @ rot
 
 
-def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: str) -> np.ndarray:
+def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: str, offsets: bool = False) -> np.ndarray:
     """The attention output a perfect implementation of ``fmt`` gives: keys and values
-    rounded as the format rounds them (rotated, as ``kv_rotation="auto"`` does), attention
-    in float64. What the cache adds to the format's error is the distance to this."""
-    scales = np.asarray(fp8_calibrated_scales(kind, "auto")[0]) if fmt == "fp8" else (None, None)
-    kr, vr = _rounded(k, fmt, scales[0]), _rounded(v, fmt, scales[1])
+    rounded as the format rounds them (rotated, as ``kv_rotation="auto"`` does; keys less
+    their calibrated offsets with ``offsets``, added back after), attention in float64.
+    What the cache adds to the format's error is the distance to this."""
+    scales = np.asarray(fp8_calibrated_scales(kind, "auto", offsets)[0]) if fmt == "fp8" else (None, None)
+    mu = np.asarray(key_offsets_calibrated(kind)[0], np.float32) if offsets else np.float32(0)
+    kr, vr = _rounded(k - mu, fmt, scales[0]) + mu, _rounded(v, fmt, scales[1])
     kq, vq = np.repeat(kr, Q_PER_KV, axis=1), np.repeat(vr, Q_PER_KV, axis=1)
     logits = np.einsum("qhd,shd->qhs", q.astype(np.float64), kq) / np.sqrt(DIM)
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -286,12 +311,15 @@ def summarize(acc: dict) -> tuple[dict, dict]:
                 label = "rotated" if not suffix else "not_rotated"
                 met[key][f"int8_{label}_le_1pct"] = w["int8" + suffix] <= AIMS["int8"]
                 met[key][f"fp8_{label}_le_3pct"] = min(w["fp8_scale_1" + suffix], w["fp8_calibrated" + suffix]) <= AIMS["fp8"]
+            met[key]["int8_key_offsets_le_1pct"] = w["int8_key_offsets"] <= AIMS["int8"]
+            met[key]["fp8_key_offsets_le_3pct"] = w["fp8_calibrated_key_offsets"] <= AIMS["fp8"]
     return worst, met
 
 
 def accuracy_table(acc: dict) -> str:
     """Markdown: format x rotation x kind x spread x context, relative L2 (max abs)."""
-    cols = ["int8", "int8_format_floor", "int8_no_rotation", "fp8_calibrated", "fp8_format_floor",
+    cols = ["int8", "int8_format_floor", "int8_key_offsets", "int8_key_offsets_format_floor", "int8_no_rotation",
+            "fp8_calibrated", "fp8_format_floor", "fp8_calibrated_key_offsets", "fp8_key_offsets_format_floor",
             "fp8_calibrated_no_rotation", "fp8_scale_1", "fp8_scale_1_no_rotation", "int8_bf16_scales", "f32_pages"]
     lines = ["| keys | spread | context | eff. tokens | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
     for kind, by_context in acc.items():

@@ -310,15 +310,24 @@ def _quant_rows(r: dict) -> list[Row]:
             return (f"{_pct(min(flat['fp8_scale_1' + suffix], flat['fp8_calibrated' + suffix]), 2)} / "
                     f"{_pct(min(sharp['fp8_scale_1' + suffix], sharp['fp8_calibrated' + suffix]), 2)}")
 
-        aims = ", ".join(f"{fmt} {' / '.join('yes' if met[f'{kind}/logit_std_{s}'][f'{fmt}_rotated_le_{p}pct'] else 'no' for s in (1, 3))}"
-                         for fmt, p in (("int8", 1), ("fp8", 3)))
+        def aims(how, kind=kind):
+            return ", ".join(f"{fmt} {' / '.join('yes' if met[f'{kind}/logit_std_{s}'].get(f'{fmt}_{how}_le_{p}pct') else 'no' for s in (1, 3))}"
+                             for fmt, p in (("int8", 1), ("fp8", 3)))
+
+        offsets = ""
+        if "int8_key_offsets" in flat:
+            offsets = (f"; with calibrated key offsets: int8 {both('int8_key_offsets')}, fp8 "
+                       f"{both('fp8_calibrated_key_offsets')} (aims met: {aims('key_offsets')})")
         out.append((f"attention-output error vs bf16 pages (relative L2, worst of 1k-8k tokens), keys with {label}, "
                     "logit spread 1 / 3, Hadamard-rotated pages (the default)",
-                    f"int8 {both('int8')}, fp8 {fp8('')}; aims (int8 ≤ 1 %, fp8 ≤ 3 %) met at spread 1 / 3: {aims}",
+                    f"int8 {both('int8')}, fp8 {fp8('')}; aims (int8 ≤ 1 %, fp8 ≤ 3 %) met at spread 1 / 3: "
+                    f"{aims('rotated')}{offsets}",
                     f"not rotated: int8 {both('int8_no_rotation')}, fp8 {fp8('_no_rotation')}; "
                     f"float32 vs bf16 pages {both('f32_pages')}"
                     + (f"; the formats' own rounding outside the cache (floor): int8 {both('int8_format_floor')}, "
-                       f"fp8 {both('fp8_format_floor')}" if "int8_format_floor" in flat else "")))
+                       f"fp8 {both('fp8_format_floor')}" if "int8_format_floor" in flat else "")
+                    + (f"; with key offsets int8 {both('int8_key_offsets_format_floor')}, "
+                       f"fp8 {both('fp8_key_offsets_format_floor')}" if "int8_key_offsets_format_floor" in flat else "")))
     sp, wr = get(r, "bench_quant:speed"), get(r, "bench_quant:write_in_place")
     if sp and wr and "in_place" in sp:
         ip, ga = sp["in_place"]["over_bf16"], sp["gathered"]["over_bf16"]
