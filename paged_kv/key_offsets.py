@@ -10,8 +10,8 @@ a query's logits over its context move together when every key moves by the same
 ``k - mu`` (then rotated and quantized as usual), and every read adds ``mu`` back: the
 keys a model gets, and attention with sinks or a soft cap, are unchanged; only the
 rounding is now relative to what varies. Measured (`benchmarks/bench_quant.py`), keys
-with consistent outlier channels at a peaked softmax: about 4x less attention-output
-error for fp8 and 2x for int8; keys without such channels gain nothing.
+with consistent outlier channels at a peaked softmax: about 3x less attention-output
+error for fp8 and int8; keys without such channels gain nothing.
 
 ``CacheSpec.kv_key_offsets``: None, or one entry per layer, each None (no offset) or
 ``key_heads x key_dim`` floats, e.g. the mean key of each head over a calibration
