@@ -46,10 +46,12 @@ def converter(value):
 
 def _layer(x):
     try:
-        a = np.asarray(x, dtype=np.float64)
+        a = np.asarray(x)
     except (TypeError, ValueError):
-        return x  # `check` names it
-    return tuple(tuple(float(v) for v in row) for row in a) if a.ndim == 2 else x
+        return x  # ragged: `check` names it
+    if a.ndim != 2 or a.dtype.kind not in "fiu":  # no strings, bools or objects posing as numbers
+        return x
+    return tuple(tuple(float(v) for v in row) for row in a.astype(np.float64))
 
 
 def check(spec) -> None:
