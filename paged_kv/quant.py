@@ -38,6 +38,10 @@ saturates and underflows less). Rounding error stays per token and head, bounded
 L2: ``||decode(x) - x||_2 = ||decode'(x H) - x H||_2`` (``H`` preserves norms). The
 transform is a float32 matmul at ``Precision.HIGHEST`` with each block of ``H``.
 
+Key offsets (``CacheSpec.kv_key_offsets``, `paged_kv.key_offsets`): a layer's key codec
+may subtract a calibrated per-head vector ``mu`` before rotating, and adds ``mu H``
+back when dequantizing, so rounding is relative to what varies from token to token.
+
 Pages of a quantized layer are stored as ``uint8`` bits and int8 scales as unsigned
 ints of their width, for the same reason every page is stored as unsigned bits
 (`paged_kv.spec.storage_dtype`): XLA on CPU scatters floats out of place.
