@@ -360,7 +360,7 @@ def memory(limit: int | None, pool_gib: float, max_batch: int) -> dict:
 SPEED_FORMATS = {**FORMATS, "int8_no_rotation": dict(kv_format="int8", kv_rotation="none")}
 
 
-SPEED_PASSES = 2
+SPEED_PASSES = 3
 
 
 def step_speed(batch: int, context: int, repeats: int, rng) -> dict:
