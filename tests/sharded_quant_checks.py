@@ -1,5 +1,5 @@
 """Run on 8 fake CPU devices (a subprocess of tests/test_quant.py): int8 pages and their
-per-token scales sharded over heads behave exactly like pages on one device.
+per-token scales (and key offsets) sharded over heads behave exactly like pages on one device.
 
 Reuses the serving history of `sharded_checks` (prefill at block edges, decode,
 fork + copy-on-write, slot insertion, swap out / reuse / swap in) with an int8 spec.
@@ -20,7 +20,9 @@ import paged_kv as pk  # noqa: E402
 
 base.SPEC = pk.CacheSpec(num_layers=3, num_blocks=32, block_size=4, max_blocks_per_seq=8, max_batch_slots=8,
                          num_kv_heads=base.HEADS, head_dim=base.DIM, dtype="bfloat16", sliding_window=6,
-                         sliding_layers=(1,), sliding_num_blocks=24, kv_format="int8")
+                         sliding_layers=(1,), sliding_num_blocks=24, kv_format="int8",
+                         # key offsets (a replicated constant) must shard with the heads they add to
+                         kv_key_offsets=np.random.default_rng(3).normal(0, 8, (3, base.HEADS, base.DIM)))
 
 
 def main() -> None:

@@ -489,9 +489,10 @@ def test_isolation_fork_swap_and_checkpoint_of_quantized_pages(fmt, layout, offs
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("layout", ["split", "unified"])
-def test_insert_prefill_quantizes_like_the_write(layout):
-    s = spec(kv_format="int8", num_layers=2)
+@pytest.mark.parametrize("layout, offsets", [("split", False), ("unified", False), ("unified", True)])
+def test_insert_prefill_quantizes_like_the_write(layout, offsets):
+    mu = key_offsets_like(np.random.default_rng(2), 2) if offsets else None
+    s = spec(kv_format="int8", num_layers=2, kv_key_offsets=mu)
     m = pk.KVCacheManager(s)
     cache = pk.PagedKVCache.init(s, layout=layout)
     rng = np.random.default_rng(3)
