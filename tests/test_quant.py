@@ -305,7 +305,7 @@ def test_key_offsets_spec_rules_and_json_round_trip():
     assert quant.codecs(full, 2)[0].offset is None  # a full-precision layer ignores its entry
     assert s.bytes_per_token == spec(kv_format="int8").bytes_per_token  # the spec holds them, not the pages
     for bad, fragment in [(mu[:3], "3 entries"), ([mu[0][:, :4]] * 4, "not 2 x 8"), ("x", "a str"),
-                          ([np.full((H, D), np.nan)] * 4, "non-finite"), ([[["a"] * D] * H] * 4, "not 2 x 8")]:
+                          ([np.full((H, D), np.nan)] * 4, "not finite"), ([np.full((H, D), 1e39)] * 4, "not finite"), ([[["a"] * D] * H] * 4, "not 2 x 8")]:
         with pytest.raises(pk.SpecError, match=fragment):
             spec(kv_format="fp8", kv_key_offsets=bad)
     with pytest.raises(pk.SpecError, match="kv_format='none'"):
