@@ -41,9 +41,10 @@ What is measured, and why:
     a ratio near 1 means the write is still in place, O(tokens).
 (d) Greedy decode of the real-model fixtures (tests/fixtures/hf: tiny random Llama
     and Mistral checkpoints made by transformers, through `paged_kv.models`) for 64
-    steps: token agreement of int8 and fp8 pages (with and without rotation) with bf16
-    pages, the first step's logit error, and how close the bf16 run's top two logits
-    are (the margin a rounding error must cross to flip a token).
+    steps: token agreement of int8 and fp8 pages (with and without rotation, and with
+    key offsets calibrated on the model's own keys) with bf16 pages, the first step's
+    logit error, and how close the bf16 run's top two logits are (the margin a rounding
+    error must cross to flip a token).
 
 Usage: PYTHONPATH=. python benchmarks/bench_quant.py [--quick]. Prints a final JSON line.
 """
@@ -455,10 +456,22 @@ REAL_MODEL_FORMATS = {"bf16": {}, "int8": dict(kv_format="int8"), "int8_no_rotat
                       "fp8": dict(kv_format="fp8"), "fp8_no_rotation": dict(kv_format="fp8", kv_rotation="none")}
 
 
+def model_key_offsets(cfg, params, vocab: int, seed: int = 11) -> tuple:
+    """Key offsets calibrated on the model's own keys (after RoPE, as pages hold them):
+    `paged_kv.key_offsets.calibrate` of 4 random-token prompts of 256 tokens, prefilled
+    with no cache (`llama.forward_contiguous`); not the prompts decoded below."""
+    from paged_kv.models import llama
+
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, size=(4, 256)), jnp.int32)
+    _, keys, _ = jax.jit(llama.forward_contiguous, static_argnums=0)(cfg, params, tokens)
+    return key_offsets.calibrate([np.asarray(k, np.float32) for k in keys])
+
+
 def real_model_agreement(steps: int) -> dict:
     """Greedy decode of the fixtures' prompts (tiny random Llama and Mistral checkpoints)
-    for ``steps`` tokens with bf16 pages and with each quantized format: the fraction
-    of generated tokens equal to bf16's, and the step of the first difference."""
+    for ``steps`` tokens with bf16 pages and with each quantized format (and with key
+    offsets calibrated on the model's own keys, `model_key_offsets`): the fraction of
+    generated tokens equal to bf16's, and the step of the first difference."""
     try:
         import attrs
 
@@ -477,7 +490,10 @@ def real_model_agreement(steps: int) -> dict:
         base = llama.cache_spec(cfg, num_blocks=256, block_size=8, max_seq_len=max(map(len, prompts)) + steps,
                                 max_batch_slots=8, dtype="bfloat16")
         runs, first_logits = {}, {}
-        for name, kw in REAL_MODEL_FORMATS.items():
+        mu = model_key_offsets(cfg, params, int(params["embed"].shape[0]))
+        formats = {**REAL_MODEL_FORMATS, "int8_key_offsets": dict(kv_format="int8", kv_key_offsets=mu),
+                   "fp8_key_offsets": dict(kv_format="fp8", kv_key_offsets=mu)}
+        for name, kw in formats.items():
             done, _ = Generator(cfg, params, attrs.evolve(base, **kw), prefix_cache=False,
                                 record_logits=True).generate([Request(p, max_new_tokens=steps) for p in prompts])
             runs[name] = [c.tokens[len(c.prompt):] for c in done]
@@ -486,7 +502,7 @@ def real_model_agreement(steps: int) -> dict:
         ref = first_logits["bf16"]
         top2 = np.sort(ref, axis=-1)[:, -2:]
         row = {"bf16_top2_margin_over_logit_std": round(float(np.median((top2[:, 1] - top2[:, 0]) / ref.std(-1))), 4)}
-        for name in list(REAL_MODEL_FORMATS)[1:]:
+        for name in list(formats)[1:]:
             rel = float(np.linalg.norm(first_logits[name] - ref) / np.linalg.norm(ref - ref.mean(-1, keepdims=True)))
             same = [np.mean(np.equal(a, b)) for a, b in zip(runs[name], runs["bf16"])]
             first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), steps)

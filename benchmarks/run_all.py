@@ -343,8 +343,13 @@ def _quant_rows(r: dict) -> list[Row]:
             out.append((f"real-model fixture `{name}` (tiny random weights), first-step logits vs bf16 pages "
                         f"(relative L2 of the centred logits); greedy agreement over {d['steps']} steps",
                         f"int8 {_pct(d['int8']['first_logits_rel_l2'])}, fp8 {_pct(d['fp8']['first_logits_rel_l2'])}",
-                        f"agreement int8 {_pct(d['int8']['token_agreement'])}, fp8 {_pct(d['fp8']['token_agreement'])}; "
-                        f"bf16's top-2 logit margin: median {d['bf16_top2_margin_over_logit_std']:.2f} logit std"))
+                        f"agreement int8 {_pct(d['int8']['token_agreement'])}, fp8 {_pct(d['fp8']['token_agreement'])}"
+                        + (f"; with key offsets calibrated on the model's keys: logits int8 "
+                           f"{_pct(d['int8_key_offsets']['first_logits_rel_l2'])}, fp8 "
+                           f"{_pct(d['fp8_key_offsets']['first_logits_rel_l2'])}, agreement int8 "
+                           f"{_pct(d['int8_key_offsets']['token_agreement'])}, fp8 "
+                           f"{_pct(d['fp8_key_offsets']['token_agreement'])}" if "int8_key_offsets" in d else "")
+                        + f"; bf16's top-2 logit margin: median {d['bf16_top2_margin_over_logit_std']:.2f} logit std"))
     return out
 
 
