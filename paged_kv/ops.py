@@ -33,6 +33,24 @@ def _to_storage(x: jax.Array, storage) -> jax.Array:
     return lax.bitcast_convert_type(x, storage)
 
 
+# Metadata is caller-constructible, so its ids are untrusted on the device too. JAX
+# index arithmetic wraps a negative index (slot -1 is the pool's last slot, another
+# sequence's), and an out-of-range gather index is clamped on CPU and undefined on
+# accelerators (bytes outside the pool). One element-wise select per id, on arrays the
+# size of the tables, keeps every read inside the pool and every write where it was
+# meant to go or nowhere.
+def in_pool_blocks(block_ids: jax.Array, num_blocks: int) -> jax.Array:
+    """``block_ids`` with every id outside ``[0, num_blocks)`` replaced by the null
+    block (0), which is never written: a bad id reads zeros, never another block."""
+    return jnp.where((block_ids >= 0) & (block_ids < num_blocks), block_ids, 0)
+
+
+def in_pool_slots(slots: jax.Array, num_slots: int) -> jax.Array:
+    """``slots`` with every slot outside ``[0, num_slots)`` replaced by ``num_slots``,
+    which a ``mode="drop"`` scatter drops (a negative one would otherwise wrap)."""
+    return jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
+
+
 def scatter_tokens(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, compute_dtype) -> jax.Array:
     """Write ``new[b, t]`` into flat slot ``slot_mapping[b, t]`` of ``pages``.
 
@@ -53,7 +71,7 @@ def scatter_tokens(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, co
         new = new.astype(compute_dtype)
     rows = _to_storage(new, pages.dtype).reshape(-1, *row)
     flat = pages.reshape(nb * bs, *row)
-    flat = flat.at[slot_mapping.reshape(-1)].set(rows, mode="drop")
+    flat = flat.at[in_pool_slots(slot_mapping.reshape(-1), nb * bs)].set(rows, mode="drop")
     return flat.reshape(pages.shape)
 
 
@@ -65,7 +83,7 @@ def gather_blocks(pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array,
     """
     nb, bs, *row = pages.shape
     b, w = block_tables.shape
-    blocks = pages.at[block_tables].get(mode="promise_in_bounds")  # [B, W, bs, *row]
+    blocks = pages.at[in_pool_blocks(block_tables, nb)].get(mode="promise_in_bounds")  # [B, W, bs, *row]
     view = blocks.reshape(b, w * bs, *row)
     # The zeroing does double duty: besides hiding a reused block's stale bytes, it
     # makes XLA on CPU fuse the gather into one loop that writes the output directly;
@@ -82,7 +100,7 @@ def take_blocks(pages: jax.Array, block_ids: jax.Array, compute_dtype) -> jax.Ar
     itself (`paged_kv.attention`), reading a chunk of the table at a time."""
     nb, bs, *row = pages.shape
     b, c = block_ids.shape
-    blocks = pages.at[block_ids].get(mode="promise_in_bounds")  # [B, C, bs, *row]
+    blocks = pages.at[in_pool_blocks(block_ids, nb)].get(mode="promise_in_bounds")  # [B, C, bs, *row]
     return lax.bitcast_convert_type(blocks.reshape(b, c * bs, *row), compute_dtype)
 
 

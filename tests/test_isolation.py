@@ -221,3 +221,40 @@ def test_reused_blocks_never_expose_previous_owner(layout, dtype):
     w.check_null_block()
     m.check_integrity()
     slots.check_integrity()
+
+
+@pytest.mark.parametrize("layout", ["split", "unified"])
+def test_crafted_metadata_ids_stay_inside_the_pool(layout):
+    """Metadata is caller-constructible: slots and block ids outside the pool (negative
+    ones too, which JAX indexing would wrap onto the pool's last blocks) and copy-on-write
+    sources or targets outside it must write nothing and read only the null block's zeros.
+    Another sequence's bytes and the null block stay as they were."""
+    import dataclasses
+
+    spec = make_spec("float32")
+    m, cache = pk.KVCacheManager(spec), pk.PagedKVCache.init(spec, layout=layout)
+    nb = spec.num_blocks
+    m.admit(10, 8 * BS)  # the victims hold every block but one: -1 wraps onto theirs
+    m.admit(11, 7 * BS)
+    m.admit(1, 2)
+    rng = np.random.default_rng(1)
+    meta = m.step_metadata([10, 11], [8 * BS, 7 * BS])
+    k = jnp.asarray(rng.normal(size=(2, meta.query_len, H, D)), jnp.float32)
+    write = jax.jit(lambda c, k, meta: pk.PagedKVCache(tuple(v.write(k, k, meta) for v in c.views)))
+    cache = write(cache, k, meta.to_device())
+    before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves(cache)]
+    good = m.step_metadata([1], 2)
+    bad_ids = np.array([-1, -nb, nb, 2**30], np.int32)
+    groups = tuple(dataclasses.replace(
+        g, slot_mapping=np.array([[-1, -BS * nb]], np.int32)[:, : g.slot_mapping.shape[1]],
+        block_tables=np.resize(bad_ids, g.block_tables.shape).astype(np.int32),
+        copy_src=np.array([-1, 3, nb + 1], np.int32), copy_dst=np.array([3, -1, 0], np.int32),
+        copy_len=np.full(3, BS, np.int32)) for g in good.groups)
+    crafted = dataclasses.replace(good, groups=groups)
+    new = jnp.asarray(rng.normal(size=(1, good.query_len, H, D)) + 100, jnp.float32)
+    cache = write(cache, new, crafted.to_device())
+    for a, b in zip(before, jax.tree_util.tree_leaves(cache), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))  # nothing written anywhere, block 0 included
+    for view in cache.views:
+        keys, values = jax.jit(lambda v, meta: v.read(meta))(view, crafted.to_device())
+        assert not np.asarray(keys).any() and not np.asarray(values).any()  # bad ids read the null block

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from paged_kv.errors import ShapeError
+from paged_kv.ops import in_pool_blocks
 
 
 def _check(query: jax.Array, k_pages: jax.Array, v_pages: jax.Array) -> None:
@@ -53,7 +54,7 @@ def paged_decode_tpu(query, k_pages, v_pages, block_tables, kv_lens, *, scale=No
     ppcb = _divisor(block_tables.shape[1], pages_per_compute_block)
     out = paged_attention(
         (query[:, 0] * scale).astype(query.dtype), k_pages, v_pages, kv_lens.astype(jnp.int32),
-        block_tables.astype(jnp.int32), attn_logits_soft_cap=soft_cap, pages_per_compute_block=ppcb,
+        in_pool_blocks(block_tables.astype(jnp.int32), k_pages.shape[1]), attn_logits_soft_cap=soft_cap, pages_per_compute_block=ppcb,
     )
     return _finish(out, kv_lens, query)
 
@@ -70,7 +71,7 @@ def paged_decode_gpu(query, k_pages, v_pages, block_tables, kv_lens, *, scale=No
     splits = _divisor(w, k_splits)
     ppcb = _divisor(w // splits, pages_per_compute_block)
     out = paged_attention(
-        (query[:, 0] * scale).astype(query.dtype), k_pages, v_pages, block_tables.astype(jnp.int32),
+        (query[:, 0] * scale).astype(query.dtype), k_pages, v_pages, in_pool_blocks(block_tables.astype(jnp.int32), k_pages.shape[1]),
         kv_lens.astype(jnp.int32), block_h=16, pages_per_compute_block=ppcb, k_splits=splits,
         interpret=interpret, attn_logits_soft_cap=soft_cap,
     )

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from paged_kv.errors import ShapeError
+from paged_kv.ops import in_pool_blocks
 
 
 def ragged_kernel() -> Callable:
@@ -82,7 +83,7 @@ def ragged_paged_attention_tpu(
     ragged = jnp.zeros((b * t, hq, d), query.dtype).at[dst.reshape(-1)].set(query.reshape(b * t, hq, d), mode="drop")
     run = kernel or ragged_kernel()
     out = run(
-        ragged, kv_pages, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32), cu,
+        ragged, kv_pages, kv_lens.astype(jnp.int32), in_pool_blocks(block_tables.astype(jnp.int32), kv_pages.shape[0]), cu,
         jnp.array([b], jnp.int32), sm_scale=scale, sliding_window=window, soft_cap=soft_cap, **kernel_kwargs,
     )
     src = cu[:-1, None] + jnp.minimum(tok, jnp.maximum(qlen[:, None] - 1, 0))

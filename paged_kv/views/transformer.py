@@ -167,8 +167,9 @@ class PagedLayerView:
 
     def copy_blocks(self, src: jax.Array, dst: jax.Array, length: jax.Array) -> "PagedLayerView":
         """Copy the first ``length[i]`` token slots of block ``src[i]`` into block ``dst[i]``,
-        one copy after another, in every page array of this layer (an out-of-range
-        ``dst`` copies nothing). Slots past ``length[i]`` keep what the writer put there,
+        one copy after another, in every page array of this layer (a ``src`` or ``dst``
+        outside the pool, or a ``dst`` of the null block, copies nothing: metadata is
+        caller-constructible). Slots past ``length[i]`` keep what the writer put there,
         so running a copy twice changes nothing. O(blocks copied), in place when the
         pages are donated."""
         if src.shape[0] == 0:
@@ -177,10 +178,11 @@ class PagedLayerView:
 
         def copy_all(pages):
             def copy_one(i, pages):
-                inside = dst[i] < pages.shape[0]
-                d = jnp.where(inside, dst[i], 0)
+                nb = pages.shape[0]
+                inside = (dst[i] >= 1) & (dst[i] < nb) & (src[i] >= 0) & (src[i] < nb)
+                d = jnp.where(inside, dst[i], 0)  # not inside: block 0 written back unchanged
                 old = lax.dynamic_index_in_dim(pages, d, keepdims=False)
-                new = lax.dynamic_index_in_dim(pages, src[i], keepdims=False)
+                new = lax.dynamic_index_in_dim(pages, jnp.where(inside, src[i], 0), keepdims=False)
                 take = (jnp.arange(bs) < length[i]) & inside
                 merged = jnp.where(take.reshape(bs, *([1] * (pages.ndim - 2))), new, old)
                 return lax.dynamic_update_index_in_dim(pages, merged, d, 0)
