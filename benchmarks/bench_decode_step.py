@@ -16,8 +16,8 @@ holds B * L tokens, so it is ~60 % full, the same bytes as the dense cache.
 
 The three run on the same weights and hidden states, interleaved, cache donated;
 figures are medians. Transient memory is XLA's compiled ``temp_size_in_bytes``.
-Each grid figure is a variant's fastest median over two passes over the grid, each
-point on fresh caches (`grid_points` says why). Also measured: (a) with the loop over
+Each figure is a variant's fastest median over two passes over all measurements,
+each on fresh caches (`run_passes` says why). Also measured: (a) with the loop over
 the whole table (no dynamic trip count) on a
 batch whose longest row is about half its table bucket, and a chunk-size sweep.
 
@@ -47,7 +47,7 @@ from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, paged_attention_xla  # noqa
 LAYERS, D_MODEL, Q_HEADS, BLOCK = 4, 512, 8, 16
 HEADS = {"kv2_d64": (2, 64), "kv8_d128": (8, 128)}
 MEMORY_CAP = 2 * 2**30  # paged pool + dense cache of one point, bytes: skip larger points
-PASSES = 2  # passes over the grid; a figure is a variant's fastest median (see `grid_points`)
+PASSES = 2  # passes over every measurement; a figure is a variant's fastest median (see `run_passes`)
 
 
 def make_params(kv_heads: int, dim: int, seed: int = 0) -> list[dict]:
@@ -204,35 +204,53 @@ def pool_and_dense_bytes(heads: str, batch: int, max_len: int) -> int:
     return 2 * batch * max_len * h * d * 2 * 2 * LAYERS  # (pool + dense) x K,V x bf16 x layers
 
 
-def grid_points(grid, reps: int, rng) -> list[dict]:
-    """Every point of ``grid`` measured in ``PASSES`` passes over the whole grid, each on a
-    fresh `Point`; a variant's figure is its fastest median over the passes (all kept
-    in ``ms_per_pass``). Why: on these shared cores a point's in-place path sometimes
-    ran ~2.7x slower for all its repetitions while its baselines moved ~1.15x (in 3 of
-    6 whole runs), which moved the median over the grid by 1.7x between reruns; the
-    passes are ~15 s apart, so such a spell rarely covers both. Every variant gets
-    the same treatment."""
-    names = ["a_in_place", "b_gathered", "c_dense"]
-    lengths = [rng.integers(int(0.2 * n), n + 1, size=b) for _, b, n in grid]
-    runs = [[] for _ in grid]
+def run_passes(jobs: list[tuple], reps: int) -> list[dict]:
+    """Each job ``(make_point, names, describe)`` measured once per pass, ``PASSES`` passes
+    over all jobs, each time on a fresh `Point`; ``describe(point, medians)`` (medians:
+    one dict per pass) runs on the last pass's point and gives the job's result, whose
+    figure per variant is its fastest median over the passes.
+
+    Why passes: on these shared cores the in-place path sometimes runs ~3x slower for a
+    spell of a few seconds while its baselines move ~1.15x (seen in 3 of 6 whole runs;
+    the same allocation measured again right after ran at its usual speed, so it is
+    time, not placement). One spell moved the median over the grid by 1.7x between
+    reruns. The passes are ~15 s apart, so a spell rarely covers both; every variant
+    gets the same treatment, and every pass's medians are kept."""
+    runs: list[list[dict]] = [[] for _ in jobs]
+    results: list[dict] = [{} for _ in jobs]
     for pass_ in range(PASSES):
-        for i, (heads, batch, max_len) in enumerate(grid):
-            point = Point(heads, batch, max_len, lengths[i])
+        for i, (make_point, names, describe) in enumerate(jobs):
+            point = make_point()
             runs[i].append(measure(point, names, reps))
             if pass_ == PASSES - 1:
-                runs[i] = describe_point(point, names, runs[i], lengths[i])
+                results[i] = describe(point, runs[i])
             del point  # one point's memory at a time
-    return runs
+    return results
+
+
+def fastest(medians: list[dict]) -> dict:
+    """Per variant, the fastest of its per-pass medians (seconds)."""
+    return {n: min(m[n] for m in medians) for n in medians[0]}
+
+
+def per_pass(medians: list[dict]) -> list[dict]:
+    return [{n: round(1e3 * t, 3) for n, t in m.items()} for m in medians]
+
+
+def grid_job(heads: str, batch: int, max_len: int, rng) -> tuple:
+    lengths = rng.integers(int(0.2 * max_len), max_len + 1, size=batch)
+    names = ["a_in_place", "b_gathered", "c_dense"]
+    return (lambda: Point(heads, batch, max_len, lengths), names,
+            lambda point, medians: describe_point(point, names, medians, lengths))
 
 
 def describe_point(point: "Point", names, medians: list[dict], lengths: np.ndarray) -> dict:
-    med = {n: min(m[n] for m in medians) for n in names}
+    med = fastest(medians)
     mem = {n: point.temp_bytes(n) for n in names}
     heads = next(h for h, hd in HEADS.items() if hd == (point.kv_heads, point.dim))
     batch, max_len = len(lengths), point.spec.max_blocks_per_seq * BLOCK
     out = dict(heads=heads, batch=batch, max_len=max_len, fill=round(float(lengths.mean() / max_len), 3),
-               ms={n: round(1e3 * t, 3) for n, t in med.items()},
-               ms_per_pass=[{n: round(1e3 * m[n], 3) for n in names} for m in medians], temp_bytes=mem,
+               ms={n: round(1e3 * t, 3) for n, t in med.items()}, ms_per_pass=per_pass(medians), temp_bytes=mem,
                a_over_c=round(med["a_in_place"] / med["c_dense"], 3),
                b_over_c=round(med["b_gathered"] / med["c_dense"], 3),
                a_over_b=round(med["a_in_place"] / med["b_gathered"], 3),
@@ -244,29 +262,42 @@ def describe_point(point: "Point", names, medians: list[dict], lengths: np.ndarr
     return out
 
 
-def trip_count_point(heads: str, batch: int, max_len: int, reps: int, rng) -> dict:
+def trip_count_job(heads: str, batch: int, max_len: int, rng) -> tuple:
     """The longest row just over L/2: the table bucket is L, the live width about half."""
     lengths = rng.integers(int(0.1 * max_len), max_len // 2, size=batch)
     lengths[0] = max_len // 2 + BLOCK + 1
-    point = Point(heads, batch, max_len, lengths)
-    point.add("a_static_trip", step_paged_static)
-    med = measure(point, ["a_in_place", "a_static_trip"], reps)
-    return dict(heads=heads, batch=batch, max_len=max_len, longest=int(lengths.max()),
-                table_tokens=int(point.meta.block_tables.shape[1] * BLOCK),
-                ms={n: round(1e3 * t, 3) for n, t in med.items()},
-                dynamic_over_static=round(med["a_in_place"] / med["a_static_trip"], 3))
+
+    def make_point():
+        point = Point(heads, batch, max_len, lengths)
+        point.add("a_static_trip", step_paged_static)
+        return point
+
+    def describe(point, medians):
+        med = fastest(medians)
+        return dict(heads=heads, batch=batch, max_len=max_len, longest=int(lengths.max()),
+                    table_tokens=int(point.meta.block_tables.shape[1] * BLOCK),
+                    ms={n: round(1e3 * t, 3) for n, t in med.items()}, ms_per_pass=per_pass(medians),
+                    dynamic_over_static=round(med["a_in_place"] / med["a_static_trip"], 3))
+
+    return make_point, ["a_in_place", "a_static_trip"], describe
 
 
-def chunk_sweep(heads: str, batch: int, max_len: int, reps: int, rng, chunks=(2, 4, 8, 16, 32)) -> dict:
+def chunk_sweep_job(heads: str, batch: int, max_len: int, rng, chunks=(2, 4, 8, 16, 32)) -> tuple:
     lengths = rng.integers(int(0.2 * max_len), max_len + 1, size=batch)
-    point = Point(heads, batch, max_len, lengths)
-    names = []
-    for c in chunks:
-        point.add(f"chunk{c}", partial(step_paged, chunk_blocks=c))
-        names.append(f"chunk{c}")
-    med = measure(point, names, reps)
-    return dict(heads=heads, batch=batch, max_len=max_len, ms={n: round(1e3 * t, 3) for n, t in med.items()},
-                temp_bytes={n: point.temp_bytes(n) for n in names})
+    names = [f"chunk{c}" for c in chunks]
+
+    def make_point():
+        point = Point(heads, batch, max_len, lengths)
+        for c in chunks:
+            point.add(f"chunk{c}", partial(step_paged, chunk_blocks=c))
+        return point
+
+    def describe(point, medians):
+        return dict(heads=heads, batch=batch, max_len=max_len,
+                    ms={n: round(1e3 * t, 3) for n, t in fastest(medians).items()}, ms_per_pass=per_pass(medians),
+                    temp_bytes={n: point.temp_bytes(n) for n in names})
+
+    return make_point, names, describe
 
 
 def main() -> None:
@@ -284,12 +315,13 @@ def main() -> None:
     report = start_report(benchmark="decode_step", device=str(jax.devices()[0]), layers=LAYERS, d_model=D_MODEL,
                           q_heads=Q_HEADS, block_size=BLOCK, reps=reps, quick=args.quick)
     fits = [g for g in grid if pool_and_dense_bytes(*g) <= MEMORY_CAP]
-    points = grid_points(fits, reps, rng)
+    jobs = [grid_job(*g, rng) for g in fits]
+    jobs.append(trip_count_job("kv2_d64", 32, 2048 if args.quick else 4096, rng))
+    jobs.append(chunk_sweep_job("kv2_d64", 32, 2048, rng, (4, 8, 16) if args.quick else (2, 4, 8, 16, 32)))
+    *points, report["trip_count"], report["chunk_sweep"] = run_passes(jobs, reps)
     skipped = [dict(heads=h, batch=b, max_len=n, why=f"pool + dense cache over {MEMORY_CAP >> 30} GiB")
                for h, b, n in grid if (h, b, n) not in fits]
     report["points"], report["skipped"], report["passes"] = points, skipped, PASSES
-    report["trip_count"] = trip_count_point("kv2_d64", 32, 2048 if args.quick else 4096, reps, rng)
-    report["chunk_sweep"] = chunk_sweep("kv2_d64", 32, 2048, reps, rng, (4, 8, 16) if args.quick else (2, 4, 8, 16, 32))
     ratios = [p["a_over_c"] for p in points]
     report["summary"] = dict(
         a_over_c_median=round(statistics.median(ratios), 3), a_over_c_max=max(ratios), a_over_c_min=min(ratios),
