@@ -36,7 +36,8 @@ What is measured, and why:
     sequences: the per-step Python/numpy overhead the scheduler pays.
 
 All times are medians over repeated timed runs after warm-up (compilation
-excluded), with `jax.block_until_ready` on every result. The last line printed
+excluded), with `jax.block_until_ready` on every result; writes and gathers run in
+three passes on fresh pools and each contender keeps its fastest pass (`PASSES`). The last line printed
 is one JSON object with every figure and ratio of this run. Keys ending in
 ``_best`` use the fastest run of each contender instead of the median, and
 ``loadavg_1m_*`` record the machine's load: when other processes share the
@@ -72,6 +73,18 @@ BLOCK_SIZE = 16
 HEADS = 8
 DIM = 128
 MiB = 2**20
+
+
+PASSES = 3
+"""Each write and gather measurement runs this many times on fresh pools; a contender's
+figures come from its fastest pass. Why: on these shared cores a spell of a few seconds
+moved XLA's 2-thread gather 1.3x (its ratio to memcpy read 1.58x in one run and 1.06x
+in the next) and the decode write 1.3x."""
+
+
+def fastest_pass(passes: list[dict]) -> dict:
+    """Per key, the timing list (ns) of the pass with the lowest median."""
+    return {k: min((p[k] for p in passes), key=statistics.median) for k in passes[0]}
 
 
 def _median_us(times_ns: list[int]) -> float:
@@ -313,8 +326,8 @@ def main() -> None:
     # (a) writes -------------------------------------------------------------------
     print(f"(a) decode write of {n_tok} bf16 tokens [16x8x128 blocks, uint16 storage]; "
           f"pool = ONE page tensor (keys only) of the stated size")
-    w = bench_writes({"small": (nb_small, False), "big": (nb_big, False), "floor": (nb_big, True),
-                      "pre": (nb_big, False, "prebitcast")}, n_tok, w_rep, rng)
+    w = fastest_pass([bench_writes({"small": (nb_small, False), "big": (nb_big, False), "floor": (nb_big, True),
+                                    "pre": (nb_big, False, "prebitcast")}, n_tok, w_rep, rng) for _ in range(PASSES)])
     gc.collect()
     w_small, w_big = w["small"], w["big"]
     us_small, us_big, us_floor = _median_us(w_small), _median_us(w_big), _median_us(w["floor"])
@@ -351,7 +364,9 @@ def main() -> None:
     )
 
     # (b) gathers ------------------------------------------------------------------
-    g = bench_gather(B, W, 2, g_rep, rng)
+    gathers = [bench_gather(B, W, 2, g_rep, rng) for _ in range(PASSES)]
+    g = {**gathers[0], "times": fastest_pass([x["times"] for x in gathers])}
+    del gathers
     gc.collect()
     med = {k: statistics.median(v) / 1e6 for k, v in g["times"].items()}  # ms
     best = {k: min(v) / 1e6 for k, v in g["times"].items()}
