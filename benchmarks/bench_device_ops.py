@@ -82,6 +82,19 @@ moved XLA's 2-thread gather 1.3x (its ratio to memcpy read 1.58x in one run and 
 in the next) and the decode write 1.3x."""
 
 
+def no_numpy_hugepages() -> None:
+    """Make numpy stop asking for transparent huge pages for its large arrays (it
+    madvises them by default): XLA's CPU buffers here are 4 KiB pages, and whether the
+    kernel can hand numpy huge pages depends on fragmentation, which moved the memcpy
+    baseline by 10-15 % from run to run (8.0-9.2 ms with them, 9.4-10.6 ms without,
+    128 MiB). The same page size on both sides compares the copies, not the pages."""
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _set_madvise_hugepage
+    _set_madvise_hugepage(False)
+
+
 def fastest_pass(passes: list[dict]) -> dict:
     """Per key, the timing list (ns) of the pass with the lowest median."""
     return {k: min((p[k] for p in passes), key=statistics.median) for k in passes[0]}
@@ -307,6 +320,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     q = args.quick
     t_start = time.perf_counter()
+    no_numpy_hugepages()
 
     block_bytes = BLOCK_SIZE * HEADS * DIM * 2  # 32 KiB per bf16 block of one page tensor
     big_bytes, small_bytes = (16 * MiB, 1 * MiB) if q else (1024 * MiB, 64 * MiB)
@@ -320,7 +334,7 @@ def main() -> None:
 
     print(f"bench_device_ops: jax {jax.__version__} on {jax.devices()[0].platform} "
           f"({os.cpu_count()} cpus, {platform.machine()}){' [quick]' if q else ''}")
-    res: dict = {"quick": q, "jax": jax.__version__, "cpus": os.cpu_count(),
+    res: dict = {"quick": q, "jax": jax.__version__, "cpus": os.cpu_count(), "numpy_hugepages": False,
                  "loadavg_1m_start": round(os.getloadavg()[0], 2)}
 
     # (a) writes -------------------------------------------------------------------
