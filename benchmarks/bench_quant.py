@@ -256,14 +256,16 @@ def _hadamard(n: int) -> np.ndarray:
     return h / np.sqrt(n)
 
 
-def _rounded(x: np.ndarray, fmt: str, head_scale: np.ndarray | None) -> np.ndarray:
+def _rounded(x: np.ndarray, fmt: str, head_scale: np.ndarray | None, offset=None) -> np.ndarray:
     """``x`` [S, H, D] through ``fmt``'s rounding in the rotated basis, back in the
-    original one: int8 per token and head (absmax / 127), fp8 e4m3 per head."""
+    original one: int8 per token and head (absmax / 127), fp8 e4m3 per head; with
+    ``offset`` [H, D], of ``x - offset`` (added back), as key offsets do."""
     import ml_dtypes
 
     block = quant.rotation_block(DIM)
     rot = np.kron(np.eye(DIM // block), _hadamard(block)) if block > 1 else np.eye(DIM)
-    r = x.astype(jnp.bfloat16).astype(np.float64) @ rot.T  # pages are written from bf16 keys/values
+    mu = 0.0 if offset is None else np.asarray(offset, np.float64)
+    r = (x.astype(jnp.bfloat16).astype(np.float64) - mu) @ rot.T  # pages are written from bf16 keys/values
     if fmt == "int8":
         scale = np.abs(r).max(-1, keepdims=True) / 127
         scale[scale == 0] = 1
@@ -271,7 +273,7 @@ def _rounded(x: np.ndarray, fmt: str, head_scale: np.ndarray | None) -> np.ndarr
     else:
         s = head_scale[None, :, None]
         r = np.clip(r / s, -quant.FP8_MAX, quant.FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * s
-    return r @ rot
+    return r @ rot + mu
 
 
 def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: str, offsets: bool = False) -> np.ndarray:
@@ -280,8 +282,8 @@ def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: st
     their calibrated offsets with ``offsets``, added back after), attention in float64.
     What the cache adds to the format's error is the distance to this."""
     scales = np.asarray(fp8_calibrated_scales(kind, "auto", offsets)[0]) if fmt == "fp8" else (None, None)
-    mu = np.asarray(key_offsets_calibrated(kind)[0], np.float32) if offsets else np.float32(0)
-    kr, vr = _rounded(k - mu, fmt, scales[0]) + mu, _rounded(v, fmt, scales[1])
+    mu = np.asarray(key_offsets_calibrated(kind)[0], np.float32) if offsets else None
+    kr, vr = _rounded(k, fmt, scales[0], mu), _rounded(v, fmt, scales[1])
     kq, vq = np.repeat(kr, Q_PER_KV, axis=1), np.repeat(vr, Q_PER_KV, axis=1)
     logits = np.einsum("qhd,shd->qhs", q.astype(np.float64), kq) / np.sqrt(DIM)
     p = np.exp(logits - logits.max(-1, keepdims=True))
