@@ -120,10 +120,13 @@ def quantize_fp8(x: jax.Array, head_scale: jax.Array) -> jax.Array:
 
 
 def dequantize_fp8(q: jax.Array, head_scale: jax.Array, dtype) -> jax.Array:
-    """float8 ``q [..., H, D]`` times ``head_scale[h]``, in float32, returned in ``dtype``."""
+    """float8 ``q [..., H, D]`` times ``head_scale[h]``, in float32, returned in ``dtype``
+    (converted by `fp8_bits_to_float32`)."""
     import jax.numpy as jnp
+    from jax import lax
 
-    return (q.astype(jnp.float32) * head_scale.astype(jnp.float32)[:, None]).astype(dtype)
+    x = fp8_bits_to_float32(lax.bitcast_convert_type(q, jnp.uint8))
+    return (x * head_scale.astype(jnp.float32)[:, None]).astype(dtype)
 
 
 def fp8_bits_to_float32(bits: jax.Array) -> jax.Array:
@@ -276,7 +279,8 @@ class PageCodec:
             q = lax.bitcast_convert_type(bits, jnp.int8)
             x = dequantize_int8(q, lax.bitcast_convert_type(scale_bits, _resolve(self.scale_dtype)), jnp.float32)
         elif self.fmt == "fp8":
-            x = fp8_bits_to_float32(bits) * jnp.asarray(self.head_scales, jnp.float32)[:, None]
+            x = dequantize_fp8(lax.bitcast_convert_type(bits, FP8), jnp.asarray(self.head_scales, jnp.float32),
+                               jnp.float32)
         else:
             return lax.bitcast_convert_type(bits, self.compute_dtype)
         if self.offset is not None:

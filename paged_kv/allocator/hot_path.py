@@ -100,10 +100,8 @@ def _small_decode(m, rows: list):
         if o % bs == 0:
             need += 1
     if need:
-        if need > g.pool.num_free:
-            return None
         ids = g.pool.take(need)
-        if ids is None:  # only cached blocks left: the general path evicts
+        if ids is None:  # too few free blocks (or only cached ones left): the general path evicts or raises
             return None
         k = 0
     t.version += 1  # rows in use change: a cached batch layout is stale
