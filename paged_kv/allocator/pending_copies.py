@@ -27,12 +27,18 @@ from paged_kv.spec import NULL_BLOCK
 
 
 class PendingCopies:
-    """Ordered pending copies ``(src, dst, length, issued_at)`` of one group.
+    """Ordered pending copies ``(src, dst, length, issued_at, owners)`` of one group.
 
     ``issued_at`` is the number of the first step description that carried the copy
     (0: none yet). Every description carries every pending copy, so when a step
     described at ``t`` has run, every copy with ``0 < issued_at <= t`` has run:
     `retire` drops those and returns their pinned sources to unpin.
+
+    ``owners``: the ``(row, logical block)`` entries the copy was made for (the
+    writer's, and those of sequences forked from it since). A copy lives exactly as
+    long as one owner still holds ``dst`` there: the moment a trim or a release frees
+    it, the copy must die, before any allocation can hand ``dst`` to someone else
+    (`drop_dead`; `check` holds every pending copy to this).
     """
 
     def __init__(self):
@@ -41,10 +47,16 @@ class PendingCopies:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
-        """Record copies made by one append (the caller's references on ``src`` become pins)."""
-        for s, d, n in zip(src.tolist(), dst.tolist(), lengths.tolist()):
-            self._items.append([s, d, n, 0])
+    def add(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+        """Record copies made by one append into ``dst`` at ``(rows, cols)`` (the caller's
+        references on ``src`` become pins)."""
+        for s, d, n, r, c in zip(src.tolist(), dst.tolist(), lengths.tolist(), rows.tolist(), cols.tolist()):
+            self._items.append([s, d, n, 0, {(r, c)}])
+
+    def fork(self, parent: int, child: int) -> None:
+        """``child`` now holds ``parent``'s blocks at the same logical positions: it owns its copies too."""
+        for item in self._items:
+            item[4] |= {(child, c) for r, c in item[4] if r == parent}
 
     def pins(self, blocks: np.ndarray) -> np.ndarray:
         """How many references on each of ``blocks`` are pins of pending copies (not holders)."""
@@ -84,13 +96,27 @@ class PendingCopies:
             self._items = [item for item in self._items if not 0 < item[3] <= step]
         return [item[0] for item in done]
 
-    def drop_dead(self, ref_counts: np.ndarray) -> list[int]:
-        """Drop copies whose destination no sequence holds any more (freed: the copy must
-        never land in a block handed to someone else); return their sources to unpin."""
-        dead = [item for item in self._items if ref_counts[item[1]] == 0]
+    def drop_dead(self, block_tables: np.ndarray, in_use: np.ndarray) -> list[int]:
+        """Forget owners that no longer hold a copy's ``dst`` where it was made, and drop
+        copies left with none (the copy must never land in a block handed to someone
+        else); return their sources to unpin. Called right after every free."""
+        dead = []
+        for item in self._items:
+            item[4] = {(r, c) for r, c in item[4] if in_use[r] and block_tables[r, c] == item[1]}
+            if not item[4]:
+                dead.append(item)
         if dead:
-            self._items = [item for item in self._items if ref_counts[item[1]] != 0]
+            self._items = [item for item in self._items if item[4]]
         return [item[0] for item in dead]
+
+    def check(self, block_tables: np.ndarray, in_use: np.ndarray) -> None:
+        """AssertionError unless every pending copy's destination sits where it was made,
+        in a row that is still in use (`check_integrity`)."""
+        for s, d, n, _, owners in self._items:
+            for r, c in owners:
+                if not in_use[r] or block_tables[r, c] != d:
+                    raise AssertionError(f"pending copy {s}->{d} was made for row {r} block {c}, which now "
+                                         f"holds {int(block_tables[r, c])}: the copy would land in another block's bytes")
 
     def touches(self, blocks: np.ndarray) -> bool:
         """Whether a pending copy writes into any of ``blocks``."""

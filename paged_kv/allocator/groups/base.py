@@ -110,6 +110,8 @@ class GroupAllocator:
         """``child`` (a new row) shares every block ``parent`` holds."""
         self.table.copy_row(parent, child)
         self.pool.incref(self.table.blocks_of(child))
+        if len(self.copies):
+            self.copies.fork(parent, child)
 
     def fill_row(self, row: int, first: int, total: int, num_tokens: int) -> np.ndarray:
         """Fresh blocks for logical blocks ``[first, total)`` of a new row (a swap in); returns them."""
@@ -188,12 +190,10 @@ class GroupAllocator:
             dst = self.pool.allocate(cow_rows.size)
             src = table.replace_blocks(cow_rows, cow_cols, dst)
             # The row's reference on src becomes the copy's pin (released at commit).
-            self.copies.add(src, dst, old[plan.cow] % bs)
+            self.copies.add(src, dst, old[plan.cow] % bs, cow_rows, cow_cols)
         table.extend(rows, plan.needed, self.pool.allocate(int(plan.needed.sum())))
         table.set_lengths(rows, old + counts)
-        slots = table.slots(tok_rows, positions, bs)
-        self.drop_dead_copies()  # a trim may have freed a pending copy's destination
-        return slots
+        return table.slots(tok_rows, positions, bs)
 
     def _trim(self, rows, keep, drop, keyed_ends) -> None:
         """Return the blocks before ``keep`` to the pool (keyed ones stay cached)."""
@@ -204,6 +204,9 @@ class GroupAllocator:
             cols = expand_runs(rows, drop, self.table.first_block[rows])[1]
             behind = cols < self.first_visible(np.repeat(keyed_ends, drop) * self.block_size)
         self.pool.free(self.table.trim(rows, keep), behind=behind)
+        # Before anything allocates: the free list may hand a freed copy destination
+        # straight back, and a copy still pending would then overwrite its new tokens.
+        self.drop_dead_copies()
 
     # ---- copy-on-write copies ---------------------------------------------------------
     def issue_copies(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -220,9 +223,9 @@ class GroupAllocator:
             self.pool.free(np.asarray(unpin, np.int32))
 
     def drop_dead_copies(self) -> None:
-        """Forget copies into blocks nobody holds any more (see `PendingCopies.drop_dead`)."""
+        """Forget copies into blocks their owners no longer hold (see `PendingCopies.drop_dead`)."""
         if len(self.copies):
-            unpin = self.copies.drop_dead(self.pool.ref_counts)
+            unpin = self.copies.drop_dead(self.table.block_tables, self.table.in_use)
             if unpin:
                 self.pool.free(np.asarray(unpin, np.int32))
 
@@ -361,6 +364,7 @@ class GroupAllocator:
         for src, dst, length in self.copies.snapshot():
             if pool.ref_counts[dst] < 1 or pool.ref_counts[src] < 1 or not 0 < length < self.block_size:
                 raise AssertionError(f"{name}: pending copy {src}->{dst} ({length} slots) is stale")
+        self.copies.check(table.block_tables, table.in_use)
         if self.local and rows.size:
             # Never trimmed a block the last written token's query can still see.
             reach = self.first_visible(np.maximum(table.kv_lens[rows].astype(np.int64) - 1, 0))
