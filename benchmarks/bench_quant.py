@@ -23,12 +23,16 @@ What is measured, and why:
     rotated basis when rotated). float32 against bf16 pages is given for scale, and
     each format's own floor: the same keys and values rounded as the format rounds
     them (rotated), in numpy outside the cache, attention in float64
-    (``*_format_floor``). A cache that adds no error of its own matches its floor.
+    (``*_format_floor``; fp8's with calibrated scales, ``fp8_scale_1_format_floor``
+    with scale 1). A cache that adds no error of its own matches its floor.
     With calibrated key offsets (``*_key_offsets``, `paged_kv.key_offsets`: each head's
     mean key over the calibration sample, pages holding ``k - mu``; fp8 scales then
     calibrated on ``k - mu``), and their floors.
     Aims: int8 <= 1 %, fp8 <= 3 % relative L2 (the better fp8 scale), met or not per
-    kind and spread, for the default pages and with key offsets.
+    kind and spread, for the default pages and with key offsets. ``accuracy_fp8_shown``
+    names, per kind and spread, which fp8 scales gave the better (worst-context) figure
+    and gives that configuration's own floor beside it: the figure to quote, and the
+    floor to quote with it.
 (b) Memory: bytes per token of an 8B-class model (32 layers, 8 KV heads x 128) per
     format, scales included, and the sequences running at once when the bundled
     Azure conversation trace is replayed (`paged_kv.sim.simulate`) at equal memory
@@ -236,10 +240,14 @@ def accuracy(contexts, rng, kind: str) -> dict:
         for name, spec in specs.items():
             row[name] = {f"logit_std_{std:g}": errors(attention_through_cache(spec, k, v, jnp.asarray(q)), ref[std])
                          for std, q in qs.items()}
-        for fmt in ("int8", "fp8"):  # the same rounding outside the cache: the format's own error
-            for offsets, name in ((False, f"{fmt}_format_floor"), (True, f"{fmt}_key_offsets_format_floor")):
-                row[name] = {f"logit_std_{std:g}": errors(format_floor(k, v, q, fmt, kind, offsets), ref[std])
-                             for std, q in qs.items()}
+        floors = {  # the same rounding outside the cache: each configuration's own error
+            "int8_format_floor": dict(fmt="int8"), "int8_key_offsets_format_floor": dict(fmt="int8", offsets=True),
+            "fp8_format_floor": dict(fmt="fp8"),  # calibrated scales: `fp8_calibrated`'s floor
+            "fp8_scale_1_format_floor": dict(fmt="fp8", fp8_scales="scale_1"),  # `fp8_scale_1`'s floor
+            "fp8_key_offsets_format_floor": dict(fmt="fp8", offsets=True)}
+        for name, kw in floors.items():
+            row[name] = {f"logit_std_{std:g}": errors(format_floor(k, v, q, kind=kind, **kw), ref[std])
+                         for std, q in qs.items()}
         results[str(n)] = row
         print(f"{kind} context {n}: " + ", ".join(
             f"{f} " + "/".join(f"{r['rel_l2']:.2%}" for r in e.values()) for f, e in row.items()
@@ -276,12 +284,20 @@ def _rounded(x: np.ndarray, fmt: str, head_scale: np.ndarray | None, offset=None
     return r @ rot + mu
 
 
-def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: str, offsets: bool = False) -> np.ndarray:
+def format_floor(k: np.ndarray, v: np.ndarray, q: np.ndarray, fmt: str, kind: str, offsets: bool = False,
+                 fp8_scales: str = "calibrated") -> np.ndarray:
     """The attention output a perfect implementation of ``fmt`` gives: keys and values
     rounded as the format rounds them (rotated, as ``kv_rotation="auto"`` does; keys less
     their calibrated offsets with ``offsets``, added back after), attention in float64.
-    What the cache adds to the format's error is the distance to this."""
-    scales = np.asarray(fp8_calibrated_scales(kind, "auto", offsets)[0]) if fmt == "fp8" else (None, None)
+    fp8 per-head scales: ``"calibrated"`` (`fp8_calibrated_scales`, as the
+    ``fp8_calibrated*`` configurations) or ``"scale_1"`` (the default 1.0, as
+    ``fp8_scale_1``). What the cache adds to the format's error is the distance to this."""
+    if fmt != "fp8":
+        scales = (None, None)
+    elif fp8_scales == "scale_1":
+        scales = np.ones((2, HEADS))
+    else:
+        scales = np.asarray(fp8_calibrated_scales(kind, "auto", offsets)[0])
     mu = np.asarray(key_offsets_calibrated(kind)[0], np.float32) if offsets else None
     kr, vr = _rounded(k, fmt, scales[0], mu), _rounded(v, fmt, scales[1])
     kq, vq = np.repeat(kr, Q_PER_KV, axis=1), np.repeat(vr, Q_PER_KV, axis=1)
@@ -297,6 +313,8 @@ def errors(got: np.ndarray, ref: np.ndarray) -> dict:
 
 
 AIMS = {"int8": 0.01, "fp8": 0.03}
+FP8_FLOORS = {"fp8_scale_1": "fp8_scale_1_format_floor", "fp8_calibrated": "fp8_format_floor"}
+"""Each rotated fp8 configuration's own floor (`format_floor` with the same scales)."""
 
 
 def summarize(acc: dict) -> tuple[dict, dict]:
@@ -319,11 +337,29 @@ def summarize(acc: dict) -> tuple[dict, dict]:
     return worst, met
 
 
+def fp8_shown(worst: dict) -> dict:
+    """Per (kind, spread): the fp8 figure the summary quotes, the better (worst-context)
+    of scale 1 and calibrated scales, with the floor of that same configuration, rotated
+    (the default) and not rotated (no floor: the floors are computed rotated)."""
+    out = {}
+    for key, w in worst.items():
+        out[key] = {}
+        for suffix in ROTATIONS:
+            config = min(("fp8_scale_1", "fp8_calibrated"), key=lambda c: w[c + suffix])
+            shown = {"config": config + suffix, "rel_l2": w[config + suffix]}
+            if not suffix:
+                shown["floor"] = FP8_FLOORS[config]
+                shown["floor_rel_l2"] = w[FP8_FLOORS[config]]
+            out[key]["rotated" if not suffix else "not_rotated"] = shown
+    return out
+
+
 def accuracy_table(acc: dict) -> str:
     """Markdown: format x rotation x kind x spread x context, relative L2 (max abs)."""
     cols = ["int8", "int8_format_floor", "int8_key_offsets", "int8_key_offsets_format_floor", "int8_no_rotation",
             "fp8_calibrated", "fp8_format_floor", "fp8_calibrated_key_offsets", "fp8_key_offsets_format_floor",
-            "fp8_calibrated_no_rotation", "fp8_scale_1", "fp8_scale_1_no_rotation", "int8_bf16_scales", "f32_pages"]
+            "fp8_calibrated_no_rotation", "fp8_scale_1", "fp8_scale_1_format_floor", "fp8_scale_1_no_rotation",
+            "int8_bf16_scales", "f32_pages"]
     lines = ["| keys | spread | context | eff. tokens | " + " | ".join(cols) + " |", "|---" * (len(cols) + 4) + "|"]
     for kind, by_context in acc.items():
         for std in SPREADS:
@@ -527,6 +563,7 @@ def main() -> None:
     contexts = [1024, 4096, 8192] if args.quick else [1024, 2048, 4096, 8192]
     report["accuracy"] = {kind: accuracy(contexts, rng, kind) for kind in KINDS}
     report["accuracy_worst_rel_l2"], report["accuracy_aims_met"] = summarize(report["accuracy"])
+    report["accuracy_fp8_shown"] = fp8_shown(report["accuracy_worst_rel_l2"])
     print(accuracy_table(report["accuracy"]), file=sys.stderr)
     report["memory"] = memory(None, 16.0, 1024)  # the whole trace even when quick: it is the headline figure
     report["speed"] = step_speed(8 if args.quick else 16, 512 if args.quick else 1024, 15 if args.quick else 30, rng)

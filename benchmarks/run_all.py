@@ -268,14 +268,30 @@ def _attention_rows(r: dict) -> list[Row]:
     big = max(points, key=lambda p: p["batch"] * p["max_len"])
     where = f"B={big['batch']}, context {big['max_len']}, {big['heads']}"
     ms, temp = big["ms"], big["temp_bytes"]
-    out = [(f"decode step, 4 layers: attention in place over the pages ÷ a dense max-length cache, ~60 % full "
-            f"(`bench_decode_step.py`, {where})",
-            f"{_x(big['a_over_c'])} ({ms['a_in_place']:.1f} vs {ms['c_dense']:.1f} ms); over all "
-            f"{len(points)} points median {_x(get(r, 'bench_decode_step:summary.a_over_c_median'))}",
-            f"gathered view + dense attention: {_x(big['b_over_c'])} the dense cache's time"),
-           ("transient memory of that step, in place ÷ gathered view",
-            f"{_x(big['temp_a_over_b'])} ({temp['a_in_place'] / 2**20:.1f} vs {temp['b_gathered'] / 2**20:.1f} MiB)",
-            "XLA's compiled temp_size_in_bytes of each")]
+    seed_style = ("a seed-style dense cache: naive full-length attention, f32 conversion of the whole cache, "
+                  "logits to max length")
+    summary = get(r, "bench_decode_step:summary") or {}
+    if "a_over_d" in big:
+        aim = summary.get("a_over_d_aim")
+        out = [(f"decode step, 4 layers: attention in place over the pages ÷ a dense max-length cache running the "
+                f"same attention (online softmax over the same chunks, f32 state, stopping at the longest row), "
+                f"~60 % full (`bench_decode_step.py`, {where})",
+                f"{_x(big['a_over_d'])} ({ms['a_in_place']:.1f} vs {ms['d_dense_online']:.1f} ms); over all "
+                f"{len(points)} points median {_x(summary.get('a_over_d_median'))}"
+                + (f", aim ≤ {aim:.2f}: met at {summary['points_meeting_a_over_d_aim']} of {len(points)} points"
+                   if aim is not None else ""),
+                f"÷ {seed_style}: {_x(big['a_over_c'])} ({ms['c_dense']:.1f} ms; median "
+                f"{_x(summary.get('a_over_c_median'))}); gathered view + the same naive attention: "
+                f"{_x(big['b_over_c'])} the seed-style cache's time")]
+    else:  # results from before the same-attention baseline: the seed-style comparison only
+        out = [(f"decode step, 4 layers: attention in place over the pages ÷ {seed_style}, ~60 % full "
+                f"(`bench_decode_step.py`, {where})",
+                f"{_x(big['a_over_c'])} ({ms['a_in_place']:.1f} vs {ms['c_dense']:.1f} ms); over all "
+                f"{len(points)} points median {_x(summary.get('a_over_c_median'))}",
+                f"gathered view + the same naive attention: {_x(big['b_over_c'])} the seed-style cache's time")]
+    out.append(("transient memory of that step, in place ÷ gathered view",
+                f"{_x(big['temp_a_over_b'])} ({temp['a_in_place'] / 2**20:.1f} vs {temp['b_gathered'] / 2**20:.1f} MiB)",
+                "XLA's compiled temp_size_in_bytes of each"))
     trip = get(r, "bench_decode_step:trip_count")
     if trip:
         out.append(("in-place attention stopping at the longest row vs looping over the whole table bucket "
@@ -296,6 +312,7 @@ def _quant_rows(r: dict) -> list[Row]:
                     f"{f['int8']['bytes_per_token'] / 1024:.0f} / {f['fp8']['bytes_per_token'] // 1024} KiB per token, "
                     "int8 scales included"))
     a, met = get(r, "bench_quant:accuracy_worst_rel_l2"), get(r, "bench_quant:accuracy_aims_met")
+    shown_fp8 = get(r, "bench_quant:accuracy_fp8_shown") or {}
     kinds = {"offset": "consistent outlier channels 10-50×", "zero_mean": "zero-mean outlier channels 10-50×",
              "gaussian": "no outlier channels (the rounding floor)"}
     for kind, label in kinds.items():
@@ -306,9 +323,26 @@ def _quant_rows(r: dict) -> list[Row]:
         def both(name, flat=flat, sharp=sharp):  # two decimals: the aims sit at 1 % and 3 %
             return f"{_pct(flat[name], 2)} / {_pct(sharp[name], 2)}"
 
-        def fp8(suffix, flat=flat, sharp=sharp):
-            return (f"{_pct(min(flat['fp8_scale_1' + suffix], flat['fp8_calibrated' + suffix]), 2)} / "
-                    f"{_pct(min(sharp['fp8_scale_1' + suffix], sharp['fp8_calibrated' + suffix]), 2)}")
+        def fp8_cell(w, suffix, key):
+            """fp8 at one spread: the better of scale 1 and calibrated scales (as bench_quant's
+            `accuracy_fp8_shown` names it), that configuration's floor (None where not
+            reported, as in results from before the scale-1 floor), and which scales."""
+            s = shown_fp8.get(key, {}).get("not_rotated" if suffix else "rotated")
+            if s:
+                return s["rel_l2"], s.get("floor_rel_l2"), s["config"]
+            config = min(("fp8_scale_1", "fp8_calibrated"), key=lambda c: w[c + suffix])
+            floor = {"fp8_scale_1": "fp8_scale_1_format_floor", "fp8_calibrated": "fp8_format_floor"}[config]
+            return w[config + suffix], w.get(floor), config + suffix
+
+        cells = {suffix: [fp8_cell(w, suffix, f"{kind}/logit_std_{s}") for w, s in ((flat, 1), (sharp, 3))]
+                 for suffix in ("", "_no_rotation")}
+
+        def fp8(suffix):
+            which = " / ".join("calibrated" if "calibrated" in c else "scale 1" for _, _, c in cells[suffix])
+            return f"{' / '.join(_pct(v, 2) for v, _, _ in cells[suffix])} ({which})"
+
+        def fp8_floor():  # the floor of the configuration `fp8('')` shows, cell by cell
+            return " / ".join(_pct(f, 2) for _, f, _ in cells[""])
 
         def aims(how, kind=kind):
             return ", ".join(f"{fmt} {' / '.join('yes' if met[f'{kind}/logit_std_{s}'].get(f'{fmt}_{how}_le_{p}pct') else 'no' for s in (1, 3))}"
@@ -324,8 +358,8 @@ def _quant_rows(r: dict) -> list[Row]:
                     f"{aims('rotated')}{offsets}",
                     f"not rotated: int8 {both('int8_no_rotation')}, fp8 {fp8('_no_rotation')}; "
                     f"float32 vs bf16 pages {both('f32_pages')}"
-                    + (f"; the formats' own rounding outside the cache (floor): int8 {both('int8_format_floor')}, "
-                       f"fp8 {both('fp8_format_floor')}" if "int8_format_floor" in flat else "")
+                    + (f"; the formats' own rounding outside the cache (floor, of the configuration shown): int8 "
+                       f"{both('int8_format_floor')}, fp8 {fp8_floor()}" if "int8_format_floor" in flat else "")
                     + (f"; with key offsets int8 {both('int8_key_offsets_format_floor')}, "
                        f"fp8 {both('fp8_key_offsets_format_floor')}" if "int8_key_offsets_format_floor" in flat else "")))
     sp, wr = get(r, "bench_quant:speed"), get(r, "bench_quant:write_in_place")
