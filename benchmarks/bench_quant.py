@@ -463,7 +463,7 @@ def _write_slots(view, k, v, slots):
 
 def write_in_place(small_mib: int, big_mib: int, tokens: int, repeats: int, rng) -> dict:
     """int8 decode write of ``tokens`` tokens into a key+value pool of each size."""
-    per_block = quant.bytes_per_token(layer_spec("int8", 2), "int8") * BLOCK
+    per_block = layer_spec("int8", 2).bytes_per_token_per_layer * BLOCK
     state = {}
     for mib in (small_mib, big_mib):
         nb = mib * 2**20 // per_block

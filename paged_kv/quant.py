@@ -1,4 +1,6 @@
-"""Quantized pages: int8 with per-token, per-head scales, and fp8 with fixed per-head scales.
+"""Quantized pages: the device codecs of int8 with per-token, per-head scales, and fp8 with
+fixed per-head scales. Their spec rules and bytes per token are the spec's
+(`paged_kv.spec.formats`); this module imports the spec, never the reverse.
 
 A layer's keys and values may be stored narrower than the compute dtype (the
 spec's ``dtype``), which roughly doubles the tokens a pool holds:
@@ -38,9 +40,9 @@ saturates and underflows less). Rounding error stays per token and head, bounded
 L2: ``||decode(x) - x||_2 = ||decode'(x H) - x H||_2`` (``H`` preserves norms). The
 transform is a float32 matmul at ``Precision.HIGHEST`` with each block of ``H``.
 
-Key offsets (``CacheSpec.kv_key_offsets``, `paged_kv.key_offsets`): a layer's key codec
-may subtract a calibrated per-head vector ``mu`` before rotating, and adds ``mu H``
-back when dequantizing, so rounding is relative to what varies from token to token.
+Key offsets (``CacheSpec.kv_key_offsets``, `paged_kv.spec.key_offsets`): a layer's key
+codec may subtract a calibrated per-head vector ``mu`` before rotating, and adds ``mu H``
+(`stored_offsets`) back when dequantizing, so rounding is relative to what varies from token to token.
 
 Pages of a quantized layer are stored as ``uint8`` bits and int8 scales as unsigned
 ints of their width, for the same reason every page is stored as unsigned bits
@@ -63,22 +65,21 @@ import attrs
 import ml_dtypes
 import numpy as np
 
-from paged_kv import key_offsets
 from paged_kv.errors import SpecError
-from paged_kv.spec import _resolve  # dtype names (ml_dtypes or numpy), resolved one way everywhere
+from paged_kv.spec import bits_dtype, key_offsets, storage_dtype
+from paged_kv.spec import resolve_dtype as _resolve  # dtype names (ml_dtypes or numpy), resolved one way everywhere
+from paged_kv.spec.formats import (  # the spec's rules the codecs are built from; re-exported
+    FORMATS,
+    MIN_ROTATION_BLOCK,
+    ROTATIONS,
+    fp8_head_scales,
+    rotation_block,
+    rotation_blocks,
+)
 
-# JAX is imported inside the device functions: building a spec (which checks the
-# format and counts its bytes here) must not import JAX in a host-only process.
+# JAX is imported inside the device functions: importing the codecs (the views, swap and
+# checkpoints do) must not import JAX before a device function runs.
 
-FORMATS = ("none", "int8", "fp8")
-ROTATIONS = ("auto", "hadamard", "none")
-MIN_ROTATION_BLOCK = 8
-"""Fewest channels a Hadamard block may mix: smaller blocks barely spread an outlier
-(its magnitude drops by sqrt(block)), so "auto" leaves such dims unrotated and an
-explicit "hadamard" is refused. Every common head dim (64, 80, 96, 128, 192, 256, 576)
-has a block of 16 or more."""
-SCALE_DTYPES = ("float32", "bfloat16")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 INT8_MAX = 127
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
@@ -153,12 +154,6 @@ def fp8_bits_to_float32(bits: jax.Array) -> jax.Array:
     return jnp.where(magnitude == 0x7F, jnp.float32(np.nan), value)
 
 
-def rotation_block(dim: int) -> int:
-    """The Hadamard block for a head dim: the largest power of two dividing ``dim``
-    (``dim`` itself when it is a power of two; 32 for 96; 64 for 192 and 576)."""
-    return dim & -dim
-
-
 @functools.lru_cache(maxsize=None)
 def hadamard_matrix(block: int) -> np.ndarray:
     """The normalized Sylvester Hadamard matrix of a power-of-two ``block``, float32:
@@ -190,6 +185,20 @@ def hadamard_transform(x: jax.Array, block: int) -> jax.Array:
     return out.reshape(*lead, d)
 
 
+@functools.lru_cache(maxsize=256)
+def stored_offsets(offsets: tuple, rotation_block: int) -> np.ndarray:
+    """Key ``offsets`` (``heads x dim`` nested tuples, `paged_kv.spec.key_offsets`) as
+    float32 ``[heads, dim]`` in the basis the pages are stored in (times the Hadamard
+    matrix when the codec rotates): what a read adds back to the dequantized keys before
+    un-rotating them. Cached: a codec asks at every trace."""
+    mu = np.asarray(offsets, dtype=np.float64)
+    if rotation_block > 1:
+        h = hadamard_matrix(rotation_block).astype(np.float64)
+        heads, dim = mu.shape
+        mu = (mu.reshape(heads, dim // rotation_block, rotation_block) @ h).reshape(heads, dim)
+    return mu.astype(np.float32)
+
+
 def _bits(dtype) -> np.dtype:
     return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
 
@@ -212,7 +221,7 @@ class PageCodec:
     """Full precision only: pages hold the compute dtype itself (``page_storage="float"``)."""
     rotation_block: int = 1
     offset: tuple | None = None
-    """Keys only: ``heads x dim`` floats every token holds (`paged_kv.key_offsets`):
+    """Keys only: ``heads x dim`` floats every token holds (`paged_kv.spec.key_offsets`):
     pages hold ``x - offset``, and reads add it back."""
 
     @property
@@ -271,7 +280,7 @@ class PageCodec:
         are stored in: float32 for a quantized layer (rotated when the codec rotates;
         not rounded to the compute dtype, what the in-place attention folds in), the
         compute dtype for a full-precision one. Zeroed bits and scales give exact zeros
-        (the offset, for keys with one: `paged_kv.key_offsets`)."""
+        (the offset, for keys with one: `paged_kv.spec.key_offsets`)."""
         import jax.numpy as jnp
         from jax import lax
 
@@ -284,7 +293,7 @@ class PageCodec:
         else:
             return lax.bitcast_convert_type(bits, self.compute_dtype)
         if self.offset is not None:
-            x = x + jnp.asarray(key_offsets.stored(self.offset, self.rotation_block))
+            x = x + jnp.asarray(stored_offsets(self.offset, self.rotation_block))
         return x
 
     def decode(self, bits: jax.Array, scale_bits: jax.Array | None = None) -> jax.Array:
@@ -297,8 +306,6 @@ class PageCodec:
 def codecs(spec, layer: int) -> tuple[PageCodec, PageCodec]:
     """The key and value `PageCodec` of layer ``layer`` of ``spec``. Quantized layers always
     store unsigned bits, whatever ``page_storage`` says of full-precision ones."""
-    from paged_kv.spec import bits_dtype, storage_dtype
-
     fmt = spec.layer_format(layer)
     kr, vr = rotation_blocks(spec)
     mu = key_offsets.of_layer(spec, layer)
@@ -311,126 +318,6 @@ def codecs(spec, layer: int) -> tuple[PageCodec, PageCodec]:
                 PageCodec("fp8", spec.dtype, head_scales=v, rotation_block=vr))
     floats = np.dtype(storage_dtype(spec)) != bits_dtype(spec)
     return PageCodec("none", spec.dtype, float_pages=floats), PageCodec("none", spec.dtype, float_pages=floats)
-
-
-def rotation_blocks(spec) -> tuple[int, int]:
-    """The Hadamard blocks of ``spec``'s quantized layers, (keys, values); 1: not rotated.
-
-    ``kv_rotation="none"``: neither; ``"hadamard"``: both (checked to be at least
-    `MIN_ROTATION_BLOCK`); ``"auto"`` (the default): for a quantized ``kv_format``,
-    each head dim whose block has at least `MIN_ROTATION_BLOCK` channels, else none.
-    Full-precision layers are never rotated (`codecs`)."""
-    if spec.kv_rotation == "none" or spec.kv_format == "none":
-        return 1, 1
-    blocks = (rotation_block(spec.key_dim), rotation_block(spec.value_dim))
-    return tuple(b if b >= MIN_ROTATION_BLOCK else 1 for b in blocks)
-
-
-def fp8_head_scales(spec, layer: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Layer ``layer``'s fixed fp8 scales: (one per key head, one per value head)."""
-    given = spec.kv_fp8_scales
-    if given is None or isinstance(given, float):
-        s = 1.0 if given is None else given
-        return (s,) * spec.key_heads, (s,) * spec.value_heads
-    k, v = given[layer]
-    return _per_head(k, spec.key_heads), _per_head(v, spec.value_heads)
-
-
-def _per_head(x, heads: int) -> tuple[float, ...]:
-    return (x,) * heads if isinstance(x, float) else tuple(x)
-
-
-# ---- spec rules and memory arithmetic ----------------------------------------------------
-def bytes_per_token(spec, fmt: str) -> int:
-    """Bytes one token takes in one layer stored in ``fmt``, scales included."""
-    elems = spec.key_heads * spec.key_dim + spec.value_heads * spec.value_dim
-    if fmt == "none":
-        return elems * spec.itemsize
-    scales = (spec.key_heads + spec.value_heads) * np.dtype(_resolve(spec.kv_scale_dtype)).itemsize
-    return elems + (scales if fmt == "int8" else 0)
-
-
-def check_spec_format(spec) -> None:
-    """Raise `SpecError` for a format field or combination that is not supported, naming
-    what is; resolve ``kv_full_precision_layers="sliding"`` to the sliding layers."""
-    fmt = spec.kv_format
-    if fmt not in FORMATS:
-        raise SpecError(f"kv_format={fmt!r} is not supported; use one of {FORMATS}")
-    if spec.kv_scale_dtype not in SCALE_DTYPES:
-        raise SpecError(f"kv_scale_dtype={spec.kv_scale_dtype!r} is not supported; use one of {SCALE_DTYPES}")
-    if fmt != "int8" and spec.kv_scale_dtype != "float32":
-        raise SpecError(f"kv_scale_dtype={spec.kv_scale_dtype!r} is for kv_format='int8' (per-token scales); "
-                        f"kv_format={fmt!r} stores none")
-    if fmt != "fp8" and spec.kv_fp8_scales is not None:
-        raise SpecError(f"kv_fp8_scales given with kv_format={fmt!r}; they are the fixed scales of kv_format='fp8'")
-    _check_rotation(spec)
-    if fmt != "none" and spec.dtype not in COMPUTE_DTYPES:
-        raise SpecError(f"kv_format={fmt!r} with dtype={spec.dtype!r}: dtype is the compute dtype keys and values "
-                        f"are dequantized to; use one of {COMPUTE_DTYPES}")
-    _resolve_full_precision(spec)
-    if fmt == "fp8":
-        _check_fp8_scales(spec)
-    key_offsets.check(spec)
-
-
-def _check_rotation(spec) -> None:
-    rot = spec.kv_rotation
-    if rot not in ROTATIONS:
-        raise SpecError(f"kv_rotation={rot!r} is not supported; use one of {ROTATIONS}")
-    if rot != "hadamard":
-        return
-    if spec.kv_format == "none":
-        raise SpecError("kv_rotation='hadamard' given with kv_format='none': the rotation is applied to quantized "
-                        "pages only (full-precision pages are exact); give kv_format='int8' or 'fp8', or drop it")
-    for name in ("key_dim", "value_dim"):
-        dim = getattr(spec, name)
-        if rotation_block(dim) < MIN_ROTATION_BLOCK:
-            raise SpecError(
-                f"kv_rotation='hadamard' with {name}={dim}: its largest power-of-two block is {rotation_block(dim)} "
-                f"channels, fewer than {MIN_ROTATION_BLOCK}, too few to spread an outlier channel; use "
-                "kv_rotation='none' (or 'auto', which rotates only dims with a block of 8 or more)")
-
-
-def _resolve_full_precision(spec) -> None:
-    layers = spec.kv_full_precision_layers
-    if isinstance(layers, str):
-        if layers != "sliding":
-            raise SpecError(f"kv_full_precision_layers={layers!r}: give layer indices, e.g. (0, 5), or 'sliding'")
-        layers = spec.sliding_layers
-        if not layers:
-            raise SpecError("kv_full_precision_layers='sliding' but the spec has no sliding_layers")
-    if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in layers) \
-            or len(set(layers)) != len(layers) or any(not 0 <= x < spec.num_layers for x in layers):
-        raise SpecError(f"kv_full_precision_layers={layers!r} must be distinct layer indices in [0, {spec.num_layers})")
-    if layers and spec.kv_format == "none":
-        raise SpecError(f"kv_full_precision_layers={layers!r} given with kv_format='none': every layer is full precision")
-    object.__setattr__(spec, "kv_full_precision_layers", tuple(sorted(int(x) for x in layers)))
-
-
-def _check_fp8_scales(spec) -> None:
-    given = spec.kv_fp8_scales
-    hint = ("kv_fp8_scales must be None (1.0), one positive float (per tensor), or one (key, value) pair per layer, "
-            f"each a positive float or {spec.key_heads} key / {spec.value_heads} value per-head floats")
-    if given is None:
-        return
-    if isinstance(given, float):
-        _check_scale_values((given,), hint)
-        return
-    if not isinstance(given, tuple) or len(given) != spec.num_layers:
-        raise SpecError(f"kv_fp8_scales={given!r}: {hint} ({spec.num_layers} layers)")
-    for layer, pair in enumerate(given):
-        if not isinstance(pair, tuple) or len(pair) != 2:
-            raise SpecError(f"kv_fp8_scales[{layer}]={pair!r} is not a (key, value) pair; {hint}")
-        for x, heads in zip(pair, (spec.key_heads, spec.value_heads)):
-            if not isinstance(x, float) and not (isinstance(x, tuple) and len(x) == heads):
-                raise SpecError(f"kv_fp8_scales[{layer}]={pair!r}: {hint}")
-            _check_scale_values(x if isinstance(x, tuple) else (x,), hint)
-
-
-def _check_scale_values(values, hint: str) -> None:
-    for x in values:
-        if not isinstance(x, float) or not np.isfinite(x) or x <= 0:
-            raise SpecError(f"kv_fp8_scales: {x!r} is not a positive finite scale; {hint}")
 
 
 __all__ = [
@@ -449,4 +336,5 @@ __all__ = [
     "quantize_int8",
     "rotation_block",
     "rotation_blocks",
+    "stored_offsets",
 ]

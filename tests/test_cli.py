@@ -10,7 +10,8 @@ import os
 import pytest
 
 import paged_kv
-from paged_kv.cli import MAX_POOL_BYTES, main
+from paged_kv.cli import main
+from paged_kv.cli.simulate import MAX_POOL_BYTES
 from paged_kv.sim.models import DEFAULT_MODEL, MODELS, model_shape
 from paged_kv.sim.output_path import OutputPathError, check_writable
 from paged_kv.sim.progress import ProgressLog
@@ -117,7 +118,7 @@ def test_bad_output_paths_fail_before_the_replay(tmp_path, capsys, monkeypatch, 
     def no_replay(*args, **kwargs):
         raise AssertionError("replayed before checking the output path")
 
-    monkeypatch.setattr("paged_kv.cli.simulate", no_replay)
+    monkeypatch.setattr("paged_kv.cli.simulate.simulate", no_replay)
     missing = tmp_path / "no-such-folder" / "out.png"
     assert main(["simulate", flag, str(missing)]) == 2
     err = capsys.readouterr().err
@@ -171,7 +172,7 @@ def test_progress_log_prints_plain_lines(monkeypatch):
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
-    monkeypatch.setattr("paged_kv.cli.PROGRESS_LOG_S", 0.0)  # a line at every progress call
+    monkeypatch.setattr("paged_kv.cli.simulate.PROGRESS_LOG_S", 0.0)  # a line at every progress call
     assert main(["simulate", "--limit", "60", "--compare", "--json"]) == 0
     lines = capsys.readouterr().err.splitlines()
     for backend in ("paged", "contiguous-max-len", "contiguous-first-fit"):

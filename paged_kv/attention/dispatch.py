@@ -9,18 +9,15 @@ runs everywhere and is what the kernels are tested against.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 import jax
 from jax import lax
 
+from paged_kv.attention.layer import PagedLayer, check_attention_query
 from paged_kv.attention.pallas_tpu import ragged_paged_attention_tpu
 from paged_kv.attention.reference import DEFAULT_CHUNK_BLOCKS, paged_attention_xla
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
-
-if TYPE_CHECKING:  # the views import this module
-    from paged_kv.views.transformer import PagedLayerView
 from paged_kv.spec import compute_dtype
 
 IMPLS = ("auto", "xla", "pallas_tpu_ragged")
@@ -28,7 +25,7 @@ IMPLS = ("auto", "xla", "pallas_tpu_ragged")
 
 def paged_attention(
     query: jax.Array,
-    view: "PagedLayerView",
+    view: PagedLayer,
     metadata: StepMetadata,
     *,
     scale: float | None = None,
@@ -37,7 +34,7 @@ def paged_attention(
     chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
 ) -> jax.Array:
     """Attention of ``query`` ``[B, T, q_heads, key_dim]`` over layer ``view``'s pages
-    (any `paged_kv.views.PagedLayerView`) for the step ``metadata`` describes; returns
+    (any `PagedLayer`, such as a `paged_kv.views.PagedLayerView`) for the step ``metadata`` describes; returns
     ``[B, T, q_heads, value_dim]`` in ``query.dtype``. Reads the pages in place.
 
     Causal inside the step's new tokens, bounded by each row's kv length, windowed for
@@ -67,22 +64,7 @@ def paged_attention(
     return vc.unrotate(out).astype(query.dtype)
 
 
-def check_attention_query(query: jax.Array, view: "PagedLayerView", metadata: StepMetadata) -> None:
-    """Raise `ShapeError` unless ``metadata`` was built for ``view``'s pages and ``query``
-    is a float ``[B, T, q_heads, key_dim]`` for this step, with ``q_heads`` a multiple of
-    the key and value heads, and ``view``'s own pages are what its spec describes
-    (`check_pages`). Static: under jit it raises at trace time, before any write."""
-    view.check_pages()
-    view.check_metadata(metadata)
-    view.check_query(query, metadata)
-    heads = view.spec.value_heads
-    if query.shape[2] % heads:
-        raise ShapeError(
-            f"layer {view.layer_index}: query has {query.shape[2]} heads; expected a multiple of the {heads} value heads"
-        )
-
-
-def ragged_kernel_fits(view: "PagedLayerView") -> bool:
+def ragged_kernel_fits(view: PagedLayer) -> bool:
     """True when ``view``'s pages are the TPU ragged kernel's layout: unified, keys and
     values interleaved by head, in full precision (quantized pages are dequantized by
     the XLA path, chunk by chunk)."""
@@ -90,7 +72,7 @@ def ragged_kernel_fits(view: "PagedLayerView") -> bool:
             and view.spec.layer_format(view.layer_index) == "none")
 
 
-def _choose(view, impl: str) -> str:
+def _choose(view: PagedLayer, impl: str) -> str:
     if impl not in IMPLS:
         raise ShapeError(f"impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
@@ -113,4 +95,4 @@ def _choose(view, impl: str) -> str:
     return impl
 
 
-__all__ = ["IMPLS", "check_attention_query", "paged_attention", "ragged_kernel_fits"]
+__all__ = ["IMPLS", "paged_attention", "ragged_kernel_fits"]

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, paged_attention
-from paged_kv.attention.dispatch import check_attention_query
+from paged_kv.attention import DEFAULT_CHUNK_BLOCKS, check_attention_query, paged_attention
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import StepMetadata
 from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks

@@ -11,7 +11,7 @@ import json
 import pathlib
 import sys
 
-from paged_kv.cli import _positive_int  # paged_kv.cli imports this module only when asked
+from paged_kv.cli.arguments import positive_int
 from paged_kv.errors import PagedKVError
 
 
@@ -43,13 +43,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
                          help="a prompt as token ids ('1,2,3'); repeat for more prompts")
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
                          help="a text prompt, tokenized with DIR/tokenizer.json (needs the tokenizers package); repeat")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="greedy tokens per prompt at most")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per prompt at most")
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights, activations and KV")
-    gen.add_argument("--block-size", type=_positive_int, default=16, help="tokens per block")
-    gen.add_argument("--num-blocks", type=_positive_int, metavar="N",
+    gen.add_argument("--block-size", type=positive_int, default=16, help="tokens per block")
+    gen.add_argument("--num-blocks", type=positive_int, metavar="N",
                      help="blocks in the pool, null block included (default: every prompt's full length at once)")
-    gen.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots: sequences decoded together")
-    gen.add_argument("--prefill-chunk", type=_positive_int, metavar="N",
+    gen.add_argument("--max-batch", type=positive_int, default=8, help="decode slots: sequences decoded together")
+    gen.add_argument("--prefill-chunk", type=positive_int, metavar="N",
                      help="compute at most N prompt tokens of a sequence per step (default: whole prompts)")
     gen.add_argument("--no-prefix-cache", action="store_true", help="do not reuse cached prompt blocks")
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")

@@ -9,105 +9,14 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from paged_kv import key_offsets
-from paged_kv.errors import InvalidTokenCountError, SpecError
+from paged_kv.errors import SpecError
+from paged_kv.spec import fields, formats, key_offsets
+from paged_kv.spec.dtypes import resolve_dtype
+from paged_kv.spec.layer_group import LayerGroup
 
 NULL_BLOCK = 0
 """Block id 0 is reserved: padding entries of block tables point at it and it is never
 handed out, so its page stays all zeros and a padded read can never see a real token."""
-
-
-def _canonical_dtype(value) -> str:
-    import ml_dtypes  # ships with jax; knows bfloat16 and the fp8 types
-
-    if value is None:  # np.dtype(None) is float64: never a silent default
-        raise SpecError("dtype=None is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'")
-
-    try:
-        dt = np.dtype(getattr(ml_dtypes, value) if isinstance(value, str) and hasattr(ml_dtypes, value) else value)
-    except TypeError as exc:
-        raise SpecError(f"dtype={value!r} is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'") from exc
-    if not (np.issubdtype(dt, np.floating) or dt.name in {"bfloat16"} or dt.name.startswith("float8")):
-        raise SpecError(f"dtype={dt.name!r} is not a floating dtype; keys and values are floats "
-                        "(dtype is the compute dtype; for int8 or fp8 pages give e.g. dtype='bfloat16', "
-                        "kv_format='int8' or kv_format='fp8')")
-    if dt.itemsize > 4:
-        # JAX without jax_enable_x64 silently stores float64 as float32, so the pages
-        # would hold half the bits `pool_bytes` counts and values would be cut.
-        raise SpecError(
-            f"dtype={dt.name!r}: pages hold at most 32-bit floats (JAX stores float64 as float32 unless "
-            "jax_enable_x64 is set, which paged_kv does not support); use 'float32', 'bfloat16' or 'float16'"
-        )
-    return dt.name
-
-
-def _count(value, name: str) -> int:
-    """A token count as a Python int in ``[0, 2**31)``, or `InvalidTokenCountError`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**31:
-        raise InvalidTokenCountError(f"{name}={value!r} must be an integer in [0, 2**31)")
-    return int(value)
-
-
-def _indices_of(name: str):
-    def convert(value) -> tuple:
-        """``{name}`` as a tuple; anything that is not a collection of indices is a `SpecError`."""
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise SpecError(f"{name}={value!r} must be a tuple of layer indices, e.g. (1, 3)")
-        return tuple(value)
-
-    return convert
-
-
-_layer_indices = _indices_of("sliding_layers")
-_chunked_indices = _indices_of("chunked_layers")
-
-
-def _fp8_scales_converter(value):
-    """``kv_fp8_scales`` with lists made tuples and numbers made floats (a JSON round trip
-    gives lists back); its shape is checked against the spec in `paged_kv.quant`."""
-    if value is None or isinstance(value, (str, bytes, bool)):
-        return value
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return float(value)
-    if hasattr(value, "__iter__"):
-        return tuple(_fp8_scales_converter(x) for x in value)
-    return value
-
-
-def _full_precision_converter(value):
-    """``kv_full_precision_layers`` as a tuple (or the word "sliding", resolved in `paged_kv.quant`)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes) or not hasattr(value, "__iter__"):
-        raise SpecError(f"kv_full_precision_layers={value!r} must be a tuple of layer indices, e.g. (0, 5), or 'sliding'")
-    return tuple(value)
-
-
-MAX_POOL_BYTES = 2**47
-"""128 TiB: more than any accelerator system holds. A larger pool is a typo in a head
-count or dimension, refused when the spec is built rather than as an out-of-memory
-error deep inside JAX when the pages are allocated."""
-
-
-def _positive(instance, attribute, value) -> None:
-    # < 2**31: every count here ends up in int32 tables or slot ids, and numpy integers
-    # past that would overflow silently in the arithmetic below.
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < 2**31:
-        raise SpecError(f"{attribute.name}={value!r} must be a positive integer below 2**31")
-    object.__setattr__(instance, attribute.name, int(value))
-
-
-def _optional_positive(instance, attribute, value) -> None:
-    if value is not None:
-        _positive(instance, attribute, value)
-
-
-PAGE_STORAGE = ("auto", "bits", "float")
-
-
-def _page_storage(instance, attribute, value) -> None:
-    if value not in PAGE_STORAGE:
-        raise SpecError(f"page_storage={value!r} is not one of {PAGE_STORAGE}")
 
 
 @attrs.frozen(kw_only=True, init=False)
@@ -122,20 +31,22 @@ class CacheSpec:
     ``"float"`` (the dtype itself, what Pallas kernels read), ``"auto"`` (bits on CPU,
     float on TPU/GPU).
 
-    Quantized pages (`paged_kv.quant`): ``kv_format="int8"`` stores int8 keys/values
-    with a per-token, per-head absmax scale (``kv_scale_dtype`` "float32" or
-    "bfloat16") beside the pages; ``kv_format="fp8"`` stores float8_e4m3fn with fixed
-    per-head scales ``kv_fp8_scales`` (None: 1.0; one float: per-tensor; per layer a
-    ``(key, value)`` pair of a float or one float per head). ``dtype`` stays the
-    compute dtype. Layers in ``kv_full_precision_layers`` (indices, or "sliding" for
-    every sliding-window layer; chunked layers do not count as sliding: list their
-    indices to keep them too) keep ``dtype`` pages. ``kv_rotation``: "auto" (the
-    default: quantized pages hold each head vector times a normalized Hadamard matrix,
-    which spreads outlier channels before the scale is taken; fp8 scales apply to the
-    rotated values), "hadamard" (the same, required), or "none" (see `paged_kv.quant`).
+    Quantized pages (codecs: `paged_kv.quant`; rules: `paged_kv.spec.formats`):
+    ``kv_format="int8"`` stores int8 keys/values with a per-token, per-head absmax
+    scale (``kv_scale_dtype`` "float32" or "bfloat16") beside the pages;
+    ``kv_format="fp8"`` stores float8_e4m3fn with fixed per-head scales
+    ``kv_fp8_scales`` (None: 1.0; one float: per-tensor; per layer a ``(key, value)``
+    pair of a float or one float per head). ``dtype`` stays the compute dtype. Layers
+    in ``kv_full_precision_layers`` (indices, or "sliding" for every sliding-window
+    layer; chunked layers do not count as sliding: list their indices to keep them
+    too) keep ``dtype`` pages. ``kv_rotation``: "auto" (the default: quantized pages
+    hold each head vector times a normalized Hadamard matrix, which spreads outlier
+    channels before the scale is taken; fp8 scales apply to the rotated values),
+    "hadamard" (the same, required), or "none" (see `paged_kv.quant`).
     ``kv_key_offsets``: per layer None or ``key_heads x key_dim`` floats that quantized
-    keys hold on every token, calibrated (`paged_kv.key_offsets`): pages hold ``k - mu``
-    and reads add ``mu`` back, so rounding is relative to what varies from token to token.
+    keys hold on every token, calibrated (`paged_kv.key_offsets.calibrate`; rules:
+    `paged_kv.spec.key_offsets`): pages hold ``k - mu`` and reads add ``mu`` back, so
+    rounding is relative to what varies from token to token.
 
     Local attention: layers in ``sliding_layers`` see the last ``sliding_window``
     positions; layers in ``chunked_layers`` (Llama 4's ``attention_chunk_size``) see,
@@ -148,29 +59,32 @@ class CacheSpec:
     block straddling a chunk edge is kept while the chunk it ends in is current).
     """
 
-    num_layers: int = attrs.field(validator=_positive)
-    num_blocks: int = attrs.field(validator=_positive)
-    block_size: int = attrs.field(validator=_positive)
-    max_blocks_per_seq: int = attrs.field(validator=_positive)
-    max_batch_slots: int = attrs.field(default=256, validator=_positive)
-    dtype: str = attrs.field(default="bfloat16", converter=_canonical_dtype)
-    num_kv_heads: int | None = attrs.field(default=None, validator=_optional_positive)
-    head_dim: int | None = attrs.field(default=None, validator=_optional_positive)
-    key_heads: int | None = attrs.field(default=None, validator=_optional_positive)
-    value_heads: int | None = attrs.field(default=None, validator=_optional_positive)
-    key_dim: int | None = attrs.field(default=None, validator=_optional_positive)
-    value_dim: int | None = attrs.field(default=None, validator=_optional_positive)
-    sliding_window: int | None = attrs.field(default=None, validator=_optional_positive)
-    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=_layer_indices)
-    sliding_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
-    attention_chunk_size: int | None = attrs.field(default=None, validator=_optional_positive)
-    chunked_layers: tuple[int, ...] = attrs.field(default=(), converter=_chunked_indices)
-    chunked_num_blocks: int | None = attrs.field(default=None, validator=_optional_positive)
-    page_storage: str = attrs.field(default="bits", validator=_page_storage)
+    num_layers: int = attrs.field(converter=fields.positive("num_layers"))
+    num_blocks: int = attrs.field(converter=fields.positive("num_blocks"))
+    block_size: int = attrs.field(converter=fields.positive("block_size"))
+    max_blocks_per_seq: int = attrs.field(converter=fields.positive("max_blocks_per_seq"))
+    max_batch_slots: int = attrs.field(default=256, converter=fields.positive("max_batch_slots"))
+    dtype: str = attrs.field(default="bfloat16", converter=fields.canonical_dtype)
+    num_kv_heads: int | None = attrs.field(default=None, converter=fields.positive("num_kv_heads", optional=True))
+    head_dim: int | None = attrs.field(default=None, converter=fields.positive("head_dim", optional=True))
+    key_heads: int = attrs.field(default=None, converter=fields.or_shortcut("key_heads", "num_kv_heads"))
+    value_heads: int = attrs.field(default=None, converter=fields.or_shortcut("value_heads", "num_kv_heads"))
+    key_dim: int = attrs.field(default=None, converter=fields.or_shortcut("key_dim", "head_dim"))
+    value_dim: int = attrs.field(default=None, converter=fields.or_shortcut("value_dim", "head_dim"))
+    sliding_window: int | None = attrs.field(default=None, converter=fields.positive("sliding_window", optional=True))
+    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.indices("sliding_layers"))
+    sliding_num_blocks: int | None = attrs.field(default=None,
+                                                 converter=fields.positive("sliding_num_blocks", optional=True))
+    attention_chunk_size: int | None = attrs.field(default=None,
+                                                   converter=fields.positive("attention_chunk_size", optional=True))
+    chunked_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.indices("chunked_layers"))
+    chunked_num_blocks: int | None = attrs.field(default=None,
+                                                 converter=fields.positive("chunked_num_blocks", optional=True))
+    page_storage: str = attrs.field(default="bits", validator=fields.page_storage)
     kv_format: str = attrs.field(default="none")
     kv_scale_dtype: str = attrs.field(default="float32")
-    kv_fp8_scales: object = attrs.field(default=None, converter=_fp8_scales_converter)
-    kv_full_precision_layers: object = attrs.field(default=(), converter=_full_precision_converter)
+    kv_fp8_scales: object = attrs.field(default=None, converter=fields.fp8_scales)
+    kv_full_precision_layers: object = attrs.field(default=(), converter=fields.full_precision)
     kv_rotation: str = attrs.field(default="auto")
     kv_key_offsets: object = attrs.field(default=None, converter=key_offsets.converter,
                                   hash=False)  # in eq, not in the hash: a spec is hashed at every jit call
@@ -192,12 +106,6 @@ class CacheSpec:
         self.__attrs_init__(**fields)
 
     def __attrs_post_init__(self) -> None:
-        for name, shortcut in (("key_heads", "num_kv_heads"), ("value_heads", "num_kv_heads"),
-                               ("key_dim", "head_dim"), ("value_dim", "head_dim")):
-            if getattr(self, name) is None:
-                if getattr(self, shortcut) is None:
-                    raise SpecError(f"{name} is not set: give {name}= or the shortcut {shortcut}=")
-                object.__setattr__(self, name, getattr(self, shortcut))
         if self.num_blocks < 2:
             raise SpecError(f"num_blocks={self.num_blocks} leaves no usable block (block 0 is the null block)")
         if self.num_blocks * self.block_size >= 2**31:
@@ -214,10 +122,10 @@ class CacheSpec:
         self._check_chunked()
         object.__setattr__(self, "_groups", self._make_groups())
         self._check_format()
-        if self.pool_bytes > MAX_POOL_BYTES:
+        if self.pool_bytes > fields.MAX_POOL_BYTES:
             raise SpecError(
                 f"this spec's pages take {self.pool_bytes:,} bytes ({self.pool_bytes / 2**40:,.1f} TiB), more than any "
-                f"accelerator holds (limit {MAX_POOL_BYTES / 2**40:.0f} TiB): check num_kv_heads/head_dim/num_blocks, "
+                f"accelerator holds (limit {fields.MAX_POOL_BYTES / 2**40:.0f} TiB): check num_kv_heads/head_dim/num_blocks, "
                 "or size the pool with CacheSpec.for_memory(bytes, ...)"
             )
 
@@ -271,11 +179,12 @@ class CacheSpec:
         object.__setattr__(self, "chunked_layers", tuple(sorted(int(x) for x in layers)))
 
     def _check_format(self) -> None:
-        from paged_kv import quant  # the formats' rules live with their arithmetic
-
-        quant.check_spec_format(self)
+        formats.check_format(self)
+        # Set once, here, while the spec is built (like the sorted layer indices above).
+        object.__setattr__(self, "kv_full_precision_layers", formats.full_precision_layers(self))
+        formats.check_values(self)
         # Per-layer bytes per token, once: the simulator asks for group sizes every step.
-        object.__setattr__(self, "_layer_bytes", tuple(quant.bytes_per_token(self, self.layer_format(i))
+        object.__setattr__(self, "_layer_bytes", tuple(formats.bytes_per_token(self, self.layer_format(i))
                                                         for i in range(self.num_layers)))
 
     # ---- layer groups ------------------------------------------------------------------
@@ -312,14 +221,14 @@ class CacheSpec:
         ceil(W / block_size) + 1 for decode."""
         if self.sliding_window is None:
             raise SpecError("window_blocks() asked of a spec with no sliding layers")
-        num_new_tokens = _count(num_new_tokens, "num_new_tokens")
+        num_new_tokens = fields.count(num_new_tokens, "num_new_tokens")
         return -(-(self.sliding_window - 1 + num_new_tokens) // self.block_size) + 1
 
     # ---- memory arithmetic ------------------------------------------------------
     @property
     def itemsize(self) -> int:
         """Bytes of one key or value element in ``dtype``."""
-        return np.dtype(_resolve(self.dtype)).itemsize
+        return np.dtype(resolve_dtype(self.dtype)).itemsize
 
     @property
     def bytes_per_token_per_layer(self) -> int:
@@ -333,9 +242,7 @@ class CacheSpec:
         return self._layer_bytes[layer]
 
     def _format_bytes_per_token(self, fmt: str) -> int:
-        from paged_kv import quant
-
-        return quant.bytes_per_token(self, fmt)
+        return formats.bytes_per_token(self, fmt)
 
     def layer_format(self, layer: int) -> str:
         """How layer ``layer``'s pages are stored: ``"none"`` (``dtype``), ``"int8"`` or ``"fp8"``."""
@@ -374,7 +281,7 @@ class CacheSpec:
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens of one sequence."""
-        return -(-_count(num_tokens, "num_tokens") // self.block_size)
+        return -(-fields.count(num_tokens, "num_tokens") // self.block_size)
 
     def pool_signature(self) -> tuple:
         """What step metadata must have been built for to address these pages: the
@@ -412,48 +319,8 @@ class CacheSpec:
         )
 
     def _rotation_note(self) -> str:
-        from paged_kv import quant
-
-        blocks = quant.rotation_blocks(self)
+        blocks = formats.rotation_blocks(self)
         return f" (Hadamard-rotated, blocks K {blocks[0]} V {blocks[1]})" if max(blocks) > 1 else " (not rotated)"
-
-
-@attrs.frozen
-class LayerGroup:
-    """Layers sharing one pool and one page table, and their attention kind: ``window``
-    (sliding window of that many positions), ``chunk`` (chunked local attention over
-    chunks of that many positions), or neither (full attention); never both."""
-
-    layers: tuple[int, ...]
-    window: int | None
-    num_blocks: int
-    chunk: int | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.window is not None and self.chunk is not None:
-            raise SpecError(f"LayerGroup(window={self.window}, chunk={self.chunk}): a group is sliding or chunked, not both")
-
-    @property
-    def kind(self) -> str:
-        """``"full"``, ``"sliding"`` or ``"chunked"``."""
-        return "sliding" if self.window is not None else "chunked" if self.chunk is not None else "full"
-
-    @property
-    def local(self) -> bool:
-        """Whether a query sees only recent positions (sliding or chunked): the group's
-        tables start past the blocks no query can see any more, which go back to its pool."""
-        return self.window is not None or self.chunk is not None
-
-    def first_visible(self, position: int | np.ndarray) -> int | np.ndarray:
-        """First position a query at ``position`` (an int or an integer array), or any
-        later query, can see: 0 for full attention, ``position - window + 1`` for a
-        sliding window, the first position of its chunk for chunked attention. The host
-        rule of every kind: blocks wholly before it can go back to the pool."""
-        if self.window is not None:
-            return np.maximum(position - self.window + 1, 0)
-        if self.chunk is not None:
-            return position // self.chunk * self.chunk
-        return position * 0
 
 
 def spec_difference(a: CacheSpec, b: CacheSpec, a_name: str, b_name: str) -> str:
@@ -478,47 +345,4 @@ def require_same_spec(a, b, a_name: str, b_name: str, error: type = SpecError) -
                     f"({spec_difference(sa, sb, a_name, b_name)}); build both from one CacheSpec")
 
 
-def _resolve(name: str):
-    import ml_dtypes
-
-    return getattr(ml_dtypes, name) if hasattr(ml_dtypes, name) else np.dtype(name)
-
-
-def storage_dtype(spec: CacheSpec) -> np.dtype:
-    """The dtype pages are stored in: the unsigned integer of ``spec.dtype``'s width
-    (``page_storage="bits"``, the default), or ``spec.dtype`` itself (``"float"``;
-    ``"auto"``: float on TPU and GPU, bits on CPU) of full-precision layers;
-    quantized layers (`paged_kv.quant`) always store unsigned bits.
-
-    Why bits on CPU: XLA on CPU lowers a bfloat16 scatter out of place (a full pool
-    copy per write, ~220 ms for 134 MB) but an integer scatter in place (~50 us);
-    bit-casting at the write and the read costs nothing there. Why floats elsewhere:
-    TPU and GPU scatter floats in place, and a Pallas kernel reads the pool as it is
-    (a bit-cast of the whole pool before a kernel call may be materialised as a
-    copy). The default stays "bits" everywhere for now because checkpoints write
-    pages with numpy, which cannot round-trip bfloat16/fp8 arrays (use "bits" for a
-    cache you will checkpoint).
-    """
-    if spec.page_storage == "float" or (spec.page_storage == "auto" and _platform() != "cpu"):
-        return np.dtype(_resolve(spec.dtype))
-    return bits_dtype(spec)
-
-
-def bits_dtype(spec: CacheSpec) -> np.dtype:
-    """The unsigned integer of ``spec.dtype``'s width (what "bits" storage holds)."""
-    return np.dtype(f"uint{8 * spec.itemsize}")
-
-
-def _platform() -> str:
-    import jax  # the host side of paged_kv does not need jax; only page storage asks
-
-    return jax.default_backend()
-
-
-def compute_dtype(spec: CacheSpec):
-    """The float dtype keys and values have outside the pages."""
-    return _resolve(spec.dtype)
-
-
-__all__ = ["CacheSpec", "LayerGroup", "NULL_BLOCK", "PAGE_STORAGE", "bits_dtype", "compute_dtype", "require_same_spec",
-           "spec_difference", "storage_dtype"]
+__all__ = ["CacheSpec", "NULL_BLOCK", "require_same_spec", "spec_difference"]

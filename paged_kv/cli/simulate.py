@@ -1,5 +1,5 @@
-"""Command line: ``paged-kv simulate`` (or ``python -m paged_kv simulate``); ``paged-kv generate``
-(`paged_kv.models.cli`) runs a Hugging Face checkpoint through the cache.
+"""``paged-kv simulate`` (or ``python -m paged_kv simulate``): replay a request trace through
+the block allocator and profile memory.
 
 The defaults model one serving replica of an 8B-class model (``--model llama3-8b``:
 32 layers, 8 KV heads of dim 128, bfloat16: 128 KiB of KV per token) with a 16 GiB
@@ -16,9 +16,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from paged_kv import __version__
+from paged_kv.cli.arguments import number, positive_int
 from paged_kv.errors import PagedKVError, SpecError, TraceError
 from paged_kv.sim.layouts import LAYOUTS, sliding_layers
 from paged_kv.sim.models import DEFAULT_MODEL, MODELS, model_shape
@@ -54,45 +54,8 @@ WORKLOADS = ("requests", "multiturn")
 lengths are drawn from it (`paged_kv.sim.multiturn_workload`)."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _number(low: float, high: float | None = None):
-    """An argparse type: a float in [low, high), or >= low when ``high`` is None."""
-
-    def number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (value >= low and (high is None or value < high)):  # NaN fails both
-            bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
-        return value
-
-    return number
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``paged-kv`` argument parser: ``--version`` and one subparser per command."""
-    parser = argparse.ArgumentParser(prog="paged-kv", description="Paged-block KV cache manager tools.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_simulate_parser(commands)
-    from paged_kv.models.cli import add_parser as add_generate  # argparse only: the model loads when it runs
-
-    add_generate(commands)
-    return parser
-
-
-def _add_simulate_parser(commands) -> None:
+def add_parser(commands) -> argparse.ArgumentParser:
+    """Register the ``simulate`` subcommand on ``commands`` (an argparse subparsers object)."""
     default = MODELS[DEFAULT_MODEL]
     sim = commands.add_parser(
         "simulate",
@@ -110,51 +73,51 @@ def _add_simulate_parser(commands) -> None:
                      help="the bundled Azure LLM conversation trace 2023, a seeded synthetic trace "
                      "(bursts, long outliers, cancellations), or a CSV file (TIMESTAMP,ContextTokens,"
                      "GeneratedTokens[,CancelAfterTokens]); a request with GeneratedTokens=0 is prefill only")
-    sim.add_argument("--requests", type=_positive_int, default=5000, help="requests in a synthetic trace")
+    sim.add_argument("--requests", type=positive_int, default=5000, help="requests in a synthetic trace")
     sim.add_argument("--seed", type=int, default=0, help="seed of a synthetic trace")
-    sim.add_argument("--limit", type=_positive_int, metavar="N", help="replay only the first N requests")
+    sim.add_argument("--limit", type=positive_int, metavar="N", help="replay only the first N requests")
     _add_workload_arguments(sim)
     shape = sim.add_argument_group("model shape (sizes the pool in bytes)")
     shape.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                        help=f"a preset KV shape: {', '.join(MODELS)}")
     # SUPPRESS: an override left out is absent from the namespace (and from the
     # "(default: ...)" help text), so the preset's value stands.
-    shape.add_argument("--num-layers", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+    shape.add_argument("--num-layers", type=positive_int, default=argparse.SUPPRESS, metavar="N",
                        help="override the preset's layer count")
-    shape.add_argument("--num-kv-heads", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+    shape.add_argument("--num-kv-heads", type=positive_int, default=argparse.SUPPRESS, metavar="N",
                        help="override the preset's KV heads")
-    shape.add_argument("--head-dim", type=_positive_int, default=argparse.SUPPRESS, metavar="N",
+    shape.add_argument("--head-dim", type=positive_int, default=argparse.SUPPRESS, metavar="N",
                        help="override the preset's head dimension")
     shape.add_argument("--kv-dtype", choices=KV_DTYPES + KV_FORMATS, default=argparse.SUPPRESS,
                        help="override the preset's KV dtype (every preset is bfloat16); int8 (per-token scales "
                        "included) and fp8 quantize the pages, the preset's dtype stays the compute dtype")
     pool = sim.add_argument_group("KV pool")
-    pool.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
-    pool.add_argument("--num-blocks", type=_positive_int, default=DEFAULT_NUM_BLOCKS,
+    pool.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
+    pool.add_argument("--num-blocks", type=positive_int, default=DEFAULT_NUM_BLOCKS,
                       help="blocks in the pool, null block included")
-    pool.add_argument("--max-seq-len", type=_positive_int, default=16384,
+    pool.add_argument("--max-seq-len", type=positive_int, default=16384,
                       help="tokens one sequence may hold (rounded up to whole blocks)")
     pool.add_argument("--layout", choices=LAYOUTS, default="full",
                       help="which layers slide: none, all but one in --full-every (Gemma 3: 6), or all of them")
-    pool.add_argument("--sliding-window", type=_positive_int, default=1024, metavar="W",
+    pool.add_argument("--sliding-window", type=positive_int, default=1024, metavar="W",
                       help="window of the sliding layers (--layout hybrid|sliding)")
-    pool.add_argument("--full-every", type=_positive_int, default=6, metavar="N",
+    pool.add_argument("--full-every", type=positive_int, default=6, metavar="N",
                       help="one full-attention layer per N layers (--layout hybrid)")
-    pool.add_argument("--sliding-blocks", type=_positive_int, default=None, metavar="N",
+    pool.add_argument("--sliding-blocks", type=positive_int, default=None, metavar="N",
                       help="blocks of the sliding layers' own pool (--layout hybrid; default: --num-blocks)")
     pool.add_argument("--force", action="store_true",
                       help=f"run a pool larger than {MAX_POOL_BYTES // 2**40} TiB, which is refused otherwise "
                       "as a likely typo")
-    sim.add_argument("--max-batch", type=_positive_int, default=256, help="most sequences in one step")
-    sim.add_argument("--token-budget", type=_positive_int, default=8192,
+    sim.add_argument("--max-batch", type=positive_int, default=256, help="most sequences in one step")
+    sim.add_argument("--token-budget", type=positive_int, default=8192,
                      help="tokens one step may process: decodes plus prefill chunks")
-    sim.add_argument("--watermark", type=_number(0.0, 1.0), default=0.01,
+    sim.add_argument("--watermark", type=number(0.0, 1.0), default=0.01,
                      help="fraction of the pool admission keeps free for running sequences to grow")
     sim.add_argument("--arrivals", choices=ARRIVALS, default="offline",
                      help="offline: all requests wait at step 0 (sustained load); trace: at their arrival times")
-    sim.add_argument("--step-ms", type=_number(1e-6), default=25.0,
+    sim.add_argument("--step-ms", type=number(1e-6), default=25.0,
                      help="model time of one step, for --arrivals trace")
-    sim.add_argument("--speedup", type=_number(1e-6), default=1.0,
+    sim.add_argument("--speedup", type=number(1e-6), default=1.0,
                      help="divide arrival times by this, for --arrivals trace")
     sim.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
                      help="when memory runs short, drop the newest sequence's blocks (recompute them later) "
@@ -171,6 +134,7 @@ def _add_simulate_parser(commands) -> None:
     # So that an inconsistent option combination is reported with this
     # subcommand's usage line, as argparse reports a single bad option.
     sim.set_defaults(subparser=sim)
+    return sim
 
 
 def _add_workload_arguments(sim) -> None:
@@ -178,11 +142,11 @@ def _add_workload_arguments(sim) -> None:
     work.add_argument("--workload", choices=WORKLOADS, default="requests",
                       help="requests: the trace's requests; multiturn: chat sessions whose prompts are the "
                       "conversation so far plus new user tokens, each turn's lengths a row of --trace")
-    work.add_argument("--sessions", type=_positive_int, default=64, help="chat sessions (--workload multiturn)")
-    work.add_argument("--turns", type=_positive_int, default=6, help="most turns per session (--workload multiturn)")
-    work.add_argument("--think-s", type=_number(0.0), default=10.0,
+    work.add_argument("--sessions", type=positive_int, default=64, help="chat sessions (--workload multiturn)")
+    work.add_argument("--turns", type=positive_int, default=6, help="most turns per session (--workload multiturn)")
+    work.add_argument("--think-s", type=number(0.0), default=10.0,
                       help="mean think time between a turn's answer and the next turn (--workload multiturn)")
-    work.add_argument("--samples", type=_positive_int, default=1,
+    work.add_argument("--samples", type=positive_int, default=1,
                       help="parallel samples per request: prefilled once, then forked (--workload requests)")
     work.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                       help="admit prompts through the manager's prefix cache (default: on for --workload "
@@ -320,18 +284,9 @@ def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: 
             print(f"{what} written to {os.fspath(path)}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, as for bad arguments)."""
-    args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        from paged_kv.models.cli import run
-
-        return run(args)
-    return _simulate(args)
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    """``paged-kv simulate``: check everything it can before the replay, replay, report."""
+def run(args: argparse.Namespace) -> int:
+    """Run ``paged-kv simulate``: check everything it can before the replay, replay, report;
+    returns the exit status (2 for bad input, as for bad arguments)."""
     try:
         spec = _spec(args)
         config = SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
@@ -395,4 +350,4 @@ def _spec(args: argparse.Namespace) -> CacheSpec:
     return spec
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["MAX_POOL_BYTES", "add_parser", "run"]

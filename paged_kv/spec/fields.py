@@ -1,0 +1,127 @@
+"""`CacheSpec`'s field converters and validators: what each field accepts, and the
+canonical value it holds (ints as Python ints, collections as tuples, dtypes as names).
+
+Converters, not validators that write back: a frozen spec's fields are set once, by
+attrs, to what these return.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from paged_kv.errors import InvalidTokenCountError, SpecError
+
+MAX_POOL_BYTES = 2**47
+"""128 TiB: more than any accelerator system holds. A larger pool is a typo in a head
+count or dimension, refused when the spec is built rather than as an out-of-memory
+error deep inside JAX when the pages are allocated."""
+
+PAGE_STORAGE = ("auto", "bits", "float")
+
+
+def canonical_dtype(value) -> str:
+    """``dtype`` as the name of a float dtype of at most 32 bits, or `SpecError`."""
+    import ml_dtypes  # ships with jax; knows bfloat16 and the fp8 types
+
+    if value is None:  # np.dtype(None) is float64: never a silent default
+        raise SpecError("dtype=None is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'")
+
+    try:
+        dt = np.dtype(getattr(ml_dtypes, value) if isinstance(value, str) and hasattr(ml_dtypes, value) else value)
+    except TypeError as exc:
+        raise SpecError(f"dtype={value!r} is not a dtype; use e.g. 'bfloat16', 'float16' or 'float32'") from exc
+    if not (np.issubdtype(dt, np.floating) or dt.name in {"bfloat16"} or dt.name.startswith("float8")):
+        raise SpecError(f"dtype={dt.name!r} is not a floating dtype; keys and values are floats "
+                        "(dtype is the compute dtype; for int8 or fp8 pages give e.g. dtype='bfloat16', "
+                        "kv_format='int8' or kv_format='fp8')")
+    if dt.itemsize > 4:
+        # JAX without jax_enable_x64 silently stores float64 as float32, so the pages
+        # would hold half the bits `pool_bytes` counts and values would be cut.
+        raise SpecError(
+            f"dtype={dt.name!r}: pages hold at most 32-bit floats (JAX stores float64 as float32 unless "
+            "jax_enable_x64 is set, which paged_kv does not support); use 'float32', 'bfloat16' or 'float16'"
+        )
+    return dt.name
+
+
+def count(value, name: str) -> int:
+    """A token count as a Python int in ``[0, 2**31)``, or `InvalidTokenCountError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**31:
+        raise InvalidTokenCountError(f"{name}={value!r} must be an integer in [0, 2**31)")
+    return int(value)
+
+
+def positive(name: str, optional: bool = False):
+    """A converter: field ``name`` as a Python int in ``[1, 2**31)`` (or None when ``optional``)."""
+
+    def convert(value):
+        if value is None and optional:
+            return None
+        # < 2**31: every count here ends up in int32 tables or slot ids, and numpy integers
+        # past that would overflow silently in the spec's arithmetic.
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < 2**31:
+            raise SpecError(f"{name}={value!r} must be a positive integer below 2**31")
+        return int(value)
+
+    return convert
+
+
+def or_shortcut(name: str, shortcut: str):
+    """A converter: ``key_heads``-like field ``name`` as a positive int, given or else the
+    value of the field ``shortcut`` (``num_kv_heads`` / ``head_dim``), set before it."""
+    check = positive(name, optional=True)
+
+    def convert(value, spec):
+        value = check(value)
+        if value is None:
+            value = getattr(spec, shortcut)
+            if value is None:
+                raise SpecError(f"{name} is not set: give {name}= or the shortcut {shortcut}=")
+        return value
+
+    return attrs.Converter(convert, takes_self=True)
+
+
+def indices(name: str):
+    """A converter: field ``name`` as a tuple; anything that is not a collection of indices
+    is a `SpecError` (the indices themselves are checked against the spec's layers)."""
+
+    def convert(value) -> tuple:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise SpecError(f"{name}={value!r} must be a tuple of layer indices, e.g. (1, 3)")
+        return tuple(value)
+
+    return convert
+
+
+def fp8_scales(value):
+    """``kv_fp8_scales`` with lists made tuples and numbers made floats (a JSON round trip
+    gives lists back); its shape is checked against the spec in `paged_kv.spec.formats`."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if hasattr(value, "__iter__"):
+        return tuple(fp8_scales(x) for x in value)
+    return value
+
+
+def full_precision(value):
+    """``kv_full_precision_layers`` as a tuple (or the word "sliding", resolved in
+    `paged_kv.spec.formats.full_precision_layers`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes) or not hasattr(value, "__iter__"):
+        raise SpecError(f"kv_full_precision_layers={value!r} must be a tuple of layer indices, e.g. (0, 5), or 'sliding'")
+    return tuple(value)
+
+
+def page_storage(instance, attribute, value) -> None:
+    """Validator of ``page_storage``: one of `PAGE_STORAGE`."""
+    if value not in PAGE_STORAGE:
+        raise SpecError(f"page_storage={value!r} is not one of {PAGE_STORAGE}")
+
+
+__all__ = ["MAX_POOL_BYTES", "PAGE_STORAGE", "canonical_dtype", "count", "fp8_scales", "full_precision", "indices",
+           "or_shortcut", "page_storage", "positive"]
