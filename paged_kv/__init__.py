@@ -17,6 +17,7 @@ holds the attention over the pages and the Pallas kernel adapters.
 
 from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, StepBatch, slot_step_metadata
 from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
+from paged_kv.allocator.steps import Step
 from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import (
     BatchTooLargeError,
@@ -32,7 +33,9 @@ from paged_kv.errors import (
     ShapeError,
     SlotError,
     SpecError,
+    StaleStepError,
     StateError,
+    StepError,
     TraceError,
     UnknownSequenceError,
 )
@@ -101,11 +104,14 @@ __all__ = [
     "ShapeError",
     "SlotError",
     "SpecError",
+    "StaleStepError",
     "StateError",
+    "StepError",
     "SlidingWindowCacheView",
     "PrefixCache",
     "PrefixEvent",
     "PrefixStats",
+    "Step",
     "StepBatch",
     "StepMetadata",
     "SwapRecord",

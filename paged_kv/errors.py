@@ -69,6 +69,16 @@ class StateError(PagedKVError, RuntimeError):
     whose copy-on-write copy has not run: commit the step first."""
 
 
+class StepError(StateError):
+    """A commit of a step that cannot be committed: another manager's, committed already,
+    or older than a step committed since (`paged_kv.allocator.steps`)."""
+
+
+class StaleStepError(StepError):
+    """A commit of a step naming a sequence released (or swapped out) since the step was
+    described; ``commit(step, skip_released=True)`` commits the others."""
+
+
 class BatchTooLargeError(PagedKVError, ValueError):
     """More sequences in one step than `max_batch_slots`."""
 
@@ -97,6 +107,8 @@ __all__ = [
     "InvalidTokenIdError",
     "InvalidArgumentError",
     "StateError",
+    "StaleStepError",
+    "StepError",
     "BatchTooLargeError",
     "ShapeError",
     "SlotError",

@@ -92,6 +92,10 @@ class StepMetadata:
     # metadata built for other pages (its block ids would be dropped or read out of
     # range: zeros on CPU, undefined on accelerators).
     built_for: tuple | None = None
+    # Host only (not a pytree field: it never reaches the device and never recompiles):
+    # the `Step` this metadata describes, for ``manager.commit(step)``. Lost by
+    # `to_device` and by tree maps; keep ``meta.step`` before handing metadata over.
+    step: object = dataclasses.field(default=None, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -153,7 +157,8 @@ def register_pytrees() -> None:
         meta_fields=[],
     )
     jax.tree_util.register_dataclass(
-        StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=["built_for"]
+        StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=["built_for"],
+        drop_fields=["step"],
     )
     _registered = True
 

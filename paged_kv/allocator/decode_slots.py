@@ -39,6 +39,7 @@ from paged_kv.errors import (
 )
 from paged_kv.allocator.seq_ids import check_seq_id, is_seq_id
 from paged_kv.allocator.step_batch import StepBatch
+from paged_kv.allocator.steps import Step
 from paged_kv.metadata import GroupMetadata, StepMetadata, pad_slot
 from paged_kv.spec import NULL_BLOCK
 
@@ -87,10 +88,10 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
             )
         counts = per_slot[occupied]
     meta = manager.step_metadata(ids, counts) if ids else None
-    return _in_slots(spec, meta, occupied, num_slots)
+    return _in_slots(spec, meta, occupied, num_slots, None if meta is None else meta.step)
 
 
-def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: int) -> StepMetadata:
+def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: int, step=None) -> StepMetadata:
     """``meta`` (rows in ``occupied`` order, or None: nothing occupied) spread over
     ``num_slots`` rows, row ``occupied[i]`` holding meta's row ``i``, the rest padding;
     fresh arrays."""
@@ -123,6 +124,7 @@ def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: i
         positions=place("positions", (T,), 0),
         groups=tuple(groups),
         built_for=spec.pool_signature(),
+        step=step,
     )
 
 
@@ -288,12 +290,17 @@ class DecodeSlots:
         # The persistent batch appends and describes the occupied rows in one pass
         # (in place while the same sequences decode); they are then spread over the slots.
         meta = self._batch.decode([self._seqs[b] for b in occupied])
-        return _in_slots(self.manager.spec, meta, occupied, len(self._seqs))
+        return _in_slots(self.manager.spec, meta, occupied, len(self._seqs), self._batch.last_step)
 
-    def commit(self) -> None:
-        """`KVCacheManager.commit` for every occupied slot: call it after the decode step
-        ran (it retires copy-on-write copies and lets the prefix cache key what was written)."""
-        self.manager.commit([s for s in self._seqs if s is not None])
+    def commit(self, step: Step | StepMetadata | None = None) -> None:
+        """`KVCacheManager.commit` of ``step`` (by default the occupied slots' last
+        described step): call it after the step ran (it retires copy-on-write copies and
+        lets the prefix cache key what was written). With steps in flight, pass the
+        ``meta.step`` of the step that ran."""
+        if step is None:
+            self.manager.commit([s for s in self._seqs if s is not None])
+        else:
+            self.manager.commit(step)
 
     def insert_prefill(self, cache: PagedKVCache, seq_id: int, keys: LayerArrays, values: LayerArrays,
                        slot: int | None = None) -> tuple[PagedKVCache, int]:

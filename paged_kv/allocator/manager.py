@@ -31,6 +31,7 @@ from paged_kv.allocator.saved_state import check_captured, prefixed, scoped, tak
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
 from paged_kv.allocator.slot_claims import SlotClaims
 from paged_kv.allocator.step_batch import plain_step_metadata
+from paged_kv.allocator.steps import Step, StepLog, stale_error
 from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.errors import (
@@ -44,6 +45,7 @@ from paged_kv.errors import (
     SequenceTooLongError,
     SpecError,
     StateError,
+    StepError,
 )
 from paged_kv.metadata import StepMetadata, step_layout
 from paged_kv.spec import CacheSpec
@@ -63,10 +65,11 @@ class KVCacheManager:
     """
 
     SAVED_ATTRS = frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted",
-                             "_descriptions", "_described"})
+                             "steps", "_described"})
     """Attributes `state` covers. Copies must be committed before saving; ``_forked`` is
-    derived on restore; slot claims are rebuilt by restoring the slots; description
-    numbers only order pending copies, so with none they are moot."""
+    derived on restore; slot claims are rebuilt by restoring the slots; step numbers
+    order pending copies and steps in flight, and a restored manager starts with
+    none of either (a step described before the save cannot be committed after it)."""
 
     def __init__(self, spec: CacheSpec, prefix_cache: bool = False):
         """``prefix_cache=True`` keeps released full blocks keyed by their token prefix
@@ -81,9 +84,9 @@ class KVCacheManager:
                                              for i, lg in enumerate(spec.groups)]
         self._rows: dict[int, int] = {}
         self._copies = tuple(g.copies for g in self.groups)  # each group's own, listed for the hot path
-        # Step descriptions so far, and the last one that carried copies for each row:
-        # committing that row's step retires exactly the copies it carried.
-        self._descriptions = 0
+        # Step numbers (`paged_kv.allocator.steps`), and per row the last step that
+        # carried copies: a plain ``commit(seq_ids)`` of that row retires exactly those.
+        self.steps = StepLog()
         self._described: dict[int, int] = {}
         # What each row has on the device, so the prefix cache keys only written blocks.
         self._written = WrittenBlocks()
@@ -259,21 +262,42 @@ class KVCacheManager:
             self._written.fork(prow, row, int(self.table.kv_lens[prow]), self.spec.block_size)
 
     # ---- commit: the device has run a step ------------------------------------------------
-    def commit(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray | None = None) -> None:
-        """Tell the manager the step last described for ``seq_ids`` (by `step_metadata`
-        or `DecodeSlots`) has run: their keys and values are in the pages.
+    def commit(self, seq_ids: Step | StepMetadata | Sequence[int],
+               num_tokens: int | Sequence[int] | np.ndarray | None = None, *, skip_released: bool = False) -> None:
+        """Tell the manager a described step has run: its keys and values are in the pages.
 
         Call it after every forward pass. It retires that step's copy-on-write copies
-        and, with the prefix cache, makes the sequences' newly written full blocks
-        hittable: no block is ever offered to another request before it is written.
-        Skipping it is safe but wasteful (copies are re-run, nothing gets cached).
-        ``num_tokens`` (an int or one per sequence) instead says how many leading
-        tokens are written, for pages filled outside a step (your own kernel, a
-        contiguous prefill). `UnknownSequenceError` / `InvalidTokenCountError`,
-        changing nothing.
+        and, with the prefix cache, makes the newly written full blocks hittable: no
+        block is ever offered to another request before it is written. Skipping it is
+        safe but wasteful (copies are re-run, nothing gets cached).
+
+        * ``commit(step)`` (a `Step`, or the `StepMetadata` carrying it as ``.step``):
+          exactly that step ran. Several steps may be in flight (an overlap scheduler
+          describes step N+1 while N runs); each commit covers only what its step
+          wrote. `StepError` for another manager's step, one committed already, or one
+          older than a step committed since; `StaleStepError` when a sequence of the
+          step was released since -- ``skip_released=True`` then commits the others.
+          See `paged_kv.allocator.steps`.
+        * ``commit(seq_ids)``: the step last described for each of ``seq_ids`` ran (the
+          synchronous form: with a step in flight, commit the `Step` instead).
+        * ``commit(seq_ids, num_tokens)`` (an int or one per sequence): that many leading
+          tokens are written, for pages filled outside a step (your own kernel, a
+          contiguous prefill).
+
+        `UnknownSequenceError` / `InvalidTokenCountError` / `StepError`, changing nothing.
         """
         if num_tokens is None and nothing_to_commit(self, seq_ids):
             return  # no copy pending, no prefix cache: a valid commit changes nothing
+        if isinstance(seq_ids, StepMetadata):
+            if seq_ids.step is None:
+                raise StepError("this StepMetadata carries no step (to_device and tree maps drop it): "
+                                "commit the meta.step you kept, or the seq_ids")
+            seq_ids = seq_ids.step
+        if isinstance(seq_ids, Step):
+            if num_tokens is not None:
+                raise InvalidArgumentError("commit(step, num_tokens): a step says what it wrote; num_tokens goes "
+                                           "with a list of seq_ids")
+            return self._commit_step(seq_ids, bool(skip_released))
         seq_ids = id_list(seq_ids)
         rows = [self._row(s) for s in seq_ids]
         lengths = [None] * len(rows)
@@ -296,6 +320,33 @@ class KVCacheManager:
             for row, length in zip(rows, lengths):
                 self._written.commit(row, length)
                 self._key_written(row)
+
+    def _commit_step(self, step: Step, skip_released: bool) -> None:
+        gone = self.steps.check(step, self.table)
+        if gone and not skip_released:
+            raise stale_error(step, gone)
+        self.steps.committed = step.id
+        if self.num_pending_copies:
+            for g in self.groups:
+                g.retire_copies(step.id)
+        if self.prefix_cache is not None:
+            skip = set(gone)
+            for i, (row, length) in enumerate(zip(np.asarray(step.rows).tolist(), step.lengths)):
+                if i not in skip:
+                    self._written.commit(row, length)
+                    self._key_written(row)
+
+    def note_step(self, step_id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray,
+                  lengths: Sequence[int] | np.ndarray) -> Step:
+        """Record step ``step_id`` (from ``steps.next_id()``) over ``rows`` (the rows of
+        ``seq_ids``, in batch order) leaving ``lengths`` tokens each, and return its
+        `Step`. For the builders of step metadata (`StepBatch`, `DecodeSlots`); with the
+        prefix cache the synchronous ``commit(seq_ids)`` reads the per-row note."""
+        cached = self.prefix_cache is not None
+        if cached:
+            lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else list(lengths)
+            self._written.describe(rows.tolist() if isinstance(rows, np.ndarray) else rows, lengths)
+        return self.steps.step(step_id, seq_ids, rows, self.table.epoch, lengths if cached else None)
 
     @property
     def num_pending_copies(self) -> int:
@@ -475,13 +526,12 @@ class KVCacheManager:
             g.check_visible(seq_ids, rows, kv - q)
         kv_lens, query_lens, positions, valid = step_layout(kv, q, self.spec)
         B = kv_lens.size
-        self._descriptions += 1
+        step_id = self.steps.next_id()
         if self.num_pending_copies:
-            self._described.update(dict.fromkeys(rows.tolist(), self._descriptions))
-        groups = tuple(g.metadata(rows, kv - q, positions[:n], valid[:n], B, self._descriptions) for g in self.groups)
-        if self.prefix_cache is not None:
-            self._written.describe(rows.tolist(), kv.tolist())
-        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature())
+            self._described.update(dict.fromkeys(rows.tolist(), step_id))
+        groups = tuple(g.metadata(rows, kv - q, positions[:n], valid[:n], B, step_id) for g in self.groups)
+        step = self.note_step(step_id, list(seq_ids), rows, kv)
+        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step)
 
     # ---- integrity and state -----------------------------------------------------------
     def check_integrity(self) -> None:

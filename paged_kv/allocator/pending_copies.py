@@ -98,25 +98,33 @@ class PendingCopies:
 
     def drop_dead(self, block_tables: np.ndarray, in_use: np.ndarray) -> list[int]:
         """Forget owners that no longer hold a copy's ``dst`` where it was made, and drop
-        copies left with none (the copy must never land in a block handed to someone
-        else); return their sources to unpin. Called right after every free."""
-        dead = []
+        copies that nobody needs any more (the copy must never land in a block handed to
+        someone else); return their sources to unpin. Called right after every free and
+        copy-on-write. A copy with no owner left is still needed while a later copy
+        reads its ``dst`` (a chain: the writer forked again and copied the copy), so
+        dropping one copy can free an earlier one: repeated until nothing changes."""
         for item in self._items:
             item[4] = {(r, c) for r, c in item[4] if in_use[r] and block_tables[r, c] == item[1]}
-            if not item[4]:
-                dead.append(item)
-        if dead:
-            self._items = [item for item in self._items if item[4]]
-        return [item[0] for item in dead]
+        unpin = []
+        while True:
+            read = {item[0] for item in self._items}
+            dead = [item for item in self._items if not item[4] and item[1] not in read]
+            if not dead:
+                return unpin
+            self._items = [item for item in self._items if item[4] or item[1] in read]
+            unpin += [item[0] for item in dead]
 
     def check(self, block_tables: np.ndarray, in_use: np.ndarray) -> None:
         """AssertionError unless every pending copy's destination sits where it was made,
-        in a row that is still in use (`check_integrity`)."""
+        in rows still in use, or is read by a later copy (`check_integrity`)."""
+        read = {item[0] for item in self._items}
         for s, d, n, _, owners in self._items:
             for r, c in owners:
                 if not in_use[r] or block_tables[r, c] != d:
                     raise AssertionError(f"pending copy {s}->{d} was made for row {r} block {c}, which now "
                                          f"holds {int(block_tables[r, c])}: the copy would land in another block's bytes")
+            if not owners and d not in read:
+                raise AssertionError(f"pending copy {s}->{d}: no sequence needs it, yet it would still run")
 
     def touches(self, blocks: np.ndarray) -> bool:
         """Whether a pending copy writes into any of ``blocks``."""

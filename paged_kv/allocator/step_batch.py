@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from paged_kv.allocator.hot_path import plain, same_ids
-from paged_kv.errors import PagedKVError
+from paged_kv.allocator.steps import Step
+from paged_kv.errors import PagedKVError, StateError
 from paged_kv.metadata import GroupMetadata, StepMetadata
 from paged_kv.spec import NULL_BLOCK
 
@@ -132,7 +133,8 @@ class StepBatch:
         self._cache = manager.prefix_cache  # fixed for the manager's life
         self._hot: tuple = ()  # see `_hot_refs`
         self._tiny: tuple | None = None  # see `_hot_refs`
-        self._described: list = []  # the ids of the step last described, for `commit`
+        self._step: Step | tuple | None = None  # see `last_step`
+        self._next_id = manager.steps.next_id
         self._signature = manager.spec.pool_signature()  # the spec is immutable
         self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
         self._table_mv: tuple | None = None  # see `_table_views`
@@ -173,8 +175,7 @@ class StepBatch:
                     pos_col[0] = o
                     slot_col[0] += 1
                     table.version = self._version = table.version + 1
-                    if self._cache is not None:
-                        self._noted()
+                    self._note()
                     return self._meta
                 if type(s) is int or s is self._ids[0]:
                     return self._inline_done(seq_ids, self._start_block(r, o))  # the row starts a block
@@ -188,8 +189,7 @@ class StepBatch:
                     pos_col[b] = o
                     slot_col[b] += 1
                 table.version = self._version = table.version + 1
-                if self._cache is not None:
-                    self._noted()
+                self._note()
                 return self._meta
         if self._can_patch(seq_ids) or self._kept(seq_ids):
             if self._tiny is not None and self._tiny is not tiny:
@@ -205,17 +205,30 @@ class StepBatch:
         self.manager.append(seq_ids, 1)
         return self.step(seq_ids, 1)
 
-    def commit(self) -> None:
-        """``manager.commit(ids)`` for the ids of the step this batch last described:
-        call it after that step ran. With no copy pending and no prefix cache (and
-        so nothing to record) it returns at once."""
-        if self._cache is None and self._ids is not None and self._table.epoch == self._epoch:
-            return  # a plain layout, nobody forked since: no copy can be pending
+    @property
+    def last_step(self) -> Step:
+        """The `Step` this batch last described, for ``manager.commit(step)`` once it ran
+        (with steps in flight, keep it before describing the next). The batch's
+        metadata objects are reused, so they carry no ``step`` of their own."""
+        step = self._step
+        if step is None:
+            raise StateError("this StepBatch has described no step yet")
+        if type(step) is tuple:
+            step = self._step = self.manager.steps.step(*step)
+        return step
+
+    def commit(self, step: Step | None = None) -> None:
+        """``manager.commit(step)``, by default for the step this batch last described:
+        call it after that step ran. Sequences released since have nothing left to
+        commit (``skip_released``). With no copy pending and no prefix cache (and so
+        nothing to record) the default returns at once."""
         m = self.manager
-        if self._cache is None and not m.num_pending_copies:
-            return
-        # Sequences released since the step was described have nothing left to commit.
-        m.commit([s for s in self._described if s in m])
+        if step is None:
+            if self._cache is None and (self._ids is not None and self._table.epoch == self._epoch
+                                        or not m.num_pending_copies):
+                return  # a plain layout, nobody forked since: no copy can be pending
+            step = self.last_step
+        m.commit(step, skip_released=True)
 
     # ---- is the layout still the manager's? -------------------------------------------------
     def _same_rows(self, seq_ids) -> bool:
@@ -410,7 +423,7 @@ class StepBatch:
                 return self._meta
         self._ids = self._tiny = self._ready = None
         self._meta = m.step_metadata(seq_ids, num_new_tokens)  # raises the typed error, if any
-        self._described = list(seq_ids)
+        self._step = self._meta.step
         return self._meta
 
     def _decode_layout(self, seq_ids: list, row_list: list) -> None:
@@ -461,7 +474,6 @@ class StepBatch:
     def _keep(self, seq_ids: list, row_list: list, rows: np.ndarray, decode: bool) -> None:
         """Remember the layout just written and the table counters it is valid for."""
         t = self.manager.groups[0].table
-        self._described = seq_ids
         if not row_list:  # an empty step: nothing to patch later
             self._ids = self._tiny = self._ready = None
             return
@@ -546,8 +558,7 @@ class StepBatch:
             return self.step(seq_ids, 1)
         if not done:
             self._decode_layout(self._ids, self._row_list)
-        if self._cache is not None:
-            self._noted()
+        self._note()
         return self._meta
 
     def _start_block(self, r: int, o: int) -> bool | None:
@@ -610,14 +621,16 @@ class StepBatch:
         return fits
 
     def _note(self) -> None:
-        """What step_metadata records of a step it describes: one more description, and
-        with the prefix cache each row's length, so that `commit` knows what was written."""
-        self.manager._descriptions += 1
-        if self._cache is not None:
-            self._noted()
-
-    def _noted(self) -> None:
-        self.manager._written.describe(self._row_list, self._meta.kv_lens[: len(self._row_list)].tolist())
+        """What step_metadata records of a step it describes: its number and, with the
+        prefix cache, each row's length (its `Step`, so that `commit` knows what was
+        written). Without the cache the `Step` is made only if asked for (`last_step`):
+        a decode step pays for a number and a tuple."""
+        sid = self._next_id()
+        if self._cache is None:
+            self._step = (sid, self._ids, self._row_list, self._table.epoch)
+        else:
+            self._step = self.manager.note_step(sid, self._ids, self._row_list,
+                                                self._meta.kv_lens[: len(self._row_list)])
 
 
 def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
@@ -648,10 +661,8 @@ def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
     for b in many:
         first = int(kv[b]) - int(q[b])
         positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
-    m._descriptions += 1  # as step_metadata does (no copies are pending: nothing else to note)
-    if m.prefix_cache is not None:  # commit() learns what this step wrote
-        m._written.describe(rows.tolist(), kv.tolist())
-    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature())
+    step = m.note_step(m.steps.next_id(), seq_ids, rows, kv)  # as step_metadata does (no copies are pending)
+    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature(), step)
 
 
 def _plain_picked(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] | None:

@@ -191,6 +191,7 @@ class GroupAllocator:
             src = table.replace_blocks(cow_rows, cow_cols, dst)
             # The row's reference on src becomes the copy's pin (released at commit).
             self.copies.add(src, dst, old[plan.cow] % bs, cow_rows, cow_cols)
+            self.drop_dead_copies()  # src may be an earlier copy's dst: that copy's owner moved on
         table.extend(rows, plan.needed, self.pool.allocate(int(plan.needed.sum())))
         table.set_lengths(rows, old + counts)
         return table.slots(tok_rows, positions, bs)

@@ -1,0 +1,133 @@
+"""Steps as values: ``commit(step)`` commits exactly the step it names, with steps in
+flight (issue 22: an overlap scheduler describes N+1 while N runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import paged_kv as pk
+
+
+def _spec(**kw) -> pk.CacheSpec:
+    base = dict(num_layers=1, num_blocks=32, block_size=4, max_blocks_per_seq=8, max_batch_slots=8,
+                num_kv_heads=1, head_dim=2, dtype="float32")
+    return pk.CacheSpec(**{**base, **kw})
+
+
+def _unchanged(m, call, error):
+    before = m.snapshot()
+    with pytest.raises(error):
+        call()
+    assert m.snapshot() == before
+
+
+def test_committing_step_n_keys_only_what_step_n_wrote():
+    m = pk.KVCacheManager(_spec(), prefix_cache=True)
+    prompt = np.arange(16)
+    m.admit_prompt(0, prompt, chunk=8)  # holds 8 tokens now
+    n = m.step_metadata([0], 8).step  # step N: tokens 0..7
+    m.append([0], 8)
+    n1 = m.step_metadata([0], 8).step  # step N+1, described while N runs
+    m.commit(n)
+    # Only N's two full blocks are written: a second tenant hits 8 tokens, never 16.
+    assert m.admit_prompt(1, prompt) == 8
+    m.release(1)
+    m.commit(n1)
+    assert m.admit_prompt(2, prompt) == 15 // 4 * 4  # the last token is always computed
+    m.check_integrity()
+
+
+def test_the_synchronous_form_still_commits_the_last_description():
+    m = pk.KVCacheManager(_spec(), prefix_cache=True)
+    m.admit_prompt(0, np.arange(12))
+    m.step_metadata([0], 12)
+    m.commit([0])
+    assert m.admit_prompt(1, np.arange(12)) == 8
+
+
+def test_commit_twice_out_of_order_or_foreign_is_refused_and_changes_nothing():
+    m, other = pk.KVCacheManager(_spec(), prefix_cache=True), pk.KVCacheManager(_spec(), prefix_cache=True)
+    m.admit(0, 5)
+    m.admit(1, 3)
+    a = m.step_metadata([0, 1], [5, 3]).step
+    m.append([0, 1], 1)
+    b = m.step_metadata([0, 1], 1).step
+    m.commit(b)  # a was passed over (abandoned, or skipped): it cannot be committed after b
+    _unchanged(m, lambda: m.commit(a), pk.StepError)
+    _unchanged(m, lambda: m.commit(b), pk.StepError)
+    other.admit(0, 5)
+    foreign = other.step_metadata([0], 5).step
+    _unchanged(m, lambda: m.commit(foreign), pk.StepError)
+    _unchanged(m, lambda: m.commit(b, 1), pk.InvalidArgumentError)
+    _unchanged(m, lambda: m.commit("step"), pk.PagedKVError)
+    m.check_integrity()
+
+
+def test_a_step_whose_sequence_was_released_or_reincarnated_is_stale():
+    m = pk.KVCacheManager(_spec(), prefix_cache=True)
+    prompt = np.arange(8)
+    m.admit_prompt(0, prompt)
+    m.admit_prompt(1, np.arange(100, 108))
+    step = m.step_metadata([0, 1], 8).step
+    m.release(0)
+    m.admit_prompt(0, prompt)  # the same id, most likely the same (recycled) row: a new incarnation
+    _unchanged(m, lambda: m.commit(step), pk.StaleStepError)
+    m.commit(step, skip_released=True)  # sequence 1's blocks are written; the new 0 holds nothing yet
+    assert m.admit_prompt(2, np.arange(100, 108)) == 4
+    assert m.admit_prompt(3, prompt) == 0
+    m.check_integrity()
+
+
+def test_copies_retire_at_the_step_that_carried_them():
+    m = pk.KVCacheManager(_spec())
+    m.admit(0, 6)
+    m.step_metadata([0], 6)
+    m.fork(0, 1)
+    m.fork(0, 2)
+    m.append([1], 1)  # copy-on-write of block 1
+    n = m.step_metadata([1], 1).step
+    m.append([2], 1)  # another copy: 0 and 2 still share block 1
+    n1 = m.step_metadata([2], 1).step
+    assert m.num_pending_copies == 2
+    m.commit(n)
+    assert m.num_pending_copies == 1  # N+1's copy has not run yet
+    m.commit(n1)
+    assert m.num_pending_copies == 0
+    m.check_integrity()
+
+
+def test_batch_and_slots_hand_out_their_steps():
+    m = pk.KVCacheManager(_spec(), prefix_cache=True)
+    batch = pk.StepBatch(m)
+    m.admit_prompt(0, np.arange(7))
+    batch.step([0], 7)
+    first = batch.last_step
+    assert batch.decode([0]) is not None
+    second = batch.last_step
+    assert second.id == first.id + 1
+    m.commit(first)
+    assert m.admit_prompt(5, np.arange(7)) == 4
+    batch.commit(second)
+    slots = pk.DecodeSlots(m, num_slots=2)
+    slots.insert(0, 0)
+    meta = slots.decode_step()
+    assert meta.step is not None and meta.step.id == second.id + 1
+    slots.commit(meta.step)
+    with pytest.raises(pk.StepError):
+        slots.commit(meta.step)
+    m.check_integrity()
+
+
+def test_metadata_on_the_device_drops_the_step_but_stays_one_pytree():
+    import jax
+
+    m = pk.KVCacheManager(_spec())
+    m.admit(0, 3)
+    meta = m.step_metadata([0], 3)
+    assert meta.step is not None
+    leaves, tree = jax.tree_util.tree_flatten(meta)
+    assert all(isinstance(x, np.ndarray) for x in leaves)
+    assert jax.tree_util.tree_unflatten(tree, leaves).step is None
+    with pytest.raises(pk.StepError):
+        m.commit(meta.to_device())
