@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import paged_kv as pk
-from paged_kv.allocator.decode_slots import DecodeSlots
-from paged_kv.insertion import insert_prefill
+from paged_kv.batch.decode_slots import DecodeSlots
+from paged_kv.insertion import insert_prefill, insert_prefill_slot
 
 
 # ---- a tiny attention-only transformer (GQA, RoPE); layer 1 uses a sliding window ------------
@@ -177,7 +177,7 @@ def main() -> None:
             out, keys, values = forward_contiguous(cfg, params, jnp.asarray(padded))
             keys = [np.asarray(k)[:n] for k in keys]
             values = [np.asarray(v)[:n] for v in values]
-            cache, slot = slots.insert_prefill(cache, sid, keys, values)
+            cache, slot = insert_prefill_slot(cache, slots, sid, keys, values)
         out = np.asarray(out)[0]
         logits[sid] = {p: out[p] for p in range(n)}
         print(f"step {step:3d}: request {sid:2d} (prompt {n:2d}, generate {req['gen']:2d}) "

@@ -15,7 +15,8 @@ line); `paged_kv.sharding` places pages on a device mesh; `paged_kv.attention`
 holds the attention over the pages and the Pallas kernel adapters.
 """
 
-from paged_kv.allocator import BlockPool, DecodeSlots, KVCacheManager, PageTable, StepBatch, slot_step_metadata
+from paged_kv.allocator import BlockPool, KVCacheManager, PageTable
+from paged_kv.batch import DecodeSlots, StepBatch, slot_step_metadata
 from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
 from paged_kv.allocator.steps import Step
 from paged_kv.allocator.swap_record import SwapRecord
@@ -51,6 +52,7 @@ _DEVICE_NAMES = {
     "load_checkpoint": "paged_kv.checkpoint",
     "save_checkpoint": "paged_kv.checkpoint",
     "insert_prefill": "paged_kv.insertion",
+    "insert_prefill_slot": "paged_kv.insertion",
     "SwappedSequence": "paged_kv.swap",
     "swap_in": "paged_kv.swap",
     "swap_out": "paged_kv.swap",
@@ -122,6 +124,7 @@ __all__ = [
     "UnknownSequenceError",
     "bucket",
     "insert_prefill",
+    "insert_prefill_slot",
     "load_checkpoint",
     "paged_attention",
     "save_checkpoint",

@@ -59,7 +59,7 @@ import attrs
 import jax
 import numpy as np
 
-from paged_kv.allocator.decode_slots import DecodeSlots
+from paged_kv.batch.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.saved_state import prefixed, scoped
 from paged_kv.cache import _LAYOUTS, PagedKVCache

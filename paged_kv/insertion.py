@@ -7,7 +7,7 @@ such a cache into a decode slot's ``max_seq_len`` rows. Here the sequence is
 admitted (blocks for its ``L`` tokens in every layer group) and its tokens are
 scattered into those blocks: O(L) bytes written, in place, all layers in one
 jitted call. Binding it to a decode slot is then bookkeeping only
-(`paged_kv.allocator.decode_slots.DecodeSlots.insert`).
+(`paged_kv.batch.DecodeSlots.insert`; `insert_prefill_slot` does both).
 
 Shapes: ``L`` is padded to a bucket (`paged_kv.metadata.bucket`) with write slots
 the scatter drops, so prompts of different lengths in one bucket share one
@@ -30,8 +30,9 @@ from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError
 from paged_kv.metadata import bucket, pad_slot
 
-if TYPE_CHECKING:  # annotations only: the manager does not import this module, but keep it light
+if TYPE_CHECKING:  # annotations only
     from paged_kv.allocator.manager import KVCacheManager
+    from paged_kv.batch.decode_slots import DecodeSlots
 
 LayerArrays = Union[Sequence[Union[jax.Array, np.ndarray]], jax.Array, np.ndarray]
 """One ``[L, heads, dim]`` array per layer, or one stacked ``[num_layers, L, heads, dim]`` array."""
@@ -167,4 +168,14 @@ def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, ke
     return cache
 
 
-__all__ = ["insert_prefill"]
+def insert_prefill_slot(cache: PagedKVCache, slots: DecodeSlots, seq_id: int, keys: LayerArrays,
+                        values: LayerArrays, slot: int | None = None) -> tuple[PagedKVCache, int]:
+    """`insert_prefill` into ``slots.manager``, then ``slots.insert`` into ``slot`` (default:
+    the lowest free one); returns ``(new cache, slot)``. The slot is checked first
+    (`DecodeSlots.slot_for`), so nothing changes on failure."""
+    slot = slots.slot_for(seq_id, slot)
+    cache = insert_prefill(cache, slots.manager, seq_id, keys, values)
+    return cache, slots.insert(seq_id, slot)
+
+
+__all__ = ["insert_prefill", "insert_prefill_slot"]

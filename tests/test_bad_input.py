@@ -23,7 +23,7 @@ import pytest
 
 import paged_kv as pk
 from paged_kv import DecodeSlots
-from paged_kv.insertion import insert_prefill
+from paged_kv.insertion import insert_prefill, insert_prefill_slot
 from paged_kv.sim.trace import load_trace
 
 BASE = dict(num_layers=2, num_blocks=17, block_size=4, max_blocks_per_seq=6, max_batch_slots=4,
@@ -207,11 +207,11 @@ CASES = [
     C("slot-of-bool-seq", lambda e: e.slots.slot_of(True), pk.UnknownSequenceError, r"seq_id=True is in no decode slot"),
     C("slots-step-metadata-counts-wrong-length", lambda e: e.slots.step_metadata([1, 1]), pk.InvalidTokenCountError,
       r"shape \(2,\); need one count per slot \(4,\)"),
-    C("slots-insert-prefill-slot-taken", lambda e: e.slots.insert_prefill(e.cache, 9, kv(3), kv(3), slot=0),
+    C("slots-insert-prefill-slot-taken", lambda e: insert_prefill_slot(e.cache, e.slots, 9, kv(3), kv(3), slot=0),
       pk.SlotError, r"slot=0 is taken by seq_id=1"),
-    C("slots-insert-prefill-bool-seq", lambda e: e.slots.insert_prefill(e.cache, True, kv(3), kv(3), slot=1),
+    C("slots-insert-prefill-bool-seq", lambda e: insert_prefill_slot(e.cache, e.slots, True, kv(3), kv(3), slot=1),
       pk.InvalidSequenceIdError, r"seq_id=True must be an integer"),
-    C("slots-insert-prefill-unhashable-seq", lambda e: e.slots.insert_prefill(e.cache, [9], kv(3), kv(3)),
+    C("slots-insert-prefill-unhashable-seq", lambda e: insert_prefill_slot(e.cache, e.slots, [9], kv(3), kv(3)),
       pk.InvalidSequenceIdError, r"seq_id=\[9\] must be an integer"),
     # ---- insert_prefill ----------------------------------------------------------------------
     C("prefill-wrong-dtype", lambda e: insert_prefill(e.cache, e.m, 9, kv(5, dtype=np.float16), kv(5)),

@@ -73,7 +73,7 @@ class Server:
 
     def prefill(self, rng, seq_id, n, slot=None):
         k, v = self._kv(rng, n)
-        self.cache, slot = self.slots.insert_prefill(self.cache, seq_id, k, v, slot)
+        self.cache, slot = pk.insert_prefill_slot(self.cache, self.slots, seq_id, k, v, slot)
         self.written[seq_id] = [k[0]]
         return [self.manager.block_table(seq_id, g) for g in range(len(self.spec.groups))]
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import paged_kv as pk
-from paged_kv.allocator import hot_path, manager as manager_mod, step_batch
+from paged_kv.allocator import hot_path, manager as manager_mod
+from paged_kv.batch import step_batch
 
 FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len")
 

@@ -310,7 +310,7 @@ def test_continuous_batching_equals_recompute_and_compiles_per_width_bucket(layo
             else:  # stacked device arrays through the slots' convenience
                 keys = jnp.stack(keys)[:, :prompt_len]
                 values = jnp.stack(values)[:, :prompt_len]
-                cache, _ = slots.insert_prefill(cache, sid, keys, values)
+                cache, _ = pk.insert_prefill_slot(cache, slots, sid, keys, values)
             assert old[0].key_pages.is_deleted(), "insert_prefill copied the pages"
         out = np.asarray(out)[0]
         logits[sid] = {p: out[p] for p in range(prompt_len)}
@@ -437,11 +437,11 @@ def test_slots_insert_prefill_binds_the_slot():
     slots = DecodeSlots(m)
     cache = pk.PagedKVCache.init(spec)
     keys, values = _kv(spec, 5)
-    cache, slot = slots.insert_prefill(cache, 3, keys, values, slot=2)
+    cache, slot = pk.insert_prefill_slot(cache, slots, 3, keys, values, slot=2)
     assert slot == 2 and slots.occupied() == [(2, 3)] and m.kv_len(3) == 5
     before = (full_state(slots), m.snapshot())
     with pytest.raises(SlotError, match="slot=2 is taken by seq_id=3"):
-        slots.insert_prefill(cache, 4, keys, values, slot=2)
+        pk.insert_prefill_slot(cache, slots, 4, keys, values, slot=2)
     assert (full_state(slots), m.snapshot()) == before
     assert not cache[0].key_pages.is_deleted()
 

@@ -30,7 +30,7 @@ from paged_kv.allocator.prompts import PromptPlan, plan_prompt
 from paged_kv.allocator.saved_state import check_captured, prefixed, scoped, take
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
 from paged_kv.allocator.slot_claims import SlotClaims
-from paged_kv.allocator.step_batch import plain_step_metadata
+from paged_kv.allocator.plain_metadata import plain_step_metadata
 from paged_kv.allocator.steps import Step, StepLog, stale_error
 from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.allocator.written import WrittenBlocks

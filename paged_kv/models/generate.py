@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paged_kv.allocator.decode_slots import DecodeSlots
+from paged_kv.batch.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cache import PagedKVCache
+from paged_kv.insertion import insert_prefill_slot
 from paged_kv.errors import OutOfBlocksError, PagedKVError, SequenceTooLongError
 from paged_kv.metadata import bucket
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
@@ -49,7 +50,7 @@ class Request:
     (requests joining a running batch); requests are served first come, first served.
     ``prefill_elsewhere``: prefill the prompt outside the paged cache (a contiguous
     forward, as a separate prefill worker would) and insert its keys and values into
-    fresh blocks (`DecodeSlots.insert_prefill`); it takes no prefix-cache hit.
+    fresh blocks (`paged_kv.insertion.insert_prefill_slot`); it takes no prefix-cache hit.
     """
 
     prompt: Sequence[int]
@@ -365,7 +366,7 @@ class Generator:
         tokens = np.zeros((1, bucket(n, self.spec.max_seq_len)), np.int32)
         tokens[0, :n] = s.tokens
         logits, keys, values = self._contiguous(self.params, jnp.asarray(tokens))
-        self.cache, slot = self.slots.insert_prefill(self.cache, s.request_id, [k[0, :n] for k in keys],
+        self.cache, slot = insert_prefill_slot(self.cache, self.slots, s.request_id, [k[0, :n] for k in keys],
                                                      [v[0, :n] for v in values])
         logits = np.asarray(logits)[0, :n]
         self.stats.prefill_steps += 1

@@ -38,15 +38,13 @@ from paged_kv.errors import (
     UnknownSequenceError,
 )
 from paged_kv.allocator.seq_ids import check_seq_id, is_seq_id
-from paged_kv.allocator.step_batch import StepBatch
+from paged_kv.batch.step_batch import StepBatch
 from paged_kv.allocator.steps import Step
 from paged_kv.metadata import GroupMetadata, StepMetadata, pad_slot
 from paged_kv.spec import NULL_BLOCK
 
 if TYPE_CHECKING:  # annotations only: both import this module
     from paged_kv.allocator.manager import KVCacheManager
-    from paged_kv.cache import PagedKVCache
-    from paged_kv.insertion import LayerArrays
 
 
 def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | None],
@@ -302,18 +300,15 @@ class DecodeSlots:
         else:
             self.manager.commit(step)
 
-    def insert_prefill(self, cache: PagedKVCache, seq_id: int, keys: LayerArrays, values: LayerArrays,
-                       slot: int | None = None) -> tuple[PagedKVCache, int]:
-        """`paged_kv.insertion.insert_prefill` then `insert` into ``slot``; returns
-        ``(new cache, slot)``. The slot is checked first: nothing changes on failure."""
-        from paged_kv.insertion import insert_prefill
-
+    def slot_for(self, seq_id: int, slot: int | None = None) -> int:
+        """The slot ``insert(seq_id, slot)`` would take once ``seq_id`` is admitted (for a
+        caller that admits and writes it first, e.g. `paged_kv.insertion.insert_prefill_slot`):
+        `SlotError` / `InvalidSequenceIdError` / `DuplicateSequenceError`, changing nothing."""
         slot = self._check_free_slot(slot)
         check_seq_id(seq_id)
         if seq_id in self._slot_of:
             raise DuplicateSequenceError(f"seq_id={seq_id} already occupies slot {self._slot_of[seq_id]}")
-        cache = insert_prefill(cache, self.manager, seq_id, keys, values)
-        return cache, self.insert(seq_id, slot)
+        return slot
 
     # ---- integrity -----------------------------------------------------------------
     def check_integrity(self) -> None:
