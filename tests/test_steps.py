@@ -131,3 +131,28 @@ def test_metadata_on_the_device_drops_the_step_but_stays_one_pytree():
     assert jax.tree_util.tree_unflatten(tree, leaves).step is None
     with pytest.raises(pk.StepError):
         m.commit(meta.to_device())
+
+
+def test_eager_calls_with_copy_carrying_host_metadata():
+    """A view's write / attention / concatenate_to_cache outside jit, handed host (numpy)
+    metadata that carries a copy-on-write copy (issue 22: a TracerArrayConversionError)."""
+    import jax.numpy as jnp
+
+    spec = _spec(num_kv_heads=1, head_dim=4)
+    m = pk.KVCacheManager(spec)
+    cache = pk.PagedKVCache.init(spec)
+    view = cache.views[0]
+    m.admit(0, 6)
+    meta = m.step_metadata([0], 6)
+    kv = jnp.ones((meta.batch_size, meta.query_len, 1, 4), jnp.float32)
+    view = view.write(kv, kv, meta)
+    m.commit(meta)
+    m.fork(0, 1)
+    m.append([1], 1)
+    meta = m.step_metadata([1], 1)
+    assert meta.groups[0].copy_src.size and isinstance(meta.groups[0].copy_src, np.ndarray)
+    q = jnp.ones((meta.batch_size, meta.query_len, 1, 4), jnp.float32)
+    out, view2 = view.attention(q, 2 * q, 2 * q, meta)
+    assert out.shape[:2] == (meta.batch_size, meta.query_len)
+    keys, _values, _mask, _ = view.concatenate_to_cache(q, 2 * q, 2 * q, meta)
+    assert np.asarray(keys)[0, :7, 0, 0].tolist() == [1.0] * 6 + [2.0]  # the copied tokens, then the new one

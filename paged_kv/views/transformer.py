@@ -174,6 +174,8 @@ class PagedLayerView:
         if src.shape[0] == 0:
             return self
         bs = self.spec.block_size
+        # Host (numpy) metadata in an eager call: the loop indexes by a traced counter.
+        src, dst, length = jnp.asarray(src), jnp.asarray(dst), jnp.asarray(length)
 
         def copy_all(pages):
             def copy_one(i, pages):
