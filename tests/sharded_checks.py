@@ -201,16 +201,39 @@ def data_parallel(rng) -> dict:
             "replica_devices": [sorted(set(h)) for h in homes]}
 
 
+def normal_kv(rng, B=8, T=16) -> dict:
+    """Keys and values drawn N(0, 1) and rounded to the pages' bfloat16: logits of order
+    one, so attention is a real softmax over many keys (saturated bit patterns, as
+    `random_bits` draws for the steps that only move bits, make it one-hot)."""
+    shape = (SPEC.num_layers, B, T, HEADS, DIM)
+    return {n: rng.normal(size=shape).astype(jnp.bfloat16) for n in ("k", "v")}
+
+
+def reference_attention(q, keys, values, pos, window) -> tuple[np.ndarray, np.ndarray]:
+    """numpy (float64) softmax attention of q [Hq, D] at ``pos`` over keys/values [L, H, D]
+    (the last ``window`` positions for a sliding layer); also each head's largest weight."""
+    lo = 0 if window is None else max(0, pos - window + 1)
+    k, v = keys[lo : pos + 1], values[lo : pos + 1]
+    group = q.shape[0] // k.shape[1]
+    logits = np.einsum("hd,lhd->hl", q, np.repeat(k, group, axis=1)) * DIM**-0.5
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hl,lhd->hd", p, np.repeat(v, group, axis=1)), p.max(-1)
+
+
 def attention_check(layout: str, mesh: Mesh, rng) -> dict:
     """The fused attention step on sharded pages (queries split by head like the pages)
-    and on one device: outputs compared, and the compiled step searched for collectives."""
+    and on one device: outputs compared with each other and with a numpy softmax over
+    every sequence's keys so far, and the compiled step searched for collectives."""
     runs = [Run(layout, mesh=mesh), Run(layout, device=jax.devices()[0])]
     q_place = [NamedSharding(mesh, PartitionSpec(None, None, None, "tp", None)), jax.devices()[0]]
-    hlo, steps, bit_equal, max_diff = None, 0, 0, 0.0
+    hlo, steps, bit_equal, max_diff, max_ref_err, top = None, 0, 0, 0.0, 0.0, []
+    windows = [SPEC.sliding_window if i in SPEC.sliding_layers else None for i in range(SPEC.num_layers)]
+    hist: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (seq, layer) -> keys, values so far
     history = [({0: 1, 1: 3, 2: 4, 3: 5, 4: 9}, None), ({s: 1 for s in range(5)}, None), ({1: 1, 10: 1}, (1, 10))]
     for new, fork in history:
         qb = rng.normal(size=(SPEC.num_layers, 8, 16, 2 * HEADS, DIM)).astype(np.float32)
-        bits = random_bits(rng)
+        kv = normal_kv(rng)
         outs = []
         for r, qp in zip(runs, q_place):
             if fork is not None:
@@ -224,8 +247,8 @@ def attention_check(layout: str, mesh: Mesh, rng) -> dict:
             meta = r.manager.step_metadata(list(new), list(new.values()))
             b, t = meta.batch_size, meta.query_len
             q = jax.device_put(jnp.asarray(qb[:, :b, :t]), qp)
-            k = jax.device_put(jax.lax.bitcast_convert_type(jnp.asarray(bits["k"][:, :b, :t]), jnp.bfloat16), r.kv_place)
-            v = jax.device_put(jax.lax.bitcast_convert_type(jnp.asarray(bits["v"][:, :b, :t]), jnp.bfloat16), r.kv_place)
+            k = jax.device_put(jnp.asarray(kv["k"][:, :b, :t]), r.kv_place)
+            v = jax.device_put(jnp.asarray(kv["v"][:, :b, :t]), r.kv_place)
             dmeta = meta.to_device(r.meta_place)
             if r.mesh is not None and hlo is None:
                 hlo = attention_step.lower(r.cache, q, k, v, dmeta).compile().as_text()
@@ -233,10 +256,25 @@ def attention_check(layout: str, mesh: Mesh, rng) -> dict:
             outs.append([np.asarray(o) for o in out])
         steps += 1
         bit_equal += all(np.array_equal(a, b) for a, b in zip(*outs))
-        # Relative: the random bf16 keys reach 2**15, so logits and outputs are large.
         max_diff = max(max_diff, max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) for a, b in zip(*outs)))
+        if fork is not None:
+            for layer in range(SPEC.num_layers):
+                hist[(fork[1], layer)] = hist[(fork[0], layer)]
+        for layer in range(SPEC.num_layers):
+            for row, (seq, n) in enumerate(new.items()):
+                old_k, old_v = hist.get((seq, layer), (np.zeros((0, HEADS, DIM)), np.zeros((0, HEADS, DIM))))
+                keys = np.concatenate([old_k, kv["k"][layer, row, :n].astype(np.float64)])
+                values = np.concatenate([old_v, kv["v"][layer, row, :n].astype(np.float64)])
+                hist[(seq, layer)] = (keys, values)
+                for tok in range(n):
+                    want, weight = reference_attention(qb[layer, row, tok].astype(np.float64), keys, values,
+                                                       len(old_k) + tok, windows[layer])
+                    top.extend(weight.tolist())
+                    for out in outs:
+                        max_ref_err = max(max_ref_err, float(np.abs(out[layer][row, tok] - want).max()))
     sharded_out = runs[0].cache.views[0]
-    return {"steps": steps, "steps_bit_equal": bit_equal, "max_rel_diff": max_diff,
+    return {"steps": steps, "steps_bit_equal": bit_equal, "max_rel_diff": max_diff, "max_ref_err": max_ref_err,
+            "mean_top_weight": float(np.mean(top)), "max_top_weight": float(np.max(top)),
             "collectives": collectives(hlo), "finite": bool(np.isfinite(max_diff)),
             "pages_sharded": len(jax.tree_util.tree_leaves(sharded_out)[0].sharding.device_set) == 8}
 

@@ -133,16 +133,51 @@ def test_unknown_plot_format_fails_before_the_replay(tmp_path, capsys):
     assert ".xyz" in err and ".png" in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_folder_is_refused(tmp_path):
+def test_read_only_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """A read-only folder (and a read-only file in it) is refused, with the system's reason,
+    before the replay. Root writes there anyway (CI runs as root), so the write probes
+    (`open` for an existing file, a scratch file otherwise) are made to fail as the kernel
+    fails them for any other user: with EACCES when the folder or file has no write bit."""
+    import errno
+    import re
+    import stat
+    import tempfile
+    import types
+
+    from paged_kv.sim import output_path
+
+    def refuse_if_read_only(path) -> None:
+        if not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+
+    def scratch_file(*args, dir=None, **kwargs):
+        refuse_if_read_only(dir)
+        return tempfile.NamedTemporaryFile(*args, dir=dir, **kwargs)
+
+    def open_file(name, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            refuse_if_read_only(name if os.path.exists(name) else os.path.dirname(os.path.abspath(name)))
+        return open(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(output_path, "tempfile", types.SimpleNamespace(NamedTemporaryFile=scratch_file))
+    monkeypatch.setattr(output_path, "open", open_file, raising=False)
+    monkeypatch.setattr("paged_kv.cli.simulate.simulate", lambda *a, **k: pytest.fail("replayed before the check"))
     folder = tmp_path / "ro"
     folder.mkdir()
+    (folder / "old.csv").write_text("data")
+    (folder / "old.csv").chmod(0o444)
     folder.chmod(0o555)
     try:
-        with pytest.raises(OutputPathError, match="cannot write"):
-            check_writable(folder / "x.csv", "--series")
+        for name in ("x.csv", "old.csv"):
+            refusal = f"--series {folder / name}: cannot write there: Permission denied"
+            with pytest.raises(OutputPathError, match=re.escape(refusal)):
+                check_writable(folder / name, "--series")
+            assert main(["simulate", "--series", str(folder / name)]) == 2
+            assert refusal in capsys.readouterr().err
+        check_writable(tmp_path / "x.csv", "--series")  # a writable folder still passes the probes
     finally:
         folder.chmod(0o755)
+    assert sorted(p.name for p in folder.iterdir()) == ["old.csv"] and (folder / "old.csv").read_text() == "data"
 
 
 def test_write_check_leaves_nothing_behind(tmp_path):

@@ -108,10 +108,17 @@ def test_step_metadata_pads_to_buckets():
     assert meta.slot_mapping[1, :2].tolist() == slots_of(m, 2, [7, 8])
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 100])
+BUCKETS = {1: 1, 2: 2, 3: 4, 5: 8, 8: 8, 9: 16, 100: 64}  # n -> smallest power of two >= n, at most 64
+
+
+@pytest.mark.parametrize("n", list(BUCKETS))
 def test_bucket(n):
     b = pk.bucket(n, 64)
     assert b >= min(n, 64) and b <= 64 and (b & (b - 1) == 0 or b == 64)
+    # The smallest such size, not just any that fits (a bucket always returning the cap passes the line above).
+    assert b == BUCKETS[n] and b < 2 * n
+    assert pk.bucket(n, 1024) == {100: 128}.get(n, BUCKETS[n])  # a cap far above n does not show
+    assert pk.bucket(n, 2) == min(BUCKETS[n], 2)
 
 
 class Model:
@@ -189,9 +196,19 @@ def test_sliding_group_gives_blocks_back(window):
     m.admit(0, 3)
     m.admit(1, 1)
     bound = -(-window // s.block_size) + 1
+    # Every block each sequence was given, by logical index (a trim must drop exactly those
+    # wholly before the window of the newest token, at position n - 1: it sees n - W on).
+    given = {q: m.block_table(q, 1).tolist() for q in (0, 1)}
     for _ in range(60):
         m.append([0, 1], 1)
         m.check_integrity()
+        for q in (0, 1):
+            n = m.kv_len(q)
+            table = m.block_table(q, 1).tolist()
+            fresh = -(-n // s.block_size) - len(given[q])  # logical blocks 0 .. ceil(n / bs) - 1
+            given[q] += table[len(table) - fresh:] if fresh else []
+            first = max(n - window, 0) // s.block_size  # the exact first block still held
+            assert table == given[q][first:], (window, q, n, first, table)
         held = [m.block_table(q, 1).size for q in (0, 1)]
         assert max(held) <= bound == s.window_blocks(1)
         assert m.groups[1].pool.num_free == s.sliding_num_blocks - 1 - sum(held)

@@ -336,15 +336,19 @@ def test_decode_equals_dense_reference_with_the_same_rounding(fmt, layout, kw):
         d.step({s: d.random_tokens(1) for s in live})
     assert [len(d.tokens[s]) for s in live] == [18, 18]  # one length: one compilation of each reference
     d.assert_matches_recompute(live, codecs_of(d.spec), 2e-4)
-    # Against unquantized keys/values: the per-element error bound of the format, carried
-    # through attention, moves the logits by less than twice it (relative L2): measured
-    # 0.6x for int8 and 0.2-0.3x for fp8 (errors average out over tokens and channels).
+    # Against unquantized keys/values: the per-element error bound of the format (the unit),
+    # carried through attention, moves the logits (relative L2) by a fraction of it, errors
+    # averaging out over tokens and channels. Measured over 200 draws of the tokens (400
+    # sequences): int8 0.43-1.14 units (here 0.60 and 0.54), below 2; fp8, whose unit is a
+    # worst-case relative rounding most values stay well inside, 0.13-0.44 units (here 0.24
+    # and 0.17), below 0.5.
     unit = {"int8": 1 / 254, "fp8": 2**-4}[fmt]
+    units = {"int8": 2.0, "fp8": 0.5}[fmt]
     for s in live:
         ref = np.asarray(forward_full(CFG, d.params, jnp.asarray([d.tokens[s]]), jnp.float32, d.windows))[0]
         got = np.stack([d.logits[s][p] for p in range(len(d.tokens[s]))])
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-        assert 0 < rel < 2 * unit, (s, rel)
+        assert 0 < rel < units * unit, (s, rel / unit)
 
 
 # ---- isolation, copy-on-write, swap, checkpoints: pages and scales -----------------------

@@ -62,6 +62,9 @@ def test_in_place_attention_on_sharded_pages(report, layout):
     r = report["attention"][layout]
     assert r["steps"] == 3 and r["pages_sharded"] and r["finite"]
     assert r["max_rel_diff"] <= 1e-6, r  # per-device shapes may reassociate sums: not always bit-equal
+    # Keys and values N(0, 1): a real softmax (the largest weight 0.6 on average, where
+    # saturated inputs give 1), which both runs compute as numpy does (outputs of order one).
+    assert r["mean_top_weight"] < 0.75 and r["max_ref_err"] <= 1e-5, r
     assert r["collectives"] == []
 
 
