@@ -95,6 +95,9 @@ class StepMetadata:
     # Host only (not a pytree field: it never reaches the device and never recompiles):
     # the `Step` this metadata describes, for ``manager.commit(step)``. Lost by
     # `to_device` and by tree maps; keep ``meta.step`` before handing metadata over.
+    # Flattening (a jitted call, `to_device`) refuses a step whose sequences were
+    # released since (`Step.check_live`: `StaleStepError`). A `StepBatch`'s reused
+    # metadata names the batch, which checks (and commits) its last step.
     step: object = dataclasses.field(default=None, compare=False)
 
     @property
@@ -156,11 +159,30 @@ def register_pytrees() -> None:
         GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len"],
         meta_fields=[],
     )
-    jax.tree_util.register_dataclass(
-        StepMetadata, data_fields=["kv_lens", "query_lens", "positions", "groups"], meta_fields=["built_for"],
-        drop_fields=["step"],
-    )
+    jax.tree_util.register_pytree_with_keys(StepMetadata, _flatten_with_keys, _unflatten, _flatten)
     _registered = True
+
+
+_FIELDS = ("kv_lens", "query_lens", "positions", "groups")
+
+
+def _flatten(meta: StepMetadata):
+    # The device boundary: metadata whose sequences were released since it was
+    # described would address blocks that may be another sequence's by now.
+    if meta.step is not None:
+        meta.step.check_live()
+    return (meta.kv_lens, meta.query_lens, meta.positions, meta.groups), meta.built_for
+
+
+def _flatten_with_keys(meta: StepMetadata):
+    children, aux = _flatten(meta)
+    import jax
+
+    return tuple((jax.tree_util.GetAttrKey(name), child) for name, child in zip(_FIELDS, children)), aux
+
+
+def _unflatten(built_for, children) -> StepMetadata:
+    return StepMetadata(*children, built_for=built_for)  # the host-only step stays behind
 
 
 def _register_if_jax() -> None:

@@ -86,7 +86,7 @@ class KVCacheManager:
         self._copies = tuple(g.copies for g in self.groups)  # each group's own, listed for the hot path
         # Step numbers (`paged_kv.allocator.steps`), and per row the last step that
         # carried copies: a plain ``commit(seq_ids)`` of that row retires exactly those.
-        self.steps = StepLog()
+        self.steps = StepLog(self.groups[0].table)
         self._described: dict[int, int] = {}
         # What each row has on the device, so the prefix cache keys only written blocks.
         self._written = WrittenBlocks()
@@ -289,10 +289,12 @@ class KVCacheManager:
         if num_tokens is None and nothing_to_commit(self, seq_ids):
             return  # no copy pending, no prefix cache: a valid commit changes nothing
         if isinstance(seq_ids, StepMetadata):
-            if seq_ids.step is None:
+            holder = seq_ids.step
+            if holder is None:
                 raise StepError("this StepMetadata carries no step (to_device and tree maps drop it): "
                                 "commit the meta.step you kept, or the seq_ids")
-            seq_ids = seq_ids.step
+            # A StepBatch's reused metadata names the batch: its last step is this one.
+            seq_ids = holder if isinstance(holder, Step) else holder.last_step
         if isinstance(seq_ids, Step):
             if num_tokens is not None:
                 raise InvalidArgumentError("commit(step, num_tokens): a step says what it wrote; num_tokens goes "
@@ -322,7 +324,7 @@ class KVCacheManager:
                 self._key_written(row)
 
     def _commit_step(self, step: Step, skip_released: bool) -> None:
-        gone = self.steps.check(step, self.table)
+        gone = self.steps.check(step)
         if gone and not skip_released:
             raise stale_error(step, gone)
         self.steps.committed = step.id
@@ -582,6 +584,7 @@ class KVCacheManager:
         manager.groups = [type(g).from_state(spec, g.index, prefix_cache, scoped(state, f"group{g.index}."))
                           for g in manager.groups]
         manager._copies = tuple(g.copies for g in manager.groups)
+        manager.steps.table = manager.groups[0].table
         capacity = {g.table.capacity for g in manager.groups}
         if len(capacity) != 1:
             raise CheckpointError(f"the groups' page tables have {sorted(capacity)} rows; they grow in lockstep")

@@ -51,14 +51,36 @@ class Step:
     blocks it wrote. Immutable by convention; cheap to make (a decode step makes one).
     """
 
-    __slots__ = ("owner", "id", "seq_ids", "rows", "epoch", "lengths")
+    __slots__ = ("owner", "id", "seq_ids", "rows", "epoch", "lengths", "table")
 
     def __init__(self, owner: int, id: int, seq_ids: Sequence, rows: Sequence[int] | np.ndarray, epoch: int,
-                 lengths: Sequence[int] | None = None):
+                 lengths: Sequence[int] | None = None, table: PageTable | None = None):
         self.owner, self.id, self.seq_ids, self.rows, self.epoch, self.lengths = owner, id, seq_ids, rows, epoch, lengths
+        self.table = table
 
     def __repr__(self) -> str:
         return f"Step(id={self.id}, seq_ids={list(self.seq_ids)})"
+
+    def released(self) -> list[int]:
+        """Indices (into ``rows``) of the rows whose sequence was released (or swapped
+        out, or re-admitted into a new row) since this step was described."""
+        table = self.table
+        if table is None or table.epoch == self.epoch or not len(self.rows):
+            return []
+        rows = np.asarray(self.rows, dtype=np.int64)
+        gone = ~table.in_use[rows] | (table.born[rows] > self.epoch)
+        return np.flatnonzero(gone).tolist()
+
+    def check_live(self) -> None:
+        """`StaleStepError` when a sequence of this step was released since it was
+        described: its blocks may belong to another sequence now, so its metadata must
+        not reach the device (`StepMetadata` checks this whenever it is flattened: a
+        jitted call, `to_device`, a tree map)."""
+        gone = self.released()
+        if gone:
+            ids = [self.seq_ids[i] for i in gone]
+            raise StaleStepError(f"{self!r}: seq_ids {ids} were released since this metadata was described, and "
+                                 "their blocks may hold another sequence's tokens now; describe the step again")
 
 
 class StepLog:
@@ -68,12 +90,13 @@ class StepLog:
     here, so one order covers them all. `next_id` is all a decode step pays; the
     `Step` object is made only when someone asks for it."""
 
-    __slots__ = ("owner", "described", "committed")
+    __slots__ = ("owner", "described", "committed", "table")
 
-    def __init__(self):
+    def __init__(self, table: PageTable | None = None):
         self.owner = next(_SERIALS)
         self.described = 0
         self.committed = 0
+        self.table = table  # the manager's first page table: rows and their incarnations
 
     def next_id(self) -> int:
         """Number a new step description."""
@@ -83,9 +106,9 @@ class StepLog:
     def step(self, id: int, seq_ids: Sequence, rows: Sequence[int] | np.ndarray, epoch: int,
              lengths: Sequence[int] | None = None) -> Step:
         """The `Step` numbered ``id`` (from `next_id`)."""
-        return Step(self.owner, id, seq_ids, rows, epoch, lengths)
+        return Step(self.owner, id, seq_ids, rows, epoch, lengths, self.table)
 
-    def check(self, step: Step, table: PageTable) -> list[int]:
+    def check(self, step: Step) -> list[int]:
         """Indices (into ``step.rows``) of the rows whose sequence was released since
         ``step`` was described; `StepError` when ``step`` is not this manager's, was
         committed already, or is older than a step committed since."""
@@ -98,11 +121,7 @@ class StepLog:
         if step.id <= self.committed:
             raise StepError(f"{step!r} is committed already, or older than step {self.committed}, committed since: "
                             "commit each step once, in the order they were described")
-        if table.epoch == step.epoch or not len(step.rows):
-            return []
-        rows = np.asarray(step.rows, dtype=np.int64)
-        gone = ~table.in_use[rows] | (table.born[rows] > step.epoch)
-        return np.flatnonzero(gone).tolist()
+        return step.released()
 
 
 def stale_error(step, gone: list[int]) -> StaleStepError:

@@ -203,6 +203,15 @@ class StepBatch:
             step = self._step = self.manager.steps.step(*step)
         return step
 
+    def check_live(self) -> None:
+        """`Step.check_live` of the step last described: the batch's metadata objects name
+        the batch as their ``step``, so flattening them (a jitted call, `to_device`)
+        refuses a step whose sequences were released since."""
+        step = self._step
+        if step is None or (type(step) is tuple and step[3] == self._table.epoch):
+            return
+        self.last_step.check_live()
+
     def commit(self, step: Step | None = None) -> None:
         """``manager.commit(step)``, by default for the step this batch last described:
         call it after that step ran. Sequences released since have nothing left to
@@ -288,7 +297,7 @@ class StepBatch:
         if B1 != B0 or dec is not self._meta:
             self._meta = StepMetadata(get("kv", (B1,)), get("q", (B1,)), get("pos", (B1, 1)), (GroupMetadata(
                 get("tables", (B1, W)), get("slot", (B1, 1)), get("start", (B1,)), _EMPTY, _EMPTY, _EMPTY),),
-                self._signature)
+                self._signature, self)
         self._keep(list(seq_ids), kept, np.array(kept, dtype=np.int64), True)
         return True
 
@@ -379,7 +388,7 @@ class StepBatch:
                 and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
             return last
         self._last_mixed = StepMetadata(dec.kv_lens, query_lens, positions, (GroupMetadata(
-            gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
+            gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature, self)
         return self._last_mixed
 
     def _beside_layout(self, counts: list) -> None:
@@ -440,7 +449,7 @@ class StepBatch:
         if not (meta is not None and meta.kv_lens is kv_lens and meta.positions is positions
                 and meta.groups[0].block_tables is tables and meta.groups[0].slot_mapping is slots):
             self._meta = StepMetadata(kv_lens, query_lens, positions, (GroupMetadata(
-                tables, slots, start, _EMPTY, _EMPTY, _EMPTY),), self._signature)
+                tables, slots, start, _EMPTY, _EMPTY, _EMPTY),), self._signature, self)
         self._keep(list(seq_ids), row_list, rows, True)
 
     def _last_tokens(self, row_list: list, rows: np.ndarray) -> tuple:
