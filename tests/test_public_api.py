@@ -28,7 +28,9 @@ def public_members():
             seen.add(id(obj))
             yield f"{module.__name__}.{name}", obj, None
             if inspect.isclass(obj):
-                for attr, value in vars(obj).items():
+                # Members a paged_kv base (a mixin part of the class) defines count too.
+                own = [vars(c) for c in obj.__mro__ if c.__module__.startswith("paged_kv")]
+                for attr, value in {k: v for members in reversed(own) for k, v in members.items()}.items():
                     if attr.startswith("_"):
                         continue
                     func = value.fget if isinstance(value, property) else getattr(value, "__func__", value)

@@ -15,28 +15,27 @@ growth, the group's metadata, integrity, saved state -- belongs to one
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NewType
 
 import numpy as np
 
-from paged_kv.allocator.arguments import check_count, check_token_ids, row_of, rows_and_counts
+from paged_kv.allocator.arguments import check_count, row_of, rows_and_counts
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.groups import GroupAllocator, group_class
 from paged_kv.allocator.hot_path import fast_admit, fast_append, fast_release, fill_new_row, nothing_to_commit, plain
 from paged_kv.allocator.page_table import PageTable, expand_runs
-from paged_kv.allocator.prefix_cache import PrefixCache, chain_hashes
-from paged_kv.allocator.prompts import PromptPlan, plan_prompt
-from paged_kv.allocator.saved_state import check_captured, prefixed, scoped, take
+from paged_kv.allocator.prefix_cache import PrefixCache
+from paged_kv.allocator.manager_prompts import PromptsMixin
+from paged_kv.allocator.manager_state import StateMixin
+from paged_kv.allocator.manager_swap import SwapMixin
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
 from paged_kv.allocator.slot_claims import SlotClaims
 from paged_kv.allocator.plain_metadata import plain_step_metadata
 from paged_kv.allocator.steps import Step, StepLog, stale_error
-from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.errors import (
     BatchTooLargeError,
-    CheckpointError,
     DuplicateSequenceError,
     InvalidArgumentError,
     InvalidTokenCountError,
@@ -44,7 +43,6 @@ from paged_kv.errors import (
     PagedKVError,
     SequenceTooLongError,
     SpecError,
-    StateError,
     StepError,
 )
 from paged_kv.metadata import StepMetadata, step_layout
@@ -54,7 +52,7 @@ SeqId = NewType("SeqId", int)
 """The caller's name for a request: any non-negative Python or numpy integer."""
 
 
-class KVCacheManager:
+class KVCacheManager(PromptsMixin, SwapMixin, StateMixin):
     """Maps each sequence's token positions to blocks of the device pages.
 
     ``append`` and ``step_metadata`` take many sequences at once and do their work
@@ -355,149 +353,6 @@ class KVCacheManager:
         """Copy-on-write block copies not yet committed (every step carries them until then)."""
         return sum(len(c) for c in self._copies)
 
-    # ---- prefix cache --------------------------------------------------------------------
-    def can_admit_prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
-                         chunk: int | None = None) -> bool:
-        """Whether ``admit_prompt(new_id, token_ids, cache_key, chunk)`` would succeed now."""
-        try:
-            plan = self._prompt(token_ids, cache_key, chunk)
-        except (SpecError, InvalidTokenCountError, SequenceTooLongError):
-            return False
-        return all(need <= free for need, free in (g.prompt_needs(h, plan.hit, plan.total)
-                                                   for g, h in zip(self.groups, plan.hits)))
-
-    def admit_prompt(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
-                     chunk: int | None = None) -> int:
-        """Admit ``seq_id`` with prompt ``token_ids``, reusing the longest cached chain of
-        full blocks with the same tokens (and the same ``cache_key``: an adapter name,
-        a tenant salt). Returns how many leading tokens are cached; compute the rest:
-        ``step_metadata([seq_id], kv_len(seq_id) - cached)``, then `commit`.
-
-        With several layer groups the hit is the longest every group can serve: a
-        full-attention group needs the whole chain up to it, a sliding-window group only
-        the blocks covering the ``W - 1`` positions before it, a chunked group only the
-        current chunk's (the row's earlier entries are null, as after a trim). Only
-        blocks whose writing step was committed are ever hit, and this prompt's own
-        full blocks become hittable when its step is committed (see
-        `paged_kv.allocator.written`). ``chunk``: hold only the cached tokens plus the
-        next ``chunk`` prompt tokens now and `append` the rest later (chunked
-        prefill); the prompt's keys are kept, so each committed chunk's full blocks are
-        cached. All or nothing: `DuplicateSequenceError`, `InvalidTokenIdError`,
-        `InvalidTokenCountError`, `SequenceTooLongError`, `OutOfBlocksError`,
-        `SpecError` (cache off)."""
-        seq_id = self._new_id(seq_id)
-        tokens, hashes, hit, hits, hold, total = self._prompt(token_ids, cache_key, chunk)
-        for g, h in zip(self.groups, hits):
-            need, free = g.prompt_needs(h, hit, total)
-            if need > free:
-                raise OutOfBlocksError(need, free, f"admit_prompt(seq_id={seq_id}, {tokens.size} tokens, {hit} cached "
-                                                   f"blocks; layer group {g.index})")
-        row = self._add_row(seq_id)
-        for g, h in zip(self.groups, hits):
-            g.admit_prompt_row(row, h, hit, total, hold, tokens.size)
-        self._written.start(row, hashes, hit, self.spec.block_size)
-        return hit * self.spec.block_size
-
-    def _prompt(self, token_ids, cache_key, chunk) -> PromptPlan:
-        self._require_cache()
-        return plan_prompt(self.spec, self.groups, token_ids, cache_key, chunk)
-
-    def _require_cache(self) -> None:
-        if self.prefix_cache is None:
-            raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
-
-    def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None) -> int:
-        """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
-        later prompt that continues this conversation hits them after release (multi-
-        turn chat). ``token_ids`` must be the sequence's tokens, ``kv_len`` of them.
-        Blocks already written (committed) are keyed now, the rest when their step is
-        committed. Returns how many blocks were newly keyed now (in the first group)."""
-        row = self._row(seq_id)
-        self._require_cache()
-        n = int(self.table.kv_lens[row])
-        tokens = check_token_ids(token_ids, f"cache_tokens(seq_id={seq_id})")
-        if tokens.size != n:
-            raise InvalidTokenCountError(
-                f"cache_tokens(seq_id={seq_id}): token_ids holds {tokens.size} tokens; need the sequence's {n} tokens "
-                "(append generated tokens with manager.append before caching them)"
-            )
-        self._written.rehash(row, chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key))
-        return self._key_written(row)
-
-    def _key_written(self, row: int) -> int:
-        """Key ``row``'s full, written, hashed blocks not keyed yet in every group; returns
-        how many were new in the first group. The chain's keyed end moves, so local
-        groups move blocks no longer needed at that end to the front of eviction."""
-        start, stop = self._written.keyable(row, self.spec.block_size)
-        if stop <= start:
-            return 0
-        hashes = self._written.hashes[row]
-        stored = [g.key_blocks(row, hashes, start, stop) for g in self.groups]
-        for g in self.groups:
-            g.retire_behind(hashes, start, stop)
-        self._written.mark_keyed(row, stop)
-        return stored[0]
-
-    # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
-    def swap_record(self, seq_id: int) -> SwapRecord:
-        """What `swap_out` would return, without releasing anything: the blocks to copy.
-        `SlotError` while it is in a decode slot; `StateError` while a copy-on-write
-        copy into one of its blocks has not been committed (the pages do not hold
-        those tokens yet)."""
-        row = self._row(seq_id)
-        self._check_not_slotted(seq_id, "swap_out")
-        if any(g.copies_into(row) for g in self.groups):
-            raise StateError(
-                f"swap(seq_id={seq_id}): a copy-on-write copy into its blocks has not run yet; run and commit "
-                "the step that carries it (manager.commit) before swapping it out"
-            )
-        return SwapRecord(
-            seq_id=int(seq_id),
-            num_tokens=int(self.table.kv_lens[row]),
-            first_blocks=tuple(int(g.table.first_block[row]) for g in self.groups),
-            blocks=tuple(g.table.blocks_of(row).copy() for g in self.groups),
-        )
-
-    def swap_out(self, seq_id: int) -> SwapRecord:
-        """Release ``seq_id`` and return the record `swap_in` needs to bring it back.
-
-        Host bookkeeping only: copy the record's blocks off the device before anything
-        else is written to the pool (`paged_kv.swap.swap_out` does both in order).
-        """
-        record = self.swap_record(seq_id)
-        self.release(seq_id)
-        return record
-
-    def can_swap_in(self, record: SwapRecord) -> bool:
-        """Whether ``swap_in(record)`` would succeed now."""
-        try:
-            seq_id, _, _, counts = check_record(record, self.spec)
-        except PagedKVError:
-            return False
-        return seq_id not in self._rows and all(g.pool.can_allocate(n) for g, n in zip(self.groups, counts))
-
-    def swap_in(self, record: SwapRecord) -> tuple[np.ndarray, ...]:
-        """Re-admit a swapped-out sequence into fresh blocks, one set per group.
-
-        Returns the new block ids per group, in logical order, for the copy back in.
-        The sequence resumes with its length, and a local group with the same first
-        block as before. The record is checked against this manager's spec first
-        (`check_record`: `InvalidArgumentError`, `InvalidSequenceIdError`,
-        `InvalidTokenCountError`, `SequenceTooLongError`); then `DuplicateSequenceError`
-        or `OutOfBlocksError`. Any failure changes nothing. The blocks count as written
-        once the bytes are back: `paged_kv.swap_in` commits them; a caller copying
-        the bytes itself calls ``commit([seq_id], num_tokens)``.
-        """
-        seq_id, num_tokens, firsts, counts = check_record(record, self.spec)
-        if seq_id in self._rows:
-            raise DuplicateSequenceError(f"seq_id={seq_id} is admitted again; release it before swapping the old one in")
-        for g, n in zip(self.groups, counts):
-            if not g.pool.can_allocate(n):
-                raise OutOfBlocksError(n, g.pool.num_free, f"swap_in(seq_id={seq_id})")
-        row = self._add_row(seq_id)
-        total = self.spec.blocks_for(num_tokens)
-        return tuple(g.fill_row(row, first, total, num_tokens) for g, first in zip(self.groups, firsts))
-
     # ---- step metadata ----------------------------------------------------------------
     def step_metadata(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray = 1) -> StepMetadata:
         """Describe a forward pass over ``seq_ids`` whose last ``num_new_tokens`` tokens
@@ -534,75 +389,6 @@ class KVCacheManager:
         groups = tuple(g.metadata(rows, kv - q, positions[:n], valid[:n], B, step_id) for g in self.groups)
         step = self.note_step(step_id, list(seq_ids), rows, kv)
         return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step)
-
-    # ---- integrity and state -----------------------------------------------------------
-    def check_integrity(self) -> None:
-        """Raise AssertionError if any invariant is broken. Tests call it after every operation.
-
-        Invariants, per group: every usable block is free xor referenced; ref counts
-        equal the number of table entries naming the block (and copy pins); each row
-        holds exactly ceil(len / block_size) blocks and null padding after them; rows
-        in use are the rows of admitted sequences; every group holds the same lengths;
-        a local group never returned a block a query can still see.
-        """
-        rows = np.array(sorted(self._rows.values()), dtype=np.int64)
-        for g in self.groups:
-            g.check_integrity(rows, self.table.kv_lens)
-
-    def snapshot(self) -> tuple:
-        """A comparable copy of all host state (tests check a failed call left it unchanged)."""
-        rows = sorted(self._rows.items())
-        return (
-            tuple(rows),
-            tuple((sid, int(self.table.kv_lens[r]), tuple(g.table.block_tables[r].tobytes() for g in self.groups))
-                  for sid, r in rows),
-            tuple((g.pool.ref_counts.tobytes(), g.pool.num_free) for g in self.groups),
-            tuple(g.cache.snapshot() for g in self.groups if g.cache is not None),
-            tuple(c.snapshot() for c in self._copies),
-            self._written.snapshot(),
-            self._slotted.snapshot(),
-        )
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Every array a restored manager needs to continue exactly: ``group{g}.*`` (each
-        group's own state), ``manager.rows`` ((seq_id, row) in admission order) and, with
-        the prefix cache, ``written.*``. `CheckpointError` if copies are pending or an
-        object holds state it does not save (`saved_state.check_captured`)."""
-        check_captured(self, self.SAVED_ATTRS)
-        state = {"manager.rows": np.array(list(self._rows.items()), np.int64).reshape(-1, 2)}
-        for g in self.groups:
-            state.update(prefixed(f"group{g.index}.", g.state()))
-        if self.prefix_cache is not None:
-            state.update(prefixed("written.", self._written.state()))
-        return state
-
-    @classmethod
-    def from_state(cls, spec: CacheSpec, prefix_cache: bool, state: dict[str, np.ndarray]) -> KVCacheManager:
-        """The manager `state` describes, checked by `check_integrity`; `CheckpointError`
-        naming the first malformed or inconsistent array."""
-        manager = cls(spec, prefix_cache)
-        manager.groups = [type(g).from_state(spec, g.index, prefix_cache, scoped(state, f"group{g.index}."))
-                          for g in manager.groups]
-        manager._copies = tuple(g.copies for g in manager.groups)
-        manager.steps.table = manager.groups[0].table
-        capacity = {g.table.capacity for g in manager.groups}
-        if len(capacity) != 1:
-            raise CheckpointError(f"the groups' page tables have {sorted(capacity)} rows; they grow in lockstep")
-        seq_rows, rows = take(state, "manager.rows", np.int64, (None, 2)), capacity.pop()
-        manager._rows = {int(s): int(r) for s, r in seq_rows}
-        if len(manager._rows) != seq_rows.shape[0]:
-            raise CheckpointError("manager.rows names a sequence id twice")
-        bad = [int(r) for r in seq_rows[:, 1] if not 0 <= r < rows]
-        if bad:
-            raise CheckpointError(f"manager.rows points at rows {bad} outside [0, {rows})")
-        manager._forked = any(bool((g.pool.ref_counts > 1).any()) for g in manager.groups)
-        if prefix_cache:
-            manager._written = WrittenBlocks.from_state(scoped(state, "written."), set(manager._rows.values()))
-        try:
-            manager.check_integrity()
-        except (AssertionError, IndexError, ValueError) as exc:
-            raise CheckpointError(f"the restored allocator state is inconsistent: {exc}") from exc
-        return manager
 
     # ---- decode-slot claims (`DecodeSlots` registers the ids it holds) ----------------
     def _check_not_slotted(self, seq_id, what: str) -> None:

@@ -121,7 +121,7 @@ class PagedLayerView:
                     f"expected a float dtype (pages hold {s.dtype})"
                 )
 
-    def check_metadata(self, metadata) -> None:
+    def check_metadata(self, metadata: StepMetadata) -> None:
         """Raise `ShapeError` unless ``metadata`` is a `StepMetadata` built (by a manager's
         `step_metadata` or `DecodeSlots`) for pages of this spec: same block size, same
         groups, same blocks per group. Static, so under jit it raises at trace time."""
@@ -138,7 +138,7 @@ class PagedLayerView:
                 "built from this cache's spec"
             )
 
-    def check_query(self, query, metadata: StepMetadata) -> None:
+    def check_query(self, query: jax.Array, metadata: StepMetadata) -> None:
         """Raise `ShapeError` unless ``query`` is a float array ``[B, T, q_heads, key_dim]``
         laid out like ``metadata``, with ``q_heads`` a multiple of the key heads (GQA/MQA)."""
         s = self.spec
