@@ -36,7 +36,9 @@ import numpy as np
 from paged_kv.allocator.hot_path import plain, same_ids
 from paged_kv.allocator.plain_metadata import EMPTY as _EMPTY, INT as _INT, bucket_int as _bucket, plain_picked as _plain_picked, run_slots as _run_slots
 from paged_kv.allocator.steps import Step
-from paged_kv.errors import PagedKVError, StateError
+from paged_kv.batch.buffers import Buffers as _Buffers, fill as _fill
+from paged_kv.batch.in_place import InPlaceDecode
+from paged_kv.errors import StateError
 from paged_kv.metadata import GroupMetadata, StepMetadata
 from paged_kv.spec import NULL_BLOCK
 
@@ -49,53 +51,7 @@ SCALAR_ROWS = 12
 whose fixed cost (~1 µs a call) the per-row Python then exceeds."""
 
 
-class _Buffers:
-    """Metadata arrays reused step after step: one flat int32 buffer per name, handed
-    out as a view of the shape asked for (the same view object for the same shape).
-
-    Why: a fresh array of a few hundred KiB is mmapped and page-faulted on first
-    touch, and a mixed step's ``[B, T]`` positions and slots are that size. A buffer
-    only grows, so after the first steps of a loop nothing is allocated. Every array
-    handed out is fully overwritten by its user, and arrays of one name are one
-    layout's (the batch holds one decode layout and one mixed step at a time)."""
-
-    def __init__(self):
-        self._flat: dict[str, np.ndarray] = {}
-        self._views: dict[tuple, np.ndarray] = {}
-        self._memoryviews: dict[tuple, memoryview] = {}
-
-    def get(self, name: str, shape: tuple) -> np.ndarray:
-        view = self._views.get((name, shape))
-        if view is None:
-            size = int(np.prod(shape))
-            flat = self._flat.get(name)
-            if flat is None or flat.size < size:
-                flat = self._flat[name] = np.empty(max(size, 2 * (0 if flat is None else flat.size)), np.int32)
-                # Views of the old buffer go with it.
-                self._views = {k: v for k, v in self._views.items() if k[0] != name}
-                self._memoryviews = {k: v for k, v in self._memoryviews.items() if k[0] != name}
-            view = self._views[(name, shape)] = flat[:size].reshape(shape)
-        return view
-
-    def memoryview(self, name: str, shape: tuple) -> memoryview:
-        """A memoryview of ``get(name, shape)``, made once: exporting a buffer costs ~0.7 µs.
-        ``shape`` ``(n,)`` of a ``(B, 1)`` array indexes its column (the same bytes)."""
-        mv = self._memoryviews.get((name, shape))
-        if mv is None:
-            mv = self._memoryviews[(name, shape)] = memoryview(self.get(name, shape))
-        return mv
-
-
-def _fill(view: memoryview, values, pad: int) -> None:
-    """``view[:len(values)] = values`` and the rest ``pad``, element by element."""
-    n = len(values)
-    for b, v in enumerate(values):
-        view[b] = v
-    for b in range(n, len(view)):
-        view[b] = pad
-
-
-class StepBatch:
+class StepBatch(InPlaceDecode):
     """A persistent batch over one `KVCacheManager`: `step` returns what
     `manager.step_metadata` would, reusing the previous step's arrays, and `decode`
     fuses ``append(ids, 1)`` with it.
@@ -512,108 +468,6 @@ class StepBatch:
         if cached is None or any(a is not b for a, b in zip(arrays, cached[0])):
             cached = self._table_mv = (arrays, tuple(memoryview(a) for a in arrays))
         return cached[1]
-
-    # ---- the in-place decode step -------------------------------------------------------------
-    def _decode_rows(self) -> bool | None:
-        """Append one token to every row of the decode layout and describe that step, in
-        place: a few vectorized calls, plus Python for the rows that start a block.
-        None: not possible (a row at max_seq_len, too few free blocks), nothing changed;
-        False: done, but a row outgrew the table's width bucket (lay it out again)."""
-        m = self.manager
-        numeric, views, width = self._hot
-        if numeric is None:  # a few rows: `decode` takes them inline
-            return None
-        kv, pos, slot, off = numeric
-        bs = m.spec.block_size
-        np.remainder(kv, bs, out=off)  # the new token's offset in its block: 0 starts one
-        grew = np.flatnonzero(off == 0)
-        fits = True
-        if grew.size:
-            grew, kv_old = grew.tolist(), views[3]
-            if max([kv_old[b] for b in grew]) >= m.spec.max_seq_len:
-                return None
-            ids = self._pool.take(len(grew))
-            if ids is None:
-                return None
-            fits = self._new_blocks(grew, ids, views, width, bs)
-        np.copyto(pos, kv)
-        np.add(kv, 1, out=kv)
-        np.add(slot, 1, out=slot)
-        t = self._table
-        t.kv_lens[self._rows] = kv
-        t.version = self._version = t.version + 1
-        return fits
-
-    def _inline_done(self, seq_ids: list, done: bool | None) -> StepMetadata:
-        """The end of `decode` of a few rows, some starting a block, after `_start_block` /
-        `_decode_inline`: when that was not possible (too few blocks, too long), through
-        `append`, which raises; when a row outgrew the table width, laid out again."""
-        if done is None:
-            self.manager.append(seq_ids, 1)
-            return self.step(seq_ids, 1)
-        if not done:
-            self._decode_layout(self._ids, self._row_list)
-        self._note()
-        return self._meta
-
-    def _start_block(self, r: int, o: int) -> bool | None:
-        """`_decode_inline` of a one-row layout whose row ``r`` (``o`` tokens) starts a block."""
-        if o >= self._max_len:
-            return None
-        ids = self._pool.take(1)
-        if ids is None:
-            return None
-        (_, views, width) = self._hot
-        fits = self._new_blocks([0], ids, views, width, self._block_size)
-        kvl, _, _, kv_out, pos_col, slot_col, _ = views
-        kvl[r] = kv_out[0] = o + 1
-        pos_col[0] = o
-        slot_col[0] += 1
-        t = self._table
-        t.version = self._version = t.version + 1
-        return fits
-
-    def _decode_inline(self) -> bool | None:
-        """`_decode_rows` for a few rows, element by element, when some start a block:
-        the rows are checked first, then blocks are handed out in row order as
-        `append` hands them. Same contract: None (nothing changed), True, or False (a row
-        outgrew the table's width bucket)."""
-        (_, views, width) = self._hot
-        kvl, _, _, kv_out, pos_col, slot_col, _ = views
-        bs, rows = self._block_size, self._row_list
-        old = [kvl[r] for r in rows]
-        starts = [b for b, o in enumerate(old) if not o % bs]
-        if max([old[b] for b in starts]) >= self._max_len:
-            return None
-        ids = self._pool.take(len(starts))
-        if ids is None:
-            return None
-        fits = self._new_blocks(starts, ids, views, width, bs)  # reads the old lengths: before the loop
-        for b, (r, o) in enumerate(zip(rows, old)):
-            kvl[r] = kv_out[b] = o + 1
-            pos_col[b] = o
-            slot_col[b] += 1
-        t = self._table
-        t.version = self._version = t.version + 1
-        return fits
-
-    def _new_blocks(self, grew: list, ids: list, views: tuple, width: int, bs: int) -> bool:
-        """Give each row in ``grew`` (batch indices, in order) its block from ``ids``, as
-        `append` hands them out; slots are set one short of the block's first (the
-        caller adds 1). False when a row's new column is past the table width."""
-        kvl, bt, nbl, kv_out, _, slot_col, tables = views
-        rows = self._row_list
-        fits = True
-        for b, blk in zip(grew, ids):
-            r, col = rows[b], kv_out[b] // bs
-            bt[r, col] = blk
-            nbl[r] = col + 1
-            slot_col[b] = blk * bs - 1
-            if col < width:
-                tables[b, col] = blk
-            else:
-                fits = False
-        return fits
 
     def _note(self) -> None:
         """What step_metadata records of a step it describes: its number and, with the
