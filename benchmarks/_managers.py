@@ -7,6 +7,13 @@ benchmark times for that manager, except `handle` and `after_step` (building a
 request object, the engine's per-token bookkeeping), which run untimed. paged_kv's
 `commit` (after every forward pass) is timed with the step's export.
 
+paged_kv is driven three ways, each its own adapter: the persistent batch
+(`PagedKVManager`: `StepBatch.decode`, `StepBatch.step` when rows join, the batch's
+synchronous commit), the plain path (`PagedKVPlain`: `append` + `step_metadata` +
+`commit(ids)`, fresh arrays every step), and the persistent batch with one step
+always in flight (`PagedKVAsync`: step N+1 is described before step N is
+committed, through the `Step` handles, as an overlap scheduler does).
+
 vLLM is a benchmark dependency only: import this module's `VllmManager` only when
 `vllm_available()` says so (see ../shared/peers/README.md for a CPU install).
 """
@@ -33,12 +40,14 @@ class PagedKVManager:
     """paged_kv: a persistent `StepBatch`: `decode` (append + metadata in one pass), `step` when rows join."""
 
     name = "paged_kv"
+    uses_batch = True
 
     def __init__(self, num_blocks: int, block_size: int, max_len: int, max_seqs: int, prefix: bool = False):
         spec = pk.CacheSpec(num_layers=32, num_blocks=num_blocks, block_size=block_size,
                             max_blocks_per_seq=max_len // block_size, max_batch_slots=max_seqs, **MODEL)
         self.m = pk.KVCacheManager(spec, prefix_cache=prefix)
-        self.batch = pk.StepBatch(self.m)  # the persistent batch: a step rewrites only what changed
+        # The persistent batch: a step rewrites only what changed.
+        self.batch = pk.StepBatch(self.m) if self.uses_batch else None
         self._prompts: dict[int, np.ndarray] = {}
         self._decoded = None
 
@@ -82,6 +91,50 @@ class PagedKVManager:
 
     def check(self) -> None:
         self.m.check_integrity()
+
+
+class PagedKVPlain(PagedKVManager):
+    """paged_kv without the persistent batch: ``append(ids, 1)``, then
+    ``step_metadata(ids, counts)`` (fresh arrays), then ``commit(ids)`` (the synchronous form)."""
+
+    name = "paged_kv_plain"
+    uses_batch = False
+
+    def decode(self, hs: list) -> None:
+        self.m.append(hs, 1)
+
+    def export(self, hs: list, counts) -> object:
+        return self.m.step_metadata(hs, counts)
+
+    def commit(self, hs: list) -> None:
+        self.m.commit(hs)
+
+
+class PagedKVAsync(PagedKVManager):
+    """The persistent batch with one step in flight: each `commit` takes the step just
+    described (``batch.last_step``) and commits the one before it
+    (``manager.commit(step, skip_released=True)``: a sequence released or preempted
+    while its step was in flight has nothing left to commit). So step N+1 is always
+    described before step N is committed, as an overlap scheduler does. `check`
+    commits the last step (untimed: the replay is over)."""
+
+    name = "paged_kv_async"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._in_flight = None
+
+    def commit(self, hs: list) -> None:
+        step = self.batch.last_step  # step N+1, described; step N ran meanwhile
+        if self._in_flight is not None:
+            self.m.commit(self._in_flight, skip_released=True)
+        self._in_flight = step
+
+    def check(self) -> None:
+        if self._in_flight is not None:
+            self.m.commit(self._in_flight, skip_released=True)
+            self._in_flight = None
+        super().check()
 
 
 class VllmManager:
@@ -166,4 +219,4 @@ class VllmManager:
         pass
 
 
-__all__ = ["PagedKVManager", "VllmManager", "vllm_available"]
+__all__ = ["PagedKVAsync", "PagedKVManager", "PagedKVPlain", "VllmManager", "vllm_available"]
