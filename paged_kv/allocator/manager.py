@@ -284,7 +284,15 @@ class KVCacheManager(PromptsMixin, SwapMixin, StateMixin):
 
         `UnknownSequenceError` / `InvalidTokenCountError` / `StepError`, changing nothing.
         """
-        if num_tokens is None and nothing_to_commit(self, seq_ids):
+        if type(seq_ids) is Step and num_tokens is None and seq_ids.lengths is None:
+            # The async decode step's commit, inline: this manager's, the next in order,
+            # no row released since, no copy pending, no cache to key (lengths None).
+            log = self.steps
+            if (seq_ids.owner == log.owner and log.committed < seq_ids.id <= log.described
+                    and seq_ids.epoch == log.table.epoch and not any(map(len, self._copies))):
+                log.committed = seq_ids.id
+                return
+        elif num_tokens is None and nothing_to_commit(self, seq_ids):
             return  # no copy pending, no prefix cache: a valid commit changes nothing
         if isinstance(seq_ids, StepMetadata):
             holder = seq_ids.step
@@ -326,10 +334,10 @@ class KVCacheManager(PromptsMixin, SwapMixin, StateMixin):
         if gone and not skip_released:
             raise stale_error(step, gone)
         self.steps.committed = step.id
-        if self.num_pending_copies:
-            for g in self.groups:
+        for g, copies in zip(self.groups, self._copies):
+            if len(copies):
                 g.retire_copies(step.id)
-        if self.prefix_cache is not None:
+        if step.lengths is not None:  # the prefix cache is on: key what the step wrote
             skip = set(gone)
             for i, (row, length) in enumerate(zip(np.asarray(step.rows).tolist(), step.lengths)):
                 if i not in skip:

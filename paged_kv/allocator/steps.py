@@ -112,7 +112,7 @@ class StepLog:
         """Indices (into ``step.rows``) of the rows whose sequence was released since
         ``step`` was described; `StepError` when ``step`` is not this manager's, was
         committed already, or is older than a step committed since."""
-        if not isinstance(step, Step):
+        if type(step) is not Step and not isinstance(step, Step):
             raise StepError(f"commit needs the Step a description returned (metadata.step); got {type(step).__name__}")
         if step.owner != self.owner:
             raise StepError(f"{step!r} was described by another manager; commit it with that one")

@@ -77,6 +77,7 @@ class StepBatch(InPlaceDecode):
         self._tiny: tuple | None = None  # see `_hot_refs`
         self._step: Step | tuple | None = None  # see `last_step`
         self._next_id = manager.steps.next_id
+        self._owner = manager.steps.owner
         self._signature = manager.spec.pool_signature()  # the spec is immutable
         self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
         self._table_mv: tuple | None = None  # see `_table_views`
@@ -156,7 +157,7 @@ class StepBatch(InPlaceDecode):
         if step is None:
             raise StateError("this StepBatch has described no step yet")
         if type(step) is tuple:
-            step = self._step = self.manager.steps.step(*step)
+            step = self._step = Step(self._owner, *step, None, self._table)
         return step
 
     def check_live(self) -> None:
