@@ -51,9 +51,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-import zipfile
-import zlib
 
 import attrs
 import jax
@@ -65,17 +62,12 @@ from paged_kv.allocator.saved_state import prefixed, scoped
 from paged_kv.cache import _LAYOUTS, PagedKVCache
 from paged_kv.errors import CheckpointError, PagedKVError, SpecError
 from paged_kv.sharding import for_rank
+from paged_kv.checkpoint_files import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS  # noqa: F401 (public)
+from paged_kv.checkpoint_files import atomic_write as _atomic_write, fspath as _fspath, json_default as _json_default
+from paged_kv.checkpoint_files import read as _read, sha256 as _sha256
 from paged_kv.spec import CacheSpec, require_same_spec, spec_difference
 
-FORMAT_NAME = "paged_kv.checkpoint"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-"""Version 2 added the prefix cache's written-block state (``written.*``); a version 1
-file restores with none (nothing uncommitted: its keyed blocks were keyed at admission).
-Version 3 keeps a prefix cache per layer group (``group{g}.prefix.*``, with the
-``behind`` eviction tier) where versions 1 and 2 had one (``prefix.*``), for group 0."""
 
-_RESERVED = ("header", "digest")
 
 
 @attrs.frozen(eq=False)
@@ -324,179 +316,6 @@ def _spec_from_header(header: dict, path: str) -> CacheSpec:
         return CacheSpec(**fields)
     except (TypeError, PagedKVError) as exc:
         raise CheckpointError(f"checkpoint {path!r}: the saved spec {fields} is not a valid CacheSpec: {exc}") from exc
-
-
-# ---- file I/O --------------------------------------------------------------------------
-def _sha256(a: np.ndarray) -> str:
-    """Hex SHA-256 of the array's bytes in C order (hashed in place: no copy of big pages)."""
-    return hashlib.sha256(np.ascontiguousarray(a)).hexdigest()
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
-    """Uncompressed: pages are float bits that barely compress, and mmap-like reads stay cheap."""
-    np.savez(f, **arrays)
-
-
-def _atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"cannot save {path!r}: directory {directory!r} does not exist; create it first")
-    if os.path.isdir(path):
-        raise CheckpointError(f"cannot save {path!r}: it is a directory; give a file name")
-    # Same directory as the target so os.replace is a rename, never a cross-device copy.
-    # os.open (not mkstemp) so the umask, not mode 0600, decides the final permissions.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), "wb") as f:
-            _write_npz(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path!r}: {exc}; the file previously at {path!r} (if any) is unchanged"
-            ) from exc
-        raise
-    try:  # make the rename itself durable; best effort (not possible on every OS)
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# RuntimeError: zipfile's answer to a flipped flag bit ("File is encrypted");
-# NotImplementedError: an unknown compression method; zlib.error: a corrupt stream.
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError,
-                zlib.error)
-
-
-def _fspath(path, what: str) -> str:
-    """``path`` as a string, or `CheckpointError` for anything that is not a path."""
-    try:
-        return os.fspath(path)
-    except TypeError:
-        raise CheckpointError(f"cannot {what} checkpoint: path={path!r} is not a file path (str or os.PathLike)") from None
-
-
-def _read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """The verified header and every manifest array of ``path``."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist; check the path (no .npz is appended)")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
-    # Sniff the signature first: np.load would try anything else as a pickle and
-    # answer with advice to allow pickles, which is the wrong fix for a bad file.
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path!r} cannot be opened: {exc}") from exc
-    if magic.startswith(b"\x93NUMPY"):
-        raise CheckpointError(f"checkpoint {path!r} holds a single .npy array, not an .npz checkpoint")
-    if not magic.startswith(b"PK"):
-        what = "is empty" if not magic else f"starts with {magic!r}, not the zip signature b'PK\\x03\\x04'"
-        raise CheckpointError(
-            f"checkpoint {path!r} is not a readable .npz file: it {what}; it is corrupt or not a checkpoint: "
-            "restore it from another copy"
-        )
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except _READ_ERRORS as exc:
-        raise CheckpointError(
-            f"checkpoint {path!r} is not a readable .npz file ({type(exc).__name__}: {exc}); it is truncated, "
-            "corrupt, or not a checkpoint: restore it from another copy"
-        ) from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):  # unreachable after the sniff; kept as a guard
-        raise CheckpointError(f"checkpoint {path!r} is not an .npz checkpoint")
-    with npz:
-        files = set(npz.files)
-        missing = [n for n in _RESERVED if n not in files]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {path!r} lacks arrays {missing}: it is an .npz but not a paged_kv checkpoint"
-            )
-
-        def read(name: str) -> np.ndarray:
-            try:
-                return npz[name]
-            except _READ_ERRORS as exc:
-                raise CheckpointError(
-                    f"checkpoint {path!r}: array {name!r} cannot be read ({type(exc).__name__}: {exc}); "
-                    "the file is corrupt: restore it from another copy"
-                ) from exc
-
-        header_arr, digest_arr = read("header"), read("digest")
-        if header_arr.dtype != np.uint8 or header_arr.ndim != 1:
-            raise CheckpointError(f"checkpoint {path!r}: header is {header_arr.shape} {header_arr.dtype.name}, not bytes")
-        header_bytes = header_arr.tobytes()
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint {path!r}: the header is not valid JSON ({exc}); the file is corrupt") from exc
-        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-            fmt = header.get("format") if isinstance(header, dict) else None
-            raise CheckpointError(f"checkpoint {path!r}: format={fmt!r} is not {FORMAT_NAME!r}; not a paged_kv checkpoint")
-        # The version is checked before the digest: a later version may hash differently.
-        version = header.get("version")
-        if version not in READABLE_VERSIONS:
-            raise CheckpointError(
-                f"checkpoint {path!r} has format version {version!r}; this paged_kv reads version {FORMAT_VERSION}. "
-                "Load it with the paged_kv release that wrote it"
-            )
-        recorded = digest_arr.tobytes().decode("ascii", errors="replace") if digest_arr.dtype == np.uint8 else repr(digest_arr)
-        actual = hashlib.sha256(header_bytes).hexdigest()
-        if recorded != actual:
-            raise CheckpointError(
-                f"checkpoint {path!r}: header digest mismatch (sha256 {actual}, recorded {recorded}); the header was "
-                "changed after saving: restore the file from another copy"
-            )
-
-        manifest = header.get("arrays")
-        if not isinstance(manifest, list) or not all(isinstance(e, dict) and "name" in e for e in manifest):
-            raise CheckpointError(f"checkpoint {path!r}: the header's array manifest is malformed")
-        names = [e["name"] for e in manifest]
-        absent = [n for n in names if n not in files]
-        if absent:
-            raise CheckpointError(
-                f"checkpoint {path!r} lacks arrays {absent} that its manifest lists; the file was truncated or "
-                "edited: restore it from another copy"
-            )
-        extra = sorted(files - set(names) - set(_RESERVED))
-        if extra:
-            raise CheckpointError(f"checkpoint {path!r} holds arrays {extra} that its manifest does not list")
-        arrays = {}
-        for entry in manifest:
-            name = entry["name"]
-            a = read(name)
-            if list(a.shape) != entry.get("shape") or a.dtype.str != entry.get("dtype"):
-                raise CheckpointError(
-                    f"checkpoint {path!r}: array {name!r} is {a.shape} {a.dtype.str} but the manifest records "
-                    f"{entry.get('shape')} {entry.get('dtype')}; the file was edited: restore it from another copy"
-                )
-            digest = _sha256(a)
-            if digest != entry.get("sha256"):
-                raise CheckpointError(
-                    f"checkpoint {path!r}: digest mismatch in array {name!r} (sha256 {digest}, recorded "
-                    f"{entry.get('sha256')}); its bytes changed after saving: restore the file from another copy"
-                )
-            arrays[name] = a
-    return header, arrays
 
 
 __all__ = ["Checkpoint", "FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]

@@ -17,6 +17,7 @@ import pytest
 
 import paged_kv as pk
 import paged_kv.checkpoint as ckpt
+import paged_kv.checkpoint_files as ckpt_files
 from paged_kv import CheckpointError, DecodeSlots, KVCacheManager, PagedKVCache
 from paged_kv.spec import compute_dtype
 
@@ -399,14 +400,14 @@ def test_failed_write_leaves_the_old_file(tmp_path, saved, monkeypatch):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_npz", disk_full)
+    monkeypatch.setattr(ckpt_files, "write_npz", disk_full)
     assert_save_refused(path, cache, manager, match="No space left on device.*unchanged")
 
     def interrupted(f, arrays):
         f.write(b"PK\x03\x04")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_write_npz", interrupted)
+    monkeypatch.setattr(ckpt_files, "write_npz", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pk.save_checkpoint(path, cache, manager)
     assert path.read_bytes() == saved[0].read_bytes() and os.listdir(tmp_path) == ["ck.npz"]
