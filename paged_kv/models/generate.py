@@ -13,6 +13,12 @@ One loop, as a serving engine runs it:
   released (recompute: it goes back to the head of the queue with the tokens it
   has, and its prefill later recomputes them, hitting whatever the prefix cache
   still holds).
+
+The admission order, the prompt chunks and whom to preempt are the simulator's too
+(`paged_kv.sched.SchedulingPolicy`); what differs is when (this loop admits, then
+prefills, then decodes; the simulator grows the running sequences first, under a token
+budget) and the headroom (blocks per running sequence, not a share of the pool).
+The request types live in `paged_kv.models.requests` (re-exported here).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,101 +36,12 @@ from paged_kv.batch.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cache import PagedKVCache
 from paged_kv.insertion import insert_prefill_slot
-from paged_kv.errors import OutOfBlocksError, PagedKVError, SequenceTooLongError
+from paged_kv.errors import OutOfBlocksError, SequenceTooLongError
 from paged_kv.metadata import bucket
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
+from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
+from paged_kv.sched import SchedulingPolicy, leaves_headroom
 from paged_kv.spec import CacheSpec
-
-
-class GenerationError(PagedKVError, ValueError):
-    """A request the generator cannot serve: an empty prompt, a token id outside the
-    vocabulary, a non-positive ``max_new_tokens``, a duplicate request id."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """A prompt (token ids) to extend by up to ``max_new_tokens`` greedy tokens.
-
-    ``arrival_step``: the loop iteration before which the request is not admitted
-    (requests joining a running batch); requests are served first come, first served.
-    ``prefill_elsewhere``: prefill the prompt outside the paged cache (a contiguous
-    forward, as a separate prefill worker would) and insert its keys and values into
-    fresh blocks (`paged_kv.insertion.insert_prefill_slot`); it takes no prefix-cache hit.
-    """
-
-    prompt: Sequence[int]
-    max_new_tokens: int
-    request_id: int | None = None  # default: the request's index
-    arrival_step: int = 0
-    prefill_elsewhere: bool = False
-
-
-@dataclasses.dataclass
-class Completion:
-    """What one request produced. ``logits[p]``: float32 logits at position ``p`` as
-    first computed (recorded only with ``record_logits``); ``recomputed``: ``(p,
-    logits)`` for positions computed again after a preemption."""
-
-    request_id: int
-    prompt: list[int]
-    tokens: list[int]
-    finish_reason: str  # "length" or "eos"
-    preemptions: int = 0
-    cached_tokens: int = 0  # prompt tokens served by the prefix cache, summed over admissions
-    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
-    recomputed: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class GenerationStats:
-    """Counters and figures of one `Generator.generate` call."""
-
-    requests: int = 0
-    generated_tokens: int = 0
-    prefill_tokens: int = 0  # tokens the prefill computed (recomputations included)
-    cached_tokens: int = 0  # prompt tokens the prefix cache served instead
-    prefill_steps: int = 0  # paged prefill steps and contiguous prefills inserted
-    inserted_prefills: int = 0  # prompts prefilled elsewhere and inserted into blocks
-    decode_steps: int = 0
-    preemptions: int = 0
-    seconds: float = 0.0
-    decode_seconds: float = 0.0  # decode steps that did not compile
-    decode_tokens: int = 0  # tokens those steps produced
-    compilations: int = 0
-    kv_usage_sum: float = 0.0
-    kv_usage_samples: int = 0  # paged steps sampled (an inserted prefill runs no paged step)
-    kv_usage_peak: float = 0.0
-    joined_mid_run: int = 0  # requests admitted while others were decoding
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens per wall-clock second, compilation included."""
-        return self.generated_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second of the decode steps that did not compile (the steady state)."""
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-    @property
-    def kv_usage_mean(self) -> float:
-        """Mean over steps of the fraction of the pool's usable blocks in use."""
-        return self.kv_usage_sum / self.kv_usage_samples if self.kv_usage_samples else 0.0
-
-    def summary(self) -> str:
-        return (f"{self.requests} requests, {self.generated_tokens} tokens generated in {self.seconds:.2f} s: "
-                f"{self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} tokens/s in decode steps "
-                f"after compilation); KV cache usage mean {self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
-                f"{self.prefill_steps} prefill / {self.decode_steps} decode steps, {self.compilations} compilations; "
-                f"prefill computed {self.prefill_tokens} tokens ({self.inserted_prefills} prompts prefilled "
-                f"elsewhere and inserted), prefix cache served {self.cached_tokens}; "
-                f"{self.preemptions} preemptions; {self.joined_mid_run} requests joined mid-run")
-
-    def as_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
-                   kv_usage_mean=self.kv_usage_mean)
-        return out
 
 
 @dataclasses.dataclass
@@ -179,6 +95,9 @@ class Generator:
                                           or prefill_chunk < 1):
             raise GenerationError(f"prefill_chunk={prefill_chunk!r} must be None or an int >= 1")
         self.prefill_chunk = prefill_chunk
+        # The policy the simulator follows too: FCFS admission into the decode slots,
+        # chunked prefill, newest-first preemption (no token budget per step).
+        self.policy = SchedulingPolicy(max_batch=self.slots.num_slots, prefill_chunk=prefill_chunk)
         self._prefilling: list[_Seq] = []  # admitted, prompt not fully in the pages yet
         self.record_logits = record_logits
         self._traces = 0
@@ -279,37 +198,38 @@ class Generator:
         return logits
 
     def _admit(self, waiting: collections.deque) -> list[_Seq]:
-        """Admit arrived requests in order while a slot is free and the pool keeps
-        `headroom` blocks per running sequence (one: the next decode step fits).
+        """Admit arrived requests in the policy's order while a slot is free and the pool
+        keeps `headroom` blocks per running sequence (one: the next decode step fits).
         Paged ones join the prefilling set; returns those to prefill elsewhere
         (admitted when inserted)."""
         elsewhere: list[_Seq] = []
         reserved = 0  # blocks the prompts to insert will take
-        free_slots = len(self.slots.free_slots()) - len(self._prefilling)
-        while waiting and len(elsewhere) < free_slots and waiting[0].arrival_step <= self._clock:
-            seq = waiting[0]
+
+        def take(seq: _Seq, _budget) -> int | None:
+            nonlocal reserved
             # Upper bound: prefix-cache hits and chunking only lower what the prompt takes.
             need = self.spec.blocks_for(len(seq.tokens))
             running = len(self.slots) + len(self._prefilling) + len(elsewhere)
-            if self.manager.num_free_blocks - reserved < need + self.headroom * running:
-                break
-            waiting.popleft()
+            if seq.arrival_step > self._clock or not leaves_headroom(
+                    self.manager.num_free_blocks - reserved, need, self.headroom * running):
+                return None
             seq.admitted_at = self.stats.prefill_steps
             self.stats.joined_mid_run += 1 if len(self.slots) else 0
             if seq.elsewhere:
                 elsewhere.append(seq)
                 reserved += need
-                continue
-            free_slots -= 1
-            hold = len(seq.tokens) if self.prefill_chunk is None else min(len(seq.tokens), self.prefill_chunk)
+                return len(seq.tokens)
             if self.manager.prefix_cache is not None:
                 seq.done = self.manager.admit_prompt(seq.request_id, seq.tokens, chunk=self.prefill_chunk)
             else:
-                self.manager.admit(seq.request_id, hold)
+                self.manager.admit(seq.request_id, self.policy.chunk(len(seq.tokens)))
                 seq.done = 0
             self.stats.cached_tokens += seq.done
             self._completion(seq).cached_tokens += seq.done
             self._prefilling.append(seq)
+            return self.policy.chunk(len(seq.tokens) - seq.done)
+
+        self.policy.admit(waiting, len(self.slots) + len(self._prefilling), take)
         return elsewhere
 
     def _next_chunks(self) -> list[tuple[_Seq, int]]:
@@ -320,7 +240,7 @@ class Generator:
         for s in self._prefilling:
             rid, held = s.request_id, self.manager.kv_len(s.request_id)
             if held == s.done:  # only when chunking: unchunked prompts are held whole from admission
-                k = min(self.prefill_chunk, len(s.tokens) - held)
+                k = self.policy.chunk(len(s.tokens) - held)
                 if not self.manager.can_append([rid], k):
                     continue
                 self.manager.append([rid], k)
@@ -405,16 +325,20 @@ class Generator:
 
     def _make_room(self, waiting: collections.deque) -> None:
         """Preempt the newest sequences (decoding or prefilling) until every decoding one
-        can grow by a token."""
-        while len(self.slots) and not self.slots.can_decode():
+        can grow by a token. The newest: the latest admission step; among sequences
+        admitted in one step, the first listed (decoding ones by slot, then prefilling)."""
+        def newest() -> _Seq:
             running = [self._by_id[rid] for _, rid in self.slots.occupied()] + self._prefilling
-            self._preempt(max(running, key=lambda s: s.admitted_at), waiting)
+            return self.policy.newest(running, admitted_at=lambda s: s.admitted_at)
+
+        self.policy.make_room(lambda: not len(self.slots) or self.slots.can_decode(),
+                              lambda: self._preempt(newest(), waiting))
 
     def _unblock(self, waiting: collections.deque) -> None:
         """Nothing decodes and no prefilling sequence could grow: release the newest of
         them so the others can (it recomputes later)."""
         if self._prefilling:
-            self._preempt(max(self._prefilling, key=lambda s: s.admitted_at), waiting)
+            self._preempt(self.policy.newest(self._prefilling, admitted_at=lambda s: s.admitted_at), waiting)
         elif waiting:  # unreachable after _check_fits: an idle pool holds any request
             raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
                                    f"request {waiting[0].request_id} with nothing running")

@@ -1,6 +1,7 @@
 """A continuous-batching scheduler that replays a trace or a `Workload` over any memory `Backend`.
 
-One step is one forward pass of a vLLM-v1-style engine:
+One step is one forward pass of a vLLM-v1-style engine (the choices of 2 and 3 are
+`paged_kv.sched.SchedulingPolicy`'s, which the model generator follows too):
 
 1. Requests whose arrival time has come join the waiting queue (FCFS). A request
    that follows another (a session's next turn) arrives its think time after that
@@ -38,120 +39,24 @@ one whose prompt alone leaves no room for an output token is not run
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque
 from collections.abc import Callable
 
-import attrs
 import numpy as np
 
-from paged_kv.errors import OutOfBlocksError, PagedKVError
+from paged_kv.errors import OutOfBlocksError
+from paged_kv.sim.arrivals import Arrivals
 from paged_kv.sim.backends.base import Backend
+from paged_kv.sim.config import (
+    ARRIVALS, PREEMPTION, ReplayCounts, ScheduleResult, SchedulerConfig, SimulationError,
+)
 from paged_kv.sim.profile import StepSeries, live_tokens
 from paged_kv.sim.trace import Trace
 from paged_kv.sim.workload import Workload
 
 PROGRESS_EVERY = 1000
 """Rows between two calls of the ``progress`` callback."""
-
-ARRIVALS = ("offline", "trace")
-PREEMPTION = ("recompute", "swap")
-
-
-class SimulationError(PagedKVError, ValueError):
-    """The simulator was given settings it cannot run with (batch size, watermark, budget)."""
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise SimulationError(f"{name}={value!r} must be an integer >= {low}")
-    return int(value)
-
-
-@attrs.frozen(kw_only=True)
-class SchedulerConfig:
-    """How the simulated engine schedules. Defaults follow vLLM v1's online serving."""
-
-    max_batch: int = 256
-    """Most sequences in one step (running plus those being prefilled)."""
-    token_budget: int = 8192
-    """Tokens one step may process: one per decoding sequence plus prefill chunks."""
-    watermark: float = 0.01
-    """Fraction of the paged pool that admission leaves free while others run."""
-    arrivals: str = "offline"
-    """``offline``: every request waits at step 0 (sustained full load, what memory
-    capacity decides); ``trace``: requests arrive at their trace times."""
-    step_s: float = 0.025
-    """Model time of one step, turning trace arrival times into steps."""
-    speedup: float = 1.0
-    """Divides trace arrival times: 4 replays the trace's requests four times as fast."""
-    preemption: str = "recompute"
-    """What a preempted sequence loses: ``recompute`` (its blocks; prefilled again) or
-    ``swap`` (nothing; its blocks are copied to host memory and back)."""
-
-    def __attrs_post_init__(self) -> None:
-        _check_int("max_batch", self.max_batch, 1)
-        _check_int("token_budget", self.token_budget, 1)
-        if self.token_budget < self.max_batch:
-            raise SimulationError(
-                f"token_budget={self.token_budget} < max_batch={self.max_batch}: a full batch of decoding "
-                "sequences needs one token each per step"
-            )
-        if not (isinstance(self.watermark, (int, float)) and 0.0 <= self.watermark < 1.0):
-            raise SimulationError(f"watermark={self.watermark!r} must be a fraction of the pool in [0, 1)")
-        if self.arrivals not in ARRIVALS:
-            raise SimulationError(f"arrivals={self.arrivals!r} must be one of {ARRIVALS}")
-        if self.preemption not in PREEMPTION:
-            raise SimulationError(f"preemption={self.preemption!r} must be one of {PREEMPTION}")
-        for name in ("step_s", "speedup"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-                raise SimulationError(f"{name}={value!r} must be a positive number")
-
-
-@attrs.frozen(kw_only=True)
-class ReplayCounts:
-    """What one replay counted, whatever the backend (shared by `ScheduleResult` and
-    `paged_kv.sim.simulate.SimReport`)."""
-
-    requests_served: int
-    cancelled: int
-    skipped: int
-    truncated: int
-    steps: int
-    idle_steps: int
-    tokens_generated: int
-    prefill_tokens: int
-    admissions: int
-    preemptions: int
-    swap_ins: int
-    bytes_swapped_out: int
-    bytes_swapped_in: int
-    peak_swapped_bytes: int
-    prompt_tokens: int = 0
-    """Prompt tokens of every request's first admission (what the workload asks for)."""
-    cached_prompt_tokens: int = 0
-    """Of those, the tokens the prefix cache already held (not computed)."""
-    prefill_tokens_saved: int = 0
-    """Cached tokens over every admission, re-admissions after preemption included."""
-    forks: int = 0
-    """Samples that shared their request's blocks (parallel sampling)."""
-
-    @property
-    def token_hit_rate(self) -> float:
-        """``cached_prompt_tokens / prompt_tokens``: the share of the workload's prompt
-        tokens the prefix cache served (0 without one)."""
-        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-
-@attrs.frozen(kw_only=True)
-class ScheduleResult(ReplayCounts):
-    """Counts of one replay plus its per-step series (see `StepSeries`)."""
-
-    queue_delay_steps: np.ndarray  # per request run: first admission step - arrival step
-    series: StepSeries
-    wall_s: float
 
 
 def run_schedule(
@@ -184,6 +89,7 @@ class _Replay:
                  progress, check: bool):
         self.started = time.perf_counter()
         self.work, self.backend, self.config, self.progress, self.check = work, backend, config, progress, check
+        self.policy = config.policy  # admission order, budget and chunks, the preemption victim
         self.tokens = backend.caches_prefixes  # admission by token ids
         self.kinds = backend.group_kinds
         self._last_ids: tuple = (None, None, None)
@@ -199,7 +105,9 @@ class _Replay:
         self.rows: list[tuple] = []
         self.group_rows: list[tuple] = []
         self._sequences(work, *self._targets(work.trace, max_seq_len))
-        self._arrivals(work, config)
+        self.arrivals = Arrivals(work, config, self.fits)
+        self.first_step = np.full(len(work), -1, dtype=np.int64)
+        self.n_runnable = int(np.count_nonzero(self.fits))
 
     def _targets(self, trace: Trace, max_seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which requests fit, and each one's prompt and output length after truncation
@@ -211,29 +119,6 @@ class _Replay:
         # A client that cancels stops its request early: that is its output length.
         cancels = self.fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
         return context, np.where(cancels, trace.cancel_after, target), cancels
-
-    def _arrivals(self, work: Workload, config: SchedulerConfig) -> None:
-        """The arrival heap of (step, request): requests that follow none go in now, the
-        others when the request they follow finishes (`_request_done`)."""
-        n = len(work)
-        if config.arrivals == "offline":
-            self.earliest = np.zeros(n, dtype=np.int64)
-        else:
-            self.earliest = np.floor(work.trace.arrival_s / config.speedup / config.step_s).astype(np.int64)
-        self.think_steps = np.floor(work.think_s / config.speedup / config.step_s).astype(np.int64)
-        self.followers: dict[int, list[int]] = {}
-        for j in np.flatnonzero(work.follows >= 0).tolist():
-            self.followers.setdefault(int(work.follows[j]), []).append(j)
-        self.arrival_step = self.earliest.copy()
-        self.first_step = np.full(n, -1, dtype=np.int64)
-        self.n_runnable = int(np.count_nonzero(self.fits))
-        self.heap: list[tuple[int, int]] = []
-        for i in np.flatnonzero(work.follows < 0).tolist():
-            if self.fits[i]:
-                self.heap.append((int(self.earliest[i]), i))
-            else:
-                self._request_done(i, int(self.earliest[i]))  # never runs; its followers still come
-        heapq.heapify(self.heap)
 
     def _sequences(self, work: Workload, context, target, cancels) -> None:
         """Per-sequence arrays: requests first, then their extra samples (a request that
@@ -257,12 +142,11 @@ class _Replay:
     def run(self) -> ScheduleResult:
         c = self.tally
         while True:
-            if self.heap and self.heap[0][0] <= c["step"]:
-                self._arrive()
+            self._arrive()
             if not self.running and not self.waiting:
-                if not self.heap:
+                if self.arrivals.next_step() is None:
                     break
-                c["step"] = self.heap[0][0]  # idle until the next arrival
+                c["step"] = self.arrivals.next_step()  # idle until the next arrival
                 continue
             if self.backend.reserves_ahead and self._skip_decode_span():
                 continue
@@ -282,10 +166,7 @@ class _Replay:
         return self._result()
 
     def _arrive(self) -> None:
-        step = self.tally["step"]
-        while self.heap and self.heap[0][0] <= step:
-            at, i = heapq.heappop(self.heap)
-            self.arrival_step[i] = at
+        for i, at in self.arrivals.due(self.tally["step"]):
             if self.fits[i]:
                 self.waiting.append(i)
             else:
@@ -302,13 +183,13 @@ class _Replay:
         waiting = self.waiting
         head_blocked = (
             not waiting
-            or n_run >= self.config.max_batch
+            or self.policy.room(n_run) <= 0
             or not self.backend.can_admit(waiting[0], *self._first_chunk(waiting[0], self.config.token_budget - n_run),
                                           True)
         )
         k = int(self.remaining.min()) - 1
-        if self.heap:
-            k = min(k, self.heap[0][0] - c["step"])
+        if self.arrivals.next_step() is not None:
+            k = min(k, self.arrivals.next_step() - c["step"])
         if not head_blocked or k < 2:
             return False
         self.backend.append(running, np.full(n_run, k, dtype=np.int64))
@@ -325,18 +206,24 @@ class _Replay:
 
     # ---- (2) running sequences -----------------------------------------------------
     def _run_running(self) -> tuple[int, np.ndarray]:
-        """Schedule the running sequences, preempting the newest on shortage; returns
-        the budget they used and the tokens each got."""
-        c = self.tally
-        while True:
-            counts, granted, gen_now, used = _plan_running(self.prompt_left, self.remaining, self.config.token_budget)
-            if not self.running:
-                return used, counts
+        """Schedule the running sequences (the policy's plan), preempting the newest on
+        shortage; returns the budget they used and the tokens each got."""
+        c, plan = self.tally, None
+
+        def fits() -> bool:  # plan the step and append its tokens, unless memory is short
+            nonlocal plan
+            plan = self.policy.plan(self.prompt_left, self.remaining)
             try:
-                self.backend.append(self.running, counts)
-                break
+                if self.running:
+                    self.backend.append(self.running, plan.tokens)
             except OutOfBlocksError:
-                self._preempt()
+                return False
+            return True
+
+        self.policy.make_room(fits, self._preempt)
+        counts, granted, gen_now, used = plan
+        if not self.running:
+            return used, counts
         self.held += counts
         c["stored"] += int(counts.sum())
         self.prompt_left -= granted
@@ -349,7 +236,8 @@ class _Replay:
 
     def _preempt(self) -> None:
         c = self.tally
-        victim = self.running.pop()
+        victim = self.policy.newest(self.running)  # the last admitted
+        self.running.pop()
         if self.config.preemption == "swap":
             moved = self.backend.swap_out(victim)
             self.swapped[victim] = (int(self.prompt_left[-1]), int(self.remaining[-1]), int(self.held[-1]), moved)
@@ -365,20 +253,19 @@ class _Replay:
 
     # ---- (3) admission ---------------------------------------------------------------
     def _admit(self, budget_used: int) -> list[int]:
-        """Admit from the queue head while the batch, the budget and the backend allow."""
-        budget_left = self.config.token_budget - budget_used
-        new_ids: list[int] = []
+        """Admit from the queue head (the policy's order) while the batch, the budget and
+        the backend allow."""
         new_state: list[tuple[int, int, int, int]] = []
-        while self.waiting and len(self.running) + len(new_ids) < self.config.max_batch and budget_left > 0:
-            i = self.waiting[0]
-            busy = bool(self.running or new_ids)
+
+        def take(i: int, budget_left: int) -> int | None:
+            busy = bool(self.running or new_state)
             admitted = self._swap_in(i, busy) if i in self.swapped else self._admit_one(i, budget_left, busy)
             if admitted is None:
-                break
-            chunk, state = admitted
-            budget_left -= chunk
-            new_ids.append(i)
-            new_state.append(state)
+                return None
+            new_state.append(admitted[1])
+            return admitted[0]
+
+        new_ids = self.policy.admit(self.waiting, len(self.running), take, budget_used)
         if new_ids:
             self.running.extend(new_ids)
             state = np.array(new_state, dtype=np.int64).reshape(-1, 4)
@@ -396,7 +283,6 @@ class _Replay:
         if not self.backend.can_swap_in(i, busy):
             return None
         c = self.tally
-        self.waiting.popleft()
         left, rest, h, moved = self.swapped.pop(i)
         c["bytes_in"] += self.backend.swap_in(i)
         c["swapped_bytes"] -= moved
@@ -412,7 +298,7 @@ class _Replay:
         rest = int(self.target[i] - self.done[i])
         if self.tokens:
             ids = self._ids(i, prompt)
-            chunk = min(prompt, budget_left)  # the most it can compute now, whatever it hits
+            chunk = self.policy.chunk(prompt, budget_left)  # the most it can compute now, whatever it hits
             if not backend.can_admit_prompt(i, ids, chunk, rest > 0, busy):
                 return None
             cached = backend.admit_prompt(i, ids, chunk, rest > 0)
@@ -424,7 +310,6 @@ class _Replay:
                 return None
             backend.admit(i, tokens, final)
             cached = 0
-        self.waiting.popleft()
         c["admissions"] += 1
         r = int(self.request_of[i])
         if self.first_step[r] < 0 and i == r:
@@ -432,7 +317,7 @@ class _Replay:
             c["prompt"] += prompt
             c["cached"] += cached
         c["saved"] += cached
-        chunk = min(prompt - cached, budget_left)
+        chunk = self.policy.chunk(prompt - cached, budget_left)
         first = 1 if chunk == prompt - cached and rest > 0 else 0  # this chunk ends the prompt: output is due
         c["prefill"] += chunk
         self.done[i] += first
@@ -445,7 +330,12 @@ class _Replay:
         return chunk, (prompt - cached - chunk, rest - first, tokens, chunk + first)
 
     def _first_chunk(self, i: int, budget_left: int) -> tuple[int, int]:
-        return _first_chunk(i, self.context, self.done, self.target, budget_left)
+        """Tokens admission would give sequence ``i`` now (its first prompt chunk, plus its
+        first output token when the chunk ends the prompt), and its final length."""
+        prompt = int(self.context[i] + self.done[i])
+        chunk = self.policy.chunk(prompt, budget_left)
+        first = 1 if chunk == prompt and self.target[i] > self.done[i] else 0
+        return chunk + first, int(self.context[i] + self.target[i])
 
     # ---- (4) the step ran ---------------------------------------------------------------
     def _end_step(self, added: np.ndarray) -> None:
@@ -485,7 +375,7 @@ class _Replay:
                 self.done[child] = self.done[parent]
                 if self.done[child] >= self.target[child]:
                     self._sequence_done(child)  # its one output token is the shared first one
-                elif len(self.running) + len(joined) < self.config.max_batch and \
+                elif self.policy.room(len(self.running) + len(joined)) > 0 and \
                         self.backend.can_fork(parent, child, tokens, final):
                     self.backend.fork(parent, child, tokens, final)
                     joined.append(child)
@@ -525,8 +415,7 @@ class _Replay:
                 c["cancelled"] += 1
             else:
                 c["served"] += 1
-        for j in self.followers.get(r, ()):
-            heapq.heappush(self.heap, (max(int(self.earliest[j]), step + 1 + int(self.think_steps[j])), j))
+        self.arrivals.finished(r, step)
 
     # ---- profile and result ----------------------------------------------------------------
     def _profile(self, steps: int, tokens: float, span: int = 0) -> None:
@@ -553,41 +442,9 @@ class _Replay:
             preemptions=c["preemptions"], swap_ins=c["swap_ins"], bytes_swapped_out=c["bytes_out"],
             bytes_swapped_in=c["bytes_in"], peak_swapped_bytes=c["peak_swapped"], prompt_tokens=c["prompt"],
             cached_prompt_tokens=c["cached"], prefill_tokens_saved=c["saved"], forks=c["forks"],
-            queue_delay_steps=(self.first_step - self.arrival_step)[ran], series=series,
+            queue_delay_steps=(self.first_step - self.arrivals.step)[ran], series=series,
             wall_s=time.perf_counter() - self.started,
         )
-
-
-def _first_chunk(i: int, context, done, target, budget_left: int) -> tuple[int, int]:
-    """Tokens admission would give request ``i`` now (its first prompt chunk, plus its
-    first output token when the chunk ends the prompt), and its final length."""
-    prompt = int(context[i] + done[i])
-    chunk = min(prompt, budget_left)
-    first = 1 if chunk == prompt and target[i] > done[i] else 0
-    return chunk + first, int(context[i] + target[i])
-
-
-def _plan_running(prompt_left: np.ndarray, remaining: np.ndarray, budget: int):
-    """Tokens per running sequence this step: decoders one each, then prompt chunks
-    in admission order while the budget lasts. Returns (tokens, prompt tokens
-    granted, whether each sequence produces an output token, budget used)."""
-    prefilling = prompt_left > 0
-    counts = (~prefilling).astype(np.int64)
-    used = int(counts.sum())
-    granted = np.zeros_like(prompt_left)
-    gen_now = ~prefilling
-    if prefilling.any():
-        idx = np.flatnonzero(prefilling)
-        want = prompt_left[idx]
-        before = np.cumsum(want) - want
-        got = np.clip(budget - used - before, 0, want)
-        granted[idx] = got
-        completes = (got == want) & (remaining[idx] > 0)
-        gen_now = gen_now.copy()
-        gen_now[idx] = completes
-        counts[idx] = got + completes
-        used += int(got.sum())
-    return counts, granted, gen_now, used
 
 
 __all__ = ["ARRIVALS", "PREEMPTION", "PROGRESS_EVERY", "ReplayCounts", "ScheduleResult", "SchedulerConfig", "SimulationError", "run_schedule"]

@@ -9,6 +9,7 @@ import numpy as np
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.swap_record import SwapRecord
 from paged_kv.errors import OutOfBlocksError
+from paged_kv.sched import leaves_headroom
 from paged_kv.sim.backends.base import Backend, Sample
 from paged_kv.sim.profile import group_kind
 from paged_kv.spec import CacheSpec
@@ -52,7 +53,7 @@ class PagedBackend(Backend):
         if not m.can_admit(tokens):
             return False
         # num_free_blocks is the scarcest group's, so the headroom holds for every group.
-        return not busy or m.num_free_blocks - self.spec.blocks_for(tokens) >= self.reserve
+        return not busy or leaves_headroom(m.num_free_blocks, self.spec.blocks_for(tokens), self.reserve)
 
     def admit(self, seq: int, tokens: int, final_tokens: int) -> None:
         self.manager.admit(seq, tokens)
@@ -64,7 +65,8 @@ class PagedBackend(Backend):
         # the watermark does not: it reserves room for growth, not for reuse.) The
         # headroom goes first: it needs no hashing of the prompt, and a blocked queue
         # head is asked again every step.
-        if busy and self.manager.num_free_blocks - self.spec.blocks_for(chunk + int(first)) < self.reserve:
+        if busy and not leaves_headroom(self.manager.num_free_blocks, self.spec.blocks_for(chunk + int(first)),
+                                        self.reserve):
             return False
         return self.manager.can_admit_prompt(token_ids, chunk=chunk)
 
@@ -127,7 +129,7 @@ class PagedBackend(Backend):
         record = self.swapped[seq]
         if not self.manager.can_swap_in(record):
             return False
-        return not busy or self.manager.num_free_blocks - max(record.num_blocks) >= self.reserve
+        return not busy or leaves_headroom(self.manager.num_free_blocks, max(record.num_blocks), self.reserve)
 
     def swap_in(self, seq: int) -> int:
         record = self.swapped.pop(seq)

@@ -1,0 +1,106 @@
+"""What a `paged_kv.models.generate.Generator` is asked and what it returns: `Request`,
+`Completion`, `GenerationStats`, and `GenerationError` for a request it cannot serve.
+Plain data (no JAX); `paged_kv.models.generate` re-exports every name."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from paged_kv.errors import PagedKVError
+
+
+class GenerationError(PagedKVError, ValueError):
+    """A request the generator cannot serve: an empty prompt, a token id outside the
+    vocabulary, a non-positive ``max_new_tokens``, a duplicate request id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt (token ids) to extend by up to ``max_new_tokens`` greedy tokens.
+
+    ``arrival_step``: the loop iteration before which the request is not admitted
+    (requests joining a running batch); requests are served first come, first served.
+    ``prefill_elsewhere``: prefill the prompt outside the paged cache (a contiguous
+    forward, as a separate prefill worker would) and insert its keys and values into
+    fresh blocks (`paged_kv.insertion.insert_prefill_slot`); it takes no prefix-cache hit.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    request_id: int | None = None  # default: the request's index
+    arrival_step: int = 0
+    prefill_elsewhere: bool = False
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one request produced. ``logits[p]``: float32 logits at position ``p`` as
+    first computed (recorded only with ``record_logits``); ``recomputed``: ``(p,
+    logits)`` for positions computed again after a preemption."""
+
+    request_id: int
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str  # "length" or "eos"
+    preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache, summed over admissions
+    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    recomputed: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counters and figures of one `Generator.generate` call."""
+
+    requests: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0  # tokens the prefill computed (recomputations included)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served instead
+    prefill_steps: int = 0  # paged prefill steps and contiguous prefills inserted
+    inserted_prefills: int = 0  # prompts prefilled elsewhere and inserted into blocks
+    decode_steps: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0  # decode steps that did not compile
+    decode_tokens: int = 0  # tokens those steps produced
+    compilations: int = 0
+    kv_usage_sum: float = 0.0
+    kv_usage_samples: int = 0  # paged steps sampled (an inserted prefill runs no paged step)
+    kv_usage_peak: float = 0.0
+    joined_mid_run: int = 0  # requests admitted while others were decoding
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per wall-clock second, compilation included."""
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode steps that did not compile (the steady state)."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def kv_usage_mean(self) -> float:
+        """Mean over steps of the fraction of the pool's usable blocks in use."""
+        return self.kv_usage_sum / self.kv_usage_samples if self.kv_usage_samples else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.requests} requests, {self.generated_tokens} tokens generated in {self.seconds:.2f} s: "
+                f"{self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} tokens/s in decode steps "
+                f"after compilation); KV cache usage mean {self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
+                f"{self.prefill_steps} prefill / {self.decode_steps} decode steps, {self.compilations} compilations; "
+                f"prefill computed {self.prefill_tokens} tokens ({self.inserted_prefills} prompts prefilled "
+                f"elsewhere and inserted), prefix cache served {self.cached_tokens}; "
+                f"{self.preemptions} preemptions; {self.joined_mid_run} requests joined mid-run")
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+                   kv_usage_mean=self.kv_usage_mean)
+        return out
+
+
+__all__ = ["Completion", "GenerationError", "GenerationStats", "Request"]
