@@ -1,22 +1,119 @@
 import os
+import sys
+import tempfile
 
 import pytest
 
 # Tests run on the CPU; keep JAX from probing for accelerators it will not find.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _add_xla_flag(flag: str) -> None:
+    """Append ``--name=value`` to XLA_FLAGS unless the caller set ``name`` already."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def _cache_root() -> str | None:
+    """~/.cache/paged_kv-tests (XDG_CACHE_HOME respected): kept between runs and shared by
+    every clone on this machine, so CI's run (on the developers' machine, in a fresh
+    clone) finds what earlier runs left. None when it cannot be created or written:
+    everything below then works without it, as on a cold cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(base, "paged_kv-tests")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError:
+        return None
+    return root
+
+
+CACHE_ROOT = _cache_root()
+
 # Most of the suite's time is XLA compiling small test programs, not running them:
 # the backend's optimization passes (LLVM) then dominate and buy nothing at these
 # sizes. Level 0 halves the model tests' CPU time; results are the same programs'
 # (the tests compare against numpy references with tolerances, never timings).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Set in the environment, before anything imports jax, so that the subprocesses some
+# tests start (tests/sharded_checks.py on 8 fake devices, the README's blocks, ...)
+# compile alike. (`--xla_cpu_use_fusion_emitters=false` would halve compile time
+# again, but XLA:CPU's older emitters canonicalize bfloat16 NaN payloads, which
+# tests/test_isolation.py's sentinel check catches: not the programs users run.)
+_add_xla_flag("--xla_backend_optimization_level=0")
 
-# Tests marked `slow`, by file and function (every parametrization): together about
-# nine tenths of the suite's time. Measured with `python -m pytest --durations=60` on
-# 2 shared CPU cores: the whole suite took 462 s of CPU (15 to 19 min of wall time),
-# these ~85 % of it; `-m "not slow"` runs the rest in 64 s of CPU (93 s of wall time). Kept in one list rather than as decorators so
-# the selection and its reason sit in one place; a name that no longer matches a
-# test is an error, so the list cannot go stale silently.
+
+def _compilation_cache_dir() -> str | None:
+    """``JAX_COMPILATION_CACHE_DIR`` if the caller set it (empty: no cache), else
+    CACHE_ROOT/jax."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+    return os.path.join(CACHE_ROOT, "jax") if CACHE_ROOT else None
+
+
+# A persistent compilation cache: a program compiled by an earlier run (or by an
+# earlier test of this run: another Generator, another parametrization) is read back
+# instead of compiled. Every compilation is kept, however quick (JAX's default keeps
+# only those over 1 s, which at these sizes is almost none). A hit skips XLA only:
+# jit still traces, so the tests that count compilations by counting traces (or
+# jit's in-memory `_cache_size()`) count the same whether the cache is cold or warm.
+# The key covers the program, XLA_FLAGS, the jax/jaxlib versions and the backend: a
+# change anywhere misses and compiles. Pruned at the end of a run (`_prune_cache`).
+CACHE_DIR = _compilation_cache_dir()
+if CACHE_DIR:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    if "jax" in sys.modules:  # imported already (by a plugin): jax read the environment then
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+# The cache grows with every change to the library (a few MB per run that compiles
+# anew); past CACHE_LIMIT the least recently used entries go, down to half of it.
+CACHE_LIMIT = 1 << 30
+
+
+def _prune_cache(path: str, limit: int) -> None:
+    try:
+        entries = [e for e in os.scandir(path) if e.name.endswith("-cache") and e.is_file()]
+        stats = [(e.stat(), e.path) for e in entries]
+    except OSError:
+        return
+    total = sum(st.st_size for st, _ in stats)
+    if total <= limit:
+        return
+    for st, name in sorted(stats, key=lambda s: max(s[0].st_atime, s[0].st_mtime)):
+        if total <= limit // 2:
+            break
+        try:
+            os.remove(name)
+        except OSError:
+            continue
+        total -= st.st_size
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if CACHE_ROOT and CACHE_DIR == os.path.join(CACHE_ROOT, "jax"):
+        _prune_cache(CACHE_DIR, CACHE_LIMIT)
+
+
+# Tests marked `slow`, by file and function (every parametrization): about two thirds
+# of the suite's CPU time. Measured on 2 CPU cores shared with other work (load 4-6;
+# CPU seconds are user + system of the one pytest process, which is what an idle
+# machine's wall time would be), with `--durations=80`:
+#   compilation cache   whole suite          `-m "not slow"`
+#   cold (first run)    430 s CPU (12.3 min) 155 s CPU (5.2 min at load 4-6; 3.0 min at 0-4)
+#   warm (a rerun)      237 s CPU (8.4 min)  83 s CPU (3.7 min at load 5; 75 s at 3)
+# Cold costs what a run without the cache costs. Kept in one list rather than as
+# decorators so the selection and its reason sit in one place; a name that no longer
+# matches a test is an error, so the list cannot go stale silently.
 SLOW = {
     "test_state_machine.py": ("test_host_state_machine", "test_device_state_machine", "test_prefix_state_machine"),
     "test_unified.py": ("test_unified_equals_split_bit_for_bit", "test_tiny_transformer_through_unified_cache"),
@@ -32,18 +129,28 @@ SLOW = {
     "test_isolation.py": ("test_reused_blocks_never_expose_previous_owner",),
     "test_quant.py": ("test_decode_equals_dense_reference_with_the_same_rounding",
                       "test_int8_scales_shard_with_their_heads_over_8_devices"),
-    # These share one subprocess that compiles every step on 8 fake devices (~70 s).
+    # These share one subprocess that compiles every step on 8 fake devices (23 s cold, 15 s warm).
     "test_sharding.py": ("test_sharded_pages_equal_single_device_bit_for_bit", "test_no_collective_touches_the_pages",
                          "test_two_data_parallel_replicas", "test_in_place_attention_on_sharded_pages"),
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bundled():
-    """The bundled Azure conversation trace (paged_kv/data), loaded once per test module."""
+    """The bundled Azure conversation trace (paged_kv/data), loaded once per run and shared
+    by every module: its arrays are read-only, so a test that wrote into them (and would
+    change what the next test reads) fails at the write."""
+    import attrs
+    import numpy as np
+
     from paged_kv.sim import load_trace
 
-    return load_trace()
+    trace = load_trace()
+    for field in attrs.fields(type(trace)):
+        value = getattr(trace, field.name)
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return trace
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
