@@ -108,10 +108,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # of the suite's CPU time. Measured on 2 CPU cores shared with other work (load 4-6;
 # CPU seconds are user + system of the one pytest process, which is what an idle
 # machine's wall time would be), with `--durations=80`:
-#   compilation cache   whole suite          `-m "not slow"`
-#   cold (first run)    430 s CPU (12.3 min) 155 s CPU (5.2 min at load 4-6; 3.0 min at 0-4)
-#   warm (a rerun)      237 s CPU (8.4 min)  83 s CPU (3.7 min at load 5; 75 s at 3)
-# Cold costs what a run without the cache costs. Kept in one list rather than as
+#   compilation cache   whole suite (load 5)   `-m "not slow"`
+#   cold (first run)    430 s CPU (12.3 min)   155-168 s CPU (2.8 min at load 1-2; 5.2 at 4-6)
+#   warm (a rerun)      237 s CPU (8.4 min)    83-85 s CPU (1.4 min at load 1-2; 3.7 at 5)
+#   none                469 s CPU (14.9 min)
+# A cold cache costs no more than none. Kept in one list rather than as
 # decorators so the selection and its reason sit in one place; a name that no longer
 # matches a test is an error, so the list cannot go stale silently.
 SLOW = {
