@@ -23,16 +23,17 @@ import numpy as np
 from paged_kv.allocator.arguments import check_count, row_of, rows_and_counts
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.groups import GroupAllocator, group_class
-from paged_kv.allocator.hot_path import fast_admit, fast_append, fast_release, fill_new_row, nothing_to_commit, plain
+from paged_kv.allocator.hot_path import fast_admit, fast_append, fast_release, fill_new_row, plain
 from paged_kv.allocator.page_table import PageTable, expand_runs
 from paged_kv.allocator.prefix_cache import PrefixCache
+from paged_kv.allocator.manager_commit import CommitMixin
 from paged_kv.allocator.manager_prompts import PromptsMixin
 from paged_kv.allocator.manager_state import StateMixin
 from paged_kv.allocator.manager_swap import SwapMixin
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
 from paged_kv.allocator.slot_claims import SlotClaims
 from paged_kv.allocator.plain_metadata import plain_step_metadata
-from paged_kv.allocator.steps import Step, StepLog, stale_error
+from paged_kv.allocator.steps import StepLog
 from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.errors import (
     BatchTooLargeError,
@@ -43,7 +44,6 @@ from paged_kv.errors import (
     PagedKVError,
     SequenceTooLongError,
     SpecError,
-    StepError,
 )
 from paged_kv.metadata import StepMetadata, step_layout
 from paged_kv.spec import CacheSpec
@@ -52,7 +52,7 @@ SeqId = NewType("SeqId", int)
 """The caller's name for a request: any non-negative Python or numpy integer."""
 
 
-class KVCacheManager(PromptsMixin, SwapMixin, StateMixin):
+class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
     """Maps each sequence's token positions to blocks of the device pages.
 
     ``append`` and ``step_metadata`` take many sequences at once and do their work
@@ -258,103 +258,6 @@ class KVCacheManager(PromptsMixin, SwapMixin, StateMixin):
             g.fork_row(prow, row)
         if self.prefix_cache is not None:
             self._written.fork(prow, row, int(self.table.kv_lens[prow]), self.spec.block_size)
-
-    # ---- commit: the device has run a step ------------------------------------------------
-    def commit(self, seq_ids: Step | StepMetadata | Sequence[int],
-               num_tokens: int | Sequence[int] | np.ndarray | None = None, *, skip_released: bool = False) -> None:
-        """Tell the manager a described step has run: its keys and values are in the pages.
-
-        Call it after every forward pass. It retires that step's copy-on-write copies
-        and, with the prefix cache, makes the newly written full blocks hittable: no
-        block is ever offered to another request before it is written. Skipping it is
-        safe but wasteful (copies are re-run, nothing gets cached).
-
-        * ``commit(step)`` (a `Step`, or the `StepMetadata` carrying it as ``.step``):
-          exactly that step ran. Several steps may be in flight (an overlap scheduler
-          describes step N+1 while N runs); each commit covers only what its step
-          wrote. `StepError` for another manager's step, one committed already, or one
-          older than a step committed since; `StaleStepError` when a sequence of the
-          step was released since -- ``skip_released=True`` then commits the others.
-          See `paged_kv.allocator.steps`.
-        * ``commit(seq_ids)``: the step last described for each of ``seq_ids`` ran (the
-          synchronous form: with a step in flight, commit the `Step` instead).
-        * ``commit(seq_ids, num_tokens)`` (an int or one per sequence): that many leading
-          tokens are written, for pages filled outside a step (your own kernel, a
-          contiguous prefill).
-
-        `UnknownSequenceError` / `InvalidTokenCountError` / `StepError`, changing nothing.
-        """
-        if type(seq_ids) is Step and num_tokens is None and seq_ids.lengths is None:
-            # The async decode step's commit, inline: this manager's, the next in order,
-            # no row released since, no copy pending, no cache to key (lengths None).
-            log = self.steps
-            if (seq_ids.owner == log.owner and log.committed < seq_ids.id <= log.described
-                    and seq_ids.epoch == log.table.epoch and not any(map(len, self._copies))):
-                log.committed = seq_ids.id
-                return
-        elif num_tokens is None and nothing_to_commit(self, seq_ids):
-            return  # no copy pending, no prefix cache: a valid commit changes nothing
-        if isinstance(seq_ids, StepMetadata):
-            holder = seq_ids.step
-            if holder is None:
-                raise StepError("this StepMetadata carries no step (to_device and tree maps drop it): "
-                                "commit the meta.step you kept, or the seq_ids")
-            # A StepBatch's reused metadata names the batch: its last step is this one.
-            seq_ids = holder if isinstance(holder, Step) else holder.last_step
-        if isinstance(seq_ids, Step):
-            if num_tokens is not None:
-                raise InvalidArgumentError("commit(step, num_tokens): a step says what it wrote; num_tokens goes "
-                                           "with a list of seq_ids")
-            return self._commit_step(seq_ids, bool(skip_released))
-        seq_ids = id_list(seq_ids)
-        rows = [self._row(s) for s in seq_ids]
-        lengths = [None] * len(rows)
-        if num_tokens is not None:
-            _, counts = self._rows_and_counts(seq_ids, num_tokens)
-            kv = self.table.kv_lens[np.asarray(rows, np.int64)] if rows else np.zeros(0, np.int32)
-            if np.any(counts > kv):
-                i = int(np.flatnonzero(counts > kv)[0])
-                raise InvalidTokenCountError(
-                    f"commit(seq_id={seq_ids[i]}, num_tokens={int(counts[i])}): it holds only {int(kv[i])} tokens"
-                )
-            lengths = counts.tolist()
-        # Explicit lengths say what some writer put in the pages, not that the last
-        # described step (and its copies) ran: only a plain commit retires copies.
-        ran = max((self._described.pop(row, 0) for row in rows), default=0) if num_tokens is None else 0
-        if ran:
-            for g in self.groups:
-                g.retire_copies(ran)
-        if self.prefix_cache is not None:
-            for row, length in zip(rows, lengths):
-                self._written.commit(row, length)
-                self._key_written(row)
-
-    def _commit_step(self, step: Step, skip_released: bool) -> None:
-        gone = self.steps.check(step)
-        if gone and not skip_released:
-            raise stale_error(step, gone)
-        self.steps.committed = step.id
-        for g, copies in zip(self.groups, self._copies):
-            if len(copies):
-                g.retire_copies(step.id)
-        if step.lengths is not None:  # the prefix cache is on: key what the step wrote
-            skip = set(gone)
-            for i, (row, length) in enumerate(zip(np.asarray(step.rows).tolist(), step.lengths)):
-                if i not in skip:
-                    self._written.commit(row, length)
-                    self._key_written(row)
-
-    def note_step(self, step_id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray,
-                  lengths: Sequence[int] | np.ndarray) -> Step:
-        """Record step ``step_id`` (from ``steps.next_id()``) over ``rows`` (the rows of
-        ``seq_ids``, in batch order) leaving ``lengths`` tokens each, and return its
-        `Step`. For the builders of step metadata (`StepBatch`, `DecodeSlots`); with the
-        prefix cache the synchronous ``commit(seq_ids)`` reads the per-row note."""
-        cached = self.prefix_cache is not None
-        if cached:
-            lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else list(lengths)
-            self._written.describe(rows.tolist() if isinstance(rows, np.ndarray) else rows, lengths)
-        return self.steps.step(step_id, seq_ids, rows, self.table.epoch, lengths if cached else None)
 
     @property
     def num_pending_copies(self) -> int:

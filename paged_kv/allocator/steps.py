@@ -78,9 +78,7 @@ class Step:
         jitted call, `to_device`, a tree map)."""
         gone = self.released()
         if gone:
-            ids = [self.seq_ids[i] for i in gone]
-            raise StaleStepError(f"{self!r}: seq_ids {ids} were released since this metadata was described, and "
-                                 "their blocks may hold another sequence's tokens now; describe the step again")
+            raise stale_error(self, gone, "their blocks may hold another sequence's tokens now; describe the step again")
 
 
 class StepLog:
@@ -124,11 +122,11 @@ class StepLog:
         return step.released()
 
 
-def stale_error(step, gone: list[int]) -> StaleStepError:
+def stale_error(step: Step, gone: list[int],
+                what_to_do: str = "commit(step, skip_released=True) commits its other sequences") -> StaleStepError:
+    """The `StaleStepError` naming the sequences of ``step`` at indices ``gone`` (`Step.released`)."""
     ids = [step.seq_ids[i] for i in gone]
-    return StaleStepError(
-        f"{step!r}: seq_ids {ids} were released since it was described; commit(step, skip_released=True) "
-        "commits its other sequences")
+    return StaleStepError(f"{step!r}: seq_ids {ids} were released since it was described; {what_to_do}")
 
 
 __all__ = ["Step", "StepLog", "stale_error"]
