@@ -14,7 +14,9 @@ and, with a window, ``s > positions[b, t] - window``; with a chunk, ``s`` lies i
 chunk of ``positions[b, t]`` (chunk edges at multiples of ``chunk`` in sequence
 positions; key 0 is sequence position ``start[b]``). Lengths and positions are
 relative to the first key of the table (a sliding or chunked group's ``start``). A query that
-sees no key (a padding row, ``kv_len == 0``) gets zeros, never NaN.
+sees no key (a padding row, ``kv_len == 0``) gets zeros, never NaN; a query that sees a
+NaN key (or is NaN itself) gets NaN, as a dense softmax does: the zero is decided by
+whether any key was visible, never by the normaliser, which NaN also fails to exceed 0.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ DEFAULT_CHUNK_BLOCKS = 8
 """Blocks per iteration: large enough that each step's matmuls amortise the loop,
 small enough that the chunk stays O(B x chunk x heads x dim) (benchmarks/bench_decode_step.py)."""
 
-_NEG = -1e30  # finite: exp(_NEG - _NEG) is 1, never NaN, when a row has seen no key yet
 
 ReadBlocks = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 """``read(block_ids [B, C]) -> (keys [B, C*bs, Hk, Dk], values [B, C*bs, Hv, Dv])``."""
@@ -72,7 +73,7 @@ def paged_attention_xla(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q = query.astype(jnp.float32) * scale
     needed = (jnp.max(kv_lens, initial=0) + span - 1) // span  # chunks the longest row reaches
-    state = _init_state(query, read, block_tables[:, :c])
+    state = (*_init_state(query, read, block_tables[:, :c]), jnp.zeros(positions.shape, bool))
     lowest = lowest_key(positions, window, chunk, start)
 
     def body(i, state):
@@ -81,11 +82,14 @@ def paged_attention_xla(
         return _fold(state, q, keys, values, i * span, kv_lens, positions, lowest, soft_cap)
 
     if w == c:  # one chunk: no loop (simpler to compile; nothing to skip)
-        _, l, acc = body(0, state)
+        _, l, acc, seen = body(0, state)
     else:
         trips = jnp.minimum(needed, w // c) if live_bound else w // c
-        _, l, acc = lax.fori_loop(0, trips, body, state)
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [B, Hq, T, Dv]
+        _, l, acc, seen = lax.fori_loop(0, trips, body, state)
+    # Zeros only where a query saw no key. A test on ``l > 0`` would also zero a NaN
+    # normaliser, turning a NaN key or query into a plausible 0 (issue 23 item 4).
+    seen = seen[:, None, :, None]  # [B, 1, T, 1]
+    out = jnp.where(seen, acc / jnp.where(seen, l[..., None], 1.0), 0.0)  # [B, Hq, T, Dv]
     return out.transpose(0, 2, 1, 3).astype(query.dtype)
 
 
@@ -95,7 +99,7 @@ def _init_state(query, read, ids):
     _, values = jax.eval_shape(read, ids)
     dv = values.shape[-1]
     return (
-        jnp.full((b, hq, t), _NEG, jnp.float32),
+        jnp.full((b, hq, t), -jnp.inf, jnp.float32),
         jnp.zeros((b, hq, t), jnp.float32),
         jnp.zeros((b, hq, t, dv), jnp.float32),
     )
@@ -103,8 +107,9 @@ def _init_state(query, read, ids):
 
 def _fold(state, q, keys, values, first, kv_lens, positions, lowest, soft_cap):
     """One online-softmax update with keys ``first .. first + S - 1``; ``lowest``
-    ``[B, T]`` (or None): each query's first visible key (window or chunk)."""
-    m, l, acc = state
+    ``[B, T]`` (or None): each query's first visible key (window or chunk). ``seen``
+    ``[B, T]``: whether the query has had a visible key so far."""
+    m, l, acc, seen = state
     b, t, hq, dk = q.shape
     hk, hv, s = keys.shape[2], values.shape[2], keys.shape[1]
     idx = first + jnp.arange(s, dtype=jnp.int32)
@@ -116,15 +121,20 @@ def _fold(state, q, keys, values, first, kv_lens, positions, lowest, soft_cap):
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)).reshape(b, hq, t, s)
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
+    seen = seen | ok.any(-1)
     ok = ok[:, None]  # [B, 1, T, S]
-    m_new = jnp.maximum(m, jnp.max(jnp.where(ok, logits, _NEG), axis=-1))
-    p = jnp.where(ok, jnp.exp(logits - m_new[..., None]), 0.0)
-    corr = jnp.exp(m - m_new)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(ok, logits, -jnp.inf), axis=-1))
+    # The running max starts at -inf, not at a finite stand-in (a finite floor would drop
+    # every key whose logits all lie below it). While a row's max is still -inf, shift by
+    # 0 instead, so that -inf - -inf never makes a NaN out of a row that saw nothing.
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.where(ok, jnp.exp(logits - shift[..., None]), 0.0)
+    corr = jnp.exp(m - shift)
     # Keys past a row's length may hold a previous owner's bytes, NaN or inf included:
     # zero them so that 0 * stale never reaches the accumulator.
     values = jnp.where(live[:, :, None, None], values.astype(jnp.float32), 0.0)
     pv = jnp.einsum("bvgts,bsvd->bvgtd", p.reshape(b, hv, hq // hv, t, s), values).reshape(b, hq, t, -1)
-    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv, seen
 
 
 __all__ = ["DEFAULT_CHUNK_BLOCKS", "ReadBlocks", "paged_attention_xla"]
