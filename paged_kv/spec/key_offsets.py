@@ -83,6 +83,38 @@ def check(spec) -> None:
             values = np.asarray(entry, dtype=np.float64).astype(np.float32)  # what the codec subtracts
         if not np.isfinite(values).all():
             raise SpecError(f"kv_key_offsets[{layer}] holds a value that is not finite in float32: {hint}")
+        _check_range(spec, layer, entry, hint)
+
+
+def _check_range(spec, layer: int, entry: tuple, hint: str) -> None:
+    """Finite is not enough (issue 23 item 6): a read adds the offset back in the basis the
+    pages are stored in, ``mu H`` (float32, `paged_kv.quant.stored_offsets`), which a
+    Hadamard block of ``b`` channels can make up to ``sqrt(b)`` times larger than ``mu``:
+    3e38 becomes inf there and every key of the layer reads NaN. And an offset is what
+    every key holds, so it must also fit the compute dtype the keys are written in
+    (float16: 65504). Both are checked in float64, before anything is rounded."""
+    from paged_kv.quant import hadamard_matrix  # quant imports the spec package: not at import
+    from paged_kv.spec.dtypes import resolve_dtype
+    from paged_kv.spec.formats import rotation_blocks
+
+    mu = np.asarray(entry, dtype=np.float64)
+    block = rotation_blocks(spec)[0]
+    rotated = mu
+    if block > 1:
+        h = hadamard_matrix(block).astype(np.float64)
+        rotated = (mu.reshape(mu.shape[0], -1, block) @ h).reshape(mu.shape)
+    import ml_dtypes
+
+    compute = float(ml_dtypes.finfo(resolve_dtype(spec.dtype)).max)
+    stored = float(np.finfo(np.float32).max)
+    worst, worst_rotated = float(np.abs(mu).max()), float(np.abs(rotated).max())
+    if worst > compute:
+        raise SpecError(f"kv_key_offsets[{layer}] holds {worst:.3g}, beyond the largest {spec.dtype} "
+                        f"({compute:.3g}) the keys it is subtracted from can hold: {hint}")
+    if worst_rotated > stored:
+        raise SpecError(f"kv_key_offsets[{layer}] reaches {worst_rotated:.3g} once rotated by the {block}-channel "
+                        f"Hadamard block the pages are stored in, beyond float32 ({stored:.3g}): every key of the "
+                        f"layer would read back NaN; {hint}")
 
 
 def of_layer(spec, layer: int) -> tuple | None:
