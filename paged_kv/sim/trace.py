@@ -50,6 +50,39 @@ NOT_CANCELLED = -1
 _TICKS_PER_S = 10_000_000
 _NS_PER_TICK = 100
 
+# The whole seconds that datetime64[ns] (int64 nanoseconds since 1970, NaT at the int64
+# minimum) holds with every fraction: outside them numpy's ns parse and cast wrap
+# silently (2500-01-01 reads as 1915), so times are bounded at second resolution first,
+# where nothing wraps. The two partial seconds at the ends are refused too.
+_FIRST_S = np.datetime64(-(2**63) // 10**9 + 1, "s")  # 1677-09-21T00:12:44
+_LAST_S = np.datetime64((2**63 - 1) // 10**9 - 1, "s")  # 2262-04-11T23:47:15
+_RANGE = f"[{_FIRST_S}, {_LAST_S}]"
+_MAX_SPAN_S = (2**63 - 1) // 10**9 - 1
+"""Seconds between two requests that a timedelta64[ns] holds (about 292 years): arrival
+times are differences of nanosecond stamps, in `load_trace` and back in `Trace.to_csv`."""
+
+
+def _in_range(seconds: np.ndarray) -> np.ndarray:
+    """Which of ``seconds`` (datetime64[s]) a datetime64[ns] holds whatever their fraction."""
+    return (seconds >= _FIRST_S) & (seconds <= _LAST_S)
+
+
+def _start_time(value) -> np.datetime64:
+    """``Trace.start`` as datetime64[ns]; `TraceError` for a time it cannot hold (it would wrap)."""
+    if isinstance(value, bool):
+        raise TraceError(f"start={value!r} is not a time")
+    try:
+        ns = np.datetime64(value, "ns")
+        # An integer is nanoseconds (what it always meant here), within range by its type;
+        # anything else is parsed again at seconds, where a year like 2500 cannot wrap.
+        integer = isinstance(value, (int, np.integer))
+        seconds = ns.astype("datetime64[s]") if integer else np.datetime64(value, "s")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TraceError(f"start={value!r} is not a time ({exc})") from None
+    if np.isnat(ns) or not _in_range(seconds):
+        raise TraceError(f"start={value!r} is outside {_RANGE}, the times a nanosecond trace clock holds")
+    return ns
+
 
 def _int64_array(value) -> np.ndarray:
     return np.asarray(value, dtype=np.int64)
@@ -86,8 +119,7 @@ class Trace:
     context_tokens: np.ndarray = attrs.field(converter=_int64_array)
     generated_tokens: np.ndarray = attrs.field(converter=_int64_array)
     cancel_after: np.ndarray = attrs.field(default=None, kw_only=True, converter=_optional_int64_array)
-    start: np.datetime64 = attrs.field(default=np.datetime64("1970-01-01T00:00:00", "ns"),
-                                       converter=lambda v: np.datetime64(v, "ns"))
+    start: np.datetime64 = attrs.field(default=np.datetime64("1970-01-01T00:00:00", "ns"), converter=_start_time)
 
     def __attrs_post_init__(self) -> None:
         shapes = {a.shape for a in (self.arrival_s, self.context_tokens, self.generated_tokens)}
@@ -117,6 +149,15 @@ class Trace:
                 f"arrival_s[{i}]={float(arrival[i])!r} is earlier than arrival_s[{i - 1}]={float(arrival[i - 1])!r}; "
                 "requests must be in arrival order because the simulator replays them in array order"
             )
+        # start + arrival_s must stay a time the clock holds, or `to_csv` writes wrapped stamps.
+        start_s = int(self.start.astype("datetime64[s]").astype(np.int64))
+        low = max(int(_FIRST_S.astype(np.int64)) - start_s, -_MAX_SPAN_S)
+        high = min(int(_LAST_S.astype(np.int64)) + 1 - start_s, _MAX_SPAN_S + 1)  # the last second's fractions
+        far = np.flatnonzero((arrival < low) | (arrival >= high))
+        if far.size:
+            i = int(far[0])
+            raise TraceError(f"arrival_s[{i}]={float(arrival[i])!r} puts request {i} outside {_RANGE}, the times a "
+                             f"nanosecond trace clock holds (start {self.start})")
 
         cancel, generated = self.cancel_after, self.generated_tokens
         bad = np.flatnonzero((cancel != NOT_CANCELLED) & ((cancel < 0) | (cancel >= generated)))
@@ -234,6 +275,20 @@ def _timestamps(name: str, values: Sequence[str]) -> np.ndarray:
         if bad.size == 0:
             # Checked here, not only in `Trace`, so the error names the line.
             back = np.flatnonzero(np.diff(stamps) < np.timedelta64(0, "ns"))
+            seconds = np.array(values, dtype="datetime64[s]")
+            far = np.flatnonzero(~_in_range(seconds))
+            if far.size:  # numpy's ns parse wrapped these silently: check first, the order is garbage
+                i = int(far[0])
+                raise TraceError(f"{name}: line {i + 2}: TIMESTAMP={values[i]!r} is outside {_RANGE}, the times a "
+                                 "nanosecond trace clock holds")
+            # Differences of ns stamps wrap too (the order check just made, the arrival times):
+            # every two rows must lie within what a timedelta64[ns] holds.
+            first, last = (int(np.argmin(seconds)), int(np.argmax(seconds))) if seconds.size else (0, 0)
+            if seconds.size and (seconds[last] - seconds[first]).astype(np.int64) > _MAX_SPAN_S:
+                i, j = max(first, last), min(first, last)
+                raise TraceError(f"{name}: line {i + 2}: TIMESTAMP={values[i]!r} is more than {_MAX_SPAN_S:,} s "
+                                 f"(292 years) from line {j + 2}'s {values[j]!r}, more than a nanosecond "
+                                 "arrival time holds")
             if back.size:
                 i = int(back[0]) + 1
                 raise TraceError(
