@@ -93,17 +93,19 @@ def _check_range(spec, layer: int, entry: tuple, hint: str) -> None:
     3e38 becomes inf there and every key of the layer reads NaN. And an offset is what
     every key holds, so it must also fit the compute dtype the keys are written in
     (float16: 65504). Both are checked in float64, before anything is rounded."""
-    from paged_kv.quant import hadamard_matrix  # quant imports the spec package: not at import
+    import ml_dtypes
+
     from paged_kv.spec.dtypes import resolve_dtype
-    from paged_kv.spec.formats import rotation_blocks
+    from paged_kv.spec.formats import rotation_blocks  # formats imports this module: not at import
 
     mu = np.asarray(entry, dtype=np.float64)
     block = rotation_blocks(spec)[0]
     rotated = mu
-    if block > 1:
-        h = hadamard_matrix(block).astype(np.float64)
-        rotated = (mu.reshape(mu.shape[0], -1, block) @ h).reshape(mu.shape)
-    import ml_dtypes
+    if block > 1:  # `paged_kv.quant.hadamard_matrix`, in float64 (the spec never imports the codecs)
+        h = np.ones((1, 1))
+        while h.shape[0] < block:
+            h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+        rotated = (mu.reshape(mu.shape[0], -1, block) @ (h / np.sqrt(block))).reshape(mu.shape)
 
     compute = float(ml_dtypes.finfo(resolve_dtype(spec.dtype)).max)
     stored = float(np.finfo(np.float32).max)
