@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import jax
 
@@ -14,6 +15,9 @@ from paged_kv.views.sliding import SlidingWindowCacheView
 from paged_kv.views.transformer import TransformerCacheView
 from paged_kv.views.transformer import PagedLayerView
 from paged_kv.views.unified import UnifiedCacheView
+
+if TYPE_CHECKING:  # annotations only
+    from paged_kv.allocator.manager import KVCacheManager
 
 _LAYOUTS = ("split", "unified")
 
@@ -77,9 +81,28 @@ class PagedKVCache:
         views[layer] = view
         return PagedKVCache(tuple(views))
 
+    def bind(self, manager: KVCacheManager) -> "PagedKVCache":
+        """This cache serving ``manager`` (a `KVCacheManager` of its spec): every layer's
+        pages take the manager's serial as their owner and its blocks' generations, so
+        its metadata reads and writes them and any other manager's reads the null block
+        and writes nothing (`paged_kv.binding`). A fresh cache binds itself to the first
+        manager whose metadata writes it; call this when another manager takes the
+        pages over (`load_checkpoint` does, for the manager it restores). Functional:
+        returns the bound cache."""
+        spec = self.spec
+        if getattr(manager, "spec", None) != spec:
+            raise SpecError(f"bind needs a KVCacheManager of this cache's spec ({spec.describe()})")
+        views = []
+        for view in self.views:
+            gens = manager.groups[view.group].pool.generation
+            views.append(dataclasses.replace(
+                view, generations=jax.device_put(gens, view.generations.sharding),
+                owner=jax.device_put(manager.steps.tag, view.owner.sharding)))
+        return PagedKVCache(tuple(views))
+
     @property
     def nbytes(self) -> int:
-        """Device bytes of every layer's pages."""
+        """Device bytes of every layer's pages and binding arrays (`CacheSpec.device_bytes`)."""
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
@@ -110,9 +133,9 @@ def _check_fits(spec: CacheSpec, device) -> None:
             limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return
-    if spec.pool_bytes > limit:
+    if spec.device_bytes > limit:
         raise SpecError(
-            f"the pages take {spec.pool_bytes:,} bytes ({spec.pool_bytes / 2**30:,.1f} GiB) but {device} has "
+            f"the pages take {spec.device_bytes:,} bytes ({spec.device_bytes / 2**30:,.1f} GiB) but {device} has "
             f"{limit:,} bytes: lower num_blocks (CacheSpec.for_memory(bytes, ...) sizes the pool), or shard the "
             "pages over a mesh"
         )

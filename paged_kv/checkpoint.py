@@ -186,7 +186,7 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     if not isinstance(prefix, bool):
         raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
     expected, treedef = _expected_pages(saved_spec, layout)
-    arrays = _upgrade(arrays, header.get("version"), prefix)
+    arrays = _with_binding(_upgrade(arrays, header.get("version"), prefix), saved_spec, expected)
     manager = _restore(path, "manager", lambda: _manager_of(saved_spec, prefix, arrays, expected, slots_info, path))
     slots = None
     if slots_info is not None:
@@ -198,7 +198,9 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     pages = [arrays[n] for n in expected]
     pages = jax.device_put(pages, [for_rank(device, a.ndim) for a in pages]) if device is not None \
         else jax.device_put(pages)
-    cache = jax.tree_util.tree_unflatten(treedef, pages)
+    # The restored manager is a new one (a new serial): the pages serve it, with its
+    # blocks' generations (`paged_kv.binding`).
+    cache = jax.tree_util.tree_unflatten(treedef, pages).bind(manager)
     try:
         for view in cache.views:
             view.check_pages()
@@ -221,6 +223,21 @@ def _upgrade(arrays: dict[str, np.ndarray], version: int, prefix: bool) -> dict[
         arrays.update({f"written.{k}": np.zeros(shape, np.int64) for k, shape in empty.items()})
         arrays["written.hash_value"] = np.zeros((0, 2), np.uint64)
     return arrays
+
+
+def _with_binding(arrays: dict[str, np.ndarray], spec: CacheSpec, expected: dict) -> dict[str, np.ndarray]:
+    """Arrays of a file written before block generations (`paged_kv.binding`), with
+    them at 0 (nothing of the file changes: `load_checkpoint` binds the restored pages
+    to the restored manager, whose blocks are then all at generation 0)."""
+    added = {}
+    for name, want in expected.items():
+        if name.endswith((".generations", ".owner")) and name not in arrays:
+            added[name] = np.zeros(want.shape, want.dtype)
+    for g, group in enumerate(spec.groups):
+        name = f"group{g}.pool.generation"
+        if name not in arrays and f"group{g}.pool.ref_counts" in arrays:
+            added[name] = np.zeros(group.num_blocks, np.int32)
+    return {**arrays, **added} if added else arrays
 
 
 def _manager_of(spec: CacheSpec, prefix: bool, arrays: dict, expected: dict, slots_info, path: str) -> KVCacheManager:

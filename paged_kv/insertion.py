@@ -18,6 +18,7 @@ compiles once per distinct ``L`` (the write itself still compiles per bucket).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Union
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeError
 from paged_kv.metadata import bucket, pad_slot
@@ -40,9 +42,18 @@ from paged_kv.spec import compute_dtype, require_same_spec
 
 
 @partial(jax.jit, donate_argnums=0)
-def _write_prefill(cache: PagedKVCache, keys: jax.Array, values: jax.Array, slots: jax.Array) -> PagedKVCache:
-    """keys/values ``[num_layers, Lp, H, D]``; slots ``[num_groups, Lp]`` (padding dropped)."""
-    views = [view.write_slots(keys[i][None], values[i][None], slots[view.group][None]) for i, view in enumerate(cache.views)]
+def _write_prefill(cache: PagedKVCache, keys: jax.Array, values: jax.Array, slots: jax.Array, gens: jax.Array,
+                   tag: jax.Array) -> PagedKVCache:
+    """keys/values ``[num_layers, Lp, H, D]``; slots ``[num_groups, Lp]`` (padding dropped);
+    gens: the generation of each slot's block (`paged_kv.binding.bind_blocks`: pages of
+    another manager write nothing)."""
+    views = []
+    for i, view in enumerate(cache.views):
+        g, bs = view.group, view.spec.block_size
+        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, slots[g] // bs, gens[g])
+        mine = jnp.where(ok, slots[g], view.generations.shape[0] * bs)
+        view = view.write_slots(keys[i][None], values[i][None], mine[None])
+        views.append(dataclasses.replace(view, generations=generations, owner=owner))
     return PagedKVCache(tuple(views))
 
 
@@ -159,8 +170,11 @@ def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, ke
     for g in range(len(spec.groups)):
         slots[g] = pad_slot(spec, g)  # dropped by the scatter
     slots[:, :length] = slot_rows
+    gens = np.zeros_like(slots)
+    for g, group in enumerate(manager.groups):  # each written block's generation, as step metadata carries it
+        gens[g, :length] = group.pool.generation[slots[g, :length] // spec.block_size]
     try:
-        cache = _write_prefill(cache, k, v, slots)
+        cache = _write_prefill(cache, k, v, slots, gens, manager.steps.tag)
     except Exception:
         manager.release(seq_id)
         raise

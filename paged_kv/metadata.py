@@ -72,6 +72,23 @@ class GroupMetadata:
     copy_src: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
     copy_dst: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
     copy_len: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [C]
+    # Binding (see `paged_kv.binding`): the generation each named block had when
+    # the step was described (`BlockPool.generation`; 0 for the null block). The device
+    # reads and writes a block only while it is still that generation, so metadata kept
+    # past its blocks changing hands touches nothing of the new owner's. None: all 0
+    # (hand-built metadata: a fresh cache's blocks only).
+    block_gens: np.ndarray | None = None  # int32 [B, W]
+    copy_src_gen: np.ndarray | None = None  # int32 [C]
+    copy_dst_gen: np.ndarray | None = None  # int32 [C]
+
+    def __post_init__(self) -> None:
+        # Own fields, set once at construction (a frozen dataclass's only way to default
+        # one field from another's shape).
+        if self.block_gens is None:
+            object.__setattr__(self, "block_gens", np.zeros(np.shape(self.block_tables), np.int32))
+        for name in ("copy_src_gen", "copy_dst_gen"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(np.shape(self.copy_src), np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +116,11 @@ class StepMetadata:
     # released since (`Step.check_live`: `StaleStepError`). A `StepBatch`'s reused
     # metadata names the batch, which checks (and commits) its last step.
     step: object = dataclasses.field(default=None, compare=False)
+    # The serial (`StepLog.owner`) of the manager that built it, an int32 scalar: a
+    # cache's pages serve one manager (`paged_kv.binding`), and metadata of another
+    # reads the null block and writes nothing. A device value, not static: replicas'
+    # managers share compiled programs. None: 0 (hand-built; an unbound cache only).
+    owner: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -127,6 +149,8 @@ class StepMetadata:
         return self.groups[0].block_tables.shape[1]
 
     def __post_init__(self) -> None:
+        if self.owner is None:
+            object.__setattr__(self, "owner", np.zeros((), np.int32))
         _register_if_jax()
 
     def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> "StepMetadata":
@@ -156,14 +180,15 @@ def register_pytrees() -> None:
     import jax
 
     jax.tree_util.register_dataclass(
-        GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len"],
+        GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len",
+                                    "block_gens", "copy_src_gen", "copy_dst_gen"],
         meta_fields=[],
     )
     jax.tree_util.register_pytree_with_keys(StepMetadata, _flatten_with_keys, _unflatten, _flatten)
     _registered = True
 
 
-_FIELDS = ("kv_lens", "query_lens", "positions", "groups")
+_FIELDS = ("kv_lens", "query_lens", "positions", "groups", "owner")
 
 
 def _flatten(meta: StepMetadata):
@@ -171,7 +196,7 @@ def _flatten(meta: StepMetadata):
     # described would address blocks that may be another sequence's by now.
     if meta.step is not None:
         meta.step.check_live()
-    return (meta.kv_lens, meta.query_lens, meta.positions, meta.groups), meta.built_for
+    return (meta.kv_lens, meta.query_lens, meta.positions, meta.groups, meta.owner), meta.built_for
 
 
 def _flatten_with_keys(meta: StepMetadata):
@@ -182,7 +207,8 @@ def _flatten_with_keys(meta: StepMetadata):
 
 
 def _unflatten(built_for, children) -> StepMetadata:
-    return StepMetadata(*children, built_for=built_for)  # the host-only step stays behind
+    kv_lens, query_lens, positions, groups, owner = children
+    return StepMetadata(kv_lens, query_lens, positions, groups, built_for, owner=owner)  # the host-only step stays behind
 
 
 def _register_if_jax() -> None:

@@ -14,6 +14,7 @@ similar lengths share one compilation.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import attrs
@@ -23,6 +24,7 @@ import numpy as np
 
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.swap_record import SwapRecord, check_record
+from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidArgumentError, ShapeError, SpecError
 from paged_kv.metadata import bucket
@@ -65,18 +67,24 @@ def _padded_ids(blocks: tuple[np.ndarray, ...], pad: tuple[int, ...], cap: int) 
 
 
 @jax.jit
-def _gather(cache: PagedKVCache, ids: tuple) -> tuple:
-    return tuple(tuple(leaf[ids[view.group]] for leaf in jax.tree_util.tree_leaves(view)) for view in cache.views)
+def _gather(cache: PagedKVCache, ids: tuple, tag: jax.Array) -> tuple:
+    # Pages that serve another manager give the null block (zeros): its ids name other blocks here.
+    return tuple(tuple(leaf[jnp.where(view.owner == tag, ids[view.group], 0)]
+                       for leaf in jax.tree_util.tree_leaves(view.pages())) for view in cache.views)
 
 
 @partial(jax.jit, donate_argnums=0)
-def _scatter(cache: PagedKVCache, ids: tuple, pages: tuple) -> PagedKVCache:
+def _scatter(cache: PagedKVCache, ids: tuple, gens: tuple, pages: tuple, tag: jax.Array) -> PagedKVCache:
     views = []
     for view, data in zip(cache.views, pages):
-        leaves, treedef = jax.tree_util.tree_flatten(view)
-        # mode="drop": padding ids are out of range, so padding rows write nothing.
-        leaves = [leaf.at[ids[view.group]].set(d, mode="drop") for leaf, d in zip(leaves, data)]
-        views.append(jax.tree_util.tree_unflatten(treedef, leaves))
+        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])
+        leaves, treedef = jax.tree_util.tree_flatten(view.pages())
+        # mode="drop": padding ids are out of range, so padding rows write nothing; nor
+        # does anything of pages that serve another manager.
+        at = jnp.where(ok, ids[view.group], view.generations.shape[0])
+        leaves = [leaf.at[at].set(d, mode="drop") for leaf, d in zip(leaves, data)]
+        view = jax.tree_util.tree_unflatten(treedef, leaves)
+        views.append(dataclasses.replace(view, generations=generations, owner=owner))
     return PagedKVCache(tuple(views))
 
 
@@ -113,7 +121,7 @@ def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> Swapp
     record = manager.swap_record(seq_id)
     cap = manager.spec.max_blocks_per_seq
     ids = _padded_ids(record.blocks, (NULL_BLOCK,) * len(record.blocks), cap)
-    fetched = jax.device_get(_gather(cache, tuple(jnp.asarray(i) for i in ids)))
+    fetched = jax.device_get(_gather(cache, tuple(jnp.asarray(i) for i in ids), manager.steps.tag))
     pages = tuple(
         tuple(np.asarray(a)[: record.blocks[view.group].size] for a in layer)
         for view, layer in zip(cache.views, fetched)
@@ -136,7 +144,7 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     if not isinstance(swapped.pages, (tuple, list)) or len(swapped.pages) != len(cache.views):
         raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {len(swapped.pages)} layers, the cache {len(cache.views)}")
     for layer, (view, data) in enumerate(zip(cache.views, swapped.pages)):
-        leaves = jax.tree_util.tree_leaves(view)
+        leaves = jax.tree_util.tree_leaves(view.pages())
         want = [(record.blocks[view.group].size, *leaf.shape[1:]) for leaf in leaves]
         got = [tuple(a.shape) for a in data]
         if got != want or any(a.dtype != leaf.dtype for a, leaf in zip(data, leaves)):
@@ -154,7 +162,9 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     pages = tuple(
         tuple(pad(a, ids[view.group].size) for a in layer) for view, layer in zip(cache.views, swapped.pages)
     )
-    cache = _scatter(cache, tuple(jnp.asarray(i) for i in ids), pages)
+    gens = tuple(np.where(i < g.pool.generation.size, g.pool.generation[np.minimum(i, g.pool.generation.size - 1)], 0)
+                 .astype(np.int32) for i, g in zip(ids, manager.groups))
+    cache = _scatter(cache, tuple(jnp.asarray(i) for i in ids), gens, pages, manager.steps.tag)
     manager.commit([record.seq_id], record.num_tokens)  # its bytes are back: written
     return cache
 

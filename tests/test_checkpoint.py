@@ -141,7 +141,13 @@ def continuation(server: Server, rng) -> list:
 
 
 def storage_bits(cache):
-    return [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(cache))]
+    """The page (and scale) bits; the binding arrays beside them are `binding_state`'s."""
+    return [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves([v.pages() for v in cache.views]))]
+
+
+def binding_state(cache):
+    """Each layer's block generations (a restore keeps them; its owner is the restored manager)."""
+    return [np.asarray(v.generations) for v in cache.views]
 
 
 def host_state(manager):
@@ -170,6 +176,11 @@ def test_round_trip_continues_exactly(case, tmp_path):
     assert jax.tree_util.tree_structure(ck.cache) == jax.tree_util.tree_structure(orig.cache)
     for a, b in zip(storage_bits(orig.cache), storage_bits(ck.cache)):
         assert a.dtype == b.dtype and a.dtype.kind == "u" and a.tobytes() == b.tobytes()
+    for g, h in zip(ck.manager.groups, orig.manager.groups):  # block generations restored, the pages bound to them
+        assert np.array_equal(g.pool.generation, h.pool.generation)
+    for view, gens in zip(ck.cache.views, binding_state(ck.cache)):
+        assert np.array_equal(gens, ck.manager.groups[view.group].pool.generation)
+        assert int(view.owner) == ck.manager.steps.owner
     assert ck.manager.snapshot() == orig.manager.snapshot()
     assert ck.manager.seq_ids == orig.manager.seq_ids
     assert host_state(ck.manager) == host_state(orig.manager)

@@ -18,7 +18,8 @@ import paged_kv as pk
 from paged_kv.allocator import hot_path, manager as manager_mod
 from paged_kv.batch import step_batch
 
-FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len")
+FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len", "block_gens", "copy_src_gen",
+          "copy_dst_gen")
 
 
 def spec(sliding: bool = False, num_blocks: int = 3000) -> pk.CacheSpec:
@@ -29,6 +30,7 @@ def spec(sliding: bool = False, num_blocks: int = 3000) -> pk.CacheSpec:
 
 def assert_same_metadata(a: pk.StepMetadata, b: pk.StepMetadata) -> None:
     assert a.built_for == b.built_for
+    assert a.owner.shape == b.owner.shape == ()  # each its own manager's serial (they may differ)
     for name in ("kv_lens", "query_lens", "positions"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y), name

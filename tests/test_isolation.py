@@ -249,8 +249,13 @@ def test_crafted_metadata_ids_stay_inside_the_pool(layout):
         g, slot_mapping=np.array([[-1, -BS * nb]], np.int32)[:, : g.slot_mapping.shape[1]],
         block_tables=np.resize(bad_ids, g.block_tables.shape).astype(np.int32),
         copy_src=np.array([-1, 3, nb + 1], np.int32), copy_dst=np.array([3, -1, 0], np.int32),
-        copy_len=np.full(3, BS, np.int32)) for g in good.groups)
+        copy_len=np.full(3, BS, np.int32), copy_src_gen=np.ones(3, np.int32), copy_dst_gen=np.ones(3, np.int32))
+        for g in good.groups)
     crafted = dataclasses.replace(good, groups=groups)
+    lopsided = dataclasses.replace(good, groups=tuple(dataclasses.replace(g, copy_src_gen=np.ones(2, np.int32))
+                                                      for g in groups))
+    with pytest.raises(pk.ShapeError, match="copy_src_gen"):  # generations must describe what they name
+        write(cache, k[:1], lopsided)
     new = jnp.asarray(rng.normal(size=(1, good.query_len, H, D)) + 100, jnp.float32)
     cache = write(cache, new, crafted.to_device())
     for a, b in zip(before, jax.tree_util.tree_leaves(cache), strict=True):

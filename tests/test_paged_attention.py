@@ -10,6 +10,8 @@ or chunked local attention (chunks of 8 or 6 tokens: a multiple of the block, or
 
 from __future__ import annotations
 
+import dataclasses
+
 from functools import partial
 
 import jax
@@ -242,7 +244,7 @@ def test_stale_nan_bytes_in_reused_blocks_never_reach_the_output():
     for view in sh.cache.views:
         pages = view.kv_pages
         fill = jax.lax.bitcast_convert_type(nan, pages.dtype)
-        views.append(type(view)(pages.at[1:].set(fill), view.spec, view.layer_index))
+        views.append(dataclasses.replace(view, kv_pages=pages.at[1:].set(fill)))
     sh.cache = pk.PagedKVCache(tuple(views))
     sh.step({0: 5, 1: 1, 2: 8})
     sh.step({0: 1, 1: 8, 2: 1})

@@ -49,7 +49,8 @@ class Tenant:
 
     def fill_with_sentinel(self) -> None:
         """Every usable block of every pool holds another tenant's bytes (the null block stays zero)."""
-        self.cache = jax.tree_util.tree_map(lambda pages: pages.at[1:].set(SENTINEL), self.cache)
+        self.cache = pk.PagedKVCache(tuple(v.map_pages(lambda pages: pages.at[1:].set(SENTINEL))
+                                           for v in self.cache.views))
 
     def admit(self, seq: int, tokens, **kw) -> int:
         self.tokens[seq] = np.asarray(tokens)

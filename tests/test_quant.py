@@ -191,7 +191,8 @@ def test_memory_arithmetic_counts_scales_as_allocated(layout, kw, per_layer):
     s = spec(**kw)
     assert s.bytes_per_token_per_layer == per_layer
     assert s.bytes_per_token == 4 * per_layer and s.pool_bytes == 33 * BS * 4 * per_layer
-    assert pk.PagedKVCache.init(s, layout=layout).nbytes == s.pool_bytes  # what is counted is what exists
+    assert s.binding_bytes == 4 * (4 * 33 + 4)  # an int32 generation per block and an owner, per layer
+    assert pk.PagedKVCache.init(s, layout=layout).nbytes == s.device_bytes  # what is counted is what exists
 
 
 def test_full_precision_layers_cost_full_precision():
@@ -201,7 +202,8 @@ def test_full_precision_layers_cost_full_precision():
     assert [s.layer_format(i) for i in range(4)] == ["int8", "none", "int8", "none"]
     full, q = 2 * H * D * 4, 2 * H * D + 2 * H * 4
     assert s.group_bytes_per_block(0) == 2 * q * BS and s.group_bytes_per_block(1) == 2 * full * BS
-    assert pk.PagedKVCache.init(s).nbytes == s.pool_bytes == 33 * 2 * q * BS + 9 * 2 * full * BS
+    assert s.pool_bytes == 33 * 2 * q * BS + 9 * 2 * full * BS
+    assert pk.PagedKVCache.init(s).nbytes == s.device_bytes == s.pool_bytes + 4 * (2 * 33 + 2 * 9 + 4)
 
 
 def test_for_memory_fits_twice_the_blocks_in_int8():
@@ -210,7 +212,8 @@ def test_for_memory_fits_twice_the_blocks_in_int8():
     int8 = pk.CacheSpec.for_memory(2**34, kv_format="int8", **model)
     fp8 = pk.CacheSpec.for_memory(2**34, kv_format="fp8", **model)
     assert int8.pool_bytes <= 2**34 and fp8.pool_bytes <= 2**34
-    assert int8.num_blocks == 2**34 // (16 * 32 * 2 * 8 * (128 + 4))
+    assert int8.device_bytes <= 2**34 and fp8.device_bytes <= 2**34
+    assert int8.num_blocks == (2**34 - 32 * 4) // (16 * 32 * 2 * 8 * (128 + 4) + 32 * 4)
     assert 1.93 < int8.num_blocks / bf16.num_blocks < 1.94 and fp8.num_blocks // bf16.num_blocks == 2
 
 
@@ -369,6 +372,8 @@ SENTINEL = {np.dtype(np.uint8): 0xA5, np.dtype(np.uint16): 0x7FA5, np.dtype(np.u
 def poisoned(cache: pk.PagedKVCache) -> pk.PagedKVCache:
     """Every block but the null block full of stale bits: NaN scales, garbage int8/fp8."""
     def fill(leaf):
+        if np.dtype(leaf.dtype) == np.int32:  # block generations and owner (`paged_kv.binding`): kept
+            return leaf
         a = np.full(leaf.shape, SENTINEL[np.dtype(leaf.dtype)], leaf.dtype)
         a[pk.NULL_BLOCK] = 0
         return jnp.asarray(a)
@@ -488,9 +493,12 @@ def test_isolation_fork_swap_and_checkpoint_of_quantized_pages(fmt, layout, offs
     ck = pk.load_checkpoint(tmp_path / "q.ckpt", spec=w.spec)
     names = [str(p) for p, _ in jax.tree_util.tree_flatten_with_path(w.cache)[0]]
     assert any("scales" in n for n in names) == (fmt == "int8")
-    for a, b in zip(jax.tree_util.tree_leaves(w.cache), jax.tree_util.tree_leaves(ck.cache), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for view, back in zip(w.cache.views, ck.cache.views, strict=True):
+        for a, b in zip(jax.tree_util.tree_leaves(view.pages()), jax.tree_util.tree_leaves(back.pages()), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(view.generations), np.asarray(back.generations))
+        assert int(back.owner) == ck.manager.steps.owner  # the restored pages serve the restored manager
 
 
 @pytest.mark.parametrize("layout, offsets", [("split", False), ("unified", False), ("unified", True)])

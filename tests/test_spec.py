@@ -26,7 +26,9 @@ def test_separate_key_and_value_shapes():
 
 def test_for_memory_derives_num_blocks():
     s = pk.CacheSpec.for_memory(2**20, num_layers=2, block_size=16, num_kv_heads=2, head_dim=8, dtype="float32")
-    assert s.num_blocks == 2**20 // s.bytes_per_block
+    # Each block also costs an int32 generation per layer, each layer an int32 owner (`paged_kv.binding`).
+    assert s.num_blocks == (2**20 - 2 * 4) // (s.bytes_per_block + 2 * 4)
+    assert s.device_bytes <= 2**20 < s.device_bytes + s.bytes_per_block + 2 * 4  # one block more would not fit
     assert s.pool_bytes <= 2**20
 
 

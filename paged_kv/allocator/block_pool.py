@@ -40,6 +40,13 @@ class BlockPool:
         # its key) while it waits, evictable, until an allocation needs it.
         self.cache = PrefixCache(self.num_blocks) if prefix_cache else None
         self.ref_counts = np.zeros(self.num_blocks, dtype=np.int32)
+        # Each block's generation: +1 every time it is handed out fresh (not when a prefix
+        # hit revives it: its bytes are shared on purpose). Step metadata carries the
+        # generation of every block it names and the device keeps the newest one each
+        # block was written under, so metadata built before the block changed hands reads
+        # the null block and writes nothing (`paged_kv.binding`). int32 that wraps:
+        # the device compares by serial-number arithmetic. The null block stays at 0.
+        self.generation = np.zeros(self.num_blocks, dtype=np.int32)
         # Usable ids, popped from the end; reversed so block 1 is handed out first.
         self._free = np.arange(self.num_blocks - 1, NULL_BLOCK, -1, dtype=np.int32)
         self._num_free = self.num_blocks - 1
@@ -74,6 +81,7 @@ class BlockPool:
             ids = self._free[top - n : top][::-1].copy()
             self._num_free = top - n
             self.ref_counts[ids] = 1
+            self.generation[ids] += 1
             return ids
         n = int(n)
         if n > self.num_free:
@@ -86,6 +94,7 @@ class BlockPool:
         ids = self._free[top - n : top][::-1].copy()
         self._num_free = top - n
         self.ref_counts[ids] = 1
+        self.generation[ids] += 1
         return ids
 
     def take(self, n: int) -> list[int] | None:
@@ -98,12 +107,14 @@ class BlockPool:
             return [] if n == 0 else None
         if n > 8:
             return self.allocate(n).tolist()
-        if self._views is None:  # the stack and the counts are never replaced, only written
-            self._views = (memoryview(self._free), memoryview(self.ref_counts))
-        free, refs = self._views
+        if self._views is None:  # the stack, counts and generations are never replaced, only written
+            self._views = (memoryview(self._free), memoryview(self.ref_counts), memoryview(self.generation))
+        free, refs, gens = self._views
         ids = [free[top - 1 - i] for i in range(n)]  # allocate's order: the top of the stack first
         for b in ids:
             refs[b] = 1
+            g = gens[b] + 1  # wrap as numpy's int32 does (a memoryview refuses to overflow)
+            gens[b] = g if g < 0x80000000 else g - 0x100000000
         self._num_free = top - n
         return ids
 
@@ -184,7 +195,7 @@ class BlockPool:
         self._num_free += k
 
     # ---- saved state (paged_kv.checkpoint) ------------------------------------------
-    SAVED_ATTRS = frozenset({"num_blocks", "ref_counts", "_free", "_num_free", "cache", "_views"})
+    SAVED_ATTRS = frozenset({"num_blocks", "ref_counts", "generation", "_free", "_num_free", "cache", "_views"})
     """Attributes `state` covers (the cache saves its own state; ``_views`` is transient)."""
 
     def state(self) -> dict[str, np.ndarray]:
@@ -192,7 +203,7 @@ class BlockPool:
         after a restore pops the same ids in the same order."""
         check_captured(self, self.SAVED_ATTRS)
         return {"ref_counts": self.ref_counts.copy(), "free_stack": self._free.copy(),
-                "num_free": np.array(self._num_free, np.int64)}
+                "num_free": np.array(self._num_free, np.int64), "generation": self.generation.copy()}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], num_blocks: int, cache: PrefixCache | None = None) -> "BlockPool":
@@ -201,6 +212,10 @@ class BlockPool:
         pool.ref_counts = take(state, "ref_counts", np.int32, (num_blocks,))
         pool._free = take(state, "free_stack", np.int32, (num_blocks - 1,))
         pool._num_free = int(take(state, "num_free", np.int64, ()))
+        # Checkpoints from before block generations: every block at 0, as the device's
+        # pages restored with them (`PagedKVCache.bind` makes the two agree either way).
+        if "generation" in state:
+            pool.generation = take(state, "generation", np.int32, (num_blocks,))
         pool._views = None  # `take`'s memoryviews were of the arrays just replaced
         if not 0 <= pool._num_free <= num_blocks - 1:
             raise CheckpointError(f"pool.num_free={pool._num_free} is outside [0, {num_blocks - 1}]")
@@ -211,7 +226,7 @@ class BlockPool:
     def check_integrity(self) -> None:
         """Raise if the free list and the ref counts disagree."""
         free = self._free[: self._num_free]
-        if self.ref_counts[NULL_BLOCK] != 0 or np.any(free == NULL_BLOCK):
+        if self.ref_counts[NULL_BLOCK] != 0 or np.any(free == NULL_BLOCK) or self.generation[NULL_BLOCK] != 0:
             raise AssertionError("null block was handed out or counted")
         if np.unique(free).size != free.size:
             raise AssertionError("a block is on the free list twice")

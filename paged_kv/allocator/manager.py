@@ -299,7 +299,7 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
             self._described.update(dict.fromkeys(rows.tolist(), step_id))
         groups = tuple(g.metadata(rows, kv - q, positions[:n], valid[:n], B, step_id) for g in self.groups)
         step = self.note_step(step_id, list(seq_ids), rows, kv)
-        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step)
+        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step, self.steps.tag)
 
     # ---- decode-slot claims (`DecodeSlots` registers the ids it holds) ----------------
     def _check_not_slotted(self, seq_id, what: str) -> None:

@@ -59,7 +59,7 @@ def plain_step_metadata(m, seq_ids, num_new_tokens) -> StepMetadata | None:
         first = int(kv[b]) - int(q[b])
         positions[b, : int(q[b])] = np.arange(first, int(kv[b]), dtype=np.int32)
     step = m.note_step(m.steps.next_id(), seq_ids, rows, kv)  # as step_metadata does (no copies are pending)
-    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature(), step)
+    return StepMetadata(kv_lens, query_lens, positions, groups, spec.pool_signature(), step, m.steps.tag)
 
 
 def plain_picked(m, seq_ids, counts) -> tuple[np.ndarray, np.ndarray] | None:
@@ -115,7 +115,8 @@ def _build_group(m, g, rows, q, kv, one, many: list, B: int, T: int) -> GroupMet
     for b in many:
         qb = int(q[b])
         slots[b, :qb] = run_slots(g, int(rows[b]), int(kv[b]) - qb, qb)
-    return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), EMPTY, EMPTY, EMPTY)
+    return GroupMetadata(tables, slots, np.zeros(B, dtype=np.int32), EMPTY, EMPTY, EMPTY, g.pool.generation[tables],
+                         EMPTY, EMPTY)
 
 
 __all__ = ["EMPTY", "INT", "bucket_int", "plain_picked", "plain_step_metadata", "run_slots"]

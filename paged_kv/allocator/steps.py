@@ -88,10 +88,14 @@ class StepLog:
     here, so one order covers them all. `next_id` is all a decode step pays; the
     `Step` object is made only when someone asks for it."""
 
-    __slots__ = ("owner", "described", "committed", "table")
+    __slots__ = ("owner", "tag", "described", "committed", "table")
 
     def __init__(self, table: PageTable | None = None):
         self.owner = next(_SERIALS)
+        # The owner as every metadata of this manager carries it (`StepMetadata.owner`):
+        # one shared read-only int32 scalar, made once.
+        self.tag = np.array(self.owner, dtype=np.int32)
+        self.tag.flags.writeable = False
         self.described = 0
         self.committed = 0
         self.table = table  # the manager's first page table: rows and their incarnations

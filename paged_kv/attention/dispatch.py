@@ -13,6 +13,7 @@ from functools import partial
 import jax
 from jax import lax
 
+from paged_kv.binding import bind_step
 from paged_kv.attention.layer import PagedLayer, check_attention_query
 from paged_kv.attention.pallas_tpu import ragged_paged_attention_tpu
 from paged_kv.attention.reference import DEFAULT_CHUNK_BLOCKS, paged_attention_xla
@@ -46,6 +47,10 @@ def paged_attention(
     s = view.spec
     check_attention_query(query, view, metadata)
     group = metadata.groups[view.group]
+    if getattr(view, "generations", None) is not None:
+        # Blocks that changed hands since the metadata was built, or metadata of another
+        # manager: the null block (see `paged_kv.binding`).
+        group = bind_step(view.generations, view.owner, metadata, view.group, s.block_size, write=False)[0]
     kv_lens = metadata.kv_lens - group.start
     chosen = _choose(view, impl)
     if chosen == "pallas_tpu_ragged":

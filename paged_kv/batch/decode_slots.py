@@ -86,10 +86,11 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
             )
         counts = per_slot[occupied]
     meta = manager.step_metadata(ids, counts) if ids else None
-    return _in_slots(spec, meta, occupied, num_slots, None if meta is None else meta.step)
+    return _in_slots(spec, meta, occupied, num_slots, None if meta is None else meta.step, manager.steps.tag)
 
 
-def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: int, step=None) -> StepMetadata:
+def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: int, step=None,
+              owner: np.ndarray | None = None) -> StepMetadata:
     """``meta`` (rows in ``occupied`` order, or None: nothing occupied) spread over
     ``num_slots`` rows, row ``occupied[i]`` holding meta's row ``i``, the rest padding;
     fresh arrays."""
@@ -112,8 +113,8 @@ def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: i
                 block_tables=place("block_tables", (W,), NULL_BLOCK, g),
                 slot_mapping=place("slot_mapping", (T,), pad_slot(spec, g), g),
                 start=place("start", (), 0, g),
-                **({} if meta is None else dict(copy_src=meta.groups[g].copy_src, copy_dst=meta.groups[g].copy_dst,
-                                                copy_len=meta.groups[g].copy_len)),
+                block_gens=place("block_gens", (W,), 0, g),
+                **({} if meta is None else {k: getattr(meta.groups[g], k) for k in _COPY_FIELDS}),
             )
         )
     return StepMetadata(
@@ -123,7 +124,11 @@ def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: i
         groups=tuple(groups),
         built_for=spec.pool_signature(),
         step=step,
+        owner=owner,
     )
+
+
+_COPY_FIELDS = ("copy_src", "copy_dst", "copy_len", "copy_src_gen", "copy_dst_gen")
 
 
 class _SlotSeqIds(list):
@@ -288,7 +293,8 @@ class DecodeSlots:
         # The persistent batch appends and describes the occupied rows in one pass
         # (in place while the same sequences decode); they are then spread over the slots.
         meta = self._batch.decode([self._seqs[b] for b in occupied])
-        return _in_slots(self.manager.spec, meta, occupied, len(self._seqs), self._batch.last_step)
+        return _in_slots(self.manager.spec, meta, occupied, len(self._seqs), self._batch.last_step,
+                         self.manager.steps.tag)
 
     def commit(self, step: Step | StepMetadata | None = None) -> None:
         """`KVCacheManager.commit` of ``step`` (by default the occupied slots' last

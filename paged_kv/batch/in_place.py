@@ -104,6 +104,7 @@ class InPlaceDecode:
         `append` hands them out; slots are set one short of the block's first (the
         caller adds 1). False when a row's new column is past the table width."""
         kvl, bt, nbl, kv_out, _, slot_col, tables = views
+        pool_gens, gens = self._gen_views
         rows = self._row_list
         fits = True
         for b, blk in zip(grew, ids):
@@ -113,6 +114,7 @@ class InPlaceDecode:
             slot_col[b] = blk * bs - 1
             if col < width:
                 tables[b, col] = blk
+                gens[b, col] = pool_gens[blk]
             else:
                 fits = False
         return fits

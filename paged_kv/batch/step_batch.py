@@ -78,6 +78,7 @@ class StepBatch(InPlaceDecode):
         self._step: Step | tuple | None = None  # see `last_step`
         self._next_id = manager.steps.next_id
         self._owner = manager.steps.owner
+        self._tag = manager.steps.tag  # `StepMetadata.owner`
         self._signature = manager.spec.pool_signature()  # the spec is immutable
         self._ready: StepMetadata | None = None  # after a join: the decode layout of the same rows
         self._table_mv: tuple | None = None  # see `_table_views`
@@ -243,18 +244,18 @@ class StepBatch(InPlaceDecode):
             return False
         n0, n1 = len(self._row_list), len(kept)
         gm = dec.groups[0]
-        kv, pos, slot, tables = dec.kv_lens, dec.positions[:, 0], gm.slot_mapping[:, 0], gm.block_tables
+        kv, pos, slot, tables, gens = dec.kv_lens, dec.positions[:, 0], gm.slot_mapping[:, 0], gm.block_tables, gm.block_gens
         if at[-1] != n1 - 1:  # rows left before the end: move the rest up
             sel = np.array(at, dtype=np.int64)
-            kv[:n1], pos[:n1], slot[:n1], tables[:n1] = kv[sel], pos[sel], slot[sel], tables[sel]
-        kv[n1:n0], pos[n1:n0], slot[n1:n0], tables[n1:n0] = 0, 0, g.pad_slot, NULL_BLOCK  # now padding rows
+            kv[:n1], pos[:n1], slot[:n1], tables[:n1], gens[:n1] = kv[sel], pos[sel], slot[sel], tables[sel], gens[sel]
+        kv[n1:n0], pos[n1:n0], slot[n1:n0], tables[n1:n0], gens[n1:n0] = 0, 0, g.pad_slot, NULL_BLOCK, 0  # now padding rows
         dec.query_lens[n1:n0] = 0
         B1 = _bucket(n1, spec.max_batch_slots)
         get = self._buffers.get  # the layout's arrays are these buffers' views: a shorter view, the same bytes
         if B1 != B0 or dec is not self._meta:
             self._meta = StepMetadata(get("kv", (B1,)), get("q", (B1,)), get("pos", (B1, 1)), (GroupMetadata(
-                get("tables", (B1, W)), get("slot", (B1, 1)), get("start", (B1,)), _EMPTY, _EMPTY, _EMPTY),),
-                self._signature, self)
+                get("tables", (B1, W)), get("slot", (B1, 1)), get("start", (B1,)), _EMPTY, _EMPTY, _EMPTY,
+                get("gens", (B1, W)), _EMPTY, _EMPTY),), self._signature, self, self._tag)
         self._keep(list(seq_ids), kept, np.array(kept, dtype=np.int64), True)
         return True
 
@@ -314,6 +315,7 @@ class StepBatch(InPlaceDecode):
             dec.kv_lens[b], dec.query_lens[b], dec.positions[b, 0] = last + 1, 1, last
             gm.slot_mapping[b, 0] = t.block_tables.item(r, last // bs) * bs + last % bs
             gm.block_tables[b] = t.block_tables[r, :width]
+            gm.block_gens[b] = self._pool.generation[gm.block_tables[b]]
 
     def _mixed_step(self, dec: StepMetadata, rows: list, counts: list) -> StepMetadata:
         """A step writing each row's last ``counts[b]`` tokens, from the decode layout
@@ -345,7 +347,8 @@ class StepBatch(InPlaceDecode):
                 and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
             return last
         self._last_mixed = StepMetadata(dec.kv_lens, query_lens, positions, (GroupMetadata(
-            gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY),), self._signature, self)
+            gm.block_tables, slots, gm.start, _EMPTY, _EMPTY, _EMPTY, gm.block_gens, _EMPTY, _EMPTY),),
+            self._signature, self, self._tag)
         return self._last_mixed
 
     def _beside_layout(self, counts: list) -> None:
@@ -402,11 +405,14 @@ class StepBatch(InPlaceDecode):
             start[:] = 0
         tables[:n, :widest] = t.block_tables[rows, :widest]  # past a row's blocks: null
         tables[:n, widest:], tables[n:] = NULL_BLOCK, NULL_BLOCK
+        gens = get("gens", (B, W))
+        np.take(self._pool.generation, tables, out=gens)  # what each block is now (see `GroupMetadata.block_gens`)
         meta = self._meta
         if not (meta is not None and meta.kv_lens is kv_lens and meta.positions is positions
-                and meta.groups[0].block_tables is tables and meta.groups[0].slot_mapping is slots):
+                and meta.groups[0].block_tables is tables and meta.groups[0].slot_mapping is slots
+                and meta.groups[0].block_gens is gens):
             self._meta = StepMetadata(kv_lens, query_lens, positions, (GroupMetadata(
-                tables, slots, start, _EMPTY, _EMPTY, _EMPTY),), self._signature, self)
+                tables, slots, start, _EMPTY, _EMPTY, _EMPTY, gens, _EMPTY, _EMPTY),), self._signature, self, self._tag)
         self._keep(list(seq_ids), row_list, rows, True)
 
     def _last_tokens(self, row_list: list, rows: np.ndarray) -> tuple:
@@ -457,6 +463,8 @@ class StepBatch(InPlaceDecode):
         views = (*self._table_views(t), buf.memoryview("kv", (B,)), buf.memoryview("pos", (B,)),
                  buf.memoryview("slot", (B,)), buf.memoryview("tables", (B, W)))
         self._hot = (numeric, views, W)
+        # `_new_blocks` gives a new table entry its block's generation.
+        self._gen_views = (memoryview(self._pool.generation), buf.memoryview("gens", (B, W)))
         if n <= SCALAR_ROWS:
             kvl, _, _, kv_out, pos_col, slot_col, _ = views
             self._tiny = (kvl, kv_out, pos_col, slot_col, self.manager.spec.block_size, self._row_list, t, self._epoch)

@@ -120,6 +120,13 @@ class CacheSpec:
             )
         self._check_sliding()
         self._check_chunked()
+        # Before the groups, whose per-layer tuples are the first host structures built.
+        fields.check_host_bytes(
+            fields.spec_host_bytes(self),
+            f"num_layers={self.num_layers}, num_blocks={self.num_blocks}, max_batch_slots={self.max_batch_slots} "
+            f"and max_blocks_per_seq={self.max_blocks_per_seq} (the allocator's tables and the cache's "
+            "per-layer objects, pages not counted)",
+            hint="check these fields for a typo, or size the pool with CacheSpec.for_memory(bytes, ...)")
         object.__setattr__(self, "_groups", self._make_groups())
         self._check_format()
         if self.pool_bytes > fields.MAX_POOL_BYTES:
@@ -265,6 +272,17 @@ class CacheSpec:
         """Device bytes of every group's pages, null blocks included."""
         return sum(self.group_bytes_per_block(g) * grp.num_blocks for g, grp in enumerate(self.groups))
 
+    @property
+    def binding_bytes(self) -> int:
+        """Device bytes of the binding arrays beside the pages (`paged_kv.binding`): per
+        layer, an int32 generation per block of its group and an int32 owner."""
+        return sum(4 * self.groups[self.group_of(i)].num_blocks + 4 for i in range(self.num_layers))
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything `PagedKVCache.init` allocates: `pool_bytes` + `binding_bytes`."""
+        return self.pool_bytes + self.binding_bytes
+
     def group_bytes_per_block(self, group: int) -> int:
         """Bytes one block of ``group`` holds across that group's layers, scales included."""
         return sum(self._layer_bytes[i] for i in self.groups[group].layers) * self.block_size
@@ -292,16 +310,19 @@ class CacheSpec:
 
     @classmethod
     def for_memory(cls, pool_bytes: int, **fields) -> "CacheSpec":
-        """A spec whose pool fits in ``pool_bytes``: ``num_blocks`` is derived, the rest given."""
+        """A spec whose pool fits in ``pool_bytes`` (pages and binding arrays: `device_bytes`):
+        ``num_blocks`` is derived, the rest given."""
         if isinstance(pool_bytes, bool) or not isinstance(pool_bytes, (int, np.integer, float, np.floating)) \
                 or (isinstance(pool_bytes, (float, np.floating)) and not np.isfinite(pool_bytes)) or pool_bytes <= 0:
             raise SpecError(f"pool_bytes={pool_bytes!r} must be a positive finite number of bytes, e.g. 16 * 2**30")
         if "num_blocks" in fields:
             raise SpecError("for_memory derives num_blocks from pool_bytes; do not pass num_blocks")
         probe = cls(num_blocks=2, max_blocks_per_seq=1, **{k: v for k, v in fields.items() if k != "max_blocks_per_seq"})
-        num_blocks = int(pool_bytes) // probe.bytes_per_block
+        # Each block also costs an int32 generation per layer (`binding_bytes`), each layer an owner.
+        per_block = probe.bytes_per_block + 4 * probe.num_layers
+        num_blocks = (int(pool_bytes) - 4 * probe.num_layers) // per_block
         if num_blocks < 2:
-            raise SpecError(f"pool_bytes={pool_bytes} holds {num_blocks} blocks of {probe.bytes_per_block} bytes; need >= 2")
+            raise SpecError(f"pool_bytes={pool_bytes} holds {num_blocks} blocks of {per_block} bytes; need >= 2")
         max_blocks = fields.pop("max_blocks_per_seq", num_blocks - 1)
         return cls(num_blocks=num_blocks, max_blocks_per_seq=min(max_blocks, num_blocks - 1), **fields)
 

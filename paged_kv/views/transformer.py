@@ -9,6 +9,7 @@ cache, memory is held per block actually used, not per ``max_seq_len``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from paged_kv.ops import gather_blocks, scatter_tokens, take_blocks
 from paged_kv.quant import PageCodec, codecs
 from paged_kv.sharding import zeros
 from paged_kv.spec import CacheSpec
+from paged_kv.binding import bind_step
 from paged_kv.views.mask import AttentionMask
 
 
@@ -29,7 +31,8 @@ class PagedLayerView:
     """What every paged layer view shares, whatever its page layout.
 
     A subclass is a frozen dataclass pytree with ``spec`` and ``layer_index`` fields, its
-    page arrays (and, for int8 layers, scale arrays) as leaves, and its own
+    page arrays (and, for int8 layers, scale arrays) as leaves, the binding arrays
+    ``generations`` and ``owner`` (`paged_kv.binding`) as leaves, and its own
     ``write_slots(key, value, slot_mapping)`` and ``decode_gathered(gathered)``; the
     reads (`read`, `read_blocks`), group, window, mask, `write`,
     `concatenate_to_cache`, `attend` and `attention` follow from those and are
@@ -41,18 +44,47 @@ class PagedLayerView:
         """Name -> (shape, dtype) of each page leaf of this layout, None where absent."""
         raise NotImplementedError
 
+    @staticmethod
+    def binding_arrays(spec: CacheSpec, layer: int) -> dict:
+        """Name -> (shape, dtype) of the binding leaves (`paged_kv.binding`):
+        each block's generation, and the serial of the manager the pages serve."""
+        return {"generations": ((spec.groups[spec.group_of(layer)].num_blocks,), np.int32), "owner": ((), np.int32)}
+
     @classmethod
     def init(cls, spec: CacheSpec, layer_index: int = 0,
              device: jax.Device | jax.sharding.Sharding | None = None) -> "PagedLayerView":
-        """Zeroed pages (the null block must start at zero), placed on ``device`` or a sharding."""
-        arrays = {name: None if want is None else zeros(*want, device)
-                  for name, want in cls.page_arrays(spec, layer_index).items()}
+        """Zeroed pages (the null block must start at zero), placed on ``device`` or a
+        sharding (the binding arrays: replicated), unbound (owner 0)."""
+        wanted = {**cls.page_arrays(spec, layer_index), **cls.binding_arrays(spec, layer_index)}
+        arrays = {name: None if want is None else zeros(*want, device) for name, want in wanted.items()}
         return cls(spec=spec, layer_index=layer_index, **arrays)
 
     def check_pages(self) -> None:
-        """Raise `ShapeError` if the pages do not match the spec (e.g. a restored or foreign array)."""
-        for name, want in self.page_arrays(self.spec, self.layer_index).items():
+        """Raise `ShapeError` if the pages (or the binding arrays) do not match the spec
+        (e.g. a restored or foreign array)."""
+        wanted = {**self.page_arrays(self.spec, self.layer_index), **self.binding_arrays(self.spec, self.layer_index)}
+        for name, want in wanted.items():
             _check_array(self, name, getattr(self, name), want)
+
+    def pages(self) -> "PagedLayerView":
+        """This view without its binding arrays: the pytree of page (and scale) arrays
+        only, which the gathers, copies and swaps map over block by block."""
+        return dataclasses.replace(self, generations=None, owner=None)
+
+    def map_pages(self, fn: Callable[[jax.Array], jax.Array]) -> "PagedLayerView":
+        """``fn`` applied to every page (and scale) array, the binding arrays kept."""
+        mapped = jax.tree_util.tree_map(fn, self.pages())
+        return dataclasses.replace(mapped, generations=self.generations, owner=self.owner)
+
+    def bound(self, metadata: StepMetadata, write: bool) -> tuple["PagedLayerView", StepMetadata]:
+        """``metadata`` as these pages may serve it (refused blocks: the null block;
+        refused writes: dropped) and, for a write, the view with the blocks recorded:
+        see `paged_kv.binding.bind_step`."""
+        g = self.group
+        gm, generations, owner = bind_step(self.generations, self.owner, metadata, g, self.spec.block_size, write)
+        groups = (*metadata.groups[:g], gm, *metadata.groups[g + 1:])
+        meta = dataclasses.replace(metadata, groups=groups)
+        return dataclasses.replace(self, generations=generations, owner=owner), meta
 
     @property
     def codecs(self) -> tuple[PageCodec, PageCodec]:
@@ -65,7 +97,7 @@ class PagedLayerView:
         ``block_tables`` ``[B, W]`` laid end to end, ``[B, W*block_size, *row]`` storage
         bits, zero at and past ``kv_lens`` ``[B]``: what `decode_gathered` takes. An
         attention kernel may gather chunks of blocks the same way and decode each."""
-        return jax.tree_util.tree_map(lambda p: gather_blocks(p, block_tables, kv_lens, p.dtype), self)
+        return jax.tree_util.tree_map(lambda p: gather_blocks(p, block_tables, kv_lens, p.dtype), self.pages())
 
     def read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
         """Contiguous keys and values ``[B, W*block_size, heads, dim]`` in the compute dtype
@@ -77,6 +109,10 @@ class PagedLayerView:
         """
         self.check_pages()
         self.check_metadata(metadata)
+        return self._read(self.bound(metadata, write=False)[1])
+
+    def _read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
+        """`read` of metadata bound already."""
         tables = metadata.groups[self.group]
         lens = metadata.kv_lens - tables.start
         keys, values = self.decode_gathered(self.gather(tables.block_tables, lens))
@@ -96,7 +132,7 @@ class PagedLayerView:
         ``rotated=True``: as stored instead (`paged_kv.quant.PageCodec.dequantize`:
         float32, still Hadamard-rotated when the spec rotates), for an attention that
         rotates its query and un-rotates its output once rather than every key."""
-        taken = jax.tree_util.tree_map(lambda p: take_blocks(p, block_ids, p.dtype), self)
+        taken = jax.tree_util.tree_map(lambda p: take_blocks(p, block_ids, p.dtype), self.pages())
         return self.decode_gathered(taken, rotated=rotated)
 
     def _check_step(self, key, value, slots) -> None:
@@ -131,6 +167,7 @@ class PagedLayerView:
                 "KVCacheManager.step_metadata or DecodeSlots.decode_step"
             )
         want = self.spec.pool_signature()
+        _check_generation_shapes(self.layer_index, metadata)
         if metadata.built_for != want:
             raise ShapeError(
                 f"layer {self.layer_index}: metadata was built for pages {metadata.built_for} (block_size, "
@@ -156,13 +193,19 @@ class PagedLayerView:
 
     def write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> "PagedLayerView":
         """Scatter this step's ``key``/``value`` ``[B, T, heads, dim]`` into the pages,
-        after the step's copy-on-write block copies."""
+        after the step's copy-on-write block copies (what binding refuses is dropped:
+        `paged_kv.binding`)."""
+        return self._write(key, value, metadata)[0]
+
+    def _write(self, key, value, metadata: StepMetadata) -> tuple["PagedLayerView", StepMetadata]:
+        """`write`, and the metadata as bound (what the step's reads then use)."""
         self.check_pages()
         self.check_metadata(metadata)
+        self._check_step(key, value, metadata.groups[self.group].slot_mapping)
+        view, metadata = self.bound(metadata, write=True)
         group = metadata.groups[self.group]
-        self._check_step(key, value, group.slot_mapping)
-        view = self.copy_blocks(group.copy_src, group.copy_dst, group.copy_len)
-        return view.write_slots(key, value, group.slot_mapping)
+        view = view.copy_blocks(group.copy_src, group.copy_dst, group.copy_len)
+        return view.write_slots(key, value, group.slot_mapping), metadata
 
     def copy_blocks(self, src: jax.Array, dst: jax.Array, length: jax.Array) -> "PagedLayerView":
         """Copy the first ``length[i]`` token slots of block ``src[i]`` into block ``dst[i]``,
@@ -190,7 +233,7 @@ class PagedLayerView:
 
             return lax.fori_loop(0, src.shape[0], copy_one, pages)
 
-        return jax.tree_util.tree_map(copy_all, self)
+        return self.map_pages(copy_all)
 
     @property
     def group(self) -> int:
@@ -242,8 +285,8 @@ class PagedLayerView:
         ``chunk_blocks``: blocks per iteration of the XLA path.
         """
         check_attention_query(query, self, metadata)  # before the write: a bad call writes nothing
-        view = self.write(key, value, metadata)
-        out = view.attend(query, metadata, scale=scale, soft_cap=soft_cap, impl=impl, chunk_blocks=chunk_blocks)
+        view, bound = self._write(key, value, metadata)
+        out = paged_attention(query, view, bound, scale=scale, soft_cap=soft_cap, impl=impl, chunk_blocks=chunk_blocks)
         return out, view
 
     def attend(
@@ -257,7 +300,8 @@ class PagedLayerView:
         chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
     ) -> jax.Array:
         """Attention of ``query`` ``[B, T, q_heads, key_dim]`` over what the pages hold
-        now (no write): ``[B, T, q_heads, value_dim]`` in ``query.dtype``."""
+        now (no write): ``[B, T, q_heads, value_dim]`` in ``query.dtype``. Blocks the
+        metadata names that are another generation now read as the null block."""
         return paged_attention(query, self, metadata, scale=scale, soft_cap=soft_cap, impl=impl,
                                chunk_blocks=chunk_blocks)
 
@@ -284,8 +328,8 @@ class PagedLayerView:
         """
         if query is not None:
             self.check_query(query, metadata)
-        view = self.write(key, value, metadata)
-        keys, values = view.read(metadata)
+        view, bound = self._write(key, value, metadata)
+        keys, values = view._read(bound)
         if query is not None:
             keys, values = keys.astype(query.dtype), values.astype(query.dtype)
         return keys, values, view.mask(metadata), view
@@ -303,6 +347,8 @@ class TransformerCacheView(PagedLayerView):
     layer_index: int = 0
     key_scales: jax.Array | None = None
     value_scales: jax.Array | None = None
+    generations: jax.Array | None = None  # see `PagedLayerView.binding_arrays`
+    owner: jax.Array | None = None
 
     @staticmethod
     def page_arrays(spec: CacheSpec, layer: int) -> dict:
@@ -340,6 +386,22 @@ def _page_arrays(spec: CacheSpec, layer: int) -> dict:
     return out
 
 
+def _check_generation_shapes(layer: int, metadata: StepMetadata) -> None:
+    """`ShapeError` unless every group's generations have the shapes of what they
+    describe (block tables, copies) and the owner is a scalar: metadata is
+    caller-constructible, and a mismatch would otherwise broadcast or fail deep in XLA."""
+    if tuple(getattr(metadata.owner, "shape", (None,))) != ():
+        raise ShapeError(f"layer {layer}: metadata.owner has shape {getattr(metadata.owner, 'shape', None)}; "
+                         "expected a scalar (the manager's serial)")
+    for g, gm in enumerate(metadata.groups):
+        for name, of in (("block_gens", "block_tables"), ("copy_src_gen", "copy_src"), ("copy_dst_gen", "copy_src")):
+            got, want = tuple(getattr(gm, name).shape), tuple(getattr(gm, of).shape)
+            if got != want or (name != "block_gens" and tuple(gm.copy_dst.shape) + tuple(gm.copy_len.shape) != want * 2):
+                raise ShapeError(f"layer {layer}: metadata group {g} has {name} {got} for {of} {want} "
+                                 f"(copy_dst {tuple(gm.copy_dst.shape)}, copy_len {tuple(gm.copy_len.shape)}); "
+                                 "build metadata with a manager, or give each its generations")
+
+
 def _check_array(view, name: str, arr, want) -> None:
     """`ShapeError` unless ``arr`` has the ``(shape, dtype)`` ``want`` (or both are None)."""
     if want is None and arr is None:
@@ -350,7 +412,7 @@ def _check_array(view, name: str, arr, want) -> None:
         raise ShapeError(f"layer {view.layer_index} {name} is {got}; spec wants {expected}")
 
 
-_FIELDS = ["key_pages", "value_pages", "key_scales", "value_scales"]
+_FIELDS = ["key_pages", "value_pages", "key_scales", "value_scales", "generations", "owner"]
 jax.tree_util.register_dataclass(TransformerCacheView, data_fields=_FIELDS, meta_fields=["spec", "layer_index"])
 
 __all__ = ["PagedLayerView", "TransformerCacheView"]

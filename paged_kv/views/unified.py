@@ -80,6 +80,8 @@ class UnifiedCacheView(PagedLayerView):
     spec: CacheSpec
     layer_index: int = 0
     kv_scales: jax.Array | None = None
+    generations: jax.Array | None = None  # see `PagedLayerView.binding_arrays`
+    owner: jax.Array | None = None
 
     @staticmethod
     def page_arrays(spec: CacheSpec, layer: int) -> dict:
@@ -157,6 +159,7 @@ class UnifiedCacheView(PagedLayerView):
         return scales[..., : s.key_heads], scales[..., s.key_heads:]
 
 
-jax.tree_util.register_dataclass(UnifiedCacheView, data_fields=["kv_pages", "kv_scales"], meta_fields=["spec", "layer_index"])
+jax.tree_util.register_dataclass(UnifiedCacheView, data_fields=["kv_pages", "kv_scales", "generations", "owner"],
+                                 meta_fields=["spec", "layer_index"])
 
 __all__ = ["UnifiedCacheView", "is_interleaved", "unified_page_shape"]

@@ -265,7 +265,16 @@ class GroupAllocator:
         slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, self.pad_slot)
         start = np.zeros(batch, dtype=np.int32)
         start[:n] = first * bs
-        return GroupMetadata(block_tables, slot_mapping, start, *self.issue_copies(step))
+        src, dst, length = self.issue_copies(step)
+        return GroupMetadata(block_tables, slot_mapping, start, src, dst, length, self.pool.generation[block_tables],
+                             *self.copy_generations(src, dst))
+
+    def copy_generations(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The generations of copies' sources and destinations (0 for padding, whose
+        destination is past the pool), as `GroupMetadata` carries them."""
+        gen = self.pool.generation
+        inside = dst < gen.size
+        return gen[src], np.where(inside, gen[np.where(inside, dst, 0)], 0).astype(np.int32)
 
     def _step_tables(self, rows: np.ndarray, first: np.ndarray, width: int) -> np.ndarray:
         """Columns ``first .. first + width`` of each row, null past the row's last block.
