@@ -5,11 +5,17 @@ The directory holds ``config.json`` and one or more ``*.safetensors`` files (wit
 ``safetensors`` package's numpy API; bfloat16 tensors, which numpy cannot name,
 are read as raw bytes (``safetensors.deserialize``) and viewed as ``ml_dtypes.bfloat16``.
 Every problem raises `ModelLoadError` naming the file and the key.
+
+The directory is untrusted input (issue 23): numbers must be finite and in range (JSON's
+NaN and Infinity, or 1e999, are refused), weights must be stored as floats and hold
+finite values, an index may only name files inside the directory, and the model the
+config describes must fit in this machine's memory before any tensor is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import jax.numpy as jnp
@@ -17,11 +23,23 @@ import numpy as np
 
 from paged_kv.errors import CheckpointError, SpecError
 from paged_kv.models.llama import ROPE_TYPES, LlamaConfig, RopeScaling
+from paged_kv.spec.fields import check_host_bytes
 
 MODEL_TYPES = ("llama", "mistral")
 DTYPES = ("float32", "bfloat16")
 # Buffers some older checkpoints carry: recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+FLOAT_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
+"""safetensors dtypes a weight may be stored in. Integers, bools and complex numbers are
+not weights of this model (cast, they would be silently wrong), and fp8 checkpoints need
+per-tensor scales this loader does not apply (safetensors' numpy API cannot read them)."""
+MAX_JSON_BYTES = 64 * 2**20
+"""A config or index larger than this is not one (an index of a 400B model is ~100 KiB)."""
+MAX_INT = 2**31
+"""Config integers are sizes and token ids, all int32 on the device."""
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32
+HOST_BYTES_PER_TENSOR = 4 * 2**10
+"""Host bytes a loaded tensor costs beyond its data (array objects, names, dict entries)."""
 
 
 class ModelLoadError(CheckpointError):
@@ -42,12 +60,22 @@ def _require_safetensors():
 
 # ---- config.json ---------------------------------------------------------------------------
 def _read_json(path: pathlib.Path) -> dict:
-    if not path.is_file():
+    if not path.is_file():  # also refuses a named pipe, which would block the read
         raise ModelLoadError(f"{path}: not found (a Hugging Face checkpoint directory has config.json)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not readable JSON ({exc})") from None
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({exc})") from None
+    if size > MAX_JSON_BYTES:
+        raise ModelLoadError(f"{path}: {size:,} bytes, more than the {MAX_JSON_BYTES:,} a config or index holds")
+
+    def not_a_number(word: str):  # json accepts NaN and Infinity, which no config field may be
+        raise ModelLoadError(f"{path}: holds {word}, which is not a JSON number; give a finite value")
+
+    try:
+        data = json.loads(path.read_text(), parse_constant=not_a_number)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, digit limit
+        raise ModelLoadError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -62,11 +90,21 @@ def _field(data: dict, key: str, kind: type, path, default=None, required: bool 
     value = data[key]
     ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+        ok = True
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal past any float: 1 followed by 400 zeros
+            raise ModelLoadError(f"{path}: key {key!r} is an integer of {len(str(value))} digits; expected a "
+                                 "finite number") from None
     if not ok:
         raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a {kind.__name__}")
     if kind in (int, float) and value <= 0:
         raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a positive number")
+    # 1e999 parses as inf; a float past float32 is inf where the model computes.
+    if kind is float and not (math.isfinite(value) and value <= _FLOAT32_MAX):
+        raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a finite number float32 holds")
+    if kind is int and value >= MAX_INT:
+        raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a positive integer below 2**31")
     return value
 
 
@@ -86,10 +124,12 @@ def _rope(data: dict, path) -> tuple[float, RopeScaling | None]:
     factor = _field(params, "factor", float, where, required=True)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor)
+    low = _field(params, "low_freq_factor", float, where, required=True)
+    high = _field(params, "high_freq_factor", float, where, required=True)
+    if not high > low:  # Llama 3 interpolates between the two: divides by their difference
+        raise ModelLoadError(f"{where}: high_freq_factor={high!r} must exceed low_freq_factor={low!r}")
     return theta, RopeScaling(
-        "llama3", factor,
-        low_freq_factor=_field(params, "low_freq_factor", float, where, required=True),
-        high_freq_factor=_field(params, "high_freq_factor", float, where, required=True),
+        "llama3", factor, low_freq_factor=low, high_freq_factor=high,
         original_max_position_embeddings=_field(params, "original_max_position_embeddings", int, where,
                                                 required=True),
     )
@@ -110,8 +150,8 @@ def _token_ids(data: dict, key: str, path) -> tuple[int, ...]:
     """An id or a list of ids (Llama 3 lists several end-of-turn ids) as a tuple."""
     value = data.get(key)
     values = value if isinstance(value, list) else [] if value is None else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a token id or a list of them")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT for v in values):
+        raise ModelLoadError(f"{path}: key {key!r} is {value!r}; expected a token id in [0, 2**31) or a list of them")
     return tuple(values)
 
 
@@ -181,15 +221,29 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: missing key 'weight_map'")
+        for tensor, name in weight_map.items():
+            _check_shard_name(index, tensor, name)
         files = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise ModelLoadError(f"{index}: names shard {missing[0].name!r}, which is not in {directory}")
         return files
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(f for f in directory.glob("*.safetensors") if f.is_file())  # not a pipe: opening one blocks
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors file (only safetensors checkpoints are supported)")
     return files
+
+
+def _check_shard_name(index: pathlib.Path, tensor: str, name) -> None:
+    """A shard the index names: a file name inside the checkpoint directory. Checked by
+    name, not by resolving it: a Hugging Face cache's shards are symlinks into a blob
+    store outside the directory, which is fine; ``../x`` and absolute paths are not."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ModelLoadError(f"{index}: weight_map[{tensor!r}] is {name!r}; expected a shard file name")
+    parts = pathlib.PurePosixPath(name).parts + pathlib.PureWindowsPath(name).parts
+    if pathlib.PurePosixPath(name).is_absolute() or pathlib.PureWindowsPath(name).anchor or ".." in parts:
+        raise ModelLoadError(f"{index}: weight_map[{tensor!r}] names {name!r}, outside the checkpoint directory; "
+                             "an index may only name files inside it")
 
 
 def _index(files: list[pathlib.Path], shapes: dict) -> dict[str, pathlib.Path]:
@@ -207,12 +261,16 @@ def _index(files: list[pathlib.Path], shapes: dict) -> dict[str, pathlib.Path]:
                     if key not in shapes:
                         raise ModelLoadError(f"{f}: unexpected tensor {key!r} (not part of a Llama/Mistral model "
                                              "with this config.json)")
-                    shape = tuple(handle.get_slice(key).get_shape())
+                    tensor = handle.get_slice(key)
+                    shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
                     if shape != shapes[key]:
                         raise ModelLoadError(f"{f}: tensor {key!r} has shape {shape}; config.json implies "
                                              f"{shapes[key]}")
+                    if dtype not in FLOAT_TENSOR_DTYPES:
+                        raise ModelLoadError(f"{f}: tensor {key!r} is stored as {dtype}; weights must be one of "
+                                             f"{FLOAT_TENSOR_DTYPES} (convert the checkpoint, e.g. to bfloat16)")
                     where[key] = f
-        except st.SafetensorError as exc:
+        except (st.SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{f}: not a readable safetensors file ({exc})") from None
     missing = [k for k in shapes if k not in where]
     if missing:
@@ -224,6 +282,13 @@ def _index(files: list[pathlib.Path], shapes: dict) -> dict[str, pathlib.Path]:
 def _read_file(path: pathlib.Path, keys: list[str]) -> dict[str, np.ndarray]:
     """The named tensors of one file as numpy arrays (bfloat16 through raw bytes)."""
     st = _require_safetensors()
+    try:
+        return _read_tensors(st, path, keys)
+    except (st.SafetensorError, OSError) as exc:  # e.g. the file changed or vanished since it was indexed
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_tensors(st, path: pathlib.Path, keys: list[str]) -> dict[str, np.ndarray]:
     out = {}
     with st.safe_open(str(path), framework="np") as handle:
         raw = [k for k in keys if handle.get_slice(k).get_dtype() == "BF16"]
@@ -249,7 +314,8 @@ def load_params(checkpoint_dir, cfg: LlamaConfig, dtype: str = "float32") -> dic
     if dtype not in DTYPES:
         raise SpecError(f"dtype={dtype!r} is not one of {DTYPES}")
     directory = pathlib.Path(checkpoint_dir)
-    shapes = expected_shapes(cfg)
+    _check_fits(directory, cfg, jnp.dtype(dtype).itemsize)
+    shapes = expected_shapes(cfg)  # after the check: it builds nine entries per layer
     where = _index(_weight_files(directory), shapes)
     tensors: dict[str, np.ndarray] = {}
     for f in sorted(set(where.values())):
@@ -257,7 +323,13 @@ def load_params(checkpoint_dir, cfg: LlamaConfig, dtype: str = "float32") -> dic
     target = jnp.dtype(dtype)
 
     def get(name: str, transpose: bool = False):
-        x = tensors[name].astype(np.float32).astype(target)
+        x = tensors[name].astype(np.float32)
+        if not np.isfinite(x).all():  # a NaN weight makes every logit NaN: generation would be noise
+            bad = np.flatnonzero(~np.isfinite(x.ravel()))
+            raise ModelLoadError(f"{where[name]}: tensor {name!r} holds {bad.size:,} values that are not finite "
+                                 f"(the first, {float(x.ravel()[bad[0]])!r}, at flat index {int(bad[0])}); the "
+                                 "checkpoint is corrupt")
+        x = x.astype(target)
         return jnp.asarray(x.T if transpose else x)
 
     layers = []
@@ -276,10 +348,29 @@ def load_params(checkpoint_dir, cfg: LlamaConfig, dtype: str = "float32") -> dic
     return params
 
 
+def parameter_count(cfg: LlamaConfig) -> int:
+    """Elements of every weight `expected_shapes` lists, by arithmetic (no per-layer Python)."""
+    h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    per_layer = 2 * h + 2 * q * h + 2 * kv * h + 3 * inter * h
+    return cfg.num_layers * per_layer + h + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+
+
+def _check_fits(directory: pathlib.Path, cfg: LlamaConfig, itemsize: int) -> None:
+    """`ModelLoadError` when the model ``cfg`` describes could not be held in host memory:
+    the tensors as read (counted at 4 bytes, float32) and as loaded (``itemsize``)."""
+    elements = parameter_count(cfg)
+    tensors = 9 * cfg.num_layers + 3
+    check_host_bytes(elements * (4 + itemsize) + tensors * HOST_BYTES_PER_TENSOR,
+                     f"{directory / 'config.json'}: a model of {cfg.num_layers:,} layers and {elements:,} parameters",
+                     ModelLoadError, hint="check num_hidden_layers, hidden_size, intermediate_size and vocab_size")
+
+
 def load_model(checkpoint_dir, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
     """``(config, params)`` of a Hugging Face Llama/Mistral checkpoint directory."""
     cfg = load_config(checkpoint_dir)
     return cfg, load_params(checkpoint_dir, cfg, dtype)
 
 
-__all__ = ["ModelLoadError", "expected_shapes", "load_config", "load_model", "load_params"]
+__all__ = ["FLOAT_TENSOR_DTYPES", "ModelLoadError", "expected_shapes", "load_config", "load_model", "load_params",
+           "parameter_count"]
