@@ -46,3 +46,55 @@ def test_the_largest_accepted_offsets_read_keys_back_finite(fmt, rotation):
     got = np.asarray(key_codec.decode(bits, scales))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, keys, rtol=1e-5)
+
+
+# ---- item 9: sizes that drive host memory ----------------------------------------------------
+def small_spec(**kw):
+    return pk.CacheSpec(**{**dict(num_layers=2, num_blocks=64, block_size=4, max_blocks_per_seq=8, max_batch_slots=8,
+                                  num_kv_heads=1, head_dim=2, dtype="float32"), **kw})
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", 20_000), ("num_blocks", 400_000),
+                                          ("max_batch_slots", 1_000_000), ("sliding_num_blocks", 400_000)])
+def test_sizes_past_host_memory_are_refused_before_anything_is_built(monkeypatch, field, value):
+    """With 64 MiB of host memory, 20k layers (16 KiB each), 400k blocks (256 B each) or
+    a million batch slots of 8-block tables are refused; the same spec at its own sizes is not."""
+    from paged_kv.spec import fields
+
+    monkeypatch.setattr(fields, "host_memory_bytes", lambda: 64 * 2**20)
+    extra = dict(sliding_window=8, sliding_layers=(1,)) if field == "sliding_num_blocks" else {}
+    small_spec(**extra)
+    with pytest.raises(pk.SpecError, match=rf"{field if field != 'sliding_num_blocks' else 'num_blocks'}.* would take "
+                                           r"about .* GiB of host memory, more than this machine's 0\.1 GiB"):
+        small_spec(**extra, **{field: value})
+
+
+def test_two_billion_layers_are_refused_at_once():
+    """A per-layer tuple of 2**31 - 1 entries would exhaust host RAM before the pool cap was
+    even looked at: the check is arithmetic on the fields."""
+    with pytest.raises(pk.SpecError, match="num_layers=2147483647.* of host memory"):
+        small_spec(num_layers=2**31 - 1)
+
+
+def test_spec_host_bytes_bounds_what_a_manager_and_cache_take():
+    """The estimate is an upper bound of what the host structures measure (tracemalloc)."""
+    import tracemalloc
+
+    from paged_kv.spec import fields
+
+    spec = small_spec(num_layers=200, num_blocks=4000, max_batch_slots=64, max_blocks_per_seq=64)
+    tracemalloc.start()
+    manager = pk.KVCacheManager(spec, prefix_cache=True)
+    slots = pk.DecodeSlots(manager)
+    cache = pk.PagedKVCache.init(spec)
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert None not in (manager, slots, cache)
+    assert used < fields.spec_host_bytes(spec), (used, fields.spec_host_bytes(spec))
+
+
+def test_host_memory_is_the_machines():
+    from paged_kv.spec import fields
+
+    have = fields.host_memory_bytes()
+    assert 2**28 <= have <= 2**50

@@ -7,6 +7,8 @@ attrs, to what these return.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import numpy as np
 
@@ -18,6 +20,72 @@ count or dimension, refused when the spec is built rather than as an out-of-memo
 error deep inside JAX when the pages are allocated."""
 
 PAGE_STORAGE = ("auto", "bits", "float")
+
+# ---- host memory ---------------------------------------------------------------------------
+# Sizes that drive host memory (layers, blocks, batch slots, requests, tensors) are checked
+# against what they would take before anything is allocated: past the machine's memory,
+# the process would die or swap for hours instead of raising (issue 23 item 9). The
+# per-item costs are measured upper estimates (tracemalloc), rounded up.
+
+HOST_BYTES_PER_LAYER = 16 * 2**10
+"""Host bytes one layer costs beside its pages: the spec's per-layer entries, the cache's
+view object and page-array handles (about 4 KiB measured), with room for what a jitted
+step keeps per layer."""
+
+HOST_BYTES_PER_BLOCK = 256
+"""Host bytes one block of a group's pool costs: free stack, reference count and
+generation (12 B) and, with a prefix cache, two list entries holding 128-bit Python ints
+and an index entry (about 250 B when every block is keyed)."""
+
+HOST_BYTES_PER_TABLE_ENTRY = 12
+"""Host bytes per block-table entry of a running sequence: the page table's int32, and
+the step metadata and batch buffers built from it."""
+
+FALLBACK_HOST_BYTES = 2**40
+"""Host memory assumed where the machine does not say (no ``sysconf``): 1 TiB."""
+
+
+@functools.lru_cache(maxsize=1)  # every spec asks; the answer does not change while a process runs
+def host_memory_bytes() -> int:
+    """This machine's memory: physical RAM, or the container's (cgroup) limit when lower."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = FALLBACK_HOST_BYTES
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return int(total) if total > 0 else FALLBACK_HOST_BYTES
+
+
+def check_host_bytes(needed: int, what: str, error: type = SpecError, hint: str = "") -> None:
+    """``error`` when ``needed`` bytes of host memory (for ``what``) exceed the machine's."""
+    have = host_memory_bytes()
+    if needed > have:
+        raise error(f"{what} would take about {needed / 2**30:,.1f} GiB of host memory, more than this machine's "
+                    f"{have / 2**30:,.1f} GiB" + (f"; {hint}" if hint else ""))
+
+
+def spec_host_bytes(spec) -> int:
+    """Host bytes a manager, its decode slots and the cache's views of ``spec`` take beside
+    the pages, with every batch slot running a longest sequence. Needs only the fields
+    (not the layer groups, which are what it guards)."""
+    local = len(spec.sliding_layers) + len(spec.chunked_layers)
+    pools = [spec.num_blocks] if spec.num_layers > local else []
+    if spec.sliding_layers:
+        pools.append(spec.sliding_num_blocks or spec.num_blocks)
+    if spec.chunked_layers:
+        pools.append(spec.chunked_num_blocks or spec.num_blocks)
+    rows = max(64, spec.max_batch_slots)  # a page table starts with 64 rows
+    return (spec.num_layers * HOST_BYTES_PER_LAYER + sum(pools) * HOST_BYTES_PER_BLOCK
+            + len(pools) * rows * spec.max_blocks_per_seq * HOST_BYTES_PER_TABLE_ENTRY)
 
 
 def canonical_dtype(value) -> str:
@@ -123,5 +191,7 @@ def page_storage(instance, attribute, value) -> None:
         raise SpecError(f"page_storage={value!r} is not one of {PAGE_STORAGE}")
 
 
-__all__ = ["MAX_POOL_BYTES", "PAGE_STORAGE", "canonical_dtype", "count", "fp8_scales", "full_precision", "indices",
-           "or_shortcut", "page_storage", "positive"]
+__all__ = ["FALLBACK_HOST_BYTES", "HOST_BYTES_PER_BLOCK", "HOST_BYTES_PER_LAYER", "HOST_BYTES_PER_TABLE_ENTRY",
+           "MAX_POOL_BYTES", "PAGE_STORAGE", "canonical_dtype", "check_host_bytes", "count", "fp8_scales",
+           "full_precision", "host_memory_bytes", "indices", "or_shortcut", "page_storage", "positive",
+           "spec_host_bytes"]
