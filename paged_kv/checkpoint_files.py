@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 import uuid
 import zipfile
 import zlib
@@ -17,6 +19,7 @@ import zlib
 import numpy as np
 
 from paged_kv.errors import CheckpointError
+from paged_kv.spec.fields import host_memory_bytes
 
 FORMAT_NAME = "paged_kv.checkpoint"
 FORMAT_VERSION = 3
@@ -89,11 +92,34 @@ READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, Runt
 
 
 def fspath(path, what: str) -> str:
-    """``path`` as a string, or `CheckpointError` for anything that is not a path."""
+    """``path`` as a string (bytes decoded as the OS does), or `CheckpointError` for
+    anything that is not a path, or holds a NUL byte (which no OS call takes)."""
     try:
-        return os.fspath(path)
+        text = os.fsdecode(os.fspath(path))
     except TypeError:
         raise CheckpointError(f"cannot {what} checkpoint: path={path!r} is not a file path (str or os.PathLike)") from None
+    if "\x00" in text:
+        raise CheckpointError(f"cannot {what} checkpoint: path={path!r} holds a NUL byte, which no file name can")
+    return text
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading if it is a regular file. Opened without blocking and
+    checked on the descriptor (not the name, which could change between): a named pipe
+    would block the read forever, and a device (``/dev/zero``) never ends."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path!r} cannot be opened: {exc}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise CheckpointError(f"checkpoint {path!r} is {kind}; a checkpoint is a regular file")
+    if hasattr(os, "O_NONBLOCK"):  # a regular file never blocks, but leave it as open() would
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -102,13 +128,18 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(f"checkpoint {path!r} does not exist; check the path (no .npz is appended)")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
+    with _open_regular(path) as f:
+        return _read_open(path, f)
+
+
+def _read_open(path: str, f) -> tuple[dict, dict[str, np.ndarray]]:
     # Sniff the signature first: np.load would try anything else as a pickle and
     # answer with advice to allow pickles, which is the wrong fix for a bad file.
     try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
+        magic = f.read(6)
+        f.seek(0)
     except OSError as exc:
-        raise CheckpointError(f"checkpoint {path!r} cannot be opened: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path!r} cannot be read: {exc}") from exc
     if magic.startswith(b"\x93NUMPY"):
         raise CheckpointError(f"checkpoint {path!r} holds a single .npy array, not an .npz checkpoint")
     if not magic.startswith(b"PK"):
@@ -118,7 +149,7 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
             "restore it from another copy"
         )
     try:
-        npz = np.load(path, allow_pickle=False)
+        npz = np.load(f, allow_pickle=False)
     except READ_ERRORS as exc:
         raise CheckpointError(
             f"checkpoint {path!r} is not a readable .npz file ({type(exc).__name__}: {exc}); it is truncated, "
@@ -127,6 +158,7 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(npz, np.lib.npyio.NpzFile):  # unreachable after the sniff; kept as a guard
         raise CheckpointError(f"checkpoint {path!r} is not an .npz checkpoint")
     with npz:
+        _check_member_sizes(path, npz.zip, os.fstat(f.fileno()).st_size)
         files = set(npz.files)
         missing = [n for n in RESERVED if n not in files]
         if missing:
@@ -199,6 +231,45 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
                 )
             arrays[name] = a
     return header, arrays
+
+
+def _check_member_sizes(path: str, archive: zipfile.ZipFile, file_bytes: int) -> None:
+    """Before any array is read: each member's .npy header must declare exactly the bytes
+    the member holds, every member must fit in the file as stored (np.savez does not
+    compress), and all of them in this machine's memory. np.load allocates what a
+    header declares before reading a byte: a header edited to declare 32 TiB would be a
+    MemoryError (or, overcommitted, the OOM killer) instead of this error."""
+    total = 0
+    for info in archive.infolist():
+        where = f"checkpoint {path!r}: member {info.filename!r}"
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
+                or info.header_offset + info.compress_size > file_bytes:
+            raise CheckpointError(f"{where} claims {info.file_size:,} bytes stored as {info.compress_size:,} in a "
+                                  f"file of {file_bytes:,}; paged_kv writes members uncompressed: the file is corrupt "
+                                  "or not a checkpoint")
+        try:
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                else:
+                    raise ValueError(f".npy format version {version} (paged_kv writes 1.0)")
+                header_bytes = member.tell()
+        except READ_ERRORS as exc:
+            raise CheckpointError(f"{where} has no readable .npy header ({type(exc).__name__}: {exc}); the file is "
+                                  "corrupt: restore it from another copy") from exc
+        declared = math.prod(shape) * dtype.itemsize  # Python ints: no overflow whatever the header says
+        if dtype.hasobject or declared != info.file_size - header_bytes:
+            raise CheckpointError(f"{where} declares a {shape} {dtype} array ({declared:,} bytes) but holds "
+                                  f"{info.file_size - header_bytes:,}; the file was edited or truncated: restore it "
+                                  "from another copy")
+        total += declared
+    have = host_memory_bytes()
+    if total > have:
+        raise CheckpointError(f"checkpoint {path!r} holds {total / 2**30:,.1f} GiB of arrays, more than this "
+                              f"machine's {have / 2**30:,.1f} GiB of memory; load it on a larger host")
 
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "READ_ERRORS", "RESERVED", "atomic_write", "fspath",
