@@ -135,3 +135,35 @@ def test_a_named_pipe_is_refused_not_read(tmp_path):
 def test_a_device_is_refused():
     with pytest.raises(CheckpointError, match="is a device; a checkpoint is a regular file"):
         pk.load_checkpoint("/dev/zero")
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", 2**20), ("num_blocks", 2**24), ("max_batch_slots", 2**26)])
+def test_a_header_whose_spec_sizes_exceed_host_memory_is_refused(saved, tmp_path, monkeypatch, field, value):
+    """The header is digested, not authenticated: a rewritten one (digest recomputed) that
+    sizes the spec past this machine (1 GiB here) is refused before any per-layer or
+    per-block structure is built."""
+    import hashlib
+    import json
+
+    monkeypatch.setattr(spec_fields, "host_memory_bytes", lambda: 2**30)
+
+    dst = tmp_path / "big.npz"
+    with zipfile.ZipFile(saved[0]) as z:
+        header = json.loads(np.load(io.BytesIO(z.read("header.npy"))).tobytes())
+    header["spec"][field] = value
+    if field == "num_blocks":
+        header["spec"]["block_size"] = 1  # stays under the int32 slot limit
+    text = json.dumps(header, sort_keys=True).encode()
+    members = {"header": np.frombuffer(text, np.uint8),
+               "digest": np.frombuffer(hashlib.sha256(text).hexdigest().encode(), np.uint8)}
+    tmp = tmp_path / "tmp.npz"
+    rewrite_member(saved[0], tmp, "header", _npy(members["header"]))
+    rewrite_member(tmp, dst, "digest", _npy(members["digest"]))
+    with pytest.raises(CheckpointError, match=rf"not a valid CacheSpec: .*{field}={value}.* of host memory"):
+        pk.load_checkpoint(dst)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, a)
+    return out.getvalue()
