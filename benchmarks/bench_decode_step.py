@@ -14,6 +14,9 @@ holds B * L tokens, so it is ~60 % full, the same bytes as the dense cache.
     ``dynamic_update_slice`` (stored as uint16 bits so that XLA on CPU updates it in
     place) + naive masked attention over all L keys, as the seed caches do: the whole
     cache converted to f32 and the logits materialized to L.
+(a0) paged, in place, unbound: (a) on the metadata's raw tables and slots, without the
+    block generation checks of `paged_kv.binding`; a / a0 is what binding costs (aim:
+    <= 1.05).
 (d) dense, same attention: (c)'s cache and write, attended by (a)'s algorithm
     (`paged_attention_xla`: the same chunks of ``chunk_blocks * block_size`` keys, the
     same f32 running state, the loop stopping at the longest row), each chunk a
@@ -58,6 +61,7 @@ HEADS = {"kv2_d64": (2, 64), "kv8_d128": (8, 128)}
 MEMORY_CAP = 2 * 2**30  # paged pool + dense cache of one point, bytes: skip larger points
 PASSES = 2  # passes over every measurement; a figure is a variant's fastest median (see `run_passes`)
 AIM_A_OVER_D = 1.05  # paged in place / dense with the same attention: what paging may cost
+AIM_BINDING = 1.05  # paged in place / the same without binding (`paged_kv.binding`): what binding may cost
 
 
 def make_params(kv_heads: int, dim: int, seed: int = 0) -> list[dict]:
@@ -94,6 +98,21 @@ def step_paged(params, cache, x, meta, kv_heads, dim, chunk_blocks=DEFAULT_CHUNK
         q, k, v = qkv(layer, x, kv_heads, dim)
         out, view = cache[i].attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta,
                                        chunk_blocks=chunk_blocks)
+        views.append(view)
+        x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
+    return x, pk.PagedKVCache(tuple(views))
+
+
+def step_paged_unbound(params, cache, x, meta, kv_heads, dim, chunk_blocks=DEFAULT_CHUNK_BLOCKS):
+    """(a) without binding (`paged_kv.binding`): the same write and attention on the
+    metadata's raw tables and slots, none of the block generation checks; a over this
+    is what binding costs (aim: <= 1.05)."""
+    views = []
+    for i, layer in enumerate(params):
+        q, k, v = qkv(layer, x, kv_heads, dim)
+        view = cache[i].write_slots(k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), meta.slot_mapping)
+        out = paged_attention_xla(q, view.read_blocks, meta.block_tables, meta.kv_lens, meta.positions,
+                                  block_size=BLOCK, chunk_blocks=chunk_blocks)
         views.append(view)
         x = x + out.reshape(*out.shape[:2], -1) @ layer["wo"]
     return x, pk.PagedKVCache(tuple(views))
@@ -191,6 +210,7 @@ class Point:
         kw = dict(kv_heads=self.kv_heads, dim=self.dim)
         self.fns = {
             "a_in_place": (jax.jit(partial(step_paged, **kw), donate_argnums=1), "paged", self.meta),
+            "a_unbound": (jax.jit(partial(step_paged_unbound, **kw), donate_argnums=1), "paged", self.meta),
             "b_gathered": (jax.jit(partial(step_gathered, **kw), donate_argnums=1), "paged", self.meta),
             "c_dense": (jax.jit(partial(step_dense, **kw), donate_argnums=1), "dense", self.pos),
             "d_dense_online": (jax.jit(partial(step_dense_online, **kw), donate_argnums=1), "dense", self.pos),
@@ -279,7 +299,7 @@ def per_pass(medians: list[dict]) -> list[dict]:
 
 def grid_job(heads: str, batch: int, max_len: int, rng) -> tuple:
     lengths = rng.integers(int(0.2 * max_len), max_len + 1, size=batch)
-    names = ["a_in_place", "b_gathered", "c_dense", "d_dense_online"]
+    names = ["a_in_place", "a_unbound", "b_gathered", "c_dense", "d_dense_online"]
     return (lambda: Point(heads, batch, max_len, lengths), names,
             lambda point, medians: describe_point(point, names, medians, lengths))
 
@@ -292,6 +312,8 @@ def describe_point(point: "Point", names, medians: list[dict], lengths: np.ndarr
     out = dict(heads=heads, batch=batch, max_len=max_len, fill=round(float(lengths.mean() / max_len), 3),
                ms={n: round(1e3 * t, 3) for n, t in med.items()}, ms_per_pass=per_pass(medians), temp_bytes=mem,
                a_over_d=round(med["a_in_place"] / med["d_dense_online"], 3),  # the headline: what paging costs
+               binding_cost=round(med["a_in_place"] / med["a_unbound"], 3),  # a over a without binding
+               max_abs_a_minus_unbound=point.outputs_agree("a_in_place", "a_unbound"),
                a_over_c=round(med["a_in_place"] / med["c_dense"], 3),  # vs the seed-style dense cache
                b_over_c=round(med["b_gathered"] / med["c_dense"], 3),
                a_over_b=round(med["a_in_place"] / med["b_gathered"], 3),
@@ -301,7 +323,7 @@ def describe_point(point: "Point", names, medians: list[dict], lengths: np.ndarr
                max_abs_d_minus_c=point.outputs_agree("d_dense_online", "c_dense"))
     print(f"{heads} B={batch:4d} L={max_len:5d}: a {out['ms']['a_in_place']:8.2f} ms  d {out['ms']['d_dense_online']:8.2f}"
           f"  b {out['ms']['b_gathered']:8.2f}  c {out['ms']['c_dense']:8.2f}  a/d {out['a_over_d']:.3f}  "
-          f"a/c {out['a_over_c']:.2f}  b/c {out['b_over_c']:.2f}  temp a/b {out['temp_a_over_b']:.4f}  "
+          f"a/c {out['a_over_c']:.2f}  bind {out['binding_cost']:.3f}  b/c {out['b_over_c']:.2f}  temp a/b {out['temp_a_over_b']:.4f}  "
           f"passes a {[m['a_in_place'] for m in out['ms_per_pass']]} d {[m['d_dense_online'] for m in out['ms_per_pass']]}",
           flush=True)
     return out
@@ -374,6 +396,10 @@ def main() -> None:
         a_over_d_aim=AIM_A_OVER_D, a_over_d_median_meets_aim=statistics.median(paging) <= AIM_A_OVER_D,
         points_meeting_a_over_d_aim=sum(r <= AIM_A_OVER_D for r in paging),
         a_over_c_median=round(statistics.median(seed), 3), a_over_c_max=max(seed), a_over_c_min=min(seed),
+        binding_cost_median=round(statistics.median(p["binding_cost"] for p in points), 3),
+        binding_cost_max=max(p["binding_cost"] for p in points), binding_cost_aim=AIM_BINDING,
+        binding_cost_median_meets_aim=statistics.median(p["binding_cost"] for p in points) <= AIM_BINDING,
+        max_abs_a_minus_unbound_max=max(p["max_abs_a_minus_unbound"] for p in points),
         temp_a_over_b_max=max(p["temp_a_over_b"] for p in points),
         max_abs_d_minus_c_max=max(p["max_abs_d_minus_c"] for p in points), points=len(points),
     )

@@ -33,6 +33,7 @@ def paged_attention(
     soft_cap: float | None = None,
     impl: str = "auto",
     chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
+    bound: bool = False,
 ) -> jax.Array:
     """Attention of ``query`` ``[B, T, q_heads, key_dim]`` over layer ``view``'s pages
     (any `PagedLayer`, such as a `paged_kv.views.PagedLayerView`) for the step ``metadata`` describes; returns
@@ -43,11 +44,15 @@ def paged_attention(
     relative to the group's ``start``). GQA/MQA:
     query head ``h`` uses key head ``h // (q_heads // key_heads)``. ``scale`` defaults to
     ``1/sqrt(key_dim)``; ``soft_cap`` caps logits as ``cap * tanh(logit / cap)``.
+    Blocks that changed hands since ``metadata`` was built, or all of another
+    manager's metadata, read as the null block (`paged_kv.binding`); ``bound=True``
+    skips that check for metadata a write to ``view`` has just bound (what
+    `PagedLayerView.attention` passes), which it leaves unchanged.
     """
     s = view.spec
     check_attention_query(query, view, metadata)
     group = metadata.groups[view.group]
-    if getattr(view, "generations", None) is not None:
+    if not bound and getattr(view, "generations", None) is not None:
         # Blocks that changed hands since the metadata was built, or metadata of another
         # manager: the null block (see `paged_kv.binding`).
         group = bind_step(view.generations, view.owner, metadata, view.group, s.block_size, write=False)[0]

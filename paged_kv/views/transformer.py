@@ -286,7 +286,8 @@ class PagedLayerView:
         """
         check_attention_query(query, self, metadata)  # before the write: a bad call writes nothing
         view, bound = self._write(key, value, metadata)
-        out = paged_attention(query, view, bound, scale=scale, soft_cap=soft_cap, impl=impl, chunk_blocks=chunk_blocks)
+        out = paged_attention(query, view, bound, scale=scale, soft_cap=soft_cap, impl=impl, chunk_blocks=chunk_blocks,
+                              bound=True)
         return out, view
 
     def attend(
