@@ -7,33 +7,34 @@ that each file holds one idea; it reads and writes the manager's own state.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from paged_kv.allocator.arguments import check_token_ids
 from paged_kv.allocator.prefix_cache import chain_hashes
 from paged_kv.allocator.prompts import PromptPlan, plan_prompt
-from paged_kv.errors import InvalidTokenCountError, OutOfBlocksError, SequenceTooLongError, SpecError
+from paged_kv.errors import InvalidTokenCountError, OutOfBlocksError, PagedKVError, SpecError
 
 
 class PromptsMixin:
     # ---- prefix cache --------------------------------------------------------------------
-    def can_admit_prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
+    def can_admit_prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
                          chunk: int | None = None) -> bool:
         """Whether ``admit_prompt(new_id, token_ids, cache_key, chunk)`` would succeed now."""
         try:
             plan = self._prompt(token_ids, cache_key, chunk)
-        except (SpecError, InvalidTokenCountError, SequenceTooLongError):
+        except PagedKVError:  # a predicate answers, never raises: bad tokens, salt or chunk, cache off
             return False
         return all(need <= free for need, free in (g.prompt_needs(h, plan.hit, plan.total)
                                                    for g, h in zip(self.groups, plan.hits)))
 
-    def admit_prompt(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None,
+    def admit_prompt(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
                      chunk: int | None = None) -> int:
         """Admit ``seq_id`` with prompt ``token_ids``, reusing the longest cached chain of
         full blocks with the same tokens (and the same ``cache_key``: an adapter name,
-        a tenant salt). Returns how many leading tokens are cached; compute the rest:
+        a tenant salt; bytes, str or int, compared as typed values -- see
+        `paged_kv.allocator.salt` for what a salt promises). Returns how many leading tokens are cached; compute the rest:
         ``step_metadata([seq_id], kv_len(seq_id) - cached)``, then `commit`.
 
         With several layer groups the hit is the longest every group can serve: a
@@ -47,7 +48,7 @@ class PromptsMixin:
         prefill); the prompt's keys are kept, so each committed chunk's full blocks are
         cached. All or nothing: `DuplicateSequenceError`, `InvalidTokenIdError`,
         `InvalidTokenCountError`, `SequenceTooLongError`, `OutOfBlocksError`,
-        `SpecError` (cache off)."""
+        `InvalidArgumentError` (a salt of another type), `SpecError` (cache off)."""
         seq_id = self._new_id(seq_id)
         tokens, hashes, hit, hits, hold, total = self._prompt(token_ids, cache_key, chunk)
         for g, h in zip(self.groups, hits):
@@ -69,7 +70,7 @@ class PromptsMixin:
         if self.prefix_cache is None:
             raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
 
-    def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: Hashable | None = None) -> int:
+    def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None) -> int:
         """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
         later prompt that continues this conversation hits them after release (multi-
         turn chat). ``token_ids`` must be the sequence's tokens, ``kv_len`` of them.

@@ -2,7 +2,8 @@
 the pool needs them.
 
 A block's key is a chained hash: BLAKE2b-128 of (the previous block's key, this
-block's token ids, an optional extra key for an adapter or a tenant salt). Equal
+block's token ids, an optional extra key for an adapter or a tenant salt: its typed
+digest, see `paged_kv.allocator.salt` for what a salt promises). Equal
 keys therefore mean equal token prefixes, so a new request whose prompt starts
 like a cached one reuses those blocks instead of computing them. The hash is a
 cryptographic one with 128 bits, not Python's ``hash``: a collision would hand one
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import attrs
 import numpy as np
 
+from paged_kv.allocator.salt import salt_digest
 from paged_kv.allocator.saved_state import check_captured, take
 from paged_kv.errors import CheckpointError
 
@@ -84,10 +86,14 @@ def from_u128(pairs: np.ndarray) -> list[int]:
 def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int, extra_key=None) -> list[int]:
     """Keys of the first ``num_blocks`` full blocks of ``token_ids``.
 
-    Each key is BLAKE2b-128 over (parent key, the block's int64 token bytes, salt). The
-    tokens are turned into bytes once and sliced as a memoryview (no numpy slice and
-    copy per block): hashing is most of an admission's host time."""
-    salt = b"" if extra_key is None else repr(extra_key).encode()
+    Each key is BLAKE2b-128 over (parent key, the block's int64 token bytes, the salt's
+    32-byte digest if ``extra_key`` is not None): salted and unsalted messages differ in
+    length, so neither kind of chain can be made to feed the other's input. The salt is a typed value
+    (`paged_kv.allocator.salt`: bytes, str or int, else `InvalidArgumentError`) whose
+    digest is computed once per call. The tokens are turned into bytes once and sliced
+    as a memoryview (no numpy slice and copy per block): hashing is most of an
+    admission's host time."""
+    salt = salt_digest(extra_key)
     data = memoryview(np.ascontiguousarray(token_ids[: num_blocks * block_size], dtype=np.int64)).cast("B")
     step = 8 * block_size
     blake2b, out, parent = hashlib.blake2b, [], NO_HASH

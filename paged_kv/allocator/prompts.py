@@ -10,7 +10,7 @@ changes nothing, so `can_admit_prompt` and `admit_prompt` share it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -50,7 +50,7 @@ def common_hit(groups: Sequence, hashes: list[int], limit: int) -> int:
 
 
 def plan_prompt(spec: CacheSpec, groups: Sequence, token_ids: Sequence[int] | np.ndarray,
-                cache_key: Hashable | None, chunk: int | None) -> PromptPlan:
+                cache_key: bytes | str | int | None, chunk: int | None) -> PromptPlan:
     """Validate a prompt and find its hit; typed errors, nothing changed."""
     tokens = check_token_ids(token_ids, "admit_prompt")
     bs, limit, blocks = spec.block_size, spec.max_blocks_per_seq, spec.blocks_for(tokens.size)
