@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 from paged_kv.cli.arguments import positive_int
-from paged_kv.errors import PagedKVError
+from paged_kv.errors import PagedKVError, SpecError
 
 
 def _token_ids(text: str) -> list[int]:
@@ -97,20 +97,27 @@ def _spec(args, cfg, prompts):
     # Default: every sequence that can run at once at full length, plus the generator's
     # admission headroom (one block per running sequence) and the null block.
     num_blocks = args.num_blocks or min(len(prompts), args.max_batch) * (blocks + 1) + 1
-    return cache_spec(cfg, num_blocks=max(num_blocks, blocks + 1), block_size=args.block_size,
-                      max_seq_len=max_seq_len, max_batch_slots=args.max_batch, dtype=args.dtype)
+    try:
+        return cache_spec(cfg, num_blocks=max(num_blocks, blocks + 1), block_size=args.block_size,
+                          max_seq_len=max_seq_len, max_batch_slots=args.max_batch, dtype=args.dtype)
+    except SpecError as exc:  # in the spec's words: say which flags set those fields
+        raise SpecError(f"--max-new-tokens {args.max_new_tokens}, --block-size {args.block_size}, --num-blocks "
+                        f"{args.num_blocks or 'default'}, --max-batch {args.max_batch}: {exc}") from None
 
 
 def run(args) -> int:
     """Run ``paged-kv generate``; returns the exit status (2 for bad input)."""
+    from paged_kv.cli.sizes import check_generate
     from paged_kv.models.generate import Generator, Request
-    from paged_kv.models.loader import load_model
+    from paged_kv.models.loader import load_config, load_params
 
     directory = pathlib.Path(args.checkpoint)
     try:
-        cfg, params = load_model(directory, dtype=args.dtype)
+        cfg = load_config(directory)
         prompts, tokenizer = _prompts(args, directory)
-        spec = _spec(args, cfg, prompts)
+        spec = _spec(args, cfg, prompts)  # the spec checks its host structures against the machine
+        check_generate(spec, cfg, args.dtype)  # and the pool and weights where they go: before either exists
+        params = load_params(directory, cfg, dtype=args.dtype)
         generator = Generator(cfg, params, spec, prefix_cache=not args.no_prefix_cache,
                               eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids,
                               prefill_chunk=args.prefill_chunk)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from paged_kv.cli import sizes
 from paged_kv.cli.arguments import number, positive_int
 from paged_kv.errors import PagedKVError, SpecError, TraceError
 from paged_kv.sim.layouts import LAYOUTS, sliding_layers
@@ -292,11 +293,13 @@ def run(args: argparse.Namespace) -> int:
         config = SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
                                  arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup,
                                  preemption=args.preemption)
+        sizes.check_simulate(args)  # what the flags alone size: before a synthetic trace is generated
     except (SpecError, SimulationError) as exc:
         args.subparser.error(str(exc))  # exits 2 with the usage line, like any other bad option
     try:
         _check_outputs(args)  # before a long replay, not after it
         trace, source = _load(args)
+        sizes.check_simulate(args, len(trace))  # and with the trace's length, before the workload is built
         trace, source = _workload(args, trace, source)
         reports = _replay(args, trace, spec, config)
         _write_outputs(args, reports, trace, spec, source)
@@ -338,8 +341,12 @@ def _spec(args: argparse.Namespace) -> CacheSpec:
     elif args.sliding_blocks is not None:
         raise SpecError(f"--sliding-blocks {args.sliding_blocks} is for --layout hybrid (the sliding layers' own "
                         f"pool); --layout {args.layout} has one pool of --num-blocks")
-    spec = CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
-                     max_batch_slots=args.max_batch, **shape.spec_fields(), **slide)
+    try:
+        spec = CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
+                         max_batch_slots=args.max_batch, **shape.spec_fields(), **slide)
+    except SpecError as exc:  # in the spec's words: say which flags set those fields
+        raise SpecError(f"--num-blocks {args.num_blocks}, --block-size {bs}, --max-seq-len {max_len}, --max-batch "
+                        f"{args.max_batch}: {exc}") from None
     pool = spec.pool_bytes  # every group's pool (a hybrid layout's sliding pool included)
     if pool > MAX_POOL_BYTES and not args.force:
         raise SpecError(
