@@ -5,6 +5,7 @@
 - ``paged-kv generate`` (`paged_kv.cli.generate`): greedy generation from a Hugging Face
   checkpoint through the cache (the model and JAX load when it runs).
 - `paged_kv.cli.arguments`: the argparse types they share.
+- `paged_kv.cli.sizes`: the memory their size flags ask for, checked before anything is built.
 """
 
 from __future__ import annotations

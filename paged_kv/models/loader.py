@@ -59,8 +59,17 @@ def _require_safetensors():
 
 
 # ---- config.json ---------------------------------------------------------------------------
+def _is_file(path: pathlib.Path) -> bool:
+    """``path.is_file()``, False where the name itself is unusable (too long, a NUL byte),
+    for which pathlib raises instead of answering."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_json(path: pathlib.Path) -> dict:
-    if not path.is_file():  # also refuses a named pipe, which would block the read
+    if not _is_file(path):  # also refuses a named pipe, which would block the read
         raise ModelLoadError(f"{path}: not found (a Hugging Face checkpoint directory has config.json)")
     try:
         size = path.stat().st_size
@@ -159,7 +168,7 @@ def _eos_ids(directory: pathlib.Path, data: dict, path) -> tuple[int, ...]:
     """End-of-sequence ids: generation_config.json's when it has them (chat models
     list their end-of-turn ids there), else config.json's."""
     gen_path = directory / "generation_config.json"
-    if gen_path.is_file():
+    if _is_file(gen_path):
         ids = _token_ids(_read_json(gen_path), "eos_token_id", gen_path)
         if ids:
             return ids
@@ -217,18 +226,18 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
+    if _is_file(index):
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: missing key 'weight_map'")
         for tensor, name in weight_map.items():
             _check_shard_name(index, tensor, name)
         files = [directory / name for name in sorted(set(weight_map.values()))]
-        missing = [f for f in files if not f.is_file()]
+        missing = [f for f in files if not _is_file(f)]
         if missing:
             raise ModelLoadError(f"{index}: names shard {missing[0].name!r}, which is not in {directory}")
         return files
-    files = sorted(f for f in directory.glob("*.safetensors") if f.is_file())  # not a pipe: opening one blocks
+    files = sorted(f for f in directory.glob("*.safetensors") if _is_file(f))  # not a pipe: opening one blocks
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors file (only safetensors checkpoints are supported)")
     return files
