@@ -123,3 +123,54 @@ class CheckpointError(PagedKVError, ValueError):
 
 
 __all__ += ["CheckpointError"]
+
+
+class TransferError(PagedKVError):
+    """Moving a sequence's pages to another process's cache failed (`paged_kv.transfer`).
+    Whatever the failure, neither manager holds anything for the transfer afterwards:
+    the receiver freed what it had admitted, and the sender's sequence is as it was."""
+
+
+class TransferRefusedError(TransferError, ValueError):
+    """The receiver refused the offer before anything was pulled; ``reason`` names why
+    (``"spec"``, ``"full"``, ``"duplicate"``, ``"invalid"``, ``"message"``, ``"busy"``)."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = str(reason)
+
+
+class TransferSpecError(TransferRefusedError, SpecError):
+    """The two caches store pages differently: another spec (layers, heads, dims, dtype,
+    layer kinds), page format, fp8 scales, rotation, key offsets, block size or layout."""
+
+
+class ReceiverFullError(TransferRefusedError, MemoryError):
+    """The receiver has too few free blocks for the sequence; it admitted nothing.
+    ``needed`` and ``free`` are the receiver's block counts (-1 when not known)."""
+
+    def __init__(self, message: str, needed: int = -1, free: int = -1):
+        super().__init__(message, "full")
+        self.needed, self.free = int(needed), int(free)
+
+
+class TransferTimeoutError(TransferError, TimeoutError):
+    """The peer did not answer, or the pages did not arrive, before the deadline."""
+
+
+class TransferConnectionError(TransferError, ConnectionError):
+    """The connection dropped mid-transfer (the peer process died or closed its server)."""
+
+
+class SequenceChangedError(TransferError, StateError):
+    """The sender's sequence changed between the offer and the send (released, grown,
+    moved to other blocks): the receiver was told to drop what it admitted."""
+
+
+class TransferMessageError(TransferError, ValueError):
+    """A control message that is not valid: not JSON, another protocol version, over the
+    size bound, missing or mistyped fields, or an unexpected type in its place."""
+
+
+__all__ += ["TransferError", "TransferRefusedError", "TransferSpecError", "ReceiverFullError", "TransferTimeoutError",
+            "TransferConnectionError", "SequenceChangedError", "TransferMessageError"]

@@ -1,0 +1,266 @@
+"""`TransferReceiver`: admit sequences other processes send, pull their pages and write
+them into this process's cache, between the steps of whatever runs here.
+
+Everything happens inside `poll`, on the caller's thread: it answers offers (admit the
+sequence into fresh blocks, all or nothing, or refuse it with a reason), starts the
+pulls senders ask for (`jax.experimental.transfer`, asynchronous: a decode step can
+run while the pages arrive), writes the pages that arrived in one jitted call each,
+keys the sequence's full blocks in the prefix cache, and frees whatever a sender
+abandoned: an offer with no pull before ``offer_timeout``, a pull not finished
+within ``pull_timeout`` or failed (the sender died or closed its server), an abort.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import attrs
+import jax
+import numpy as np
+
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.allocator.swap_record import SwapRecord
+from paged_kv.cache import PagedKVCache
+from paged_kv.errors import (
+    DuplicateSequenceError,
+    InvalidArgumentError,
+    OutOfBlocksError,
+    PagedKVError,
+    TransferMessageError,
+    TransferSpecError,
+)
+from paged_kv.spec import require_same_spec
+from paged_kv.transfer import messages
+from paged_kv.transfer.channel import Listener
+from paged_kv.transfer.pages import abandon, check_compatible, nest, padded_ids, pull_shapes, transfer_server, write_pages
+
+
+@attrs.frozen(eq=False)
+class Received:
+    """A sequence now held by the receiver's manager, its pages written: ``tokens`` (all
+    ``num_tokens``), the salt they were keyed under, the sender's ``info``, how many
+    full blocks were newly keyed, bytes pulled and seconds from offer to written."""
+
+    seq_id: int
+    num_tokens: int
+    tokens: np.ndarray
+    cache_key: object
+    info: dict
+    keyed: int
+    nbytes: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class _Incoming:
+    transfer: str
+    peer: bytes
+    seq_id: int
+    tokens: np.ndarray
+    cache_key: object
+    info: dict
+    ids: tuple
+    padded: tuple
+    deadline: float
+    started: float
+    arrays: list | None = None
+    source: str = ""
+
+
+class TransferReceiver:
+    """Receives sequences into ``manager``'s cache; senders connect to `address`
+    (127.0.0.1 only). ``offer_timeout``: seconds an admitted offer may wait for its
+    pull; ``pull_timeout``: seconds a pull may take. Call `poll` between steps."""
+
+    def __init__(self, manager: KVCacheManager, *, port: int = 0, offer_timeout: float = 30.0,
+                 pull_timeout: float = 30.0, max_message_bytes: int = messages.MAX_MESSAGE_BYTES,
+                 device: jax.Device | None = None):
+        if not isinstance(manager, KVCacheManager):
+            raise InvalidArgumentError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
+        for name, value in (("offer_timeout", offer_timeout), ("pull_timeout", pull_timeout)):
+            if not messages.finite(value) or value <= 0:
+                raise InvalidArgumentError(f"{name}={value!r} must be a positive number of seconds")
+        self.manager = manager
+        self.offer_timeout, self.pull_timeout = float(offer_timeout), float(pull_timeout)
+        self._listener = Listener(port, max_message_bytes)
+        self._device = device
+        self._server = None
+        self._pullers: dict[str, object] = {}
+        self._incoming: dict[str, _Incoming] = {}
+        self.counts = collections.Counter()
+        """Offers received, refused (by reason), sequences received, transfers failed or aborted."""
+        self.events: collections.deque = collections.deque(maxlen=256)
+        """The latest ``(kind, transfer, detail)`` of refusals, failures and aborts."""
+
+    @property
+    def address(self) -> str:
+        """Where senders connect: ``tcp://127.0.0.1:PORT``."""
+        return self._listener.address
+
+    @property
+    def pending(self) -> int:
+        """Transfers admitted and not finished (their blocks are held)."""
+        return len(self._incoming)
+
+    def poll(self, cache: PagedKVCache, timeout: float = 0.0) -> tuple[PagedKVCache, list[Received]]:
+        """Handle what arrived, waiting up to ``timeout`` seconds for something to finish.
+        Returns the cache (donated when pages were written: keep the one returned) and
+        the sequences received."""
+        require_same_spec(self.manager, cache, "manager", "cache")
+        end = time.monotonic() + max(0.0, float(timeout))
+        received: list[Received] = []
+        while True:
+            while self._listener.wait(0):
+                self._handle(cache, *self._listener.receive())
+            cache = self._finish(cache, received)
+            self._expire()
+            now = time.monotonic()
+            if received or now >= end:
+                return cache, received
+            pulling = any(t.arrays is not None for t in self._incoming.values())
+            self._listener.wait(min(end - now, 0.001 if pulling else end - now))
+
+    def close(self) -> None:
+        """Drop every unfinished transfer (freeing its blocks) and close the socket."""
+        for t in list(self._incoming.values()):
+            self._drop(t, "failed", "the receiver closed", "closed")
+        self._listener.close()
+
+    # ---- messages ----------------------------------------------------------------------
+    def _handle(self, cache: PagedKVCache, peer: bytes, msg: dict | None, error: TransferMessageError | None) -> None:
+        if msg is None:
+            self.counts["refused:message"] += 1
+            self.events.append(("malformed", "", str(error)[:200]))
+            self._reply(peer, "refused", "", reason="message", message=str(error)[:1000], needed=-1, free=-1)
+            return
+        kind, transfer = msg["type"], msg["transfer"]
+        if kind == "offer":
+            self._offer(cache, peer, msg)
+        elif kind in ("pull", "abort"):
+            t = self._incoming.get(transfer)
+            if t is None or t.peer != peer:  # finished, expired or never offered: nothing is held for it
+                if kind == "pull":
+                    self._reply(peer, "failed", transfer, reason="unknown",
+                                message=f"no admitted offer {transfer[:40]} (expired, aborted or never made)")
+                return
+            if kind == "abort":
+                self._drop(t, None, msg["message"], "aborted")
+            else:
+                self._pull(cache, t, msg)
+        else:
+            self.counts["refused:message"] += 1
+            self._reply(peer, "refused", transfer, reason="message", message=f"a receiver takes no {kind!r} message",
+                        needed=-1, free=-1)
+
+    def _offer(self, cache: PagedKVCache, peer: bytes, msg: dict) -> None:
+        transfer = msg["transfer"]
+        self.counts["offers"] += 1
+        needed = free = -1
+        try:
+            if transfer in self._incoming:
+                raise DuplicateSequenceError(f"transfer {transfer[:40]} is in progress already")
+            check_compatible(msg["spec"], msg["leaves"], self.manager.spec, cache)
+            record = SwapRecord(seq_id=msg["seq_id"], num_tokens=msg["num_tokens"],
+                                first_blocks=tuple(msg["first_blocks"]),
+                                blocks=tuple(np.zeros(n, np.int32) for n in msg["blocks"]))
+            tokens = np.asarray(msg["tokens"], np.int64)
+            cache_key = messages.salt_from_json(msg["cache_key"])
+            ids = self.manager.swap_in(record)  # checks the record; all or nothing
+        except PagedKVError as exc:
+            reason = ("spec" if isinstance(exc, TransferSpecError) else "full" if isinstance(exc, OutOfBlocksError)
+                      else "duplicate" if isinstance(exc, DuplicateSequenceError) else "invalid")
+            if isinstance(exc, OutOfBlocksError):
+                needed, free = exc.needed, exc.free
+            self.counts[f"refused:{reason}"] += 1
+            self.events.append(("refused", transfer, f"{reason}: {str(exc)[:200]}"))
+            self._reply(peer, "refused", transfer, reason=reason, message=str(exc)[:2000], needed=needed, free=free)
+            return
+        now = time.monotonic()
+        self._incoming[transfer] = _Incoming(transfer, peer, int(msg["seq_id"]), tokens, cache_key, msg["info"], ids,
+                                             tuple(msg["padded"]), now + self.offer_timeout, time.perf_counter())
+        self._reply(peer, "ready", transfer, seq_id=int(msg["seq_id"]))
+
+    def _pull(self, cache: PagedKVCache, t: _Incoming, msg: dict) -> None:
+        if t.arrays is not None:
+            return  # a repeated pull: the first one is under way
+        address = msg["address"]
+        try:
+            if self._server is None:
+                self._server = transfer_server(self._device)
+            conn = self._pullers.get(address)
+            if conn is None:
+                conn = self._pullers[address] = self._server.connect(address)
+            t.arrays = conn.pull(msg["uuid"], pull_shapes(cache, t.padded))
+        except Exception as exc:  # a bad address, a refused connection
+            self._pullers.pop(address, None)
+            self._drop(t, "failed", f"cannot pull from {address[:80]}: {str(exc)[:200]}", "connection")
+            return
+        t.source = address
+        t.deadline = time.monotonic() + self.pull_timeout
+
+    # ---- pulls ---------------------------------------------------------------------------
+    def _finish(self, cache: PagedKVCache, received: list[Received]) -> PagedKVCache:
+        for t in [t for t in self._incoming.values() if t.arrays is not None]:
+            if not all(a.is_ready() for a in t.arrays):
+                continue
+            try:
+                jax.block_until_ready(t.arrays)
+            except Exception as exc:  # the sender died or closed its server mid-transfer
+                self._pullers.pop(t.source, None)
+                self._drop(t, "failed", f"the pull failed: {str(exc)[:300]}", "connection")
+                continue
+            cache = self._write(cache, t, received)
+        return cache
+
+    def _write(self, cache: PagedKVCache, t: _Incoming, received: list[Received]) -> PagedKVCache:
+        manager, spec = self.manager, self.manager.spec
+        out_of_range = tuple(g.num_blocks for g in spec.groups)
+        ids = padded_ids(t.ids, out_of_range, t.padded)
+        gens = tuple(np.where(i < g.pool.generation.size, g.pool.generation[np.minimum(i, g.pool.generation.size - 1)],
+                              0).astype(np.int32) for i, g in zip(ids, manager.groups))
+        n = int(t.tokens.size)
+        try:
+            cache = write_pages(cache, tuple(ids), gens, nest(cache, t.arrays), manager.steps.tag)
+        except Exception:
+            self._drop(t, "failed", "writing the pages failed", "internal")
+            raise
+        del self._incoming[t.transfer]
+        manager.commit([t.seq_id], n)  # its bytes are in the pages: written
+        keyed = manager.cache_tokens(t.seq_id, t.tokens, t.cache_key) if manager.prefix_cache is not None else 0
+        nbytes = sum(int(a.nbytes) for a in t.arrays)
+        t.arrays = None
+        self.counts["received"] += 1
+        self._reply(t.peer, "done", t.transfer, seq_id=t.seq_id, keyed=int(keyed))
+        received.append(Received(t.seq_id, n, t.tokens, t.cache_key, t.info, int(keyed), nbytes,
+                                 time.perf_counter() - t.started))
+        return cache
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for t in [t for t in self._incoming.values() if now >= t.deadline]:
+            if t.arrays is not None:  # the pages never came: fail what waits on that connection
+                conn = self._pullers.pop(t.source, None)
+                if conn is not None:
+                    abandon(conn)
+                self._drop(t, "failed", f"the pages did not arrive within {self.pull_timeout:g} s", "timeout")
+            else:
+                self._drop(t, "failed", f"no pull within {self.offer_timeout:g} s of the offer", "timeout")
+
+    def _drop(self, t: _Incoming, reply: str | None, message: str, reason: str) -> None:
+        """Forget ``t`` and free its blocks; tell the sender (``reply``) unless it asked."""
+        self._incoming.pop(t.transfer, None)
+        t.arrays = None
+        if t.seq_id in self.manager:
+            self.manager.release(t.seq_id)
+        self.counts["aborted" if reply is None else f"failed:{reason}"] += 1
+        self.events.append(("aborted" if reply is None else "failed", t.transfer, message[:200]))
+        if reply is not None:
+            self._reply(t.peer, reply, t.transfer, reason=reason, message=message[:2000])
+
+    def _reply(self, peer: bytes, kind: str, transfer: str, **fields) -> None:
+        self._listener.reply(peer, messages.make(kind, transfer, **fields))
+
+
+__all__ = ["Received", "TransferReceiver"]
