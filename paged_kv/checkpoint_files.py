@@ -258,7 +258,7 @@ def _check_member_sizes(path: str, archive: zipfile.ZipFile, file_bytes: int) ->
                     raise ValueError(f".npy format version {version} (paged_kv writes 1.0)")
                 header_bytes = member.tell()
         except READ_ERRORS as exc:
-            raise CheckpointError(f"{where} has no readable .npy header ({type(exc).__name__}: {exc}); the file is "
+            raise CheckpointError(f"{where} cannot be read: no .npy header ({type(exc).__name__}: {exc}); the file is "
                                   "corrupt: restore it from another copy") from exc
         declared = math.prod(shape) * dtype.itemsize  # Python ints: no overflow whatever the header says
         if dtype.hasobject or declared != info.file_size - header_bytes:

@@ -85,7 +85,7 @@ def test_a_member_declaring_more_than_it_holds_is_refused_before_it_is_read(save
 def test_a_member_with_no_npy_header_is_refused(saved, tmp_path):
     dst = tmp_path / "garbled.npz"
     rewrite_member(saved[0], dst, "digest", b"not an npy header at all")
-    with pytest.raises(CheckpointError, match="member 'digest.npy' has no readable .npy header"):
+    with pytest.raises(CheckpointError, match="member 'digest.npy' cannot be read: no .npy header"):
         pk.load_checkpoint(dst)
 
 
