@@ -95,7 +95,7 @@ def check_values(spec) -> None:
     and ``kv_key_offsets``; `SpecError` naming what they must be."""
     if spec.kv_format == "fp8":
         _check_fp8_scales(spec)
-    key_offsets.check(spec)
+    key_offsets.check(spec, rotation_blocks(spec)[0])
 
 
 def _check_rotation(spec) -> None:

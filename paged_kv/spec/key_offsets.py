@@ -57,9 +57,12 @@ def _layer(x):
     return tuple(tuple(float(v) for v in row) for row in a.astype(np.float64))
 
 
-def check(spec) -> None:
+def check(spec, rotation_block: int) -> None:
     """Raise `SpecError` unless ``spec.kv_key_offsets`` is None or one entry per layer,
-    each None or ``key_heads x key_dim`` finite floats, with a quantized ``kv_format``."""
+    each None or ``key_heads x key_dim`` finite floats, with a quantized ``kv_format``,
+    that stay finite once rotated by a Hadamard block of ``rotation_block`` channels
+    (`paged_kv.spec.formats.rotation_blocks`, whose module calls this one: it is passed
+    in rather than imported)."""
     given = spec.kv_key_offsets
     if given is None:
         return
@@ -83,10 +86,10 @@ def check(spec) -> None:
             values = np.asarray(entry, dtype=np.float64).astype(np.float32)  # what the codec subtracts
         if not np.isfinite(values).all():
             raise SpecError(f"kv_key_offsets[{layer}] holds a value that is not finite in float32: {hint}")
-        _check_range(spec, layer, entry, hint)
+        _check_range(spec, layer, entry, hint, rotation_block)
 
 
-def _check_range(spec, layer: int, entry: tuple, hint: str) -> None:
+def _check_range(spec, layer: int, entry: tuple, hint: str, block: int) -> None:
     """Finite is not enough (issue 23 item 6): a read adds the offset back in the basis the
     pages are stored in, ``mu H`` (float32, `paged_kv.quant.stored_offsets`), which a
     Hadamard block of ``b`` channels can make up to ``sqrt(b)`` times larger than ``mu``:
@@ -96,10 +99,8 @@ def _check_range(spec, layer: int, entry: tuple, hint: str) -> None:
     import ml_dtypes
 
     from paged_kv.spec.dtypes import resolve_dtype
-    from paged_kv.spec.formats import rotation_blocks  # formats imports this module: not at import
 
     mu = np.asarray(entry, dtype=np.float64)
-    block = rotation_blocks(spec)[0]
     rotated = mu
     if block > 1:  # `paged_kv.quant.hadamard_matrix`, in float64 (the spec never imports the codecs)
         h = np.ones((1, 1))
