@@ -54,6 +54,7 @@ class _Seq:
     tokens: list[int]
     arrival_step: int = 0
     elsewhere: bool = False
+    first_token: int | None = None  # a `Prefilled` request's: its pages are in this generator's cache
     admitted_at: int = -1
     done: int = 0  # tokens whose keys and values are in the pages (this admission)
     completion: Completion | None = None
@@ -61,6 +62,17 @@ class _Seq:
     @property
     def generated(self) -> int:
         return len(self.tokens) - len(self.prompt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled(Request):
+    """A request whose prompt was prefilled by another process: the generator's manager
+    already holds ``request_id`` with the prompt's keys and values written in its cache
+    (e.g. received by `paged_kv.transfer.TransferReceiver`), and ``first_token`` is the
+    token that prefill produced. It joins the decode batch without computing anything
+    (if preempted, it recomputes like any other request)."""
+
+    first_token: int = 0
 
 
 class Generator:
@@ -115,8 +127,8 @@ class Generator:
         self._contiguous = jax.jit(contiguous, compiler_options=compiler_options)
 
     # ---- requests --------------------------------------------------------------------
-    def _sequences(self, requests: Sequence[Request]) -> list[_Seq]:
-        seqs, seen = [], set()
+    def _sequences(self, requests: Sequence[Request], taken=()) -> list[_Seq]:
+        seqs, seen = [], set(taken)
         for i, r in enumerate(requests):
             rid = i if r.request_id is None else r.request_id
             prompt = list(r.prompt)
@@ -134,8 +146,14 @@ class Generator:
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:
                     raise GenerationError(f"request {rid}: {name}={value!r} must be an int >= {low}")
             self._check_fits(rid, len(prompt) + r.max_new_tokens)
+            first = getattr(r, "first_token", None) if isinstance(r, Prefilled) else None
+            if first is not None and (isinstance(first, bool) or not isinstance(first, (int, np.integer))
+                                      or not 0 <= first < self.cfg.vocab_size):
+                raise GenerationError(f"request {rid}: first_token={first!r} must be a token id in [0, "
+                                      f"{self.cfg.vocab_size})")
             seen.add(rid)
-            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere)))
+            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere),
+                             None if first is None else int(first)))
         return seqs
 
     def _check_fits(self, rid: int, total: int) -> None:
@@ -150,29 +168,46 @@ class Generator:
 
     # ---- the loop --------------------------------------------------------------------
     def generate(self, requests: Sequence[Request],
-                 progress: Callable[[int, int, GenerationStats], None] | None = None
+                 progress: Callable[[int, int, GenerationStats], None] | None = None,
+                 arrivals: Callable[[bool], Sequence[Request] | None] | None = None
                  ) -> tuple[list[Completion], GenerationStats]:
         """Run every request to completion; returns completions in request order and stats.
 
         Requests are checked before anything runs (`GenerationError`,
         `SequenceTooLongError`, `OutOfBlocksError`). Cached prefix blocks and
-        compiled steps carry over to the next call."""
+        compiled steps carry over to the next call. ``arrivals(idle)``, if given, is
+        called once per loop iteration (``idle``: nothing runs or waits, so it may block
+        until something comes) and returns requests that arrived meanwhile (`Prefilled`
+        ones among them), or None once no more will come; their completions follow the
+        others', in arrival order."""
         if len(self.manager) or self._prefilling:
             raise GenerationError(f"{len(self.manager)} sequences are still held from a call that failed mid-run; "
                                   "build a new Generator")
         seqs = self._sequences(requests)
         self._by_id = {s.request_id: s for s in seqs}
+        open_ = arrivals is not None
         self.stats = GenerationStats(requests=len(seqs))
         waiting = collections.deque(sorted(seqs, key=lambda s: s.arrival_step))
         finished = 0
         start, traces = time.perf_counter(), self._traces
         self._clock = 0
-        while waiting or len(self.slots) or self._prefilling:
+        while waiting or len(self.slots) or self._prefilling or open_:
+            if open_:
+                new = arrivals(not (waiting or len(self.slots) or self._prefilling))
+                open_ = new is not None
+                for s in self._sequences(new or (), taken=self._by_id):
+                    s.arrival_step = max(s.arrival_step, self._clock)
+                    seqs.append(s)
+                    waiting.append(s)
+                    self._by_id[s.request_id] = s
+                    self.stats.requests += 1
+                if not waiting and not len(self.slots) and not self._prefilling:
+                    continue
             if not len(self.slots) and not self._prefilling:
                 self._clock = max(self._clock, waiting[0].arrival_step)  # idle: skip to the next arrival
             elsewhere = self._admit(waiting)
             for seq in elsewhere:
-                finished += self._insert(seq)
+                finished += self._insert(seq) if seq.first_token is None else self._adopt(seq)
             done, progressed = self._prefill()
             finished += done
             if not (progressed or elsewhere or len(self.slots)):
@@ -215,6 +250,9 @@ class Generator:
                 return None
             seq.admitted_at = self.stats.prefill_steps
             self.stats.joined_mid_run += 1 if len(self.slots) else 0
+            if seq.first_token is not None:  # prefilled elsewhere: its blocks are held already
+                elsewhere.append(seq)
+                return 0
             if seq.elsewhere:
                 elsewhere.append(seq)
                 reserved += need
@@ -299,6 +337,22 @@ class Generator:
             return 1
         return 0
 
+    def _adopt(self, s: _Seq) -> int:
+        """Bind a `Prefilled` sequence to a slot (or finish it on its first token). Returns 1 if it finished."""
+        rid, n = s.request_id, len(s.tokens)
+        if rid not in self.manager or self.manager.kv_len(rid) != n:
+            held = self.manager.kv_len(rid) if rid in self.manager else None
+            raise GenerationError(f"prefilled request {rid}: the manager holds {held} tokens of it; expected its "
+                                  f"{n} prompt tokens written in the cache")
+        first, s.first_token = s.first_token, None  # from here on an ordinary sequence (preemption recomputes)
+        s.done = n
+        self.stats.inserted_prefills += 1
+        if self._take(s, first):
+            self.manager.release(rid)
+            return 1
+        self.slots.insert(rid)
+        return 0
+
     def _decode(self) -> int:
         """One decode step over every slot; releases finished sequences. Returns how many finished."""
         meta = self.slots.decode_step()
@@ -376,7 +430,10 @@ class Generator:
 
     def _emit(self, s: _Seq, logits: np.ndarray) -> bool:
         """Append the greedy token; True when the sequence is finished."""
-        token = int(np.argmax(logits))
+        return self._take(s, int(np.argmax(logits)))
+
+    def _take(self, s: _Seq, token: int) -> bool:
+        """Append ``token``; True when the sequence is finished."""
         s.tokens.append(token)
         self.stats.generated_tokens += 1
         c = self._completion(s)
@@ -394,4 +451,4 @@ def generate(cfg: LlamaConfig, params: dict, spec: CacheSpec, requests: Sequence
     return Generator(cfg, params, spec, **kw).generate(requests, progress=progress)
 
 
-__all__ = ["Completion", "GenerationError", "GenerationStats", "Generator", "Request", "generate"]
+__all__ = ["Completion", "GenerationError", "GenerationStats", "Generator", "Prefilled", "Request", "generate"]
