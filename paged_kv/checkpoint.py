@@ -186,7 +186,7 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     if not isinstance(prefix, bool):
         raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
     expected, treedef = _expected_pages(saved_spec, layout)
-    arrays = _with_binding(_upgrade(arrays, header.get("version"), prefix), saved_spec, expected)
+    arrays = _with_binding(_upgrade(arrays, header.get("version"), prefix, saved_spec.block_size), saved_spec, expected)
     manager = _restore(path, "manager", lambda: _manager_of(saved_spec, prefix, arrays, expected, slots_info, path))
     slots = None
     if slots_info is not None:
@@ -210,19 +210,46 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
 
 
 # ---- the allocator's arrays ------------------------------------------------------------
-def _upgrade(arrays: dict[str, np.ndarray], version: int, prefix: bool) -> dict[str, np.ndarray]:
+def _upgrade(arrays: dict[str, np.ndarray], version: int, prefix: bool, block_size: int) -> dict[str, np.ndarray]:
     """Arrays of a version 1 or 2 file under the current names: the one prefix cache
-    (``prefix.*``) becomes group 0's, with an empty ``behind`` tier; version 1 files,
-    which kept no written-block state, restore with none."""
+    (``prefix.*``) becomes group 0's, with an empty ``behind`` tier; version 1 files
+    kept no written-block state (`_v1_written` rebuilds what their keys imply)."""
     if version == FORMAT_VERSION or not prefix:
         return arrays
     arrays = {("group0." + k if k.startswith("prefix.") else k): v for k, v in arrays.items()}
     arrays["group0.prefix.behind"] = np.zeros(0, np.int64)
     if version == 1:
-        empty = {"lengths": (0, 2), "keyed": (0, 2), "hash_index": (0, 2)}
-        arrays.update({f"written.{k}": np.zeros(shape, np.int64) for k, shape in empty.items()})
-        arrays["written.hash_value"] = np.zeros((0, 2), np.uint64)
+        arrays.update(_v1_written(arrays, block_size))
     return arrays
+
+
+def _v1_written(arrays: dict[str, np.ndarray], block_size: int) -> dict[str, np.ndarray]:
+    """``written.*`` for a version 1 file, whose keys were all committed: per row in use,
+    the leading blocks that carry a key are written and keyed, and their keys are the
+    row's chain. Nothing more is claimed written, so the restore's check that a held
+    block carries a key only below its row's keyed end still holds (a row with a keyed
+    block after an unkeyed one is refused by it: nothing says that block was written)."""
+    try:
+        tables, in_use = arrays["group0.table.block_tables"], arrays["group0.table.in_use"]
+        keys, num_blocks = arrays["group0.prefix.hash"], arrays["group0.table.num_blocks"]
+        lengths, index, values = [], [], []
+        for row in np.flatnonzero(in_use).tolist():
+            chain = 0
+            while chain < int(num_blocks[row]) and 0 <= tables[row, chain] < len(keys) and keys[tables[row, chain]].any():
+                index.append((row, chain))
+                values.append(keys[tables[row, chain]])
+                chain += 1
+            lengths.append((row, chain))
+        keyed = np.array(lengths, np.int64).reshape(-1, 2)
+        return {"written.keyed": keyed, "written.lengths": keyed * np.array([1, block_size], np.int64),
+                "written.hash_index": np.array(index, np.int64).reshape(-1, 2),
+                "written.hash_value": np.array(values, np.uint64).reshape(-1, 2)}
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        # Malformed arrays: claim nothing written; `take` and the restore checks then
+        # name the bad array with the file's path.
+        empty = {"lengths": (0, 2), "keyed": (0, 2), "hash_index": (0, 2)}
+        return {**{f"written.{k}": np.zeros(shape, np.int64) for k, shape in empty.items()},
+                "written.hash_value": np.zeros((0, 2), np.uint64)}
 
 
 def _with_binding(arrays: dict[str, np.ndarray], spec: CacheSpec, expected: dict) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from paged_kv.allocator.restore_checks import check_restored
 from paged_kv.allocator.saved_state import check_captured, prefixed, scoped, take
 from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.errors import CheckpointError
@@ -64,8 +65,9 @@ class StateMixin:
 
     @classmethod
     def from_state(cls: type[_M], spec: CacheSpec, prefix_cache: bool, state: dict[str, np.ndarray]) -> _M:
-        """The manager `state` describes, checked by `check_integrity`; `CheckpointError`
-        naming the first malformed or inconsistent array."""
+        """The manager `state` describes, checked by `restore_checks.check_restored` (every
+        cross-field invariant) and `check_integrity`; `CheckpointError` naming the first
+        malformed or inconsistent array. Nothing is returned unless all pass."""
         manager = cls(spec, prefix_cache)
         manager.groups = [type(g).from_state(spec, g.index, prefix_cache, scoped(state, f"group{g.index}."))
                           for g in manager.groups]
@@ -84,6 +86,9 @@ class StateMixin:
         manager._forked = any(bool((g.pool.ref_counts > 1).any()) for g in manager.groups)
         if prefix_cache:
             manager._written = WrittenBlocks.from_state(scoped(state, "written."), set(manager._rows.values()))
+        # Explicit cross-field checks first (messages naming the array), then the
+        # integrity check as the last guard: digests only catch accidents.
+        check_restored(manager)
         try:
             manager.check_integrity()
         except (AssertionError, IndexError, ValueError) as exc:

@@ -249,6 +249,8 @@ class PrefixCache:
             blocks = take(state, name, np.int64, (None,))
             if np.any((blocks < 1) | (blocks >= num_blocks)):
                 raise CheckpointError(f"{name} names blocks outside [1, {num_blocks})")
+            if np.unique(blocks).size != blocks.size:  # the OrderedDict would keep one silently
+                raise CheckpointError(f"{name} names a block twice")
             getattr(cache, name).update((int(b), None) for b in blocks)
         (cache.queries, cache.query_tokens, cache.hit_tokens, cache.blocks_reused, cache.blocks_stored,
          cache.blocks_evicted) = (int(x) for x in take(state, "stats", np.int64, (6,)))

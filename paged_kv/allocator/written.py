@@ -113,7 +113,8 @@ class WrittenBlocks:
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], live_rows: set[int]) -> "WrittenBlocks":
-        """Inverse of `state`, every row checked to be one of ``live_rows`` (`CheckpointError`)."""
+        """Inverse of `state`, every row checked to be one of ``live_rows`` and named once
+        (`CheckpointError`); how the values fit the page table is `restore_checks`' work."""
         lengths, keyed = take(state, "lengths", np.int64, (None, 2)), take(state, "keyed", np.int64, (None, 2))
         index, values = take(state, "hash_index", np.int64, (None, 2)), take(state, "hash_value", np.uint64, (None, 2))
         if index.shape[0] != values.shape[0]:
@@ -121,6 +122,9 @@ class WrittenBlocks:
         rows = set(lengths[:, 0].tolist()) | set(keyed[:, 0].tolist()) | set(index[:, 0].tolist())
         if not rows <= live_rows:
             raise CheckpointError(f"written.* names rows {sorted(rows - live_rows)} no sequence holds")
+        for name, pairs in (("lengths", lengths), ("keyed", keyed)):
+            if np.unique(pairs[:, 0]).size != pairs.shape[0]:  # a dict would keep the last silently
+                raise CheckpointError(f"written.{name} names a row twice")
         written = cls()
         written.written = {int(r): int(n) for r, n in lengths.tolist()}
         written.keyed = {int(r): int(n) for r, n in keyed.tolist()}
