@@ -165,12 +165,15 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
 
     # ---- admit, append, release ------------------------------------------------------
     def can_admit(self, num_tokens: int) -> bool:
-        """Whether ``admit(new_id, num_tokens)`` would succeed now."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+        """Whether ``admit(new_id, num_tokens)`` would succeed now (False, never an error,
+        for a count that is not a positive integer or too long: a predicate answers)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 1:
             return False
-        blocks = self.spec.blocks_for(num_tokens)
-        return 1 <= num_tokens and blocks <= self.spec.max_blocks_per_seq and all(
-            g.pool.can_allocate(blocks) for g in self.groups)
+        try:
+            blocks = self.spec.blocks_for(num_tokens)
+        except PagedKVError:  # past what a count may be (2**80): admit would refuse it too
+            return False
+        return blocks <= self.spec.max_blocks_per_seq and all(g.pool.can_allocate(blocks) for g in self.groups)
 
     def can_append(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray = 1) -> bool:
         """Whether ``append(seq_ids, num_tokens)`` would succeed now."""
