@@ -87,7 +87,7 @@ class Run:
         return [np.asarray(x).view(np.uint16) for pair in jax.device_get(outs) for x in pair]
 
     def pages(self):
-        return [np.asarray(x).view(np.uint16) for x in jax.device_get(jax.tree_util.tree_leaves(self.cache))]
+        return [np.asarray(x).view(np.uint16) for x in jax.device_get(jax.tree_util.tree_leaves(self.cache)) if x.ndim >= 3]
 
 
 def random_bits(rng, B=8, T=16):
@@ -147,16 +147,18 @@ def scenario(runs: list[Run], rng) -> dict:
 
 
 def shard_report(run: Run, layout: str) -> dict:
-    leaves = jax.tree_util.tree_leaves(run.cache)
+    leaves = [x for x in jax.tree_util.tree_leaves(run.cache) if x.ndim >= 3]  # the pages (not the binding arrays)
     want = PartitionSpec(None, None, "tp", None)
     head_axis = 2
     full = leaves[0].shape[head_axis]
     local = {s.data.shape[head_axis] for x in leaves for s in x.addressable_shards}
-    swap_hlo = swap_module._gather.lower(run.cache, tuple(jnp.zeros(4, jnp.int32) for _ in SPEC.groups)).compile().as_text()
+    swap_hlo = swap_module._gather.lower(run.cache, tuple(jnp.zeros(4, jnp.int32) for _ in SPEC.groups),
+                                         run.manager.steps.tag).compile().as_text()
     from paged_kv.insertion import _write_prefill
 
     kv = jnp.zeros((SPEC.num_layers, 8, HEADS, DIM), jnp.bfloat16)
-    insert_hlo = _write_prefill.lower(run.cache, kv, kv, jnp.zeros((len(SPEC.groups), 8), jnp.int32)).compile().as_text()
+    slots = jnp.zeros((len(SPEC.groups), 8), jnp.int32)
+    insert_hlo = _write_prefill.lower(run.cache, kv, kv, slots, slots, run.manager.steps.tag).compile().as_text()
     return {
         "insert_collectives": collectives(insert_hlo),
         "page_specs_ok": all(isinstance(x.sharding, NamedSharding) and x.sharding.spec == want for x in leaves),
