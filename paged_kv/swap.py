@@ -10,11 +10,26 @@ dtype, bfloat16 included.
 Shapes: a sequence's block count is padded to a power of two (gathering the null
 block, scattering to an out-of-range id that is dropped), so sequences of
 similar lengths share one compilation.
+
+Trust: a `SwappedSequence` is what `swap_out` made, or it is refused. Its host copy
+holds zeros past the sequence's length (a block is copied whole, and the slots
+after the last token still held the block's previous owner's keys and values), and
+it is sealed: a keyed BLAKE2b digest, under a key this process drew at import, of
+its record, spec, page shapes and written length. `swap_in` recomputes the seal, so
+a record edited after the fact (``num_tokens`` raised within the same block count
+would read those dead slots as the sequence's own), a hand-built one, or one with
+no spec (its fp8 pages would move between caches of other scales) is an
+`InvalidArgumentError`. A swapped sequence therefore comes back only in the process
+that swapped it out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import json
+import os
 from functools import partial
 
 import attrs
@@ -43,7 +58,13 @@ class SwappedSequence:
     spec: CacheSpec | None = None
     """The spec of the cache the pages were copied from (`swap_out` sets it): `swap_in`
     refuses them into a cache of another spec, where the same bytes would mean other
-    values (another format, fp8 scales or rotation) even with matching shapes."""
+    values (another format, fp8 scales or rotation) even with matching shapes, and
+    refuses a sequence without one."""
+    written: int = 0
+    """Tokens the device had written (committed) when it left; `swap_in` marks only
+    these written again, so tokens allocated but never written never become hittable."""
+    seal: bytes = b""
+    """`swap_out`'s keyed digest of everything above but the page bytes (module doc)."""
 
     @property
     def seq_id(self) -> int:
@@ -54,6 +75,35 @@ class SwappedSequence:
     def nbytes(self) -> int:
         """Host bytes held, which is also the bytes each direction of the swap moves."""
         return sum(a.nbytes for layer in self.pages for a in layer)
+
+
+_SEAL_KEY = os.urandom(32)  # per process: a seal cannot be recomputed by hand, nor carried to another process
+
+
+def _seal(record: SwapRecord, spec: CacheSpec, pages, written: int) -> bytes:
+    """The keyed digest binding a swapped sequence's parts (checked fields only: call it
+    on a record `check_record` passed and pages whose shapes were checked)."""
+    fields = {
+        "record": [int(record.seq_id), int(record.num_tokens), [int(f) for f in record.first_blocks],
+                   [int(np.asarray(b).size) for b in record.blocks]],
+        "spec": attrs.asdict(spec, filter=lambda a, _: a.init),
+        "pages": [[[list(a.shape), a.dtype.str] for a in layer] for layer in pages],
+        "written": int(written),
+    }
+    text = json.dumps(fields, sort_keys=True, default=repr).encode()  # spec fields: str, int, float, tuples
+    return hashlib.blake2b(text, digest_size=32, key=_SEAL_KEY, person=b"paged_kv/swap/v1").digest()
+
+
+def _zero_dead_slots(pages: tuple, record: SwapRecord, views, block_size: int) -> None:
+    """Zero each layer's slots past the last token, in its last block (in place, on the
+    host copy): they hold whatever the block's previous owner left there."""
+    used = record.num_tokens - (-(-record.num_tokens // block_size) - 1) * block_size
+    if used == block_size:
+        return
+    for view, layer in zip(views, pages):
+        if record.blocks[view.group].size:
+            for a in layer:  # every leaf is [blocks, block_size, ...]
+                a[-1, used:] = 0
 
 
 def _padded_ids(blocks: tuple[np.ndarray, ...], pad: tuple[int, ...], cap: int) -> tuple[np.ndarray, ...]:
@@ -123,11 +173,13 @@ def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> Swapp
     ids = _padded_ids(record.blocks, (NULL_BLOCK,) * len(record.blocks), cap)
     fetched = jax.device_get(_gather(cache, tuple(jnp.asarray(i) for i in ids), manager.steps.tag))
     pages = tuple(
-        tuple(np.asarray(a)[: record.blocks[view.group].size] for a in layer)
+        tuple(np.array(a[: record.blocks[view.group].size]) for a in layer)  # owned and writable
         for view, layer in zip(cache.views, fetched)
     )
+    _zero_dead_slots(pages, record, cache.views, manager.spec.block_size)
+    written = manager._committed_tokens(seq_id)
     manager.swap_out(seq_id)
-    return SwappedSequence(record, pages, manager.spec)
+    return SwappedSequence(record, pages, manager.spec, written, _seal(record, manager.spec, pages, written))
 
 
 def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequence) -> PagedKVCache:
@@ -139,17 +191,21 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     if not isinstance(swapped, SwappedSequence):
         raise InvalidArgumentError(f"swap_in needs the SwappedSequence swap_out returned; got {type(swapped).__name__}")
     record = swapped.record
+    if swapped.spec is not None and not isinstance(swapped.spec, CacheSpec):
+        raise InvalidArgumentError(f"swapped.spec is a {type(swapped.spec).__name__}; swap_in takes what swap_out made")
     _check_encoding(swapped, manager.spec)
     check_record(record, manager.spec)  # a record from another spec must not index past its groups
-    if not isinstance(swapped.pages, (tuple, list)) or len(swapped.pages) != len(cache.views):
-        raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {len(swapped.pages)} layers, the cache {len(cache.views)}")
-    for layer, (view, data) in enumerate(zip(cache.views, swapped.pages)):
-        leaves = jax.tree_util.tree_leaves(view.pages())
-        want = [(record.blocks[view.group].size, *leaf.shape[1:]) for leaf in leaves]
-        got = [tuple(a.shape) for a in data]
-        if got != want or any(a.dtype != leaf.dtype for a, leaf in zip(data, leaves)):
-            raise ShapeError(f"swapped seq_id={record.seq_id} layer {layer}: pages {got} "
-                             f"{[a.dtype.name for a in data]}, the cache needs {want} {[leaf.dtype.name for leaf in leaves]}")
+    if swapped.spec is None:  # hand-built: nothing says what its bytes encode (fp8 scales, rotation)
+        raise InvalidArgumentError(f"swapped seq_id={record.seq_id} has no spec: swap_in takes only the "
+                                   "SwappedSequence swap_out returned (it records the spec its bytes were written in)")
+    _check_pages(swapped, cache, record)
+    if not isinstance(swapped.seal, bytes) or not hmac.compare_digest(
+            swapped.seal, _seal(record, swapped.spec, swapped.pages, _int(swapped.written))):
+        raise InvalidArgumentError(
+            f"swapped seq_id={record.seq_id} does not match what swap_out made (its record, spec, page shapes or "
+            "written length were changed, or it was built by hand or in another process): swap in the "
+            "SwappedSequence swap_out returned, unchanged"
+        )
     new_ids = manager.swap_in(record)  # validates and allocates, all or nothing
     spec = manager.spec
     cap = spec.max_blocks_per_seq
@@ -165,8 +221,32 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     gens = tuple(np.where(i < g.pool.generation.size, g.pool.generation[np.minimum(i, g.pool.generation.size - 1)], 0)
                  .astype(np.int32) for i, g in zip(ids, manager.groups))
     cache = _scatter(cache, tuple(jnp.asarray(i) for i in ids), gens, pages, manager.steps.tag)
-    manager.commit([record.seq_id], record.num_tokens)  # its bytes are back: written
+    if swapped.written:  # the tokens written before are back; the rest are still to be written
+        manager.commit([record.seq_id], swapped.written)
     return cache
+
+
+def _int(value) -> int:
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
+
+
+def _check_pages(swapped: SwappedSequence, cache: PagedKVCache, record: SwapRecord) -> None:
+    """`ShapeError` unless ``swapped.pages`` holds, per layer of ``cache``, one numpy
+    array per page array of the record's block count, shape and storage dtype."""
+    pages = swapped.pages
+    if not isinstance(pages, (tuple, list)) or len(pages) != len(cache.views):
+        n = len(pages) if isinstance(pages, (tuple, list)) else type(pages).__name__
+        raise ShapeError(f"swapped seq_id={record.seq_id} has pages for {n} layers, the cache {len(cache.views)}")
+    for layer, (view, data) in enumerate(zip(cache.views, pages)):
+        leaves = jax.tree_util.tree_leaves(view.pages())
+        if not isinstance(data, (tuple, list)) or not all(isinstance(a, np.ndarray) for a in data):
+            raise ShapeError(f"swapped seq_id={record.seq_id} layer {layer}: pages must be a tuple of numpy arrays "
+                             f"(swap_out's host copy); got {type(data).__name__}")
+        want = [(record.blocks[view.group].size, *leaf.shape[1:]) for leaf in leaves]
+        got = [tuple(a.shape) for a in data]
+        if got != want or any(a.dtype != leaf.dtype for a, leaf in zip(data, leaves)):
+            raise ShapeError(f"swapped seq_id={record.seq_id} layer {layer}: pages {got} "
+                             f"{[a.dtype.name for a in data]}, the cache needs {want} {[leaf.dtype.name for leaf in leaves]}")
 
 
 __all__ = ["SwappedSequence", "swap_in", "swap_out"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import attrs
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,7 +91,7 @@ def test_swap_rejects_pages_of_another_shape():
     d = Driver("float32")
     d.step({0: d.random_tokens(20)})
     gone = swap_out(d.cache, d.manager, 0)
-    bad = type(gone)(gone.record, tuple(tuple(a[:, :-1] for a in layer) for layer in gone.pages))
+    bad = attrs.evolve(gone, pages=tuple(tuple(a[:, :-1] for a in layer) for layer in gone.pages))
     before = d.manager.snapshot()
     with pytest.raises(pk.ShapeError, match="layer 0"):
         swap_in(d.cache, d.manager, bad)
@@ -116,4 +118,83 @@ def test_host_only_swap_keeps_sliding_offsets():
     assert [a.size for a in new] == list(rec.num_blocks)
     assert m.kv_len(1) == 27 and np.array_equal(m.block_table(1, 1), new[1])
     m.append([1], 5)  # and it keeps sliding
+    m.check_integrity()
+
+
+# ---- trust: what swap_in takes back (issue 23 item 3) ----------------------------------------
+def _dead_slot_driver():
+    """Seq 0 fills two blocks and leaves; seq 1 (BLOCK + 3 tokens) gets them, so its last
+    block's slots past its length still hold seq 0's keys and values."""
+    from test_transformer_model import BLOCK
+    d = Driver("float32", num_blocks=12, layout="unified")
+    d.step({0: d.random_tokens(2 * BLOCK)})
+    old = set(d.manager.block_table(0).tolist())
+    d.manager.release(0)
+    d.step({1: d.random_tokens(BLOCK + 3)})
+    assert set(d.manager.block_table(1).tolist()) <= old
+    return d, BLOCK
+
+
+def test_swap_out_zeroes_the_previous_owners_slots_past_the_length():
+    d, block = _dead_slot_driver()
+    used = 3  # tokens of seq 1 in its last block
+    stale = [np.asarray(leaf)[d.manager.block_table(1)[-1], used:] for view in d.cache.views
+             for leaf in jax.tree_util.tree_leaves(view.pages())]
+    assert any(a.any() for a in stale), "the setup must leave another sequence's bytes there"
+    gone = swap_out(d.cache, d.manager, 1)
+    for layer in gone.pages:
+        for a in layer:
+            assert not a[-1, used:].any(), "a host copy carries another sequence's bytes past the length"
+            assert a[-1, :used].any() and a[0].any()  # its own tokens are kept
+    d.step({5: d.random_tokens(2 * block)})  # someone takes the blocks again
+    d.cache = swap_in(d.cache, d.manager, gone)
+    table = d.manager.block_table(1)
+    for view in d.cache.views:
+        for leaf in jax.tree_util.tree_leaves(view.pages()):
+            assert not np.asarray(leaf)[table[-1], used:].any()
+
+
+def test_swap_in_refuses_anything_but_what_swap_out_made():
+    d, _ = _dead_slot_driver()
+    gone = swap_out(d.cache, d.manager, 1)
+    rec = gone.record
+    raised = attrs.evolve(rec, num_tokens=rec.num_tokens + 1)  # the same block count: the old check passed it
+    bad = {
+        "num_tokens raised": (attrs.evolve(gone, record=raised), pk.InvalidArgumentError, "does not match"),
+        "hand-built, no spec": (pk.SwappedSequence(rec, gone.pages), pk.InvalidArgumentError, "has no spec"),
+        "hand-built with a spec": (pk.SwappedSequence(rec, gone.pages, gone.spec), pk.InvalidArgumentError,
+                                   "does not match"),
+        "spec removed": (attrs.evolve(gone, spec=None), pk.InvalidArgumentError, "has no spec"),
+        "spec not a spec": (attrs.evolve(gone, spec="x"), pk.InvalidArgumentError, "swapped.spec is a str"),
+        "written raised": (attrs.evolve(gone, written=gone.written + 1), pk.InvalidArgumentError, "does not match"),
+        "written not an int": (attrs.evolve(gone, written=None), pk.InvalidArgumentError, "does not match"),
+        "seal not bytes": (attrs.evolve(gone, seal="x"), pk.InvalidArgumentError, "does not match"),
+        "pages as tuples": (attrs.evolve(gone, pages=tuple(tuple(a.tolist() for a in layer) for layer in gone.pages)),
+                            pk.ShapeError, "tuple of numpy arrays"),
+        "pages not a tuple": (attrs.evolve(gone, pages=3), pk.ShapeError, "pages for int layers"),
+    }
+    before = d.manager.snapshot()
+    for name, (swapped, error, match) in bad.items():
+        with pytest.raises(error, match=match):
+            swap_in(d.cache, d.manager, swapped)
+        assert d.manager.snapshot() == before, name
+    d.cache = swap_in(d.cache, d.manager, gone)  # the real one still comes back
+    assert d.manager.kv_len(1) == rec.num_tokens
+
+
+def test_swap_in_marks_only_written_tokens_written():
+    """A prompt swapped out before its step ran comes back unwritten: its blocks must not
+    become prefix hits (before, swap_in committed every token it held)."""
+    spec = pk.CacheSpec(num_layers=1, num_blocks=20, block_size=4, max_blocks_per_seq=8, num_kv_heads=1,
+                        head_dim=2, dtype="float32")
+    cache, m = pk.PagedKVCache.init(spec), pk.KVCacheManager(spec, prefix_cache=True)
+    m.admit_prompt(0, np.arange(13))  # no step ran: nothing written
+    m.admit_prompt(1, np.arange(100, 113))
+    m.commit([1], 8)  # two blocks written
+    gone = {s: swap_out(cache, m, s) for s in (0, 1)}
+    assert (gone[0].written, gone[1].written) == (0, 8)
+    for s in (0, 1):
+        cache = swap_in(cache, m, gone[s])
+    assert m.admit_prompt(2, np.arange(13)) == 0
+    assert m.admit_prompt(3, np.arange(100, 113)) == 8
     m.check_integrity()

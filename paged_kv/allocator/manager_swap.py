@@ -44,6 +44,15 @@ class SwapMixin:
         self.release(seq_id)
         return record
 
+    def _committed_tokens(self, seq_id: int) -> int:
+        """Leading tokens of ``seq_id`` known to be on the device: with the prefix cache,
+        those committed (`paged_kv.allocator.written`); without it writes are not
+        tracked and nothing is ever keyed, so all of them. `paged_kv.swap` carries it
+        so a swap-in never marks tokens written that no step wrote."""
+        row = self._row(seq_id)
+        held = int(self.table.kv_lens[row])
+        return min(self._written.written.get(row, 0), held) if self.prefix_cache is not None else held
+
     def can_swap_in(self, record: SwapRecord) -> bool:
         """Whether ``swap_in(record)`` would succeed now."""
         try:
@@ -61,8 +70,9 @@ class SwapMixin:
         (`check_record`: `InvalidArgumentError`, `InvalidSequenceIdError`,
         `InvalidTokenCountError`, `SequenceTooLongError`); then `DuplicateSequenceError`
         or `OutOfBlocksError`. Any failure changes nothing. The blocks count as written
-        once the bytes are back: `paged_kv.swap_in` commits them; a caller copying
-        the bytes itself calls ``commit([seq_id], num_tokens)``.
+        once the bytes are back: `paged_kv.swap_in` commits those written before the
+        swap-out; a caller copying the bytes itself calls ``commit([seq_id], n)`` with
+        the tokens it knows were written.
         """
         seq_id, num_tokens, firsts, counts = check_record(record, self.spec)
         if seq_id in self._rows:
