@@ -135,8 +135,8 @@ class ListAllocator:
         pool, table = mgr.pool, mgr.table
         self.free = pool._free[: pool.num_free].tolist()  # stack, popped from the end
         self.refs = pool.ref_counts.tolist()
-        self.lens = {s: int(table.kv_lens[mgr._rows[s]]) for s in seq_ids}
-        self.blocks = {s: table.blocks_of(mgr._rows[s]).tolist() for s in seq_ids}
+        self.lens = {s: int(table.kv_lens[mgr.rows_by_id[s]]) for s in seq_ids}
+        self.blocks = {s: table.blocks_of(mgr.rows_by_id[s]).tolist() for s in seq_ids}
 
     def append(self, seq_ids: list[int], bs: int) -> list[int]:
         lens, blocks, free, refs = self.lens, self.blocks, self.free, self.refs
@@ -169,7 +169,7 @@ def bench_decode(contexts: np.ndarray, episodes: int, warmup: int, rng: np.rando
         lengths = rng.choice(contexts, N_SEQS)
         assert int(lengths.max()) + EPISODE <= spec.max_seq_len
         m_a, m_b, m_c, m_d = (fresh_manager(spec, ids, lengths) for _ in range(4))
-        rows_c = dict(m_c._rows)
+        rows_c = dict(m_c.rows_by_id)
         lists = ListAllocator(m_c, ids)
         gc.collect()
         gc.disable()
@@ -208,7 +208,7 @@ def bench_decode(contexts: np.ndarray, episodes: int, warmup: int, rng: np.rando
             gc.enable()
         # ... and the same tables, lengths and free lists at the end of the episode.
         for m in (m_b, m_c, m_d):
-            assert m._rows == m_a._rows
+            assert m.rows_by_id == m_a.rows_by_id
             assert np.array_equal(m.table.block_tables, m_a.table.block_tables)
             assert np.array_equal(m.table.kv_lens, m_a.table.kv_lens)
             assert np.array_equal(m.table.num_blocks, m_a.table.num_blocks)

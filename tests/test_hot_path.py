@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 import paged_kv as pk
-from paged_kv.allocator import hot_path, manager as manager_mod
-from paged_kv.batch import step_batch
+from paged_kv.allocator import decode_layout, hot_path, step_arrays, manager as manager_mod
 
 FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len", "block_gens", "copy_src_gen",
           "copy_dst_gen")
@@ -43,12 +42,11 @@ def assert_same_metadata(a: pk.StepMetadata, b: pk.StepMetadata) -> None:
 
 def general_step_metadata(m, ids, counts) -> pk.StepMetadata:
     """`step_metadata` through its general code, never the plain shortcut."""
-    saved = manager_mod.plain_step_metadata
-    manager_mod.plain_step_metadata = lambda *args: None
+    m._plain_step_metadata = lambda *args: None
     try:
         return m.step_metadata(ids, counts)
     finally:
-        manager_mod.plain_step_metadata = saved
+        del m._plain_step_metadata
 
 
 @pytest.fixture(params=["small", "vector"])
@@ -56,7 +54,8 @@ def variant(request, monkeypatch):
     """Force the per-element or the vectorized variant of every fast path."""
     size = 10**6 if request.param == "small" else 0
     monkeypatch.setattr(hot_path, "SMALL_APPEND", size)
-    monkeypatch.setattr(step_batch, "SCALAR_ROWS", size)
+    for module in (step_arrays, decode_layout):
+        monkeypatch.setattr(module, "SCALAR_ROWS", size)
     return request.param
 
 
@@ -164,8 +163,8 @@ def test_to_device_copies_persistent_buffers():
 
 
 def _general_only(monkeypatch):
-    for fast in ("fast_append", "fast_admit", "fast_release"):
-        monkeypatch.setattr(manager_mod, fast, lambda *args: None)
+    for fast in ("_fast_append", "_fast_admit", "_fast_release"):
+        monkeypatch.setattr(manager_mod.KVCacheManager, fast, lambda *args: None)
 
 
 def _twin_managers(monkeypatch, prefix=False):
@@ -460,11 +459,11 @@ def test_decode_of_a_subsequence_keeps_the_layout_and_refuses_a_reused_row():
     assert got is layout  # same bucket: the kept rows were laid out in the same buffers
     assert_same_metadata(got, general_step_metadata(ref, kept, 1))
     # Id 4 leaves and comes back as a new sequence, on the row it just freed.
-    row = m._rows[4]
+    row = m.rows_by_id[4]
     for x in (m, ref):
         x.release(4)
         x.admit(4, 30)
-    assert m._rows[4] == row
+    assert m.rows_by_id[4] == row
     got = batch.decode([0, 1, 3, 4])
     ref.append([0, 1, 3, 4], 1)
     assert_same_metadata(got, general_step_metadata(ref, [0, 1, 3, 4], 1))

@@ -23,7 +23,7 @@ import numpy as np
 from paged_kv.allocator.arguments import check_count, row_of, rows_and_counts
 from paged_kv.allocator.block_pool import BlockPool
 from paged_kv.allocator.groups import GroupAllocator, group_class
-from paged_kv.allocator.hot_path import fast_admit, fast_append, fast_release, fill_new_row, plain
+from paged_kv.allocator.hot_path import HotPathMixin
 from paged_kv.allocator.page_table import PageTable, expand_runs
 from paged_kv.allocator.prefix_cache import PrefixCache
 from paged_kv.allocator.manager_commit import CommitMixin
@@ -32,7 +32,7 @@ from paged_kv.allocator.manager_state import StateMixin
 from paged_kv.allocator.manager_swap import SwapMixin
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
 from paged_kv.allocator.slot_claims import SlotClaims
-from paged_kv.allocator.plain_metadata import plain_step_metadata
+from paged_kv.allocator.step_arrays import FRESH, blocks_for, lengths_and_positions
 from paged_kv.allocator.steps import StepLog
 from paged_kv.allocator.written import WrittenBlocks
 from paged_kv.errors import (
@@ -45,14 +45,14 @@ from paged_kv.errors import (
     SequenceTooLongError,
     SpecError,
 )
-from paged_kv.metadata import StepMetadata, step_layout
+from paged_kv.metadata import StepMetadata, bucket
 from paged_kv.spec import CacheSpec
 
 SeqId = NewType("SeqId", int)
 """The caller's name for a request: any non-negative Python or numpy integer."""
 
 
-class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
+class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMixin):
     """Maps each sequence's token positions to blocks of the device pages.
 
     ``append`` and ``step_metadata`` take many sequences at once and do their work
@@ -192,7 +192,7 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
         write: ``[num_groups, num_tokens]`` (one row per layer group). Raises `DuplicateSequenceError`, `InvalidTokenCountError`,
         `SequenceTooLongError` or `OutOfBlocksError`, changing nothing.
         """
-        slots = fast_admit(self, seq_id, num_tokens)  # one group, no cache; None: not that case
+        slots = self._fast_admit(seq_id, num_tokens)  # one group, no cache; None: not that case
         if slots is not None:
             return slots
         seq_id = self._new_id(seq_id)
@@ -208,7 +208,7 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
         for g in self.groups:
             if not g.pool.can_allocate(blocks):
                 raise OutOfBlocksError(blocks, g.pool.num_free, f"admit(seq_id={seq_id}, num_tokens={n})")
-        return fill_new_row(self, self._add_row(seq_id), n, blocks)
+        return self._fill_new_row(self._add_row(seq_id), n, blocks)
 
     def append(self, seq_ids: Sequence[int], num_tokens: int | Sequence[int] | np.ndarray = 1) -> np.ndarray:
         """Grow each sequence by ``num_tokens`` (an int, or one count per sequence).
@@ -219,7 +219,7 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
         vLLM calls ``slot_mapping``), one row per layer group: ``[num_groups,
         sum(num_tokens)]``. All or nothing.
         """
-        slots = fast_append(self, seq_ids, num_tokens)  # the common decode step; None: not that case
+        slots = self._fast_append(seq_ids, num_tokens)  # the common decode step; None: not that case
         if slots is not None:
             return slots
         seq_ids = id_list(seq_ids)
@@ -230,7 +230,7 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
         """Forget ``seq_id`` and drop its hold on its blocks; returns how many no sequence holds now
         (free, or cached for reuse when the prefix cache keeps them). A sequence in a
         decode slot is released through its `DecodeSlots` (`SlotError` here)."""
-        freed = fast_release(self, seq_id)  # nothing shared: no counting; None: not that case
+        freed = self._fast_release(seq_id)  # nothing shared: no counting; None: not that case
         if freed is not None:
             return freed
         row = self._row(seq_id)
@@ -277,8 +277,8 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
         it described, so that `commit` after the step knows which tokens are on the
         device. Shapes are bucketed (see `bucket`).
         """
-        if plain(self):  # the common case, in fewer passes (same arrays; see `StepBatch` to reuse them)
-            meta = plain_step_metadata(self, seq_ids, num_new_tokens)
+        if self.plain:  # the common case, in fewer passes (same arrays; see `StepBatch` to reuse them)
+            meta = self._plain_step_metadata(seq_ids, num_new_tokens)
             if meta is not None:
                 return meta
         seq_ids = id_list(seq_ids)
@@ -295,12 +295,12 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
             )
         for g in self.groups:  # a local group may have dropped what an older query needs
             g.check_visible(seq_ids, rows, kv - q)
-        kv_lens, query_lens, positions, valid = step_layout(kv, q, self.spec)
-        B = kv_lens.size
+        B, T = bucket(n, self.spec.max_batch_slots), bucket(int(q.max(initial=1)), self.spec.max_seq_len)
+        kv_lens, query_lens, positions = lengths_and_positions(FRESH, kv, q, B, T)  # the one builder's
         step_id = self.steps.next_id()
         if self.num_pending_copies:
             self._described.update(dict.fromkeys(rows.tolist(), step_id))
-        groups = tuple(g.metadata(rows, kv - q, positions[:n], valid[:n], B, step_id) for g in self.groups)
+        groups = tuple(g.metadata(FRESH, rows, kv, q, positions, step_id) for g in self.groups)
         step = self.note_step(step_id, list(seq_ids), rows, kv)
         return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step, self.steps.tag)
 
@@ -340,7 +340,7 @@ class KVCacheManager(CommitMixin, PromptsMixin, SwapMixin, StateMixin):
     def _plan(self, rows: np.ndarray, counts: np.ndarray, seq_ids: list) -> list:
         """Every group's `GrowthPlan`; `SequenceTooLongError` / `OutOfBlocksError` change nothing."""
         old = self.table.kv_lens[rows].astype(np.int64)
-        new_blocks = -(-(old + counts) // self.spec.block_size)
+        new_blocks = blocks_for(old + counts, self.spec.block_size)
         too_long = new_blocks > self.spec.max_blocks_per_seq
         if np.any(too_long):
             i = int(np.flatnonzero(too_long)[0])

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from paged_kv.allocator.hot_path import nothing_to_commit
 from paged_kv.allocator.seq_ids import id_list
 from paged_kv.allocator.steps import Step, stale_error
 from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, StepError
@@ -51,7 +50,7 @@ class CommitMixin:
                     and seq_ids.epoch == log.table.epoch and not any(map(len, self._copies))):
                 log.committed = seq_ids.id
                 return
-        elif num_tokens is None and nothing_to_commit(self, seq_ids):
+        elif num_tokens is None and self._nothing_to_commit(seq_ids):
             return  # no copy pending, no prefix cache: a valid commit changes nothing
         if isinstance(seq_ids, StepMetadata):
             holder = seq_ids.step

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from paged_kv.allocator.saved_state import check_captured, take
+from paged_kv.allocator.step_arrays import slot
 from paged_kv.spec import NULL_BLOCK
 
 
@@ -41,9 +42,11 @@ class PageTable:
     amortized.
 
     Changes go through the methods below (the group allocator calls them); only the
-    host hot path (`hot_path.py`, `step_batch.py`) writes the arrays in place, element
-    by element, because a method call per decode token would cost more than the write;
-    it bumps ``version`` as the methods do.
+    host hot paths (`hot_path.py`'s appends, `decode_layout.py`'s in-place decode) write
+    the arrays in place, element by element (through `views`), because a method call
+    per decode token would cost more than the write; they then call `touch`, as the
+    methods bump ``version`` themselves. ``epoch``, ``version`` and ``born`` are read
+    by others, written only here.
     """
 
     def __init__(self, max_blocks_per_seq: int, initial_rows: int = 64):
@@ -62,11 +65,30 @@ class PageTable:
         self.epoch = 0
         self.version = 0
         self.born = np.zeros(initial_rows, dtype=np.int64)
+        self._views: tuple | None = None  # see `views`
 
     @property
     def capacity(self) -> int:
         """Rows allocated so far (in use or free); doubles when rows run out."""
         return self.kv_lens.shape[0]
+
+    def touch(self) -> int:
+        """Rows in use were changed in place (a hot path's element writes): a new ``version``,
+        returned, so that a layout built before it is seen to be stale."""
+        self.version += 1
+        return self.version
+
+    def views(self) -> tuple[memoryview, memoryview, memoryview]:
+        """Memoryviews of ``(kv_lens, block_tables, num_blocks)`` for element reads and the
+        hot paths' writes (about twice as fast as numpy scalar indexing), made again
+        only when the table replaces its arrays (it grew: a new row, a new epoch).
+        A writer calls `touch` after."""
+        views = self._views
+        if (views is None or views[0] is not self.kv_lens or views[1] is not self.block_tables
+                or views[2] is not self.num_blocks):
+            arrays = (self.kv_lens, self.block_tables, self.num_blocks)
+            views = self._views = (*arrays, tuple(map(memoryview, arrays)))
+        return views[3]
 
     def add_row(self) -> int:
         """A free row, emptied, for a new sequence; grows the table if none is free."""
@@ -136,9 +158,8 @@ class PageTable:
         self.kv_lens[rows] = kv_lens
 
     def slots(self, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
-        """Flat page slot of token ``positions[i]`` of row ``rows[i]``."""
-        blocks = self.block_tables[rows, positions // block_size].astype(np.int64)
-        return blocks * block_size + positions % block_size
+        """Flat page slot of token ``positions[i]`` of row ``rows[i]`` (`step_arrays.slot`)."""
+        return slot(self.block_tables[rows, positions // block_size].astype(np.int64), positions, block_size)
 
     def blocks_of(self, row: int) -> np.ndarray:
         """The blocks a row holds, in logical order (a view)."""
@@ -159,9 +180,10 @@ class PageTable:
 
     # ---- saved state (paged_kv.checkpoint) ------------------------------------------
     SAVED_ATTRS = frozenset({"max_blocks_per_seq", "block_tables", "kv_lens", "num_blocks", "first_block", "in_use",
-                             "_free_rows", "epoch", "version", "born"})
+                             "_free_rows", "epoch", "version", "born", "_views"})
     """Attributes `state` covers; ``epoch``, ``version`` and ``born`` are transient (change
-    counters for cached batch layouts): a restored table starts afresh."""
+    counters for cached batch layouts): a restored table starts afresh, and ``_views``
+    follow the arrays."""
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of every array a restored table needs, free rows in stack order."""

@@ -38,10 +38,10 @@ from paged_kv.errors import (
     UnknownSequenceError,
 )
 from paged_kv.allocator.seq_ids import check_seq_id, is_seq_id
-from paged_kv.batch.step_batch import StepBatch
+from paged_kv.allocator.step_arrays import FRESH, in_slots
 from paged_kv.allocator.steps import Step
-from paged_kv.metadata import GroupMetadata, StepMetadata, pad_slot
-from paged_kv.spec import NULL_BLOCK
+from paged_kv.batch.step_batch import StepBatch
+from paged_kv.metadata import StepMetadata, pad_slot
 
 if TYPE_CHECKING:  # annotations only: both import this module
     from paged_kv.allocator.manager import KVCacheManager
@@ -86,49 +86,13 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
             )
         counts = per_slot[occupied]
     meta = manager.step_metadata(ids, counts) if ids else None
-    return _in_slots(spec, meta, occupied, num_slots, None if meta is None else meta.step, manager.steps.tag)
+    return in_slots(FRESH, meta, occupied, num_slots, _pads(spec), spec.pool_signature(),
+                    None if meta is None else meta.step, manager.steps.tag)
 
 
-def _in_slots(spec, meta: StepMetadata | None, occupied: list[int], num_slots: int, step=None,
-              owner: np.ndarray | None = None) -> StepMetadata:
-    """``meta`` (rows in ``occupied`` order, or None: nothing occupied) spread over
-    ``num_slots`` rows, row ``occupied[i]`` holding meta's row ``i``, the rest padding;
-    fresh arrays."""
-    n = len(occupied)
-    T = meta.query_len if meta is not None else 1
-    rows = np.asarray(occupied, dtype=np.int64)
-
-    def place(name: str, shape, fill, group: int | None = None) -> np.ndarray:
-        out = np.full((num_slots, *shape), fill, dtype=np.int32)
-        if meta is not None:
-            src = meta if group is None else meta.groups[group]
-            out[rows] = getattr(src, name)[:n]
-        return out
-
-    groups = []
-    for g in range(len(spec.groups)):
-        W = meta.groups[g].block_tables.shape[1] if meta is not None else 1
-        groups.append(
-            GroupMetadata(
-                block_tables=place("block_tables", (W,), NULL_BLOCK, g),
-                slot_mapping=place("slot_mapping", (T,), pad_slot(spec, g), g),
-                start=place("start", (), 0, g),
-                block_gens=place("block_gens", (W,), 0, g),
-                **({} if meta is None else {k: getattr(meta.groups[g], k) for k in _COPY_FIELDS}),
-            )
-        )
-    return StepMetadata(
-        kv_lens=place("kv_lens", (), 0),
-        query_lens=place("query_lens", (), 0),
-        positions=place("positions", (T,), 0),
-        groups=tuple(groups),
-        built_for=spec.pool_signature(),
-        step=step,
-        owner=owner,
-    )
-
-
-_COPY_FIELDS = ("copy_src", "copy_dst", "copy_len", "copy_src_gen", "copy_dst_gen")
+def _pads(spec) -> list[int]:
+    """Each layer group's padding slot."""
+    return [pad_slot(spec, g) for g in range(len(spec.groups))]
 
 
 class _SlotSeqIds(list):
@@ -162,6 +126,7 @@ class DecodeSlots:
         self._seqs: list[int | None] = [None] * int(num_slots)
         self._slot_of: dict[int, int] = {}
         self._batch = StepBatch(manager)  # transient: the decode step's persistent rows
+        self._pads = _pads(manager.spec)  # each group's padding slot
 
     # ---- queries -------------------------------------------------------------------
     @property
@@ -292,9 +257,13 @@ class DecodeSlots:
             return self.step_metadata(1)
         # The persistent batch appends and describes the occupied rows in one pass
         # (in place while the same sequences decode); they are then spread over the slots.
-        meta = self._batch.decode([self._seqs[b] for b in occupied])
-        return _in_slots(self.manager.spec, meta, occupied, len(self._seqs), self._batch.last_step,
-                         self.manager.steps.tag)
+        batch = self._batch
+        meta = batch.decode([self._seqs[b] for b in occupied])
+        # The batch's rows placed in their slots, in fresh arrays: the caller may hand them
+        # to a jitted call as they are (on CPU, jit reads numpy arguments in place and
+        # later: reused buffers would be overwritten under it).
+        return in_slots(FRESH, meta, occupied, len(self._seqs), self._pads, meta.built_for, batch.last_step,
+                        self.manager.steps.tag)
 
     def commit(self, step: Step | StepMetadata | None = None) -> None:
         """`KVCacheManager.commit` of ``step`` (by default the occupied slots' last
@@ -338,9 +307,9 @@ class DecodeSlots:
         return tuple(self._seqs)
 
     # ---- saved state (paged_kv.checkpoint) ------------------------------------------
-    SAVED_ATTRS = frozenset({"manager", "_seqs", "_slot_of", "_batch"})
+    SAVED_ATTRS = frozenset({"manager", "_seqs", "_slot_of", "_batch", "_pads"})
     """Attributes `state` covers (``manager`` is the one restored alongside; ``_batch``
-    is transient: a restored one starts empty)."""
+    is transient: a restored one starts empty; ``_pads`` follow from the spec)."""
 
     def state(self) -> dict[str, np.ndarray]:
         """``slot_of``: ``(seq_id, slot)`` pairs in insertion order (``num_slots`` is the caller's to keep)."""

@@ -37,6 +37,7 @@ from paged_kv.allocator.page_table import PageTable, expand_runs
 from paged_kv.allocator.pending_copies import PendingCopies
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixCache
 from paged_kv.allocator.saved_state import check_captured, prefixed, scoped
+from paged_kv.allocator.step_arrays import group_arrays
 from paged_kv.errors import CheckpointError, InvalidTokenCountError, OutOfBlocksError
 from paged_kv.metadata import GroupMetadata, bucket, pad_slot
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
@@ -250,24 +251,21 @@ class GroupAllocator:
                 "when the sequence grew past them; describe each step (step_metadata) before appending the next "
                 "tokens, or describe fewer new tokens")
 
-    def metadata(self, rows: np.ndarray, first_query: np.ndarray, positions: np.ndarray, valid: np.ndarray,
-                 batch: int, step: int) -> GroupMetadata:
-        """This group's tables for a step: the blocks from the first one this step's
-        queries can see to the last one held, and the new tokens' write slots."""
-        bs, table, n = self.block_size, self.table, rows.size
-        first = self.keep_from(rows, first_query) if self.local else np.zeros(n, np.int64)
+    def metadata(self, out, rows: np.ndarray, kv: np.ndarray, q: np.ndarray, positions: np.ndarray,
+                 step: int) -> GroupMetadata:
+        """This group's share of a step over ``rows`` holding ``kv`` tokens whose last ``q``
+        are new (``positions``: the step's ``[B, T]``), written by the one builder
+        (`step_arrays.group_arrays`) into ``out``: the blocks from the first one this
+        step's queries can see (the kind's rule) to the last one held, the new tokens'
+        write slots, and every pending copy-on-write copy."""
+        table, n = self.table, rows.size
+        first = self.keep_from(rows, kv - q) if self.local else np.zeros(n, np.int64)
         width = table.num_blocks[rows] - first
         W = bucket(int(width.max(initial=1)), table.max_blocks_per_seq)
-        block_tables = np.full((batch, W), NULL_BLOCK, dtype=np.int32)
-        block_tables[:n] = self._step_tables(rows, first, W)
-        blk = table.block_tables[rows[:, None], positions // bs].astype(np.int64)
-        slot_mapping = np.full((batch, positions.shape[1]), self.pad_slot, dtype=np.int32)
-        slot_mapping[:n] = np.where(valid, blk * bs + positions % bs, self.pad_slot)
-        start = np.zeros(batch, dtype=np.int32)
-        start[:n] = first * bs
         src, dst, length = self.issue_copies(step)
-        return GroupMetadata(block_tables, slot_mapping, start, src, dst, length, self.pool.generation[block_tables],
-                             *self.copy_generations(src, dst))
+        return group_arrays(out, self.index, table, self.pool.generation, rows, kv, q, positions, positions.shape[0],
+                            W, self.pad_slot, self.block_size, self._step_tables(rows, first, W), first,
+                            (src, dst, length, *self.copy_generations(src, dst)))
 
     def copy_generations(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The generations of copies' sources and destinations (0 for padding, whose

@@ -1,0 +1,424 @@
+"""The one builder of step metadata arrays, and the two rules every step follows.
+
+Every array of every `StepMetadata` is written here, whoever describes the step:
+
+* `KVCacheManager.step_metadata`, general path (`fresh_step` over `group_arrays`, one
+  call per layer group: any kind of group, copy-on-write copies) and plain path (one
+  full-attention group, nothing forked: `plain_step`, the decode layout of its rows
+  and, when some row writes other than one token, a mixed step beside it);
+* the persistent batch (`paged_kv.batch.StepBatch`), through a `DecodeLayout`
+  (`paged_kv.allocator.decode_layout`) over reused `Buffers`: the same writers, plus
+  the in-place decode step, compaction when rows leave and rows joining;
+* the decode slots (`paged_kv.batch.DecodeSlots`): a step's rows placed in their
+  slots (`in_slots`), into fresh arrays or the slots' own buffers.
+
+Arrays come from a provider with ``get(name, shape)``: `FRESH` (new arrays, the
+caller's to keep: `step_metadata`'s contract) or `Buffers` (one flat buffer per name,
+reused step after step). Writers overwrite every element they hand out.
+
+The rules, each written once:
+
+* `slot`: token ``p`` of a row whose logical block ``p // block_size`` is block ``b``
+  lives at flat page slot ``b * block_size + p % block_size``;
+* `room` (the append rule): a row holding ``n`` tokens has ``room(n)`` free slots in its
+  last block; a token appended to a row with no room takes a new block, so a row of
+  ``n`` tokens holds `blocks_for` ``(n)`` blocks.
+
+The host side: numpy only, never JAX.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paged_kv.metadata import GroupMetadata, StepMetadata
+from paged_kv.spec import NULL_BLOCK
+
+assert NULL_BLOCK == 0, "fresh tables are zero-filled: the null block"
+
+SCALAR_ROWS = 12
+"""Up to this many rows the decode layout is written (and advanced, `DecodeLayout`)
+element by element in Python: numpy's ~1 µs per call is then the whole cost."""
+
+EMPTY = np.zeros(0, dtype=np.int32)  # no copy-on-write copies
+EMPTY.flags.writeable = False
+
+
+# ---- the rules ----------------------------------------------------------------------------
+def room(tokens, block_size):
+    """The append rule: free slots in the last block of a row holding ``tokens`` tokens (0
+    for an empty row or a full last block). A token appended to a row with no room takes
+    a new block. An int, or a numpy array elementwise."""
+    return -tokens % block_size
+
+
+def blocks_for(tokens, block_size):
+    """Blocks a row holding ``tokens`` tokens holds (`room`'s consequence: ceil(tokens / block_size))."""
+    return (tokens + room(tokens, block_size)) // block_size
+
+
+def slot(block, position, block_size):
+    """Flat page slot of the token at logical ``position`` of a row whose block
+    ``position // block_size`` is ``block``. Ints, or numpy arrays elementwise."""
+    return block * block_size + position % block_size
+
+
+def run_slots(block_tables: np.ndarray, row: int, first: int, count: int, block_size: int) -> np.ndarray:
+    """Slots of ``row``'s tokens ``first .. first + count`` (one contiguous run: a prompt):
+    one slice of its blocks, each expanded to its slots."""
+    out = np.empty(count, np.int32)
+    write_run(out, block_tables, row, first, count, block_size)
+    return out
+
+
+def write_run(dst: np.ndarray, block_tables: np.ndarray, row: int, first: int, count: int, block_size: int) -> None:
+    """``dst[:count]`` (contiguous) = the slots of ``row``'s tokens ``first .. first + count``,
+    written in place: each whole block of the run as one row of ``[blocks, block_size]``,
+    a partial block at either end alone."""
+    bs = block_size
+    blocks = block_tables[row, first // bs: (first + count - 1) // bs + 1]
+    offsets, head = _offsets(bs), -first % bs  # tokens before the run's first whole block
+    head = min(head, count)
+    if head:
+        dst[:head] = slot(blocks[0], offsets[first % bs: first % bs + head], bs)
+        blocks = blocks[1:]
+    whole = (count - head) // bs
+    if whole:
+        np.add((blocks[:whole] * bs)[:, None], offsets, out=dst[head: head + whole * bs].reshape(whole, bs))
+    tail = count - head - whole * bs
+    if tail:
+        dst[count - tail: count] = slot(blocks[whole], offsets[:tail], bs)
+
+
+_OFFSETS: dict[int, np.ndarray] = {}
+
+
+def _offsets(block_size: int) -> np.ndarray:
+    offsets = _OFFSETS.get(block_size)
+    if offsets is None:
+        offsets = _OFFSETS[block_size] = np.arange(block_size, dtype=np.int32)
+    return offsets
+
+
+def bucket_int(n: int, cap: int) -> int:
+    """`paged_kv.metadata.bucket` for counts already known to be ints (no argument checks:
+    it runs every step)."""
+    return min(1 << (max(n, 1) - 1).bit_length(), cap)
+
+
+# ---- where the arrays live -------------------------------------------------------------------
+class Fresh:
+    """New arrays on every request: what `step_metadata` returns is the caller's to keep."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def get(name: str, shape: tuple) -> np.ndarray:
+        return np.empty(shape, np.int32)
+
+
+FRESH = Fresh()
+
+
+class Buffers:
+    """Metadata arrays reused step after step: one flat int32 buffer per name, handed
+    out as a view of the shape asked for (the same view object for the same shape).
+
+    Why: a fresh array of a few hundred KiB is mmapped and page-faulted on first
+    touch, and a mixed step's ``[B, T]`` positions and slots are that size. A buffer
+    only grows, so after the first steps of a loop nothing is allocated. Every array
+    handed out is fully overwritten by its user, and arrays of one name are one
+    layout's (a holder keeps one decode layout and one mixed step at a time). A buffer
+    that grows keeps its bytes, so a layout whose batch bucket grows keeps its rows."""
+
+    def __init__(self):
+        self._flat: dict[str, np.ndarray] = {}
+        self._views: dict[tuple, np.ndarray] = {}
+        self._memoryviews: dict[tuple, memoryview] = {}
+        self.epoch = 0  # bumped whenever a buffer is replaced (its views with it): holders re-fetch theirs
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        view = self._views.get((name, shape))
+        if view is None:
+            size = int(np.prod(shape))
+            flat = self._flat.get(name)
+            if flat is None or flat.size < size:
+                old = flat
+                flat = self._flat[name] = np.empty(max(size, 2 * (0 if old is None else old.size)), np.int32)
+                if old is not None:
+                    flat[:old.size] = old
+                self.epoch += 1
+                # Views of the old buffer go with it.
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}
+                self._memoryviews = {k: v for k, v in self._memoryviews.items() if k[0] != name}
+            view = self._views[(name, shape)] = flat[:size].reshape(shape)
+        return view
+
+    def memoryview(self, name: str, shape: tuple) -> memoryview:
+        """A memoryview of ``get(name, shape)``, made once: exporting a buffer costs ~0.7 µs.
+        ``shape`` ``(n,)`` of a ``(B, 1)`` array indexes its column (the same bytes)."""
+        mv = self._memoryviews.get((name, shape))
+        if mv is None:
+            mv = self._memoryviews[(name, shape)] = memoryview(self.get(name, shape))
+        return mv
+
+
+def fill(view, values, pad: int) -> None:
+    """``view[:len(values)] = values`` and the rest ``pad``, element by element (a memoryview)."""
+    n = len(values)
+    for b, v in enumerate(values):
+        view[b] = v
+    for b in range(n, len(view)):
+        view[b] = pad
+
+
+# ---- one layer group's tables and slots, any kind ---------------------------------------------
+def lengths_and_positions(out, kv: np.ndarray, q: np.ndarray, B: int, T: int) -> tuple:
+    """``kv_lens [B]``, ``query_lens [B]``, ``positions [B, T]`` of rows holding ``kv`` tokens
+    whose last ``q`` are new: new token ``t`` of a row sits at ``kv - q + t``, padding at
+    the row's last real position (so a causal mask never leaves a padding query with
+    nothing to attend to), padding rows at 0."""
+    n = kv.size
+    kv_lens, query_lens, positions = out.get("kv", (B,)), out.get("q", (B,)), out.get("pos", (B, T))
+    kv_lens[:n], kv_lens[n:] = kv, 0
+    query_lens[:n], query_lens[n:] = q, 0
+    np.add((kv_lens - query_lens)[:, None], np.arange(T, dtype=np.int32)[None, :], out=positions)
+    np.minimum(positions, np.maximum(kv_lens - 1, 0)[:, None], out=positions)
+    return kv_lens, query_lens, positions
+
+
+def write_slots(slots: np.ndarray, block_tables: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
+                positions: np.ndarray, pad: int, block_size: int) -> None:
+    """``slots [B, T]``: each row's new tokens' slots, ``pad`` elsewhere (dropped by the
+    write). One-token rows in one vectorized gather, a few longer rows as runs, many
+    as one ``[n, T]`` gather."""
+    slots.fill(pad)
+    one = np.flatnonzero(q == 1)
+    if one.size:
+        last = kv[one].astype(np.int64) - 1
+        slots[one, 0] = slot(block_tables[rows[one], last // block_size], last, block_size)
+    many = np.flatnonzero(q > 1)
+    if many.size > SCALAR_ROWS:
+        valid = np.arange(slots.shape[1])[None, :] < q[many, None]
+        pos = positions[many].astype(np.int64)
+        blk = block_tables[rows[many, None], pos // block_size]
+        slots[many] = np.where(valid, slot(blk, pos, block_size), pad)
+    else:
+        for b in many.tolist():
+            c, end = int(q[b]), int(kv[b])
+            write_run(slots[b], block_tables, int(rows[b]), end - c, c, block_size)
+
+
+def group_arrays(out, g: int, table, generation: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
+                 positions: np.ndarray, B: int, W: int, pad: int, block_size: int, columns: np.ndarray | None = None,
+                 first: np.ndarray | None = None, copies: tuple = (EMPTY,) * 5) -> GroupMetadata:
+    """Layer group ``g``'s share of a step over ``rows``: tables ``[B, W]`` (``columns``, the
+    group's chosen ``[n, W]`` columns of each row; None: each row's first ``W`` columns,
+    as a full-attention row is null past its blocks), their generations, the new tokens'
+    slots, ``start`` (``first`` block of each row, None: 0), and ``copies`` (copy-on-write
+    sources, destinations, lengths and the two generations)."""
+    n = rows.size
+    tables = out.get(f"tables{g}", (B, W))
+    if columns is not None:
+        tables[:n] = columns
+    elif n:
+        widest = min(W, int(table.num_blocks[rows].max()))
+        tables[:n, :widest] = table.block_tables[rows, :widest]
+        tables[:n, widest:] = NULL_BLOCK
+    tables[n:] = NULL_BLOCK
+    gens = out.get(f"gens{g}", (B, W))
+    generation.take(tables, None, gens, "wrap")  # what each block is now (`GroupMetadata.block_gens`)
+    slots = out.get(f"slot{g}", positions.shape)
+    write_slots(slots, table.block_tables, rows, kv, q, positions, pad, block_size)
+    start = out.get(f"start{g}", (B,))
+    start[:n] = 0 if first is None else first * block_size
+    start[n:] = 0
+    src, dst, length, src_gen, dst_gen = copies
+    return GroupMetadata(tables, slots, start, src, dst, length, gens, src_gen, dst_gen)
+
+
+# ---- a decode layout: every row's last token is the step's --------------------------------------
+def last_tokens(table, row_list: list, rows: np.ndarray | None, block_size: int) -> tuple:
+    """Each row's length, last position and that position's slot, and the most blocks a
+    row holds: Python lists for a few rows (through the table's memoryviews), numpy
+    arrays for more."""
+    if len(row_list) <= SCALAR_ROWS:
+        kvl, btv, nbl = table.views()
+        kv, last, slots, widest = [], [], [], 0
+        for r in row_list:
+            k = kvl[r]
+            p = k - 1
+            kv.append(k)
+            last.append(p)
+            slots.append(slot(btv[r, p // block_size], p, block_size))
+            w = nbl[r]
+            if w > widest:
+                widest = w
+        return kv, last, slots, widest
+    kv = table.kv_lens[rows]
+    last = kv - 1
+    return kv, last, slot(table.block_tables[rows, last // block_size], last, block_size), int(
+        table.num_blocks[rows].max())
+
+
+def decode_arrays(out, table, generation: np.ndarray, row_list: list, rows: np.ndarray | None, B: int,
+                  max_width: int, pad: int, block_size: int) -> tuple:
+    """The decode layout of ``row_list`` (rows of one full-attention group, each holding at
+    least one token; ``rows``: the same as an int64 array, or None) into ``out``:
+    ``(kv_lens, query_lens, positions, tables, slots, start, gens)``, ``positions`` and
+    ``slots`` ``[B, 1]``. A few rows are written from Python lists (fresh arrays in one
+    call each; reused buffers element by element through their memoryviews), more
+    with a handful of vectorized calls."""
+    n = len(row_list)
+    if rows is None and n > SCALAR_ROWS:
+        rows = np.array(row_list, dtype=np.int64)
+    kv, last, slots_of, widest = last_tokens(table, row_list, rows, block_size)
+    W = bucket_int(widest, max_width)
+    if n <= SCALAR_ROWS and out is FRESH:  # a few rows into new arrays: as few calls as can be
+        padding = [0] * (B - n)
+        rows5 = np.array([kv + padding, [1] * n + padding, last + padding, slots_of + [pad] * (B - n), [0] * B],
+                         np.int32)  # one fresh array, its rows the step's [B] arrays
+        bt = table.block_tables
+        if B == 1:
+            tables = bt[row_list[0]: row_list[0] + 1, :W].copy()  # past the row's blocks: null
+        else:
+            tables = np.zeros((B, W), np.int32)  # zeros: the null block
+            for b, r in enumerate(row_list):
+                tables[b, :widest] = bt[r, :widest]
+        return (rows5[0], rows5[1], rows5[2:3].T, tables, rows5[3:4].T, rows5[4],
+                generation.take(tables))
+    get = out.get
+    kv_lens, query_lens, positions = get("kv", (B,)), get("q", (B,)), get("pos", (B, 1))
+    tables, slots, start, gens = get("tables", (B, W)), get("slot", (B, 1)), get("start", (B,)), get("gens", (B, W))
+    if n <= SCALAR_ROWS:  # a few rows into reused buffers: element writes beat numpy's ~1 µs per call
+        mv = out.memoryview
+        for name, values, fill_with in (("kv", kv, 0), ("q", [1] * n, 0), ("pos", last, 0), ("slot", slots_of, pad),
+                                        ("start", (), 0)):
+            fill(mv(name, (B,)), values, fill_with)
+        tables.fill(NULL_BLOCK)
+        bt = table.block_tables
+        for b, r in enumerate(row_list):
+            tables[b, :widest] = bt[r, :widest]
+    else:
+        kv_lens[:n], kv_lens[n:] = kv, 0
+        query_lens[:n], query_lens[n:] = 1, 0
+        positions[:n, 0], positions[n:] = last, 0
+        slots[:n, 0], slots[n:] = slots_of, pad
+        start.fill(0)
+        tables[:n, :widest] = table.block_tables[rows, :widest]  # past a row's blocks: null
+        tables[:n, widest:] = NULL_BLOCK
+        tables[n:] = NULL_BLOCK
+    generation.take(tables, None, gens, "wrap")  # what each block is now (`GroupMetadata.block_gens`)
+    return kv_lens, query_lens, positions, tables, slots, start, gens
+
+
+def mixed_arrays(out, dec: StepMetadata, block_tables: np.ndarray, row_list: list, counts: list, T: int, pad: int,
+                 block_size: int) -> tuple:
+    """A step writing each row's last ``counts[b]`` tokens, beside the decode layout ``dec``
+    of the same rows (which it shares: lengths, tables, starts, generations): its own
+    ``query_lens [B]``, ``positions [B, T]`` and ``slots [B, T]``. Padding sits at each
+    row's last position; a one-token row's slot is the layout's, a longer row's a run,
+    a row writing nothing has none."""
+    B = dec.batch_size
+    # Names of their own: at T = 1 the decode layout's buffers have the same shapes.
+    query_lens, positions, slots = out.get("mq", (B,)), out.get("mpos", (B, T)), out.get("mslot", (B, T))
+    n = len(counts)
+    query_lens[:n], query_lens[n:] = counts, 0
+    np.copyto(positions, dec.positions)  # every row's padding sits at its last real position
+    slots.fill(pad)
+    slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the one-token rows' slot (padding rows: dropped)
+    for b, c in enumerate(counts):
+        if c == 1:
+            continue
+        if c == 0:
+            slots[b, 0] = pad
+            continue
+        end = int(dec.kv_lens[b])
+        positions[b, :c] = np.arange(end - c, end, dtype=np.int32)
+        write_run(slots[b], block_tables, row_list[b], end - c, c, block_size)
+    return query_lens, positions, slots
+
+
+def step_metadata(kv_lens, query_lens, positions, tables, slots, start, gens, signature, step, owner) -> StepMetadata:
+    """The `StepMetadata` of a one-group step without copies."""
+    return StepMetadata(kv_lens, query_lens, positions,
+                        (GroupMetadata(tables, slots, start, EMPTY, EMPTY, EMPTY, gens, EMPTY, EMPTY),),
+                        signature, step, owner)
+
+
+def plain_step(table, generation: np.ndarray, spec, pad: int, row_list: list, rows: np.ndarray, counts: list,
+               signature, step, owner) -> StepMetadata:
+    """`KVCacheManager.step_metadata` of a plain manager (one full-attention group, no copy
+    pending) in fresh arrays: the decode layout of its rows and, when some row writes
+    other than one token, the step's own ``[B, T]`` arrays beside it. ``counts``: a list
+    of ints, validated (each from 0 to its row's length)."""
+    bs = spec.block_size
+    B = bucket_int(len(row_list), spec.max_batch_slots)
+    if not row_list:
+        return empty_step(FRESH, B, spec.max_seq_len, pad, signature, step, owner)
+    arrays = decode_arrays(FRESH, table, generation, row_list, rows, B, spec.max_blocks_per_seq, pad, bs)
+    if max(counts) == 1 and min(counts) == 1:
+        return step_metadata(*arrays, signature, step, owner)
+    kv_lens, _, positions, tables, slots, start, gens = arrays
+    dec = step_metadata(*arrays, signature, None, owner)
+    query_lens, positions, slots = mixed_arrays(FRESH, dec, table.block_tables, row_list, counts,
+                                                bucket_int(max(counts), spec.max_seq_len), pad, bs)
+    return step_metadata(kv_lens, query_lens, positions, tables, slots, start, gens, signature, step, owner)
+
+
+def empty_step(out, B: int, T_cap: int, pad: int, signature, step, owner) -> StepMetadata:
+    """A step over no row: one padding row (`bucket` of 0 is 1), tables one null block wide."""
+    kv_lens, query_lens, positions = out.get("kv", (B,)), out.get("q", (B,)), out.get("pos", (B, 1))
+    tables, slots, start, gens = out.get("tables", (B, 1)), out.get("slot", (B, 1)), out.get("start", (B,)), out.get(
+        "gens", (B, 1))
+    for a in (kv_lens, query_lens, positions, tables, start, gens):
+        a.fill(0)
+    slots.fill(pad)
+    return step_metadata(kv_lens, query_lens, positions, tables, slots, start, gens, signature, step, owner)
+
+
+# ---- a step's rows placed in decode slots ---------------------------------------------------
+COPY_FIELDS = ("copy_src", "copy_dst", "copy_len", "copy_src_gen", "copy_dst_gen")
+
+
+def in_slots(out, meta: StepMetadata | None, occupied: list, num_slots: int, pads: list, signature, step,
+             owner) -> StepMetadata:
+    """``meta`` (rows in ``occupied`` order, or None: nothing occupied) spread over
+    ``num_slots`` rows, row ``occupied[i]`` holding meta's row ``i``, the rest padding
+    (``pads[g]``: group ``g``'s padding slot). When the occupied slots are the first ones,
+    in order, rows are copied as blocks."""
+    n = len(occupied)
+    T = meta.query_len if meta is not None else 1
+    prefix = occupied == list(range(n))
+    rows = None if prefix else np.asarray(occupied, dtype=np.int64)
+
+    def place(name: str, shape: tuple, src, pad: int) -> np.ndarray:
+        dst = out.get(name, (num_slots, *shape))
+        if src is None:
+            dst.fill(pad)
+        elif prefix:
+            dst[:n] = src[:n]
+            dst[n:] = pad
+        else:
+            dst.fill(pad)
+            dst[rows] = src[:n]
+        return dst
+
+    groups = []
+    for g, pad in enumerate(pads):
+        gm = meta.groups[g] if meta is not None else None
+        W = gm.block_tables.shape[1] if gm is not None else 1
+        get = (lambda field: None) if gm is None else (lambda field: getattr(gm, field))
+        copies = {} if gm is None else {k: getattr(gm, k) for k in COPY_FIELDS}
+        groups.append(GroupMetadata(block_tables=place(f"tables{g}", (W,), get("block_tables"), NULL_BLOCK),
+                                    slot_mapping=place(f"slot{g}", (T,), get("slot_mapping"), pad),
+                                    start=place(f"start{g}", (), get("start"), 0),
+                                    block_gens=place(f"gens{g}", (W,), get("block_gens"), 0), **copies))
+    src = (lambda field: None) if meta is None else (lambda field: getattr(meta, field))
+    return StepMetadata(place("kv", (), src("kv_lens"), 0), place("q", (), src("query_lens"), 0),
+                        place("pos", (T,), src("positions"), 0), tuple(groups), signature, step, owner)
+
+
+__all__ = ["Buffers", "COPY_FIELDS", "EMPTY", "FRESH", "Fresh", "SCALAR_ROWS", "blocks_for", "bucket_int",
+           "decode_arrays", "empty_step", "fill", "group_arrays", "in_slots", "last_tokens", "lengths_and_positions",
+           "mixed_arrays", "plain_step", "room", "run_slots", "slot", "step_metadata", "write_run", "write_slots"]
