@@ -270,7 +270,7 @@ def main() -> None:
           f"{one['over_memcpy']}x memcpy; loopback TCP alone {pages['tcp_loopback_over_memcpy']}x), "
           f"offer to first decode step {one['latency_to_first_decode_step_ms']} ms; batch of {batch}: "
           f"{many['transfer_s']} s ({many['over_memcpy']}x memcpy), {many['latency_per_sequence_ms']} ms per sequence")
-    out["generation"] = gen = generation_benchmark(6 if args.quick else 16, 0.15)
+    out["generation"] = gen = generation_benchmark(6 if args.quick else 16, 0.5)
     print(f"generation: disaggregated {gen['disaggregated']['tokens_per_s']:.1f} tokens/s, TTFT "
           f"{gen['disaggregated']['ttft_median_s'] * 1e3:.0f} ms; single process "
           f"{gen['single_process']['tokens_per_s']:.1f} tokens/s, TTFT {gen['single_process']['ttft_median_s'] * 1e3:.0f} ms")

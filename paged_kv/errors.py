@@ -133,7 +133,7 @@ class TransferError(PagedKVError):
 
 class TransferRefusedError(TransferError, ValueError):
     """The receiver refused the offer before anything was pulled; ``reason`` names why
-    (``"spec"``, ``"full"``, ``"duplicate"``, ``"invalid"``, ``"message"``, ``"busy"``)."""
+    (``"spec"``, ``"full"``, ``"duplicate"``, ``"invalid"``, ``"message"``)."""
 
     def __init__(self, message: str, reason: str = "invalid"):
         super().__init__(message)
