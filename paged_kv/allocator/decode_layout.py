@@ -11,10 +11,11 @@ holder (`paged_kv.batch.StepBatch`) checks them before trusting it. Then:
 * `advance` appends one token to every row and advances the layout in place -- each
   row's length, position and slot (the previous slot + 1), and the table entry of a
   row that takes a block (`room`). It is the fused ``append`` of a decode step: it
-  writes the page table's lengths and new blocks and `touch`es it. Up to
-  `SCALAR_ROWS` rows run element by element through memoryviews, counting down the
-  steps before any row needs a block (``runway``); more take a handful of vectorized
-  calls.
+  writes the page table's lengths and new blocks and `touch`es it. Which rows take a
+  block at which step follows from each row's room when the layout was written (a
+  ring of ``block_size`` lists of rows), so a step evaluates no rule per row. Up to
+  `SCALAR_ROWS` rows run element by element through memoryviews; more take a handful
+  of vectorized calls.
 * `compact` keeps a subsequence of the rows (others left), moved up in the same buffers;
 * `join` writes rows joining after the last one;
 * `mixed` writes a step whose rows write other than one token each beside the layout,
@@ -61,10 +62,14 @@ class DecodeLayout:
         self.row_array = np.zeros(0, np.int64)
         self.born: list = []  # each row's `PageTable.born` when written
         self.epoch = self.version = -1  # the table's counters the layout is valid for
-        self.runway = 0  # decode steps before some row needs a block (a few rows; else 0)
+        self.ring: list[list] = []  # see `_keep`
+        self.tick = 0
         self.tiny: tuple | None = None  # what a few rows' `advance` touches
         self.vector: tuple | None = None  # what more rows' `advance` touches
         self._shapes: dict[tuple, tuple] = {}  # see `_shape`
+        self._slot_flat = np.zeros(0, np.int32)  # see `_clean_slots`
+        self._slot_views: dict[tuple, np.ndarray] = {}
+        self._dirty: tuple | None = None
         self._pool_gens = memoryview(self.pool.generation)  # never replaced, only written
 
     # ---- writing a layout ---------------------------------------------------------------
@@ -87,12 +92,19 @@ class DecodeLayout:
             return False
         n0, n1 = len(self.rows), len(kept)
         gm = dec.groups[0]
-        kv, pos, slots, tables, gens = dec.kv_lens, dec.positions[:, 0], gm.slot_mapping[:, 0], gm.block_tables, gm.block_gens
-        if at[-1] != n1 - 1:  # rows left before the end: move the rest up
-            sel = np.array(at, dtype=np.int64)
-            kv[:n1], pos[:n1], slots[:n1], tables[:n1], gens[:n1] = kv[sel], pos[sel], slots[sel], tables[sel], gens[sel]
-        kv[n1:n0], pos[n1:n0], slots[n1:n0], tables[n1:n0], gens[n1:n0] = 0, 0, self.pad, NULL_BLOCK, 0  # padding now
-        dec.query_lens[n1:n0] = 0
+        tables, gens = gm.block_tables, gm.block_gens
+        (kv, pos, slots, q), _, _ = self._shape(B0, W)[1:]
+        for i, j in enumerate(at):  # rows left before the end: move the rest up
+            if i != j:
+                kv[i], pos[i], slots[i] = kv[j], pos[j], slots[j]
+                tables[i] = tables[j]
+                gens[i] = gens[j]
+        pad = self.pad
+        for b in range(n1, n0):  # padding now
+            kv[b] = pos[b] = q[b] = 0
+            slots[b] = pad
+        tables[n1:n0] = NULL_BLOCK
+        gens[n1:n0] = 0
         B1 = bucket_int(n1, self.max_batch)
         if B1 != B0:  # a shorter view of the same bytes
             self.meta = self._shape(B1, W)[0]
@@ -105,23 +117,23 @@ class DecodeLayout:
         view of the same bytes); False (nothing written) otherwise."""
         dec = self.meta
         n = len(self.rows)
-        total = n + len(new_rows)
         B0, W = dec.groups[0].block_tables.shape
         kvl, btv, nbl = self.table.views()
         if max([nbl[r] for r in new_rows]) > W:
             return False
-        B1 = bucket_int(total, self.max_batch)
+        B1 = bucket_int(n + len(new_rows), self.max_batch)
         if B1 != B0:  # a longer view of the same bytes
             dec = self.meta = self._shape(B1, W)[0]
             self._pad_rows(dec, B0, B1)
         gm = dec.groups[0]
-        bt, bs, generation = self.table.block_tables, self.bs, self.pool.generation
+        (kv, pos, slots, q), _, _ = self._shape(B1, W)[1:]
+        bt, bs, generation, tables, gens = self.table.block_tables, self.bs, self.pool.generation, gm.block_tables, gm.block_gens
         for b, r in enumerate(new_rows, n):
             last = kvl[r] - 1
-            dec.kv_lens[b], dec.query_lens[b], dec.positions[b, 0] = last + 1, 1, last
-            gm.slot_mapping[b, 0] = slot(btv[r, last // bs], last, bs)
-            gm.block_tables[b] = bt[r, :W]  # null past the row's blocks
-            gm.block_gens[b] = generation[gm.block_tables[b]]
+            kv[b], q[b], pos[b] = last + 1, 1, last
+            slots[b] = slot(btv[r, last // bs], last, bs)
+            tables[b] = bt[r, :W]  # null past the row's blocks
+            generation.take(tables[b], None, gens[b], "wrap")
         self._keep(self.rows + new_rows, None)
         return True
 
@@ -130,14 +142,35 @@ class DecodeLayout:
         (shared: lengths, tables, starts); the same object as the last mixed step when it
         has the same buffers."""
         dec = self.meta
-        query_lens, positions, slots = mixed_arrays(self.buffers, dec, self.table.block_tables, self.rows, counts,
-                                                    bucket_int(max(counts), self.max_len), self.pad, self.bs)
+        T = bucket_int(max(counts), self.max_len)
+        clean = self._clean_slots(dec.batch_size, T)
+        query_lens, positions, slots = mixed_arrays(self.buffers, dec, self.table.block_tables, self.rows, counts, T,
+                                                    self.pad, self.bs, clean)
+        self._dirty = (slots, [(b, c) for b, c in enumerate(counts) if c > 1])
         gm, last = dec.groups[0], self.mixed_meta
         if not (last is not None and last.positions is positions and last.kv_lens is dec.kv_lens
                 and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
             self.mixed_meta = step_metadata(dec.kv_lens, query_lens, positions, gm.block_tables, slots, gm.start,
                                             gm.block_gens, self.signature, self.holder, self.owner)
         return self.mixed_meta
+
+    def _clean_slots(self, B: int, T: int) -> np.ndarray:
+        """A mixed step's ``[B, T]`` slots, every one the padding slot: its own buffer, of
+        which only what the last mixed step wrote (column 0, its runs) is reset, not the
+        whole ``B x T``."""
+        view = self._slot_views.get((B, T))
+        flat = self._slot_flat
+        if view is None and flat.size < B * T:  # a bigger buffer, padding throughout
+            flat = self._slot_flat = np.full(max(B * T, 2 * flat.size), self.pad, np.int32)
+            self._slot_views, self._dirty = {}, None
+        elif self._dirty is not None:
+            last, runs = self._dirty
+            last[:, 0] = self.pad
+            for b, c in runs:
+                last[b, :c] = self.pad
+        if view is None:
+            view = self._slot_views[(B, T)] = flat[:B * T].reshape(B, T)
+        return view
 
     def _shape(self, B: int, W: int) -> tuple:
         """The decode layout's metadata over ``B`` rows and ``W`` table columns of the
@@ -151,7 +184,7 @@ class DecodeLayout:
                                  get("slot", (B, 1)), get("start", (B,)), get("gens", (B, W)), self.signature,
                                  self.holder, self.owner)
             # The [B, 1] columns are the same bytes as [B] vectors.
-            columns = (mv("kv", (B,)), mv("pos", (B,)), mv("slot", (B,)))
+            columns = (mv("kv", (B,)), mv("pos", (B,)), mv("slot", (B,)), mv("q", (B,)))
             entry = self._shapes[(B, W)] = (buf.epoch, meta, columns, mv("tables", (B, W)), mv("gens", (B, W)))
         return entry[1:]
 
@@ -174,18 +207,26 @@ class DecodeLayout:
         _, columns, tables, gens = self._shape(B, W)
         views = t.views()
         self.new_block_refs = (views, columns, tables, self._pool_gens, gens, W)
+        bs = self.bs
+        ring: list[list] = [[] for _ in range(bs)]
         if n <= SCALAR_ROWS:
-            born, kvl, bs = t.born, views[0], self.bs
+            born, kvl = t.born, views[0]
             self.born = [born.item(r) for r in row_list]
-            self.tiny = (kvl, *columns, row_list[0] if n == 1 else None)
+            self.tiny = (kvl, *columns[:3], row_list[0] if n == 1 else None)
             self.vector = None
-            self.runway = min([room(kvl[r], bs) for r in row_list])
+            for b, r in enumerate(row_list):
+                ring[room(kvl[r], bs)].append(b)
         else:
             if rows is None:
                 rows = self.row_array = np.array(row_list, dtype=np.int64)
             self.born = t.born[rows].tolist()
-            self.tiny, self.runway = None, 0
+            self.tiny = None
             self.vector = (dec.kv_lens[:n], dec.positions[:n, 0], dec.groups[0].slot_mapping[:n, 0])
+            for b, x in enumerate(room(dec.kv_lens[:n], bs).tolist()):
+                ring[x].append(b)
+        # A row with room x takes its next block x decode steps from now (`room`), then
+        # every block_size steps: step k's rows are ring[k % block_size], in batch order.
+        self.ring, self.tick = ring, 0
 
     # ---- the in-place decode step -------------------------------------------------------
     def advance(self) -> bool | None:
@@ -193,73 +234,77 @@ class DecodeLayout:
         and description of a decode step. None: not possible (a row at max_seq_len, too
         few free blocks), nothing changed; True: done; False: done, but a row outgrew the
         table's width bucket (`write` the layout again)."""
-        if self.runway:  # a few rows, none takes a block: lengths, positions, slots + 1
-            self.runway -= 1
-            kvl, kv_out, pos_col, slot_col, one = self.tiny
-            if one is not None:  # one row (local serving): no loop
-                o = kvl[one]
-                kvl[one] = kv_out[0] = o + 1
-                pos_col[0] = o
-                slot_col[0] += 1
-            else:
-                for b, r in enumerate(self.rows):
-                    o = kvl[r]
-                    kvl[r] = kv_out[b] = o + 1
-                    pos_col[b] = o
-                    slot_col[b] += 1
-            self.version = self.table.touch()
-            return True
-        if self.tiny is not None:
-            return self._advance_few()
-        return self._advance_many()
+        tick = self.tick
+        starts = self.ring[tick]
+        tiny = self.tiny
+        if tiny is None:
+            return self._advance_many(starts)
+        if starts:
+            return self._advance_few(starts)
+        # A few rows, none takes a block: lengths, positions, slots + 1.
+        kvl, kv_out, pos_col, slot_col, one = tiny
+        if one is not None:  # one row (local serving): no loop
+            o = kvl[one]
+            kvl[one] = kv_out[0] = o + 1
+            pos_col[0] = o
+            slot_col[0] += 1
+        else:
+            for b, r in enumerate(self.rows):
+                o = kvl[r]
+                kvl[r] = kv_out[b] = o + 1
+                pos_col[b] = o
+                slot_col[b] += 1
+        self.version = self.table.touch()
+        self.tick = tick + 1 if tick + 1 < self.bs else 0
+        return True
 
-    def _advance_few(self) -> bool | None:
-        """`advance` of a few rows, some of which take a block: every row is checked first,
-        then blocks are handed out in row order, as `append` hands them."""
+    def _advance_few(self, starts: list) -> bool | None:
+        """`advance` of a few rows, some of which (``starts``, batch indices in order) take a
+        block: checked first, then blocks handed out in row order, as `append` hands them."""
         kvl, kv_out, pos_col, slot_col, _ = self.tiny
-        bs, rows = self.bs, self.rows
-        old = [kvl[r] for r in rows]
-        starts = [b for b, o in enumerate(old) if not room(o, bs)]
-        if max([old[b] for b in starts]) >= self.max_len:
+        if max([kv_out[b] for b in starts]) >= self.max_len:
             return None
         ids = self.pool.take(len(starts))
         if ids is None:
             return None
         fits = self._new_blocks(starts, ids)  # reads the old lengths: before the loop
-        for b, (r, o) in enumerate(zip(rows, old)):
+        for b, r in enumerate(self.rows):
+            o = kvl[r]
             kvl[r] = kv_out[b] = o + 1
             pos_col[b] = o
             slot_col[b] += 1
-        self.version = self.table.touch()
-        self.runway = min([room(o + 1, bs) for o in old])
-        return fits
+        return self._stepped(fits)
 
-    def _advance_many(self) -> bool | None:
+    def _advance_many(self, starts: list) -> bool | None:
         """`advance` of many rows: a few vectorized calls, plus Python for the rows that take a block."""
         kv, pos, slots = self.vector
-        grew = np.flatnonzero(room(kv, self.bs) == 0)
         fits = True
-        if grew.size:
-            grew = grew.tolist()
+        if starts:
             kv_old = self.new_block_refs[1][0]
-            if max([kv_old[b] for b in grew]) >= self.max_len:
+            if max([kv_old[b] for b in starts]) >= self.max_len:
                 return None
-            ids = self.pool.take(len(grew))
+            ids = self.pool.take(len(starts))
             if ids is None:
                 return None
-            fits = self._new_blocks(grew, ids)
+            fits = self._new_blocks(starts, ids)
         np.copyto(pos, kv)
         np.add(kv, 1, out=kv)
         np.add(slots, 1, out=slots)
         self.table.kv_lens[self.row_array] = kv
+        return self._stepped(fits)
+
+    def _stepped(self, fits: bool) -> bool:
+        """A step was taken: the table is touched, the ring turns."""
         self.version = self.table.touch()
+        tick = self.tick + 1
+        self.tick = tick if tick < self.bs else 0
         return fits
 
     def _new_blocks(self, grew: list, ids: list) -> bool:
         """Give each row at batch index ``grew[i]`` block ``ids[i]`` (its next logical block,
         in the page table and the layout); its slot is set one short of the block's first
         (the caller adds 1). False when a row's new column is past the table width."""
-        (_, bt, nbl), (kv_out, _, slot_col), tables, pool_gens, gens, width = self.new_block_refs
+        (_, bt, nbl), (kv_out, _, slot_col, _), tables, pool_gens, gens, width = self.new_block_refs
         rows, bs = self.rows, self.bs
         fits = True
         for b, blk in zip(grew, ids):

@@ -313,19 +313,22 @@ def decode_arrays(out, table, generation: np.ndarray, row_list: list, rows: np.n
 
 
 def mixed_arrays(out, dec: StepMetadata, block_tables: np.ndarray, row_list: list, counts: list, T: int, pad: int,
-                 block_size: int) -> tuple:
+                 block_size: int, slots: np.ndarray | None = None) -> tuple:
     """A step writing each row's last ``counts[b]`` tokens, beside the decode layout ``dec``
     of the same rows (which it shares: lengths, tables, starts, generations): its own
-    ``query_lens [B]``, ``positions [B, T]`` and ``slots [B, T]``. Padding sits at each
+    ``query_lens [B]``, ``positions [B, T]`` and ``slots [B, T]`` (``slots``: a ``[B, T]``
+    array of padding slots to write into; None: from ``out``). Padding sits at each
     row's last position; a one-token row's slot is the layout's, a longer row's a run,
     a row writing nothing has none."""
     B = dec.batch_size
     # Names of their own: at T = 1 the decode layout's buffers have the same shapes.
-    query_lens, positions, slots = out.get("mq", (B,)), out.get("mpos", (B, T)), out.get("mslot", (B, T))
+    query_lens, positions = out.get("mq", (B,)), out.get("mpos", (B, T))
+    if slots is None:
+        slots = out.get("mslot", (B, T))
+        slots.fill(pad)
     n = len(counts)
     query_lens[:n], query_lens[n:] = counts, 0
     np.copyto(positions, dec.positions)  # every row's padding sits at its last real position
-    slots.fill(pad)
     slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the one-token rows' slot (padding rows: dropped)
     for b, c in enumerate(counts):
         if c == 1:

@@ -92,7 +92,8 @@ class StepBatch:
             # The same rows, untouched since; an id equal to the layout's but of another
             # type (True for 1) never matches: the general path raises for it.
             if (t.version == lay.version and t.epoch == lay.epoch
-                    and (all(map(is_, seq_ids, ids)) or set(map(type, seq_ids)) <= _INT)):
+                    and ((len(ids) == 1 and seq_ids[0] is ids[0]) or all(map(is_, seq_ids, ids))
+                         or set(map(type, seq_ids)) <= _INT)):
                 done = lay.advance()
                 if done:  # the common step, straight through
                     if self._cache is None:
