@@ -4,8 +4,9 @@
 Restored state: random single-field edits of a saved manager state (a value, or a row
 added or dropped) either restore or raise `CheckpointError`; what restores passes
 ``check_integrity`` and then serves a workload raising only typed errors, with the
-integrity check after every call. Swap records: every field of a `SwapRecord` and of
-a `SwappedSequence`, replaced by odd values, gives a typed error that changes nothing,
+integrity check after every call. Edits of saved decode-slot claims restore
+consistently or are refused too. Swap records: every field of a `SwapRecord` and of a
+`SwappedSequence`, replaced by odd values, gives a typed error that changes nothing,
 or (the unedited ones) a swap-in.
 """
 
@@ -137,6 +138,29 @@ def test_single_field_edits_restore_consistently_or_are_refused(spec, prefix, se
         workload(m, what)
     assert refused > 100 and restored > 5  # both outcomes were exercised
     workload(KVCacheManager.from_state(spec, prefix, state), "no edit")
+
+
+def test_slot_claim_edits_restore_consistently_or_are_refused():
+    spec = attrs.evolve(HYBRID, max_batch_slots=4)
+    m = scenario(spec, True)
+    slots = pk.DecodeSlots(m)
+    for slot, seq_id in enumerate(m.seq_ids[:3]):
+        slots.insert(seq_id, slot)
+    state, rng = slots.state(), np.random.default_rng(5)
+    for what, edited in edits(state, rng, 200, 4):
+        restored = KVCacheManager.from_state(spec, True, m.state())
+        try:
+            back = pk.DecodeSlots.from_state(restored, 4, edited)
+        except CheckpointError:
+            continue
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"{what}: DecodeSlots.from_state raised {type(exc).__name__}: {exc}")
+        back.check_integrity()
+        restored.check_integrity()
+        for seq_id in back.seq_ids:
+            if seq_id is not None:  # a slotted sequence cannot be released behind its slot's back
+                with pytest.raises(pk.SlotError):
+                    restored.release(seq_id)
 
 
 # ---- swap records ------------------------------------------------------------------------------------
