@@ -27,6 +27,8 @@ shorter or longer view of the same bytes.
 
 from __future__ import annotations
 
+from itertools import cycle
+
 import numpy as np
 
 from paged_kv.allocator.step_arrays import (
@@ -62,8 +64,7 @@ class DecodeLayout:
         self.row_array = np.zeros(0, np.int64)
         self.born: list = []  # each row's `PageTable.born` when written
         self.epoch = self.version = -1  # the table's counters the layout is valid for
-        self.ring: list[list] = []  # see `_keep`
-        self.tick = 0
+        self.turn = None  # see `_keep`: the rows taking a block at the next step
         self.tiny: tuple | None = None  # what a few rows' `advance` touches
         self.vector: tuple | None = None  # what more rows' `advance` touches
         self._shapes: dict[tuple, tuple] = {}  # see `_shape`
@@ -226,7 +227,7 @@ class DecodeLayout:
                 ring[x].append(b)
         # A row with room x takes its next block x decode steps from now (`room`), then
         # every block_size steps: step k's rows are ring[k % block_size], in batch order.
-        self.ring, self.tick = ring, 0
+        self.turn = cycle(ring).__next__
 
     # ---- the in-place decode step -------------------------------------------------------
     def advance(self) -> bool | None:
@@ -234,8 +235,7 @@ class DecodeLayout:
         and description of a decode step. None: not possible (a row at max_seq_len, too
         few free blocks), nothing changed; True: done; False: done, but a row outgrew the
         table's width bucket (`write` the layout again)."""
-        tick = self.tick
-        starts = self.ring[tick]
+        starts = self.turn()
         tiny = self.tiny
         if tiny is None:
             return self._advance_many(starts)
@@ -255,18 +255,15 @@ class DecodeLayout:
                 pos_col[b] = o
                 slot_col[b] += 1
         self.version = self.table.touch()
-        self.tick = tick + 1 if tick + 1 < self.bs else 0
         return True
 
     def _advance_few(self, starts: list) -> bool | None:
         """`advance` of a few rows, some of which (``starts``, batch indices in order) take a
         block: checked first, then blocks handed out in row order, as `append` hands them."""
         kvl, kv_out, pos_col, slot_col, _ = self.tiny
-        if max([kv_out[b] for b in starts]) >= self.max_len:
-            return None
-        ids = self.pool.take(len(starts))
+        ids = None if max([kv_out[b] for b in starts]) >= self.max_len else self.pool.take(len(starts))
         if ids is None:
-            return None
+            return self._refused()
         fits = self._new_blocks(starts, ids)  # reads the old lengths: before the loop
         for b, r in enumerate(self.rows):
             o = kvl[r]
@@ -281,11 +278,9 @@ class DecodeLayout:
         fits = True
         if starts:
             kv_old = self.new_block_refs[1][0]
-            if max([kv_old[b] for b in starts]) >= self.max_len:
-                return None
-            ids = self.pool.take(len(starts))
+            ids = None if max([kv_old[b] for b in starts]) >= self.max_len else self.pool.take(len(starts))
             if ids is None:
-                return None
+                return self._refused()
             fits = self._new_blocks(starts, ids)
         np.copyto(pos, kv)
         np.add(kv, 1, out=kv)
@@ -294,11 +289,14 @@ class DecodeLayout:
         return self._stepped(fits)
 
     def _stepped(self, fits: bool) -> bool:
-        """A step was taken: the table is touched, the ring turns."""
+        """A step was taken: the table is touched."""
         self.version = self.table.touch()
-        tick = self.tick + 1
-        self.tick = tick if tick < self.bs else 0
         return fits
+
+    def _refused(self) -> None:
+        """No step (a row at max_seq_len, too few free blocks): nothing changed, but the ring
+        turned, so the layout is written again before it is trusted."""
+        self.version = -1
 
     def _new_blocks(self, grew: list, ids: list) -> bool:
         """Give each row at batch index ``grew[i]`` block ``ids[i]`` (its next logical block,
