@@ -699,7 +699,7 @@ class UnifiedDeviceMachine(DeviceMachine):
 def _one_shape(meta, spec):
     """``meta`` padded to the largest step shape (batch max_batch_slots, max_seq_len tokens,
     max_blocks_per_seq blocks, 8 copies) with the library's own padding -- empty rows,
-    null blocks, the pad slot, empty copies -- so a device machine compiles one write and
+    null blocks (generation 0), the pad slot, empty copies -- so a device machine compiles one write and
     one read, not one per bucket (~100, most of its time); bucketing is tested elsewhere."""
     B, T, W = spec.max_batch_slots, spec.max_seq_len, spec.max_blocks_per_seq
 
@@ -715,7 +715,9 @@ def _one_shape(meta, spec):
             tables, block_tables=pad(tables.block_tables, (B, W), pk.NULL_BLOCK),
             slot_mapping=pad(tables.slot_mapping, (B, T), pad_slot(spec, g)), start=pad(tables.start, (B,), 0),
             copy_src=pad(tables.copy_src, (c,), pk.NULL_BLOCK),
-            copy_dst=pad(tables.copy_dst, (c,), group.num_blocks), copy_len=pad(tables.copy_len, (c,), 0)))
+            copy_dst=pad(tables.copy_dst, (c,), group.num_blocks), copy_len=pad(tables.copy_len, (c,), 0),
+            block_gens=pad(tables.block_gens, (B, W), 0), copy_src_gen=pad(tables.copy_src_gen, (c,), 0),
+            copy_dst_gen=pad(tables.copy_dst_gen, (c,), 0)))
     return dataclasses.replace(meta, kv_lens=pad(meta.kv_lens, (B,), 0), query_lens=pad(meta.query_lens, (B,), 0),
                                positions=pad(meta.positions, (B, T), 0), groups=tuple(groups))
 
