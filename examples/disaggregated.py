@@ -61,11 +61,16 @@ def model():
 
 # ---- the decode process ---------------------------------------------------------------------
 def decode(args) -> dict:
+    import jax
+
     from paged_kv.models.generate import Generator, Prefilled, Request
     from paged_kv.transfer import TransferReceiver
 
     cfg, params, spec = model()
     gen = Generator(cfg, params, spec, compiler_options=FAST_COMPILE)
+    # Received pages come back committed to their device (`TransferReceiver.poll`); commit the
+    # cache now, so the steps compiled below are the ones that run (jit compiles per placement).
+    gen.cache = jax.device_put(gen.cache, jax.devices()[0])
     if args.warmup:  # compile the decode steps of every table width before the clock starts
         gen.generate([Request([6] * 3, 6)])  # alone: widths 1 and 2
         gen.generate([Request([5] * 9, MAX_LEN - 9)])  # then 4, 8 and 16
@@ -132,7 +137,18 @@ def prefill(args) -> dict:
         manager.commit([rid])
         return int(np.argmax(np.asarray(logits)[0]))
 
-    if args.warmup:  # compile a prefill per prompt bucket and a transfer per block-count bucket
+    if args.warmup:  # compile every prefill shape (tokens x table width buckets) and transfer size
+        warm, warm_cache, shapes = pk.KVCacheManager(spec, prefix_cache=True), pk.PagedKVCache.init(spec), set()
+        for n in range(1, MAX_LEN // 2 + 1):
+            for cached in range(0, n, BLOCK):  # a prefix hit leaves n - cached tokens to compute
+                shape = (pk.bucket(n - cached, MAX_LEN), pk.bucket(spec.blocks_for(n), spec.max_blocks_per_seq))
+                if shape not in shapes:
+                    shapes.add(shape)
+                    warm.admit(0, n)
+                    meta = warm.step_metadata([0], [n - cached])
+                    tokens = np.zeros((meta.batch_size, meta.query_len), np.int32)
+                    _, warm_cache = step(params, warm_cache, jnp.asarray(tokens), meta.to_device())
+                    warm.release(0)
         for n in (1, 2, 3, 7, 15, 31):
             rid = 10**6 + n
             run(rid, list(range(3, 3 + n)))

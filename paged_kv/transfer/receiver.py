@@ -107,7 +107,9 @@ class TransferReceiver:
     def poll(self, cache: PagedKVCache, timeout: float = 0.0) -> tuple[PagedKVCache, list[Received]]:
         """Handle what arrived, waiting up to ``timeout`` seconds for something to finish.
         Returns the cache (donated when pages were written: keep the one returned) and
-        the sequences received."""
+        the sequences received. Pages arrive committed to their device, and so does a
+        cache they were written into: commit yours up front (``jax.device_put(cache,
+        device)``), or jit compiles its steps again for the new placement."""
         require_same_spec(self.manager, cache, "manager", "cache")
         end = time.monotonic() + max(0.0, float(timeout))
         received: list[Received] = []
