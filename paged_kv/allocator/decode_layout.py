@@ -65,6 +65,7 @@ class DecodeLayout:
         self.born: list = []  # each row's `PageTable.born` when written
         self.epoch = self.version = -1  # the table's counters the layout is valid for
         self.turn = None  # see `_keep`: the rows taking a block at the next step
+        self.advance = self._advance  # see `_advance`
         self.tiny: tuple | None = None  # what a few rows' `advance` touches
         self.vector: tuple | None = None  # what more rows' `advance` touches
         self._shapes: dict[tuple, tuple] = {}  # see `_shape`
@@ -213,7 +214,7 @@ class DecodeLayout:
         if n <= SCALAR_ROWS:
             born, kvl = t.born, views[0]
             self.born = [born.item(r) for r in row_list]
-            self.tiny = (kvl, *columns[:3], row_list[0] if n == 1 else None)
+            self.tiny = (kvl, *columns[:3])
             self.vector = None
             for b, r in enumerate(row_list):
                 ring[room(kvl[r], bs)].append(b)
@@ -228,10 +229,13 @@ class DecodeLayout:
         # A row with room x takes its next block x decode steps from now (`room`), then
         # every block_size steps: step k's rows are ring[k % block_size], in batch order.
         self.turn = cycle(ring).__next__
+        self.advance = self._advance_one if n == 1 and self.tiny is not None else self._advance
 
     # ---- the in-place decode step -------------------------------------------------------
-    def advance(self) -> bool | None:
-        """Append one token to every row and advance the layout in place: the fused append
+    def _advance(self) -> bool | None:
+        """`advance` (the instance's, set per layout: `_advance_one` for one row).
+
+        Append one token to every row and advance the layout in place: the fused append
         and description of a decode step. None: not possible (a row at max_seq_len, too
         few free blocks), nothing changed; True: done; False: done, but a row outgrew the
         table's width bucket (`write` the layout again)."""
@@ -242,25 +246,33 @@ class DecodeLayout:
         if starts:
             return self._advance_few(starts)
         # A few rows, none takes a block: lengths, positions, slots + 1.
-        kvl, kv_out, pos_col, slot_col, one = tiny
-        if one is not None:  # one row (local serving): no loop
-            o = kvl[one]
-            kvl[one] = kv_out[0] = o + 1
-            pos_col[0] = o
-            slot_col[0] += 1
-        else:
-            for b, r in enumerate(self.rows):
-                o = kvl[r]
-                kvl[r] = kv_out[b] = o + 1
-                pos_col[b] = o
-                slot_col[b] += 1
+        kvl, kv_out, pos_col, slot_col = tiny
+        for b, r in enumerate(self.rows):
+            o = kvl[r]
+            kvl[r] = kv_out[b] = o + 1
+            pos_col[b] = o
+            slot_col[b] += 1
+        self.version = self.table.touch()
+        return True
+
+    def _advance_one(self) -> bool | None:
+        """`advance` of a one-row layout (local serving), the loop unrolled."""
+        starts = self.turn()
+        if starts:
+            return self._advance_few(starts)
+        kvl, kv_out, pos_col, slot_col = self.tiny
+        r = self.rows[0]
+        o = kvl[r]
+        kvl[r] = kv_out[0] = o + 1
+        pos_col[0] = o
+        slot_col[0] += 1
         self.version = self.table.touch()
         return True
 
     def _advance_few(self, starts: list) -> bool | None:
         """`advance` of a few rows, some of which (``starts``, batch indices in order) take a
         block: checked first, then blocks handed out in row order, as `append` hands them."""
-        kvl, kv_out, pos_col, slot_col, _ = self.tiny
+        kvl, kv_out, pos_col, slot_col = self.tiny
         ids = None if max([kv_out[b] for b in starts]) >= self.max_len else self.pool.take(len(starts))
         if ids is None:
             return self._refused()
