@@ -40,6 +40,7 @@ from paged_kv.errors import OutOfBlocksError, SequenceTooLongError
 from paged_kv.metadata import bucket
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
 from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
+from paged_kv.models.sampling import GREEDY, Sampler, SamplingParams, record_logprobs, sampling_params
 from paged_kv.sched import SchedulingPolicy, leaves_headroom
 from paged_kv.spec import CacheSpec
 
@@ -58,6 +59,7 @@ class _Seq:
     admitted_at: int = -1
     done: int = 0  # tokens whose keys and values are in the pages (this admission)
     completion: Completion | None = None
+    sampling: SamplingParams = GREEDY
 
     @property
     def generated(self) -> int:
@@ -113,6 +115,7 @@ class Generator:
         self._prefilling: list[_Seq] = []  # admitted, prompt not fully in the pages yet
         self.record_logits = record_logits
         self._traces = 0
+        self._sampler = Sampler()
 
         def step(params, cache, tokens, metadata):
             self._traces += 1  # runs only while tracing: counts compilations
@@ -151,9 +154,10 @@ class Generator:
                                       or not 0 <= first < self.cfg.vocab_size):
                 raise GenerationError(f"request {rid}: first_token={first!r} must be a token id in [0, "
                                       f"{self.cfg.vocab_size})")
+            sampling = sampling_params(r, rid, self.cfg.vocab_size)
             seen.add(rid)
             seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere),
-                             None if first is None else int(first)))
+                             None if first is None else int(first), sampling=sampling))
         return seqs
 
     def _check_fits(self, rid: int, total: int) -> None:
@@ -301,7 +305,9 @@ class Generator:
         logits = self._run(tokens, meta)
         self.manager.commit(ids)  # the step ran: its full prompt blocks become hittable
         self.stats.prefill_steps += 1
-        finished = 0
+        finished, ends = 0, [b for b, (s, c) in enumerate(rows) if s.done + c == len(s.tokens)]
+        picks = dict(zip(ends, self._sampler.pick([rows[b][0] for b in ends], [
+            logits[b, rows[b][1] - 1] if self.record_logits else logits[b] for b in ends])))
         for b, (s, c) in enumerate(rows):
             self.stats.prefill_tokens += c
             if self.record_logits:
@@ -310,7 +316,7 @@ class Generator:
             if s.done < len(s.tokens):
                 continue
             self._prefilling.remove(s)
-            if self._emit(s, logits[b, c - 1] if self.record_logits else logits[b]):
+            if self._take(s, *picks[b]):
                 self.manager.release(s.request_id)
                 finished += 1
             else:
@@ -332,7 +338,7 @@ class Generator:
         self.stats.prefill_tokens += n
         if self.record_logits:
             self._record(s, range(n), logits)
-        if self._emit(s, logits[-1]):
+        if self._take(s, *self._sampler.pick([s], logits[-1:])[0]):
             self.slots.release(slot)
             return 1
         return 0
@@ -367,12 +373,14 @@ class Generator:
             self.stats.decode_seconds += time.perf_counter() - t0
             self.stats.decode_tokens += len(occupied)
         self.stats.decode_steps += 1
-        done = 0
-        for b, rid in occupied:
+        done, rows = 0, [b for b, _ in occupied]
+        picks = self._sampler.pick([self._by_id[rid] for _, rid in occupied],
+                                   logits[rows, 0] if self.record_logits else logits[rows])
+        for (b, rid), pick in zip(occupied, picks):
             s = self._by_id[rid]
             if self.record_logits:
                 self._record(s, [len(s.tokens) - 1], logits[b])
-            if self._emit(s, logits[b, 0] if self.record_logits else logits[b]):
+            if self._take(s, *pick):
                 self.slots.release(b)
                 done += 1
         return done
@@ -428,18 +436,17 @@ class Generator:
             else:
                 c.logits[p] = row.copy()
 
-    def _emit(self, s: _Seq, logits: np.ndarray) -> bool:
-        """Append the greedy token; True when the sequence is finished."""
-        return self._take(s, int(np.argmax(logits)))
-
-    def _take(self, s: _Seq, token: int) -> bool:
-        """Append ``token``; True when the sequence is finished."""
+    def _take(self, s: _Seq, token: int, logprob: float | None = None, top: list | None = None) -> bool:
+        """Append ``token`` (with its logprobs if the request asked); True when the sequence is finished."""
         s.tokens.append(token)
         self.stats.generated_tokens += 1
         c = self._completion(s)
         c.tokens = s.tokens[len(s.prompt):]
+        record_logprobs(c, s.sampling, logprob, top)
         if token in self.eos_token_ids:
             c.finish_reason = "eos"
+        elif token in s.sampling.stop_token_ids:
+            c.finish_reason = "stop"
         elif s.generated >= s.max_new_tokens:
             c.finish_reason = "length"
         return bool(c.finish_reason)

@@ -26,6 +26,14 @@ class Request:
     ``prefill_elsewhere``: prefill the prompt outside the paged cache (a contiguous
     forward, as a separate prefill worker would) and insert its keys and values into
     fresh blocks (`paged_kv.insertion.insert_prefill_slot`); it takes no prefix-cache hit.
+
+    Sampling (`paged_kv.models.sampling`): ``temperature`` 0 (the default) is greedy;
+    ``top_k`` (0: off), ``top_p`` (1: off), ``min_p`` (0: off); ``repetition_penalty``
+    (1: off; prompt and generated tokens) and ``presence_penalty`` (0: off; generated
+    tokens); ``seed`` (None: a random one): the same seed gives the same tokens in any
+    batch. ``stop_token_ids`` end the completion (``finish_reason`` "stop", the token
+    kept). ``logprobs``: None, or n >= 0: record the chosen token's logprob and the n
+    most likely tokens' (`Completion.logprobs`, `Completion.top_logprobs`).
     """
 
     prompt: Sequence[int]
@@ -33,22 +41,36 @@ class Request:
     request_id: int | None = None  # default: the request's index
     arrival_step: int = 0
     prefill_elsewhere: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass
 class Completion:
     """What one request produced. ``logits[p]``: float32 logits at position ``p`` as
     first computed (recorded only with ``record_logits``); ``recomputed``: ``(p,
-    logits)`` for positions computed again after a preemption."""
+    logits)`` for positions computed again after a preemption. ``logprobs`` (requests
+    asking for them): each generated token's log-probability under the model
+    (``log_softmax`` of its logits; NaN for a `Prefilled` request's first token), and
+    ``top_logprobs`` the ``(token, logprob)`` of the request's ``logprobs`` most likely."""
 
     request_id: int
     prompt: list[int]
     tokens: list[int]
-    finish_reason: str  # "length" or "eos"
+    finish_reason: str  # "length", "eos" or "stop" (one of the request's stop_token_ids)
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens served by the prefix cache, summed over admissions
     logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     recomputed: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
