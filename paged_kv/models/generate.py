@@ -39,7 +39,7 @@ from paged_kv.insertion import insert_prefill_slot
 from paged_kv.errors import OutOfBlocksError, SequenceTooLongError
 from paged_kv.metadata import bucket
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
-from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
+from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request, checked_prompt
 from paged_kv.models.sampling import GREEDY, Sampler, SamplingParams, record_logprobs, sampling_params
 from paged_kv.sched import SchedulingPolicy, leaves_headroom
 from paged_kv.spec import CacheSpec
@@ -134,26 +134,13 @@ class Generator:
         seqs, seen = [], set(taken)
         for i, r in enumerate(requests):
             rid = i if r.request_id is None else r.request_id
-            prompt = list(r.prompt)
             if isinstance(rid, bool) or not isinstance(rid, (int, np.integer)) or rid < 0:
                 raise GenerationError(f"request_id={rid!r} must be an int >= 0 (it is the cache's sequence id)")
             if rid in seen:
                 raise GenerationError(f"request_id={rid} appears twice")
-            ints = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
-            if not prompt or not ints or min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
-                raise GenerationError(f"request {rid}: prompt must be 1+ integer token ids in [0, "
-                                      f"{self.cfg.vocab_size}); got {prompt[:8]}{'...' if len(prompt) > 8 else ''}")
-            prompt = [int(t) for t in prompt]
-            for name in ("max_new_tokens", "arrival_step"):
-                value, low = getattr(r, name), 1 if name == "max_new_tokens" else 0
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise GenerationError(f"request {rid}: {name}={value!r} must be an int >= {low}")
-            self._check_fits(rid, len(prompt) + r.max_new_tokens)
             first = getattr(r, "first_token", None) if isinstance(r, Prefilled) else None
-            if first is not None and (isinstance(first, bool) or not isinstance(first, (int, np.integer))
-                                      or not 0 <= first < self.cfg.vocab_size):
-                raise GenerationError(f"request {rid}: first_token={first!r} must be a token id in [0, "
-                                      f"{self.cfg.vocab_size})")
+            prompt = checked_prompt(r, rid, self.cfg.vocab_size, first)  # and max_new_tokens, arrival_step
+            self._check_fits(rid, len(prompt) + r.max_new_tokens)
             sampling = sampling_params(r, rid, self.cfg.vocab_size)
             seen.add(rid)
             seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere),

@@ -52,6 +52,24 @@ class Request:
     logprobs: int | None = None
 
 
+def checked_prompt(r: Request, rid: int, vocab_size: int, first_token=None) -> list[int]:
+    """``r``'s prompt as a list of ints after checking it, ``max_new_tokens``,
+    ``arrival_step`` and a `Prefilled` request's ``first_token`` (`GenerationError`)."""
+    prompt = list(r.prompt)
+    ints = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
+    if not prompt or not ints or min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise GenerationError(f"request {rid}: prompt must be 1+ integer token ids in [0, "
+                              f"{vocab_size}); got {prompt[:8]}{'...' if len(prompt) > 8 else ''}")
+    for name in ("max_new_tokens", "arrival_step"):
+        value, low = getattr(r, name), 1 if name == "max_new_tokens" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise GenerationError(f"request {rid}: {name}={value!r} must be an int >= {low}")
+    if first_token is not None and (isinstance(first_token, bool) or not isinstance(first_token, (int, np.integer))
+                                    or not 0 <= first_token < vocab_size):
+        raise GenerationError(f"request {rid}: first_token={first_token!r} must be a token id in [0, {vocab_size})")
+    return [int(t) for t in prompt]
+
+
 @dataclasses.dataclass
 class Completion:
     """What one request produced. ``logits[p]``: float32 logits at position ``p`` as
