@@ -201,3 +201,14 @@ def test_bad_sampling_parameters_are_named(model, field, value):
     with pytest.raises(GenerationError, match=f"request 1: {field}="):
         gen.generate([Request([1, 2], 2), Request([1, 2], 2, **{field: value})])
     assert len(gen.manager) == 0
+
+
+def test_one_program_per_shape_whatever_the_parameters():
+    x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
+    seen = np.zeros((4, 1), np.uint8)
+    seeds, pos = np.zeros((4, 2), np.uint32), np.zeros(4, np.int32)
+    sample_logits(x, **rows(4), seen=seen, seed=seeds, position=pos)
+    before = sample_logits._cache_size()
+    for kw in (dict(temperature=0.0), dict(top_k=3, top_p=0.5), dict(min_p=0.2, repetition_penalty=1.3)):
+        sample_logits(x, **rows(4, **kw), seen=seen, seed=seeds + 1, position=pos + 2)
+    assert sample_logits._cache_size() == before
