@@ -164,6 +164,9 @@ class TransferReceiver:
             if transfer in self._incoming:
                 raise DuplicateSequenceError(f"transfer {transfer[:40]} is in progress already")
             check_compatible(msg["spec"], msg["leaves"], self.manager.spec, cache)
+            if any(len(leaf.devices()) > 1 for leaf in jax.tree_util.tree_leaves(cache)):
+                raise InvalidArgumentError("this cache is sharded over several devices; a transfer writes into a "
+                                           "cache on one device (sharded caches are not supported yet)")
             record = SwapRecord(seq_id=msg["seq_id"], num_tokens=msg["num_tokens"],
                                 first_blocks=tuple(msg["first_blocks"]),
                                 blocks=tuple(np.zeros(n, np.int32) for n in msg["blocks"]))
