@@ -76,7 +76,10 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_DEVICE_NAMES))
+    # What a user may reach: the public names (lazy ones included) and the dunders;
+    # not this module's own helpers such as the lazy-import table.
+    own = {name for name in globals() if not name.startswith("_") or name.startswith("__")}
+    return sorted(own | set(_DEVICE_NAMES))
 
 
 __version__ = "0.1.0"

@@ -200,8 +200,8 @@ def test_progress_log_prints_plain_lines(monkeypatch):
     log(100, 100)  # 25.5 s: quiet
     log.close()  # 26 s: the final count
     assert out.getvalue().splitlines() == [
-        "paged: 40/100 requests (40%), 11.0 s",
-        "paged: 90/100 requests (90%), 25.0 s",
+        "paged: 40/100 requests (40%), 11.0 s, ETA 16.5 s",  # 40 in 11 s: 60 more take 16.5 s
+        "paged: 90/100 requests (90%), 25.0 s, ETA 2.8 s",
         "paged: 100/100 requests (100%), 26.0 s",
     ]
 
@@ -216,6 +216,9 @@ def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
     assert not any("\r" in line for line in lines)  # plain lines, no redrawn bar
 
 
-def test_short_replay_with_stderr_not_a_terminal_prints_no_progress(capsys):
+def test_short_replay_with_stderr_not_a_terminal_says_once_that_it_ran(capsys):
+    """Under PROGRESS_LOG_S a replay writes no periodic line, but its final count once
+    (it used to print nothing, which cannot be told from a replay that never started)."""
     assert main(["simulate", "--limit", "30", "--json"]) == 0
-    assert capsys.readouterr().err == ""
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paged-kv simulate: paged: 30/30 requests (100%), ")

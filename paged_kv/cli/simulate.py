@@ -4,10 +4,11 @@ the block allocator and profile memory.
 The defaults model one serving replica of an 8B-class model (``--model llama3-8b``:
 32 layers, 8 KV heads of dim 128, bfloat16: 128 KiB of KV per token) with a 16 GiB
 KV pool; ``--model`` picks another preset and ``--num-layers``, ``--num-kv-heads``,
-``--head-dim``, ``--kv-dtype`` override its fields. That pool
-holds ~131k tokens, fewer than 256 of the trace's average requests need, so memory
-rather than the batch limit decides how many sequences run: the regime where the
-allocator matters.
+``--head-dim``, ``--kv-dtype`` override its fields; ``--pool-gib`` sizes the pool in
+memory instead of blocks (`paged_kv.cli.pool`), so that the shape decides how many
+blocks fit. The default pool holds ~131k tokens, fewer than 256 of the trace's
+average requests need, so memory rather than the batch limit decides how many
+sequences run: the regime where the allocator matters.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import sys
 from collections.abc import Callable
 
 from paged_kv.cli import sizes
-from paged_kv.cli.arguments import number, positive_int
+from paged_kv.cli.arguments import HelpFormatter, in_flag_words, number, plural, positive_int, positive_size
+from paged_kv.cli.pool import (DEFAULT_BLOCK_SIZE, DEFAULT_NUM_BLOCKS, KV_DTYPES, KV_FORMATS, MAX_POOL_BYTES,
+                               build_spec, overrides)
 from paged_kv.errors import PagedKVError, SpecError, TraceError
-from paged_kv.sim.layouts import LAYOUTS, sliding_layers
-from paged_kv.sim.models import DEFAULT_MODEL, MODELS, model_shape
+from paged_kv.sim.layouts import LAYOUTS
+from paged_kv.sim.models import DEFAULT_MODEL, MODELS
 from paged_kv.sim.multiturn import multiturn_workload
 from paged_kv.sim.output_path import OutputPathError, check_writable
 from paged_kv.sim.profile import write_series
@@ -33,17 +36,9 @@ from paged_kv.sim.trace import BUNDLED_ATTRIBUTION, Trace, load_trace
 from paged_kv.sim.workload import Workload
 from paged_kv.spec import CacheSpec
 
-DEFAULT_BLOCK_SIZE = 16
-DEFAULT_NUM_BLOCKS = 8192
-KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
-KV_FORMATS = ("int8", "fp8")
-"""``--kv-dtype`` values that quantize the pages (`CacheSpec.kv_format`, scales counted)
-and keep the preset's dtype for compute."""
-
-MAX_POOL_BYTES = 2**40
-"""Pools above 1 TiB are refused without ``--force``: larger than any one serving
-replica's accelerator memory today, so far more likely a typo in ``--block-size`` or
-``--num-blocks`` than an intended run (which would report meaningless figures)."""
+CONFIG_FLAGS = {"max_batch": "--max-batch", "token_budget": "--token-budget", "watermark": "--watermark",
+                "step_s": "--step-ms (in seconds)", "speedup": "--speedup"}
+"""`SchedulerConfig` fields by the flags that set them, for its refusals."""
 
 PROGRESS_LOG_S = 10.0
 """Seconds between two progress lines when stderr is not a terminal."""
@@ -68,14 +63,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
         f"is {DEFAULT_MODEL} ({default.describe()}), so the default pool of {DEFAULT_NUM_BLOCKS} blocks "
         f"of {DEFAULT_BLOCK_SIZE} tokens is "
         f"{DEFAULT_NUM_BLOCKS * DEFAULT_BLOCK_SIZE * default.bytes_per_token / 2**30:g} GiB.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sim.add_argument("--trace", default=BUNDLED, metavar="azure-conv|synthetic|FILE",
                      help="the bundled Azure LLM conversation trace 2023, a seeded synthetic trace "
                      "(bursts, long outliers, cancellations), or a CSV file (TIMESTAMP,ContextTokens,"
                      "GeneratedTokens[,CancelAfterTokens]); a request with GeneratedTokens=0 is prefill only")
-    sim.add_argument("--requests", type=positive_int, default=5000, help="requests in a synthetic trace")
-    sim.add_argument("--seed", type=int, default=0, help="seed of a synthetic trace")
+    sim.add_argument("--requests", type=positive_int, metavar="N", default=5000, help="requests in a synthetic trace")
+    sim.add_argument("--seed", type=int, metavar="N", default=0, help="seed of a synthetic trace")
     sim.add_argument("--limit", type=positive_int, metavar="N", help="replay only the first N requests")
     _add_workload_arguments(sim)
     shape = sim.add_argument_group("model shape (sizes the pool in bytes)")
@@ -93,10 +88,16 @@ def add_parser(commands) -> argparse.ArgumentParser:
                        help="override the preset's KV dtype (every preset is bfloat16); int8 (per-token scales "
                        "included) and fp8 quantize the pages, the preset's dtype stays the compute dtype")
     pool = sim.add_argument_group("KV pool")
-    pool.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
-    pool.add_argument("--num-blocks", type=positive_int, default=DEFAULT_NUM_BLOCKS,
-                      help="blocks in the pool, null block included")
-    pool.add_argument("--max-seq-len", type=positive_int, default=16384,
+    pool.add_argument("--block-size", type=positive_int, metavar="N", default=DEFAULT_BLOCK_SIZE,
+                      help="tokens per block")
+    pool.add_argument("--num-blocks", type=positive_int, metavar="N",
+                      help=f"blocks in the pool, null block included (default: {DEFAULT_NUM_BLOCKS}; refused with "
+                      "--pool-gib)")
+    pool.add_argument("--pool-gib", type=positive_size, metavar="GIB",
+                      help="size the pool in memory instead, as CacheSpec.for_memory does: as many blocks as fit "
+                      "in GIB GiB of pages (and their binding arrays) for the model shape, so --kv-dtype int8 or a "
+                      "smaller --model fits more blocks; refused with --num-blocks")
+    pool.add_argument("--max-seq-len", type=positive_int, metavar="N", default=16384,
                       help="tokens one sequence may hold (rounded up to whole blocks)")
     pool.add_argument("--layout", choices=LAYOUTS, default="full",
                       help="which layers slide: none, all but one in --full-every (Gemma 3: 6), or all of them")
@@ -105,20 +106,21 @@ def add_parser(commands) -> argparse.ArgumentParser:
     pool.add_argument("--full-every", type=positive_int, default=6, metavar="N",
                       help="one full-attention layer per N layers (--layout hybrid)")
     pool.add_argument("--sliding-blocks", type=positive_int, default=None, metavar="N",
-                      help="blocks of the sliding layers' own pool (--layout hybrid; default: --num-blocks)")
+                      help="blocks of the sliding layers' own pool (--layout hybrid; default: --num-blocks, or "
+                      "half of --pool-gib)")
     pool.add_argument("--force", action="store_true",
                       help=f"run a pool larger than {MAX_POOL_BYTES // 2**40} TiB, which is refused otherwise "
                       "as a likely typo")
-    sim.add_argument("--max-batch", type=positive_int, default=256, help="most sequences in one step")
-    sim.add_argument("--token-budget", type=positive_int, default=8192,
+    sim.add_argument("--max-batch", type=positive_int, metavar="N", default=256, help="most sequences in one step")
+    sim.add_argument("--token-budget", type=positive_int, metavar="N", default=8192,
                      help="tokens one step may process: decodes plus prefill chunks")
-    sim.add_argument("--watermark", type=number(0.0, 1.0), default=0.01,
+    sim.add_argument("--watermark", type=number(0.0, 1.0), metavar="FRACTION", default=0.01,
                      help="fraction of the pool admission keeps free for running sequences to grow")
     sim.add_argument("--arrivals", choices=ARRIVALS, default="offline",
                      help="offline: all requests wait at step 0 (sustained load); trace: at their arrival times")
-    sim.add_argument("--step-ms", type=number(1e-6), default=25.0,
+    sim.add_argument("--step-ms", type=number(1e-6), metavar="MS", default=25.0,
                      help="model time of one step, for --arrivals trace")
-    sim.add_argument("--speedup", type=number(1e-6), default=1.0,
+    sim.add_argument("--speedup", type=number(1e-6), metavar="X", default=1.0,
                      help="divide arrival times by this, for --arrivals trace")
     sim.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
                      help="when memory runs short, drop the newest sequence's blocks (recompute them later) "
@@ -143,11 +145,13 @@ def _add_workload_arguments(sim) -> None:
     work.add_argument("--workload", choices=WORKLOADS, default="requests",
                       help="requests: the trace's requests; multiturn: chat sessions whose prompts are the "
                       "conversation so far plus new user tokens, each turn's lengths a row of --trace")
-    work.add_argument("--sessions", type=positive_int, default=64, help="chat sessions (--workload multiturn)")
-    work.add_argument("--turns", type=positive_int, default=6, help="most turns per session (--workload multiturn)")
-    work.add_argument("--think-s", type=number(0.0), default=10.0,
+    work.add_argument("--sessions", type=positive_int, metavar="N", default=64,
+                      help="chat sessions (--workload multiturn)")
+    work.add_argument("--turns", type=positive_int, metavar="N", default=6,
+                      help="most turns per session (--workload multiturn)")
+    work.add_argument("--think-s", type=number(0.0), metavar="S", default=10.0,
                       help="mean think time between a turn's answer and the next turn (--workload multiturn)")
-    work.add_argument("--samples", type=positive_int, default=1,
+    work.add_argument("--samples", type=positive_int, metavar="N", default=1,
                       help="parallel samples per request: prefilled once, then forked (--workload requests)")
     work.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                       help="admit prompts through the manager's prefix cache (default: on for --workload "
@@ -180,7 +184,7 @@ def _load(args: argparse.Namespace) -> tuple[Trace, str]:
         from paged_kv.sim.synthetic import synthetic_trace
 
         trace = synthetic_trace(args.requests, seed=args.seed, max_total_tokens=args.max_seq_len)
-        source = f"Trace: synthetic ({args.requests:,} requests, seed {args.seed})"
+        source = f"Trace: synthetic ({plural(args.requests, 'request')}, seed {args.seed})"
     else:
         trace, source = load_trace(args.trace), f"Trace: {args.trace}"
         if len(trace) == 0:
@@ -246,7 +250,7 @@ def _write_outputs(args: argparse.Namespace, reports: list, trace: Trace, spec: 
             from paged_kv.sim.plot import plot_series
 
             credit = "Azure LLM conversation trace 2023 (CC-BY 4.0)" if args.trace == BUNDLED else source
-            plot_series(series, args.plot, title=f"{credit}: {len(trace):,} requests, "
+            plot_series(series, args.plot, title=f"{credit}: {plural(len(trace), 'request')}, "
                         f"{spec.pool_bytes / 2**30:.1f} GiB KV pool, block size {spec.block_size}")
     except OSError as exc:
         raise OutputPathError(f"cannot write {exc.filename}: {exc.strerror}") from exc
@@ -270,7 +274,7 @@ def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: 
     print(f"Requests: {len(trace):,} ({args.workload})   max_seq_len: {spec.max_seq_len:,}   max batch: "
           f"{args.max_batch}   token budget: {args.token_budget:,}   arrivals: {args.arrivals}   prefix cache: "
           f"{'on' if _prefix_cache(args) else 'off'}")
-    print(f"Model shape: {args.model}{' with overrides' if _overrides(args) else ''} ({spec.num_layers} layers, "
+    print(f"Model shape: {args.model}{' with overrides' if overrides(args) else ''} ({spec.num_layers} layers, "
           f"{spec.key_heads} KV heads x {spec.key_dim}, {spec.dtype}; only sizes the pool)")
     print(f"KV pool: {spec.describe()} ({spec.pool_bytes / 2**30:.2f} GiB, "
           f"{spec.usable_blocks * spec.block_size:,} token slots)")
@@ -289,10 +293,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``paged-kv simulate``: check everything it can before the replay, replay, report;
     returns the exit status (2 for bad input, as for bad arguments)."""
     try:
-        spec = _spec(args)
-        config = SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
-                                 arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup,
-                                 preemption=args.preemption)
+        _check_workload_flags(args)
+        spec = build_spec(args)
+        config = _config(args)
         sizes.check_simulate(args)  # what the flags alone size: before a synthetic trace is generated
     except (SpecError, SimulationError) as exc:
         args.subparser.error(str(exc))  # exits 2 with the usage line, like any other bad option
@@ -310,51 +313,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    """The model-shape fields given on the command line, by `ModelShape` field name."""
-    flags = {"num_layers": "num_layers", "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "kv_dtype": "dtype"}
-    out = {field: getattr(args, flag) for flag, field in flags.items() if hasattr(args, flag)}
-    if out.get("dtype") in KV_FORMATS:  # quantized pages: a storage format, not a compute dtype
-        out["kv_format"] = out.pop("dtype")
-    return out
+def _check_workload_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag the chosen workload would ignore: a multi-turn chat serves each turn
+    once, so ``--samples`` there used to be dropped without a word."""
+    if args.workload == "multiturn" and args.samples > 1:
+        raise SimulationError(f"--samples {args.samples} forks each request of --workload requests; --workload "
+                              "multiturn serves each turn once: leave --samples out, or use --workload requests")
 
 
-def _spec(args: argparse.Namespace) -> CacheSpec:
-    """The pool the arguments describe; `SpecError` in terms of their flags when it is
-    inconsistent or implausibly large (a likely typo, e.g. ``--block-size 100000``)."""
-    shape = model_shape(args.model, **_overrides(args))
-    bs, max_len = args.block_size, args.max_seq_len
-    if bs > max_len:
-        raise SpecError(f"--block-size {bs} exceeds --max-seq-len {max_len}: every sequence would hold one "
-                        f"mostly empty block; blocks are typically 8 to 128 tokens")
-    per_seq = -(-max_len // bs)
-    if args.num_blocks - 1 < per_seq:
-        raise SpecError(
-            f"--num-blocks {args.num_blocks} leaves {args.num_blocks - 1} usable block(s) (block 0 is reserved), "
-            f"fewer than the {per_seq} blocks of --block-size {bs} one --max-seq-len {max_len} sequence needs; "
-            f"use --num-blocks {per_seq + 1} or more, or a smaller --max-seq-len"
-        )
-    layers = sliding_layers(shape.num_layers, args.layout, args.full_every)
-    slide = dict(sliding_window=args.sliding_window, sliding_layers=layers) if layers else {}
-    if args.layout == "hybrid":
-        slide["sliding_num_blocks"] = args.sliding_blocks
-    elif args.sliding_blocks is not None:
-        raise SpecError(f"--sliding-blocks {args.sliding_blocks} is for --layout hybrid (the sliding layers' own "
-                        f"pool); --layout {args.layout} has one pool of --num-blocks")
+def _config(args: argparse.Namespace) -> SchedulerConfig:
+    """The scheduler the flags describe; its refusals name the flags, not its fields."""
     try:
-        spec = CacheSpec(num_blocks=args.num_blocks, block_size=bs, max_blocks_per_seq=per_seq,
-                         max_batch_slots=args.max_batch, **shape.spec_fields(), **slide)
-    except SpecError as exc:  # in the spec's words: say which flags set those fields
-        raise SpecError(f"--num-blocks {args.num_blocks}, --block-size {bs}, --max-seq-len {max_len}, --max-batch "
-                        f"{args.max_batch}: {exc}") from None
-    pool = spec.pool_bytes  # every group's pool (a hybrid layout's sliding pool included)
-    if pool > MAX_POOL_BYTES and not args.force:
-        raise SpecError(
-            f"--num-blocks {args.num_blocks} x --block-size {bs} tokens of {args.model} ({shape.describe()}) is a "
-            f"{pool / 2**30:,.0f} GiB KV pool, more than {MAX_POOL_BYTES // 2**40} TiB; check --num-blocks and "
-            "--block-size, or pass --force"
-        )
-    return spec
+        return SchedulerConfig(max_batch=args.max_batch, token_budget=args.token_budget, watermark=args.watermark,
+                               arrivals=args.arrivals, step_s=args.step_ms / 1000, speedup=args.speedup,
+                               preemption=args.preemption)
+    except SimulationError as exc:
+        raise SimulationError(in_flag_words(str(exc), CONFIG_FLAGS, "")) from None
 
 
 __all__ = ["MAX_POOL_BYTES", "add_parser", "run"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from paged_kv.cli.arguments import plural
 from paged_kv.errors import SpecError
 from paged_kv.spec.fields import check_host_bytes
 
@@ -34,7 +35,7 @@ def check_simulate(args: argparse.Namespace, trace_rows: int | None = None) -> N
     if args.trace == "synthetic":
         rows, flags = args.requests, [f"--requests {args.requests:,}"]
     elif trace_rows is not None:
-        rows, flags = trace_rows, [f"a trace of {trace_rows:,} requests"]
+        rows, flags = trace_rows, [f"a trace of {plural(trace_rows, 'request')}"]
     elif not multiturn:
         return  # a file's or the bundled trace's length is known once it is loaded
     if multiturn:
@@ -49,7 +50,8 @@ def check_simulate(args: argparse.Namespace, trace_rows: int | None = None) -> N
         flags.append(f"--limit {args.limit:,}")
     replays = 3 if args.compare else 1  # the paged replay, then two baselines
     check_host_bytes(rows * BYTES_PER_TRACE_ROW + sequences * replays * BYTES_PER_SEQUENCE,
-                     f"{', '.join(flags)} ({sequences:,} sequences to replay{' three times' if replays > 1 else ''})",
+                     f"{', '.join(flags)} ({plural(sequences, 'sequence')} to replay"
+                     f"{' three times' if replays > 1 else ''})",
                      hint="use fewer requests, sessions, turns or samples, or cut the replay with --limit")
 
 
