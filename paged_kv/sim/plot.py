@@ -1,5 +1,5 @@
 """PNG plot of a replay's profile: utilization, blocks in use and running sequences
-over time, one line per backend. matplotlib is an optional extra (``pip install
+over time, one column of panels per backend. matplotlib is an optional extra (``pip install
 'paged_kv[plot]'``); nothing else in paged_kv imports it."""
 
 from __future__ import annotations
@@ -47,40 +47,59 @@ def check_plot_path(path: str | os.PathLike) -> None:
 
 
 def plot_series(series: dict[str, StepSeries], path: str | os.PathLike, title: str = "") -> None:
-    """Write a three-panel PNG to ``path``: utilization (tokens ÷ slots allocated),
-    memory in use (in blocks of the paged block size; a contiguous cache's slots ÷
-    block size) and running sequences, against the scheduler step.
-
-    Every replay is drawn on one step axis, so a cache that needs more steps to
-    serve the same trace visibly takes longer (its line runs further right); each
-    legend entry repeats the step count. Legends sit to the right of their panel,
-    off the data.
-    """
+    """Write a PNG to ``path``: per backend, a column of three panels -- utilization
+    (tokens ÷ slots allocated), memory in use (in blocks of the paged block size; a
+    contiguous cache's slots ÷ block size) and running sequences -- against that
+    backend's scheduler steps."""
     plt = require_matplotlib()
-    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True, constrained_layout=True)
-    for name, s in series.items():
-        if len(s) == 0:
-            continue
-        # A row may stand for a span of steps; draw it as a step to the next row.
-        x = np.append(s["step"], s["step"][-1] + s["steps"][-1]).astype(np.float64)
-        label = f"{name}\n({int(s['steps'].sum()):,} steps)"
-        for ax, y in zip(axes, (s.utilization, s["slots_allocated"] / s.block_size, s["running"])):
-            ax.plot(x, np.append(y, y[-1]), drawstyle="steps-post", linewidth=0.8, label=label)
-    capacity = max(s.capacity_slots / s.block_size for s in series.values())
-    axes[1].axhline(capacity, color="grey", linestyle=":", linewidth=0.8, label="capacity")
-    axes[0].set_ylabel("utilization\n(tokens / slots)")
-    axes[0].set_ylim(0, 1.02)
-    axes[1].set_ylabel("blocks in use")
-    axes[2].set_ylabel("running sequences")
-    axes[2].set_xlabel("scheduler step")
-    axes[2].set_xlim(left=0)
-    axes[2].xaxis.set_major_formatter(lambda value, _pos: f"{value:,.0f}")
-    for ax in axes:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    if title:
-        axes[0].set_title(title, fontsize="medium")
+    fig = figure(series, title)
     fig.savefig(os.fspath(path), dpi=110)
     plt.close(fig)
 
 
-__all__ = ["INSTALL_HINT", "PlotUnavailableError", "check_plot_path", "plot_series", "require_matplotlib"]
+def figure(series: dict[str, StepSeries], title: str = ""):
+    """The matplotlib figure `plot_series` writes (the caller closes it).
+
+    Each backend gets its own column, so its own step axis: on one shared axis the
+    max-length baseline's hundreds of thousands of steps squeezed the paged and
+    first-fit replays into the left tenth of the plot. Rows share their y axis, so
+    utilization, blocks and running sequences still compare across columns at a
+    glance; each column's title gives its step count, so a cache that needs more
+    steps to serve the same trace still shows it.
+    """
+    plt = require_matplotlib()
+    drawn = {name: s for name, s in series.items() if len(s)}
+    if not drawn:
+        drawn = dict(list(series.items())[:1])
+    cols = max(1, len(drawn))
+    fig, axes = plt.subplots(3, cols, figsize=(4.2 * cols + 1.5, 8), sharey="row", squeeze=False,
+                             constrained_layout=True)
+    capacity = max((s.capacity_slots / s.block_size for s in series.values()), default=None)
+    for col, (name, s) in enumerate(drawn.items()):
+        column = axes[:, col]
+        if len(s):
+            # A row may stand for a span of steps; draw it as a step to the next row.
+            x = np.append(s["step"], s["step"][-1] + s["steps"][-1]).astype(np.float64)
+            for ax, y in zip(column, (s.utilization, s["slots_allocated"] / s.block_size, s["running"])):
+                ax.plot(x, np.append(y, y[-1]), drawstyle="steps-post", linewidth=0.8, color=f"C{col}")
+            steps = int(s["steps"].sum())
+        else:
+            steps = 0
+        column[0].set_title(f"{name}\n({steps:,} steps)", fontsize="medium")
+        if capacity is not None:
+            column[1].axhline(capacity, color="grey", linestyle=":", linewidth=0.8, label="capacity")
+        column[2].set_xlabel("scheduler step")
+        for ax in column:
+            ax.set_xlim(left=0)
+            ax.xaxis.set_major_formatter(lambda value, _pos: f"{value:,.0f}")
+    axes[0, 0].set_ylabel("utilization\n(tokens / slots)")
+    axes[0, 0].set_ylim(0, 1.02)
+    axes[1, 0].set_ylabel("blocks in use")
+    axes[1, 0].legend(loc="lower right", fontsize="small", frameon=False)
+    axes[2, 0].set_ylabel("running sequences")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+__all__ = ["INSTALL_HINT", "PlotUnavailableError", "check_plot_path", "figure", "plot_series", "require_matplotlib"]
