@@ -2,11 +2,13 @@
 
 Every ```python block runs, in order, in one fresh interpreter (one namespace, so a
 block may use what an earlier one defined; its own process, so JAX starts clean), in
-a scratch folder; a failure's traceback names the README line. Every ```bash block is checked command by command without
-installing anything: ``pip install`` names only extras pyproject.toml defines, the
-``paged-kv`` / ``python -m paged_kv`` arguments parse, ``python -m pytest`` selects
-only registered markers, and scripts it runs exist. CI (``.ci/run``) must run the
-README's test command verbatim.
+a scratch folder, and leaves nothing there; a failure's traceback names the README
+line. Every ```bash block is checked command by command without installing anything:
+``pip install`` names only extras pyproject.toml defines, the ``paged-kv`` /
+``python -m paged_kv`` arguments parse, ``python -m pytest`` selects only registered
+markers, and scripts it runs exist. Then every bash command that needs no network
+and names no placeholder runs, in a scratch folder, and must leave every tracked
+file as it was. CI (``.ci/run``) must run the README's test command verbatim.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,7 @@ from paged_kv.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+
 
 def code_blocks(lang: str) -> list[tuple[int, str]]:
     """``(first line number, text)`` of every fenced block of ``lang`` in README.md."""
@@ -62,6 +66,10 @@ def test_python_blocks_run_as_written(tmp_path):
     result = subprocess.run([sys.executable, "-c", RUNNER, "blocks.json"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"README python blocks failed:\n{result.stderr[-6000:]}"
+    # A newcomer pastes the blocks into a shell in the checkout: whatever they write
+    # (a checkpoint, say) must go to a temporary folder, not where they stand.
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["blocks.json", "tests"], f"README python blocks left {left} in the folder they ran in"
 
 
 def _check_pip(args: list[str]) -> None:
@@ -118,3 +126,88 @@ def test_ci_runs_the_readme_test_command():
           if line.strip() and not line.lstrip().startswith("#")]
     assert ci[-1] in commands, f".ci/run's test command {ci[-1]!r} is not one of the README's"
     assert ci[-1].endswith("python -m pytest -q"), "CI must run the whole suite, unfiltered"
+
+
+# ---- the bash blocks, run -------------------------------------------------------------
+
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]+$")
+"""A word the reader replaces (``DIR``, ``PATH``): its command cannot run as written."""
+
+SLOW_COMMANDS = {
+    "python -m paged_kv simulate --compare": "replays the whole bundled trace three times (~10 s CPU)",
+    "python benchmarks/run_all.py --only": "runs a benchmark in a subprocess (~6 s CPU and its start-up)",
+}
+"""Commands (by prefix) that run in the slow tier only: the quick tier stays quick."""
+
+
+def runnable_commands() -> list[str]:
+    """The README's bash commands that run offline as written: not ``pip install``
+    (the network), not ``python -m pytest`` (the suite itself), none with a placeholder."""
+    out = []
+    for _, code in code_blocks("bash"):
+        for line in code.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            for command in filter(None, (c.strip() for c in line.split("&&"))):
+                words = shlex.split(command)
+                if words[0] == "pip" or words[:3] == ["python", "-m", "pytest"]:
+                    continue
+                if any(PLACEHOLDER.match(w) for w in words):
+                    continue
+                out.append(command)
+    return out
+
+
+def _params() -> list:
+    return [pytest.param(c, marks=[pytest.mark.slow] if any(c.startswith(k) for k in SLOW_COMMANDS) else [], id=c)
+            for c in runnable_commands()]
+
+
+def _tracked_changes() -> str:
+    """``git status`` of the tracked files: which differ from the last commit."""
+    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode:
+        pytest.skip(f"not a git checkout ({result.stderr.strip()}): cannot tell whether tracked files changed")
+    return result.stdout
+
+
+def test_slow_commands_name_readme_commands():
+    commands = runnable_commands()
+    assert len(commands) >= 3, "README.md lost the commands a newcomer runs"
+    stale = [k for k in SLOW_COMMANDS if not any(c.startswith(k) for c in commands)]
+    assert not stale, f"SLOW_COMMANDS names no README command: {stale}"
+
+
+@pytest.mark.parametrize("command", _params())
+def test_bash_command_runs_and_changes_no_tracked_file(command, tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: cannot tell whether tracked files changed")
+    before = _tracked_changes()
+    # The commands name checkout paths (fixtures, scripts) as seen from its root; a
+    # scratch folder that shows those under the same names catches anything they write.
+    for name in ("tests", "benchmarks", "examples", "scripts"):
+        if (ROOT / name).is_dir():
+            (tmp_path / name).symlink_to(ROOT / name, target_is_directory=True)
+    words = shlex.split(command)
+    argv = ([sys.executable, "-m", "paged_kv", *words[1:]] if words[0] == "paged-kv"
+            else [sys.executable, *words[1:]] if words[0] == "python" else words)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{(result.stdout + result.stderr)[-4000:]}"
+    assert _tracked_changes() == before, f"{command} changed tracked files:\n{_tracked_changes()}"
+
+
+def test_the_model_size_comment_is_right():
+    """The README's rule of thumb for a 1B model is `CacheSpec.for_memory`'s answer."""
+    from paged_kv import CacheSpec
+    from paged_kv.sim.models import MODELS
+
+    match = re.search(r"1B in bf16 \(([\d.]+) KiB a token\): num_blocks ~ ([\d,]+) per 8 GiB",
+                      README.read_text(encoding="utf-8"))
+    assert match, "README.md lost its 1B-model sizing comment"
+    shape = MODELS["llama3.2-1b"]
+    spec = CacheSpec.for_memory(8 * 2**30, block_size=16, **shape.spec_fields())
+    assert float(match.group(1)) == shape.bytes_per_token / 2**10
+    said = int(match.group(2).replace(",", ""))
+    assert abs(said - spec.num_blocks) <= 0.01 * spec.num_blocks, (said, spec.num_blocks)

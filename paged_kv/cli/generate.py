@@ -11,7 +11,7 @@ import json
 import sys
 
 from paged_kv.cli.arguments import HelpFormatter, in_flag_words, plural, positive_int
-from paged_kv.cli.prompts import check_checkpoint, load_prompts, prompt_file, token_ids
+from paged_kv.cli.prompts import check_checkpoint, load_prompts, token_ids
 from paged_kv.errors import PagedKVError, SpecError
 
 DEFAULT_BLOCK_SIZE = 16
@@ -44,7 +44,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                          help="a prompt as token ids ('1,2,3'); repeat for more prompts")
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
                          help="a text prompt, tokenized with DIR/tokenizer.json (needs the tokenizers package); repeat")
-    prompts.add_argument("--prompt-file", action="append", type=prompt_file, metavar="PATH",
+    prompts.add_argument("--prompt-file", action="append", metavar="PATH",
                          help="a file holding one prompt: token ids if it holds only integers (separated by commas, "
                          "spaces or newlines), else text tokenized as --prompt is; repeat for more prompts")
     gen.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="greedy tokens per prompt at most")

@@ -34,26 +34,27 @@ def token_ids(text: str) -> list[int]:
     return ids
 
 
-def prompt_file(path: str) -> list[int] | str:
-    """An argparse type: the prompt in file ``path``: its token ids when the file holds
-    only integers (separated by commas, spaces or newlines), else its text (to be
-    tokenized with the checkpoint's tokenizer.json), trailing newline removed."""
+def read_prompt_file(path: str) -> list[int] | str:
+    """The prompt in file ``path``: its token ids when the file holds only integers
+    (separated by commas, spaces or newlines), else its text (to be tokenized with the
+    checkpoint's tokenizer.json), trailing newline removed. Read when the command runs,
+    not when arguments are parsed, so ``--help`` and argument checks never touch files."""
     file = pathlib.Path(path)
     if not file.is_file():
         what = "is a folder" if file.is_dir() else "does not exist"
-        raise argparse.ArgumentTypeError(f"{path} {what}; give a file holding one prompt (text or token ids)")
+        raise PagedKVError(f"--prompt-file {path} {what}; give a file holding one prompt (text or token ids)")
     size = file.stat().st_size
     if size > MAX_PROMPT_FILE_BYTES:
-        raise argparse.ArgumentTypeError(f"{path} holds {size:,} bytes, more than the "
-                                         f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB a prompt could use; check the path")
+        raise PagedKVError(f"--prompt-file {path} holds {size:,} bytes, more than the "
+                           f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB a prompt could use; check the path")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise argparse.ArgumentTypeError(f"{path} is not UTF-8 text; give a text prompt or token ids") from None
+        raise PagedKVError(f"--prompt-file {path} is not UTF-8 text; give a text prompt or token ids") from None
     except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{path} cannot be read: {exc.strerror}") from None
+        raise PagedKVError(f"--prompt-file {path} cannot be read: {exc.strerror}") from None
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"{path} is empty; give a file holding one prompt")
+        raise PagedKVError(f"--prompt-file {path} is empty; give a file holding one prompt")
     words = text.replace(",", " ").split()
     if all(re.fullmatch(r"[+-]?\d+", w) for w in words):
         return [int(w) for w in words]
@@ -82,7 +83,7 @@ def check_checkpoint(checkpoint: str) -> pathlib.Path:
 def load_prompts(args: argparse.Namespace, directory: pathlib.Path):
     """``(token-id prompts, tokenizer or None)`` from ``--prompt-ids``, ``--prompt`` or
     ``--prompt-file``; the tokenizer is loaded only when some prompt is text."""
-    given = args.prompt_ids or args.prompt or args.prompt_file
+    given = args.prompt_ids or args.prompt or [read_prompt_file(path) for path in args.prompt_file]
     if all(isinstance(p, list) for p in given):
         return given, None
     flag = "--prompt" if args.prompt else "--prompt-file"
@@ -101,4 +102,4 @@ def load_prompts(args: argparse.Namespace, directory: pathlib.Path):
     return prompts, tokenizer
 
 
-__all__ = ["MAX_PROMPT_FILE_BYTES", "check_checkpoint", "load_prompts", "prompt_file", "token_ids"]
+__all__ = ["MAX_PROMPT_FILE_BYTES", "check_checkpoint", "load_prompts", "read_prompt_file", "token_ids"]
