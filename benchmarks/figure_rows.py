@@ -254,6 +254,13 @@ def _attention_rows(r: dict) -> list[Row]:
                 f"{_x(big['a_over_c'])} ({ms['a_in_place']:.1f} vs {ms['c_dense']:.1f} ms); over all "
                 f"{len(points)} points median {_x(summary.get('a_over_c_median'))}",
                 f"gathered view + the same naive attention: {_x(big['b_over_c'])} the seed-style cache's time")]
+    if "binding_cost" in big:
+        aim = summary.get("binding_cost_aim")
+        out.append(("binding (`paged_kv/binding.py`: block generations checked per layer and step) ÷ the same step "
+                    "on the metadata's raw tables",
+                    f"median {_x(summary.get('binding_cost_median'))} over {len(points)} points, max "
+                    f"{_x(summary.get('binding_cost_max'))}" + (f", aim ≤ {aim:.2f}" if aim is not None else ""),
+                    f"{where}: {_x(big['binding_cost'])}"))
     out.append(("transient memory of that step, in place ÷ gathered view",
                 f"{_x(big['temp_a_over_b'])} ({temp['a_in_place'] / 2**20:.1f} vs {temp['b_gathered'] / 2**20:.1f} MiB)",
                 "XLA's compiled temp_size_in_bytes of each"))
