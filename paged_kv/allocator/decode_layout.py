@@ -226,8 +226,9 @@ class DecodeLayout:
             self.vector = (dec.kv_lens[:n], dec.positions[:n, 0], dec.groups[0].slot_mapping[:n, 0])
             for b, x in enumerate(room(dec.kv_lens[:n], bs).tolist()):
                 ring[x].append(b)
-        # A row with room x takes its next block x decode steps from now (`room`), then
-        # every block_size steps: step k's rows are ring[k % block_size], in batch order.
+        # ring[k]: the rows (batch indices, in order) that take a block on decode step k
+        # from now, 0-based: a row with room x takes one on step x (`room`), then every
+        # block_size steps; `turn` walks the ring round.
         self.turn = cycle(ring).__next__
         self.advance = self._advance_one if n == 1 and self.tiny is not None else self._advance
 

@@ -2,15 +2,16 @@
 
 Every array of every `StepMetadata` is written here, whoever describes the step:
 
-* `KVCacheManager.step_metadata`, general path (`fresh_step` over `group_arrays`, one
-  call per layer group: any kind of group, copy-on-write copies) and plain path (one
-  full-attention group, nothing forked: `plain_step`, the decode layout of its rows
-  and, when some row writes other than one token, a mixed step beside it);
+* `KVCacheManager.step_metadata`, general path (`lengths_and_positions`, then
+  `group_arrays` once per layer group: any kind of group, copy-on-write copies) and
+  plain path (one full-attention group, nothing forked: `plain_step`, the decode
+  layout of its rows and, when some row writes other than one token, a mixed step
+  beside it);
 * the persistent batch (`paged_kv.batch.StepBatch`), through a `DecodeLayout`
   (`paged_kv.allocator.decode_layout`) over reused `Buffers`: the same writers, plus
   the in-place decode step, compaction when rows leave and rows joining;
 * the decode slots (`paged_kv.batch.DecodeSlots`): a step's rows placed in their
-  slots (`in_slots`), into fresh arrays or the slots' own buffers.
+  slots (`in_slots`).
 
 Arrays come from a provider with ``get(name, shape)``: `FRESH` (new arrays, the
 caller's to keep: `step_metadata`'s contract) or `Buffers` (one flat buffer per name,
@@ -77,14 +78,14 @@ def write_run(dst: np.ndarray, block_tables: np.ndarray, row: int, first: int, c
     a partial block at either end alone."""
     bs = block_size
     blocks = block_tables[row, first // bs: (first + count - 1) // bs + 1]
-    offsets, head = _offsets(bs), -first % bs  # tokens before the run's first whole block
-    head = min(head, count)
+    offsets = _offsets(bs)
+    head = min(room(first, bs), count)  # tokens before the run's first whole block
     if head:
         dst[:head] = slot(blocks[0], offsets[first % bs: first % bs + head], bs)
         blocks = blocks[1:]
     whole = (count - head) // bs
     if whole:
-        np.add((blocks[:whole] * bs)[:, None], offsets, out=dst[head: head + whole * bs].reshape(whole, bs))
+        dst[head: head + whole * bs].reshape(whole, bs)[...] = slot(blocks[:whole, None], offsets, bs)
     tail = count - head - whole * bs
     if tail:
         dst[count - tail: count] = slot(blocks[whole], offsets[:tail], bs)
