@@ -15,7 +15,7 @@ always in flight (`PagedKVAsync`: step N+1 is described before step N is
 committed, through the `Step` handles, as an overlap scheduler does).
 
 vLLM is a benchmark dependency only: import this module's `VllmManager` only when
-`vllm_available()` says so (see ../shared/peers/README.md for a CPU install).
+`vllm_available()` says so (see benchmarks/PEERS.md for a CPU install).
 """
 
 from __future__ import annotations

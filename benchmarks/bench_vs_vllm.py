@@ -80,7 +80,7 @@ allowance for noise (one driver's rounds on the shared 2-core machine often diff
 more), so a smaller gap is not taken as a slowdown. The strict verdict is reported too."""
 CHURN_RUNNING = 4.0
 INSTALL = ("vLLM is not importable here ({why}). Install its CPU build without the GPU stack as "
-           "../shared/peers/README.md describes, then run: PYTHONPATH=. <that venv>/bin/python "
+           "benchmarks/PEERS.md describes, then run: PYTHONPATH=. <that venv>/bin/python "
            "benchmarks/bench_vs_vllm.py")
 
 

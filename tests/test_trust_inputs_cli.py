@@ -52,8 +52,8 @@ SIMULATE = [
     (["--trace", "synthetic", "--requests", "1000", "--samples", "100000"], "--samples 100,000"),
     (["--workload", "multiturn", "--sessions", "1000000"], "--sessions 1,000,000 x --turns 6"),
     (["--workload", "multiturn", "--turns", "1000000"], "--sessions 64 x --turns 1,000,000"),
-    (["--max-batch", "1000000"], "--max-batch 1000000: num_layers=32"),
-    (["--num-blocks", "2000000", "--block-size", "1", "--max-seq-len", "16"], "num_blocks=2000000"),
+    (["--max-batch", "1000000"], "--max-batch 1000000: --num-layers 32"),
+    (["--num-blocks", "2000000", "--block-size", "1", "--max-seq-len", "16"], "--num-blocks 2000000"),
     (["--num-blocks", "1200000", "--block-size", "2", "--max-seq-len", "16"], "--num-blocks 1200000, --block-size 2"),
 ]
 
@@ -75,7 +75,7 @@ GENERATE = [
     (["--max-new-tokens", "10000000"], "--max-new-tokens 10000000, "),
     (["--num-blocks", "100000", "--block-size", "64"], "--num-blocks 100,000 x --block-size 64"),
     (["--block-size", "1048576"], "--block-size 1048576"),
-    (["--max-batch", "1000000", "--max-new-tokens", "1000"], "--max-batch 1000000: num_layers=2"),
+    (["--max-batch", "1000000", "--max-new-tokens", "1000"], "--max-batch 1000000: the checkpoint's num_hidden_layers 2"),
 ]
 
 
