@@ -496,3 +496,37 @@ def test_decode_across_block_edges_and_width_buckets(variant, batch):
     b.step(list(ids), [2 + s for s in ids])
     for _ in range(40):
         _decode_both(b, fused, plain, ids)
+
+
+def test_the_rules_and_runs_of_slots():
+    # The slot formula and the append rule, written once in step_arrays, against their
+    # definitions; a run of slots (a prompt) from any first token, any length.
+    bs_list, rng = (1, 2, 4, 16), np.random.default_rng(3)
+    for bs in bs_list:
+        n = np.arange(0, 5 * bs)
+        assert np.array_equal(step_arrays.room(n, bs), [(-(-t // bs)) * bs - t for t in n.tolist()])
+        assert np.array_equal(step_arrays.blocks_for(n, bs), [-(-t // bs) for t in n.tolist()])
+        assert [step_arrays.room(int(t), bs) for t in n] == step_arrays.room(n, bs).tolist()
+        table = rng.integers(1, 1000, (3, 64)).astype(np.int32)
+        for first in range(0, 3 * bs + 1):
+            for count in range(1, 3 * bs + 2):
+                pos = np.arange(first, first + count)
+                want = table[1, pos // bs].astype(np.int64) * bs + pos % bs
+                assert np.array_equal(step_arrays.slot(table[1, pos // bs], pos, bs), want)
+                assert np.array_equal(step_arrays.run_slots(table, 1, first, count, bs), want)
+
+
+def test_decode_slots_hand_out_fresh_arrays():
+    # A jitted call on CPU reads numpy arguments in place, later: decode-slot metadata
+    # passed to it as it is must not be overwritten by the next decode step.
+    m = pk.KVCacheManager(spec())
+    for s in range(3):
+        m.admit(s, 5 + s)
+    slots = pk.DecodeSlots(m, 4)
+    for s in range(3):
+        slots.insert(s, s)
+    first = slots.decode_step()
+    kept = [np.array(a) for a in (first.kv_lens, first.positions, first.slot_mapping, first.block_tables)]
+    slots.decode_step()
+    for a, b in zip(kept, (first.kv_lens, first.positions, first.slot_mapping, first.block_tables)):
+        assert np.array_equal(a, b)
