@@ -18,7 +18,9 @@ from paged_kv.models.generate import GenerationError, Generator, Request
 from paged_kv.models.loader import load_model
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# Compile time dominates: the step of each shape, at no backend optimization and with
+# XLA:CPU's older emitters (a third faster to compile; tests/test_hf_equality.py).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def reference_tokens(name: str, i: int) -> tuple[list[int], list[int]]:
@@ -121,8 +123,26 @@ def test_cli_text_prompts_and_errors(capsys, tmp_path):
     assert exit_.value.code == 2 and "not a list of integer token ids" in capsys.readouterr().err
 
 
+def test_chunked_prefill_into_full_attention_gives_transformers_tokens(model):
+    """Two Llama prompts (full attention) prefilled together 5 tokens a step: chunks not
+    a multiple of the block, each later chunk attending to the earlier ones in the pages.
+    Every greedy token is transformers'. The quick tier's chunked prefill of full
+    attention; random schedules of it (preemptions, prefix hits, inserted prefills, every
+    logit) are the `slow` Llama case below, the quick Mistral case running them on
+    sliding layers."""
+    prompts = {i: reference_tokens("llama", i) for i in (3, 1)}  # 21 and 15 tokens
+    gen = generator(model, prefill_chunk=5)
+    done, stats = gen.generate([Request(prompt, 8, request_id=i) for i, (prompt, _) in prompts.items()])
+    assert {c.request_id: c.tokens for c in done} == {i: want[:8] for i, (_, want) in prompts.items()}
+    assert stats.prefill_steps >= 5 and stats.prefill_tokens == 21 + 15  # ceil(21 / 5) chunks of the longer prompt
+    gen.manager.check_integrity()
+
+
 @pytest.mark.parametrize("name,pool,chunk", [
-    ("llama", dict(num_blocks=14, max_batch_slots=4), 6),
+    # ~14 s of CPU cold (16 step shapes compiled): in the full suite only. The quick tier
+    # runs the Mistral case and, for Llama's full attention, the chunked prefill above
+    # and tests/test_hf_equality.py's schedule (batching, prefix hits, a preemption).
+    pytest.param("llama", dict(num_blocks=14, max_batch_slots=4), 6, marks=pytest.mark.slow),
     ("mistral", dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4), 5),
 ])
 def test_random_schedules_equal_a_cacheless_recompute(name, pool, chunk):

@@ -385,8 +385,25 @@ def test_tpu_ragged_adapter_against_jax_reference_kernel(window=6, soft_cap=3.0)
     t = 4
     positions = kv_lens[:, None] - query_lens[:, None] + jnp.minimum(jnp.arange(t), jnp.maximum(query_lens - 1, 0)[:, None])
     q = jnp.asarray(rng.normal(size=(4, t, 4, 8)), jnp.float32)
-    got = ragged_paged_attention_tpu(q, kv, tables, kv_lens, query_lens, window=window, scale=0.4,
-                                     soft_cap=soft_cap, kernel=ref_ragged_paged_attention)
+    # The reference slices each sequence by its lengths: run eagerly it compiles ~160
+    # small programs. Under jit it slices by the lengths the adapter must pass (numpy,
+    # so static), and what the adapter did pass is checked against them below.
+    lens = {"kv_lens": np.asarray(kv_lens), "num_seqs": np.array([4], np.int32),
+            "cu_q_lens": np.concatenate([[0], np.cumsum(np.asarray(query_lens))]).astype(np.int32)}
+    passed = {}
+
+    def kernel(queries, kv_pages, kv_lens_, page_indices, cu_q_lens, num_seqs, **kw):
+        jax.debug.callback(lambda *a: passed.update(zip(("kv_lens", "cu_q_lens", "num_seqs"), map(np.asarray, a))),
+                           kv_lens_, cu_q_lens, num_seqs)
+        return ref_ragged_paged_attention(queries, kv_pages, lens["kv_lens"], page_indices, lens["cu_q_lens"],
+                                          lens["num_seqs"], **kw)
+
+    got = jax.jit(partial(ragged_paged_attention_tpu, window=window, scale=0.4, soft_cap=soft_cap, kernel=kernel))(
+        q, kv, tables, kv_lens, query_lens)
+    jax.effects_barrier()
+    assert passed.keys() == lens.keys()
+    for name, want in lens.items():
+        np.testing.assert_array_equal(passed[name], want, err_msg=f"the adapter's {name}")
     want = _xla(q, _interleaved_reader(kv, 2, 8), tables, kv_lens, positions, window=window, scale=0.4,
                 soft_cap=soft_cap, chunk_blocks=1)
     # Real tokens equal; a padding token gets its row's last real output (the XLA path

@@ -389,6 +389,17 @@ def key_offsets_like(rng, layers: int) -> np.ndarray:
     return mu
 
 
+# The formats, layouts and key offsets the two World tests below run on. Each costs ~4 s
+# cold (a compilation of every layer's quantized write and read per step shape), so two
+# run in the full suite only (`slow`): fp8 in the split layout and int8 with offsets. The
+# quick tier keeps int8 in both layouts (scale arrays split and interleaved) and fp8
+# (unified, with offsets); int8 pages with offsets are written and read back there by
+# test_insert_prefill_quantizes_like_the_write[unified-True].
+WORLDS = [("int8", "split", False), ("int8", "unified", False),
+          pytest.param("fp8", "split", False, marks=pytest.mark.slow), ("fp8", "unified", True),
+          pytest.param("int8", "split", True, marks=pytest.mark.slow)]
+
+
 class World:
     """Quantized cache + manager + the float values each live sequence was given."""
 
@@ -457,9 +468,7 @@ def gathered_bits(w: World, seq_id) -> list:
     return out
 
 
-@pytest.mark.parametrize("fmt, layout, offsets", [("int8", "split", False), ("int8", "unified", False),
-                                                  ("fp8", "split", False), ("fp8", "unified", True),
-                                                  ("int8", "split", True)])
+@pytest.mark.parametrize("fmt, layout, offsets", WORLDS)
 def test_isolation_fork_swap_and_checkpoint_of_quantized_pages(fmt, layout, offsets, tmp_path):
     w = World(fmt, layout, offsets)
     ids = list(range(len(EDGES)))
@@ -583,9 +592,7 @@ def _attend_step(cache, qs, ks, vs, meta):
     return tuple(outs), pk.PagedKVCache(tuple(views))
 
 
-@pytest.mark.parametrize("fmt, layout, offsets", [("int8", "split", False), ("int8", "unified", False),
-                                                  ("fp8", "split", False), ("fp8", "unified", True),
-                                                  ("int8", "split", True)])
+@pytest.mark.parametrize("fmt, layout, offsets", WORLDS)
 def test_in_place_attention_dequantizes_each_chunk(fmt, layout, offsets):
     """`view.attention` (chunks gathered from the pages, decoded one by one, f32
     accumulation) equals attention over the dequantized `read`, in pools whose every
