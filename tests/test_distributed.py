@@ -8,8 +8,10 @@ every step's metadata and tokens between them. The one-process run is the same c
 (`distributed_worker.LlamaServer`) on this process's one device; the Llama fixture's
 transformers logits are the independent reference.
 
-Quick tier: the Llama fixture on 2 processes x 1 device (one KV head each). Slow:
-attention with int8 pages on 2 processes x 2 devices (8 KV heads over 4 devices).
+Full suite (``slow``: ~6 s of two cold processes each): the Llama fixture on 2
+processes x 1 device (one KV head each), and attention with int8 pages on 2 processes x
+2 devices (8 KV heads over 4 devices). Quick tier: a sharded checkpoint set in one
+process, and the metadata digest the processes compare.
 """
 
 from __future__ import annotations
@@ -103,12 +105,14 @@ def llama_runs(tmp_path_factory):
     return {"out": out, "results": results, "pair_rows": pair_rows, "single": (seqs, rows, facts, at_save)}
 
 
+@pytest.mark.slow
 def test_heads_are_split_over_the_two_processes(llama_runs):
     for pid, r in enumerate(llama_runs["results"]):
         assert r["process"] == pid and r["devices"] == 2 and r["local_devices"] == 1
         assert r["global_heads"] == 2 and r["local_heads"] == [1] and not r["fully_addressable"]
 
 
+@pytest.mark.slow
 def test_decode_equals_one_process_and_transformers(llama_runs):
     """Prefill, a prefix-cache hit, greedy decode: both processes' logits are the same
     (replicated), their tokens equal the one-process run's and transformers', and every
@@ -135,6 +139,7 @@ def test_decode_equals_one_process_and_transformers(llama_runs):
           f"{worst_single:.1e} ({bit_equal} rows bit-equal); logit std {scale:.2f}")
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_restores_on_the_two_processes(llama_runs):
     """Each process saved its own heads mid-run; restored onto the mesh, the manager is
     the saved one and the rest of the decode repeats bit for bit."""
@@ -144,6 +149,7 @@ def test_sharded_checkpoint_restores_on_the_two_processes(llama_runs):
         assert r["restored_rows_bit_equal"] and r["restored_rows"] == 3 * (worker.DECODE_STEPS - worker.SAVE_AFTER)
 
 
+@pytest.mark.slow
 def test_single_file_checkpoint_across_processes(llama_runs):
     """`save_checkpoint` cannot fetch pages held by another process (jax's RuntimeError,
     not a CheckpointError); gathering the sharded set onto one device and saving that
@@ -158,6 +164,7 @@ def test_single_file_checkpoint_across_processes(llama_runs):
         assert r["plain_restore_rows_bit_equal"] and r["plain_restore_sharded"]
 
 
+@pytest.mark.slow
 def test_divergent_managers_are_refused_on_every_process(llama_runs):
     """Process 1 admitted a sequence process 0 did not: `check_same` raises on both, and
     so does a save, before writing anything; a save whose write fails on process 1
@@ -171,6 +178,7 @@ def test_divergent_managers_are_refused_on_every_process(llama_runs):
     assert not list(out.glob("diverged*"))
 
 
+@pytest.mark.slow
 def test_sharded_set_loads_onto_one_device(llama_runs):
     """The two files, read in one process onto its one device: the manager at the save
     point, and decoding on from there gives transformers' tokens."""
