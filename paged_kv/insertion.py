@@ -170,9 +170,8 @@ def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, ke
     for g in range(len(spec.groups)):
         slots[g] = pad_slot(spec, g)  # dropped by the scatter
     slots[:, :length] = slot_rows
-    gens = np.zeros_like(slots)
-    for g, group in enumerate(manager.groups):  # each written block's generation, as step metadata carries it
-        gens[g, :length] = group.pool.generation[slots[g, :length] // spec.block_size]
+    # Each written block's generation, as step metadata carries it (0 for padding: past the pool).
+    gens = np.stack([group.pool.generations_of(slots[g] // spec.block_size) for g, group in enumerate(manager.groups)])
     try:
         cache = _write_prefill(cache, k, v, slots, gens, manager.steps.tag)
     except Exception:

@@ -7,14 +7,14 @@ copies are one jitted call over every layer's pages (keys and values, any layout
 and they move the pages' storage bits, so a round trip is bit-exact for every
 dtype, bfloat16 included.
 
-Shapes: a sequence's block count is padded to a power of two (gathering the null
-block, scattering to an out-of-range id that is dropped), so sequences of
-similar lengths share one compilation.
+The bytes move through `paged_kv.sequence_pages` (as a transfer's do): block counts
+padded to a power of two, so sequences of similar lengths share one compilation;
+slots past the sequence's length zeroed by the read; generations stamped by the write.
 
 Trust: a `SwappedSequence` is what `swap_out` made, or it is refused. Its host copy
 holds zeros past the sequence's length (a block is copied whole, and the slots
-after the last token still held the block's previous owner's keys and values), and
-it is sealed: a keyed BLAKE2b digest, under a key this process drew at import, of
+after the last token still held the block's previous owner's keys and values: the
+read zeroes them), and it is sealed: a keyed BLAKE2b digest, under a key this process drew at import, of
 its record, spec, page shapes and written length. `swap_in` recomputes the seal, so
 a record edited after the fact (``num_tokens`` raised within the same block count
 would read those dead slots as the sequence's own), a hand-built one, or one with
@@ -25,26 +25,22 @@ that swapped it out.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import json
 import os
-from functools import partial
 
 import attrs
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.swap_record import SwapRecord, check_record
-from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import InvalidArgumentError, ShapeError, SpecError
-from paged_kv.metadata import bucket
 from paged_kv.quant import codecs
-from paged_kv.spec import NULL_BLOCK, CacheSpec, require_same_spec
+from paged_kv.sequence_pages import padded_sizes, read_sequence, write_back
+from paged_kv.spec import CacheSpec, require_same_spec
 
 
 @attrs.frozen(eq=False)
@@ -94,50 +90,6 @@ def _seal(record: SwapRecord, spec: CacheSpec, pages, written: int) -> bytes:
     return hashlib.blake2b(text, digest_size=32, key=_SEAL_KEY, person=b"paged_kv/swap/v1").digest()
 
 
-def _zero_dead_slots(pages: tuple, record: SwapRecord, views, block_size: int) -> None:
-    """Zero each layer's slots past the last token, in its last block (in place, on the
-    host copy): they hold whatever the block's previous owner left there."""
-    used = record.num_tokens - (-(-record.num_tokens // block_size) - 1) * block_size
-    if used == block_size:
-        return
-    for view, layer in zip(views, pages):
-        if record.blocks[view.group].size:
-            for a in layer:  # every leaf is [blocks, block_size, ...]
-                a[-1, used:] = 0
-
-
-def _padded_ids(blocks: tuple[np.ndarray, ...], pad: tuple[int, ...], cap: int) -> tuple[np.ndarray, ...]:
-    out = []
-    for ids, fill in zip(blocks, pad):
-        n = bucket(max(ids.size, 1), max(cap, 1))
-        padded = np.full(max(n, ids.size), fill, dtype=np.int32)
-        padded[: ids.size] = ids
-        out.append(padded)
-    return tuple(out)
-
-
-@jax.jit
-def _gather(cache: PagedKVCache, ids: tuple, tag: jax.Array) -> tuple:
-    # Pages that serve another manager give the null block (zeros): its ids name other blocks here.
-    return tuple(tuple(leaf[jnp.where(view.owner == tag, ids[view.group], 0)]
-                       for leaf in jax.tree_util.tree_leaves(view.pages())) for view in cache.views)
-
-
-@partial(jax.jit, donate_argnums=0)
-def _scatter(cache: PagedKVCache, ids: tuple, gens: tuple, pages: tuple, tag: jax.Array) -> PagedKVCache:
-    views = []
-    for view, data in zip(cache.views, pages):
-        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])
-        leaves, treedef = jax.tree_util.tree_flatten(view.pages())
-        # mode="drop": padding ids are out of range, so padding rows write nothing; nor
-        # does anything of pages that serve another manager.
-        at = jnp.where(ok, ids[view.group], view.generations.shape[0])
-        leaves = [leaf.at[at].set(d, mode="drop") for leaf, d in zip(leaves, data)]
-        view = jax.tree_util.tree_unflatten(treedef, leaves)
-        views.append(dataclasses.replace(view, generations=generations, owner=owner))
-    return PagedKVCache(tuple(views))
-
-
 def _check_spec(cache: PagedKVCache, manager: KVCacheManager) -> None:
     if not isinstance(cache, PagedKVCache):
         raise ShapeError(f"cache is a {type(cache).__name__}; expected a PagedKVCache")
@@ -169,15 +121,14 @@ def swap_out(cache: PagedKVCache, manager: KVCacheManager, seq_id: int) -> Swapp
     """
     _check_spec(cache, manager)
     record = manager.swap_record(seq_id)
-    cap = manager.spec.max_blocks_per_seq
-    ids = _padded_ids(record.blocks, (NULL_BLOCK,) * len(record.blocks), cap)
-    fetched = jax.device_get(_gather(cache, tuple(jnp.asarray(i) for i in ids), manager.steps.tag))
+    sizes = padded_sizes(record.num_blocks, manager.spec.max_blocks_per_seq)
+    fetched = jax.device_get(read_sequence(cache, record.blocks, record.first_blocks, record.num_tokens, sizes,
+                                           manager.steps.tag))
     pages = tuple(
-        tuple(np.array(a[: record.blocks[view.group].size]) for a in layer)  # owned and writable
+        tuple(np.array(a[: record.blocks[view.group].size]) for a in layer)  # owned, padding cut
         for view, layer in zip(cache.views, fetched)
     )
-    _zero_dead_slots(pages, record, cache.views, manager.spec.block_size)
-    written = manager._committed_tokens(seq_id)
+    written = manager.committed_tokens(seq_id)
     manager.swap_out(seq_id)
     return SwappedSequence(record, pages, manager.spec, written, _seal(record, manager.spec, pages, written))
 
@@ -207,20 +158,15 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
             "SwappedSequence swap_out returned, unchanged"
         )
     new_ids = manager.swap_in(record)  # validates and allocates, all or nothing
-    spec = manager.spec
-    cap = spec.max_blocks_per_seq
-    out_of_range = tuple(g.num_blocks for g in spec.groups)
-    ids = _padded_ids(new_ids, out_of_range, cap)
+    sizes = padded_sizes(tuple(i.size for i in new_ids), manager.spec.max_blocks_per_seq)
 
     def pad(a: np.ndarray, n: int) -> np.ndarray:
         return a if a.shape[0] == n else np.concatenate([a, np.zeros((n - a.shape[0], *a.shape[1:]), a.dtype)])
 
     pages = tuple(
-        tuple(pad(a, ids[view.group].size) for a in layer) for view, layer in zip(cache.views, swapped.pages)
+        tuple(pad(a, sizes[view.group]) for a in layer) for view, layer in zip(cache.views, swapped.pages)
     )
-    gens = tuple(np.where(i < g.pool.generation.size, g.pool.generation[np.minimum(i, g.pool.generation.size - 1)], 0)
-                 .astype(np.int32) for i, g in zip(ids, manager.groups))
-    cache = _scatter(cache, tuple(jnp.asarray(i) for i in ids), gens, pages, manager.steps.tag)
+    cache = write_back(cache, manager, new_ids, sizes, pages)
     if swapped.written:  # the tokens written before are back; the rest are still to be written
         manager.commit([record.seq_id], swapped.written)
     return cache

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import paged_kv as pk  # noqa: E402
-from paged_kv import swap as swap_module  # noqa: E402
+from paged_kv import sequence_pages, swap as swap_module  # noqa: E402
 from paged_kv.sharding import replicated  # noqa: E402
 
 HEADS, DIM = 8, 4
@@ -152,8 +152,9 @@ def shard_report(run: Run, layout: str) -> dict:
     head_axis = 2
     full = leaves[0].shape[head_axis]
     local = {s.data.shape[head_axis] for x in leaves for s in x.addressable_shards}
-    swap_hlo = swap_module._gather.lower(run.cache, tuple(jnp.zeros(4, jnp.int32) for _ in SPEC.groups),
-                                         run.manager.steps.tag).compile().as_text()
+    swap_hlo = sequence_pages.gather_sequence.lower(  # what swap_out (and a transfer's sender) runs
+        run.cache, tuple(jnp.zeros(4, jnp.int32) for _ in SPEC.groups), jnp.zeros(len(SPEC.groups), jnp.int32),
+        jnp.int32(9), run.manager.steps.tag).compile().as_text()
     from paged_kv.insertion import _write_prefill
 
     kv = jnp.zeros((SPEC.num_layers, 8, HEADS, DIM), jnp.bfloat16)

@@ -22,7 +22,7 @@ import zmq  # noqa: E402
 
 import paged_kv as pk  # noqa: E402
 from paged_kv.transfer import TransferReceiver, TransferSender, messages  # noqa: E402
-from paged_kv.transfer.pages import gather_pages, padded_ids, padded_sizes  # noqa: E402
+from paged_kv.sequence_pages import padded_sizes, read_sequence  # noqa: E402
 
 BASE = dict(num_layers=3, num_blocks=40, block_size=4, max_blocks_per_seq=16, max_batch_slots=4, num_kv_heads=2,
             head_dim=8, dtype="bfloat16", sliding_window=6, sliding_layers=(1,), sliding_num_blocks=30)
@@ -72,9 +72,7 @@ def digest(cache, manager, seq_id: int) -> dict:
     and whether every raw slot past its length in its blocks is zero."""
     record = manager.swap_record(seq_id)
     sizes = padded_sizes(record.num_blocks, manager.spec.max_blocks_per_seq)
-    ids = padded_ids(record.blocks, (0,) * len(record.blocks), sizes)
-    pages = gather_pages(cache, tuple(jnp.asarray(i) for i in ids), jnp.asarray(record.first_blocks, jnp.int32),
-                         jnp.int32(record.num_tokens), manager.steps.tag)
+    pages = read_sequence(cache, record.blocks, record.first_blocks, record.num_tokens, sizes, manager.steps.tag)
     h = hashlib.sha256()
     tail_zero = True
     bs, n = manager.spec.block_size, record.num_tokens
@@ -160,9 +158,8 @@ def send(config: dict) -> None:
         server = sender._transfer_server()
         conn.send(messages.make("pull", offer.transfer, address=server.address(), uuid=12345))
     elif config["die"] == "after-post":
-        ids = padded_ids(offer.blocks, (0,) * len(offer.blocks), offer.padded)
-        pages = gather_pages(cache, tuple(jnp.asarray(i) for i in ids), jnp.asarray(offer.first_blocks, jnp.int32),
-                             jnp.int32(offer.num_tokens), manager.steps.tag)
+        pages = read_sequence(cache, offer.blocks, offer.first_blocks, offer.num_tokens, offer.padded,
+                              manager.steps.tag)
         server = sender._transfer_server()
         server.await_pull(777, jax.tree_util.tree_leaves(pages))
         conn.send(messages.make("pull", offer.transfer, address=server.address(), uuid=777))

@@ -73,6 +73,13 @@ class BlockPool:
         """Whether ``allocate(n)`` would succeed now (cached blocks count as free)."""
         return 0 <= n <= self.num_free
 
+    def generations_of(self, ids: np.ndarray) -> np.ndarray:
+        """The generation of each block in ``ids`` (int32), 0 for an id past the pool: the
+        padding a device write drops, whose generation no one checks."""
+        ids = np.asarray(ids)
+        inside = ids < self.num_blocks
+        return np.where(inside, self.generation[np.where(inside, ids, 0)], 0).astype(np.int32)
+
     # ---- actions ----------------------------------------------------------------
     def allocate(self, n: int) -> np.ndarray:
         """Take ``n`` free blocks (ref count 1 each). All or nothing."""

@@ -44,7 +44,7 @@ class SwapMixin:
         self.release(seq_id)
         return record
 
-    def _committed_tokens(self, seq_id: int) -> int:
+    def committed_tokens(self, seq_id: int) -> int:
         """Leading tokens of ``seq_id`` known to be on the device: with the prefix cache,
         those committed (`paged_kv.allocator.written`); without it writes are not
         tracked and nothing is ever keyed, so all of them. `paged_kv.swap` carries it

@@ -31,10 +31,11 @@ from paged_kv.errors import (
     TransferMessageError,
     TransferSpecError,
 )
+from paged_kv.sequence_pages import write_back
 from paged_kv.spec import require_same_spec
 from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Listener
-from paged_kv.transfer.pages import abandon, check_compatible, nest, padded_ids, pull_shapes, transfer_server, write_pages
+from paged_kv.transfer.pages import abandon, check_compatible, nest, pull_shapes, transfer_server
 
 
 @attrs.frozen(eq=False)
@@ -220,14 +221,10 @@ class TransferReceiver:
         return cache
 
     def _write(self, cache: PagedKVCache, t: _Incoming, received: list[Received]) -> PagedKVCache:
-        manager, spec = self.manager, self.manager.spec
-        out_of_range = tuple(g.num_blocks for g in spec.groups)
-        ids = padded_ids(t.ids, out_of_range, t.padded)
-        gens = tuple(np.where(i < g.pool.generation.size, g.pool.generation[np.minimum(i, g.pool.generation.size - 1)],
-                              0).astype(np.int32) for i, g in zip(ids, manager.groups))
+        manager = self.manager
         n = int(t.tokens.size)
         try:
-            cache = write_pages(cache, tuple(ids), gens, nest(cache, t.arrays), manager.steps.tag)
+            cache = write_back(cache, manager, t.ids, t.padded, nest(cache, t.arrays))
         except Exception:
             self._drop(t, "failed", "writing the pages failed", "internal")
             raise

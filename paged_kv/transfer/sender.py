@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import attrs
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.allocator.arguments import check_token_ids
@@ -36,11 +35,11 @@ from paged_kv.errors import (
     TransferSpecError,
     TransferTimeoutError,
 )
-from paged_kv.spec import NULL_BLOCK, require_same_spec
+from paged_kv.sequence_pages import padded_sizes, read_sequence
+from paged_kv.spec import require_same_spec
 from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Connection
-from paged_kv.transfer.pages import (abandon, gather_pages, leaves_of, padded_ids, padded_sizes, spec_fields,
-                                     transfer_server)
+from paged_kv.transfer.pages import abandon, leaves_of, spec_fields, transfer_server
 
 
 @attrs.frozen(eq=False)
@@ -135,7 +134,7 @@ class TransferSender:
                                          f"{record.num_tokens} tokens; give all of them")
         if info is not None and not (isinstance(info, dict) and all(isinstance(k, str) for k in info)):
             raise InvalidArgumentError(f"info={info!r:.80} must be a dict with str keys (sent as JSON)")
-        gens = tuple(g.pool.generation[b].copy() for g, b in zip(self.manager.groups, record.blocks))
+        gens = tuple(g.pool.generations_of(b) for g, b in zip(self.manager.groups, record.blocks))
         padded = padded_sizes(record.num_blocks, self.manager.spec.max_blocks_per_seq)
         transfer = secrets.token_hex(16)
         msg = messages.make("offer", transfer, seq_id=int(record.seq_id), num_tokens=int(record.num_tokens),
@@ -176,9 +175,8 @@ class TransferSender:
             self._abort(conn, offer.transfer, "the sequence changed since the offer")
             raise SequenceChangedError(f"seq_id={offer.seq_id} changed since it was offered (released, grown or moved "
                                        "to other blocks); the receiver was told to drop it: offer it again")
-        ids = padded_ids(offer.blocks, (NULL_BLOCK,) * len(offer.blocks), offer.padded)
-        pages = gather_pages(cache, tuple(jnp.asarray(i) for i in ids), jnp.asarray(offer.first_blocks, jnp.int32),
-                             jnp.int32(offer.num_tokens), self.manager.steps.tag)
+        pages = read_sequence(cache, offer.blocks, offer.first_blocks, offer.num_tokens, offer.padded,
+                              self.manager.steps.tag)
         flat = jax.tree_util.tree_leaves(pages)
         server = self._transfer_server()
         uuid = secrets.randbits(62)
@@ -241,7 +239,7 @@ class TransferSender:
         groups = self.manager.groups
         return (record.num_tokens == offer.num_tokens and tuple(record.first_blocks) == offer.first_blocks
                 and all(np.array_equal(a, b) for a, b in zip(record.blocks, offer.blocks))
-                and all(np.array_equal(g.pool.generation[b], gen)
+                and all(np.array_equal(g.pool.generations_of(b), gen)
                         for g, b, gen in zip(groups, record.blocks, offer.generations)))
 
     @staticmethod
