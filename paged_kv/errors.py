@@ -174,3 +174,12 @@ class TransferMessageError(TransferError, ValueError):
 
 __all__ += ["TransferError", "TransferRefusedError", "TransferSpecError", "ReceiverFullError", "TransferTimeoutError",
             "TransferConnectionError", "SequenceChangedError", "TransferMessageError"]
+
+
+class TierError(PagedKVError, ValueError):
+    """A cache tier (`paged_kv.tiers`) refused a setting or its disk directory: a tier
+    written under another spec, page layout, format version or key offsets, or a
+    corrupt or foreign page file. A refused tier loads nothing."""
+
+
+__all__ += ["TierError"]

@@ -63,11 +63,17 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
     """
 
     SAVED_ATTRS = frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted",
-                             "steps", "_described"})
+                             "steps", "_described", "tiers"})
     """Attributes `state` covers. Copies must be committed before saving; ``_forked`` is
     derived on restore; slot claims are rebuilt by restoring the slots; step numbers
     order pending copies and steps in flight, and a restored manager starts with
-    none of either (a step described before the save cannot be committed after it)."""
+    none of either (a step described before the save cannot be committed after it).
+    ``tiers`` (the `paged_kv.tiers.CacheTiers` attached, if any) belongs to the running
+    process: a restored manager has none until tiers are attached again."""
+
+    tiers = None
+    """The host and disk tiers below the device pool (`paged_kv.tiers.CacheTiers`
+    attaches itself), which `admit_prompt` asks for hits the device no longer holds."""
 
     def __init__(self, spec: CacheSpec, prefix_cache: bool = False):
         """``prefix_cache=True`` keeps released full blocks keyed by their token prefix

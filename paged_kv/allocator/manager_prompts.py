@@ -50,6 +50,9 @@ class PromptsMixin:
         `InvalidTokenCountError`, `SequenceTooLongError`, `OutOfBlocksError`,
         `InvalidArgumentError` (a salt of another type), `SpecError` (cache off)."""
         seq_id = self._new_id(seq_id)
+        if self.tiers is not None:  # hits below the device become device hits first (paged_kv.tiers)
+            self._require_cache()
+            self.tiers.prepare(token_ids, cache_key, chunk)
         tokens, hashes, hit, hits, hold, total = self._prompt(token_ids, cache_key, chunk)
         for g, h in zip(self.groups, hits):
             need, free = g.prompt_needs(h, hit, total)

@@ -54,7 +54,8 @@ class PrefixEvent:
     kind: str  # "stored" | "removed"
     block_hash: int
     parent_hash: int  # NO_HASH for a chain's first block
-    block_id: int
+    block_id: int  # the device block; a tier's slot (host), -1 (disk)
+    medium: str = "device"  # where the block is stored or removed: "device" | "host" | "disk" (paged_kv.tiers)
 
 
 @attrs.frozen
@@ -110,6 +111,13 @@ def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int, extra_
 class PrefixCache:
     """Hash <-> block maps of one pool, its evictable blocks, stats and events."""
 
+    # Hooks of the tiers below the device (`paged_kv.tiers`), None without tiers; set
+    # per instance by `CacheTiers`. on_evict(block, key, parent, behind) runs before an
+    # evicted block is handed out again (its bytes still on the device), on_store(block,
+    # key, parent) when a block is keyed (write-through copies it down then).
+    on_evict: Callable[[int, int, int, bool], None] | None = None
+    on_store: Callable[[int, int, int], None] | None = None
+
     def __init__(self, num_blocks: int):
         self.block_of: dict[int, int] = {}
         self.hash_of = [NO_HASH] * num_blocks
@@ -145,6 +153,8 @@ class PrefixCache:
         self.parent_of[block] = parent_hash
         self.blocks_stored += 1
         self._emit(PrefixEvent("stored", block_hash, parent_hash, block))
+        if self.on_store is not None:
+            self.on_store(block, block_hash, parent_hash)
         return True
 
     @property
@@ -186,10 +196,13 @@ class PrefixCache:
         ``behind`` tier before the rest; return their ids."""
         out = np.empty(n, dtype=np.int32)
         for i in range(n):
-            b, _ = (self.behind or self.evictable).popitem(last=False)
+            tier = self.behind or self.evictable
+            b, _ = tier.popitem(last=False)
             h = self.hash_of[b]
             del self.block_of[h]
             self._emit(PrefixEvent("removed", h, self.parent_of[b], b))
+            if self.on_evict is not None:  # a tier below keeps it (write-back) or lets it go
+                self.on_evict(b, h, self.parent_of[b], tier is self.behind)
             self.hash_of[b] = self.parent_of[b] = NO_HASH
             out[i] = b
         self.blocks_evicted += n
@@ -226,8 +239,8 @@ class PrefixCache:
     # ---- saved state (paged_kv.checkpoint) --------------------------------------------------
     SAVED_ATTRS = frozenset({"block_of", "hash_of", "parent_of", "evictable", "behind", "queries", "query_tokens",
                              "hit_tokens", "blocks_reused", "blocks_stored", "blocks_evicted", "_events",
-                             "_subscribers"})
-    """Attributes `state` covers (events and subscribers belong to the running process)."""
+                             "_subscribers", "on_evict", "on_store"})
+    """Attributes `state` covers (events, subscribers and tier hooks belong to the running process)."""
 
     def state(self) -> dict[str, np.ndarray]:
         """Keys as (low, high) uint64 pairs per block, both eviction tiers in LRU order (so

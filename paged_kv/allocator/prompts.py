@@ -34,16 +34,19 @@ class PromptPlan(NamedTuple):
     total: int
 
 
-def common_hit(groups: Sequence, hashes: list[int], limit: int) -> int:
+def common_hit(groups: Sequence, hashes: list[int], limit: int, present: Sequence | None = None) -> int:
     """The longest hit (in blocks, at most ``limit``) every group can serve.
 
     Each group in turn proposes its longest hit no longer than the current candidate,
     until a whole round changes nothing (a fixed point, as vLLM's hybrid coordinator
     finds it). Each proposal is the longest valid one below the candidate, so no hit
-    longer than the result is valid for every group."""
+    longer than the result is valid for every group. ``present``: per group, what
+    counts as cached (default: the group's device cache; `paged_kv.tiers` passes the
+    tiers below too)."""
     hit, agreed, i = limit, 0, 0
     while agreed < len(groups):  # until every group in a row accepts the candidate
-        proposal = groups[i % len(groups)].longest_hit(hashes, hit)
+        g = i % len(groups)
+        proposal = groups[g].longest_hit(hashes, hit, None if present is None else present[g])
         agreed = agreed + 1 if proposal == hit else 1  # a group accepts its own proposal
         hit, i = proposal, i + 1
     return hit

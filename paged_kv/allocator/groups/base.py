@@ -287,14 +287,15 @@ class GroupAllocator:
         """First logical block a hit of ``hit_blocks`` blocks needs (what its next query reads)."""
         return int(self.first_visible(hit_blocks * self.block_size))
 
-    def longest_hit(self, hashes: list[int], limit: int) -> int:
+    def longest_hit(self, hashes: list[int], limit: int, present=None) -> int:
         """Longest hit ``h <= limit`` (in blocks) this group can serve: blocks
-        ``[hit_start(h), h)`` of the chain all cached here. ``h = 0`` always serves.
+        ``[hit_start(h), h)`` of the chain all cached here (or, given ``present``, all
+        keys it contains: the tiers below count them). ``h = 0`` always serves.
 
         Scans back from ``limit``: a missing block ``j`` rules out every ``h > j``
         whose needs reach back to ``j`` (all of them: ``hit_start`` never decreases
         with ``h``), so the next candidate is ``h = j``. O(limit) lookups."""
-        block_of = self.cache.block_of
+        block_of = self.cache.block_of if present is None else present
         h = limit
         j = h - 1
         while h > 0:

@@ -24,9 +24,10 @@ class FullAttentionGroup(GroupAllocator):
         # [B, W] index arrays, which dominated the step.
         return self.table.block_tables[rows, :width]
 
-    def longest_hit(self, hashes: list[int], limit: int) -> int:
-        """The longest cached prefix of the chain, at most ``limit`` blocks (a hit needs all of it)."""
-        block_of = self.cache.block_of
+    def longest_hit(self, hashes: list[int], limit: int, present=None) -> int:
+        """The longest cached prefix of the chain, at most ``limit`` blocks (a hit needs all of it;
+        ``present``: what counts as cached, see `GroupAllocator.longest_hit`)."""
+        block_of = self.cache.block_of if present is None else present
         for i, h in enumerate(hashes[:limit]):
             if h not in block_of:
                 return i

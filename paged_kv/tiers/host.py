@@ -1,0 +1,149 @@
+"""`HostTier`: one layer group's keyed pages in host memory.
+
+Bookkeeping and bytes are separate: the index (key -> slot, each key's parent, the
+eviction policy, pins) works alone, which is all the simulator needs; the bytes are
+numpy buffers, one per layer of the group and page leaf (keys, values, quantized
+scales: everything a page carries), ``[capacity, block_size, ...]`` in the pages'
+storage dtype, made on the first page stored (only the device knows the leaves).
+A slot is a block's worth of every leaf of every layer of the group.
+
+Pins: a key whose slot a move reads or writes (a download not finished, an upload
+not dispatched) is never the victim of an eviction, so a slot never changes under a
+move in flight.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from paged_kv.tiers.policy import make_policy
+
+Pages = list[list[np.ndarray]]
+"""A page's bytes: per layer of the group, per leaf, ``[block_size, ...]``."""
+
+
+class HostTier:
+    """Keys -> slots of a group's host buffers, with an eviction policy (module doc)."""
+
+    medium = "host"
+
+    def __init__(self, capacity: int, policy: str = "lru", keep_bytes: bool = True):
+        self.capacity = int(capacity)
+        self.policy = make_policy(policy, self.capacity)
+        self.slot_of: dict[int, int] = {}
+        self.parent_of: dict[int, int] = {}
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self.pins: Counter[int] = Counter()
+        self.ready: set[int] = set()  # keys whose bytes are in their slot (a copy down may still be on its way)
+        self.keep_bytes = keep_bytes
+        self.buffers: Pages | None = None
+        # Called with (key, parent, pages or None) for each key evicted to make room: the
+        # tiers move it one level down (write-back) or drop it. Pages are a copy.
+        self.on_evict: Callable[[int, int, Pages | None], None] | None = None
+
+    def __contains__(self, key: int) -> bool:
+        """Whether ``key`` is here with its bytes (a hit may use it)."""
+        return key in self.ready
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the host buffers (0 until the first page is stored, or without bytes)."""
+        return sum(a.nbytes for layer in self.buffers for a in layer) if self.buffers else 0
+
+    def ensure_buffers(self, shapes: list[list[tuple[tuple[int, ...], np.dtype]]]) -> None:
+        """Make the buffers for page leaves of these ``(shape, dtype)`` (per layer, per leaf),
+        once; `AssertionError` if a later page has other leaves."""
+        if self.buffers is None:
+            self.buffers = [[np.zeros((self.capacity, *s), d) for s, d in layer] for layer in shapes]
+        else:
+            have = [[(a.shape[1:], a.dtype) for a in layer] for layer in self.buffers]
+            if have != [[(tuple(s), np.dtype(d)) for s, d in layer] for layer in shapes]:
+                raise AssertionError(f"host tier pages are {have}; a page of {shapes} does not fit")
+
+    def insert(self, key: int, parent: int, ready: bool = False) -> int | None:
+        """Give ``key`` a slot (evicting the policy's victim when full); None when every
+        key is pinned. The slot's bytes are the caller's to `write` (``ready``: there
+        are none to write, the simulator's case)."""
+        if key in self.slot_of:
+            self.policy.touch(key)
+            return self.slot_of[key]
+        if self.capacity == 0:
+            return None
+        if not self._free:
+            victim = self.policy.victim(self.pins)
+            if victim is None:
+                return None
+            pages = self.read(victim) if self.buffers is not None and victim in self.ready else None
+            parent_v = self.parent_of[victim]
+            self.policy.evicted(victim)
+            self.ready.discard(victim)
+            self._free.append(self.slot_of.pop(victim))
+            del self.parent_of[victim]
+            if self.on_evict is not None:
+                self.on_evict(victim, parent_v, pages)
+        slot = self._free.pop()
+        self.slot_of[key] = slot
+        self.parent_of[key] = parent
+        self.policy.insert(key)
+        if ready:
+            self.ready.add(key)
+        return slot
+
+    def write(self, key: int, pages: Pages) -> None:
+        """Store ``pages`` in ``key``'s slot."""
+        slot = self.slot_of[key]
+        for buf_layer, layer in zip(self.buffers, pages):
+            for buf, a in zip(buf_layer, layer):
+                buf[slot] = a
+        self.ready.add(key)
+
+    def read(self, key: int) -> Pages:
+        """A copy of ``key``'s pages."""
+        slot = self.slot_of[key]
+        return [[buf[slot].copy() for buf in layer] for layer in self.buffers]
+
+    def touch(self, key: int) -> None:
+        """A hit on ``key``."""
+        self.policy.touch(key)
+
+    def remove(self, key: int) -> None:
+        """Forget ``key`` (its bytes never arrived, or were refused)."""
+        if key in self.slot_of:
+            self.policy.remove(key)
+            self._free.append(self.slot_of.pop(key))
+            del self.parent_of[key]
+            self.pins.pop(key, None)
+            self.ready.discard(key)
+
+    def pin(self, key: int) -> None:
+        self.pins[key] += 1
+
+    def unpin(self, key: int) -> None:
+        self.pins[key] -= 1
+        if self.pins[key] <= 0:
+            del self.pins[key]
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless slots, policy and pins agree."""
+        slots = list(self.slot_of.values())
+        if len(set(slots)) != len(slots) or set(slots) & set(self._free):
+            raise AssertionError("host tier: a slot is used twice or both used and free")
+        if len(slots) + len(self._free) != self.capacity:
+            raise AssertionError(f"host tier: {len(slots)} used + {len(self._free)} free != {self.capacity}")
+        if set(self.policy.keys()) != set(self.slot_of) or len(self.policy) != len(self.slot_of):
+            raise AssertionError("host tier: the policy's keys differ from the index")
+        if set(self.parent_of) != set(self.slot_of):
+            raise AssertionError("host tier: parents and slots name different keys")
+        if not self.ready <= set(self.slot_of):
+            raise AssertionError("host tier: a key is ready without a slot")
+        if not set(self.pins) <= set(self.slot_of):
+            raise AssertionError("host tier: a pinned key is not in the tier")
+
+
+__all__ = ["HostTier", "Pages"]

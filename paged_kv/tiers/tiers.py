@@ -1,0 +1,397 @@
+"""`CacheTiers`: the host bookkeeping of the tiers below a manager's device pool.
+
+Which key lives in which tier, and which moves are pending; never a device array
+(`paged_kv.tiers.movement` moves the bytes). Per layer group, a `HostTier` and a
+`DiskTier`, keyed by the same chain hashes as the group's device `PrefixCache`, so
+a salt's keys are the same in every tier and tenants stay apart there as on the
+device (a key never names another salt's tokens).
+
+Moves down. Write-back (``write="back"``): a keyed block the device evicts goes to
+the host tier, and one the host evicts goes to disk; write-through (``"through"``):
+a block is copied down when it is keyed (host and disk at once), so evictions move
+nothing. A block a local group evicts from its behind-the-window tier is dropped:
+only a window's tail is ever needed by a hit there. The device's bytes of an evicted
+block stay until the block's next owner writes it, so the copy down is queued with
+the block's generation and `movement.flush` gathers it before the step that reuses
+the block runs. If a caller runs a step first, the device sees a newer generation
+on the block and the copy is refused (dropped), never stored as someone else's.
+
+Moves up. `prepare` (called by `KVCacheManager.admit_prompt`, or ahead of it as a
+prefetch) finds the longest hit every group serves counting every tier, allocates
+fresh device blocks for the keys below the device, keys them in the device cache
+and queues their upload; `movement.flush` writes them all in one jitted call, each
+stamped with its new generation (as `swap_in` stamps), before the step that reads
+them. A read of a block whose upload has not run sees the null block (binding), not
+a previous owner's bytes. Tiers are inclusive: a block brought up stays below, so
+evicting it again moves nothing.
+
+Without bytes (``keep_bytes=False``, the simulator) every move completes at once
+and only keys and byte counts are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+from paged_kv.allocator.arguments import check_token_ids
+from paged_kv.allocator.manager import KVCacheManager
+from paged_kv.allocator.prefix_cache import NO_HASH, PrefixEvent, chain_hashes
+from paged_kv.allocator.prompts import common_hit
+from paged_kv.errors import InvalidArgumentError, SpecError, TierError
+from paged_kv.tiers.disk import DiskDirectory, DiskTier
+from paged_kv.tiers.host import HostTier, Pages
+from paged_kv.tiers.policy import POLICIES
+
+WRITE_POLICIES = ("back", "through")
+LAYOUTS = ("split", "unified")
+
+
+@attrs.define
+class TierStats:
+    """What the tiers did: blocks hit per medium (group 0's, as the prefix cache counts
+    queries), blocks and bytes moved each way, copies refused or dropped."""
+
+    hit_blocks: dict = attrs.field(factory=lambda: {"host": 0, "disk": 0})
+    blocks_down: int = 0
+    blocks_up: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    bytes_to_disk: int = 0
+    bytes_from_disk: int = 0
+    dropped: int = 0
+    refused: int = 0
+    corrupt: int = 0
+
+    def as_dict(self) -> dict:
+        """Every counter as plain JSON-ready values."""
+        return attrs.asdict(self)
+
+
+@attrs.define
+class Download:
+    """A device block to copy down: its group, id, generation when evicted, key, parent."""
+
+    group: int
+    block: int
+    generation: int
+    key: int
+    parent: int
+
+
+@attrs.define
+class Upload:
+    """A fresh device block to fill: group, id, generation, key, and the pages when they
+    are not in the host tier (a disk hit with no host room); else read from the host slot."""
+
+    group: int
+    block: int
+    generation: int
+    key: int
+    pages: Pages | None = None
+
+
+def _split_bytes(total: int, spec, weights: Sequence[int]) -> list[int]:
+    """Blocks per group that ``total`` bytes hold, split in proportion to ``weights`` bytes."""
+    if not total:
+        return [0] * len(weights)
+    whole = sum(weights)
+    return [int(total * w / whole) // spec.group_bytes_per_block(g) for g, w in enumerate(weights)]
+
+
+class CacheTiers:
+    """Host and disk tiers for ``manager``'s keyed blocks, attached to it (module doc).
+
+    ``host_bytes``/``disk_bytes``: capacity of each tier in bytes, split between layer
+    groups as their device pools are. ``disk_dir``: where the disk tier's files live;
+    an existing tier there is adopted (a warm restart) if it was written under the
+    same page spec and ``layout`` (the cache's page layout), else `TierError`, as for
+    a corrupt file, with nothing loaded. ``policy``: "lru" or "arc", per tier.
+    ``write``: "back" (move down on eviction) or "through" (copy down when keyed).
+    ``keep_bytes=False``: bookkeeping only (the simulator)."""
+
+    def __init__(self, manager: KVCacheManager, *, host_bytes: int = 0, disk_bytes: int = 0,
+                 disk_dir: str | None = None, policy: str = "lru", write: str = "back", layout: str = "split",
+                 keep_bytes: bool = True):
+        if not isinstance(manager, KVCacheManager):
+            raise SpecError(f"CacheTiers needs a KVCacheManager; got {type(manager).__name__}")
+        if manager.prefix_cache is None:
+            raise SpecError("tiers keep prefix-cached blocks: build KVCacheManager(spec, prefix_cache=True)")
+        if manager.tiers is not None:
+            raise InvalidArgumentError("this manager already has tiers attached; detach() them first")
+        for name, value in (("host_bytes", host_bytes), ("disk_bytes", disk_bytes)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise InvalidArgumentError(f"{name}={value!r} must be a non-negative integer (bytes)")
+        for name, value, allowed in (("policy", policy, POLICIES), ("write", write, WRITE_POLICIES),
+                                     ("layout", layout, LAYOUTS)):
+            if value not in allowed:
+                raise InvalidArgumentError(f"{name}={value!r} is not one of {allowed}")
+        if disk_dir is not None and not keep_bytes:
+            raise InvalidArgumentError("disk_dir holds page bytes: leave it out with keep_bytes=False")
+        spec = self.spec = manager.spec
+        self.manager, self.write, self.layout, self.keep_bytes = manager, write, layout, bool(keep_bytes)
+        weights = [g.num_blocks * spec.group_bytes_per_block(i) for i, g in enumerate(spec.groups)]
+        host_caps, disk_caps = _split_bytes(int(host_bytes), spec, weights), _split_bytes(int(disk_bytes), spec, weights)
+        directory = None
+        found: list[list[tuple[int, int]]] = [[] for _ in spec.groups]
+        if disk_dir is not None:
+            directory = DiskDirectory(disk_dir, spec, layout)
+            found = directory.scan(len(spec.groups))  # all verified, or TierError: nothing attached yet
+        self.directory = directory
+        self.host = [HostTier(c, policy, self.keep_bytes) for c in host_caps]
+        self.disk = [DiskTier(c, policy, g, directory) for g, c in enumerate(disk_caps)]
+        for g, entries in enumerate(found):
+            keep = entries[len(entries) - disk_caps[g]:] if disk_caps[g] else []
+            for key, _ in entries[: len(entries) - len(keep)]:
+                directory.delete(g, key)  # more than the tier holds now: the oldest go
+            for key, parent in keep:
+                self.disk[g].adopt(key, parent)
+        self.stats = TierStats()
+        self.downloads: list[Download] = []
+        self.uploads: dict[tuple[int, int], Upload] = {}
+        self.in_flight = None  # downloads dispatched, not finished (`movement`): (downloads, device result)
+        for g, group in enumerate(manager.groups):
+            self.host[g].on_evict = lambda key, parent, pages, g=g: self._host_evicted(g, key, parent, pages)
+            group.cache.on_evict = lambda b, key, parent, behind, g=g: self._device_evicted(g, b, key, parent, behind)
+            group.cache.on_store = (lambda b, key, parent, g=g: self._keyed(g, b, key, parent)) \
+                if write == "through" else None
+        manager.tiers = self
+
+    def detach(self) -> None:
+        """Stop serving ``manager`` (pending moves are dropped: call `movement.flush` first)."""
+        for group in self.manager.groups:
+            del group.cache.on_evict, group.cache.on_store  # back to the class's None
+        del self.manager.tiers
+
+    # ---- lookups -----------------------------------------------------------------------
+    def where(self, group: int, key: int) -> str | None:
+        """The highest medium holding ``key`` in ``group``: "device", "host", "disk" or None."""
+        if key in self.manager.groups[group].cache.block_of:
+            return "device"
+        return "host" if key in self.host[group] else "disk" if key in self.disk[group] else None
+
+    def _present(self, g: int):
+        block_of, host, disk = self.manager.groups[g].cache.block_of, self.host[g], self.disk[g]
+
+        class Present:
+            def __contains__(self, key: int) -> bool:
+                return key in block_of or key in host or key in disk
+
+        return Present()
+
+    def prepare(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
+                chunk: int | None = None) -> int:
+        """Bring this prompt's hits below the device into fresh device blocks, keyed in
+        the device cache (their bytes land at the next `movement.flush`); returns the
+        blocks brought up in group 0. Nothing is brought up when the prompt would not
+        fit with them (admission then fails as it would without tiers). Bad tokens or
+        salt: the manager's typed errors, nothing changed."""
+        m, bs = self.manager, self.spec.block_size
+        tokens = check_token_ids(token_ids, "prepare")
+        hashes = chain_hashes(tokens, bs, tokens.size // bs, cache_key)
+        limit = min((tokens.size - 1) // bs, self.spec.max_blocks_per_seq)
+        while True:
+            hit = common_hit(m.groups, hashes, limit, [self._present(g) for g in range(len(m.groups))])
+            if hit <= common_hit(m.groups, hashes, limit):
+                return 0
+            below = [[j for j in range(g.hit_start(hit), hit) if hashes[j] not in g.cache.block_of] for g in m.groups]
+            try:
+                disk_pages = self._read_disk(below, hashes)
+            except _Corrupt:
+                continue  # that key is gone now: plan again without it
+            break
+        hold = tokens.size if chunk is None else min(hit * bs + int(chunk), tokens.size)
+        rest = self.spec.blocks_for(hold) - hit
+        for g, js in zip(m.groups, below):
+            pool, cache = g.pool, g.cache
+            resident = [cache.block_of[hashes[j]] for j in range(g.hit_start(hit), hit) if hashes[j] in cache.block_of]
+            idle = sum(1 for b in resident if pool.ref_counts[b] == 0)
+            if len(js) + rest > pool.num_free - idle:
+                return 0
+        for gi, (g, js) in enumerate(zip(m.groups, below)):
+            self._bring_up(gi, g, js, hashes, hit, disk_pages[gi])
+        return len(below[0])
+
+    def _read_disk(self, below: list[list[int]], hashes: list[int]) -> list[dict[int, Pages]]:
+        """Verified pages of the keys only the disk holds (with bytes kept), per group."""
+        out: list[dict[int, Pages]] = [{} for _ in below]
+        for g, js in enumerate(below):
+            for j in js:
+                key = hashes[j]
+                if key in self.host[g] or not self.keep_bytes:
+                    continue
+                try:
+                    out[g][key] = self.disk[g].read(key)
+                except TierError:
+                    self.stats.corrupt += 1
+                    self.disk[g].remove(key)
+                    self._emit(g, "removed", key, NO_HASH, -1, "disk")
+                    raise _Corrupt() from None
+        return out
+
+    def _bring_up(self, gi: int, group, js: list[int], hashes: list[int], hit: int, disk_pages: dict) -> None:
+        cache, pool = group.cache, group.pool
+        # The device hits of this prompt go to the back of eviction first, so the
+        # allocation below evicts other blocks.
+        for j in range(group.hit_start(hit), hit):
+            b = cache.block_of.get(hashes[j])
+            if b is not None and cache.is_evictable(b):
+                cache.revive(b)
+                cache.evictable[b] = None
+        if not js:
+            return
+        ids = pool.allocate(len(js))
+        for b, j in zip(ids.tolist(), js):
+            key, parent = hashes[j], hashes[j - 1] if j else NO_HASH
+            cache.store(b, key, parent)
+            medium = "host" if key in self.host[gi] else "disk"
+            if gi == 0:
+                self.stats.hit_blocks[medium] += 1
+            nbytes = self.spec.group_bytes_per_block(gi)
+            self.stats.blocks_up += 1
+            self.stats.bytes_up += nbytes
+            up = Upload(gi, b, int(pool.generation[b]), key)
+            if medium == "host":
+                self.host[gi].touch(key)
+            else:
+                self.disk[gi].touch(key)
+                self.stats.bytes_from_disk += nbytes
+                if self.keep_bytes:
+                    up.pages = disk_pages[key]
+                    if self._to_host(gi, key, parent, up.pages):
+                        up.pages = None  # now in a host slot: uploaded from there
+            if self.keep_bytes:
+                if up.pages is None:
+                    self.host[gi].pin(key)
+                self.uploads[(gi, b)] = up
+        pool.free(ids)  # keyed, so kept as evictable (most recently used) until admit_prompt revives them
+
+    # ---- moves down ----------------------------------------------------------------------
+    def _device_evicted(self, g: int, block: int, key: int, parent: int, behind: bool) -> None:
+        up = self.uploads.pop((g, block), None)
+        if up is not None:  # brought up and evicted before the flush: nothing to write
+            if up.pages is None:
+                self.host[g].unpin(up.key)
+        if key in self.host[g].slot_of or key in self.disk[g]:
+            (self.host[g] if key in self.host[g].slot_of else self.disk[g]).touch(key)
+            return
+        if behind and self.manager.groups[g].local:
+            self.stats.dropped += 1  # behind its chain's window: no hit at a chain's end reads it
+            return
+        self._copy_down(g, block, key, parent)
+
+    def _keyed(self, g: int, block: int, key: int, parent: int) -> None:
+        """Write-through: a block just keyed is copied down now."""
+        if key not in self.host[g].slot_of and key not in self.disk[g]:
+            self._copy_down(g, block, key, parent)
+
+    def _copy_down(self, g: int, block: int, key: int, parent: int) -> None:
+        nbytes = self.spec.group_bytes_per_block(g)
+        if not self.keep_bytes:
+            self.stats.blocks_down += 1
+            self.stats.bytes_down += nbytes
+            if self.host[g].capacity:
+                self.host[g].insert(key, parent, ready=True)
+                self._emit(g, "stored", key, parent, self.host[g].slot_of.get(key, -1), "host")
+                if self.write == "through":
+                    self._to_disk(g, key, parent, None)
+            else:
+                self._to_disk(g, key, parent, None)
+            return
+        if self.host[g].capacity and key not in self.host[g].slot_of and self.host[g].insert(key, parent) is not None:
+            self.host[g].pin(key)  # its slot is written when the copy lands
+        elif not self.disk[g].capacity:
+            self.stats.dropped += 1
+            return
+        gen = int(self.manager.groups[g].pool.generation[block])
+        self.downloads.append(Download(g, block, gen, key, parent))
+
+    def landed(self, download: Download, pages: Pages | None) -> None:
+        """A copy down finished (`movement`): ``pages`` are its bytes, or None when the
+        device refused it (the block changed hands before the copy ran)."""
+        g, key = download.group, download.key
+        in_host = key in self.host[g].slot_of
+        if in_host:
+            self.host[g].unpin(key)
+        if pages is None:
+            self.stats.refused += 1
+            if in_host and key not in self.host[g].pins and key not in self.host[g].ready:
+                self.host[g].remove(key)
+            return
+        self.stats.blocks_down += 1
+        self.stats.bytes_down += self.spec.group_bytes_per_block(g)
+        if in_host:
+            self.host[g].ensure_buffers([[(a.shape, a.dtype) for a in layer] for layer in pages])
+            self.host[g].write(key, pages)
+            self._emit(g, "stored", key, download.parent, self.host[g].slot_of[key], "host")
+        if not in_host or self.write == "through":
+            self._to_disk(g, key, download.parent, pages)
+
+    def _to_host(self, g: int, key: int, parent: int, pages: Pages) -> bool:
+        host = self.host[g]
+        if not host.capacity or host.insert(key, parent) is None:
+            return False
+        host.ensure_buffers([[(a.shape, a.dtype) for a in layer] for layer in pages])
+        host.write(key, pages)
+        self._emit(g, "stored", key, parent, host.slot_of[key], "host")
+        return True
+
+    def _host_evicted(self, g: int, key: int, parent: int, pages: Pages | None) -> None:
+        self._emit(g, "removed", key, parent, -1, "host")
+        if key not in self.disk[g]:
+            self._to_disk(g, key, parent, pages)
+
+    def _to_disk(self, g: int, key: int, parent: int, pages: Pages | None) -> None:
+        disk = self.disk[g]
+        if not disk.capacity or key in disk or (self.keep_bytes and pages is None):
+            if not disk.capacity:
+                self.stats.dropped += 1
+            return
+        for victim, vparent in disk.insert(key, parent, pages):
+            self._emit(g, "removed", victim, vparent, -1, "disk")
+        self.stats.bytes_to_disk += self.spec.group_bytes_per_block(g)
+        self._emit(g, "stored", key, parent, -1, "disk")
+
+    # ---- events and checks -------------------------------------------------------------
+    def _emit(self, g: int, kind: str, key: int, parent: int, slot: int, medium: str) -> None:
+        self.manager.groups[g].cache._emit(PrefixEvent(kind, key, parent, slot, medium))
+
+    def hit_tokens(self) -> dict[str, int]:
+        """Prompt tokens served per medium so far (the device's: the prefix cache's hits
+        less those brought up from below)."""
+        bs = self.spec.block_size
+        below = {k: v * bs for k, v in self.stats.hit_blocks.items()}
+        return {"device": self.manager.prefix_cache.hit_tokens - sum(below.values()), **below}
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every tier's index agrees with itself, pins match
+        the moves pending, and each pending upload's block is keyed with its key."""
+        from collections import Counter
+
+        pins = Counter()
+        for d in self.downloads:
+            if d.key in self.host[d.group].slot_of:
+                pins[(d.group, d.key)] += 1
+        for up in self.uploads.values():
+            if up.pages is None:
+                pins[(up.group, up.key)] += 1
+            cache = self.manager.groups[up.group].cache
+            if cache.hash_of[up.block] != up.key:
+                raise AssertionError(f"pending upload into block {up.block} of group {up.group}: the block is not "
+                                     "keyed with its key any more")
+        for g, (host, disk) in enumerate(zip(self.host, self.disk)):
+            host.check_integrity()
+            disk.check_integrity()
+            have = {(g, k): n for k, n in host.pins.items()}
+            want = {k: n for k, n in pins.items() if k[0] == g}
+            if self.in_flight is None and have != want:
+                raise AssertionError(f"group {g}: host pins {have} != moves pending {want}")
+
+
+class _Corrupt(Exception):
+    """A disk page failed verification during `prepare` (it was dropped)."""
+
+
+__all__ = ["CacheTiers", "Download", "TierStats", "Upload", "WRITE_POLICIES"]
