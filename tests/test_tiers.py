@@ -172,3 +172,29 @@ def test_a_copy_down_overtaken_by_a_step_is_refused():
     assert not any(k in s.tiers.host[0] for k in _keys(A)[:3])
     s.check()
     assert s.serve(2, B) == 0
+
+
+def test_the_simulator_counts_hits_per_tier_and_bytes_moved(capsys):
+    """Bookkeeping only (no bytes): tiers under a small pool bring back hits the pool
+    lost, integrity holds after every step, and the CLI reports them."""
+    import json
+
+    from paged_kv.cli import main
+    from paged_kv.sim import multiturn_workload, simulate
+
+    work = multiturn_workload(12, turns=4, seed=1, max_total_tokens=4096)
+    spec = pk.CacheSpec(num_layers=2, num_blocks=300, block_size=16, max_blocks_per_seq=256, num_kv_heads=1,
+                        head_dim=8)
+    plain = simulate(work, spec, prefix_cache=True)
+    tiered = simulate(work, spec, prefix_cache=True, check=True,
+                      tiers=dict(host_bytes=600 * spec.group_bytes_per_block(0), policy="arc",
+                                 disk_bytes=10**9))
+    assert plain.tiers is None and tiered.tiers["hit_tokens"]["host"] + tiered.tiers["hit_tokens"]["disk"] > 0
+    assert tiered.token_hit_rate > plain.token_hit_rate and tiered.tiers["bytes_down"] > 0
+    args = ["simulate", "--workload", "multiturn", "--sessions", "8", "--turns", "3", "--num-blocks", "600",
+            "--max-seq-len", "4096", "--host-tier-gib", "1", "--disk-tier-gib", "4", "--json", "--progress", "off"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["tiers"]["hit_tokens"]) == {"device", "host", "disk"} and "bytes_up" in out["tiers"]
+    with pytest.raises(SystemExit):
+        main(["simulate", "--host-tier-gib", "1", "--no-prefix-cache", "--progress", "off"])

@@ -111,6 +111,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
     pool.add_argument("--force", action="store_true",
                       help=f"run a pool larger than {MAX_POOL_BYTES // 2**40} TiB, which is refused otherwise "
                       "as a likely typo")
+    tier = sim.add_argument_group("tiers below the device pool (prefix-cached blocks; paged_kv.tiers)")
+    tier.add_argument("--host-tier-gib", type=number(0.0), metavar="GIB", default=0.0,
+                      help="host-memory tier for keyed blocks the device evicts (needs the prefix cache)")
+    tier.add_argument("--disk-tier-gib", type=number(0.0), metavar="GIB", default=0.0,
+                      help="disk tier below the host tier (counted only: the replay writes no files)")
+    tier.add_argument("--tier-policy", choices=("lru", "arc"), default="lru", help="eviction policy of each tier")
+    tier.add_argument("--tier-write", choices=("back", "through"), default="back",
+                      help="move blocks down when the device evicts them, or copy them down when keyed")
     sim.add_argument("--max-batch", type=positive_int, metavar="N", default=256, help="most sequences in one step")
     sim.add_argument("--token-budget", type=positive_int, metavar="N", default=8192,
                      help="tokens one step may process: decodes plus prefill chunks")
@@ -229,9 +237,10 @@ def _replay(args: argparse.Namespace, trace: Trace | Workload, spec: CacheSpec, 
     progress, close = _progress(args.progress)
     try:
         if args.compare:
-            reports = compare(trace, spec, config, progress=progress, prefix_cache=_prefix_cache(args))
+            reports = compare(trace, spec, config, progress=progress, prefix_cache=_prefix_cache(args),
+                              tiers=_tiers(args))
         else:
-            reports = [simulate(trace, spec, config=config, prefix_cache=_prefix_cache(args),
+            reports = [simulate(trace, spec, config=config, prefix_cache=_prefix_cache(args), tiers=_tiers(args),
                                 progress=(lambda d, t: progress("paged", d, t)) if progress else None)]
     finally:
         close()
@@ -313,9 +322,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiers(args: argparse.Namespace) -> dict | None:
+    """`CacheTiers` arguments of the tier flags, or None without tiers."""
+    if not (args.host_tier_gib or args.disk_tier_gib):
+        return None
+    return {"host_bytes": int(args.host_tier_gib * 2**30), "disk_bytes": int(args.disk_tier_gib * 2**30),
+            "policy": args.tier_policy, "write": args.tier_write}
+
+
 def _check_workload_flags(args: argparse.Namespace) -> None:
     """Refuse a flag the chosen workload would ignore: a multi-turn chat serves each turn
-    once, so ``--samples`` there used to be dropped without a word."""
+    once, so ``--samples`` there used to be dropped without a word; tiers keep prefix-cached
+    blocks, so they need the prefix cache."""
+    if (args.host_tier_gib or args.disk_tier_gib) and not _prefix_cache(args):
+        raise SimulationError("--host-tier-gib/--disk-tier-gib keep prefix-cached blocks: add --prefix-cache "
+                              "(on by default with --workload multiturn)")
     if args.workload == "multiturn" and args.samples > 1:
         raise SimulationError(f"--samples {args.samples} forks each request of --workload requests; --workload "
                               "multiturn serves each turn once: leave --samples out, or use --workload requests")

@@ -69,6 +69,8 @@ class SimReport(ReplayCounts):
     mean_waiting: float
     wall_s: float
     series: StepSeries = attrs.field(repr=False)
+    tiers: dict | None = None
+    """With tiers below the device (`paged_kv.tiers`): prompt tokens hit per medium, bytes moved each way."""
 
     @classmethod
     def from_result(cls, backend: Backend, result: ScheduleResult, preemption: str = "recompute") -> "SimReport":
@@ -109,6 +111,7 @@ class SimReport(ReplayCounts):
             mean_waiting=s["mean_waiting"],
             wall_s=result.wall_s,
             series=result.series,
+            tiers=backend.tier_report() if hasattr(backend, "tier_report") else None,
         )
 
     def as_dict(self) -> dict:
@@ -117,7 +120,17 @@ class SimReport(ReplayCounts):
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a terminal table."""
-        return self._count_rows() + self._memory_rows()
+        return self._count_rows() + self._tier_rows() + self._memory_rows()
+
+    def _tier_rows(self) -> list[tuple[str, str]]:
+        t = self.tiers
+        if not t:
+            return []
+        hits = t["hit_tokens"]
+        return [("prompt tokens hit: device / host / disk", f"{hits['device']:,} / {hits['host']:,} / {hits['disk']:,}"),
+                ("tier bytes down / up / to disk / from disk",
+                 " / ".join(f"{t[k] / 2**30:,.2f}" for k in ("bytes_down", "bytes_up", "bytes_to_disk",
+                                                            "bytes_from_disk")) + " GiB")]
 
     def _count_rows(self) -> list[tuple[str, str]]:
         return [
@@ -200,6 +213,7 @@ def simulate(
     check: bool = False,
     config: SchedulerConfig | None = None,
     prefix_cache: bool = False,
+    tiers: dict | None = None,
 ) -> SimReport:
     """Serve every request of ``trace`` (or a `Workload`: token ids, sessions, parallel
     samples) from a fresh `KVCacheManager` built from ``spec``, with its prefix cache
@@ -210,10 +224,11 @@ def simulate(
     other defaults: offline arrivals, an 8192-token step budget.
     ``progress(done, total)`` is called every `PROGRESS_EVERY` steps with requests
     finished so far; ``check=True`` runs the manager's integrity check after every
-    step (slow; for tests).
+    step (slow; for tests). ``tiers``: `paged_kv.tiers.CacheTiers` arguments (host_bytes,
+    disk_bytes, policy, write) for tiers below the device, bookkeeping only.
     """
     config = _config(config, max_batch, watermark, spec)
-    backend = PagedBackend(spec, config.watermark, prefix_cache=prefix_cache)
+    backend = PagedBackend(spec, config.watermark, prefix_cache=prefix_cache, tiers=tiers)
     result = run_schedule(trace, backend, config, spec.max_seq_len, progress, check)
     return SimReport.from_result(backend, result, config.preemption)
 
@@ -231,6 +246,7 @@ def compare(
     progress: Callable[[str, int, int], None] | None = None,
     check: bool = False,
     prefix_cache: bool = False,
+    tiers: dict | None = None,
 ) -> list[SimReport]:
     """Replay ``trace`` over the paged manager (with its prefix cache when
     ``prefix_cache``) and each baseline at equal memory, under one scheduler: reports
@@ -241,7 +257,8 @@ def compare(
     """
     config = _config(config, None, 0.01, spec)
     reports = []
-    for backend in [PagedBackend(spec, config.watermark, prefix_cache=prefix_cache), *baseline_backends(spec)]:
+    for backend in [PagedBackend(spec, config.watermark, prefix_cache=prefix_cache, tiers=tiers),
+                    *baseline_backends(spec)]:
         tick = None if progress is None else (lambda d, t, name=backend.name: progress(name, d, t))
         result = run_schedule(trace, backend, config, spec.max_seq_len, tick, check)
         reports.append(SimReport.from_result(backend, result, config.preemption))

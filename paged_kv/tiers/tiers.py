@@ -242,11 +242,19 @@ class CacheTiers:
                 cache.evictable[b] = None
         if not js:
             return
+        # The allocation may evict device blocks into the host tier, whose evictions must
+        # not take the keys being brought up: pinned until their upload is staged.
+        host = self.host[gi]
+        mediums = ["host" if hashes[j] in host else "disk" for j in js]
+        for j, medium in zip(js, mediums):
+            if medium == "host":
+                host.pin(hashes[j])
         ids = pool.allocate(len(js))
-        for b, j in zip(ids.tolist(), js):
+        for b, j, medium in zip(ids.tolist(), js, mediums):
             key, parent = hashes[j], hashes[j - 1] if j else NO_HASH
             cache.store(b, key, parent)
-            medium = "host" if key in self.host[gi] else "disk"
+            if medium == "host" and not self.keep_bytes:
+                host.unpin(key)
             if gi == 0:
                 self.stats.hit_blocks[medium] += 1
             nbytes = self.spec.group_bytes_per_block(gi)
@@ -254,17 +262,18 @@ class CacheTiers:
             self.stats.bytes_up += nbytes
             up = Upload(gi, b, int(pool.generation[b]), key)
             if medium == "host":
-                self.host[gi].touch(key)
+                host.touch(key)
             else:
-                self.disk[gi].touch(key)
+                if key in self.disk[gi]:  # a spill from the host tier may have pushed it out meanwhile
+                    self.disk[gi].touch(key)
                 self.stats.bytes_from_disk += nbytes
                 if self.keep_bytes:
                     up.pages = disk_pages[key]
                     if self._to_host(gi, key, parent, up.pages):
                         up.pages = None  # now in a host slot: uploaded from there
             if self.keep_bytes:
-                if up.pages is None:
-                    self.host[gi].pin(key)
+                if up.pages is None and medium == "disk":
+                    host.pin(key)  # staged into a host slot: read from there at the flush
                 self.uploads[(gi, b)] = up
         pool.free(ids)  # keyed, so kept as evictable (most recently used) until admit_prompt revives them
 

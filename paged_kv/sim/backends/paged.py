@@ -34,9 +34,16 @@ class PagedBackend(Backend):
     name = "paged"
     reserves_ahead = False
 
-    def __init__(self, spec: CacheSpec, watermark: float = 0.01, prefix_cache: bool = False):
+    def __init__(self, spec: CacheSpec, watermark: float = 0.01, prefix_cache: bool = False,
+                 tiers: dict | None = None):
         super().__init__(spec, spec.usable_blocks * spec.block_size)
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
+        # Tiers below the device (`paged_kv.tiers`), bookkeeping only: keys and bytes moved.
+        self.tiers = None
+        if tiers:
+            from paged_kv.tiers import CacheTiers
+
+            self.tiers = CacheTiers(self.manager, keep_bytes=False, **tiers)
         self.caches_prefixes = bool(prefix_cache)
         self.reserve = watermark * spec.usable_blocks
         self.swapped: dict[int, SwapRecord] = {}
@@ -155,6 +162,16 @@ class PagedBackend(Backend):
 
     def check_integrity(self) -> None:
         self.manager.check_integrity()
+        if self.tiers is not None:
+            self.tiers.check_integrity()
+
+    def tier_report(self) -> dict | None:
+        """Tokens hit per medium and bytes moved each way, with tiers; else None."""
+        if self.tiers is None:
+            return None
+        st = self.tiers.stats
+        return {"hit_tokens": self.tiers.hit_tokens(), "bytes_down": st.bytes_down, "bytes_up": st.bytes_up,
+                "bytes_to_disk": st.bytes_to_disk, "bytes_from_disk": st.bytes_from_disk, "dropped": st.dropped}
 
 
 __all__ = ["PagedBackend"]
