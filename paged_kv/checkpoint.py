@@ -133,13 +133,14 @@ def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCac
     except OverflowError as exc:  # a seq_id outside int64
         raise CheckpointError(f"cannot save {path!r}: a sequence id does not fit in int64 ({exc})") from exc
 
-    layout, names, leaves = _pages_of(cache, spec, path)
+    layout, names, leaves = pages_of(cache, spec, path)
+    _check_fetchable(path, names, leaves)
     arrays = dict(zip(names, (np.asarray(a) for a in jax.device_get(leaves))))
     arrays.update(state)
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "spec": _spec_fields(spec),
+        "spec": spec_fields(spec),
         "layout": layout,
         "prefix_cache": manager.prefix_cache is not None,
         "slots": None if slots is None else {"num_slots": slots.num_slots},
@@ -172,7 +173,7 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     if spec is not None and not isinstance(spec, CacheSpec):
         raise CheckpointError(f"load_checkpoint(spec=...) must be a CacheSpec or None; got {type(spec).__name__}")
     header, arrays = _read(path)
-    saved_spec = _spec_from_header(header, path)
+    saved_spec = spec_from_header(header, path)
     if spec is not None and spec != saved_spec:
         raise CheckpointError(
             f"checkpoint {path!r} was saved for a different spec ({spec_difference(saved_spec, spec, 'checkpoint', 'expected')}); "
@@ -185,7 +186,7 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     prefix = header.get("prefix_cache", False)
     if not isinstance(prefix, bool):
         raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
-    expected, treedef = _expected_pages(saved_spec, layout)
+    expected, treedef = expected_pages(saved_spec, layout)
     arrays = _with_binding(_upgrade(arrays, header.get("version"), prefix, saved_spec.block_size), saved_spec, expected)
     manager = _restore(path, "manager", lambda: _manager_of(saved_spec, prefix, arrays, expected, slots_info, path))
     slots = None
@@ -299,9 +300,10 @@ def _restore(path: str, what: str, build):
 
 
 # ---- pages -----------------------------------------------------------------------------
-def _expected_pages(spec: CacheSpec, layout: str):
+def expected_pages(spec: CacheSpec, layout: str) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.tree_util.PyTreeDef]:
     """``({name: ShapeDtypeStruct}, treedef)`` of ``PagedKVCache.init(spec, layout=layout)``,
-    traced (``eval_shape``) so no memory is allocated."""
+    traced (``eval_shape``) so no memory is allocated: the arrays a checkpoint of
+    ``spec`` holds for the pages, by name, and how they make a cache again."""
     abstract = jax.eval_shape(lambda: PagedKVCache.init(spec, layout=layout))
     with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     return {_leaf_name(p): leaf for p, leaf in with_path}, treedef
@@ -313,12 +315,14 @@ def _leaf_name(key_path) -> str:
     return f"layer{layer.idx}.{field.name}"
 
 
-def _pages_of(cache: PagedKVCache, spec: CacheSpec, path: str):
-    """The layout, names and page arrays of ``cache``; refuses a cache `load_checkpoint`
-    could not rebuild as it is (a structure `PagedKVCache.init` does not produce)."""
+def pages_of(cache: PagedKVCache, spec: CacheSpec, path: str) -> tuple[str, list[str], list[jax.Array]]:
+    """The layout, names and page arrays of ``cache``, as a checkpoint of ``spec`` stores
+    them; `CheckpointError` (naming ``path``, the file being saved) for a cache
+    `load_checkpoint` could not rebuild as it is (a structure `PagedKVCache.init` does
+    not produce, another shape, a donated array)."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(cache)
     for layout in _LAYOUTS:
-        expected, want_def = _expected_pages(spec, layout)
+        expected, want_def = expected_pages(spec, layout)
         if treedef == want_def:
             break
     else:
@@ -344,13 +348,32 @@ def _pages_of(cache: PagedKVCache, spec: CacheSpec, path: str):
     return layout, names, leaves
 
 
+def _check_fetchable(path: str, names: list[str], leaves: list) -> None:
+    """`CheckpointError` unless this process can fetch every page array whole: pages
+    sharded over the devices of several processes (`paged_kv.multihost`) are not, and
+    jax would refuse mid-save with a bare RuntimeError."""
+    for name, leaf in zip(names, leaves):
+        if getattr(leaf, "is_fully_addressable", True):
+            continue
+        processes = sorted({d.process_index for d in leaf.sharding.device_set})
+        raise CheckpointError(
+            f"cannot save {path!r}: {name} is sharded over the devices of processes {processes}, and this one "
+            f"(process {jax.process_index()}) holds only its own shards, so no one file can be written here; "
+            "save with paged_kv.multihost.save_sharded_checkpoint (every process writes the shards it holds), or "
+            "gather the cache onto one device first (paged_kv.multihost.load_sharded_checkpoint(path, device=...)) "
+            "and save that")
+
+
 # ---- spec ------------------------------------------------------------------------------
-def _spec_fields(spec: CacheSpec) -> dict:
+def spec_fields(spec: CacheSpec) -> dict:
     """The constructor fields of ``spec`` (``CacheSpec(**fields) == spec``)."""
     return attrs.asdict(spec, filter=lambda a, _: a.init)
 
 
-def _spec_from_header(header: dict, path: str) -> CacheSpec:
+def spec_from_header(header: dict, path: str) -> CacheSpec:
+    """The spec a checkpoint's header records (`spec_fields`; older files lack newer
+    fields, read at what they meant then); `CheckpointError` naming ``path`` if none
+    is there or it is not a valid `CacheSpec`."""
     fields = header.get("spec")
     if not isinstance(fields, dict):
         raise CheckpointError(f"checkpoint {path!r}: the header has no spec")
@@ -362,4 +385,5 @@ def _spec_from_header(header: dict, path: str) -> CacheSpec:
         raise CheckpointError(f"checkpoint {path!r}: the saved spec {fields} is not a valid CacheSpec: {exc}") from exc
 
 
-__all__ = ["Checkpoint", "FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "FORMAT_NAME", "FORMAT_VERSION", "expected_pages", "load_checkpoint", "pages_of",
+           "save_checkpoint", "spec_fields", "spec_from_header"]

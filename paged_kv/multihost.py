@@ -52,7 +52,7 @@ import numpy as np
 
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cache import _LAYOUTS, PagedKVCache
-from paged_kv.checkpoint import Checkpoint, _expected_pages, _pages_of, _spec_fields, _spec_from_header
+from paged_kv.checkpoint import Checkpoint, expected_pages, pages_of, spec_fields, spec_from_header
 from paged_kv.checkpoint_files import FORMAT_NAME, FORMAT_VERSION, atomic_write, fspath, json_default, read, sha256
 from paged_kv.errors import CheckpointError, PagedKVError, SpecError, StateError
 from paged_kv.sharding import for_rank, page_sharding
@@ -199,7 +199,7 @@ def _prepare_save(path: str, cache: PagedKVCache, manager: KVCacheManager) -> di
         raise CheckpointError(f"refusing to save {path!r}: the allocator state is inconsistent ({exc})") from exc
     spec = manager.spec
     state = manager.state()
-    layout, names, leaves = _pages_of(cache, spec, path)
+    layout, names, leaves = pages_of(cache, spec, path)
     pieces, shapes = [], {}
     for name, leaf in zip(names, leaves):
         if name.endswith(_BINDING):
@@ -215,7 +215,7 @@ def _prepare_save(path: str, cache: PagedKVCache, manager: KVCacheManager) -> di
     # The checkpoint reader's format and version (it verifies the file), then this
     # file's own: a shard of a set.
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "shard_format": SHARD_FORMAT,
-              "shard_version": SHARD_VERSION, "spec": _spec_fields(spec), "layout": layout,
+              "shard_version": SHARD_VERSION, "spec": spec_fields(spec), "layout": layout,
               "prefix_cache": manager.prefix_cache is not None, "shapes": shapes}
     return {"header": header, "state": state, "pieces": pieces}
 
@@ -328,12 +328,12 @@ def _prepare_load(path, device, mesh, head_axis, spec) -> dict:
 
     next_file()
     first_name, header, arrays = read_files[0]
-    saved = _spec_from_header(header, first_name)
+    saved = spec_from_header(header, first_name)
     if spec is not None and spec != saved:
         raise CheckpointError(f"sharded checkpoint {path!r} was saved for a different spec "
                               f"({spec_difference(saved, spec, 'checkpoint', 'expected')})")
     layout, prefix = header["layout"], header["prefix_cache"]
-    expected, treedef = _expected_pages(saved, layout)
+    expected, treedef = expected_pages(saved, layout)
     for name, want in expected.items():
         if not name.endswith(_BINDING) and header["shapes"].get(name) != list(want.shape):
             raise CheckpointError(f"{first_name}: {name} is recorded as {header['shapes'].get(name)}; the spec "

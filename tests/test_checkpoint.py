@@ -231,6 +231,38 @@ def test_save_overwrites_atomically(tmp_path):
     assert pk.load_checkpoint(path).manager.snapshot() == manager.snapshot()
 
 
+class _OtherProcessShards:
+    """Stands in for a page array sharded over two processes' devices (one process
+    cannot build a real one): what `save_checkpoint` asks of it, from process 0's side."""
+
+    def __init__(self, leaf):
+        self.shape, self.dtype = leaf.shape, leaf.dtype
+        device = type("Device", (), {"process_index": 1})()
+        self.sharding = type("Sharding", (), {"device_set": {next(iter(leaf.devices())), device}})()
+
+    is_fully_addressable = False
+
+    def is_deleted(self) -> bool:
+        return False
+
+
+def test_save_of_pages_other_processes_hold_is_a_checkpoint_error(tmp_path):
+    """A cache sharded over several processes (`paged_kv.multihost`): no process can fetch
+    it whole. Refused before anything is fetched or written, naming the sharded save;
+    jax itself would raise a bare RuntimeError from the fetch."""
+    spec = make_spec()
+    manager = KVCacheManager(spec)
+    manager.admit(1, 5)
+    leaves, treedef = jax.tree_util.tree_flatten(PagedKVCache.init(spec))
+    leaves[0] = _OtherProcessShards(leaves[0])
+    cache = jax.tree_util.tree_unflatten(treedef, leaves)
+    before = manager.snapshot()
+    with pytest.raises(CheckpointError, match=r"layer0\.key_pages is sharded over the devices of processes \[0, 1\]"
+                       r".*save_sharded_checkpoint"):
+        pk.save_checkpoint(tmp_path / "ck", cache, manager)
+    assert os.listdir(tmp_path) == [] and manager.snapshot() == before
+
+
 # ---- corrupt files -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

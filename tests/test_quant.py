@@ -685,8 +685,8 @@ def test_checkpoints_written_before_rotation_load_unrotated(tmp_path, monkeypatc
     m = pk.KVCacheManager(s)
     x = outlier_values(np.random.default_rng(2), (1, 6, H, D))
     cache = insert_prefill(pk.PagedKVCache.init(s), m, 0, x, x)
-    fields = ckpt._spec_fields
-    monkeypatch.setattr(ckpt, "_spec_fields", lambda sp: {k: v for k, v in fields(sp).items() if k != "kv_rotation"})
+    fields = ckpt.spec_fields
+    monkeypatch.setattr(ckpt, "spec_fields", lambda sp: {k: v for k, v in fields(sp).items() if k != "kv_rotation"})
     pk.save_checkpoint(tmp_path / "old.ckpt", cache, m)
     monkeypatch.undo()
     loaded = pk.load_checkpoint(tmp_path / "old.ckpt")

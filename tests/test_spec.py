@@ -87,8 +87,8 @@ def test_chunked_spec_round_trips_through_the_checkpoint_header():
     import paged_kv.checkpoint as ckpt
 
     s = make(num_layers=3, attention_chunk_size=24, chunked_layers=(2,), chunked_num_blocks=10)
-    header = json.loads(json.dumps({"spec": ckpt._spec_fields(s)}))
-    assert ckpt._spec_from_header(header, "x") == s
-    old = {k: v for k, v in ckpt._spec_fields(make()).items()
+    header = json.loads(json.dumps({"spec": ckpt.spec_fields(s)}))
+    assert ckpt.spec_from_header(header, "x") == s
+    old = {k: v for k, v in ckpt.spec_fields(make()).items()
            if k not in ("attention_chunk_size", "chunked_layers", "chunked_num_blocks")}
-    assert ckpt._spec_from_header({"spec": old}, "x") == make()
+    assert ckpt.spec_from_header({"spec": old}, "x") == make()
