@@ -15,6 +15,8 @@ line); `paged_kv.sharding` places pages on a device mesh; `paged_kv.attention`
 holds the attention over the pages and the Pallas kernel adapters.
 """
 
+from typing import TYPE_CHECKING
+
 from paged_kv.allocator import BlockPool, KVCacheManager, PageTable
 from paged_kv.batch import DecodeSlots, StepBatch, slot_step_metadata
 from paged_kv.allocator.prefix_cache import PrefixCache, PrefixEvent, PrefixStats
@@ -64,18 +66,28 @@ _DEVICE_NAMES = {
 }
 
 
-def __getattr__(name: str):
-    module = _DEVICE_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'paged_kv' has no attribute {name!r}")
-    import importlib
+if TYPE_CHECKING:
+    # What a type checker sees of the lazy names: the names themselves, typed (and no
+    # module ``__getattr__``, which would make every misspelt attribute pass).
+    from paged_kv.attention import paged_attention
+    from paged_kv.cache import PagedKVCache
+    from paged_kv.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from paged_kv.insertion import insert_prefill, insert_prefill_slot
+    from paged_kv.swap import SwappedSequence, swap_in, swap_out
+    from paged_kv.views import AttentionMask, SlidingWindowCacheView, TransformerCacheView, UnifiedCacheView
+else:
+    def __getattr__(name: str) -> object:
+        module = _DEVICE_NAMES.get(name)
+        if module is None:
+            raise AttributeError(f"module 'paged_kv' has no attribute {name!r}")
+        import importlib
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this hook
-    return value
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     # What a user may reach: the public names (lazy ones included) and the dunders;
     # not this module's own helpers such as the lazy-import table.
     own = {name for name in globals() if not name.startswith("_") or name.startswith("__")}

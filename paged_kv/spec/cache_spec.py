@@ -6,6 +6,8 @@ spec, so a mismatch between them is caught where it is made (see `ShapeError`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import attrs
 import numpy as np
 
@@ -13,6 +15,11 @@ from paged_kv.errors import SpecError
 from paged_kv.spec import fields, formats, key_offsets
 from paged_kv.spec.dtypes import resolve_dtype
 from paged_kv.spec.layer_group import LayerGroup
+
+if TYPE_CHECKING:
+    from typing_extensions import Never, Unpack
+
+    from paged_kv.spec.spec_types import CacheSpecFields, FP8Scales, KeyOffsets, MemoryFields
 
 NULL_BLOCK = 0
 """Block id 0 is reserved: padding entries of block tables point at it and it is never
@@ -59,40 +66,45 @@ class CacheSpec:
     block straddling a chunk edge is kept while the chunk it ends in is current).
     """
 
-    num_layers: int = attrs.field(converter=fields.positive("num_layers"))
-    num_blocks: int = attrs.field(converter=fields.positive("num_blocks"))
-    block_size: int = attrs.field(converter=fields.positive("block_size"))
-    max_blocks_per_seq: int = attrs.field(converter=fields.positive("max_blocks_per_seq"))
-    max_batch_slots: int = attrs.field(default=256, converter=fields.positive("max_batch_slots"))
+    # The constructor is typed by `CacheSpecFields` (the ``__init__`` below), not by the attrs
+    # plugin, which cannot read converters made by a factory (``fields.positive(name)``):
+    # those lines ignore its "unsupported converter" [misc] error.
+    num_layers: int = attrs.field(converter=fields.positive("num_layers"))  # type: ignore[misc]
+    num_blocks: int = attrs.field(converter=fields.positive("num_blocks"))  # type: ignore[misc]
+    block_size: int = attrs.field(converter=fields.positive("block_size"))  # type: ignore[misc]
+    max_blocks_per_seq: int = attrs.field(converter=fields.positive("max_blocks_per_seq"))  # type: ignore[misc]
+    max_batch_slots: int = attrs.field(default=256, converter=fields.positive("max_batch_slots"))  # type: ignore[misc]
     dtype: str = attrs.field(default="bfloat16", converter=fields.canonical_dtype)
-    num_kv_heads: int | None = attrs.field(default=None, converter=fields.positive("num_kv_heads", optional=True))
-    head_dim: int | None = attrs.field(default=None, converter=fields.positive("head_dim", optional=True))
-    key_heads: int = attrs.field(default=None, converter=fields.or_shortcut("key_heads", "num_kv_heads"))
-    value_heads: int = attrs.field(default=None, converter=fields.or_shortcut("value_heads", "num_kv_heads"))
-    key_dim: int = attrs.field(default=None, converter=fields.or_shortcut("key_dim", "head_dim"))
-    value_dim: int = attrs.field(default=None, converter=fields.or_shortcut("value_dim", "head_dim"))
-    sliding_window: int | None = attrs.field(default=None, converter=fields.positive("sliding_window", optional=True))
-    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.indices("sliding_layers"))
+    num_kv_heads: int | None = attrs.field(default=None, converter=fields.positive("num_kv_heads", optional=True))  # type: ignore[misc]
+    head_dim: int | None = attrs.field(default=None, converter=fields.positive("head_dim", optional=True))  # type: ignore[misc]
+    key_heads: int = attrs.field(default=None, converter=fields.or_shortcut("key_heads", "num_kv_heads"))  # type: ignore[misc]
+    value_heads: int = attrs.field(default=None, converter=fields.or_shortcut("value_heads", "num_kv_heads"))  # type: ignore[misc]
+    key_dim: int = attrs.field(default=None, converter=fields.or_shortcut("key_dim", "head_dim"))  # type: ignore[misc]
+    value_dim: int = attrs.field(default=None, converter=fields.or_shortcut("value_dim", "head_dim"))  # type: ignore[misc]
+    sliding_window: int | None = attrs.field(default=None, converter=fields.positive("sliding_window", optional=True))  # type: ignore[misc]
+    sliding_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.indices("sliding_layers"))  # type: ignore[misc]
     sliding_num_blocks: int | None = attrs.field(default=None,
-                                                 converter=fields.positive("sliding_num_blocks", optional=True))
+                                                 converter=fields.positive("sliding_num_blocks", optional=True))  # type: ignore[misc]
     attention_chunk_size: int | None = attrs.field(default=None,
-                                                   converter=fields.positive("attention_chunk_size", optional=True))
-    chunked_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.indices("chunked_layers"))
+                                                   converter=fields.positive("attention_chunk_size", optional=True))  # type: ignore[misc]
+    chunked_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.indices("chunked_layers"))  # type: ignore[misc]
     chunked_num_blocks: int | None = attrs.field(default=None,
-                                                 converter=fields.positive("chunked_num_blocks", optional=True))
+                                                 converter=fields.positive("chunked_num_blocks", optional=True))  # type: ignore[misc]
     page_storage: str = attrs.field(default="bits", validator=fields.page_storage)
     kv_format: str = attrs.field(default="none")
     kv_scale_dtype: str = attrs.field(default="float32")
-    kv_fp8_scales: object = attrs.field(default=None, converter=fields.fp8_scales)
-    kv_full_precision_layers: object = attrs.field(default=(), converter=fields.full_precision)
+    kv_fp8_scales: FP8Scales = attrs.field(default=None, converter=fields.fp8_scales)
+    # Indices or "sliding" as given; sorted indices once built (`_check_format`).
+    kv_full_precision_layers: tuple[int, ...] = attrs.field(default=(), converter=fields.full_precision)
     kv_rotation: str = attrs.field(default="auto")
-    kv_key_offsets: object = attrs.field(default=None, converter=key_offsets.converter,
+    kv_key_offsets: KeyOffsets = attrs.field(default=None, converter=key_offsets.converter,
                                   hash=False)  # in eq, not in the hash: a spec is hashed at every jit call
-    _groups: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
-    _layer_bytes: tuple = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
+    _groups: tuple[LayerGroup, ...] = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
+    _layer_bytes: tuple[int, ...] = attrs.field(init=False, default=(), eq=False, repr=False, hash=False)
 
-    def __init__(self, *args, **fields) -> None:
-        """Keyword fields only (see the class docstring); unknown or positional ones are a `SpecError`."""
+    def __init__(self, *args: Never, **fields: Unpack[CacheSpecFields]) -> None:
+        """Keyword fields only (see the class docstring); unknown or positional ones are a `SpecError`
+        (and, to a type checker, an error: `paged_kv.spec.spec_types.CacheSpecFields`)."""
         if args:
             raise SpecError(f"CacheSpec takes keyword fields only; got positional {args!r}")
         known = {a.name for a in attrs.fields(type(self)) if a.init}
@@ -137,14 +149,14 @@ class CacheSpec:
             )
 
     def _check_indices(self, name: str) -> tuple[int, ...]:
-        layers = getattr(self, name)
+        layers: tuple[int, ...] = getattr(self, name)
         if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in layers):
             raise SpecError(f"{name}={layers!r} must be layer indices")
         if len(set(layers)) != len(layers) or any(not 0 <= x < self.num_layers for x in layers):
             raise SpecError(f"{name}={layers!r} must be distinct indices in [0, {self.num_layers})")
         return layers
 
-    def _check_pool_size(self, name: str, kind: str, layers) -> None:
+    def _check_pool_size(self, name: str, kind: str, layers: tuple[int, ...]) -> None:
         value = getattr(self, name)
         if value is not None:
             if not layers:
@@ -301,7 +313,7 @@ class CacheSpec:
         """Blocks needed to hold ``num_tokens`` tokens of one sequence."""
         return -(-fields.count(num_tokens, "num_tokens") // self.block_size)
 
-    def pool_signature(self) -> tuple:
+    def pool_signature(self) -> tuple[int, tuple[tuple[int, int | None, int | None], ...]]:
         """What step metadata must have been built for to address these pages: the
         block size and each group's block count, window and chunk. Views refuse metadata
         whose signature differs (a write would be dropped, a read undefined off CPU; a
@@ -309,7 +321,8 @@ class CacheSpec:
         return (self.block_size, tuple((g.num_blocks, g.window, g.chunk) for g in self.groups))
 
     @classmethod
-    def for_memory(cls, pool_bytes: int, **fields) -> "CacheSpec":
+    def for_memory(cls, pool_bytes: float | np.integer[Any] | np.floating[Any],
+                   **fields: Unpack[MemoryFields]) -> CacheSpec:
         """A spec whose pool fits in ``pool_bytes`` (pages and binding arrays: `device_bytes`):
         ``num_blocks`` is derived, the rest given."""
         if isinstance(pool_bytes, bool) or not isinstance(pool_bytes, (int, np.integer, float, np.floating)) \
@@ -317,14 +330,15 @@ class CacheSpec:
             raise SpecError(f"pool_bytes={pool_bytes!r} must be a positive finite number of bytes, e.g. 16 * 2**30")
         if "num_blocks" in fields:
             raise SpecError("for_memory derives num_blocks from pool_bytes; do not pass num_blocks")
-        probe = cls(num_blocks=2, max_blocks_per_seq=1, **{k: v for k, v in fields.items() if k != "max_blocks_per_seq"})
+        given: dict[str, Any] = dict(fields)  # checked by the signature; the keys are picked below
+        probe = cls(num_blocks=2, max_blocks_per_seq=1, **{k: v for k, v in given.items() if k != "max_blocks_per_seq"})
         # Each block also costs an int32 generation per layer (`binding_bytes`), each layer an owner.
         per_block = probe.bytes_per_block + 4 * probe.num_layers
         num_blocks = (int(pool_bytes) - 4 * probe.num_layers) // per_block
         if num_blocks < 2:
             raise SpecError(f"pool_bytes={pool_bytes} holds {num_blocks} blocks of {per_block} bytes; need >= 2")
-        max_blocks = fields.pop("max_blocks_per_seq", num_blocks - 1)
-        return cls(num_blocks=num_blocks, max_blocks_per_seq=min(max_blocks, num_blocks - 1), **fields)
+        max_blocks = given.pop("max_blocks_per_seq", num_blocks - 1)
+        return cls(num_blocks=num_blocks, max_blocks_per_seq=min(max_blocks, num_blocks - 1), **given)
 
     def describe(self) -> str:
         """One line: layers (and their local-attention kinds), blocks, heads, dtype, bytes
@@ -351,7 +365,7 @@ def spec_difference(a: CacheSpec, b: CacheSpec, a_name: str, b_name: str) -> str
     return f"{a_name} vs {b_name}: {', '.join(diffs) or 'equal fields'}"
 
 
-def require_same_spec(a, b, a_name: str, b_name: str, error: type = SpecError) -> None:
+def require_same_spec(a: object, b: object, a_name: str, b_name: str, error: type[Exception] = SpecError) -> None:
     """Raise ``error`` unless ``a`` and ``b`` (specs, or objects with a ``spec``) are equal specs.
 
     The one agreement check between a manager and the pages it addresses (insert_prefill,
@@ -362,6 +376,7 @@ def require_same_spec(a, b, a_name: str, b_name: str, error: type = SpecError) -
         if not isinstance(s, CacheSpec):
             raise error(f"the {name} has no CacheSpec (got {type(s).__name__}); pass the object paged_kv built")
     if sa != sb:
+        assert isinstance(sa, CacheSpec) and isinstance(sb, CacheSpec)  # checked above; for the type checker
         raise error(f"the {a_name} and the {b_name} were built for different specs "
                     f"({spec_difference(sa, sb, a_name, b_name)}); build both from one CacheSpec")
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+if TYPE_CHECKING:
+    from paged_kv.spec.spec_types import SpecFields
 
-def resolve_dtype(name: str):
+
+def resolve_dtype(name: str) -> np.dtype[Any] | type[np.generic]:
     """A dtype name (``"bfloat16"``, ``"float8_e4m3fn"``: ml_dtypes; others: numpy) as the
     dtype object, resolved one way everywhere."""
     import ml_dtypes
 
-    return getattr(ml_dtypes, name) if hasattr(ml_dtypes, name) else np.dtype(name)
+    if hasattr(ml_dtypes, name):
+        scalar: type[np.generic] = getattr(ml_dtypes, name)
+        return scalar
+    return np.dtype(name)
 
 
-def storage_dtype(spec) -> np.dtype:
+def storage_dtype(spec: SpecFields) -> np.dtype[Any]:
     """The dtype pages are stored in: the unsigned integer of ``spec.dtype``'s width
     (``page_storage="bits"``, the default), or ``spec.dtype`` itself (``"float"``;
     ``"auto"``: float on TPU and GPU, bits on CPU) of full-precision layers;
@@ -33,7 +41,7 @@ def storage_dtype(spec) -> np.dtype:
     return bits_dtype(spec)
 
 
-def bits_dtype(spec) -> np.dtype:
+def bits_dtype(spec: SpecFields) -> np.dtype[Any]:
     """The unsigned integer of ``spec.dtype``'s width (what "bits" storage holds)."""
     return np.dtype(f"uint{8 * spec.itemsize}")
 
@@ -41,10 +49,11 @@ def bits_dtype(spec) -> np.dtype:
 def _platform() -> str:
     import jax  # the host side of paged_kv does not need jax; only page storage asks
 
-    return jax.default_backend()
+    backend: str = jax.default_backend()
+    return backend
 
 
-def compute_dtype(spec):
+def compute_dtype(spec: SpecFields) -> np.dtype[Any] | type[np.generic]:
     """The float dtype keys and values have outside the pages."""
     return resolve_dtype(spec.dtype)
 

@@ -8,11 +8,16 @@ attrs, to what these return.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
 from paged_kv.errors import InvalidTokenCountError, SpecError
+
+if TYPE_CHECKING:
+    from paged_kv.spec.spec_types import SpecFields
 
 MAX_POOL_BYTES = 2**47
 """128 TiB: more than any accelerator system holds. A larger pool is a typo in a head
@@ -65,7 +70,7 @@ def host_memory_bytes() -> int:
     return int(total) if total > 0 else FALLBACK_HOST_BYTES
 
 
-def check_host_bytes(needed: int, what: str, error: type = SpecError, hint: str = "") -> None:
+def check_host_bytes(needed: int, what: str, error: type[Exception] = SpecError, hint: str = "") -> None:
     """``error`` when ``needed`` bytes of host memory (for ``what``) exceed the machine's."""
     have = host_memory_bytes()
     if needed > have:
@@ -73,7 +78,7 @@ def check_host_bytes(needed: int, what: str, error: type = SpecError, hint: str 
                     f"{have / 2**30:,.1f} GiB" + (f"; {hint}" if hint else ""))
 
 
-def spec_host_bytes(spec) -> int:
+def spec_host_bytes(spec: SpecFields) -> int:
     """Host bytes a manager, its decode slots and the cache's views of ``spec`` take beside
     the pages, with every batch slot running a longest sequence. Needs only the fields
     (not the layer groups, which are what it guards)."""
@@ -88,7 +93,7 @@ def spec_host_bytes(spec) -> int:
             + len(pools) * rows * spec.max_blocks_per_seq * HOST_BYTES_PER_TABLE_ENTRY)
 
 
-def canonical_dtype(value) -> str:
+def canonical_dtype(value: Any) -> str:
     """``dtype`` as the name of a float dtype of at most 32 bits, or `SpecError`."""
     import ml_dtypes  # ships with jax; knows bfloat16 and the fp8 types
 
@@ -110,20 +115,21 @@ def canonical_dtype(value) -> str:
             f"dtype={dt.name!r}: pages hold at most 32-bit floats (JAX stores float64 as float32 unless "
             "jax_enable_x64 is set, which paged_kv does not support); use 'float32', 'bfloat16' or 'float16'"
         )
-    return dt.name
+    name: str = dt.name
+    return name
 
 
-def count(value, name: str) -> int:
+def count(value: object, name: str) -> int:
     """A token count as a Python int in ``[0, 2**31)``, or `InvalidTokenCountError`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**31:
         raise InvalidTokenCountError(f"{name}={value!r} must be an integer in [0, 2**31)")
     return int(value)
 
 
-def positive(name: str, optional: bool = False):
+def positive(name: str, optional: bool = False) -> Callable[[object], int | None]:
     """A converter: field ``name`` as a Python int in ``[1, 2**31)`` (or None when ``optional``)."""
 
-    def convert(value):
+    def convert(value: object) -> int | None:
         if value is None and optional:
             return None
         # < 2**31: every count here ends up in int32 tables or slot ids, and numpy integers
@@ -135,27 +141,27 @@ def positive(name: str, optional: bool = False):
     return convert
 
 
-def or_shortcut(name: str, shortcut: str):
+def or_shortcut(name: str, shortcut: str) -> attrs.Converter[Any, int]:
     """A converter: ``key_heads``-like field ``name`` as a positive int, given or else the
     value of the field ``shortcut`` (``num_kv_heads`` / ``head_dim``), set before it."""
     check = positive(name, optional=True)
 
-    def convert(value, spec):
-        value = check(value)
-        if value is None:
-            value = getattr(spec, shortcut)
-            if value is None:
+    def convert(value: object, spec: object) -> int:
+        given: int | None = check(value)
+        if given is None:
+            given = getattr(spec, shortcut)
+            if given is None:
                 raise SpecError(f"{name} is not set: give {name}= or the shortcut {shortcut}=")
-        return value
+        return given
 
     return attrs.Converter(convert, takes_self=True)
 
 
-def indices(name: str):
+def indices(name: str) -> Callable[[object], tuple[Any, ...]]:
     """A converter: field ``name`` as a tuple; anything that is not a collection of indices
     is a `SpecError` (the indices themselves are checked against the spec's layers)."""
 
-    def convert(value) -> tuple:
+    def convert(value: Any) -> tuple[Any, ...]:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
             raise SpecError(f"{name}={value!r} must be a tuple of layer indices, e.g. (1, 3)")
         return tuple(value)
@@ -163,7 +169,7 @@ def indices(name: str):
     return convert
 
 
-def fp8_scales(value):
+def fp8_scales(value: Any) -> Any:
     """``kv_fp8_scales`` with lists made tuples and numbers made floats (a JSON round trip
     gives lists back); its shape is checked against the spec in `paged_kv.spec.formats`."""
     if value is None or isinstance(value, (str, bytes, bool)):
@@ -175,7 +181,7 @@ def fp8_scales(value):
     return value
 
 
-def full_precision(value):
+def full_precision(value: Any) -> Any:
     """``kv_full_precision_layers`` as a tuple (or the word "sliding", resolved in
     `paged_kv.spec.formats.full_precision_layers`)."""
     if isinstance(value, str):
@@ -185,7 +191,7 @@ def full_precision(value):
     return tuple(value)
 
 
-def page_storage(instance, attribute, value) -> None:
+def page_storage(instance: object, attribute: object, value: object) -> None:
     """Validator of ``page_storage``: one of `PAGE_STORAGE`."""
     if value not in PAGE_STORAGE:
         raise SpecError(f"page_storage={value!r} is not one of {PAGE_STORAGE}")

@@ -9,11 +9,16 @@ spec never imports the codecs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from paged_kv.errors import SpecError
 from paged_kv.spec import key_offsets
 from paged_kv.spec.dtypes import resolve_dtype
+
+if TYPE_CHECKING:
+    from paged_kv.spec.spec_types import FP8Scale, SpecFields
 
 FORMATS = ("none", "int8", "fp8")
 ROTATIONS = ("auto", "hadamard", "none")
@@ -27,12 +32,12 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 # ---- memory arithmetic -------------------------------------------------------------------
-def bytes_per_token(spec, fmt: str) -> int:
+def bytes_per_token(spec: SpecFields, fmt: str) -> int:
     """Bytes one token takes in one layer stored in ``fmt``, scales included."""
     elems = spec.key_heads * spec.key_dim + spec.value_heads * spec.value_dim
     if fmt == "none":
         return elems * spec.itemsize
-    scales = (spec.key_heads + spec.value_heads) * np.dtype(resolve_dtype(spec.kv_scale_dtype)).itemsize
+    scales: int = (spec.key_heads + spec.value_heads) * np.dtype(resolve_dtype(spec.kv_scale_dtype)).itemsize
     return elems + (scales if fmt == "int8" else 0)
 
 
@@ -43,7 +48,7 @@ def rotation_block(dim: int) -> int:
     return dim & -dim
 
 
-def rotation_blocks(spec) -> tuple[int, int]:
+def rotation_blocks(spec: SpecFields) -> tuple[int, int]:
     """The Hadamard blocks of ``spec``'s quantized layers, (keys, values); 1: not rotated.
 
     ``kv_rotation="none"``: neither; ``"hadamard"``: both (checked to be at least
@@ -52,11 +57,11 @@ def rotation_blocks(spec) -> tuple[int, int]:
     Full-precision layers are never rotated (`paged_kv.quant.codecs`)."""
     if spec.kv_rotation == "none" or spec.kv_format == "none":
         return 1, 1
-    blocks = (rotation_block(spec.key_dim), rotation_block(spec.value_dim))
-    return tuple(b if b >= MIN_ROTATION_BLOCK else 1 for b in blocks)
+    k, v = (b if b >= MIN_ROTATION_BLOCK else 1 for b in (rotation_block(spec.key_dim), rotation_block(spec.value_dim)))
+    return k, v
 
 
-def fp8_head_scales(spec, layer: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def fp8_head_scales(spec: SpecFields, layer: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Layer ``layer``'s fixed fp8 scales: (one per key head, one per value head)."""
     given = spec.kv_fp8_scales
     if given is None or isinstance(given, float):
@@ -66,12 +71,12 @@ def fp8_head_scales(spec, layer: int) -> tuple[tuple[float, ...], tuple[float, .
     return _per_head(k, spec.key_heads), _per_head(v, spec.value_heads)
 
 
-def _per_head(x, heads: int) -> tuple[float, ...]:
+def _per_head(x: FP8Scale, heads: int) -> tuple[float, ...]:
     return (x,) * heads if isinstance(x, float) else tuple(x)
 
 
 # ---- spec rules --------------------------------------------------------------------------
-def check_format(spec) -> None:
+def check_format(spec: SpecFields) -> None:
     """Raise `SpecError` for a format field or combination that is not supported, naming
     what is. ``kv_full_precision_layers`` is checked by `full_precision_layers`."""
     fmt = spec.kv_format
@@ -90,7 +95,7 @@ def check_format(spec) -> None:
                         f"are dequantized to; use one of {COMPUTE_DTYPES}")
 
 
-def check_values(spec) -> None:
+def check_values(spec: SpecFields) -> None:
     """The format fields that hold numbers: ``kv_fp8_scales`` (with ``kv_format="fp8"``)
     and ``kv_key_offsets``; `SpecError` naming what they must be."""
     if spec.kv_format == "fp8":
@@ -98,7 +103,7 @@ def check_values(spec) -> None:
     key_offsets.check(spec, rotation_blocks(spec)[0])
 
 
-def _check_rotation(spec) -> None:
+def _check_rotation(spec: SpecFields) -> None:
     rot = spec.kv_rotation
     if rot not in ROTATIONS:
         raise SpecError(f"kv_rotation={rot!r} is not supported; use one of {ROTATIONS}")
@@ -116,10 +121,10 @@ def _check_rotation(spec) -> None:
                 "kv_rotation='none' (or 'auto', which rotates only dims with a block of 8 or more)")
 
 
-def full_precision_layers(spec) -> tuple[int, ...]:
+def full_precision_layers(spec: SpecFields) -> tuple[int, ...]:
     """``spec.kv_full_precision_layers`` checked and resolved: sorted layer indices
     (``"sliding"``: the sliding layers), what the spec holds once built."""
-    layers = spec.kv_full_precision_layers
+    layers: tuple[int, ...] | str = spec.kv_full_precision_layers  # as given: `full_precision_layers` resolves it
     if isinstance(layers, str):
         if layers != "sliding":
             raise SpecError(f"kv_full_precision_layers={layers!r}: give layer indices, e.g. (0, 5), or 'sliding'")
@@ -134,8 +139,8 @@ def full_precision_layers(spec) -> tuple[int, ...]:
     return tuple(sorted(int(x) for x in layers))
 
 
-def _check_fp8_scales(spec) -> None:
-    given = spec.kv_fp8_scales
+def _check_fp8_scales(spec: SpecFields) -> None:
+    given: object = spec.kv_fp8_scales  # as given: checked here
     hint = ("kv_fp8_scales must be None (1.0), one positive float (per tensor), or one (key, value) pair per layer, "
             f"each a positive float or {spec.key_heads} key / {spec.value_heads} value per-head floats")
     if given is None:
@@ -154,7 +159,7 @@ def _check_fp8_scales(spec) -> None:
             _check_scale_values(x if isinstance(x, tuple) else (x,), hint)
 
 
-def _check_scale_values(values, hint: str) -> None:
+def _check_scale_values(values: tuple[object, ...], hint: str) -> None:
     for x in values:
         if not isinstance(x, float) or not np.isfinite(x) or x <= 0:
             raise SpecError(f"kv_fp8_scales: {x!r} is not a positive finite scale; {hint}")

@@ -30,12 +30,18 @@ that a read adds back, is `paged_kv.quant.stored_offsets`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from paged_kv.errors import SpecError
 
+if TYPE_CHECKING:
+    from paged_kv.spec.spec_types import LayerKeyOffsets, SpecFields
 
-def converter(value):
+
+def converter(value: Any) -> Any:
     """``kv_key_offsets`` with arrays and lists made nested tuples of floats (hashable,
     and what a JSON round trip of a checkpoint header gives back); checked in `check`."""
     if value is None or isinstance(value, (str, bytes, bool)):
@@ -47,7 +53,7 @@ def converter(value):
     return value
 
 
-def _layer(x):
+def _layer(x: Any) -> Any:
     try:
         a = np.asarray(x)
     except (TypeError, ValueError):
@@ -57,13 +63,13 @@ def _layer(x):
     return tuple(tuple(float(v) for v in row) for row in a.astype(np.float64))
 
 
-def check(spec, rotation_block: int) -> None:
+def check(spec: SpecFields, rotation_block: int) -> None:
     """Raise `SpecError` unless ``spec.kv_key_offsets`` is None or one entry per layer,
     each None or ``key_heads x key_dim`` finite floats, with a quantized ``kv_format``,
     that stay finite once rotated by a Hadamard block of ``rotation_block`` channels
     (`paged_kv.spec.formats.rotation_blocks`, whose module calls this one: it is passed
     in rather than imported)."""
-    given = spec.kv_key_offsets
+    given: object = spec.kv_key_offsets  # as given: checked here
     if given is None:
         return
     hint = (f"kv_key_offsets must be None or one entry per layer ({spec.num_layers}), each None or "
@@ -89,7 +95,7 @@ def check(spec, rotation_block: int) -> None:
         _check_range(spec, layer, entry, hint, rotation_block)
 
 
-def _check_range(spec, layer: int, entry: tuple, hint: str, block: int) -> None:
+def _check_range(spec: SpecFields, layer: int, entry: tuple[object, ...], hint: str, block: int) -> None:
     """Finite is not enough (issue 23 item 6): a read adds the offset back in the basis the
     pages are stored in, ``mu H`` (float32, `paged_kv.quant.stored_offsets`), which a
     Hadamard block of ``b`` channels can make up to ``sqrt(b)`` times larger than ``mu``:
@@ -108,7 +114,7 @@ def _check_range(spec, layer: int, entry: tuple, hint: str, block: int) -> None:
             h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
         rotated = (mu.reshape(mu.shape[0], -1, block) @ (h / np.sqrt(block))).reshape(mu.shape)
 
-    compute = float(ml_dtypes.finfo(resolve_dtype(spec.dtype)).max)
+    compute = float(ml_dtypes.finfo(resolve_dtype(spec.dtype)).max)  # type: ignore[no-untyped-call]  # ml_dtypes' finfo is unannotated
     stored = float(np.finfo(np.float32).max)
     worst, worst_rotated = float(np.abs(mu).max()), float(np.abs(rotated).max())
     if worst > compute:
@@ -120,7 +126,7 @@ def _check_range(spec, layer: int, entry: tuple, hint: str, block: int) -> None:
                         f"layer would read back NaN; {hint}")
 
 
-def of_layer(spec, layer: int) -> tuple | None:
+def of_layer(spec: SpecFields, layer: int) -> LayerKeyOffsets | None:
     """Layer ``layer``'s key offsets (``key_heads x key_dim`` nested tuples) or None."""
     given = spec.kv_key_offsets
     if given is None or spec.layer_format(layer) == "none":
@@ -128,12 +134,12 @@ def of_layer(spec, layer: int) -> tuple | None:
     return given[layer]
 
 
-def calibrate(keys_per_layer) -> tuple:
+def calibrate(keys_per_layer: Iterable[Any]) -> tuple[LayerKeyOffsets | None, ...]:
     """Key offsets from a calibration sample: for each layer, the mean key of each head
     over the sample's tokens (``keys_per_layer[i]``: ``[..., key_heads, key_dim]``
     keys as the model writes them, after RoPE; None: no offset for that layer).
     Pass the result as ``CacheSpec(kv_key_offsets=...)``."""
-    out = []
+    out: list[LayerKeyOffsets | None] = []
     for keys in keys_per_layer:
         if keys is None:
             out.append(None)
