@@ -189,6 +189,42 @@ def test_stop_tokens_end_a_completion(model):
     assert gen.manager.num_used_blocks == 0
 
 
+def angle_text(ids) -> str:
+    """A stand-in detokenizer: ``<5><17>``; a stop string can then span tokens."""
+    return "".join(f"<{t}>" for t in ids)
+
+
+def test_stop_strings_end_a_completion_where_its_text_first_holds_one(model):
+    gen = generator(model, detokenize=angle_text)
+    (ref,), stats = gen.generate([Request(PROMPTS[2], 10, seed=3, temperature=0.9)])
+    assert ref.text == angle_text(ref.tokens) and ref.stop_reason is None
+    assert 0 < ref.first_token_seconds <= stats.seconds and stats.first_token_seconds == ref.first_token_seconds
+    full = ref.text
+    for stop in (f"{ref.tokens[3]}><{ref.tokens[4]}", f"<{ref.tokens[6]}>", ">"):  # across tokens, one, the first
+        at = full.find(stop)
+        # the completion ends with the token that completes the string's first occurrence
+        k = next(k for k in range(1, 11) if len(angle_text(ref.tokens[:k])) >= at + len(stop))
+        (done,), _ = gen.generate([Request(PROMPTS[2], 10, seed=3, temperature=0.9, stop=["never", stop])])
+        assert done.tokens == ref.tokens[:k] and done.finish_reason == "stop", stop
+        assert done.stop_reason == stop and done.text == full[:at]
+    (tok,), _ = gen.generate([Request(PROMPTS[2], 10, seed=3, temperature=0.9, stop_token_ids=[ref.tokens[2]])])
+    assert tok.stop_reason == ref.tokens[2] and tok.text == angle_text(tok.tokens)
+    assert gen.manager.num_used_blocks == 0
+
+
+def test_stop_strings_need_text_and_strings(model):
+    plain = generator(model)
+    with pytest.raises(GenerationError, match="request 0: stop strings need text.*detokenize="):
+        plain.generate([Request([1, 2], 2, stop=["x"])])
+    gen = generator(model, detokenize=angle_text)
+    for bad in ([""], [1], b"x", 3):
+        with pytest.raises(GenerationError, match="request 1: stop="):
+            gen.generate([Request([1, 2], 2), Request([1, 2], 2, stop=bad)])
+    (one,), _ = gen.generate([Request([1, 2], 3, stop="<")])  # one string alone is a list of one
+    assert one.finish_reason == "stop" and one.tokens and one.text == ""
+    assert len(gen.manager) == 0 and len(plain.manager) == 0
+
+
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "1"), ("top_k", -1), ("top_k", 257),
     ("top_k", 2.0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.1), ("repetition_penalty", 0.0),

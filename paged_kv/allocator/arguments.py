@@ -13,6 +13,7 @@ import numpy as np
 
 from paged_kv.allocator.seq_ids import id_list, is_seq_id
 from paged_kv.errors import DuplicateSequenceError, InvalidTokenCountError, InvalidTokenIdError, UnknownSequenceError
+from paged_kv.words import plural
 
 MAX_TOKEN_ID = 2**63 - 1
 """Largest token id a prompt may hold: keys hash ids as int64, so a larger (or a
@@ -30,7 +31,7 @@ def row_of(rows_of: dict[int, int], seq_id) -> int:
     try:
         return rows_of[seq_id]
     except (KeyError, TypeError):
-        raise UnknownSequenceError(f"seq_id={seq_id!r} is not admitted (held: {len(rows_of)} sequences)") from None
+        raise UnknownSequenceError(f"seq_id={seq_id!r} is not admitted (held: {plural(len(rows_of), 'sequence')})") from None
 
 
 def check_count(value, name: str) -> int:

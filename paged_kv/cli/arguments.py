@@ -7,6 +7,8 @@ import argparse
 import math
 import re
 
+from paged_kv.words import plural  # re-exported: the CLI modules import it from here
+
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
@@ -58,11 +60,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or "default" in text or not action.option_strings):  # `is`: a default of 0 is still shown
             return text
         return super()._get_help_string(action)
-
-
-def plural(count: int, word: str, many: str | None = None) -> str:
-    """``1 request``, ``2 requests``, ``1,024 blocks`` (``many``: an irregular plural)."""
-    return f"{count:,} {word if count == 1 else (many or word + 's')}"
 
 
 _FOR_MEMORY = re.compile(r"(?:or )?size the pool with CacheSpec\.for_memory\(bytes, \.\.\.\)")

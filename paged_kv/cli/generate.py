@@ -1,4 +1,5 @@
-"""``paged-kv generate``: greedy generation from a local Hugging Face checkpoint directory.
+"""``paged-kv generate``: generation from a local Hugging Face checkpoint directory
+(greedy by default; sampling, stop and chat flags in `paged_kv.cli.generate_options`).
 
 Only argparse runs when the parser is built; the model, JAX and the tokenizer are
 imported when the command runs.
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 
+from paged_kv.cli import generate_options as options
 from paged_kv.cli.arguments import HelpFormatter, in_flag_words, plural, positive_int
 from paged_kv.cli.prompts import check_checkpoint, load_prompts, token_ids
 from paged_kv.errors import PagedKVError, SpecError
@@ -30,10 +32,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     """Register the ``generate`` subcommand on ``commands`` (an argparse subparsers object)."""
     gen = commands.add_parser(
         "generate",
-        help="greedy generation from a Hugging Face Llama/Mistral checkpoint through the paged cache",
-        description="Load config.json and *.safetensors from DIR and greedily complete every prompt with "
-        "continuous batching over a paged KV cache (decode slots, prefix cache, preemption). Prints the "
-        "completions, tokens/s and KV cache usage.",
+        help="generation from a Hugging Face checkpoint (Llama, Mistral, Qwen2/2.5/3, Gemma 2/3) through the "
+        "paged cache",
+        description="Load config.json and *.safetensors from DIR and complete every prompt (greedy, or sampled "
+        "with --temperature) with continuous batching over a paged KV cache (decode slots, prefix cache, "
+        "preemption). Prints the completions, the time to first token, decode tokens/s and KV cache usage.",
         formatter_class=HelpFormatter,
     )
     gen.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -47,7 +50,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     prompts.add_argument("--prompt-file", action="append", metavar="PATH",
                          help="a file holding one prompt: token ids if it holds only integers (separated by commas, "
                          "spaces or newlines), else text tokenized as --prompt is; repeat for more prompts")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="greedy tokens per prompt at most")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="new tokens per prompt at most")
     gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights, activations and KV")
     gen.add_argument("--block-size", type=positive_int, metavar="N",
                      help=f"tokens per block (default: {DEFAULT_BLOCK_SIZE}, or the largest power of two within the "
@@ -64,6 +67,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     gen.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                      help="progress bar on stderr, in generated tokens (auto: when stderr is a terminal)")
     gen.add_argument("--json", action="store_true", help="print completions and figures as one JSON line")
+    options.add_flags(gen)
     gen.set_defaults(subparser=gen)
     return gen
 
@@ -138,34 +142,41 @@ def run(args) -> int:
     try:
         directory = check_checkpoint(args.checkpoint)  # a hub id is not a directory: say how to download it
         cfg = load_config(directory)
-        prompts, tokenizer = load_prompts(args, directory)
+        chat = options.chat_template(directory) if args.chat else None
+        prompts, tokenizer = load_prompts(args, directory, options.needs_text(args), chat)
         spec = _spec(args, cfg, prompts)  # the spec checks its host structures against the machine
         check_generate(spec, cfg, args.dtype)  # and the pool and weights where they go: before either exists
         params = load_params(directory, cfg, dtype=args.dtype)
-        generator = Generator(cfg, params, spec, prefix_cache=not args.no_prefix_cache,
-                              eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids,
-                              prefill_chunk=args.prefill_chunk)
+        requests = [Request(p, args.max_new_tokens, **options.request_fields(args, i)) for i, p in enumerate(prompts)]
         show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         progress, bar = _progress(show, len(prompts) * args.max_new_tokens)
         try:
-            completions, stats = generator.generate([Request(p, args.max_new_tokens) for p in prompts], progress)
+            with options.compile_cache(args):
+                generator = Generator(cfg, params, spec, prefix_cache=not args.no_prefix_cache,
+                                      eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids,
+                                      prefill_chunk=args.prefill_chunk,
+                                      detokenize=None if tokenizer is None else tokenizer.decode)
+                completions, stats = generator.generate(requests, progress)
         finally:
             if bar is not None:
                 bar.close()
     except PagedKVError as exc:
         print(f"paged-kv: error: {exc}", file=sys.stderr)
         return 2
-    _report(args, completions, stats, tokenizer, spec)
+    _report(args, completions, stats, spec)
     return 0
 
 
-def _report(args, completions, stats, tokenizer, spec) -> None:
+def _report(args, completions, stats, spec) -> None:
     rows = []
     for c in completions:
         row = dict(request_id=c.request_id, prompt=c.prompt, tokens=c.tokens, finish_reason=c.finish_reason,
-                   preemptions=c.preemptions, cached_tokens=c.cached_tokens)
-        if tokenizer is not None:
-            row["text"] = tokenizer.decode(c.tokens)
+                   stop_reason=c.stop_reason, preemptions=c.preemptions, cached_tokens=c.cached_tokens,
+                   first_token_seconds=c.first_token_seconds)
+        if c.text is not None:
+            row["text"] = c.text  # cut before a stop string
+        if c.logprobs is not None:
+            row.update(logprobs=c.logprobs, top_logprobs=c.top_logprobs)
         rows.append(row)
     if args.json:
         print(json.dumps(dict(checkpoint=str(args.checkpoint), kv_pool=spec.describe(), completions=rows,

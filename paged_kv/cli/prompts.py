@@ -80,22 +80,35 @@ def check_checkpoint(checkpoint: str) -> pathlib.Path:
                        "and *.safetensors)")
 
 
-def load_prompts(args: argparse.Namespace, directory: pathlib.Path):
+def load_prompts(args: argparse.Namespace, directory: pathlib.Path, need_tokenizer: bool = False, chat=None):
     """``(token-id prompts, tokenizer or None)`` from ``--prompt-ids``, ``--prompt`` or
-    ``--prompt-file``; the tokenizer is loaded only when some prompt is text."""
+    ``--prompt-file``; the tokenizer is loaded when some prompt is text or
+    ``need_tokenizer`` (stop strings). ``chat``: text -> the chat-formatted text
+    (`paged_kv.cli.generate_options.chat_template`), for text prompts only; the
+    formatted text names its special tokens itself, so none is added."""
     given = args.prompt_ids or args.prompt or [read_prompt_file(path) for path in args.prompt_file]
-    if all(isinstance(p, list) for p in given):
+    text = not all(isinstance(p, list) for p in given)
+    if chat is not None and not text:
+        raise PagedKVError("--chat formats text prompts: give --prompt TEXT (or a --prompt-file of text), or leave "
+                           "--chat out")
+    if not text and not need_tokenizer:
         return given, None
-    flag = "--prompt" if args.prompt else "--prompt-file"
+    flag = ("--prompt" if args.prompt else "--prompt-file") if text else "--stop"
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise PagedKVError(f"{flag} needs {path}; give --prompt-ids instead (or a --prompt-file of token ids)")
+        instead = "give --prompt-ids instead (or a --prompt-file of token ids)" if text else \
+            "give --stop-token-ids instead"
+        raise PagedKVError(f"{flag} needs {path}; {instead}")
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise PagedKVError(f"{flag} needs the tokenizers package: pip install 'paged_kv[models]'") from None
     tokenizer = Tokenizer.from_file(str(path))
-    prompts = [p if isinstance(p, list) else tokenizer.encode(p).ids for p in given]
+    if chat is None:
+        prompts = [p if isinstance(p, list) else tokenizer.encode(p).ids for p in given]
+    else:
+        prompts = [p if isinstance(p, list) else tokenizer.encode(chat(p), add_special_tokens=False).ids
+                   for p in given]
     for i, ids in enumerate(prompts):
         if not ids:
             raise PagedKVError(f"{flag} number {i + 1} tokenizes to no token; give a non-empty prompt")

@@ -18,13 +18,13 @@ The admission order, the prompt chunks and whom to preempt are the simulator's t
 (`paged_kv.sched.SchedulingPolicy`); what differs is when (this loop admits, then
 prefills, then decodes; the simulator grows the running sequences first, under a token
 budget) and the headroom (blocks per running sequence, not a share of the pool).
-The request types live in `paged_kv.models.requests` (re-exported here).
+The request types live in `paged_kv.models.requests` and `paged_kv.models.sequences`
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
@@ -36,45 +36,15 @@ from paged_kv.batch.decode_slots import DecodeSlots
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cache import PagedKVCache
 from paged_kv.insertion import insert_prefill_slot
-from paged_kv.errors import OutOfBlocksError, SequenceTooLongError
+from paged_kv.errors import OutOfBlocksError
 from paged_kv.metadata import bucket
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
-from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request, checked_prompt
-from paged_kv.models.sampling import GREEDY, Sampler, SamplingParams, record_logprobs, sampling_params
+from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
+from paged_kv.models.sampling import Sampler, record_logprobs
+from paged_kv.models.sequences import Prefilled, Seq, checked_sequences
+from paged_kv.models.stops import Detokenize
 from paged_kv.sched import SchedulingPolicy, leaves_headroom
 from paged_kv.spec import CacheSpec
-
-
-@dataclasses.dataclass
-class _Seq:
-    """A request in flight: its tokens so far (prompt, then generated)."""
-
-    request_id: int
-    prompt: list[int]
-    max_new_tokens: int
-    tokens: list[int]
-    arrival_step: int = 0
-    elsewhere: bool = False
-    first_token: int | None = None  # a `Prefilled` request's: its pages are in this generator's cache
-    admitted_at: int = -1
-    done: int = 0  # tokens whose keys and values are in the pages (this admission)
-    completion: Completion | None = None
-    sampling: SamplingParams = GREEDY
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - len(self.prompt)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prefilled(Request):
-    """A request whose prompt was prefilled by another process: the generator's manager
-    already holds ``request_id`` with the prompt's keys and values written in its cache
-    (e.g. received by `paged_kv.transfer.TransferReceiver`), and ``first_token`` is the
-    token that prefill produced. It joins the decode batch without computing anything
-    (if preempted, it recomputes like any other request)."""
-
-    first_token: int = 0
 
 
 class Generator:
@@ -92,12 +62,15 @@ class Generator:
     bounded steps, fewer step shapes); None: whole prompts.
     ``compiler_options``: XLA options for the step's compilation (e.g.
     ``{"xla_backend_optimization_level": 0}`` compiles a tiny model ~3x faster on CPU).
+    ``detokenize``: token ids -> text (e.g. a tokenizer's ``decode``): completions then
+    carry their ``text``, and requests may give ``stop`` strings.
     """
 
     def __init__(self, cfg: LlamaConfig, params: dict, spec: CacheSpec, *, prefix_cache: bool = True,
                  eos_token_ids: Sequence[int] = (), record_logits: bool = False,
-                 compiler_options: dict | None = None, headroom: int = 1, prefill_chunk: int | None = None):
-        self.cfg, self.params, self.spec = cfg, params, spec
+                 compiler_options: dict | None = None, headroom: int = 1, prefill_chunk: int | None = None,
+                 detokenize: Detokenize | None = None):
+        self.cfg, self.params, self.spec, self.detokenize = cfg, params, spec, detokenize
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
         self.slots = DecodeSlots(self.manager)
         self.cache = PagedKVCache.init(spec)
@@ -112,7 +85,7 @@ class Generator:
         # The policy the simulator follows too: FCFS admission into the decode slots,
         # chunked prefill, newest-first preemption (no token budget per step).
         self.policy = SchedulingPolicy(max_batch=self.slots.num_slots, prefill_chunk=prefill_chunk)
-        self._prefilling: list[_Seq] = []  # admitted, prompt not fully in the pages yet
+        self._prefilling: list[Seq] = []  # admitted, prompt not fully in the pages yet
         self.record_logits = record_logits
         self._traces = 0
         self._sampler = Sampler()
@@ -130,32 +103,8 @@ class Generator:
         self._contiguous = jax.jit(contiguous, compiler_options=compiler_options)
 
     # ---- requests --------------------------------------------------------------------
-    def _sequences(self, requests: Sequence[Request], taken=()) -> list[_Seq]:
-        seqs, seen = [], set(taken)
-        for i, r in enumerate(requests):
-            rid = i if r.request_id is None else r.request_id
-            if isinstance(rid, bool) or not isinstance(rid, (int, np.integer)) or rid < 0:
-                raise GenerationError(f"request_id={rid!r} must be an int >= 0 (it is the cache's sequence id)")
-            if rid in seen:
-                raise GenerationError(f"request_id={rid} appears twice")
-            first = getattr(r, "first_token", None) if isinstance(r, Prefilled) else None
-            prompt = checked_prompt(r, rid, self.cfg.vocab_size, first)  # and max_new_tokens, arrival_step
-            self._check_fits(rid, len(prompt) + r.max_new_tokens)
-            sampling = sampling_params(r, rid, self.cfg.vocab_size)
-            seen.add(rid)
-            seqs.append(_Seq(rid, prompt, r.max_new_tokens, list(prompt), r.arrival_step, bool(r.prefill_elsewhere),
-                             None if first is None else int(first), sampling=sampling))
-        return seqs
-
-    def _check_fits(self, rid: int, total: int) -> None:
-        """A request longer than a sequence or the pool could never finish: refuse it up front."""
-        if total > self.spec.max_seq_len:
-            raise SequenceTooLongError(f"request {rid}: prompt + max_new_tokens = {total} tokens > max_seq_len="
-                                       f"{self.spec.max_seq_len}; build the spec with a larger max_seq_len")
-        blocks = self.spec.blocks_for(total)
-        for g in self.spec.groups:
-            if blocks > g.num_blocks - 1:
-                raise OutOfBlocksError(blocks, g.num_blocks - 1, f"request {rid} alone ({total} tokens)")
+    def _sequences(self, requests: Sequence[Request], taken=()) -> list[Seq]:
+        return checked_sequences(requests, taken, self.cfg.vocab_size, self.spec, self.detokenize)
 
     # ---- the loop --------------------------------------------------------------------
     def generate(self, requests: Sequence[Request],
@@ -181,6 +130,7 @@ class Generator:
         waiting = collections.deque(sorted(seqs, key=lambda s: s.arrival_step))
         finished = 0
         start, traces = time.perf_counter(), self._traces
+        self._start = start  # a completion's first_token_seconds counts from here
         self._clock = 0
         while waiting or len(self.slots) or self._prefilling or open_:
             if open_:
@@ -223,15 +173,15 @@ class Generator:
         self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
         return logits
 
-    def _admit(self, waiting: collections.deque) -> list[_Seq]:
+    def _admit(self, waiting: collections.deque) -> list[Seq]:
         """Admit arrived requests in the policy's order while a slot is free and the pool
         keeps `headroom` blocks per running sequence (one: the next decode step fits).
         Paged ones join the prefilling set; returns those to prefill elsewhere
         (admitted when inserted)."""
-        elsewhere: list[_Seq] = []
+        elsewhere: list[Seq] = []
         reserved = 0  # blocks the prompts to insert will take
 
-        def take(seq: _Seq, _budget) -> int | None:
+        def take(seq: Seq, _budget) -> int | None:
             nonlocal reserved
             # Upper bound: prefix-cache hits and chunking only lower what the prompt takes.
             need = self.spec.blocks_for(len(seq.tokens))
@@ -261,7 +211,7 @@ class Generator:
         self.policy.admit(waiting, len(self.slots) + len(self._prefilling), take)
         return elsewhere
 
-    def _next_chunks(self) -> list[tuple[_Seq, int]]:
+    def _next_chunks(self) -> list[tuple[Seq, int]]:
         """The prefilling sequences that can compute tokens this step, with how many:
         the tokens admitted and not computed, after appending the next chunk to those
         whose last chunk was computed (a sequence the pool cannot grow waits)."""
@@ -310,7 +260,7 @@ class Generator:
                 self.slots.insert(s.request_id)
         return finished, True
 
-    def _insert(self, s: _Seq) -> int:
+    def _insert(self, s: Seq) -> int:
         """Prefill ``s`` with no cache, write its keys and values into fresh blocks and
         bind it to a slot (or finish it). Returns 1 if it finished."""
         n = len(s.tokens)
@@ -330,7 +280,7 @@ class Generator:
             return 1
         return 0
 
-    def _adopt(self, s: _Seq) -> int:
+    def _adopt(self, s: Seq) -> int:
         """Bind a `Prefilled` sequence to a slot (or finish it on its first token). Returns 1 if it finished."""
         rid, n = s.request_id, len(s.tokens)
         if rid not in self.manager or self.manager.kv_len(rid) != n:
@@ -376,7 +326,7 @@ class Generator:
         """Preempt the newest sequences (decoding or prefilling) until every decoding one
         can grow by a token. The newest: the latest admission step; among sequences
         admitted in one step, the first listed (decoding ones by slot, then prefilling)."""
-        def newest() -> _Seq:
+        def newest() -> Seq:
             running = [self._by_id[rid] for _, rid in self.slots.occupied()] + self._prefilling
             return self.policy.newest(running, admitted_at=lambda s: s.admitted_at)
 
@@ -392,7 +342,7 @@ class Generator:
             raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
                                    f"request {waiting[0].request_id} with nothing running")
 
-    def _preempt(self, s: _Seq, waiting: collections.deque) -> None:
+    def _preempt(self, s: Seq, waiting: collections.deque) -> None:
         """Release ``s`` (recompute preemption) and put it at the head of the queue."""
         rid = s.request_id
         if self.manager.prefix_cache is not None:
@@ -410,12 +360,12 @@ class Generator:
         waiting.appendleft(s)
 
     # ---- bookkeeping -----------------------------------------------------------------
-    def _completion(self, s: _Seq) -> Completion:
+    def _completion(self, s: Seq) -> Completion:
         if s.completion is None:
             s.completion = Completion(s.request_id, s.prompt, [], finish_reason="")
         return s.completion
 
-    def _record(self, s: _Seq, positions, logits: np.ndarray) -> None:
+    def _record(self, s: Seq, positions, logits: np.ndarray) -> None:
         c = self._completion(s)
         for p, row in zip(positions, np.atleast_2d(logits)):
             if p in c.logits:
@@ -423,19 +373,27 @@ class Generator:
             else:
                 c.logits[p] = row.copy()
 
-    def _take(self, s: _Seq, token: int, logprob: float | None = None, top: list | None = None) -> bool:
+    def _take(self, s: Seq, token: int, logprob: float | None = None, top: list | None = None) -> bool:
         """Append ``token`` (with its logprobs if the request asked); True when the sequence is finished."""
         s.tokens.append(token)
         self.stats.generated_tokens += 1
         c = self._completion(s)
         c.tokens = s.tokens[len(s.prompt):]
+        if c.first_token_seconds is None:
+            c.first_token_seconds = time.perf_counter() - self._start
+            if not self.stats.first_token_seconds:
+                self.stats.first_token_seconds = c.first_token_seconds
         record_logprobs(c, s.sampling, logprob, top)
         if token in self.eos_token_ids:
             c.finish_reason = "eos"
         elif token in s.sampling.stop_token_ids:
-            c.finish_reason = "stop"
+            c.finish_reason, c.stop_reason = "stop", token
+        elif s.stops is not None and (hit := s.stops.check(c.tokens)) is not None:
+            c.finish_reason, (c.stop_reason, c.text) = "stop", hit
         elif s.generated >= s.max_new_tokens:
             c.finish_reason = "length"
+        if c.finish_reason and c.text is None and self.detokenize is not None:
+            c.text = self.detokenize(c.tokens)
         return bool(c.finish_reason)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from paged_kv.errors import PagedKVError
+from paged_kv.words import plural
 
 
 class GenerationError(PagedKVError, ValueError):
@@ -32,8 +33,10 @@ class Request:
     (1: off; prompt and generated tokens) and ``presence_penalty`` (0: off; generated
     tokens); ``seed`` (None: a random one): the same seed gives the same tokens in any
     batch. ``stop_token_ids`` end the completion (``finish_reason`` "stop", the token
-    kept). ``logprobs``: None, or n >= 0: record the chosen token's logprob and the n
-    most likely tokens' (`Completion.logprobs`, `Completion.top_logprobs`).
+    kept); ``stop`` strings end it where its text first contains one (the text is cut
+    before it; needs the generator's ``detokenize``, see `paged_kv.models.stops`).
+    ``logprobs``: None, or n >= 0: record the chosen token's logprob and the n most
+    likely tokens' (`Completion.logprobs`, `Completion.top_logprobs`).
     """
 
     prompt: Sequence[int]
@@ -49,6 +52,7 @@ class Request:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()
     logprobs: int | None = None
 
 
@@ -77,18 +81,24 @@ class Completion:
     logits)`` for positions computed again after a preemption. ``logprobs`` (requests
     asking for them): each generated token's log-probability under the model
     (``log_softmax`` of its logits; NaN for a `Prefilled` request's first token), and
-    ``top_logprobs`` the ``(token, logprob)`` of the request's ``logprobs`` most likely."""
+    ``top_logprobs`` the ``(token, logprob)`` of the request's ``logprobs`` most likely.
+    ``text``: the tokens' text when the generator has a ``detokenize`` (cut before a
+    stop string); ``stop_reason``: the stop token id or string that ended it;
+    ``first_token_seconds``: from the `Generator.generate` call to its first token."""
 
     request_id: int
     prompt: list[int]
     tokens: list[int]
-    finish_reason: str  # "length", "eos" or "stop" (one of the request's stop_token_ids)
+    finish_reason: str  # "length", "eos" or "stop" (one of the request's stop_token_ids or stop strings)
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens served by the prefix cache, summed over admissions
     logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     recomputed: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    text: str | None = None
+    stop_reason: int | str | None = None
+    first_token_seconds: float | None = None
 
 
 @dataclasses.dataclass
@@ -104,6 +114,7 @@ class GenerationStats:
     decode_steps: int = 0
     preemptions: int = 0
     seconds: float = 0.0
+    first_token_seconds: float = 0.0  # from the call to the first generated token (compilation included)
     decode_seconds: float = 0.0  # decode steps that did not compile
     decode_tokens: int = 0  # tokens those steps produced
     compilations: int = 0
@@ -128,13 +139,16 @@ class GenerationStats:
         return self.kv_usage_sum / self.kv_usage_samples if self.kv_usage_samples else 0.0
 
     def summary(self) -> str:
-        return (f"{self.requests} requests, {self.generated_tokens} tokens generated in {self.seconds:.2f} s: "
-                f"{self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} tokens/s in decode steps "
-                f"after compilation); KV cache usage mean {self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
-                f"{self.prefill_steps} prefill / {self.decode_steps} decode steps, {self.compilations} compilations; "
-                f"prefill computed {self.prefill_tokens} tokens ({self.inserted_prefills} prompts prefilled "
-                f"elsewhere and inserted), prefix cache served {self.cached_tokens}; "
-                f"{self.preemptions} preemptions; {self.joined_mid_run} requests joined mid-run")
+        return (f"{plural(self.requests, 'request')}, {plural(self.generated_tokens, 'token')} generated in "
+                f"{self.seconds:.2f} s: first token after {self.first_token_seconds:.2f} s, "
+                f"{self.decode_tokens_per_s:.1f} tokens/s in decode steps after compilation "
+                f"({self.tokens_per_s:.1f} tokens/s over the whole call); KV cache usage mean "
+                f"{self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
+                f"{plural(self.prefill_steps, 'prefill step')} / {plural(self.decode_steps, 'decode step')}, "
+                f"{plural(self.compilations, 'compilation')}; prefill computed "
+                f"{plural(self.prefill_tokens, 'token')} ({plural(self.inserted_prefills, 'prompt')} prefilled "
+                f"elsewhere and inserted), prefix cache served {plural(self.cached_tokens, 'token')}; "
+                f"{plural(self.preemptions, 'preemption')}; {plural(self.joined_mid_run, 'request')} joined mid-run")
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
