@@ -1,0 +1,173 @@
+"""Tiers below the device pool (`paged_kv.tiers`, issue 24): hit rates, movement speed,
+warm restart. Prints a final JSON line.
+
+1. Multi-turn hit rate (the bundled workload, `multiturn_workload`; all layers full,
+   Gemma 3 12B's KV shape: 48 layers x 8 KV heads x 256, bfloat16, block 16). An
+   unlimited pool's replay gives what every conversation needs (its peak bytes);
+   the device pool is a quarter of that. Token hit rate without tiers, with a host
+   tier 4x the pool (LRU and ARC), with host + disk (16x), and unlimited. The
+   simulator counts keys and bytes, no pages move (`CacheTiers(keep_bytes=False)`).
+2. Movement speed on this machine's JAX device: a batch of blocks down (device ->
+   host, `flush` with the copy landed), up (host -> device), and up from disk (files
+   read, verified, uploaded), each as bytes/s over numpy's memcpy of the same bytes.
+3. Warm restart: conversations whose first turn was served by one process
+   (write-through to disk), second turn served by a new process on the same disk
+   tier, against a cold start: token hit rate of those second turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+import paged_kv as pk
+from paged_kv.sim import multiturn_workload, simulate
+from paged_kv.sim.models import MODELS
+
+SHAPE = MODELS["gemma3-12b"]
+
+
+def _spec(pool_bytes: int, max_len: int) -> pk.CacheSpec:
+    probe = pk.CacheSpec(num_layers=SHAPE.num_layers, num_blocks=max_len // 16 + 2, block_size=16, max_blocks_per_seq=max_len // 16,
+                         num_kv_heads=SHAPE.num_kv_heads, head_dim=SHAPE.head_dim, max_batch_slots=64)
+    blocks = max(pool_bytes // probe.group_bytes_per_block(0), max_len // 16 + 2)
+    return pk.CacheSpec(num_layers=SHAPE.num_layers, num_blocks=int(blocks), block_size=16,
+                        max_blocks_per_seq=max_len // 16, num_kv_heads=SHAPE.num_kv_heads, head_dim=SHAPE.head_dim,
+                        max_batch_slots=64)
+
+
+def hit_rates(sessions: int, max_len: int) -> dict:
+    work = multiturn_workload(sessions, turns=6, seed=0, max_total_tokens=max_len)
+    unlimited = simulate(work, _spec(2**40, max_len), prefix_cache=True, max_batch=64)
+    pool = unlimited.peak_used_bytes // 4
+    spec = _spec(pool, max_len)
+    runs = {"no_tiers": None, "host_4x_lru": dict(host_bytes=4 * pool),
+            "host_4x_arc": dict(host_bytes=4 * pool, policy="arc"),
+            "host_4x_disk_16x": dict(host_bytes=4 * pool, disk_bytes=16 * pool)}
+    out = {"device_pool_gib": round(spec.pool_bytes / 2**30, 2), "unlimited": round(unlimited.token_hit_rate, 4)}
+    for name, tiers in runs.items():
+        r = simulate(work, spec, prefix_cache=True, max_batch=64, tiers=tiers)
+        out[name] = round(r.token_hit_rate, 4)
+        if r.tiers:
+            out[name + "_tiers"] = {k: v for k, v in r.tiers.items() if k != "dropped"}
+    out["with_tiers_over_unlimited"] = round(out["host_4x_disk_16x"] / max(out["unlimited"], 1e-9), 4)
+    return out
+
+
+def _bound(cache, manager):
+    """`PagedKVCache.bind`, with the device's generations copied: on CPU a device_put may
+    alias the host's generation array, which the next allocation bumps."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), cache.bind(manager))
+
+
+def _memcpy_s(nbytes: int, reps: int = 5) -> float:
+    a = np.ones(nbytes, np.uint8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def movement(blocks: int) -> dict:
+    from paged_kv.tiers import CacheTiers, flush
+
+    spec = pk.CacheSpec(num_layers=4, num_blocks=blocks + 3, block_size=16, max_blocks_per_seq=blocks + 1,
+                        num_kv_heads=8, head_dim=128, dtype="bfloat16", max_batch_slots=4)
+    nbytes = blocks * spec.group_bytes_per_block(0)
+    out = {"blocks": blocks, "mib": round(nbytes / 2**20, 2)}
+    tmp = tempfile.mkdtemp()
+    try:
+        for medium, kw in (("host", dict(host_bytes=4 * nbytes)), ("disk", dict(disk_bytes=4 * nbytes, disk_dir=tmp))):
+            down, up = [], []
+            for rep in range(3):
+                m = pk.KVCacheManager(spec, prefix_cache=True)
+                cache = pk.PagedKVCache.init(spec)
+                tiers = CacheTiers(m, **kw)
+                first = np.arange(blocks * 16 + 1) + 10**6 * rep
+                m.admit_prompt(0, first)
+                m.step_metadata([0], first.size)
+                m.commit([0])
+                cache = _bound(cache, m)  # stands for the step that wrote them (pages and generations agree)
+                m.cache_tokens(0, first)
+                m.release(0)
+                m.admit_prompt(1, np.arange(blocks * 16 + 1) + 10**6 * rep + 5 * 10**5)  # evicts all of them
+                t = time.perf_counter()
+                cache = flush(cache, tiers, wait=True)
+                down.append(time.perf_counter() - t)
+                m.release(1)
+                m.admit_prompt(2, first)  # every block comes back up
+                t = time.perf_counter()
+                cache = flush(cache, tiers)
+                cache.views[-1].generations.block_until_ready()
+                up.append(time.perf_counter() - t)
+            copy = _memcpy_s(nbytes)
+            out[f"down_to_{medium}_over_memcpy"] = round(copy / min(down), 3)
+            out[f"up_from_{medium}_over_memcpy"] = round(copy / min(up), 3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def warm_restart(conversations: int) -> dict:
+    from paged_kv.tiers import CacheTiers, flush
+
+    spec = pk.CacheSpec(num_layers=2, num_blocks=64, block_size=16, max_blocks_per_seq=32, num_kv_heads=2,
+                        head_dim=64, max_batch_slots=4)
+    rng = np.random.default_rng(0)
+    turns = [rng.integers(0, 50_000, size=int(rng.integers(100, 400))) for _ in range(conversations)]
+
+    def serve(tiers_dir: str, prompts, fresh: bool) -> float:
+        m = pk.KVCacheManager(spec, prefix_cache=True)
+        cache = pk.PagedKVCache.init(spec)
+        tiers = CacheTiers(m, disk_bytes=2**30, disk_dir=tiers_dir, write="through")
+        hit = total = 0
+        for seq, tokens in enumerate(prompts):
+            cached = m.admit_prompt(seq, tokens)
+            cache = flush(cache, tiers)
+            m.step_metadata([seq], tokens.size - cached)
+            m.commit([seq])
+            cache = _bound(cache, m)  # stands for the step that wrote the prompt
+            m.cache_tokens(seq, tokens)
+            m.release(seq)
+            cache = flush(cache, tiers, wait=True)
+            hit, total = hit + cached, total + tokens.size
+        return hit / total
+
+    warm, cold = tempfile.mkdtemp(), tempfile.mkdtemp()
+    try:
+        serve(warm, turns, True)  # first turns; the process ends
+        second = [np.concatenate([t, rng.integers(0, 50_000, size=64)]) for t in turns]
+        return {"conversations": conversations, "warm_restart_hit_rate": round(serve(warm, second, False), 4),
+                "cold_start_hit_rate": round(serve(cold, second, False), 4)}
+    finally:
+        shutil.rmtree(warm, ignore_errors=True)
+        shutil.rmtree(cold, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sessions and blocks")
+    parser.add_argument("--sessions", type=int, default=None)
+    args = parser.parse_args()
+    sessions = args.sessions or (12 if args.quick else 48)
+    result = {"multiturn": hit_rates(sessions, 8192 if args.quick else 16384),
+              "movement": movement(64 if args.quick else 512),
+              "restart": warm_restart(8 if args.quick else 32)}
+    for name, value in result.items():
+        print(f"{name}: {value}")
+    print(json.dumps({"bench": "tiers", **result}))
+
+
+if __name__ == "__main__":
+    main()
