@@ -64,6 +64,7 @@ BENCHMARKS = {
     "bench_decode_step": ["--quick"],
     "bench_generate": ["--repeats", "2"],
     "bench_quant": ["--quick"],
+    "bench_transfer": ["--quick"],  # two processes on 127.0.0.1 (`paged_kv.transfer`)
 }
 
 
