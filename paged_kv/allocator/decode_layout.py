@@ -27,7 +27,9 @@ shorter or longer view of the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import cycle
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,13 +45,27 @@ from paged_kv.allocator.step_arrays import (
 )
 from paged_kv.spec import NULL_BLOCK
 
+if TYPE_CHECKING:
+    from paged_kv.allocator.manager_base import ManagerBase
+    from paged_kv.metadata import StepMetadata
+
+    Tiny = tuple[memoryview, memoryview, memoryview, memoryview]
+    Vector = tuple[np.ndarray, np.ndarray, np.ndarray]
+    Shaped = tuple[StepMetadata, tuple[memoryview, memoryview, memoryview, memoryview], memoryview, memoryview]
+
 
 class DecodeLayout:
     """The decode layout of a batch of rows of one plain manager, in `Buffers` (see the
     module docstring). ``holder`` is what the metadata names as its ``step`` (the batch:
-    its last step)."""
+    its last step).
 
-    def __init__(self, manager, holder):
+    ``meta`` and ``turn`` are None until the first `write` (the batch writes a layout
+    before it reads or advances one): typed as what they are from then on."""
+
+    meta: StepMetadata
+    turn: Callable[[], list[int]]
+
+    def __init__(self, manager: ManagerBase, holder: object) -> None:
         spec = manager.spec
         self.buffers = Buffers()
         self.table, self.pool, self.pad = manager.table, manager.pool, manager.pad_slot
@@ -58,24 +74,24 @@ class DecodeLayout:
         self.signature = spec.pool_signature()  # the spec is immutable
         self.owner = manager.steps.tag  # `StepMetadata.owner`
         self.holder = holder
-        self.meta = None  # the decode layout's StepMetadata; None: none written
-        self.mixed_meta = None  # the last mixed step's (`mixed`)
-        self.rows: list = []  # the layout's rows, in batch order
-        self.row_array = np.zeros(0, np.int64)
-        self.born: list = []  # each row's `PageTable.born` when written
+        self.meta = None  # type: ignore[assignment]  # the decode layout's StepMetadata; None: none written
+        self.mixed_meta: StepMetadata | None = None  # the last mixed step's (`mixed`)
+        self.rows: list[int] = []  # the layout's rows, in batch order
+        self.row_array: np.ndarray | None = np.zeros(0, np.int64)
+        self.born: list[int] = []  # each row's `PageTable.born` when written
         self.epoch = self.version = -1  # the table's counters the layout is valid for
-        self.turn = None  # see `_keep`: the rows taking a block at the next step
-        self.advance = self._advance  # see `_advance`
-        self.tiny: tuple | None = None  # what a few rows' `advance` touches
-        self.vector: tuple | None = None  # what more rows' `advance` touches
-        self._shapes: dict[tuple, tuple] = {}  # see `_shape`
+        self.turn = None  # type: ignore[assignment]  # see `_keep`: the rows taking a block at the next step
+        self.advance: Callable[[], bool | None] = self._advance  # see `_advance`
+        self.tiny: Tiny | None = None  # what a few rows' `advance` touches
+        self.vector: Vector | None = None  # what more rows' `advance` touches
+        self._shapes: dict[tuple[int, int], tuple[int, StepMetadata, Any, memoryview, memoryview]] = {}  # see `_shape`
         self._slot_flat = np.zeros(0, np.int32)  # see `_clean_slots`
-        self._slot_views: dict[tuple, np.ndarray] = {}
-        self._dirty: tuple | None = None
-        self._pool_gens = memoryview(self.pool.generation)  # never replaced, only written
+        self._slot_views: dict[tuple[int, int], np.ndarray] = {}
+        self._dirty: tuple[np.ndarray, list[tuple[int, int]]] | None = None
+        self._pool_gens = memoryview(self.pool.generation)  # type: ignore[arg-type]  # never replaced, only written
 
     # ---- writing a layout ---------------------------------------------------------------
-    def write(self, row_list: list) -> None:
+    def write(self, row_list: list[int]) -> None:
         """The decode layout of ``row_list`` (valid, non-empty rows) from the page table."""
         rows = np.array(row_list, dtype=np.int64) if len(row_list) > SCALAR_ROWS else None
         B = bucket_int(len(row_list), self.max_batch)
@@ -84,7 +100,7 @@ class DecodeLayout:
         self.meta = self._shape(B, arrays[3].shape[1])[0]
         self._keep(row_list, rows)
 
-    def compact(self, kept: list, at: list) -> bool:
+    def compact(self, kept: list[int], at: list[int]) -> bool:
         """Keep only rows ``kept`` (at batch indices ``at``, in order), moved up in the same
         buffers. False (nothing written) when the table's width bucket would shrink."""
         dec = self.meta
@@ -113,7 +129,7 @@ class DecodeLayout:
         self._keep(kept, None)
         return True
 
-    def join(self, new_rows: list) -> bool:
+    def join(self, new_rows: list[int]) -> bool:
         """Rows joining after the last one (their last token is this step's), written alone
         when the table's width bucket holds them (a batch bucket that grows is a longer
         view of the same bytes); False (nothing written) otherwise."""
@@ -139,7 +155,7 @@ class DecodeLayout:
         self._keep(self.rows + new_rows, None)
         return True
 
-    def mixed(self, counts: list):
+    def mixed(self, counts: list[int]) -> StepMetadata:
         """The step writing each row's last ``counts[b]`` tokens, beside the decode layout
         (shared: lengths, tables, starts); the same object as the last mixed step when it
         has the same buffers."""
@@ -154,7 +170,7 @@ class DecodeLayout:
                 and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
             self.mixed_meta = step_metadata(dec.kv_lens, query_lens, positions, gm.block_tables, slots, gm.start,
                                             gm.block_gens, self.signature, self.holder, self.owner)
-        return self.mixed_meta
+        return self.mixed_meta  # type: ignore[return-value]  # just set, or the last one (not None)
 
     def _clean_slots(self, B: int, T: int) -> np.ndarray:
         """A mixed step's ``[B, T]`` slots, every one the padding slot: its own buffer, of
@@ -174,7 +190,7 @@ class DecodeLayout:
             view = self._slot_views[(B, T)] = flat[:B * T].reshape(B, T)
         return view
 
-    def _shape(self, B: int, W: int) -> tuple:
+    def _shape(self, B: int, W: int) -> Shaped:
         """The decode layout's metadata over ``B`` rows and ``W`` table columns of the
         buffers, and the memoryviews `advance` writes through: made once per shape (and
         again when a buffer grew, replacing its views)."""
@@ -190,13 +206,13 @@ class DecodeLayout:
             entry = self._shapes[(B, W)] = (buf.epoch, meta, columns, mv("tables", (B, W)), mv("gens", (B, W)))
         return entry[1:]
 
-    def _pad_rows(self, dec, lo: int, hi: int) -> None:
+    def _pad_rows(self, dec: StepMetadata, lo: int, hi: int) -> None:
         """Rows ``lo .. hi`` of the layout become padding rows."""
         gm = dec.groups[0]
         dec.kv_lens[lo:hi], dec.query_lens[lo:hi], dec.positions[lo:hi] = 0, 0, 0
         gm.slot_mapping[lo:hi], gm.block_tables[lo:hi], gm.block_gens[lo:hi], gm.start[lo:hi] = self.pad, NULL_BLOCK, 0, 0
 
-    def _keep(self, row_list: list, rows: np.ndarray | None) -> None:
+    def _keep(self, row_list: list[int], rows: np.ndarray | None) -> None:
         """Remember the rows just written and the table counters the layout is valid for;
         look up once what `advance` touches (memoryviews stay valid as long as their
         arrays: the table replaces its arrays only when it grows -- a new row, a new
@@ -210,7 +226,7 @@ class DecodeLayout:
         views = t.views()
         self.new_block_refs = (views, columns, tables, self._pool_gens, gens, W)
         bs = self.bs
-        ring: list[list] = [[] for _ in range(bs)]
+        ring: list[list[int]] = [[] for _ in range(bs)]
         if n <= SCALAR_ROWS:
             born, kvl = t.born, views[0]
             self.born = [born.item(r) for r in row_list]
@@ -261,7 +277,7 @@ class DecodeLayout:
         starts = self.turn()
         if starts:
             return self._advance_few(starts)
-        kvl, kv_out, pos_col, slot_col = self.tiny
+        kvl, kv_out, pos_col, slot_col = self.tiny  # type: ignore[misc]  # a one-row layout has `tiny`
         r = self.rows[0]
         o = kvl[r]
         kvl[r] = kv_out[0] = o + 1
@@ -270,13 +286,14 @@ class DecodeLayout:
         self.version = self.table.touch()
         return True
 
-    def _advance_few(self, starts: list) -> bool | None:
+    def _advance_few(self, starts: list[int]) -> bool | None:
         """`advance` of a few rows, some of which (``starts``, batch indices in order) take a
         block: checked first, then blocks handed out in row order, as `append` hands them."""
-        kvl, kv_out, pos_col, slot_col = self.tiny
+        kvl, kv_out, pos_col, slot_col = self.tiny  # type: ignore[misc]  # a few rows: `tiny`
         ids = None if max([kv_out[b] for b in starts]) >= self.max_len else self.pool.take(len(starts))
         if ids is None:
-            return self._refused()
+            self._refused()
+            return None
         fits = self._new_blocks(starts, ids)  # reads the old lengths: before the loop
         for b, r in enumerate(self.rows):
             o = kvl[r]
@@ -285,15 +302,16 @@ class DecodeLayout:
             slot_col[b] += 1
         return self._stepped(fits)
 
-    def _advance_many(self, starts: list) -> bool | None:
+    def _advance_many(self, starts: list[int]) -> bool | None:
         """`advance` of many rows: a few vectorized calls, plus Python for the rows that take a block."""
-        kv, pos, slots = self.vector
+        kv, pos, slots = self.vector  # type: ignore[misc]  # many rows: `vector`
         fits = True
         if starts:
             kv_old = self.new_block_refs[1][0]
             ids = None if max([kv_old[b] for b in starts]) >= self.max_len else self.pool.take(len(starts))
             if ids is None:
-                return self._refused()
+                self._refused()
+                return None
             fits = self._new_blocks(starts, ids)
         np.copyto(pos, kv)
         np.add(kv, 1, out=kv)
@@ -311,7 +329,7 @@ class DecodeLayout:
         turned, so the layout is written again before it is trusted."""
         self.version = -1
 
-    def _new_blocks(self, grew: list, ids: list) -> bool:
+    def _new_blocks(self, grew: list[int], ids: list[int]) -> bool:
         """Give each row at batch index ``grew[i]`` block ``ids[i]`` (its next logical block,
         in the page table and the layout); its slot is set one short of the block's first
         (the caller adds 1). False when a row's new column is past the table width."""

@@ -21,11 +21,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from operator import is_
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from paged_kv.allocator.manager_base import ManagerBase
 from paged_kv.allocator.step_arrays import FRESH, blocks_for, plain_step, room, slot
 from paged_kv.errors import PagedKVError
+
+if TYPE_CHECKING:
+    from paged_kv.metadata import StepMetadata
 
 SMALL_APPEND = 20
 """Up to this many sequences the append runs per element in Python."""
@@ -34,7 +39,7 @@ MAX_TOKENS = 4
 _INT = {int}
 
 
-def same_ids(ids: list, last: list | None) -> bool:
+def same_ids(ids: list[Any], last: list[Any] | None) -> bool:
     """``ids`` names exactly the sequences ``last`` named, element for element.
 
     ``==`` alone is not enough: ``[True] == [1]`` (and ``1.0 == 1``), and an alias
@@ -49,7 +54,7 @@ def same_ids(ids: list, last: list | None) -> bool:
     )
 
 
-def _uniform_count(counts, n: int) -> int | None:
+def _uniform_count(counts: object, n: int) -> int | None:
     """The one count a per-sequence integer array repeats (a simulator's decode step
     passes ``[1] * n`` as an array), else None."""
     if not isinstance(counts, np.ndarray) or counts.shape != (n,) or counts.dtype.kind not in "iu" or not n:
@@ -58,7 +63,7 @@ def _uniform_count(counts, n: int) -> int | None:
     return None if np.count_nonzero(counts != first) else int(first)
 
 
-class HotPathMixin:
+class HotPathMixin(ManagerBase):
     # ---- what a persistent batch reads (`paged_kv.batch`) -----------------------------------
     @property
     def plain(self) -> bool:
@@ -70,7 +75,7 @@ class HotPathMixin:
                 and not len(self._copies[0]))
 
     @property
-    def rows_by_id(self) -> MappingProxyType:
+    def rows_by_id(self) -> MappingProxyType[int, int]:
         """Sequence id -> page-table row of every admitted sequence (read-only, live)."""
         return MappingProxyType(self._rows)
 
@@ -94,7 +99,7 @@ class HotPathMixin:
         except PagedKVError:
             return None
 
-    def _plain_rows(self, seq_ids) -> list | None:
+    def _plain_rows(self, seq_ids: object) -> list[int] | None:
         """The rows of a list of distinct admitted plain-int ids; None for anything else."""
         if type(seq_ids) is not list or not set(map(type, seq_ids)) <= _INT:
             return None
@@ -106,7 +111,7 @@ class HotPathMixin:
         return rows if len(set(rows)) == len(rows) else None
 
     # ---- the plain step description ------------------------------------------------------
-    def _plain_step_metadata(self, seq_ids, counts):
+    def _plain_step_metadata(self, seq_ids: Any, counts: Any) -> StepMetadata | None:
         """`step_metadata` of a plain manager (no copies, no local group) through the builder
         (`step_arrays.plain_step`), in fresh arrays; None when the input is bad (the general
         path then raises the typed error)."""
@@ -130,7 +135,7 @@ class HotPathMixin:
                           spec.pool_signature(), step, self.steps.tag)
 
     # ---- appends ---------------------------------------------------------------------------
-    def _fast_append(self, seq_ids, num_tokens):
+    def _fast_append(self, seq_ids: Any, num_tokens: Any) -> np.ndarray | None:
         """Grow each of ``seq_ids`` by ``num_tokens`` like `append`, or return None
         (changing nothing) when this case is not the common one."""
         if type(seq_ids) is not list:
@@ -155,7 +160,7 @@ class HotPathMixin:
             return self._small_decode(rows) if num_tokens == 1 else self._small(rows, num_tokens)
         return self._vector(np.array(rows, dtype=np.int64), num_tokens)
 
-    def _small_decode(self, rows: list):
+    def _small_decode(self, rows: list[int]) -> np.ndarray | None:
         """One token each, element by element: a row without `room` takes a block. Blocks go
         to rows in the order given, as in the general path."""
         spec = self.spec
@@ -178,14 +183,14 @@ class HotPathMixin:
             kv[r] = o + 1
             col = o // bs
             if start:
-                bt[r, col] = ids[k]
+                bt[r, col] = ids[k]  # type: ignore[index]  # taken above when a row starts a block
                 k += 1
                 nbl[r] = col + 1
             out.append(slot(bt[r, col], o, bs))
         t.touch()  # rows in use changed: a cached batch layout is stale
         return np.array([out], dtype=np.int32)
 
-    def _small(self, rows: list, n: int):
+    def _small(self, rows: list[int], n: int) -> np.ndarray | None:
         spec = self.spec
         bs, cap = spec.block_size, spec.max_blocks_per_seq
         (g,) = self.groups  # no sliding layers: one full-attention group
@@ -215,7 +220,7 @@ class HotPathMixin:
         t.touch()
         return np.array([out], dtype=np.int32)
 
-    def _vector(self, rows: np.ndarray, n: int):
+    def _vector(self, rows: np.ndarray, n: int) -> np.ndarray | None:
         if n == 1:
             return self._vector_decode(rows)
         spec = self.spec
@@ -249,7 +254,7 @@ class HotPathMixin:
             slots[i] = t.slots(tok_rows, pos, bs)
         return slots
 
-    def _vector_decode(self, rows: np.ndarray):
+    def _vector_decode(self, rows: np.ndarray) -> np.ndarray | None:
         """One token each: a row without `room` takes a block."""
         spec = self.spec
         bs = spec.block_size
@@ -286,7 +291,7 @@ class HotPathMixin:
             slots[i] = slot(ids[:, None], g.offsets, bs).ravel()[:n]
         return slots
 
-    def _fast_admit(self, seq_id, n):
+    def _fast_admit(self, seq_id: object, n: object) -> np.ndarray | None:
         """`admit` of a new sequence into a manager with one full-attention group and no
         prefix cache, in a few numpy calls; None (nothing changed) for anything else -- a
         bad or taken id, a bad count, too long, too few free blocks -- and the general
@@ -308,7 +313,7 @@ class HotPathMixin:
         # [blocks, bs] slots, flattened: a view of one fresh array, no second copy.
         return slot(ids[:, None], g.offsets, bs).reshape(1, -1)[:, :n]
 
-    def _fast_release(self, seq_id) -> int | None:
+    def _fast_release(self, seq_id: object) -> int | None:
         """`release` when no block can be shared -- one full-attention group, never forked,
         no prefix cache, no copy pending -- so every block of the row has exactly one owner
         and goes straight back to the free list; None (nothing changed) otherwise, or for
@@ -327,7 +332,7 @@ class HotPathMixin:
         g.pool.free_unshared(blocks)
         return int(blocks.size)
 
-    def _nothing_to_commit(self, seq_ids) -> bool:
+    def _nothing_to_commit(self, seq_ids: object) -> bool:
         """True when `commit(seq_ids)` has nothing to do -- no copy pending in any group, no
         prefix cache -- and every id is a plain int the manager holds (anything else:
         False, and the full commit raises the typed error)."""

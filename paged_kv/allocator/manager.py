@@ -22,7 +22,7 @@ import numpy as np
 
 from paged_kv.allocator.arguments import check_count, row_of, rows_and_counts
 from paged_kv.allocator.block_pool import BlockPool
-from paged_kv.allocator.groups import GroupAllocator, group_class
+from paged_kv.allocator.groups import GroupAllocator, GrowthPlan, group_class
 from paged_kv.allocator.hot_path import HotPathMixin
 from paged_kv.allocator.page_table import PageTable, expand_runs
 from paged_kv.allocator.prefix_cache import PrefixCache
@@ -31,7 +31,7 @@ from paged_kv.allocator.manager_prompts import PromptsMixin
 from paged_kv.allocator.manager_state import StateMixin
 from paged_kv.allocator.manager_swap import SwapMixin
 from paged_kv.allocator.seq_ids import check_seq_id, id_list, is_seq_id
-from paged_kv.allocator.slot_claims import SlotClaims
+from paged_kv.allocator.slot_claims import SlotClaims, SlotHolder
 from paged_kv.allocator.step_arrays import FRESH, blocks_for, lengths_and_positions
 from paged_kv.allocator.steps import StepLog
 from paged_kv.allocator.written import WrittenBlocks
@@ -128,7 +128,7 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
         return self.groups[0].pool.cache
 
     # ---- queries -------------------------------------------------------------------
-    def __contains__(self, seq_id) -> bool:
+    def __contains__(self, seq_id: object) -> bool:
         return is_seq_id(seq_id) and seq_id in self._rows
 
     def __len__(self) -> int:
@@ -311,23 +311,23 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
         return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step, self.steps.tag)
 
     # ---- decode-slot claims (`DecodeSlots` registers the ids it holds) ----------------
-    def _check_not_slotted(self, seq_id, what: str) -> None:
+    def _check_not_slotted(self, seq_id: int, what: str) -> None:
         self._slotted.check_free(seq_id, what)
 
-    def _slot_owner(self, seq_id: int):
+    def _slot_owner(self, seq_id: int) -> SlotHolder | None:
         return self._slotted.owner(seq_id)
 
-    def _claim(self, seq_id: int, owner) -> None:
+    def _claim(self, seq_id: int, owner: SlotHolder) -> None:
         self._slotted.claim(seq_id, owner)
 
     def _unclaim(self, seq_id: int) -> None:
         self._slotted.unclaim(seq_id)
 
     # ---- internals -----------------------------------------------------------------
-    def _row(self, seq_id) -> int:
+    def _row(self, seq_id: object) -> int:
         return row_of(self._rows, seq_id)
 
-    def _new_id(self, seq_id) -> int:
+    def _new_id(self, seq_id: object) -> int:
         seq_id = check_seq_id(seq_id)
         if seq_id in self._rows:
             raise DuplicateSequenceError(f"seq_id={seq_id} is already admitted; release it first or pick a new id")
@@ -340,10 +340,11 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
         self._rows[seq_id] = row = rows.pop()
         return row
 
-    def _rows_and_counts(self, seq_ids: Iterable[int], num_tokens) -> tuple[np.ndarray, np.ndarray]:
+    def _rows_and_counts(self, seq_ids: Iterable[int],
+                         num_tokens: int | Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return rows_and_counts(self._rows, seq_ids, num_tokens)
 
-    def _plan(self, rows: np.ndarray, counts: np.ndarray, seq_ids: list) -> list:
+    def _plan(self, rows: np.ndarray, counts: np.ndarray, seq_ids: list[int]) -> list[GrowthPlan]:
         """Every group's `GrowthPlan`; `SequenceTooLongError` / `OutOfBlocksError` change nothing."""
         old = self.table.kv_lens[rows].astype(np.int64)
         new_blocks = blocks_for(old + counts, self.spec.block_size)
@@ -356,7 +357,7 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
             )
         return [g.plan(rows, counts, old, new_blocks, self._forked) for g in self.groups]
 
-    def _grow(self, rows: np.ndarray, counts: np.ndarray, plan: list) -> np.ndarray:
+    def _grow(self, rows: np.ndarray, counts: np.ndarray, plan: list[GrowthPlan]) -> np.ndarray:
         """Apply a validated `_plan` in every group; return slots per group."""
         old = self.table.kv_lens[rows].astype(np.int64)
         tok_rows, pos = expand_runs(rows, counts, old)

@@ -10,13 +10,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from paged_kv.allocator.manager_base import ManagerBase
 from paged_kv.allocator.seq_ids import id_list
 from paged_kv.allocator.steps import Step, stale_error
 from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, StepError
 from paged_kv.metadata import StepMetadata
 
 
-class CommitMixin:
+class CommitMixin(ManagerBase):
     # ---- commit: the device has run a step ------------------------------------------------
     def commit(self, seq_ids: Step | StepMetadata | Sequence[int],
                num_tokens: int | Sequence[int] | np.ndarray | None = None, *, skip_released: bool = False) -> None:
@@ -47,7 +48,8 @@ class CommitMixin:
             # no row released since, no copy pending, no cache to key (lengths None).
             log = self.steps
             if (seq_ids.owner == log.owner and log.committed < seq_ids.id <= log.described
-                    and seq_ids.epoch == log.table.epoch and not any(map(len, self._copies))):
+                    and seq_ids.epoch == log.table.epoch  # type: ignore[union-attr]  # the manager's log has a table
+                    and not any(map(len, self._copies))):
                 log.committed = seq_ids.id
                 return
         elif num_tokens is None and self._nothing_to_commit(seq_ids):
@@ -58,7 +60,7 @@ class CommitMixin:
                 raise StepError("this StepMetadata carries no step (to_device and tree maps drop it): "
                                 "commit the meta.step you kept, or the seq_ids")
             # A StepBatch's reused metadata names the batch: its last step is this one.
-            seq_ids = holder if isinstance(holder, Step) else holder.last_step
+            seq_ids = holder if isinstance(holder, Step) else holder.last_step  # type: ignore[attr-defined]  # a StepBatch
         if isinstance(seq_ids, Step):
             if num_tokens is not None:
                 raise InvalidArgumentError("commit(step, num_tokens): a step says what it wrote; num_tokens goes "
@@ -112,7 +114,8 @@ class CommitMixin:
         if cached:
             lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else list(lengths)
             self._written.describe(rows.tolist() if isinstance(rows, np.ndarray) else rows, lengths)
-        return self.steps.step(step_id, seq_ids, rows, self.table.epoch, lengths if cached else None)
+        return self.steps.step(step_id, seq_ids, rows, self.table.epoch,
+                               lengths if cached else None)  # type: ignore[arg-type]  # a list when cached
 
 
 __all__ = ["CommitMixin"]

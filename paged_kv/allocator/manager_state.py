@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from paged_kv.allocator.manager_base import ManagerBase
 from paged_kv.allocator.restore_checks import check_restored
 from paged_kv.allocator.saved_state import check_captured, prefixed, scoped, take
 from paged_kv.allocator.written import WrittenBlocks
@@ -21,7 +22,7 @@ from paged_kv.spec import CacheSpec
 _M = TypeVar("_M", bound="StateMixin")
 
 
-class StateMixin:
+class StateMixin(ManagerBase):
     # ---- integrity and state -----------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise AssertionError if any invariant is broken. Tests call it after every operation.
@@ -36,7 +37,7 @@ class StateMixin:
         for g in self.groups:
             g.check_integrity(rows, self.table.kv_lens)
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> tuple[object, ...]:
         """A comparable copy of all host state (tests check a failed call left it unchanged)."""
         rows = sorted(self._rows.items())
         return (

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from paged_kv.allocator.manager_base import ManagerBase
 from paged_kv.allocator.swap_record import SwapRecord, check_record
 from paged_kv.errors import DuplicateSequenceError, OutOfBlocksError, PagedKVError, StateError
 
 
-class SwapMixin:
+class SwapMixin(ManagerBase):
     # ---- swapping (host side; `paged_kv.swap` moves the bytes) --------------------------
     def swap_record(self, seq_id: int) -> SwapRecord:
         """What `swap_out` would return, without releasing anything: the blocks to copy.

@@ -10,24 +10,31 @@ weak references: slots the caller dropped pin nothing.
 from __future__ import annotations
 
 import weakref
+from typing import Protocol
 
 from paged_kv.errors import DuplicateSequenceError, SlotError
+
+
+class SlotHolder(Protocol):
+    """What a claim names: a `paged_kv.DecodeSlots` (which imports the allocator)."""
+
+    def slot_of(self, seq_id: int) -> int: ...
 
 
 class SlotClaims:
     """seq_id -> a weak reference to the `DecodeSlots` whose slot holds it."""
 
-    def __init__(self):
-        self._owners: dict[int, weakref.ref] = {}
+    def __init__(self) -> None:
+        self._owners: dict[int, weakref.ref[SlotHolder]] = {}
 
-    def __contains__(self, seq_id) -> bool:
+    def __contains__(self, seq_id: object) -> bool:
         """Whether ``seq_id`` may be claimed (a dead owner counts: `owner` then clears it)."""
         return seq_id in self._owners
 
     def __len__(self) -> int:
         return len(self._owners)
 
-    def owner(self, seq_id: int):
+    def owner(self, seq_id: int) -> SlotHolder | None:
         """The live `DecodeSlots` holding ``seq_id``, or None (a dropped DecodeSlots holds nothing)."""
         ref = self._owners.get(seq_id)
         owner = ref() if ref is not None else None
@@ -35,7 +42,7 @@ class SlotClaims:
             del self._owners[seq_id]
         return owner
 
-    def claim(self, seq_id: int, owner) -> None:
+    def claim(self, seq_id: int, owner: SlotHolder) -> None:
         """``owner`` puts ``seq_id`` in one of its slots; `DuplicateSequenceError` if other slots hold it."""
         held = self.owner(seq_id)
         if held is not None and held is not owner:
@@ -56,7 +63,7 @@ class SlotClaims:
                 f"(or slots.remove({slot}) first) so the slot does not keep a dangling id"
             )
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> tuple[int, ...]:
         """The ids live slots hold, sorted (for `KVCacheManager.snapshot`)."""
         return tuple(sorted(s for s in list(self._owners) if self.owner(s) is not None))
 

@@ -30,10 +30,36 @@ The host side: numpy only, never JAX.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, overload
+
 import numpy as np
 
 from paged_kv.metadata import GroupMetadata, StepMetadata
 from paged_kv.spec import NULL_BLOCK
+
+if TYPE_CHECKING:
+    from paged_kv.spec import CacheSpec
+
+    Shape = tuple[int, ...]
+    Arrays = tuple[np.ndarray, ...]
+    DecodeArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    """A one-group step's arrays, in the order `step_metadata` takes them."""
+
+    class Table(Protocol):
+        """What the builders read of a `paged_kv.allocator.page_table.PageTable` (which
+        imports this module)."""
+
+        kv_lens: np.ndarray
+        block_tables: np.ndarray
+        num_blocks: np.ndarray
+
+        def views(self) -> tuple[memoryview, memoryview, memoryview]: ...
+
+    class Out(Protocol):
+        """Where a builder's arrays live: `FRESH` or a `Buffers`."""
+
+        def get(self, name: str, shape: Shape) -> np.ndarray: ...
 
 assert NULL_BLOCK == 0, "fresh tables are zero-filled: the null block"
 
@@ -46,19 +72,33 @@ EMPTY.flags.writeable = False
 
 
 # ---- the rules ----------------------------------------------------------------------------
-def room(tokens, block_size):
+@overload
+def room(tokens: int, block_size: int) -> int: ...
+@overload
+def room(tokens: np.ndarray, block_size: int) -> np.ndarray: ...
+def room(tokens: Any, block_size: int) -> Any:
     """The append rule: free slots in the last block of a row holding ``tokens`` tokens (0
     for an empty row or a full last block). A token appended to a row with no room takes
     a new block. An int, or a numpy array elementwise."""
     return -tokens % block_size
 
 
-def blocks_for(tokens, block_size):
+@overload
+def blocks_for(tokens: int, block_size: int) -> int: ...
+@overload
+def blocks_for(tokens: np.ndarray, block_size: int) -> np.ndarray: ...
+def blocks_for(tokens: Any, block_size: int) -> Any:
     """Blocks a row holding ``tokens`` tokens holds (`room`'s consequence: ceil(tokens / block_size))."""
     return (tokens + room(tokens, block_size)) // block_size
 
 
-def slot(block, position, block_size):
+@overload
+def slot(block: int, position: int, block_size: int) -> int: ...
+@overload
+def slot(block: np.ndarray, position: np.ndarray | int, block_size: int) -> np.ndarray: ...
+@overload
+def slot(block: Any, position: np.ndarray, block_size: int) -> np.ndarray: ...
+def slot(block: Any, position: Any, block_size: int) -> Any:
     """Flat page slot of the token at logical ``position`` of a row whose block
     ``position // block_size`` is ``block``. Ints, or numpy arrays elementwise."""
     return block * block_size + position % block_size
@@ -114,7 +154,7 @@ class Fresh:
     __slots__ = ()
 
     @staticmethod
-    def get(name: str, shape: tuple) -> np.ndarray:
+    def get(name: str, shape: Shape) -> np.ndarray:
         return np.empty(shape, np.int32)
 
 
@@ -132,13 +172,13 @@ class Buffers:
     layout's (a holder keeps one decode layout and one mixed step at a time). A buffer
     that grows keeps its bytes, so a layout whose batch bucket grows keeps its rows."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._flat: dict[str, np.ndarray] = {}
-        self._views: dict[tuple, np.ndarray] = {}
-        self._memoryviews: dict[tuple, memoryview] = {}
+        self._views: dict[tuple[str, Shape], np.ndarray] = {}
+        self._memoryviews: dict[tuple[str, Shape], memoryview] = {}
         self.epoch = 0  # bumped whenever a buffer is replaced (its views with it): holders re-fetch theirs
 
-    def get(self, name: str, shape: tuple) -> np.ndarray:
+    def get(self, name: str, shape: Shape) -> np.ndarray:
         view = self._views.get((name, shape))
         if view is None:
             size = int(np.prod(shape))
@@ -155,16 +195,16 @@ class Buffers:
             view = self._views[(name, shape)] = flat[:size].reshape(shape)
         return view
 
-    def memoryview(self, name: str, shape: tuple) -> memoryview:
+    def memoryview(self, name: str, shape: Shape) -> memoryview:
         """A memoryview of ``get(name, shape)``, made once: exporting a buffer costs ~0.7 µs.
         ``shape`` ``(n,)`` of a ``(B, 1)`` array indexes its column (the same bytes)."""
         mv = self._memoryviews.get((name, shape))
         if mv is None:
-            mv = self._memoryviews[(name, shape)] = memoryview(self.get(name, shape))
+            mv = self._memoryviews[(name, shape)] = memoryview(self.get(name, shape))  # type: ignore[arg-type]  # numpy arrays export buffers
         return mv
 
 
-def fill(view, values, pad: int) -> None:
+def fill(view: memoryview, values: Sequence[int], pad: int) -> None:
     """``view[:len(values)] = values`` and the rest ``pad``, element by element (a memoryview)."""
     n = len(values)
     for b, v in enumerate(values):
@@ -174,7 +214,7 @@ def fill(view, values, pad: int) -> None:
 
 
 # ---- one layer group's tables and slots, any kind ---------------------------------------------
-def lengths_and_positions(out, kv: np.ndarray, q: np.ndarray, B: int, T: int) -> tuple:
+def lengths_and_positions(out: Out, kv: np.ndarray, q: np.ndarray, B: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``kv_lens [B]``, ``query_lens [B]``, ``positions [B, T]`` of rows holding ``kv`` tokens
     whose last ``q`` are new: new token ``t`` of a row sits at ``kv - q + t``, padding at
     the row's last real position (so a causal mask never leaves a padding query with
@@ -210,9 +250,9 @@ def write_slots(slots: np.ndarray, block_tables: np.ndarray, rows: np.ndarray, k
             write_run(slots[b], block_tables, int(rows[b]), end - c, c, block_size)
 
 
-def group_arrays(out, g: int, table, generation: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
+def group_arrays(out: Out, g: int, table: Table, generation: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
                  positions: np.ndarray, B: int, W: int, pad: int, block_size: int, columns: np.ndarray | None = None,
-                 first: np.ndarray | None = None, copies: tuple = (EMPTY,) * 5) -> GroupMetadata:
+                 first: np.ndarray | None = None, copies: Arrays = (EMPTY,) * 5) -> GroupMetadata:
     """Layer group ``g``'s share of a step over ``rows``: tables ``[B, W]`` (``columns``, the
     group's chosen ``[n, W]`` columns of each row; None: each row's first ``W`` columns,
     as a full-attention row is null past its blocks), their generations, the new tokens'
@@ -239,10 +279,14 @@ def group_arrays(out, g: int, table, generation: np.ndarray, rows: np.ndarray, k
 
 
 # ---- a decode layout: every row's last token is the step's --------------------------------------
-def last_tokens(table, row_list: list, rows: np.ndarray | None, block_size: int) -> tuple:
+def last_tokens(table: Table, row_list: list[int], rows: np.ndarray | None,
+                block_size: int) -> tuple[Any, Any, Any, int]:
     """Each row's length, last position and that position's slot, and the most blocks a
     row holds: Python lists for a few rows (through the table's memoryviews), numpy
     arrays for more."""
+    kv: Any  # lists, or arrays
+    last: Any
+    slots: Any
     if len(row_list) <= SCALAR_ROWS:
         kvl, btv, nbl = table.views()
         kv, last, slots, widest = [], [], [], 0
@@ -262,8 +306,8 @@ def last_tokens(table, row_list: list, rows: np.ndarray | None, block_size: int)
         table.num_blocks[rows].max())
 
 
-def decode_arrays(out, table, generation: np.ndarray, row_list: list, rows: np.ndarray | None, B: int,
-                  max_width: int, pad: int, block_size: int) -> tuple:
+def decode_arrays(out: Out, table: Table, generation: np.ndarray, row_list: list[int], rows: np.ndarray | None, B: int,
+                  max_width: int, pad: int, block_size: int) -> DecodeArrays:
     """The decode layout of ``row_list`` (rows of one full-attention group, each holding at
     least one token; ``rows``: the same as an int64 array, or None) into ``out``:
     ``(kv_lens, query_lens, positions, tables, slots, start, gens)``, ``positions`` and
@@ -292,7 +336,7 @@ def decode_arrays(out, table, generation: np.ndarray, row_list: list, rows: np.n
     kv_lens, query_lens, positions = get("kv", (B,)), get("q", (B,)), get("pos", (B, 1))
     tables, slots, start, gens = get("tables", (B, W)), get("slot", (B, 1)), get("start", (B,)), get("gens", (B, W))
     if n <= SCALAR_ROWS:  # a few rows into reused buffers: element writes beat numpy's ~1 µs per call
-        mv = out.memoryview
+        mv = out.memoryview  # type: ignore[attr-defined]  # a `Buffers`: FRESH returned above
         for name, values, fill_with in (("kv", kv, 0), ("q", [1] * n, 0), ("pos", last, 0), ("slot", slots_of, pad),
                                         ("start", (), 0)):
             fill(mv(name, (B,)), values, fill_with)
@@ -313,8 +357,8 @@ def decode_arrays(out, table, generation: np.ndarray, row_list: list, rows: np.n
     return kv_lens, query_lens, positions, tables, slots, start, gens
 
 
-def mixed_arrays(out, dec: StepMetadata, block_tables: np.ndarray, row_list: list, counts: list, T: int, pad: int,
-                 block_size: int, slots: np.ndarray | None = None) -> tuple:
+def mixed_arrays(out: Out, dec: StepMetadata, block_tables: np.ndarray, row_list: list[int], counts: list[int], T: int,
+                 pad: int, block_size: int, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A step writing each row's last ``counts[b]`` tokens, beside the decode layout ``dec``
     of the same rows (which it shares: lengths, tables, starts, generations): its own
     ``query_lens [B]``, ``positions [B, T]`` and ``slots [B, T]`` (``slots``: a ``[B, T]``
@@ -343,15 +387,18 @@ def mixed_arrays(out, dec: StepMetadata, block_tables: np.ndarray, row_list: lis
     return query_lens, positions, slots
 
 
-def step_metadata(kv_lens, query_lens, positions, tables, slots, start, gens, signature, step, owner) -> StepMetadata:
+def step_metadata(kv_lens: np.ndarray, query_lens: np.ndarray, positions: np.ndarray, tables: np.ndarray,
+                  slots: np.ndarray, start: np.ndarray, gens: np.ndarray, signature: tuple[Any, ...] | None,
+                  step: object, owner: np.ndarray | None) -> StepMetadata:
     """The `StepMetadata` of a one-group step without copies."""
     return StepMetadata(kv_lens, query_lens, positions,
                         (GroupMetadata(tables, slots, start, EMPTY, EMPTY, EMPTY, gens, EMPTY, EMPTY),),
                         signature, step, owner)
 
 
-def plain_step(table, generation: np.ndarray, spec, pad: int, row_list: list, rows: np.ndarray, counts: list,
-               signature, step, owner) -> StepMetadata:
+def plain_step(table: Table, generation: np.ndarray, spec: CacheSpec, pad: int, row_list: list[int],
+               rows: np.ndarray | None, counts: list[int], signature: tuple[Any, ...] | None, step: object,
+               owner: np.ndarray | None) -> StepMetadata:
     """`KVCacheManager.step_metadata` of a plain manager (one full-attention group, no copy
     pending) in fresh arrays: the decode layout of its rows and, when some row writes
     other than one token, the step's own ``[B, T]`` arrays beside it. ``counts``: a list
@@ -370,7 +417,8 @@ def plain_step(table, generation: np.ndarray, spec, pad: int, row_list: list, ro
     return step_metadata(kv_lens, query_lens, positions, tables, slots, start, gens, signature, step, owner)
 
 
-def empty_step(out, B: int, T_cap: int, pad: int, signature, step, owner) -> StepMetadata:
+def empty_step(out: Out, B: int, T_cap: int, pad: int, signature: tuple[Any, ...] | None, step: object,
+               owner: np.ndarray | None) -> StepMetadata:
     """A step over no row: one padding row (`bucket` of 0 is 1), tables one null block wide."""
     kv_lens, query_lens, positions = out.get("kv", (B,)), out.get("q", (B,)), out.get("pos", (B, 1))
     tables, slots, start, gens = out.get("tables", (B, 1)), out.get("slot", (B, 1)), out.get("start", (B,)), out.get(
@@ -385,8 +433,8 @@ def empty_step(out, B: int, T_cap: int, pad: int, signature, step, owner) -> Ste
 COPY_FIELDS = ("copy_src", "copy_dst", "copy_len", "copy_src_gen", "copy_dst_gen")
 
 
-def in_slots(out, meta: StepMetadata | None, occupied: list, num_slots: int, pads: list, signature, step,
-             owner) -> StepMetadata:
+def in_slots(out: Out, meta: StepMetadata | None, occupied: list[int], num_slots: int, pads: list[int],
+             signature: tuple[Any, ...] | None, step: object, owner: np.ndarray | None) -> StepMetadata:
     """``meta`` (rows in ``occupied`` order, or None: nothing occupied) spread over
     ``num_slots`` rows, row ``occupied[i]`` holding meta's row ``i``, the rest padding
     (``pads[g]``: group ``g``'s padding slot). When the occupied slots are the first ones,
@@ -396,7 +444,7 @@ def in_slots(out, meta: StepMetadata | None, occupied: list, num_slots: int, pad
     prefix = occupied == list(range(n))
     rows = None if prefix else np.asarray(occupied, dtype=np.int64)
 
-    def place(name: str, shape: tuple, src, pad: int) -> np.ndarray:
+    def place(name: str, shape: Shape, src: np.ndarray | None, pad: int) -> np.ndarray:
         dst = out.get(name, (num_slots, *shape))
         if src is None:
             dst.fill(pad)

@@ -19,6 +19,8 @@ block only once it reports the block's tokens computed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from paged_kv.allocator.prefix_cache import from_u128, to_u128
@@ -30,7 +32,7 @@ class WrittenBlocks:
     """Per page-table row: tokens described by the last step, tokens committed, the chain
     hashes of its full blocks, and how many leading blocks are keyed (or were hits)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.issued: dict[int, int] = {}
         self.written: dict[int, int] = {}
         self.hashes: dict[int, list[int]] = {}
@@ -53,7 +55,7 @@ class WrittenBlocks:
         for table in (self.issued, self.written, self.hashes, self.keyed):
             table.pop(row, None)
 
-    def describe(self, rows: list[int], lengths: list[int]) -> None:
+    def describe(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """A step's metadata describes ``rows`` holding ``lengths`` tokens."""
         self.issued.update(zip(rows, lengths))
 
@@ -90,7 +92,7 @@ class WrittenBlocks:
         get = self.keyed.get
         return np.fromiter((get(r, 0) for r in rows.tolist()), np.int64, len(rows))
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> tuple[object, ...]:
         """A comparable copy (for `KVCacheManager.snapshot`); ``issued`` is a note, not allocation state."""
         return (tuple(sorted(self.written.items())), tuple(sorted((r, tuple(h)) for r, h in self.hashes.items())),
                 tuple(sorted(self.keyed.items())))
