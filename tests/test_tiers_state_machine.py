@@ -1,0 +1,120 @@
+"""Tiers under random programs (Hypothesis): prompts served through the prefix cache with
+host and disk tiers under a small device pool, sequences finished (keyed) or dropped,
+flushes, restarts on the disk tier, and page files corrupted on disk. After every
+rule the manager's and the tiers' `check_integrity`; every served sequence reads back
+exactly the keys and values of its tokens (no bytes of another prompt or salt, none
+that nobody wrote), whichever tier its hit came from."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from paged_kv.errors import TierError
+from tiers_harness import Server, kv_of, make_spec
+
+PREFIXES = [np.arange(k * 100, k * 100 + 24) for k in range(3)]
+SALTS = [None, "alice"]
+
+
+class TierMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.spec = make_spec("full", num_blocks=12)
+        self.dir = tempfile.mkdtemp()
+        self.corrupt: set[str] = set()
+        self.next_id = 0
+        self.live: list[int] = []
+        self.server = self._open()
+
+    def teardown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _open(self) -> Server:
+        return Server(self.spec, host_bytes=2 * 512, disk_bytes=8 * 512, disk_dir=self.dir, policy="arc")
+
+    def _expect(self, seq: int) -> None:
+        s = self.server
+        tokens = s.tokens[seq]
+        k, v = kv_of(tokens, np.arange(tokens.size), self.spec.num_layers)
+        got = s.read(seq)
+        for layer, (gk, gv) in enumerate(got):
+            for g, want in ((gk, k[:, layer]), (gv, v[:, layer])):
+                want = np.asarray(jnp.asarray(want, jnp.bfloat16).astype(jnp.float32))
+                assert np.array_equal(np.asarray(g[: tokens.size], np.float32), want), f"seq {seq} layer {layer}"
+                assert not np.any(np.asarray(g[tokens.size:], np.float32)), "bytes past the length"
+
+    @precondition(lambda self: len(self.live) < 2)
+    @rule(prefix=st.integers(0, 2), shared=st.integers(5, 24), tail=st.integers(0, 5), salt=st.sampled_from(SALTS),
+          keep=st.booleans())
+    def serve(self, prefix, shared, tail, salt, keep):
+        seq = self.next_id
+        self.next_id += 1
+        tokens = np.concatenate([PREFIXES[prefix][:shared], np.arange(tail) + 5000 + seq])
+        if not self.server.manager.can_admit_prompt(tokens, salt):
+            return
+        self.server.serve(seq, tokens, salt)
+        self._expect(seq)
+        if keep:
+            self.live.append(seq)
+        else:
+            self.server.finish(seq, salt)
+
+    @precondition(lambda self: self.live)
+    @rule(cache=st.booleans())
+    def release(self, cache):
+        seq = self.live.pop(0)
+        if cache:
+            self.server.finish(seq)  # keyed unsalted: a salted prompt must not hit it
+        else:
+            self.server.manager.release(seq)
+
+    @rule()
+    def flush(self):
+        self.server.flush()
+
+    @rule()
+    def restart(self):
+        """A new process on the same disk tier: refused while a corrupt file is there."""
+        self.server.flush()
+        self.live.clear()
+        if self.corrupt:
+            try:
+                self._open()
+            except TierError:
+                pass
+            else:
+                raise AssertionError("a tier with a corrupt page file was opened")
+            for path in self.corrupt:
+                if os.path.exists(path):
+                    os.unlink(path)
+            self.corrupt.clear()
+        self.server = self._open()
+
+    @rule(data=st.data())
+    def corrupt_a_file(self, data):
+        pages = sorted(f for f in os.listdir(self.dir) if f.endswith(".npz"))
+        if not pages:
+            return
+        path = os.path.join(self.dir, data.draw(st.sampled_from(pages)))
+        with open(path, "r+b") as f:
+            f.seek(-24, os.SEEK_END)
+            f.write(b"\xa5" * 8)
+        self.corrupt.add(path)
+
+    @invariant()
+    def integrity(self):
+        self.server.check()
+
+
+def test_tiers_state_machine():
+    run_state_machine_as_test(TierMachine, settings=settings(
+        max_examples=12, stateful_step_count=25, deadline=None, database=None, derandomize=True,
+        suppress_health_check=list(HealthCheck)))
