@@ -7,7 +7,8 @@ manager changes anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ MAX_TOKEN_ID = 2**63 - 1
 negative) id would alias another and two different prompts could share a key."""
 
 
-def row_of(rows_of: dict[int, int], seq_id) -> int:
+def row_of(rows_of: dict[int, int], seq_id: Any) -> int:
     """The page-table row of admitted ``seq_id``, or `UnknownSequenceError`."""
     # True == 1 == 1.0 hash alike: without the type check release(True) or kv_len(1.0)
     # would silently act on seq 1.
@@ -34,7 +35,7 @@ def row_of(rows_of: dict[int, int], seq_id) -> int:
         raise UnknownSequenceError(f"seq_id={seq_id!r} is not admitted (held: {plural(len(rows_of), 'sequence')})") from None
 
 
-def check_count(value, name: str) -> int:
+def check_count(value: object, name: str) -> int:
     """A token count as an int in ``[0, 2**31)``, or `InvalidTokenCountError` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidTokenCountError(f"{name}={value!r} must be an integer")
@@ -45,7 +46,8 @@ def check_count(value, name: str) -> int:
     return int(value)
 
 
-def rows_and_counts(rows_of: dict[int, int], seq_ids: Iterable[int], num_tokens) -> tuple[np.ndarray, np.ndarray]:
+def rows_and_counts(rows_of: dict[int, int], seq_ids: Iterable[int],
+                    num_tokens: int | Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of distinct admitted ``seq_ids`` and one int64 count per row (``num_tokens``:
     an int for all, or one count each)."""
     seq_ids = id_list(seq_ids)
@@ -69,7 +71,7 @@ def rows_and_counts(rows_of: dict[int, int], seq_ids: Iterable[int], num_tokens)
     return rows, _counts(num_tokens, rows.size)
 
 
-def _counts(num_tokens, n: int) -> np.ndarray:
+def _counts(num_tokens: Any, n: int) -> np.ndarray:
     try:
         counts = np.asarray(num_tokens)
     except (ValueError, TypeError):  # a ragged nested list
@@ -85,7 +87,7 @@ def _counts(num_tokens, n: int) -> np.ndarray:
     return counts.astype(np.int64)
 
 
-def check_token_ids(token_ids, what: str) -> np.ndarray:
+def check_token_ids(token_ids: Any, what: str) -> np.ndarray:
     """``token_ids`` as a non-empty 1-D int64 array of ids in ``[0, 2**63)``, or `InvalidTokenIdError`."""
     try:
         tokens = np.asarray(token_ids)

@@ -65,7 +65,7 @@ class PageTable:
         self.epoch = 0
         self.version = 0
         self.born = np.zeros(initial_rows, dtype=np.int64)
-        self._views: tuple | None = None  # see `views`
+        self._views: tuple[np.ndarray, np.ndarray, np.ndarray, tuple[memoryview, memoryview, memoryview]] | None = None  # see `views`
 
     @property
     def capacity(self) -> int:
@@ -87,8 +87,8 @@ class PageTable:
         if (views is None or views[0] is not self.kv_lens or views[1] is not self.block_tables
                 or views[2] is not self.num_blocks):
             arrays = (self.kv_lens, self.block_tables, self.num_blocks)
-            views = self._views = (*arrays, tuple(map(memoryview, arrays)))
-        return views[3]
+            views = self._views = (*arrays, tuple(map(memoryview, arrays)))  # type: ignore[arg-type, assignment]  # arrays export buffers; three of them
+        return views[3]  # type: ignore[index]  # set just above when None
 
     def add_row(self) -> int:
         """A free row, emptied, for a new sequence; grows the table if none is free."""
@@ -131,7 +131,7 @@ class PageTable:
         self.version += 1
         first = self.first_block[rows]
         drop_rows, drop_cols = expand_runs(rows, keep - first, first)
-        dropped = self.block_tables[drop_rows, drop_cols]
+        dropped: np.ndarray = self.block_tables[drop_rows, drop_cols]
         self.block_tables[drop_rows, drop_cols] = NULL_BLOCK
         self.first_block[rows] = keep
         return dropped
@@ -139,7 +139,7 @@ class PageTable:
     def replace_blocks(self, rows: np.ndarray, cols: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Point ``(rows[i], cols[i])`` at ``ids[i]`` (copy-on-write); returns the blocks named before."""
         self.version += 1
-        old = self.block_tables[rows, cols].copy()
+        old: np.ndarray = self.block_tables[rows, cols].copy()
         self.block_tables[rows, cols] = ids
         return old
 

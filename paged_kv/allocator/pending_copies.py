@@ -21,6 +21,8 @@ destination sees that block's bytes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from paged_kv.spec import NULL_BLOCK
@@ -41,8 +43,8 @@ class PendingCopies:
     (`drop_dead`; `check` holds every pending copy to this).
     """
 
-    def __init__(self):
-        self._items: list[list] = []
+    def __init__(self) -> None:
+        self._items: list[list[Any]] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -105,7 +107,7 @@ class PendingCopies:
         dropping one copy can free an earlier one: repeated until nothing changes."""
         for item in self._items:
             item[4] = {(r, c) for r, c in item[4] if in_use[r] and block_tables[r, c] == item[1]}
-        unpin = []
+        unpin: list[int] = []
         while True:
             read = {item[0] for item in self._items}
             dead = [item for item in self._items if not item[4] and item[1] not in read]
@@ -131,7 +133,7 @@ class PendingCopies:
         held = set(np.asarray(blocks).tolist())
         return any(item[1] in held for item in self._items)
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> tuple[tuple[int, ...], ...]:
         """A comparable copy (for `KVCacheManager.snapshot`): ``(src, dst, length)`` in order."""
         return tuple(tuple(item[:3]) for item in self._items)
 

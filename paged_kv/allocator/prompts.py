@@ -10,8 +10,8 @@ changes nothing, so `can_admit_prompt` and `admit_prompt` share it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Container, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from paged_kv.allocator.arguments import check_count, check_token_ids
 from paged_kv.allocator.prefix_cache import chain_hashes
 from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError
 from paged_kv.spec import CacheSpec
+
+if TYPE_CHECKING:
+    from paged_kv.allocator.groups import GroupAllocator
 
 
 class PromptPlan(NamedTuple):
@@ -34,7 +37,8 @@ class PromptPlan(NamedTuple):
     total: int
 
 
-def common_hit(groups: Sequence, hashes: list[int], limit: int, present: Sequence | None = None) -> int:
+def common_hit(groups: Sequence[GroupAllocator], hashes: list[int], limit: int,
+               present: Sequence[Container[int]] | None = None) -> int:
     """The longest hit (in blocks, at most ``limit``) every group can serve.
 
     Each group in turn proposes its longest hit no longer than the current candidate,
@@ -52,7 +56,7 @@ def common_hit(groups: Sequence, hashes: list[int], limit: int, present: Sequenc
     return hit
 
 
-def plan_prompt(spec: CacheSpec, groups: Sequence, token_ids: Sequence[int] | np.ndarray,
+def plan_prompt(spec: CacheSpec, groups: Sequence[GroupAllocator], token_ids: Sequence[int] | np.ndarray,
                 cache_key: bytes | str | int | None, chunk: int | None) -> PromptPlan:
     """Validate a prompt and find its hit; typed errors, nothing changed."""
     tokens = check_token_ids(token_ids, "admit_prompt")

@@ -38,14 +38,22 @@ What a restore checks (the README quotes this list):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from paged_kv.allocator.prefix_cache import NO_HASH, from_u128
 from paged_kv.errors import CheckpointError
 from paged_kv.spec import NULL_BLOCK
 
+if TYPE_CHECKING:
+    from paged_kv.allocator.groups import GroupAllocator
+    from paged_kv.allocator.manager_base import ManagerBase
+    from paged_kv.allocator.written import WrittenBlocks
+    from paged_kv.spec import CacheSpec
 
-def _refuse(condition, message: str) -> None:
+
+def _refuse(condition: object, message: str) -> None:
     if condition:
         raise CheckpointError(message)
 
@@ -54,11 +62,11 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def check_restored(manager) -> None:
+def check_restored(manager: ManagerBase) -> None:
     """`CheckpointError` naming the first cross-field invariant ``manager`` breaks
     (see the module docstring); returns None for a state a manager could have reached."""
     rows = _check_sequences(manager._rows)
-    checked = []
+    checked: list[tuple[GroupAllocator, dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
     for g in manager.groups:  # tables and pools first: the later checks index by their values
         table = g.table.state()
         name = f"group{g.index}"
@@ -84,7 +92,7 @@ def _check_sequences(seq_rows: dict[int, int]) -> np.ndarray:
     return rows
 
 
-def _check_table(name: str, g, t: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_table(name: str, g: GroupAllocator, t: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check one group's page table; returns the held entries as (rows, columns, block ids)."""
     tables, kv, nblocks, first, in_use = (t[k] for k in ("block_tables", "kv_lens", "num_blocks", "first_block",
                                                          "in_use"))
@@ -134,7 +142,7 @@ def _check_sharing(name: str, rows: np.ndarray, cols: np.ndarray, ids: np.ndarra
                          f"logical positions in different rows (forks and prefix hits never move a block)")
 
 
-def _check_pool(name: str, g, held: tuple) -> tuple[np.ndarray, np.ndarray]:
+def _check_pool(name: str, g: GroupAllocator, held: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Check one group's pool against the table's held blocks; returns the ref counts
     and the free blocks."""
     p = g.pool.state()
@@ -159,9 +167,10 @@ def _check_pool(name: str, g, held: tuple) -> tuple[np.ndarray, np.ndarray]:
     return refs, free
 
 
-def _check_cache(name: str, g, refs: np.ndarray, free: np.ndarray, table: dict, written) -> None:
+def _check_cache(name: str, g: GroupAllocator, refs: np.ndarray, free: np.ndarray, table: dict[str, np.ndarray],
+                 written: WrittenBlocks) -> None:
     """Check one group's prefix cache against the pool and the rows' keyed ends."""
-    c = g.cache.state()
+    c = g.cache.state()  # type: ignore[union-attr]  # checked with the prefix cache on
     hashes, parents = np.array(from_u128(c["hash"]), object), np.array(from_u128(c["parent"]), object)
     keyed = hashes != NO_HASH
     _refuse(keyed[NULL_BLOCK], f"{name}.prefix.hash: the null block carries a key")
@@ -188,7 +197,7 @@ def _check_cache(name: str, g, refs: np.ndarray, free: np.ndarray, table: dict, 
                            f"past the row's keyed end ({end} blocks): a prefix hit would read unwritten bytes")
 
 
-def _check_written(written, kv_lens: np.ndarray, spec) -> None:
+def _check_written(written: WrittenBlocks, kv_lens: np.ndarray, spec: CacheSpec) -> None:
     """Per row: ``0 <= keyed * block_size <= written <= kv_len``; chains of nonzero keys,
     no longer than ``max_blocks_per_seq``, at least ``keyed`` long."""
     bs, limit = spec.block_size, spec.max_blocks_per_seq

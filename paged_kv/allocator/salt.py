@@ -43,7 +43,7 @@ SALT_PERSON = b"paged_kv/salt/v1"
 """BLAKE2b personalisation of salt digests (domain separation from the token hashes)."""
 
 
-def salt_bytes(cache_key) -> bytes:
+def salt_bytes(cache_key: object) -> bytes:
     """The canonical, typed bytes of a salt: a type tag, then the value.
     `InvalidArgumentError` naming the value for a type with no canonical bytes."""
     if isinstance(cache_key, (bytes, bytearray)):
@@ -63,14 +63,14 @@ def salt_bytes(cache_key) -> bytes:
     )
 
 
-def salt_digest(cache_key) -> bytes:
+def salt_digest(cache_key: object) -> bytes:
     """``b""`` for ``None`` (no salt), else the 32-byte BLAKE2b-256 of `salt_bytes`."""
     if cache_key is None:
         return b""
     return hashlib.blake2b(salt_bytes(cache_key), digest_size=32, person=SALT_PERSON).digest()
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     """A bounded description for messages (a refused key may be a huge array)."""
     try:
         text = repr(value)

@@ -17,11 +17,12 @@ Both raise `CheckpointError`; `paged_kv.checkpoint` adds the file's path.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from paged_kv.errors import CheckpointError
 
 
-def take(state: dict[str, np.ndarray], name: str, dtype, shape: tuple) -> np.ndarray:
+def take(state: dict[str, np.ndarray], name: str, dtype: DTypeLike, shape: tuple[int | None, ...]) -> np.ndarray:
     """An owned, writable copy of ``state[name]`` if it has ``dtype`` and ``shape``
     (``None`` entries: any length), else `CheckpointError` naming it."""
     if name not in state:
@@ -45,7 +46,7 @@ def prefixed(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return {prefix + k: v for k, v in state.items()}
 
 
-def check_captured(obj, saved: frozenset[str]) -> None:
+def check_captured(obj: object, saved: frozenset[str]) -> None:
     """Raise `CheckpointError` if ``obj`` has attributes its ``state()`` does not cover."""
     extra = sorted(set(vars(obj)) - saved)
     if extra:

@@ -8,17 +8,19 @@ takes ids (`KVCacheManager`, `DecodeSlots`, `SwapRecord`) checks them here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from paged_kv.errors import InvalidSequenceIdError, UnknownSequenceError
 
 
-def is_seq_id(value) -> bool:
+def is_seq_id(value: object) -> bool:
     """Whether ``value`` has the type of a sequence id (an integer, not a bool); any sign."""
     return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
-def check_seq_id(value, what: str = "") -> int:
+def check_seq_id(value: Any, what: str = "") -> int:
     """``value`` as a new sequence id (an integer >= 0), or `InvalidSequenceIdError`;
     ``what`` prefixes the message (e.g. ``"SwapRecord "``)."""
     if not is_seq_id(value):
@@ -28,7 +30,7 @@ def check_seq_id(value, what: str = "") -> int:
     return int(value)
 
 
-def id_list(seq_ids) -> list:
+def id_list(seq_ids: Any) -> list[Any]:
     """``seq_ids`` as a list; a bare id or another non-iterable is a typed error."""
     if isinstance(seq_ids, list):
         return seq_ids

@@ -53,7 +53,7 @@ class Step:
 
     __slots__ = ("owner", "id", "seq_ids", "rows", "epoch", "lengths", "table")
 
-    def __init__(self, owner: int, id: int, seq_ids: Sequence, rows: Sequence[int] | np.ndarray, epoch: int,
+    def __init__(self, owner: int, id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray, epoch: int,
                  lengths: Sequence[int] | None = None, table: PageTable | None = None):
         self.owner, self.id, self.seq_ids, self.rows, self.epoch, self.lengths = owner, id, seq_ids, rows, epoch, lengths
         self.table = table
@@ -105,7 +105,7 @@ class StepLog:
         self.described += 1
         return self.described
 
-    def step(self, id: int, seq_ids: Sequence, rows: Sequence[int] | np.ndarray, epoch: int,
+    def step(self, id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray, epoch: int,
              lengths: Sequence[int] | None = None) -> Step:
         """The `Step` numbered ``id`` (from `next_id`)."""
         return Step(self.owner, id, seq_ids, rows, epoch, lengths, self.table)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import attrs
 import numpy as np
 
 from paged_kv.allocator.seq_ids import check_seq_id
 from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, SequenceTooLongError
+
+if TYPE_CHECKING:
+    from paged_kv.spec import CacheSpec
 
 
 @attrs.frozen(eq=False)
@@ -33,13 +38,13 @@ class SwapRecord:
 __all__ = ["SwapRecord"]
 
 
-def _record_int(value, name: str, record) -> int:
+def _record_int(value: object, name: str, record: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidArgumentError(f"SwapRecord {name}={value!r} must be an integer (record {record!r})")
     return int(value)
 
 
-def check_record(record, spec) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+def check_record(record: Any, spec: CacheSpec) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """``(seq_id, num_tokens, first_blocks, num_blocks)`` of a record that fits ``spec``.
 
     A record is untrusted input: a caller can build one by hand or bring one from a

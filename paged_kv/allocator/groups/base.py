@@ -28,7 +28,8 @@ new kind is one subclass in one file.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +42,11 @@ from paged_kv.allocator.step_arrays import group_arrays
 from paged_kv.errors import CheckpointError, InvalidTokenCountError, OutOfBlocksError
 from paged_kv.metadata import GroupMetadata, bucket, pad_slot
 from paged_kv.spec import NULL_BLOCK, CacheSpec, LayerGroup
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from paged_kv.allocator.step_arrays import Out
 
 
 class GrowthPlan(NamedTuple):
@@ -76,19 +82,20 @@ class GroupAllocator:
 
     # ---- the kind's rule ------------------------------------------------------------
     @classmethod
-    def visible_from(cls, layer_group: LayerGroup, positions, block_size: int):
+    def visible_from(cls, layer_group: LayerGroup, positions: Any, block_size: int) -> Any:
         """First logical block a query at ``positions`` (an int or an array) can see: the
         block holding `LayerGroup.first_visible` (the one rule the device mask uses too)."""
         return layer_group.first_visible(positions) // block_size
 
-    def first_visible(self, positions):
+    def first_visible(self, positions: Any) -> Any:
         """`visible_from` for this group."""
         return self.visible_from(self.layer_group, positions, self.block_size)
 
     def keep_from(self, rows: np.ndarray, first_query: np.ndarray) -> np.ndarray:
         """First logical block any query at or after ``first_query`` can still see."""
         # int64 like ``first_query`` (no astype: this runs on every general append).
-        return np.maximum(self.first_visible(first_query), self.table.first_block[rows])
+        keep: np.ndarray = np.maximum(self.first_visible(first_query), self.table.first_block[rows])
+        return keep
 
     @property
     def cache(self) -> PrefixCache | None:
@@ -140,7 +147,7 @@ class GroupAllocator:
             raise OutOfBlocksError(total, free, f"append to {len(rows)} sequences (layer group {self.index})")
         return GrowthPlan(keep, new_blocks, needed, cow)
 
-    def _trimmed_free(self, rows, drop, first) -> int:
+    def _trimmed_free(self, rows: np.ndarray, drop: np.ndarray, first: np.ndarray) -> int:
         """Blocks a trim of ``drop`` leading blocks per row frees: only those every holder drops."""
         if not drop.any():
             return 0
@@ -148,7 +155,7 @@ class GroupAllocator:
         ids, times = np.unique(self.table.block_tables[drop_rows, drop_cols], return_counts=True)
         return int(np.count_nonzero(self.pool.ref_counts[ids] == times))
 
-    def copy_on_write_rows(self, rows, counts, old) -> np.ndarray:
+    def copy_on_write_rows(self, rows: np.ndarray, counts: np.ndarray, old: np.ndarray) -> np.ndarray:
         """Rows whose write lands in a shared, partially filled last block: each gets a
         copy of that block first. Full shared blocks are never written, so never copied.
 
@@ -197,7 +204,7 @@ class GroupAllocator:
         table.set_lengths(rows, old + counts)
         return table.slots(tok_rows, positions, bs)
 
-    def _trim(self, rows, keep, drop, keyed_ends) -> None:
+    def _trim(self, rows: np.ndarray, keep: np.ndarray, drop: np.ndarray, keyed_ends: np.ndarray | None) -> None:
         """Return the blocks before ``keep`` to the pool (keyed ones stay cached)."""
         behind = None
         if keyed_ends is not None and self.cache is not None:
@@ -232,7 +239,7 @@ class GroupAllocator:
                 self.pool.free(np.asarray(unpin, np.int32))
 
     # ---- step metadata ----------------------------------------------------------------
-    def check_visible(self, seq_ids: list, rows: np.ndarray, first_query: np.ndarray) -> None:
+    def check_visible(self, seq_ids: list[int], rows: np.ndarray, first_query: np.ndarray) -> None:
         """`InvalidTokenCountError` when a step's first query (at ``first_query``) would
         see a block this group already returned to the pool. A local group trims when a
         sequence grows, keeping what the appended tokens' queries see; a step describing
@@ -251,7 +258,7 @@ class GroupAllocator:
                 "when the sequence grew past them; describe each step (step_metadata) before appending the next "
                 "tokens, or describe fewer new tokens")
 
-    def metadata(self, out, rows: np.ndarray, kv: np.ndarray, q: np.ndarray, positions: np.ndarray,
+    def metadata(self, out: Out, rows: np.ndarray, kv: np.ndarray, q: np.ndarray, positions: np.ndarray,
                  step: int) -> GroupMetadata:
         """This group's share of a step over ``rows`` holding ``kv`` tokens whose last ``q``
         are new (``positions``: the step's ``[B, T]``), written by the one builder
@@ -287,7 +294,7 @@ class GroupAllocator:
         """First logical block a hit of ``hit_blocks`` blocks needs (what its next query reads)."""
         return int(self.first_visible(hit_blocks * self.block_size))
 
-    def longest_hit(self, hashes: list[int], limit: int, present=None) -> int:
+    def longest_hit(self, hashes: list[int], limit: int, present: Container[int] | None = None) -> int:
         """Longest hit ``h <= limit`` (in blocks) this group can serve: blocks
         ``[hit_start(h), h)`` of the chain all cached here (or, given ``present``, all
         keys it contains: the tiers below count them). ``h = 0`` always serves.
@@ -295,7 +302,7 @@ class GroupAllocator:
         Scans back from ``limit``: a missing block ``j`` rules out every ``h > j``
         whose needs reach back to ``j`` (all of them: ``hit_start`` never decreases
         with ``h``), so the next candidate is ``h = j``. O(limit) lookups."""
-        block_of = self.cache.block_of if present is None else present
+        block_of = self.cache.block_of if present is None else present  # type: ignore[union-attr]  # called with the prefix cache on
         h = limit
         j = h - 1
         while h > 0:
@@ -310,7 +317,7 @@ class GroupAllocator:
     def hit_blocks(self, hashes: list[int], hit: int) -> np.ndarray:
         """Ids of the cached blocks ``[hit_start(hit), hit)`` a hit of ``hit`` blocks revives here."""
         chain = hashes[self.hit_start(hit):hit]
-        return np.fromiter(map(self.cache.block_of.__getitem__, chain), np.int32, len(chain))
+        return np.fromiter(map(self.cache.block_of.__getitem__, chain), np.int32, len(chain))  # type: ignore[union-attr]  # called with the prefix cache on
 
     def prompt_needs(self, hits: np.ndarray, hit: int, total: int) -> tuple[int, int]:
         """(blocks a prompt hitting ``hit`` blocks (ids ``hits`` here) and holding ``total``
@@ -325,7 +332,7 @@ class GroupAllocator:
         Checked by `prompt_needs` first. Every group records the query; blocks reused are its own."""
         self.pool.revive(hits)
         self.table.fill_row(row, hit - hits.size, np.concatenate([hits, self.pool.allocate(total - hit)]), num_tokens)
-        self.cache.record_query(prompt_tokens, hit * self.block_size, int(hits.size))
+        self.cache.record_query(prompt_tokens, hit * self.block_size, int(hits.size))  # type: ignore[union-attr]  # called with the prefix cache on
 
     def key_blocks(self, row: int, hashes: list[int], start: int, stop: int) -> int:
         """Key ``row``'s written full blocks ``[start, stop)`` it still holds; returns how
@@ -334,7 +341,7 @@ class GroupAllocator:
         table, cache = self.table, self.cache
         stored = 0
         for i in range(max(start, int(table.first_block[row])), stop):
-            stored += cache.store(int(table.block_tables[row, i]), hashes[i], hashes[i - 1] if i else NO_HASH)
+            stored += cache.store(int(table.block_tables[row, i]), hashes[i], hashes[i - 1] if i else NO_HASH)  # type: ignore[union-attr]  # called with the prefix cache on
         return stored
 
     def retire_behind(self, hashes: list[int], old_end: int, new_end: int) -> None:
@@ -343,11 +350,11 @@ class GroupAllocator:
         move to the front of eviction. See `retention rule` in docs/architecture.md."""
         if not self.local:
             return
-        block_of = self.cache.block_of
+        block_of = self.cache.block_of  # type: ignore[union-attr]  # called with the prefix cache on
         for i in range(self.hit_start(old_end), self.hit_start(new_end)):
             block = block_of.get(hashes[i])
             if block is not None:
-                self.cache.demote(block)
+                self.cache.demote(block)  # type: ignore[union-attr]  # called with the prefix cache on
 
     # ---- integrity and state ----------------------------------------------------------
     def check_integrity(self, rows: np.ndarray, kv_lens: np.ndarray) -> None:
@@ -390,7 +397,7 @@ class GroupAllocator:
         return state
 
     @classmethod
-    def from_state(cls, spec: CacheSpec, index: int, prefix_cache: bool, state: dict[str, np.ndarray]):
+    def from_state(cls, spec: CacheSpec, index: int, prefix_cache: bool, state: dict[str, np.ndarray]) -> Self:
         """The group `state` describes (`CheckpointError` naming a malformed array)."""
         group = cls(spec, index, prefix_cache)
         nb = group.layer_group.num_blocks

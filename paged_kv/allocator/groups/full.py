@@ -3,6 +3,8 @@ blocks and a prefix hit needs the whole chain up to the hit point."""
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import numpy as np
 
 from paged_kv.allocator.groups.base import GroupAllocator
@@ -16,7 +18,8 @@ class FullAttentionGroup(GroupAllocator):
 
     def keep_from(self, rows: np.ndarray, first_query: np.ndarray) -> np.ndarray:
         """Block 0 (rows of a full group always start there)."""
-        return self.table.first_block[rows].astype(np.int64)
+        keep: np.ndarray = self.table.first_block[rows].astype(np.int64)
+        return keep
 
     def _step_tables(self, rows: np.ndarray, first: np.ndarray, width: int) -> np.ndarray:
         # Rows are already null past their last block (check_integrity holds the table
@@ -24,10 +27,10 @@ class FullAttentionGroup(GroupAllocator):
         # [B, W] index arrays, which dominated the step.
         return self.table.block_tables[rows, :width]
 
-    def longest_hit(self, hashes: list[int], limit: int, present=None) -> int:
+    def longest_hit(self, hashes: list[int], limit: int, present: Container[int] | None = None) -> int:
         """The longest cached prefix of the chain, at most ``limit`` blocks (a hit needs all of it;
         ``present``: what counts as cached, see `GroupAllocator.longest_hit`)."""
-        block_of = self.cache.block_of if present is None else present
+        block_of = self.cache.block_of if present is None else present  # type: ignore[union-attr]  # called with the prefix cache on
         for i, h in enumerate(hashes[:limit]):
             if h not in block_of:
                 return i
