@@ -14,13 +14,13 @@ slots past the sequence's length zeroed by the read; generations stamped by the 
 Trust: a `SwappedSequence` is what `swap_out` made, or it is refused. Its host copy
 holds zeros past the sequence's length (a block is copied whole, and the slots
 after the last token still held the block's previous owner's keys and values: the
-read zeroes them), and it is sealed: a keyed BLAKE2b digest, under a key this process drew at import, of
-its record, spec, page shapes and written length. `swap_in` recomputes the seal, so
-a record edited after the fact (``num_tokens`` raised within the same block count
-would read those dead slots as the sequence's own), a hand-built one, or one with
-no spec (its fp8 pages would move between caches of other scales) is an
-`InvalidArgumentError`. A swapped sequence therefore comes back only in the process
-that swapped it out.
+read zeroes them), and it is sealed: a keyed BLAKE2b digest, under a key this
+process drew at import, of its record, spec, page shapes and written length.
+`swap_in` recomputes the seal, so a record edited after the fact (``num_tokens``
+raised within the same block count would read those dead slots as the sequence's
+own), a hand-built one, or one with no spec (its fp8 pages would move between
+caches of other scales) is an `InvalidArgumentError`. A swapped sequence therefore
+comes back only in the process that swapped it out.
 """
 
 from __future__ import annotations
