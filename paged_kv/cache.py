@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 
 from paged_kv.errors import ShapeError, SpecError
 from paged_kv.sharding import page_sharding
@@ -27,7 +28,7 @@ class PagedKVCache:
     """One view per layer. Pass it through your jitted step with ``donate_argnums`` so
     the pages are updated in place, and keep the cache the step returns."""
 
-    views: tuple
+    views: tuple[PagedLayerView, ...]
 
     @classmethod
     def init(cls, spec: CacheSpec, device: jax.Device | jax.sharding.Sharding | None = None, layout: str = "split",
@@ -49,11 +50,12 @@ class PagedKVCache:
         if mesh is not None:
             if device is not None:
                 raise SpecError("give device= or mesh=/head_axis=, not both")
-            device = page_sharding(spec, mesh, head_axis, layout)
+            device = page_sharding(spec, mesh, head_axis, layout)  # type: ignore[arg-type]  # given with mesh
         else:
             _check_fits(spec, _device(device))
 
-        def view(layer):
+        def view(layer: int) -> PagedLayerView:
+            kind: type[PagedLayerView]
             if layout == "unified":
                 kind = UnifiedCacheView
             else:
@@ -70,7 +72,7 @@ class PagedKVCache:
     def __len__(self) -> int:
         return len(self.views)
 
-    def __getitem__(self, layer: int):
+    def __getitem__(self, layer: int) -> PagedLayerView:
         return self.views[layer]
 
     def replace(self, layer: int, view: PagedLayerView) -> "PagedKVCache":
@@ -94,10 +96,13 @@ class PagedKVCache:
             raise SpecError(f"bind needs a KVCacheManager of this cache's spec ({spec.describe()})")
         views = []
         for view in self.views:
-            gens = manager.groups[view.group].pool.generation
+            # A copy: on CPU device_put may alias the numpy buffer, and the pool bumps its
+            # generations in place, so an aliased array would follow the host and accept
+            # metadata built before a block changed hands.
+            gens = np.array(manager.groups[view.group].pool.generation)
             views.append(dataclasses.replace(
-                view, generations=jax.device_put(gens, view.generations.sharding),
-                owner=jax.device_put(manager.steps.tag, view.owner.sharding)))
+                view, generations=jax.device_put(gens, view.generations.sharding),  # type: ignore[union-attr]  # a cache's views hold them
+                owner=jax.device_put(manager.steps.tag, view.owner.sharding)))  # type: ignore[union-attr]
         return PagedKVCache(tuple(views))
 
     @property
@@ -106,10 +111,11 @@ class PagedKVCache:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
-def _device(device):
+def _device(device: object) -> jax.Device | jax.sharding.Sharding:
     """``device`` as a JAX device or sharding; anything else (a string, say) is a `SpecError`."""
     if device is None:
-        return jax.devices()[0]
+        first: jax.Device = jax.devices()[0]
+        return first
     if isinstance(device, (jax.Device, jax.sharding.Sharding)):
         return device
     raise SpecError(
@@ -118,7 +124,7 @@ def _device(device):
     )
 
 
-def _check_fits(spec: CacheSpec, device) -> None:
+def _check_fits(spec: CacheSpec, device: jax.Device | jax.sharding.Sharding) -> None:
     """Refuse pages larger than the device's memory (its allocator's limit where JAX
     reports one, else the host's RAM), naming the bytes: cheaper than an
     out-of-memory error from deep inside the allocator after minutes of work."""

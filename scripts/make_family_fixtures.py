@@ -1,4 +1,5 @@
-"""Create the tiny Qwen2, Qwen3, Gemma 2, Gemma 3 and stray-window Llama checkpoints under tests/fixtures/hf/.
+"""Create the tiny Qwen2, Qwen3 (also with YaRN), Gemma 2, Gemma 3 and stray-window Llama checkpoints under
+tests/fixtures/hf/.
 
 As `scripts/make_hf_fixtures.py` makes the Llama and Mistral ones (whose helpers this
 script uses): built and run by `transformers` itself (eager attention, its own KV
@@ -22,6 +23,9 @@ directory under ~450 KB:
 - ``gemma3_text``: 5 sliding : 1 full (window 10), local RoPE base 1e4 beside a global
   1e6 with linear scaling x8, q/k norms (also checked: a ``Gemma3ForConditionalGeneration``
   holding the same text weights gives the same text logits, ``multimodal_max_abs``);
+- ``qwen3_yarn``: Qwen3 with YaRN RoPE (factor 4 over an original context of 16, base
+  1e4, so the ramp between extrapolated and interpolated dimensions has a midpoint, and
+  positions run well past 16; cos and sin scaled by 0.1 ln 4 + 1);
 - ``llama_window``: a Llama whose config.json carries a stray ``sliding_window`` of 8
   (transformers' Llama attention ignores it) and ``attention_bias`` (q/k/v/o biases). The
   reference runs without the key (see `make`: transformers' own cache would trim to it).
@@ -84,6 +88,16 @@ MODELS = {
                                              rope_scaling=dict(rope_type="linear", factor=8.0)),
         prompts=prompts(6, (13, 15, 7, 21, 9, 11), shared=13),
         seed=16,
+    ),
+    "qwen3_yarn": dict(
+        cls=transformers.Qwen3ForCausalLM,
+        config=transformers.Qwen3Config(**COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-6,
+                                        tie_word_embeddings=False,
+                                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                             original_max_position_embeddings=16)),
+        prompts=prompts(8, (13, 15, 7, 21, 9, 11), shared=9),
+        seed=27,
     ),
     "llama_window": dict(
         cls=transformers.LlamaForCausalLM,

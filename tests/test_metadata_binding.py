@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import attrs
 import jax
 import numpy as np
 import pytest
@@ -124,6 +125,28 @@ def test_another_managers_metadata(kind):
     cache = cache.bind(other)
     cache = _write(cache, _tokens(foreign, 5.0), foreign)
     assert np.allclose(np.asarray(_read(cache, other.step_metadata([5], 0))[0])[0, :7], 5.0, atol=0.1)
+
+
+@pytest.mark.parametrize("kind", ["split", "int8"])
+def test_bind_copies_the_generations_so_a_new_owner_reads_nothing_before_it_writes(kind):
+    """`bind` puts the pool's generations on the device. On CPU device_put may alias a
+    numpy buffer, and the pool bumps generations in place when it hands a block out: an
+    aliased array would say the new owner had written the block already, and its first
+    read would see the previous owner's bytes. Whether it aliases depends on the
+    buffer's alignment (about half of 4 KiB numpy arrays here), so several pools are
+    tried: a `bind` without the copy fails this test on all but ~1 run in 500."""
+    spec = attrs.evolve(_spec(kind), num_blocks=1024)  # a 4 KiB generations array
+    for _ in range(8):
+        m = pk.KVCacheManager(spec)
+        cache = pk.PagedKVCache.init(spec, layout=KINDS[kind][0])
+        m.admit(1, 6)
+        cache = _run(cache, m, [1], 6, 1.0).bind(m)
+        m.release(1)
+        m.admit(2, 6)  # sequence 1's blocks, handed out again: their generations move on, on the host only
+        keys = np.asarray(_read(cache, m.step_metadata([2], 0))[0])
+        assert not np.any(np.isclose(keys, 1.0, atol=0.1)), "a new owner read the previous owner's keys"
+        cache = _run(cache, m, [2], 6, 2.0)  # once it writes, it reads its own
+        assert np.allclose(np.asarray(_read(cache, m.step_metadata([2], 0))[0])[0, :6], 2.0, atol=0.1)
 
 
 @pytest.mark.parametrize("kind", ["split", "unified", "int8"])

@@ -57,7 +57,7 @@ TOL = 1e-4
 # reference.json's min_greedy_top2_margin); past such a flip a request follows another
 # continuation and is not compared further.
 INT8_TOL = 0.1
-FAMILIES = ["qwen2", "qwen3", "gemma2", "gemma3_text", "llama_window"]
+FAMILIES = ["qwen2", "qwen3", "qwen3_yarn", "gemma2", "gemma3_text", "llama_window"]
 
 # The requests as (fixture prompt, arrival step, new tokens, prefilled elsewhere and
 # inserted), prompt 1 sharing a prefix with prompt 0 (13 tokens for the Gemmas, 12 for
@@ -143,8 +143,8 @@ def compare(name: str, completions, tol: float, near_ties: bool = False) -> floa
 
 
 # The quick tier serves a hybrid (Qwen2: a full and a sliding group) and a one-group family
-# (Qwen3); the Gemmas and the windowed Llama (~3-5 s each to compile) run in the full suite.
-QUICK = ("qwen2", "qwen3")
+# (Qwen3, with YaRN RoPE); plain Qwen3, the Gemmas and the windowed Llama (~3-5 s each to compile) run in the full suite.
+QUICK = ("qwen2", "qwen3_yarn")
 
 
 @pytest.fixture(scope="module", params=[f if f in QUICK else pytest.param(f, marks=pytest.mark.slow)
@@ -225,6 +225,9 @@ CHANGES = {
     "qwen2 without its window": ("qwen2", lambda c, p: (dataclasses.replace(c, sliding_window=None), p)),
     "qwen2 with every layer sliding": ("qwen2", lambda c, p: (dataclasses.replace(c, sliding_layers=None), p)),
     "qwen3 without q/k norms": ("qwen3", lambda c, p: (dataclasses.replace(c, qk_norm=False), p)),
+    "qwen3 with plain RoPE for YaRN": ("qwen3_yarn", lambda c, p: (dataclasses.replace(c, rope_scaling=None), p)),
+    "qwen3 with YaRN's frequencies but no attention factor": ("qwen3_yarn", lambda c, p: (dataclasses.replace(
+        c, rope_scaling=dataclasses.replace(c.rope_scaling, attention_factor=1.0)), p)),
     "gemma2 without the attention soft cap": ("gemma2", lambda c, p: (dataclasses.replace(c, attn_logit_softcap=None),
                                                                      p)),
     "gemma2 without the final soft cap": ("gemma2", lambda c, p: (dataclasses.replace(c, final_logit_softcap=None), p)),

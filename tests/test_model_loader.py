@@ -101,7 +101,8 @@ def test_legacy_rope_fields_read_like_rope_parameters(tmp_path):
     (dict(quantization_config={"quant_method": "awq", "bits": 4}), "quantization_config (quant_method='awq')"),
     (dict(model_type="qwen2_moe"), "model_type='qwen2_moe'"),
     (dict(model_type="gemma3"), "needs a 'text_config' object"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "'yarn'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "truncate": "yes"}), "'truncate'"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "'longrope'"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "'low_freq_factor'"),
 ])
 def test_bad_config_names_the_key(checkpoint, changes, named):
@@ -189,7 +190,7 @@ def test_attention_bias_follows_each_model_type(checkpoint):
 
 
 # ---- the other families ----------------------------------------------------------------------
-FAMILY_FIXTURES = ["qwen2", "qwen3", "gemma2", "gemma3_text", "llama_window"]
+FAMILY_FIXTURES = ["qwen2", "qwen3", "qwen3_yarn", "gemma2", "gemma3_text", "llama_window"]
 
 
 @pytest.fixture(params=FAMILY_FIXTURES)
@@ -235,7 +236,7 @@ def test_family_checkpoints_load_sharded_and_count_their_parameters(family, tmp_
     assert same_params(params, load_model(sharded)[1])
 
 
-LAYERS = {"qwen2": 3, "qwen3": 2, "gemma2": 4, "gemma3_text": 6, "llama_window": 2}
+LAYERS = {"qwen2": 3, "qwen3": 2, "qwen3_yarn": 2, "gemma2": 4, "gemma3_text": 6, "llama_window": 2}
 
 
 @pytest.mark.parametrize("name,changes,window,sliding", [
@@ -336,10 +337,10 @@ def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(tmp_path, prefix):
     ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention=true is not supported"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_activation='gelu' is not supported"),
     ("qwen2", dict(hidden_act="relu"), "hidden_act='relu' is not supported"),
-    ("qwen2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "rope_type='yarn'"),
+    ("qwen2", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6, "factor": 4.0}), "rope_type='longrope'"),
     ("qwen3", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}), "rope_type='dynamic'"),
     ("gemma3_text", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "keys it by layer type"),
-    ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0}}), "'yarn'"),
+    ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0}}), "'dynamic'"),
     ("qwen2", dict(layer_types=["sliding_attention"] * 3, use_sliding_window=False),
      "layer_types makes layers [0, 1, 2] sliding but there is no window"),
     ("gemma2", dict(layer_types=["chunked_attention", "full_attention"] * 2), "layer_types holds 'chunked_attention'"),

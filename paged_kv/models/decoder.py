@@ -41,7 +41,7 @@ from paged_kv.errors import SpecError
 from paged_kv.metadata import StepMetadata
 from paged_kv.spec import CacheSpec
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")
 """``hidden_act`` / ``hidden_activation`` values the MLP computes (transformers' ACT2FN
 names): SiLU, and GELU's tanh approximation (Gemma's ``gelu_pytorch_tanh``; GPT-2's
@@ -50,10 +50,14 @@ names): SiLU, and GELU's tanh approximation (Gemma's ``gelu_pytorch_tanh``; GPT-
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """How rotary frequencies are rescaled (``rope_type`` "linear" or "llama3").
+    """How rotary frequencies are rescaled (``rope_type`` "linear", "llama3" or "yarn").
 
     "linear" divides every frequency by ``factor``; "llama3" divides the low ones by
-    ``factor``, keeps the high ones and interpolates between (Llama 3.1's scheme).
+    ``factor``, keeps the high ones and interpolates between (Llama 3.1's scheme);
+    "yarn" blends each frequency's divided and original values by a ramp over the
+    dimensions that turn between ``beta_slow`` and ``beta_fast`` times within the
+    original context, and scales cos and sin by ``attention_factor`` (YaRN, as
+    transformers computes it).
     """
 
     rope_type: str
@@ -61,6 +65,10 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # cos and sin are multiplied by it (1 but for yarn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +147,8 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
         return inv
     if s.rope_type == "linear":
         return (inv / np.float32(s.factor)).astype(np.float32)
+    if s.rope_type == "yarn":
+        return _yarn_inv_freq(inv, s, dim, theta)
     old = s.original_max_position_embeddings
     low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
     wavelen = np.float32(2 * math.pi) / inv
@@ -149,20 +159,46 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float32 ``[B, T, head_dim]`` for integer ``positions [B, T]`` (halves repeated, as HF)."""
+def _yarn_inv_freq(inv: np.ndarray, s: RopeScaling, dim: int, theta: float) -> np.ndarray:
+    """YaRN's frequencies: ``inv`` (unscaled) where a dimension turns more than
+    ``beta_fast`` times over the original context, ``inv / factor`` where it turns fewer
+    than ``beta_slow`` times, a linear ramp between (over dimension indices)."""
+    def turns_to_dim(turns: float) -> float:  # the dimension that turns ``turns`` times in the original context
+        return dim * math.log(s.original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = turns_to_dim(s.beta_fast), turns_to_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: a ramp of zero width would divide by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)  # 1: extrapolate (the original frequency), 0: interpolate
+    return ((inv / np.float32(s.factor)) * (1 - keep) + inv * keep).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32 ``[B, T, head_dim]`` for integer ``positions [B, T]`` (halves repeated, as HF),
+    times ``scale`` (YaRN's attention factor)."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if scale == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * np.float32(scale), jnp.sin(emb) * np.float32(scale)
+
+
+def _rope_scale(cfg: ModelConfig, local: bool = False) -> float:
+    s = cfg.local_rope_scaling if local and cfg.local_rope_theta is not None else cfg.rope_scaling
+    return 1.0 if s is None else s.attention_factor
 
 
 def _layer_ropes(cfg: ModelConfig, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
     """Each layer's (cos, sin): one table, or a second for the sliding layers when their
     RoPE differs (Gemma 3)."""
-    full = rope_tables(positions, rope_inv_freq(cfg))
+    full = rope_tables(positions, rope_inv_freq(cfg), _rope_scale(cfg))
     if cfg.local_rope_theta is None or not cfg.layers_sliding:
         return [full] * cfg.num_layers
-    local = rope_tables(positions, rope_inv_freq(cfg, local=True))
+    local = rope_tables(positions, rope_inv_freq(cfg, local=True), _rope_scale(cfg, local=True))
     sliding = set(cfg.layers_sliding)
     return [local if i in sliding else full for i in range(cfg.num_layers)]
 

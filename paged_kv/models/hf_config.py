@@ -112,8 +112,11 @@ def _nullable(data: dict, key: str, kind: type, path, absent):
 
 
 # ---- RoPE ------------------------------------------------------------------------------------
-def _rope_entry(params, where: str, theta: float) -> tuple[float, RopeScaling | None]:
-    """Theta and scaling of one RoPE parameter object (``rope_type`` or legacy ``type``)."""
+def _rope_entry(params, where: str, theta: float, data: dict | None = None) -> tuple[float, RopeScaling | None]:
+    """Theta and scaling of one RoPE parameter object (``rope_type`` or legacy ``type``).
+    ``data``: the whole config, whose ``original_max_position_embeddings`` (Phi-3 style)
+    or else ``max_position_embeddings`` is the pretraining length when the object has none,
+    as transformers reads it."""
     if not isinstance(params, dict):
         raise ModelLoadError(f"{where}: is {params!r}; expected an object")
     theta = field(params, "rope_theta", float, where, theta)
@@ -122,6 +125,11 @@ def _rope_entry(params, where: str, theta: float) -> tuple[float, RopeScaling | 
         raise ModelLoadError(f"{where}: rope_type={rope_type!r} is not supported (supported: {ROPE_TYPES})")
     if rope_type == "default":
         return theta, None
+    top = data or {}
+    original = field(top, "original_max_position_embeddings", int, where) or field(
+        params, "original_max_position_embeddings", int, where) or field(top, "max_position_embeddings", int, where)
+    if rope_type == "yarn":
+        return theta, _yarn(params, where, top, original)
     factor = field(params, "factor", float, where, required=True)
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor)
@@ -129,11 +137,38 @@ def _rope_entry(params, where: str, theta: float) -> tuple[float, RopeScaling | 
     high = field(params, "high_freq_factor", float, where, required=True)
     if not high > low:  # Llama 3 interpolates between the two: divides by their difference
         raise ModelLoadError(f"{where}: high_freq_factor={high!r} must exceed low_freq_factor={low!r}")
-    return theta, RopeScaling(
-        "llama3", factor, low_freq_factor=low, high_freq_factor=high,
-        original_max_position_embeddings=field(params, "original_max_position_embeddings", int, where,
-                                               required=True),
-    )
+    if original is None:
+        raise ModelLoadError(f"{where}: missing key 'original_max_position_embeddings' (a llama3 rope has it)")
+    return theta, RopeScaling("llama3", factor, low_freq_factor=low, high_freq_factor=high,
+                              original_max_position_embeddings=original)
+
+
+def _yarn(params: dict, where: str, top: dict, original: int | None) -> RopeScaling:
+    """YaRN's parameters by transformers' rules: ``factor`` defaults to the context's
+    growth (max over original positions), ``attention_factor`` to ``0.1 ln(factor) + 1``
+    (or the ratio of the two ``mscale`` terms when both are given), ``beta_fast`` /
+    ``beta_slow`` to 32 / 1 (also when 0), ``truncate`` to true."""
+    if original is None:
+        raise ModelLoadError(f"{where}: missing key 'original_max_position_embeddings' (yarn needs the pretraining "
+                             "length)")
+    factor = field(params, "factor", float, where)
+    if factor is None:
+        factor = field(top, "max_position_embeddings", int, where, required=True) / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = field(params, "attention_factor", float, where)
+    if attention is None:
+        m, m_all = field(params, "mscale", float, where), field(params, "mscale_all_dim", float, where)
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ModelLoadError(f"{where}: key 'truncate' is {truncate!r}; expected true or false")
+    return RopeScaling("yarn", factor, original_max_position_embeddings=original,
+                       beta_fast=field(params, "beta_fast", float, where) or 32.0,
+                       beta_slow=field(params, "beta_slow", float, where) or 1.0, truncate=truncate,
+                       attention_factor=float(attention))
 
 
 def _rope(data: dict, path, family: Family) -> tuple[float, RopeScaling | None]:
@@ -143,7 +178,7 @@ def _rope(data: dict, path, family: Family) -> tuple[float, RopeScaling | None]:
     if not isinstance(params, dict):
         raise ModelLoadError(f"{path}: key {where!r} is {params!r}; expected an object")
     theta = field(data, "rope_theta", float, path, family.rope_theta)
-    return _rope_entry(params, f"{path} [{where}]", theta)
+    return _rope_entry(params, f"{path} [{where}]", theta, data)
 
 
 def _local_global_rope(data: dict, path) -> tuple[tuple[float, RopeScaling | None], tuple[float, RopeScaling | None]]:
@@ -164,9 +199,9 @@ def _local_global_rope(data: dict, path) -> tuple[tuple[float, RopeScaling | Non
         full = {**full, **legacy}
     local = per_type.get("sliding_attention") or {"rope_type": "default"}
     return (_rope_entry(full, f"{path} [rope_parameters.full_attention]",
-                        field(data, "rope_theta", float, path, 1_000_000.0)),
+                        field(data, "rope_theta", float, path, 1_000_000.0), data),
             _rope_entry(local, f"{path} [rope_parameters.sliding_attention]",
-                        field(data, "rope_local_base_freq", float, path, 10_000.0)))
+                        field(data, "rope_local_base_freq", float, path, 10_000.0), data))
 
 
 # ---- which layers slide ------------------------------------------------------------------------
