@@ -59,15 +59,6 @@ def hit_rates(sessions: int, max_len: int) -> dict:
     return out
 
 
-def _bound(cache, manager):
-    """`PagedKVCache.bind`, with the device's generations copied: on CPU a device_put may
-    alias the host's generation array, which the next allocation bumps."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), cache.bind(manager))
-
-
 def _memcpy_s(nbytes: int, reps: int = 5) -> float:
     a = np.ones(nbytes, np.uint8)
     b = np.empty_like(a)
@@ -98,7 +89,7 @@ def movement(blocks: int) -> dict:
                 m.admit_prompt(0, first)
                 m.step_metadata([0], first.size)
                 m.commit([0])
-                cache = _bound(cache, m)  # stands for the step that wrote them (pages and generations agree)
+                cache = cache.bind(m)  # stands for the step that wrote them (pages and generations agree)
                 m.cache_tokens(0, first)
                 m.release(0)
                 m.admit_prompt(1, np.arange(blocks * 16 + 1) + 10**6 * rep + 5 * 10**5)  # evicts all of them
@@ -137,7 +128,7 @@ def warm_restart(conversations: int) -> dict:
             cache = flush(cache, tiers)
             m.step_metadata([seq], tokens.size - cached)
             m.commit([seq])
-            cache = _bound(cache, m)  # stands for the step that wrote the prompt
+            cache = cache.bind(m)  # stands for the step that wrote the prompt
             m.cache_tokens(seq, tokens)
             m.release(seq)
             cache = flush(cache, tiers, wait=True)
