@@ -73,7 +73,7 @@ def bind_step(generations: jax.Array, owner: jax.Array, meta: StepMetadata, grou
     current = generations[jnp.where(inside, tables, 0)]
     if not write:
         ok = mine & inside & (expected == current)
-        return dataclasses.replace(gm, block_tables=jnp.where(ok, tables, 0)), generations, owner
+        return dataclasses.replace(gm, block_tables=jnp.where(ok, tables, 0)), generations, owner  # type: ignore[arg-type]  # on the device the fields hold jax arrays
     ok = mine & inside & not_older(expected, current)
     generations = generations.at[jnp.where(inside, tables, nb)].set(jnp.where(ok, expected, current), mode="drop")
     tables = jnp.where(ok, tables, 0)
@@ -85,7 +85,7 @@ def bind_step(generations: jax.Array, owner: jax.Array, meta: StepMetadata, grou
     fits = (col >= 0) & (col < width) & (named != 0) & (slots // block_size == named)
     slots = jnp.where(fits, slots, nb * block_size)
     lengths, generations = _bind_copies(generations, mine, gm)
-    return dataclasses.replace(gm, block_tables=tables, slot_mapping=slots, copy_len=lengths), generations, owner
+    return dataclasses.replace(gm, block_tables=tables, slot_mapping=slots, copy_len=lengths), generations, owner  # type: ignore[arg-type]  # on the device the fields hold jax arrays
 
 
 def _bind_copies(generations: jax.Array, mine: jax.Array, gm: GroupMetadata) -> tuple[jax.Array, jax.Array]:
@@ -103,7 +103,7 @@ def _bind_copies(generations: jax.Array, mine: jax.Array, gm: GroupMetadata) -> 
     return jnp.where(ok, lengths, 0), generations
 
 
-def bind_blocks(generations: jax.Array, owner: jax.Array, tag, ids: jax.Array,
+def bind_blocks(generations: jax.Array, owner: jax.Array, tag: jax.typing.ArrayLike, ids: jax.Array,
                 gens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Blocks ``ids`` (out of range: padding) written outside step metadata by the
     manager of serial ``tag`` (`insert_prefill`, `swap_in`): ``(ok, generations,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,15 +18,18 @@ from paged_kv.errors import InvalidArgumentError
 if TYPE_CHECKING:  # annotations only: importing JAX here would cost every host-only user
     import jax
 
+    from paged_kv.spec import CacheSpec
 
-def pad_slot(spec, group: int) -> int:
+
+def pad_slot(spec: CacheSpec, group: int) -> int:
     """The flat slot padding tokens of layer group ``group`` write to: one past the group's
     last token slot (``num_blocks * block_size``). Every write scatters with
     ``mode="drop"``, so a padding token lands nowhere; this is the only definition."""
-    return spec.groups[group].num_blocks * spec.block_size
+    pad: int = spec.groups[group].num_blocks * spec.block_size
+    return pad
 
 
-def step_layout(kv: np.ndarray, q: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def step_layout(kv: np.ndarray, q: np.ndarray, spec: CacheSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(kv_lens [B], query_lens [B], positions [B, T], valid [B, T])`` of a step whose
     rows hold ``kv`` tokens, the last ``q`` of them new: ``B`` and ``T`` bucketed, padding
     rows empty, ``valid`` marking real tokens."""
@@ -104,11 +107,11 @@ class StepMetadata:
     kv_lens: np.ndarray  # int32 [B]    tokens held after this step's write
     query_lens: np.ndarray  # int32 [B]    new tokens this step
     positions: np.ndarray  # int32 [B, T] logical position of each new token
-    groups: tuple  # GroupMetadata per layer group
+    groups: tuple[GroupMetadata, ...]  # GroupMetadata per layer group
     # Static: `CacheSpec.pool_signature()` of the manager that built it. Views refuse
     # metadata built for other pages (its block ids would be dropped or read out of
     # range: zeros on CPU, undefined on accelerators).
-    built_for: tuple | None = None
+    built_for: tuple[Any, ...] | None = None
     # Host only (not a pytree field: it never reaches the device and never recompiles):
     # the `Step` this metadata describes, for ``manager.commit(step)``. Lost by
     # `to_device` and by tree maps; keep ``meta.step`` before handing metadata over.
@@ -125,12 +128,14 @@ class StepMetadata:
     @property
     def batch_size(self) -> int:
         """Rows ``B`` of this step, padding rows included (a bucket)."""
-        return self.kv_lens.shape[0]
+        n: int = self.kv_lens.shape[0]
+        return n
 
     @property
     def query_len(self) -> int:
         """New tokens per row ``T``, padded (a bucket): feed tokens shaped ``[batch_size, query_len]``."""
-        return self.positions.shape[1]
+        t: int = self.positions.shape[1]
+        return t
 
     # The first group's tables: full attention's when the model has any full layer.
     @property
@@ -146,7 +151,8 @@ class StepMetadata:
     @property
     def table_width(self) -> int:
         """Block-table width ``W`` of the first group (a bucket)."""
-        return self.groups[0].block_tables.shape[1]
+        w: int = self.groups[0].block_tables.shape[1]
+        return w
 
     def __post_init__(self) -> None:
         if self.owner is None:
@@ -161,7 +167,8 @@ class StepMetadata:
         register_pytrees()
         import jax
 
-        return jax.device_put(jax.tree_util.tree_map(np.array, self), device)
+        on_device: StepMetadata = jax.device_put(jax.tree_util.tree_map(np.array, self), device)
+        return on_device
 
 
 _registered = False
@@ -191,22 +198,22 @@ def register_pytrees() -> None:
 _FIELDS = ("kv_lens", "query_lens", "positions", "groups", "owner")
 
 
-def _flatten(meta: StepMetadata):
+def _flatten(meta: StepMetadata) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     # The device boundary: metadata whose sequences were released since it was
     # described would address blocks that may be another sequence's by now.
     if meta.step is not None:
-        meta.step.check_live()
+        meta.step.check_live()  # type: ignore[attr-defined]  # a Step, or a StepBatch naming its last
     return (meta.kv_lens, meta.query_lens, meta.positions, meta.groups, meta.owner), meta.built_for
 
 
-def _flatten_with_keys(meta: StepMetadata):
+def _flatten_with_keys(meta: StepMetadata) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     children, aux = _flatten(meta)
     import jax
 
     return tuple((jax.tree_util.GetAttrKey(name), child) for name, child in zip(_FIELDS, children)), aux
 
 
-def _unflatten(built_for, children) -> StepMetadata:
+def _unflatten(built_for: tuple[Any, ...] | None, children: Any) -> StepMetadata:
     kv_lens, query_lens, positions, groups, owner = children
     return StepMetadata(kv_lens, query_lens, positions, groups, built_for, owner=owner)  # the host-only step stays behind
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from paged_kv.errors import ShapeError
 from paged_kv.metadata import register_pytrees
@@ -29,7 +30,7 @@ from paged_kv.metadata import register_pytrees
 register_pytrees()
 
 
-def _to_storage(x: jax.Array, storage) -> jax.Array:
+def _to_storage(x: jax.Array, storage: DTypeLike) -> jax.Array:
     return lax.bitcast_convert_type(x, storage)
 
 
@@ -51,15 +52,15 @@ def in_pool_slots(slots: jax.Array, num_slots: int) -> jax.Array:
     return jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
 
 
-def scatter_tokens(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, compute_dtype) -> jax.Array:
+def scatter_tokens(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, compute_dtype: DTypeLike) -> jax.Array:
     """Write ``new[b, t]`` into flat slot ``slot_mapping[b, t]`` of ``pages``.
 
     pages: [num_blocks, block_size, *row] (storage dtype), e.g. ``row = (H, D)``;
     new: [B, T, *row]; slot_mapping: [B, T] int32, out-of-range entries dropped.
     Any trailing row shape works: the unified layout stores ``(2H, D)`` or ``(F,)``.
     """
-    nb, bs, *row = pages.shape
-    row = tuple(row)
+    nb, bs, *row_dims = pages.shape
+    row = tuple(row_dims)
     if new.ndim != 2 + len(row) or tuple(new.shape[2:]) != row or new.shape[:2] != slot_mapping.shape:
         dims = ", ".join(str(x) for x in row)
         want = ", ".join(str(x) for x in (*slot_mapping.shape[:2], *row))
@@ -75,7 +76,7 @@ def scatter_tokens(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, co
     return flat.reshape(pages.shape)
 
 
-def gather_blocks(pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array, compute_dtype) -> jax.Array:
+def gather_blocks(pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array, compute_dtype: DTypeLike) -> jax.Array:
     """Contiguous ``[B, W*block_size, *row]`` of each row's blocks, zero past ``kv_lens``.
 
     ``pages`` is ``[num_blocks, block_size, *row]`` for any trailing row shape (``(H, D)``
@@ -94,7 +95,7 @@ def gather_blocks(pages: jax.Array, block_tables: jax.Array, kv_lens: jax.Array,
     return lax.bitcast_convert_type(view, compute_dtype)
 
 
-def take_blocks(pages: jax.Array, block_ids: jax.Array, compute_dtype) -> jax.Array:
+def take_blocks(pages: jax.Array, block_ids: jax.Array, compute_dtype: DTypeLike) -> jax.Array:
     """Blocks ``block_ids`` ``[B, C]`` of ``pages`` as ``[B, C*block_size, *row]`` in the
     compute dtype, NOT zeroed past any length: for attention that masks by length
     itself (`paged_kv.attention`), reading a chunk of the table at a time."""

@@ -22,6 +22,8 @@ refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -57,7 +59,7 @@ def page_sharding(spec: CacheSpec, mesh: Mesh, head_axis: str, layout: str = "sp
     return NamedSharding(mesh, PartitionSpec(None, None, head_axis, None))
 
 
-def for_rank(placement, ndim: int):
+def for_rank(placement: Any, ndim: int) -> Any:
     """``placement`` for an array of rank ``ndim``: a `NamedSharding` of the pages
     ``(blocks, tokens, heads, dim)`` keeps its first ``ndim`` axes, so an int8 layer's
     scales ``(blocks, tokens, heads)`` are split over the same mesh axis as its heads
@@ -68,12 +70,13 @@ def for_rank(placement, ndim: int):
     return placement
 
 
-def zeros(shape: tuple, dtype, placement=None) -> jax.Array:
+def zeros(shape: tuple[int, ...], dtype: Any, placement: Any = None) -> jax.Array:
     """Zeroed array on ``placement`` (a device, a sharding or None). A sharding is
     honoured at creation, so no device ever holds more than its own shard."""
     placement = for_rank(placement, len(shape))
     if isinstance(placement, jax.sharding.Sharding):
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placement)()
+        made: jax.Array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=placement)()
+        return made
     return jnp.zeros(shape, dtype, device=placement)
 
 

@@ -147,6 +147,8 @@ SLOW = {
     # These share one subprocess that compiles every step on 8 fake devices (23 s cold, 15 s warm).
     "test_sharding.py": ("test_sharded_pages_equal_single_device_bit_for_bit", "test_no_collective_touches_the_pages",
                          "test_two_data_parallel_replicas", "test_in_place_attention_on_sharded_pages"),
+    # One strict mypy run over the package and a user script: 9-12 s of CPU with a cold mypy cache.
+    "test_types.py": ("test_package_is_strict_clean", "test_user_script_errors_are_exactly_the_mistakes"),
 }
 
 

@@ -110,6 +110,7 @@ class DecodeLayout:
             return False
         n0, n1 = len(self.rows), len(kept)
         gm = dec.groups[0]
+        gens: Any  # a built layout's generations (never None)
         tables, gens = gm.block_tables, gm.block_gens
         (kv, pos, slots, q), _, _ = self._shape(B0, W)[1:]
         for i, j in enumerate(at):  # rows left before the end: move the rest up
@@ -145,6 +146,7 @@ class DecodeLayout:
             self._pad_rows(dec, B0, B1)
         gm = dec.groups[0]
         (kv, pos, slots, q), _, _ = self._shape(B1, W)[1:]
+        gens: Any  # as in `compact`
         bt, bs, generation, tables, gens = self.table.block_tables, self.bs, self.pool.generation, gm.block_tables, gm.block_gens
         for b, r in enumerate(new_rows, n):
             last = kvl[r] - 1
@@ -169,7 +171,8 @@ class DecodeLayout:
         if not (last is not None and last.positions is positions and last.kv_lens is dec.kv_lens
                 and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
             self.mixed_meta = step_metadata(dec.kv_lens, query_lens, positions, gm.block_tables, slots, gm.start,
-                                            gm.block_gens, self.signature, self.holder, self.owner)
+                                            gm.block_gens, self.signature, self.holder,  # type: ignore[arg-type]  # never None here
+                                            self.owner)
         return self.mixed_meta  # type: ignore[return-value]  # just set, or the last one (not None)
 
     def _clean_slots(self, B: int, T: int) -> np.ndarray:
@@ -210,7 +213,8 @@ class DecodeLayout:
         """Rows ``lo .. hi`` of the layout become padding rows."""
         gm = dec.groups[0]
         dec.kv_lens[lo:hi], dec.query_lens[lo:hi], dec.positions[lo:hi] = 0, 0, 0
-        gm.slot_mapping[lo:hi], gm.block_tables[lo:hi], gm.block_gens[lo:hi], gm.start[lo:hi] = self.pad, NULL_BLOCK, 0, 0
+        gm.slot_mapping[lo:hi], gm.block_tables[lo:hi], gm.block_gens[lo:hi], gm.start[lo:hi] = (  # type: ignore[index]  # gens: set
+            self.pad, NULL_BLOCK, 0, 0)
 
     def _keep(self, row_list: list[int], rows: np.ndarray | None) -> None:
         """Remember the rows just written and the table counters the layout is valid for;

@@ -55,23 +55,25 @@ def paged_attention(
     if not bound and getattr(view, "generations", None) is not None:
         # Blocks that changed hands since the metadata was built, or metadata of another
         # manager: the null block (see `paged_kv.binding`).
-        group = bind_step(view.generations, view.owner, metadata, view.group, s.block_size, write=False)[0]
+        group = bind_step(view.generations, view.owner, metadata, view.group,  # type: ignore[attr-defined]  # checked above
+                          s.block_size, write=False)[0]
     kv_lens = metadata.kv_lens - group.start
     chosen = _choose(view, impl)
     if chosen == "pallas_tpu_ragged":
-        pages = view.kv_pages
+        pages = view.kv_pages  # type: ignore[attr-defined]  # the ragged kernel's layout has them
         if pages.dtype != compute_dtype(s):
             pages = lax.bitcast_convert_type(pages, compute_dtype(s))
-        return ragged_paged_attention_tpu(query, pages, group.block_tables, kv_lens, metadata.query_lens,
+        return ragged_paged_attention_tpu(query, pages, group.block_tables, kv_lens, metadata.query_lens,  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
                                           window=view.window, scale=scale, soft_cap=soft_cap)
     positions = metadata.positions - group.start[:, None]
     # Rotated pages (`paged_kv.quant`): logits are the same in the rotated basis, so the
     # query is rotated once and the output un-rotated once, never the keys or values.
     kc, vc = view.codecs
-    out = paged_attention_xla(kc.rotate(query), partial(view.read_blocks, rotated=True), group.block_tables,
+    out = paged_attention_xla(kc.rotate(query), partial(view.read_blocks, rotated=True), group.block_tables,  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
                               kv_lens, positions, block_size=s.block_size, window=view.window, chunk=view.chunk,
-                              start=group.start, scale=scale, soft_cap=soft_cap, chunk_blocks=chunk_blocks)
-    return vc.unrotate(out).astype(query.dtype)
+                              start=group.start, scale=scale, soft_cap=soft_cap, chunk_blocks=chunk_blocks)  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
+    result: jax.Array = vc.unrotate(out).astype(query.dtype)
+    return result
 
 
 def ragged_kernel_fits(view: PagedLayer) -> bool:

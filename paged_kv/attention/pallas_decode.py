@@ -41,7 +41,8 @@ def _finish(out: jax.Array, kv_lens: jax.Array, query: jax.Array) -> jax.Array:
     return out[:, None].astype(query.dtype)
 
 
-def paged_decode_tpu(query, k_pages, v_pages, block_tables, kv_lens, *, scale=None, soft_cap=None,
+def paged_decode_tpu(query: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                     kv_lens: jax.Array, *, scale: float | None = None, soft_cap: float | None = None,
                      pages_per_compute_block: int = 8) -> jax.Array:
     """jax's TPU ``paged_attention`` for ``query`` ``[B, 1, Hq, D]``; returns ``[B, 1, Hq, D]``.
 
@@ -59,7 +60,8 @@ def paged_decode_tpu(query, k_pages, v_pages, block_tables, kv_lens, *, scale=No
     return _finish(out, kv_lens, query)
 
 
-def paged_decode_gpu(query, k_pages, v_pages, block_tables, kv_lens, *, scale=None, soft_cap=None,
+def paged_decode_gpu(query: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                     kv_lens: jax.Array, *, scale: float | None = None, soft_cap: float | None = None,
                      pages_per_compute_block: int = 8, k_splits: int = 16, interpret: bool = False) -> jax.Array:
     """jax's GPU (Triton) ``paged_attention`` for ``query`` ``[B, 1, Hq, D]``; returns
     ``[B, 1, Hq, D]``. ``interpret=True`` runs it on CPU (tests)."""

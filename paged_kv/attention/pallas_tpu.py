@@ -32,7 +32,7 @@ itself to ``benchmarks/bench_kernels.py`` on a TPU.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ from paged_kv.errors import ShapeError
 from paged_kv.ops import in_pool_blocks
 
 
-def ragged_kernel() -> Callable:
+def ragged_kernel() -> Callable[..., Any]:
     """jax's TPU ``ragged_paged_attention`` (imported lazily: it pulls in Mosaic)."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
@@ -58,8 +58,8 @@ def ragged_paged_attention_tpu(
     window: int | None = None,
     scale: float | None = None,
     soft_cap: float | None = None,
-    kernel: Callable | None = None,
-    **kernel_kwargs,
+    kernel: Callable[..., Any] | None = None,
+    **kernel_kwargs: Any,
 ) -> jax.Array:
     """Attention of ``query`` ``[B, T, Hq, D]`` over interleaved ``kv_pages`` through
     ``block_tables`` ``[B, W]``; returns ``[B, T, Hq, D]``.

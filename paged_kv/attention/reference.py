@@ -21,7 +21,7 @@ whether any key was visible, never by the normaliser, which NaN also fails to ex
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,7 @@ def paged_attention_xla(
     state = (*_init_state(query, read, block_tables[:, :c]), jnp.zeros(positions.shape, bool))
     lowest = lowest_key(positions, window, chunk, start)
 
-    def body(i, state):
+    def body(i: Any, state: Any) -> Any:
         ids = lax.dynamic_slice_in_dim(block_tables, i * c, c, axis=1)
         keys, values = read(ids)
         return _fold(state, q, keys, values, i * span, kv_lens, positions, lowest, soft_cap)
@@ -93,7 +93,7 @@ def paged_attention_xla(
     return out.transpose(0, 2, 1, 3).astype(query.dtype)
 
 
-def _init_state(query, read, ids):
+def _init_state(query: jax.Array, read: Callable[..., Any], ids: jax.Array) -> Any:
     """Running max, normaliser and accumulator, shaped from one chunk's abstract read."""
     b, t, hq, _ = query.shape
     _, values = jax.eval_shape(read, ids)
@@ -105,7 +105,8 @@ def _init_state(query, read, ids):
     )
 
 
-def _fold(state, q, keys, values, first, kv_lens, positions, lowest, soft_cap):
+def _fold(state: Any, q: jax.Array, keys: jax.Array, values: jax.Array, first: Any, kv_lens: jax.Array,
+          positions: jax.Array, lowest: Any, soft_cap: float | None) -> Any:
     """One online-softmax update with keys ``first .. first + S - 1``; ``lowest``
     ``[B, T]`` (or None): each query's first visible key (window or chunk). ``seen``
     ``[B, T]``: whether the query has had a visible key so far."""

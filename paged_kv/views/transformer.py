@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,9 @@ from paged_kv.spec import CacheSpec
 from paged_kv.binding import bind_step
 from paged_kv.views.mask import AttentionMask
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 
 class PagedLayerView:
     """What every paged layer view shares, whatever its page layout.
@@ -39,24 +43,40 @@ class PagedLayerView:
     defined once, here.
     """
 
+    # Declared for the type checker (each subclass defines them as dataclass fields).
+    spec: CacheSpec
+    layer_index: int
+    generations: jax.Array | None
+    owner: jax.Array | None
+
+    if TYPE_CHECKING:
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+        def __init__(self, *, spec: CacheSpec, layer_index: int = 0, **arrays: jax.Array | None) -> None: ...
+
+        def write_slots(self, key: jax.Array, value: jax.Array, slots: jax.Array) -> PagedLayerView: ...
+
+        def decode_gathered(self, gathered: Any, rotated: bool = False) -> tuple[jax.Array, jax.Array]: ...
+
     @staticmethod
-    def page_arrays(spec: CacheSpec, layer: int) -> dict:
+    def page_arrays(spec: CacheSpec, layer: int) -> dict[str, Any]:
         """Name -> (shape, dtype) of each page leaf of this layout, None where absent."""
         raise NotImplementedError
 
     @staticmethod
-    def binding_arrays(spec: CacheSpec, layer: int) -> dict:
+    def binding_arrays(spec: CacheSpec, layer: int) -> dict[str, Any]:
         """Name -> (shape, dtype) of the binding leaves (`paged_kv.binding`):
         each block's generation, and the serial of the manager the pages serve."""
         return {"generations": ((spec.groups[spec.group_of(layer)].num_blocks,), np.int32), "owner": ((), np.int32)}
 
     @classmethod
     def init(cls, spec: CacheSpec, layer_index: int = 0,
-             device: jax.Device | jax.sharding.Sharding | None = None) -> "PagedLayerView":
+             device: jax.Device | jax.sharding.Sharding | None = None) -> Self:
         """Zeroed pages (the null block must start at zero), placed on ``device`` or a
         sharding (the binding arrays: replicated), unbound (owner 0)."""
         wanted = {**cls.page_arrays(spec, layer_index), **cls.binding_arrays(spec, layer_index)}
-        arrays = {name: None if want is None else zeros(*want, device) for name, want in wanted.items()}
+        arrays = {name: None if want is None else zeros(*want, device)  # type: ignore[call-arg]  # want: (shape, dtype)
+                  for name, want in wanted.items()}
         return cls(spec=spec, layer_index=layer_index, **arrays)
 
     def check_pages(self) -> None:
@@ -74,14 +94,16 @@ class PagedLayerView:
     def map_pages(self, fn: Callable[[jax.Array], jax.Array]) -> "PagedLayerView":
         """``fn`` applied to every page (and scale) array, the binding arrays kept."""
         mapped = jax.tree_util.tree_map(fn, self.pages())
-        return dataclasses.replace(mapped, generations=self.generations, owner=self.owner)
+        kept: PagedLayerView = dataclasses.replace(mapped, generations=self.generations, owner=self.owner)
+        return kept
 
     def bound(self, metadata: StepMetadata, write: bool) -> tuple["PagedLayerView", StepMetadata]:
         """``metadata`` as these pages may serve it (refused blocks: the null block;
         refused writes: dropped) and, for a write, the view with the blocks recorded:
         see `paged_kv.binding.bind_step`."""
         g = self.group
-        gm, generations, owner = bind_step(self.generations, self.owner, metadata, g, self.spec.block_size, write)
+        gm, generations, owner = bind_step(self.generations, self.owner, metadata, g,  # type: ignore[arg-type]  # views hold them
+                                           self.spec.block_size, write)
         groups = (*metadata.groups[:g], gm, *metadata.groups[g + 1:])
         meta = dataclasses.replace(metadata, groups=groups)
         return dataclasses.replace(self, generations=generations, owner=owner), meta
@@ -97,7 +119,9 @@ class PagedLayerView:
         ``block_tables`` ``[B, W]`` laid end to end, ``[B, W*block_size, *row]`` storage
         bits, zero at and past ``kv_lens`` ``[B]``: what `decode_gathered` takes. An
         attention kernel may gather chunks of blocks the same way and decode each."""
-        return jax.tree_util.tree_map(lambda p: gather_blocks(p, block_tables, kv_lens, p.dtype), self.pages())
+        gathered: PagedLayerView = jax.tree_util.tree_map(lambda p: gather_blocks(p, block_tables, kv_lens, p.dtype),
+                                                          self.pages())
+        return gathered
 
     def read(self, metadata: StepMetadata) -> tuple[jax.Array, jax.Array]:
         """Contiguous keys and values ``[B, W*block_size, heads, dim]`` in the compute dtype
@@ -115,7 +139,7 @@ class PagedLayerView:
         """`read` of metadata bound already."""
         tables = metadata.groups[self.group]
         lens = metadata.kv_lens - tables.start
-        keys, values = self.decode_gathered(self.gather(tables.block_tables, lens))
+        keys, values = self.decode_gathered(self.gather(tables.block_tables, lens))  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
         if self.codecs[0].offset is not None:  # zeroed slots decode to the offset: zero them again
             live = jnp.arange(keys.shape[1])[None, :] < lens[:, None]
             keys = jnp.where(live[:, :, None, None], keys, jnp.zeros((), keys.dtype))
@@ -135,7 +159,7 @@ class PagedLayerView:
         taken = jax.tree_util.tree_map(lambda p: take_blocks(p, block_ids, p.dtype), self.pages())
         return self.decode_gathered(taken, rotated=rotated)
 
-    def _check_step(self, key, value, slots) -> None:
+    def _check_step(self, key: object, value: object, slots: object) -> None:
         """Raise `ShapeError` unless ``key``/``value`` are float arrays ``[B, T, heads, dim]``
         with ``[B, T]`` the shape of ``slots``. Shapes and dtypes are static, so under jit
         this raises at trace time, before any write."""
@@ -197,15 +221,15 @@ class PagedLayerView:
         `paged_kv.binding`)."""
         return self._write(key, value, metadata)[0]
 
-    def _write(self, key, value, metadata: StepMetadata) -> tuple["PagedLayerView", StepMetadata]:
+    def _write(self, key: jax.Array, value: jax.Array, metadata: StepMetadata) -> tuple["PagedLayerView", StepMetadata]:
         """`write`, and the metadata as bound (what the step's reads then use)."""
         self.check_pages()
         self.check_metadata(metadata)
         self._check_step(key, value, metadata.groups[self.group].slot_mapping)
         view, metadata = self.bound(metadata, write=True)
         group = metadata.groups[self.group]
-        view = view.copy_blocks(group.copy_src, group.copy_dst, group.copy_len)
-        return view.write_slots(key, value, group.slot_mapping), metadata
+        view = view.copy_blocks(group.copy_src, group.copy_dst, group.copy_len)  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
+        return view.write_slots(key, value, group.slot_mapping), metadata  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
 
     def copy_blocks(self, src: jax.Array, dst: jax.Array, length: jax.Array) -> "PagedLayerView":
         """Copy the first ``length[i]`` token slots of block ``src[i]`` into block ``dst[i]``,
@@ -220,8 +244,8 @@ class PagedLayerView:
         # Host (numpy) metadata in an eager call: the loop indexes by a traced counter.
         src, dst, length = jnp.asarray(src), jnp.asarray(dst), jnp.asarray(length)
 
-        def copy_all(pages):
-            def copy_one(i, pages):
+        def copy_all(pages: jax.Array) -> jax.Array:
+            def copy_one(i: jax.Array, pages: jax.Array) -> jax.Array:
                 nb = pages.shape[0]
                 inside = (dst[i] >= 1) & (dst[i] < nb) & (src[i] >= 0) & (src[i] < nb)
                 d = jnp.where(inside, dst[i], 0)  # not inside: block 0 written back unchanged
@@ -229,9 +253,11 @@ class PagedLayerView:
                 new = lax.dynamic_index_in_dim(pages, jnp.where(inside, src[i], 0), keepdims=False)
                 take = (jnp.arange(bs) < length[i]) & inside
                 merged = jnp.where(take.reshape(bs, *([1] * (pages.ndim - 2))), new, old)
-                return lax.dynamic_update_index_in_dim(pages, merged, d, 0)
+                updated: jax.Array = lax.dynamic_update_index_in_dim(pages, merged, d, 0)
+                return updated
 
-            return lax.fori_loop(0, src.shape[0], copy_one, pages)
+            copied: jax.Array = lax.fori_loop(0, src.shape[0], copy_one, pages)
+            return copied
 
         return self.map_pages(copy_all)
 
@@ -255,8 +281,8 @@ class PagedLayerView:
         layer's mask also carries ``start``, where its chunk edges are measured from."""
         start = metadata.groups[self.group].start
         return AttentionMask(
-            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window,
-            self.chunk, None if self.chunk is None else start,
+            metadata.kv_lens - start, metadata.positions - start[:, None], metadata.query_lens, self.window,  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
+            self.chunk, None if self.chunk is None else start,  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit
         )
 
     def attention(
@@ -352,7 +378,7 @@ class TransformerCacheView(PagedLayerView):
     owner: jax.Array | None = None
 
     @staticmethod
-    def page_arrays(spec: CacheSpec, layer: int) -> dict:
+    def page_arrays(spec: CacheSpec, layer: int) -> dict[str, Any]:
         """Name -> (shape, dtype) of each page leaf of the split layout, None where absent."""
         return _page_arrays(spec, layer)
 
@@ -366,7 +392,7 @@ class TransformerCacheView(PagedLayerView):
             out[f"{part}_pages"] = scatter_tokens(getattr(self, f"{part}_pages"), bits, slots, bits.dtype)
             if scales is not None:
                 out[f"{part}_scales"] = scatter_tokens(getattr(self, f"{part}_scales"), scales, slots, scales.dtype)
-        return dataclasses.replace(self, **out)
+        return dataclasses.replace(self, **out)  # type: ignore[arg-type]  # page and scale fields
 
     def decode_gathered(self, gathered: "TransformerCacheView", rotated: bool = False) -> tuple[jax.Array, jax.Array]:
         """Keys and values in the compute dtype from `gather`'s result (or a chunk of it);
@@ -376,11 +402,11 @@ class TransformerCacheView(PagedLayerView):
                 getattr(vc, part)(gathered.value_pages, gathered.value_scales))
 
 
-def _page_arrays(spec: CacheSpec, layer: int) -> dict:
+def _page_arrays(spec: CacheSpec, layer: int) -> dict[str, Any]:
     """``{field: (shape, storage dtype) or None}`` of layer ``layer``'s split view."""
     nb = spec.groups[spec.group_of(layer)].num_blocks
     kc, vc = codecs(spec, layer)
-    out = {}
+    out: dict[str, Any] = {}
     for part, codec, heads, dim in (("key", kc, spec.key_heads, spec.key_dim), ("value", vc, spec.value_heads, spec.value_dim)):
         out[f"{part}_pages"] = ((nb, spec.block_size, heads, dim), codec.page_storage)
         out[f"{part}_scales"] = None if codec.scale_storage is None else ((nb, spec.block_size, heads), codec.scale_storage)
@@ -403,7 +429,7 @@ def _check_generation_shapes(layer: int, metadata: StepMetadata) -> None:
                                  "build metadata with a manager, or give each its generations")
 
 
-def _check_array(view, name: str, arr, want) -> None:
+def _check_array(view: PagedLayerView, name: str, arr: Any, want: Any) -> None:
     """`ShapeError` unless ``arr`` has the ``(shape, dtype)`` ``want`` (or both are None)."""
     if want is None and arr is None:
         return

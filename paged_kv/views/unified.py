@@ -34,6 +34,7 @@ same way (the block tables of ``metadata.groups[view.group]``, offsets ``start``
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def unified_page_shape(spec: CacheSpec, layer: int) -> tuple[int, ...]:
     return (nb, spec.block_size, spec.key_heads * spec.key_dim + spec.value_heads * spec.value_dim)
 
 
-def _page_arrays(spec: CacheSpec, layer: int) -> dict:
+def _page_arrays(spec: CacheSpec, layer: int) -> dict[str, Any]:
     """``{field: (shape, storage dtype) or None}``: the pages, and an int8 layer's scales
     ``[num_blocks, block_size, 2H]`` (interleaved like the heads) or ``[.., Hk + Hv]``."""
     kc, _ = codecs(spec, layer)
@@ -84,7 +85,7 @@ class UnifiedCacheView(PagedLayerView):
     owner: jax.Array | None = None
 
     @staticmethod
-    def page_arrays(spec: CacheSpec, layer: int) -> dict:
+    def page_arrays(spec: CacheSpec, layer: int) -> dict[str, Any]:
         """Name -> (shape, dtype) of each page leaf of the unified layout, None where absent."""
         return _page_arrays(spec, layer)
 
@@ -104,9 +105,10 @@ class UnifiedCacheView(PagedLayerView):
         rows = self._combine(kbits, vbits)
         out = {"kv_pages": scatter_tokens(self.kv_pages, rows, slots, rows.dtype)}
         if kscale is not None:
-            scales = self._combine(kscale[..., None], vscale[..., None])
-            out["kv_scales"] = scatter_tokens(self.kv_scales, scales.reshape(scales.shape[:3]), slots, scales.dtype)
-        return dataclasses.replace(self, **out)
+            scales = self._combine(kscale[..., None], vscale[..., None])  # type: ignore[index]  # both or neither
+            out["kv_scales"] = scatter_tokens(self.kv_scales, scales.reshape(scales.shape[:3]), slots,  # type: ignore[arg-type]  # int8: scales
+                                               scales.dtype)
+        return dataclasses.replace(self, **out)  # type: ignore[arg-type]  # page and scale fields
 
     def decode_gathered(self, gathered: "UnifiedCacheView", rotated: bool = False) -> tuple[jax.Array, jax.Array]:
         """Split, then decode: keys ``[B, S, key_heads, key_dim]`` and values ``[B, S,
@@ -120,7 +122,7 @@ class UnifiedCacheView(PagedLayerView):
             kscale, vscale = self._split_scales(gathered.kv_scales)
         return getattr(kc, part)(kbits, kscale), getattr(vc, part)(vbits, vscale)
 
-    def _check_shapes(self, key, value, bt) -> None:
+    def _check_shapes(self, key: jax.Array, value: jax.Array, bt: tuple[int, ...]) -> None:
         s = self.spec
         bt = tuple(bt)
         want_k, want_v = (*bt, s.key_heads, s.key_dim), (*bt, s.value_heads, s.value_dim)
