@@ -223,6 +223,47 @@ def _model_rows(r: dict) -> list[Row]:
                     f"{_x(top['speedup_tokens_per_s'])} the tokens/s of batch {base['batch']}; KV usage mean "
                     f"{_pct(top['kv_usage_mean'])}", f"{top['tokens_per_s']:,.0f} vs {base['tokens_per_s']:,.0f} "
                     "tokens/s (a tiny model: dispatch and host work per step, not FLOPs)"))
+    return _vs_transformers_rows(r) + out
+
+
+def _vs_transformers_rows(r: dict) -> list[Row]:
+    """`bench_generate.py`'s comparison with transformers and its time to first token."""
+    out = []
+    vs = get(r, "bench_generate:vs_transformers") or {}
+    params = f"{vs['parameters'] / 1e6:.0f}M-parameter" if vs.get("parameters") else "benchmark"
+    versions = (vs.get("transformers") or {}).get("versions") or {}
+    for b, d in sorted((vs.get("batches") or {}).items(), key=lambda kv: -int(kv[0])):
+        what = (f"greedy generation, {params} Llama, decode batch {b}, {vs['new_tokens']} new tokens: paged_kv's "
+                "`Generator` ÷ transformers' continuous batching (`bench_generate.py`)")
+        if "ratio_continuous" not in d:
+            why = (vs.get("transformers") or {}).get("error") or d.get("continuous_error") or "not run"
+            out.append((what, "—", f"paged_kv {d['paged_kv_tokens_per_s']:,.0f} tokens/s; transformers: {why}"))
+            continue
+        aim = d.get("aim_ratio_continuous")
+        figure = (f"{_x(d['ratio_continuous'])} `generate_batch`"
+                  + (f", {_x(d['ratio_continuous_manager'])} one running manager" if "ratio_continuous_manager" in d
+                     else "")
+                  + (f"; aim ≥ {aim:g}×: {_aim(d.get('aim_met'))}" if aim is not None else ""))
+        equal = ", ".join(f"{name} {d[key]}" for name, key in (("generate_batch", "equal_continuous"),
+                          ("manager", "equal_continuous_manager"), ("generate", "equal_padded")) if key in d)
+        threads = (d.get("torch_threads") or {}).get("threads")
+        base = (f"paged_kv {d['paged_kv_tokens_per_s']:,.0f} tokens/s, transformers "
+                f"{versions.get('transformers', '?')} {d['continuous_tokens_per_s']:,.0f}"
+                + (f" / {d['continuous_manager_tokens_per_s']:,.0f}" if "continuous_manager_tokens_per_s" in d else "")
+                + (f"; padded `generate` {d['padded_tokens_per_s']:,.0f} (paged_kv {_x(d['ratio_padded'])})"
+                   if "ratio_padded" in d else "")
+                + (f"; torch {threads} thread(s)" if threads else "")
+                + f"; greedy tokens equal: {equal}")
+        out.append((what, figure, base))
+    t = get(r, "bench_generate:ttft") or {}
+    if t.get("warm_s") is not None:
+        cold = f"{t['cold_s']:.2f} s" if t.get("cold_s") is not None else "—"
+        jax_s = (t["warm"].get("marks_s") or {}).get("imported_jax")
+        out.append(("time to first token of a second process (from its start, the model loaded, JAX's "
+                    "persistent compilation cache filled by a first process; `bench_generate.py`)",
+                    f"**{t['warm_s']:.2f} s**; aim ≤ {t['aim_warm_s']:g} s: {_aim(t.get('aim_met'))}",
+                    f"the first process, empty cache: {cold}"
+                    + (f"; the second spent {jax_s:.2f} s importing jax" if jax_s is not None else "")))
     return out
 
 

@@ -26,7 +26,9 @@ maintainer does to publish new figures.
 ``bench_vs_vllm.py`` needs vLLM v1 importable (a benchmark-only dependency;
 benchmarks/PEERS.md says how to install its CPU build): give its interpreter with
 ``--vllm-python`` (or the ``VLLM_PYTHON`` environment variable); without one it
-records why it was skipped.
+records why it was skipped. ``bench_generate.py`` compares against transformers
+(torch and transformers, which that venv has too) run by the same interpreter
+(``--peer-python``); without it, it reports paged_kv's side alone.
 """
 
 from __future__ import annotations
@@ -62,10 +64,25 @@ BENCHMARKS = {
     "bench_sliding": ["--limit", "3000"],
     "bench_device_ops": [],
     "bench_decode_step": ["--quick"],
-    "bench_generate": ["--repeats", "2"],
+    "bench_generate": ["--quick"],
     "bench_quant": ["--quick"],
     "bench_transfer": ["--quick"],  # two processes on 127.0.0.1 (`paged_kv.transfer`)
 }
+
+
+PEER_FLAGS = {"bench_generate": "--peer-python"}
+"""Benchmarks that run in this interpreter and drive a peer in another one: the flag that
+names it, given the ``--vllm-python`` interpreter (that venv has torch and transformers
+too; benchmarks/PEERS.md). Without one the benchmark looks in its own interpreter and
+reports the peer's side as skipped when it is not there."""
+
+
+def benchmark_args(name: str, vllm_python: str) -> list[str]:
+    """The arguments ``name`` runs with: its quick settings, and the peer's interpreter where it takes one."""
+    args = list(BENCHMARKS[name])
+    if name in PEER_FLAGS and vllm_python and vllm_python != sys.executable:
+        args += [PEER_FLAGS[name], vllm_python]
+    return args
 
 
 SETTLE_S = {"bench_device_ops": 30}
@@ -166,8 +183,9 @@ def run_benchmarks(results: dict, only: list[str] | None, vllm_python: str, time
     took = 0.0
     for name in names:
         python = vllm_python if name == "bench_vs_vllm" else sys.executable
-        print(f"running {name} {' '.join(BENCHMARKS[name])} ...", flush=True)
-        res = run_one(name, BENCHMARKS[name], python, timeout)
+        args = benchmark_args(name, vllm_python)
+        print(f"running {name} {' '.join(args)} ...", flush=True)
+        res = run_one(name, args, python, timeout)
         took += res.get("run_s", 0)
         print(f"    {res.get('error') or 'ok'} ({res.get('run_s', '?')} s)", flush=True)
         merge(results, name, res, failed)
@@ -198,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="write benchmarks/results.json and rewrite the README's figures section (tracked files)")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README --update-readme rewrites")
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", sys.executable),
-                    help="interpreter that can import vLLM, for bench_vs_vllm.py (benchmarks/PEERS.md)")
+                    help="interpreter that can import vLLM, for bench_vs_vllm.py, and torch + transformers, for "
+                    "bench_generate.py's peer (benchmarks/PEERS.md)")
     ap.add_argument("--render-only", action="store_true", help="render the table from the last results; run nothing")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per benchmark")
     args = ap.parse_args(argv)
