@@ -186,24 +186,36 @@ def register_pytrees() -> None:
         return
     import jax
 
-    jax.tree_util.register_dataclass(
-        GroupMetadata, data_fields=["block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len",
-                                    "block_gens", "copy_src_gen", "copy_dst_gen"],
-        meta_fields=[],
-    )
+    jax.tree_util.register_dataclass(GroupMetadata, data_fields=list(_GROUP_FIELDS), meta_fields=[])
     jax.tree_util.register_pytree_with_keys(StepMetadata, _flatten_with_keys, _unflatten, _flatten)
     _registered = True
 
 
 _FIELDS = ("kv_lens", "query_lens", "positions", "groups", "owner")
+_GROUP_FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len", "block_gens",
+                 "copy_src_gen", "copy_dst_gen")  # GroupMetadata's, in its constructor's order
 
 
 def _flatten(meta: StepMetadata) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     # The device boundary: metadata whose sequences were released since it was
     # described would address blocks that may be another sequence's by now.
-    if meta.step is not None:
-        meta.step.check_live()  # type: ignore[attr-defined]  # a Step, or a StepBatch naming its last
+    step = meta.step
+    if step is not None:
+        step.check_live()  # type: ignore[attr-defined]  # a Step, or a StepBatch naming its last
+        if getattr(step, "reuses_buffers", False):
+            return _copied(meta), meta.built_for
     return (meta.kv_lens, meta.query_lens, meta.positions, meta.groups, meta.owner), meta.built_for
+
+
+def _copied(meta: StepMetadata) -> tuple[Any, ...]:
+    """The children of a `StepBatch`'s metadata, copied. Its arrays are the batch's
+    buffers, rewritten in place by its next step, and on CPU a jitted call may take a
+    numpy argument without copying it and run after the call returns: an engine that
+    describes step N+1 while step N runs would otherwise change step N's slots under it
+    (a token written into another row's block). A few small copies per call."""
+    groups = tuple(GroupMetadata(*(None if (a := getattr(g, f)) is None else np.array(a) for f in _GROUP_FIELDS))
+                   for g in meta.groups)
+    return np.array(meta.kv_lens), np.array(meta.query_lens), np.array(meta.positions), groups, meta.owner
 
 
 def _flatten_with_keys(meta: StepMetadata) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:

@@ -156,3 +156,42 @@ def test_eager_calls_with_copy_carrying_host_metadata():
     assert out.shape[:2] == (meta.batch_size, meta.query_len)
     keys, _values, _mask, _ = view.concatenate_to_cache(q, 2 * q, 2 * q, meta)
     assert np.asarray(keys)[0, :7, 0, 0].tolist() == [1.0] * 6 + [2.0]  # the copied tokens, then the new one
+
+
+def test_a_step_batch_step_in_flight_keeps_its_own_arrays():
+    """A jitted call given a `StepBatch`'s metadata, still running when the next step is
+    described, sees the arrays of its own step. On CPU a jitted call may take a numpy
+    argument without copying it (about half of 4 KiB buffers here), and the batch
+    rewrites its buffers in place: without the copy at flattening, the running step's
+    slots would move under it. Several shapes and rounds: a batch whose buffers are
+    never copied fails on nearly every run."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def slow_echo(big, meta):
+        x = big
+        for _ in range(12):  # long enough that the call returns before it has run
+            x = jnp.tanh(x @ x.T * 1e-3)
+        late = (x[0, 0] > 1e9).astype(jnp.int32)  # 0, known only once the loop has run: read the metadata after it
+        return meta.groups[0].slot_mapping + late, meta.kv_lens + late
+
+    big = jnp.ones((512, 512), jnp.float32)
+    spec = pk.CacheSpec(num_layers=1, num_blocks=4096, block_size=16, max_blocks_per_seq=64, max_batch_slots=1024,
+                        num_kv_heads=1, head_dim=8)
+    for rows in (600, 1000):  # [rows bucket, 1] int32 slots: 4 KiB buffers
+        m = pk.KVCacheManager(spec)
+        batch = pk.StepBatch(m)
+        ids = list(range(rows))
+        for i in ids:
+            m.admit(i, 3)
+        batch.step(ids, 1)
+        batch.commit()
+        for _ in range(4):
+            meta = batch.decode(ids)
+            want = (meta.groups[0].slot_mapping.copy(), meta.kv_lens.copy())
+            running = slow_echo(big, meta)
+            batch.decode(ids)  # the next step, described while this one runs: its buffers move on
+            batch.commit()
+            np.testing.assert_array_equal(np.asarray(running[0]), want[0])
+            np.testing.assert_array_equal(np.asarray(running[1]), want[1])

@@ -52,9 +52,13 @@ class StepBatch:
     fuses ``append(ids, 1)`` with it.
 
     The returned metadata's arrays belong to the batch and are overwritten by the
-    next `step` or `decode`: hand them to the device (``meta.to_device()`` copies them)
-    before asking for the next step. `step_metadata` itself is unchanged (fresh arrays).
+    next `step` or `decode`: read them (or keep ``meta.to_device()``) before asking for
+    the next step. A jitted call copies them as it takes them (``reuses_buffers``: see
+    `paged_kv.metadata`), so a step still running on the device when the next one is
+    described keeps its own. `step_metadata` itself is unchanged (fresh arrays).
     """
+
+    reuses_buffers = True  # flattening this batch's metadata copies its arrays (`paged_kv.metadata._copied`)
 
     def __init__(self, manager: KVCacheManager):
         self.manager = manager
