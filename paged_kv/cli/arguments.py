@@ -10,15 +10,23 @@ import re
 from paged_kv.words import plural  # re-exported: the CLI modules import it from here
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def integer(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+positive_int = integer(1)
+"""An argparse type: an integer >= 1."""
 
 
 def number(low: float, high: float | None = None):
@@ -37,13 +45,21 @@ def number(low: float, high: float | None = None):
     return number
 
 
-def positive_size(text: str) -> float:
-    """An argparse type: a finite number > 0 (a size such as ``--pool-gib 16`` or ``0.5``)."""
+def finite(text: str) -> float:
+    """An argparse type: a finite number."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+    return value
+
+
+def positive_size(text: str) -> float:
+    """An argparse type: a finite number > 0 (a size such as ``--pool-gib 16`` or ``0.5``)."""
+    value = finite(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
     return value
 
@@ -86,4 +102,4 @@ def in_flag_words(message: str, flags: dict[str, str], for_memory: str) -> str:
     return _FOR_MEMORY.sub(for_memory, message)
 
 
-__all__ = ["HelpFormatter", "in_flag_words", "number", "plural", "positive_int", "positive_size"]
+__all__ = ["HelpFormatter", "finite", "in_flag_words", "integer", "number", "plural", "positive_int", "positive_size"]

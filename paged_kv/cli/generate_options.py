@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import pathlib
 from collections.abc import Iterator
 
-from paged_kv.cli.arguments import number
+from paged_kv.cli.arguments import finite, integer, number
 from paged_kv.cli.prompts import token_ids
 from paged_kv.errors import PagedKVError
 
@@ -22,14 +21,7 @@ SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "pre
 """Flags passed to every `Request` as they are named there (``--top-k`` -> ``top_k``)."""
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+_nonneg_int = integer(0)
 
 
 def _probability(text: str) -> float:
@@ -53,16 +45,6 @@ def _penalty(text: str) -> float:
     return value
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
-    return value
-
-
 def add_flags(gen: argparse.ArgumentParser) -> None:
     """Add the sampling, stop, chat and cache flags to the ``generate`` parser."""
     s = gen.add_argument_group("sampling (default: greedy)")
@@ -74,7 +56,7 @@ def add_flags(gen: argparse.ArgumentParser) -> None:
                    help="drop tokens less likely than P times the most likely (0: off)")
     s.add_argument("--repetition-penalty", type=_penalty, default=1.0, metavar="X",
                    help="divide the logits of prompt and generated tokens by X (1: off)")
-    s.add_argument("--presence-penalty", type=_finite, default=0.0, metavar="X",
+    s.add_argument("--presence-penalty", type=finite, default=0.0, metavar="X",
                    help="subtract X from the logits of generated tokens (0: off)")
     s.add_argument("--seed", type=_nonneg_int, metavar="N",
                    help="seed of every request's draws (request i uses N + i); default: random")
