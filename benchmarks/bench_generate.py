@@ -11,7 +11,8 @@ Three parts, in one run (each prints its figures; the final JSON line holds them
    `generate`, at decode batch 32 and batch 1, all in float32. Every request's greedy
    tokens are compared across the three; a mismatch is printed and counted in the JSON,
    never hidden. Each side first serves a warm-up set (prompts covering every prefill
-   shape, so paged_kv's timed runs reuse compiled steps), then the timed sets; figures
+   shape and context length, so paged_kv's timed runs reuse compiled steps; shorter
+   requests on transformers' side, which compiles nothing), then the timed sets; figures
    are medians of end-to-end tokens/s (generated tokens over the wall time of serving a
    set, prefill included), and ratios paged_kv ÷ transformers. Aims: ≥ 2× continuous
    batching at batch 32, ≥ 1× at batch 1.
@@ -157,7 +158,9 @@ def paged_side(cfg, params, runs: list[dict], args) -> list[dict]:
         longest = max(len(p) for group in [run["warmup"], *run["timed"]] for p in group)
         gen = Generator(cfg, params, _spec(cfg, run["batch"], longest, args.new_tokens))
         t0 = time.perf_counter()
-        gen.generate([Request(p, args.warmup_new_tokens) for p in run["warmup"]])  # compiles every step shape
+        # Compiles every step shape: the full new tokens, since the decode step's block tables
+        # grow with the longest context (a shorter warm-up left a compilation in the timed runs).
+        gen.generate([Request(p, args.new_tokens) for p in run["warmup"]])
         warmup_s = time.perf_counter() - t0
         seconds, tokens, compilations, decode = [], [], 0, []
         for group in run["timed"]:
@@ -230,17 +233,25 @@ def versus(args) -> dict:
            "new_tokens": args.new_tokens, "prompt_lengths": list(PROMPT_LENGTHS), "timed_sets": args.repeats,
            "dtype": "float32"}
     runs = workload(cfg.vocab_size, args)
-    load0 = os.getloadavg()
-    paged = paged_side(cfg, params, runs, args)
-    out["loadavg_paged_kv"] = [round(x, 2) for x in load0 + os.getloadavg()]
-    del params
     python, why = find_peer(args.peer_python)
-    if python is None:
-        peer = {"error": why}
-    else:
+    # Batch by batch, paged_kv then transformers (a process each batch), so the two sides of a
+    # ratio run minutes apart at most on a machine whose load drifts.
+    paged, peer, loads = [], {"error": why} if python is None else {"runs": []}, {}
+    for run in runs:
         load0 = os.getloadavg()
-        peer = peer_side(python, checkpoint, runs, args)
-        out["loadavg_transformers"] = [round(x, 2) for x in load0 + os.getloadavg()]
+        paged += paged_side(cfg, params, [run], args)
+        loads[f"paged_kv_batch_{run['batch']}"] = [round(x, 2) for x in load0 + os.getloadavg()]
+        if python is None or "error" in peer:
+            continue
+        load0 = os.getloadavg()
+        answer = peer_side(python, checkpoint, [run], args)
+        loads[f"transformers_batch_{run['batch']}"] = [round(x, 2) for x in load0 + os.getloadavg()]
+        if "error" in answer:
+            peer = answer
+        else:
+            peer = {**answer, "runs": peer["runs"] + answer["runs"]}
+    out["loadavg_start_end"] = loads
+    del params
     out["transformers"] = {k: v for k, v in peer.items() if k != "runs"}
     if "error" in peer:
         print(f"-- transformers side skipped: {peer['error']}")
@@ -384,8 +395,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timed sets and requests (what run_all.py runs)")
     ap.add_argument("--batches", default="32,1", help="decode batches of the comparison")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--warmup-new-tokens", type=int, default=4, help="new tokens per warm-up request")
-    ap.add_argument("--repeats", type=int, help="timed sets per batch (default 3, quick 2)")
+    ap.add_argument("--warmup-new-tokens", type=int, default=8,
+                    help="new tokens per warm-up request on transformers' side (paged_kv's warm-up generates "
+                    "--new-tokens: its step shapes depend on the context length)")
+    ap.add_argument("--repeats", type=int, help="timed sets per batch (default 5, quick 3)")
     ap.add_argument("--batch1-requests", type=int, help="requests per timed set at batch 1 (default 4, quick 1)")
     ap.add_argument("--peer-threads", type=int, default=-1,
                     help="torch threads: 0 torch's default (every core), -1 the faster of that and 1 per batch, "
@@ -404,7 +417,7 @@ def main() -> None:
     ap.add_argument("--sweep-repeats", type=int, help="(default 3, quick 1)")
     args = ap.parse_args()
     q = args.quick
-    args.repeats = args.repeats or (2 if q else 3)
+    args.repeats = args.repeats or (3 if q else 5)
     args.batch1_requests = args.batch1_requests or (1 if q else 4)
     args.sweep_batches = args.sweep_batches or ("1,32" if q else "1,8,32")
     args.sweep_repeats = args.sweep_repeats or (1 if q else 3)
