@@ -4,8 +4,11 @@ Bookkeeping and bytes are separate: the index (key -> slot, each key's parent, t
 eviction policy, pins) works alone, which is all the simulator needs; the bytes are
 numpy buffers, one per layer of the group and page leaf (keys, values, quantized
 scales: everything a page carries), ``[capacity, block_size, ...]`` in the pages'
-storage dtype, made on the first page stored (only the device knows the leaves).
-A slot is a block's worth of every leaf of every layer of the group.
+storage dtype, made once when the device's leaves are first known (`movement.flush`
+makes them before its first copy lands: a landing then never allocates). A slot is a
+block's worth of every leaf of every layer of the group. Moves copy many slots at
+once (`write_rows`, `read_rows`: one numpy fancy-index copy per leaf), never a
+Python loop over blocks and leaves.
 
 Pins: a key whose slot a move reads or writes (a download not finished, an upload
 not dispatched) is never the victim of an eviction, so a slot never changes under a
@@ -60,6 +63,8 @@ class HostTier:
         """Make the buffers for page leaves of these ``(shape, dtype)`` (per layer, per leaf),
         once; `AssertionError` if a later page has other leaves."""
         if self.buffers is None:
+            # np.zeros maps zero pages lazily: the first landing in a slot pays the page
+            # faults once, not every flush.
             self.buffers = [[np.zeros((self.capacity, *s), d) for s, d in layer] for layer in shapes]
         else:
             have = [[(a.shape[1:], a.dtype) for a in layer] for layer in self.buffers]
@@ -102,6 +107,28 @@ class HostTier:
             for buf, a in zip(buf_layer, layer):
                 buf[slot] = a
         self.ready.add(key)
+
+    def write_rows(self, keys: list[int], pages: Pages, rows: np.ndarray | slice) -> None:
+        """Store ``pages[layer][leaf][rows]`` (a batch of landed copies) in the slots of
+        ``keys``, one fancy-index copy per leaf: ``rows`` a slice when the batch is whole
+        (no temporary), else an index array."""
+        if not keys:
+            return
+        assert self.buffers is not None
+        slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
+        for buf_layer, layer in zip(self.buffers, pages):
+            for buf, a in zip(buf_layer, layer):
+                buf[slots] = a[rows]
+        self.ready.update(keys)
+
+    def read_rows(self, keys: list[int], out: list[list[np.ndarray]]) -> None:
+        """Copy the slots of ``keys`` into ``out[layer][leaf]`` (``[len(keys), ...]``
+        each), one `np.take` per leaf straight into ``out`` (no temporary)."""
+        assert self.buffers is not None
+        slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
+        for buf_layer, out_layer in zip(self.buffers, out):
+            for buf, o in zip(buf_layer, out_layer):
+                np.take(buf, slots, axis=0, out=o)
 
     def read(self, key: int) -> Pages:
         """A copy of ``key``'s pages."""

@@ -24,22 +24,59 @@ dropped), so a serving loop compiles a few programs each way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from numpy.typing import DTypeLike
 
 from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
 from paged_kv.spec import NULL_BLOCK, require_same_spec
-from paged_kv.tiers.tiers import CacheTiers
+from paged_kv.tiers.tiers import CacheTiers, Upload
 from paged_kv.views import UnifiedCacheView
 
 
+def _word_rows(shape: tuple[int, ...], dtype: DTypeLike) -> tuple[np.dtype, int]:
+    """How a leaf's block rows move: ``(dtype, elements per row)``. As uint32 words
+    where a row's bytes allow it -- XLA:CPU gathers and scatters 32-bit elements several
+    times faster than 16- or 8-bit ones, and the bytes are the same -- else as the
+    leaf's own elements."""
+    itemsize, per_row = np.dtype(dtype).itemsize, math.prod(shape[1:])
+    if itemsize <= 4 and (per_row * itemsize) % 4 == 0:
+        return np.dtype(np.uint32), per_row * itemsize // 4
+    return np.dtype(dtype), per_row
+
+
+def _to_words(leaf: jax.Array) -> jax.Array:
+    """``leaf`` as ``[blocks, words]`` (`_word_rows`), a bitcast: no copy."""
+    dtype, words = _word_rows(leaf.shape, leaf.dtype)
+    n, itemsize = leaf.shape[0], leaf.dtype.itemsize
+    if dtype == leaf.dtype:
+        return leaf.reshape(n, words)
+    return lax.bitcast_convert_type(leaf.reshape(n, words, 4 // itemsize) if itemsize < 4 else
+                                    leaf.reshape(n, words), jnp.uint32)
+
+
+def _from_words(words: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of `_to_words`: ``words`` shaped and typed as ``like``."""
+    if words.dtype != like.dtype:
+        words = lax.bitcast_convert_type(words, like.dtype)
+    return words.reshape(like.shape)
+
+
+def _host_rows(words: np.ndarray, shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
+    """Host rows of words viewed as a leaf's ``[n, *shape[1:]]`` pages (a view, no copy)."""
+    return words.view(np.dtype(dtype)).reshape(words.shape[0], *shape[1:])
+
+
 @jax.jit
-def _gather(cache: PagedKVCache, ids: tuple, gens: tuple, tag: jax.Array) -> tuple:
+def _gather(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array, ...],
+            tag: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[tuple[jax.Array, ...], ...]]:
     oks = []
     for g, (i, e) in enumerate(zip(ids, gens)):
         ok = jnp.ones(i.shape, bool)
@@ -47,22 +84,24 @@ def _gather(cache: PagedKVCache, ids: tuple, gens: tuple, tag: jax.Array) -> tup
             if view.group == g:  # every layer of the group must still hold that generation
                 ok = ok & (view.generations[i] == e) & (view.owner == tag)
         oks.append(ok)
-    pages = tuple(tuple(leaf[ids[view.group]] for leaf in jax.tree_util.tree_leaves(view.pages()))
+    pages = tuple(tuple(_to_words(leaf)[ids[view.group]] for leaf in jax.tree_util.tree_leaves(view.pages()))
                   for view in cache.views)
     return tuple(oks), pages
 
 
 @partial(jax.jit, donate_argnums=0)
-def _scatter(cache: PagedKVCache, ids: tuple, gens: tuple, pages: tuple, tag: jax.Array) -> PagedKVCache:
+def _scatter(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array, ...],
+             words: tuple[tuple[jax.Array, ...], ...], tag: jax.Array) -> tuple[PagedKVCache, jax.Array]:
     views = []
-    for view, data in zip(cache.views, pages):
+    for view, data in zip(cache.views, words):
         ok, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])
         leaves, treedef = jax.tree_util.tree_flatten(view.pages())
         at = jnp.where(ok, ids[view.group], view.generations.shape[0])  # another manager's pages: nothing written
-        leaves = [leaf.at[at].set(d, mode="drop") for leaf, d in zip(leaves, data)]
+        leaves = [_from_words(_to_words(leaf).at[at].set(d, mode="drop"), leaf) for leaf, d in zip(leaves, data)]
         view = jax.tree_util.tree_unflatten(treedef, leaves)
         views.append(dataclasses.replace(view, generations=generations, owner=owner))
-    return PagedKVCache(tuple(views))
+    # ids[0] comes out of the same program: once it is ready the staging buffers were read.
+    return PagedKVCache(tuple(views)), ids[0] + 0
 
 
 def _check(cache: PagedKVCache, tiers: CacheTiers) -> None:
@@ -86,19 +125,37 @@ def _layers(cache: PagedKVCache, group: int) -> list[int]:
     return [i for i, view in enumerate(cache.views) if view.group == group]
 
 
+def _leaf_shapes(cache: PagedKVCache) -> list[list[tuple[tuple[int, ...], np.dtype]]]:
+    """Per layer, per page leaf: ``(shape, dtype)`` of the cache's page arrays."""
+    return [[(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(view.pages())]
+            for view in cache.views]
+
+
+def _ensure_buffers(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtype]]],
+                    layers: list[list[int]]) -> None:
+    """Each group's host buffers made (once, before any copy lands) for these pages."""
+    for g, host in enumerate(tiers.host):
+        if tiers.keep_bytes and host.capacity:
+            try:
+                host.ensure_buffers([[(s[1:], d) for s, d in shapes[layer]] for layer in layers[g]])
+            except AssertionError as exc:
+                raise TierError(f"the host tier of layer group {g} holds other pages than this cache's ({exc}): the "
+                                "tier was written for another cache") from None
+
+
 def finish(tiers: CacheTiers) -> None:
     """Land the copies down in flight (wait for their bytes): into the host tier, or
-    refused where the device said the block had changed hands."""
+    refused where the device said the block had changed hands. One transfer of every
+    array (`jax.device_get`; on CPU the arrays are viewed, not copied), then one
+    fancy-index copy per leaf into the host buffers (`CacheTiers.land`)."""
     flights, tiers.in_flight = tiers.in_flight or [], None
-    for downloads, oks, pages, layers in flights:
-        oks = [np.asarray(ok) for ok in oks]
-        pages = [[np.asarray(a) for a in layer] for layer in pages]
-        index = [0] * len(oks)
-        for d in downloads:
-            i = index[d.group]
-            index[d.group] += 1
-            page = [[a[i] for a in pages[layer]] for layer in layers[d.group]] if oks[d.group][i] else None
-            tiers.landed(d, page)
+    for per_group, oks, pages, layers, shapes in flights:
+        oks, pages = jax.device_get((oks, pages))
+        for g, downloads in enumerate(per_group):
+            if downloads:
+                rows = [[_host_rows(pages[layer][j], *shapes[layer][j]) for j in range(len(shapes[layer]))]
+                        for layer in layers[g]]
+                tiers.land(downloads, np.asarray(oks[g]), rows)
 
 
 def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKVCache:
@@ -110,56 +167,86 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
     tag = manager.steps.tag
     groups = range(len(spec.groups))
     layers = [_layers(cache, g) for g in groups]
+    shapes = _leaf_shapes(cache)
+    _ensure_buffers(tiers, shapes, layers)
     downloads, tiers.downloads = tiers.downloads, []
     if downloads:
-        n = _pow2(max(sum(d.group == g for d in downloads) for g in groups))
-        ids = [np.full(n, NULL_BLOCK, np.int32) for _ in groups]
-        gens = [np.zeros(n, np.int32) for _ in groups]
-        fill = [0] * len(ids)
-        for d in downloads:
-            ids[d.group][fill[d.group]], gens[d.group][fill[d.group]] = d.block, d.generation
-            fill[d.group] += 1
+        per_group = [[d for d in downloads if d.group == g] for g in groups]
+        n = _pow2(max(len(ds) for ds in per_group))
+        ids = np.full((len(per_group), n), NULL_BLOCK, np.int32)  # padding gathers the null block: dropped
+        gens = np.zeros((len(per_group), n), np.int32)
+        for g, ds in enumerate(per_group):
+            ids[g, : len(ds)] = [d.block for d in ds]
+            gens[g, : len(ds)] = [d.generation for d in ds]
         oks, pages = _gather(cache, tuple(ids), tuple(gens), tag)
         for leaf in jax.tree_util.tree_leaves((oks, pages)):
             leaf.copy_to_host_async()  # the device -> host copy runs while the host goes on
-        tiers.in_flight = [(downloads, oks, pages, layers)]
+        tiers.in_flight = [(per_group, oks, pages, layers, shapes)]
     uploads, tiers.uploads = list(tiers.uploads.values()), {}
     if uploads:
-        cache = _upload(cache, tiers, uploads, layers, tag)
+        cache = _upload(cache, tiers, uploads, layers, shapes, tag)
     if wait:
         finish(tiers)
     return cache
 
 
-def _upload(cache, tiers: CacheTiers, uploads: list, layers: list[list[int]], tag) -> PagedKVCache:
+def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A 64-byte aligned array: on CPU, `jax.device_put` then aliases it (no copy)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start: start + nbytes].view(dtype).reshape(shape)
+
+
+def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtype]]],
+             n: int) -> list[list[np.ndarray]]:
+    """Per layer, per leaf: ``[n, words]`` host rows to stage an upload in, kept between
+    flushes (fresh memory would fault in every page again); the last upload that read
+    them has finished first (on CPU the device arrays alias them)."""
+    if tiers.staging_busy is not None:
+        jax.block_until_ready(tiers.staging_busy)
+        tiers.staging_busy = None
+    have = tiers.staging
+    if not have or have[0][0].shape[0] < n:
+        have = tiers.staging = [[_aligned((n, _word_rows(s, d)[1]), _word_rows(s, d)[0]) for s, d in layer]
+                                for layer in shapes]
+    return [[a[:n] for a in layer] for layer in have]
+
+
+def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
+            shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: jax.Array) -> PagedKVCache:
     spec = tiers.spec
-    groups = range(len(spec.groups))
-    n = _pow2(max(sum(u.group == g for u in uploads) for g in groups))
-    ids = [np.full(n, gr.num_blocks, np.int32) for gr in spec.groups]  # past the pool: dropped
-    gens = [np.zeros(n, np.int32) for _ in groups]
-    staged = []
-    for view in cache.views:
-        staged.append([np.zeros((n, *leaf.shape[1:]), leaf.dtype) for leaf in jax.tree_util.tree_leaves(view.pages())])
-    fill = [0] * len(ids)
-    for u in uploads:
-        g, i = u.group, fill[u.group]
-        fill[g] += 1
-        ids[g][i], gens[g][i] = u.block, u.generation
-        host = tiers.host[g]
-        for k, layer in enumerate(layers[g]):
-            if u.pages is not None:
-                src = u.pages[k]
-            else:
-                slot = host.slot_of[u.key]
-                src = [buf[slot] for buf in host.buffers[k]]
-            for dst, a in zip(staged[layer], src):
-                if a.shape != dst.shape[1:] or a.dtype != dst.dtype:
-                    raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's pages are "
-                                    f"{dst.shape[1:]} {dst.dtype}: the tier was written for other pages")
-                dst[i] = a
-        if u.pages is None:
-            host.unpin(u.key)
-    return _scatter(cache, tuple(ids), tuple(gens), tuple(tuple(layer) for layer in staged), tag)
+    # Per group, uploads from host slots first: their rows are one block of the staging
+    # arrays, filled by one np.take per leaf; pages read from disk follow, one row each.
+    per_group = [sorted((u for u in uploads if u.group == g), key=lambda u: u.pages is not None)
+                 for g in range(len(spec.groups))]
+    n = _pow2(max(len(ups) for ups in per_group))
+    ids = np.stack([np.full(n, gr.num_blocks, np.int32) for gr in spec.groups])  # past the pool: dropped
+    gens = np.zeros((len(per_group), n), np.int32)
+    staged = _staging(tiers, shapes, n)
+    for g, ups in enumerate(per_group):
+        if not ups:
+            continue
+        ids[g, : len(ups)] = [u.block for u in ups]
+        gens[g, : len(ups)] = [u.generation for u in ups]
+        rows = [[_host_rows(staged[layer][j], *shapes[layer][j]) for j in range(len(shapes[layer]))]
+                for layer in layers[g]]
+        from_host = [u.key for u in ups if u.pages is None]
+        if from_host:
+            tiers.host[g].read_rows(from_host, [[a[: len(from_host)] for a in layer] for layer in rows])
+        for i, u in enumerate(ups[len(from_host):], start=len(from_host)):
+            assert u.pages is not None
+            for k, layer in enumerate(layers[g]):
+                for dst, a in zip(rows[k], u.pages[k]):
+                    if a.shape != dst.shape[1:] or a.dtype != dst.dtype:
+                        raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's pages "
+                                        f"are {dst.shape[1:]} {dst.dtype}: the tier was written for other pages")
+                    dst[i] = a
+        for key in from_host:
+            tiers.host[g].unpin(key)
+    words = jax.device_put(tuple(tuple(layer) for layer in staged))  # one call; on CPU an alias
+    cache, tiers.staging_busy = _scatter(cache, tuple(ids), tuple(gens), words, tag)
+    return cache
 
 
 __all__ = ["finish", "flush"]

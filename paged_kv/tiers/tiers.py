@@ -32,6 +32,7 @@ and only keys and byte counts are kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -151,7 +152,9 @@ class CacheTiers:
         self.stats = TierStats()
         self.downloads: list[Download] = []
         self.uploads: dict[tuple[int, int], Upload] = {}
-        self.in_flight = None  # downloads dispatched, not finished (`movement`): (downloads, device result)
+        self.in_flight: list[Any] | None = None  # downloads dispatched, not landed (`movement`)
+        self.staging: list[list[np.ndarray]] = []  # upload staging rows, kept between flushes (`movement`)
+        self.staging_busy: Any = None  # a result of the last upload: ready once it read the staging rows
         for g, group in enumerate(manager.groups):
             self.host[g].on_evict = lambda key, parent, pages, g=g: self._host_evicted(g, key, parent, pages)
             group.cache.on_evict = lambda b, key, parent, behind, g=g: self._device_evicted(g, b, key, parent, behind)
@@ -317,26 +320,41 @@ class CacheTiers:
         gen = int(self.manager.groups[g].pool.generation[block])
         self.downloads.append(Download(g, block, gen, key, parent))
 
-    def landed(self, download: Download, pages: Pages | None) -> None:
-        """A copy down finished (`movement`): ``pages`` are its bytes, or None when the
-        device refused it (the block changed hands before the copy ran)."""
-        g, key = download.group, download.key
-        in_host = key in self.host[g].slot_of
-        if in_host:
-            self.host[g].unpin(key)
-        if pages is None:
-            self.stats.refused += 1
-            if in_host and key not in self.host[g].pins and key not in self.host[g].ready:
-                self.host[g].remove(key)
+    def land(self, downloads: list[Download], oks: np.ndarray, pages: Pages) -> None:
+        """Copies down of one group finished (`movement`): row ``i`` of every
+        ``pages[layer][leaf]`` holds ``downloads[i]``'s bytes where ``oks[i]``; elsewhere
+        the device refused the copy (the block changed hands before it ran). The bytes
+        bound for the host land in one fancy-index copy per leaf."""
+        if not downloads:
             return
-        self.stats.blocks_down += 1
-        self.stats.bytes_down += self.spec.group_bytes_per_block(g)
-        if in_host:
-            self.host[g].ensure_buffers([[(a.shape, a.dtype) for a in layer] for layer in pages])
-            self.host[g].write(key, pages)
-            self._emit(g, "stored", key, download.parent, self.host[g].slot_of[key], "host")
-        if not in_host or self.write == "through":
-            self._to_disk(g, key, download.parent, pages)
+        g = downloads[0].group
+        host, nbytes = self.host[g], self.spec.group_bytes_per_block(g)
+        keys: list[int] = []
+        rows: list[int] = []
+        for i, d in enumerate(downloads):
+            key = d.key
+            in_host = key in host.slot_of
+            if in_host:
+                host.unpin(key)
+            if not oks[i]:
+                self.stats.refused += 1
+                if in_host and key not in host.pins and key not in host.ready:
+                    host.remove(key)
+                continue
+            self.stats.blocks_down += 1
+            self.stats.bytes_down += nbytes
+            if in_host:
+                keys.append(key)
+                rows.append(i)
+            if not in_host or self.write == "through":
+                self._to_disk(g, key, d.parent, [[a[i] for a in layer] for layer in pages])
+        if keys:
+            host.ensure_buffers([[(a.shape[1:], a.dtype) for a in layer] for layer in pages])
+            whole = rows[-1] == len(rows) - 1  # rows 0..k-1: a slice, no temporary
+            host.write_rows(keys, pages, slice(0, len(rows)) if whole else np.asarray(rows, np.intp))
+            parent_of = {d.key: d.parent for d in downloads}
+            for key in keys:
+                self._emit(g, "stored", key, parent_of[key], host.slot_of[key], "host")
 
     def _to_host(self, g: int, key: int, parent: int, pages: Pages) -> bool:
         host = self.host[g]
