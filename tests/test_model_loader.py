@@ -205,7 +205,11 @@ def family(request, tmp_path) -> pathlib.Path:
 def test_each_family_loads_with_its_switches():
     """What each fixture's config.json switches on in the one decoder."""
     cfgs = {name: load_config(FIXTURES / name) for name in FAMILY_FIXTURES}
-    q2, q3, g2, g3, lw = (cfgs[n] for n in FAMILY_FIXTURES)
+    q2, q3, q3y, g2, g3, lw = (cfgs[n] for n in FAMILY_FIXTURES)
+    scaling = q3y.rope_scaling  # YaRN: factor 4 over 16 positions, cos and sin times 0.1 ln 4 + 1
+    assert (scaling.rope_type, scaling.factor, scaling.original_max_position_embeddings) == ("yarn", 4.0, 16)
+    assert (scaling.beta_fast, scaling.beta_slow, scaling.truncate) == (32.0, 1.0, True)
+    assert abs(scaling.attention_factor - (0.1 * np.log(4.0) + 1)) < 1e-12 and q3y.rope_theta == 1e4
     assert (q2.qkv_bias, q2.o_bias, q2.qk_norm, q2.tie_word_embeddings) == (True, False, False, True)
     assert (q2.sliding_window, q2.layers_sliding, q2.rope_theta) == (12, (1, 2), 1e6)
     assert (q3.qkv_bias, q3.qk_norm, q3.head_dim, q3.num_heads * q3.head_dim, q3.sliding_window) == (
