@@ -213,9 +213,12 @@ def _copied(meta: StepMetadata) -> tuple[Any, ...]:
     numpy argument without copying it and run after the call returns: an engine that
     describes step N+1 while step N runs would otherwise change step N's slots under it
     (a token written into another row's block). A few small copies per call."""
-    groups = tuple(GroupMetadata(*(None if (a := getattr(g, f)) is None else np.array(a) for f in _GROUP_FIELDS))
-                   for g in meta.groups)
+    groups = tuple(GroupMetadata(*(_fresh(getattr(g, f)) for f in _GROUP_FIELDS)) for g in meta.groups)
     return np.array(meta.kv_lens), np.array(meta.query_lens), np.array(meta.positions), groups, meta.owner
+
+
+def _fresh(array: Any) -> Any:
+    return None if array is None else np.array(array)
 
 
 def _flatten_with_keys(meta: StepMetadata) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
