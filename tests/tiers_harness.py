@@ -72,10 +72,10 @@ class Server:
         if self.tiers is not None:
             self.cache = flush(self.cache, self.tiers, wait=True)
 
-    def serve(self, seq: int, tokens, cache_key=None) -> int:
+    def serve(self, seq: int, tokens, cache_key=None, retention=None) -> int:
         """Admit and prefill ``tokens``; returns the tokens the cache served."""
         tokens = np.asarray(tokens, np.int64)
-        cached = self.manager.admit_prompt(seq, tokens, cache_key)
+        cached = self.manager.admit_prompt(seq, tokens, cache_key, retention=retention)
         self.tokens[seq] = tokens
         self.write(seq, cached, tokens.size)
         return cached

@@ -14,7 +14,7 @@ import numpy as np
 from paged_kv.allocator.arguments import check_token_ids
 from paged_kv.allocator.prefix_cache import chain_hashes
 from paged_kv.allocator.prompts import PromptPlan, plan_prompt
-from paged_kv.errors import InvalidTokenCountError, OutOfBlocksError, PagedKVError, SpecError
+from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, OutOfBlocksError, PagedKVError, SpecError
 
 
 class PromptsMixin:
@@ -30,7 +30,7 @@ class PromptsMixin:
                                                    for g, h in zip(self.groups, plan.hits)))
 
     def admit_prompt(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
-                     chunk: int | None = None) -> int:
+                     chunk: int | None = None, retention: object | None = None) -> int:
         """Admit ``seq_id`` with prompt ``token_ids``, reusing the longest cached chain of
         full blocks with the same tokens (and the same ``cache_key``: an adapter name,
         a tenant salt; bytes, str or int, compared as typed values -- see
@@ -48,8 +48,19 @@ class PromptsMixin:
         prefill); the prompt's keys are kept, so each committed chunk's full blocks are
         cached. All or nothing: `DuplicateSequenceError`, `InvalidTokenIdError`,
         `InvalidTokenCountError`, `SequenceTooLongError`, `OutOfBlocksError`,
-        `InvalidArgumentError` (a salt of another type), `SpecError` (cache off)."""
+        `InvalidArgumentError` (a salt of another type), `SpecError` (cache off).
+
+        ``retention``: a `paged_kv.tiers.Retention` -- priorities (0-100) for token
+        ranges of this prompt, optionally for a duration -- ranking its blocks in every
+        tier's eviction; needs `CacheTiers` attached (it may hold no host or disk bytes).
+        A bad one is an `InvalidArgumentError` before anything changes."""
         seq_id = self._new_id(seq_id)
+        plan = None
+        if retention is not None:  # checked first: a failed admission changes nothing
+            if self.tiers is None:
+                raise InvalidArgumentError(f"retention={retention!r} ranks blocks in the tiers' eviction: attach "
+                                           "paged_kv.tiers.CacheTiers(manager) first (host_bytes=0 ranks the device's)")
+            plan = self.tiers.retention_plan(retention, check_token_ids(token_ids, "admit_prompt").size)
         if self.tiers is not None:  # hits below the device become device hits first (paged_kv.tiers)
             self._require_cache()
             self.tiers.prepare(token_ids, cache_key, chunk)
@@ -63,6 +74,8 @@ class PromptsMixin:
         for g, h in zip(self.groups, hits):
             g.admit_prompt_row(row, h, hit, total, hold, tokens.size)
         self._written.start(row, hashes, hit, self.spec.block_size)
+        if plan is not None:
+            self.tiers.retain(hashes, plan, retention)
         return hit * self.spec.block_size
 
     def _prompt(self, token_ids, cache_key, chunk) -> PromptPlan:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from itertools import islice
 
 import attrs
 import numpy as np
@@ -117,6 +118,9 @@ class PrefixCache:
     # key, parent) when a block is keyed (write-through copies it down then).
     on_evict: Callable[[int, int, int, bool], None] | None = None
     on_store: Callable[[int, int, int], None] | None = None
+    # choose(evictable, n): which n of ``evictable`` go first (the tiers' priorities,
+    # lowest first); None: least recently released first.
+    choose: Callable[[OrderedDict[int, None], int], list[int]] | None = None
 
     def __init__(self, num_blocks: int):
         self.block_of: dict[int, int] = {}
@@ -195,14 +199,18 @@ class PrefixCache:
         """Forget ``n`` cached blocks nobody holds, least recently released first, the
         ``behind`` tier before the rest; return their ids."""
         out = np.empty(n, dtype=np.int32)
-        for i in range(n):
-            tier = self.behind or self.evictable
-            b, _ = tier.popitem(last=False)
+        behind = list(islice(self.behind, n))
+        rest = n - len(behind)
+        chosen = [] if not rest else (list(islice(self.evictable, rest)) if self.choose is None
+                                      else self.choose(self.evictable, rest))
+        for i, b in enumerate(behind + chosen):
+            is_behind = i < len(behind)
+            del (self.behind if is_behind else self.evictable)[b]
             h = self.hash_of[b]
             del self.block_of[h]
             self._emit(PrefixEvent("removed", h, self.parent_of[b], b))
             if self.on_evict is not None:  # a tier below keeps it (write-back) or lets it go
-                self.on_evict(b, h, self.parent_of[b], tier is self.behind)
+                self.on_evict(b, h, self.parent_of[b], is_behind)
             self.hash_of[b] = self.parent_of[b] = NO_HASH
             out[i] = b
         self.blocks_evicted += n
@@ -239,7 +247,7 @@ class PrefixCache:
     # ---- saved state (paged_kv.checkpoint) --------------------------------------------------
     SAVED_ATTRS = frozenset({"block_of", "hash_of", "parent_of", "evictable", "behind", "queries", "query_tokens",
                              "hit_tokens", "blocks_reused", "blocks_stored", "blocks_evicted", "_events",
-                             "_subscribers", "on_evict", "on_store"})
+                             "_subscribers", "on_evict", "on_store", "choose"})
     """Attributes `state` covers (events, subscribers and tier hooks belong to the running process)."""
 
     def state(self) -> dict[str, np.ndarray]:

@@ -12,12 +12,14 @@ the disk tier, events that carry the medium. Device side (imported on first use)
 """
 
 from paged_kv.tiers.policy import ARC, LRU, POLICIES
+from paged_kv.tiers.retention import DEFAULT_PRIORITY, Retention
 from paged_kv.tiers.tiers import CacheTiers, TierStats, WRITE_POLICIES
 
-_DEVICE_NAMES = {"flush": "paged_kv.tiers.movement", "finish": "paged_kv.tiers.movement"}
+_DEVICE_NAMES = {"flush": "paged_kv.tiers.movement", "finish": "paged_kv.tiers.movement",
+                 "persist": "paged_kv.tiers.persist"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     module = _DEVICE_NAMES.get(name)
     if module is None:
         raise AttributeError(f"module 'paged_kv.tiers' has no attribute {name!r}")
@@ -28,4 +30,5 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["ARC", "CacheTiers", "LRU", "POLICIES", "TierStats", "WRITE_POLICIES", "finish", "flush"]
+__all__ = ["ARC", "CacheTiers", "DEFAULT_PRIORITY", "LRU", "POLICIES", "Retention", "TierStats", "WRITE_POLICIES", "finish",
+           "flush", "persist"]

@@ -34,7 +34,8 @@ from paged_kv import checkpoint_files as files
 from paged_kv.errors import CheckpointError, TierError
 from paged_kv.spec import CacheSpec
 from paged_kv.tiers.host import Pages
-from paged_kv.tiers.policy import make_policy
+from paged_kv.tiers.policy import ARC, LRU, make_policy
+from paged_kv.tiers.retention import Priorities, Ranked
 
 TIER_FORMAT = "paged_kv.tier"
 TIER_VERSION = 1
@@ -169,9 +170,11 @@ class DiskTier:
 
     medium = "disk"
 
-    def __init__(self, capacity: int, policy: str, group: int, directory: DiskDirectory | None):
+    def __init__(self, capacity: int, policy: str, group: int, directory: DiskDirectory | None,
+                 priorities: Priorities | None = None):
         self.capacity = int(capacity)
-        self.policy = make_policy(policy, self.capacity)
+        base = make_policy(policy, self.capacity)
+        self.policy: LRU | ARC | Ranked = base if priorities is None else Ranked(base, priorities)
         self.group = group
         self.directory = directory
         self.parent_of: dict[int, int] = {}
@@ -184,7 +187,8 @@ class DiskTier:
 
     def insert(self, key: int, parent: int, pages: Pages | None) -> list[tuple[int, int]]:
         """Store ``key`` (writing its file when there is a directory), evicting the
-        policy's victims to make room; returns the ``(key, parent)`` evicted."""
+        policy's victims to make room; returns the ``(key, parent)`` evicted. Not stored
+        when only keys of a higher priority could make room."""
         if key in self.parent_of:
             self.policy.touch(key)
             return []
@@ -192,7 +196,9 @@ class DiskTier:
             return []
         evicted = []
         while len(self.parent_of) >= self.capacity:
-            victim = self.policy.victim()
+            victim = self.policy.victim((), key)
+            if victim is None:  # every key has a higher priority than this one: not stored
+                return evicted
             self.policy.evicted(victim)
             evicted.append((victim, self.parent_of.pop(victim)))
             if self.directory is not None:

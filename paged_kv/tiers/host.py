@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from paged_kv.tiers.policy import make_policy
+from paged_kv.tiers.policy import ARC, LRU, make_policy
+from paged_kv.tiers.retention import Priorities, Ranked
 
 Pages = list[list[np.ndarray]]
 """A page's bytes: per layer of the group, per leaf, ``[block_size, ...]``."""
@@ -33,9 +34,12 @@ class HostTier:
 
     medium = "host"
 
-    def __init__(self, capacity: int, policy: str = "lru", keep_bytes: bool = True):
+    def __init__(self, capacity: int, policy: str = "lru", keep_bytes: bool = True,
+                 priorities: Priorities | None = None):
         self.capacity = int(capacity)
-        self.policy = make_policy(policy, self.capacity)
+        base = make_policy(policy, self.capacity)
+        # With priorities, lower ones go first whatever the policy says (`retention`).
+        self.policy: LRU | ARC | Ranked = base if priorities is None else Ranked(base, priorities)
         self.slot_of: dict[int, int] = {}
         self.parent_of: dict[int, int] = {}
         self._free = list(range(self.capacity - 1, -1, -1))
@@ -73,7 +77,7 @@ class HostTier:
 
     def insert(self, key: int, parent: int, ready: bool = False) -> int | None:
         """Give ``key`` a slot (evicting the policy's victim when full); None when every
-        key is pinned. The slot's bytes are the caller's to `write` (``ready``: there
+        key is pinned or of a higher priority than ``key``. The slot's bytes are the caller's to `write` (``ready``: there
         are none to write, the simulator's case)."""
         if key in self.slot_of:
             self.policy.touch(key)
@@ -81,7 +85,7 @@ class HostTier:
         if self.capacity == 0:
             return None
         if not self._free:
-            victim = self.policy.victim(self.pins)
+            victim = self.policy.victim(self.pins, key)
             if victim is None:
                 return None
             pages = self.read(victim) if self.buffers is not None and victim in self.ready else None

@@ -52,8 +52,9 @@ class LRU:
         """``key`` left the tier for another reason than eviction (taken, corrupt)."""
         self.order.pop(key, None)
 
-    def victim(self, pinned: Container[int] = ()) -> int | None:
-        """The key to evict next (not removed yet), or None when every key is pinned."""
+    def victim(self, pinned: Container[int] = (), incoming: int | None = None) -> int | None:
+        """The key to evict next (not removed yet), or None when every key is pinned.
+        (``incoming``, the key room is made for, matters only with priorities.)"""
         return next((k for k in self.order if k not in pinned), None)
 
     def evicted(self, key: int) -> None:
@@ -113,7 +114,7 @@ class ARC:
         self.t1.pop(key, None)
         self.t2.pop(key, None)
 
-    def victim(self, pinned: Container[int] = ()) -> int | None:
+    def victim(self, pinned: Container[int] = (), incoming: int | None = None) -> int | None:
         first, second = (self.t1, self.t2) if self.t1 and len(self.t1) > self.p else (self.t2, self.t1)
         for order in (first, second):
             key = next((k for k in order if k not in pinned), None)

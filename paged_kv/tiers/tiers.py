@@ -31,10 +31,10 @@ and only keys and byte counts are kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 import numpy as np
 
 from paged_kv.allocator.arguments import check_token_ids
@@ -45,61 +45,11 @@ from paged_kv.errors import InvalidArgumentError, SpecError, TierError
 from paged_kv.tiers.disk import DiskDirectory, DiskTier
 from paged_kv.tiers.host import HostTier, Pages
 from paged_kv.tiers.policy import POLICIES
+from paged_kv.tiers.retention import DEFAULT_PRIORITY, Priorities, Retention
+from paged_kv.tiers.records import Download, TierStats, Upload, split_bytes
 
 WRITE_POLICIES = ("back", "through")
 LAYOUTS = ("split", "unified")
-
-
-@attrs.define
-class TierStats:
-    """What the tiers did: blocks hit per medium (group 0's, as the prefix cache counts
-    queries), blocks and bytes moved each way, copies refused or dropped."""
-
-    hit_blocks: dict = attrs.field(factory=lambda: {"host": 0, "disk": 0})
-    blocks_down: int = 0
-    blocks_up: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    bytes_to_disk: int = 0
-    bytes_from_disk: int = 0
-    dropped: int = 0
-    refused: int = 0
-    corrupt: int = 0
-
-    def as_dict(self) -> dict:
-        """Every counter as plain JSON-ready values."""
-        return attrs.asdict(self)
-
-
-@attrs.define
-class Download:
-    """A device block to copy down: its group, id, generation when evicted, key, parent."""
-
-    group: int
-    block: int
-    generation: int
-    key: int
-    parent: int
-
-
-@attrs.define
-class Upload:
-    """A fresh device block to fill: group, id, generation, key, and the pages when they
-    are not in the host tier (a disk hit with no host room); else read from the host slot."""
-
-    group: int
-    block: int
-    generation: int
-    key: int
-    pages: Pages | None = None
-
-
-def _split_bytes(total: int, spec, weights: Sequence[int]) -> list[int]:
-    """Blocks per group that ``total`` bytes hold, split in proportion to ``weights`` bytes."""
-    if not total:
-        return [0] * len(weights)
-    whole = sum(weights)
-    return [int(total * w / whole) // spec.group_bytes_per_block(g) for g, w in enumerate(weights)]
 
 
 class CacheTiers:
@@ -111,11 +61,15 @@ class CacheTiers:
     same page spec and ``layout`` (the cache's page layout), else `TierError`, as for
     a corrupt file, with nothing loaded. ``policy``: "lru" or "arc", per tier.
     ``write``: "back" (move down on eviction) or "through" (copy down when keyed).
-    ``keep_bytes=False``: bookkeeping only (the simulator)."""
+    ``keep_bytes=False``: bookkeeping only (the simulator). Priorities (`retention`):
+    ``default_priority`` (0-100) of blocks no `Retention` names, ``drop_below``: blocks
+    under it are dropped when evicted instead of moved down (0: none), ``clock``: the
+    seconds that `Retention.duration_s` counts."""
 
     def __init__(self, manager: KVCacheManager, *, host_bytes: int = 0, disk_bytes: int = 0,
                  disk_dir: str | None = None, policy: str = "lru", write: str = "back", layout: str = "split",
-                 keep_bytes: bool = True):
+                 keep_bytes: bool = True, default_priority: int = DEFAULT_PRIORITY, drop_below: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         if not isinstance(manager, KVCacheManager):
             raise SpecError(f"CacheTiers needs a KVCacheManager; got {type(manager).__name__}")
         if manager.prefix_cache is None:
@@ -129,20 +83,24 @@ class CacheTiers:
                                      ("layout", layout, LAYOUTS)):
             if value not in allowed:
                 raise InvalidArgumentError(f"{name}={value!r} is not one of {allowed}")
+        priorities = Priorities(default_priority, clock)  # InvalidArgumentError naming a bad default
+        if isinstance(drop_below, bool) or not isinstance(drop_below, (int, np.integer)) or not 0 <= drop_below <= 101:
+            raise InvalidArgumentError(f"drop_below={drop_below!r} must be an integer priority in [0, 101] (0: drop none)")
         if disk_dir is not None and not keep_bytes:
             raise InvalidArgumentError("disk_dir holds page bytes: leave it out with keep_bytes=False")
         spec = self.spec = manager.spec
         self.manager, self.write, self.layout, self.keep_bytes = manager, write, layout, bool(keep_bytes)
         weights = [g.num_blocks * spec.group_bytes_per_block(i) for i, g in enumerate(spec.groups)]
-        host_caps, disk_caps = _split_bytes(int(host_bytes), spec, weights), _split_bytes(int(disk_bytes), spec, weights)
+        host_caps, disk_caps = split_bytes(int(host_bytes), spec, weights), split_bytes(int(disk_bytes), spec, weights)
         directory = None
         found: list[list[tuple[int, int]]] = [[] for _ in spec.groups]
         if disk_dir is not None:
             directory = DiskDirectory(disk_dir, spec, layout)
             found = directory.scan(len(spec.groups))  # all verified, or TierError: nothing attached yet
         self.directory = directory
-        self.host = [HostTier(c, policy, self.keep_bytes) for c in host_caps]
-        self.disk = [DiskTier(c, policy, g, directory) for g, c in enumerate(disk_caps)]
+        self.priorities, self.drop_below = priorities, int(drop_below)
+        self.host = [HostTier(c, policy, self.keep_bytes, priorities) for c in host_caps]
+        self.disk = [DiskTier(c, policy, g, directory, priorities) for g, c in enumerate(disk_caps)]
         for g, entries in enumerate(found):
             keep = entries[len(entries) - disk_caps[g]:] if disk_caps[g] else []
             for key, _ in entries[: len(entries) - len(keep)]:
@@ -158,6 +116,7 @@ class CacheTiers:
         for g, group in enumerate(manager.groups):
             self.host[g].on_evict = lambda key, parent, pages, g=g: self._host_evicted(g, key, parent, pages)
             group.cache.on_evict = lambda b, key, parent, behind, g=g: self._device_evicted(g, b, key, parent, behind)
+            group.cache.choose = priorities.choose(group.cache.hash_of)  # lower priorities evicted first
             group.cache.on_store = (lambda b, key, parent, g=g: self._keyed(g, b, key, parent)) \
                 if write == "through" else None
         manager.tiers = self
@@ -165,7 +124,7 @@ class CacheTiers:
     def detach(self) -> None:
         """Stop serving ``manager`` (pending moves are dropped: call `movement.flush` first)."""
         for group in self.manager.groups:
-            del group.cache.on_evict, group.cache.on_store  # back to the class's None
+            del group.cache.on_evict, group.cache.on_store, group.cache.choose  # back to the class's None
         del self.manager.tiers
 
     # ---- lookups -----------------------------------------------------------------------
@@ -238,12 +197,16 @@ class CacheTiers:
         cache, pool = group.cache, group.pool
         # The device hits of this prompt go to the back of eviction first, so the
         # allocation below evicts other blocks.
+        # They are held out of eviction while this allocation runs: with priorities a
+        # low one of them would otherwise go before other blocks.
+        revived = []
         for j in range(group.hit_start(hit), hit):
             b = cache.block_of.get(hashes[j])
             if b is not None and cache.is_evictable(b):
                 cache.revive(b)
-                cache.evictable[b] = None
+                revived.append(b)
         if not js:
+            cache.evictable.update((b, None) for b in revived)
             return
         # The allocation may evict device blocks into the host tier, whose evictions must
         # not take the keys being brought up: pinned until their upload is staged.
@@ -253,6 +216,7 @@ class CacheTiers:
             if medium == "host":
                 host.pin(hashes[j])
         ids = pool.allocate(len(js))
+        cache.evictable.update((b, None) for b in revived)
         for b, j, medium in zip(ids.tolist(), js, mediums):
             key, parent = hashes[j], hashes[j - 1] if j else NO_HASH
             cache.store(b, key, parent)
@@ -280,6 +244,25 @@ class CacheTiers:
                 self.uploads[(gi, b)] = up
         pool.free(ids)  # keyed, so kept as evictable (most recently used) until admit_prompt revives them
 
+    # ---- priorities ---------------------------------------------------------------------
+    def retention_plan(self, retention: object, num_tokens: int) -> dict[int, int]:
+        """Block index -> priority that ``retention`` gives a prompt of ``num_tokens``;
+        `InvalidArgumentError` naming a bad value (`KVCacheManager.admit_prompt` asks
+        before it changes anything)."""
+        if not isinstance(retention, Retention):
+            raise InvalidArgumentError(f"retention={retention!r} must be a paged_kv.tiers.Retention")
+        return retention.block_priorities(num_tokens, self.spec.block_size)
+
+    def retain(self, hashes: Sequence[int], plan: dict[int, int], retention: Retention) -> None:
+        """Give the keys of a prompt's blocks the priorities of ``plan`` (every tier
+        holding one re-ranks it); entries of keys no tier holds are pruned now and then."""
+        for j, priority in plan.items():
+            if j < len(hashes):
+                self.priorities.set(hashes[j], priority, retention.duration_s)
+        held = sum(g.num_blocks for g in self.spec.groups) + sum(t.capacity for t in (*self.host, *self.disk))
+        if len(self.priorities.entries) > 2 * held + 1024:
+            self.priorities.prune(lambda key: any(self.where(g, key) for g in range(len(self.host))))
+
     # ---- moves down ----------------------------------------------------------------------
     def _device_evicted(self, g: int, block: int, key: int, parent: int, behind: bool) -> None:
         up = self.uploads.pop((g, block), None)
@@ -292,11 +275,14 @@ class CacheTiers:
         if behind and self.manager.groups[g].local:
             self.stats.dropped += 1  # behind its chain's window: no hit at a chain's end reads it
             return
+        if self.priorities.of(key) < self.drop_below:
+            self.stats.dropped += 1  # not worth the bytes below (`retention`)
+            return
         self._copy_down(g, block, key, parent)
 
     def _keyed(self, g: int, block: int, key: int, parent: int) -> None:
         """Write-through: a block just keyed is copied down now."""
-        if key not in self.host[g].slot_of and key not in self.disk[g]:
+        if key not in self.host[g].slot_of and key not in self.disk[g] and self.priorities.of(key) >= self.drop_below:
             self._copy_down(g, block, key, parent)
 
     def _copy_down(self, g: int, block: int, key: int, parent: int) -> None:
@@ -367,7 +353,7 @@ class CacheTiers:
 
     def _host_evicted(self, g: int, key: int, parent: int, pages: Pages | None) -> None:
         self._emit(g, "removed", key, parent, -1, "host")
-        if key not in self.disk[g]:
+        if key not in self.disk[g] and self.priorities.of(key) >= self.drop_below:
             self._to_disk(g, key, parent, pages)
 
     def _to_disk(self, g: int, key: int, parent: int, pages: Pages | None) -> None:
@@ -378,6 +364,9 @@ class CacheTiers:
             return
         for victim, vparent in disk.insert(key, parent, pages):
             self._emit(g, "removed", victim, vparent, -1, "disk")
+        if key not in disk:  # only higher priorities could have made room
+            self.stats.dropped += 1
+            return
         self.stats.bytes_to_disk += self.spec.group_bytes_per_block(g)
         self._emit(g, "stored", key, parent, -1, "disk")
 
