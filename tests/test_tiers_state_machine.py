@@ -1,6 +1,8 @@
 """Tiers under random programs (Hypothesis): prompts served through the prefix cache with
-host and disk tiers under a small device pool, sequences finished (keyed) or dropped,
-flushes, restarts on the disk tier, and page files corrupted on disk. After every
+host and disk tiers under a small device pool, with or without priorities (some
+expiring, some under the drop threshold), sequences finished (keyed) or dropped,
+flushes, time passing, persists, restarts on the disk tier, and page files corrupted
+on disk. After every
 rule the manager's and the tiers' `check_integrity`; every served sequence reads back
 exactly the keys and values of its tokens (no bytes of another prompt or salt, none
 that nobody wrote), whichever tier its hit came from."""
@@ -18,10 +20,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from paged_kv.errors import TierError
+from paged_kv.tiers import Retention, persist
 from tiers_harness import Server, kv_of, make_spec
 
 PREFIXES = [np.arange(k * 100, k * 100 + 24) for k in range(3)]
 SALTS = [None, "alice"]
+# A system prompt kept (for a while), a range dropped rather than moved down, none.
+RETENTIONS = [None, Retention([(0, None, 90)]), Retention([(0, 4, 80)], duration_s=1.0), Retention([(0, None, 1)])]
 
 
 class TierMachine(RuleBasedStateMachine):
@@ -31,6 +36,7 @@ class TierMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp()
         self.corrupt: set[str] = set()
         self.next_id = 0
+        self.now = [0.0]
         self.live: list[int] = []
         self.server = self._open()
 
@@ -38,7 +44,8 @@ class TierMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _open(self) -> Server:
-        return Server(self.spec, host_bytes=2 * 512, disk_bytes=8 * 512, disk_dir=self.dir, policy="arc")
+        return Server(self.spec, host_bytes=2 * 512, disk_bytes=8 * 512, disk_dir=self.dir, policy="arc",
+                      drop_below=5, clock=lambda: self.now[0])
 
     def _expect(self, seq: int) -> None:
         s = self.server
@@ -53,14 +60,14 @@ class TierMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.live) < 2)
     @rule(prefix=st.integers(0, 2), shared=st.integers(5, 24), tail=st.integers(0, 5), salt=st.sampled_from(SALTS),
-          keep=st.booleans())
-    def serve(self, prefix, shared, tail, salt, keep):
+          keep=st.booleans(), retention=st.sampled_from(RETENTIONS))
+    def serve(self, prefix, shared, tail, salt, keep, retention):
         seq = self.next_id
         self.next_id += 1
         tokens = np.concatenate([PREFIXES[prefix][:shared], np.arange(tail) + 5000 + seq])
         if not self.server.manager.can_admit_prompt(tokens, salt):
             return
-        self.server.serve(seq, tokens, salt)
+        self.server.serve(seq, tokens, salt, retention=retention)
         self._expect(seq)
         if keep:
             self.live.append(seq)
@@ -79,6 +86,15 @@ class TierMachine(RuleBasedStateMachine):
     @rule()
     def flush(self):
         self.server.flush()
+
+    @rule()
+    def persist(self):
+        """Device and host blocks written to disk (the next restart hits them)."""
+        self.server.cache = persist(self.server.cache, self.server.tiers)
+
+    @rule(seconds=st.sampled_from([0.5, 5.0]))
+    def time_passes(self, seconds):
+        self.now[0] += seconds  # priorities given for a duration expire
 
     @rule()
     def restart(self):
