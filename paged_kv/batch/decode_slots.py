@@ -45,6 +45,7 @@ from paged_kv.metadata import StepMetadata, pad_slot
 
 if TYPE_CHECKING:  # annotations only: both import this module
     from paged_kv.allocator.manager import KVCacheManager
+    from paged_kv.spec import CacheSpec
 
 
 def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | None],
@@ -72,7 +73,7 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
     if num_slots < 1:
         raise SlotError("slot_step_metadata needs at least one slot")
     occupied = [b for b, s in enumerate(slot_seq_ids) if s is not None]
-    ids = [slot_seq_ids[b] for b in occupied]
+    ids: list[int] = [slot_seq_ids[b] for b in occupied]  # type: ignore[misc]  # the occupied slots: no None
     try:
         per_slot = np.asarray(num_new_tokens)
     except (ValueError, TypeError):  # a ragged nested list
@@ -90,12 +91,12 @@ def slot_step_metadata(manager: KVCacheManager, slot_seq_ids: Sequence[int | Non
                     None if meta is None else meta.step, manager.steps.tag)
 
 
-def _pads(spec) -> list[int]:
+def _pads(spec: CacheSpec) -> list[int]:
     """Each layer group's padding slot."""
     return [pad_slot(spec, g) for g in range(len(spec.groups))]
 
 
-class _SlotSeqIds(list):
+class _SlotSeqIds(list[int | None]):
     """`DecodeSlots.seq_ids`: a plain list that can also be called, as the method it was."""
 
     def __call__(self) -> list[int | None]:
@@ -112,7 +113,7 @@ class DecodeSlots:
     allocate or free; `release` is `remove` followed by `KVCacheManager.release`.
     """
 
-    def __init__(self, manager: KVCacheManager, num_slots: int | None = None):
+    def __init__(self, manager: KVCacheManager, num_slots: int | None = None) -> None:
         from paged_kv.allocator.manager import KVCacheManager
 
         if not isinstance(manager, KVCacheManager):
@@ -138,7 +139,7 @@ class DecodeSlots:
         """Number of occupied slots."""
         return len(self._slot_of)
 
-    def __contains__(self, seq_id) -> bool:
+    def __contains__(self, seq_id: object) -> bool:
         return is_seq_id(seq_id) and seq_id in self._slot_of
 
     def free_slots(self) -> list[int]:
@@ -206,7 +207,7 @@ class DecodeSlots:
         self._slot_of[seq_id] = slot
         return slot
 
-    def _occupant(self, slot) -> tuple[int, int]:
+    def _occupant(self, slot: int) -> tuple[int, int]:
         """The checked slot and the sequence in it; `SlotError` if it is empty."""
         slot = self._check_slot(slot)
         seq_id = self._seqs[slot]
@@ -258,7 +259,7 @@ class DecodeSlots:
         # The persistent batch appends and describes the occupied rows in one pass
         # (in place while the same sequences decode); they are then spread over the slots.
         batch = self._batch
-        meta = batch.decode([self._seqs[b] for b in occupied])
+        meta = batch.decode([self._seqs[b] for b in occupied])  # type: ignore[misc]  # occupied: no None
         # The batch's rows placed in their slots, in fresh arrays: the caller may hand them
         # to a jitted call as they are (on CPU, jit reads numpy arguments in place and
         # later: reused buffers would be overwritten under it).
@@ -302,7 +303,7 @@ class DecodeSlots:
         if unclaimed:
             raise AssertionError(f"the manager does not know these slots hold {unclaimed}: it could release them")
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> tuple[int | None, ...]:
         """A comparable copy of the slot state."""
         return tuple(self._seqs)
 
@@ -342,14 +343,14 @@ class DecodeSlots:
         return slots
 
     # ---- internals -----------------------------------------------------------------
-    def _check_slot(self, slot) -> int:
+    def _check_slot(self, slot: object) -> int:
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
             raise SlotError(f"slot={slot!r} must be an integer (got {type(slot).__name__})")
         if not 0 <= slot < len(self._seqs):
             raise SlotError(f"slot={slot} is out of range [0, {len(self._seqs)})")
         return int(slot)
 
-    def _check_free_slot(self, slot) -> int:
+    def _check_free_slot(self, slot: int | None) -> int:
         if slot is None:
             free = self.free_slots()
             if not free:
@@ -362,7 +363,7 @@ class DecodeSlots:
             )
         return slot
 
-    def _check_insert(self, seq_id, slot) -> tuple[int, int]:
+    def _check_insert(self, seq_id: int, slot: int | None) -> tuple[int, int]:
         if slot is not None:
             self._check_slot(slot)
         if not is_seq_id(seq_id) or seq_id not in self.manager:

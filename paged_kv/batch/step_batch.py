@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 _INT = {int}
 
+if TYPE_CHECKING:
+    # A decode step's `Step`, before it is made (`last_step` makes it): number, ids, rows, epoch.
+    _Pending = tuple[int, list[int], list[int], int]
+
 
 class StepBatch:
     """A persistent batch over one `KVCacheManager`: `step` returns what
@@ -60,13 +64,13 @@ class StepBatch:
 
     reuses_buffers = True  # flattening this batch's metadata copies its arrays (`paged_kv.metadata._copied`)
 
-    def __init__(self, manager: KVCacheManager):
+    def __init__(self, manager: KVCacheManager) -> None:
         self.manager = manager
         self._layout = DecodeLayout(manager, self)  # the metadata it writes names the batch as its step
         self._table = manager.table
         self._meta: StepMetadata | None = None  # what the last step returned
-        self._ids: list | None = None  # the layout's ids, while it is the manager's rows' layout
-        self._step: Step | tuple | None = None  # see `last_step`
+        self._ids: list[int] | None = None  # the layout's ids, while it is the manager's rows' layout
+        self._step: Step | _Pending | None = None  # see `last_step`
         self._next_id = manager.steps.next_id
         self._owner = manager.steps.owner
         self._cache = manager.prefix_cache  # fixed for the manager's life
@@ -84,7 +88,7 @@ class StepBatch:
             self._note()
             return self._meta
         if type(num_new_tokens) is list and self._join(seq_ids, num_new_tokens):
-            return self._meta
+            return self._meta  # type: ignore[return-value]  # `_join` wrote it
         return self._describe(seq_ids, num_new_tokens)
 
     def decode(self, seq_ids: Sequence[int]) -> StepMetadata:
@@ -107,8 +111,8 @@ class StepBatch:
                     self._meta = lay.meta
                     return self._meta
                 return self._advanced(seq_ids, done)
-        elif self._kept(seq_ids):
-            return self._advanced(seq_ids, self._layout.advance())
+        elif self._kept(seq_ids):  # a list (checked there)
+            return self._advanced(seq_ids, self._layout.advance())  # type: ignore[arg-type]
         self.manager.append(seq_ids, 1)
         return self.step(seq_ids, 1)
 
@@ -122,7 +126,7 @@ class StepBatch:
             raise StateError("this StepBatch has described no step yet")
         if type(step) is tuple:
             step = self._step = Step(self._owner, *step, None, self._table)
-        return step
+        return step  # type: ignore[return-value]  # a tuple was made a Step above
 
     def check_live(self) -> None:
         """`Step.check_live` of the step last described: the batch's metadata objects name
@@ -146,7 +150,7 @@ class StepBatch:
         self.manager.commit(step, skip_released=True)
 
     # ---- the layout's rows ------------------------------------------------------------------
-    def _advanced(self, seq_ids: list, done: bool | None) -> StepMetadata:
+    def _advanced(self, seq_ids: list[int], done: bool | None) -> StepMetadata:
         """The end of `decode` of the layout's rows after `DecodeLayout.advance` returned
         ``done``; None: not possible (too few free blocks, too long), nothing changed:
         through `append`, which raises; False: a row outgrew the table's width bucket:
@@ -161,11 +165,11 @@ class StepBatch:
         self._note()
         return self._meta
 
-    def _same_rows(self, seq_ids) -> bool:
+    def _same_rows(self, seq_ids: Sequence[int]) -> bool:
         """``seq_ids`` names the layout's rows and no row was added or removed since."""
         return type(seq_ids) is list and self._table.epoch == self._layout.epoch and same_ids(seq_ids, self._ids)
 
-    def _kept(self, seq_ids) -> bool:
+    def _kept(self, seq_ids: Sequence[int]) -> bool:
         """``seq_ids`` is a subsequence of the layout's ids -- others finished or were
         preempted -- and each kept row is untouched since: lay the kept rows out (no
         re-validation needed) and return True; else False."""
@@ -175,7 +179,9 @@ class StepBatch:
             return False
         rows_of, born = m.rows_by_id, self._table.born
         old_rows, old_born, n_old = lay.rows, lay.born, len(old_ids)
-        kept, at, i = [], [], 0
+        kept: list[int] = []
+        at: list[int] = []
+        i = 0
         for s in seq_ids:
             # Identity, or a plain int equal to it: an alias (True for 1) never matches.
             while i < n_old and not (old_ids[i] is s or (type(s) is int and old_ids[i] == s)):
@@ -193,7 +199,7 @@ class StepBatch:
         self._ids = list(seq_ids)
         return True
 
-    def _join(self, seq_ids, counts: list) -> bool:
+    def _join(self, seq_ids: Sequence[int], counts: list[int]) -> bool:
         """Rows joining the layout: ``seq_ids`` is the layout's ids, each writing one token,
         then new rows with their prefill counts, and nothing else happened since (only
         those rows were added). Writes the new rows into the layout -- which stays
@@ -218,12 +224,12 @@ class StepBatch:
         self._beside(counts)
         return True
 
-    def _joining(self, ids: list, counts: list) -> list | None:
+    def _joining(self, ids: Sequence[int], counts: list[int]) -> list[int] | None:
         """The rows of joining ``ids``: plain int ids admitted after the layout was
         written, distinct, each count an int from 1 to its length; None otherwise (the
         general path validates and names the error)."""
         rows_of, t, epoch = self.manager.rows_by_id, self._table, self._layout.epoch
-        rows = []
+        rows: list[int] = []
         for s, c in zip(ids, counts):
             if type(s) is not int or type(c) is not int:
                 return None
@@ -233,7 +239,7 @@ class StepBatch:
             rows.append(r)
         return rows if len(set(rows)) == len(rows) else None
 
-    def _describe(self, seq_ids, num_new_tokens) -> StepMetadata:
+    def _describe(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int] | np.ndarray) -> StepMetadata:
         """Any step. A plain manager: the decode layout of its rows, then the step beside
         it. Otherwise, and for bad input (the typed error), `step_metadata` itself."""
         m = self.manager
@@ -244,13 +250,13 @@ class StepBatch:
                 self._layout.write(rows.tolist())
                 self._ids = list(seq_ids)
                 self._beside(q.tolist())
-                return self._meta
+                return self._meta  # type: ignore[return-value]  # `_beside` wrote it
         self._ids = None
         self._meta = m.step_metadata(seq_ids, num_new_tokens)  # raises the typed error, if any
-        self._step = self._meta.step
+        self._step = self._meta.step  # type: ignore[assignment]  # step_metadata's metadata carries its Step
         return self._meta
 
-    def _beside(self, counts: list) -> None:
+    def _beside(self, counts: list[int]) -> None:
         """After the layout of a step's rows: the step itself -- the layout when every row
         writes one token, else its own arrays beside it -- noted as described."""
         lay = self._layout
@@ -264,10 +270,11 @@ class StepBatch:
         a decode step pays for a number and a tuple."""
         sid = self._next_id()
         rows = self._layout.rows
+        # Called only after the layout's ids and the step's metadata were written.
         if self._cache is None:
-            self._step = (sid, self._ids, rows, self._table.epoch)
+            self._step = (sid, self._ids, rows, self._table.epoch)  # type: ignore[assignment]
         else:
-            self._step = self.manager.note_step(sid, self._ids, rows, self._meta.kv_lens[: len(rows)])
+            self._step = self.manager.note_step(sid, self._ids, rows, self._meta.kv_lens[: len(rows)])  # type: ignore[arg-type, union-attr]
 
 
 __all__ = ["StepBatch"]
