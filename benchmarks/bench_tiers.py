@@ -13,6 +13,10 @@ warm restart. Prints a final JSON line.
 3. Warm restart: conversations whose first turn was served by one process
    (write-through to disk), second turn served by a new process on the same disk
    tier, against a cold start: token hit rate of those second turns.
+4. Priorities: shared system prompts under pressure, their hit rate with the default
+   priority and with a high one (`Retention`).
+5. The decode step while blocks move down in the background over the same step
+   without (aim <= 1.1).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from functools import partial
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import paged_kv as pk
@@ -130,6 +137,100 @@ def movement(blocks: int, reps: int = 5) -> dict:
     return out
 
 
+def decode_with_moves(batch: int, context: int, moves: int, steps: int) -> dict:
+    """A decode step (no model: each layer's paged write + attention over a batch, as
+    bench_decode_step's (a), jitted, cache donated) while ``moves`` keyed blocks move
+    down each step (queued as the device's evictions are, gathered by the flush before
+    the step, landed in the host tier at the next flush), over the same step without:
+    medians of alternating phases; the flush is counted in the step's time."""
+    from paged_kv.tiers import CacheTiers, flush
+
+    bs, layers, heads, dim = 16, 4, 8, 128
+    per_seq = (context + 8 * steps) // bs + 2  # room for every phase's appends
+    spec = pk.CacheSpec(num_layers=layers, num_blocks=batch * per_seq + moves + 2, block_size=bs,
+                        max_blocks_per_seq=per_seq, num_kv_heads=heads, head_dim=dim, dtype="bfloat16",
+                        max_batch_slots=batch + 1)
+    m = pk.KVCacheManager(spec, prefix_cache=True)
+    tiers = CacheTiers(m, host_bytes=4 * moves * spec.group_bytes_per_block(0))
+    cache = pk.PagedKVCache.init(spec)
+    cold = np.arange(moves * bs + 1) + 10**6
+    m.admit_prompt(batch, cold)
+    m.step_metadata([batch], cold.size)
+    m.commit([batch])
+    cache = cache.bind(m)  # stands for the step that wrote them
+    m.cache_tokens(batch, cold)
+    m.release(batch)
+    pc = m.prefix_cache
+    keyed = [(b, pc.hash_of[b], pc.parent_of[b]) for b in pc.evictable]
+    seqs = list(range(batch))
+    for s in seqs:
+        m.admit(s, context - 1)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(batch, 1, heads, dim)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(batch, 1, heads, dim)), jnp.bfloat16)
+
+    @partial(jax.jit, donate_argnums=0)
+    def step(cache: pk.PagedKVCache, meta: pk.StepMetadata) -> tuple[pk.PagedKVCache, jax.Array]:
+        views, total = [], jnp.zeros((), jnp.float32)
+        for i in range(layers):
+            out, view = cache[i].attention(q, kv, kv, meta)
+            views.append(view)
+            total = total + out.sum()
+        return pk.PagedKVCache(tuple(views)), total
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    phases = [False, True] * 3
+    for phase, moving in enumerate([False, True] + phases):  # the first two phases warm up
+        for _ in range(steps):
+            m.append(seqs, 1)
+            meta = m.step_metadata(seqs, 1)
+            t = time.perf_counter()
+            if moving:  # the step's evictions: copies down queued with their generations
+                for b, key, parent in keyed:
+                    tiers._copy_down(0, b, key, parent)
+            cache = flush(cache, tiers)
+            cache, total = step(cache, meta.to_device())
+            total.block_until_ready()
+            if phase >= 2:
+                times[moving].append(time.perf_counter() - t)
+            m.commit(seqs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "context": context, "blocks_moved_per_step": moves,
+            "mib_moved_per_step": round(moves * spec.group_bytes_per_block(0) / 2**20, 2),
+            "step_ms": round(1e3 * med[False], 2), "step_with_moves_ms": round(1e3 * med[True], 2),
+            "with_over_without": round(med[True] / med[False], 3), "load_average": round(os.getloadavg()[0], 2)}
+
+
+def priorities(requests: int, seed: int = 0) -> dict:
+    """Shared system prompts under pressure: each request is one of 4 system prompts
+    (256 tokens) and 512 tokens of its own, on a device pool of 64 blocks with a host
+    tier of 32 (bookkeeping only: `CacheTiers(keep_bytes=False)`). Hit rate of the
+    system prompts' tokens, with the default priority for every block and with
+    ``Retention([(0, 256, 90)])`` on each request."""
+    from paged_kv.tiers import CacheTiers, Retention
+
+    spec = pk.CacheSpec(num_layers=2, num_blocks=64, block_size=16, max_blocks_per_seq=56, num_kv_heads=2,
+                        head_dim=64, max_batch_slots=4)
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, 50_000, 256) for _ in range(4)]
+    work = [(int(rng.integers(0, 4)), rng.integers(0, 50_000, 512)) for _ in range(requests)]
+    out = {"requests": requests}
+    for name, retention in (("default", None), ("high_priority", Retention([(0, 256, 90)]))):
+        m = pk.KVCacheManager(spec, prefix_cache=True)
+        CacheTiers(m, host_bytes=32 * spec.group_bytes_per_block(0), keep_bytes=False)
+        hit = 0
+        for seq, (which, own) in enumerate(work):
+            tokens = np.concatenate([systems[which], own])
+            cached = m.admit_prompt(seq, tokens, retention=retention)
+            m.step_metadata([seq], tokens.size - cached)
+            m.commit([seq])
+            m.cache_tokens(seq, tokens)
+            m.release(seq)
+            hit += min(cached, 256)
+        out[f"system_prompt_hit_rate_{name}"] = round(hit / (256 * len(work)), 4)
+    return out
+
+
 def warm_restart(conversations: int) -> dict:
     from paged_kv.tiers import CacheTiers, flush
 
@@ -174,7 +275,9 @@ def main() -> None:
     sessions = args.sessions or (12 if args.quick else 48)
     result = {"multiturn": hit_rates(sessions, 8192 if args.quick else 16384),
               "movement": movement(64 if args.quick else 512),
-              "restart": warm_restart(8 if args.quick else 32)}
+              "restart": warm_restart(8 if args.quick else 32),
+              "priorities": priorities(40 if args.quick else 200),
+              "decode_with_moves": decode_with_moves(8, 256 if args.quick else 1024, 16, 10 if args.quick else 30)}
     for name, value in result.items():
         print(f"{name}: {value}")
     print(json.dumps({"bench": "tiers", **result}))
