@@ -34,6 +34,7 @@ def persist(cache: PagedKVCache, tiers: CacheTiers) -> PagedKVCache:
                 tiers._to_disk(g, key, host.parent_of[key], host.read(key))
     for g, group in enumerate(tiers.manager.groups):
         pc, pool, host = group.cache, group.pool, tiers.host[g]
+        assert pc is not None  # tiers attach only to a manager with a prefix cache
         idle = [*pc.behind, *pc.evictable]
         held = [b for b in pc.block_of.values() if not pc.is_evictable(b)]
         for b in idle + held:
