@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +43,18 @@ from paged_kv.errors import SpecError
 from paged_kv.metadata import StepMetadata
 from paged_kv.spec import CacheSpec
 
+if TYPE_CHECKING:
+    from paged_kv.views.transformer import PagedLayerView
+
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new")
 """``hidden_act`` / ``hidden_activation`` values the MLP computes (transformers' ACT2FN
 names): SiLU, and GELU's tanh approximation (Gemma's ``gelu_pytorch_tanh``; GPT-2's
 ``gelu_new`` is the same formula)."""
+
+Params = dict[str, Any]
+"""A model's weights by name (``layers``: one such dict per layer), as the loader builds them."""
+_Aux = TypeVar("_Aux")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +137,8 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         """The softmax scale: ``query_pre_attn_scalar ** -0.5`` (Gemma), else ``head_dim ** -0.5``."""
-        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+        scale: float = (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5
+        return scale
 
 
 LlamaConfig = ModelConfig  # the name the Llama/Mistral-only model layer had
@@ -174,10 +184,11 @@ def _yarn_inv_freq(inv: np.ndarray, s: RopeScaling, dim: int, theta: float) -> n
         high += 0.001  # as transformers: a ramp of zero width would divide by zero
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
     keep = (1 - ramp).astype(np.float32)  # 1: extrapolate (the original frequency), 0: interpolate
-    return ((inv / np.float32(s.factor)) * (1 - keep) + inv * keep).astype(np.float32)
+    out: np.ndarray = ((inv / np.float32(s.factor)) * (1 - keep) + inv * keep).astype(np.float32)
+    return out
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array | np.ndarray, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """cos, sin float32 ``[B, T, head_dim]`` for integer ``positions [B, T]`` (halves repeated, as HF),
     times ``scale`` (YaRN's attention factor)."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
@@ -192,7 +203,7 @@ def _rope_scale(cfg: ModelConfig, local: bool = False) -> float:
     return 1.0 if s is None else s.attention_factor
 
 
-def _layer_ropes(cfg: ModelConfig, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+def _layer_ropes(cfg: ModelConfig, positions: jax.Array | np.ndarray) -> list[tuple[jax.Array, jax.Array]]:
     """Each layer's (cos, sin): one table, or a second for the sliding layers when their
     RoPE differs (Gemma 3)."""
     full = rope_tables(positions, rope_inv_freq(cfg), _rope_scale(cfg))
@@ -246,14 +257,14 @@ def dense_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.
     scale = d ** -0.5 if scale is None else scale
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, keys, preferred_element_type=jnp.float32) * scale
     scores = soft_cap(scores, logit_cap)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)  # type: ignore[no-untyped-call]  # jax's finfo is unannotated
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, values)
     return out.reshape(b, t, h, d)
 
 
-def attention(view, q: jax.Array, k: jax.Array, v: jax.Array, metadata: StepMetadata, *,
-              scale: float | None = None, logit_cap: float | None = None):
+def attention(view: PagedLayerView, q: jax.Array, k: jax.Array, v: jax.Array, metadata: StepMetadata, *,
+              scale: float | None = None, logit_cap: float | None = None) -> tuple[jax.Array, PagedLayerView]:
     """One layer's attention through its cache view: returns (out ``[B, T, H, D]``, new view).
 
     The single place the model touches the cache: `view.attention` writes this step's
@@ -269,7 +280,8 @@ def _norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
     return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_unit_offset)
 
 
-def _layer(cfg: ModelConfig, layer: dict, x, cos, sin, attend):
+def _layer(cfg: ModelConfig, layer: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
+           attend: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, _Aux]]) -> tuple[jax.Array, _Aux]:
     """One decoder layer; ``attend(q, k, v) -> (out, aux)`` does the attention (through
     the cache, or over the step's own keys); returns the new residual stream and ``aux``."""
     b, t, _ = x.shape
@@ -296,20 +308,20 @@ def _layer(cfg: ModelConfig, layer: dict, x, cos, sin, attend):
     return x + out, aux
 
 
-def _embed(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
-    x = params["embed"][tokens]
+def _embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    x: jax.Array = params["embed"][tokens]
     if cfg.embed_scale:  # transformers: a float32 scalar cast to the weights' dtype, then multiplied
         x = x * jnp.asarray(np.float32(math.sqrt(cfg.hidden_size))).astype(x.dtype)
     return x
 
 
-def _logits(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+def _logits(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     x = _norm(cfg, x, params["norm"])
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return soft_cap((x @ head).astype(jnp.float32), cfg.final_logit_softcap)
 
 
-def forward(cfg: ModelConfig, params: dict, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
+def forward(cfg: ModelConfig, params: Params, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
             last_only: bool = False) -> tuple[jax.Array, PagedKVCache]:
     """One step: ``tokens [B, T]`` laid out like ``metadata`` -> float32 logits and the new cache.
 
@@ -320,11 +332,12 @@ def forward(cfg: ModelConfig, params: dict, cache: PagedKVCache, tokens: jax.Arr
     x = _embed(cfg, params, tokens)
     ropes = _layer_ropes(cfg, metadata.positions)
     scale, cap = cfg.attention_scale, cfg.attn_logit_softcap
-    views = []
+    views: list[PagedLayerView] = []
     for i, layer in enumerate(params["layers"]):
         cos, sin = ropes[i]
+        # mypy cannot type a lambda's bound default: the attend callable is checked by `_layer`'s signature.
         x, view = _layer(cfg, layer, x, cos, sin,
-                         lambda q, k, v, view=cache[i]: attention(view, q, k, v, metadata, scale=scale, logit_cap=cap))
+                         lambda q, k, v, view=cache[i]: attention(view, q, k, v, metadata, scale=scale, logit_cap=cap))  # type: ignore[misc]
         views.append(view)
     if last_only:
         last = jnp.maximum(metadata.query_lens - 1, 0)
@@ -332,7 +345,8 @@ def forward(cfg: ModelConfig, params: dict, cache: PagedKVCache, tokens: jax.Arr
     return _logits(cfg, params, x), PagedKVCache(tuple(views))
 
 
-def forward_contiguous(cfg: ModelConfig, params: dict, tokens: jax.Array):
+def forward_contiguous(cfg: ModelConfig, params: Params, tokens: jax.Array,
+                       ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """A prefill with no cache: ``tokens [B, T]`` (padding after each prompt is harmless:
     attention is causal) -> float32 logits ``[B, T, vocab]`` and each layer's rotated
     keys and values ``[B, T, kv_heads, head_dim]``: the contiguous cache a separate
@@ -343,17 +357,18 @@ def forward_contiguous(cfg: ModelConfig, params: dict, tokens: jax.Array):
     causal = s[None, :] <= s[:, None]
     masks = {False: jnp.broadcast_to(causal, (tokens.shape[0], t, t))}
     if cfg.layers_sliding:
-        windowed = causal & (s[None, :] > s[:, None] - cfg.sliding_window)
+        windowed = causal & (s[None, :] > s[:, None] - cfg.sliding_window)  # type: ignore[operator]  # sliding layers: a window
         masks[True] = jnp.broadcast_to(windowed, (tokens.shape[0], t, t))
     sliding = set(cfg.layers_sliding)
     x = _embed(cfg, params, tokens)
     ropes = _layer_ropes(cfg, jnp.broadcast_to(s, tokens.shape))
     scale, cap = cfg.attention_scale, cfg.attn_logit_softcap
-    keys, values = [], []
+    keys: list[jax.Array] = []
+    values: list[jax.Array] = []
     for i, layer in enumerate(params["layers"]):
         cos, sin = ropes[i]
         mask = masks[i in sliding]
-        x, (k, v) = _layer(cfg, layer, x, cos, sin, lambda q, k, v, mask=mask: (
+        x, (k, v) = _layer(cfg, layer, x, cos, sin, lambda q, k, v, mask=mask: (  # type: ignore[misc]  # a bound default
             dense_attention(q, k, v, mask, scale=scale, logit_cap=cap), (k, v)))
         keys.append(k)
         values.append(v)
@@ -361,7 +376,7 @@ def forward_contiguous(cfg: ModelConfig, params: dict, tokens: jax.Array):
 
 
 def cache_spec(cfg: ModelConfig, *, num_blocks: int, block_size: int, max_seq_len: int, max_batch_slots: int,
-               dtype: str = "float32", sliding_num_blocks: int | None = None, **spec_fields) -> CacheSpec:
+               dtype: str = "float32", sliding_num_blocks: int | None = None, **spec_fields: Any) -> CacheSpec:
     """The `CacheSpec` this model's layers need.
 
     The model's sliding layers (every layer for Mistral, Gemma's local layers, Qwen2's
@@ -371,8 +386,8 @@ def cache_spec(cfg: ModelConfig, *, num_blocks: int, block_size: int, max_seq_le
     fields (``kv_format="int8"``, ``page_storage``, ...).
     """
     layers = cfg.layers_sliding
-    window = cfg.sliding_window if layers and cfg.sliding_window < max_seq_len else None
-    sliding = dict(sliding_window=window, sliding_layers=layers,
+    window = cfg.sliding_window if layers and cfg.sliding_window < max_seq_len else None  # type: ignore[operator]  # layers: a window
+    sliding: dict[str, Any] = dict(sliding_window=window, sliding_layers=layers,
                    sliding_num_blocks=sliding_num_blocks) if window is not None else {}
     return CacheSpec(num_layers=cfg.num_layers, num_blocks=num_blocks, block_size=block_size,
                      max_blocks_per_seq=-(-max_seq_len // block_size), max_batch_slots=max_batch_slots,

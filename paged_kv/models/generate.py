@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,8 @@ from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.cache import PagedKVCache
 from paged_kv.insertion import insert_prefill_slot
 from paged_kv.errors import OutOfBlocksError
-from paged_kv.metadata import bucket
+from paged_kv.metadata import StepMetadata, bucket
+from paged_kv.models.decoder import Params
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
 from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
 from paged_kv.models.sampling import Sampler, record_logprobs
@@ -66,10 +68,10 @@ class Generator:
     carry their ``text``, and requests may give ``stop`` strings.
     """
 
-    def __init__(self, cfg: LlamaConfig, params: dict, spec: CacheSpec, *, prefix_cache: bool = True,
+    def __init__(self, cfg: LlamaConfig, params: Params, spec: CacheSpec, *, prefix_cache: bool = True,
                  eos_token_ids: Sequence[int] = (), record_logits: bool = False,
-                 compiler_options: dict | None = None, headroom: int = 1, prefill_chunk: int | None = None,
-                 detokenize: Detokenize | None = None):
+                 compiler_options: dict[str, Any] | None = None, headroom: int = 1, prefill_chunk: int | None = None,
+                 detokenize: Detokenize | None = None) -> None:
         self.cfg, self.params, self.spec, self.detokenize = cfg, params, spec, detokenize
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
         self.slots = DecodeSlots(self.manager)
@@ -90,20 +92,22 @@ class Generator:
         self._traces = 0
         self._sampler = Sampler()
 
-        def step(params, cache, tokens, metadata):
+        def step(params: Params, cache: PagedKVCache, tokens: jax.Array,
+                 metadata: StepMetadata) -> tuple[jax.Array, PagedKVCache]:
             self._traces += 1  # runs only while tracing: counts compilations
             return forward(cfg, params, cache, tokens, metadata, last_only=not record_logits)
 
         self._step = jax.jit(step, donate_argnums=1, compiler_options=compiler_options)
 
-        def contiguous(params, tokens):
+        def contiguous(params: Params, tokens: jax.Array,
+                       ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
             self._traces += 1
             return forward_contiguous(cfg, params, tokens)
 
         self._contiguous = jax.jit(contiguous, compiler_options=compiler_options)
 
     # ---- requests --------------------------------------------------------------------
-    def _sequences(self, requests: Sequence[Request], taken=()) -> list[Seq]:
+    def _sequences(self, requests: Sequence[Request], taken: Collection[int] = ()) -> list[Seq]:
         return checked_sequences(requests, taken, self.cfg.vocab_size, self.spec, self.detokenize)
 
     # ---- the loop --------------------------------------------------------------------
@@ -134,7 +138,8 @@ class Generator:
         self._clock = 0
         while waiting or len(self.slots) or self._prefilling or open_:
             if open_:
-                new = arrivals(not (waiting or len(self.slots) or self._prefilling))
+                # open_: there are arrivals to ask for
+                new = arrivals(not (waiting or len(self.slots) or self._prefilling))  # type: ignore[misc]
                 open_ = new is not None
                 for s in self._sequences(new or (), taken=self._by_id):
                     s.arrival_step = max(s.arrival_step, self._clock)
@@ -162,9 +167,9 @@ class Generator:
                 progress(finished, len(seqs), self.stats)
         self.stats.seconds = time.perf_counter() - start
         self.stats.compilations = self._traces - traces
-        return [s.completion for s in seqs], self.stats
+        return [s.completion for s in seqs], self.stats  # type: ignore[misc]  # each finished: has its completion
 
-    def _run(self, tokens: np.ndarray, metadata) -> np.ndarray:
+    def _run(self, tokens: np.ndarray, metadata: StepMetadata) -> np.ndarray:
         logits, self.cache = self._step(self.params, self.cache, jnp.asarray(tokens), metadata.to_device())
         logits = np.asarray(logits)  # waits for the step
         used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
@@ -173,7 +178,7 @@ class Generator:
         self.stats.kv_usage_peak = max(self.stats.kv_usage_peak, used)
         return logits
 
-    def _admit(self, waiting: collections.deque) -> list[Seq]:
+    def _admit(self, waiting: collections.deque[Seq]) -> list[Seq]:
         """Admit arrived requests in the policy's order while a slot is free and the pool
         keeps `headroom` blocks per running sequence (one: the next decode step fits).
         Paged ones join the prefilling set; returns those to prefill elsewhere
@@ -181,7 +186,7 @@ class Generator:
         elsewhere: list[Seq] = []
         reserved = 0  # blocks the prompts to insert will take
 
-        def take(seq: Seq, _budget) -> int | None:
+        def take(seq: Seq, _budget: int | None) -> int | None:
             nonlocal reserved
             # Upper bound: prefix-cache hits and chunking only lower what the prompt takes.
             need = self.spec.blocks_for(len(seq.tokens))
@@ -290,7 +295,7 @@ class Generator:
         first, s.first_token = s.first_token, None  # from here on an ordinary sequence (preemption recomputes)
         s.done = n
         self.stats.inserted_prefills += 1
-        if self._take(s, first):
+        if self._take(s, first):  # type: ignore[arg-type]  # a Prefilled sequence: its first token
             self.manager.release(rid)
             return 1
         self.slots.insert(rid)
@@ -322,7 +327,7 @@ class Generator:
                 done += 1
         return done
 
-    def _make_room(self, waiting: collections.deque) -> None:
+    def _make_room(self, waiting: collections.deque[Seq]) -> None:
         """Preempt the newest sequences (decoding or prefilling) until every decoding one
         can grow by a token. The newest: the latest admission step; among sequences
         admitted in one step, the first listed (decoding ones by slot, then prefilling)."""
@@ -333,7 +338,7 @@ class Generator:
         self.policy.make_room(lambda: not len(self.slots) or self.slots.can_decode(),
                               lambda: self._preempt(newest(), waiting))
 
-    def _unblock(self, waiting: collections.deque) -> None:
+    def _unblock(self, waiting: collections.deque[Seq]) -> None:
         """Nothing decodes and no prefilling sequence could grow: release the newest of
         them so the others can (it recomputes later)."""
         if self._prefilling:
@@ -342,7 +347,7 @@ class Generator:
             raise OutOfBlocksError(self.spec.blocks_for(len(waiting[0].tokens)), self.manager.num_free_blocks,
                                    f"request {waiting[0].request_id} with nothing running")
 
-    def _preempt(self, s: Seq, waiting: collections.deque) -> None:
+    def _preempt(self, s: Seq, waiting: collections.deque[Seq]) -> None:
         """Release ``s`` (recompute preemption) and put it at the head of the queue."""
         rid = s.request_id
         if self.manager.prefix_cache is not None:
@@ -365,7 +370,7 @@ class Generator:
             s.completion = Completion(s.request_id, s.prompt, [], finish_reason="")
         return s.completion
 
-    def _record(self, s: Seq, positions, logits: np.ndarray) -> None:
+    def _record(self, s: Seq, positions: Iterable[int], logits: np.ndarray) -> None:
         c = self._completion(s)
         for p, row in zip(positions, np.atleast_2d(logits)):
             if p in c.logits:
@@ -373,7 +378,7 @@ class Generator:
             else:
                 c.logits[p] = row.copy()
 
-    def _take(self, s: Seq, token: int, logprob: float | None = None, top: list | None = None) -> bool:
+    def _take(self, s: Seq, token: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> bool:
         """Append ``token`` (with its logprobs if the request asked); True when the sequence is finished."""
         s.tokens.append(token)
         self.stats.generated_tokens += 1
@@ -397,7 +402,8 @@ class Generator:
         return bool(c.finish_reason)
 
 
-def generate(cfg: LlamaConfig, params: dict, spec: CacheSpec, requests: Sequence[Request], **kw):
+def generate(cfg: LlamaConfig, params: Params, spec: CacheSpec, requests: Sequence[Request],
+             **kw: Any) -> tuple[list[Completion], GenerationStats]:
     """``Generator(cfg, params, spec, **kw).generate(requests)``."""
     progress = kw.pop("progress", None)
     return Generator(cfg, params, spec, **kw).generate(requests, progress=progress)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -34,6 +36,10 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32
 HOST_BYTES_PER_TENSOR = 4 * 2**10
 """Host bytes a loaded tensor costs beyond its data (array objects, names, dict entries)."""
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+JSON = dict[str, Any]
+"""A JSON object as read: values are checked where they are used (`field`)."""
+Where = pathlib.Path | str
 
 
 class ModelLoadError(CheckpointError):
@@ -52,7 +58,7 @@ def is_file(path: pathlib.Path) -> bool:
         return False
 
 
-def read_json(path: pathlib.Path) -> dict:
+def read_json(path: pathlib.Path) -> JSON:
     if not is_file(path):  # also refuses a named pipe, which would block the read
         raise ModelLoadError(f"{path}: not found (a Hugging Face checkpoint directory has config.json)")
     try:
@@ -62,7 +68,7 @@ def read_json(path: pathlib.Path) -> dict:
     if size > MAX_JSON_BYTES:
         raise ModelLoadError(f"{path}: {size:,} bytes, more than the {MAX_JSON_BYTES:,} a config or index holds")
 
-    def not_a_number(word: str):  # json accepts NaN and Infinity, which no config field may be
+    def not_a_number(word: str) -> NoReturn:  # json accepts NaN and Infinity, which no config field may be
         raise ModelLoadError(f"{path}: holds {word}, which is not a JSON number; give a finite value")
 
     try:
@@ -74,7 +80,8 @@ def read_json(path: pathlib.Path) -> dict:
     return data
 
 
-def field(data: dict, key: str, kind: type, path, default=None, required: bool = False, minimum: int = 1):
+def field(data: JSON, key: str, kind: type, path: Where, default: Any = None, required: bool = False,
+          minimum: int = 1) -> Any:
     """``data[key]`` checked to be a ``kind`` (ints accepted for floats), or ``default``
     when absent or null. Numbers must be positive (integers at least ``minimum``)."""
     if key not in data or data[key] is None:
@@ -103,7 +110,7 @@ def field(data: dict, key: str, kind: type, path, default=None, required: bool =
     return value
 
 
-def _nullable(data: dict, key: str, kind: type, path, absent):
+def _nullable(data: JSON, key: str, kind: type, path: Where, absent: Any) -> Any:
     """transformers' distinction: an absent key takes the family's default (``absent``),
     an explicit null turns the feature off (None)."""
     if key not in data:
@@ -112,7 +119,7 @@ def _nullable(data: dict, key: str, kind: type, path, absent):
 
 
 # ---- RoPE ------------------------------------------------------------------------------------
-def _rope_entry(params, where: str, theta: float, data: dict | None = None) -> tuple[float, RopeScaling | None]:
+def _rope_entry(params: object, where: str, theta: float, data: JSON | None = None) -> tuple[float, RopeScaling | None]:
     """Theta and scaling of one RoPE parameter object (``rope_type`` or legacy ``type``).
     ``data``: the whole config, whose ``original_max_position_embeddings`` (Phi-3 style)
     or else ``max_position_embeddings`` is the pretraining length when the object has none,
@@ -143,7 +150,7 @@ def _rope_entry(params, where: str, theta: float, data: dict | None = None) -> t
                               original_max_position_embeddings=original)
 
 
-def _yarn(params: dict, where: str, top: dict, original: int | None) -> RopeScaling:
+def _yarn(params: JSON, where: str, top: JSON, original: int | None) -> RopeScaling:
     """YaRN's parameters by transformers' rules: ``factor`` defaults to the context's
     growth (max over original positions), ``attention_factor`` to ``0.1 ln(factor) + 1``
     (or the ratio of the two ``mscale`` terms when both are given), ``beta_fast`` /
@@ -171,7 +178,7 @@ def _yarn(params: dict, where: str, top: dict, original: int | None) -> RopeScal
                        attention_factor=float(attention))
 
 
-def _rope(data: dict, path, family: Family) -> tuple[float, RopeScaling | None]:
+def _rope(data: JSON, path: Where, family: Family) -> tuple[float, RopeScaling | None]:
     """Theta and scaling from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
     params = data.get("rope_parameters") or data.get("rope_scaling") or {}
     where = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"
@@ -181,7 +188,7 @@ def _rope(data: dict, path, family: Family) -> tuple[float, RopeScaling | None]:
     return _rope_entry(params, f"{path} [{where}]", theta, data)
 
 
-def _local_global_rope(data: dict, path) -> tuple[tuple[float, RopeScaling | None], tuple[float, RopeScaling | None]]:
+def _local_global_rope(data: JSON, path: Where) -> tuple[tuple[float, RopeScaling | None], tuple[float, RopeScaling | None]]:
     """Gemma 3's (global, local) RoPE: ``rope_parameters`` keyed by layer type
     (transformers >= 5), or ``rope_theta`` (default 1e6) and ``rope_scaling`` for the full
     layers and ``rope_local_base_freq`` (default 1e4) for the sliding ones."""
@@ -205,7 +212,7 @@ def _local_global_rope(data: dict, path) -> tuple[tuple[float, RopeScaling | Non
 
 
 # ---- which layers slide ------------------------------------------------------------------------
-def _sliding(data: dict, path, family: Family) -> tuple[int | None, tuple[int, ...] | None]:
+def _sliding(data: JSON, path: Where, family: Family) -> tuple[int | None, tuple[int, ...] | None]:
     """``(window, sliding layer indices or None for every layer)`` by the family's rule;
     the indices are built by the caller's `_pattern` once the model is known to fit."""
     if family.window == "none":
@@ -218,7 +225,7 @@ def _sliding(data: dict, path, family: Family) -> tuple[int | None, tuple[int, .
     return window, ()
 
 
-def _layer_types(data: dict, path, num_layers: int) -> tuple[int, ...] | None:
+def _layer_types(data: JSON, path: Where, num_layers: int) -> tuple[int, ...] | None:
     """Sliding layers named by ``layer_types`` (None when absent)."""
     types = data.get("layer_types")
     if types is None:
@@ -232,7 +239,7 @@ def _layer_types(data: dict, path, num_layers: int) -> tuple[int, ...] | None:
     return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
-def _pattern(data: dict, path, family: Family, num_layers: int, window: int | None) -> tuple[int, ...]:
+def _pattern(data: JSON, path: Where, family: Family, num_layers: int, window: int | None) -> tuple[int, ...]:
     """Sliding layers when ``layer_types`` is absent, as transformers' config computes them."""
     if family.pattern == "max_window_layers":
         first = field(data, "max_window_layers", int, path, 28, minimum=0)
@@ -244,7 +251,7 @@ def _pattern(data: dict, path, family: Family, num_layers: int, window: int | No
 
 
 # ---- the config ------------------------------------------------------------------------------
-def _token_ids(data: dict, key: str, path) -> tuple[int, ...]:
+def _token_ids(data: JSON, key: str, path: Where) -> tuple[int, ...]:
     """An id or a list of ids (Llama 3 lists several end-of-turn ids) as a tuple."""
     value = data.get(key)
     values = value if isinstance(value, list) else [] if value is None else [value]
@@ -253,7 +260,7 @@ def _token_ids(data: dict, key: str, path) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _eos_ids(directory: pathlib.Path, sources: list[tuple[dict, str]]) -> tuple[int, ...]:
+def _eos_ids(directory: pathlib.Path, sources: list[tuple[JSON, str]]) -> tuple[int, ...]:
     """End-of-sequence ids: generation_config.json's when it has them (chat models
     list their end-of-turn ids there), else config.json's."""
     gen_path = directory / "generation_config.json"
@@ -268,11 +275,11 @@ def _eos_ids(directory: pathlib.Path, sources: list[tuple[dict, str]]) -> tuple[
     return ()
 
 
-def _flag(data: dict, spec: str | bool, path) -> bool:
+def _flag(data: JSON, spec: str | bool, path: Where) -> bool:
     return spec if isinstance(spec, bool) else field(data, spec, bool, path, False)
 
 
-def _family(data: dict, path) -> tuple[Family, dict, str, list[tuple[dict, str]]]:
+def _family(data: JSON, path: Where) -> tuple[Family, JSON, str, list[tuple[JSON, str]]]:
     """The family, the config object its fields are read from (a Gemma 3 checkpoint's
     ``text_config``), how messages name it, and where token ids may be."""
     model_type = data.get("model_type")
@@ -296,7 +303,7 @@ def _family(data: dict, path) -> tuple[Family, dict, str, list[tuple[dict, str]]
     return FAMILIES["gemma3_text"], text, where, [(data, str(path)), (text, where)]
 
 
-def _check_options(data: dict, path, family: Family) -> str:
+def _check_options(data: JSON, path: Where, family: Family) -> str:
     """Refuse what the decoder does not compute; returns the activation."""
     act = data.get(family.activation_key)
     act = family.activation if act is None else act
@@ -314,7 +321,7 @@ def _check_options(data: dict, path, family: Family) -> str:
     return act
 
 
-def load_config(checkpoint_dir) -> ModelConfig:
+def load_config(checkpoint_dir: str | os.PathLike[str]) -> ModelConfig:
     """`ModelConfig` from ``checkpoint_dir/config.json``; `ModelLoadError` naming the key on a bad one."""
     directory = pathlib.Path(checkpoint_dir)
     path = directory / "config.json"
@@ -324,7 +331,8 @@ def load_config(checkpoint_dir) -> ModelConfig:
     sizes = dict(family.sizes)
 
     def size(key: str) -> int:
-        return field(data, key, int, where, sizes.get(key), required=key not in sizes)
+        value: int = field(data, key, int, where, sizes.get(key), required=key not in sizes)
+        return value
 
     hidden, heads, layers = size("hidden_size"), size("num_attention_heads"), size("num_hidden_layers")
     if family.local_rope:

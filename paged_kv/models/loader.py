@@ -19,13 +19,16 @@ config describes must fit in this machine's memory before any tensor is read.
 
 from __future__ import annotations
 
+import os
 import pathlib
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.errors import SpecError
-from paged_kv.models.decoder import ModelConfig
+from paged_kv.models.decoder import ModelConfig, Params
 from paged_kv.models.families import (
     MODEL_TYPES,
     MULTIMODAL_PREFIXES,
@@ -53,7 +56,7 @@ not weights of this model (cast, they would be silently wrong), and fp8 checkpoi
 per-tensor scales this loader does not apply (safetensors' numpy API cannot read them)."""
 
 
-def _require_safetensors():
+def _require_safetensors() -> types.ModuleType:
     try:
         import safetensors
     except ImportError:
@@ -100,7 +103,7 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _check_shard_name(index: pathlib.Path, tensor: str, name) -> None:
+def _check_shard_name(index: pathlib.Path, tensor: str, name: object) -> None:
     """A shard the index names: a file name inside the checkpoint directory. Checked by
     name, not by resolving it: a Hugging Face cache's shards are symlinks into a blob
     store outside the directory, which is fine; ``../x`` and absolute paths are not."""
@@ -112,7 +115,7 @@ def _check_shard_name(index: pathlib.Path, tensor: str, name) -> None:
                              "an index may only name files inside it")
 
 
-def _index(files: list[pathlib.Path], shapes: dict, prefix: str = "model.",
+def _index(files: list[pathlib.Path], shapes: dict[str, tuple[int, ...]], prefix: str = "model.",
            skipped: tuple[str, ...] = ()) -> dict[str, pathlib.Path]:
     """Which file holds each tensor; checks names and shapes before any tensor is read.
     Tensors whose names start with one of ``skipped`` (a vision tower) are not read."""
@@ -157,8 +160,8 @@ def _read_file(path: pathlib.Path, keys: list[str]) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _read_tensors(st, path: pathlib.Path, keys: list[str]) -> dict[str, np.ndarray]:
-    out = {}
+def _read_tensors(st: types.ModuleType, path: pathlib.Path, keys: list[str]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
     with st.safe_open(str(path), framework="np") as handle:
         raw = [k for k in keys if handle.get_slice(k).get_dtype() == "BF16"]
         for k in keys:
@@ -197,7 +200,7 @@ def _text_prefix(cfg: ModelConfig, files: list[pathlib.Path]) -> tuple[str, tupl
     return (found or list(MULTIMODAL_PREFIXES))[0], MULTIMODAL_SKIPPED
 
 
-def load_params(checkpoint_dir, cfg: ModelConfig, dtype: str = "float32") -> dict:
+def load_params(checkpoint_dir: str | os.PathLike[str], cfg: ModelConfig, dtype: str = "float32") -> Params:
     """The model's parameters from the directory's safetensors files, cast to ``dtype``.
 
     Linear weights are transposed to ``[in, out]``. Names and shapes are checked
@@ -216,7 +219,7 @@ def load_params(checkpoint_dir, cfg: ModelConfig, dtype: str = "float32") -> dic
         tensors.update(_read_file(f, [k for k, v in where.items() if v == f]))
     target = jnp.dtype(dtype)
 
-    def get(name: str, transpose: bool = False):
+    def get(name: str, transpose: bool = False) -> jax.Array:
         x = tensors[name].astype(np.float32)
         if not np.isfinite(x).all():  # a NaN weight makes every logit NaN: generation would be noise
             bad = np.flatnonzero(~np.isfinite(x.ravel()))
@@ -229,13 +232,13 @@ def load_params(checkpoint_dir, cfg: ModelConfig, dtype: str = "float32") -> dic
     table = layer_weights(cfg)
     layers = tuple({key: get(f"{prefix}layers.{i}.{name}", transpose) for key, (name, _, transpose) in table.items()}
                    for i in range(cfg.num_layers))
-    params = dict(embed=get(prefix + "embed_tokens.weight"), norm=get(prefix + "norm.weight"), layers=layers)
+    params: Params = dict(embed=get(prefix + "embed_tokens.weight"), norm=get(prefix + "norm.weight"), layers=layers)
     if not cfg.tie_word_embeddings:
         params["lm_head"] = get(_head_name(prefix), True)
     return params
 
 
-def load_model(checkpoint_dir, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+def load_model(checkpoint_dir: str | os.PathLike[str], dtype: str = "float32") -> tuple[ModelConfig, Params]:
     """``(config, params)`` of a Hugging Face checkpoint directory of a supported family."""
     cfg = load_config(checkpoint_dir)
     return cfg, load_params(checkpoint_dir, cfg, dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class Request:
     logprobs: int | None = None
 
 
-def checked_prompt(r: Request, rid: int, vocab_size: int, first_token=None) -> list[int]:
+def checked_prompt(r: Request, rid: int, vocab_size: int, first_token: object = None) -> list[int]:
     """``r``'s prompt as a list of ints after checking it, ``max_new_tokens``,
     ``arrival_step`` and a `Prefilled` request's ``first_token`` (`GenerationError`)."""
     prompt = list(r.prompt)
@@ -150,7 +151,7 @@ class GenerationStats:
                 f"elsewhere and inserted), prefix cache served {plural(self.cached_tokens, 'token')}; "
                 f"{plural(self.preemptions, 'preemption')}; {plural(self.joined_mid_run, 'request')} joined mid-run")
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
                    kv_usage_mean=self.kv_usage_mean)

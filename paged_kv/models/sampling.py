@@ -24,12 +24,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.models.requests import GenerationError
+
+if TYPE_CHECKING:
+    from paged_kv.models.requests import Completion, Request
+
+Pick = tuple[int, float | None, list[tuple[int, float]] | None]
+"""A picked token, with its logprob and top tokens when the request asked for logprobs."""
 
 _MASK = 1  # seen-mask bits: the token is in the prompt / has been generated
 _OUT = 2
@@ -44,7 +52,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     seed: int = 0
-    stop_token_ids: frozenset = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
 
     @property
@@ -60,20 +68,33 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-def _number(rid, name, value, ok, want) -> float:
+class Sampled(Protocol):
+    """What `Sampler.pick` reads of a sequence (`paged_kv.models.sequences.Seq`)."""
+
+    @property
+    def tokens(self) -> list[int]: ...  # prompt, then generated
+
+    @property
+    def prompt(self) -> list[int]: ...
+
+    @property
+    def sampling(self) -> SamplingParams: ...
+
+
+def _number(rid: int, name: str, value: object, ok: Callable[[Any], bool], want: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(value) or not ok(value):
         raise GenerationError(f"request {rid}: {name}={value!r} must be {want}")
     return float(value)
 
 
-def _int(rid, name, value, low, high) -> int:
+def _int(rid: int, name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
         raise GenerationError(f"request {rid}: {name}={value!r} must be an int in [{low}, {high}]")
     return int(value)
 
 
-def sampling_params(request, rid: int, vocab_size: int) -> SamplingParams:
+def sampling_params(request: Request, rid: int, vocab_size: int) -> SamplingParams:
     """The checked sampling fields of ``request`` (`GenerationError` naming a bad one).
     A sampled request without a seed gets a random one (fixed for the request)."""
     r = request
@@ -98,7 +119,8 @@ def sampling_params(request, rid: int, vocab_size: int) -> SamplingParams:
                           logprobs)
 
 
-def filter_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, seen):
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                  repetition_penalty: jax.Array, presence_penalty: jax.Array, seen: jax.Array) -> jax.Array:
     """Penalties, temperature, top-k, top-p and min-p over ``logits`` [B, V] (float32):
     the logits to sample from, dropped tokens at -inf (greedy rows: the penalised logits
     unscaled, nothing dropped). Per-row parameters are [B] arrays; ``seen`` is [B, V] or
@@ -123,14 +145,16 @@ def filter_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, 
 
 
 @functools.partial(jax.jit, static_argnames="top_n")
-def sample_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, seen,
-                  seed, position, *, top_n: int = 0):
+def sample_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                  repetition_penalty: jax.Array, presence_penalty: jax.Array, seen: jax.Array,
+                  seed: jax.Array, position: jax.Array, *, top_n: int = 0,
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The next token of every row of ``logits`` [B, V], with its logprob and the
     ``top_n`` most likely tokens and their logprobs (all under the raw logits).
     ``seed``: [B, 2] uint32 (low, high words); ``position``: [B] int32."""
     x = filter_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, seen)
 
-    def noise(seed, position):
+    def noise(seed: jax.Array, position: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), position)
         return jax.random.gumbel(key, (x.shape[-1],), jnp.float32)
 
@@ -142,7 +166,8 @@ def sample_logits(logits, temperature, top_k, top_p, min_p, repetition_penalty, 
     return tokens, chosen, top_ids, top_lp
 
 
-def record_logprobs(completion, params: SamplingParams, logprob: float | None, top: list | None) -> None:
+def record_logprobs(completion: Completion, params: SamplingParams, logprob: float | None,
+                    top: list[tuple[int, float]] | None) -> None:
     """Append a generated token's logprobs to ``completion`` if its request asked for them
     (NaN and no top tokens for a token that came without: a `Prefilled` request's first)."""
     if params.logprobs is not None:
@@ -154,18 +179,21 @@ class Sampler:
     """Picks the next tokens of a batch of sequences (objects with ``tokens``, ``prompt``
     and ``sampling``); see the module's docstring."""
 
-    def pick(self, seqs, logits) -> list[tuple[int, float | None, list | None]]:
+    def pick(self, seqs: Sequence[Sampled], logits: np.ndarray | Sequence[np.ndarray]) -> list[Pick]:
         """``(token, logprob, top)`` for each sequence, from its row of ``logits`` ([n, V]
         or n rows); ``logprob``/``top`` are None unless the request asked for logprobs."""
         params = [s.sampling for s in seqs]
         if all(p.plain_greedy for p in params):
             return [(int(np.argmax(row)), None, None) for row in logits]
-        logits = np.stack(logits)
+        logits = np.stack(logits)  # type: ignore[arg-type]  # an array or rows: numpy's stubs take only a sequence
         n, vocab = len(seqs), logits.shape[-1]
         rows = 1 << (n - 1).bit_length()  # a power-of-two bucket: few shapes compile
         pad = np.zeros((rows, vocab), np.float32)
         pad[:n] = logits
-        col = lambda name, dtype, fill: np.array([getattr(p, name) for p in params] + [fill] * (rows - n), dtype)
+
+        def col(name: str, dtype: type[np.generic], fill: float) -> np.ndarray:
+            return np.array([getattr(p, name) for p in params] + [fill] * (rows - n), dtype)
+
         seen = np.zeros((rows, vocab if any(p.penalised for p in params) else 1), np.uint8)
         if seen.shape[1] > 1:
             for b, s in enumerate(seqs):
@@ -184,7 +212,7 @@ class Sampler:
                             col("repetition_penalty", np.float32, 1.0), col("presence_penalty", np.float32, 0.0),
                             seen, seeds, position, top_n=top_n)
         tokens, chosen, top_ids, top_lp = (np.asarray(a) for a in out)
-        picks = []
+        picks: list[Pick] = []
         for b, p in enumerate(params):
             if p.logprobs is None:
                 picks.append((int(tokens[b]), None, None))

@@ -21,7 +21,7 @@ from paged_kv.models.requests import GenerationError
 Detokenize = Callable[[Sequence[int]], str]
 
 
-def checked_stops(stop, rid: int, detokenize: Detokenize | None) -> tuple[str, ...]:
+def checked_stops(stop: object, rid: int, detokenize: Detokenize | None) -> tuple[str, ...]:
     """A request's ``stop`` as a tuple of non-empty strings (`GenerationError` naming
     what is wrong: not a sequence of strings, an empty string, no ``detokenize``)."""
     if isinstance(stop, str):

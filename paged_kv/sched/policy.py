@@ -106,8 +106,8 @@ class SchedulingPolicy:
             used += int(got.sum())
         return StepPlan(counts, granted, generates, used)
 
-    def admit(self, waiting: deque, running: int, take: Callable[[Any, int | None], int | None],
-              budget_used: int = 0) -> list:
+    def admit(self, waiting: deque[T], running: int, take: Callable[[T, int | None], int | None],
+              budget_used: int = 0) -> list[T]:
         """Admit from the head of ``waiting``, in order, while the batch (``running``
         sequences already) has room and the token budget (``budget_used`` of it spent)
         lasts. ``take(head, budget_left)`` admits the head and returns the prompt tokens it
@@ -115,7 +115,7 @@ class SchedulingPolicy:
         arrived, ...): admission stops there. Returns the admitted, popped from
         ``waiting``."""
         budget_left = None if self.token_budget is None else self.token_budget - budget_used
-        admitted: list = []
+        admitted: list[T] = []
         while waiting and running + len(admitted) < self.max_batch and (budget_left is None or budget_left > 0):
             computed = take(waiting[0], budget_left)
             if computed is None:
