@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 
 from paged_kv.words import plural  # re-exported: the CLI modules import it from here
 
 
-def integer(low: int):
+def integer(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low``."""
 
     def parse(text: str) -> int:
@@ -29,7 +30,7 @@ positive_int = integer(1)
 """An argparse type: an integer >= 1."""
 
 
-def number(low: float, high: float | None = None):
+def number(low: float, high: float | None = None) -> Callable[[str], float]:
     """An argparse type: a float in [low, high), or >= low when ``high`` is None."""
 
     def number(text: str) -> float:
@@ -75,7 +76,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if (action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
                 or "default" in text or not action.option_strings):  # `is`: a default of 0 is still shown
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action)  # type: ignore[return-value]  # never None: argparse reads a missing help as ""
 
 
 _FOR_MEMORY = re.compile(r"(?:or )?size the pool with CacheSpec\.for_memory\(bytes, \.\.\.\)")
@@ -91,7 +92,7 @@ def in_flag_words(message: str, flags: dict[str, str], for_memory: str) -> str:
     for field in sorted(flags, key=len, reverse=True):  # sliding_num_blocks before num_blocks
         words = flags[field]
 
-        def named(match: re.Match, words: str = words) -> str:
+        def named(match: re.Match[str], words: str = words) -> str:
             value = match.group(1)
             if "{}" in words:
                 return words.format("" if value is None else value).strip()

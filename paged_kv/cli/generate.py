@@ -10,11 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from paged_kv.cli import generate_options as options
 from paged_kv.cli.arguments import HelpFormatter, in_flag_words, plural, positive_int
 from paged_kv.cli.prompts import check_checkpoint, load_prompts, token_ids
 from paged_kv.errors import PagedKVError, SpecError
+
+if TYPE_CHECKING:
+    from paged_kv.models.decoder import ModelConfig
+    from paged_kv.models.requests import Completion, GenerationStats
+    from paged_kv.sim.progress import ProgressBar
+    from paged_kv.spec import CacheSpec
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -28,7 +38,7 @@ SPEC_FLAGS = {
 config.json keys (`paged_kv.cli.arguments.in_flag_words`)."""
 
 
-def add_parser(commands) -> argparse.ArgumentParser:
+def add_parser(commands: Subparsers) -> argparse.ArgumentParser:
     """Register the ``generate`` subcommand on ``commands`` (an argparse subparsers object)."""
     gen = commands.add_parser(
         "generate",
@@ -72,7 +82,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return gen
 
 
-def _progress(show: bool, total_tokens: int):
+def _progress(show: bool, total_tokens: int,
+              ) -> tuple[Callable[[int, int, GenerationStats], None] | None, ProgressBar | None]:
     """``(progress(done, total, stats), bar)``: the bar counts generated tokens, out of
     every request's --max-new-tokens (a bar of finished requests sat at 0 % until the
     first request ended, with most requests ending together at the end)."""
@@ -82,7 +93,7 @@ def _progress(show: bool, total_tokens: int):
 
     bar = ProgressBar("generate", unit="tokens")
 
-    def progress(done, total, stats) -> None:
+    def progress(done: int, total: int, stats: GenerationStats) -> None:
         bar.label = (f"generate {stats.tokens_per_s:8.1f} tokens/s, KV {stats.kv_usage_mean:4.0%}, "
                      f"{done}/{plural(total, 'request')} done")
         # A request that stops at EOS never produces the rest of its budget: the bar
@@ -92,24 +103,25 @@ def _progress(show: bool, total_tokens: int):
     return progress, bar
 
 
-def block_size_for(args, cfg, max_seq_len: int) -> int:
+def block_size_for(args: argparse.Namespace, cfg: ModelConfig, max_seq_len: int) -> int:
     """--block-size, else the default that works for the model: 16, or the largest power
     of two within a sliding window smaller than that (Mistral-style fixtures have
     windows of 10), since `CacheSpec` refuses a window smaller than a block. A window
     that does not bind (>= max_seq_len) is no sliding layer at all (`cache_spec`)."""
-    window = cfg.sliding_window if cfg.layers_sliding and cfg.sliding_window < max_seq_len else None
+    window = cfg.sliding_window if cfg.layers_sliding and cfg.sliding_window < max_seq_len else None  # type: ignore[operator]  # sliding layers: a window
     if args.block_size is not None:
         if window is not None and window < args.block_size:
             raise SpecError(f"--block-size {args.block_size} is larger than the checkpoint's sliding_window {window}, "
                             f"and a window must span a block: use --block-size {1 << (window.bit_length() - 1)} (or "
                             "any size up to the window), or leave --block-size out")
-        return args.block_size
+        size: int = args.block_size
+        return size
     if window is None or window >= DEFAULT_BLOCK_SIZE:
         return DEFAULT_BLOCK_SIZE
     return 1 << (window.bit_length() - 1)
 
 
-def _spec(args, cfg, prompts):
+def _spec(args: argparse.Namespace, cfg: ModelConfig, prompts: list[list[int]]) -> CacheSpec:
     from paged_kv.models.llama import cache_spec
 
     max_seq_len = max(len(p) for p in prompts) + args.max_new_tokens
@@ -133,7 +145,7 @@ def _spec(args, cfg, prompts):
                         + in_flag_words(str(exc), SPEC_FLAGS, "or give fewer --num-blocks")) from None
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``paged-kv generate``; returns the exit status (2 for bad input)."""
     from paged_kv.cli.sizes import check_generate
     from paged_kv.models.generate import Generator, Request
@@ -167,10 +179,10 @@ def run(args) -> int:
     return 0
 
 
-def _report(args, completions, stats, spec) -> None:
-    rows = []
+def _report(args: argparse.Namespace, completions: list[Completion], stats: GenerationStats, spec: CacheSpec) -> None:
+    rows: list[dict[str, Any]] = []
     for c in completions:
-        row = dict(request_id=c.request_id, prompt=c.prompt, tokens=c.tokens, finish_reason=c.finish_reason,
+        row: dict[str, Any] = dict(request_id=c.request_id, prompt=c.prompt, tokens=c.tokens, finish_reason=c.finish_reason,
                    stop_reason=c.stop_reason, preemptions=c.preemptions, cached_tokens=c.cached_tokens,
                    first_token_seconds=c.first_token_seconds)
         if c.text is not None:

@@ -11,7 +11,8 @@ import contextlib
 import json
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 from paged_kv.cli.arguments import finite, integer, number
 from paged_kv.cli.prompts import token_ids
@@ -83,7 +84,7 @@ def default_cache_dir() -> str:
     return os.path.join(base, "paged_kv", "jax")
 
 
-def request_fields(args: argparse.Namespace, index: int) -> dict:
+def request_fields(args: argparse.Namespace, index: int) -> dict[str, Any]:
     """The `Request` fields the flags give request ``index``."""
     fields = {name: getattr(args, name) for name in SAMPLING}
     if args.seed is not None:
@@ -119,18 +120,18 @@ def compile_cache(args: argparse.Namespace) -> Iterator[None]:
                            "directory or --no-compile-cache") from None
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = [getattr(jax.config, n) for n in names]
-    jax.config.update(names[0], str(directory))
-    jax.config.update(names[1], 0.0)
+    jax.config.update(names[0], str(directory))  # type: ignore[no-untyped-call]  # jax's Config.update is unannotated
+    jax.config.update(names[1], 0.0)  # type: ignore[no-untyped-call]
     compilation_cache.reset_cache()  # the cache reads its settings once: make it read these
     try:
         yield
     finally:
         for n, v in zip(names, before):
-            jax.config.update(n, v)
+            jax.config.update(n, v)  # type: ignore[no-untyped-call]
         compilation_cache.reset_cache()
 
 
-def chat_template(directory: pathlib.Path):
+def chat_template(directory: pathlib.Path) -> Callable[[str], str]:
     """The checkpoint's chat template, compiled in a sandbox (a template is code from
     the checkpoint: jinja2's immutable sandbox keeps it from touching Python objects),
     and the special tokens it may name; `PagedKVError` saying what is missing."""
@@ -154,7 +155,7 @@ def chat_template(directory: pathlib.Path):
     except ImportError:
         raise PagedKVError("--chat needs jinja2: pip install 'paged_kv[chat]'") from None
 
-    def raise_exception(message):
+    def raise_exception(message: str) -> NoReturn:
         raise TemplateError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -164,7 +165,7 @@ def chat_template(directory: pathlib.Path):
     except TemplateError as exc:
         raise PagedKVError(f"--chat: the chat_template in {path} does not compile: {exc}") from None
 
-    def token(name):
+    def token(name: str) -> str:
         value = config.get(name)
         return value.get("content", "") if isinstance(value, dict) else (value or "")
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from paged_kv.cli.arguments import in_flag_words
 from paged_kv.errors import SpecError
 from paged_kv.sim.layouts import sliding_layers, spec_at_memory
-from paged_kv.sim.models import MODELS, model_shape
+from paged_kv.sim.models import MODELS, ModelShape, model_shape
 from paged_kv.spec import CacheSpec
 
 DEFAULT_BLOCK_SIZE = 16
@@ -45,7 +46,7 @@ HYBRID_SLIDING_SHARE = 0.5
 sliding layers' pool (as `paged_kv.sim.layouts.spec_at_memory` splits it)."""
 
 
-def overrides(args: argparse.Namespace) -> dict:
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The model-shape fields given on the command line, by `ModelShape` field name."""
     flags = {"num_layers": "num_layers", "num_kv_heads": "num_kv_heads", "head_dim": "head_dim", "kv_dtype": "dtype"}
     out = {field: getattr(args, flag) for flag, field in flags.items() if hasattr(args, flag)}
@@ -114,7 +115,7 @@ def build_spec(args: argparse.Namespace) -> CacheSpec:
     return spec
 
 
-def _spec_in_memory(args: argparse.Namespace, shape, per_seq: int, slide: dict) -> CacheSpec:
+def _spec_in_memory(args: argparse.Namespace, shape: ModelShape, per_seq: int, slide: dict[str, Any]) -> CacheSpec:
     """The spec of a ``--pool-gib`` pool; `SpecError` when it cannot hold one
     ``--max-seq-len`` sequence (`for_memory` would shorten the sequences instead)."""
     pool_bytes = int(args.pool_gib * 2**30)

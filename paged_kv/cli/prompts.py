@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from paged_kv.errors import PagedKVError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 MAX_PROMPT_FILE_BYTES = 64 * 2**20
 """A prompt file larger than this is refused unread: 64 MiB is ~16M tokens of text,
@@ -80,7 +85,8 @@ def check_checkpoint(checkpoint: str) -> pathlib.Path:
                        "and *.safetensors)")
 
 
-def load_prompts(args: argparse.Namespace, directory: pathlib.Path, need_tokenizer: bool = False, chat=None):
+def load_prompts(args: argparse.Namespace, directory: pathlib.Path, need_tokenizer: bool = False,
+                 chat: Callable[[str], str] | None = None) -> tuple[list[list[int]], Tokenizer | None]:
     """``(token-id prompts, tokenizer or None)`` from ``--prompt-ids``, ``--prompt`` or
     ``--prompt-file``; the tokenizer is loaded when some prompt is text or
     ``need_tokenizer`` (stop strings). ``chat``: text -> the chat-formatted text

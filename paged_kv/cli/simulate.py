@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from paged_kv.cli import sizes
 from paged_kv.cli.arguments import HelpFormatter, in_flag_words, number, plural, positive_int, positive_size
@@ -36,6 +37,11 @@ from paged_kv.sim.trace import BUNDLED_ATTRIBUTION, Trace, load_trace
 from paged_kv.sim.workload import Workload
 from paged_kv.spec import CacheSpec
 
+if TYPE_CHECKING:
+    from paged_kv.sim.simulate import SimReport
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
 CONFIG_FLAGS = {"max_batch": "--max-batch", "token_budget": "--token-budget", "watermark": "--watermark",
                 "step_s": "--step-ms (in seconds)", "speedup": "--speedup"}
 """`SchedulerConfig` fields by the flags that set them, for its refusals."""
@@ -50,7 +56,7 @@ WORKLOADS = ("requests", "multiturn")
 lengths are drawn from it (`paged_kv.sim.multiturn_workload`)."""
 
 
-def add_parser(commands) -> argparse.ArgumentParser:
+def add_parser(commands: Subparsers) -> argparse.ArgumentParser:
     """Register the ``simulate`` subcommand on ``commands`` (an argparse subparsers object)."""
     default = MODELS[DEFAULT_MODEL]
     sim = commands.add_parser(
@@ -148,7 +154,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return sim
 
 
-def _add_workload_arguments(sim) -> None:
+def _add_workload_arguments(sim: argparse.ArgumentParser) -> None:
     work = sim.add_argument_group("workload (token ids: prefix cache, parallel sampling)")
     work.add_argument("--workload", choices=WORKLOADS, default="requests",
                       help="requests: the trace's requests; multiturn: chat sessions whose prompts are the "
@@ -168,6 +174,7 @@ def _add_workload_arguments(sim) -> None:
 
 def _workload(args: argparse.Namespace, trace: Trace, source: str) -> tuple[Trace | Workload, str]:
     """What the replay serves: the trace itself, or a `Workload` built on it (cut to ``--limit``)."""
+    work: Trace | Workload
     if args.workload == "multiturn":
         work = multiturn_workload(args.sessions, turns=args.turns, seed=args.seed, think_s=args.think_s,
                                   max_total_tokens=args.max_seq_len, trace=trace, source=source)
@@ -180,7 +187,8 @@ def _workload(args: argparse.Namespace, trace: Trace, source: str) -> tuple[Trac
 
 
 def _prefix_cache(args: argparse.Namespace) -> bool:
-    return args.workload == "multiturn" if args.prefix_cache is None else args.prefix_cache
+    on: bool = args.workload == "multiturn" if args.prefix_cache is None else args.prefix_cache
+    return on
 
 
 def _load(args: argparse.Namespace) -> tuple[Trace, str]:
@@ -232,7 +240,8 @@ def _progress(mode: str) -> tuple[Callable[[str, int, int], None] | None, Callab
     return progress, close
 
 
-def _replay(args: argparse.Namespace, trace: Trace | Workload, spec: CacheSpec, config: SchedulerConfig) -> list:
+def _replay(args: argparse.Namespace, trace: Trace | Workload, spec: CacheSpec, config: SchedulerConfig,
+            ) -> list[SimReport]:
     """The paged replay's report, then the baselines' with ``--compare``."""
     progress, close = _progress(args.progress)
     try:
@@ -250,7 +259,8 @@ def _replay(args: argparse.Namespace, trace: Trace | Workload, spec: CacheSpec, 
     return reports
 
 
-def _write_outputs(args: argparse.Namespace, reports: list, trace: Trace, spec: CacheSpec, source: str) -> None:
+def _write_outputs(args: argparse.Namespace, reports: list[SimReport], trace: Trace | Workload, spec: CacheSpec,
+                   source: str) -> None:
     series = {r.backend: r.series for r in reports}
     try:
         if args.series:
@@ -265,7 +275,8 @@ def _write_outputs(args: argparse.Namespace, reports: list, trace: Trace, spec: 
         raise OutputPathError(f"cannot write {exc.filename}: {exc.strerror}") from exc
 
 
-def _print_results(args: argparse.Namespace, reports: list, trace: Trace, spec: CacheSpec, source: str) -> None:
+def _print_results(args: argparse.Namespace, reports: list[SimReport], trace: Trace | Workload, spec: CacheSpec,
+                   source: str) -> None:
     paged = reports[0]
     ratios = {f"mean_running_paged_over_{r.backend}": paged.mean_running / r.mean_running
               for r in reports[1:] if r.mean_running}
@@ -310,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
         args.subparser.error(str(exc))  # exits 2 with the usage line, like any other bad option
     try:
         _check_outputs(args)  # before a long replay, not after it
+        trace: Trace | Workload
         trace, source = _load(args)
         sizes.check_simulate(args, len(trace))  # and with the trace's length, before the workload is built
         trace, source = _workload(args, trace, source)
@@ -322,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tiers(args: argparse.Namespace) -> dict | None:
+def _tiers(args: argparse.Namespace) -> dict[str, Any] | None:
     """`CacheTiers` arguments of the tier flags, or None without tiers."""
     if not (args.host_tier_gib or args.disk_tier_gib):
         return None

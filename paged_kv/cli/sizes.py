@@ -12,10 +12,15 @@ is a `SpecError` naming the flags, which the commands turn into exit status 2.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from paged_kv.cli.arguments import plural
 from paged_kv.errors import SpecError
 from paged_kv.spec.fields import check_host_bytes
+
+if TYPE_CHECKING:
+    from paged_kv.models.decoder import ModelConfig
+    from paged_kv.spec import CacheSpec
 
 BYTES_PER_TRACE_ROW = 512
 """Host bytes one request of a trace or workload costs while it is built (the synthetic
@@ -55,7 +60,7 @@ def check_simulate(args: argparse.Namespace, trace_rows: int | None = None) -> N
                      hint="use fewer requests, sessions, turns or samples, or cut the replay with --limit")
 
 
-def check_generate(spec, cfg, dtype: str) -> None:
+def check_generate(spec: CacheSpec, cfg: ModelConfig, dtype: str) -> None:
     """`SpecError` when the KV pool (with its binding arrays) and the weights would not fit
     where they go: host memory on CPU, the device's memory limit elsewhere."""
     import jax
