@@ -51,6 +51,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import attrs
 import jax
@@ -67,7 +69,7 @@ from paged_kv.checkpoint_files import atomic_write as _atomic_write, fspath as _
 from paged_kv.checkpoint_files import read as _read, sha256 as _sha256
 from paged_kv.spec import CacheSpec, require_same_spec, spec_difference
 
-
+_T = TypeVar("_T")
 
 
 @attrs.frozen(eq=False)
@@ -83,7 +85,7 @@ class Checkpoint:
 
 
 # ---- public API ------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCacheManager, slots: DecodeSlots | None = None) -> None:
+def save_checkpoint(path: str | os.PathLike[str], cache: PagedKVCache, manager: KVCacheManager, slots: DecodeSlots | None = None) -> None:
     """Write ``cache``'s pages, ``manager``'s host state and (optionally) ``slots`` to ``path``.
 
     ``path`` is used as given (no ``.npz`` is appended). Everything is checked
@@ -157,7 +159,7 @@ def save_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCac
     })
 
 
-def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.Sharding | None = None, *, spec: CacheSpec | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], device: jax.Device | jax.sharding.Sharding | None = None, *, spec: CacheSpec | None = None) -> Checkpoint:
     """Restore what `save_checkpoint` wrote to ``path``.
 
     ``device``: where the pages go (a device or a sharding, as for
@@ -187,12 +189,14 @@ def load_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.S
     if not isinstance(prefix, bool):
         raise CheckpointError(f"checkpoint {path!r}: prefix_cache={prefix!r} is not true or false")
     expected, treedef = expected_pages(saved_spec, layout)
-    arrays = _with_binding(_upgrade(arrays, header.get("version"), prefix, saved_spec.block_size), saved_spec, expected)
+    # The version was checked as the file was read (one of READABLE_VERSIONS).
+    arrays = _with_binding(_upgrade(arrays, header.get("version"), prefix, saved_spec.block_size), saved_spec, expected)  # type: ignore[arg-type]
     manager = _restore(path, "manager", lambda: _manager_of(saved_spec, prefix, arrays, expected, slots_info, path))
     slots = None
     if slots_info is not None:
         num_slots = slots_info.get("num_slots") if isinstance(slots_info, dict) else None
-        slots = _restore(path, "slots", lambda: DecodeSlots.from_state(manager, num_slots, scoped(arrays, "slots.")))
+        # from_state refuses a num_slots that is not an int (CheckpointError).
+        slots = _restore(path, "slots", lambda: DecodeSlots.from_state(manager, num_slots, scoped(arrays, "slots.")))  # type: ignore[arg-type]
 
     # One placement per array: a page sharding given as ``device`` fits int8 scales
     # (one axis fewer) only once cut to their rank (`paged_kv.sharding.for_rank`).
@@ -253,7 +257,8 @@ def _v1_written(arrays: dict[str, np.ndarray], block_size: int) -> dict[str, np.
                 "written.hash_value": np.zeros((0, 2), np.uint64)}
 
 
-def _with_binding(arrays: dict[str, np.ndarray], spec: CacheSpec, expected: dict) -> dict[str, np.ndarray]:
+def _with_binding(arrays: dict[str, np.ndarray], spec: CacheSpec,
+                  expected: dict[str, jax.ShapeDtypeStruct]) -> dict[str, np.ndarray]:
     """Arrays of a file written before block generations (`paged_kv.binding`), with
     them at 0 (nothing of the file changes: `load_checkpoint` binds the restored pages
     to the restored manager, whose blocks are then all at generation 0)."""
@@ -268,7 +273,8 @@ def _with_binding(arrays: dict[str, np.ndarray], spec: CacheSpec, expected: dict
     return {**arrays, **added} if added else arrays
 
 
-def _manager_of(spec: CacheSpec, prefix: bool, arrays: dict, expected: dict, slots_info, path: str) -> KVCacheManager:
+def _manager_of(spec: CacheSpec, prefix: bool, arrays: dict[str, np.ndarray], expected: dict[str, jax.ShapeDtypeStruct],
+                slots_info: object, path: str) -> KVCacheManager:
     """The manager the arrays describe, after checking the file holds exactly the arrays
     this spec's pages, manager and slots need (`KVCacheManager.state` names them)."""
     try:
@@ -291,7 +297,7 @@ def _manager_of(spec: CacheSpec, prefix: bool, arrays: dict, expected: dict, slo
     return KVCacheManager.from_state(spec, prefix, arrays)
 
 
-def _restore(path: str, what: str, build):
+def _restore(path: str, what: str, build: Callable[[], _T]) -> _T:
     """``build()``, with a `CheckpointError` it raises naming ``path``."""
     try:
         return build()
@@ -309,7 +315,7 @@ def expected_pages(spec: CacheSpec, layout: str) -> tuple[dict[str, jax.ShapeDty
     return {_leaf_name(p): leaf for p, leaf in with_path}, treedef
 
 
-def _leaf_name(key_path) -> str:
+def _leaf_name(key_path: Sequence[Any]) -> str:
     """``(.views, [i], .key_pages)`` -> ``"layer{i}.key_pages"``."""
     _, layer, field = key_path
     return f"layer{layer.idx}.{field.name}"
@@ -348,14 +354,14 @@ def pages_of(cache: PagedKVCache, spec: CacheSpec, path: str) -> tuple[str, list
     return layout, names, leaves
 
 
-def _check_fetchable(path: str, names: list[str], leaves: list) -> None:
+def _check_fetchable(path: str, names: list[str], leaves: list[jax.Array]) -> None:
     """`CheckpointError` unless this process can fetch every page array whole: pages
     sharded over the devices of several processes (`paged_kv.multihost`) are not, and
     jax would refuse mid-save with a bare RuntimeError."""
     for name, leaf in zip(names, leaves):
         if getattr(leaf, "is_fully_addressable", True):
             continue
-        processes = sorted({d.process_index for d in leaf.sharding.device_set})
+        processes = sorted({d.process_index for d in leaf.sharding.device_set})  # type: ignore[attr-defined]  # jaxlib's Device stub
         raise CheckpointError(
             f"cannot save {path!r}: {name} is sharded over the devices of processes {processes}, and this one "
             f"(process {jax.process_index()}) holds only its own shards, so no one file can be written here; "
@@ -365,12 +371,12 @@ def _check_fetchable(path: str, names: list[str], leaves: list) -> None:
 
 
 # ---- spec ------------------------------------------------------------------------------
-def spec_fields(spec: CacheSpec) -> dict:
+def spec_fields(spec: CacheSpec) -> dict[str, Any]:
     """The constructor fields of ``spec`` (``CacheSpec(**fields) == spec``)."""
     return attrs.asdict(spec, filter=lambda a, _: a.init)
 
 
-def spec_from_header(header: dict, path: str) -> CacheSpec:
+def spec_from_header(header: dict[str, Any], path: str) -> CacheSpec:
     """The spec a checkpoint's header records (`spec_fields`; older files lack newer
     fields, read at what they meant then); `CheckpointError` naming ``path`` if none
     is there or it is not a valid `CacheSpec`."""

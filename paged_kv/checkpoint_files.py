@@ -15,6 +15,7 @@ import stat
 import uuid
 import zipfile
 import zlib
+from typing import IO, Any
 
 import numpy as np
 
@@ -34,18 +35,18 @@ RESERVED = ("header", "digest")
 
 def sha256(a: np.ndarray) -> str:
     """Hex SHA-256 of the array's bytes in C order (hashed in place: no copy of big pages)."""
-    return hashlib.sha256(np.ascontiguousarray(a)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a)).hexdigest()  # type: ignore[arg-type]  # an array is a buffer; numpy's stubs do not say
 
 
-def json_default(value):
+def json_default(value: object) -> int:
     if isinstance(value, np.integer):
         return int(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_npz(f, arrays: dict[str, np.ndarray]) -> None:
+def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
     """Uncompressed: pages are float bits that barely compress, and mmap-like reads stay cheap."""
-    np.savez(f, **arrays)
+    np.savez(f, **arrays)  # type: ignore[arg-type]  # array names: numpy's stub reads ** as its allow_pickle
 
 
 def atomic_write(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -91,11 +92,11 @@ READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, Runt
                 zlib.error)
 
 
-def fspath(path, what: str) -> str:
+def fspath(path: object, what: str) -> str:
     """``path`` as a string (bytes decoded as the OS does), or `CheckpointError` for
     anything that is not a path, or holds a NUL byte (which no OS call takes)."""
     try:
-        text = os.fsdecode(os.fspath(path))
+        text = os.fsdecode(os.fspath(path))  # type: ignore[call-overload]  # anything: a TypeError is refused below
     except TypeError:
         raise CheckpointError(f"cannot {what} checkpoint: path={path!r} is not a file path (str or os.PathLike)") from None
     if "\x00" in text:
@@ -103,7 +104,7 @@ def fspath(path, what: str) -> str:
     return text
 
 
-def _open_regular(path: str):
+def _open_regular(path: str) -> IO[bytes]:
     """``path`` opened for reading if it is a regular file. Opened without blocking and
     checked on the descriptor (not the name, which could change between): a named pipe
     would block the read forever, and a device (``/dev/zero``) never ends."""
@@ -122,7 +123,7 @@ def _open_regular(path: str):
     return os.fdopen(fd, "rb")
 
 
-def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+def read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The verified header and every manifest array of ``path``."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist; check the path (no .npz is appended)")
@@ -132,7 +133,7 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         return _read_open(path, f)
 
 
-def _read_open(path: str, f) -> tuple[dict, dict[str, np.ndarray]]:
+def _read_open(path: str, f: IO[bytes]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     # Sniff the signature first: np.load would try anything else as a pickle and
     # answer with advice to allow pickles, which is the wrong fix for a bad file.
     try:
@@ -158,7 +159,7 @@ def _read_open(path: str, f) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(npz, np.lib.npyio.NpzFile):  # unreachable after the sniff; kept as a guard
         raise CheckpointError(f"checkpoint {path!r} is not an .npz checkpoint")
     with npz:
-        _check_member_sizes(path, npz.zip, os.fstat(f.fileno()).st_size)
+        _check_member_sizes(path, npz.zip, os.fstat(f.fileno()).st_size)  # type: ignore[arg-type]  # open: its zip
         files = set(npz.files)
         missing = [n for n in RESERVED if n not in files]
         if missing:

@@ -33,6 +33,8 @@ from paged_kv.errors import InvalidTokenCountError, SequenceTooLongError, ShapeE
 from paged_kv.metadata import bucket, pad_slot
 
 if TYPE_CHECKING:  # annotations only
+    from jax.typing import DTypeLike
+
     from paged_kv.allocator.manager import KVCacheManager
     from paged_kv.batch.decode_slots import DecodeSlots
 
@@ -50,26 +52,27 @@ def _write_prefill(cache: PagedKVCache, keys: jax.Array, values: jax.Array, slot
     views = []
     for i, view in enumerate(cache.views):
         g, bs = view.group, view.spec.block_size
-        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, slots[g] // bs, gens[g])
-        mine = jnp.where(ok, slots[g], view.generations.shape[0] * bs)
+        # A cache's views carry their binding arrays (`PagedKVCache.init`).
+        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, slots[g] // bs, gens[g])  # type: ignore[arg-type]
+        mine = jnp.where(ok, slots[g], view.generations.shape[0] * bs)  # type: ignore[union-attr]
         view = view.write_slots(keys[i][None], values[i][None], mine[None])
         views.append(dataclasses.replace(view, generations=generations, owner=owner))
     return PagedKVCache(tuple(views))
 
 
 @partial(jax.jit, static_argnums=1)
-def _pad_stack_on_device(layers: tuple, padded_len: int) -> jax.Array:
+def _pad_stack_on_device(layers: tuple[jax.Array, ...], padded_len: int) -> jax.Array:
     stacked = jnp.stack(layers)
     return jnp.pad(stacked, ((0, 0), (0, padded_len - stacked.shape[1]), (0, 0), (0, 0)))
 
 
-def _on_host(x) -> bool:
+def _on_host(x: object) -> bool:
     if isinstance(x, np.ndarray):
         return True
     return isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices())
 
 
-def _layers(x, name: str, num_layers: int, heads_dim: tuple[int, int], dtype) -> list:
+def _layers(x: LayerArrays, name: str, num_layers: int, heads_dim: tuple[int, int], dtype: DTypeLike) -> LayerArrays:
     """Per-layer arrays of ``x`` (a sequence of ``[L, H, D]`` or one ``[num_layers, L, H, D]``),
     checked for count, shape, a common ``L`` and dtype; raises `ShapeError` naming them."""
     want = f"[L, {heads_dim[0]}, {heads_dim[1]}] {np.dtype(dtype).name}"
@@ -79,7 +82,7 @@ def _layers(x, name: str, num_layers: int, heads_dim: tuple[int, int], dtype) ->
                              f"{heads_dim[0]}, {heads_dim[1]}] or a sequence of {num_layers} arrays {want}")
         layers = [x[i] for i in range(num_layers)] if isinstance(x, np.ndarray) else None
         shapes = [tuple(x.shape[1:])] * num_layers
-        dtypes = [x.dtype] * num_layers
+        dtypes = [x.dtype] * num_layers  # type: ignore[union-attr]  # one array (it has ndim and shape)
     else:
         try:
             layers = list(x)
@@ -103,7 +106,7 @@ def _layers(x, name: str, num_layers: int, heads_dim: tuple[int, int], dtype) ->
     return layers if layers is not None else x
 
 
-def _padded(x, layers, padded_len: int, dtype):
+def _padded(x: LayerArrays, layers: LayerArrays, padded_len: int, dtype: DTypeLike) -> jax.Array | np.ndarray:
     """``[num_layers, padded_len, H, D]`` with the rows past L zero."""
     if isinstance(x, jax.Array) and not _on_host(x):  # one stacked array on an accelerator
         return jnp.pad(x, ((0, 0), (0, padded_len - x.shape[1]), (0, 0), (0, 0)))
@@ -118,7 +121,7 @@ def _padded(x, layers, padded_len: int, dtype):
         for i, a in enumerate(layers):
             out[i, : a.shape[0]] = np.asarray(a)
         return out
-    return _pad_stack_on_device(tuple(jnp.asarray(a) for a in layers), padded_len)
+    return _pad_stack_on_device(tuple(jnp.asarray(a) for a in layers), padded_len)  # type: ignore[no-any-return]  # jit's wrapper
 
 
 def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, keys: LayerArrays,
@@ -147,8 +150,9 @@ def insert_prefill(cache: PagedKVCache, manager: KVCacheManager, seq_id: int, ke
     dt = compute_dtype(spec)
     k_layers = _layers(keys, "keys", spec.num_layers, (spec.key_heads, spec.key_dim), dt)
     v_layers = _layers(values, "values", spec.num_layers, (spec.value_heads, spec.value_dim), dt)
-    length = int(keys.shape[1]) if hasattr(keys, "ndim") else int(k_layers[0].shape[0])
-    v_length = int(values.shape[1]) if hasattr(values, "ndim") else int(v_layers[0].shape[0])
+    # hasattr: one stacked array, else one array per layer.
+    length = int(keys.shape[1]) if hasattr(keys, "ndim") else int(k_layers[0].shape[0])  # type: ignore[union-attr]
+    v_length = int(values.shape[1]) if hasattr(values, "ndim") else int(v_layers[0].shape[0])  # type: ignore[union-attr]
     if length != v_length:
         raise ShapeError(f"keys hold L={length} tokens but values hold L={v_length}")
     if length < 1:

@@ -60,6 +60,7 @@ kernel that gathers chunks of pages itself decodes them the same way.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import ml_dtypes
@@ -77,17 +78,24 @@ from paged_kv.spec.formats import (  # the spec's rules the codecs are built fro
     rotation_blocks,
 )
 
+if TYPE_CHECKING:
+    import jax
+    from jax.typing import DTypeLike
+
+    from paged_kv.spec import CacheSpec
+    from paged_kv.spec.spec_types import LayerKeyOffsets
+
 # JAX is imported inside the device functions: importing the codecs (the views, swap and
 # checkpoints do) must not import JAX before a device function runs.
 
 INT8_MAX = 127
 FP8 = ml_dtypes.float8_e4m3fn
-FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
-FP8_MIN_NORMAL = float(ml_dtypes.finfo(FP8).smallest_normal)  # 2**-6
+FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # type: ignore[no-untyped-call]  # 448 (ml_dtypes' finfo is unannotated)
+FP8_MIN_NORMAL = float(ml_dtypes.finfo(FP8).smallest_normal)  # type: ignore[no-untyped-call]  # 2**-6
 
 
 # ---- pure functions ----------------------------------------------------------------------
-def quantize_int8(x: jax.Array, scale_dtype=None) -> tuple[jax.Array, jax.Array]:
+def quantize_int8(x: jax.Array, scale_dtype: DTypeLike | None = None) -> tuple[jax.Array, jax.Array]:
     """``x [..., D]`` -> (int8 ``[..., D]``, scale ``[...]`` in ``scale_dtype``) with
     ``x ~= q * scale`` and ``scale = max|x| / 127`` over the last axis.
 
@@ -105,7 +113,7 @@ def quantize_int8(x: jax.Array, scale_dtype=None) -> tuple[jax.Array, jax.Array]
     return jnp.where(sf > 0, q, 0).astype(jnp.int8), scale
 
 
-def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+def dequantize_int8(q: jax.Array, scale: jax.Array, dtype: DTypeLike) -> jax.Array:
     """``q [..., D]`` int8 times ``scale [...]``, in float32, returned in ``dtype``."""
     import jax.numpy as jnp
 
@@ -120,7 +128,7 @@ def quantize_fp8(x: jax.Array, head_scale: jax.Array) -> jax.Array:
     return jnp.clip(y, -FP8_MAX, FP8_MAX).astype(FP8)
 
 
-def dequantize_fp8(q: jax.Array, head_scale: jax.Array, dtype) -> jax.Array:
+def dequantize_fp8(q: jax.Array, head_scale: jax.Array, dtype: DTypeLike) -> jax.Array:
     """float8 ``q [..., H, D]`` times ``head_scale[h]``, in float32, returned in ``dtype``
     (converted by `fp8_bits_to_float32`)."""
     import jax.numpy as jnp
@@ -163,7 +171,7 @@ def hadamard_matrix(block: int) -> np.ndarray:
     h = np.ones((1, 1))
     while h.shape[0] < block:
         h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
-    out = (h / np.sqrt(block)).astype(np.float32)
+    out: np.ndarray = (h / np.sqrt(block)).astype(np.float32)
     out.flags.writeable = False
     return out
 
@@ -186,7 +194,7 @@ def hadamard_transform(x: jax.Array, block: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=256)
-def stored_offsets(offsets: tuple, rotation_block: int) -> np.ndarray:
+def stored_offsets(offsets: LayerKeyOffsets, rotation_block: int) -> np.ndarray:
     """Key ``offsets`` (``heads x dim`` nested tuples, `paged_kv.spec.key_offsets`) as
     float32 ``[heads, dim]`` in the basis the pages are stored in (times the Hadamard
     matrix when the codec rotates): what a read adds back to the dequantized keys before
@@ -199,7 +207,7 @@ def stored_offsets(offsets: tuple, rotation_block: int) -> np.ndarray:
     return mu.astype(np.float32)
 
 
-def _bits(dtype) -> np.dtype:
+def _bits(dtype: DTypeLike) -> np.dtype:
     return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
 
 
@@ -220,12 +228,12 @@ class PageCodec:
     float_pages: bool = False
     """Full precision only: pages hold the compute dtype itself (``page_storage="float"``)."""
     rotation_block: int = 1
-    offset: tuple | None = None
+    offset: LayerKeyOffsets | None = None
     """Keys only: ``heads x dim`` floats every token holds (`paged_kv.spec.key_offsets`):
     pages hold ``x - offset``, and reads add it back."""
 
     @property
-    def compute_dtype(self) -> np.dtype:
+    def compute_dtype(self) -> np.dtype[Any] | type[np.generic]:
         """The dtype keys and values are encoded from and decoded to."""
         return _resolve(self.compute)
 
@@ -245,7 +253,7 @@ class PageCodec:
     @property
     def scale_storage(self) -> np.dtype | None:
         """Unsigned int dtype of the per-token scale array, or None when there is none."""
-        return _bits(_resolve(self.scale_dtype)) if self.fmt == "int8" else None
+        return _bits(_resolve(self.scale_dtype)) if self.fmt == "int8" else None  # type: ignore[arg-type]  # int8: a scale dtype
 
     def rotate(self, x: jax.Array) -> jax.Array:
         """``x [..., D]`` into the basis the pages are stored in: ``x H`` in float32 when
@@ -266,8 +274,9 @@ class PageCodec:
         if self.offset is not None:
             x = x.astype(jnp.float32) - jnp.asarray(self.offset, jnp.float32)
         if self.fmt == "int8":
-            q, scale = quantize_int8(self.rotate(x), _resolve(self.scale_dtype))
-            return lax.bitcast_convert_type(q, jnp.uint8), lax.bitcast_convert_type(scale, self.scale_storage)
+            # int8 codecs have a scale dtype (`codecs`), and so a scale storage.
+            q, scale = quantize_int8(self.rotate(x), _resolve(self.scale_dtype))  # type: ignore[arg-type]
+            return lax.bitcast_convert_type(q, jnp.uint8), lax.bitcast_convert_type(scale, self.scale_storage)  # type: ignore[arg-type]
         if self.fmt == "fp8":
             q = quantize_fp8(self.rotate(x), jnp.asarray(self.head_scales, jnp.float32))
             return lax.bitcast_convert_type(q, jnp.uint8), None
@@ -286,7 +295,8 @@ class PageCodec:
 
         if self.fmt == "int8":
             q = lax.bitcast_convert_type(bits, jnp.int8)
-            x = dequantize_int8(q, lax.bitcast_convert_type(scale_bits, _resolve(self.scale_dtype)), jnp.float32)
+            # int8 pages come with their scales, and int8 codecs have a scale dtype.
+            x = dequantize_int8(q, lax.bitcast_convert_type(scale_bits, _resolve(self.scale_dtype)), jnp.float32)  # type: ignore[arg-type]
         elif self.fmt == "fp8":
             x = dequantize_fp8(lax.bitcast_convert_type(bits, FP8), jnp.asarray(self.head_scales, jnp.float32),
                                jnp.float32)
@@ -303,7 +313,7 @@ class PageCodec:
         return self.unrotate(self.dequantize(bits, scale_bits)).astype(self.compute_dtype)
 
 
-def codecs(spec, layer: int) -> tuple[PageCodec, PageCodec]:
+def codecs(spec: CacheSpec, layer: int) -> tuple[PageCodec, PageCodec]:
     """The key and value `PageCodec` of layer ``layer`` of ``spec``. Quantized layers always
     store unsigned bits, whatever ``page_storage`` says of full-precision ones."""
     fmt = spec.layer_format(layer)

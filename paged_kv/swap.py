@@ -76,7 +76,7 @@ class SwappedSequence:
 _SEAL_KEY = os.urandom(32)  # per process: a seal cannot be recomputed by hand, nor carried to another process
 
 
-def _seal(record: SwapRecord, spec: CacheSpec, pages, written: int) -> bytes:
+def _seal(record: SwapRecord, spec: CacheSpec, pages: tuple[tuple[np.ndarray, ...], ...], written: int) -> bytes:
     """The keyed digest binding a swapped sequence's parts (checked fields only: call it
     on a record `check_record` passed and pages whose shapes were checked)."""
     fields = {
@@ -172,7 +172,7 @@ def swap_in(cache: PagedKVCache, manager: KVCacheManager, swapped: SwappedSequen
     return cache
 
 
-def _int(value) -> int:
+def _int(value: object) -> int:
     return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
 
 
