@@ -5,27 +5,8 @@ missing from the results gives no row."""
 
 from __future__ import annotations
 
-
-def get(results: dict, path: str):
-    """``results['bench']['result'][...]`` along a dotted path, or None."""
-    bench, _, rest = path.partition(":")
-    node = results.get(bench, {}).get("result")
-    for key in filter(None, rest.split(".")):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def _x(v) -> str:
-    return f"**{v:.2f}×**" if isinstance(v, (int, float)) else "—"
-
-
-def _pct(v, digits: int = 1) -> str:
-    return f"{100 * v:.{digits}f} %" if isinstance(v, (int, float)) else "—"
-
-
-Row = tuple[str, str, str]
+from _figure_format import Row, _pct, _x, get
+from figure_rows_storage import storage_rows
 
 
 _DRIVER_NAMES = {"batch": "persistent batch (`StepBatch`)", "plain": "plain path (`append` + `step_metadata` + `commit`)",
@@ -400,22 +381,10 @@ def _quant_rows(r: dict) -> list[Row]:
     return out
 
 
-def _transfer_rows(r: dict) -> list[Row]:
-    out = []
-    pages = get(r, "bench_transfer:pages")
-    if pages:
-        one = pages["one_sequence"]
-        out.append((f"one sequence ({pages['sequence_mib']:g} MiB, Llama-3-8B-shaped) moved to another process, "
-                    "offer to its first decode step there (`bench_transfer.py`)",
-                    f"{_x(one['over_memcpy'])} a numpy memcpy of the same bytes ({one['transfer_ms']:,.0f} ms)",
-                    f"memcpy {pages['numpy_memcpy_ms']:g} ms; loopback TCP alone {_x(pages['tcp_loopback_over_memcpy'])}"))
-    return out
-
-
 def rows(r: dict) -> list[Row]:
     """(what, figure, baseline in the same run) for every figure the results hold."""
     return (_vs_vllm_rows(r) + _allocator_rows(r) + _memory_rows(r) + _attention_rows(r) + _sharing_rows(r)
-            + _multiturn_rows(r) + _model_rows(r) + _quant_rows(r) + _transfer_rows(r))
+            + _multiturn_rows(r) + _model_rows(r) + _quant_rows(r) + storage_rows(r))
 
 
 __all__ = ["Row", "get", "rows"]

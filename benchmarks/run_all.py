@@ -67,6 +67,7 @@ BENCHMARKS = {
     "bench_generate": ["--quick"],
     "bench_quant": ["--quick"],
     "bench_transfer": ["--quick"],  # two processes on 127.0.0.1 (`paged_kv.transfer`)
+    "bench_tiers": ["--quick"],  # host and disk tiers below the pool (`paged_kv.tiers`)
 }
 
 
