@@ -46,6 +46,8 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,6 +63,8 @@ from paged_kv.spec import CacheSpec, require_same_spec, spec_difference
 SHARD_FORMAT = "paged_kv.sharded-checkpoint"
 SHARD_VERSION = 1
 _BINDING = (".generations", ".owner")
+_Ranges = tuple[tuple[int, int], ...]  # a shard's (start, stop) over every axis
+_ReadFile = tuple[str, dict[str, Any], dict[str, np.ndarray]]  # a file of the set read: name, header, arrays
 
 
 class ProcessesDisagreeError(StateError):
@@ -69,7 +73,7 @@ class ProcessesDisagreeError(StateError):
 
 
 # ---- agreement -------------------------------------------------------------------------
-def digest(value) -> bytes:
+def digest(value: object) -> bytes:
     """SHA-256 of a pytree of arrays and scalars (a `StepMetadata`, a dict of arrays, a
     token array): its structure, then each leaf's dtype, shape and bytes."""
     leaves, treedef = jax.tree_util.tree_flatten(value)
@@ -96,7 +100,7 @@ def _gather(ok: bool, value: bytes) -> tuple[list[bool], list[bytes]]:
     return [bool(r[0]) for r in rows], [r[1:].tobytes() for r in rows]
 
 
-def check_same(value, what: str = "value") -> None:
+def check_same(value: object, what: str = "value") -> None:
     """Raise `ProcessesDisagreeError` (on every process) unless ``value`` (see `digest`)
     is the same on every process. A collective: every process must call it, in the
     same order as its other collectives. Cheap (32 bytes per process); call it on each
@@ -135,12 +139,12 @@ def _agree(error: BaseException | None, value: bytes, what: str) -> None:
 
 
 # ---- saving ----------------------------------------------------------------------------
-def shard_path(path: str | os.PathLike, process_index: int, process_count: int) -> str:
+def shard_path(path: str | os.PathLike[str], process_index: int, process_count: int) -> str:
     """The file process ``process_index`` of ``process_count`` writes for ``path``."""
     return f"{fspath(path, 'save')}.{process_index}-of-{process_count}"
 
 
-def _ranges(index: tuple, shape: tuple) -> tuple[tuple[int, int], ...]:
+def _ranges(index: tuple[slice, ...], shape: tuple[int, ...]) -> _Ranges:
     """A shard's index (slices) as ``((start, stop), ...)`` over every axis of ``shape``."""
     out = []
     for axis, n in enumerate(shape):
@@ -152,7 +156,7 @@ def _ranges(index: tuple, shape: tuple) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def save_sharded_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manager: KVCacheManager) -> str:
+def save_sharded_checkpoint(path: str | os.PathLike[str], cache: PagedKVCache, manager: KVCacheManager) -> str:
     """Write this process's page shards and ``manager``'s host state to
     ``shard_path(path, jax.process_index(), jax.process_count())``; returns that path.
 
@@ -176,14 +180,14 @@ def save_sharded_checkpoint(path: str | os.PathLike, cache: PagedKVCache, manage
     target = shard_path(path, jax.process_index(), jax.process_count())
     error = None
     try:
-        _write(target, work, save_id)
+        _write(target, work, save_id)  # type: ignore[arg-type]  # _agree raised unless every process prepared it
     except Exception as exc:  # noqa: BLE001 - raised below, after every process has reported
         error = exc
     _agree(error, b"", f"writing {path!r}")
     return target
 
 
-def _prepare_save(path: str, cache: PagedKVCache, manager: KVCacheManager) -> dict:
+def _prepare_save(path: str, cache: PagedKVCache, manager: KVCacheManager) -> dict[str, Any]:
     """This process's checks and host arrays for `save_sharded_checkpoint`."""
     if not isinstance(manager, KVCacheManager):
         raise CheckpointError(f"cannot save {path!r}: manager is a {type(manager).__name__}, not a KVCacheManager")
@@ -230,7 +234,7 @@ def _shared_save_id() -> str:
     return raw.tobytes().hex()
 
 
-def _write(target: str, work: dict, save_id: str) -> None:
+def _write(target: str, work: dict[str, Any], save_id: str) -> None:
     arrays = dict(work["state"])
     entries = []
     for k, (name, where, data) in enumerate(work["pieces"]):
@@ -247,7 +251,7 @@ def _write(target: str, work: dict, save_id: str) -> None:
 
 
 # ---- loading ---------------------------------------------------------------------------
-def load_sharded_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sharding.Sharding | None = None, *,
+def load_sharded_checkpoint(path: str | os.PathLike[str], device: jax.Device | jax.sharding.Sharding | None = None, *,
                             mesh: jax.sharding.Mesh | None = None, head_axis: str | None = None,
                             spec: CacheSpec | None = None) -> Checkpoint:
     """Restore what `save_sharded_checkpoint` wrote for ``path``.
@@ -269,20 +273,21 @@ def load_sharded_checkpoint(path: str | os.PathLike, device: jax.Device | jax.sh
     except Exception as exc:  # noqa: BLE001 - raised below, after every process has reported
         error = _as_checkpoint_error(exc, f"sharded checkpoint {path!r} cannot be restored")
     _agree(error, state_digest, f"loading {path!r}")
-    manager, expected, treedef = work["manager"], work["expected"], work["treedef"]
+    # _agree raised unless every process prepared its work.
+    manager, expected, treedef = work["manager"], work["expected"], work["treedef"]  # type: ignore[index]
     leaves = []
     for name, want in expected.items():
-        sharding = work["shardings"][name]
+        sharding = work["shardings"][name]  # type: ignore[index]
         if name.endswith(_BINDING):  # replaced by bind() below
             leaves.append(jax.device_put(np.zeros(want.shape, want.dtype), sharding))
             continue
-        data = work["data"][name]
-        leaves.append(jax.make_array_from_callback(want.shape, sharding,
-                                                   lambda index, d=data, s=want.shape: d[_ranges(index, s)]))
+        data = work["data"][name]  # type: ignore[index]
+        leaves.append(jax.make_array_from_callback(want.shape, sharding,  # a lambda's bound defaults: untyped
+                                                   lambda index, d=data, s=want.shape: d[_ranges(index, s)]))  # type: ignore[misc]
     cache = jax.tree_util.tree_unflatten(treedef, leaves).bind(manager)
     for view in cache.views:
         view.check_pages()
-    return Checkpoint(spec=manager.spec, cache=cache, manager=manager, slots=None, layout=work["layout"])
+    return Checkpoint(spec=manager.spec, cache=cache, manager=manager, slots=None, layout=work["layout"])  # type: ignore[index]
 
 
 _SHARD_NAME = re.compile(r"\.(\d+)-of-(\d+)$")
@@ -305,7 +310,8 @@ def _shard_files(path: str) -> list[str]:
     return [sets[n].get(i, shard_path(path, i, n)) for i in range(n)]
 
 
-def _prepare_load(path, device, mesh, head_axis, spec) -> dict:
+def _prepare_load(path: str, device: jax.Device | jax.sharding.Sharding | None, mesh: jax.sharding.Mesh | None,
+                  head_axis: str | None, spec: CacheSpec | None) -> dict[str, Any]:
     """Everything a load builds on the host (read, verified, assembled) before the
     processes agree and the device arrays are made."""
     if spec is not None and not isinstance(spec, CacheSpec):
@@ -315,7 +321,7 @@ def _prepare_load(path, device, mesh, head_axis, spec) -> dict:
     files = _shard_files(path)
     mine = jax.process_index() if jax.process_index() < len(files) else 0
     order = [files[mine]] + [f for i, f in enumerate(files) if i != mine]
-    read_files: list[tuple[str, dict, dict]] = []
+    read_files: list[_ReadFile] = []
 
     def next_file() -> bool:
         if len(read_files) == len(order):
@@ -349,16 +355,18 @@ def _prepare_load(path, device, mesh, head_axis, spec) -> dict:
     except CheckpointError as exc:
         raise CheckpointError(f"{first_name}: {exc}") from exc
 
+    base: jax.Device | jax.sharding.Sharding
     if mesh is not None:
         try:
-            base = page_sharding(saved, mesh, head_axis, layout)
+            base = page_sharding(saved, mesh, head_axis, layout)  # type: ignore[arg-type]  # given with mesh (checked above)
         except SpecError as exc:
             raise CheckpointError(f"sharded checkpoint {path!r}: {exc}") from exc
     else:
         base = device if device is not None else jax.local_devices()[0]
         if not isinstance(base, (jax.Device, jax.sharding.Sharding)):
             raise CheckpointError(f"device={device!r} is not a JAX device or sharding")
-    shardings, data = {}, {}
+    shardings: dict[str, jax.sharding.Sharding] = {}
+    data: dict[str, dict[_Ranges, np.ndarray]] = {}
     for name, want in expected.items():
         s = for_rank(base, len(want.shape))
         shardings[name] = jax.sharding.SingleDeviceSharding(s) if isinstance(s, jax.Device) else s
@@ -366,14 +374,14 @@ def _prepare_load(path, device, mesh, head_axis, spec) -> dict:
             continue
         data[name] = {}
         for index in shardings[name].addressable_devices_indices_map(want.shape).values():
-            where = _ranges(index, want.shape)
+            where = _ranges(index, want.shape)  # type: ignore[arg-type]  # a page array's shards have indices
             if where not in data[name]:
                 data[name][where] = _assemble(path, name, where, want.dtype, read_files, next_file)
     return {"manager": manager, "expected": expected, "treedef": treedef, "shardings": shardings, "data": data,
             "layout": layout, "save_id": header["save_id"]}
 
 
-def _check_header(name: str, header: dict, count: int, first: dict | None) -> None:
+def _check_header(name: str, header: dict[str, Any], count: int, first: dict[str, Any] | None) -> None:
     if header.get("shard_format") != SHARD_FORMAT or header.get("shard_version") != SHARD_VERSION:
         raise CheckpointError(f"{name} is not a file of a sharded checkpoint of version {SHARD_VERSION} (shard_format "
                               f"{header.get('shard_format')!r}, shard_version {header.get('shard_version')!r}); "
@@ -392,7 +400,8 @@ def _check_header(name: str, header: dict, count: int, first: dict | None) -> No
                                       "every file of a set must come from one save_sharded_checkpoint call")
 
 
-def _assemble(path, name, where, dtype, read_files, next_file) -> np.ndarray:
+def _assemble(path: str, name: str, where: _Ranges, dtype: np.dtype, read_files: list[_ReadFile],
+              next_file: Callable[[], bool]) -> np.ndarray:
     """The block ``where`` of leaf ``name``, from the pieces of the files read so far,
     reading further files of the set until it is covered."""
     shape = tuple(b - a for a, b in where)

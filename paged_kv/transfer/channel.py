@@ -10,6 +10,7 @@ raises an ImportError that says so.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from paged_kv.errors import InvalidArgumentError, TransferMessageError, TransferTimeoutError
 from paged_kv.transfer import messages
@@ -28,7 +29,7 @@ def _hard_limit(max_bytes: int) -> int:
     return 4 * max_bytes + 1024
 
 
-def _check_bound(max_bytes) -> int:
+def _check_bound(max_bytes: object) -> int:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 1024 <= max_bytes <= 1 << 30:
         raise InvalidArgumentError(f"max_message_bytes={max_bytes!r} must be an int in [1024, 2**30]")
     return max_bytes
@@ -37,11 +38,11 @@ def _check_bound(max_bytes) -> int:
 class Listener:
     """A ROUTER socket bound to ``127.0.0.1:port`` (0: a free port)."""
 
-    def __init__(self, port: int = 0, max_message_bytes: int = messages.MAX_MESSAGE_BYTES):
+    def __init__(self, port: int = 0, max_message_bytes: int = messages.MAX_MESSAGE_BYTES) -> None:
         self.max_bytes = _check_bound(max_message_bytes)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise InvalidArgumentError(f"port={port!r} must be an int in [0, 65536)")
-        self._ctx = zmq.Context.instance()  # one I/O thread per process, shared
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()  # one I/O thread per process, shared
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, _hard_limit(self.max_bytes))
@@ -56,7 +57,7 @@ class Listener:
         """Whether a message is waiting, after waiting up to ``timeout`` seconds for one."""
         return bool(self._sock.poll(max(0, int(timeout * 1000)), zmq.POLLIN))
 
-    def receive(self) -> tuple[bytes, dict | None, TransferMessageError | None]:
+    def receive(self) -> tuple[bytes, dict[str, Any] | None, TransferMessageError | None]:
         """The next message (call after `wait` said one is there): ``(peer, message, None)``,
         or ``(peer, None, error)`` for one that is not valid."""
         frames = self._sock.recv_multipart(copy=True)
@@ -68,7 +69,7 @@ class Listener:
         except TransferMessageError as exc:
             return peer, None, exc
 
-    def reply(self, peer: bytes, msg: dict) -> None:
+    def reply(self, peer: bytes, msg: dict[str, Any]) -> None:
         """Send ``msg`` to ``peer`` (dropped by ZeroMQ if that peer is gone)."""
         self._sock.send_multipart([peer, messages.encode(msg, self.max_bytes)])
 
@@ -81,19 +82,19 @@ class Connection:
     """A DEALER socket connected to a receiver's `Listener` address, with a mailbox: a reply
     to another transfer than the one awaited is kept for later."""
 
-    def __init__(self, address: str, max_message_bytes: int = messages.MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, max_message_bytes: int = messages.MAX_MESSAGE_BYTES) -> None:
         if not isinstance(address, str) or not address.startswith("tcp://"):
             raise InvalidArgumentError(f"address={address!r:.80} must be a receiver's address, 'tcp://HOST:PORT'")
         self.address = address
         self.max_bytes = _check_bound(max_message_bytes)
-        self._ctx = zmq.Context.instance()  # one I/O thread per process, shared
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()  # one I/O thread per process, shared
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, _hard_limit(self.max_bytes))
         self._sock.connect(address)
-        self._mail: dict[str, list[dict]] = {}
+        self._mail: dict[str, list[dict[str, Any]]] = {}
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         """Send ``msg`` (`TransferMessageError` if it is not valid or over the bound)."""
         self._sock.send(messages.encode(msg, self.max_bytes))
 
@@ -101,7 +102,7 @@ class Connection:
         """Send bytes as they are (tests of the receiver's checks)."""
         self._sock.send(data)
 
-    def expect(self, transfer: str, types: tuple[str, ...], deadline: float) -> dict:
+    def expect(self, transfer: str, types: tuple[str, ...], deadline: float) -> dict[str, Any]:
         """The next reply for ``transfer`` (one of ``types``), waiting until ``deadline``
         (`time.monotonic`). `TransferTimeoutError` past it; `TransferMessageError` for a
         reply that is not valid or not one of ``types``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from paged_kv.errors import TransferMessageError
 
@@ -36,36 +37,39 @@ _MAX_INT = 2**63 - 1
 _MAX_STR = 4096
 _MAX_DEPTH = 32
 
+Check = Callable[[Any], bool]
+"""A field's check; its ``what`` attribute says what it wants (for the error)."""
 
-def _int(low: int = 0, high: int = _MAX_INT) -> Callable:
-    def check(v) -> bool:
+
+def _int(low: int = 0, high: int = _MAX_INT) -> Check:
+    def check(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-    check.what = f"an integer in [{low}, {high}]"
+    check.what = f"an integer in [{low}, {high}]"  # type: ignore[attr-defined]  # what a check wants: a function attribute
     return check
 
 
-def _str(v) -> bool:
+def _str(v: object) -> bool:
     return isinstance(v, str) and len(v) <= _MAX_STR
 
 
-_str.what = f"a string of at most {_MAX_STR} characters"
+_str.what = f"a string of at most {_MAX_STR} characters"  # type: ignore[attr-defined]  # what a check wants: a function attribute
 
 
-def _ints(low: int = 0, high: int = _MAX_INT) -> Callable:
+def _ints(low: int = 0, high: int = _MAX_INT) -> Check:
     item = _int(low, high)
 
-    def check(v) -> bool:
+    def check(v: object) -> bool:
         return isinstance(v, list) and all(item(x) for x in v)
-    check.what = f"a list of integers in [{low}, {high}]"
+    check.what = f"a list of integers in [{low}, {high}]"  # type: ignore[attr-defined]  # what a check wants: a function attribute
     return check
 
 
-def _salt(v) -> bool:
+def _salt(v: object) -> bool:
     return v is None or _int()(v) or _str(v) or (
         isinstance(v, dict) and set(v) == {"hex"} and _str(v["hex"]) and _is_hex(v["hex"]))
 
 
-_salt.what = 'null, an integer >= 0, a string or {"hex": bytes as hex}'
+_salt.what = 'null, an integer >= 0, a string or {"hex": bytes as hex}'  # type: ignore[attr-defined]  # what a check wants: a function attribute
 
 
 def _is_hex(s: str) -> bool:
@@ -76,26 +80,26 @@ def _is_hex(s: str) -> bool:
     return True
 
 
-def _object(v) -> bool:
+def _object(v: object) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) for k in v)
 
 
-_object.what = "a JSON object"
+_object.what = "a JSON object"  # type: ignore[attr-defined]  # what a check wants: a function attribute
 
 
-def _leaves(v) -> bool:
+def _leaves(v: object) -> bool:
     """Per layer, per page array: ``[shape after the block axis, dtype string]``."""
-    def leaf(x) -> bool:
+    def leaf(x: object) -> bool:
         return (isinstance(x, list) and len(x) == 2 and _ints(1, 1 << 31)(x[0]) and len(x[0]) <= 8 and _str(x[1]))
     return isinstance(v, list) and all(isinstance(layer, list) and len(layer) <= 16 and all(leaf(x) for x in layer)
                                        for layer in v)
 
 
-_leaves.what = "per layer a list of [shape, dtype] pairs"
+_leaves.what = "per layer a list of [shape, dtype] pairs"  # type: ignore[attr-defined]  # what a check wants: a function attribute
 
 _COMMON = {"protocol": _str, "version": _int(), "type": _str, "transfer": _str}
 
-SCHEMA: dict[str, dict[str, Callable]] = {
+SCHEMA: dict[str, dict[str, Check]] = {
     "offer": {"seq_id": _int(), "num_tokens": _int(1, 2**31 - 1), "tokens": _ints(), "cache_key": _salt,
               "first_blocks": _ints(0, 2**31 - 1), "blocks": _ints(0, 2**31 - 1), "padded": _ints(0, 2**31 - 1),
               "spec": _object, "leaves": _leaves, "info": _object},
@@ -109,14 +113,14 @@ SCHEMA: dict[str, dict[str, Callable]] = {
 """Each message type's fields (beside the common ones) and their checks; no others are allowed."""
 
 
-def make(type_: str, transfer: str, **fields) -> dict:
+def make(type_: str, transfer: str, **fields: Any) -> dict[str, Any]:
     """A message of ``type_`` for transfer ``transfer`` (checked like a received one)."""
     msg = {"protocol": PROTOCOL, "version": VERSION, "type": type_, "transfer": transfer, **fields}
     check(msg)
     return msg
 
 
-def encode(msg: dict, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+def encode(msg: dict[str, Any], max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     """``msg`` as bytes; `TransferMessageError` if it is not a valid message or over ``max_bytes``."""
     check(msg)
     data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode("utf-8")
@@ -126,11 +130,11 @@ def encode(msg: dict, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     return data
 
 
-def _no_constant(name: str):
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _depth(v, level: int = 0) -> int:
+def _depth(v: object, level: int = 0) -> int:
     if level > _MAX_DEPTH:
         return level
     if isinstance(v, dict):
@@ -140,7 +144,7 @@ def _depth(v, level: int = 0) -> int:
     return level
 
 
-def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """The message in ``data``; `TransferMessageError` for anything but a valid message of at
     most ``max_bytes`` bytes (checked before parsing)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -152,10 +156,10 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise TransferMessageError(f"a message that is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     check(msg)
-    return msg
+    return msg  # type: ignore[no-any-return]  # checked: a message object
 
 
-def check(msg) -> None:
+def check(msg: object) -> None:
     """`TransferMessageError` unless ``msg`` is a message of this protocol and version whose
     fields are exactly its type's, each of the right type."""
     if not isinstance(msg, dict):
@@ -176,7 +180,7 @@ def check(msg) -> None:
                                    f"{missing} missing")
     for name, ok in wanted.items():
         if not ok(msg[name]):
-            raise TransferMessageError(f"{kind!r} field {name!r} must be {ok.what}; got {str(msg[name])[:80]}")
+            raise TransferMessageError(f"{kind!r} field {name!r} must be {ok.what}; got {str(msg[name])[:80]}")  # type: ignore[attr-defined]
     if _depth(msg) > _MAX_DEPTH:
         raise TransferMessageError(f"a {kind!r} message nested deeper than {_MAX_DEPTH} levels")
     if kind == "offer":
@@ -189,7 +193,7 @@ def check(msg) -> None:
                                        "to the next power of two")
 
 
-def salt_to_json(cache_key):
+def salt_to_json(cache_key: object) -> int | str | dict[str, str] | None:
     """A prefix-cache salt (None, int >= 0, str, bytes) as a message field."""
     if cache_key is None or isinstance(cache_key, str) or (isinstance(cache_key, int) and not isinstance(cache_key, bool)
                                                            and 0 <= cache_key <= _MAX_INT):
@@ -200,7 +204,7 @@ def salt_to_json(cache_key):
                                "a str or bytes")
 
 
-def salt_from_json(value):
+def salt_from_json(value: Any) -> int | str | bytes | None:
     """The salt a message field stands for (`salt_to_json` reversed)."""
     return bytes.fromhex(value["hex"]) if isinstance(value, dict) else value
 

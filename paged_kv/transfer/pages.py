@@ -11,6 +11,7 @@ zeroed by the gather, before anything is sent: a reused block's stale bytes
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import jax
@@ -20,6 +21,14 @@ from paged_kv.cache import PagedKVCache
 from paged_kv.errors import TransferSpecError
 from paged_kv.spec import CacheSpec
 
+if TYPE_CHECKING:
+    from jax.experimental.transfer import TransferConnection, TransferServer
+
+    from paged_kv.sequence_pages import Pages
+
+Leaves = list[list[list[Any]]]
+"""Per layer, per page array: ``[shape after the block axis, dtype string]`` (as JSON holds it)."""
+
 POOL_FIELDS = frozenset({"num_blocks", "sliding_num_blocks", "chunked_num_blocks", "max_blocks_per_seq",
                          "max_batch_slots", "page_storage"})
 """Spec fields two caches may differ in and still exchange pages: the pool sizes and
@@ -27,13 +36,13 @@ limits (checked against the sequence itself), and how floats are stored (the pag
 dtypes are compared leaf by leaf instead)."""
 
 
-def spec_fields(spec: CacheSpec) -> dict:
+def spec_fields(spec: CacheSpec) -> dict[str, Any]:
     """The fields of ``spec`` that decide what a page's bytes mean, as JSON values."""
     fields = attrs.asdict(spec, filter=lambda a, _: a.init and a.name not in POOL_FIELDS)
-    return json.loads(json.dumps(fields, default=_json_default))
+    return json.loads(json.dumps(fields, default=_json_default))  # type: ignore[no-any-return]  # a JSON object
 
 
-def _json_default(value):
+def _json_default(value: object) -> Any:
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -41,13 +50,13 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def leaves_of(cache: PagedKVCache) -> list[list]:
+def leaves_of(cache: PagedKVCache) -> Leaves:
     """Per layer, per page array: ``[shape after the block axis, dtype]``."""
     return [[[list(leaf.shape[1:]), np.dtype(leaf.dtype).str] for leaf in jax.tree_util.tree_leaves(view.pages())]
             for view in cache.views]
 
 
-def check_compatible(offered_spec: dict, offered_leaves: list, spec: CacheSpec, cache: PagedKVCache) -> None:
+def check_compatible(offered_spec: dict[str, Any], offered_leaves: Leaves, spec: CacheSpec, cache: PagedKVCache) -> None:
     """`TransferSpecError` unless pages described by ``offered_spec`` / ``offered_leaves``
     mean the same in ``cache`` (built for ``spec``): same layers and kinds, heads, dims,
     dtype, block size, page format, scales, rotation, key offsets and layout."""
@@ -66,21 +75,22 @@ def check_compatible(offered_spec: dict, offered_leaves: list, spec: CacheSpec, 
             f"this cache's {have[layer] if layer < len(have) else None} (another layout or page storage)", "spec")
 
 
-def pull_shapes(cache: PagedKVCache, padded: tuple[int, ...]) -> list:
+def pull_shapes(cache: PagedKVCache, padded: tuple[int, ...]) -> list[jax.ShapeDtypeStruct]:
     """``jax.ShapeDtypeStruct`` of every array a transfer of ``padded`` blocks per group
     pulls into ``cache``'s device, flat in `paged_kv.sequence_pages.gather_sequence`'s order."""
     out = []
     for view in cache.views:
         for leaf in jax.tree_util.tree_leaves(view.pages()):
             device = next(iter(leaf.devices()))
-            out.append(jax.ShapeDtypeStruct((padded[view.group], *leaf.shape[1:]), leaf.dtype,
+            out.append(jax.ShapeDtypeStruct((padded[view.group], *leaf.shape[1:]), leaf.dtype,  # type: ignore[no-untyped-call]  # jax's constructor is unannotated
                                             sharding=jax.sharding.SingleDeviceSharding(device)))
     return out
 
 
-def nest(cache: PagedKVCache, flat: list) -> tuple:
+def nest(cache: PagedKVCache, flat: list[jax.Array]) -> Pages:
     """``flat`` arrays regrouped per layer as `paged_kv.sequence_pages.gather_sequence` returns them."""
-    out, i = [], 0
+    out: list[tuple[jax.Array, ...]] = []
+    i = 0
     for view in cache.views:
         k = len(jax.tree_util.tree_leaves(view.pages()))
         out.append(tuple(flat[i: i + k]))
@@ -91,17 +101,17 @@ def nest(cache: PagedKVCache, flat: list) -> tuple:
 __all__ = ["POOL_FIELDS", "check_compatible", "leaves_of", "nest", "pull_shapes", "spec_fields"]
 
 
-def transfer_server(device: jax.Device | None = None):
+def transfer_server(device: jax.Device | None = None) -> TransferServer:
     """A `jax.experimental.transfer` server on 127.0.0.1 (a free port) for ``device``'s
     client (default: JAX's first device): it serves the pages a sender posts, and makes
     the connections a receiver pulls through."""
     from jax.experimental import transfer
 
     device = device or jax.devices()[0]
-    return transfer.start_transfer_server(device.client, "127.0.0.1:0", ["127.0.0.1:0"])
+    return transfer.start_transfer_server(device.client, "127.0.0.1:0", ["127.0.0.1:0"])  # type: ignore[no-any-return]  # jaxlib: untyped
 
 
-def abandon(connection) -> None:
+def abandon(connection: TransferConnection) -> None:
     """Fail every pull still waiting on ``connection`` (its arrays become errors), so a
     dead peer cannot hold them forever; the connection is unusable afterwards.
     (jax 0.10.2 offers this only as ``_poison_connection``; without it the pulls are

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import jax
@@ -37,6 +38,9 @@ from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Listener
 from paged_kv.transfer.pages import abandon, check_compatible, nest, pull_shapes, transfer_server
 
+if TYPE_CHECKING:
+    from jax.experimental.transfer import TransferConnection, TransferServer
+
 
 @attrs.frozen(eq=False)
 class Received:
@@ -48,7 +52,7 @@ class Received:
     num_tokens: int
     tokens: np.ndarray
     cache_key: object
-    info: dict
+    info: dict[str, Any]
     keyed: int
     nbytes: int
     seconds: float
@@ -60,13 +64,13 @@ class _Incoming:
     peer: bytes
     seq_id: int
     tokens: np.ndarray
-    cache_key: object
-    info: dict
-    ids: tuple
-    padded: tuple
+    cache_key: int | str | bytes | None
+    info: dict[str, Any]
+    ids: tuple[np.ndarray, ...]
+    padded: tuple[int, ...]
     deadline: float
     started: float
-    arrays: list | None = None
+    arrays: list[jax.Array] | None = None
     source: str = ""
 
 
@@ -77,7 +81,7 @@ class TransferReceiver:
 
     def __init__(self, manager: KVCacheManager, *, port: int = 0, offer_timeout: float = 30.0,
                  pull_timeout: float = 30.0, max_message_bytes: int = messages.MAX_MESSAGE_BYTES,
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None) -> None:
         if not isinstance(manager, KVCacheManager):
             raise InvalidArgumentError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
         for name, value in (("offer_timeout", offer_timeout), ("pull_timeout", pull_timeout)):
@@ -87,12 +91,12 @@ class TransferReceiver:
         self.offer_timeout, self.pull_timeout = float(offer_timeout), float(pull_timeout)
         self._listener = Listener(port, max_message_bytes)
         self._device = device
-        self._server = None
-        self._pullers: dict[str, object] = {}
+        self._server: TransferServer | None = None
+        self._pullers: dict[str, TransferConnection] = {}
         self._incoming: dict[str, _Incoming] = {}
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
         """Offers received, refused (by reason), sequences received, transfers failed or aborted."""
-        self.events: collections.deque = collections.deque(maxlen=256)
+        self.events: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=256)
         """The latest ``(kind, transfer, detail)`` of refusals, failures and aborts."""
 
     @property
@@ -132,7 +136,7 @@ class TransferReceiver:
         self._listener.close()
 
     # ---- messages ----------------------------------------------------------------------
-    def _handle(self, cache: PagedKVCache, peer: bytes, msg: dict | None, error: TransferMessageError | None) -> None:
+    def _handle(self, cache: PagedKVCache, peer: bytes, msg: dict[str, Any] | None, error: TransferMessageError | None) -> None:
         if msg is None:
             self.counts["refused:message"] += 1
             self.events.append(("malformed", "", str(error)[:200]))
@@ -157,7 +161,7 @@ class TransferReceiver:
             self._reply(peer, "refused", transfer, reason="message", message=f"a receiver takes no {kind!r} message",
                         needed=-1, free=-1)
 
-    def _offer(self, cache: PagedKVCache, peer: bytes, msg: dict) -> None:
+    def _offer(self, cache: PagedKVCache, peer: bytes, msg: dict[str, Any]) -> None:
         transfer = msg["transfer"]
         self.counts["offers"] += 1
         needed = free = -1
@@ -188,7 +192,7 @@ class TransferReceiver:
                                              tuple(msg["padded"]), now + self.offer_timeout, time.perf_counter())
         self._reply(peer, "ready", transfer, seq_id=int(msg["seq_id"]))
 
-    def _pull(self, cache: PagedKVCache, t: _Incoming, msg: dict) -> None:
+    def _pull(self, cache: PagedKVCache, t: _Incoming, msg: dict[str, Any]) -> None:
         if t.arrays is not None:
             return  # a repeated pull: the first one is under way
         address = msg["address"]
@@ -209,10 +213,10 @@ class TransferReceiver:
     # ---- pulls ---------------------------------------------------------------------------
     def _finish(self, cache: PagedKVCache, received: list[Received]) -> PagedKVCache:
         for t in [t for t in self._incoming.values() if t.arrays is not None]:
-            if not all(a.is_ready() for a in t.arrays):
+            if not all(a.is_ready() for a in t.arrays):  # type: ignore[union-attr]  # pulling: arrays (filtered above)
                 continue
             try:
-                jax.block_until_ready(t.arrays)
+                jax.block_until_ready(t.arrays)  # type: ignore[no-untyped-call]  # jax: unannotated
             except Exception as exc:  # the sender died or closed its server mid-transfer
                 self._pullers.pop(t.source, None)
                 self._drop(t, "failed", f"the pull failed: {str(exc)[:300]}", "connection")
@@ -224,14 +228,14 @@ class TransferReceiver:
         manager = self.manager
         n = int(t.tokens.size)
         try:
-            cache = write_back(cache, manager, t.ids, t.padded, nest(cache, t.arrays))
+            cache = write_back(cache, manager, t.ids, t.padded, nest(cache, t.arrays))  # type: ignore[arg-type]  # pulled: arrays
         except Exception:
             self._drop(t, "failed", "writing the pages failed", "internal")
             raise
         del self._incoming[t.transfer]
         manager.commit([t.seq_id], n)  # its bytes are in the pages: written
         keyed = manager.cache_tokens(t.seq_id, t.tokens, t.cache_key) if manager.prefix_cache is not None else 0
-        nbytes = sum(int(a.nbytes) for a in t.arrays)
+        nbytes = sum(int(a.nbytes) for a in t.arrays)  # type: ignore[union-attr, misc]  # pulled: arrays
         t.arrays = None
         self.counts["received"] += 1
         self._reply(t.peer, "done", t.transfer, seq_id=t.seq_id, keyed=int(keyed))
@@ -261,7 +265,7 @@ class TransferReceiver:
         if reply is not None:
             self._reply(t.peer, reply, t.transfer, reason=reason, message=message[:2000])
 
-    def _reply(self, peer: bytes, kind: str, transfer: str, **fields) -> None:
+    def _reply(self, peer: bytes, kind: str, transfer: str, **fields: Any) -> None:
         self._listener.reply(peer, messages.make(kind, transfer, **fields))
 
 

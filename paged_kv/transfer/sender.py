@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import jax
@@ -40,6 +41,9 @@ from paged_kv.spec import require_same_spec
 from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Connection
 from paged_kv.transfer.pages import abandon, leaves_of, spec_fields, transfer_server
+
+if TYPE_CHECKING:
+    from jax.experimental.transfer import TransferServer
 
 
 @attrs.frozen(eq=False)
@@ -72,7 +76,7 @@ class Sent:
     seconds: float
 
 
-def _refusal(msg: dict) -> TransferError:
+def _refusal(msg: dict[str, Any]) -> TransferError:
     text = f"the receiver refused the offer: {msg['message']}"
     reason = msg["reason"]
     if reason == "spec":
@@ -84,7 +88,7 @@ def _refusal(msg: dict) -> TransferError:
     return TransferRefusedError(text, reason)
 
 
-def _failure(msg: dict) -> TransferError:
+def _failure(msg: dict[str, Any]) -> TransferError:
     text = f"the receiver dropped the transfer: {msg['message']}"
     if msg["reason"] == "timeout":
         return TransferTimeoutError(text)
@@ -102,19 +106,19 @@ class TransferSender:
     offers they exchange: an offer carries the prompt's token ids)."""
 
     def __init__(self, manager: KVCacheManager, *, timeout: float = 60.0,
-                 max_message_bytes: int = messages.MAX_MESSAGE_BYTES, device: jax.Device | None = None):
+                 max_message_bytes: int = messages.MAX_MESSAGE_BYTES, device: jax.Device | None = None) -> None:
         if not isinstance(manager, KVCacheManager):
             raise InvalidArgumentError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
         self.manager = manager
         self.timeout = _seconds(timeout, "timeout")
         self.max_message_bytes = max_message_bytes
         self._device = device
-        self._server = None
+        self._server: TransferServer | None = None
         self._connections: dict[str, Connection] = {}
 
     # ---- the two steps ---------------------------------------------------------------
     def offer(self, cache: PagedKVCache, seq_id: int, token_ids: Sequence[int] | np.ndarray, to: str, *,
-              cache_key: str | int | bytes | None = None, info: dict | None = None,
+              cache_key: str | int | bytes | None = None, info: dict[str, Any] | None = None,
               timeout: float | None = None) -> Offer:
         """Offer ``seq_id`` (its ``token_ids``: all ``kv_len`` of them, written) to the receiver
         at ``to``; returns once it has admitted the sequence. ``cache_key``: the prefix
@@ -203,7 +207,7 @@ class TransferSender:
                     sum(int(a.nbytes) for a in flat), time.perf_counter() - offer.started)
 
     def send(self, cache: PagedKVCache, seq_id: int, token_ids: Sequence[int] | np.ndarray, to: str, *,
-             cache_key: str | int | bytes | None = None, info: dict | None = None, release: bool = True,
+             cache_key: str | int | bytes | None = None, info: dict[str, Any] | None = None, release: bool = True,
              timeout: float | None = None) -> Sent:
         """`offer` then `complete`: move ``seq_id`` to the receiver at ``to``."""
         offer = self.offer(cache, seq_id, token_ids, to, cache_key=cache_key, info=info, timeout=timeout)
@@ -226,7 +230,7 @@ class TransferSender:
             conn = self._connections[to] = Connection(to, self.max_message_bytes)
         return conn
 
-    def _transfer_server(self):
+    def _transfer_server(self) -> TransferServer:
         if self._server is None:
             self._server = transfer_server(self._device)
         return self._server
@@ -250,12 +254,12 @@ class TransferSender:
             pass
         conn.forget(transfer)
 
-    def _drain(self, uuid: int, flat: list, wait: float = 2.0) -> None:
+    def _drain(self, uuid: int, flat: list[jax.Array], wait: float = 2.0) -> None:
         """Take back pages posted for a pull that will not come (the transfer server keeps
         them until pulled): pull them ourselves, and give up on them after ``wait``."""
         server = self._transfer_server()
         conn = server.connect(server.address())
-        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in flat]
+        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in flat]  # type: ignore[no-untyped-call]  # jax: unannotated
         got = conn.pull(uuid, shapes)
         end = time.monotonic() + wait
         while not all(a.is_ready() for a in got) and time.monotonic() < end:
@@ -265,7 +269,7 @@ class TransferSender:
         del got
 
 
-def _seconds(value, name: str) -> float:
+def _seconds(value: Any, name: str) -> float:
     if not messages.finite(value) or value <= 0:
         raise InvalidArgumentError(f"{name}={value!r} must be a positive number of seconds")
     return float(value)
