@@ -20,7 +20,7 @@ class SimulationError(PagedKVError, ValueError):
     """The simulator was given settings it cannot run with (batch size, watermark, budget)."""
 
 
-def _check_int(name: str, value, low: int) -> int:
+def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise SimulationError(f"{name}={value!r} must be an integer >= {low}")
     return int(value)

@@ -9,6 +9,8 @@ published ``config.json`` values (``num_hidden_layers``, ``num_key_value_heads``
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from paged_kv.errors import SpecError
@@ -26,7 +28,7 @@ class ModelShape:
     """Pages stored as ``dtype`` ("none"), or quantized: "int8" (per-token scales
     counted) or "fp8" (`paged_kv.quant`); ``dtype`` stays the compute dtype."""
 
-    def spec_fields(self) -> dict:
+    def spec_fields(self) -> dict[str, Any]:
         """Keyword arguments for `paged_kv.CacheSpec`."""
         return attrs.asdict(self)
 
@@ -73,7 +75,8 @@ def model_shape(name: str, **overrides: int | str | None) -> ModelShape:
     """
     if name not in MODELS:
         raise SpecError(f"model={name!r} is not a preset; known: {', '.join(MODELS)}")
-    return attrs.evolve(MODELS[name], **{k: v for k, v in overrides.items() if v is not None})
+    # Overrides name fields of their own types (the simulate command's flags); attrs does not check them.
+    return attrs.evolve(MODELS[name], **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "ModelShape", "model_shape"]

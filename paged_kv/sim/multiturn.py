@@ -21,6 +21,8 @@ clipped to fit instead).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from paged_kv.errors import TraceError
@@ -101,7 +103,8 @@ def multiturn_workload(
     )
 
 
-def _conversations(user: np.ndarray, output: np.ndarray, limit: int | None):
+def _conversations(user: np.ndarray, output: np.ndarray, limit: int | None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per session and turn: the prompt (conversation so far + new user tokens), the
     output, and whether the turn is kept (the conversation stays within ``limit``)."""
     if limit is not None:
@@ -114,11 +117,11 @@ def _conversations(user: np.ndarray, output: np.ndarray, limit: int | None):
     return prompt, output, keep
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int) -> None:
     check_int(name, value, minimum, where="multiturn_workload")
 
 
-def _check_real(name: str, value, strict: bool) -> None:
+def _check_real(name: str, value: Any, strict: bool) -> None:
     check_real(name, value, 0, strict=strict, where="multiturn_workload")
 
 

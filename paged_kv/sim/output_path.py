@@ -13,7 +13,7 @@ class OutputPathError(PagedKVError, OSError):
     """An output file cannot be written: its folder is missing or read-only, or the path is a folder."""
 
 
-def check_writable(path: str | os.PathLike, flag: str) -> None:
+def check_writable(path: str | os.PathLike[str], flag: str) -> None:
     """Raise `OutputPathError` naming ``flag`` unless ``path`` can be written now.
 
     An existing file is opened for appending and closed (its bytes are untouched);

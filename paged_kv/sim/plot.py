@@ -5,12 +5,17 @@ over time, one column of panels per backend. matplotlib is an optional extra (``
 from __future__ import annotations
 
 import os
+import types
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from paged_kv.errors import PagedKVError
 from paged_kv.sim.output_path import OutputPathError, check_writable
 from paged_kv.sim.profile import StepSeries
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 INSTALL_HINT = "pip install 'paged_kv[plot]'  (or: pip install matplotlib)"
 
@@ -19,7 +24,7 @@ class PlotUnavailableError(PagedKVError, ImportError):
     """matplotlib is not installed."""
 
 
-def require_matplotlib():
+def require_matplotlib() -> types.ModuleType:
     """Import matplotlib with a non-interactive backend, or say how to install it."""
     try:
         import matplotlib
@@ -31,7 +36,7 @@ def require_matplotlib():
     return plt
 
 
-def check_plot_path(path: str | os.PathLike) -> None:
+def check_plot_path(path: str | os.PathLike[str]) -> None:
     """Raise before any work if ``path`` cannot take the plot: matplotlib missing
     (`PlotUnavailableError`), a format matplotlib cannot write, or a folder that is
     missing or read-only (`OutputPathError`). A path with no suffix is written as PNG."""
@@ -46,7 +51,7 @@ def check_plot_path(path: str | os.PathLike) -> None:
                               f"use one of {', '.join('.' + f for f in sorted(formats))}")
 
 
-def plot_series(series: dict[str, StepSeries], path: str | os.PathLike, title: str = "") -> None:
+def plot_series(series: dict[str, StepSeries], path: str | os.PathLike[str], title: str = "") -> None:
     """Write a PNG to ``path``: per backend, a column of three panels -- utilization
     (tokens ÷ slots allocated), memory in use (in blocks of the paged block size; a
     contiguous cache's slots ÷ block size) and running sequences -- against that
@@ -57,7 +62,7 @@ def plot_series(series: dict[str, StepSeries], path: str | os.PathLike, title: s
     plt.close(fig)
 
 
-def figure(series: dict[str, StepSeries], title: str = ""):
+def figure(series: dict[str, StepSeries], title: str = "") -> Figure:
     """The matplotlib figure `plot_series` writes (the caller closes it).
 
     Each backend gets its own column, so its own step axis: on one shared axis the
@@ -99,7 +104,7 @@ def figure(series: dict[str, StepSeries], title: str = ""):
     axes[2, 0].set_ylabel("running sequences")
     if title:
         fig.suptitle(title, fontsize="medium")
-    return fig
+    return fig  # type: ignore[no-any-return]  # pyplot is reached through require_matplotlib's module: Any
 
 
 __all__ = ["INSTALL_HINT", "PlotUnavailableError", "check_plot_path", "figure", "plot_series", "require_matplotlib"]

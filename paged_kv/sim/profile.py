@@ -12,9 +12,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
+
+if TYPE_CHECKING:
+    from paged_kv.spec import LayerGroup
+
+Row = tuple[float, ...]
+"""One profiler row: numbers (ints and floats), in column order."""
 
 COLUMNS = (
     "step",  # scheduler clock at the row's first step
@@ -49,7 +56,7 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(values[order][min(i, values.size - 1)])
 
 
-def group_kind(group) -> str:
+def group_kind(group: LayerGroup) -> str:
     """What a layer group's queries read: ``"full"``, ``"sliding:W"`` (the last W
     positions) or ``"chunked:C"`` (their own chunk of C positions), from a
     `paged_kv.spec.LayerGroup`."""
@@ -64,6 +71,8 @@ def live_tokens(held: np.ndarray, kind: str, span: int, full_tokens: float) -> f
     ``span`` steps (every sequence one more token a step), the mean of steps 1..span."""
     if kind == "full":
         return full_tokens
+    name: str
+    size: Any  # the window or chunk: its text, then the int it names
     name, size = kind.split(":")
     size = int(size)
     if name == "sliding" and span:
@@ -87,12 +96,12 @@ class StepSeries:
     block_size: int
     capacity_slots: int
     group_columns: dict[str, np.ndarray] = attrs.field(factory=dict)
-    kinds: tuple = ("full",)
+    kinds: tuple[str, ...] = ("full",)
     """Each group's attention (see `group_kind`)."""
 
     @classmethod
-    def from_rows(cls, rows: list[tuple], block_size: int, capacity_slots: int,
-                  group_rows: list[tuple] | None = None, kinds: tuple = ("full",)) -> "StepSeries":
+    def from_rows(cls, rows: list[Row], block_size: int, capacity_slots: int,
+                  group_rows: list[Row] | None = None, kinds: tuple[str, ...] = ("full",)) -> "StepSeries":
         """Columns from the scheduler's row tuples (in `COLUMNS` order) and, per row, a
         tuple of each group's blocks held, then cached blocks, then live tokens."""
         data = np.array(rows, dtype=np.float64).reshape(len(rows), len(COLUMNS))
@@ -115,7 +124,7 @@ class StepSeries:
     def utilization(self) -> np.ndarray:
         """Tokens stored / slots allocated per row (1.0 where nothing is allocated)."""
         slots = self["slots_allocated"]
-        return np.divide(self["tokens_stored"], slots, out=np.ones(len(self)), where=slots > 0)
+        return np.divide(self["tokens_stored"], slots, out=np.ones(len(self)), where=slots > 0)  # type: ignore[no-any-return]  # numpy's stub: Any
 
     def step_utilization(self) -> np.ndarray:
         """Utilization of every single step, spans expanded (for exact percentiles).
@@ -130,15 +139,15 @@ class StepSeries:
         tokens = np.repeat(first, k) + np.repeat(n, k) * offsets
         slots = np.repeat(self["slots_allocated"], k)
         busy = slots > 0
-        return tokens[busy] / slots[busy]
+        return tokens[busy] / slots[busy]  # type: ignore[no-any-return]  # numpy's stub: Any
 
     @property
     def group_utilization(self) -> np.ndarray:
         """``[rows, groups]``: live tokens / (blocks held x block_size), 1.0 where a group holds nothing."""
         slots = self.group_columns["blocks"] * self.block_size
-        return np.divide(self.group_columns["tokens"], slots, out=np.ones_like(slots), where=slots > 0)
+        return np.divide(self.group_columns["tokens"], slots, out=np.ones_like(slots), where=slots > 0)  # type: ignore[no-any-return]  # numpy's stub: Any
 
-    def group_summary(self) -> dict:
+    def group_summary(self) -> dict[str, Any]:
         """Per layer group, time-averaged (each step weighted equally): blocks held (mean
         and peak), cached blocks no one holds (mean), live tokens and utilization
         (total tokens / total slots over the run)."""
@@ -156,7 +165,7 @@ class StepSeries:
             utilization=np.divide(live, slots, out=np.zeros_like(live), where=slots > 0).tolist(),
         )
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Time-averaged figures, each step weighted equally."""
         w = self["steps"].astype(np.float64)
         total = w.sum()
@@ -213,7 +222,7 @@ class StepSeries:
             out[f"utilization_g{g}"] = util[:, g]
         return out
 
-    def as_lists(self) -> dict:
+    def as_lists(self) -> dict[str, Any]:
         """Every column, derived and per-group ones included, as plain lists (for JSON)."""
         out = {name: col.tolist() for name, col in self.columns.items()}
         out.update({name: col.tolist() for name, col in self.derived().items()})
@@ -221,7 +230,7 @@ class StepSeries:
         return out
 
 
-def write_series(path: str | os.PathLike, series: dict[str, StepSeries]) -> None:
+def write_series(path: str | os.PathLike[str], series: dict[str, StepSeries]) -> None:
     """Write the series of several backends to ``path``: JSON (``{backend: {column:
     [...]}}``) if it ends in ``.json``, else CSV in long form (a ``backend`` column
     first, then `COLUMNS`, `DERIVED` and the per-group columns of the backend with the
@@ -242,7 +251,7 @@ def write_series(path: str | os.PathLike, series: dict[str, StepSeries]) -> None
             cols += list(s.derived().values())
             table = s.group_table()
             blank = [""] * len(s)
-            cols += [table.get(c, blank) for c in group_names]
+            cols += [table.get(c, blank) for c in group_names]  # type: ignore[arg-type]  # blanks where a backend has fewer groups
             writer.writerows(zip([name] * len(s), *(c if isinstance(c, list) else c.tolist() for c in cols)))
 
 

@@ -51,7 +51,7 @@ from paged_kv.sim.backends.base import Backend
 from paged_kv.sim.config import (
     ARRIVALS, PREEMPTION, ReplayCounts, ScheduleResult, SchedulerConfig, SimulationError,
 )
-from paged_kv.sim.profile import StepSeries, live_tokens
+from paged_kv.sim.profile import Row, StepSeries, live_tokens
 from paged_kv.sim.trace import Trace
 from paged_kv.sim.workload import Workload
 
@@ -86,13 +86,13 @@ class _Replay:
     the last request's."""
 
     def __init__(self, work: Workload, backend: Backend, config: SchedulerConfig, max_seq_len: int,
-                 progress, check: bool):
+                 progress: Callable[[int, int], None] | None, check: bool) -> None:
         self.started = time.perf_counter()
         self.work, self.backend, self.config, self.progress, self.check = work, backend, config, progress, check
         self.policy = config.policy  # admission order, budget and chunks, the preemption victim
         self.tokens = backend.caches_prefixes  # admission by token ids
         self.kinds = backend.group_kinds
-        self._last_ids: tuple = (None, None, None)
+        self._last_ids: tuple[int | None, int | None, np.ndarray | None] = (None, None, None)
         self.tally = dict.fromkeys(("step", "steps", "served", "cancelled", "preemptions", "admissions", "prefill",
                                     "generated", "stored", "finished", "swap_ins", "bytes_out", "bytes_in",
                                     "swapped_bytes", "peak_swapped", "prompt", "cached", "saved", "forks"), 0)
@@ -102,8 +102,8 @@ class _Replay:
         self.remaining = np.empty(0, dtype=np.int64)  # output tokens still to generate
         self.held = np.empty(0, dtype=np.int64)  # tokens the backend holds for the sequence
         self.swapped: dict[int, tuple[int, int, int, int]] = {}  # seq -> (prompt_left, remaining, held, bytes)
-        self.rows: list[tuple] = []
-        self.group_rows: list[tuple] = []
+        self.rows: list[Row] = []
+        self.group_rows: list[Row] = []
         self._sequences(work, *self._targets(work.trace, max_seq_len))
         self.arrivals = Arrivals(work, config, self.fits)
         self.first_step = np.full(len(work), -1, dtype=np.int64)
@@ -120,7 +120,7 @@ class _Replay:
         cancels = self.fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
         return context, np.where(cancels, trace.cancel_after, target), cancels
 
-    def _sequences(self, work: Workload, context, target, cancels) -> None:
+    def _sequences(self, work: Workload, context: np.ndarray, target: np.ndarray, cancels: np.ndarray) -> None:
         """Per-sequence arrays: requests first, then their extra samples (a request that
         generates nothing has none)."""
         n = len(work)
@@ -146,7 +146,7 @@ class _Replay:
             if not self.running and not self.waiting:
                 if self.arrivals.next_step() is None:
                     break
-                c["step"] = self.arrivals.next_step()  # idle until the next arrival
+                c["step"] = self.arrivals.next_step()  # type: ignore[assignment]  # idle until the next arrival (there is one)
                 continue
             if self.backend.reserves_ahead and self._skip_decode_span():
                 continue
@@ -189,7 +189,7 @@ class _Replay:
         )
         k = int(self.remaining.min()) - 1
         if self.arrivals.next_step() is not None:
-            k = min(k, self.arrivals.next_step() - c["step"])
+            k = min(k, self.arrivals.next_step() - c["step"])  # type: ignore[operator]  # not None: checked above
         if not head_blocked or k < 2:
             return False
         self.backend.append(running, np.full(n_run, k, dtype=np.int64))
@@ -221,7 +221,7 @@ class _Replay:
             return True
 
         self.policy.make_room(fits, self._preempt)
-        counts, granted, gen_now, used = plan
+        counts, granted, gen_now, used = plan  # type: ignore[misc]  # planned: make_room asks fits at least once
         if not self.running:
             return used, counts
         self.held += counts
@@ -265,7 +265,8 @@ class _Replay:
             new_state.append(admitted[1])
             return admitted[0]
 
-        new_ids = self.policy.admit(self.waiting, len(self.running), take, budget_used)
+        # The simulator's policy always has a token budget (SchedulerConfig): budget_left is an int.
+        new_ids = self.policy.admit(self.waiting, len(self.running), take, budget_used)  # type: ignore[arg-type]
         if new_ids:
             self.running.extend(new_ids)
             state = np.array(new_state, dtype=np.int64).reshape(-1, 4)
@@ -277,7 +278,7 @@ class _Replay:
             self._new_added = np.empty(0, dtype=np.int64)
         return new_ids
 
-    def _swap_in(self, i: int, busy: bool) -> tuple[int, tuple] | None:
+    def _swap_in(self, i: int, busy: bool) -> tuple[int, tuple[int, int, int, int]] | None:
         """Bring swapped-out ``i`` back from host memory as it was: no prefill, no budget
         spent. None if the backend has no room for it yet."""
         if not self.backend.can_swap_in(i, busy):
@@ -290,7 +291,7 @@ class _Replay:
         c["stored"] += h
         return 0, (left, rest, h, 0)
 
-    def _admit_one(self, i: int, budget_left: int, busy: bool) -> tuple[int, tuple] | None:
+    def _admit_one(self, i: int, budget_left: int, busy: bool) -> tuple[int, tuple[int, int, int, int]] | None:
         """Admit sequence ``i`` with its first prompt chunk, or None if the backend refuses.
         Returns the prompt tokens computed and its (prompt left, remaining, held, added)."""
         c, backend = self.tally, self.backend
@@ -299,9 +300,10 @@ class _Replay:
         if self.tokens:
             ids = self._ids(i, prompt)
             chunk = self.policy.chunk(prompt, budget_left)  # the most it can compute now, whatever it hits
-            if not backend.can_admit_prompt(i, ids, chunk, rest > 0, busy):
+            # A backend that matches tokens (self.tokens) gets them from _ids.
+            if not backend.can_admit_prompt(i, ids, chunk, rest > 0, busy):  # type: ignore[arg-type]
                 return None
-            cached = backend.admit_prompt(i, ids, chunk, rest > 0)
+            cached = backend.admit_prompt(i, ids, chunk, rest > 0)  # type: ignore[arg-type]
             if cached is None:
                 return None
         else:
@@ -370,7 +372,7 @@ class _Replay:
             first = int(self.first_child[parent])
             children = range(first, first + int(self.extra[parent]))
             tokens, final = int(self.held[k]), int(self.context[parent] + self.target[parent])
-            joined = []
+            joined: list[int] = []
             for child in children:
                 self.done[child] = self.done[parent]
                 if self.done[child] >= self.target[child]:

@@ -9,6 +9,7 @@ is allocated holds tokens, and how many sequences fit at once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import numpy as np
@@ -69,7 +70,7 @@ class SimReport(ReplayCounts):
     mean_waiting: float
     wall_s: float
     series: StepSeries = attrs.field(repr=False)
-    tiers: dict | None = None
+    tiers: dict[str, Any] | None = None
     """With tiers below the device (`paged_kv.tiers`): prompt tokens hit per medium, bytes moved each way."""
 
     @classmethod
@@ -114,7 +115,7 @@ class SimReport(ReplayCounts):
             tiers=backend.tier_report() if hasattr(backend, "tier_report") else None,
         )
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Every figure (not the series) as plain JSON-ready values."""
         return attrs.asdict(self, filter=lambda a, _: a.name != "series")
 
@@ -192,7 +193,7 @@ def format_table(reports: list[SimReport]) -> str:
     return "\n".join(lines)
 
 
-def _config(config: SchedulerConfig | None, max_batch, watermark, spec: CacheSpec) -> SchedulerConfig:
+def _config(config: SchedulerConfig | None, max_batch: int | None, watermark: float, spec: CacheSpec) -> SchedulerConfig:
     if config is None:
         max_batch = spec.max_batch_slots if max_batch is None else max_batch
         if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or not 1 <= max_batch <= spec.max_batch_slots:
@@ -213,7 +214,7 @@ def simulate(
     check: bool = False,
     config: SchedulerConfig | None = None,
     prefix_cache: bool = False,
-    tiers: dict | None = None,
+    tiers: dict[str, Any] | None = None,
 ) -> SimReport:
     """Serve every request of ``trace`` (or a `Workload`: token ids, sessions, parallel
     samples) from a fresh `KVCacheManager` built from ``spec``, with its prefix cache
@@ -246,7 +247,7 @@ def compare(
     progress: Callable[[str, int, int], None] | None = None,
     check: bool = False,
     prefix_cache: bool = False,
-    tiers: dict | None = None,
+    tiers: dict[str, Any] | None = None,
 ) -> list[SimReport]:
     """Replay ``trace`` over the paged manager (with its prefix cache when
     ``prefix_cache``) and each baseline at equal memory, under one scheduler: reports

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 
@@ -206,23 +207,23 @@ def _count(fraction: float, n: int) -> int:
     return int(round(float(fraction) * n))
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     # bool is an int subclass, but True requests is a bug, not a count.
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def _is_real(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value, minimum: int, *, where: str = "synthetic_trace") -> None:
+def _check_int(name: str, value: Any, minimum: int, *, where: str = "synthetic_trace") -> None:
     """`TraceError` unless ``value`` is an integer (not a bool) >= ``minimum``; ``where``
     names the workload builder the argument was given to."""
     if not _is_int(value) or value < minimum:
         raise TraceError(f"{where}: {name}={value!r} must be an integer >= {minimum}")
 
 
-def _check_real(name: str, value, minimum: float, *, strict: bool, where: str = "synthetic_trace") -> None:
+def _check_real(name: str, value: Any, minimum: float, *, strict: bool, where: str = "synthetic_trace") -> None:
     # The type check comes first so a string never reaches a comparison. NaN and
     # inf are refused: an infinite rate or duration has no trace to draw.
     rule = f"> {minimum}" if strict else f">= {minimum}"
@@ -231,12 +232,12 @@ def _check_real(name: str, value, minimum: float, *, strict: bool, where: str = 
         raise TraceError(f"{where}: {name}={value!r} must be a finite number {rule}")
 
 
-def _check_fraction(name: str, value) -> None:
+def _check_fraction(name: str, value: Any) -> None:
     if not _is_real(value) or not 0.0 <= value <= 1.0:
         raise TraceError(f"synthetic_trace: {name}={value!r} must be a fraction in [0, 1]")
 
 
-def _check_outlier_tokens(value) -> None:
+def _check_outlier_tokens(value: Any) -> None:
     ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
           and 1 <= value[0] <= value[1])
     if not ok:

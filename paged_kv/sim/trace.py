@@ -21,6 +21,7 @@ import csv
 import importlib.resources
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -62,12 +63,12 @@ _MAX_SPAN_S = (2**63 - 1) // 10**9 - 1
 times are differences of nanosecond stamps, in `load_trace` and back in `Trace.to_csv`."""
 
 
-def _in_range(seconds: np.ndarray) -> np.ndarray:
+def _in_range(seconds: np.ndarray | np.datetime64) -> np.ndarray | np.bool_:
     """Which of ``seconds`` (datetime64[s]) a datetime64[ns] holds whatever their fraction."""
     return (seconds >= _FIRST_S) & (seconds <= _LAST_S)
 
 
-def _start_time(value) -> np.datetime64:
+def _start_time(value: Any) -> np.datetime64:
     """``Trace.start`` as datetime64[ns]; `TraceError` for a time it cannot hold (it would wrap)."""
     if isinstance(value, bool):
         raise TraceError(f"start={value!r} is not a time")
@@ -84,15 +85,15 @@ def _start_time(value) -> np.datetime64:
     return ns
 
 
-def _int64_array(value) -> np.ndarray:
+def _int64_array(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.int64)
 
 
-def _float64_array(value) -> np.ndarray:
+def _float64_array(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-def _optional_int64_array(value) -> np.ndarray | None:
+def _optional_int64_array(value: Any) -> np.ndarray | None:
     # None stays None here: the trace length is only known once every field is
     # converted, so `__attrs_post_init__` expands it to "nobody cancels".
     return None if value is None else _int64_array(value)
@@ -183,7 +184,7 @@ class Trace:
         return Trace(self.arrival_s[:n], self.context_tokens[:n], self.generated_tokens[:n], self.start,
                      cancel_after=self.cancel_after[:n])
 
-    def to_csv(self, path: str | os.PathLike) -> None:
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write the trace in the format `load_trace` reads, timestamps at 100 ns resolution.
 
         The ``CancelAfterTokens`` column (-1 for requests that finish) is written only
@@ -206,7 +207,7 @@ class Trace:
             writer.writerows(zip(*columns))
 
 
-def load_trace(path: str | os.PathLike | None = None) -> Trace:
+def load_trace(path: str | os.PathLike[str] | None = None) -> Trace:
     """Read a trace CSV; ``path=None`` reads the bundled Azure conversation trace.
 
     Raises `TraceError` naming the file, the line (1 = header) and the bad value
@@ -226,7 +227,7 @@ def load_trace(path: str | os.PathLike | None = None) -> Trace:
     return _load(path)
 
 
-def _load(path: str | os.PathLike) -> Trace:
+def _load(path: str | os.PathLike[str]) -> Trace:
     name = os.fspath(path)
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark, which

@@ -22,6 +22,8 @@ matches *tokens*, so a workload also says where each request's token ids come fr
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import numpy as np
 
@@ -68,8 +70,16 @@ def stream_tokens(key: int, start: int, stop: int, vocab: int = VOCAB) -> np.nda
     return (x % np.uint64(vocab)).astype(np.int64)
 
 
-def _int_array(value) -> np.ndarray:
+def _int_array(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.int64)
+
+
+def _float_array(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64)
+
+
+def _uint64_array(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.uint64)
 
 
 @attrs.frozen(eq=False, kw_only=True)
@@ -84,9 +94,9 @@ class Workload:
 
     trace: Trace
     follows: np.ndarray = attrs.field(converter=_int_array)
-    think_s: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=np.float64))
+    think_s: np.ndarray = attrs.field(converter=_float_array)
     samples: np.ndarray = attrs.field(converter=_int_array)
-    stream: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=np.uint64))
+    stream: np.ndarray = attrs.field(converter=_uint64_array)
     shared_len: np.ndarray = attrs.field(converter=_int_array)
     seed: int = 0
     vocab: int = VOCAB

@@ -4,6 +4,8 @@ cache_tokens; fork for parallel sampling; swap_out / swap_in)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from paged_kv.allocator.manager import KVCacheManager
@@ -35,7 +37,7 @@ class PagedBackend(Backend):
     reserves_ahead = False
 
     def __init__(self, spec: CacheSpec, watermark: float = 0.01, prefix_cache: bool = False,
-                 tiers: dict | None = None):
+                 tiers: dict[str, Any] | None = None):
         super().__init__(spec, spec.usable_blocks * spec.block_size)
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
         # Tiers below the device (`paged_kv.tiers`), bookkeeping only: keys and bytes moved.
@@ -165,7 +167,7 @@ class PagedBackend(Backend):
         if self.tiers is not None:
             self.tiers.check_integrity()
 
-    def tier_report(self) -> dict | None:
+    def tier_report(self) -> dict[str, Any] | None:
         """Tokens hit per medium and bytes moved each way, with tiers; else None."""
         if self.tiers is None:
             return None
