@@ -50,7 +50,7 @@ class BlockPool:
         # Usable ids, popped from the end; reversed so block 1 is handed out first.
         self._free = np.arange(self.num_blocks - 1, NULL_BLOCK, -1, dtype=np.int32)
         self._num_free = self.num_blocks - 1
-        self._views: tuple | None = None  # see `take` (transient)
+        self._views: tuple[memoryview, memoryview, memoryview] | None = None  # see `take` (transient)
 
     # ---- predicates -------------------------------------------------------------
     @property
@@ -96,7 +96,7 @@ class BlockPool:
         if n <= 0:
             return np.empty(0, dtype=np.int32)
         if n > self._num_free:
-            self._push(self.cache.evict(n - self._num_free))  # least recently used first
+            self._push(self.cache.evict(n - self._num_free))  # type: ignore[union-attr]  # n > _num_free: num_free counted cached blocks, so there is a cache
         top = self._num_free
         ids = self._free[top - n : top][::-1].copy()
         self._num_free = top - n
@@ -113,9 +113,9 @@ class BlockPool:
         if not 0 < n <= top:
             return [] if n == 0 else None
         if n > 8:
-            return self.allocate(n).tolist()
+            return self.allocate(n).tolist()  # type: ignore[no-any-return]  # numpy types tolist() as Any: int32 ids give list[int]
         if self._views is None:  # the stack, counts and generations are never replaced, only written
-            self._views = (memoryview(self._free), memoryview(self.ref_counts), memoryview(self.generation))
+            self._views = (memoryview(self._free), memoryview(self.ref_counts), memoryview(self.generation))  # type: ignore[arg-type, unused-ignore]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
         free, refs, gens = self._views
         ids = [free[top - 1 - i] for i in range(n)]  # allocate's order: the top of the stack first
         for b in ids:
@@ -130,7 +130,7 @@ class BlockPool:
         evictable set; every one gains an owner."""
         for b in np.asarray(ids).tolist():
             if self.ref_counts[b] == 0:
-                self.cache.revive(b)
+                self.cache.revive(b)  # type: ignore[union-attr]  # only a prefix cache keeps a block with no owner to revive
         np.add.at(self.ref_counts, np.asarray(ids, dtype=np.int32), 1)
 
     def incref(self, ids: np.ndarray) -> None:

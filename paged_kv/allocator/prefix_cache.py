@@ -85,7 +85,8 @@ def from_u128(pairs: np.ndarray) -> list[int]:
     return [int(lo) | (int(hi) << 64) for lo, hi in pairs.tolist()]
 
 
-def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int, extra_key=None) -> list[int]:
+def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int,
+                 extra_key: bytes | str | int | None = None) -> list[int]:
     """Keys of the first ``num_blocks`` full blocks of ``token_ids``.
 
     Each key is BLAKE2b-128 over (parent key, the block's int64 token bytes, the salt's
@@ -96,7 +97,7 @@ def chain_hashes(token_ids: np.ndarray, block_size: int, num_blocks: int, extra_
     as a memoryview (no numpy slice and copy per block): hashing is most of an
     admission's host time."""
     salt = salt_digest(extra_key)
-    data = memoryview(np.ascontiguousarray(token_ids[: num_blocks * block_size], dtype=np.int64)).cast("B")
+    data = memoryview(np.ascontiguousarray(token_ids[: num_blocks * block_size], dtype=np.int64)).cast("B")  # type: ignore[arg-type, unused-ignore]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
     step = 8 * block_size
     blake2b, out, parent = hashlib.blake2b, [], NO_HASH
     for start in range(0, num_blocks * step, step):
@@ -277,7 +278,7 @@ class PrefixCache:
          cache.blocks_evicted) = (int(x) for x in take(state, "stats", np.int64, (6,)))
         return cache
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple[int, ...]]:
         """A comparable copy of the keys and both eviction tiers (for `KVCacheManager.snapshot`)."""
         return tuple(sorted(self.block_of.items())), tuple(self.evictable), tuple(self.behind)
 
