@@ -16,7 +16,7 @@ growth, the group's metadata, integrity, saved state -- belongs to one
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NewType
+from typing import TYPE_CHECKING, NewType
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from paged_kv.errors import (
 from paged_kv.metadata import StepMetadata, bucket
 from paged_kv.spec import CacheSpec
 
+if TYPE_CHECKING:
+    from paged_kv.allocator.manager_base import TierHooks
+
 SeqId = NewType("SeqId", int)
 """The caller's name for a request: any non-negative Python or numpy integer."""
 
@@ -71,7 +74,7 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
     ``tiers`` (the `paged_kv.tiers.CacheTiers` attached, if any) belongs to the running
     process: a restored manager has none until tiers are attached again."""
 
-    tiers = None
+    tiers: TierHooks | None = None
     """The host and disk tiers below the device pool (`paged_kv.tiers.CacheTiers`
     attaches itself), which `admit_prompt` asks for hits the device no longer holds."""
 

@@ -12,7 +12,7 @@ declaration here (an override with another signature is an error).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from paged_kv.allocator.steps import Step, StepLog
     from paged_kv.allocator.written import WrittenBlocks
     from paged_kv.spec import CacheSpec
+
+
+class TierHooks(Protocol):
+    """What the manager calls on the tiers attached to it (`paged_kv.tiers.CacheTiers`,
+    which imports the allocator: the allocator names the tiers by this protocol only)."""
+
+    def retention_plan(self, retention: object, num_tokens: int) -> dict[int, int]: ...
+
+    def prepare(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
+                chunk: int | None = None) -> int: ...
+
+    # retention: a `paged_kv.tiers.Retention` that `retention_plan` accepted (Any: the
+    # allocator does not import the tiers).
+    def retain(self, hashes: Sequence[int], plan: dict[int, int], retention: Any) -> None: ...
 
 
 class ManagerBase:
@@ -42,6 +56,7 @@ class ManagerBase:
     _written: WrittenBlocks
     _slotted: SlotClaims
     _forked: bool
+    tiers: TierHooks | None
 
     if TYPE_CHECKING:
         def __init__(self, spec: CacheSpec, prefix_cache: bool = False) -> None: ...
@@ -79,4 +94,4 @@ class ManagerBase:
                       lengths: Sequence[int] | np.ndarray) -> Step: ...
 
 
-__all__ = ["ManagerBase"]
+__all__ = ["ManagerBase", "TierHooks"]

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from paged_kv.allocator.arguments import check_token_ids
+from paged_kv.allocator.manager_base import ManagerBase
 from paged_kv.allocator.prefix_cache import chain_hashes
 from paged_kv.allocator.prompts import PromptPlan, plan_prompt
 from paged_kv.errors import InvalidArgumentError, InvalidTokenCountError, OutOfBlocksError, PagedKVError, SpecError
 
 
-class PromptsMixin:
+class PromptsMixin(ManagerBase):
     # ---- prefix cache --------------------------------------------------------------------
     def can_admit_prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
                          chunk: int | None = None) -> bool:
@@ -75,10 +76,11 @@ class PromptsMixin:
             g.admit_prompt_row(row, h, hit, total, hold, tokens.size)
         self._written.start(row, hashes, hit, self.spec.block_size)
         if plan is not None:
-            self.tiers.retain(hashes, plan, retention)
+            self.tiers.retain(hashes, plan, retention)  # type: ignore[union-attr]  # a plan comes from the tiers (checked above)
         return hit * self.spec.block_size
 
-    def _prompt(self, token_ids, cache_key, chunk) -> PromptPlan:
+    def _prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None,
+                chunk: int | None) -> PromptPlan:
         self._require_cache()
         return plan_prompt(self.spec, self.groups, token_ids, cache_key, chunk)
 
