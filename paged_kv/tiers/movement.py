@@ -76,7 +76,7 @@ def _gather(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Arr
         ok = jnp.ones(i.shape, bool)
         for view in cache.views:
             if view.group == g:  # every layer of the group must still hold that generation
-                ok = ok & (view.generations[i] == e) & (view.owner == tag)
+                ok = ok & (view.generations[i] == e) & (view.owner == tag)  # type: ignore[index]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
         oks.append(ok)
     pages = tuple(tuple(_to_words(leaf)[ids[view.group]] for leaf in jax.tree_util.tree_leaves(view.pages()))
                   for view in cache.views)
@@ -88,9 +88,9 @@ def _scatter(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Ar
              words: tuple[tuple[jax.Array, ...], ...], tag: jax.Array) -> tuple[PagedKVCache, jax.Array]:
     views = []
     for view, data in zip(cache.views, words):
-        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])
+        ok, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])  # type: ignore[arg-type]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
         leaves, treedef = jax.tree_util.tree_flatten(view.pages())
-        at = jnp.where(ok, ids[view.group], view.generations.shape[0])  # another manager's pages: nothing written
+        at = jnp.where(ok, ids[view.group], view.generations.shape[0])  # type: ignore[union-attr]  # bound, as above; another manager's pages: nothing written
         leaves = [leaf.at[at].set(d.reshape(d.shape[0], *leaf.shape[1:]), mode="drop") for leaf, d in zip(leaves, data)]
         view = jax.tree_util.tree_unflatten(treedef, leaves)
         views.append(dataclasses.replace(view, generations=generations, owner=owner))
@@ -198,7 +198,7 @@ def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtyp
     flushes (fresh memory would fault in every page again); the last upload that read
     them has finished first (on CPU the device arrays alias them)."""
     if tiers.staging_busy is not None:
-        jax.block_until_ready(tiers.staging_busy)
+        jax.block_until_ready(tiers.staging_busy)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
         tiers.staging_busy = None
     have = tiers.staging
     if not have or have[0][0].shape[0] < n:
@@ -208,7 +208,7 @@ def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtyp
 
 
 def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
-            shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: jax.Array) -> PagedKVCache:
+            shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: np.ndarray) -> PagedKVCache:
     spec = tiers.spec
     # Per group, uploads from host slots first: their rows are one block of the staging
     # arrays, filled by one np.take per leaf; pages read from disk follow, one row each.

@@ -134,7 +134,7 @@ class ARC:
         return [*self.t1, *self.t2]
 
 
-def make_policy(name: str, capacity: int):
+def make_policy(name: str, capacity: int) -> LRU | ARC:
     """The policy called ``name`` ("lru" or "arc") over ``capacity`` blocks."""
     if name == "lru":
         return LRU(capacity)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,13 @@ from paged_kv.tiers.host import HostTier, Pages
 from paged_kv.tiers.policy import POLICIES
 from paged_kv.tiers.retention import DEFAULT_PRIORITY, Priorities, Retention
 from paged_kv.tiers.records import Download, TierStats, Upload, split_bytes
+
+if TYPE_CHECKING:
+    from collections import Counter
+    from collections.abc import Container
+
+    from paged_kv.allocator.groups import GroupAllocator
+    from paged_kv.allocator.prefix_cache import PrefixCache
 
 WRITE_POLICIES = ("back", "through")
 LAYOUTS = ("split", "unified")
@@ -79,10 +86,10 @@ class CacheTiers:
         for name, value in (("host_bytes", host_bytes), ("disk_bytes", disk_bytes)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise InvalidArgumentError(f"{name}={value!r} must be a non-negative integer (bytes)")
-        for name, value, allowed in (("policy", policy, POLICIES), ("write", write, WRITE_POLICIES),
-                                     ("layout", layout, LAYOUTS)):
-            if value not in allowed:
-                raise InvalidArgumentError(f"{name}={value!r} is not one of {allowed}")
+        for name, choice, allowed in (("policy", policy, POLICIES), ("write", write, WRITE_POLICIES),
+                                      ("layout", layout, LAYOUTS)):
+            if choice not in allowed:
+                raise InvalidArgumentError(f"{name}={choice!r} is not one of {allowed}")
         priorities = Priorities(default_priority, clock)  # InvalidArgumentError naming a bad default
         if isinstance(drop_below, bool) or not isinstance(drop_below, (int, np.integer)) or not 0 <= drop_below <= 101:
             raise InvalidArgumentError(f"drop_below={drop_below!r} must be an integer priority in [0, 101] (0: drop none)")
@@ -104,7 +111,7 @@ class CacheTiers:
         for g, entries in enumerate(found):
             keep = entries[len(entries) - disk_caps[g]:] if disk_caps[g] else []
             for key, _ in entries[: len(entries) - len(keep)]:
-                directory.delete(g, key)  # more than the tier holds now: the oldest go
+                directory.delete(g, key)  # type: ignore[union-attr]  # entries come only from a directory; more than the tier holds now: the oldest go
             for key, parent in keep:
                 self.disk[g].adopt(key, parent)
         self.stats = TierStats()
@@ -114,31 +121,32 @@ class CacheTiers:
         self.staging: list[list[np.ndarray]] = []  # upload staging rows, kept between flushes (`movement`)
         self.staging_busy: Any = None  # a result of the last upload: ready once it read the staging rows
         for g, group in enumerate(manager.groups):
+            cache: PrefixCache = group.cache  # type: ignore[assignment]  # not None: the manager has a prefix cache (checked above)
             self.host[g].on_evict = lambda key, parent, pages, g=g: self._host_evicted(g, key, parent, pages)
-            group.cache.on_evict = lambda b, key, parent, behind, g=g: self._device_evicted(g, b, key, parent, behind)
-            group.cache.choose = priorities.choose(group.cache.hash_of)  # lower priorities evicted first
-            group.cache.on_store = (lambda b, key, parent, g=g: self._keyed(g, b, key, parent)) \
+            cache.on_evict = lambda b, key, parent, behind, g=g: self._device_evicted(g, b, key, parent, behind)
+            cache.choose = priorities.choose(cache.hash_of)  # lower priorities evicted first
+            cache.on_store = (lambda b, key, parent, g=g: self._keyed(g, b, key, parent)) \
                 if write == "through" else None
         manager.tiers = self
 
     def detach(self) -> None:
         """Stop serving ``manager`` (pending moves are dropped: call `movement.flush` first)."""
         for group in self.manager.groups:
-            del group.cache.on_evict, group.cache.on_store, group.cache.choose  # back to the class's None
+            del group.cache.on_evict, group.cache.on_store, group.cache.choose  # type: ignore[union-attr]  # every group has a cache (checked in __init__); back to the class's None
         del self.manager.tiers
 
     # ---- lookups -----------------------------------------------------------------------
     def where(self, group: int, key: int) -> str | None:
         """The highest medium holding ``key`` in ``group``: "device", "host", "disk" or None."""
-        if key in self.manager.groups[group].cache.block_of:
+        if key in self.manager.groups[group].cache.block_of:  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
             return "device"
         return "host" if key in self.host[group] else "disk" if key in self.disk[group] else None
 
-    def _present(self, g: int):
-        block_of, host, disk = self.manager.groups[g].cache.block_of, self.host[g], self.disk[g]
+    def _present(self, g: int) -> Container[int]:
+        block_of, host, disk = self.manager.groups[g].cache.block_of, self.host[g], self.disk[g]  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
 
         class Present:
-            def __contains__(self, key: int) -> bool:
+            def __contains__(self, key: object) -> bool:
                 return key in block_of or key in host or key in disk
 
         return Present()
@@ -158,7 +166,7 @@ class CacheTiers:
             hit = common_hit(m.groups, hashes, limit, [self._present(g) for g in range(len(m.groups))])
             if hit <= common_hit(m.groups, hashes, limit):
                 return 0
-            below = [[j for j in range(g.hit_start(hit), hit) if hashes[j] not in g.cache.block_of] for g in m.groups]
+            below = [[j for j in range(g.hit_start(hit), hit) if hashes[j] not in g.cache.block_of] for g in m.groups]  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
             try:
                 disk_pages = self._read_disk(below, hashes)
             except _Corrupt:
@@ -168,7 +176,7 @@ class CacheTiers:
         rest = self.spec.blocks_for(hold) - hit
         for g, js in zip(m.groups, below):
             pool, cache = g.pool, g.cache
-            resident = [cache.block_of[hashes[j]] for j in range(g.hit_start(hit), hit) if hashes[j] in cache.block_of]
+            resident = [cache.block_of[hashes[j]] for j in range(g.hit_start(hit), hit) if hashes[j] in cache.block_of]  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
             idle = sum(1 for b in resident if pool.ref_counts[b] == 0)
             if len(js) + rest > pool.num_free - idle:
                 return 0
@@ -193,8 +201,10 @@ class CacheTiers:
                     raise _Corrupt() from None
         return out
 
-    def _bring_up(self, gi: int, group, js: list[int], hashes: list[int], hit: int, disk_pages: dict) -> None:
-        cache, pool = group.cache, group.pool
+    def _bring_up(self, gi: int, group: GroupAllocator, js: list[int], hashes: list[int], hit: int,
+                  disk_pages: dict[int, Pages]) -> None:
+        cache: PrefixCache
+        cache, pool = group.cache, group.pool  # type: ignore[assignment]  # the manager has a prefix cache (checked in __init__)
         # The device hits of this prompt go to the back of eviction first, so the
         # allocation below evicts other blocks.
         # They are held out of eviction while this allocation runs: with priorities a
@@ -259,7 +269,7 @@ class CacheTiers:
         for j, priority in plan.items():
             if j < len(hashes):
                 self.priorities.set(hashes[j], priority, retention.duration_s)
-        held = sum(g.num_blocks for g in self.spec.groups) + sum(t.capacity for t in (*self.host, *self.disk))
+        held = sum(g.num_blocks for g in self.spec.groups) + sum(t.capacity for t in self.host) + sum(t.capacity for t in self.disk)
         if len(self.priorities.entries) > 2 * held + 1024:
             self.priorities.prune(lambda key: any(self.where(g, key) for g in range(len(self.host))))
 
@@ -372,21 +382,21 @@ class CacheTiers:
 
     # ---- events and checks -------------------------------------------------------------
     def _emit(self, g: int, kind: str, key: int, parent: int, slot: int, medium: str) -> None:
-        self.manager.groups[g].cache._emit(PrefixEvent(kind, key, parent, slot, medium))
+        self.manager.groups[g].cache._emit(PrefixEvent(kind, key, parent, slot, medium))  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
 
     def hit_tokens(self) -> dict[str, int]:
         """Prompt tokens served per medium so far (the device's: the prefix cache's hits
         less those brought up from below)."""
         bs = self.spec.block_size
         below = {k: v * bs for k, v in self.stats.hit_blocks.items()}
-        return {"device": self.manager.prefix_cache.hit_tokens - sum(below.values()), **below}
+        return {"device": self.manager.prefix_cache.hit_tokens - sum(below.values()), **below}  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless every tier's index agrees with itself, pins match
         the moves pending, and each pending upload's block is keyed with its key."""
         from collections import Counter
 
-        pins = Counter()
+        pins: Counter[tuple[int, int]] = Counter()
         for d in self.downloads:
             if d.key in self.host[d.group].slot_of:
                 pins[(d.group, d.key)] += 1
@@ -394,7 +404,7 @@ class CacheTiers:
             if up.pages is None:
                 pins[(up.group, up.key)] += 1
             cache = self.manager.groups[up.group].cache
-            if cache.hash_of[up.block] != up.key:
+            if cache.hash_of[up.block] != up.key:  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
                 raise AssertionError(f"pending upload into block {up.block} of group {up.group}: the block is not "
                                      "keyed with its key any more")
         for g, (host, disk) in enumerate(zip(self.host, self.disk)):
