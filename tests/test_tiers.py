@@ -198,3 +198,13 @@ def test_the_simulator_counts_hits_per_tier_and_bytes_moved(capsys):
     assert set(out["tiers"]["hit_tokens"]) == {"device", "host", "disk"} and "bytes_up" in out["tiers"]
     with pytest.raises(SystemExit):
         main(["simulate", "--host-tier-gib", "1", "--no-prefix-cache", "--progress", "off"])
+
+
+def test_a_disk_tier_of_page_bytes_needs_a_directory():
+    """A disk tier that keeps page bytes without a directory would take keys and fail
+    its first hit: refused up front, nothing attached."""
+    manager = pk.KVCacheManager(make_spec(), prefix_cache=True)
+    with pytest.raises(pk.PagedKVError, match="disk_bytes=10000000 needs disk_dir="):
+        CacheTiers(manager, disk_bytes=10**7)
+    assert manager.tiers is None and manager.prefix_cache.on_evict is None
+    CacheTiers(manager, disk_bytes=10**7, keep_bytes=False)  # bookkeeping only (the simulator): no bytes, no files

@@ -95,6 +95,9 @@ class CacheTiers:
             raise InvalidArgumentError(f"drop_below={drop_below!r} must be an integer priority in [0, 101] (0: drop none)")
         if disk_dir is not None and not keep_bytes:
             raise InvalidArgumentError("disk_dir holds page bytes: leave it out with keep_bytes=False")
+        if disk_bytes and keep_bytes and disk_dir is None:  # a disk tier of page bytes needs a place on disk
+            raise InvalidArgumentError(f"disk_bytes={disk_bytes!r} needs disk_dir= (a directory for the page files), "
+                                       "or leave disk_bytes out")
         spec = self.spec = manager.spec
         self.manager, self.write, self.layout, self.keep_bytes = manager, write, layout, bool(keep_bytes)
         weights = [g.num_blocks * spec.group_bytes_per_block(i) for i, g in enumerate(spec.groups)]
