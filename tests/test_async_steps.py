@@ -9,8 +9,8 @@ blocks a *committed* step wrote; the cache's event stream must never key a block
 outside it, and a hit must only revive such blocks. `check_integrity` after every
 rule.
 
-CI runs it derandomized (the same programs every run); ``PAGED_KV_SOAK=N`` explores
-N times as many fresh random programs.
+CI runs it derandomized (see FLOORS: the programs still differ between processes);
+``PAGED_KV_SOAK=N`` explores N times as many fresh random programs.
 """
 
 from __future__ import annotations
@@ -199,9 +199,13 @@ class AsyncScheduler(RuleBasedStateMachine):
             self.written[g] = {b for b in self.written[g] if pool.ref_counts[b] > 0 or pool.cache.is_evictable(b)}
 
 
-# Floors catch a machine that stopped doing something, far below the deterministic counts.
-FLOORS = {"steps committed": 250, "prefix hits": 100, "forks": 200, "copy-on-writes": 20, "releases in flight": 50,
-          "swap ins": 50}
+# Floors catch a machine that stopped doing something. Derandomized runs are not the same
+# programs in every process: under pytest the counts moved with which modules the run had
+# imported (steps committed 453 alone, 263-274 beside the tiers or the cache modules, 236
+# in the full suite; swap ins 51-145, prefix hits 107-244), for a reason not found yet.
+# So each floor sits under half the lowest count seen.
+FLOORS = {"steps committed": 100, "prefix hits": 40, "forks": 150, "copy-on-writes": 10, "releases in flight": 30,
+          "swap ins": 20}
 
 
 def test_a_step_always_in_flight():
