@@ -154,6 +154,12 @@ SLOW = {
     # These share one subprocess that compiles every step on 8 fake devices (23 s cold, 15 s warm).
     "test_sharding.py": ("test_sharded_pages_equal_single_device_bit_for_bit", "test_no_collective_touches_the_pages",
                          "test_two_data_parallel_replicas", "test_in_place_attention_on_sharded_pages"),
+    # A slow jitted call held in flight while the batch moves on (~4 s): the copy at flattening.
+    "test_steps.py": ("test_a_step_batch_step_in_flight_keeps_its_own_arrays",),
+    # The simulator over tiers (~3 s); the quick tier keeps the tiers' own hits, restarts and refusals.
+    "test_tiers.py": ("test_the_simulator_counts_hits_per_tier_and_bytes_moved",),
+    # The persistent compilation cache: a generate run writing a cache directory (~2 s).
+    "test_generate_options.py": ("test_compiled_steps_are_kept_in_the_cache_dir_and_settings_restored",),
     # One strict mypy run over the package and a user script: 9-12 s of CPU with a cold mypy cache.
     "test_types.py": ("test_package_is_strict_clean", "test_user_script_errors_are_exactly_the_mistakes"),
 }
