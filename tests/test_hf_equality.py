@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import paged_kv as pk
+from hf_fixtures import reference
 from paged_kv.models import llama
 from paged_kv.models.generate import Generator, Request
 from paged_kv.models.loader import load_model
@@ -58,24 +59,6 @@ SERVING = {
     "mistral": ([(0, 0, 20, False), (1, 1, 17, False), (2, 0, 20, True), (3, 6, 18, False), (4, 2, 19, False),
                  (5, 2, 20, True)], dict(num_blocks=13, sliding_num_blocks=12, max_batch_slots=4), dict(headroom=0)),
 }
-
-
-@dataclasses.dataclass
-class Reference:
-    tokens: list[list[int]]  # prompt + transformers' greedy tokens
-    logits: list[np.ndarray]  # [positions, vocab] float32
-    info: dict
-
-    @property
-    def scale(self) -> float:
-        return float(np.std(np.concatenate(self.logits)))
-
-
-def reference(name: str) -> Reference:
-    data = np.load(FIXTURES / name / "reference.npz")
-    n = len([k for k in data if k.startswith("tokens_")])
-    info = json.loads((FIXTURES / name / "reference.json").read_text())
-    return Reference([data[f"tokens_{i}"].tolist() for i in range(n)], [data[f"logits_{i}"] for i in range(n)], info)
 
 
 @pytest.fixture(scope="module", params=list(SERVING))

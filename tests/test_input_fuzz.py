@@ -114,20 +114,9 @@ import shutil  # noqa: E402
 import zipfile  # noqa: E402
 
 import paged_kv.spec.fields as spec_fields  # noqa: E402
+from hf_fixtures import JSON_WEIRD, weird_configs  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
-JSON_WEIRD = ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400, "-1", "0", "1.5", str(2**31), str(2**63),
-              '"x"', "[]", "{}", "null", "true", '[1, "a"]', '{"rope_type": "llama3"}']
-
-
-def _config_paths(data, prefix=()):
-    """Every key path of a config.json, nested objects included."""
-    for key, value in data.items():
-        yield prefix + (key,)
-        if isinstance(value, dict):
-            yield from _config_paths(value, prefix + (key,))
-
-
 @pytest.mark.parametrize("model", ["llama", "mistral"])
 def test_every_config_key_with_weird_json_loads_or_raises_model_load_error(tmp_path, model):
     from paged_kv.models.loader import ModelLoadError, load_model
@@ -135,22 +124,16 @@ def test_every_config_key_with_weird_json_loads_or_raises_model_load_error(tmp_p
     directory = tmp_path / model
     shutil.copytree(FIXTURES / model, directory)
     original = json.loads((FIXTURES / model / "config.json").read_text())
-    for path in _config_paths(original):
-        for literal in JSON_WEIRD:
-            data = json.loads(json.dumps(original))
-            target = data
-            for key in path[:-1]:
-                target = target[key]
-            target[path[-1]] = "@@"
-            (directory / "config.json").write_text(json.dumps(data).replace('"@@"', literal))
-            try:
-                cfg, params = load_model(directory)
-            except ModelLoadError:
-                continue
-            except Exception as exc:  # noqa: BLE001 - the point: no builtin error escapes
-                pytest.fail(f"config {'.'.join(path)}={literal}: {type(exc).__name__}: {exc}")
-            for name in ("rms_norm_eps", "rope_theta"):  # a model that loads computes with finite numbers
-                assert np.isfinite(np.float32(getattr(cfg, name))), (path, literal)
+    for path, literal, text in weird_configs(original, JSON_WEIRD):
+        (directory / "config.json").write_text(text)
+        try:
+            cfg, params = load_model(directory)
+        except ModelLoadError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point: no builtin error escapes
+            pytest.fail(f"config {'.'.join(path)}={literal}: {type(exc).__name__}: {exc}")
+        for name in ("rms_norm_eps", "rope_theta"):  # a model that loads computes with finite numbers
+            assert np.isfinite(np.float32(getattr(cfg, name))), (path, literal)
 
 
 @pytest.mark.parametrize("value", [7, None, [], "", "../model.safetensors", "/etc/passwd", "a\x00b", "x" * 5000])

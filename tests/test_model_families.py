@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hf_fixtures import reference
 from paged_kv.models import decoder
 from paged_kv.models.generate import Generator, Request
 from paged_kv.models.loader import load_model
@@ -71,25 +72,6 @@ SCHEDULE = [(0, 0, 20, False), (1, 3, 17, False), (2, 0, 20, True), (3, 5, 18, F
 POOL = dict(block_size=8, max_seq_len=48, num_blocks=9, max_batch_slots=3)
 SLIDING_BLOCKS = 8  # the sliding group's pool, where there is one
 OPTIONS = dict(headroom=1, prefill_chunk=6)
-
-
-@dataclasses.dataclass
-class Reference:
-    tokens: list[list[int]]  # prompt + transformers' greedy tokens
-    logits: list[np.ndarray]  # [positions, vocab] float32
-    info: dict
-
-    @property
-    def scale(self) -> float:
-        return float(np.std(np.concatenate(self.logits)))
-
-
-@functools.cache
-def reference(name: str) -> Reference:
-    data = np.load(FIXTURES / name / "reference.npz")
-    n = len([k for k in data if k.startswith("tokens_")])
-    info = json.loads((FIXTURES / name / "reference.json").read_text())
-    return Reference([data[f"tokens_{i}"].tolist() for i in range(n)], [data[f"logits_{i}"] for i in range(n)], info)
 
 
 @functools.cache

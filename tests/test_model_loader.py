@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import paged_kv as pk
+from hf_fixtures import JSON_WEIRD, weird_configs
 from paged_kv.models import loader
 from paged_kv.models.loader import ModelLoadError, _read_file, expected_shapes, load_config, load_model, load_params
 
@@ -362,19 +363,6 @@ def test_unsupported_family_options_are_refused_naming_them(tmp_path, name, chan
     assert named in str(err.value)
 
 
-WEIRD = ["NaN", "Infinity", "1e999", "1" + "0" * 400, "-1", "0", "1.5", str(2**31), '"x"', "[]", "{}", "null", "true",
-         '[1, "a"]', '{"rope_type": "llama3"}']
-
-
-def _paths(data, prefix=()):
-    for key, value in data.items():
-        yield prefix + (key,)
-        if isinstance(value, dict):
-            yield from _paths(value, prefix + (key,))
-        elif isinstance(value, list) and value and isinstance(value[0], str):
-            yield prefix + (key, 0)
-
-
 @pytest.mark.parametrize("name", ["qwen2", "gemma3_text"])
 def test_every_family_config_key_with_weird_json_loads_or_raises_model_load_error(tmp_path, name):
     """As tests/test_input_fuzz.py does for Llama and Mistral, over the keys the other
@@ -384,23 +372,17 @@ def test_every_family_config_key_with_weird_json_loads_or_raises_model_load_erro
     directory = tmp_path / name
     shutil.copytree(FIXTURES / name, directory)
     original = json.loads((FIXTURES / name / "config.json").read_text())
-    for path in _paths(original):
-        for literal in WEIRD:
-            data = json.loads(json.dumps(original))
-            target = data
-            for key in path[:-1]:
-                target = target[key]
-            target[path[-1]] = "@@"
-            (directory / "config.json").write_text(json.dumps(data).replace('"@@"', literal))
-            try:
-                cfg = load_config(directory)
-            except ModelLoadError:
-                continue
-            except Exception as exc:  # noqa: BLE001 - the point: no builtin error escapes
-                pytest.fail(f"config {path}={literal}: {type(exc).__name__}: {exc}")
-            for value in (cfg.rms_norm_eps, cfg.rope_theta, cfg.local_rope_theta or 1.0, cfg.attention_scale,
-                          cfg.attn_logit_softcap or 1.0, cfg.final_logit_softcap or 1.0):
-                assert np.isfinite(np.float32(value)) and value > 0, (path, literal)
+    for path, literal, text in weird_configs(original, JSON_WEIRD, list_heads=True):
+        (directory / "config.json").write_text(text)
+        try:
+            cfg = load_config(directory)
+        except ModelLoadError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point: no builtin error escapes
+            pytest.fail(f"config {path}={literal}: {type(exc).__name__}: {exc}")
+        for value in (cfg.rms_norm_eps, cfg.rope_theta, cfg.local_rope_theta or 1.0, cfg.attention_scale,
+                      cfg.attn_logit_softcap or 1.0, cfg.final_logit_softcap or 1.0):
+            assert np.isfinite(np.float32(value)) and value > 0, (path, literal)
 
 
 # Published config.json files (weights not needed: the config alone decides the model).

@@ -11,6 +11,7 @@ import numpy as np
 from paged_kv.errors import PagedKVError
 from paged_kv.sched import SchedulingPolicy
 from paged_kv.sim.profile import StepSeries
+from paged_kv.sim.trace import Trace
 
 ARRIVALS = ("offline", "trace")
 PREEMPTION = ("recompute", "swap")
@@ -117,4 +118,19 @@ class ScheduleResult(ReplayCounts):
     wall_s: float
 
 
-__all__ = ["ARRIVALS", "PREEMPTION", "ReplayCounts", "ScheduleResult", "SchedulerConfig", "SimulationError"]
+def request_targets(trace: Trace, max_seq_len: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+    """What a replay serves of each request of ``trace``: ``(fits, truncated, context,
+    target, cancels)`` -- whether it runs at all (its prompt and one output token fit
+    ``max_seq_len``), how many had their output cut to fit, and each one's prompt and
+    output length after truncation and cancellation."""
+    context, gen = trace.context_tokens, trace.generated_tokens
+    fits = context + np.minimum(gen, 1) <= max_seq_len
+    target = np.where(fits, np.minimum(gen, max_seq_len - context), 0)
+    truncated = int(np.count_nonzero(fits & (target < gen)))
+    # A client that cancels stops its request early: that is its output length.
+    cancels = fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
+    return fits, truncated, context, np.where(cancels, trace.cancel_after, target), cancels
+
+
+__all__ = ["ARRIVALS", "PREEMPTION", "ReplayCounts", "ScheduleResult", "SchedulerConfig", "SimulationError",
+           "request_targets"]

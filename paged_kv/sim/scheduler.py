@@ -49,7 +49,7 @@ from paged_kv.errors import OutOfBlocksError
 from paged_kv.sim.arrivals import Arrivals
 from paged_kv.sim.backends.base import Backend
 from paged_kv.sim.config import (
-    ARRIVALS, PREEMPTION, ReplayCounts, ScheduleResult, SchedulerConfig, SimulationError,
+    ARRIVALS, PREEMPTION, ReplayCounts, ScheduleResult, SchedulerConfig, SimulationError, request_targets,
 )
 from paged_kv.sim.profile import Row, StepSeries, live_tokens
 from paged_kv.sim.trace import Trace
@@ -104,21 +104,11 @@ class _Replay:
         self.swapped: dict[int, tuple[int, int, int, int]] = {}  # seq -> (prompt_left, remaining, held, bytes)
         self.rows: list[Row] = []
         self.group_rows: list[Row] = []
-        self._sequences(work, *self._targets(work.trace, max_seq_len))
+        self.fits, self.truncated, *targets = request_targets(work.trace, max_seq_len)
+        self._sequences(work, *targets)
         self.arrivals = Arrivals(work, config, self.fits)
         self.first_step = np.full(len(work), -1, dtype=np.int64)
         self.n_runnable = int(np.count_nonzero(self.fits))
-
-    def _targets(self, trace: Trace, max_seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which requests fit, and each one's prompt and output length after truncation
-        and cancellation."""
-        context, gen = trace.context_tokens, trace.generated_tokens
-        self.fits = context + np.minimum(gen, 1) <= max_seq_len
-        target = np.where(self.fits, np.minimum(gen, max_seq_len - context), 0)
-        self.truncated = int(np.count_nonzero(self.fits & (target < gen)))
-        # A client that cancels stops its request early: that is its output length.
-        cancels = self.fits & (trace.cancel_after >= 0) & (trace.cancel_after < target)
-        return context, np.where(cancels, trace.cancel_after, target), cancels
 
     def _sequences(self, work: Workload, context: np.ndarray, target: np.ndarray, cancels: np.ndarray) -> None:
         """Per-sequence arrays: requests first, then their extra samples (a request that
