@@ -34,9 +34,9 @@ Figures, each as vLLM ÷ paged_kv, with the load average beside them:
    1,020 tokens, and an output of at most its 25th percentile, 85 tokens: ~2,500
    requests, ~3,100-token prompts, ~56-token outputs), by arrival with the arrival
    times compressed so that ~4 run at once (a prefill joins every ~14 steps, a row
-   leaves as often). The churn replay runs ``--rounds`` times (3), the managers
-   interleaved round by round, and each figure is the median of its rounds; the
-   other replays too without ``--quick``, once with it (they take ~10x longer);
+   leaves as often). Every replay runs ``--rounds`` times (3), the managers
+   interleaved round by round, and each figure is the median of its rounds (one
+   round moved a replay's ratio by up to 1.37x between runs);
 3. ``admit`` and ``release`` of a 1,024-token sequence beside 64 others;
 4. prefix admit: 4 shared 2,048-token system prompts, cache warm (vLLM's time
    includes hashing the request's blocks, which paged_kv does inside admit).
@@ -413,10 +413,10 @@ def _aims(rep: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="one round of the long replays, fewer admit/prefix samples (run_all's setting)")
+                    help="fewer admit/prefix samples (run_all's setting)")
     ap.add_argument("--requests", type=int, default=3000, help="trace requests per replay")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds of the churn replay, and without --quick of every replay (median reported)")
+                    help="interleaved rounds of every replay (median reported)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     why = vllm_available()
@@ -463,7 +463,7 @@ def main() -> None:
     rep["replay"] = {}
     for mode, reqs in (("offline", dense), ("arrival", dense), ("sparse_arrival", sparse),
                        ("sparser_arrival", sparser), ("churn_arrival", churn)):
-        rounds = args.rounds if mode == "churn_arrival" or not q else 1
+        rounds = args.rounds  # one round of a replay moved its ratio by up to 1.37x between runs
         d = rep["replay"][mode] = _replay(managers, reqs, mode, rounds)
         if mode == "churn_arrival":
             d.update(arrival_scale=churn_scale, prompt_mean=round(statistics.fmean(r.prompt for r in reqs), 1),
