@@ -34,8 +34,6 @@ code in the process can read the pages directly), and writes that bypass views
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -73,7 +71,7 @@ def bind_step(generations: jax.Array, owner: jax.Array, meta: StepMetadata, grou
     current = generations[jnp.where(inside, tables, 0)]
     if not write:
         ok = mine & inside & (expected == current)
-        return dataclasses.replace(gm, block_tables=jnp.where(ok, tables, 0)), generations, owner  # type: ignore[arg-type]  # on the device the fields hold jax arrays
+        return gm.replace(block_tables=jnp.where(ok, tables, 0)), generations, owner
     ok = mine & inside & not_older(expected, current)
     generations = generations.at[jnp.where(inside, tables, nb)].set(jnp.where(ok, expected, current), mode="drop")
     tables = jnp.where(ok, tables, 0)
@@ -85,7 +83,7 @@ def bind_step(generations: jax.Array, owner: jax.Array, meta: StepMetadata, grou
     fits = (col >= 0) & (col < width) & (named != 0) & (slots // block_size == named)
     slots = jnp.where(fits, slots, nb * block_size)
     lengths, generations = _bind_copies(generations, mine, gm)
-    return dataclasses.replace(gm, block_tables=tables, slot_mapping=slots, copy_len=lengths), generations, owner  # type: ignore[arg-type]  # on the device the fields hold jax arrays
+    return gm.replace(block_tables=tables, slot_mapping=slots, copy_len=lengths), generations, owner
 
 
 def _bind_copies(generations: jax.Array, mine: jax.Array, gm: GroupMetadata) -> tuple[jax.Array, jax.Array]:

@@ -12,7 +12,6 @@ a unified cache) and asserts:
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from functools import partial
 
@@ -342,7 +341,7 @@ CASES = [
       lambda e: _jit_concat(e.ucache[0], step_kv(e), step_kv(e), bigger_pool_metadata(e).to_device()),
       pk.ShapeError, r"built for pages"),
     C("view-hand-built-metadata",
-      lambda e: e.cache[0].write(step_kv(e), step_kv(e), dataclasses.replace(e.meta, built_for=None)),
+      lambda e: e.cache[0].write(step_kv(e), step_kv(e), e.meta.replace(built_for=None)),
       pk.ShapeError, r"built for pages None"),
     # ---- token ids ----------------------------------------------------------------------------
     C("prefix-negative-token", lambda e: e.pm.admit_prompt(9, [1, -1, 2]), pk.InvalidTokenIdError,

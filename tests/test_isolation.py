@@ -229,7 +229,6 @@ def test_crafted_metadata_ids_stay_inside_the_pool(layout):
     ones too, which JAX indexing would wrap onto the pool's last blocks) and copy-on-write
     sources or targets outside it must write nothing and read only the null block's zeros.
     Another sequence's bytes and the null block stay as they were."""
-    import dataclasses
 
     spec = make_spec("float32")
     m, cache = pk.KVCacheManager(spec), pk.PagedKVCache.init(spec, layout=layout)
@@ -245,15 +244,14 @@ def test_crafted_metadata_ids_stay_inside_the_pool(layout):
     before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves(cache)]
     good = m.step_metadata([1], 2)
     bad_ids = np.array([-1, -nb, nb, 2**30], np.int32)
-    groups = tuple(dataclasses.replace(
-        g, slot_mapping=np.array([[-1, -BS * nb]], np.int32)[:, : g.slot_mapping.shape[1]],
+    groups = tuple(g.replace(
+        slot_mapping=np.array([[-1, -BS * nb]], np.int32)[:, : g.slot_mapping.shape[1]],
         block_tables=np.resize(bad_ids, g.block_tables.shape).astype(np.int32),
         copy_src=np.array([-1, 3, nb + 1], np.int32), copy_dst=np.array([3, -1, 0], np.int32),
         copy_len=np.full(3, BS, np.int32), copy_src_gen=np.ones(3, np.int32), copy_dst_gen=np.ones(3, np.int32))
         for g in good.groups)
-    crafted = dataclasses.replace(good, groups=groups)
-    lopsided = dataclasses.replace(good, groups=tuple(dataclasses.replace(g, copy_src_gen=np.ones(2, np.int32))
-                                                      for g in groups))
+    crafted = good.replace(groups=groups)
+    lopsided = good.replace(groups=tuple(g.replace(copy_src_gen=np.ones(2, np.int32)) for g in groups))
     with pytest.raises(pk.ShapeError, match="copy_src_gen"):  # generations must describe what they name
         write(cache, k[:1], lopsided)
     new = jnp.asarray(rng.normal(size=(1, good.query_len, H, D)) + 100, jnp.float32)

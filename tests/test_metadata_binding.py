@@ -12,7 +12,6 @@ quantized pages alike.
 
 from __future__ import annotations
 
-import dataclasses
 
 import attrs
 import jax
@@ -106,7 +105,7 @@ def test_hand_built_metadata_reads_and_writes_nothing(kind):
                              real.built_for)
     _assert_untouched_and_unseen(cache, _pages(cache), forged, m, 2, 7, 7.0)
     # The owner copied too, the generations not: still nothing.
-    forged = dataclasses.replace(forged, owner=real.owner)
+    forged = forged.replace(owner=real.owner)
     _assert_untouched_and_unseen(cache, _pages(cache), forged, m, 2, 7, 7.0)
 
 

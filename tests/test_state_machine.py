@@ -711,15 +711,15 @@ def _one_shape(meta, spec):
     groups = []
     for g, (tables, group) in enumerate(zip(meta.groups, spec.groups)):
         c = max(8, tables.copy_src.size)
-        groups.append(dataclasses.replace(
-            tables, block_tables=pad(tables.block_tables, (B, W), pk.NULL_BLOCK),
+        groups.append(tables.replace(
+            block_tables=pad(tables.block_tables, (B, W), pk.NULL_BLOCK),
             slot_mapping=pad(tables.slot_mapping, (B, T), pad_slot(spec, g)), start=pad(tables.start, (B,), 0),
             copy_src=pad(tables.copy_src, (c,), pk.NULL_BLOCK),
             copy_dst=pad(tables.copy_dst, (c,), group.num_blocks), copy_len=pad(tables.copy_len, (c,), 0),
             block_gens=pad(tables.block_gens, (B, W), 0), copy_src_gen=pad(tables.copy_src_gen, (c,), 0),
             copy_dst_gen=pad(tables.copy_dst_gen, (c,), 0)))
-    return dataclasses.replace(meta, kv_lens=pad(meta.kv_lens, (B,), 0), query_lens=pad(meta.query_lens, (B,), 0),
-                               positions=pad(meta.positions, (B, T), 0), groups=tuple(groups))
+    return meta.replace(kv_lens=pad(meta.kv_lens, (B,), 0), query_lens=pad(meta.query_lens, (B,), 0),
+                        positions=pad(meta.positions, (B, T), 0), groups=tuple(groups))
 
 
 @jax.jit

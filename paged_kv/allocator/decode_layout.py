@@ -38,7 +38,7 @@ from paged_kv.allocator.step_arrays import (
     Buffers,
     bucket_int,
     decode_arrays,
-    mixed_arrays,
+    mixed_step,
     room,
     slot,
     step_metadata,
@@ -85,9 +85,6 @@ class DecodeLayout:
         self.tiny: Tiny | None = None  # what a few rows' `advance` touches
         self.vector: Vector | None = None  # what more rows' `advance` touches
         self._shapes: dict[tuple[int, int], tuple[int, StepMetadata, Any, memoryview, memoryview]] = {}  # see `_shape`
-        self._slot_flat = np.zeros(0, np.int32)  # see `_clean_slots`
-        self._slot_views: dict[tuple[int, int], np.ndarray] = {}
-        self._dirty: tuple[np.ndarray, list[tuple[int, int]]] | None = None
         self._pool_gens = memoryview(self.pool.generation)  # type: ignore[arg-type]  # never replaced, only written
 
     # ---- writing a layout ---------------------------------------------------------------
@@ -159,39 +156,19 @@ class DecodeLayout:
 
     def mixed(self, counts: list[int]) -> StepMetadata:
         """The step writing each row's last ``counts[b]`` tokens, beside the decode layout
-        (shared: lengths, tables, starts); the same object as the last mixed step when it
-        has the same buffers."""
-        dec = self.meta
+        (shared: lengths, tables, starts): its own query lengths, positions and slots
+        derived (`step_arrays.mixed_step`), so a prompt joining costs O(B), not O(B x T).
+        The same object as the last mixed step when it has the same buffers and ``T``."""
+        dec, last = self.meta, self.mixed_meta
         T = bucket_int(max(counts), self.max_len)
-        clean = self._clean_slots(dec.batch_size, T)
-        query_lens, positions, slots = mixed_arrays(self.buffers, dec, self.table.block_tables, self.rows, counts, T,
-                                                    self.pad, self.bs, clean)
-        self._dirty = (slots, [(b, c) for b, c in enumerate(counts) if c > 1])
-        gm, last = dec.groups[0], self.mixed_meta
-        if not (last is not None and last.positions is positions and last.kv_lens is dec.kv_lens
-                and last.groups[0].block_tables is gm.block_tables and last.groups[0].slot_mapping is slots):
-            self.mixed_meta = step_metadata(dec.kv_lens, query_lens, positions, gm.block_tables, slots, gm.start,
-                                            gm.block_gens, self.signature, self.holder,  # type: ignore[arg-type]  # never None here
-                                            self.owner)
-        return self.mixed_meta  # type: ignore[return-value]  # just set, or the last one (not None)
-
-    def _clean_slots(self, B: int, T: int) -> np.ndarray:
-        """A mixed step's ``[B, T]`` slots, every one the padding slot: its own buffer, of
-        which only what the last mixed step wrote (column 0, its runs) is reset, not the
-        whole ``B x T``."""
-        view = self._slot_views.get((B, T))
-        flat = self._slot_flat
-        if view is None and flat.size < B * T:  # a bigger buffer, padding throughout
-            flat = self._slot_flat = np.full(max(B * T, 2 * flat.size), self.pad, np.int32)
-            self._slot_views, self._dirty = {}, None
-        elif self._dirty is not None:
-            last, runs = self._dirty
-            last[:, 0] = self.pad
-            for b, c in runs:
-                last[b, :c] = self.pad
-        if view is None:
-            view = self._slot_views[(B, T)] = flat[:B * T].reshape(B, T)
-        return view
+        if (last is not None and last.query_len == T and last.kv_lens is dec.kv_lens
+                and last.groups[0].block_tables is dec.groups[0].block_tables):
+            q = last.query_lens  # the same buffers: write the lengths in place
+            n = len(counts)
+            q[:n], q[n:] = counts, 0
+            return last
+        self.mixed_meta = mixed_step(self.buffers, dec, counts, T, self.pad, self.bs, self.holder)
+        return self.mixed_meta
 
     def _shape(self, B: int, W: int) -> Shaped:
         """The decode layout's metadata over ``B`` rows and ``W`` table columns of the
@@ -213,7 +190,7 @@ class DecodeLayout:
         """Rows ``lo .. hi`` of the layout become padding rows."""
         gm = dec.groups[0]
         dec.kv_lens[lo:hi], dec.query_lens[lo:hi], dec.positions[lo:hi] = 0, 0, 0
-        gm.slot_mapping[lo:hi], gm.block_tables[lo:hi], gm.block_gens[lo:hi], gm.start[lo:hi] = (  # type: ignore[index]  # gens: set
+        gm.slot_mapping[lo:hi], gm.block_tables[lo:hi], gm.block_gens[lo:hi], gm.start[lo:hi] = (
             self.pad, NULL_BLOCK, 0, 0)
 
     def _keep(self, row_list: list[int], rows: np.ndarray | None) -> None:

@@ -309,9 +309,10 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
         step_id = self.steps.next_id()
         if self.num_pending_copies:
             self._described.update(dict.fromkeys(rows.tolist(), step_id))
-        groups = tuple(g.metadata(FRESH, rows, kv, q, positions, step_id) for g in self.groups)
+        groups = tuple(g.metadata(FRESH, rows, kv, q, positions, B, step_id) for g in self.groups)
         step = self.note_step(step_id, list(seq_ids), rows, kv)
-        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step, self.steps.tag)
+        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step, self.steps.tag,
+                            query_len=T)
 
     # ---- decode-slot claims (`DecodeSlots` registers the ids it holds) ----------------
     def _check_not_slotted(self, seq_id: int, what: str) -> None:

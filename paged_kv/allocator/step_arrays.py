@@ -149,17 +149,21 @@ def bucket_int(n: int, cap: int) -> int:
 
 
 # ---- one layer group's tables and slots, any kind ---------------------------------------------
-def lengths_and_positions(out: Out, kv: np.ndarray, q: np.ndarray, B: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``kv_lens [B]``, ``query_lens [B]``, ``positions [B, T]`` of rows holding ``kv`` tokens
-    whose last ``q`` are new: new token ``t`` of a row sits at ``kv - q + t``, padding at
-    the row's last real position (so a causal mask never leaves a padding query with
-    nothing to attend to), padding rows at 0."""
+def lengths_and_positions(out: Out, kv: np.ndarray, q: np.ndarray, B: int,
+                          T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``kv_lens [B]``, ``query_lens [B]`` and ``positions [B, T]`` of rows holding ``kv``
+    tokens whose last ``q`` are new (padding rows empty). A one-token step carries its
+    positions (new token at ``kv - 1``; padding rows at 0); a longer step's are None,
+    derived where they are read (`paged_kv.metadata.derive_positions`): building
+    ``[B, T]`` arrays would make the host's cost O(B x T)."""
     n = kv.size
-    kv_lens, query_lens, positions = out.get("kv", (B,)), out.get("q", (B,)), out.get("pos", (B, T))
+    kv_lens, query_lens = out.get("kv", (B,)), out.get("q", (B,))
     kv_lens[:n], kv_lens[n:] = kv, 0
     query_lens[:n], query_lens[n:] = q, 0
-    np.add((kv_lens - query_lens)[:, None], np.arange(T, dtype=np.int32)[None, :], out=positions)
-    np.minimum(positions, np.maximum(kv_lens - 1, 0)[:, None], out=positions)
+    if T > 1:
+        return kv_lens, query_lens, None
+    positions = out.get("pos", (B, 1))
+    np.maximum(kv_lens - 1, 0, out=positions[:, 0])
     return kv_lens, query_lens, positions
 
 
@@ -186,13 +190,15 @@ def write_slots(slots: np.ndarray, block_tables: np.ndarray, rows: np.ndarray, k
 
 
 def group_arrays(out: Out, g: int, table: Table, generation: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
-                 positions: np.ndarray, B: int, W: int, pad: int, block_size: int, columns: np.ndarray | None = None,
-                 first: np.ndarray | None = None, copies: Arrays = (EMPTY,) * 5) -> GroupMetadata:
+                 positions: np.ndarray | None, B: int, W: int, pad: int, block_size: int,
+                 columns: np.ndarray | None = None, first: np.ndarray | None = None,
+                 copies: Arrays = (EMPTY,) * 5) -> GroupMetadata:
     """Layer group ``g``'s share of a step over ``rows``: tables ``[B, W]`` (``columns``, the
     group's chosen ``[n, W]`` columns of each row; None: each row's first ``W`` columns,
     as a full-attention row is null past its blocks), their generations, the new tokens'
-    slots, ``start`` (``first`` block of each row, None: 0), and ``copies`` (copy-on-write
-    sources, destinations, lengths and the two generations)."""
+    slots (``positions`` None: derived, like the positions), ``start`` (``first`` block of
+    each row, None: 0), and ``copies`` (copy-on-write sources, destinations, lengths and
+    the two generations)."""
     n = rows.size
     tables = out.get(f"tables{g}", (B, W))
     if columns is not None:
@@ -204,13 +210,15 @@ def group_arrays(out: Out, g: int, table: Table, generation: np.ndarray, rows: n
     tables[n:] = NULL_BLOCK
     gens = out.get(f"gens{g}", (B, W))
     generation.take(tables, None, gens, "wrap")  # what each block is now (`GroupMetadata.block_gens`)
-    slots = out.get(f"slot{g}", positions.shape)
-    write_slots(slots, table.block_tables, rows, kv, q, positions, pad, block_size)
+    slots = None
+    if positions is not None:
+        slots = out.get(f"slot{g}", positions.shape)
+        write_slots(slots, table.block_tables, rows, kv, q, positions, pad, block_size)
     start = out.get(f"start{g}", (B,))
     start[:n] = 0 if first is None else first * block_size
     start[n:] = 0
     src, dst, length, src_gen, dst_gen = copies
-    return GroupMetadata(tables, slots, start, src, dst, length, gens, src_gen, dst_gen)
+    return GroupMetadata(tables, slots, start, src, dst, length, gens, src_gen, dst_gen, pad=pad, block_size=block_size)
 
 
 # ---- a decode layout: every row's last token is the step's --------------------------------------
@@ -292,34 +300,28 @@ def decode_arrays(out: Out, table: Table, generation: np.ndarray, row_list: list
     return kv_lens, query_lens, positions, tables, slots, start, gens
 
 
-def mixed_arrays(out: Out, dec: StepMetadata, block_tables: np.ndarray, row_list: list[int], counts: list[int], T: int,
-                 pad: int, block_size: int, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A step writing each row's last ``counts[b]`` tokens, beside the decode layout ``dec``
-    of the same rows (which it shares: lengths, tables, starts, generations): its own
-    ``query_lens [B]``, ``positions [B, T]`` and ``slots [B, T]`` (``slots``: a ``[B, T]``
-    array of padding slots to write into; None: from ``out``). Padding sits at each
-    row's last position; a one-token row's slot is the layout's, a longer row's a run,
-    a row writing nothing has none."""
+def mixed_step(out: Out, dec: StepMetadata, counts: list[int], T: int, pad: int, block_size: int,
+               step: object) -> StepMetadata:
+    """The step writing each row's last ``counts[b]`` tokens (``T``: their bucket), beside
+    the decode layout ``dec`` of the same rows, whose lengths, tables, starts and
+    generations it shares: its own ``query_lens [B]`` only, positions and slots derived
+    (`paged_kv.metadata`), so a prompt joining costs O(B), not O(B x T)."""
     B = dec.batch_size
-    # Names of their own: at T = 1 the decode layout's buffers have the same shapes.
-    query_lens, positions = out.get("mq", (B,)), out.get("mpos", (B, T))
-    if slots is None:
-        slots = out.get("mslot", (B, T))
-        slots.fill(pad)
+    query_lens = out.get("mq", (B,))  # a name of its own: the layout's "q" is its decode step's
     n = len(counts)
     query_lens[:n], query_lens[n:] = counts, 0
-    np.copyto(positions, dec.positions)  # every row's padding sits at its last real position
-    slots[:, 0] = dec.groups[0].slot_mapping[:, 0]  # the one-token rows' slot (padding rows: dropped)
-    for b, c in enumerate(counts):
-        if c == 1:
-            continue
-        if c == 0:
-            slots[b, 0] = pad
-            continue
-        end = int(dec.kv_lens[b])
-        positions[b, :c] = np.arange(end - c, end, dtype=np.int32)
-        write_run(slots[b], block_tables, row_list[b], end - c, c, block_size)
-    return query_lens, positions, slots
+    return derived_step(dec, query_lens, T, pad, block_size, step)
+
+
+def derived_step(dec: StepMetadata, query_lens: np.ndarray, T: int, pad: int, block_size: int,
+                 step: object) -> StepMetadata:
+    """`dec` (a one-group decode layout) with ``query_lens`` new tokens per row, ``T`` their
+    bucket: positions and slots derived."""
+    gm = dec.groups[0]
+    return StepMetadata(dec.kv_lens, query_lens, None,
+                        (GroupMetadata(gm.block_tables, None, gm.start, EMPTY, EMPTY, EMPTY, gm.block_gens, EMPTY, EMPTY,
+                                       pad=pad, block_size=block_size),),
+                        dec.built_for, step, dec.owner, query_len=T)
 
 
 def step_metadata(kv_lens: np.ndarray, query_lens: np.ndarray, positions: np.ndarray, tables: np.ndarray,
@@ -345,11 +347,8 @@ def plain_step(table: Table, generation: np.ndarray, spec: CacheSpec, pad: int, 
     arrays = decode_arrays(FRESH, table, generation, row_list, rows, B, spec.max_blocks_per_seq, pad, bs)
     if max(counts) == 1 and min(counts) == 1:
         return step_metadata(*arrays, signature, step, owner)
-    kv_lens, _, positions, tables, slots, start, gens = arrays
     dec = step_metadata(*arrays, signature, None, owner)
-    query_lens, positions, slots = mixed_arrays(FRESH, dec, table.block_tables, row_list, counts,
-                                                bucket_int(max(counts), spec.max_seq_len), pad, bs)
-    return step_metadata(kv_lens, query_lens, positions, tables, slots, start, gens, signature, step, owner)
+    return mixed_step(FRESH, dec, counts, bucket_int(max(counts), spec.max_seq_len), pad, bs, step)
 
 
 def empty_step(out: Out, B: int, T_cap: int, pad: int, signature: tuple[Any, ...] | None, step: object,
@@ -391,21 +390,25 @@ def in_slots(out: Out, meta: StepMetadata | None, occupied: list[int], num_slots
             dst[rows] = src[:n]
         return dst
 
+    derived = meta is not None and meta.derived  # positions and slots follow from what is placed
     groups = []
     for g, pad in enumerate(pads):
         gm = meta.groups[g] if meta is not None else None
         W = gm.block_tables.shape[1] if gm is not None else 1
         get = (lambda field: None) if gm is None else (lambda field: getattr(gm, field))
         copies = {} if gm is None else {k: getattr(gm, k) for k in COPY_FIELDS}
+        carried = not (derived and gm is not None and gm.derived)
         groups.append(GroupMetadata(block_tables=place(f"tables{g}", (W,), get("block_tables"), NULL_BLOCK),
-                                    slot_mapping=place(f"slot{g}", (T,), get("slot_mapping"), pad),
+                                    slot_mapping=place(f"slot{g}", (T,), get("slot_mapping"), pad) if carried else None,
                                     start=place(f"start{g}", (), get("start"), 0),
-                                    block_gens=place(f"gens{g}", (W,), get("block_gens"), 0), **copies))
+                                    block_gens=place(f"gens{g}", (W,), get("block_gens"), 0), **copies,
+                                    pad=None if carried else pad, block_size=None if carried else gm.block_size))  # type: ignore[union-attr]  # derived: a group
     src = (lambda field: None) if meta is None else (lambda field: getattr(meta, field))
     return StepMetadata(place("kv", (), src("kv_lens"), 0), place("q", (), src("query_lens"), 0),
-                        place("pos", (T,), src("positions"), 0), tuple(groups), signature, step, owner)
+                        None if derived else place("pos", (T,), src("positions"), 0), tuple(groups), signature, step,
+                        owner, query_len=T)
 
 
 __all__ = ["Buffers", "COPY_FIELDS", "EMPTY", "FRESH", "Fresh", "SCALAR_ROWS", "blocks_for", "bucket_int",
            "decode_arrays", "empty_step", "fill", "group_arrays", "in_slots", "last_tokens", "lengths_and_positions",
-           "mixed_arrays", "plain_step", "room", "run_slots", "slot", "step_metadata", "write_run", "write_slots"]
+           "derived_step", "mixed_step", "plain_step", "room", "run_slots", "slot", "step_metadata", "write_run", "write_slots"]

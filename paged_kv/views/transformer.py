@@ -105,7 +105,7 @@ class PagedLayerView:
         gm, generations, owner = bind_step(self.generations, self.owner, metadata, g,  # type: ignore[arg-type]  # views hold them
                                            self.spec.block_size, write)
         groups = (*metadata.groups[:g], gm, *metadata.groups[g + 1:])
-        meta = dataclasses.replace(metadata, groups=groups)
+        meta = metadata.replace(groups=groups)
         return dataclasses.replace(self, generations=generations, owner=owner), meta
 
     @property
@@ -164,7 +164,7 @@ class PagedLayerView:
         with ``[B, T]`` the shape of ``slots``. Shapes and dtypes are static, so under jit
         this raises at trace time, before any write."""
         s = self.spec
-        bt = tuple(getattr(slots, "shape", ()))
+        bt = tuple(slots if isinstance(slots, tuple) else getattr(slots, "shape", ()))
         checks = (("keys", key, s.key_heads, s.key_dim), ("values", value, s.value_heads, s.value_dim))
         for name, x, heads, dim in checks:
             want = (*bt, heads, dim)
@@ -203,7 +203,7 @@ class PagedLayerView:
         """Raise `ShapeError` unless ``query`` is a float array ``[B, T, q_heads, key_dim]``
         laid out like ``metadata``, with ``q_heads`` a multiple of the key heads (GQA/MQA)."""
         s = self.spec
-        bt = tuple(metadata.positions.shape)
+        bt = (metadata.batch_size, metadata.query_len)
         if not (hasattr(query, "shape") and hasattr(query, "dtype")):
             raise ShapeError(f"layer {self.layer_index}: query is a {type(query).__name__}; expected an array [B, T, heads, dim]")
         shape = tuple(query.shape)
@@ -225,7 +225,7 @@ class PagedLayerView:
         """`write`, and the metadata as bound (what the step's reads then use)."""
         self.check_pages()
         self.check_metadata(metadata)
-        self._check_step(key, value, metadata.groups[self.group].slot_mapping)
+        self._check_step(key, value, (metadata.batch_size, metadata.query_len))
         view, metadata = self.bound(metadata, write=True)
         group = metadata.groups[self.group]
         view = view.copy_blocks(group.copy_src, group.copy_dst, group.copy_len)  # type: ignore[arg-type]  # metadata arrays: numpy on the host, jax arrays under jit

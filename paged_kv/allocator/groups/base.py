@@ -258,10 +258,11 @@ class GroupAllocator:
                 "when the sequence grew past them; describe each step (step_metadata) before appending the next "
                 "tokens, or describe fewer new tokens")
 
-    def metadata(self, out: Out, rows: np.ndarray, kv: np.ndarray, q: np.ndarray, positions: np.ndarray,
-                 step: int) -> GroupMetadata:
-        """This group's share of a step over ``rows`` holding ``kv`` tokens whose last ``q``
-        are new (``positions``: the step's ``[B, T]``), written by the one builder
+    def metadata(self, out: Out, rows: np.ndarray, kv: np.ndarray, q: np.ndarray, positions: np.ndarray | None,
+                 B: int, step: int) -> GroupMetadata:
+        """This group's share of a step of ``B`` rows over ``rows`` holding ``kv`` tokens whose
+        last ``q`` are new (``positions``: the step's ``[B, T]``, or None: derived, and then
+        so are the slots), written by the one builder
         (`step_arrays.group_arrays`) into ``out``: the blocks from the first one this
         step's queries can see (the kind's rule) to the last one held, the new tokens'
         write slots, and every pending copy-on-write copy."""
@@ -270,7 +271,7 @@ class GroupAllocator:
         width = table.num_blocks[rows] - first
         W = bucket(int(width.max(initial=1)), table.max_blocks_per_seq)
         src, dst, length = self.issue_copies(step)
-        return group_arrays(out, self.index, table, self.pool.generation, rows, kv, q, positions, positions.shape[0],
+        return group_arrays(out, self.index, table, self.pool.generation, rows, kv, q, positions, B,
                             W, self.pad_slot, self.block_size, self._step_tables(rows, first, W), first,
                             (src, dst, length, *self.copy_generations(src, dst)))
 
