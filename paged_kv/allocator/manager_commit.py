@@ -43,14 +43,15 @@ class CommitMixin(ManagerBase):
 
         `UnknownSequenceError` / `InvalidTokenCountError` / `StepError`, changing nothing.
         """
-        if type(seq_ids) is Step and num_tokens is None and seq_ids.lengths is None:
+        if type(seq_ids) is Step and num_tokens is None:
             # The async decode step's commit, inline: this manager's, the next in order,
             # no row released since, no copy pending, no cache to key (lengths None).
+            step_id, _, _, epoch, owner, lengths, _ = seq_ids  # one unpack: the fields' properties cost more
             log = self.steps
-            if (seq_ids.owner == log.owner and log.committed < seq_ids.id <= log.described
-                    and seq_ids.epoch == log.table.epoch  # type: ignore[union-attr]  # the manager's log has a table
+            if (lengths is None and owner == log.owner and log.committed < step_id <= log.described
+                    and epoch == log.table.epoch  # type: ignore[union-attr]  # the manager's log has a table
                     and not any(map(len, self._copies))):
-                log.committed = seq_ids.id
+                log.committed = step_id
                 return
         elif num_tokens is None and self._nothing_to_commit(seq_ids):
             return  # no copy pending, no prefix cache: a valid commit changes nothing

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,32 +44,59 @@ if TYPE_CHECKING:
 _SERIALS = itertools.count(1)  # one process-unique number per manager: steps carry their owner's
 
 
-class Step:
+class Step(tuple):  # type: ignore[type-arg]  # a fixed layout, read through the properties below
     """A described step: which manager, its number, and the rows it wrote.
 
     ``rows`` and ``seq_ids`` are in batch order; ``lengths`` (only with the prefix
     cache: what the step leaves written per row) lets its commit key exactly the
-    blocks it wrote. Immutable by convention; cheap to make (a decode step makes one).
+    blocks it wrote. Immutable. A tuple underneath, ``(id, seq_ids, rows, epoch,
+    owner, lengths, table)``, because a decode step makes one: a persistent batch keeps
+    its first four as a plain tuple and makes the `Step` only if asked (`make`).
+    Compared and hashed by identity, like any object.
     """
 
-    __slots__ = ("owner", "id", "seq_ids", "rows", "epoch", "lengths", "table")
+    __slots__ = ()
 
-    def __init__(self, owner: int, id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray, epoch: int,
-                 lengths: Sequence[int] | None = None, table: PageTable | None = None):
-        self.owner, self.id, self.seq_ids, self.rows, self.epoch, self.lengths = owner, id, seq_ids, rows, epoch, lengths
-        self.table = table
+    def __new__(cls, owner: int, id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray, epoch: int,
+                lengths: Sequence[int] | None = None, table: PageTable | None = None) -> Step:
+        return tuple.__new__(cls, (id, seq_ids, rows, epoch, owner, lengths, table))
+
+    @classmethod
+    def make(cls, described: tuple[int, Sequence[int], Sequence[int], int],
+             rest: tuple[int, Sequence[int] | None, PageTable | None]) -> Step:
+        """The `Step` of ``described`` ``(id, seq_ids, rows, epoch)`` and ``rest`` ``(owner,
+        lengths, table)``: one tuple concatenation."""
+        return tuple.__new__(cls, described + rest)
+
+    id: int = property(itemgetter(0), doc="Its number in its manager's `StepLog`.")  # type: ignore[assignment]
+    seq_ids: Sequence[int] = property(itemgetter(1), doc="The sequences, in batch order.")  # type: ignore[assignment]
+    rows: Sequence[int] | np.ndarray = property(itemgetter(2), doc="Their page-table rows.")  # type: ignore[assignment]
+    epoch: int = property(itemgetter(3), doc="The page table's epoch when described.")  # type: ignore[assignment]
+    owner: int = property(itemgetter(4), doc="The serial of the manager that described it.")  # type: ignore[assignment]
+    lengths: Sequence[int] | None = property(itemgetter(5), doc="Per row, what it leaves written (prefix cache).")  # type: ignore[assignment]
+    table: PageTable | None = property(itemgetter(6), doc="The manager's page table.")  # type: ignore[assignment]
+
+    __eq__ = object.__eq__  # a step is itself, not its fields
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         return f"Step(id={self.id}, seq_ids={list(self.seq_ids)})"
 
+    def __reduce__(self) -> Any:  # a tuple subclass with a custom __new__: pickle its arguments
+        return (Step, (self.owner, self.id, self.seq_ids, self.rows, self.epoch, self.lengths, self.table))
+
     def released(self) -> list[int]:
         """Indices (into ``rows``) of the rows whose sequence was released (or swapped
         out, or re-admitted into a new row) since this step was described."""
-        table = self.table
-        if table is None or table.epoch == self.epoch or not len(self.rows):
+        table, epoch, rows = self[6], self[3], self[2]
+        if table is None or table.epoch == epoch or not len(rows):
             return []
-        rows = np.asarray(self.rows, dtype=np.int64)
-        gone = ~table.in_use[rows] | (table.born[rows] > self.epoch)
+        if len(rows) <= 12:  # element reads: numpy's ~1 µs per call would be the whole cost
+            in_use, born = table.in_use, table.born
+            return [i for i, r in enumerate(rows) if not in_use.item(r) or born.item(r) > epoch]
+        at = np.asarray(rows, dtype=np.int64)
+        gone = ~table.in_use[at] | (table.born[at] > epoch)
         return np.flatnonzero(gone).tolist()
 
     def check_live(self) -> None:

@@ -72,7 +72,7 @@ class StepBatch:
         self._ids: list[int] | None = None  # the layout's ids, while it is the manager's rows' layout
         self._step: Step | _Pending | None = None  # see `last_step`
         self._next_id = manager.steps.next_id
-        self._owner = manager.steps.owner
+        self._rest = (manager.steps.owner, None, manager.table)  # a `Step`'s owner, lengths and table
         self._cache = manager.prefix_cache  # fixed for the manager's life
         self._max_batch = manager.spec.max_batch_slots
 
@@ -125,7 +125,7 @@ class StepBatch:
         if step is None:
             raise StateError("this StepBatch has described no step yet")
         if type(step) is tuple:
-            step = self._step = Step(self._owner, *step, None, self._table)
+            step = self._step = tuple.__new__(Step, step + self._rest)  # `Step.make`, inline: a decode step pays it
         return step  # type: ignore[return-value]  # a tuple was made a Step above
 
     def check_live(self) -> None:
