@@ -8,9 +8,22 @@ then costs the host O(B x W) -- lengths and tables -- instead of O(B x T).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+
+
+@overload
+def slot(block: int, position: int, block_size: int) -> int: ...
+@overload
+def slot(block: np.ndarray, position: np.ndarray | int, block_size: int) -> np.ndarray: ...
+@overload
+def slot(block: Any, position: np.ndarray, block_size: int) -> np.ndarray: ...
+def slot(block: Any, position: Any, block_size: int) -> Any:
+    """The slot rule, written once: the flat page slot of the token at logical ``position``
+    of a row whose block ``position // block_size`` is ``block``. Ints, or numpy or JAX
+    arrays elementwise (the host's builders and `derive_slots` alike)."""
+    return block * block_size + position % block_size
 
 
 def _xp(array: Any) -> Any:
@@ -48,7 +61,7 @@ def derive_slots(query_lens: Any, positions: Any, block_tables: Any, start: Any,
     col = positions // block_size - (start // block_size)[:, None]
     block = xp.take_along_axis(block_tables, xp.clip(col, 0, W - 1), axis=1)
     ok = (t < query_lens[:, None]) & (col >= 0) & (col < W) & (block != 0)
-    return xp.where(ok, block * block_size + positions % block_size, pad).astype(xp.int32)
+    return xp.where(ok, slot(block, positions, block_size), pad).astype(xp.int32)
 
 
-__all__ = ["derive_positions", "derive_slots"]
+__all__ = ["derive_positions", "derive_slots", "slot"]

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 import numpy as np
 
 from paged_kv.allocator.array_buffers import FRESH, Buffers, Fresh, fill
+from paged_kv.derived import slot
 from paged_kv.metadata import GroupMetadata, StepMetadata
 from paged_kv.spec import NULL_BLOCK
 
@@ -91,18 +92,6 @@ def blocks_for(tokens: np.ndarray, block_size: int) -> np.ndarray: ...
 def blocks_for(tokens: Any, block_size: int) -> Any:
     """Blocks a row holding ``tokens`` tokens holds (`room`'s consequence: ceil(tokens / block_size))."""
     return (tokens + room(tokens, block_size)) // block_size
-
-
-@overload
-def slot(block: int, position: int, block_size: int) -> int: ...
-@overload
-def slot(block: np.ndarray, position: np.ndarray | int, block_size: int) -> np.ndarray: ...
-@overload
-def slot(block: Any, position: np.ndarray, block_size: int) -> np.ndarray: ...
-def slot(block: Any, position: Any, block_size: int) -> Any:
-    """Flat page slot of the token at logical ``position`` of a row whose block
-    ``position // block_size`` is ``block``. Ints, or numpy arrays elementwise."""
-    return block * block_size + position % block_size
 
 
 def run_slots(block_tables: np.ndarray, row: int, first: int, count: int, block_size: int) -> np.ndarray:
