@@ -132,7 +132,7 @@ class HotPathMixin(ManagerBase):
             return None
         step = self.note_step(self.steps.next_id(), seq_ids, rows, kv)
         return plain_step(self.table, self.pool.generation, spec, self.pad_slot, rows, None, counts,
-                          spec.pool_signature(), step, self.steps.tag)
+                          self.signature, step, self.steps.tag)
 
     # ---- appends ---------------------------------------------------------------------------
     def _fast_append(self, seq_ids: Any, num_tokens: Any) -> np.ndarray | None:

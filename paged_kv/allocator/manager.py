@@ -65,7 +65,7 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
     more to its pool as the sequence grows.
     """
 
-    SAVED_ATTRS = frozenset({"spec", "groups", "_rows", "_copies", "_forked", "_written", "_slotted",
+    SAVED_ATTRS = frozenset({"spec", "signature", "groups", "_rows", "_copies", "_forked", "_written", "_slotted",
                              "steps", "_described", "tiers"})
     """Attributes `state` covers. Copies must be committed before saving; ``_forked`` is
     derived on restore; slot claims are rebuilt by restoring the slots; step numbers
@@ -87,6 +87,7 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
         if not isinstance(prefix_cache, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefix_cache={prefix_cache!r} must be True or False")
         self.spec = spec
+        self.signature = spec.pool_signature()  # what its metadata is built for (the spec is immutable)
         self.groups: list[GroupAllocator] = [group_class(lg)(spec, i, bool(prefix_cache))
                                              for i, lg in enumerate(spec.groups)]
         self._rows: dict[int, int] = {}
@@ -311,7 +312,7 @@ class KVCacheManager(HotPathMixin, CommitMixin, PromptsMixin, SwapMixin, StateMi
             self._described.update(dict.fromkeys(rows.tolist(), step_id))
         groups = tuple(g.metadata(FRESH, rows, kv, q, positions, B, step_id) for g in self.groups)
         step = self.note_step(step_id, list(seq_ids), rows, kv)
-        return StepMetadata(kv_lens, query_lens, positions, groups, self.spec.pool_signature(), step, self.steps.tag,
+        return StepMetadata(kv_lens, query_lens, positions, groups, self.signature, step, self.steps.tag,
                             query_len=T)
 
     # ---- decode-slot claims (`DecodeSlots` registers the ids it holds) ----------------

@@ -52,6 +52,7 @@ class ManagerBase:
     _rows: dict[int, int]
     _copies: tuple[PendingCopies, ...]
     steps: StepLog
+    signature: tuple[Any, ...]
     _described: dict[int, int]
     _written: WrittenBlocks
     _slotted: SlotClaims
