@@ -108,6 +108,7 @@ def movement(blocks: int, reps: int = 5) -> dict:
                 m.step_metadata([0], first.size)
                 m.commit([0])
                 cache = cache.bind(m)  # stands for the step that wrote them (pages and generations agree)
+                jax.block_until_ready(cache)  # a serving loop reads that step's output before it admits more
                 m.cache_tokens(0, first)
                 m.release(0)
                 m.admit_prompt(1, np.arange(blocks * 16 + 1) + 10**6 * rep + 5 * 10**5)  # evicts all of them

@@ -29,6 +29,50 @@ Pages = list[list[np.ndarray]]
 """A page's bytes: per layer of the group, per leaf, ``[block_size, ...]``."""
 
 
+class RowsOf:
+    """Rows ``ids`` of ``pages`` (``[blocks, ...]``) seen as ``[len(ids), ...]`` without a
+    copy: row ``i`` is ``pages[ids[i]]``. `HostTier.write_rows` copies them straight
+    from ``pages`` into its slots (one copy); ``a[i]`` is a view of one row."""
+
+    __slots__ = ("pages", "ids", "shape", "dtype")
+
+    def __init__(self, pages: np.ndarray, ids: np.ndarray):
+        self.pages, self.ids = pages, ids
+        self.shape, self.dtype = (len(ids), *pages.shape[1:]), pages.dtype
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.pages[self.ids[i]]
+
+
+def row_runs(dst_rows: np.ndarray, src_rows: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """``dst[dst_rows] = src[src_rows]`` as runs ``(dst_start, src_start, count, step)``:
+    ``count`` rows consecutive upwards in ``dst``, and upwards (``step`` 1) or downwards
+    (-1: a prefix evicted deepest block first) in ``src``."""
+    d, s = dst_rows.tolist(), src_rows.tolist()
+    runs: list[tuple[int, int, int, int]] = []
+    i, n = 0, len(d)
+    while i < n:
+        j, step = i + 1, 0
+        if j < n and d[j] == d[i] + 1 and s[j] - s[i] in (1, -1):
+            step = s[j] - s[i]
+            while j < n and d[j] == d[j - 1] + 1 and s[j] - s[j - 1] == step:
+                j += 1
+        runs.append((d[i], s[i], j - i, step or 1))
+        i = j
+    return runs
+
+
+def copy_rows(dst: np.ndarray, src: np.ndarray, runs: list[tuple[int, int, int, int]]) -> None:
+    """Copy the `row_runs` of ``src`` into ``dst``, one slice copy per run (a memcpy
+    per row at most; numpy's fancy index would gather into a temporary first: two
+    copies)."""
+    for d0, s0, k, step in runs:
+        if step == 1:
+            dst[d0: d0 + k] = src[s0: s0 + k]
+        else:
+            dst[d0: d0 + k] = src[s0 - k + 1: s0 + 1][::-1]
+
+
 class HostTier:
     """Keys -> slots of a group's host buffers, with an eviction policy (module doc)."""
 
@@ -121,19 +165,25 @@ class HostTier:
             return
         assert self.buffers is not None
         slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
+        runs = None
         for buf_layer, layer in zip(self.buffers, pages):
             for buf, a in zip(buf_layer, layer):
-                buf[slots] = a[rows]
+                if isinstance(a, RowsOf):  # straight from the pages' rows: one copy
+                    runs = runs or row_runs(slots, a.ids[rows])  # every leaf's rows are the same
+                    copy_rows(buf, a.pages, runs)
+                else:
+                    buf[slots] = a[rows]
         self.ready.update(keys)
 
     def read_rows(self, keys: list[int], out: list[list[np.ndarray]]) -> None:
         """Copy the slots of ``keys`` into ``out[layer][leaf]`` (``[len(keys), ...]``
-        each), one `np.take` per leaf straight into ``out`` (no temporary)."""
+        each), one `np.take` per leaf straight into ``out`` (no temporary: mode="clip",
+        the slots are in range; the default "raise" takes into a temporary first)."""
         assert self.buffers is not None
         slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
         for buf_layer, out_layer in zip(self.buffers, out):
             for buf, o in zip(buf_layer, out_layer):
-                np.take(buf, slots, axis=0, out=o)
+                np.take(buf, slots, axis=0, out=o, mode="clip")
 
     def read(self, key: int) -> Pages:
         """A copy of ``key``'s pages."""
@@ -179,4 +229,4 @@ class HostTier:
             raise AssertionError("host tier: a pinned key is not in the tier")
 
 
-__all__ = ["HostTier", "Pages"]
+__all__ = ["HostTier", "Pages", "RowsOf", "copy_rows", "row_runs"]

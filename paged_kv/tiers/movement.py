@@ -37,6 +37,7 @@ from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
 from paged_kv.spec import NULL_BLOCK, require_same_spec
+from paged_kv.tiers.host import RowsOf
 from paged_kv.tiers.tiers import CacheTiers, Upload
 from paged_kv.views import UnifiedCacheView
 
@@ -166,22 +167,68 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
     downloads, tiers.downloads = tiers.downloads, []
     if downloads:
         per_group = [[d for d in downloads if d.group == g] for g in groups]
-        n = _pow2(max(len(ds) for ds in per_group))
-        ids = np.full((len(per_group), n), NULL_BLOCK, np.int32)  # padding gathers the null block: dropped
-        gens = np.zeros((len(per_group), n), np.int32)
-        for g, ds in enumerate(per_group):
-            ids[g, : len(ds)] = [d.block for d in ds]
-            gens[g, : len(ds)] = [d.generation for d in ds]
-        oks, pages = _gather(cache, tuple(ids), tuple(gens), tag)
-        for leaf in jax.tree_util.tree_leaves((oks, pages)):
-            leaf.copy_to_host_async()  # the device -> host copy runs while the host goes on
-        tiers.in_flight = [(per_group, oks, pages, layers, shapes)]
+        if host_reads and _host_readable(cache, wait):
+            _land_direct(cache, tiers, per_group, layers, tag)  # landed now: one copy, nothing in flight
+        else:
+            n = _pow2(max(len(ds) for ds in per_group))
+            ids = np.full((len(per_group), n), NULL_BLOCK, np.int32)  # padding gathers the null block: dropped
+            gens = np.zeros((len(per_group), n), np.int32)
+            for g, ds in enumerate(per_group):
+                ids[g, : len(ds)] = [d.block for d in ds]
+                gens[g, : len(ds)] = [d.generation for d in ds]
+            oks, pages = _gather(cache, tuple(ids), tuple(gens), tag)
+            for leaf in jax.tree_util.tree_leaves((oks, pages)):
+                leaf.copy_to_host_async()  # the device -> host copy runs while the host goes on
+            tiers.in_flight = [(per_group, oks, pages, layers, shapes)]
     uploads, tiers.uploads = list(tiers.uploads.values()), {}
     if uploads:
         cache = _upload(cache, tiers, uploads, layers, shapes, tag)
     if wait:
         finish(tiers)
     return cache
+
+
+host_reads = True
+"""Copies down straight from a host-memory pool (`_land_direct`) where it is ready; False:
+always the jitted gather (the tests run both)."""
+
+
+def _host_readable(cache: PagedKVCache, wait: bool) -> bool:
+    """Whether the pool's pages, generations and owners are host memory (a CPU device),
+    each array on one device, and written (no step that writes them still to run; with
+    ``wait``, waited for): `_land_direct` then reads them in place."""
+    arrays = [a for view in cache.views for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations,
+                                                  view.owner)]
+    if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in arrays):
+        return False
+    if next(iter(arrays[0].sharding.device_set)).platform != "cpu":
+        return False
+    if wait:
+        jax.block_until_ready(arrays)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
+        return True
+    return all(a.is_ready() for a in arrays)
+
+
+def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list], layers: list[list[int]],
+                 tag: np.ndarray) -> None:
+    """The copies down of a pool in host memory that every step before this flush has
+    written (`_host_readable`): the device's checks (generation and owner) read on the
+    host, and each block's rows copied once, from the pool's arrays viewed in place
+    (`np.asarray`: no copy on CPU) straight into the host slots (`RowsOf`). The views
+    are gone when this returns, before any step can donate the pool (a live view would
+    make the donation copy it)."""
+    for g, ds in enumerate(per_group):
+        if not ds:
+            continue
+        ids = np.fromiter((d.block for d in ds), np.intp, len(ds))
+        gens = np.fromiter((d.generation for d in ds), np.int64, len(ds))
+        ok = np.ones(len(ds), bool)
+        rows = []
+        for layer in layers[g]:
+            view = cache.views[layer]
+            ok &= (np.asarray(view.generations)[ids] == gens) & (np.asarray(view.owner) == tag)  # type: ignore[arg-type]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
+            rows.append([RowsOf(np.asarray(leaf), ids) for leaf in jax.tree_util.tree_leaves(view.pages())])
+        tiers.land(ds, ok, rows)  # type: ignore[arg-type]  # RowsOf stands for the rows' arrays (`HostTier.write_rows`)
 
 
 def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
