@@ -93,3 +93,39 @@ def test_row_runs_copy_like_a_fancy_index(seed):
         want[dst] = a[src]
         copy_rows(got, a, row_runs(dst, src))
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["in-place", "gather"])
+def test_pages_of_another_manager_are_not_written(direct, monkeypatch):
+    """Moves flushed into a cache that another manager's steps wrote: nothing lands in
+    its pages (uploads dropped, copies down refused), whichever way they run."""
+    monkeypatch.setattr(movement, "host_reads", direct)
+    spec = make_spec()
+    s = Server(spec, host_bytes=10**7)
+    s.serve(1, A)
+    s.finish(1)
+    test_tiers.evict_all(s)
+    other = Server(spec)
+    other.serve(1, np.arange(13) + 7000)
+    before = [np.asarray(a).copy() for a in jax.tree_util.tree_leaves(other.cache)]
+    assert s.manager.admit_prompt(2, test_tiers.B) == 12 and s.tiers.uploads  # hits below: uploads pending
+    refused = s.tiers.stats.refused
+    s.manager.admit_prompt(3, np.arange(24) + 9000)  # evicts keyed blocks: copies down pending
+    assert s.tiers.downloads
+    other.cache = movement.flush(other.cache, s.tiers, wait=True)
+    after = [np.asarray(a) for a in jax.tree_util.tree_leaves(other.cache)]
+    assert all(np.array_equal(x, y) for x, y in zip(before, after))
+    assert s.tiers.stats.refused > refused
+
+
+def test_in_place_uploads_keep_the_pool_in_place():
+    """Uploads written in place, then their generations stamped: the pool's buffers are
+    the same before and after (no copy of the pool)."""
+    s = Server(make_spec(), host_bytes=10**7)
+    s.serve(1, A)
+    s.finish(1)
+    test_tiers.evict_all(s)
+    before = [a.unsafe_buffer_pointer() for a in jax.tree_util.tree_leaves(s.cache.views[0].pages())]
+    assert s.manager.admit_prompt(2, test_tiers.B) == 12 and s.tiers.uploads
+    s.flush()
+    assert [a.unsafe_buffer_pointer() for a in jax.tree_util.tree_leaves(s.cache.views[0].pages())] == before

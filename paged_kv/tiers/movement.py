@@ -23,6 +23,7 @@ dropped), so a serving loop compiles a few programs each way.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 from functools import partial
@@ -37,7 +38,7 @@ from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
 from paged_kv.spec import NULL_BLOCK, require_same_spec
-from paged_kv.tiers.host import RowsOf
+from paged_kv.tiers.host import RowsOf, copy_rows, row_runs
 from paged_kv.tiers.tiers import CacheTiers, Upload
 from paged_kv.views import UnifiedCacheView
 
@@ -189,20 +190,31 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
 
 
 host_reads = True
-"""Copies down straight from a host-memory pool (`_land_direct`) where it is ready; False:
-always the jitted gather (the tests run both)."""
+"""A pool in host memory (a CPU device) is read and written in place: copies down
+straight from it where it is written (`_land_direct`), uploads straight into it
+(`_upload_in_place`). False: always the jitted gather and scatter (the tests run both)."""
+
+
+def _arrays(cache: PagedKVCache) -> list:
+    return [a for view in cache.views for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations,
+                                                view.owner)]
+
+
+def _host_memory(cache: PagedKVCache) -> bool:
+    """Whether the pool's pages, generations and owners are host memory: each array on
+    one CPU device."""
+    arrays = _arrays(cache)
+    if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in arrays):
+        return False
+    return bool(next(iter(arrays[0].sharding.device_set)).platform == "cpu")
 
 
 def _host_readable(cache: PagedKVCache, wait: bool) -> bool:
-    """Whether the pool's pages, generations and owners are host memory (a CPU device),
-    each array on one device, and written (no step that writes them still to run; with
-    ``wait``, waited for): `_land_direct` then reads them in place."""
-    arrays = [a for view in cache.views for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations,
-                                                  view.owner)]
-    if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in arrays):
+    """Whether the pool is host memory (`_host_memory`) and written (no step that writes
+    it still to run; with ``wait``, waited for): `_land_direct` then reads it in place."""
+    if not _host_memory(cache):
         return False
-    if next(iter(arrays[0].sharding.device_set)).platform != "cpu":
-        return False
+    arrays = _arrays(cache)
     if wait:
         jax.block_until_ready(arrays)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
         return True
@@ -254,8 +266,83 @@ def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtyp
     return [[a[:n] for a in layer] for layer in have]
 
 
+@partial(jax.jit, donate_argnums=0)
+def _own(cache: PagedKVCache) -> PagedKVCache:
+    """``cache`` donated and returned: its arrays' buffers (the same, in place) are then
+    held by nothing else -- every program that read them has run (a donation waits for
+    them) and no view of them is alive (one would have made this a copy)."""
+    return cache
+
+
+@partial(jax.jit, donate_argnums=0)
+def _bind(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array, ...],
+          tag: jax.Array) -> PagedKVCache:
+    """`_scatter`'s generations and owners without its pages (written in place by
+    `_upload_in_place`); the pages pass through, donated: the same buffers."""
+    views = []
+    for view in cache.views:
+        _, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])  # type: ignore[arg-type]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
+        views.append(dataclasses.replace(view, generations=generations, owner=owner))
+    return PagedKVCache(tuple(views))
+
+
+def _writable(leaf: jax.Array) -> np.ndarray:
+    """The buffer of ``leaf`` (host memory, held by this caller alone: `_own`) as a
+    writable numpy array; a plain pointer, so no reference that a later donation sees."""
+    raw = (ctypes.c_char * leaf.nbytes).from_address(leaf.unsafe_buffer_pointer())
+    return np.frombuffer(raw, leaf.dtype).reshape(leaf.shape)
+
+
+def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
+                     tag: np.ndarray) -> PagedKVCache:
+    """The uploads of a pool in host memory (`_host_readable`): the cache made this
+    caller's alone (`_own`, waited for), each block's rows copied once from the host
+    slots (or the disk pages) straight into the pool's buffers, then one jitted call
+    stamps the blocks' generations and owners (`_bind`, as `_scatter` does). Pages of
+    another manager (the view's owner) are not written, as `_scatter` drops them."""
+    spec = tiers.spec
+    cache = _own(cache)
+    jax.block_until_ready(cache)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
+    n = _pow2(max(sum(u.group == g for u in uploads) for g in range(len(spec.groups))))
+    ids = np.stack([np.full(n, gr.num_blocks, np.int32) for gr in spec.groups])  # past the pool: dropped
+    gens = np.zeros((len(spec.groups), n), np.int32)
+    for g in range(len(spec.groups)):
+        ups = [u for u in uploads if u.group == g]
+        if not ups:
+            continue
+        ids[g, : len(ups)] = [u.block for u in ups]
+        gens[g, : len(ups)] = [u.generation for u in ups]
+        host = tiers.host[g]
+        from_host = [u for u in ups if u.pages is None]
+        runs = row_runs(np.fromiter((u.block for u in from_host), np.intp, len(from_host)),
+                        np.fromiter((host.slot_of[u.key] for u in from_host), np.intp, len(from_host)))
+        for k, layer in enumerate(layers[g]):
+            view = cache.views[layer]
+            if int(np.asarray(view.owner)) not in (0, int(tag)):  # type: ignore[arg-type]  # bound, as above
+                continue
+            for j, leaf in enumerate(jax.tree_util.tree_leaves(view.pages())):
+                dst = _writable(leaf)
+                if runs:
+                    assert host.buffers is not None
+                    copy_rows(dst, host.buffers[k][j], runs)
+                for u in ups:
+                    if u.pages is not None:
+                        a = u.pages[k][j]
+                        if a.shape != dst.shape[1:] or a.dtype != dst.dtype:
+                            raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's "
+                                            f"pages are {dst.shape[1:]} {dst.dtype}: the tier was written for "
+                                            "other pages")
+                        dst[u.block] = a
+                del dst
+        for u in from_host:
+            host.unpin(u.key)
+    return _bind(cache, tuple(ids), tuple(gens), tag)
+
+
 def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
             shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: np.ndarray) -> PagedKVCache:
+    if host_reads and _host_memory(cache):
+        return _upload_in_place(cache, tiers, uploads, layers, tag)
     spec = tiers.spec
     # Per group, uploads from host slots first: their rows are one block of the staging
     # arrays, filled by one np.take per leaf; pages read from disk follow, one row each.
