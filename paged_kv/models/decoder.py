@@ -321,13 +321,26 @@ def _logits(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     return soft_cap((x @ head).astype(jnp.float32), cfg.final_logit_softcap)
 
 
+def _greedy(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """The argmax token of each row of ``x [B, D]``'s logits, without returning them. A
+    tied head is multiplied as ``embed @ x.T`` (``[vocab, B]``): XLA:CPU runs that product
+    about 1.5x faster than ``x @ embed.T``, and the argmax needs no transpose back. The
+    soft cap is monotonic, so it cannot move the argmax."""
+    x = _norm(cfg, x, params["norm"])
+    if cfg.tie_word_embeddings:
+        return jnp.argmax(params["embed"] @ x.T, axis=0).astype(jnp.int32)
+    return jnp.argmax(x @ params["lm_head"], axis=-1).astype(jnp.int32)
+
+
 def forward(cfg: ModelConfig, params: Params, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
-            last_only: bool = False) -> tuple[jax.Array, PagedKVCache]:
+            last_only: bool = False, greedy: bool = False) -> tuple[jax.Array, PagedKVCache]:
     """One step: ``tokens [B, T]`` laid out like ``metadata`` -> float32 logits and the new cache.
 
     Logits are ``[B, T, vocab]``, or ``[B, vocab]`` at each row's last new token when
-    ``last_only`` (what greedy decoding needs; padding rows give garbage). Jit it with
-    ``cfg`` and ``last_only`` static and the cache donated.
+    ``last_only`` (padding rows give garbage). ``greedy`` (implies ``last_only``): int32
+    ``[B]``, the argmax token of each row's last new token, instead of its logits (what
+    greedy decoding needs: no ``[B, vocab]`` array leaves the device). Jit it with
+    ``cfg``, ``last_only`` and ``greedy`` static and the cache donated.
     """
     x = _embed(cfg, params, tokens)
     ropes = _layer_ropes(cfg, metadata.positions)
@@ -339,9 +352,11 @@ def forward(cfg: ModelConfig, params: Params, cache: PagedKVCache, tokens: jax.A
         x, view = _layer(cfg, layer, x, cos, sin,
                          lambda q, k, v, view=cache[i]: attention(view, q, k, v, metadata, scale=scale, logit_cap=cap))  # type: ignore[misc]
         views.append(view)
-    if last_only:
+    if last_only or greedy:
         last = jnp.maximum(metadata.query_lens - 1, 0)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if greedy:
+        return _greedy(cfg, params, x), PagedKVCache(tuple(views))
     return _logits(cfg, params, x), PagedKVCache(tuple(views))
 
 

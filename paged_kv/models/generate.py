@@ -42,7 +42,7 @@ from paged_kv.metadata import StepMetadata, bucket
 from paged_kv.models.decoder import Params
 from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
 from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
-from paged_kv.models.sampling import Sampler, record_logprobs
+from paged_kv.models.sampling import Pick, Sampler, record_logprobs
 from paged_kv.models.sequences import Prefilled, Seq, checked_sequences
 from paged_kv.models.stops import Detokenize
 from paged_kv.sched import SchedulingPolicy, leaves_headroom
@@ -92,12 +92,14 @@ class Generator:
         self._traces = 0
         self._sampler = Sampler()
 
-        def step(params: Params, cache: PagedKVCache, tokens: jax.Array,
-                 metadata: StepMetadata) -> tuple[jax.Array, PagedKVCache]:
+        def step(params: Params, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
+                 greedy: bool) -> tuple[jax.Array, PagedKVCache]:
             self._traces += 1  # runs only while tracing: counts compilations
-            return forward(cfg, params, cache, tokens, metadata, last_only=not record_logits)
+            return forward(cfg, params, cache, tokens, metadata, last_only=not record_logits, greedy=greedy)
 
-        self._step = jax.jit(step, donate_argnums=1, compiler_options=compiler_options)
+        # ``greedy``: a decode step whose every request is plain greedy returns its tokens,
+        # not [B, vocab] logits (a second program per decode bucket).
+        self._step = jax.jit(step, donate_argnums=1, static_argnums=4, compiler_options=compiler_options)
 
         def contiguous(params: Params, tokens: jax.Array,
                        ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -169,8 +171,9 @@ class Generator:
         self.stats.compilations = self._traces - traces
         return [s.completion for s in seqs], self.stats  # type: ignore[misc]  # each finished: has its completion
 
-    def _run(self, tokens: np.ndarray, metadata: StepMetadata) -> np.ndarray:
-        logits, self.cache = self._step(self.params, self.cache, jnp.asarray(tokens), metadata.to_device())
+    def _run(self, tokens: np.ndarray, metadata: StepMetadata, greedy: bool = False) -> np.ndarray:
+        """Run one step: its logits, or with ``greedy`` each row's argmax token."""
+        logits, self.cache = self._step(self.params, self.cache, jnp.asarray(tokens), metadata.to_device(), greedy)
         logits = np.asarray(logits)  # waits for the step
         used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
         self.stats.kv_usage_sum += used
@@ -309,15 +312,20 @@ class Generator:
         for b, rid in occupied:
             tokens[b, 0] = self._by_id[rid].tokens[-1]
         traces, t0 = self._traces, time.perf_counter()
-        logits = self._run(tokens, meta)
+        seqs = [self._by_id[rid] for _, rid in occupied]
+        greedy = not self.record_logits and all(s.sampling.plain_greedy for s in seqs)
+        logits = self._run(tokens, meta, greedy)
         self.slots.commit()
         if self._traces == traces:
             self.stats.decode_seconds += time.perf_counter() - t0
             self.stats.decode_tokens += len(occupied)
         self.stats.decode_steps += 1
         done, rows = 0, [b for b, _ in occupied]
-        picks = self._sampler.pick([self._by_id[rid] for _, rid in occupied],
-                                   logits[rows, 0] if self.record_logits else logits[rows])
+        picks: list[Pick]
+        if greedy:  # the step returned each row's token
+            picks = [(int(logits[b]), None, None) for b in rows]
+        else:
+            picks = self._sampler.pick(seqs, logits[rows, 0] if self.record_logits else logits[rows])
         for (b, rid), pick in zip(occupied, picks):
             s = self._by_id[rid]
             if self.record_logits:
