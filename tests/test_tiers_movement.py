@@ -129,3 +129,10 @@ def test_in_place_uploads_keep_the_pool_in_place():
     assert s.manager.admit_prompt(2, test_tiers.B) == 12 and s.tiers.uploads
     s.flush()
     assert [a.unsafe_buffer_pointer() for a in jax.tree_util.tree_leaves(s.cache.views[0].pages())] == before
+
+
+def test_tiers_state_machine_through_the_gather(gather_only):
+    """The random programs of `test_tiers_state_machine` with every move jitted."""
+    import test_tiers_state_machine
+
+    test_tiers_state_machine.test_tiers_state_machine()

@@ -47,8 +47,10 @@ class RowsOf:
 def row_runs(dst_rows: np.ndarray, src_rows: np.ndarray) -> list[tuple[int, int, int, int]]:
     """``dst[dst_rows] = src[src_rows]`` as runs ``(dst_start, src_start, count, step)``:
     ``count`` rows consecutive upwards in ``dst``, and upwards (``step`` 1) or downwards
-    (-1: a prefix evicted deepest block first) in ``src``."""
-    d, s = dst_rows.tolist(), src_rows.tolist()
+    (-1: a prefix evicted deepest block first) in ``src``. Sorted by ``dst`` first (stable:
+    a row written twice keeps the last), so runs downwards on both sides are found too."""
+    order = np.argsort(dst_rows, kind="stable")
+    d, s = dst_rows[order].tolist(), src_rows[order].tolist()
     runs: list[tuple[int, int, int, int]] = []
     i, n = 0, len(d)
     while i < n:

@@ -1,24 +1,32 @@
-"""Device side of the tiers: the pending moves of a `CacheTiers`, one jitted call each way.
+"""Device side of the tiers: the pending moves of a `CacheTiers`, each way at once.
 
 `flush(cache, tiers)` runs after the host has allocated a step (admissions, appends,
 `prepare`) and before the step runs:
 
-* down: one jitted gather of every block the device evicted (or, write-through,
-  keyed) since the last flush, every layer and leaf (keys, values, scales), all
-  groups at once. Each block is checked on the device against the generation it had
-  when it was evicted and the pages' owner: a block rewritten since (its step ran
-  before this flush) or pages of another manager give ``ok = False`` and the copy is
-  refused, so a tier never stores bytes under a key they do not hold. The gather is
-  dispatched and its copy to the host started; it lands (`finish`) at the next flush
-  or when asked, off the step's critical path (``wait=True``: at once).
-* up: the blocks `CacheTiers.prepare` allocated, staged from the host slots (or the
-  disk pages read) into one array per leaf, and written by one jitted scatter that
-  stamps each block with its new generation (`binding.bind_blocks`, as `swap_in`
-  does), the cache donated. Counted in the step's time: the step reads them.
+* down: every block the device evicted (or, write-through, keyed) since the last
+  flush, every layer and leaf (keys, values, scales), all groups at once. Each block
+  is checked against the generation it had when it was evicted and the pages' owner:
+  a block rewritten since (its step ran before this flush) or pages of another
+  manager give ``ok = False`` and the copy is refused, so a tier never stores bytes
+  under a key they do not hold. Two ways:
 
-Shapes: counts are padded to a power of two shared by the groups (padding gathers the
-null block and is dropped on landing; padding scatters to an id past the pool,
-dropped), so a serving loop compiles a few programs each way.
+  - a pool in host memory (a CPU device) whose steps have all run (`_host_readable`;
+    a serving loop has read the last step's output by then): read in place, the
+    checks on the host, each block's rows copied once straight into the host slots
+    (`_land_direct`), landed before `flush` returns. One copy: a move at memcpy speed.
+  - otherwise: one jitted gather (the device's snapshot: the pool is donated to the
+    next step and rewritten), its copy to the host started; it lands (`finish`) at
+    the next flush or when asked, off the step's critical path (``wait=True``: at once).
+* up: the blocks `CacheTiers.prepare` allocated, each stamped with its new generation
+  (`binding.bind_blocks`, as `swap_in` does). On a CPU device written in place: the
+  cache made this caller's alone, rows copied from the host slots (or the disk pages
+  read) straight into the pool, then one jitted call for generations and owners
+  (`_upload_in_place`). Elsewhere staged in one array per leaf and written by one
+  jitted scatter, the cache donated. Counted in the step's time: the step reads them.
+
+Shapes: jitted counts are padded to a power of two shared by the groups (padding
+gathers the null block and is dropped on landing; padding scatters to an id past the
+pool, dropped), so a serving loop compiles a few programs each way.
 """
 
 from __future__ import annotations
