@@ -208,13 +208,18 @@ def _arrays(cache: PagedKVCache) -> list:
                                                 view.owner)]
 
 
+def _row_major(a: jax.Array) -> bool:
+    layout = getattr(getattr(a, "format", None), "layout", None)
+    return bool(layout is not None and tuple(layout.major_to_minor) == tuple(range(a.ndim)) and not layout.tiling)
+
+
 def _host_memory(cache: PagedKVCache) -> bool:
-    """Whether the pool's pages, generations and owners are host memory: each array on
-    one CPU device."""
+    """Whether the pool's pages, generations and owners are host memory laid out as
+    numpy would: each array on one CPU device, row-major."""
     arrays = _arrays(cache)
     if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in arrays):
         return False
-    return bool(next(iter(arrays[0].sharding.device_set)).platform == "cpu")
+    return bool(next(iter(arrays[0].sharding.device_set)).platform == "cpu") and all(map(_row_major, arrays))
 
 
 def _host_readable(cache: PagedKVCache, wait: bool) -> bool:
