@@ -78,8 +78,8 @@ def _memcpy_s(nbytes: int, reps: int = 5, cold: bool = False) -> float:
     b = np.ones_like(a)
     other = np.ones(64 * 2**20 if cold else 1, np.uint8)
     times = []
-    for rep in range(reps):
-        other[:] = rep
+    for _ in range(reps):
+        np.add(other, 1, out=other)  # read and written through the caches (a large memset may bypass them)
         t = time.perf_counter()
         np.copyto(b, a)
         times.append(time.perf_counter() - t)

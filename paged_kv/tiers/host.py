@@ -41,7 +41,8 @@ class RowsOf:
         self.shape, self.dtype = (len(ids), *pages.shape[1:]), pages.dtype
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.pages[self.ids[i]]
+        row: np.ndarray = self.pages[self.ids[i]]
+        return row
 
 
 def row_runs(dst_rows: np.ndarray, src_rows: np.ndarray) -> list[tuple[int, int, int, int]]:

@@ -10,10 +10,10 @@
   manager give ``ok = False`` and the copy is refused, so a tier never stores bytes
   under a key they do not hold. Two ways:
 
-  - a pool in host memory (a CPU device) whose steps have all run (`_host_readable`;
-    a serving loop has read the last step's output by then): read in place, the
-    checks on the host, each block's rows copied once straight into the host slots
-    (`_land_direct`), landed before `flush` returns. One copy: a move at memcpy speed.
+  - a pool in host memory (a CPU device: `_host_memory`) whose steps have all run
+    (`_written`; a serving loop has read the last step's output by then): read in
+    place, the checks on the host, each block's rows copied once straight into the
+    host slots (`_land_direct`), landed before `flush` returns. One copy.
   - otherwise: one jitted gather (the device's snapshot: the pool is donated to the
     next step and rewritten), its copy to the host started; it lands (`finish`) at
     the next flush or when asked, off the step's critical path (``wait=True``: at once).
@@ -35,6 +35,7 @@ import ctypes
 import dataclasses
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
 from paged_kv.spec import NULL_BLOCK, require_same_spec
 from paged_kv.tiers.host import RowsOf, copy_rows, row_runs
-from paged_kv.tiers.tiers import CacheTiers, Upload
+from paged_kv.tiers.tiers import CacheTiers, Download, Upload
 from paged_kv.views import UnifiedCacheView
 
 
@@ -174,9 +175,11 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
     shapes = _leaf_shapes(cache)
     _ensure_buffers(tiers, shapes, layers)
     downloads, tiers.downloads = tiers.downloads, []
+    uploads, tiers.uploads = list(tiers.uploads.values()), {}
+    in_place = host_reads and (downloads or uploads) and _host_memory(cache)
     if downloads:
         per_group = [[d for d in downloads if d.group == g] for g in groups]
-        if host_reads and _host_readable(cache, wait):
+        if in_place and _written(cache, wait):
             _land_direct(cache, tiers, per_group, layers, tag)  # landed now: one copy, nothing in flight
         else:
             n = _pow2(max(len(ds) for ds in per_group))
@@ -189,9 +192,8 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
             for leaf in jax.tree_util.tree_leaves((oks, pages)):
                 leaf.copy_to_host_async()  # the device -> host copy runs while the host goes on
             tiers.in_flight = [(per_group, oks, pages, layers, shapes)]
-    uploads, tiers.uploads = list(tiers.uploads.values()), {}
     if uploads:
-        cache = _upload(cache, tiers, uploads, layers, shapes, tag)
+        cache = _upload(cache, tiers, uploads, layers, shapes, tag, bool(in_place))
     if wait:
         finish(tiers)
     return cache
@@ -203,12 +205,14 @@ straight from it where it is written (`_land_direct`), uploads straight into it
 (`_upload_in_place`). False: always the jitted gather and scatter (the tests run both)."""
 
 
-def _arrays(cache: PagedKVCache) -> list:
+def _arrays(cache: PagedKVCache) -> list[Any]:  # jax.Array, whose stubs lack is_ready and the platform
     return [a for view in cache.views for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations,
                                                 view.owner)]
 
 
 def _row_major(a: jax.Array) -> bool:
+    if a.ndim <= 1:
+        return True
     layout = getattr(getattr(a, "format", None), "layout", None)
     return bool(layout is not None and tuple(layout.major_to_minor) == tuple(range(a.ndim)) and not layout.tiling)
 
@@ -222,11 +226,9 @@ def _host_memory(cache: PagedKVCache) -> bool:
     return bool(next(iter(arrays[0].sharding.device_set)).platform == "cpu") and all(map(_row_major, arrays))
 
 
-def _host_readable(cache: PagedKVCache, wait: bool) -> bool:
-    """Whether the pool is host memory (`_host_memory`) and written (no step that writes
-    it still to run; with ``wait``, waited for): `_land_direct` then reads it in place."""
-    if not _host_memory(cache):
-        return False
+def _written(cache: PagedKVCache, wait: bool) -> bool:
+    """Whether every step that writes the pool has run (with ``wait``: waited for);
+    `_land_direct` may then read a pool in host memory (`_host_memory`) in place."""
     arrays = _arrays(cache)
     if wait:
         jax.block_until_ready(arrays)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
@@ -234,11 +236,11 @@ def _host_readable(cache: PagedKVCache, wait: bool) -> bool:
     return all(a.is_ready() for a in arrays)
 
 
-def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list], layers: list[list[int]],
+def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list[Download]], layers: list[list[int]],
                  tag: np.ndarray) -> None:
     """The copies down of a pool in host memory that every step before this flush has
-    written (`_host_readable`): the device's checks (generation and owner) read on the
-    host, and each block's rows copied once, from the pool's arrays viewed in place
+    written (`_host_memory`, `_written`): the device's checks (generation and owner)
+    read on the host, and each block's rows copied once, from the pool's arrays viewed in place
     (`np.asarray`: no copy on CPU) straight into the host slots (`RowsOf`). The views
     are gone when this returns, before any step can donate the pool (a live view would
     make the donation copy it)."""
@@ -248,12 +250,12 @@ def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list], 
         ids = np.fromiter((d.block for d in ds), np.intp, len(ds))
         gens = np.fromiter((d.generation for d in ds), np.int64, len(ds))
         ok = np.ones(len(ds), bool)
-        rows = []
+        rows: list[list[Any]] = []  # RowsOf stands for the rows' arrays (`HostTier.write_rows`)
         for layer in layers[g]:
             view = cache.views[layer]
-            ok &= (np.asarray(view.generations)[ids] == gens) & (np.asarray(view.owner) == tag)  # type: ignore[arg-type]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
+            ok &= (np.asarray(view.generations)[ids] == gens) & (np.asarray(view.owner) == tag)
             rows.append([RowsOf(np.asarray(leaf), ids) for leaf in jax.tree_util.tree_leaves(view.pages())])
-        tiers.land(ds, ok, rows)  # type: ignore[arg-type]  # RowsOf stands for the rows' arrays (`HostTier.write_rows`)
+        tiers.land(ds, ok, rows)
 
 
 def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -303,12 +305,13 @@ def _writable(leaf: jax.Array) -> np.ndarray:
     """The buffer of ``leaf`` (host memory, held by this caller alone: `_own`) as a
     writable numpy array; a plain pointer, so no reference that a later donation sees."""
     raw = (ctypes.c_char * leaf.nbytes).from_address(leaf.unsafe_buffer_pointer())
-    return np.frombuffer(raw, leaf.dtype).reshape(leaf.shape)
+    out: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), leaf.dtype).reshape(leaf.shape)
+    return out
 
 
 def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
                      tag: np.ndarray) -> PagedKVCache:
-    """The uploads of a pool in host memory (`_host_readable`): the cache made this
+    """The uploads of a pool in host memory (`_host_memory`): the cache made this
     caller's alone (`_own`, waited for), each block's rows copied once from the host
     slots (or the disk pages) straight into the pool's buffers, then one jitted call
     stamps the blocks' generations and owners (`_bind`, as `_scatter` does). Pages of
@@ -331,7 +334,7 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
                         np.fromiter((host.slot_of[u.key] for u in from_host), np.intp, len(from_host)))
         for k, layer in enumerate(layers[g]):
             view = cache.views[layer]
-            if int(np.asarray(view.owner)) not in (0, int(tag)):  # type: ignore[arg-type]  # bound, as above
+            if int(np.asarray(view.owner)) not in (0, int(tag)):  # another manager's pages: not written
                 continue
             for j, leaf in enumerate(jax.tree_util.tree_leaves(view.pages())):
                 dst = _writable(leaf)
@@ -349,12 +352,13 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
                 del dst
         for u in from_host:
             host.unpin(u.key)
-    return _bind(cache, tuple(ids), tuple(gens), tag)
+    out: PagedKVCache = _bind(cache, tuple(ids), tuple(gens), tag)
+    return out
 
 
 def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
-            shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: np.ndarray) -> PagedKVCache:
-    if host_reads and _host_memory(cache):
+            shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: np.ndarray, in_place: bool) -> PagedKVCache:
+    if in_place:
         return _upload_in_place(cache, tiers, uploads, layers, tag)
     spec = tiers.spec
     # Per group, uploads from host slots first: their rows are one block of the staging
