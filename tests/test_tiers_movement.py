@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import test_tiers
+from paged_kv.errors import TierError
 from paged_kv.tiers import movement
 from paged_kv.tiers.host import copy_rows, row_runs
 from tiers_harness import Server, make_spec
@@ -136,3 +137,20 @@ def test_tiers_state_machine_through_the_gather(gather_only):
     import test_tiers_state_machine
 
     test_tiers_state_machine.test_tiers_state_machine()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["in-place", "gather"])
+def test_a_page_of_other_pages_is_refused_before_the_cache_is_taken(direct, monkeypatch, tmp_path):
+    """A disk page that does not fit the cache's pages: TierError, and the caller's cache
+    is still whole (checked before it is donated)."""
+    monkeypatch.setattr(movement, "host_reads", direct)
+    s = Server(make_spec(), disk_bytes=10**7, disk_dir=str(tmp_path))
+    s.serve(1, A)
+    s.finish(1)
+    test_tiers.evict_all(s)
+    assert s.manager.admit_prompt(2, test_tiers.B) == 12
+    up = next(u for u in s.tiers.uploads.values() if u.pages is not None)
+    up.pages[0][0] = up.pages[0][0][:1]
+    with pytest.raises(TierError, match="other pages"):
+        movement.flush(s.cache, s.tiers)
+    assert not any(a.is_deleted() for a in jax.tree_util.tree_leaves(s.cache))

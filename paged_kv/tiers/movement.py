@@ -240,10 +240,10 @@ def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list[Do
                  tag: np.ndarray) -> None:
     """The copies down of a pool in host memory that every step before this flush has
     written (`_host_memory`, `_written`): the device's checks (generation and owner)
-    read on the host, and each block's rows copied once, from the pool's arrays viewed in place
-    (`np.asarray`: no copy on CPU) straight into the host slots (`RowsOf`). The views
-    are gone when this returns, before any step can donate the pool (a live view would
-    make the donation copy it)."""
+    read on the host, and each block's rows copied once, from the pool's arrays viewed
+    in place (`np.asarray`: no copy on CPU) straight into the host slots (`RowsOf`).
+    The views are gone when this returns, before any step can donate the pool (a live
+    view would make the donation copy it)."""
     for g, ds in enumerate(per_group):
         if not ds:
             continue
@@ -317,6 +317,15 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
     stamps the blocks' generations and owners (`_bind`, as `_scatter` does). Pages of
     another manager (the view's owner) are not written, as `_scatter` drops them."""
     spec = tiers.spec
+    pools = [[(tuple(leaf.shape[1:]), np.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(view.pages())]
+             for view in cache.views]
+    for u in uploads:  # checked before the cache is donated: an error leaves the caller's cache whole
+        if u.pages is not None:
+            for layer, page in zip(layers[u.group], u.pages):
+                for (shape, dtype), a in zip(pools[layer], page):
+                    if a.shape != shape or a.dtype != dtype:
+                        raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's pages "
+                                        f"are {shape} {dtype}: the tier was written for other pages")
     cache = _own(cache)
     jax.block_until_ready(cache)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
     n = _pow2(max(sum(u.group == g for u in uploads) for g in range(len(spec.groups))))
@@ -330,6 +339,7 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
         gens[g, : len(ups)] = [u.generation for u in ups]
         host = tiers.host[g]
         from_host = [u for u in ups if u.pages is None]
+        from_disk = [(u.block, u.pages) for u in ups if u.pages is not None]
         runs = row_runs(np.fromiter((u.block for u in from_host), np.intp, len(from_host)),
                         np.fromiter((host.slot_of[u.key] for u in from_host), np.intp, len(from_host)))
         for k, layer in enumerate(layers[g]):
@@ -341,14 +351,8 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
                 if runs:
                     assert host.buffers is not None
                     copy_rows(dst, host.buffers[k][j], runs)
-                for u in ups:
-                    if u.pages is not None:
-                        a = u.pages[k][j]
-                        if a.shape != dst.shape[1:] or a.dtype != dst.dtype:
-                            raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's "
-                                            f"pages are {dst.shape[1:]} {dst.dtype}: the tier was written for "
-                                            "other pages")
-                        dst[u.block] = a
+                for block, pages in from_disk:
+                    dst[block] = pages[k][j]
                 del dst
         for u in from_host:
             host.unpin(u.key)
