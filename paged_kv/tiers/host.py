@@ -161,21 +161,20 @@ class HostTier:
         self.ready.add(key)
 
     def write_rows(self, keys: list[int], pages: Pages, rows: np.ndarray | slice) -> None:
-        """Store ``pages[layer][leaf][rows]`` (a batch of landed copies) in the slots of
-        ``keys``, one fancy-index copy per leaf: ``rows`` a slice when the batch is whole
-        (no temporary), else an index array."""
+        """Store ``pages[layer][leaf][rows]`` (a batch of landed copies; `RowsOf`: rows
+        of the pool itself) in the slots of ``keys``: ``rows`` a slice when the batch is
+        whole, else an index array. One copy, a slice per run of rows (`row_runs`)."""
         if not keys:
             return
         assert self.buffers is not None
         slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
-        runs = None
+        index = np.arange(len(keys))[rows] if isinstance(rows, slice) else np.asarray(rows, np.intp)
+        runs = None  # the same rows of every leaf
         for buf_layer, layer in zip(self.buffers, pages):
             for buf, a in zip(buf_layer, layer):
-                if isinstance(a, RowsOf):  # straight from the pages' rows: one copy
-                    runs = runs or row_runs(slots, a.ids[rows])  # every leaf's rows are the same
-                    copy_rows(buf, a.pages, runs)
-                else:
-                    buf[slots] = a[rows]
+                src, at = (a.pages, a.ids[index]) if isinstance(a, RowsOf) else (a, index)
+                runs = runs or row_runs(slots, at)
+                copy_rows(buf, src, runs)
         self.ready.update(keys)
 
     def read_rows(self, keys: list[int], out: list[list[np.ndarray]]) -> None:
