@@ -282,18 +282,12 @@ def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtyp
 
 
 @partial(jax.jit, donate_argnums=0)
-def _own(cache: PagedKVCache) -> PagedKVCache:
-    """``cache`` donated and returned: its arrays' buffers (the same, in place) are then
-    held by nothing else -- every program that read them has run (a donation waits for
-    them) and no view of them is alive (one would have made this a copy)."""
-    return cache
-
-
-@partial(jax.jit, donate_argnums=0)
 def _bind(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array, ...],
           tag: jax.Array) -> PagedKVCache:
     """`_scatter`'s generations and owners without its pages (written in place by
-    `_upload_in_place`); the pages pass through, donated: the same buffers."""
+    `_upload_in_place`, after); the pages pass through, donated: the same buffers, then
+    held by nothing else -- every program that read them has run (a donation waits for
+    them) and no view of them is alive (one would have made the donation a copy)."""
     views = []
     for view in cache.views:
         _, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])  # type: ignore[arg-type]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
@@ -302,7 +296,7 @@ def _bind(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array
 
 
 def _writable(leaf: jax.Array) -> np.ndarray:
-    """The buffer of ``leaf`` (host memory, held by this caller alone: `_own`) as a
+    """The buffer of ``leaf`` (host memory, held by this caller alone: `_bind`) as a
     writable numpy array; a plain pointer, so no reference that a later donation sees."""
     raw = (ctypes.c_char * leaf.nbytes).from_address(leaf.unsafe_buffer_pointer())
     out: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), leaf.dtype).reshape(leaf.shape)
@@ -311,11 +305,12 @@ def _writable(leaf: jax.Array) -> np.ndarray:
 
 def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
                      tag: np.ndarray) -> PagedKVCache:
-    """The uploads of a pool in host memory (`_host_memory`): the cache made this
-    caller's alone (`_own`, waited for), each block's rows copied once from the host
-    slots (or the disk pages) straight into the pool's buffers, then one jitted call
-    stamps the blocks' generations and owners (`_bind`, as `_scatter` does). Pages of
-    another manager (the view's owner) are not written, as `_scatter` drops them."""
+    """The uploads of a pool in host memory (`_host_memory`): one jitted call stamps the
+    blocks' generations and owners (`_bind`, as `_scatter` does) and makes the cache
+    this caller's alone (donated; waited for), then each block's rows are copied once
+    from the host slots (or the disk pages) straight into the pool's buffers -- before
+    anyone else sees the cache. Pages of another manager (the view's owner) are not
+    written, as `_scatter` drops them."""
     spec = tiers.spec
     pools = [[(tuple(leaf.shape[1:]), np.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(view.pages())]
              for view in cache.views]
@@ -326,25 +321,26 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
                     if a.shape != shape or a.dtype != dtype:
                         raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's pages "
                                         f"are {shape} {dtype}: the tier was written for other pages")
-    cache = _own(cache)
-    jax.block_until_ready(cache)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
-    n = _pow2(max(sum(u.group == g for u in uploads) for g in range(len(spec.groups))))
+    per_group = [[u for u in uploads if u.group == g] for g in range(len(spec.groups))]
+    n = _pow2(max(len(ups) for ups in per_group))
     ids = np.stack([np.full(n, gr.num_blocks, np.int32) for gr in spec.groups])  # past the pool: dropped
     gens = np.zeros((len(spec.groups), n), np.int32)
-    for g in range(len(spec.groups)):
-        ups = [u for u in uploads if u.group == g]
-        if not ups:
-            continue
+    for g, ups in enumerate(per_group):
         ids[g, : len(ups)] = [u.block for u in ups]
         gens[g, : len(ups)] = [u.generation for u in ups]
+    out: PagedKVCache = _bind(cache, tuple(ids), tuple(gens), tag)
+    jax.block_until_ready(out)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
+    for g, ups in enumerate(per_group):
+        if not ups:
+            continue
         host = tiers.host[g]
         from_host = [u for u in ups if u.pages is None]
         from_disk = [(u.block, u.pages) for u in ups if u.pages is not None]
         runs = row_runs(np.fromiter((u.block for u in from_host), np.intp, len(from_host)),
                         np.fromiter((host.slot_of[u.key] for u in from_host), np.intp, len(from_host)))
         for k, layer in enumerate(layers[g]):
-            view = cache.views[layer]
-            if int(np.asarray(view.owner)) not in (0, int(tag)):  # another manager's pages: not written
+            view = out.views[layer]
+            if int(np.asarray(view.owner)) != int(tag):  # another manager's pages: not written
                 continue
             for j, leaf in enumerate(jax.tree_util.tree_leaves(view.pages())):
                 dst = _writable(leaf)
@@ -356,7 +352,6 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
                 del dst
         for u in from_host:
             host.unpin(u.key)
-    out: PagedKVCache = _bind(cache, tuple(ids), tuple(gens), tag)
     return out
 
 
