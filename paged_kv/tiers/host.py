@@ -7,8 +7,10 @@ scales: everything a page carries), ``[capacity, block_size, ...]`` in the pages
 storage dtype, made once when the device's leaves are first known (`movement.flush`
 makes them before its first copy lands: a landing then never allocates). A slot is a
 block's worth of every leaf of every layer of the group. Moves copy many slots at
-once (`write_rows`, `read_rows`: one numpy fancy-index copy per leaf), never a
-Python loop over blocks and leaves.
+once, each byte once: `read_rows` one `np.take` per leaf; `write_rows` (and
+`movement`'s uploads into a pool in host memory) one slice copy per run of rows
+consecutive on both sides (`row_runs`; a batch of blocks is mostly a few runs), a
+Python loop over runs, not over blocks and leaves where the rows run together.
 
 Pins: a key whose slot a move reads or writes (a download not finished, an upload
 not dispatched) is never the victim of an eviction, so a slot never changes under a
