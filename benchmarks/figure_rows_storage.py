@@ -41,8 +41,10 @@ def _tiers_rows(r: dict) -> list[Row]:
     if mv:
         out.append((f"{mv['mib']:g} MiB of blocks moved between tiers, ÷ a numpy memcpy of the same bytes",
                     f"down to host {_x(mv['down_to_host_over_memcpy'])}, up from host "
-                    f"{_x(mv['up_from_host_over_memcpy'])}; up from disk {_x(mv['up_from_disk_over_memcpy'])}, down "
-                    f"to disk {_x(mv['down_to_disk_over_memcpy'])}",
+                    f"{_x(mv['up_from_host_over_memcpy'])} (over a memcpy out of the CPU's caches: "
+                    f"{_x(mv.get('down_to_host_over_cold_memcpy'))}, {_x(mv.get('up_from_host_over_cold_memcpy'))}); "
+                    f"up from disk {_x(mv['up_from_disk_over_memcpy'])}, down to disk "
+                    f"{_x(mv['down_to_disk_over_memcpy'])}",
                     "dispatching the move down (what the evicting step waits for) runs at "
                     f"{_x(mv.get('down_to_host_critical_path_over_memcpy'))} memcpy speed"))
     dm = get(r, "bench_tiers:decode_with_moves")
