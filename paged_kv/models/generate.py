@@ -30,7 +30,6 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from paged_kv.batch.decode_slots import DecodeSlots
@@ -173,7 +172,7 @@ class Generator:
 
     def _run(self, tokens: np.ndarray, metadata: StepMetadata, greedy: bool = False) -> np.ndarray:
         """Run one step: its logits, or with ``greedy`` each row's argmax token."""
-        logits, self.cache = self._step(self.params, self.cache, jnp.asarray(tokens), metadata.to_device(), greedy)
+        logits, self.cache = self._step(self.params, self.cache, jax.device_put(tokens), metadata.to_device(), greedy)
         logits = np.asarray(logits)  # waits for the step
         used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
         self.stats.kv_usage_sum += used
@@ -274,7 +273,7 @@ class Generator:
         n = len(s.tokens)
         tokens = np.zeros((1, bucket(n, self.spec.max_seq_len)), np.int32)
         tokens[0, :n] = s.tokens
-        logits, keys, values = self._contiguous(self.params, jnp.asarray(tokens))
+        logits, keys, values = self._contiguous(self.params, jax.device_put(tokens))
         self.cache, slot = insert_prefill_slot(self.cache, self.slots, s.request_id, [k[0, :n] for k in keys],
                                                      [v[0, :n] for v in values])
         logits = np.asarray(logits)[0, :n]

@@ -220,14 +220,18 @@ def load_params(checkpoint_dir: str | os.PathLike[str], cfg: ModelConfig, dtype:
     target = jnp.dtype(dtype)
 
     def get(name: str, transpose: bool = False) -> jax.Array:
-        x = tensors[name].astype(np.float32)
+        x = tensors[name].astype(np.float32, copy=False)
         if not np.isfinite(x).all():  # a NaN weight makes every logit NaN: generation would be noise
             bad = np.flatnonzero(~np.isfinite(x.ravel()))
             raise ModelLoadError(f"{where[name]}: tensor {name!r} holds {bad.size:,} values that are not finite "
                                  f"(the first, {float(x.ravel()[bad[0]])!r}, at flat index {int(bad[0])}); the "
                                  "checkpoint is corrupt")
-        x = x.astype(target)
-        return jnp.asarray(x.T if transpose else x)
+        x = np.ascontiguousarray((x.T if transpose else x).astype(target, copy=False))
+        # A transfer, not a computation: jnp.asarray of a transposed (strided) array compiles a
+        # copy program per shape, which a second process then reads from the compilation
+        # cache one by one before its first token.
+        put: jax.Array = jax.device_put(x)
+        return put
 
     table = layer_weights(cfg)
     layers = tuple({key: get(f"{prefix}layers.{i}.{name}", transpose) for key, (name, _, transpose) in table.items()}
