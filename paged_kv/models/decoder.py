@@ -325,11 +325,21 @@ def _greedy(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     """The argmax token of each row of ``x [B, D]``'s logits, without returning them. A
     tied head is multiplied as ``embed @ x.T`` (``[vocab, B]``): XLA:CPU runs that product
     about 1.5x faster than ``x @ embed.T``, and the argmax needs no transpose back. The
-    soft cap is monotonic, so it cannot move the argmax."""
+    soft cap stays: monotonic, but it saturates, and saturated logits tie."""
     x = _norm(cfg, x, params["norm"])
     if cfg.tie_word_embeddings:
-        return jnp.argmax(params["embed"] @ x.T, axis=0).astype(jnp.int32)
-    return jnp.argmax(x @ params["lm_head"], axis=-1).astype(jnp.int32)
+        return _first_max(soft_cap((params["embed"] @ x.T).astype(jnp.float32), cfg.final_logit_softcap), axis=0)
+    return _first_max(soft_cap((x @ params["lm_head"]).astype(jnp.float32), cfg.final_logit_softcap), axis=1)
+
+
+def _first_max(logits: jax.Array, axis: int) -> jax.Array:
+    """``np.argmax`` along ``axis`` (the first maximum; the first NaN where there is one), as
+    two plain reductions: XLA:CPU runs jnp.argmax's paired (value, index) reduction
+    several times slower, ~2.7 ms of a 32M model's batch-32 step."""
+    top = jnp.max(logits, axis=axis, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, index, logits.shape[axis]), axis=axis)
 
 
 def forward(cfg: ModelConfig, params: Params, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
