@@ -4,11 +4,13 @@ single-process generation.
 1. Pages: a receiver process and this process (the sender) with a Llama-3-8B-shaped
    cache (32 layers, 8 KV heads x 128, bfloat16, block 16: 128 KiB per token), both
    on 127.0.0.1. One 1,024-token sequence (128 MiB) and a batch of 16 of them sent
-   one after another: median seconds per transfer (offer to pages written and
-   acknowledged), throughput as a fraction of a same-process numpy memcpy of the
-   same bytes, and latency per sequence from the offer to the end of the first decode
-   step on the receiver (one in-place attention write + read of every layer for that
-   sequence). For scale: raw TCP over loopback between two threads, same bytes.
+   one after another: median seconds per transfer (from the offer until the receiver
+   reports the end of its first decode step on the sequence: the pages pulled and
+   written, then one in-place attention write + read of every layer), throughput as a
+   fraction of a same-process numpy memcpy of the same bytes, and the latency from
+   the offer to the end of that first decode step (the two processes' wall clocks,
+   one machine; without the report's trip back). For scale: raw TCP over loopback
+   between two threads, same bytes.
 2. Generation on the tiny Llama fixture (examples/disaggregated.py): a prefill and a
    decode process against one `Generator`, the same 16 requests arriving over time
    (0.5 s apart on average, then 0.02 s), both warmed up (compiled) first: generated
