@@ -76,6 +76,31 @@ if CACHE_DIR:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                           int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
+# Hypothesis (6.131 on) also draws, now and then, the integers, floats and strings it
+# finds as literals in the project's own modules -- those loaded when it generates an
+# input (`hypothesis.internal.conjecture.providers._get_local_constants`). So which of
+# paged_kv's modules a run had imported changed the derandomized state machines'
+# programs: tests/test_async_steps.py committed 453 steps alone and 263 after `import
+# paged_kv.sim`, with the same seed. Importing every module here, before any test, gives
+# every run the same pool. (Benchmark modules a test imports still add theirs, for the
+# tests after it.)
+def _import_all_of_paged_kv() -> None:
+    import importlib
+    import pkgutil
+
+    import paged_kv
+
+    for info in pkgutil.walk_packages(paged_kv.__path__, "paged_kv."):
+        if info.name.endswith("__main__"):  # runs the command line
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # an optional dependency (pyzmq, jinja2, matplotlib) not installed
+            pass
+
+
+_import_all_of_paged_kv()
+
 # The run keeps millions of long-lived objects (jit caches, traced and lowered programs:
 # ~3 GB by the end of the quick tier), and at CPython's default thresholds (700, 10, 10)
 # each of ~50 full collections walks all of them: 13-15 s of a run's CPU, cold or warm.

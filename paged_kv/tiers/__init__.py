@@ -16,7 +16,7 @@ from paged_kv.tiers.retention import DEFAULT_PRIORITY, Retention
 from paged_kv.tiers.tiers import CacheTiers, TierStats, WRITE_POLICIES
 
 _DEVICE_NAMES = {"flush": "paged_kv.tiers.movement", "finish": "paged_kv.tiers.movement",
-                 "persist": "paged_kv.tiers.persist"}
+                 "persist": "paged_kv.tiers.persistence"}  # a module named persist would shadow the function once imported
 
 
 def __getattr__(name: str) -> object:
