@@ -69,3 +69,27 @@ def test_package_is_marked_typed():
 def test_help_leads_to_the_simulator():
     assert "paged_kv.sim" in paged_kv.__doc__ and "paged-kv simulate" in paged_kv.__doc__
     assert paged_kv.sim.__doc__ and "simulate" in paged_kv.sim.__all__
+
+
+def test_no_lazy_name_is_shadowed_by_a_submodule():
+    """Importing a submodule sets it as its package's attribute: a lazily loaded function
+    named like a submodule (`paged_kv.tiers.persist` once was) would become that module."""
+    import importlib
+    import pkgutil
+    import types
+
+    import paged_kv
+    import paged_kv.tiers
+
+    for info in pkgutil.walk_packages(paged_kv.__path__, "paged_kv."):
+        if not info.name.endswith("__main__"):
+            try:
+                importlib.import_module(info.name)
+            except ImportError:  # an optional dependency missing
+                pass
+    for package in (paged_kv, paged_kv.tiers):
+        for name in package._DEVICE_NAMES:
+            assert not isinstance(getattr(package, name), types.ModuleType), (package.__name__, name)
+    from paged_kv.tiers import persist
+
+    assert callable(persist)
