@@ -39,24 +39,6 @@ def pad_slot(spec: CacheSpec, group: int) -> int:
     return pad
 
 
-def step_layout(kv: np.ndarray, q: np.ndarray, spec: CacheSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(kv_lens [B], query_lens [B], positions [B, T], valid [B, T])`` of a step whose
-    rows hold ``kv`` tokens, the last ``q`` of them new: ``B`` and ``T`` bucketed, padding
-    rows empty, ``valid`` marking real tokens."""
-    n = kv.size
-    B, T = bucket(n, spec.max_batch_slots), bucket(int(q.max(initial=1)), spec.max_seq_len)
-    kv_lens = np.zeros(B, dtype=np.int32)
-    kv_lens[:n] = kv
-    query_lens = np.zeros(B, dtype=np.int32)
-    query_lens[:n] = q
-    t = np.arange(T, dtype=np.int32)[None, :]
-    valid = t < query_lens[:, None]
-    # Padding tokens sit at the row's last real position so a causal mask built from
-    # `positions` never leaves a padding query with nothing to attend to.
-    positions = np.where(valid, (kv_lens - query_lens)[:, None] + t, np.maximum(kv_lens[:, None] - 1, 0))
-    return kv_lens, query_lens, positions.astype(np.int32), valid
-
-
 def bucket(n: int, cap: int) -> int:
     """Smallest power of two >= n, clipped to ``cap`` (which is itself a bucket)."""
     for name, value in (("n", n), ("cap", cap)):
@@ -422,5 +404,4 @@ def _register_if_jax() -> None:
 
 _register_if_jax()
 
-__all__ = ["GroupMetadata", "StepMetadata", "bucket", "derive_positions", "derive_slots", "pad_slot", "register_pytrees",
-           "step_layout"]
+__all__ = ["GroupMetadata", "StepMetadata", "bucket", "derive_positions", "derive_slots", "pad_slot", "register_pytrees"]

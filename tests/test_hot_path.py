@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import paged_kv as pk
+from paged_kv.derived import derive_slots
 from paged_kv.allocator import decode_layout, hot_path, step_arrays, manager as manager_mod
 
 FIELDS = ("block_tables", "slot_mapping", "start", "copy_src", "copy_dst", "copy_len", "block_gens", "copy_src_gen",
@@ -513,7 +514,9 @@ def test_the_rules_and_runs_of_slots():
                 pos = np.arange(first, first + count)
                 want = table[1, pos // bs].astype(np.int64) * bs + pos % bs
                 assert np.array_equal(step_arrays.slot(table[1, pos // bs], pos, bs), want)
-                assert np.array_equal(step_arrays.run_slots(table, 1, first, count, bs), want)
+                # A run of a row's tokens, as a step writing them derives it (`paged_kv.derived`).
+                got = derive_slots(np.array([count]), pos[None, :], table[1:2], np.zeros(1, np.int64), -1, bs)
+                assert np.array_equal(got[0], want)
 
 
 def test_decode_slots_hand_out_fresh_arrays():

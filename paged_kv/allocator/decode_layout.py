@@ -38,7 +38,8 @@ from paged_kv.allocator.step_arrays import (
     Buffers,
     bucket_int,
     decode_arrays,
-    mixed_step,
+    derived_step,
+    mixed_lengths,
     room,
     slot,
     step_metadata,
@@ -157,18 +158,15 @@ class DecodeLayout:
     def mixed(self, counts: list[int]) -> StepMetadata:
         """The step writing each row's last ``counts[b]`` tokens, beside the decode layout
         (shared: lengths, tables, starts): its own query lengths, positions and slots
-        derived (`step_arrays.mixed_step`), so a prompt joining costs O(B), not O(B x T).
+        derived (`step_arrays.derived_step`), so a prompt joining costs O(B), not O(B x T).
         The same object as the last mixed step when it has the same buffers and ``T``."""
         dec, last = self.meta, self.mixed_meta
         T = bucket_int(max(counts), self.max_len)
-        if (last is not None and last.query_len == T and last.kv_lens is dec.kv_lens
+        q = mixed_lengths(self.buffers, dec.batch_size, counts)
+        if not (last is not None and last.query_len == T and last.kv_lens is dec.kv_lens and last.query_lens is q
                 and last.groups[0].block_tables is dec.groups[0].block_tables):
-            q = last.query_lens  # the same buffers: write the lengths in place
-            n = len(counts)
-            q[:n], q[n:] = counts, 0
-            return last
-        self.mixed_meta = mixed_step(self.buffers, dec, counts, T, self.pad, self.bs, self.holder)
-        return self.mixed_meta
+            self.mixed_meta = derived_step(dec, q, T, self.pad, self.bs, self.holder)
+        return self.mixed_meta  # type: ignore[return-value]  # just set, or the last one (not None)
 
     def _shape(self, B: int, W: int) -> Shaped:
         """The decode layout's metadata over ``B`` rows and ``W`` table columns of the

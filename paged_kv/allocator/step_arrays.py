@@ -94,43 +94,6 @@ def blocks_for(tokens: Any, block_size: int) -> Any:
     return (tokens + room(tokens, block_size)) // block_size
 
 
-def run_slots(block_tables: np.ndarray, row: int, first: int, count: int, block_size: int) -> np.ndarray:
-    """Slots of ``row``'s tokens ``first .. first + count`` (one contiguous run: a prompt):
-    one slice of its blocks, each expanded to its slots."""
-    out = np.empty(count, np.int32)
-    write_run(out, block_tables, row, first, count, block_size)
-    return out
-
-
-def write_run(dst: np.ndarray, block_tables: np.ndarray, row: int, first: int, count: int, block_size: int) -> None:
-    """``dst[:count]`` (contiguous) = the slots of ``row``'s tokens ``first .. first + count``,
-    written in place: each whole block of the run as one row of ``[blocks, block_size]``,
-    a partial block at either end alone."""
-    bs = block_size
-    blocks = block_tables[row, first // bs: (first + count - 1) // bs + 1]
-    offsets = _offsets(bs)
-    head = min(room(first, bs), count)  # tokens before the run's first whole block
-    if head:
-        dst[:head] = slot(blocks[0], offsets[first % bs: first % bs + head], bs)
-        blocks = blocks[1:]
-    whole = (count - head) // bs
-    if whole:
-        dst[head: head + whole * bs].reshape(whole, bs)[...] = slot(blocks[:whole, None], offsets, bs)
-    tail = count - head - whole * bs
-    if tail:
-        dst[count - tail: count] = slot(blocks[whole], offsets[:tail], bs)
-
-
-_OFFSETS: dict[int, np.ndarray] = {}
-
-
-def _offsets(block_size: int) -> np.ndarray:
-    offsets = _OFFSETS.get(block_size)
-    if offsets is None:
-        offsets = _OFFSETS[block_size] = np.arange(block_size, dtype=np.int32)
-    return offsets
-
-
 def bucket_int(n: int, cap: int) -> int:
     """`paged_kv.metadata.bucket` for counts already known to be ints (no argument checks:
     it runs every step)."""
@@ -157,25 +120,15 @@ def lengths_and_positions(out: Out, kv: np.ndarray, q: np.ndarray, B: int,
 
 
 def write_slots(slots: np.ndarray, block_tables: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
-                positions: np.ndarray, pad: int, block_size: int) -> None:
-    """``slots [B, T]``: each row's new tokens' slots, ``pad`` elsewhere (dropped by the
-    write). One-token rows in one vectorized gather, a few longer rows as runs, many
-    as one ``[n, T]`` gather."""
+                pad: int, block_size: int) -> None:
+    """``slots [B, 1]`` of a one-token step (each row writes its last token, or nothing):
+    the written rows' slots in one vectorized gather, ``pad`` elsewhere (dropped by the
+    write). Longer steps carry no slots (`paged_kv.derived.derive_slots`)."""
     slots.fill(pad)
     one = np.flatnonzero(q == 1)
     if one.size:
         last = kv[one].astype(np.int64) - 1
         slots[one, 0] = slot(block_tables[rows[one], last // block_size], last, block_size)
-    many = np.flatnonzero(q > 1)
-    if many.size > SCALAR_ROWS:
-        valid = np.arange(slots.shape[1])[None, :] < q[many, None]
-        pos = positions[many].astype(np.int64)
-        blk = block_tables[rows[many, None], pos // block_size]
-        slots[many] = np.where(valid, slot(blk, pos, block_size), pad)
-    else:
-        for b in many.tolist():
-            c, end = int(q[b]), int(kv[b])
-            write_run(slots[b], block_tables, int(rows[b]), end - c, c, block_size)
 
 
 def group_arrays(out: Out, g: int, table: Table, generation: np.ndarray, rows: np.ndarray, kv: np.ndarray, q: np.ndarray,
@@ -202,7 +155,7 @@ def group_arrays(out: Out, g: int, table: Table, generation: np.ndarray, rows: n
     slots = None
     if positions is not None:
         slots = out.get(f"slot{g}", positions.shape)
-        write_slots(slots, table.block_tables, rows, kv, q, positions, pad, block_size)
+        write_slots(slots, table.block_tables, rows, kv, q, pad, block_size)
     start = out.get(f"start{g}", (B,))
     start[:n] = 0 if first is None else first * block_size
     start[n:] = 0
@@ -293,13 +246,17 @@ def mixed_step(out: Out, dec: StepMetadata, counts: list[int], T: int, pad: int,
                step: object) -> StepMetadata:
     """The step writing each row's last ``counts[b]`` tokens (``T``: their bucket), beside
     the decode layout ``dec`` of the same rows, whose lengths, tables, starts and
-    generations it shares: its own ``query_lens [B]`` only, positions and slots derived
-    (`paged_kv.metadata`), so a prompt joining costs O(B), not O(B x T)."""
-    B = dec.batch_size
+    generations it shares: its own ``query_lens [B]`` only (`mixed_lengths`), positions
+    and slots derived (`paged_kv.metadata`), so a prompt joining costs O(B), not O(B x T)."""
+    return derived_step(dec, mixed_lengths(out, dec.batch_size, counts), T, pad, block_size, step)
+
+
+def mixed_lengths(out: Out, B: int, counts: list[int]) -> np.ndarray:
+    """A mixed step's ``query_lens [B]``: ``counts``, then padding rows' 0."""
     query_lens = out.get("mq", (B,))  # a name of its own: the layout's "q" is its decode step's
     n = len(counts)
     query_lens[:n], query_lens[n:] = counts, 0
-    return derived_step(dec, query_lens, T, pad, block_size, step)
+    return query_lens
 
 
 def derived_step(dec: StepMetadata, query_lens: np.ndarray, T: int, pad: int, block_size: int,
@@ -400,4 +357,4 @@ def in_slots(out: Out, meta: StepMetadata | None, occupied: list[int], num_slots
 
 __all__ = ["Buffers", "COPY_FIELDS", "EMPTY", "FRESH", "Fresh", "SCALAR_ROWS", "blocks_for", "bucket_int",
            "decode_arrays", "empty_step", "fill", "group_arrays", "in_slots", "last_tokens", "lengths_and_positions",
-           "derived_step", "mixed_step", "plain_step", "room", "run_slots", "slot", "step_metadata", "write_run", "write_slots"]
+           "derived_step", "mixed_lengths", "mixed_step", "plain_step", "room", "slot", "step_metadata", "write_slots"]

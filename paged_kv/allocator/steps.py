@@ -51,7 +51,8 @@ class Step(tuple):  # type: ignore[type-arg]  # a fixed layout, read through the
     cache: what the step leaves written per row) lets its commit key exactly the
     blocks it wrote. Immutable. A tuple underneath, ``(id, seq_ids, rows, epoch,
     owner, lengths, table)``, because a decode step makes one: a persistent batch keeps
-    its first four as a plain tuple and makes the `Step` only if asked (`make`).
+    its first four as a plain tuple and makes the `Step` only if asked (one
+    concatenation with ``(owner, lengths, table)``).
     Compared and hashed by identity, like any object.
     """
 
@@ -60,13 +61,6 @@ class Step(tuple):  # type: ignore[type-arg]  # a fixed layout, read through the
     def __new__(cls, owner: int, id: int, seq_ids: Sequence[int], rows: Sequence[int] | np.ndarray, epoch: int,
                 lengths: Sequence[int] | None = None, table: PageTable | None = None) -> Step:
         return tuple.__new__(cls, (id, seq_ids, rows, epoch, owner, lengths, table))
-
-    @classmethod
-    def make(cls, described: tuple[int, Sequence[int], Sequence[int], int],
-             rest: tuple[int, Sequence[int] | None, PageTable | None]) -> Step:
-        """The `Step` of ``described`` ``(id, seq_ids, rows, epoch)`` and ``rest`` ``(owner,
-        lengths, table)``: one tuple concatenation."""
-        return tuple.__new__(cls, described + rest)
 
     id: int = property(itemgetter(0), doc="Its number in its manager's `StepLog`.")  # type: ignore[assignment]
     seq_ids: Sequence[int] = property(itemgetter(1), doc="The sequences, in batch order.")  # type: ignore[assignment]

@@ -125,7 +125,7 @@ class StepBatch:
         if step is None:
             raise StateError("this StepBatch has described no step yet")
         if type(step) is tuple:
-            step = self._step = tuple.__new__(Step, step + self._rest)  # `Step.make`, inline: a decode step pays it
+            step = self._step = tuple.__new__(Step, step + self._rest)  # the tuple layout `Step` documents
         return step  # type: ignore[return-value]  # a tuple was made a Step above
 
     def check_live(self) -> None:
