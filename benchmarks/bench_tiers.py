@@ -128,8 +128,8 @@ def movement(blocks: int, reps: int = 5) -> dict:
                 finish(tiers)
                 landed = time.perf_counter()
                 m.release(1)
-                m.admit_prompt(2, first)  # every block comes back up
                 t2 = time.perf_counter()
+                m.admit_prompt(2, first)  # every block comes back up (read from disk here, verified)
                 cache = flush(cache, tiers)
                 cache.views[-1].generations.block_until_ready()
                 up = time.perf_counter() - t2

@@ -14,7 +14,7 @@ import pytest
 import paged_kv as pk
 from paged_kv.errors import TierError
 from paged_kv.tiers import CacheTiers, flush
-from tiers_harness import KINDS, Server, make_spec, recompute, same_bits
+from tiers_harness import KINDS, Server, block_at, make_spec, recompute, same_bits
 
 A = np.arange(13) + 100  # three full blocks and one token
 B = np.concatenate([A, np.arange(5) + 50])  # the next turn: hits A's three blocks
@@ -106,7 +106,7 @@ def test_a_restart_refuses_other_pages_and_corrupt_files(tmp_path):
     # A bigger device pool is the same pages: accepted.
     CacheTiers(pk.KVCacheManager(make_spec(num_blocks=20), prefix_cache=True), disk_bytes=10**7,
                disk_dir=str(tmp_path))
-    page = sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[1]
+    page = sorted(f for f in os.listdir(tmp_path) if f.endswith(".seg"))[-1]
     with open(tmp_path / page, "r+b") as f:
         f.seek(-20, os.SEEK_END)
         f.write(b"\xff" * 8)
@@ -125,12 +125,12 @@ def test_a_page_corrupted_after_opening_is_a_miss_not_a_hit(tmp_path):
     s.serve(1, A)
     s.finish(1)
     evict_all(s)
-    target = s.tiers.directory.file(0, _keys(A)[1])
+    target, at = block_at(s.tiers, 0, _keys(A)[1])
     with open(target, "r+b") as f:
-        f.seek(-20, os.SEEK_END)
+        f.seek(at + 20)
         f.write(b"\xff" * 8)
     assert s.serve(2, B) == 4  # the first block still hits; the corrupt one and what follows are recomputed
-    assert s.tiers.stats.corrupt == 1 and not os.path.exists(target)
+    assert s.tiers.stats.corrupt == 1 and (0, _keys(A)[1]) not in s.tiers.directory
     s.check()
     assert same_bits(s.read(2), recompute(spec, "split", B))
 

@@ -144,7 +144,7 @@ class TierMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def corrupt_a_file(self, data):
-        pages = sorted(f for f in os.listdir(self.dir) if f.endswith(".npz"))
+        pages = sorted(f for f in os.listdir(self.dir) if f.endswith(".seg"))
         if not pages:
             return
         path = os.path.join(self.dir, data.draw(st.sampled_from(pages)))

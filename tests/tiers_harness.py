@@ -115,5 +115,14 @@ def recompute(spec: pk.CacheSpec, layout: str, tokens) -> list[tuple[np.ndarray,
     return s.read(0)
 
 
+def block_at(tiers: CacheTiers, group: int, key: int) -> tuple[str, int]:
+    """Where a written block's bytes are: ``(segment path, byte offset)``."""
+    import os
+
+    seg, i = tiers.directory.loc[(group, key)]
+    assert seg.written, "flush(wait=True) first: the block is still being written"
+    return os.path.join(tiers.directory.path, seg.name), seg.start + seg.offsets[i]
+
+
 def same_bits(a, b) -> bool:
     return all(np.array_equal(x.view(np.uint8), y.view(np.uint8)) for la, lb in zip(a, b) for x, y in zip(la, lb))

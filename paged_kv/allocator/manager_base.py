@@ -37,9 +37,12 @@ class TierHooks(Protocol):
     def prepare(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
                 chunk: int | None = None) -> int: ...
 
-    # retention: a `paged_kv.tiers.Retention` that `retention_plan` accepted (Any: the
-    # allocator does not import the tiers).
-    def retain(self, hashes: Sequence[int], plan: dict[int, int], retention: Any) -> None: ...
+    # ``seq_id``'s chain is now ``hashes`` over ``num_tokens`` tokens: admitted
+    # (``previous`` None) or given by cache_tokens (``previous``: the chain it replaces).
+    # retention: a `paged_kv.tiers.Retention` that `retention_plan` accepted, or None
+    # (Any: the allocator does not import the tiers).
+    def retain(self, seq_id: int, hashes: Sequence[int], num_tokens: int, plan: dict[int, int] | None,
+               retention: Any, previous: Sequence[int] | None) -> None: ...
 
 
 class ManagerBase:

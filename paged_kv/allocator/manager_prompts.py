@@ -75,8 +75,8 @@ class PromptsMixin(ManagerBase):
         for g, h in zip(self.groups, hits):
             g.admit_prompt_row(row, h, hit, total, hold, tokens.size)
         self._written.start(row, hashes, hit, self.spec.block_size)
-        if plan is not None:
-            self.tiers.retain(hashes, plan, retention)  # type: ignore[union-attr]  # a plan comes from the tiers (checked above)
+        if self.tiers is not None:  # always: an admission also ends a reused id's decode priority
+            self.tiers.retain(seq_id, hashes, tokens.size, plan, retention, None)
         return hit * self.spec.block_size
 
     def _prompt(self, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None,
@@ -88,12 +88,18 @@ class PromptsMixin(ManagerBase):
         if self.prefix_cache is None:
             raise SpecError("prefix caching is off: build KVCacheManager(spec, prefix_cache=True)")
 
-    def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None) -> int:
+    def cache_tokens(self, seq_id: int, token_ids: Sequence[int] | np.ndarray, cache_key: bytes | str | int | None = None,
+                     retention: object | None = None) -> int:
         """Key ``seq_id``'s full blocks by its tokens so far (prompt and output), so a
         later prompt that continues this conversation hits them after release (multi-
         turn chat). ``token_ids`` must be the sequence's tokens, ``kv_len`` of them.
         Blocks already written (committed) are keyed now, the rest when their step is
-        committed. Returns how many blocks were newly keyed now (in the first group)."""
+        committed. Returns how many blocks were newly keyed now (in the first group).
+
+        With `CacheTiers` attached, generated blocks take the decode priority of the
+        sequence's `Retention`; ``retention`` (a `paged_kv.tiers.Retention` over these
+        tokens) ranks them anew, as at admission (a bad one: `InvalidArgumentError`,
+        nothing changed)."""
         row = self._row(seq_id)
         self._require_cache()
         n = int(self.table.kv_lens[row])
@@ -103,7 +109,17 @@ class PromptsMixin(ManagerBase):
                 f"cache_tokens(seq_id={seq_id}): token_ids holds {tokens.size} tokens; need the sequence's {n} tokens "
                 "(append generated tokens with manager.append before caching them)"
             )
-        self._written.rehash(row, chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key))
+        plan = None
+        if retention is not None:  # checked first: a failed call changes nothing
+            if self.tiers is None:
+                raise InvalidArgumentError(f"retention={retention!r} ranks blocks in the tiers' eviction: attach "
+                                           "paged_kv.tiers.CacheTiers(manager) first")
+            plan = self.tiers.retention_plan(retention, tokens.size)
+        hashes = chain_hashes(tokens, self.spec.block_size, n // self.spec.block_size, cache_key)
+        previous = self._written.hashes.get(row)
+        self._written.rehash(row, hashes)
+        if self.tiers is not None:  # before keying: a block takes its priority as it is stored
+            self.tiers.retain(seq_id, hashes, n, plan, retention, previous)
         return self._key_written(row)
 
     def _key_written(self, row: int) -> int:

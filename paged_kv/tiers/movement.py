@@ -149,10 +149,18 @@ def _ensure_buffers(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], 
 
 
 def finish(tiers: CacheTiers) -> None:
-    """Land the copies down in flight (wait for their bytes): into the host tier, or
-    refused where the device said the block had changed hands. One transfer of every
-    array (`jax.device_get`; on CPU the arrays are viewed, not copied), then one
-    fancy-index copy per leaf into the host buffers (`CacheTiers.land`)."""
+    """Land the copies down in flight (`_land`) and wait until every block bound for
+    the disk is in its file (`CacheTiers.sync_disk`)."""
+    _land(tiers)
+    tiers.sync_disk()
+
+
+def _land(tiers: CacheTiers) -> None:
+    """Land the copies down in flight (wait for their bytes): into the host tier (or
+    staged for the disk), or refused where the device said the block had changed
+    hands. One transfer of every array (`jax.device_get`; on CPU the arrays are
+    viewed, not copied), then one fancy-index copy per leaf into the host buffers
+    (`CacheTiers.land`)."""
     flights, tiers.in_flight = tiers.in_flight or [], None
     for per_group, oks, pages, layers, shapes in flights:
         oks, pages = jax.device_get((oks, pages))
@@ -165,9 +173,11 @@ def finish(tiers: CacheTiers) -> None:
 
 def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKVCache:
     """Run every pending move of ``tiers`` (module doc); returns the cache (donated:
-    keep the one returned). ``wait=True`` lands the copies down before returning."""
+    keep the one returned). Blocks bound for the disk go to its background writer as
+    one segment (`disk`). ``wait=True`` lands the copies down, on disk too, before
+    returning."""
     _check(cache, tiers)
-    finish(tiers)
+    _land(tiers)
     spec, manager = tiers.spec, tiers.manager
     tag = manager.steps.tag
     groups = range(len(spec.groups))
@@ -196,6 +206,8 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
         cache = _upload(cache, tiers, uploads, layers, shapes, tag, bool(in_place))
     if wait:
         finish(tiers)
+    else:
+        tiers.submit_disk()  # the fsync runs off the step's critical path
     return cache
 
 

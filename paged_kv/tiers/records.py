@@ -27,6 +27,7 @@ class TierStats:
     dropped: int = 0
     refused: int = 0
     corrupt: int = 0
+    disk_errors: int = 0  # blocks lost to a failed segment write (a full disk: `DiskDirectory.errors`)
 
     def as_dict(self) -> dict[str, Any]:
         """Every counter as plain JSON-ready values."""

@@ -7,15 +7,27 @@ range covers keep the default (`DEFAULT_PRIORITY`, 35 as in TensorRT-LLM). A blo
 takes the priority of a range that covers it whole (the highest where several do): a
 block that mixes a shared system prompt with a user's tokens is never shared, so it
 is not worth keeping at the system prompt's priority. An optional duration in
-seconds (wall clock, `CacheTiers(clock=)`) makes the priority expire; the block then
-falls back to the default. The latest retention that names a block sets it.
+seconds (`CacheTiers(clock=)`, monotonic by default) makes the priority expire; the
+block then falls back to the default. The latest retention that names a block sets it.
+
+Tokens written at decode time: ``decode_priority`` (and ``decode_duration_s``) rank
+the blocks holding tokens past those the retention's ranges index -- the generated
+ones, keyed when `KVCacheManager.cache_tokens` gives the sequence's tokens (the only
+way generated blocks get keys). A retention given to ``cache_tokens`` ranks that
+call's tokens by its ranges, and its decode priority the tokens generated after
+(`paged_kv.tiers.sequences`).
 
 Lower priorities are evicted first in every tier: the device's prefix cache (its
 ``choose`` hook ranks the evictable blocks), the host and the disk tier (`Ranked`
 wraps their LRU or ARC policy: one LRU per priority other than the default, the
 policy itself for the default, lowest first). Blocks under ``CacheTiers(drop_below=)``
-are dropped when evicted rather than moved down. Priorities belong to the running
-process: a warm restart starts every block at the default.
+are dropped when evicted rather than moved down.
+
+Priorities outlive the process with the disk tier: each segment records its blocks'
+priorities, and an expiry as absolute wall-clock time (`time.time`), re-based onto
+the restarted process's clock when it opens the directory (`record`, `restore`); one
+that passed meanwhile is back at the default. Blocks above the disk (device, host)
+start at the default in a new process unless `persist` wrote them down.
 """
 
 from __future__ import annotations
@@ -52,14 +64,26 @@ class Retention:
 
     ranges: Sequence[tuple[int, int | None, int]]
     duration_s: float | None = None
+    decode_priority: int | None = None
+    """Priority of blocks holding tokens generated after this retention (module doc);
+    None: they keep the default."""
+    decode_duration_s: float | None = None
 
     def block_priorities(self, num_tokens: int, block_size: int) -> dict[int, int]:
-        """Block index -> priority for a prompt of ``num_tokens`` (full blocks only)."""
+        """Block index -> priority for a prompt of ``num_tokens`` (full blocks only);
+        checks every field first."""
         if isinstance(self.ranges, (str, bytes)) or not isinstance(self.ranges, Sequence):
             raise InvalidArgumentError(f"Retention.ranges={self.ranges!r} must be a sequence of (start, stop, priority)")
-        d = self.duration_s
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0 or not math.isfinite(d)):
-            raise InvalidArgumentError(f"Retention.duration_s={d!r} must be a positive number of seconds, or None")
+        for name in ("duration_s", "decode_duration_s"):
+            d = getattr(self, name)
+            if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0
+                                  or not math.isfinite(d)):
+                raise InvalidArgumentError(f"Retention.{name}={d!r} must be a positive number of seconds, or None")
+        if self.decode_priority is not None:
+            _priority(self.decode_priority, "Retention.decode_priority")
+        elif self.decode_duration_s is not None:
+            raise InvalidArgumentError(f"Retention.decode_duration_s={self.decode_duration_s!r} without a "
+                                       "decode_priority: give decode_priority= too, or leave the duration out")
         out: dict[int, int] = {}
         for r in self.ranges:
             if not isinstance(r, tuple) or len(r) != 3:
@@ -109,6 +133,25 @@ class Priorities:
         if changed:
             for listener in self.listeners:
                 listener(key)
+
+    def record(self, key: int) -> tuple[int, float | None]:
+        """``key``'s priority and its expiry as wall-clock time (None: none), as the disk
+        tier writes them (module doc)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return self.default, None
+        priority, expiry = entry
+        return priority, None if math.isinf(expiry) else time.time() + (expiry - self.clock())
+
+    def restore(self, key: int, priority: int, wall_expiry: float | None) -> None:
+        """A priority read back from disk (`record`'s), its expiry re-based onto this
+        process's clock; one already past is the default (nothing to restore)."""
+        if wall_expiry is None:
+            self.set(key, priority, None)
+            return
+        left = wall_expiry - time.time()
+        if left > 0:
+            self.set(key, priority, left)
 
     def expire(self) -> None:
         """Expired priorities fall back to the default (cheap when none is due)."""

@@ -42,11 +42,13 @@ from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.allocator.prefix_cache import NO_HASH, PrefixEvent, chain_hashes
 from paged_kv.allocator.prompts import common_hit
 from paged_kv.errors import InvalidArgumentError, SpecError, TierError
-from paged_kv.tiers.disk import DiskDirectory, DiskTier
+from paged_kv.tiers.disk import DiskDirectory
+from paged_kv.tiers.disk_tier import DiskTier
 from paged_kv.tiers.host import HostTier, Pages
 from paged_kv.tiers.policy import POLICIES
-from paged_kv.tiers.retention import DEFAULT_PRIORITY, Priorities, Retention
 from paged_kv.tiers.records import Download, TierStats, Upload, split_bytes
+from paged_kv.tiers.retention import DEFAULT_PRIORITY, Priorities, Retention
+from paged_kv.tiers.sequences import SequenceRetention
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -66,7 +68,8 @@ class CacheTiers:
     groups as their device pools are. ``disk_dir``: where the disk tier's files live;
     an existing tier there is adopted (a warm restart) if it was written under the
     same page spec and ``layout`` (the cache's page layout), else `TierError`, as for
-    a corrupt file, with nothing loaded. ``policy``: "lru" or "arc", per tier.
+    a corrupt file, with nothing loaded; its blocks keep the priorities they were
+    written with. ``policy``: "lru" or "arc", per tier.
     ``write``: "back" (move down on eviction) or "through" (copy down when keyed).
     ``keep_bytes=False``: bookkeeping only (the simulator). Priorities (`retention`):
     ``default_priority`` (0-100) of blocks no `Retention` names, ``drop_below``: blocks
@@ -103,9 +106,9 @@ class CacheTiers:
         weights = [g.num_blocks * spec.group_bytes_per_block(i) for i, g in enumerate(spec.groups)]
         host_caps, disk_caps = split_bytes(int(host_bytes), spec, weights), split_bytes(int(disk_bytes), spec, weights)
         directory = None
-        found: list[list[tuple[int, int]]] = [[] for _ in spec.groups]
+        found: list[list[tuple[int, int, int, float | None]]] = [[] for _ in spec.groups]
         if disk_dir is not None:
-            directory = DiskDirectory(disk_dir, spec, layout)
+            directory = DiskDirectory(disk_dir, spec, layout, budget=int(disk_bytes))
             found = directory.scan(len(spec.groups))  # all verified, or TierError: nothing attached yet
         self.directory = directory
         self.priorities, self.drop_below = priorities, int(drop_below)
@@ -113,10 +116,16 @@ class CacheTiers:
         self.disk = [DiskTier(c, policy, g, directory, priorities) for g, c in enumerate(disk_caps)]
         for g, entries in enumerate(found):
             keep = entries[len(entries) - disk_caps[g]:] if disk_caps[g] else []
-            for key, _ in entries[: len(entries) - len(keep)]:
-                directory.delete(g, key)  # type: ignore[union-attr]  # entries come only from a directory; more than the tier holds now: the oldest go
-            for key, parent in keep:
+            for key, *_ in entries[: len(entries) - len(keep)]:
+                directory.forget(g, key)  # type: ignore[union-attr]  # entries come only from a directory; more than the tier holds now: the oldest go
+            for key, parent, priority, expiry in keep:
+                priorities.restore(key, priority, expiry)  # first: the tier's policy ranks it as it enters
                 self.disk[g].adopt(key, parent)
+        if directory is not None:
+            directory.dirty.clear()  # the priorities just restored are the ones on disk
+        self.sequences = SequenceRetention(priorities, spec.block_size, manager.__contains__,
+                                           lambda key: any(self.where(g, key) for g in range(len(spec.groups))),
+                                           sum(g.num_blocks for g in spec.groups) + sum(host_caps) + sum(disk_caps))
         self.stats = TierStats()
         self.downloads: list[Download] = []
         self.uploads: dict[tuple[int, int], Upload] = {}
@@ -137,6 +146,7 @@ class CacheTiers:
         for group in self.manager.groups:
             del group.cache.on_evict, group.cache.on_store, group.cache.choose  # type: ignore[union-attr]  # every group has a cache (checked in __init__); back to the class's None
         del self.manager.tiers
+        self.sync_disk()  # blocks staged for the disk are written (a restart finds them)
 
     # ---- lookups -----------------------------------------------------------------------
     def where(self, group: int, key: int) -> str | None:
@@ -257,24 +267,40 @@ class CacheTiers:
                 self.uploads[(gi, b)] = up
         pool.free(ids)  # keyed, so kept as evictable (most recently used) until admit_prompt revives them
 
-    # ---- priorities ---------------------------------------------------------------------
+    # ---- priorities (`sequences`) ----------------------------------------------------------
     def retention_plan(self, retention: object, num_tokens: int) -> dict[int, int]:
-        """Block index -> priority that ``retention`` gives a prompt of ``num_tokens``;
-        `InvalidArgumentError` naming a bad value (`KVCacheManager.admit_prompt` asks
-        before it changes anything)."""
-        if not isinstance(retention, Retention):
-            raise InvalidArgumentError(f"retention={retention!r} must be a paged_kv.tiers.Retention")
-        return retention.block_priorities(num_tokens, self.spec.block_size)
+        """Block index -> priority that ``retention`` gives ``num_tokens`` tokens;
+        `InvalidArgumentError` naming a bad value (the manager asks before it changes
+        anything)."""
+        return self.sequences.plan(retention, num_tokens)
 
-    def retain(self, hashes: Sequence[int], plan: dict[int, int], retention: Retention) -> None:
-        """Give the keys of a prompt's blocks the priorities of ``plan`` (every tier
-        holding one re-ranks it); entries of keys no tier holds are pruned now and then."""
-        for j, priority in plan.items():
-            if j < len(hashes):
-                self.priorities.set(hashes[j], priority, retention.duration_s)
-        held = sum(g.num_blocks for g in self.spec.groups) + sum(t.capacity for t in self.host) + sum(t.capacity for t in self.disk)
-        if len(self.priorities.entries) > 2 * held + 1024:
-            self.priorities.prune(lambda key: any(self.where(g, key) for g in range(len(self.host))))
+    def retain(self, seq_id: int, hashes: Sequence[int], num_tokens: int, plan: dict[int, int] | None,
+               retention: Retention | None, previous: Sequence[int] | None) -> None:
+        """``seq_id``'s chain is ``hashes`` (admitted: ``previous`` None; `cache_tokens`:
+        the chain it replaces): its blocks take their priorities (`sequences`)."""
+        self.sequences.retain(seq_id, hashes, num_tokens, plan, retention, previous)
+
+    # ---- the disk's writes (`disk`: one segment per flush, written in the background) ----
+    def submit_disk(self) -> None:
+        """What the flush staged for the disk goes to its writer (`movement.flush`)."""
+        if self.directory is not None:
+            self.directory.submit(self.priorities.record)
+            self._lost(self.directory.collect())
+
+    def sync_disk(self) -> None:
+        """Wait until every block staged for the disk is in its file."""
+        if self.directory is not None:
+            self._lost(self.directory.sync(self.priorities.record))
+
+    def _lost(self, keys: list[tuple[int, int]]) -> None:
+        """Blocks whose segment failed to write (`DiskDirectory.errors` says why) leave the
+        index, as if evicted."""
+        for g, key in keys:
+            parent = self.disk[g].parent_of.pop(key, None)
+            if parent is not None:
+                self.disk[g].policy.remove(key)
+                self.stats.disk_errors += 1
+                self._emit(g, "removed", key, parent, -1, "disk")
 
     # ---- moves down ----------------------------------------------------------------------
     def _device_evicted(self, g: int, block: int, key: int, parent: int, behind: bool) -> None:
@@ -413,6 +439,8 @@ class CacheTiers:
         for g, (host, disk) in enumerate(zip(self.host, self.disk)):
             host.check_integrity()
             disk.check_integrity()
+            if disk.directory is not None and g == 0:
+                disk.directory.check_integrity()
             have = {(g, k): n for k, n in host.pins.items()}
             want = {k: n for k, n in pins.items() if k[0] == g}
             if self.in_flight is None and have != want:
