@@ -263,7 +263,7 @@ def test_malformed_and_oversized_control_messages_are_refused(peer):
         b"not json",
         b"[1, 2]",
         b'{"protocol": "paged_kv.transfer", "version": 1, "type": "offer", "transfer": "t", "seq_id": NaN}',
-        json.dumps({**good, "version": 2}).encode(),
+        json.dumps({**good, "version": messages.VERSION + 1}).encode(),
         json.dumps({**good, "protocol": "other"}).encode(),
         json.dumps({**good, "type": "launch"}).encode(),
         json.dumps({**good, "extra": 1}).encode(),
@@ -294,10 +294,10 @@ def test_messages_round_trip_and_are_checked_here_too():
         messages.make("refused", "t", reason="r", message="m", needed=True, free=0)
     with pytest.raises(TransferMessageError, match="one first block"):
         messages.make("offer", "t", seq_id=1, num_tokens=2, tokens=[1, 2], cache_key=None, first_blocks=[0],
-                      blocks=[1, 1], padded=[1, 1], spec={}, leaves=[], info={})
+                      blocks=[1, 1], padded=[1, 1], spec={}, leaves=[], info={}, shm=None)
     with pytest.raises(TransferMessageError, match="padding"):
         messages.make("offer", "t", seq_id=1, num_tokens=2, tokens=[1, 2], cache_key=None, first_blocks=[0],
-                      blocks=[1], padded=[4], spec={}, leaves=[], info={})
+                      blocks=[1], padded=[4], spec={}, leaves=[], info={}, shm=None)
     assert messages.salt_from_json(messages.salt_to_json(b"\x00salt")) == b"\x00salt"
     with pytest.raises(TransferMessageError):
         messages.salt_to_json(("a", 1))

@@ -123,6 +123,14 @@ class Connection:
             msg = messages.decode(self._sock.recv(), self.max_bytes)
             self._mail.setdefault(msg["transfer"], []).append(msg)
 
+    def peek(self, transfer: str) -> dict[str, Any] | None:
+        """A reply for ``transfer`` already here (kept for `expect`), or None; waits for nothing."""
+        while not self._mail.get(transfer) and self._sock.poll(0, zmq.POLLIN):
+            msg = messages.decode(self._sock.recv(), self.max_bytes)
+            self._mail.setdefault(msg["transfer"], []).append(msg)
+        box = self._mail.get(transfer)
+        return box[0] if box else None
+
     def forget(self, transfer: str) -> None:
         """Drop replies kept for ``transfer``."""
         self._mail.pop(transfer, None)

@@ -2,15 +2,20 @@
 against a schema on arrival.
 
 Every message is one UTF-8 JSON object ``{"protocol": "paged_kv.transfer", "version":
-1, "type": ..., "transfer": ID, ...}``. The pages themselves never travel here (they go
-through `jax.experimental.transfer`); these messages say which sequence, its length,
-its tokens, its salt and the shapes to pull, and carry each side's answer:
+2, "type": ..., "transfer": ID, ...}``. The pages themselves never travel here: they
+go through a shared-memory ring on one host (`paged_kv.transfer.shm`), else through
+`jax.experimental.transfer`. These messages say which sequence, its length, its
+tokens, its salt, the ring offered and the shapes to pull, and carry each side's
+answer:
 
     sender                                  receiver
-    offer  (sequence, tokens, spec, shapes) ─▶  checks, admits its blocks (all or nothing)
-           ◀─ ready | refused (reason)
-    pull   (transfer address, uuid)  ─────────▶  pulls the pages, writes them, keys them
-           ◀─ done  | failed  (reason)
+    offer  (sequence, tokens, spec, ring) ──▶  checks, admits its blocks (all or nothing),
+           ◀─ ready (path: shm | tcp)          maps the ring (or says why not: tcp)
+           | refused (reason)
+    shm:  stream (first chunk, count) ───────▶  copies each chunk out of the ring into
+           (chunks: counters in the ring)      its pages as the sender puts them in
+    tcp:  pull (transfer address, uuid) ─────▶  pulls the pages, writes them
+           ◀─ done  | failed  (reason)         (after the last chunk or the pull; keys them)
     abort  (the sequence changed) ───────────▶  frees what it admitted
 
 Anything else -- bytes that are not JSON, another protocol or version, a message over
@@ -28,7 +33,7 @@ from typing import Any, NoReturn
 from paged_kv.errors import TransferMessageError
 
 PROTOCOL = "paged_kv.transfer"
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE_BYTES = 4 << 20
 """Default bound of one message: an offer holds the prompt's token ids (a 128k-token
 prompt is ~1 MiB of JSON), everything else is small."""
@@ -97,15 +102,31 @@ def _leaves(v: object) -> bool:
 
 _leaves.what = "per layer a list of [shape, dtype] pairs"  # type: ignore[attr-defined]  # what a check wants: a function attribute
 
+def _ring(v: object) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) == {"name", "nonce", "slots", "slot_bytes"}
+                         and _str(v["name"]) and _str(v["nonce"]) and _int(0, 1 << 40)(v["slots"])
+                         and _int(0, 1 << 40)(v["slot_bytes"]))
+
+
+_ring.what = 'null or {"name", "nonce", "slots", "slot_bytes"}'  # type: ignore[attr-defined]  # what a check wants: a function attribute
+
+
+def _path(v: object) -> bool:
+    return v in ("shm", "tcp")
+
+
+_path.what = '"shm" or "tcp"'  # type: ignore[attr-defined]  # what a check wants: a function attribute
+
 _COMMON = {"protocol": _str, "version": _int(), "type": _str, "transfer": _str}
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "offer": {"seq_id": _int(), "num_tokens": _int(1, 2**31 - 1), "tokens": _ints(), "cache_key": _salt,
               "first_blocks": _ints(0, 2**31 - 1), "blocks": _ints(0, 2**31 - 1), "padded": _ints(0, 2**31 - 1),
-              "spec": _object, "leaves": _leaves, "info": _object},
-    "ready": {"seq_id": _int()},
+              "spec": _object, "leaves": _leaves, "info": _object, "shm": _ring},
+    "ready": {"seq_id": _int(), "path": _path, "why": _str},
     "refused": {"reason": _str, "message": _str, "needed": _int(-1), "free": _int(-1)},
     "pull": {"address": _str, "uuid": _int(0, 2**62)},
+    "stream": {"first": _int(0, 2**62), "count": _int(1, 2**40), "nbytes": _int(1, 2**50)},
     "done": {"seq_id": _int(), "keyed": _int()},
     "failed": {"reason": _str, "message": _str},
     "abort": {"reason": _str, "message": _str},

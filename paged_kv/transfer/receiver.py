@@ -2,12 +2,18 @@
 them into this process's cache, between the steps of whatever runs here.
 
 Everything happens inside `poll`, on the caller's thread: it answers offers (admit the
-sequence into fresh blocks, all or nothing, or refuse it with a reason), starts the
-pulls senders ask for (`jax.experimental.transfer`, asynchronous: a decode step can
-run while the pages arrive), writes the pages that arrived in one jitted call each,
-keys the sequence's full blocks in the prefix cache, and frees whatever a sender
-abandoned: an offer with no pull before ``offer_timeout``, a pull not finished
-within ``pull_timeout`` or failed (the sender died or closed its server), an abort.
+sequence into fresh blocks, all or nothing, or refuse it with a reason; map the ring
+the offer names, or answer that the pages go over TCP), copies the chunks senders put
+in their rings into the pool in place, starts the pulls senders ask for
+(`jax.experimental.transfer`, asynchronous: a decode step can run while the pages
+arrive) and writes the pages that arrived in one jitted call each, keys the
+sequence's full blocks in the prefix cache, and frees whatever a sender abandoned:
+an offer with no chunk or pull before ``offer_timeout``, pages not all there within
+``pull_timeout`` or a failed pull (the sender died or closed its server), an abort.
+
+A poll copies every chunk in a ring and, once it copied some, goes on while the next
+ones follow within ``STREAM_GAP`` seconds: a sequence streams in one poll when its
+sender keeps up, and a sender that stops costs a poll one gap at most.
 """
 
 from __future__ import annotations
@@ -37,16 +43,24 @@ from paged_kv.spec import require_same_spec
 from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Listener
 from paged_kv.transfer.pages import abandon, check_compatible, nest, pull_shapes, transfer_server
+from paged_kv.transfer.shm import Ring, RingRefused, open_ring
+from paged_kv.transfer.stream import Plan, Sink, host_memory, plan, take_over
 
 if TYPE_CHECKING:
     from jax.experimental.transfer import TransferConnection, TransferServer
+
+STREAM_GAP = 0.05
+"""Seconds a poll that copied chunks waits for the next one before it returns."""
+MAX_RINGS = 8
+"""Rings kept mapped (one per sender, least recently offered dropped first)."""
 
 
 @attrs.frozen(eq=False)
 class Received:
     """A sequence now held by the receiver's manager, its pages written: ``tokens`` (all
     ``num_tokens``), the salt they were keyed under, the sender's ``info``, how many
-    full blocks were newly keyed, bytes pulled and seconds from offer to written."""
+    full blocks were newly keyed, bytes received, seconds from offer to written, and
+    the path they came by (``"shm"`` or ``"tcp"``)."""
 
     seq_id: int
     num_tokens: int
@@ -56,6 +70,7 @@ class Received:
     keyed: int
     nbytes: int
     seconds: float
+    path: str = "tcp"
 
 
 @dataclasses.dataclass
@@ -72,18 +87,32 @@ class _Incoming:
     started: float
     arrays: list[jax.Array] | None = None
     source: str = ""
+    ring: Ring | None = None
+    plan: Plan | None = None
+    first: int = -1
+    """The ring's number of the transfer's first chunk (-1: not streaming)."""
+    progress: float = 0.0
+    """When its stream started or its last chunk was copied (`time.monotonic`)."""
+    copied: int = 0
+    stamped: bool = False
 
 
 class TransferReceiver:
     """Receives sequences into ``manager``'s cache; senders connect to `address`
     (127.0.0.1 only). ``offer_timeout``: seconds an admitted offer may wait for its
-    pull; ``pull_timeout``: seconds a pull may take. Call `poll` between steps."""
+    first chunk or pull; ``pull_timeout``: seconds its pages may take from then.
+    ``shared_memory``: map the rings senders offer (False: always TCP). Call `poll`
+    between steps."""
 
     def __init__(self, manager: KVCacheManager, *, port: int = 0, offer_timeout: float = 30.0,
                  pull_timeout: float = 30.0, max_message_bytes: int = messages.MAX_MESSAGE_BYTES,
-                 device: jax.Device | None = None) -> None:
+                 device: jax.Device | None = None, shared_memory: bool = True) -> None:
         if not isinstance(manager, KVCacheManager):
             raise InvalidArgumentError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
+        if not isinstance(shared_memory, bool):
+            raise InvalidArgumentError(f"shared_memory={shared_memory!r} must be True or False")
+        self.shared_memory = shared_memory
+        self._rings: collections.OrderedDict[str, Ring] = collections.OrderedDict()
         for name, value in (("offer_timeout", offer_timeout), ("pull_timeout", pull_timeout)):
             if not messages.finite(value) or value <= 0:
                 raise InvalidArgumentError(f"{name}={value!r} must be a positive number of seconds")
@@ -122,6 +151,7 @@ class TransferReceiver:
             while self._listener.wait(0):
                 self._handle(cache, *self._listener.receive())
             cache = self._finish(cache, received)
+            cache = self._stream(cache, received, end)
             self._expire()
             now = time.monotonic()
             if received or now >= end:
@@ -134,6 +164,9 @@ class TransferReceiver:
         for t in list(self._incoming.values()):
             self._drop(t, "failed", "the receiver closed", "closed")
         self._listener.close()
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()
 
     # ---- messages ----------------------------------------------------------------------
     def _handle(self, cache: PagedKVCache, peer: bytes, msg: dict[str, Any] | None, error: TransferMessageError | None) -> None:
@@ -145,15 +178,19 @@ class TransferReceiver:
         kind, transfer = msg["type"], msg["transfer"]
         if kind == "offer":
             self._offer(cache, peer, msg)
-        elif kind in ("pull", "abort"):
+        elif kind in ("pull", "abort", "stream"):
             t = self._incoming.get(transfer)
             if t is None or t.peer != peer:  # finished, expired or never offered: nothing is held for it
-                if kind == "pull":
+                if kind != "abort":
                     self._reply(peer, "failed", transfer, reason="unknown",
                                 message=f"no admitted offer {transfer[:40]} (expired, aborted or never made)")
                 return
             if kind == "abort":
                 self._drop(t, None, msg["message"], "aborted")
+            elif kind == "stream":
+                self._start(t, msg)
+            elif t.first >= 0:
+                self._drop(t, "failed", "a pull after chunks: one path per transfer", "message")
             else:
                 self._pull(cache, t, msg)
         else:
@@ -188,9 +225,51 @@ class TransferReceiver:
             self._reply(peer, "refused", transfer, reason=reason, message=str(exc)[:2000], needed=needed, free=free)
             return
         now = time.monotonic()
-        self._incoming[transfer] = _Incoming(transfer, peer, int(msg["seq_id"]), tokens, cache_key, msg["info"], ids,
-                                             tuple(msg["padded"]), now + self.offer_timeout, time.perf_counter())
-        self._reply(peer, "ready", transfer, seq_id=int(msg["seq_id"]))
+        t = _Incoming(transfer, peer, int(msg["seq_id"]), tokens, cache_key, msg["info"], ids, tuple(msg["padded"]),
+                      now + self.offer_timeout, time.perf_counter())
+        why = self._map(cache, t, msg["shm"])
+        self._incoming[transfer] = t
+        self._reply(peer, "ready", transfer, seq_id=int(msg["seq_id"]), path="shm" if t.ring else "tcp", why=why)
+
+    def _map(self, cache: PagedKVCache, t: _Incoming, offered: dict[str, Any] | None) -> str:
+        """Map the ring an offer names for ``t`` (its chunks' plan from this side's own
+        spec and the admitted block counts); returns why not ("" when mapped)."""
+        if offered is None:
+            return "the sender offered no ring"
+        if not self.shared_memory:
+            return "shared memory is off at the receiver"
+        if not host_memory(cache):
+            return "the receiver's cache is not in host memory"
+        try:
+            ring = self._rings.get(offered["name"])
+            if ring is None or ring.nonce.hex() != offered["nonce"] or (ring.slots, ring.slot_bytes) != (
+                    offered["slots"], offered["slot_bytes"]):
+                ring = open_ring(offered["name"], offered["nonce"], offered["slots"], offered["slot_bytes"])
+            t.plan = plan(cache, tuple(i.size for i in t.ids), ring.slot_bytes)
+        except (RingRefused, ValueError, OSError) as exc:
+            return f"the receiver cannot use the ring: {str(exc)[:300]}"
+        self._rings[ring.name] = ring
+        self._rings.move_to_end(ring.name)
+        while len(self._rings) > MAX_RINGS:  # a ring still streaming stays mapped through its transfer
+            self._rings.popitem(last=False)
+        t.ring = ring
+        return ""
+
+    def _start(self, t: _Incoming, msg: dict[str, Any]) -> None:
+        """A sender starts putting ``t``'s chunks in its ring: checked against this side's
+        plan (count and bytes) and ring position, else the transfer is dropped."""
+        p, ring = t.plan, t.ring
+        if p is None or ring is None or t.arrays is not None or t.first >= 0:
+            self._drop(t, "failed", "a stream for a transfer without a ring, or twice: one path per transfer",
+                       "message")
+        elif (msg["count"], msg["nbytes"], msg["first"]) != (len(p.chunks), p.nbytes, ring.position):
+            self._drop(t, "failed", f"a stream of {msg['count']} chunks, {msg['nbytes']} bytes from chunk "
+                       f"{msg['first']}; this side's plan is {len(p.chunks)} chunks, {p.nbytes} bytes from chunk "
+                       f"{ring.position}", "message")
+        else:
+            t.first = ring.position
+            t.progress = time.monotonic()
+            t.deadline = t.progress + self.pull_timeout
 
     def _pull(self, cache: PagedKVCache, t: _Incoming, msg: dict[str, Any]) -> None:
         if t.arrays is not None:
@@ -225,22 +304,74 @@ class TransferReceiver:
         return cache
 
     def _write(self, cache: PagedKVCache, t: _Incoming, received: list[Received]) -> PagedKVCache:
-        manager = self.manager
-        n = int(t.tokens.size)
         try:
-            cache = write_back(cache, manager, t.ids, t.padded, nest(cache, t.arrays))  # type: ignore[arg-type]  # pulled: arrays
+            cache = write_back(cache, self.manager, t.ids, t.padded, nest(cache, t.arrays))  # type: ignore[arg-type]  # pulled: arrays
         except Exception:
             self._drop(t, "failed", "writing the pages failed", "internal")
             raise
+        self._written(t, received, sum(int(a.nbytes) for a in t.arrays), "tcp")  # type: ignore[union-attr, misc]  # pulled: arrays
+        return cache
+
+    def _written(self, t: _Incoming, received: list[Received], nbytes: int, path: str) -> None:
+        """``t``'s pages are in the pool: commit, key, answer ``done``."""
+        manager = self.manager
+        n = int(t.tokens.size)
         del self._incoming[t.transfer]
+        t.arrays, t.ring = None, None
         manager.commit([t.seq_id], n)  # its bytes are in the pages: written
         keyed = manager.cache_tokens(t.seq_id, t.tokens, t.cache_key) if manager.prefix_cache is not None else 0
-        nbytes = sum(int(a.nbytes) for a in t.arrays)  # type: ignore[union-attr, misc]  # pulled: arrays
-        t.arrays = None
         self.counts["received"] += 1
+        self.counts[f"received:{path}"] += 1
         self._reply(t.peer, "done", t.transfer, seq_id=t.seq_id, keyed=int(keyed))
         received.append(Received(t.seq_id, n, t.tokens, t.cache_key, t.info, int(keyed), nbytes,
-                                 time.perf_counter() - t.started))
+                                 time.perf_counter() - t.started, path))
+
+    # ---- rings -----------------------------------------------------------------------------
+    def _stream(self, cache: PagedKVCache, received: list[Received], end: float) -> PagedKVCache:
+        for t in [t for t in self._incoming.values() if t.first >= 0]:
+            if self._incoming.get(t.transfer) is t:
+                cache = self._copy_chunks(cache, t, received, end)
+        return cache
+
+    def _copy_chunks(self, cache: PagedKVCache, t: _Incoming, received: list[Received], end: float) -> PagedKVCache:
+        """Copy ``t``'s chunks in its ring into the pool, in place: the cache taken over
+        first (its blocks stamped the first time), then each chunk copied and its slot
+        handed back (the ring's ``read``); until the poll's end, and while the next
+        chunks follow within `STREAM_GAP` of the stream's start or the last one, wait
+        for them (polling the ring's ``written``, yielding the core), answering
+        messages every millisecond meanwhile. The last chunk completes it."""
+        assert t.plan is not None and t.ring is not None
+        ring, n = t.ring, len(t.plan.chunks)
+        cache = take_over(cache, self.manager, t.ids, t.padded, stamp=not t.stamped)
+        t.stamped = True
+        # Raw pointers into the pool (no reference a donation sees): used in this call only.
+        sink = Sink(cache, t.plan, t.ids, self.manager.steps.tag)
+        try:
+            checked = time.monotonic()
+            while self._incoming.get(t.transfer) is t:
+                # The sender's counter is untrusted: it only says when to copy, never where.
+                ready = min(ring.written - t.first, n)
+                while t.copied < ready:
+                    sink.write(t.copied, ring.slot(t.first + t.copied))
+                    t.copied += 1
+                    ring.read = t.first + t.copied
+                    if t.copied == n:
+                        ring.position = t.first + n
+                        self._written(t, received, t.plan.nbytes, "shm")
+                        return cache
+                    t.progress = time.monotonic()
+                now = time.monotonic()
+                if now >= t.deadline or now > max(end, t.progress + STREAM_GAP):
+                    break
+                if now - checked > 0.001:
+                    checked = now
+                    while self._listener.wait(0):
+                        self._handle(cache, *self._listener.receive())
+                time.sleep(0)
+        except Exception:
+            if self._incoming.get(t.transfer) is t:
+                self._drop(t, "failed", "writing the pages failed", "internal")
+            raise
         return cache
 
     def _expire(self) -> None:
@@ -251,13 +382,17 @@ class TransferReceiver:
                 if conn is not None:
                     abandon(conn)
                 self._drop(t, "failed", f"the pages did not arrive within {self.pull_timeout:g} s", "timeout")
+            elif t.first >= 0:
+                self._drop(t, "failed", f"the chunks did not all arrive within {self.pull_timeout:g} s", "timeout")
             else:
                 self._drop(t, "failed", f"no pull within {self.offer_timeout:g} s of the offer", "timeout")
 
     def _drop(self, t: _Incoming, reply: str | None, message: str, reason: str) -> None:
         """Forget ``t`` and free its blocks; tell the sender (``reply``) unless it asked."""
         self._incoming.pop(t.transfer, None)
-        t.arrays = None
+        if t.first >= 0 and t.ring is not None:  # its counters are mid-transfer: the sender drops it too
+            self._rings.pop(t.ring.name, None)
+        t.arrays, t.ring = None, None
         if t.seq_id in self.manager:
             self.manager.release(t.seq_id)
         self.counts["aborted" if reply is None else f"failed:{reason}"] += 1
