@@ -100,7 +100,7 @@ def receive(config: list[dict], limit: float) -> None:
         spec = spec_of(c["spec"], **c.get("changes", {}))
         manager = pk.KVCacheManager(spec, prefix_cache=c.get("prefix", True))
         receiver = TransferReceiver(manager, offer_timeout=c.get("offer_timeout", 20.0),
-                                    pull_timeout=c.get("pull_timeout", 20.0))
+                                    pull_timeout=c.get("pull_timeout", 20.0), shared_memory=c.get("shm", True))
         peers[c["name"]] = {"manager": manager, "receiver": receiver, "cache": pk.PagedKVCache.init(spec)}
     control = zmq.Context.instance().socket(zmq.REP)
     control.setsockopt(zmq.LINGER, 0)
@@ -145,11 +145,12 @@ def command(p: dict, cmd: dict) -> dict:
 def send(config: dict) -> None:
     """Offer a sequence to ``config["to"]``, then die as ``config["die"]`` says:
     "after-ready" (never pull), "pull-unposted" (ask for a pull of pages never posted),
-    "after-post" (post the pages, ask for the pull, exit at once)."""
+    "after-post" (post the pages, ask for the pull, exit at once), "mid-stream" (start
+    the shared-memory stream, put its first chunk in the ring, exit)."""
     spec = spec_of(config["spec"])
     manager = pk.KVCacheManager(spec)
     cache = fill(pk.PagedKVCache.init(spec), manager, config["seq_id"], config["tokens"], seed=3)
-    sender = TransferSender(manager, timeout=20.0)
+    sender = TransferSender(manager, timeout=20.0, shm_slots=2, shm_slot_bytes=4096)
     tokens = np.arange(config["tokens"]) % 97
     offer = sender.offer(cache, config["seq_id"], tokens, config["to"])
     print("ready", flush=True)
@@ -157,6 +158,14 @@ def send(config: dict) -> None:
     if config["die"] == "pull-unposted":
         server = sender._transfer_server()
         conn.send(messages.make("pull", offer.transfer, address=server.address(), uuid=12345))
+    elif config["die"] == "mid-stream":
+        from paged_kv.transfer.stream import Source, plan
+        assert offer.path == "shm" and offer.ring is not None
+        p = plan(cache, tuple(b.size for b in offer.blocks), offer.ring.slot_bytes)
+        assert len(p.chunks) > 1  # the first alone leaves it unfinished
+        conn.send(messages.make("stream", offer.transfer, first=0, count=len(p.chunks), nbytes=p.nbytes))
+        Source(cache, p, offer.blocks, offer.first_blocks, offer.num_tokens, manager.steps.tag).fill(0, offer.ring.slot(0))
+        offer.ring.written = 1
     elif config["die"] == "after-post":
         pages = read_sequence(cache, offer.blocks, offer.first_blocks, offer.num_tokens, offer.padded,
                               manager.steps.tag)
