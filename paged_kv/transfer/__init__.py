@@ -2,9 +2,11 @@
 
 A `TransferSender` in one process offers a sequence of its cache to a
 `TransferReceiver` in another; the receiver admits it with its own manager (all or
-nothing), pulls its pages -- every layer group, quantized pages with their scales --
-through `jax.experimental.transfer`, writes them in place in one jitted call
-(stamping block generations, `paged_kv.binding`) and keys its full blocks in its
+nothing), receives its pages -- every layer group, quantized pages with their scales --
+through a shared-memory ring when both are CPU caches on one host (`shm`, `stream`:
+read from the sender's pool and written into the receiver's in place), else pulls
+them through `jax.experimental.transfer` and writes them in one jitted call (either
+way stamping block generations, `paged_kv.binding`), and keys its full blocks in its
 prefix cache under the same chain keys and salt. The control messages (which
 sequence, its length, tokens, salt, the shapes to pull, each side's answer) go over
 ZeroMQ as versioned, size-bounded JSON (`paged_kv.transfer.messages`); sockets bind
