@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -54,15 +55,13 @@ class PagedKVCache:
         else:
             _check_fits(spec, _device(device))
 
-        def view(layer: int) -> PagedLayerView:
-            kind: type[PagedLayerView]
-            if layout == "unified":
-                kind = UnifiedCacheView
-            else:
-                kind = SlidingWindowCacheView if layer in spec.sliding_layers else TransformerCacheView
-            return kind.init(spec, layer, device)
-
-        return cls(tuple(view(i) for i in range(spec.num_layers)))
+        if device is None:
+            # Every layer's zeros from one program: built op by op they took four (a
+            # fill and a broadcast per dtype), each traced, lowered and compiled (or read
+            # from the persistent compilation cache) before a process's first step.
+            zeroed: PagedKVCache = _zeroed(spec, layout)
+            return zeroed
+        return cls(_views(spec, layout, device))
 
     @property
     def spec(self) -> CacheSpec:
@@ -109,6 +108,25 @@ class PagedKVCache:
     def nbytes(self) -> int:
         """Device bytes of every layer's pages and binding arrays (`CacheSpec.device_bytes`)."""
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+
+def _views(spec: CacheSpec, layout: str, device: jax.Device | jax.sharding.Sharding | None,
+           ) -> tuple[PagedLayerView, ...]:
+    def view(layer: int) -> PagedLayerView:
+        kind: type[PagedLayerView]
+        if layout == "unified":
+            kind = UnifiedCacheView
+        else:
+            kind = SlidingWindowCacheView if layer in spec.sliding_layers else TransformerCacheView
+        return kind.init(spec, layer, device)
+
+    return tuple(view(i) for i in range(spec.num_layers))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zeroed(spec: CacheSpec, layout: str) -> PagedKVCache:
+    """`PagedKVCache.init` on the default device, as one program (per spec and layout)."""
+    return PagedKVCache(_views(spec, layout, None))
 
 
 def _device(device: object) -> jax.Device | jax.sharding.Sharding:

@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                 generator = Generator(cfg, params, spec, prefix_cache=not args.no_prefix_cache,
                                       eos_token_ids=() if args.ignore_eos else cfg.eos_token_ids,
                                       prefill_chunk=args.prefill_chunk,
-                                      detokenize=None if tokenizer is None else tokenizer.decode)
+                                      detokenize=None if tokenizer is None else tokenizer.decode,
+                                      program_cache=options.program_dir(args))
                 completions, stats = generator.generate(requests, progress)
         finally:
             if bar is not None:

@@ -84,6 +84,14 @@ def default_cache_dir() -> str:
     return os.path.join(base, "paged_kv", "jax")
 
 
+def program_dir(args: argparse.Namespace) -> pathlib.Path | None:
+    """Where the generator keeps its compiled steps (`paged_kv.models.programs`): beside
+    JAX's compilation cache in ``--compile-cache``, whose hits still trace and lower the
+    model (most of a warm run's time before its first token); None with
+    ``--no-compile-cache``."""
+    return None if args.no_compile_cache else pathlib.Path(args.compile_cache).expanduser() / "paged_kv-programs"
+
+
 def request_fields(args: argparse.Namespace, index: int) -> dict[str, Any]:
     """The `Request` fields the flags give request ``index``."""
     fields = {name: getattr(args, name) for name in SAMPLING}
@@ -181,4 +189,5 @@ def chat_template(directory: pathlib.Path) -> Callable[[str], str]:
     return render
 
 
-__all__ = ["add_flags", "chat_template", "compile_cache", "default_cache_dir", "needs_text", "request_fields"]
+__all__ = ["add_flags", "chat_template", "compile_cache", "default_cache_dir", "needs_text", "program_dir",
+           "request_fields"]

@@ -25,6 +25,7 @@ The request types live in `paged_kv.models.requests` and `paged_kv.models.sequen
 from __future__ import annotations
 
 import collections
+import os
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -39,7 +40,8 @@ from paged_kv.insertion import insert_prefill_slot
 from paged_kv.errors import OutOfBlocksError
 from paged_kv.metadata import StepMetadata, bucket
 from paged_kv.models.decoder import Params
-from paged_kv.models.llama import LlamaConfig, forward, forward_contiguous
+from paged_kv.models.llama import LlamaConfig
+from paged_kv.models.programs import ModelPrograms
 from paged_kv.models.requests import Completion, GenerationError, GenerationStats, Request
 from paged_kv.models.sampling import Pick, Sampler, record_logprobs
 from paged_kv.models.sequences import Prefilled, Seq, checked_sequences
@@ -65,12 +67,18 @@ class Generator:
     ``{"xla_backend_optimization_level": 0}`` compiles a tiny model ~3x faster on CPU).
     ``detokenize``: token ids -> text (e.g. a tokenizer's ``decode``): completions then
     carry their ``text``, and requests may give ``stop`` strings.
+    ``program_cache``: a directory where the compiled steps are kept, so that a later
+    process (same model, spec, code and jax) reads them back instead of tracing and
+    compiling (`paged_kv.models.programs`; the CLI keeps them beside JAX's compilation
+    cache); None keeps nothing.
     """
 
     def __init__(self, cfg: LlamaConfig, params: Params, spec: CacheSpec, *, prefix_cache: bool = True,
                  eos_token_ids: Sequence[int] = (), record_logits: bool = False,
                  compiler_options: dict[str, Any] | None = None, headroom: int = 1, prefill_chunk: int | None = None,
-                 detokenize: Detokenize | None = None) -> None:
+                 detokenize: Detokenize | None = None, program_cache: str | os.PathLike[str] | None = None) -> None:
+        if program_cache is not None and not isinstance(program_cache, (str, os.PathLike)):
+            raise GenerationError(f"program_cache={program_cache!r} must be None or a directory path")
         self.cfg, self.params, self.spec, self.detokenize = cfg, params, spec, detokenize
         self.manager = KVCacheManager(spec, prefix_cache=prefix_cache)
         self.slots = DecodeSlots(self.manager)
@@ -88,24 +96,9 @@ class Generator:
         self.policy = SchedulingPolicy(max_batch=self.slots.num_slots, prefill_chunk=prefill_chunk)
         self._prefilling: list[Seq] = []  # admitted, prompt not fully in the pages yet
         self.record_logits = record_logits
-        self._traces = 0
         self._sampler = Sampler()
 
-        def step(params: Params, cache: PagedKVCache, tokens: jax.Array, metadata: StepMetadata,
-                 greedy: bool) -> tuple[jax.Array, PagedKVCache]:
-            self._traces += 1  # runs only while tracing: counts compilations
-            return forward(cfg, params, cache, tokens, metadata, last_only=not record_logits, greedy=greedy)
-
-        # ``greedy``: a decode step whose every request is plain greedy returns its tokens,
-        # not [B, vocab] logits (a second program per decode bucket).
-        self._step = jax.jit(step, donate_argnums=1, static_argnums=4, compiler_options=compiler_options)
-
-        def contiguous(params: Params, tokens: jax.Array,
-                       ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-            self._traces += 1
-            return forward_contiguous(cfg, params, tokens)
-
-        self._contiguous = jax.jit(contiguous, compiler_options=compiler_options)
+        self._programs = ModelPrograms(cfg, spec, record_logits, program_cache, compiler_options)
 
     # ---- requests --------------------------------------------------------------------
     def _sequences(self, requests: Sequence[Request], taken: Collection[int] = ()) -> list[Seq]:
@@ -134,7 +127,7 @@ class Generator:
         self.stats = GenerationStats(requests=len(seqs))
         waiting = collections.deque(sorted(seqs, key=lambda s: s.arrival_step))
         finished = 0
-        start, traces = time.perf_counter(), self._traces
+        start, traces, loaded = time.perf_counter(), self._programs.traces, self._programs.loaded
         self._start = start  # a completion's first_token_seconds counts from here
         self._clock = 0
         while waiting or len(self.slots) or self._prefilling or open_:
@@ -167,12 +160,13 @@ class Generator:
                 self.stats.seconds = time.perf_counter() - start
                 progress(finished, len(seqs), self.stats)
         self.stats.seconds = time.perf_counter() - start
-        self.stats.compilations = self._traces - traces
+        self.stats.compilations = self._programs.traces - traces
+        self.stats.loaded_programs = self._programs.loaded - loaded
         return [s.completion for s in seqs], self.stats  # type: ignore[misc]  # each finished: has its completion
 
     def _run(self, tokens: np.ndarray, metadata: StepMetadata, greedy: bool = False) -> np.ndarray:
         """Run one step: its logits, or with ``greedy`` each row's argmax token."""
-        logits, self.cache = self._step(self.params, self.cache, jax.device_put(tokens), metadata.to_device(), greedy)
+        logits, self.cache = self._programs.steps[greedy](self.params, self.cache, jax.device_put(tokens), metadata.to_device())
         logits = np.asarray(logits)  # waits for the step
         used = self.manager.num_used_blocks / sum(g.num_blocks - 1 for g in self.spec.groups)
         self.stats.kv_usage_sum += used
@@ -273,7 +267,7 @@ class Generator:
         n = len(s.tokens)
         tokens = np.zeros((1, bucket(n, self.spec.max_seq_len)), np.int32)
         tokens[0, :n] = s.tokens
-        logits, keys, values = self._contiguous(self.params, jax.device_put(tokens))
+        logits, keys, values = self._programs.contiguous(self.params, jax.device_put(tokens))
         self.cache, slot = insert_prefill_slot(self.cache, self.slots, s.request_id, [k[0, :n] for k in keys],
                                                      [v[0, :n] for v in values])
         logits = np.asarray(logits)[0, :n]
@@ -310,12 +304,12 @@ class Generator:
         tokens = np.zeros((self.slots.num_slots, 1), np.int32)
         for b, rid in occupied:
             tokens[b, 0] = self._by_id[rid].tokens[-1]
-        traces, t0 = self._traces, time.perf_counter()
+        made, t0 = self._programs.made, time.perf_counter()
         seqs = [self._by_id[rid] for _, rid in occupied]
         greedy = not self.record_logits and all(s.sampling.plain_greedy for s in seqs)
         logits = self._run(tokens, meta, greedy)
         self.slots.commit()
-        if self._traces == traces:
+        if self._programs.made == made:  # a step that compiled or read back its program is no steady state
             self.stats.decode_seconds += time.perf_counter() - t0
             self.stats.decode_tokens += len(occupied)
         self.stats.decode_steps += 1

@@ -116,9 +116,10 @@ class GenerationStats:
     preemptions: int = 0
     seconds: float = 0.0
     first_token_seconds: float = 0.0  # from the call to the first generated token (compilation included)
-    decode_seconds: float = 0.0  # decode steps that did not compile
+    decode_seconds: float = 0.0  # decode steps that neither compiled nor read back their program
     decode_tokens: int = 0  # tokens those steps produced
     compilations: int = 0
+    loaded_programs: int = 0  # compiled steps read back from the Generator's program_cache instead
     kv_usage_sum: float = 0.0
     kv_usage_samples: int = 0  # paged steps sampled (an inserted prefill runs no paged step)
     kv_usage_peak: float = 0.0
@@ -146,7 +147,9 @@ class GenerationStats:
                 f"({self.tokens_per_s:.1f} tokens/s over the whole call); KV cache usage mean "
                 f"{self.kv_usage_mean:.1%}, peak {self.kv_usage_peak:.1%}; "
                 f"{plural(self.prefill_steps, 'prefill step')} / {plural(self.decode_steps, 'decode step')}, "
-                f"{plural(self.compilations, 'compilation')}; prefill computed "
+                f"{plural(self.compilations, 'compilation')}"
+                + (f" ({plural(self.loaded_programs, 'compiled step')} read back)" if self.loaded_programs else "")
+                + "; prefill computed "
                 f"{plural(self.prefill_tokens, 'token')} ({plural(self.inserted_prefills, 'prompt')} prefilled "
                 f"elsewhere and inserted), prefix cache served {plural(self.cached_tokens, 'token')}; "
                 f"{plural(self.preemptions, 'preemption')}; {plural(self.joined_mid_run, 'request')} joined mid-run")
