@@ -57,6 +57,17 @@ def peer():
     assert shm.leftovers(PIDS) == []
 
 
+@pytest.fixture(autouse=True)
+def before():
+    """Ring files of this process already there (other tests' senders still alive): a
+    test checks it adds none that outlive it."""
+    return set(shm.leftovers({os.getpid()}))
+
+
+def new_rings(before: set[str]) -> set[str]:
+    return set(shm.leftovers({os.getpid()})) - before
+
+
 def sender_side(name: str = "hybrid", **kw):
     spec = spec_of(name)
     manager = pk.KVCacheManager(spec)
@@ -65,7 +76,7 @@ def sender_side(name: str = "hybrid", **kw):
 
 @pytest.mark.parametrize("name,slots,slot_bytes", [("hybrid", 4, 1 << 20), ("int8", 4, 1 << 20),
                                                    ("hybrid", 2, 4096)])  # the last: many chunks, the ring wraps
-def test_pages_move_through_the_ring_bit_for_bit(peer, name, slots, slot_bytes):
+def test_pages_move_through_the_ring_bit_for_bit(peer, name, slots, slot_bytes, before):
     spec, manager, sender = sender_side(name, shm_slots=slots, shm_slot_bytes=slot_bytes)
     for round_, (seq, n) in enumerate([(7, 23), (8, 61)]):  # the ring is reused by the second transfer
         cache = fill(pk.PagedKVCache.init(spec), manager, seq, n, seed=round_)  # its blocks held other bytes
@@ -80,13 +91,13 @@ def test_pages_move_through_the_ring_bit_for_bit(peer, name, slots, slot_bytes):
         peer.ask(name, "release", seq_id=seq)
     status = peer.ask(name, "status")
     assert status["integrity"] == "ok" and status["used"] == 0 and status["counts"]["received:shm"] >= 2
-    assert shm.leftovers({os.getpid()}) == []  # mapped by the receiver: unlinked at once
+    assert new_rings(before) == set()  # mapped by the receiver: unlinked at once
     sender.close()
     manager.check_integrity()
 
 
 @pytest.mark.parametrize("where", ["receiver", "sender", "no-dev-shm"])
-def test_tcp_when_either_side_says_no(peer, where, monkeypatch):
+def test_tcp_when_either_side_says_no(peer, where, monkeypatch, before):
     spec, manager, sender = sender_side(shared_memory=where != "sender")
     if where == "no-dev-shm":
         monkeypatch.setattr(shm, "SHM_DIR", "/nonexistent/shm")
@@ -100,18 +111,18 @@ def test_tcp_when_either_side_says_no(peer, where, monkeypatch):
     if where == "receiver":
         assert "off at the receiver" in sender._tcp_only[to] and not sender._rings
     sender.close()
-    assert shm.leftovers({os.getpid()}) == []
+    assert new_rings(before) == set()
 
 
-def test_a_full_receiver_refuses_and_the_ring_is_gone_once_closed(peer):
+def test_a_full_receiver_refuses_and_the_ring_is_gone_once_closed(peer, before):
     spec, manager, sender = sender_side()
     manager.admit(3, 23)
     peer.ask("tiny", "admit", seq_id=100, tokens=16)
     with pytest.raises(ReceiverFullError):
         sender.send(pk.PagedKVCache.init(spec), 3, np.arange(23), peer.addresses["tiny"])
-    assert len(shm.leftovers({os.getpid()})) == 1  # offered, never mapped: ours until closed
+    assert len(new_rings(before)) == 1  # offered, never mapped: ours until closed
     sender.close()
-    assert shm.leftovers({os.getpid()}) == []
+    assert new_rings(before) == set()
     status = peer.ask("tiny", "status")
     assert status["integrity"] == "ok" and status["seqs"] == [100] and status["pending"] == 0
     peer.ask("tiny", "release", seq_id=100)
@@ -137,7 +148,7 @@ def test_a_stream_that_is_not_the_plan_is_refused(peer, field):
     manager.check_integrity()
 
 
-def test_a_forged_ring_is_not_mapped_and_the_pages_go_over_tcp(peer, tmp_path):
+def test_a_forged_ring_is_not_mapped_and_the_pages_go_over_tcp(peer, before):
     spec, manager, sender = sender_side()
     cache = fill(pk.PagedKVCache.init(spec), manager, 5, 10, seed=6)
     want = digest(cache, manager, 5)
@@ -155,7 +166,7 @@ def test_a_forged_ring_is_not_mapped_and_the_pages_go_over_tcp(peer, tmp_path):
     peer.ask("hybrid", "release", seq_id=5)
     real.close()
     sender.close()
-    assert shm.leftovers({os.getpid()}) == []
+    assert new_rings(before) == set()
 
 
 def test_a_sender_killed_mid_stream_leaves_the_receiver_clean_and_no_file():
