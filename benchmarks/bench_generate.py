@@ -17,10 +17,14 @@ Three parts, in one run (each prints its figures; the final JSON line holds them
    set, prefill included), and ratios paged_kv ÷ transformers. Aims: ≥ 2× continuous
    batching at batch 32, ≥ 1× at batch 1.
 2. **Time to first token of a second process**: a fresh Python process loads the model
-   and generates one request with JAX's persistent compilation cache on
-   (``jax_compilation_cache_dir``, every compilation kept), twice on the same new
-   cache folder: the first compiles (cold), the second reads the first's compilations
-   (warm). Timed from the parent's start of the process to the first generated token
+   and generates one request as ``paged-kv generate`` does by default: JAX's persistent
+   compilation cache on (``jax_compilation_cache_dir``, every compilation kept) and the
+   Generator's compiled steps kept beside it (``program_cache``,
+   `paged_kv.models.programs`), on a new cache folder: the first process compiles
+   (cold), the second reads the first's programs back (warm). For comparison (not with
+   ``--quick``), two more on another folder with JAX's cache alone (``program_cache``
+   off: a warm process traces and lowers the steps before each cache hit). Timed from
+   the parent's start of the process to the first generated token
    (`GenerationStats.first_token_seconds` where the Generator reports it; else when its
    progress callback first sees a token, after the first loop iteration, which holds
    the prefill and the first decode step: both are in the JSON). Aim: ≤ 1.5 s warm.
@@ -305,8 +309,9 @@ def versus(args) -> dict:
 
 
 # ---- part 2: time to first token of a second process ---------------------------------------
-def ttft_child(checkpoint: str, cache_dir: str, batch: int, new: int) -> None:
-    """The measured process: persistent compilation cache on, load, one request."""
+def ttft_child(checkpoint: str, cache_dir: str, batch: int, new: int, programs: bool = True) -> None:
+    """The measured process: persistent compilation cache on (and the Generator's stored
+    programs, unless ``programs`` is false), load, one request."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -320,7 +325,8 @@ def ttft_child(checkpoint: str, cache_dir: str, batch: int, new: int) -> None:
     cfg, params = load_model(checkpoint, dtype="float32")
     marks["loaded"] = time.time()
     prompt = prompts(cfg.vocab_size, 1, 7)[0]
-    gen = Generator(cfg, params, _spec(cfg, batch, PROMPT_LENGTHS[1], new))
+    gen = Generator(cfg, params, _spec(cfg, batch, PROMPT_LENGTHS[1], new),
+                    program_cache=os.path.join(cache_dir, "paged_kv-programs") if programs else None)
     marks["built"] = time.time()
 
     def progress(done, total, stats) -> None:
@@ -331,18 +337,19 @@ def ttft_child(checkpoint: str, cache_dir: str, batch: int, new: int) -> None:
     marks["done"] = time.time()
     exact = getattr(stats, "first_token_seconds", 0) or None  # the Generator's own figure, where it has one
     print(json.dumps({"marks": marks, "compilations": stats.compilations, "generated": stats.generated_tokens,
-                      "first_token_seconds_stats": exact}), flush=True)
+                      "loaded_programs": stats.loaded_programs, "first_token_seconds_stats": exact}), flush=True)
 
 
 def ttft(checkpoint: str, args) -> dict:
-    cache = tempfile.mkdtemp(prefix="paged_kv-bench-jax-cache-")
+    caches = [tempfile.mkdtemp(prefix="paged_kv-bench-jax-cache-") for _ in range(2)]
     out: dict = {"checkpoint": checkpoint, "batch_slots": args.ttft_batch, "new_tokens": args.ttft_new_tokens,
                  "aim_warm_s": TTFT_AIM_S}
+    runs = ("cold", "warm") + (() if args.quick else ("cold_jax_only", "warm_jax_only"))
     try:
-        for which in ("cold", "warm"):
-            t0 = time.time()
+        for which in runs:
+            t0, cache = time.time(), caches["jax_only" in which]
             done = subprocess.run([sys.executable, str(HERE / "bench_generate.py"), "--ttft-child", checkpoint, cache,
-                                   str(args.ttft_batch), str(args.ttft_new_tokens)],
+                                   str(args.ttft_batch), str(args.ttft_new_tokens), str("jax_only" not in which)],
                                   capture_output=True, text=True, env=_env(), timeout=600)
             wall = time.time() - t0
             line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
@@ -353,21 +360,22 @@ def ttft(checkpoint: str, args) -> dict:
             child = json.loads(line)
             marks = {k: round(v - t0, 3) for k, v in child["marks"].items()}
             out[which] = {"first_token_s": marks.get("first_token"), "process_s": round(wall, 2), "marks_s": marks,
-                          "compilations": child["compilations"],
+                          "compilations": child["compilations"], "loaded_programs": child["loaded_programs"],
+                          "loadavg": [round(x, 2) for x in os.getloadavg()],
                           "cache_entries": sum(1 for _ in pathlib.Path(cache).rglob("*") if _.is_file())}
             if child.get("first_token_seconds_stats"):
                 out[which]["first_token_s_from_stats"] = round(marks["built"] + child["first_token_seconds_stats"], 3)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    def first(d: dict):  # the Generator's own figure where it has one (the prefill's token), else the progress one
-        return d.get("first_token_s_from_stats", d.get("first_token_s"))
-
-    warm, cold = first(out.get("warm", {})), first(out.get("cold", {}))
-    out["warm_s"], out["cold_s"] = warm, cold
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
+    # the Generator's own figure where it has one (the prefill's token), else the progress one
+    warm, cold, jax_only = (out.get(w, {}).get("first_token_s_from_stats", out.get(w, {}).get("first_token_s"))
+                            for w in ("warm", "cold", "warm_jax_only"))
+    out.update(warm_s=warm, cold_s=cold, warm_jax_only_s=jax_only)
     out["source"] = ("GenerationStats.first_token_seconds" if "first_token_s_from_stats" in out.get("warm", {})
                      else "the first progress callback with a token (prefill and one decode step)")
     out["aim_met"] = None if warm is None else warm <= TTFT_AIM_S
-    for which in ("cold", "warm"):
+    for which in runs:
         d = out[which]
         if "error" in d:
             print(f"time to first token, {which} cache: failed ({d['error']})")
@@ -375,18 +383,21 @@ def ttft(checkpoint: str, args) -> dict:
         m = d["marks_s"]
         exact = (f" ({d['first_token_s_from_stats']:.2f} s by GenerationStats.first_token_seconds)"
                  if "first_token_s_from_stats" in d else "")
-        print(f"time to first token, {which} compilation cache: {d['first_token_s']:.2f} s from the process's start "
+        label = {"cold": "cold caches", "warm": "warm caches (stored programs read back)",
+                 "cold_jax_only": "JAX's cache alone, cold"}.get(which, "JAX's cache alone, warm (steps traced)")
+        print(f"time to first token, {label}: {d['first_token_s']:.2f} s from the process's start "
               f"to the first progress callback{exact} "
               f"(jax imported {m['imported_jax']:.2f}, paged_kv {m['imported']:.2f}, model loaded {m['loaded']:.2f}, "
-              f"generator built {m['built']:.2f}; whole process {d['process_s']:.2f} s, {d['cache_entries']} "
-              "cache files after it)")
+              f"generator built {m['built']:.2f}; whole process {d['process_s']:.2f} s, {d['compilations']} "
+              f"compilations, {d['loaded_programs']} programs read back, {d['cache_entries']} cache files after it; "
+              f"load average {d['loadavg'][0]:.2f})")
     return out
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--ttft-child":
-        ckpt, cache, batch, new = sys.argv[2:6]
-        return ttft_child(ckpt, cache, int(batch), int(new))
+        ckpt, cache, batch, new, programs = sys.argv[2:7]
+        return ttft_child(ckpt, cache, int(batch), int(new), programs == "True")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="the model to compare on (default: make_bench_model.py's, made if missing)")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"),
