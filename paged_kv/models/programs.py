@@ -1,12 +1,14 @@
 """Compiled step programs, optionally kept on disk so that a second process skips tracing.
 
 JAX's persistent compilation cache (``jax_compilation_cache_dir``) saves XLA's work
-only: a second process still traces the decoder (~1,300 nested jnp calls for a
-model of 8 layers) and lowers it to StableHLO before the cache can even be asked,
-0.5-0.8 s of its time to first token on 2 CPU cores. `Programs` compiles ahead of
-time (``jit(...).lower(...).compile()``) and, given a directory, writes each compiled
-executable there (`jax.experimental.serialize_executable`); a later process with the
-same program reads it back instead of tracing.
+only: a second process still traces the decoder (a thousand and more nested jnp calls
+for a model of 8 layers) and lowers it to StableHLO before the cache can even be
+asked, most of its time to first token after the imports and the weights. `Programs`
+compiles ahead of time (``jit(...).lower(...).compile()``) and, given a directory,
+writes each compiled executable there (`jax.experimental.serialize_executable`); a
+later process with the same program reads it back instead of tracing. A program to
+be stored is compiled by XLA, not read from JAX's cache (`_compile_fresh`), so JAX's
+cache does not hold it.
 
 A stored program is found by a key over everything the program is made from: the
 name of the function and what the caller says it closes over (``identity``: the
