@@ -145,3 +145,99 @@ def test_persist_writes_device_and_host_blocks_for_a_warm_restart(tmp_path):
     assert same_bits(again.read(2), recompute(spec, "split", B))
     with pytest.raises(TierError, match="disk"):
         persist(Server(spec, host_bytes=PAGE).cache, Server(spec, host_bytes=PAGE).tiers)
+
+
+def _decode(s: Server, seq: int, generated) -> None:
+    """``generated`` tokens appended to ``seq`` and written by one step (as decode steps
+    would, one token each)."""
+    start = s.tokens[seq].size
+    s.tokens[seq] = np.concatenate([s.tokens[seq], generated])
+    s.manager.append([seq], len(generated))
+    s.write(seq, start, s.tokens[seq].size)
+
+
+def _chain(tokens):
+    from paged_kv.allocator.prefix_cache import chain_hashes
+
+    return chain_hashes(np.asarray(tokens), 4, len(tokens) // 4)
+
+
+def test_generated_blocks_take_the_decode_priority():
+    """A block holding any generated token takes the retention's decode priority when
+    cache_tokens keys it; the prompt's blocks keep their ranges'. Under device pressure
+    the conversation's generated blocks then outlive default ones."""
+    hits = {}
+    for name, retention in (("decode", Retention([(0, None, 80)], decode_priority=90)),
+                            ("plain", Retention([(0, None, 80)]))):
+        s = Server(make_spec(num_blocks=9), host_bytes=0)
+        prompt = np.arange(6) + 100  # a full block and two tokens: block 1 mixes prompt and output
+        s.serve(1, prompt, retention=retention)
+        _decode(s, 1, np.arange(7) + 500)  # 13 tokens: three full blocks
+        keys = _chain(s.tokens[1])
+        s.finish(1)
+        want = [80, 90, 90] if name == "decode" else [80, 35, 35]
+        assert [s.tiers.priorities.of(k) for k in keys] == want
+        s.check()
+        for i in range(6):  # default prompts under pressure
+            s.serve(10 + i, np.arange(13) + 1000 * (i + 2))
+            s.finish(10 + i)
+        hits[name] = s.serve(2, np.concatenate([s.tokens[1], [7, 7, 7]]))
+        s.check()
+        if name == "decode":
+            assert same_bits(s.read(2), recompute(make_spec(num_blocks=9), "split", s.tokens[2]))
+    assert hits == {"decode": 12, "plain": 4}
+
+
+def test_the_decode_priority_expires_and_stays_with_its_sequence():
+    now = [0.0]
+    s = Server(make_spec(num_blocks=12), host_bytes=0, clock=lambda: now[0])
+    s.serve(1, np.arange(4) + 100, retention=Retention([], decode_priority=70, decode_duration_s=5))
+    _decode(s, 1, np.arange(4) + 500)
+    s.manager.cache_tokens(1, s.tokens[1])
+    keys = _chain(s.tokens[1])
+    assert [s.tiers.priorities.of(k) for k in keys] == [35, 70]
+    _decode(s, 1, np.arange(4) + 600)
+    now[0] = 3.0
+    s.finish(1)  # the third block takes the priority now, for 5 s from now
+    keys = _chain(s.tokens[1])
+    assert [s.tiers.priorities.of(k) for k in keys] == [35, 70, 70]
+    now[0] = 6.0
+    s.tiers.priorities.expire()
+    assert [s.tiers.priorities.of(k) for k in keys] == [35, 35, 70]
+    # The same id admitted again without a retention, or by plain admit: nothing carries over.
+    s.serve(1, np.arange(4) + 900)
+    _decode(s, 1, np.arange(4) + 950)
+    s.finish(1)
+    assert [s.tiers.priorities.of(k) for k in _chain(s.tokens[1])] == [35, 35]
+    s.manager.admit(1, 4)
+    s.tokens[1] = np.arange(4) + 300
+    s.write(1, 0, 4)
+    s.finish(1)
+    assert s.tiers.priorities.of(_chain(s.tokens[1])[0]) == 35
+    s.check()
+
+
+def test_cache_tokens_takes_a_retention():
+    s = Server(make_spec(num_blocks=9), host_bytes=0)
+    s.serve(1, np.arange(6) + 100)
+    _decode(s, 1, np.arange(6) + 500)
+    tokens = s.tokens[1]
+    before, entries = s.manager.snapshot(), dict(s.tiers.priorities.entries)
+    for bad in (Retention([(0, 13, 50)]), Retention([(0, None, 50)], decode_priority=101),
+                Retention([(0, None, 50)], decode_duration_s=3), Retention([(0, None, 50)], decode_priority=True),
+                [(0, None, 50)]):
+        with pytest.raises(InvalidArgumentError):
+            s.manager.cache_tokens(1, tokens, retention=bad)
+    assert s.manager.snapshot() == before and s.tiers.priorities.entries == entries
+    s.manager.cache_tokens(1, tokens, retention=Retention([(0, 4, 20), (4, None, 60)], decode_priority=95))
+    keys = _chain(tokens)
+    assert [s.tiers.priorities.of(k) for k in keys] == [20, 60, 60]
+    _decode(s, 1, np.arange(4) + 800)  # generated after the call: the decode priority
+    s.finish(1)
+    keys = _chain(s.tokens[1])
+    assert [s.tiers.priorities.of(k) for k in keys] == [20, 60, 60, 95]
+    s.check()
+    plain = pk.KVCacheManager(make_spec(num_blocks=9), prefix_cache=True)
+    plain.admit_prompt(1, A)
+    with pytest.raises(InvalidArgumentError, match="CacheTiers"):
+        plain.cache_tokens(1, A, retention=HIGH)

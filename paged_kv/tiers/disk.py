@@ -345,7 +345,7 @@ class DiskDirectory:
     def _compact(self) -> None:
         """Once the files take over twice the tier's bytes, the written segment with the
         fewest live blocks (for its size) has them staged again and goes (one per call)."""
-        used = sum(s.size for s in self.segments.values())
+        used = sum(s.size - s.start for s in self.segments.values())  # blocks' bytes: headers are small next to them
         if not self.budget or used <= 2 * self.budget:
             return
         done = [s for s in self.segments.values() if s.written and s.meta]

@@ -46,6 +46,9 @@ from paged_kv.errors import InvalidArgumentError
 from paged_kv.tiers.policy import ARC, LRU
 
 DEFAULT_PRIORITY = 35
+wall_clock: Callable[[], float] = time.time
+"""The clock expiries are written to disk in (`Priorities.record`); a test that drives
+`CacheTiers(clock=)` by hand moves this one along with it."""
 MIN_PRIORITY, MAX_PRIORITY = 0, 100
 
 
@@ -141,7 +144,7 @@ class Priorities:
         if entry is None:
             return self.default, None
         priority, expiry = entry
-        return priority, None if math.isinf(expiry) else time.time() + (expiry - self.clock())
+        return priority, None if math.isinf(expiry) else wall_clock() + (expiry - self.clock())
 
     def restore(self, key: int, priority: int, wall_expiry: float | None) -> None:
         """A priority read back from disk (`record`'s), its expiry re-based onto this
@@ -149,7 +152,7 @@ class Priorities:
         if wall_expiry is None:
             self.set(key, priority, None)
             return
-        left = wall_expiry - time.time()
+        left = wall_expiry - wall_clock()
         if left > 0:
             self.set(key, priority, left)
 
