@@ -118,10 +118,11 @@ def test_compiled_steps_are_kept_in_the_cache_dir_and_settings_restored(capsys, 
     before = jax.config.jax_compilation_cache_dir
     base = [b for b in BASE if b != "--no-compile-cache"]
     first = run(capsys, "--prompt-ids", "1,2,3", "--compile-cache", str(tmp_path / "cc"), base=base)
-    assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "cc"))
     assert jax.config.jax_compilation_cache_dir == before  # an in-process caller keeps its settings
-    # The traced steps too (paged_kv.models.programs): the next run reads them back, no tracing.
-    assert first["stats"]["compilations"] >= 2 and os.listdir(tmp_path / "cc" / "paged_kv-programs")
+    # The steps as executables (paged_kv.models.programs, compiled by XLA rather than read from
+    # JAX's cache, which holds the smaller programs): the next run reads them back, no tracing.
+    stored = os.listdir(tmp_path / "cc" / "paged_kv-programs")
+    assert first["stats"]["compilations"] >= 2 and len(stored) == first["stats"]["compilations"]
     second = run(capsys, "--prompt-ids", "1,2,3", "--compile-cache", str(tmp_path / "cc"), base=base)
     assert second["stats"]["compilations"] == 0 and second["stats"]["loaded_programs"] >= 2
     assert second["completions"][0]["tokens"] == first["completions"][0]["tokens"]
