@@ -225,8 +225,9 @@ def test_tiers_state_machine():
     # while this machine was written ranged widely (programs change with the code and
     # between processes, see tests/test_async_steps.py): 118-649 serves, 6-43 host hits,
     # 13-175 disk hits, 1-4 corrupt tiers refused, 13-66 decodes, 2-11 priorities restored;
-    # the floors sit near a third of the lowest.
-    floors = {"serves": 40, "host hits": 3, "disk hits": 6, "corrupt tiers refused": 1, "decodes": 5,
+    # the floors sit near a third of the lowest. A soak's fresh seeds may starve a rule
+    # in a few examples (Hypothesis' swarm testing): it hunts failures, CI keeps the floors.
+    floors = {} if SOAK else {"serves": 40, "host hits": 3, "disk hits": 6, "corrupt tiers refused": 1, "decodes": 5,
               "priorities restored": 1}
     for what, floor in floors.items():
-        assert counts.get(what, 0) >= floor * scale, (what, counts)
+        assert counts.get(what, 0) >= floor, (what, counts)

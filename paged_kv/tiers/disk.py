@@ -49,7 +49,7 @@ from paged_kv.errors import TierError
 from paged_kv.spec import CacheSpec
 from paged_kv.tiers import segments
 from paged_kv.tiers.host import Pages
-from paged_kv.tiers.segments import TIER_FORMAT, TIER_VERSION, Leaves
+from paged_kv.tiers.segments import TIER_FORMAT, TIER_VERSION, Leaves, Segment
 
 MANIFEST = "tier.json"
 POOL_SIZES = frozenset({"num_blocks", "sliding_num_blocks", "chunked_num_blocks", "max_batch_slots",
@@ -68,33 +68,6 @@ def page_fields(spec: CacheSpec, layout: str) -> dict[str, Any]:
     """What a page's bytes mean: the spec's fields but the pool sizes, and the layout."""
     fields = attrs.asdict(spec, filter=lambda a, _: a.init and a.name not in POOL_SIZES)
     return json.loads(json.dumps({"spec": fields, "layout": layout}, sort_keys=True, default=repr))  # type: ignore[no-any-return]  # json.loads is typed Any (a dict here)
-
-
-@attrs.define(eq=False)
-class Segment:
-    """One segment file (or one being written): its blocks' ``(group, key, parent)``,
-    offsets and CRCs, which of them are still the tier's (``live``), and the keys whose
-    latest priority update it holds."""
-
-    name: str
-    meta: list[tuple[int, int, int]]
-    leaves: dict[int, Leaves]
-    offsets: list[int]
-    crcs: list[int] | None = None  # None while being written
-    start: int = 0  # where the blocks begin in the file
-    live: int = 0
-    updates: set[tuple[int, int]] = attrs.field(factory=set)
-    buffers: list[np.ndarray] | None = None  # the staged bytes until written
-    future: Future[tuple[list[int], int]] | None = None
-    size: int = 0
-    nbytes: dict[int, int] = attrs.field(factory=dict)  # bytes of a block per group (`segments.block_bytes`)
-
-    def __attrs_post_init__(self) -> None:
-        self.nbytes = {g: segments.block_bytes(ls) for g, ls in self.leaves.items()}
-
-    @property
-    def written(self) -> bool:
-        return self.crcs is not None
 
 
 class DiskDirectory:
@@ -243,7 +216,7 @@ class DiskDirectory:
             del self.segments[seg.name]
             self._maps.pop(seg.name, None)  # unmapped once no view of it is left
             # Unlinking a file of many MiB takes milliseconds: the writer thread does it.
-            self._unlinks.append(self._writer().submit(_unlink, os.path.join(self.path, seg.name)))
+            self._unlinks.append(self._writer().submit(segments.unlink, os.path.join(self.path, seg.name)))
             self._unlinks = [f for f in self._unlinks if not f.done()]
         # else: deleted when its write is collected (`collect`)
 
@@ -294,7 +267,8 @@ class DiskDirectory:
         self.dirty.clear()
         self.staged, self.staged_leaves = [], {}
         self.segments[name] = seg
-        seg.future = self._writer().submit(_write, self.path, name, self.tag, seg.leaves, blocks, updates, buffers)
+        seg.future = self._writer().submit(segments.write_segment, self.path, name, self.tag, seg.leaves, blocks,
+                                           updates, buffers)
         self.in_flight.append(seg)
 
     def collect(self) -> list[tuple[int, int]]:
@@ -450,25 +424,8 @@ class DiskDirectory:
                                      f"{live.get(seg.name, 0)}")
 
 
-def _write(directory: str, name: str, tag: str, leaves: dict[int, Leaves], blocks: list[tuple[Any, ...]],
-           updates: list[tuple[Any, ...]], buffers: list[np.ndarray]) -> tuple[list[int], int]:
-    """The background half of `DiskDirectory.submit`: CRCs, header, the file."""
-    crcs = [segments.crc(b[0], b[1], buf) for b, buf in zip(blocks, buffers)]
-    entries = [(g, k, p, pr, ex, buf.size, c) for (g, k, p, pr, ex), buf, c in zip(blocks, buffers, crcs)]
-    head = segments.header(tag, leaves, entries, updates)
-    segments.write(directory, name, head, buffers)
-    return crcs, len(head)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:  # another process on the directory deleted it first
-        pass
-
-
 _STAGED = Segment("<staged>", [], {}, [])  # where a key staged for the next segment lives
 _EMPTY = np.empty(0, np.uint8)  # a staged block forgotten before its segment was written
 
 
-__all__ = ["DiskDirectory", "MANIFEST", "Segment", "TIER_FORMAT", "TIER_VERSION", "page_fields"]
+__all__ = ["DiskDirectory", "MANIFEST", "TIER_FORMAT", "TIER_VERSION", "page_fields"]

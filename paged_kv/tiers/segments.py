@@ -42,7 +42,10 @@ import struct
 import uuid
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
+
+import attrs
 
 import ml_dtypes  # noqa: F401  # registers bfloat16 and the float8 names with numpy (np.dtype("bfloat16"))
 import numpy as np
@@ -145,6 +148,51 @@ def write(directory: str, name: str, head: bytes, blocks: Sequence[np.ndarray]) 
         os.close(dfd)
 
 
+@attrs.define(eq=False)
+class Segment:
+    """One segment file (or one being written): its blocks' ``(group, key, parent)``,
+    offsets and CRCs, which of them are still the tier's (``live``), and the keys whose
+    latest priority update it holds."""
+
+    name: str
+    meta: list[tuple[int, int, int]]
+    leaves: dict[int, Leaves]
+    offsets: list[int]
+    crcs: list[int] | None = None  # None while being written
+    start: int = 0  # where the blocks begin in the file
+    live: int = 0
+    updates: set[tuple[int, int]] = attrs.field(factory=set)
+    buffers: list[np.ndarray] | None = None  # the staged bytes until written
+    future: Future[tuple[list[int], int]] | None = None
+    size: int = 0
+    nbytes: dict[int, int] = attrs.field(factory=dict)  # bytes of a block per group (`segments.block_bytes`)
+
+    def __attrs_post_init__(self) -> None:
+        self.nbytes = {g: block_bytes(ls) for g, ls in self.leaves.items()}
+
+    @property
+    def written(self) -> bool:
+        return self.crcs is not None
+
+
+def write_segment(directory: str, name: str, tag: str, leaves: dict[int, Leaves], blocks: list[tuple[Any, ...]],
+           updates: list[tuple[Any, ...]], buffers: list[np.ndarray]) -> tuple[list[int], int]:
+    """The background half of `disk.DiskDirectory.submit`: CRCs, header, the file
+    (`write` looked up at call time: tests stand in for it)."""
+    crcs = [crc(b[0], b[1], buf) for b, buf in zip(blocks, buffers)]
+    entries = [(g, k, p, pr, ex, buf.size, c) for (g, k, p, pr, ex), buf, c in zip(blocks, buffers, crcs)]
+    head = header(tag, leaves, entries, updates)
+    write(directory, name, head, buffers)
+    return crcs, len(head)
+
+
+def unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # another process on the directory deleted it first
+        pass
+
+
 def _hex(value: object, path: str) -> int:
     if not isinstance(value, str) or len(value) != 32:
         raise TierError(f"disk tier segment {path!r}: {value!r} is not a 32-hex-digit key; the file is corrupt: delete it")
@@ -238,4 +286,5 @@ def parse(path: str, data: bytes, tag: str, num_groups: int
     return leaves, blocks, updates, start
 
 
-__all__ = ["Entry", "Leaves", "MAGIC", "TIER_FORMAT", "TIER_VERSION", "block_bytes", "crc", "header", "leaves_of", "pack", "parse", "unpack", "write"]
+__all__ = ["Entry", "Leaves", "MAGIC", "Segment", "TIER_FORMAT", "TIER_VERSION", "block_bytes", "crc", "header", "leaves_of",
+           "pack", "parse", "unlink", "unpack", "write", "write_segment"]

@@ -45,6 +45,7 @@ from paged_kv.errors import InvalidArgumentError, SpecError, TierError
 from paged_kv.tiers.disk import DiskDirectory
 from paged_kv.tiers.disk_tier import DiskTier
 from paged_kv.tiers.host import HostTier, Pages
+from paged_kv.tiers.moves_down import MovesDown
 from paged_kv.tiers.policy import POLICIES
 from paged_kv.tiers.records import Download, TierStats, Upload, split_bytes
 from paged_kv.tiers.retention import DEFAULT_PRIORITY, Priorities, Retention
@@ -61,7 +62,7 @@ WRITE_POLICIES = ("back", "through")
 LAYOUTS = ("split", "unified")
 
 
-class CacheTiers:
+class CacheTiers(MovesDown):
     """Host and disk tiers for ``manager``'s keyed blocks, attached to it (module doc).
 
     ``host_bytes``/``disk_bytes``: capacity of each tier in bytes, split between layer
@@ -279,135 +280,6 @@ class CacheTiers:
         """``seq_id``'s chain is ``hashes`` (admitted: ``previous`` None; `cache_tokens`:
         the chain it replaces): its blocks take their priorities (`sequences`)."""
         self.sequences.retain(seq_id, hashes, num_tokens, plan, retention, previous)
-
-    # ---- the disk's writes (`disk`: one segment per flush, written in the background) ----
-    def submit_disk(self) -> None:
-        """What the flush staged for the disk goes to its writer (`movement.flush`)."""
-        if self.directory is not None:
-            self.directory.submit(self.priorities.record)
-            self._lost(self.directory.collect())
-
-    def sync_disk(self) -> None:
-        """Wait until every block staged for the disk is in its file."""
-        if self.directory is not None:
-            self._lost(self.directory.sync(self.priorities.record))
-
-    def _lost(self, keys: list[tuple[int, int]]) -> None:
-        """Blocks whose segment failed to write (`DiskDirectory.errors` says why) leave the
-        index, as if evicted."""
-        for g, key in keys:
-            parent = self.disk[g].parent_of.pop(key, None)
-            if parent is not None:
-                self.disk[g].policy.remove(key)
-                self.stats.disk_errors += 1
-                self._emit(g, "removed", key, parent, -1, "disk")
-
-    # ---- moves down ----------------------------------------------------------------------
-    def _device_evicted(self, g: int, block: int, key: int, parent: int, behind: bool) -> None:
-        up = self.uploads.pop((g, block), None)
-        if up is not None:  # brought up and evicted before the flush: nothing to write
-            if up.pages is None:
-                self.host[g].unpin(up.key)
-        if key in self.host[g].slot_of or key in self.disk[g]:
-            (self.host[g] if key in self.host[g].slot_of else self.disk[g]).touch(key)
-            return
-        if behind and self.manager.groups[g].local:
-            self.stats.dropped += 1  # behind its chain's window: no hit at a chain's end reads it
-            return
-        if self.priorities.of(key) < self.drop_below:
-            self.stats.dropped += 1  # not worth the bytes below (`retention`)
-            return
-        self._copy_down(g, block, key, parent)
-
-    def _keyed(self, g: int, block: int, key: int, parent: int) -> None:
-        """Write-through: a block just keyed is copied down now."""
-        if key not in self.host[g].slot_of and key not in self.disk[g] and self.priorities.of(key) >= self.drop_below:
-            self._copy_down(g, block, key, parent)
-
-    def _copy_down(self, g: int, block: int, key: int, parent: int) -> None:
-        nbytes = self.spec.group_bytes_per_block(g)
-        if not self.keep_bytes:
-            self.stats.blocks_down += 1
-            self.stats.bytes_down += nbytes
-            if self.host[g].capacity:
-                self.host[g].insert(key, parent, ready=True)
-                self._emit(g, "stored", key, parent, self.host[g].slot_of.get(key, -1), "host")
-                if self.write == "through":
-                    self._to_disk(g, key, parent, None)
-            else:
-                self._to_disk(g, key, parent, None)
-            return
-        if self.host[g].capacity and key not in self.host[g].slot_of and self.host[g].insert(key, parent) is not None:
-            self.host[g].pin(key)  # its slot is written when the copy lands
-        elif not self.disk[g].capacity:
-            self.stats.dropped += 1
-            return
-        gen = int(self.manager.groups[g].pool.generation[block])
-        self.downloads.append(Download(g, block, gen, key, parent))
-
-    def land(self, downloads: list[Download], oks: np.ndarray, pages: Pages) -> None:
-        """Copies down of one group finished (`movement`): row ``i`` of every
-        ``pages[layer][leaf]`` holds ``downloads[i]``'s bytes where ``oks[i]``; elsewhere
-        the device refused the copy (the block changed hands before it ran). The bytes
-        bound for the host land in one fancy-index copy per leaf."""
-        if not downloads:
-            return
-        g = downloads[0].group
-        host, nbytes = self.host[g], self.spec.group_bytes_per_block(g)
-        keys: list[int] = []
-        rows: list[int] = []
-        for i, d in enumerate(downloads):
-            key = d.key
-            in_host = key in host.slot_of
-            if in_host:
-                host.unpin(key)
-            if not oks[i]:
-                self.stats.refused += 1
-                if in_host and key not in host.pins and key not in host.ready:
-                    host.remove(key)
-                continue
-            self.stats.blocks_down += 1
-            self.stats.bytes_down += nbytes
-            if in_host:
-                keys.append(key)
-                rows.append(i)
-            if not in_host or self.write == "through":
-                self._to_disk(g, key, d.parent, [[a[i] for a in layer] for layer in pages])
-        if keys:
-            host.ensure_buffers([[(a.shape[1:], a.dtype) for a in layer] for layer in pages])
-            whole = rows[-1] == len(rows) - 1  # rows 0..k-1: a slice, no temporary
-            host.write_rows(keys, pages, slice(0, len(rows)) if whole else np.asarray(rows, np.intp))
-            parent_of = {d.key: d.parent for d in downloads}
-            for key in keys:
-                self._emit(g, "stored", key, parent_of[key], host.slot_of[key], "host")
-
-    def _to_host(self, g: int, key: int, parent: int, pages: Pages) -> bool:
-        host = self.host[g]
-        if not host.capacity or host.insert(key, parent) is None:
-            return False
-        host.ensure_buffers([[(a.shape, a.dtype) for a in layer] for layer in pages])
-        host.write(key, pages)
-        self._emit(g, "stored", key, parent, host.slot_of[key], "host")
-        return True
-
-    def _host_evicted(self, g: int, key: int, parent: int, pages: Pages | None) -> None:
-        self._emit(g, "removed", key, parent, -1, "host")
-        if key not in self.disk[g] and self.priorities.of(key) >= self.drop_below:
-            self._to_disk(g, key, parent, pages)
-
-    def _to_disk(self, g: int, key: int, parent: int, pages: Pages | None) -> None:
-        disk = self.disk[g]
-        if not disk.capacity or key in disk or (self.keep_bytes and pages is None):
-            if not disk.capacity:
-                self.stats.dropped += 1
-            return
-        for victim, vparent in disk.insert(key, parent, pages):
-            self._emit(g, "removed", victim, vparent, -1, "disk")
-        if key not in disk:  # only higher priorities could have made room
-            self.stats.dropped += 1
-            return
-        self.stats.bytes_to_disk += self.spec.group_bytes_per_block(g)
-        self._emit(g, "stored", key, parent, -1, "disk")
 
     # ---- events and checks -------------------------------------------------------------
     def _emit(self, g: int, kind: str, key: int, parent: int, slot: int, medium: str) -> None:
