@@ -38,6 +38,7 @@ import mmap
 import os
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -58,6 +59,7 @@ POOL_SIZES = frozenset({"num_blocks", "sliding_num_blocks", "chunked_num_blocks"
 _NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{8})\.seg$")
 _OLD_NAME = re.compile(r"^g\d+-[0-9a-f]{32}\.npz$")  # format 1: one file per block
 IN_FLIGHT = 2  # segments written at once at most: a step that outruns the disk waits for the oldest
+MAPS = 32  # segments kept mapped for reads (a map keeps its file open)
 FREE_BYTES = 128 * 2**20  # staging buffers kept for reuse (fresh memory faults its pages in every flush)
 
 Where = Callable[[int], "tuple[int, float | None]"]
@@ -88,7 +90,7 @@ class DiskDirectory:
         self.lost: list[tuple[int, int]] = []  # keys whose segment failed to write, for `collect`
         self.errors: list[str] = []
         self._free: dict[int, list[np.ndarray]] = {}
-        self._maps: dict[str, mmap.mmap] = {}  # segments read from, mapped (`read`)
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()  # segments read from, mapped (`read`), MAPS at most
         self._free_bytes = 0
         self._sizes: dict[int, int] = {}  # bytes of a staged block per group
         self._unlinks: list[Future[None]] = []  # deletions of segment files, run by the writer thread
@@ -169,6 +171,10 @@ class DiskDirectory:
             if mapped is None:
                 with open(path, "rb") as f:
                     mapped = self._maps[seg.name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if len(self._maps) > MAPS:  # each map holds a file descriptor until no view of it is left
+                    self._maps.popitem(last=False)
+            else:
+                self._maps.move_to_end(seg.name)
             data = memoryview(mapped)[at: at + n]
         except (OSError, ValueError) as exc:
             raise TierError(f"disk tier segment {path!r} cannot be read ({exc})") from exc
