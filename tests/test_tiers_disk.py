@@ -231,3 +231,27 @@ def test_mostly_dead_segments_are_compacted(tmp_path):
     for key in found:
         assert all(np.array_equal(a, b) for la, lb in zip(fresh.read(0, key), staged[key]) for a, b in zip(la, lb))
     shutil.rmtree(tmp_path)
+
+
+def test_another_process_reads_the_tier(tmp_path):
+    """Segments are self-describing: a second process opens the directory (checked,
+    verified) and reads each block as the writer holds it."""
+    import subprocess
+    import sys
+
+    s = _written(tmp_path)
+    want = {k: b"".join(a.tobytes() for layer in s.tiers.directory.read(0, k) for a in layer).hex()
+            for k in _keys(A) + _keys(D)}
+    script = (
+        "import json, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from tiers_harness import make_spec\n"
+        "from paged_kv.tiers.disk import DiskDirectory\n"
+        "d = DiskDirectory(sys.argv[1], make_spec(), 'split')\n"
+        "found = d.scan(1)[0]\n"
+        "print(json.dumps({str(k): b''.join(a.tobytes() for layer in d.read(0, k) for a in layer).hex()"
+        " for k, *_ in found}))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    got = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    assert got == want
