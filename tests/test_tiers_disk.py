@@ -82,6 +82,24 @@ def test_a_priority_changed_on_disk_is_written_for_the_next_process(tmp_path):
     again.check()
 
 
+def test_a_renewed_expiry_is_written_for_the_next_process(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(retention, "wall_clock", lambda: 1.7e9 + now[0])  # wall time moves with the test's clock
+    s = Server(make_spec(), disk_bytes=10**7, disk_dir=str(tmp_path), write="through", clock=lambda: now[0])
+    keep = Retention([(0, None, 90)], duration_s=100)
+    s.serve(1, A, retention=keep)
+    s.finish(1)
+    s.flush()
+    now[0] = 50.0
+    s.serve(2, B, retention=keep)  # A's blocks renewed: 100 s from now
+    s.finish(2)
+    s.flush()
+    now[0] = 120.0  # past the first expiry, before the renewed one
+    again = Server(make_spec(), disk_bytes=10**7, disk_dir=str(tmp_path), clock=lambda: now[0])
+    p = again.tiers.priorities
+    assert [p.of(k) for k in _keys(A)] == [90] * 3 and all(abs(p.entries[k][1] - 150.0) < 1 for k in _keys(A))
+
+
 def _crafted(path, tag, **change):
     """A segment of one block with valid digests, and ``change`` applied to its fields."""
     pages = [[np.zeros((4, 2, 8), np.uint16)] * 2] * 2  # 2 layers x (keys, values) of make_spec() as uint16

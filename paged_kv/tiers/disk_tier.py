@@ -26,6 +26,7 @@ class DiskTier:
         self.parent_of: dict[int, int] = {}
         if priorities is not None and directory is not None:
             priorities.listeners.append(lambda key: directory.reprioritized(group, key))
+            priorities.renewals.append(lambda key: directory.reprioritized(group, key))
 
     def __contains__(self, key: object) -> bool:
         return key in self.parent_of

@@ -114,6 +114,9 @@ class Priorities:
         self._expiries: list[tuple[float, int]] = []
         # Called with a key whose priority changed (a tier moves it between its levels).
         self.listeners: list[Callable[[int], None]] = []
+        # Called with a key whose priority stayed but whose expiry moved (the disk tier
+        # writes it again; the tiers' order does not change).
+        self.renewals: list[Callable[[int], None]] = []
 
     @property
     def active(self) -> bool:
@@ -126,6 +129,7 @@ class Priorities:
 
     def set(self, key: int, priority: int, duration_s: float | None) -> None:
         expiry = math.inf if duration_s is None else self.clock() + duration_s
+        old = self.entries.get(key)
         if priority == self.default:
             changed = self.entries.pop(key, None) is not None
         else:
@@ -135,6 +139,9 @@ class Priorities:
                 heapq.heappush(self._expiries, (expiry, key))
         if changed:
             for listener in self.listeners:
+                listener(key)
+        elif old is not None and old[1] != expiry:
+            for listener in self.renewals:
                 listener(key)
 
     def record(self, key: int) -> tuple[int, float | None]:
