@@ -87,7 +87,9 @@ def pack(pages: Sequence[Sequence[np.ndarray]], out: np.ndarray) -> None:
     for layer in pages:
         for a in layer:
             n = a.nbytes
-            np.copyto(out[at: at + n].view(a.dtype).reshape(a.shape), a)
+            # As bytes: numpy copies a custom dtype's elements (bfloat16, float8) by its
+            # own loop, about a third slower than a byte copy of a contiguous row.
+            np.copyto(out[at: at + n], a.reshape(-1).view(np.uint8))
             at += n
 
 
