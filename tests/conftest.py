@@ -183,6 +183,13 @@ SLOW = {
     "test_steps.py": ("test_a_step_batch_step_in_flight_keeps_its_own_arrays",),
     # The simulator over tiers (~3 s); the quick tier keeps the tiers' own hits, restarts and refusals.
     "test_tiers.py": ("test_the_simulator_counts_hits_per_tier_and_bytes_moved",),
+    # The tiers' state machines (8-10 s each at load 2-3): the quick tier keeps the tiers'
+    # hits through both movement paths, the disk's refusals and the retention rules.
+    "test_tiers_state_machine.py": ("test_tiers_state_machine",),
+    "test_tiers_movement.py": ("test_tiers_state_machine_through_the_gather",),
+    # A killed sender process mid-stream (~4 s); the quick tier keeps the ring's bit-for-bit
+    # path, its refusals and forged rings.
+    "test_transfer_shm.py": ("test_a_sender_killed_mid_stream_leaves_the_receiver_clean_and_no_file",),
     # The persistent compilation cache: a generate run writing a cache directory (~2 s).
     "test_generate_options.py": ("test_compiled_steps_are_kept_in_the_cache_dir_and_settings_restored",),
     # One strict mypy run over the package and a user script: 9-12 s of CPU with a cold mypy cache.
