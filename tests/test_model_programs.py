@@ -176,6 +176,26 @@ def test_a_program_in_jaxs_cache_is_stored_runnable(tmp_path):
     assert answers[0]["out"] == answers[1]["out"] == answers[2]["out"]
 
 
+def test_programs_switch_between_signatures_and_refuse_changed_fixed_arguments():
+    """The last program is tried first: another signature is looked up (and compiled once),
+    and a fixed argument that changed is refused before anything runs (its donated
+    buffer intact)."""
+    def step(w, state, x):
+        return (state * w).sum() + x.sum(), state + 1
+
+    p = programs.Programs(step, "step", "t", lambda args: jax.tree_util.tree_structure((0, 0)), donate_argnums=(1,),
+                          fixed=2)
+    w, state = jnp.ones(3), jnp.zeros(3)
+    for n in (2, 5, 2, 5, 5, 2):
+        out, state = p(w, state, jnp.ones(n))
+        assert float(out) == n + 3 * float(state[0] - 1)
+    assert (p.compiled, p.loaded) == (2, 0)
+    kept = jnp.zeros(3)
+    with pytest.raises(Exception):
+        p(jnp.ones(4), kept, jnp.ones(2))  # the weights changed shape: refused by every program
+    assert not kept.is_deleted() and p.compiled == 2
+
+
 def test_an_unwritable_directory_only_costs_compilations(model, tmp_path, caplog):
     (tmp_path / "file").write_text("x")
     with caplog.at_level(logging.WARNING, logger="paged_kv.models.programs"):
