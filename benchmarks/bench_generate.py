@@ -16,15 +16,12 @@ Three parts, in one run (each prints its figures; the final JSON line holds them
    are medians of end-to-end tokens/s (generated tokens over the wall time of serving a
    set, prefill included), and ratios paged_kv ÷ transformers. Aims: ≥ 2× continuous
    batching at batch 32, ≥ 1× at batch 1.
-2. **Time to first token of a second process**: a fresh Python process loads the model
-   and generates one request as ``paged-kv generate`` does by default: JAX's persistent
-   compilation cache on (``jax_compilation_cache_dir``, every compilation kept) and the
-   Generator's compiled steps kept beside it (``program_cache``,
-   `paged_kv.models.programs`), on a new cache folder: the first process compiles
-   (cold), the second reads the first's programs back (warm). For comparison (not with
-   ``--quick``), two more on another folder with JAX's cache alone (``program_cache``
-   off: a warm process traces and lowers the steps before each cache hit). Timed from
-   the parent's start of the process to the first generated token
+2. **Time to first token of a second process**, one request in a fresh process as
+   ``paged-kv generate`` runs it: JAX's persistent compilation cache on (every
+   compilation kept) and the Generator's steps stored beside it (``program_cache``), on
+   a new folder: the first process compiles (cold), the second reads the steps back
+   (warm); not with ``--quick``, two more with JAX's cache alone (a warm one traces and
+   lowers the steps). Timed from the parent's start of the process to the first generated token
    (`GenerationStats.first_token_seconds` where the Generator reports it; else when its
    progress callback first sees a token, after the first loop iteration, which holds
    the prefill and the first decode step: both are in the JSON). Aim: ≤ 1.5 s warm.
