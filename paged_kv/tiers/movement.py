@@ -10,7 +10,7 @@
   manager give ``ok = False`` and the copy is refused, so a tier never stores bytes
   under a key they do not hold. Two ways:
 
-  - a pool in host memory (a CPU device: `_host_memory`) whose steps have all run
+  - a pool in host memory (a CPU device: `paged_kv.host_pool.host_memory`) whose steps have all run
     (`_written`; a serving loop has read the last step's output by then): read in
     place, the checks on the host, each block's rows copied once straight into the
     host slots (`_land_direct`), landed before `flush` returns. One copy.
@@ -31,7 +31,6 @@ pool, dropped), so a serving loop compiles a few programs each way.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 from functools import partial
@@ -43,6 +42,7 @@ import numpy as np
 from jax import lax
 from numpy.typing import DTypeLike
 
+from paged_kv.host_pool import arrays as pool_arrays, host_memory, writable
 from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
@@ -186,7 +186,7 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
     _ensure_buffers(tiers, shapes, layers)
     downloads, tiers.downloads = tiers.downloads, []
     uploads, tiers.uploads = list(tiers.uploads.values()), {}
-    in_place = host_reads and (downloads or uploads) and _host_memory(cache)
+    in_place = host_reads and (downloads or uploads) and host_memory(cache)
     if downloads:
         per_group = [[d for d in downloads if d.group == g] for g in groups]
         if in_place and _written(cache, wait):
@@ -217,31 +217,10 @@ straight from it where it is written (`_land_direct`), uploads straight into it
 (`_upload_in_place`). False: always the jitted gather and scatter (the tests run both)."""
 
 
-def _arrays(cache: PagedKVCache) -> list[Any]:  # jax.Array, whose stubs lack is_ready and the platform
-    return [a for view in cache.views for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations,
-                                                view.owner)]
-
-
-def _row_major(a: jax.Array) -> bool:
-    if a.ndim <= 1:
-        return True
-    layout = getattr(getattr(a, "format", None), "layout", None)
-    return bool(layout is not None and tuple(layout.major_to_minor) == tuple(range(a.ndim)) and not layout.tiling)
-
-
-def _host_memory(cache: PagedKVCache) -> bool:
-    """Whether the pool's pages, generations and owners are host memory laid out as
-    numpy would: each array on one CPU device, row-major."""
-    arrays = _arrays(cache)
-    if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in arrays):
-        return False
-    return bool(next(iter(arrays[0].sharding.device_set)).platform == "cpu") and all(map(_row_major, arrays))
-
-
 def _written(cache: PagedKVCache, wait: bool) -> bool:
     """Whether every step that writes the pool has run (with ``wait``: waited for);
-    `_land_direct` may then read a pool in host memory (`_host_memory`) in place."""
-    arrays = _arrays(cache)
+    `_land_direct` may then read a pool in host memory (`paged_kv.host_pool.host_memory`) in place."""
+    arrays = pool_arrays(cache)
     if wait:
         jax.block_until_ready(arrays)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
         return True
@@ -251,7 +230,7 @@ def _written(cache: PagedKVCache, wait: bool) -> bool:
 def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list[Download]], layers: list[list[int]],
                  tag: np.ndarray) -> None:
     """The copies down of a pool in host memory that every step before this flush has
-    written (`_host_memory`, `_written`): the device's checks (generation and owner)
+    written (`paged_kv.host_pool.host_memory`, `_written`): the device's checks (generation and owner)
     read on the host, and each block's rows copied once, from the pool's arrays viewed
     in place (`np.asarray`: no copy on CPU) straight into the host slots (`RowsOf`).
     The views are gone when this returns, before any step can donate the pool (a live
@@ -307,17 +286,9 @@ def _bind(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array
     return PagedKVCache(tuple(views))
 
 
-def _writable(leaf: jax.Array) -> np.ndarray:
-    """The buffer of ``leaf`` (host memory, held by this caller alone: `_bind`) as a
-    writable numpy array; a plain pointer, so no reference that a later donation sees."""
-    raw = (ctypes.c_char * leaf.nbytes).from_address(leaf.unsafe_buffer_pointer())
-    out: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), leaf.dtype).reshape(leaf.shape)
-    return out
-
-
 def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
                      tag: np.ndarray) -> PagedKVCache:
-    """The uploads of a pool in host memory (`_host_memory`): one jitted call stamps the
+    """The uploads of a pool in host memory (`paged_kv.host_pool.host_memory`): one jitted call stamps the
     blocks' generations and owners (`_bind`, as `_scatter` does) and makes the cache
     this caller's alone (donated; waited for), then each block's rows are copied once
     from the host slots (or the disk pages) straight into the pool's buffers -- before
@@ -355,7 +326,7 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
             if int(np.asarray(view.owner)) != int(tag):  # another manager's pages: not written
                 continue
             for j, leaf in enumerate(jax.tree_util.tree_leaves(view.pages())):
-                dst = _writable(leaf)
+                dst = writable(leaf).view(leaf.dtype).reshape(leaf.shape)
                 if runs:
                     assert host.buffers is not None
                     copy_rows(dst, host.buffers[k][j], runs)

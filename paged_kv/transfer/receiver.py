@@ -44,7 +44,8 @@ from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Listener
 from paged_kv.transfer.pages import abandon, check_compatible, nest, pull_shapes, transfer_server
 from paged_kv.transfer.shm import Ring, RingRefused, open_ring
-from paged_kv.transfer.stream import Plan, Sink, host_memory, plan, take_over
+from paged_kv.host_pool import host_memory
+from paged_kv.transfer.stream import Plan, Sink, plan, take_over
 
 if TYPE_CHECKING:
     from jax.experimental.transfer import TransferConnection, TransferServer

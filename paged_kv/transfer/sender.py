@@ -49,7 +49,8 @@ from paged_kv.transfer import messages
 from paged_kv.transfer.channel import Connection
 from paged_kv.transfer.pages import abandon, leaves_of, spec_fields, transfer_server
 from paged_kv.transfer.shm import Ring, available, check_geometry, create
-from paged_kv.transfer.stream import Source, host_memory, plan, row_bytes
+from paged_kv.host_pool import host_memory
+from paged_kv.transfer.stream import Source, plan, row_bytes
 
 if TYPE_CHECKING:
     from jax.experimental.transfer import TransferServer

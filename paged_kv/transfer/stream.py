@@ -10,7 +10,7 @@ one page array, ``block_size`` slots. A chunk packs whole rows, at most one slot
 the ring; each side computes the same plan from its own spec and the admitted block
 counts, so nothing in a message says where bytes go.
 
-Both pools must be host memory (`host_memory`: a CPU device, row-major), where a
+Both pools must be host memory (`paged_kv.host_pool.host_memory`: a CPU device, row-major), where a
 page array's buffer is its rows as numpy lays them out. As `gather_sequence` does,
 the sender zeroes every slot at or past the sequence's length (the last block's
 tail: its previous owner's bytes never leave) and sends zeros for pages that serve
@@ -20,16 +20,15 @@ generation and writes nothing into pages of another manager.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 from functools import partial
-from typing import Any
 
 import attrs
 import jax
 import numpy as np
 
+from paged_kv.host_pool import arrays as pool_arrays, writable
 from paged_kv.allocator.manager import KVCacheManager
 from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
@@ -97,29 +96,6 @@ def plan(cache: PagedKVCache, counts: tuple[int, ...], slot_bytes: int) -> Plan:
     return Plan(tuple(chunks), tuple(sizes), rows)
 
 
-def _arrays(cache: PagedKVCache) -> list[Any]:  # jax.Array, whose stubs lack is_ready and the platform
-    return [a for view in cache.views for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations,
-                                                view.owner)]
-
-
-def _row_major(a: jax.Array) -> bool:
-    if a.ndim <= 1:
-        return True
-    layout = getattr(getattr(a, "format", None), "layout", None)
-    return bool(layout is not None and tuple(layout.major_to_minor) == tuple(range(a.ndim)) and not layout.tiling)
-
-
-def host_memory(cache: PagedKVCache) -> bool:
-    """Whether the pool's pages, generations and owners are host memory laid out as
-    numpy would (each array on one CPU device, row-major): then a ring's bytes go
-    straight from and into the pages. (The same test as `paged_kv.tiers.movement`'s
-    in-place copies.)"""
-    arrays = _arrays(cache)
-    if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in arrays):
-        return False
-    return bool(next(iter(arrays[0].sharding.device_set)).platform == "cpu") and all(map(_row_major, arrays))
-
-
 def _rows(a: np.ndarray, r: int) -> np.ndarray:
     return a.reshape(-1).view(np.uint8).reshape(a.shape[0], r)
 
@@ -131,7 +107,7 @@ class Source:
 
     def __init__(self, cache: PagedKVCache, p: Plan, blocks: tuple[np.ndarray, ...], first_blocks: tuple[int, ...],
                  num_tokens: int, tag: np.ndarray) -> None:
-        jax.block_until_ready(_arrays(cache))  # type: ignore[no-untyped-call]  # jax: unannotated
+        jax.block_until_ready(pool_arrays(cache))  # type: ignore[no-untyped-call]  # jax: unannotated
         self.plan = p
         self.groups = [view.group for view in cache.views]
         self.ids = [np.asarray(b, np.intp) for b in blocks]
@@ -187,14 +163,6 @@ def take_over(cache: PagedKVCache, manager: KVCacheManager, blocks: tuple[np.nda
     return out
 
 
-def _writable(leaf: jax.Array) -> np.ndarray:
-    """The buffer of ``leaf`` (host memory, held by this caller alone: `take_over`) as a
-    writable numpy array; a plain pointer, so no reference that a later donation sees."""
-    raw = (ctypes.c_char * leaf.nbytes).from_address(leaf.unsafe_buffer_pointer())
-    out: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), np.uint8)
-    return out
-
-
 class Sink:
     """The receiver's pool (taken over: `take_over`), written in place. Valid until the
     cache leaves the caller's hands (a step may donate it); make a new one after."""
@@ -206,7 +174,7 @@ class Sink:
         self.rows: list[list[np.ndarray | None]] = []
         for view, rs in zip(cache.views, p.row_bytes):
             mine = int(np.asarray(view.owner)) == int(tag)  # another manager's pages are not written
-            self.rows.append([_writable(leaf).reshape(leaf.shape[0], r) if mine else None
+            self.rows.append([writable(leaf).reshape(leaf.shape[0], r) if mine else None
                               for leaf, r in zip(jax.tree_util.tree_leaves(view.pages()), rs)])
 
     def write(self, index: int, slot: memoryview) -> None:
@@ -221,4 +189,4 @@ class Sink:
                                                                        ].reshape(-1, r)
 
 
-__all__ = ["Piece", "Plan", "Sink", "Source", "host_memory", "own", "plan", "row_bytes", "take_over"]
+__all__ = ["Piece", "Plan", "Sink", "Source", "own", "plan", "row_bytes", "take_over"]
