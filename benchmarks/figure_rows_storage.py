@@ -11,10 +11,14 @@ def _transfer_rows(r: dict) -> list[Row]:
     pages = get(r, "bench_transfer:pages")
     if pages:
         one = pages["one_sequence"]
-        out.append((f"one sequence ({pages['sequence_mib']:g} MiB, Llama-3-8B-shaped) moved to another process, "
-                    "offer to its first decode step there (`bench_transfer.py`)",
-                    f"{_x(one['over_memcpy'])} a numpy memcpy of the same bytes ({one['transfer_ms']:,.0f} ms)",
-                    f"memcpy {pages['numpy_memcpy_ms']:g} ms; loopback TCP alone {_x(pages['tcp_loopback_over_memcpy'])}"))
+        path = {"shm": "a shared-memory ring", "tcp": "TCP on loopback"}.get(pages.get("path", "tcp"), pages.get("path"))
+        latency = one.get("latency_to_first_decode_step_ms")
+        out.append((f"one sequence ({pages['sequence_mib']:g} MiB, Llama-3-8B-shaped) moved to another process "
+                    f"on this host through {path}, from the offer until its pages are written there "
+                    "(`bench_transfer.py`)",
+                    f"{_x(one['over_memcpy'])} a numpy memcpy of the same bytes ({one['transfer_ms']:,.0f} ms); aim ≥ 0.5×",
+                    f"memcpy {pages['numpy_memcpy_ms']:g} ms; loopback TCP alone {_x(pages['tcp_loopback_over_memcpy'])}"
+                    + (f"; offer to the receiver's first decode step {latency:,.0f} ms" if latency is not None else "")))
     return out
 
 
@@ -44,9 +48,14 @@ def _tiers_rows(r: dict) -> list[Row]:
                     f"{_x(mv['up_from_host_over_memcpy'])} (over a memcpy out of the CPU's caches: "
                     f"{_x(mv.get('down_to_host_over_cold_memcpy'))}, {_x(mv.get('up_from_host_over_cold_memcpy'))}); "
                     f"up from disk {_x(mv['up_from_disk_over_memcpy'])}, down to disk "
-                    f"{_x(mv['down_to_disk_over_memcpy'])}",
+                    f"{_x(mv['down_to_disk_over_memcpy'])} (until synced); aim ≥ 0.8× for host moves",
                     "dispatching the move down (what the evicting step waits for) runs at "
-                    f"{_x(mv.get('down_to_host_critical_path_over_memcpy'))} memcpy speed"))
+                    f"{_x(mv.get('down_to_host_critical_path_over_memcpy'))} memcpy speed (to disk "
+                    f"{_x(mv.get('down_to_disk_critical_path_over_memcpy'))})"
+                    + (f"; up counting the admission that finds the blocks (and reads the disk): from host "
+                       f"{_x(mv['up_from_host_with_admission_over_memcpy'])}, from disk "
+                       f"{_x(mv['up_from_disk_with_admission_over_memcpy'])}"
+                       if "up_from_disk_with_admission_over_memcpy" in mv else "")))
     dm = get(r, "bench_tiers:decode_with_moves")
     if dm:
         out.append((f"decode step ({dm['batch']} × {dm['context']} tokens) while {dm['mib_moved_per_step']:g} MiB of "
