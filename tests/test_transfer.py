@@ -81,9 +81,12 @@ class Peer:
                 return status
 
 
-@pytest.fixture(scope="module")
-def peer():
-    proc, line = start(["receive", json.dumps(RECEIVERS), "240"])
+def receiving_peer(receivers: list[dict], pids: set[int] | None = None):
+    """A receiver process serving ``receivers`` (its pid added to ``pids``), stopped, then
+    killed if it lingers, when the generator is closed: a module fixture's body."""
+    proc, line = start(["receive", json.dumps(receivers), "240"])
+    if pids is not None:
+        pids.add(proc.pid)
     p = Peer(proc, json.loads(line))
     try:
         yield p
@@ -98,6 +101,11 @@ def peer():
             proc.wait(10)
         finally:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def peer():
+    yield from receiving_peer(RECEIVERS)
 
 
 def sender_side(name: str = "hybrid", prefix: bool = True, **changes):

@@ -22,7 +22,7 @@ import paged_kv as pk  # noqa: E402
 from paged_kv.errors import InvalidArgumentError, ReceiverFullError  # noqa: E402
 from paged_kv.transfer import TransferReceiver, TransferSender, messages, shm  # noqa: E402
 
-from test_transfer import PEER, Peer, start  # noqa: E402
+from test_transfer import PEER, receiving_peer  # noqa: E402
 from transfer_peer import digest, fill, spec_of  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no /dev/shm on x86-64 here")
@@ -37,22 +37,7 @@ PIDS: set[int] = {os.getpid()}
 
 @pytest.fixture(scope="module")
 def peer():
-    proc, line = start(["receive", json.dumps(RECEIVERS), "240"])
-    PIDS.add(proc.pid)
-    p = Peer(proc, json.loads(line))
-    try:
-        yield p
-    finally:
-        try:
-            p.sock.send_json({"cmd": "stop"})
-            p.sock.recv_json()
-        except zmq.ZMQError:
-            pass
-        p.sock.close(0)
-        try:
-            proc.wait(10)
-        finally:
-            proc.kill()
+    yield from receiving_peer(RECEIVERS, PIDS)
     gc.collect()  # senders the tests dropped: their finalizers unlink rings never mapped
     assert shm.leftovers(PIDS) == []
 
