@@ -38,10 +38,35 @@ def _row_major(a: jax.Array) -> bool:
 def host_memory(cache: PagedKVCache) -> bool:
     """Whether the pool's pages, generations and owners are host memory laid out as
     numpy would: each array on one CPU device, row-major."""
-    pool = arrays(cache)
-    if any(not isinstance(a, jax.Array) or len(a.sharding.device_set) != 1 for a in pool):
+    return in_host_memory(arrays(cache))
+
+
+_LAYOUTS: dict[Any, bool] = {}
+"""Whether arrays of a (PJRT) layout are row-major, per layout seen: `jax.Array.format`
+builds Python objects per array (~2 us each, several times that between the copies of
+a move, whose bytes flush the CPU's caches); the layout itself is a hashable C++ value."""
+
+
+def _row_major_fast(a: jax.Array) -> bool:
+    layout = getattr(a, "_pjrt_layout", None)  # what `format` reads; absent in another jax: the public way
+    if layout is None:
+        return _row_major(a)
+    known = _LAYOUTS.get(layout)
+    if known is None:
+        known = _LAYOUTS[layout] = _row_major(a)
+    return known
+
+
+def in_host_memory(pool: list[Any]) -> bool:
+    """`host_memory` of the pool's arrays already listed (``jax.tree_util.tree_leaves``
+    of a cache lists the same arrays as `arrays`, in C++: a caller that flattens the
+    cache anyway saves `arrays`' Python walk over the views)."""
+    first = pool[0].sharding if pool and isinstance(pool[0], jax.Array) else None
+    if first is None or len(first.device_set) != 1 or next(iter(first.device_set)).platform != "cpu":  # type: ignore[attr-defined]  # jax's Device stubs lack platform
         return False
-    return bool(next(iter(pool[0].sharding.device_set)).platform == "cpu") and all(map(_row_major, pool))
+    # The same sharding (one CPU device) for every array, each row-major.
+    return all(isinstance(a, jax.Array) and (a.sharding is first or a.sharding == first) and
+               (a.ndim <= 1 or _row_major_fast(a)) for a in pool)
 
 
 def writable(leaf: jax.Array) -> np.ndarray:
@@ -52,4 +77,4 @@ def writable(leaf: jax.Array) -> np.ndarray:
     return out
 
 
-__all__ = ["arrays", "host_memory", "writable"]
+__all__ = ["arrays", "host_memory", "in_host_memory", "writable"]

@@ -20,7 +20,7 @@ move in flight.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -96,6 +96,7 @@ class HostTier:
         self.ready: set[int] = set()  # keys whose bytes are in their slot (a copy down may still be on its way)
         self.keep_bytes = keep_bytes
         self.buffers: Pages | None = None
+        self._shapes: object = None  # the last shapes `ensure_buffers` accepted, the very object
         # Called with (key, parent, pages or None) for each key evicted to make room: the
         # tiers move it one level down (write-back) or drop it. Pages are a copy.
         self.on_evict: Callable[[int, int, Pages | None], None] | None = None
@@ -115,14 +116,18 @@ class HostTier:
     def ensure_buffers(self, shapes: list[list[tuple[tuple[int, ...], np.dtype]]]) -> None:
         """Make the buffers for page leaves of these ``(shape, dtype)`` (per layer, per leaf),
         once; `AssertionError` if a later page has other leaves."""
+        if shapes is self._shapes:  # the pool's shapes of the last flush (`movement._Pool`): checked then
+            return
         if self.buffers is None:
             # np.zeros maps zero pages lazily: the first landing in a slot pays the page
             # faults once, not every flush.
             self.buffers = [[np.zeros((self.capacity, *s), d) for s, d in layer] for layer in shapes]
+            self._shapes = shapes
         else:
             have = [[(a.shape[1:], a.dtype) for a in layer] for layer in self.buffers]
             if have != [[(tuple(s), np.dtype(d)) for s, d in layer] for layer in shapes]:
                 raise AssertionError(f"host tier pages are {have}; a page of {shapes} does not fit")
+            self._shapes = shapes
 
     def insert(self, key: int, parent: int, ready: bool = False) -> int | None:
         """Give ``key`` a slot (evicting the policy's victim when full); None when every
@@ -215,6 +220,16 @@ class HostTier:
         self.pins[key] -= 1
         if self.pins[key] <= 0:
             del self.pins[key]
+
+    def unpin_all(self, keys: Iterable[int]) -> None:
+        """`unpin` each of ``keys`` (a batch's, in one call: no method call per block)."""
+        pins = self.pins
+        for key in keys:
+            left = pins[key] - 1
+            if left > 0:
+                pins[key] = left
+            else:
+                del pins[key]
 
     def check_integrity(self) -> None:
         """Raise AssertionError unless slots, policy and pins agree."""

@@ -19,9 +19,9 @@
     the next flush or when asked, off the step's critical path (``wait=True``: at once).
 * up: the blocks `CacheTiers.prepare` allocated, each stamped with its new generation
   (`binding.bind_blocks`, as `swap_in` does). On a CPU device written in place: the
-  cache made this caller's alone, rows copied from the host slots (or the disk pages
-  read) straight into the pool, then one jitted call for generations and owners
-  (`_upload_in_place`). Elsewhere staged in one array per leaf and written by one
+  cache made this caller's alone (one jitted call that donates it and computes
+  nothing), then generations and owners set and rows copied from the host slots (or
+  the disk pages read) straight into the pool (`_upload_in_place`). Elsewhere staged in one array per leaf and written by one
   jitted scatter, the cache donated. Counted in the step's time: the step reads them.
 
 Shapes: jitted counts are padded to a power of two shared by the groups (padding
@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 from numpy.typing import DTypeLike
 
-from paged_kv.host_pool import arrays as pool_arrays, host_memory, writable
+from paged_kv.host_pool import in_host_memory, writable
 from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
@@ -126,23 +126,55 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-def _layers(cache: PagedKVCache, group: int) -> list[int]:
-    return [i for i, view in enumerate(cache.views) if view.group == group]
+Shapes = list[list[tuple[tuple[int, ...], np.dtype]]]
+"""Per layer, per page leaf: ``(shape, dtype)`` of the cache's page arrays."""
 
 
-def _leaf_shapes(cache: PagedKVCache) -> list[list[tuple[tuple[int, ...], np.dtype]]]:
-    """Per layer, per page leaf: ``(shape, dtype)`` of the cache's page arrays."""
-    return [[(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(view.pages())]
-            for view in cache.views]
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """What a flush needs of a cache's structure, where its arrays sit in the cache's
+    flat leaves (``jax.tree_util.tree_leaves``: every view's page leaves, generations,
+    owner). Made once per structure (`_pool`): walking the views in Python each flush
+    cost ~0.1 ms of a 16 MiB move on a slow host, which a copy at memcpy speed cannot
+    hide."""
+
+    layers: list[list[int]]  # per group: its layers
+    shapes: Shapes
+    slots: list[Shapes]  # per group, then layer and leaf: a host slot's shapes
+    pages: list[list[int]]  # per layer: the leaves of its pages
+    generations: list[int]  # per layer: its generations' leaf
+    owner: list[int]  # per layer: its owner's leaf
 
 
-def _ensure_buffers(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtype]]],
-                    layers: list[list[int]]) -> None:
+_POOLS: dict[Any, _Pool] = {}
+
+
+def _pool(cache: PagedKVCache, groups: int) -> tuple[list[Any], _Pool]:
+    """The cache's flat leaves and its `_Pool` (kept per tree structure and leaf shapes;
+    a handful of entries at most in a serving process)."""
+    leaves, treedef = jax.tree_util.tree_flatten(cache)
+    key = (treedef, groups, tuple((a.shape, a.dtype) for a in leaves))
+    pool = _POOLS.get(key)
+    if pool is None:
+        at = {id(a): i for i, a in enumerate(leaves)}
+        pages = [[at[id(leaf)] for leaf in jax.tree_util.tree_leaves(view.pages())] for view in cache.views]
+        shapes = [[(tuple(leaves[i].shape), np.dtype(leaves[i].dtype)) for i in layer] for layer in pages]
+        layers = [[i for i, view in enumerate(cache.views) if view.group == g] for g in range(groups)]
+        pool = _Pool(layers, shapes, [[[(s[1:], d) for s, d in shapes[layer]] for layer in ls] for ls in layers],
+                     pages, [at[id(view.generations)] for view in cache.views],
+                     [at[id(view.owner)] for view in cache.views])
+        if len(_POOLS) > 16:
+            _POOLS.clear()
+        _POOLS[key] = pool
+    return leaves, pool
+
+
+def _ensure_buffers(tiers: CacheTiers, pool: _Pool) -> None:
     """Each group's host buffers made (once, before any copy lands) for these pages."""
     for g, host in enumerate(tiers.host):
         if tiers.keep_bytes and host.capacity:
             try:
-                host.ensure_buffers([[(s[1:], d) for s, d in shapes[layer]] for layer in layers[g]])
+                host.ensure_buffers(pool.slots[g])
             except AssertionError as exc:
                 raise TierError(f"the host tier of layer group {g} holds other pages than this cache's ({exc}): the "
                                 "tier was written for another cache") from None
@@ -181,16 +213,16 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
     spec, manager = tiers.spec, tiers.manager
     tag = manager.steps.tag
     groups = range(len(spec.groups))
-    layers = [_layers(cache, g) for g in groups]
-    shapes = _leaf_shapes(cache)
-    _ensure_buffers(tiers, shapes, layers)
+    leaves, pool = _pool(cache, len(groups))
+    layers, shapes = pool.layers, pool.shapes
+    _ensure_buffers(tiers, pool)
     downloads, tiers.downloads = tiers.downloads, []
     uploads, tiers.uploads = list(tiers.uploads.values()), {}
-    in_place = host_reads and (downloads or uploads) and host_memory(cache)
+    in_place = host_reads and (downloads or uploads) and in_host_memory(leaves)
     if downloads:
-        per_group = [[d for d in downloads if d.group == g] for g in groups]
-        if in_place and _written(cache, wait):
-            _land_direct(cache, tiers, per_group, layers, tag)  # landed now: one copy, nothing in flight
+        per_group = [[d for d in downloads if d.group == g] for g in groups] if len(groups) > 1 else [downloads]
+        if in_place and _written(leaves, wait):
+            _land_direct(leaves, pool, tiers, per_group, tag)  # landed now: one copy, nothing in flight
         else:
             n = _pow2(max(len(ds) for ds in per_group))
             ids = np.full((len(per_group), n), NULL_BLOCK, np.int32)  # padding gathers the null block: dropped
@@ -203,7 +235,7 @@ def flush(cache: PagedKVCache, tiers: CacheTiers, wait: bool = False) -> PagedKV
                 leaf.copy_to_host_async()  # the device -> host copy runs while the host goes on
             tiers.in_flight = [(per_group, oks, pages, layers, shapes)]
     if uploads:
-        cache = _upload(cache, tiers, uploads, layers, shapes, tag, bool(in_place))
+        cache = _upload(cache, tiers, uploads, pool, tag, bool(in_place))
     if wait:
         finish(tiers)
     else:
@@ -217,17 +249,17 @@ straight from it where it is written (`_land_direct`), uploads straight into it
 (`_upload_in_place`). False: always the jitted gather and scatter (the tests run both)."""
 
 
-def _written(cache: PagedKVCache, wait: bool) -> bool:
-    """Whether every step that writes the pool has run (with ``wait``: waited for);
-    `_land_direct` may then read a pool in host memory (`paged_kv.host_pool.host_memory`) in place."""
-    arrays = pool_arrays(cache)
+def _written(arrays: list[Any], wait: bool) -> bool:
+    """Whether every step that writes the pool (its ``arrays``) has run (with ``wait``:
+    waited for); `_land_direct` may then read a pool in host memory
+    (`paged_kv.host_pool.host_memory`) in place."""
     if wait:
         jax.block_until_ready(arrays)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
         return True
     return all(a.is_ready() for a in arrays)
 
 
-def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list[Download]], layers: list[list[int]],
+def _land_direct(leaves: list[Any], pool: _Pool, tiers: CacheTiers, per_group: list[list[Download]],
                  tag: np.ndarray) -> None:
     """The copies down of a pool in host memory that every step before this flush has
     written (`paged_kv.host_pool.host_memory`, `_written`): the device's checks (generation and owner)
@@ -242,10 +274,10 @@ def _land_direct(cache: PagedKVCache, tiers: CacheTiers, per_group: list[list[Do
         gens = np.fromiter((d.generation for d in ds), np.int64, len(ds))
         ok = np.ones(len(ds), bool)
         rows: list[list[Any]] = []  # RowsOf stands for the rows' arrays (`HostTier.write_rows`)
-        for layer in layers[g]:
-            view = cache.views[layer]
-            ok &= (np.asarray(view.generations)[ids] == gens) & (np.asarray(view.owner) == tag)
-            rows.append([RowsOf(np.asarray(leaf), ids) for leaf in jax.tree_util.tree_leaves(view.pages())])
+        for layer in pool.layers[g]:
+            ok &= (np.asarray(leaves[pool.generations[layer]])[ids] == gens) & (
+                np.asarray(leaves[pool.owner[layer]]) == tag)
+            rows.append([RowsOf(np.asarray(leaves[i]), ids) for i in pool.pages[layer]])
         tiers.land(ds, ok, rows)
 
 
@@ -257,8 +289,7 @@ def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start: start + nbytes].view(dtype).reshape(shape)
 
 
-def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtype]]],
-             n: int) -> list[list[np.ndarray]]:
+def _staging(tiers: CacheTiers, shapes: Shapes, n: int) -> list[list[np.ndarray]]:
     """Per layer, per leaf: ``[n, words]`` host rows to stage an upload in, kept between
     flushes (fresh memory would fault in every page again); the last upload that read
     them has finished first (on CPU the device arrays alias them)."""
@@ -273,76 +304,84 @@ def _staging(tiers: CacheTiers, shapes: list[list[tuple[tuple[int, ...], np.dtyp
 
 
 @partial(jax.jit, donate_argnums=0)
-def _bind(cache: PagedKVCache, ids: tuple[jax.Array, ...], gens: tuple[jax.Array, ...],
-          tag: jax.Array) -> PagedKVCache:
-    """`_scatter`'s generations and owners without its pages (written in place by
-    `_upload_in_place`, after); the pages pass through, donated: the same buffers, then
-    held by nothing else -- every program that read them has run (a donation waits for
-    them) and no view of them is alive (one would have made the donation a copy)."""
-    views = []
-    for view in cache.views:
-        _, generations, owner = bind_blocks(view.generations, view.owner, tag, ids[view.group], gens[view.group])  # type: ignore[arg-type]  # a cache's views carry their binding arrays (`PagedKVCache.init`)
-        views.append(dataclasses.replace(view, generations=generations, owner=owner))
-    return PagedKVCache(tuple(views))
+def _own(leaves: list[jax.Array]) -> list[jax.Array]:
+    """The pool's arrays, donated and returned: the same buffers (no copy: XLA aliases a
+    donated input to its output), then held by this caller alone -- every program that
+    read them has run (a donation waits for them) and no other view of them is alive
+    (one would have made the donation a copy). Nothing is computed: `_upload_in_place`
+    binds the blocks and writes their pages with numpy, which on a slow host costs less
+    than a jitted scatter's dispatch (~35 against ~80 us a flush, measured here)."""
+    return leaves
 
 
-def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
+def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], pool: _Pool,
                      tag: np.ndarray) -> PagedKVCache:
-    """The uploads of a pool in host memory (`paged_kv.host_pool.host_memory`): one jitted call stamps the
-    blocks' generations and owners (`_bind`, as `_scatter` does) and makes the cache
-    this caller's alone (donated; waited for), then each block's rows are copied once
-    from the host slots (or the disk pages) straight into the pool's buffers -- before
-    anyone else sees the cache. Pages of another manager (the view's owner) are not
-    written, as `_scatter` drops them."""
+    """The uploads of a pool in host memory (`paged_kv.host_pool.host_memory`): one jitted
+    call makes the cache this caller's alone (`_own`: donated; waited for), then, before
+    anyone else sees the cache, each layer's blocks are bound as `binding.bind_blocks`
+    binds them (`_scatter` does the same on a device: an unowned pool takes ``tag``,
+    the blocks their new generations) and their rows copied once from the host slots
+    (or the disk pages) straight into the pool's buffers. Pages of another manager (the
+    view's owner) are neither bound nor written, as `_scatter` drops them."""
     spec = tiers.spec
-    pools = [[(tuple(leaf.shape[1:]), np.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(view.pages())]
-             for view in cache.views]
     for u in uploads:  # checked before the cache is donated: an error leaves the caller's cache whole
         if u.pages is not None:
-            for layer, page in zip(layers[u.group], u.pages):
-                for (shape, dtype), a in zip(pools[layer], page):
-                    if a.shape != shape or a.dtype != dtype:
+            for layer, page in zip(pool.layers[u.group], u.pages):
+                for (shape, dtype), a in zip(pool.shapes[layer], page):
+                    if a.shape != shape[1:] or a.dtype != dtype:
                         raise TierError(f"a tier page of layer {layer} is {a.shape} {a.dtype}; the cache's pages "
-                                        f"are {shape} {dtype}: the tier was written for other pages")
-    per_group = [[u for u in uploads if u.group == g] for g in range(len(spec.groups))]
-    n = _pow2(max(len(ups) for ups in per_group))
-    ids = np.stack([np.full(n, gr.num_blocks, np.int32) for gr in spec.groups])  # past the pool: dropped
-    gens = np.zeros((len(spec.groups), n), np.int32)
-    for g, ups in enumerate(per_group):
-        ids[g, : len(ups)] = [u.block for u in ups]
-        gens[g, : len(ups)] = [u.generation for u in ups]
-    out: PagedKVCache = _bind(cache, tuple(ids), tuple(gens), tag)
-    jax.block_until_ready(out)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
+                                        f"are {shape[1:]} {dtype}: the tier was written for other pages")
+    per_group = [[u for u in uploads if u.group == g] for g in range(len(spec.groups))] if len(spec.groups) > 1 \
+        else [uploads]
+    leaves, treedef = jax.tree_util.tree_flatten(cache)
+    leaves = _own(leaves)
+    jax.block_until_ready(leaves)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
+    mine = []  # per layer: whether its pages serve this manager
+    for at in pool.owner:
+        owner = _array(leaves[at])
+        if owner[()] == 0:
+            owner[()] = tag  # an unowned pool serves this manager from now on (every layer, as `_scatter` does)
+        mine.append(bool(owner[()] == tag))
+        del owner
     for g, ups in enumerate(per_group):
         if not ups:
             continue
         host = tiers.host[g]
-        from_host = [u for u in ups if u.pages is None]
+        ids = np.fromiter((u.block for u in ups), np.intp, len(ups))
+        gens = np.fromiter((u.generation for u in ups), np.int64, len(ups))
+        from_host = [i for i, u in enumerate(ups) if u.pages is None]
         from_disk = [(u.block, u.pages) for u in ups if u.pages is not None]
-        runs = row_runs(np.fromiter((u.block for u in from_host), np.intp, len(from_host)),
-                        np.fromiter((host.slot_of[u.key] for u in from_host), np.intp, len(from_host)))
-        for k, layer in enumerate(layers[g]):
-            view = out.views[layer]
-            if int(np.asarray(view.owner)) != int(tag):  # another manager's pages: not written
+        runs = row_runs(ids[from_host], np.fromiter((host.slot_of[ups[i].key] for i in from_host), np.intp,
+                                                    len(from_host)))
+        for k, layer in enumerate(pool.layers[g]):
+            if not mine[layer]:  # another manager's pages: not bound, not written
                 continue
-            for j, leaf in enumerate(jax.tree_util.tree_leaves(view.pages())):
-                dst = writable(leaf).view(leaf.dtype).reshape(leaf.shape)
+            _array(leaves[pool.generations[layer]])[ids] = gens
+            for j, i in enumerate(pool.pages[layer]):
+                dst = _array(leaves[i])
                 if runs:
                     assert host.buffers is not None
                     copy_rows(dst, host.buffers[k][j], runs)
                 for block, pages in from_disk:
                     dst[block] = pages[k][j]
                 del dst
-        for u in from_host:
-            host.unpin(u.key)
+        host.unpin_all(ups[i].key for i in from_host)
+    out: PagedKVCache = jax.tree_util.tree_unflatten(treedef, leaves)
     return out
 
 
-def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], layers: list[list[int]],
-            shapes: list[list[tuple[tuple[int, ...], np.dtype]]], tag: np.ndarray, in_place: bool) -> PagedKVCache:
+def _array(leaf: jax.Array) -> np.ndarray:
+    """A pool array this caller holds alone as a writable numpy array of its shape
+    (`paged_kv.host_pool.writable`: a plain pointer, nothing a later donation sees)."""
+    out: np.ndarray = writable(leaf).view(leaf.dtype).reshape(leaf.shape)
+    return out
+
+
+def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], pool: _Pool, tag: np.ndarray,
+            in_place: bool) -> PagedKVCache:
     if in_place:
-        return _upload_in_place(cache, tiers, uploads, layers, tag)
-    spec = tiers.spec
+        return _upload_in_place(cache, tiers, uploads, pool, tag)
+    spec, layers, shapes = tiers.spec, pool.layers, pool.shapes
     # Per group, uploads from host slots first: their rows are one block of the staging
     # arrays, filled by one np.take per leaf; pages read from disk follow, one row each.
     per_group = [sorted((u for u in uploads if u.group == g), key=lambda u: u.pages is not None)

@@ -119,23 +119,31 @@ class MovesDown:
         host, nbytes = self.host[g], self.spec.group_bytes_per_block(g)
         keys: list[int] = []
         rows: list[int] = []
-        for i, d in enumerate(downloads):
+        # One pass, Python lookups hoisted out of it: at 64 blocks a flush, each
+        # attribute lookup or method call per block was ~1% of a 16 MiB move's time.
+        slot_of, pins, through, landed = host.slot_of, host.pins, self.write == "through", 0
+        for i, (d, ok) in enumerate(zip(downloads, oks.tolist())):
             key = d.key
-            in_host = key in host.slot_of
-            if in_host:
-                host.unpin(key)
-            if not oks[i]:
+            in_host = key in slot_of
+            if in_host:  # unpinned (`HostTier.unpin`, inline)
+                left = pins[key] - 1
+                if left > 0:
+                    pins[key] = left
+                else:
+                    del pins[key]
+            if not ok:
                 self.stats.refused += 1
-                if in_host and key not in host.pins and key not in host.ready:
+                if in_host and key not in pins and key not in host.ready:
                     host.remove(key)
                 continue
-            self.stats.blocks_down += 1
-            self.stats.bytes_down += nbytes
+            landed += 1
             if in_host:
                 keys.append(key)
                 rows.append(i)
-            if not in_host or self.write == "through":
+            if not in_host or through:
                 self._to_disk(g, key, d.parent, [[a[i] for a in layer] for layer in pages])
+        self.stats.blocks_down += landed
+        self.stats.bytes_down += landed * nbytes
         if keys:
             host.ensure_buffers([[(a.shape[1:], a.dtype) for a in layer] for layer in pages])
             whole = rows[-1] == len(rows) - 1  # rows 0..k-1: a slice, no temporary
