@@ -339,8 +339,9 @@ class TransferReceiver:
         first (its blocks stamped the first time), then each chunk copied and its slot
         handed back (the ring's ``read``); until the poll's end, and while the next
         chunks follow within `STREAM_GAP` of the stream's start or the last one, wait
-        for them (polling the ring's ``written``, yielding the core), answering
-        messages every millisecond meanwhile. The last chunk completes it."""
+        for them (waiting on the ring's ``written``), answering
+        messages every millisecond meanwhile (asleep on the ring's futex between). The
+        last chunk completes it."""
         assert t.plan is not None and t.ring is not None
         ring, n = t.ring, len(t.plan.chunks)
         cache = take_over(cache, self.manager, t.ids, t.padded, stamp=not t.stamped)
@@ -362,13 +363,15 @@ class TransferReceiver:
                         return cache
                     t.progress = time.monotonic()
                 now = time.monotonic()
-                if now >= t.deadline or now > max(end, t.progress + STREAM_GAP):
+                stop = min(t.deadline, max(end, t.progress + STREAM_GAP))
+                if now >= stop:
                     break
                 if now - checked > 0.001:
                     checked = now
                     while self._listener.wait(0):
                         self._handle(cache, *self._listener.receive())
-                time.sleep(0)
+                # Asleep until the sender stores ``written`` (a millisecond at most: messages).
+                ring.wait("written", t.first + t.copied + 1, min(0.001, stop - now))
         except Exception:
             if self._incoming.get(t.transfer) is t:
                 self._drop(t, "failed", "writing the pages failed", "internal")

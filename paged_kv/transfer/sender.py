@@ -374,11 +374,10 @@ class TransferSender:
 
 def _await_read(ring: Ring, count: int, conn: Connection, transfer: str, deadline: float) -> None:
     """Wait until the receiver has copied ``count`` chunks out of ``ring``: polling its
-    counter (yielding the core), and every millisecond the control socket for its
+    counter (asleep on its futex, not spinning), and every millisecond the control socket for its
     ``failed``; `TransferTimeoutError` past ``deadline``."""
     checked = time.monotonic()
-    while ring.read < count:
-        time.sleep(0)
+    while ring.wait("read", count, 0.001) < count:  # asleep until the receiver stores ``read``
         now = time.monotonic()
         if now - checked > 0.001:
             checked = now

@@ -16,8 +16,11 @@ Signals: two counters in the header, each on its own cache line, count chunks ov
 the ring's life: ``written`` (the sender stores it after copying a chunk into its
 slot) and ``read`` (the receiver stores it after copying one out); chunk ``c`` goes
 in slot ``c % slots``, and the sender reuses a slot only once ``read`` passed it.
-Each side waits by polling the other's counter -- no message per chunk, whose cost
-(two sockets' I/O threads, JSON) was larger than copying a chunk. This relies on
+Each side waits on the other's counter with a futex (`Ring.wait`: the kernel puts
+the waiter to sleep until the counter moves, or a timeout) and each store of a
+counter wakes it -- no message per chunk, whose cost (two sockets' I/O threads, JSON)
+was larger than copying a chunk, and no spinning: on a loaded machine a waiter that
+spins takes the core its peer needs to copy the chunk it waits for. This relies on
 x86-64's store order (a chunk's bytes are visible before the counter stored after
 them): elsewhere `available` is False and transfers go over TCP.
 
@@ -31,6 +34,7 @@ shrinks the file after the receiver mapped it makes the receiver's next read fau
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import platform
@@ -56,6 +60,38 @@ MAX_SLOTS = 64
 MIN_SLOT_BYTES = 4096
 MAX_RING_BYTES = 1 << 30
 """Bounds of a ring a receiver maps: an offer names the geometry, so it is bounded."""
+
+
+_SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 202, 0, 1  # x86-64 (the only machine `available` allows)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+try:
+    _syscall = ctypes.CDLL(None, use_errno=True).syscall
+    _syscall.restype = ctypes.c_long
+except (OSError, AttributeError):  # no libc syscall(): waits poll the counter instead
+    _syscall = None
+
+
+def _futex_wait(address: int, expected: int, timeout: float) -> None:
+    """Sleep while the 32-bit word at ``address`` (a shared mapping) equals ``expected``,
+    at most ``timeout`` seconds; returns early on a wake, a signal or a changed word.
+    Any failure (EFAULT, no futex) is a short sleep: callers re-check and loop."""
+    if _syscall is None:
+        os.sched_yield()
+        return
+    ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
+    _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(_FUTEX_WAIT),
+             ctypes.c_uint32(expected & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_int(0))
+
+
+def _futex_wake(address: int) -> None:
+    if _syscall is not None:
+        _syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(_FUTEX_WAKE),
+                 ctypes.c_int(2**31 - 1), None, None, ctypes.c_int(0))
 
 
 def check_geometry(slots: object, slot_bytes: object) -> tuple[int, int]:
@@ -86,6 +122,8 @@ class Ring:
         self._mm: mmap.mmap | None = mm
         self._view = memoryview(mm)
         self._counters = np.frombuffer(mm, np.int64, count=_READ // 8 + 1)
+        # A futex word is 32 bits: the low half of each little-endian int64 counter.
+        self._address = self._counters.ctypes.data
         self.position = 0
         """Chunks through this ring so far, as this side counts them (the next one's number)."""
         # Unlinks a file still linked when this ring is collected or the process exits.
@@ -109,6 +147,7 @@ class Ring:
     @written.setter
     def written(self, value: int) -> None:
         self._counters[_WRITTEN // 8] = value
+        _futex_wake(self._address + _WRITTEN)
 
     @property
     def read(self) -> int:
@@ -118,6 +157,20 @@ class Ring:
     @read.setter
     def read(self, value: int) -> None:
         self._counters[_READ // 8] = value
+        _futex_wake(self._address + _READ)
+
+    def wait(self, counter: str, below: int, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds while counter ``counter`` (``"written"`` or
+        ``"read"``) is below ``below``, asleep in the kernel; returns its value (the
+        caller checks it: a wait may end early)."""
+        if self._mm is None:
+            raise InvalidArgumentError(f"ring {self.name} is closed")
+        offset = _WRITTEN if counter == "written" else _READ
+        seen = int(self._counters[offset // 8])
+        if seen < below and timeout > 0:
+            _futex_wait(self._address + offset, seen, timeout)
+            seen = int(self._counters[offset // 8])
+        return seen
 
     def unlink(self) -> None:
         """Remove the file's name (the mappings stay); idempotent."""
