@@ -178,9 +178,8 @@ def test_a_program_in_jaxs_cache_is_stored_runnable(tmp_path):
 
 
 def test_programs_switch_between_signatures_and_refuse_changed_fixed_arguments():
-    """The last program is tried first: another signature is looked up (and compiled once),
-    and a fixed argument that changed is refused before anything runs (its donated
-    buffer intact)."""
+    """Each signature is looked up (and compiled once), and a fixed argument that changed
+    is refused before anything runs (its donated buffer intact)."""
     def step(w, state, x):
         return (state * w).sum() + x.sum(), state + 1
 
@@ -195,6 +194,52 @@ def test_programs_switch_between_signatures_and_refuse_changed_fixed_arguments()
     with pytest.raises(Exception):
         p(jnp.ones(4), kept, jnp.ones(2))  # the weights changed shape: refused by every program
     assert not kept.is_deleted() and p.compiled == 2
+
+
+class _Counted:
+    """A pytree node that counts its flattens and can refuse them (as a stale step's
+    metadata does at the device boundary)."""
+
+    flattens = 0
+    refuse = False
+
+    def __init__(self, x):
+        self.x = x
+
+
+def _flatten_counted(node):
+    _Counted.flattens += 1
+    if _Counted.refuse:
+        raise ValueError("refused while flattened")
+    return (node.x,), None
+
+
+jax.tree_util.register_pytree_node(_Counted, _flatten_counted, lambda _, children: _Counted(*children))
+
+
+def test_dispatch_flattens_the_same_for_every_call_and_raises_a_flatten_error_once(monkeypatch):
+    """Alternating signatures costs no exception and no extra flatten; an error raised
+    while the arguments are flattened is raised once, before anything runs."""
+    def step(w, state, node):
+        return (state * w).sum() + node.x.sum(), state + 1
+
+    p = programs.Programs(step, "step", "t", lambda args: jax.tree_util.tree_structure((0, 0)), donate_argnums=(1,),
+                          fixed=2)
+    w, state = jnp.ones(3), jnp.zeros(3)
+    for n in (2, 5):  # compile both
+        _, state = p(w, state, _Counted(jnp.ones(n)))
+    counts = []
+    for n in (2, 5, 2, 2, 5):
+        before = _Counted.flattens
+        out, state = p(w, state, _Counted(jnp.ones(n)))
+        counts.append(_Counted.flattens - before)
+        assert float(out) == n + 3 * float(state[0] - 1)
+    assert len(set(counts)) == 1 and p.compiled == 2
+    monkeypatch.setattr(_Counted, "refuse", True)
+    before = _Counted.flattens
+    with pytest.raises(ValueError, match="refused while flattened"):
+        p(w, state, _Counted(jnp.ones(2)))
+    assert _Counted.flattens - before == 1 and not state.is_deleted()
 
 
 def test_an_unwritable_directory_only_costs_compilations(model, tmp_path, caplog):

@@ -75,29 +75,22 @@ class Programs:
         self._out_tree, self._donate, self._fixed = out_tree, donate_argnums, fixed
         self._options = sorted((compiler_options or {}).items())
         self._by_signature: dict[Hashable, Any] = {}
-        self._last: Any = None
         self.compiled = self.loaded = 0
 
     def __call__(self, *args: Any) -> Any:
-        if self._last is not None:
-            # The last program first: it checks its arguments in C++ as jit does, where a
-            # Python lookup (flattening the step's metadata) cost ~50 us a step, 15% of a
-            # small model's decode step. Other arguments are refused before anything runs
-            # (nothing donated), with TypeError or whatever building jax's message raises.
-            try:
-                return self._last(*args)
-            except jax.errors.JaxRuntimeError:
-                raise  # it ran and failed: not another signature
-            except Exception:  # noqa: BLE001 - refused: look the arguments up
-                pass
+        # One flatten of the changing arguments, then an exact lookup: a call never runs a
+        # program made for other arrays, never depends on an exception to find its own,
+        # and an error raised while flattening (a stale step's metadata) is raised once,
+        # before anything runs. The program is called with the leaves just checked,
+        # rebuilt from them (with no host step), so jax's C++ call flattens them again cheaply.
         leaves, tree = jax.tree_util.tree_flatten(args[self._fixed:])
-        # Shape and dtype of every leaf, so no call runs a program made for other arrays.
-        # (Placement is not here: an executable refuses arrays on other devices.)
+        # Shape and dtype of every leaf. (Placement is not here: an executable refuses
+        # arrays on other devices.)
         signature = (tree, *[(x.shape, x.dtype) for x in leaves])
+        args = (*args[:self._fixed], *jax.tree_util.tree_unflatten(tree, leaves))
         program = self._by_signature.get(signature)
         if program is None:
             program = self._by_signature[signature] = self._make(args)
-        self._last = program
         return program(*args)
 
     def _make(self, args: tuple[Any, ...]) -> Any:
