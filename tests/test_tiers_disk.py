@@ -194,6 +194,7 @@ def test_moves_down_are_written_off_the_critical_path(tmp_path, monkeypatch):
     gate.set()
     assert got == 12 and same_bits(s.read(2), recompute(make_spec(), "split", B))
     s.check()
+    s.tiers.sync_disk()  # the file lands at finish: the writer, just released, may not have written it yet
     assert len(_segments(tmp_path)) == 1
 
 

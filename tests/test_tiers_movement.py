@@ -154,3 +154,24 @@ def test_a_page_of_other_pages_is_refused_before_the_cache_is_taken(direct, monk
     with pytest.raises(TierError, match="other pages"):
         movement.flush(s.cache, s.tiers)
     assert not any(a.is_deleted() for a in jax.tree_util.tree_leaves(s.cache))
+
+
+def test_both_upload_paths_leave_the_same_pool(monkeypatch):
+    """Uploads written in place (generations and owners set with numpy after the donating
+    call) leave the pool as the jitted scatter does: the same pages, generations, and
+    every layer owned by the uploading manager."""
+    pools = []
+    for direct in (True, False):
+        monkeypatch.setattr(movement, "host_reads", direct)
+        s = Server(make_spec(), host_bytes=10**7)
+        s.serve(1, A)
+        s.finish(1)
+        test_tiers.evict_all(s)
+        assert s.manager.admit_prompt(2, test_tiers.B) == 12 and s.tiers.uploads
+        s.flush()
+        s.check()
+        for view in s.cache.views:
+            assert int(np.asarray(view.owner)) == int(s.manager.steps.tag)
+        pools.append([np.asarray(a).copy() for view in s.cache.views
+                      for a in (*jax.tree_util.tree_leaves(view.pages()), view.generations)])
+    assert all(np.array_equal(x, y) for x, y in zip(*pools))
