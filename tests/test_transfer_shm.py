@@ -1,11 +1,14 @@
-"""The same-host shared-memory path of `paged_kv.transfer`: pages move through a ring in
-/dev/shm bit for bit (every layer group, int8 pages with their scales, a ring that
-wraps many times), TCP is used where either side says no, a forged ring or stream is
-refused without harm, a sender killed mid-stream leaves the receiver clean, and no
-ring file is left behind (`paged_kv.transfer.shm.leftovers`)."""
+"""The same-host shared-memory path of `paged_kv.transfer`: pages move through a ring (a
+sealed memfd) bit for bit (every layer group, int8 pages with their scales, a ring that
+wraps many times), TCP is used where either side says no, a forged or unsealed ring or
+a forged stream is refused without harm, nobody can shrink a ring under a receiver's
+mapping (SIGBUS), a sender killed mid-stream leaves the receiver clean, and no ring
+outlives its sender (`held_rings`) or leaves a file (`paged_kv.transfer.shm.leftovers`)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -25,7 +28,7 @@ from paged_kv.transfer import TransferReceiver, TransferSender, messages, shm  #
 from test_transfer import PEER, receiving_peer  # noqa: E402
 from transfer_peer import digest, fill, spec_of  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no /dev/shm on x86-64 here")
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no memfd and /proc on x86-64 here")
 RECEIVERS = [
     {"name": "hybrid", "spec": "hybrid"},
     {"name": "int8", "spec": "int8"},
@@ -42,15 +45,27 @@ def peer():
     assert shm.leftovers(PIDS) == []
 
 
+def held_rings() -> set[str]:
+    """Ring memfds this process holds open (a sender's, or a mapping's: by inode, as
+    Python's mmap keeps a descriptor of its own), and ring files of its pid."""
+    held = set(shm.leftovers({os.getpid()}))
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{shm.PREFIX}"):
+                    held.add(f"memfd inode {os.stat(f'/proc/self/fd/{fd}').st_ino}")
+    return held
+
+
 @pytest.fixture(autouse=True)
 def before():
-    """Ring files of this process already there (other tests' senders still alive): a
-    test checks it adds none that outlive it."""
-    return set(shm.leftovers({os.getpid()}))
+    """Rings this process holds already (other tests' senders still alive): a test
+    checks it adds none that outlive it."""
+    return held_rings()
 
 
 def new_rings(before: set[str]) -> set[str]:
-    return set(shm.leftovers({os.getpid()})) - before
+    return held_rings() - before
 
 
 def sender_side(name: str = "hybrid", **kw):
@@ -76,16 +91,16 @@ def test_pages_move_through_the_ring_bit_for_bit(peer, name, slots, slot_bytes, 
         peer.ask(name, "release", seq_id=seq)
     status = peer.ask(name, "status")
     assert status["integrity"] == "ok" and status["used"] == 0 and status["counts"]["received:shm"] >= 2
-    assert new_rings(before) == set()  # mapped by the receiver: unlinked at once
     sender.close()
+    assert new_rings(before) == set()  # the sender's descriptor closed with it
     manager.check_integrity()
 
 
-@pytest.mark.parametrize("where", ["receiver", "sender", "no-dev-shm"])
+@pytest.mark.parametrize("where", ["receiver", "sender", "no-proc"])
 def test_tcp_when_either_side_says_no(peer, where, monkeypatch, before):
     spec, manager, sender = sender_side(shared_memory=where != "sender")
-    if where == "no-dev-shm":
-        monkeypatch.setattr(shm, "SHM_DIR", "/nonexistent/shm")
+    if where == "no-proc":
+        monkeypatch.setattr(shm, "PROC", "/nonexistent/proc")
     cache = fill(pk.PagedKVCache.init(spec), manager, 9, 13, seed=4)
     want = digest(cache, manager, 9)
     to = peer.addresses["tcp" if where == "receiver" else "hybrid"]
@@ -144,12 +159,64 @@ def test_a_forged_ring_is_not_mapped_and_the_pages_go_over_tcp(peer, before):
         with pytest.raises(shm.RingRefused, match=why):
             shm.open_ring(ring["name"], ring["nonce"], ring["slots"], ring["slot_bytes"])
     sender._rings[peer.addresses["hybrid"]] = shm.Ring(real.name, b"\0" * 16, real.slots, real.slot_bytes,
-                                                       real._mm, linked=False)  # offers the wrong nonce
+                                                       real._mm)  # offers the wrong nonce
     sent = sender.send(cache, 5, np.arange(10), peer.addresses["hybrid"])
     assert sent.path == "tcp" and "header" in sender._tcp_only[peer.addresses["hybrid"]]
     assert peer.ask("hybrid", "digest", seq_id=5)["sha256"] == want["sha256"]
     peer.ask("hybrid", "release", seq_id=5)
     real.close()
+    sender.close()
+    assert new_rings(before) == set()
+
+
+def unsealed_ring(slots: int = 2, slot_bytes: int = 4096) -> tuple[int, str, str]:
+    """A memfd with a ring's size and header but no seal: (fd, name, nonce hex)."""
+    fd = os.memfd_create("paged_kv-xfer-", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, shm.HEADER + slots * slot_bytes)
+    nonce = os.urandom(16)
+    os.pwrite(fd, shm._LAYOUT.pack(shm.MAGIC, nonce, os.getpid(), slots, slot_bytes), 0)
+    return fd, f"{shm.PREFIX}{os.getpid()}-{fd}-{'ab' * 8}", nonce.hex()
+
+
+def test_an_unsealed_ring_or_another_file_is_refused(tmp_path):
+    fd, name, nonce = unsealed_ring()
+    try:
+        with pytest.raises(shm.RingRefused, match="not sealed"):
+            shm.open_ring(name, nonce, 2, 4096)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        ring = shm.open_ring(name, nonce, 2, 4096)  # sealed: the same file is taken
+        ring.close()
+    finally:
+        os.close(fd)
+    path = tmp_path / "ring"
+    path.write_bytes(b"\0" * (shm.HEADER + 2 * 4096))  # a regular file of the right size: no seals
+    with open(path, "rb+") as f:
+        with pytest.raises(shm.RingRefused, match="not sealed"):
+            shm.open_ring(f"{shm.PREFIX}{os.getpid()}-{f.fileno()}-{'cd' * 8}", nonce, 2, 4096)
+    with pytest.raises(shm.RingRefused, match="cannot open"):  # no such descriptor
+        shm.open_ring(f"{shm.PREFIX}{os.getpid()}-999999-{'cd' * 8}", nonce, 2, 4096)
+
+
+def test_nobody_can_shrink_a_ring_under_the_receiver(peer, before):
+    """A mapped file that shrinks makes the next read past its end SIGBUS (the receiver
+    would die): the ring is sealed, so a shrink mid-transfer fails and the pages arrive."""
+    spec, manager, sender = sender_side(shm_slots=2, shm_slot_bytes=4096)
+    cache = fill(pk.PagedKVCache.init(spec), manager, 13, 40, seed=8)
+    want = digest(cache, manager, 13)
+    offer = sender.offer(cache, 13, np.arange(40), peer.addresses["hybrid"])
+    assert offer.path == "shm" and offer.ring is not None and offer.ring.fd is not None
+    for fd in (offer.ring.fd, os.open(f"/proc/self/fd/{offer.ring.fd}", os.O_RDWR)):  # another descriptor too
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, shm.HEADER)
+        assert os.fstat(fd).st_size == shm.HEADER + 2 * 4096
+        if fd != offer.ring.fd:
+            os.close(fd)
+    with pytest.raises(OSError):  # and the seals themselves are sealed
+        fcntl.fcntl(offer.ring.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+    sent = sender.complete(offer, cache)
+    assert sent.path == "shm" and peer.ask("hybrid", "digest", seq_id=13)["sha256"] == want["sha256"]
+    peer.ask("hybrid", "release", seq_id=13)
+    assert peer.settled("hybrid")["integrity"] == "ok"
     sender.close()
     assert new_rings(before) == set()
 
@@ -173,7 +240,7 @@ def test_a_sender_killed_mid_stream_leaves_the_receiver_clean_and_no_file():
         assert admitted and receiver.pending == 0 and len(manager) == 0 and manager.num_used_blocks == 0
         assert receiver.counts["failed:timeout"] == 1 and receiver.counts["received"] == 0
         manager.check_integrity()
-        assert shm.leftovers({proc.pid}) == []  # the receiver unlinked it when it mapped it
+        assert shm.leftovers({proc.pid}) == []  # a memfd: no file to leave
     finally:
         proc.kill()
         proc.wait(5)

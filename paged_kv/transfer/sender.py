@@ -11,7 +11,7 @@ host memory on one host and the receiver mapped the ring the offer named (one pe
 receiver, reused): the sender copies its blocks' rows chunk by chunk from its pool,
 read in place, into the ring's slots, while the receiver copies the chunk before
 out into its pool (`paged_kv.transfer.stream`). ``"tcp"`` otherwise (another host or
-/dev/shm, a device pool, ``shared_memory=False`` on either side): blocks gathered in
+memfd or /proc, a device pool, ``shared_memory=False`` on either side): blocks gathered in
 one jitted call, posted to this process's transfer server, pulled by the receiver.
 Either way `complete` returns once the receiver has written them.
 """
@@ -119,14 +119,15 @@ class TransferSender:
     shorter by default, so it frees what it held and says so first).
     ``max_message_bytes``: the bound of one control message (both sides must allow the
     offers they exchange: an offer carries the prompt's token ids).
-    ``shared_memory``: offer a ring in /dev/shm when the cache is host memory (False:
+    ``shared_memory``: offer a ring (`paged_kv.transfer.shm`) when the cache is host memory (False:
     always TCP); ``shm_slots`` x ``shm_slot_bytes``: its geometry (a slot is one
     chunk; a few slots that fit the last-level cache let the receiver read what the
-    sender just wrote from cache; a slot grows to a block's row when that is larger)."""
+    sender just wrote from cache -- 8 x 2 MiB: fewer chunks, so fewer hand-offs, than
+    4 x 1 MiB; a slot grows to a block's row when that is larger)."""
 
     def __init__(self, manager: KVCacheManager, *, timeout: float = 60.0,
                  max_message_bytes: int = messages.MAX_MESSAGE_BYTES, device: jax.Device | None = None,
-                 shared_memory: bool = True, shm_slots: int = 4, shm_slot_bytes: int = 1 << 20) -> None:
+                 shared_memory: bool = True, shm_slots: int = 8, shm_slot_bytes: int = 2 << 20) -> None:
         if not isinstance(manager, KVCacheManager):
             raise InvalidArgumentError(f"manager is a {type(manager).__name__}; expected a KVCacheManager")
         if not isinstance(shared_memory, bool):
@@ -188,7 +189,7 @@ class TransferSender:
         if reply["type"] == "refused":
             conn.forget(transfer)
             raise _refusal(reply)
-        if ring is not None and reply["path"] != "shm":  # not this receiver (another /dev/shm, its cache, its setting)
+        if ring is not None and reply["path"] != "shm":  # not this receiver (another pid namespace, its cache, its setting)
             self._tcp_only[to] = reply["why"]
             self._drop_ring(to)
             ring = None
@@ -321,9 +322,9 @@ class TransferSender:
             try:
                 check_geometry(self.shm_slots, slot)
                 if not available():
-                    raise OSError("no writable /dev/shm here")
+                    raise OSError("no memfd or /proc here")
                 ring = self._rings[to] = create(self.shm_slots, slot)
-            except (OSError, InvalidArgumentError) as exc:  # no /dev/shm, full, or rows too large: TCP
+            except (OSError, InvalidArgumentError) as exc:  # no memfd, no memory, or rows too large: TCP
                 self._tcp_only[to] = str(exc)[:200]
                 return None
         return ring

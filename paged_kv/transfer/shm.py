@@ -1,16 +1,23 @@
-"""The shared-memory ring of a same-host transfer: a file in /dev/shm that a sender
+"""The shared-memory ring of a same-host transfer: a sealed memfd that a sender
 creates and a receiver maps, cut into ``slots`` slots of ``slot_bytes`` bytes behind
 one page of header.
 
-Lifetime: the sender creates the file (mode 0600, a name with its pid), writes a
-header with a fresh nonce and faults every page in; the receiver opens it by the name
-an offer gives, checks it (the name's pattern, a regular file it owns, its size, the
-header's magic, nonce and geometry against the offer's), maps it and unlinks the
-name at once -- from then on the memory lives exactly as long as the two mappings,
-and no crash leaves a file behind. The sender unlinks it too when the receiver
-never maps it (closed, collected, exit). A sender killed between creating a ring
-and the receiver's answer leaves its file; the next ring any sender creates removes
-the files of pids that no longer exist (`sweep`).
+Lifetime: the sender creates an anonymous memory file (``memfd_create``: no name in
+any directory, so no crash leaves a file behind), sizes it, seals it against
+shrinking (``F_SEAL_SHRINK``, then ``F_SEAL_SEAL``), writes a header with a fresh
+nonce and faults every page in; it keeps the descriptor open while the ring lives.
+The offer names it as ``paged_kv-xfer-<pid>-<fd>-<random>``; the receiver opens
+``/proc/<pid>/fd/<fd>`` (same user, same pid namespace: else the pages go over TCP),
+checks it (a regular file of its own user, the offered size, sealed against
+shrinking, the header's magic, nonce, pid and geometry), maps it and closes its
+descriptor: the memory lives as long as the sender's descriptor and the mappings.
+
+Why sealed: a mapped file that shrinks makes the next read of a page past its end
+raise SIGBUS, which kills the process. With ``F_SEAL_SHRINK`` no one -- the sender,
+or anyone else of the user holding a descriptor -- can shrink it (``ftruncate``
+fails with EPERM), so the receiver's reads of the mapping cannot fault; a file
+without the seal is refused (TCP). Earlier versions put the ring in /dev/shm, which
+cannot be sealed; `sweep` still removes such files of dead processes.
 
 Signals: two counters in the header, each on its own cache line, count chunks over
 the ring's life: ``written`` (the sender stores it after copying a chunk into its
@@ -26,15 +33,14 @@ them): elsewhere `available` is False and transfers go over TCP.
 
 Trust: the receiver takes nothing from the file but bytes to copy into its own pages
 of the sequence (the same trust as bytes over TCP); where they go is computed from
-its own spec (`paged_kv.transfer.stream`). Not covered: a same-user sender that
-shrinks the file after the receiver mapped it makes the receiver's next read fault
-(SIGBUS) -- the same user can signal the process anyway.
+its own spec (`paged_kv.transfer.stream`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
 import platform
@@ -43,15 +49,22 @@ import secrets
 import stat
 import struct
 import weakref
+from typing import Any
 
 import numpy as np
 
 from paged_kv.errors import InvalidArgumentError
 
+PROC = "/proc"
+"""Where a receiver finds the sender's descriptor. Missing (not Linux): transfers go over TCP."""
 SHM_DIR = "/dev/shm"
-"""Where rings live (a tmpfs). Missing (not Linux): transfers go over TCP."""
+"""Where rings of earlier versions lived (`sweep` removes those of dead processes)."""
 PREFIX = "paged_kv-xfer-"
-NAME = re.compile(r"paged_kv-xfer-([0-9]{1,10})-([0-9a-f]{16})\Z")
+NAME = re.compile(r"paged_kv-xfer-([0-9]{1,10})-([0-9]{1,9})-([0-9a-f]{16})\Z")
+"""A ring's name in an offer: the sender's pid, the descriptor number, a random tag."""
+FILE = re.compile(r"paged_kv-xfer-([0-9]{1,10})-([0-9a-f]{16})\Z")
+"""A ring file of an earlier version in /dev/shm."""
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 HEADER = 4096  # one page, so each slot starts page-aligned
 _WRITTEN, _READ = 64, 128  # the counters' byte offsets: a cache line each
 MAGIC = b"PKVRING1"
@@ -69,6 +82,7 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
+_syscall: Any
 try:
     _syscall = ctypes.CDLL(None, use_errno=True).syscall
     _syscall.restype = ctypes.c_long
@@ -107,17 +121,19 @@ def check_geometry(slots: object, slot_bytes: object) -> tuple[int, int]:
 
 
 def available() -> bool:
-    """Whether rings can be made here: a tmpfs directory we may write, on x86-64 (whose
-    store order the counters rely on)."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(SHM_DIR)
-            and os.access(SHM_DIR, os.W_OK | os.X_OK))
+    """Whether rings can be made here: memfd and /proc on x86-64 (whose store order the
+    counters rely on)."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and hasattr(os, "memfd_create")
+            and os.path.isdir(os.path.join(PROC, "self", "fd")))
 
 
 class Ring:
-    """A mapped ring: ``slot(i)`` is slot ``i``'s memory. ``name`` names its file (which
-    may be unlinked already); ``nonce`` proves a mapping is of this ring."""
+    """A mapped ring: ``slot(i)`` is slot ``i``'s memory. ``name`` is what an offer calls
+    it; ``nonce`` proves a mapping is of this ring; ``fd`` (the sender's) keeps the
+    memory file open for receivers to open, closed with the ring."""
 
-    def __init__(self, name: str, nonce: bytes, slots: int, slot_bytes: int, mm: mmap.mmap, linked: bool) -> None:
+    def __init__(self, name: str, nonce: bytes, slots: int, slot_bytes: int, mm: mmap.mmap,
+                 fd: int | None = None) -> None:
         self.name, self.nonce, self.slots, self.slot_bytes = name, nonce, slots, slot_bytes
         self._mm: mmap.mmap | None = mm
         self._view = memoryview(mm)
@@ -126,8 +142,9 @@ class Ring:
         self._address = self._counters.ctypes.data
         self.position = 0
         """Chunks through this ring so far, as this side counts them (the next one's number)."""
-        # Unlinks a file still linked when this ring is collected or the process exits.
-        self._unlink = weakref.finalize(self, _unlink, name) if linked else None
+        self.fd = fd
+        # Closes the descriptor when this ring is collected or the process exits.
+        self._release = weakref.finalize(self, os.close, fd) if fd is not None else None
 
     @property
     def closed(self) -> bool:
@@ -172,14 +189,10 @@ class Ring:
             seen = int(self._counters[offset // 8])
         return seen
 
-    def unlink(self) -> None:
-        """Remove the file's name (the mappings stay); idempotent."""
-        if self._unlink is not None:
-            self._unlink()
-
     def close(self) -> None:
-        """Unlink (if still linked) and unmap; idempotent. Views of slots must be gone."""
-        self.unlink()
+        """Close the descriptor (the sender's) and unmap; idempotent. Views of slots must be gone."""
+        if self._release is not None:
+            self._release()
         if self._mm is not None:
             del self._counters
             with contextlib.suppress(BufferError):  # a view still alive: the map goes when it does
@@ -194,23 +207,22 @@ def _unlink(name: str) -> None:
 
 
 def create(slots: int, slot_bytes: int) -> Ring:
-    """A new ring (the sender's), every page faulted in; `OSError` if /dev/shm refuses."""
+    """A new ring (the sender's): a memfd sealed against shrinking, every page faulted
+    in; `OSError` if the system refuses."""
     slots, slot_bytes = check_geometry(slots, slot_bytes)
     sweep()
     nonce = secrets.token_bytes(16)
-    name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
     size = HEADER + slots * slot_bytes
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.memfd_create(PREFIX, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # never shorter: a mapped read cannot fault (SIGBUS)
         mm = mmap.mmap(fd, size)
     except BaseException:
         os.close(fd)
-        _unlink(name)
         raise
-    os.close(fd)
-    ring = Ring(name, nonce, slots, slot_bytes, mm, linked=True)
-    # Fault every page in now (tmpfs allocates on first touch), not in a transfer's time.
+    ring = Ring(f"{PREFIX}{os.getpid()}-{fd}-{secrets.token_hex(8)}", nonce, slots, slot_bytes, mm, fd)
+    # Fault every page in now (shared memory is allocated on first touch), not in a transfer's time.
     for i in range(slots):
         np.frombuffer(ring.slot(i), np.uint8)[:: mmap.PAGESIZE] = 0
     mm[: _LAYOUT.size] = _LAYOUT.pack(MAGIC, nonce, os.getpid(), slots, slot_bytes)
@@ -223,9 +235,11 @@ class RingRefused(Exception):
 
 
 def open_ring(name: object, nonce_hex: object, slots: object, slot_bytes: object) -> Ring:
-    """The receiver's mapping of the ring an offer names, its name unlinked; `RingRefused`
-    for any name, file or header that is not the ring the offer describes."""
-    if not isinstance(name, str) or not NAME.match(name):
+    """The receiver's mapping of the ring an offer names; `RingRefused` for any name,
+    file or header that is not the ring the offer describes, or a file not sealed
+    against shrinking."""
+    m = NAME.match(name) if isinstance(name, str) else None
+    if m is None:
         raise RingRefused(f"name {str(name)[:80]!r} is not a paged_kv ring's")
     try:
         nonce = bytes.fromhex(nonce_hex) if isinstance(nonce_hex, str) else b""
@@ -234,36 +248,47 @@ def open_ring(name: object, nonce_hex: object, slots: object, slot_bytes: object
         raise RingRefused(str(exc)[:200]) from None
     if len(nonce) != 16:
         raise RingRefused("the nonce is not 16 bytes")
-    size = HEADER + slots * slot_bytes
+    size, pid = HEADER + slots * slot_bytes, int(m.group(1))
+    path = os.path.join(PROC, str(pid), "fd", m.group(2))
     try:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
-    except OSError as exc:  # another host, another /dev/shm (a container), or gone
+        # Checked before it is opened: opening a device or a socket could do something.
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != size:
+            raise RingRefused(f"not a regular file of this user of {size} bytes")
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # another pid namespace (a container), another user, or gone
         raise RingRefused(f"cannot open it: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != size:
             raise RingRefused(f"not a regular file of this user of {size} bytes")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:  # not a memfd
+            seals = 0
+        if seals & _SEALS != _SEALS:
+            raise RingRefused("the file is not sealed against shrinking (a shrunk mapping faults)")
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    magic, got, _pid, got_slots, got_bytes = _LAYOUT.unpack(mm[: _LAYOUT.size])
-    if magic != MAGIC or got != nonce or (got_slots, got_bytes) != (slots, slot_bytes):
+    magic, got, got_pid, got_slots, got_bytes = _LAYOUT.unpack(mm[: _LAYOUT.size])
+    if magic != MAGIC or got != nonce or (got_pid, got_slots, got_bytes) != (pid, slots, slot_bytes):
         mm.close()
         raise RingRefused("its header is not the offer's ring")
-    _unlink(name)  # mapped: the memory now lives as long as the mappings
-    ring = Ring(name, nonce, slots, slot_bytes, mm, linked=False)
+    ring = Ring(m.group(0), nonce, slots, slot_bytes, mm)
     for i in range(slots):  # fault this side's page tables in now too
         np.frombuffer(ring.slot(i), np.uint8)[:: mmap.PAGESIZE].sum()
     return ring
 
 
 def sweep() -> list[str]:
-    """Remove ring files of this user whose creating process is gone (a sender killed
-    before its receiver mapped the ring); returns their names."""
+    """Remove ring files of earlier versions in /dev/shm of this user whose creating
+    process is gone (a sender killed before its receiver mapped the ring); returns
+    their names."""
     gone = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(SHM_DIR):
-            m = NAME.match(entry.name)
+            m = FILE.match(entry.name)
             if m is None or int(m.group(1)) == os.getpid():
                 continue
             try:
@@ -279,9 +304,10 @@ def sweep() -> list[str]:
 
 
 def leftovers(pids: set[int] | None = None) -> list[str]:
-    """Ring files present (of ``pids`` only, when given): what tests check is empty."""
+    """Ring files of earlier versions in /dev/shm (of ``pids`` only, when given): what
+    tests check is empty."""
     with contextlib.suppress(OSError):
-        return sorted(e.name for e in os.scandir(SHM_DIR) if (m := NAME.match(e.name))
+        return sorted(e.name for e in os.scandir(SHM_DIR) if (m := FILE.match(e.name))
                       and (pids is None or int(m.group(1)) in pids))
     return []
 
