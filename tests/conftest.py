@@ -82,8 +82,12 @@ if CACHE_DIR:
 # paged_kv's modules a run had imported changed the derandomized state machines'
 # programs: tests/test_async_steps.py committed 453 steps alone and 263 after `import
 # paged_kv.sim`, with the same seed. Importing every module here, before any test, gives
-# every run the same pool. (Benchmark modules a test imports still add theirs, for the
-# tests after it.)
+# every run the same pool. The benchmark modules that tests import (BENCHMARKS) are
+# imported here too: otherwise their literals would join the pool midway, for the tests
+# that happen to run after them on the same worker process.
+BENCHMARKS = ("bench_generate", "figure_rows", "make_bench_model", "run_all")
+
+
 def _import_all_of_paged_kv() -> None:
     import importlib
     import pkgutil
@@ -97,9 +101,27 @@ def _import_all_of_paged_kv() -> None:
             importlib.import_module(info.name)
         except ImportError:  # an optional dependency (pyzmq, jinja2, matplotlib) not installed
             pass
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        for name in BENCHMARKS:
+            importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
 
 
 _import_all_of_paged_kv()
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core this process may use, at most 4.
+    Each worker holds its own jit caches (1-3 GB by the end of a run), and past 4 the
+    files left for the last worker, not the core count, set the wall time."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
 
 # The run keeps millions of long-lived objects (jit caches, traced and lowered programs:
 # ~3 GB by the end of the quick tier), and at CPython's default thresholds (700, 10, 10)
@@ -215,7 +237,24 @@ def bundled():
     return trace
 
 
+# Seconds of CPU per file on a cold compilation cache (one process, 2-core machine, at
+# commit e4437e1), the files over ~8 s. The suite runs a file per worker
+# (pyproject's addopts: `--dist loadfile --no-loadscope-reorder`), in the order of this
+# list, heaviest first and the rest in collection order: the longest files start first
+# and the short ones fill in behind, so no worker is left with a long file at the end
+# while the other idles (that tail was ~1 of the 9 minutes of a cold run in file order).
+# Only the order depends on these figures; a stale one costs balance, not correctness.
+COST = {"test_model_families.py": 155, "test_state_machine.py": 98, "test_quant.py": 72, "test_unified.py": 46,
+        "test_transformer_model.py": 40, "test_paged_attention.py": 39, "test_device_roundtrip.py": 38,
+        "test_readme.py": 28, "test_sharding.py": 26, "test_distributed.py": 24, "test_generate.py": 23,
+        "test_model_programs.py": 21, "test_types.py": 20, "test_swap.py": 19, "test_slots.py": 18,
+        "test_sampling.py": 15, "test_scheduler.py": 14, "test_transfer.py": 13, "test_prefix_isolation.py": 13,
+        "test_transfer_disaggregated.py": 11, "test_transfer_shm.py": 10, "test_tiers_movement.py": 9,
+        "test_checkpoint.py": 9, "test_hf_equality.py": 9}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -COST.get(item.path.name, 0))  # stable: each file's own order kept
     modules = {}
     for item in items:
         names = SLOW.get(item.path.name, ())

@@ -12,6 +12,14 @@ from paged_kv.ops import gather_pages, gather_pages_into, write_pages
 from paged_kv.spec import compute_dtype
 
 
+# The view's write and read, jitted: called eagerly, each of their dozens of primitives
+# compiles a program of its own for every bucket of shapes the trace meets (most of this
+# file's time on a cold compilation cache); eager calls have their own tests
+# (test_steps.py, test_quant.py).
+_write = jax.jit(lambda view, k, v, meta: view.write(k, v, meta))
+_read = jax.jit(lambda view, meta: view.read(meta))
+
+
 def make_spec(dtype, **kw):
     base = dict(num_layers=1, num_blocks=48, block_size=4, max_blocks_per_seq=10, max_batch_slots=64,
                 key_heads=2, value_heads=1, key_dim=3, value_dim=5, dtype=dtype)
@@ -54,7 +62,7 @@ def test_random_writes_then_gather_equal_dense_model(dtype):
         meta = m.step_metadata(ids, counts)
         k = rng.normal(size=(meta.batch_size, meta.query_len, 2, 3)).astype(dt)
         v = rng.normal(size=(meta.batch_size, meta.query_len, 1, 5)).astype(dt)
-        view = view.write(jnp.asarray(k), jnp.asarray(v), meta.to_device())
+        view = _write(view, jnp.asarray(k), jnp.asarray(v), meta.to_device())
         for b, s in enumerate(ids):
             dense_k[s] = np.concatenate([dense_k.get(s, np.zeros((0, 2, 3), dt)), k[b, : counts[b]]])
             dense_v[s] = np.concatenate([dense_v.get(s, np.zeros((0, 1, 5), dt)), v[b, : counts[b]]])
@@ -62,7 +70,7 @@ def test_random_writes_then_gather_equal_dense_model(dtype):
         # Read every live sequence back and compare with the dense model.
         live = list(dense_k)
         meta = m.step_metadata(live, 0)
-        keys, values = view.read(meta.to_device())
+        keys, values = _read(view, meta.to_device())
         keys, values = np.asarray(keys), np.asarray(values)
         for b, s in enumerate(live):
             n = len(dense_k[s])

@@ -54,7 +54,7 @@ TOL = 1e-4
 # within 2-5% of their std of transformers' float32 ones. The tolerance is 10%; a lost
 # scale or a mis-decoded page moves logits by the whole std. Greedy tokens must be
 # transformers' except where transformers' own top two logits are closer than twice that
-# tolerance (a near-tie the rounding may flip: llama_window has one at 0.1% of the std,
+# tolerance (a near-tie the rounding may flip: llama_window's fixture has one at 0.1% of the std,
 # reference.json's min_greedy_top2_margin); past such a flip a request follows another
 # continuation and is not compared further.
 INT8_TOL = 0.1
@@ -159,8 +159,16 @@ def test_every_logit_and_token_equals_transformers(served):
     print(f"{name}: max |logit - transformers| = {worst:.1e} of the logit std; {stats.summary()}")
 
 
+# int8 pages on each family whose cache or attention differs: Qwen2's hybrid groups,
+# Qwen3's head_dim, Gemma 2's soft-capped scores and alternation, Gemma 3's 5:1 groups.
+# qwen3_yarn and llama_window cache what plain Qwen3 and a Llama cache (YaRN's
+# frequencies and the ignored window act before a key is stored; the float runs above
+# pin both), so their int8 runs would compile ~20 programs each to test nothing new.
+INT8_FAMILIES = ["qwen2", "qwen3", "gemma2", "gemma3_text"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", INT8_FAMILIES)
 def test_int8_pages_keep_transformers_tokens(name):
     completions, stats, gen = serve(name, kv_format="int8")
     assert all(gen.spec.layer_format(i) == "int8" for i in range(gen.cfg.num_layers))
