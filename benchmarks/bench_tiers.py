@@ -104,7 +104,10 @@ def movement(blocks: int, reps: int = 9) -> dict:
     Down is reported whole (dispatch + landing; to disk: until the segment is synced)
     and as its critical path (the flush before the step). On a CPU device both are one
     copy in place, landed in the flush (`movement._land_direct`); elsewhere the critical
-    path is the gather dispatched, its landing at the next flush. A disk's flush stages
+    path is the gather dispatched, its landing at the next flush. Every figure copies
+    the bytes on the calling thread alone except ``host_2_threads``': the same host
+    moves with one worker thread copying beside it (`CacheTiers(copy_threads=2)`;
+    ``copy_threads`` in the result names the threads per medium). A disk's flush stages
     the blocks (a copy) and hands the segment to its writer thread: the fsync is off the
     critical path. Up is the flush that writes the blocks in, and also with the
     admission before it (`admit_prompt`: for the disk, where blocks are read and
@@ -120,6 +123,7 @@ def movement(blocks: int, reps: int = 9) -> dict:
     tmp = tempfile.mkdtemp()
     try:
         for medium, kw in (("host", dict(host_bytes=2 * nbytes)),
+                           ("host_2_threads", dict(host_bytes=2 * nbytes, copy_threads=2)),
                            ("disk", dict(disk_bytes=4 * nbytes, disk_dir=tmp))):
             m = pk.KVCacheManager(spec, prefix_cache=True)
             cache = pk.PagedKVCache.init(spec)
@@ -164,13 +168,14 @@ def movement(blocks: int, reps: int = 9) -> dict:
             out[f"down_to_{medium}_critical_path_over_memcpy"] = round(ratio["dispatch"], 3)
             out[f"up_from_{medium}_over_memcpy"] = round(ratio["up"], 3)
             out[f"up_from_{medium}_with_admission_over_memcpy"] = round(ratio["admitted"], 3)
-            if medium == "host":
-                out["host_move_ms"] = {k: round(1e3 * med[k], 3) for k in ("down", "up")}
+            if medium.startswith("host"):
+                out[f"{medium}_move_ms"] = {k: round(1e3 * med[k], 3) for k in ("down", "up")}
             if medium == "host":
                 out["down_to_host_over_cold_memcpy"] = round(cold / med["down"], 3)
                 out["up_from_host_over_cold_memcpy"] = round(cold / med["up"], 3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    out["copy_threads"] = {"host": 1, "host_2_threads": 2, "disk": 1}  # threads copying the bytes, per medium
     out["load_average"] = round(os.getloadavg()[0], 2)
     return out
 

@@ -77,4 +77,26 @@ def writable(leaf: jax.Array) -> np.ndarray:
     return out
 
 
-__all__ = ["arrays", "host_memory", "in_host_memory", "writable"]
+_VIEWS: dict[tuple[int, tuple[int, ...], np.dtype], np.ndarray] = {}
+"""`pointer_view`'s arrays per buffer address, shape and dtype."""
+
+
+def pointer_view(leaf: jax.Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`writable` of ``leaf`` (a plain pointer, no reference a donation sees) as an
+    array of its ``shape`` and ``dtype`` (the caller's record of them: reading them off
+    the jax array costs more than the view), kept per buffer address: a pool donated
+    step after step keeps its buffers, so a move finds its views made (~0.2 us against
+    ~7 us for `writable` and ~9 us for ``np.asarray``, 16 arrays a move). A view is
+    only ever looked up by the address of a live array of that shape and dtype, so it
+    never outlives what it shows. The same rules as `writable`: read it once the steps
+    writing ``leaf`` have run; write it only while holding ``leaf`` alone."""
+    key = (leaf.unsafe_buffer_pointer(), shape, dtype)
+    view = _VIEWS.get(key)
+    if view is None:
+        if len(_VIEWS) > 4096:  # pools come and go in a long process: forget the old addresses
+            _VIEWS.clear()
+        view = _VIEWS[key] = writable(leaf).view(dtype).reshape(shape)
+    return view
+
+
+__all__ = ["arrays", "host_memory", "in_host_memory", "pointer_view", "writable"]

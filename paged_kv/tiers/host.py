@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from paged_kv.tiers.copies import Copy, copy_all
 from paged_kv.tiers.policy import ARC, LRU, make_policy
 from paged_kv.tiers.retention import Priorities, Ranked
 
@@ -84,8 +85,9 @@ class HostTier:
     medium = "host"
 
     def __init__(self, capacity: int, policy: str = "lru", keep_bytes: bool = True,
-                 priorities: Priorities | None = None):
+                 priorities: Priorities | None = None, copy_threads: int = 1):
         self.capacity = int(capacity)
+        self.copy_threads = copy_threads  # threads that copy a batch of rows (`copies.copy_all`)
         base = make_policy(policy, self.capacity)
         # With priorities, lower ones go first whatever the policy says (`retention`).
         self.policy: LRU | ARC | Ranked = base if priorities is None else Ranked(base, priorities)
@@ -177,11 +179,14 @@ class HostTier:
         slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
         index = np.arange(len(keys))[rows] if isinstance(rows, slice) else np.asarray(rows, np.intp)
         runs = None  # the same rows of every leaf
+        copies: list[Copy] = []  # listed first, then copied in one go: no Python between the copies
         for buf_layer, layer in zip(self.buffers, pages):
             for buf, a in zip(buf_layer, layer):
                 src, at = (a.pages, a.ids[index]) if isinstance(a, RowsOf) else (a, index)
                 runs = runs or row_runs(slots, at)
-                copy_rows(buf, src, runs)
+                copies.extend((buf, src, run) for run in runs)
+        copy_all(copies, self.copy_threads)
+        del copies  # views of the pool (`RowsOf`): none outlives the copy
         self.ready.update(keys)
 
     def read_rows(self, keys: list[int], out: list[list[np.ndarray]]) -> None:

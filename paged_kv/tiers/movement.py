@@ -42,12 +42,13 @@ import numpy as np
 from jax import lax
 from numpy.typing import DTypeLike
 
-from paged_kv.host_pool import in_host_memory, writable
+from paged_kv.host_pool import in_host_memory, pointer_view
 from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
 from paged_kv.spec import NULL_BLOCK, require_same_spec
-from paged_kv.tiers.host import RowsOf, copy_rows, row_runs
+from paged_kv.tiers.copies import Copy, copy_all
+from paged_kv.tiers.host import RowsOf, row_runs
 from paged_kv.tiers.tiers import CacheTiers, Download, Upload
 from paged_kv.views import UnifiedCacheView
 
@@ -144,6 +145,7 @@ class _Pool:
     pages: list[list[int]]  # per layer: the leaves of its pages
     generations: list[int]  # per layer: its generations' leaf
     owner: list[int]  # per layer: its owner's leaf
+    flat: list[tuple[tuple[int, ...], np.dtype]]  # per flat leaf: its shape and dtype (`_view`)
 
 
 _POOLS: dict[Any, _Pool] = {}
@@ -153,7 +155,8 @@ def _pool(cache: PagedKVCache, groups: int) -> tuple[list[Any], _Pool]:
     """The cache's flat leaves and its `_Pool` (kept per tree structure and leaf shapes;
     a handful of entries at most in a serving process)."""
     leaves, treedef = jax.tree_util.tree_flatten(cache)
-    key = (treedef, groups, tuple((a.shape, a.dtype) for a in leaves))
+    flat = tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves)
+    key = (treedef, groups, flat)
     pool = _POOLS.get(key)
     if pool is None:
         at = {id(a): i for i, a in enumerate(leaves)}
@@ -162,7 +165,7 @@ def _pool(cache: PagedKVCache, groups: int) -> tuple[list[Any], _Pool]:
         layers = [[i for i, view in enumerate(cache.views) if view.group == g] for g in range(groups)]
         pool = _Pool(layers, shapes, [[[(s[1:], d) for s, d in shapes[layer]] for layer in ls] for ls in layers],
                      pages, [at[id(view.generations)] for view in cache.views],
-                     [at[id(view.owner)] for view in cache.views])
+                     [at[id(view.owner)] for view in cache.views], list(flat))
         if len(_POOLS) > 16:
             _POOLS.clear()
         _POOLS[key] = pool
@@ -264,9 +267,9 @@ def _land_direct(leaves: list[Any], pool: _Pool, tiers: CacheTiers, per_group: l
     """The copies down of a pool in host memory that every step before this flush has
     written (`paged_kv.host_pool.host_memory`, `_written`): the device's checks (generation and owner)
     read on the host, and each block's rows copied once, from the pool's arrays viewed
-    in place (`np.asarray`: no copy on CPU) straight into the host slots (`RowsOf`).
-    The views are gone when this returns, before any step can donate the pool (a live
-    view would make the donation copy it)."""
+    in place (`_view`: plain pointers, no copy) straight into the host slots (`RowsOf`).
+    No view holds a reference that a later donation sees (one would make it copy the
+    pool)."""
     for g, ds in enumerate(per_group):
         if not ds:
             continue
@@ -275,9 +278,9 @@ def _land_direct(leaves: list[Any], pool: _Pool, tiers: CacheTiers, per_group: l
         ok = np.ones(len(ds), bool)
         rows: list[list[Any]] = []  # RowsOf stands for the rows' arrays (`HostTier.write_rows`)
         for layer in pool.layers[g]:
-            ok &= (np.asarray(leaves[pool.generations[layer]])[ids] == gens) & (
-                np.asarray(leaves[pool.owner[layer]]) == tag)
-            rows.append([RowsOf(np.asarray(leaves[i]), ids) for i in pool.pages[layer]])
+            ok &= (_view(leaves, pool, pool.generations[layer])[ids] == gens) & (
+                _view(leaves, pool, pool.owner[layer]) == tag)
+            rows.append([RowsOf(_view(leaves, pool, i), ids) for i in pool.pages[layer]])
         tiers.land(ds, ok, rows)
 
 
@@ -338,11 +341,12 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
     jax.block_until_ready(leaves)  # type: ignore[no-untyped-call]  # jax's block_until_ready is unannotated
     mine = []  # per layer: whether its pages serve this manager
     for at in pool.owner:
-        owner = _array(leaves[at])
+        owner = _view(leaves, pool, at)
         if owner[()] == 0:
             owner[()] = tag  # an unowned pool serves this manager from now on (every layer, as `_scatter` does)
         mine.append(bool(owner[()] == tag))
         del owner
+    copies: list[Copy] = []  # every row copy listed first, then run in one go (`copies.copy_all`)
     for g, ups in enumerate(per_group):
         if not ups:
             continue
@@ -356,25 +360,30 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
         for k, layer in enumerate(pool.layers[g]):
             if not mine[layer]:  # another manager's pages: not bound, not written
                 continue
-            _array(leaves[pool.generations[layer]])[ids] = gens
+            _view(leaves, pool, pool.generations[layer])[ids] = gens
             for j, i in enumerate(pool.pages[layer]):
-                dst = _array(leaves[i])
+                dst = _view(leaves, pool, i)
                 if runs:
                     assert host.buffers is not None
-                    copy_rows(dst, host.buffers[k][j], runs)
+                    copies.extend((dst, host.buffers[k][j], run) for run in runs)
                 for block, pages in from_disk:
                     dst[block] = pages[k][j]
                 del dst
-        host.unpin_all(ups[i].key for i in from_host)
+    copy_all(copies, tiers.copy_threads)
+    del copies
+    for g, ups in enumerate(per_group):  # read: their slots may be evicted again
+        if ups:
+            tiers.host[g].unpin_all(u.key for u in ups if u.pages is None)
     out: PagedKVCache = jax.tree_util.tree_unflatten(treedef, leaves)
     return out
 
 
-def _array(leaf: jax.Array) -> np.ndarray:
-    """A pool array this caller holds alone as a writable numpy array of its shape
-    (`paged_kv.host_pool.writable`: a plain pointer, nothing a later donation sees)."""
-    out: np.ndarray = writable(leaf).view(leaf.dtype).reshape(leaf.shape)
-    return out
+def _view(leaves: list[Any], pool: _Pool, i: int) -> np.ndarray:
+    """Flat leaf ``i`` of a pool in host memory as a numpy array of its shape
+    (`paged_kv.host_pool.pointer_view`: a plain pointer, nothing a later donation sees,
+    kept per buffer). Read only once the steps writing it have run (`_written`), written
+    only while this caller holds the pool alone (`_own`)."""
+    return pointer_view(leaves[i], *pool.flat[i])
 
 
 def _upload(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Upload], pool: _Pool, tag: np.ndarray,

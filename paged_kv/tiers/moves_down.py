@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from paged_kv.allocator.prefix_cache import PrefixEvent
 from paged_kv.tiers.host import Pages
 from paged_kv.tiers.records import Download, Upload
 
@@ -42,6 +43,8 @@ class MovesDown:
 
     if TYPE_CHECKING:
         def _emit(self, g: int, kind: str, key: int, parent: int, slot: int, medium: str) -> None: ...
+
+        def _emit_all(self, g: int, events: list[PrefixEvent]) -> None: ...
 
     # ---- the disk's writes (`disk`: one segment per flush, written in the background) ----
     def submit_disk(self) -> None:
@@ -146,11 +149,13 @@ class MovesDown:
         self.stats.bytes_down += landed * nbytes
         if keys:
             host.ensure_buffers([[(a.shape[1:], a.dtype) for a in layer] for layer in pages])
+            # The events are made before the bytes are copied and sent after: Python run
+            # after a copy of many MiB runs several times slower (its caches flushed).
+            parent_of = {d.key: d.parent for d in downloads}
+            events = [PrefixEvent("stored", key, parent_of[key], slot_of[key], "host") for key in keys]
             whole = rows[-1] == len(rows) - 1  # rows 0..k-1: a slice, no temporary
             host.write_rows(keys, pages, slice(0, len(rows)) if whole else np.asarray(rows, np.intp))
-            parent_of = {d.key: d.parent for d in downloads}
-            for key in keys:
-                self._emit(g, "stored", key, parent_of[key], host.slot_of[key], "host")
+            self._emit_all(g, events)
 
     def _to_host(self, g: int, key: int, parent: int, pages: Pages) -> bool:
         host = self.host[g]

@@ -75,12 +75,14 @@ class CacheTiers(MovesDown):
     ``keep_bytes=False``: bookkeeping only (the simulator). Priorities (`retention`):
     ``default_priority`` (0-100) of blocks no `Retention` names, ``drop_below``: blocks
     under it are dropped when evicted instead of moved down (0: none), ``clock``: the
-    seconds that `Retention.duration_s` counts."""
+    seconds that `Retention.duration_s` counts. ``copy_threads``: threads that copy a
+    move's bytes between a pool in host memory and the host tier (`copies`: the caller
+    and ``copy_threads - 1`` workers, each taking the next copy; 1: the caller alone)."""
 
     def __init__(self, manager: KVCacheManager, *, host_bytes: int = 0, disk_bytes: int = 0,
                  disk_dir: str | None = None, policy: str = "lru", write: str = "back", layout: str = "split",
                  keep_bytes: bool = True, default_priority: int = DEFAULT_PRIORITY, drop_below: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, copy_threads: int = 1):
         if not isinstance(manager, KVCacheManager):
             raise SpecError(f"CacheTiers needs a KVCacheManager; got {type(manager).__name__}")
         if manager.prefix_cache is None:
@@ -97,6 +99,10 @@ class CacheTiers(MovesDown):
         priorities = Priorities(default_priority, clock)  # InvalidArgumentError naming a bad default
         if isinstance(drop_below, bool) or not isinstance(drop_below, (int, np.integer)) or not 0 <= drop_below <= 101:
             raise InvalidArgumentError(f"drop_below={drop_below!r} must be an integer priority in [0, 101] (0: drop none)")
+        if isinstance(copy_threads, bool) or not isinstance(copy_threads, (int, np.integer)) or \
+                not 1 <= copy_threads <= 64:
+            raise InvalidArgumentError(f"copy_threads={copy_threads!r} must be an integer in [1, 64] (threads that "
+                                       "copy a host move's bytes; 1: the calling thread alone)")
         if disk_dir is not None and not keep_bytes:
             raise InvalidArgumentError("disk_dir holds page bytes: leave it out with keep_bytes=False")
         if disk_bytes and keep_bytes and disk_dir is None:  # a disk tier of page bytes needs a place on disk
@@ -104,6 +110,7 @@ class CacheTiers(MovesDown):
                                        "or leave disk_bytes out")
         spec = self.spec = manager.spec
         self.manager, self.write, self.layout, self.keep_bytes = manager, write, layout, bool(keep_bytes)
+        self.copy_threads = int(copy_threads)
         weights = [g.num_blocks * spec.group_bytes_per_block(i) for i, g in enumerate(spec.groups)]
         host_caps, disk_caps = split_bytes(int(host_bytes), spec, weights), split_bytes(int(disk_bytes), spec, weights)
         directory = None
@@ -113,7 +120,7 @@ class CacheTiers(MovesDown):
             found = directory.scan(len(spec.groups))  # all verified, or TierError: nothing attached yet
         self.directory = directory
         self.priorities, self.drop_below = priorities, int(drop_below)
-        self.host = [HostTier(c, policy, self.keep_bytes, priorities) for c in host_caps]
+        self.host = [HostTier(c, policy, self.keep_bytes, priorities, self.copy_threads) for c in host_caps]
         self.disk = [DiskTier(c, policy, g, directory, priorities) for g, c in enumerate(disk_caps)]
         for g, entries in enumerate(found):
             keep = entries[len(entries) - disk_caps[g]:] if disk_caps[g] else []
@@ -284,6 +291,12 @@ class CacheTiers(MovesDown):
     # ---- events and checks -------------------------------------------------------------
     def _emit(self, g: int, kind: str, key: int, parent: int, slot: int, medium: str) -> None:
         self.manager.groups[g].cache._emit(PrefixEvent(kind, key, parent, slot, medium))  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
+
+    def _emit_all(self, g: int, events: list[PrefixEvent]) -> None:
+        """`_emit` of events already made, in order."""
+        emit = self.manager.groups[g].cache._emit  # type: ignore[union-attr]  # the manager has a prefix cache (checked in __init__)
+        for event in events:
+            emit(event)
 
     def hit_tokens(self) -> dict[str, int]:
         """Prompt tokens served per medium so far (the device's: the prefix cache's hits
