@@ -267,7 +267,10 @@ class TransferSender:
             for k in range(len(p.chunks)):
                 c = first + k
                 if c - ring.read >= ring.slots:  # the slot's previous chunk is not copied out yet
-                    _await_read(ring, c - ring.slots + 1, conn, offer.transfer, time.monotonic() + wait)
+                    # Wait for half the ring (chunks up to c - 1 are written, so the
+                    # receiver gets there): one wake per slots / 2 chunks, not per chunk.
+                    _await_read(ring, min(c - ring.slots + ring.slots // 2, c), conn, offer.transfer,
+                                time.monotonic() + wait)
                 src.fill(k, ring.slot(c))
                 ring.written = c + 1
             ring.position = first + len(p.chunks)
