@@ -90,12 +90,17 @@ def pointer_view(leaf: jax.Array, shape: tuple[int, ...], dtype: np.dtype) -> np
     only ever looked up by the address of a live array of that shape and dtype, so it
     never outlives what it shows. The same rules as `writable`: read it once the steps
     writing ``leaf`` have run; write it only while holding ``leaf`` alone."""
-    key = (leaf.unsafe_buffer_pointer(), shape, dtype)
+    at = leaf.unsafe_buffer_pointer()
+    key = (at, shape, dtype)
     view = _VIEWS.get(key)
     if view is None:
-        if len(_VIEWS) > 4096:  # pools come and go in a long process: forget the old addresses
+        if len(_VIEWS) > 1024:  # pools come and go in a long process: forget the old addresses
             _VIEWS.clear()
-        view = _VIEWS[key] = writable(leaf).view(dtype).reshape(shape)
+        count = 1
+        for n in shape:
+            count *= n
+        raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(at)  # as `writable`, from what is known
+        view = _VIEWS[key] = np.frombuffer(memoryview(raw).cast("B"), dtype, count).reshape(shape)
     return view
 
 

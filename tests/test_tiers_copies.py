@@ -81,3 +81,18 @@ def test_moves_with_worker_threads_keep_the_bits_and_the_pool_in_place():
     assert stored[0].keys() == stored[1].keys() and stored[0]
     for k in stored[0]:
         assert all(np.array_equal(x, y) for la, lb in zip(stored[0][k], stored[1][k]) for x, y in zip(la, lb))
+
+
+def test_pointer_views_show_the_buffer_and_hold_no_reference():
+    """`host_pool.pointer_view`: the array's bytes in its shape, kept per address (a
+    donated pool keeps its buffers), and no reference that a donation sees: donating
+    the array with the view alive still reuses its buffer."""
+    from paged_kv.host_pool import pointer_view
+
+    x = jax.device_put(np.arange(24, dtype=np.int32).reshape(2, 3, 4))
+    view = pointer_view(x, (2, 3, 4), np.dtype(np.int32))
+    assert np.array_equal(view, np.asarray(x)) and view.flags.writeable
+    before = x.unsafe_buffer_pointer()
+    y = jax.jit(lambda a: a, donate_argnums=0)(x)
+    assert y.unsafe_buffer_pointer() == before
+    assert pointer_view(y, (2, 3, 4), np.dtype(np.int32)) is view

@@ -1,11 +1,13 @@
 """The byte copies of a host move, on the calling thread or shared with workers.
 
 A move between a pool in host memory and the host tier is a list of row copies
-(`host.row_runs`: one slice copy per run of rows, per leaf). `copy_all` runs them on
-the calling thread alone (``threads=1``) or with ``threads - 1`` worker threads
-beside it (`CacheTiers(copy_threads=...)`): numpy releases the GIL while it copies a
-large slice, so the copies run on several cores at once, which a memory bus one core
-cannot fill makes faster than one memcpy.
+(`host.row_runs`: one slice copy per run of rows, per leaf). `start` begins them and
+`Running.wait` finishes them, on the calling thread alone (``threads=1``: all in
+`wait`, after whatever bookkeeping the caller did in between) or with ``threads - 1``
+worker threads (`CacheTiers(copy_threads=...)`) that copy while the caller does its
+bookkeeping, then beside it: numpy releases the GIL while it copies a large slice, so
+the copies run on several cores at once, which a memory bus one core cannot fill
+makes faster than one memcpy.
 
 Work is taken, not handed out: every participant, the caller included, claims the
 next copy until none is left, so a worker the OS does not schedule in time (a loaded
@@ -107,26 +109,53 @@ def _ensure_workers(n: int) -> None:
             _workers.append(t)
 
 
-def copy_all(copies: list[Copy], threads: int = 1) -> None:
-    """Run ``copies`` (module doc): on this thread alone, or with ``threads - 1``
-    workers. Returns once every copy is done; the first error a copy raised is raised."""
+class Running:
+    """Copies `start`ed: `wait` returns once every one is done (the caller copies too)."""
+
+    __slots__ = ("_job", "_copies")
+
+    def __init__(self, job: _Job | None, copies: list[Copy] | None):
+        self._job, self._copies = job, copies
+
+    def wait(self) -> None:
+        """Run what is left on this thread, wait for the workers' copies; raise the
+        first error a copy raised. No reference to the copies is kept afterwards."""
+        copies, self._copies = self._copies, None
+        if copies is not None:  # one thread: every copy runs now
+            for dst, src, run in copies:
+                _copy(dst, src, run)
+            return
+        job, self._job = self._job, None
+        if job is None:
+            return
+        job.work()
+        job.done.wait()
+        with job.lock:
+            job.copies = None  # a worker that wakes late finds nothing and holds no view
+        if job.error is not None:
+            raise job.error
+
+
+def start(copies: list[Copy], threads: int = 1) -> Running:
+    """Begin ``copies`` (module doc): with ``threads - 1`` workers at once, the caller
+    joining in at `Running.wait`; on one thread they all run in `Running.wait`. Either
+    way the caller can do its bookkeeping in between -- beside the copies, or before
+    them, not between them (Python run after a copy of many MiB runs several times
+    slower: its caches were flushed)."""
     if threads <= 1 or not copies:
-        for dst, src, run in copies:
-            _copy(dst, src, run)
-        return
+        return Running(None, copies)
     copies = _chunks(copies)
     job = _Job(copies)
-    helpers = min(threads, len(copies)) - 1
+    helpers = min(threads - 1, len(copies))
     _ensure_workers(helpers)
     for _ in range(helpers):
         _jobs.put(job)
-    del copies  # the job holds the list; dropped below once every copy is done
-    job.work()
-    job.done.wait()
-    with job.lock:
-        job.copies = None  # a worker that wakes late finds nothing and holds no view
-    if job.error is not None:
-        raise job.error
+    return Running(job, None)
+
+
+def copy_all(copies: list[Copy], threads: int = 1) -> None:
+    """`start` ``copies`` and wait for them."""
+    start(copies, threads).wait()
 
 
 def workers_started() -> int:
@@ -134,5 +163,5 @@ def workers_started() -> int:
     return len(_workers)
 
 
-__all__ = ["CHUNK_BYTES", "Copy", "Run", "copy_all", "workers_started"]
+__all__ = ["CHUNK_BYTES", "Copy", "Run", "Running", "copy_all", "start", "workers_started"]
 

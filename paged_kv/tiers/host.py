@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from paged_kv.tiers.copies import Copy, copy_all
+from paged_kv.tiers.copies import Copy, start
 from paged_kv.tiers.policy import ARC, LRU, make_policy
 from paged_kv.tiers.retention import Priorities, Ranked
 
@@ -169,24 +169,31 @@ class HostTier:
                 buf[slot] = a
         self.ready.add(key)
 
-    def write_rows(self, keys: list[int], pages: Pages, rows: np.ndarray | slice) -> None:
+    def write_rows(self, keys: list[int], pages: Pages, rows: np.ndarray | slice,
+                   meanwhile: Callable[[], None] | None = None) -> None:
         """Store ``pages[layer][leaf][rows]`` (a batch of landed copies; `RowsOf`: rows
-        of the pool itself) in the slots of ``keys``: ``rows`` a slice when the batch is
-        whole, else an index array. One copy, a slice per run of rows (`row_runs`)."""
+        of the pool itself, the same ``ids`` in every leaf) in the slots of ``keys``:
+        ``rows`` a slice when the batch is whole, else an index array. One copy, a slice
+        per run of rows (`row_runs`), started together (`copies.start`); ``meanwhile``
+        runs while they are copied (with workers) or before (one thread)."""
         if not keys:
             return
         assert self.buffers is not None
         slots = np.fromiter((self.slot_of[k] for k in keys), np.intp, len(keys))
         index = np.arange(len(keys))[rows] if isinstance(rows, slice) else np.asarray(rows, np.intp)
-        runs = None  # the same rows of every leaf
+        first = pages[0][0]
+        runs = row_runs(slots, first.ids[index] if isinstance(first, RowsOf) else index)  # the same rows in every leaf
         copies: list[Copy] = []  # listed first, then copied in one go: no Python between the copies
+        src = None
         for buf_layer, layer in zip(self.buffers, pages):
             for buf, a in zip(buf_layer, layer):
-                src, at = (a.pages, a.ids[index]) if isinstance(a, RowsOf) else (a, index)
-                runs = runs or row_runs(slots, at)
+                src = a.pages if isinstance(a, RowsOf) else a
                 copies.extend((buf, src, run) for run in runs)
-        copy_all(copies, self.copy_threads)
-        del copies  # views of the pool (`RowsOf`): none outlives the copy
+        running = start(copies, self.copy_threads)
+        del copies, src  # views of the pool (`RowsOf`): none outlives the copy
+        if meanwhile is not None:
+            meanwhile()
+        running.wait()
         self.ready.update(keys)
 
     def read_rows(self, keys: list[int], out: list[list[np.ndarray]]) -> None:

@@ -47,7 +47,7 @@ from paged_kv.binding import bind_blocks
 from paged_kv.cache import PagedKVCache
 from paged_kv.errors import ShapeError, TierError
 from paged_kv.spec import NULL_BLOCK, require_same_spec
-from paged_kv.tiers.copies import Copy, copy_all
+from paged_kv.tiers.copies import Copy, start
 from paged_kv.tiers.host import RowsOf, row_runs
 from paged_kv.tiers.tiers import CacheTiers, Download, Upload
 from paged_kv.views import UnifiedCacheView
@@ -268,8 +268,8 @@ def _land_direct(leaves: list[Any], pool: _Pool, tiers: CacheTiers, per_group: l
     written (`paged_kv.host_pool.host_memory`, `_written`): the device's checks (generation and owner)
     read on the host, and each block's rows copied once, from the pool's arrays viewed
     in place (`_view`: plain pointers, no copy) straight into the host slots (`RowsOf`).
-    No view holds a reference that a later donation sees (one would make it copy the
-    pool)."""
+    No view outlives this call with a reference that a later donation sees (one would
+    make it copy the pool)."""
     for g, ds in enumerate(per_group):
         if not ds:
             continue
@@ -278,10 +278,11 @@ def _land_direct(leaves: list[Any], pool: _Pool, tiers: CacheTiers, per_group: l
         ok = np.ones(len(ds), bool)
         rows: list[list[Any]] = []  # RowsOf stands for the rows' arrays (`HostTier.write_rows`)
         for layer in pool.layers[g]:
-            ok &= (_view(leaves, pool, pool.generations[layer])[ids] == gens) & (
-                _view(leaves, pool, pool.owner[layer]) == tag)
+            # Small arrays, often new (a bind), read: np.asarray, whose view dies here.
+            ok &= (np.asarray(leaves[pool.generations[layer]])[ids] == gens) & (
+                np.asarray(leaves[pool.owner[layer]]) == tag)
             rows.append([RowsOf(_view(leaves, pool, i), ids) for i in pool.pages[layer]])
-        tiers.land(ds, ok, rows)
+        tiers.land(ds, ok, rows, pool.slots[g])
 
 
 def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -346,7 +347,7 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
             owner[()] = tag  # an unowned pool serves this manager from now on (every layer, as `_scatter` does)
         mine.append(bool(owner[()] == tag))
         del owner
-    copies: list[Copy] = []  # every row copy listed first, then run in one go (`copies.copy_all`)
+    copies: list[Copy] = []  # every row copy listed first, then run in one go (`copies.start`)
     for g, ups in enumerate(per_group):
         if not ups:
             continue
@@ -369,12 +370,15 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
                 for block, pages in from_disk:
                     dst[block] = pages[k][j]
                 del dst
-    copy_all(copies, tiers.copy_threads)
+    running = start(copies, tiers.copy_threads)
     del copies
-    for g, ups in enumerate(per_group):  # read: their slots may be evicted again
+    # While workers copy (one thread: before the copies). Unpinned here, read below: no
+    # slot is evicted before `wait`, nothing runs in between that inserts into a tier.
+    for g, ups in enumerate(per_group):
         if ups:
             tiers.host[g].unpin_all(u.key for u in ups if u.pages is None)
     out: PagedKVCache = jax.tree_util.tree_unflatten(treedef, leaves)
+    running.wait()  # the cache is the caller's once its pages are written
     return out
 
 

@@ -111,11 +111,14 @@ class MovesDown:
         gen = int(self.manager.groups[g].pool.generation[block])
         self.downloads.append(Download(g, block, gen, key, parent))
 
-    def land(self, downloads: list[Download], oks: np.ndarray, pages: Pages) -> None:
+    def land(self, downloads: list[Download], oks: np.ndarray, pages: Pages,
+             shapes: list[list[tuple[tuple[int, ...], np.dtype]]] | None = None) -> None:
         """Copies down of one group finished (`movement`): row ``i`` of every
         ``pages[layer][leaf]`` holds ``downloads[i]``'s bytes where ``oks[i]``; elsewhere
         the device refused the copy (the block changed hands before it ran). The bytes
-        bound for the host land in one fancy-index copy per leaf."""
+        bound for the host land in one slice copy per run of rows and leaf
+        (`HostTier.write_rows`). ``shapes``: the pages' slot shapes as the caller last
+        checked them (`HostTier.ensure_buffers`), else read off ``pages``."""
         if not downloads:
             return
         g = downloads[0].group
@@ -148,13 +151,19 @@ class MovesDown:
         self.stats.blocks_down += landed
         self.stats.bytes_down += landed * nbytes
         if keys:
-            host.ensure_buffers([[(a.shape[1:], a.dtype) for a in layer] for layer in pages])
-            # The events are made before the bytes are copied and sent after: Python run
-            # after a copy of many MiB runs several times slower (its caches flushed).
-            parent_of = {d.key: d.parent for d in downloads}
-            events = [PrefixEvent("stored", key, parent_of[key], slot_of[key], "host") for key in keys]
+            host.ensure_buffers(shapes if shapes is not None else
+                                [[(a.shape[1:], a.dtype) for a in layer] for layer in pages])
+            events: list[PrefixEvent] = []
+
+            def make_events() -> None:
+                # While workers copy the bytes, or on one thread before them: Python run
+                # after a copy of many MiB runs several times slower (its caches
+                # flushed). Sent once the bytes are in their slots.
+                parent_of = {d.key: d.parent for d in downloads}
+                events.extend(PrefixEvent("stored", key, parent_of[key], slot_of[key], "host") for key in keys)
+
             whole = rows[-1] == len(rows) - 1  # rows 0..k-1: a slice, no temporary
-            host.write_rows(keys, pages, slice(0, len(rows)) if whole else np.asarray(rows, np.intp))
+            host.write_rows(keys, pages, slice(0, len(rows)) if whole else np.asarray(rows, np.intp), make_events)
             self._emit_all(g, events)
 
     def _to_host(self, g: int, key: int, parent: int, pages: Pages) -> bool:
