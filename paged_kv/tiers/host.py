@@ -191,9 +191,11 @@ class HostTier:
                 copies.extend((buf, src, run) for run in runs)
         running = start(copies, self.copy_threads)
         del copies, src  # views of the pool (`RowsOf`): none outlives the copy
-        if meanwhile is not None:
-            meanwhile()
-        running.wait()
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:  # an error in between still waits: no worker writes a slot after this returns
+            running.wait()
         self.ready.update(keys)
 
     def read_rows(self, keys: list[int], out: list[list[np.ndarray]]) -> None:

@@ -374,11 +374,13 @@ def _upload_in_place(cache: PagedKVCache, tiers: CacheTiers, uploads: list[Uploa
     del copies
     # While workers copy (one thread: before the copies). Unpinned here, read below: no
     # slot is evicted before `wait`, nothing runs in between that inserts into a tier.
-    for g, ups in enumerate(per_group):
-        if ups:
-            tiers.host[g].unpin_all(u.key for u in ups if u.pages is None)
-    out: PagedKVCache = jax.tree_util.tree_unflatten(treedef, leaves)
-    running.wait()  # the cache is the caller's once its pages are written
+    try:
+        for g, ups in enumerate(per_group):
+            if ups:
+                tiers.host[g].unpin_all(u.key for u in ups if u.pages is None)
+        out: PagedKVCache = jax.tree_util.tree_unflatten(treedef, leaves)
+    finally:
+        running.wait()  # the cache is the caller's once its pages are written (an error too: no write after)
     return out
 
 
