@@ -14,7 +14,7 @@ single-process generation.
    back), also as a fraction of the memcpy (``with_first_decode_step_over_memcpy``:
    what earlier versions of this benchmark called ``over_memcpy``). ``path``: how the
    pages went (``shm``: the same-host shared-memory ring; ``tcp``: ``--tcp``, or no
-   /dev/shm). For scale: raw TCP over loopback between two threads, same bytes.
+   memfd and /proc). For scale: raw TCP over loopback between two threads, same bytes.
 2. Generation on the tiny Llama fixture (examples/disaggregated.py): a prefill and a
    decode process against one `Generator`, the same 16 requests arriving over time
    (0.5 s apart on average, then 0.02 s), both warmed up (compiled) first: generated
