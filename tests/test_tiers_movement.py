@@ -35,15 +35,22 @@ def test_a_copy_down_overtaken_by_a_step_is_refused_through_the_gather(gather_on
     test_tiers.test_a_copy_down_overtaken_by_a_step_is_refused()
 
 
+def _evicted(monkeypatch, direct: bool) -> Server:
+    """A server that served ``A`` and evicted its blocks to the host tier, the pool read
+    in place (``direct``) or through the jitted gather."""
+    monkeypatch.setattr(movement, "host_reads", direct)
+    s = Server(make_spec(), host_bytes=10**7)
+    s.serve(1, A)
+    s.finish(1)
+    test_tiers.evict_all(s)
+    return s
+
+
 def test_both_paths_store_the_same_bytes(monkeypatch):
     """The host slots hold the same bytes whichever way the blocks came down."""
     stored = []
     for direct in (True, False):
-        monkeypatch.setattr(movement, "host_reads", direct)
-        s = Server(make_spec(), host_bytes=10**7)
-        s.serve(1, A)
-        s.finish(1)
-        test_tiers.evict_all(s)
+        s = _evicted(monkeypatch, direct)
         s.check()
         host = s.tiers.host[0]
         keys = sorted(host.ready)
@@ -162,11 +169,7 @@ def test_both_upload_paths_leave_the_same_pool(monkeypatch):
     every layer owned by the uploading manager."""
     pools = []
     for direct in (True, False):
-        monkeypatch.setattr(movement, "host_reads", direct)
-        s = Server(make_spec(), host_bytes=10**7)
-        s.serve(1, A)
-        s.finish(1)
-        test_tiers.evict_all(s)
+        s = _evicted(monkeypatch, direct)
         assert s.manager.admit_prompt(2, test_tiers.B) == 12 and s.tiers.uploads
         s.flush()
         s.check()
