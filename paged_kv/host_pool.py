@@ -72,8 +72,14 @@ def in_host_memory(pool: list[Any]) -> bool:
 def writable(leaf: jax.Array) -> np.ndarray:
     """The buffer of ``leaf`` (host memory, held by this caller alone) as a writable flat
     uint8 array; a plain pointer, so no reference that a later donation sees."""
-    raw = (ctypes.c_char * leaf.nbytes).from_address(leaf.unsafe_buffer_pointer())
-    out: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), np.uint8)
+    return _at(leaf.unsafe_buffer_pointer(), leaf.nbytes, np.dtype(np.uint8))
+
+
+def _at(address: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
+    """The ``nbytes`` at ``address`` as a flat writable array of ``dtype``, through ctypes:
+    numpy holds no reference to the jax array, which a donation would see."""
+    raw = (ctypes.c_char * nbytes).from_address(address)
+    out: np.ndarray = np.frombuffer(memoryview(raw).cast("B"), dtype)
     return out
 
 
@@ -100,8 +106,7 @@ def pointer_view(leaf: jax.Array, shape: tuple[int, ...], dtype: np.dtype) -> np
         count = 1
         for n in shape:
             count *= n
-        raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(at)  # as `writable`, from what is known
-        view = _VIEWS[key] = np.frombuffer(memoryview(raw).cast("B"), dtype, count).reshape(shape)
+        view = _VIEWS[key] = _at(at, count * dtype.itemsize, dtype).reshape(shape)  # from what is known
     return view
 
 

@@ -231,9 +231,7 @@ class HostTier:
         self.pins[key] += 1
 
     def unpin(self, key: int) -> None:
-        self.pins[key] -= 1
-        if self.pins[key] <= 0:
-            del self.pins[key]
+        self.unpin_all((key,))
 
     def unpin_all(self, keys: Iterable[int]) -> None:
         """`unpin` each of ``keys`` (a batch's, in one call: no method call per block)."""
